@@ -1,0 +1,332 @@
+// Dispatch of every op in kernels/ops.h to its backend, chosen by the device of the first tensor.
+// The CUDA backend is linked only when built with TESSERA_CUDA.
+#include "kernels/ops.h"
+
+#include "kernels/cpu/cpu_ops.h"
+#ifdef TESSERA_CUDA
+#include "kernels/cuda/cuda_ops.h"
+#endif
+
+namespace tessera::ops {
+
+namespace {
+[[noreturn]] void no_cuda(const char* op) {
+  TS_USER_ERROR("op {} was asked to run on cuda, but this build has no CUDA backend "
+                "(configure with -DTESSERA_CUDA=ON on a machine with nvcc)", op);
+}
+}  // namespace
+
+
+void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::embedding_forward(out, tokens, wte, wpe);
+    return;
+#else
+    no_cuda("embedding_forward");
+#endif
+  }
+  cpu::embedding_forward(out, tokens, wte, wpe);
+}
+
+void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+  if (dwte.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::embedding_backward(dwte, dwpe, dout, tokens);
+    return;
+#else
+    no_cuda("embedding_backward");
+#endif
+  }
+  cpu::embedding_backward(dwte, dwpe, dout, tokens);
+}
+
+void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias, float eps) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::layernorm_forward(out, mean, rstd, inp, weight, bias, eps);
+    return;
+#else
+    no_cuda("layernorm_forward");
+#endif
+  }
+  cpu::layernorm_forward(out, mean, rstd, inp, weight, bias, eps);
+}
+
+void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
+  if (dinp.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd);
+    return;
+#else
+    no_cuda("layernorm_backward");
+#endif
+  }
+  cpu::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd);
+}
+
+void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float eps) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::rmsnorm_forward(out, rstd, inp, weight, eps);
+    return;
+#else
+    no_cuda("rmsnorm_forward");
+#endif
+  }
+  cpu::rmsnorm_forward(out, rstd, inp, weight, eps);
+}
+
+void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight, Tensor rstd) {
+  if (dinp.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd);
+    return;
+#else
+    no_cuda("rmsnorm_backward");
+#endif
+  }
+  cpu::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd);
+}
+
+void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta) {
+  if (c.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::gemm(c, a, b, trans_a, trans_b, alpha, beta);
+    return;
+#else
+    no_cuda("gemm");
+#endif
+  }
+  cpu::gemm(c, a, b, trans_a, trans_b, alpha, beta);
+}
+
+void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::matmul_forward(out, inp, weight, bias);
+    return;
+#else
+    no_cuda("matmul_forward");
+#endif
+  }
+  cpu::matmul_forward(out, inp, weight, bias);
+}
+
+void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
+  if (dinp.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::matmul_backward(dinp, dweight, dbias, dout, inp, weight);
+    return;
+#else
+    no_cuda("matmul_backward");
+#endif
+  }
+  cpu::matmul_backward(dinp, dweight, dbias, dout, inp, weight);
+}
+
+void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::rope_forward(out, inp, theta, pos_offset);
+    return;
+#else
+    no_cuda("rope_forward");
+#endif
+  }
+  cpu::rope_forward(out, inp, theta, pos_offset);
+}
+
+void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset) {
+  if (dinp.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::rope_backward(dinp, dout, theta, pos_offset);
+    return;
+#else
+    no_cuda("rope_backward");
+#endif
+  }
+  cpu::rope_backward(dinp, dout, theta, pos_offset);
+}
+
+void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::attention_forward(out, lse, q, k, v, scale);
+    return;
+#else
+    no_cuda("attention_forward");
+#endif
+  }
+  cpu::attention_forward(out, lse, q, k, v, scale);
+}
+
+void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) {
+  if (dq.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, scale);
+    return;
+#else
+    no_cuda("attention_backward");
+#endif
+  }
+  cpu::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, scale);
+}
+
+void gelu_forward(Tensor out, Tensor inp) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::gelu_forward(out, inp);
+    return;
+#else
+    no_cuda("gelu_forward");
+#endif
+  }
+  cpu::gelu_forward(out, inp);
+}
+
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
+  if (dinp.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::gelu_backward(dinp, dout, inp);
+    return;
+#else
+    no_cuda("gelu_backward");
+#endif
+  }
+  cpu::gelu_backward(dinp, dout, inp);
+}
+
+void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::swiglu_forward(out, gate, up);
+    return;
+#else
+    no_cuda("swiglu_forward");
+#endif
+  }
+  cpu::swiglu_forward(out, gate, up);
+}
+
+void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up) {
+  if (dgate.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::swiglu_backward(dgate, dup, dout, gate, up);
+    return;
+#else
+    no_cuda("swiglu_backward");
+#endif
+  }
+  cpu::swiglu_backward(dgate, dup, dout, gate, up);
+}
+
+void add_forward(Tensor out, Tensor a, Tensor b) {
+  if (out.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::add_forward(out, a, b);
+    return;
+#else
+    no_cuda("add_forward");
+#endif
+  }
+  cpu::add_forward(out, a, b);
+}
+
+void add_inplace(Tensor dst, Tensor src) {
+  if (dst.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::add_inplace(dst, src);
+    return;
+#else
+    no_cuda("add_inplace");
+#endif
+  }
+  cpu::add_inplace(dst, src);
+}
+
+void scale_inplace(Tensor x, float s) {
+  if (x.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::scale_inplace(x, s);
+    return;
+#else
+    no_cuda("scale_inplace");
+#endif
+  }
+  cpu::scale_inplace(x, s);
+}
+
+void fill(Tensor x, float value) {
+  if (x.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::fill(x, value);
+    return;
+#else
+    no_cuda("fill");
+#endif
+  }
+  cpu::fill(x, value);
+}
+
+void cast(Tensor dst, Tensor src) {
+  if (dst.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::cast(dst, src);
+    return;
+#else
+    no_cuda("cast");
+#endif
+  }
+  cpu::cast(dst, src);
+}
+
+double sum_squares(Tensor x) {
+  if (x.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    return cuda::sum_squares(x);
+    
+#else
+    no_cuda("sum_squares");
+#endif
+  }
+  return cpu::sum_squares(x);
+}
+
+void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets, int vocab_size) {
+  if (losses.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::cross_entropy_forward(losses, lse, logits, targets, vocab_size);
+    return;
+#else
+    no_cuda("cross_entropy_forward");
+#endif
+  }
+  cpu::cross_entropy_forward(losses, lse, logits, targets, vocab_size);
+}
+
+void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets, int vocab_size, float dloss) {
+  if (dlogits.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss);
+    return;
+#else
+    no_cuda("cross_entropy_backward");
+#endif
+  }
+  cpu::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss);
+}
+
+void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
+  if (param.device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::adamw_update(param, grad, m, v, s);
+    return;
+#else
+    no_cuda("adamw_update");
+#endif
+  }
+  cpu::adamw_update(param, grad, m, v, s);
+}
+
+}  // namespace tessera::ops

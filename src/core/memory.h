@@ -1,0 +1,68 @@
+// Device memory: raw allocation per device, an owning Buffer, and a bump-pointer Arena.
+// The arena is sized once at start-up so no allocation happens inside a training step; it records
+// its peak so metrics can report memory, and refuses (user error) an allocation that does not fit.
+#pragma once
+#include <cstddef>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace tessera {
+
+void* device_alloc(Device d, size_t bytes);  // 256-byte aligned; system error on failure
+void device_free(Device d, void* p);
+// Copies between any two devices (host<->device, device<->device); sizes must match.
+void copy_tensor(const Tensor& dst, const Tensor& src);
+void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes);
+void zero_tensor(const Tensor& t);
+bool cuda_available();  // false when built without CUDA or no device is visible
+
+// Owning allocation of one block on one device (move-only).
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Device d, size_t bytes);
+  ~Buffer();
+  Buffer(Buffer&& o) noexcept;
+  Buffer& operator=(Buffer&& o) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  void* data() const { return data_; }
+  size_t size() const { return size_; }
+  Device device() const { return device_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+  Device device_ = Device::cpu;
+};
+
+// Bump allocator over one Buffer. alloc() never frees individually; mark()/release() rewinds
+// (used for per-step scratch). Alignment is 256 bytes (cuBLAS/cuDNN friendly).
+class Arena {
+ public:
+  Arena() = default;
+  Arena(Device d, size_t capacity, std::string name = "arena");
+
+  Tensor alloc(DType t, Shape s);  // zero-initialised on first use is NOT guaranteed
+  void* alloc_bytes(size_t bytes);
+  size_t mark() const { return used_; }
+  void release(size_t mark);
+
+  size_t used() const { return used_; }
+  size_t peak() const { return peak_; }
+  size_t capacity() const { return buffer_.size(); }
+  Device device() const { return buffer_.device(); }
+
+  static constexpr size_t kAlign = 256;
+  static size_t aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+ private:
+  Buffer buffer_;
+  size_t used_ = 0;
+  size_t peak_ = 0;
+  std::string name_;
+};
+
+}  // namespace tessera

@@ -1,0 +1,47 @@
+// ModelConfig: the architecture of a decoder-only Transformer, covering two families:
+//   gpt2  — LayerNorm, learned positions, GELU (tanh), biases, tied embeddings;
+//   llama — RMSNorm, RoPE (theta), SwiGLU, no biases, grouped-query attention, optional QK-norm,
+//           untied LM head (Qwen3 = llama + qk_norm).
+// `family` sets the defaults; every architectural switch can still be set on its own.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace tessera {
+
+enum class NormKind { layernorm, rmsnorm };
+enum class PositionKind { learned, rope };
+enum class ActivationKind { gelu, swiglu };
+
+struct ModelConfig {
+  std::string family = "gpt2";  // gpt2 | llama
+  int vocab_size = 0;           // real vocabulary (tokenizer size)
+  int padded_vocab_size = 0;    // >= vocab_size; rows past vocab_size are padding, masked in loss
+  int num_layers = 0;
+  int hidden = 0;               // C
+  int num_heads = 0;            // Hq
+  int num_kv_heads = 0;         // Hkv (divides Hq)
+  int head_dim = 0;             // D; 0 = hidden / num_heads
+  int ffn_hidden = 0;           // F
+  int max_seq_len = 0;          // learned-position table size and longest sequence
+  NormKind norm = NormKind::layernorm;
+  float norm_eps = 1e-5f;
+  PositionKind position = PositionKind::learned;
+  float rope_theta = 10000.0f;
+  ActivationKind activation = ActivationKind::gelu;
+  bool bias = true;             // biases in linears and norms
+  bool tied_embeddings = true;  // LM head reuses the token embedding
+  bool qk_norm = false;         // RMSNorm on each query/key head before RoPE (Qwen3)
+  float init_std = 0.02f;       // N(0, init_std); residual output projections are scaled by
+                                // 1/sqrt(2 * num_layers) (GPT-2)
+  bool recompute = false;       // activation recomputation: keep only each block's input
+
+  int resolved_head_dim() const { return head_dim > 0 ? head_dim : hidden / num_heads; }
+  int64_t num_params() const;   // total parameter count (tied embedding counted once)
+};
+
+// Applies the family's defaults to every field left at its "unset" value. Used by the recipe
+// parser before reading explicit keys.
+ModelConfig model_defaults_for_family(const std::string& family);
+
+}  // namespace tessera
