@@ -15,8 +15,11 @@ enum class ActivationKind { gelu, swiglu };
 
 struct ModelConfig {
   std::string family = "gpt2";  // gpt2 | llama
-  int vocab_size = 0;           // real vocabulary (tokenizer size)
-  int padded_vocab_size = 0;    // >= vocab_size; rows past vocab_size are padding, masked in loss
+  int vocab_size = 0;           // real vocabulary (tokenizer size); 0 = `auto`, filled from the
+                                // dataset by finalize_model_vocab (train/recipe.h)
+  int padded_vocab_size = 0;    // >= vocab_size; rows past vocab_size are padding, masked in loss;
+                                // 0 = derive from vocab_size and vocab_pad_multiple
+  int vocab_pad_multiple = 1;   // padded_vocab_size, when not given, rounds vocab_size up to this
   int num_layers = 0;
   int hidden = 0;               // C
   int num_heads = 0;            // Hq
@@ -37,8 +40,16 @@ struct ModelConfig {
   bool recompute = false;       // activation recomputation: keep only each block's input
 
   int resolved_head_dim() const { return head_dim > 0 ? head_dim : hidden / num_heads; }
-  int64_t num_params() const;   // total parameter count (tied embedding counted once)
+  // Total parameter count (tied embedding counted once; padded vocabulary rows included).
+  // Matches the model's parameter list entry for entry; needs padded_vocab_size > 0.
+  int64_t num_params() const;
+
+  bool operator==(const ModelConfig&) const = default;
 };
+
+const char* to_string(NormKind kind);
+const char* to_string(PositionKind kind);
+const char* to_string(ActivationKind kind);
 
 // Applies the family's defaults to every field left at its "unset" value. Used by the recipe
 // parser before reading explicit keys.

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs Tessera's build and test dependencies from Debian/Ubuntu packages (only what is missing).
+# Needs root or sudo. The CUDA toolkit is not installed here: the CUDA backend is built when nvcc
+# is already present (see README).
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config git ca-certificates
+  libopenmpi-dev openmpi-bin
+  libhdf5-dev
+  libyaml-cpp-dev
+  libgtest-dev
+  libfmt-dev nlohmann-json3-dev libcli11-dev
+  libicu-dev
+  libopenblas-dev
+  libbenchmark-dev
+  nodejs npm
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# Debian's node package may be replaced by NodeSource's, which bundles npm: accept any working npm.
+if command -v npm >/dev/null 2>&1; then
+  missing=("${missing[@]/npm}")
+  command -v node >/dev/null 2>&1 && missing=("${missing[@]/nodejs}")
+fi
+read -r -a missing <<<"${missing[*]}"
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all packages present"
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

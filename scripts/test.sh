@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: install dependencies, fetch the pinned data, build
+# (CUDA code too when nvcc is present; GPU tests skip without a GPU), prepare the CI corpus, and
+# run ctest. Output ends with ctest's summary line.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/install-deps.sh
+bash scripts/fetch-data.sh
+bash scripts/build.sh
+bash scripts/prepare-data.sh
+ctest --test-dir build --output-on-failure -j "${TESSERA_JOBS:-$(nproc)}" "$@"

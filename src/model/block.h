@@ -1,0 +1,43 @@
+// Pre-norm Transformer block: x_mid = x + attn(norm1(x)); x_out = x_mid + mlp(norm2(x_mid)).
+// Shape letters: N rows (= B*T), C width.
+#pragma once
+#include "model/attention.h"
+#include "model/mlp.h"
+
+namespace tessera {
+
+struct BlockActs {
+  Tensor ln1_out, ln1_mean, ln1_rstd;  // (N,C), (N), (N)
+  AttentionActs attn;
+  Tensor resid_mid;                    // (N,C) x + attention branch
+  Tensor ln2_out, ln2_mean, ln2_rstd;  // (N,C), (N), (N)
+  MlpActs mlp;
+};
+
+// Temporaries shared by every block (forward branch output and backward gradients).
+struct BlockScratch {
+  Tensor branch;  // (N,C) output of attention or MLP before the residual add
+  Tensor d_norm;  // (N,C) gradient at a norm's output
+  Tensor d_tmp;   // (N,C) gradient at a norm's input, before it is added to the residual gradient
+  AttentionScratch attn;
+  MlpScratch mlp;
+};
+
+class Block {
+ public:
+  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg);
+  static BlockActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
+  static BlockScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
+
+  void forward(const ParamStore& ps, BlockActs& a, BlockScratch& s, Tensor x_out,
+               Tensor x_in) const;
+  // On entry dx holds dL/dx_out; on return dL/dx_in (updated in place).
+  void backward(ParamStore& ps, const BlockActs& a, BlockScratch& s, Tensor dx, Tensor x_in) const;
+
+ private:
+  Norm ln1_, ln2_;
+  Attention attn_;
+  Mlp mlp_;
+};
+
+}  // namespace tessera

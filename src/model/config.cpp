@@ -1,0 +1,92 @@
+// ModelConfig helpers: the per-family defaults and the exact parameter count. The count follows
+// the model's parameter list (names in the comments below), so a test can demand equality with
+// the sum of the model's tensors. Recipe parsing and validation live in train/recipe.cpp.
+#include "model/config.h"
+
+#include "core/error.h"
+
+namespace tessera {
+
+const char* to_string(NormKind kind) {
+  switch (kind) {
+    case NormKind::layernorm: return "layernorm";
+    case NormKind::rmsnorm: return "rmsnorm";
+  }
+  TS_BUG("unknown NormKind {}", int(kind));
+}
+
+const char* to_string(PositionKind kind) {
+  switch (kind) {
+    case PositionKind::learned: return "learned";
+    case PositionKind::rope: return "rope";
+  }
+  TS_BUG("unknown PositionKind {}", int(kind));
+}
+
+const char* to_string(ActivationKind kind) {
+  switch (kind) {
+    case ActivationKind::gelu: return "gelu";
+    case ActivationKind::swiglu: return "swiglu";
+  }
+  TS_BUG("unknown ActivationKind {}", int(kind));
+}
+
+ModelConfig model_defaults_for_family(const std::string& family) {
+  ModelConfig c;
+  c.family = family;
+  if (family == "gpt2") {
+    c.norm = NormKind::layernorm;
+    c.norm_eps = 1e-5f;
+    c.position = PositionKind::learned;
+    c.activation = ActivationKind::gelu;
+    c.bias = true;
+    c.tied_embeddings = true;
+    c.qk_norm = false;
+  } else if (family == "llama") {
+    c.norm = NormKind::rmsnorm;
+    c.norm_eps = 1e-6f;
+    c.position = PositionKind::rope;
+    c.rope_theta = 10000.0f;
+    c.activation = ActivationKind::swiglu;
+    c.bias = false;
+    c.tied_embeddings = false;
+    c.qk_norm = false;
+  } else {
+    TS_USER_ERROR("model.family: unknown family '{}'; expected gpt2 or llama", family);
+  }
+  return c;
+}
+
+// Letters: V padded vocabulary, C hidden, L layers, Hq query heads, Hkv key/value heads,
+// D head dim, F FFN hidden, Tmax max_seq_len. Linear weights are (in, out); biases (out).
+int64_t ModelConfig::num_params() const {
+  TS_CHECK(padded_vocab_size > 0 && hidden > 0 && num_heads > 0 && num_layers > 0,
+           "num_params needs a resolved config (padded_vocab_size {}, hidden {}, num_heads {}, "
+           "num_layers {}); call finalize_model_vocab first when vocab_size is auto",
+           padded_vocab_size, hidden, num_heads, num_layers);
+  const int64_t V = padded_vocab_size, C = hidden, F = ffn_hidden;
+  const int64_t Hq = num_heads, Hkv = num_kv_heads > 0 ? num_kv_heads : num_heads;
+  const int64_t D = resolved_head_dim();
+  const int64_t norm_params = (norm == NormKind::layernorm && bias) ? 2 * C : C;  // weight (+bias)
+
+  int64_t total = V * C;                                    // token embedding (V, C)
+  if (position == PositionKind::learned) total += int64_t(max_seq_len) * C;  // (Tmax, C)
+
+  int64_t layer = 2 * norm_params;                          // attention norm + MLP norm
+  layer += C * Hq * D + 2 * C * Hkv * D + Hq * D * C;       // q, k, v, o projections
+  if (bias) layer += Hq * D + 2 * Hkv * D + C;
+  if (qk_norm) layer += 2 * D;                              // RMSNorm weights shared by heads
+  if (activation == ActivationKind::gelu) {
+    layer += C * F + F * C;                                 // fc (C, F), proj (F, C)
+    if (bias) layer += F + C;
+  } else {
+    layer += 2 * C * F + F * C;                             // gate, up (C, F); down (F, C)
+    if (bias) layer += 2 * F + C;
+  }
+  total += int64_t(num_layers) * layer;
+  total += norm_params;                                     // final norm
+  if (!tied_embeddings) total += V * C;                     // LM head (C, V), no bias
+  return total;
+}
+
+}  // namespace tessera

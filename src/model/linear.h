@@ -1,0 +1,43 @@
+// Linear and Norm: the two small layers every block is made of. Each holds parameter indices into
+// a ParamStore and has an explicit forward/backward pair. Parameter gradients accumulate (+=).
+// Shape letters: M rows (= B*T), K in features, N out features, C width.
+#pragma once
+#include <string>
+
+#include "model/config.h"
+#include "model/params.h"
+
+namespace tessera {
+
+struct Linear {
+  int weight = -1;  // (N, K) PyTorch layout
+  int bias = -1;    // (N) or -1
+  int in_features = 0, out_features = 0;
+
+  void declare(ParamStore& ps, const std::string& name, int in, int out, bool with_bias,
+               float init_std);
+  void forward(const ParamStore& ps, Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/) const;
+  // dinp (M,K) is overwritten, or accumulated into when accumulate_dinp; empty skips it.
+  void backward(ParamStore& ps, Tensor dinp, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/,
+                bool accumulate_dinp) const;
+};
+
+struct Norm {
+  NormKind kind = NormKind::layernorm;
+  int weight = -1;  // (C)
+  int bias = -1;    // (C) or -1 (layernorm only)
+  float eps = 1e-5f;
+
+  void declare(ParamStore& ps, const std::string& name, int width, NormKind k, bool with_bias,
+               float epsilon);
+  // mean is unused (may be empty) for RMSNorm.
+  void forward(const ParamStore& ps, Tensor out, Tensor mean, Tensor rstd, Tensor inp) const;
+  void backward(ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp, Tensor mean,
+                Tensor rstd) const;
+};
+
+// Tensor for an optional parameter index (-1 -> empty tensor).
+inline Tensor param_value(const ParamStore& ps, int idx) { return idx < 0 ? Tensor() : ps[idx].value; }
+inline Tensor param_grad(ParamStore& ps, int idx) { return idx < 0 ? Tensor() : ps[idx].grad; }
+
+}  // namespace tessera

@@ -1,0 +1,39 @@
+// Feed-forward layer: GELU MLP (fc -> gelu -> proj, GPT-2) or SwiGLU (down(silu(gate x) * up x),
+// Llama/Qwen). Shape letters: N rows (= B*T), C width, F FFN width.
+#pragma once
+#include "core/memory.h"
+#include "model/linear.h"
+
+namespace tessera {
+
+struct MlpActs {
+  Tensor h;     // (N,F) gelu: fc output (pre-activation); swiglu: gate projection
+  Tensor up;    // (N,F) swiglu only
+  Tensor act;   // (N,F) activation output, input of the last projection
+};
+
+struct MlpScratch {
+  Tensor d_act;  // (N,F)
+  Tensor d_h;    // (N,F)
+  Tensor d_up;   // (N,F) swiglu only
+};
+
+class Mlp {
+ public:
+  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg);
+  static MlpActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N);
+  static MlpScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N);
+
+  void forward(const ParamStore& ps, MlpActs& a, Tensor y /*(N,C)*/, Tensor x /*(N,C)*/) const;
+  // dx (N,C) is overwritten.
+  void backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, Tensor dy,
+                Tensor x) const;
+
+ private:
+  ActivationKind kind_ = ActivationKind::gelu;
+  Linear in_;    // gelu: fc; swiglu: gate
+  Linear up_;    // swiglu only
+  Linear out_;   // gelu: proj; swiglu: down
+};
+
+}  // namespace tessera

@@ -1,0 +1,62 @@
+// AdamW: per-parameter update through ops::adamw_update on views of the flat m/v buffers.
+#include "optim/adamw.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/ops.h"
+
+namespace tessera {
+
+AdamW::AdamW(const ParamStore& params, const AdamWConfig& cfg) : cfg_(cfg) {
+  // Moments are FP32 whatever the compute dtype (f64 only in the CPU reference tests).
+  const DType mdt = params.dtype() == DType::f64 ? DType::f64 : DType::f32;
+  const int64_t n = params.num_elements();
+  m_buf_ = Buffer(params.device(), dtype_storage_bytes(mdt, n));
+  v_buf_ = Buffer(params.device(), dtype_storage_bytes(mdt, n));
+  m_view_ = Tensor(m_buf_.data(), mdt, params.device(), {n});
+  v_view_ = Tensor(v_buf_.data(), mdt, params.device(), {n});
+  zero_tensor(m_view_);
+  zero_tensor(v_view_);
+}
+
+bool AdamW::decays(const Param& p) const {
+  const auto excluded = [&](const char* cls) {
+    return std::find(cfg_.no_decay.begin(), cfg_.no_decay.end(), cls) != cfg_.no_decay.end();
+  };
+  switch (p.spec.cls) {
+    case ParamClass::weight: return true;
+    case ParamClass::bias: return !excluded("biases");
+    case ParamClass::norm: return !excluded("norms");
+    case ParamClass::embedding: return !excluded("embeddings");
+  }
+  return true;
+}
+
+void AdamW::step(ParamStore& params, float lr, float grad_scale) {
+  ++step_;
+  for (Param& p : params.all()) {
+    ops::AdamWStep s;
+    s.lr = lr;
+    s.beta1 = cfg_.beta1;
+    s.beta2 = cfg_.beta2;
+    s.eps = cfg_.eps;
+    s.weight_decay = decays(p) ? cfg_.weight_decay : 0.0f;
+    s.step = static_cast<int>(step_);
+    s.grad_scale = grad_scale;
+    const int64_t begin = static_cast<int64_t>(p.offset), end = begin + p.value.numel();
+    ops::adamw_update(p.value.view({p.value.numel()}), p.grad.view({p.grad.numel()}),
+                      m_view_.slice(begin, end), v_view_.slice(begin, end), s);
+  }
+}
+
+double grad_norm(const ParamStore& params) {
+  return std::sqrt(ops::sum_squares(params.flat_grads()));
+}
+
+float clip_factor(double norm, float max_norm) {
+  if (max_norm <= 0.0f) return 1.0f;
+  return static_cast<float>(std::min(1.0, double(max_norm) / (norm + 1e-6)));
+}
+
+}  // namespace tessera

@@ -1,0 +1,45 @@
+// AdamW over a ParamStore: FP32 moment buffers (m, v) laid out like the flat parameter buffer,
+// decoupled weight decay chosen per parameter class (by default none on norms, biases and
+// embeddings), and global gradient-norm clipping folded into the update as a gradient scale.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/memory.h"
+#include "model/params.h"
+
+namespace tessera {
+
+struct AdamWConfig {
+  float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+  float weight_decay = 0.1f;
+  std::vector<std::string> no_decay = {"norms", "biases", "embeddings"};
+};
+
+class AdamW {
+ public:
+  AdamW(const ParamStore& params, const AdamWConfig& cfg);
+  // One update of every parameter with learning rate lr; grads are multiplied by grad_scale first.
+  void step(ParamStore& params, float lr, float grad_scale);
+  bool decays(const Param& p) const;
+
+  int64_t step_count() const { return step_; }
+  void set_step_count(int64_t s) { step_ = s; }
+  Tensor m() const { return m_view_; }  // (num_elements) f32
+  Tensor v() const { return v_view_; }
+  const AdamWConfig& config() const { return cfg_; }
+
+ private:
+  AdamWConfig cfg_;
+  int64_t step_ = 0;
+  Buffer m_buf_, v_buf_;
+  Tensor m_view_, v_view_;
+};
+
+// Global L2 norm of all gradients (accumulated in double) and the clip factor that brings it to
+// max_norm, as torch.nn.utils.clip_grad_norm_: min(1, max_norm / (norm + 1e-6)); max_norm <= 0
+// disables clipping (factor 1).
+double grad_norm(const ParamStore& params);
+float clip_factor(double norm, float max_norm);
+
+}  // namespace tessera

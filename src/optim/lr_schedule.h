@@ -1,0 +1,20 @@
+// Learning-rate schedules: linear warmup followed by cosine, linear or constant decay to min_lr,
+// or warmup-stable-decay (WSD: constant after warmup, linear decay over the last fraction).
+#pragma once
+#include <string>
+
+namespace tessera {
+
+struct LrSchedule {
+  std::string kind = "cosine";  // cosine | linear | constant | wsd
+  float lr = 3e-4f;
+  float min_lr = 0.0f;
+  int warmup_steps = 0;
+  int total_steps = 1;
+  float decay_fraction = 0.2f;  // wsd only
+
+  // Learning rate for 0-based optimizer step `step`.
+  float at(int step) const;
+};
+
+}  // namespace tessera

@@ -1,0 +1,59 @@
+// Sampling loop: forward over the (right-padded) window, read the logits at the last real
+// position, sample among the real vocabulary (padding columns never sampled).
+#include "train/generate.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/rng.h"
+
+namespace tessera {
+
+std::vector<int32_t> generate(const Transformer& model, Activations& acts,
+                              const std::vector<int32_t>& prompt, int num_tokens,
+                              float temperature, uint64_t seed, int32_t stop_token) {
+  TS_CHECK(acts.B() == 1, "generate needs batch-1 activations, got {}", acts.B());
+  TS_CHECK(!prompt.empty(), "generate needs a non-empty prompt");
+  const int T = acts.T();
+  const int V = model.config().vocab_size, Vp = model.config().padded_vocab_size;
+  const CounterRng rng(seed, "generate");
+  std::vector<int32_t> seq = prompt, window(T);
+  std::vector<float> row(Vp);
+  Buffer tokens_dev(model.device(), sizeof(int32_t) * T);
+  Tensor tokens(tokens_dev.data(), DType::i32, model.device(), {1, T});
+  for (int i = 0; i < num_tokens; ++i) {
+    // Causal attention: padding after the last real token cannot affect its logits.
+    const int len = std::min<int>(T, static_cast<int>(seq.size()));
+    std::fill(window.begin(), window.end(), 0);
+    std::copy(seq.end() - len, seq.end(), window.begin());
+    copy_bytes(tokens.data, tokens.device, window.data(), Device::cpu, sizeof(int32_t) * T);
+    model.forward(acts, tokens, Tensor());
+    const Tensor logits = model.logits(acts).slice(len - 1, len);  // (1, Vp)
+    Tensor host_row(row.data(), DType::f32, Device::cpu, {1, Vp});
+    if (logits.dtype == DType::f32) {
+      copy_tensor(host_row, logits);
+    } else {
+      TS_CHECK(logits.device == Device::cpu, "generate: {} logits", logits.str());
+      convert_buffer(logits.data, logits.dtype, row.data(), DType::f32, Vp);
+    }
+    int32_t next = 0;
+    if (temperature <= 0.0f) {
+      next = static_cast<int32_t>(std::max_element(row.begin(), row.begin() + V) - row.begin());
+    } else {
+      const float mx = *std::max_element(row.begin(), row.begin() + V);
+      double total = 0.0;
+      std::vector<double> p(V);
+      for (int v = 0; v < V; ++v) total += p[v] = std::exp(double(row[v] - mx) / temperature);
+      double u = rng.uniform(static_cast<uint64_t>(i)) * total;
+      next = V - 1;
+      for (int v = 0; v < V; ++v) {
+        if ((u -= p[v]) < 0) { next = v; break; }
+      }
+    }
+    seq.push_back(next);
+    if (next == stop_token) break;
+  }
+  return std::vector<int32_t>(seq.begin() + prompt.size(), seq.end());
+}
+
+}  // namespace tessera

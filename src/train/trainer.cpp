@@ -1,0 +1,271 @@
+// The step loop. One optimizer step = grad_accum micro-batches (forward + backward with loss scale
+// 1/grad_accum, so gradients are the mean over the step's tokens), global-norm clipping folded into
+// AdamW as a gradient scale, and the LR schedule evaluated at the 0-based step. Everything a step
+// depends on (weights, moments, step count, the loader's pure (seed, step) -> batch mapping) is in
+// the checkpoint, which is why resuming reproduces an uninterrupted run bit for bit.
+#include "train/trainer.h"
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "core/log.h"
+#include "core/memory.h"
+#include "data/dataset.h"
+#include "data/loader.h"
+#include "data/tokenizer.h"
+#include "data/tokenizer_spec.h"
+#include "io/checkpoint.h"
+#include "model/transformer.h"
+#include "optim/adamw.h"
+#include "optim/lr_schedule.h"
+#include "train/generate.h"
+#include "train/metrics.h"
+
+namespace tessera {
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+Device resolve_device(const Recipe& r) {
+  const std::string& d = r.train.device;
+  if (d == "cpu") return Device::cpu;
+  if (d == "cuda") {
+    if (!cuda_available())
+      TS_USER_ERROR("{}: train.device is 'cuda' but no CUDA device is usable here (this build {} "
+                    "the CUDA backend); use train.device: cpu or auto", r.file,
+                    cuda_available() ? "has" : "may lack");
+    TS_USER_ERROR("{}: train.device 'cuda': the CUDA backend is not built yet (issue 3); use "
+                  "train.device: cpu", r.file);
+  }
+  return Device::cpu;  // auto: the CPU until the CUDA backend lands
+}
+
+// Features the recipe can name but this build does not have yet: fail before allocating anything.
+void check_supported(const Recipe& r) {
+  const ParallelConfig& p = r.parallel;
+  if (p.dp * p.tp * p.pp != 1)
+    TS_USER_ERROR("{}: parallel layout dp={} tp={} pp={}: multi-rank training is not built yet "
+                  "(issue 4); set parallel.dp, parallel.tp and parallel.pp to 1", r.file, p.dp,
+                  p.tp, p.pp);
+  if (p.zero != 0)
+    TS_USER_ERROR("{}: parallel.zero={}: ZeRO-1 is not built yet (issue 4)", r.file, p.zero);
+  if (r.precision.compute != "fp32")
+    TS_USER_ERROR("{}: precision.compute '{}': only fp32 is built so far (bf16/fp16/fp8 are "
+                  "issues 3 and 5)", r.file, r.precision.compute);
+}
+
+// Writes the parameters and AdamW moments plus everything else resume needs.
+void save_checkpoint(const Recipe& r, const Transformer& model, const AdamW& opt, int64_t step,
+                     const std::string& tokenizer_hash) {
+  io::CheckpointWriter w(r.train.out_dir, step, /*rank=*/0, /*world=*/1);
+  for (const Param& p : model.params().all()) {
+    std::vector<int64_t> shape(p.spec.shape.dims.begin(), p.spec.shape.dims.begin() + p.spec.shape.ndim);
+    const std::vector<int64_t> zeros(shape.size(), 0);
+    const int64_t b = static_cast<int64_t>(p.offset), e = b + p.value.numel();
+    w.add({p.spec.name, p.value.dtype, shape, zeros, shape, p.value.data});
+    w.add({"optim.m." + p.spec.name, opt.m().dtype, shape, zeros, shape, opt.m().slice(b, e).data});
+    w.add({"optim.v." + p.spec.name, opt.v().dtype, shape, zeros, shape, opt.v().slice(b, e).data});
+  }
+  w.set_meta("recipe", recipe_to_yaml(r));
+  w.set_meta("step", std::to_string(step));
+  w.set_meta("optimizer_step", std::to_string(opt.step_count()));
+  w.set_meta("rng", nlohmann::json{{"seed", r.train.seed}, {"kind", "philox4x32-10"}}.dump());
+  w.set_meta("loader", nlohmann::json{{"seed", r.train.seed},
+                                      {"next_step", step},
+                                      {"samples_consumed", step * r.tokens_per_step() / r.data.seq_len}}
+                           .dump());
+  w.set_meta("tokenizer_hash", tokenizer_hash);
+  const std::string dir = w.commit(r.checkpoint.keep);
+  log_info("checkpoint: wrote {}", dir);
+}
+
+// Loads parameters and moments; returns the step to continue from.
+int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& model, AdamW& opt,
+                        const std::string& tokenizer_hash) {
+  const io::CheckpointReader ck = io::CheckpointReader::open(dir);
+  const Recipe saved = parse_recipe(ck.meta("recipe"), dir + "/recipe");
+  if (recipe_to_yaml(Recipe{.model = saved.model}) != recipe_to_yaml(Recipe{.model = r.model}))
+    TS_USER_ERROR("checkpoint {} was saved with a different model section than recipe {}; resume "
+                  "needs the same architecture", dir, r.file);
+  if (ck.has_meta("tokenizer_hash") && ck.meta("tokenizer_hash") != tokenizer_hash)
+    TS_USER_ERROR("checkpoint {} was trained with tokenizer {} but data.path {} uses {}", dir,
+                  ck.meta("tokenizer_hash"), r.data.path, tokenizer_hash);
+  for (Param& p : model.params().all()) {
+    for (const std::string& name : {p.spec.name, "optim.m." + p.spec.name, "optim.v." + p.spec.name}) {
+      if (!ck.has_tensor(name)) TS_USER_ERROR("checkpoint {} has no tensor '{}'", dir, name);
+      const auto& gs = ck.global_shape(name);
+      if (int64_t(gs.size()) != p.spec.shape.ndim || ck.numel(name) != p.value.numel())
+        TS_USER_ERROR("checkpoint {}: tensor '{}' has the wrong shape for this model", dir, name);
+    }
+    const int64_t b = static_cast<int64_t>(p.offset), e = b + p.value.numel();
+    const auto read_as = [&](const std::string& name, Tensor dst) {
+      TS_CHECK(ck.dtype(name) == dst.dtype, "checkpoint dtype {} for {}", dtype_name(ck.dtype(name)), name);
+      ck.read_full(name, dst.data);
+    };
+    read_as(p.spec.name, p.value);
+    read_as("optim.m." + p.spec.name, opt.m().slice(b, e));
+    read_as("optim.v." + p.spec.name, opt.v().slice(b, e));
+  }
+  opt.set_step_count(std::stoll(ck.meta("optimizer_step")));
+  return std::stoll(ck.meta("step"));
+}
+
+struct EvalResult {
+  double loss = 0.0;
+  int64_t tokens = 0;
+};
+
+EvalResult evaluate(const Transformer& model, Activations& acts, const Loader& val, int max_batches,
+                    std::vector<int32_t>& inputs, std::vector<int32_t>& targets) {
+  const int B = acts.B(), T = acts.T();
+  const int64_t num_batches = std::min<int64_t>(max_batches, val.num_eval_batches());
+  double loss_sum = 0.0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < num_batches; ++i) {
+    const int rows = val.fill_eval(i, 0, B, inputs.data(), targets.data());
+    if (rows == 0) break;
+    Tensor tok(inputs.data(), DType::i32, Device::cpu, {B, T});
+    Tensor tgt(targets.data(), DType::i32, Device::cpu, {B, T});
+    const int64_t valid = model.count_valid(tgt);
+    loss_sum += model.forward(acts, tok, tgt) * double(valid);
+    count += valid;
+  }
+  return {count > 0 ? loss_sum / double(count) : 0.0, count};
+}
+
+}  // namespace
+
+TrainSummary train(const Recipe& recipe_in) {
+  Recipe r = recipe_in;
+  check_supported(r);
+  const Device device = resolve_device(r);
+
+  // Data first: the tokenizer (and so the vocabulary) comes from the dataset.
+  const TokenDataset data = TokenDataset::open(r.data.path);
+  const Tokenizer tokenizer = Tokenizer::from_hf_json(data.tokenizer_json(), r.data.path);
+  if (!r.data.tokenizer.empty())
+    data.check_tokenizer(load_tokenizer_spec(r.data.tokenizer), "data.tokenizer = " + r.data.tokenizer);
+  finalize_model_vocab(r.model, static_cast<int>(data.vocab_size()), r.file);
+
+  fs::create_directories(r.train.out_dir);
+  const std::string resolved = recipe_to_yaml(r);
+  {
+    std::ofstream out(fs::path(r.train.out_dir) / "recipe.yaml");
+    out << resolved;
+    if (!out) TS_USER_ERROR("cannot write {}/recipe.yaml (train.out_dir)", r.train.out_dir);
+  }
+  log_info("resolved recipe ({}):\n{}", r.file, resolved);
+
+  Transformer model(r.model, DType::f32, device);
+  model.init_weights(r.train.seed);
+  AdamWConfig acfg;
+  acfg.beta1 = r.optim.beta1;
+  acfg.beta2 = r.optim.beta2;
+  acfg.eps = r.optim.eps;
+  acfg.weight_decay = r.optim.weight_decay;
+  acfg.no_decay = r.optim.no_decay;
+  AdamW opt(model.params(), acfg);
+  const LrSchedule sched{r.optim.schedule, r.optim.lr, r.optim.min_lr, r.optim.warmup_steps,
+                         r.train.steps, r.optim.decay_fraction};
+
+  const int B = r.data.micro_batch, T = r.data.seq_len;
+  const int64_t global_batch = int64_t(B) * r.data.grad_accum * r.parallel.dp;
+  const Loader train_loader(data.train().tokens, T, global_batch, r.train.seed, 0, 1,
+                            r.data.path + " /train");
+  const Loader val_loader(data.val().tokens, T, B, r.train.seed, 0, 1, r.data.path + " /val");
+
+  int64_t start_step = 0;
+  const std::string resume = io::resolve_resume(r.train.out_dir, r.checkpoint.resume);
+  if (!resume.empty()) {
+    start_step = load_checkpoint(resume, r, model, opt, data.tokenizer_hash());
+    log_info("resumed from {} at step {}", resume, start_step);
+  }
+
+  Activations acts(model, B, T, /*training=*/true);
+  Activations eval_acts(model, B, T, /*training=*/false);
+  log_info("model: {} parameters ({}), activations {:.1f} MB, {} tokens per step, device {}",
+           model.params().num_elements(), r.model.family, acts.bytes() / 1e6, r.tokens_per_step(),
+           device_name(device));
+
+  MetricsWriter metrics((fs::path(r.train.out_dir) / "metrics.jsonl").string(), start_step);
+  std::vector<int32_t> inputs(size_t(B) * T), targets(size_t(B) * T);
+  Tensor tok(inputs.data(), DType::i32, Device::cpu, {B, T});
+  Tensor tgt(targets.data(), DType::i32, Device::cpu, {B, T});
+
+  TrainSummary summary;
+  summary.first_step = start_step;
+  const auto run_eval = [&](int64_t step) {
+    const EvalResult ev = evaluate(model, eval_acts, val_loader, r.train.eval_batches, inputs, targets);
+    log_info("eval step {}: val_loss {:.4f} | perplexity {:.2f} | {} tokens", step, ev.loss,
+             std::exp(ev.loss), ev.tokens);
+    metrics.write({{"step", step}, {"val_loss", ev.loss}, {"val_ppl", std::exp(ev.loss)},
+                   {"val_tokens", ev.tokens}});
+    summary.final_val_loss = ev.loss;
+  };
+
+  const auto loop_start = Clock::now();
+  int64_t step = start_step;
+  for (; step < r.train.steps; ++step) {
+    const auto t0 = Clock::now();
+    model.params().zero_grad();
+    double loss = 0.0;
+    for (int micro = 0; micro < r.data.grad_accum; ++micro) {
+      train_loader.fill(step, micro, B, inputs.data(), targets.data());
+      loss += model.forward(acts, tok, tgt) / r.data.grad_accum;
+      model.backward(acts, tok, tgt, 1.0f / r.data.grad_accum);
+    }
+    const double norm = grad_norm(model.params());
+    if (!std::isfinite(norm) || !std::isfinite(loss))
+      TS_USER_ERROR("{}: training diverged at step {} (loss {}, grad norm {}); lower optim.lr",
+                    r.file, step + 1, loss, norm);
+    const float lr = sched.at(static_cast<int>(step));
+    opt.step(model.params(), lr, clip_factor(norm, r.optim.grad_clip));
+    const double dt = seconds_since(t0);
+    const double tok_per_s = double(r.tokens_per_step()) / dt;
+    summary.last_train_loss = loss;
+    const int64_t done = step + 1;
+    metrics.write({{"step", done}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm},
+                   {"tokens_per_s", tok_per_s}, {"tokens", done * r.tokens_per_step()},
+                   {"step_s", dt}});
+    if (done % r.logging.every == 0 || done == r.train.steps) {
+      const double elapsed = seconds_since(loop_start);
+      const double eta = elapsed / double(done - start_step) * double(r.train.steps - done);
+      log_info("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s | eta {}",
+               done, r.train.steps, loss, lr, norm, tok_per_s, format_duration(eta));
+    }
+    if (r.train.eval_every > 0 && done % r.train.eval_every == 0 && done != r.train.steps)
+      run_eval(done);
+    if (r.checkpoint.every > 0 && done % r.checkpoint.every == 0 && done != r.train.steps)
+      save_checkpoint(r, model, opt, done, data.tokenizer_hash());
+  }
+  summary.train_seconds = seconds_since(loop_start);
+  summary.last_step = step;
+  run_eval(step);
+  if (step > start_step) save_checkpoint(r, model, opt, step, data.tokenizer_hash());
+  log_info("trained steps {}..{} in {}", start_step, step, format_duration(summary.train_seconds));
+
+  if (r.train.sample_tokens > 0 && r.train.num_samples > 0) {
+    Activations gen_acts(model, 1, T, /*training=*/false);
+    std::vector<int32_t> prompt = r.train.sample_prompt.empty()
+                                      ? std::vector<int32_t>{}
+                                      : tokenizer.encode(r.train.sample_prompt);
+    if (prompt.empty()) prompt.push_back(tokenizer.eot_id() >= 0 ? tokenizer.eot_id() : 0);
+    for (int i = 0; i < r.train.num_samples; ++i) {
+      const auto ids = generate(model, gen_acts, prompt, r.train.sample_tokens,
+                                r.train.sample_temperature, r.train.seed + i, tokenizer.eot_id());
+      log_info("sample {}: {}{}", i, r.train.sample_prompt, tokenizer.decode(ids));
+    }
+  }
+  return summary;
+}
+
+}  // namespace tessera

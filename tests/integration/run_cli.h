@@ -1,0 +1,50 @@
+// Runs the `tessera` binary in a shell and captures its exit status and combined output, for
+// tests of the command-line behaviour (exit codes, error messages, end-to-end training).
+#pragma once
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+namespace tessera::testing {
+
+struct CliResult {
+  int status = -1;
+  std::string output;  // stdout and stderr
+};
+
+inline std::string tessera_binary() { return std::string(TESSERA_BINARY_DIR) + "/src/cli/tessera"; }
+
+inline CliResult run_cli(const std::string& args) {
+  const std::string cmd = "cd '" + std::string(TESSERA_SOURCE_DIR) + "' && '" + tessera_binary() +
+                          "' " + args + " 2>&1";
+  CliResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+// A fresh directory under the build tree, removed first if it exists.
+inline std::string fresh_dir(const std::string& name) {
+  const std::filesystem::path d = std::filesystem::path(TESSERA_BINARY_DIR) / "test-runs" / name;
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d.string();
+}
+
+inline void write_file(const std::string& path, const std::string& text) {
+  std::ofstream(path) << text;
+}
+
+// The dataset scripts/prepare-data.sh makes (the test command runs it before ctest).
+inline std::string ci_dataset() { return std::string(TESSERA_SOURCE_DIR) + "/data/gutenberg/gutenberg.h5"; }
+
+}  // namespace tessera::testing
