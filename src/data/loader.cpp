@@ -34,7 +34,7 @@ std::vector<uint32_t> loader_epoch_permutation(int64_t n, uint64_t seed, int64_t
   std::iota(perm.begin(), perm.end(), 0u);
   const CounterRng rng(seed, fmt::format("tessera/loader/epoch/{}", epoch));
   for (int64_t i = n - 1; i > 0; --i) {
-    const uint32_t j = uniform_below(rng, static_cast<uint64_t>(i), static_cast<uint64_t>(i));
+    const uint32_t j = uniform_below(rng, static_cast<uint64_t>(i), static_cast<uint64_t>(i) + 1);
     std::swap(perm[static_cast<size_t>(i)], perm[j]);
   }
   return perm;
