@@ -4,6 +4,7 @@
 
 #include "kernels/cpu/cpu_ops.h"
 #ifdef TESSERA_CUDA
+#include "kernels/cuda/context.h"
 #include "kernels/cuda/cuda_ops.h"
 #endif
 
@@ -15,6 +16,19 @@ namespace {
                 "(configure with -DTESSERA_CUDA=ON on a machine with nvcc)", op);
 }
 }  // namespace
+
+void set_cuda_attention_impl(const std::string& impl) {
+  TS_CHECK(impl == "cudnn" || impl == "native", "attention impl {}", impl);
+#ifdef TESSERA_CUDA
+  cuda::context().attention_impl = impl == "cudnn" ? cuda::kAttentionCudnn : cuda::kAttentionNative;
+#endif
+}
+
+void synchronize(Device device) {
+#ifdef TESSERA_CUDA
+  if (device == Device::cuda) cuda::sync();
+#endif
+}
 
 
 void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {

@@ -8,15 +8,27 @@
 //   * backward OVERWRITES activation gradients (d<input>) and ACCUMULATES (+=) parameter
 //     gradients (dweight, dbias, dwte, ...), so gradient accumulation over micro-batches works.
 //   * An empty Tensor (data == nullptr) means "absent" (no bias, no learned positions, ...).
-//   * Float tensors of one call share one dtype: f32, or f64 on the CPU (finite-difference tests).
+//   * Float tensors of one call share one dtype: f32; bf16 on CUDA; f64 on the CPU (for the
+//     finite-difference tests). Saved statistics (mean, rstd, lse, losses) are f32, or f64 when
+//     the inputs are f64.
+//   * Norms, activations and matmul flatten all leading dims into rows: (B,T,C) is (B*T, C).
+//   * Aliasing: only where an op says "may alias" (exactly the same buffer); partial overlap and
+//     any other aliasing is rejected.
 // Shape letters: B batch, T time (sequence), C channels (model width), N rows (= B*T),
 //   V vocabulary (padded), Hq query heads, Hkv key/value heads, D head dim, F FFN width,
 //   M, K generic GEMM sizes.
 #pragma once
+#include <string>
+
 #include "core/tensor.h"
 #include "kernels/op_types.h"
 
 namespace tessera::ops {
+
+// Backend settings (not ops): how attention runs on CUDA ("cudnn" | "native"); a no-op on a
+// build without CUDA. Waits for all queued device work (no-op on the CPU).
+void set_cuda_attention_impl(const std::string& impl);
+void synchronize(Device device);
 
 // ---- embedding: token embedding plus optional learned positions ----------------------------
 // out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]      (wpe may be empty)
@@ -42,7 +54,8 @@ void rmsnorm_backward(Tensor dinp /*(N,C)*/, Tensor dweight /*(C) +=*/, Tensor d
 
 // ---- matmul -------------------------------------------------------------------------------
 // General GEMM: c (M,N) = alpha * op(a) · op(b) + beta * c, op(x) = x^T when trans_x.
-// a is (M,K) or (K,M) if trans_a; b is (K,N) or (N,K) if trans_b. beta = 0 ignores c's contents.
+// a is (M,K) or (K,M) if trans_a; b is (K,N) or (N,K) if trans_b. beta = 0 ignores c's contents;
+// alpha = 0 does not read a or b.
 void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta);
 // Linear layer in PyTorch's weight layout: out (M,N) = inp (M,K) · weight (N,K)^T + bias (N).
 void matmul_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/,
@@ -66,7 +79,8 @@ void rope_backward(Tensor dinp /*(B,T,H,D)*/, Tensor dout /*(B,T,H,D)*/, float t
 void attention_forward(Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T) f32*/,
                        Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/,
                        Tensor v /*(B,T,Hkv,D)*/, float scale);
-// dq, dk, dv are overwritten.
+// dq, dk, dv are overwritten and must not alias any input. On CUDA, the implementation (cuDNN
+// fused SDPA or the native kernel) is chosen by cuda::Context::attention_impl.
 void attention_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*/,
                         Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/,
                         Tensor q, Tensor k, Tensor v, Tensor out /*(B,T,Hq,D)*/,
@@ -94,7 +108,8 @@ double sum_squares(Tensor x);
 // ---- softmax cross-entropy over the (possibly padded) vocabulary ---------------------------
 // For row n with target y = targets[n] >= 0: loss = logsumexp(logits[n, :vocab_size]) -
 // logits[n, y]. Columns >= vocab_size are padding and never enter the softmax. Rows with a
-// negative target are ignored (loss 0). lse (N) f32 is saved for backward.
+// negative target are ignored (loss 0, but lse still the row's log-sum-exp). lse (N) f32 is saved
+// for backward.
 void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
                            Tensor logits /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size);
 // dlogits = dloss * (softmax(logits) - onehot(y)) on valid rows and columns, 0 elsewhere.

@@ -13,6 +13,7 @@
 
 #ifdef TESSERA_HAVE_CBLAS
 #include <cblas.h>
+#include <omp.h>
 #endif
 
 namespace tessera::cpu {
@@ -74,20 +75,43 @@ void gemm_loops(T* c, const T* a, const T* b, GemmDims d, bool trans_a, bool tra
 }
 
 #ifdef TESSERA_HAVE_CBLAS
+// BLAS threads and the OpenMP threads of the other kernels would oversubscribe the cores (each pool
+// spins while the other works: measured 30% slower on 2 cores). So BLAS runs single-threaded and
+// large GEMMs are split here over row blocks of c, one BLAS call per OpenMP thread. Each element of
+// c is still computed by one call with the same K loop, so the split does not change results.
+void single_threaded_blas() {
+#ifdef OPENBLAS_VERSION
+  static const bool once = [] { openblas_set_num_threads(1); return true; }();
+  (void)once;
+#endif
+}
+
 template <class T>
 void gemm_blas(T* c, const T* a, const T* b, GemmDims d, bool trans_a, bool trans_b, float alpha,
                float beta) {
   if (d.m == 0 || d.n == 0) return;
+  single_threaded_blas();
   const int m = int(d.m), n = int(d.n), k = int(d.k);
   const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
   const CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
   // Leading dimensions of the row-major operands as stored; BLAS rejects 0 even for empty ones.
   const int lda = std::max(1, trans_a ? m : k);
   const int ldb = std::max(1, trans_b ? k : n);
-  if constexpr (std::is_same_v<T, float>) {
-    cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, n);
-  } else {
-    cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, n);
+  const auto call = [&](int i0, int rows) {
+    // Row i of op(a) starts at a + i * lda (stored as is) or at column i (stored transposed).
+    const T* a_i = a + (trans_a ? int64_t(i0) : int64_t(i0) * lda);
+    if constexpr (std::is_same_v<T, float>)
+      cblas_sgemm(CblasRowMajor, ta, tb, rows, n, k, alpha, a_i, lda, b, ldb, beta, c + int64_t(i0) * n, n);
+    else
+      cblas_dgemm(CblasRowMajor, ta, tb, rows, n, k, alpha, a_i, lda, b, ldb, beta, c + int64_t(i0) * n, n);
+  };
+  const int64_t work = int64_t(m) * n * std::max(k, 1);
+  const int num_blocks = work < (int64_t(1) << 20) ? 1 : std::min(m, omp_get_max_threads());
+  if (num_blocks <= 1) return call(0, m);
+#pragma omp parallel for schedule(static)
+  for (int blk = 0; blk < num_blocks; ++blk) {
+    const int i0 = int(int64_t(m) * blk / num_blocks), i1 = int(int64_t(m) * (blk + 1) / num_blocks);
+    if (i1 > i0) call(i0, i1 - i0);
   }
 }
 #endif

@@ -121,6 +121,16 @@ bool cuda_available() {
 #endif
 }
 
+bool device_memory_info(Device d, size_t* free_bytes, size_t* total_bytes) {
+  if (d != Device::cuda) return false;
+#ifdef TESSERA_CUDA
+  CORE_CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+  return true;
+#else
+  return false;
+#endif
+}
+
 Buffer::Buffer(Device d, size_t bytes) : data_(device_alloc(d, bytes)), size_(bytes), device_(d) {}
 
 Buffer::~Buffer() {

@@ -16,6 +16,8 @@ void copy_tensor(const Tensor& dst, const Tensor& src);
 void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes);
 void zero_tensor(const Tensor& t);
 bool cuda_available();  // false when built without CUDA or no device is visible
+// Free and total bytes of the current CUDA device; false (and nothing written) for the CPU.
+bool device_memory_info(Device d, size_t* free_bytes, size_t* total_bytes);
 
 // Owning allocation of one block on one device (move-only).
 class Buffer {
@@ -49,6 +51,10 @@ class Arena {
   void* alloc_bytes(size_t bytes);
   size_t mark() const { return used_; }
   void release(size_t mark);
+
+  // Hands the underlying block to the caller (who keeps the carved pointers valid by owning it);
+  // the arena is left empty.
+  Buffer take_buffer() { used_ = 0; return std::move(buffer_); }
 
   size_t used() const { return used_; }
   size_t peak() const { return peak_; }

@@ -493,6 +493,8 @@ std::string attr_value_text(const Ctx& ctx, hid_t obj, const std::string& name,
     if (check_tri(H5Tis_variable_str(type.id()), ctx, "H5Tis_variable_str", name)) {
       Handle mem(check_id(H5Tcopy(H5T_C_S1), ctx, "H5Tcopy", name), H5Tclose);
       check(H5Tset_size(mem.id(), H5T_VARIABLE), ctx, "H5Tset_size", name);
+      // HDF5 converts between string types only within one character set (ASCII vs UTF-8).
+      check(H5Tset_cset(mem.id(), H5Tget_cset(type.id())), ctx, "H5Tset_cset", name);
       char* value = nullptr;
       check(H5Aread(attr.id(), mem.id(), &value), ctx, "H5Aread", name);
       text = value ? value : "";

@@ -38,6 +38,9 @@ struct ModelConfig {
   float init_std = 0.02f;       // N(0, init_std); residual output projections are scaled by
                                 // 1/sqrt(2 * num_layers) (GPT-2)
   bool recompute = false;       // activation recomputation: keep only each block's input
+  // How attention runs on CUDA: "cudnn" (fused SDPA) or "native" (Tessera's kernel). Execution
+  // choices like this and recompute do not change the weights, so resume may change them.
+  std::string attention_impl = "cudnn";
 
   int resolved_head_dim() const { return head_dim > 0 ? head_dim : hidden / num_heads; }
   // Total parameter count (tied embedding counted once; padded vocabulary rows included).

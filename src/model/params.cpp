@@ -19,7 +19,7 @@ std::string_view param_class_name(ParamClass c) {
 }
 
 int ParamStore::add(ParamSpec spec) {
-  TS_CHECK(values_.data() == nullptr, "parameter {} registered after allocation", spec.name);
+  TS_CHECK(values_ == nullptr, "parameter {} registered after allocation", spec.name);
   for (const Param& p : params_) TS_CHECK(p.spec.name != spec.name, "duplicate parameter {}", spec.name);
   Param p;
   p.offset = static_cast<size_t>(num_elements_);
@@ -29,22 +29,41 @@ int ParamStore::add(ParamSpec spec) {
   return size() - 1;
 }
 
-void ParamStore::allocate(DType dtype, Device device) {
+// Master weights are f32 whatever the compute dtype (f64 stays f64: the CPU reference tests).
+static DType master_dtype_for(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
+
+size_t ParamStore::bytes_for(int64_t n, DType dtype) {
+  const size_t one = Arena::aligned(dtype_storage_bytes(dtype, n));
+  const DType mdt = master_dtype_for(dtype);
+  return 2 * one + (mdt != dtype ? Arena::aligned(dtype_storage_bytes(mdt, n)) : 0);
+}
+
+void ParamStore::allocate(DType dtype, Device device, Arena* arena) {
   dtype_ = dtype;
+  master_dtype_ = master_dtype_for(dtype);
   device_ = device;
   const size_t bytes = dtype_storage_bytes(dtype, num_elements_);
-  values_ = Buffer(device, bytes);
-  grads_ = Buffer(device, bytes);
+  const size_t master_bytes = dtype_storage_bytes(master_dtype_, num_elements_);
+  Arena own;
+  if (!arena) {
+    own = Arena(device, bytes_needed(dtype), "parameters");
+    arena = &own;
+  }
+  values_ = arena->alloc_bytes(bytes);
+  grads_ = arena->alloc_bytes(bytes);
+  master_ = has_separate_master() ? arena->alloc_bytes(master_bytes) : values_;
+  if (own.capacity() > 0) owned_ = own.take_buffer();
   for (Param& p : params_) {
-    const size_t byte_off = dtype_storage_bytes(dtype, static_cast<int64_t>(p.offset));
-    p.value = Tensor(static_cast<char*>(values_.data()) + byte_off, dtype, device, p.spec.shape);
-    p.grad = Tensor(static_cast<char*>(grads_.data()) + byte_off, dtype, device, p.spec.shape);
+    const int64_t off = static_cast<int64_t>(p.offset);
+    p.value = flat_values().slice(off, off + p.spec.shape.numel()).view(p.spec.shape);
+    p.grad = flat_grads().slice(off, off + p.spec.shape.numel()).view(p.spec.shape);
+    p.master = flat_master().slice(off, off + p.spec.shape.numel()).view(p.spec.shape);
   }
   zero_grad();
 }
 
 void ParamStore::init(uint64_t seed) {
-  // Draw on the host in f32 (the master precision), then cast into the compute dtype/device.
+  // Draw on the host in f32 (the master precision), convert to the master dtype, upload.
   for (Param& p : params_) {
     const int64_t n = p.spec.shape.numel();
     std::vector<float> host(n);
@@ -55,13 +74,15 @@ void ParamStore::init(uint64_t seed) {
         CounterRng(seed, p.spec.name).fill_normal(host.data(), 0, n, p.spec.init_std);
         break;
     }
-    Tensor src(host.data(), DType::f32, Device::cpu, p.spec.shape);
-    if (p.value.device == Device::cpu) {
-      ops::cast(p.value, src);
-    } else {
-      copy_tensor(p.value, src);  // cuda params are f32 here; narrower copies come from a cast pass
-    }
+    std::vector<char> converted(dtype_storage_bytes(master_dtype_, n));
+    convert_buffer(host.data(), DType::f32, converted.data(), master_dtype_, n);
+    copy_bytes(p.master.data, device_, converted.data(), Device::cpu, converted.size());
   }
+  refresh_values();
+}
+
+void ParamStore::refresh_values() {
+  if (has_separate_master() && num_elements_ > 0) ops::cast(flat_values(), flat_master());
 }
 
 void ParamStore::zero_grad() {
@@ -74,11 +95,10 @@ const Param& ParamStore::find(const std::string& name) const {
   TS_BUG("no parameter named {}", name);
 }
 
-Tensor ParamStore::flat_values() const {
-  return Tensor(values_.data(), dtype_, device_, {num_elements_});
-}
-Tensor ParamStore::flat_grads() const {
-  return Tensor(grads_.data(), dtype_, device_, {num_elements_});
+Tensor ParamStore::flat_values() const { return Tensor(values_, dtype_, device_, {num_elements_}); }
+Tensor ParamStore::flat_grads() const { return Tensor(grads_, dtype_, device_, {num_elements_}); }
+Tensor ParamStore::flat_master() const {
+  return Tensor(master_, master_dtype_, device_, {num_elements_});
 }
 
 }  // namespace tessera

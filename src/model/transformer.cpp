@@ -11,14 +11,13 @@ namespace tessera {
 
 static DType stat_dtype(DType dt) { return dt == DType::f64 ? DType::f64 : DType::f32; }
 
-static size_t activation_bytes(const Transformer& m, int B, int T, bool training) {
+size_t Activations::bytes_needed(const ModelConfig& c, DType dtype, int B, int T, bool training) {
   // Must mirror the allocations in Activations' constructor (an overrun is caught by the arena).
-  const ModelConfig& c = m.config();
-  const size_t e = dtype_size(m.dtype());
+  const size_t e = dtype_size(dtype);
   const int64_t N = int64_t(B) * T, C = c.hidden, F = c.ffn_hidden, V = c.padded_vocab_size;
   const int64_t D = c.resolved_head_dim(), Hq = c.num_heads, Hkv = c.num_kv_heads;
   auto al = [](size_t b) { return Arena::aligned(b); };
-  const size_t s = dtype_size(stat_dtype(m.dtype()));
+  const size_t s = dtype_size(stat_dtype(dtype));
   size_t attn = al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 + al(B * Hq * T * s);
   if (c.qk_norm) attn += al(N * Hq * D * e) + al(N * Hkv * D * e) + al(N * Hq * s) + al(N * Hkv * s);
   size_t mlp = al(N * F * e) * (c.activation == ActivationKind::swiglu ? 3 : 2);
@@ -26,19 +25,24 @@ static size_t activation_bytes(const Transformer& m, int B, int T, bool training
   size_t scratch = al(N * C * e) * 3 + al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 +
                    (c.qk_norm ? al(N * Hq * D * e) + al(N * Hkv * D * e) : 0) +
                    al(N * F * e) * (c.activation == ActivationKind::swiglu ? 3 : 2);
-  const int num_block_sets = (training && !c.recompute) ? c.num_layers : 1;
+  const int num_block_sets = (training && !c.recompute) ? c.num_layers : 1;  // as the constructor
   size_t total = al(N * C * e) * (c.num_layers + 1) + block * num_block_sets + scratch;
   total += al(N * C * e) + al(N * s) * 2 + al(N * V * e) + al(N * s) * 2 + al(N * C * e) * 2;
   return total;
 }
 
-Activations::Activations(const Transformer& model, int B, int T, bool training)
+Activations::Activations(const Transformer& model, int B, int T, bool training, Arena* arena)
     : B_(B), T_(T), training_(training), recompute_(model.config().recompute) {
   const ModelConfig& c = model.config();
   TS_CHECK(T <= c.max_seq_len, "sequence {} longer than max_seq_len {}", T, c.max_seq_len);
   const DType dt = model.dtype();
   const int64_t N = int64_t(B) * T;
-  arena_ = Arena(model.device(), activation_bytes(model, B, T, training), "activations");
+  bytes_ = bytes_needed(c, dt, B, T, training);
+  if (!arena) {
+    own_ = Arena(model.device(), bytes_, "activations");
+    arena = &own_;
+  }
+  Arena& arena_ = *arena;
   for (int l = 0; l <= c.num_layers; ++l) resid.push_back(arena_.alloc(dt, {N, c.hidden}));
   const int num_sets = (training && !recompute_) ? c.num_layers : 1;
   for (int l = 0; l < num_sets; ++l) blocks.push_back(Block::alloc_acts(arena_, c, dt, B, T));
@@ -53,7 +57,7 @@ Activations::Activations(const Transformer& model, int B, int T, bool training)
   d_resid = arena_.alloc(dt, {N, c.hidden});
 }
 
-Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device)
+Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena)
     : cfg_(cfg), dtype_(dtype), device_(device) {
   const int V = cfg.padded_vocab_size, C = cfg.hidden;
   TS_CHECK(V >= cfg.vocab_size && cfg.vocab_size > 0, "vocab {} padded {}", cfg.vocab_size, V);
@@ -67,7 +71,9 @@ Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device)
   if (!cfg.tied_embeddings)
     lm_head_ = params_.add({"lm_head.weight", {V, C}, ParamClass::weight, InitKind::normal,
                             cfg.init_std});
-  params_.allocate(dtype, device);
+  TS_CHECK(params_.num_elements() == cfg.num_params(), "parameter count {} vs config {}",
+           params_.num_elements(), cfg.num_params());
+  params_.allocate(dtype, device, arena);
 }
 
 Tensor Transformer::head_weight() const {

@@ -17,16 +17,19 @@ class Transformer;
 // Everything forward saves for backward, plus backward's temporaries, for one (B, T).
 class Activations {
  public:
-  Activations(const Transformer& model, int B, int T, bool training);
+  // Tensors come from `arena` when given (bytes_needed()), else from an arena of its own.
+  Activations(const Transformer& model, int B, int T, bool training, Arena* arena = nullptr);
+  static size_t bytes_needed(const ModelConfig& cfg, DType dtype, int B, int T, bool training);
   int B() const { return B_; }
   int T() const { return T_; }
-  size_t bytes() const { return arena_.capacity(); }
+  size_t bytes() const { return bytes_; }
 
  private:
   friend class Transformer;
   int B_, T_;
   bool training_, recompute_;
-  Arena arena_;
+  size_t bytes_ = 0;
+  Arena own_;
   std::vector<Tensor> resid;       // L+1 x (N,C): input of block l, resid[L] = last block output
   std::vector<BlockActs> blocks;   // L sets, or 1 shared set when recomputing
   BlockScratch scratch;
@@ -39,7 +42,8 @@ class Activations {
 
 class Transformer {
  public:
-  Transformer(const ModelConfig& cfg, DType dtype, Device device);
+  // Parameters come from `arena` when given (ParamStore::bytes_for(cfg.num_params(), dtype)).
+  Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena = nullptr);
   const ModelConfig& config() const { return cfg_; }
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }

@@ -8,14 +8,26 @@
 
 namespace tessera {
 
-AdamW::AdamW(const ParamStore& params, const AdamWConfig& cfg) : cfg_(cfg) {
-  // Moments are FP32 whatever the compute dtype (f64 only in the CPU reference tests).
-  const DType mdt = params.dtype() == DType::f64 ? DType::f64 : DType::f32;
+// Moments are FP32 whatever the compute dtype (f64 only in the CPU reference tests).
+static DType moment_dtype(DType param_dtype) {
+  return param_dtype == DType::f64 ? DType::f64 : DType::f32;
+}
+
+size_t AdamW::bytes_for(int64_t n, DType param_dtype) {
+  return 2 * Arena::aligned(dtype_storage_bytes(moment_dtype(param_dtype), n));
+}
+
+AdamW::AdamW(const ParamStore& params, const AdamWConfig& cfg, Arena* arena) : cfg_(cfg) {
+  const DType mdt = moment_dtype(params.dtype());
   const int64_t n = params.num_elements();
-  m_buf_ = Buffer(params.device(), dtype_storage_bytes(mdt, n));
-  v_buf_ = Buffer(params.device(), dtype_storage_bytes(mdt, n));
-  m_view_ = Tensor(m_buf_.data(), mdt, params.device(), {n});
-  v_view_ = Tensor(v_buf_.data(), mdt, params.device(), {n});
+  Arena own;
+  if (!arena) {
+    own = Arena(params.device(), bytes_needed(params), "optimizer");
+    arena = &own;
+  }
+  m_view_ = Tensor(arena->alloc_bytes(dtype_storage_bytes(mdt, n)), mdt, params.device(), {n});
+  v_view_ = Tensor(arena->alloc_bytes(dtype_storage_bytes(mdt, n)), mdt, params.device(), {n});
+  if (own.capacity() > 0) owned_ = own.take_buffer();
   zero_tensor(m_view_);
   zero_tensor(v_view_);
 }
@@ -45,9 +57,10 @@ void AdamW::step(ParamStore& params, float lr, float grad_scale) {
     s.step = static_cast<int>(step_);
     s.grad_scale = grad_scale;
     const int64_t begin = static_cast<int64_t>(p.offset), end = begin + p.value.numel();
-    ops::adamw_update(p.value.view({p.value.numel()}), p.grad.view({p.grad.numel()}),
+    ops::adamw_update(p.master.view({p.master.numel()}), p.grad.view({p.grad.numel()}),
                       m_view_.slice(begin, end), v_view_.slice(begin, end), s);
   }
+  params.refresh_values();
 }
 
 double grad_norm(const ParamStore& params) {

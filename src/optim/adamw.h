@@ -18,8 +18,14 @@ struct AdamWConfig {
 
 class AdamW {
  public:
-  AdamW(const ParamStore& params, const AdamWConfig& cfg);
-  // One update of every parameter with learning rate lr; grads are multiplied by grad_scale first.
+  // Moments come from `arena` when given (bytes_needed()), else from a buffer the optimizer owns.
+  AdamW(const ParamStore& params, const AdamWConfig& cfg, Arena* arena = nullptr);
+  static size_t bytes_needed(const ParamStore& params) {
+    return bytes_for(params.num_elements(), params.dtype());
+  }
+  static size_t bytes_for(int64_t num_elements, DType param_dtype);
+  // One update of every parameter's master weights with learning rate lr (grads are multiplied by
+  // grad_scale first), then the compute-dtype values are refreshed from the masters.
   void step(ParamStore& params, float lr, float grad_scale);
   bool decays(const Param& p) const;
 
@@ -32,7 +38,7 @@ class AdamW {
  private:
   AdamWConfig cfg_;
   int64_t step_ = 0;
-  Buffer m_buf_, v_buf_;
+  Buffer owned_;
   Tensor m_view_, v_view_;
 };
 

@@ -202,6 +202,8 @@ ModelConfig read_model(const Section* s, Origins& o) {
       {"qk_norm", [&](const YamlField& f) { m.qk_norm = yaml_read_bool(f); }},
       {"init_std", [&](const YamlField& f) { m.init_std = yaml_read_float(f, kPositiveReal); }},
       {"recompute", [&](const YamlField& f) { m.recompute = yaml_read_bool(f); }},
+      {"attention_impl", [&](const YamlField& f) {
+         m.attention_impl = yaml_read_enum(f, {"cudnn", "native"}); }},
   };
   read_keys(s, keys, o, "family");
   return m;

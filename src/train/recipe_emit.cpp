@@ -62,6 +62,7 @@ std::string recipe_to_yaml(const Recipe& r) {
   w.boolean("qk_norm", m.qk_norm);
   w.real("init_std", m.init_std);
   w.boolean("recompute", m.recompute);
+  w.string("attention_impl", m.attention_impl);
 
   const ParallelConfig& p = r.parallel;
   w.section("parallel");

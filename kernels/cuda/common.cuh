@@ -1,0 +1,61 @@
+// Shared by every CUDA kernel file: error checks (CUDA, cuBLAS, cuDNN, launches) that funnel into
+// tessera::fail with file:line, bf16 load/store helpers, and launch-size helpers.
+#pragma once
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "core/error.h"
+#include "core/tensor.h"
+#include "kernels/cuda/context.h"
+
+#define TS_CUDA_CHECK(call)                                                                  \
+  do {                                                                                       \
+    cudaError_t err_ = (call);                                                               \
+    if (err_ != cudaSuccess)                                                                 \
+      ::tessera::fail(::tessera::ErrorKind::system,                                          \
+                      ::fmt::format("{} failed: {}", #call, cudaGetErrorString(err_)), __FILE__, \
+                      __LINE__);                                                             \
+  } while (0)
+
+// After every kernel launch: catches bad launch configurations immediately.
+#define TS_CUDA_CHECK_LAUNCH() TS_CUDA_CHECK(cudaGetLastError())
+
+#define TS_CUBLAS_CHECK(call)                                                                \
+  do {                                                                                       \
+    cublasStatus_t st_ = (call);                                                             \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                        \
+      ::tessera::fail(::tessera::ErrorKind::system,                                          \
+                      ::fmt::format("{} failed: cuBLAS status {}", #call, int(st_)), __FILE__, \
+                      __LINE__);                                                             \
+  } while (0)
+
+namespace tessera::cuda {
+
+inline cudaStream_t stream() { return reinterpret_cast<cudaStream_t>(context().stream); }
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Loads/stores that convert between the storage type and f32 arithmetic.
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Checks shared by launchers: device, dtype f32/bf16.
+inline void expect_cuda(const Tensor& t, const char* what) {
+  TS_CHECK(t.device == Device::cuda, "{}: expected a cuda tensor, got {}", what, t.str());
+}
+inline bool is_bf16(const Tensor& t) { return t.dtype == DType::bf16; }
+
+// Runs f.template operator()<T>() with T = float or __nv_bfloat16 per t's dtype.
+template <class F> void dispatch_float(const Tensor& t, const char* what, F&& f) {
+  if (t.dtype == DType::f32) f.template operator()<float>();
+  else if (t.dtype == DType::bf16) f.template operator()<__nv_bfloat16>();
+  else TS_BUG("{}: unsupported dtype {} on cuda (f32 or bf16)", what, dtype_name(t.dtype));
+}
+
+}  // namespace tessera::cuda

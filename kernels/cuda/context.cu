@@ -1,0 +1,47 @@
+// Per-device CUDA context: stream, cuBLASLt handle, workspace (cuDNN handle lazily, in
+// attention_cudnn.cu). Contexts live for the process; the driver reclaims them at exit.
+#include <cudnn.h>
+
+#include <mutex>
+#include <vector>
+
+#include "kernels/cuda/common.cuh"
+
+namespace tessera::cuda {
+
+namespace {
+constexpr size_t kWorkspaceBytes = size_t(64) << 20;  // cuBLASLt wants >= 32 MiB on Hopper
+std::mutex g_mutex;
+std::vector<Context*> g_contexts;
+}  // namespace
+
+Context& context() {
+  int dev = 0;
+  TS_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (static_cast<int>(g_contexts.size()) <= dev) g_contexts.resize(dev + 1, nullptr);
+  if (!g_contexts[dev]) {
+    auto* c = new Context();
+    c->device = dev;
+    // Compute runs on the legacy default stream, so the synchronous host<->device copies in
+    // core/memory (cudaMemcpy) are ordered with the kernels without extra events. Communication
+    // streams (issue 4) are created non-blocking and ordered with events.
+    c->stream = nullptr;
+    cublasLtHandle_t lt;
+    TS_CUBLAS_CHECK(cublasLtCreate(&lt));
+    c->cublaslt = reinterpret_cast<cublasLtContext*>(lt);
+    TS_CUDA_CHECK(cudaMalloc(&c->workspace, kWorkspaceBytes));
+    c->workspace_bytes = kWorkspaceBytes;
+    TS_CUDA_CHECK(cudaDeviceGetAttribute(&c->num_sms, cudaDevAttrMultiProcessorCount, dev));
+    g_contexts[dev] = c;
+  }
+  return *g_contexts[dev];
+}
+
+void sync() { TS_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+
+void device_memory(size_t* free_bytes, size_t* total_bytes) {
+  TS_CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+}
+
+}  // namespace tessera::cuda

@@ -1,0 +1,105 @@
+// Declarations of the CUDA kernels (kernels/cuda/<op>.cu), same names and argument order as
+// kernels/ops.h, which documents each op, and as the CPU references in kernels/cpu/cpu_ops.h.
+// Float tensors are f32 or bf16 (one dtype per call); saved statistics (mean, rstd, lse, losses)
+// are always f32; accumulation is f32. Work is queued on the device context's stream
+// (kernels/cuda/context.h); ops are asynchronous unless they return a host value.
+#pragma once
+#include "core/tensor.h"
+#include "kernels/op_types.h"
+
+namespace tessera::cuda {
+using ops::AdamWStep;
+
+
+// ---- embedding: token embedding plus optional learned positions ----------------------------
+// out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]      (wpe may be empty)
+void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
+                       Tensor wte /*(V,C)*/, Tensor wpe /*(maxT,C) or empty*/);
+void embedding_backward(Tensor dwte /*(V,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
+                        Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/);
+
+// ---- LayerNorm over the last dim; mean and rstd are saved for backward ---------------------
+void layernorm_forward(Tensor out /*(N,C)*/, Tensor mean /*(N) f32*/, Tensor rstd /*(N) f32*/,
+                       Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor bias /*(C) or empty*/,
+                       float eps);
+void layernorm_backward(Tensor dinp /*(N,C)*/, Tensor dweight /*(C) +=*/,
+                        Tensor dbias /*(C) += or empty*/, Tensor dout /*(N,C)*/,
+                        Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor mean /*(N)*/,
+                        Tensor rstd /*(N)*/);
+
+// ---- RMSNorm over the last dim (also used per head for QK-norm, with N = B*T*H, C = D) ------
+void rmsnorm_forward(Tensor out /*(N,C)*/, Tensor rstd /*(N) f32*/, Tensor inp /*(N,C)*/,
+                     Tensor weight /*(C)*/, float eps);
+void rmsnorm_backward(Tensor dinp /*(N,C)*/, Tensor dweight /*(C) +=*/, Tensor dout /*(N,C)*/,
+                      Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor rstd /*(N)*/);
+
+// ---- matmul -------------------------------------------------------------------------------
+// General GEMM: c (M,N) = alpha * op(a) · op(b) + beta * c, op(x) = x^T when trans_x.
+// a is (M,K) or (K,M) if trans_a; b is (K,N) or (N,K) if trans_b. beta = 0 ignores c's contents.
+void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta);
+// Linear layer in PyTorch's weight layout: out (M,N) = inp (M,K) · weight (N,K)^T + bias (N).
+void matmul_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/,
+                    Tensor bias /*(N) or empty*/);
+// dinp = dout · weight (overwrite; may be empty to skip); dweight += dout^T · inp;
+// dbias += column sums of dout (may be empty).
+void matmul_backward(Tensor dinp /*(M,K)*/, Tensor dweight /*(N,K) +=*/,
+                     Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/,
+                     Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/);
+
+// ---- rotary position embedding (NeoX / Hugging Face "rotate_half" pairing) -----------------
+// For each head vector x of width D (even), pair i with i + D/2, angle = (t + pos_offset) *
+// theta^(-2i/D). out may alias inp. Backward rotates by the negative angle.
+void rope_forward(Tensor out /*(B,T,H,D)*/, Tensor inp /*(B,T,H,D)*/, float theta, int pos_offset);
+void rope_backward(Tensor dinp /*(B,T,H,D)*/, Tensor dout /*(B,T,H,D)*/, float theta,
+                   int pos_offset);
+
+// ---- causal attention with grouped-query heads --------------------------------------------
+// Query head h attends with key/value head h / (Hq/Hkv). Softmax(scale · q·k^T) masked causally;
+// lse (B,Hq,T) f32 is the row log-sum-exp of the scaled scores, saved for backward.
+void attention_forward(Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T) f32*/,
+                       Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/,
+                       Tensor v /*(B,T,Hkv,D)*/, float scale);
+// dq, dk, dv are overwritten.
+void attention_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*/,
+                        Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/,
+                        Tensor q, Tensor k, Tensor v, Tensor out /*(B,T,Hq,D)*/,
+                        Tensor lse /*(B,Hq,T)*/, float scale);
+
+// ---- activations ---------------------------------------------------------------------------
+// GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+void gelu_forward(Tensor out, Tensor inp);                   // any shape; out may alias inp
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);    // dinp may alias dout
+// SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x).
+void swiglu_forward(Tensor out /*(N,F)*/, Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/);
+void swiglu_backward(Tensor dgate /*(N,F)*/, Tensor dup /*(N,F)*/, Tensor dout /*(N,F)*/,
+                     Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/);
+
+// ---- residual and elementwise helpers -------------------------------------------------------
+void add_forward(Tensor out, Tensor a, Tensor b);  // out = a + b; out may alias a or b
+void add_inplace(Tensor dst, Tensor src);          // dst += src (gradient of a residual branch)
+void scale_inplace(Tensor x, float s);             // x *= s
+void fill(Tensor x, float value);
+// dst = src converted to dst's dtype (f32/f64/bf16/f16/e4m3/e5m2), round to nearest even.
+void cast(Tensor dst, Tensor src);
+// Sum of squares of all elements, accumulated in double (gradient norm).
+double sum_squares(Tensor x);
+
+// ---- softmax cross-entropy over the (possibly padded) vocabulary ---------------------------
+// For row n with target y = targets[n] >= 0: loss = logsumexp(logits[n, :vocab_size]) -
+// logits[n, y]. Columns >= vocab_size are padding and never enter the softmax. Rows with a
+// negative target are ignored (loss 0). lse (N) f32 is saved for backward.
+void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
+                           Tensor logits /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size);
+// dlogits = dloss * (softmax(logits) - onehot(y)) on valid rows and columns, 0 elsewhere.
+// dlogits may alias logits (computed in place).
+void cross_entropy_backward(Tensor dlogits /*(N,V)*/, Tensor logits /*(N,V)*/,
+                            Tensor lse /*(N)*/, Tensor targets /*(N) i32*/, int vocab_size,
+                            float dloss);
+
+// ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
+// m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),
+// with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
+// param, m, v are f32 (the FP32 master copy and state); grad has param's dtype.
+void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s);
+
+}  // namespace tessera::cuda
