@@ -130,16 +130,18 @@ class GraphBuilder {
   int64_t tensor(int64_t uid, const Layout& l, cudnnDataType_t type, bool is_virtual = false,
                  bool by_value = false) {
     if (uid < 0) uid = next_virtual_++;
-    Desc t(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
-    t.set_type(CUDNN_ATTR_TENSOR_DATA_TYPE, type);
-    t.set(CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, 4, l.dims.data());
-    t.set(CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, 4, l.strides.data());
-    t.set_i64(CUDNN_ATTR_TENSOR_UNIQUE_ID, uid);
-    t.set_i64(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, 16);  // checked on every pointer we pass
-    t.set(CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &is_virtual);
-    if (by_value) t.set(CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &by_value);
-    t.finalize();
-    tensors_.emplace(uid, std::move(t));
+    named(fmt::format("tensor {}", uid).c_str(), [&] {
+      Desc t(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
+      t.set_type(CUDNN_ATTR_TENSOR_DATA_TYPE, type);
+      t.set(CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, 4, l.dims.data());
+      t.set(CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, 4, l.strides.data());
+      t.set_i64(CUDNN_ATTR_TENSOR_UNIQUE_ID, uid);
+      t.set_i64(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, 16);  // checked on every pointer we pass
+      t.set(CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &is_virtual);
+      if (by_value) t.set(CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &by_value);
+      t.finalize();
+      tensors_.emplace(uid, std::move(t));
+    });
     return uid;
   }
   int64_t virt(const Layout& l, cudnnDataType_t type = CUDNN_DATA_FLOAT) {
