@@ -24,7 +24,9 @@ icu_args=()
 if [ ! -f /usr/include/unicode/uchar.h ]; then
   mkdir -p /tmp/icu
   for f in .deps/debs/*.deb; do dpkg -x "$f" /tmp/icu; done
-  icu_args=(-DICU_ROOT=/tmp/icu/usr)
+  # The image's compiler leaves CMake's library architecture empty, so FindICU does not look in
+  # the multiarch folder by itself: name it.
+  icu_args=(-DICU_ROOT=/tmp/icu/usr -DCMAKE_LIBRARY_PATH=/tmp/icu/usr/lib/x86_64-linux-gnu)
   export LD_LIBRARY_PATH="/tmp/icu/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 fi
 t0=$(date +%s)

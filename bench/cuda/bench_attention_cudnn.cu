@@ -1,8 +1,8 @@
 // Benchmark of causal GQA attention through cuDNN's fused SDPA (kernels/cuda/attention_cudnn.cu)
 // at GPT-2 and Llama shapes: forward and backward time (median of timed reps after warm-up, CUDA
 // events on the op's stream) and TFLOP/s. FLOP convention (causal, lower triangle only): forward
-// 4·B·Hq·T²·D / 2 (two GEMMs), backward 2.5x forward (five GEMMs). Inputs are 50-270 MB per
-// tensor, past the L2, and the op is compute-bound, so they are not rotated.
+// 4·B·Hq·T²·D / 2 (two GEMMs), backward 2.5x forward (five GEMMs). Inputs are 50-134 MB per
+// tensor (q), past the 50-60 MB L2, and the op is compute-bound, so they are not rotated.
 // bench/torch/bench_sdpa.py prints PyTorch's SDPA at the same shapes in the same format.
 #include <cuda_bf16.h>
 

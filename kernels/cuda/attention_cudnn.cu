@@ -284,30 +284,38 @@ Layout row_stats(const AttnDims& s) {
   return {{s.num_b, h, t, 1}, {h * t, t, 1, 1}};
 }
 
+// How the causal mask's index nodes are typed: cudnn-frontend has emitted INT32 indices with INT32
+// math, INT32 indices with FLOAT math, and (cuDNN 8.9 samples) FLOAT indices and comparisons.
+enum class IndexStyle { kInt32, kFloatMath, kFloat };
+
 // Knobs that distinguish the graph variants we try, in order, until one builds.
 struct GraphOptions {
-  // Math precision of the GEN_INDEX nodes (cudnn-frontend has emitted both INT32 and FLOAT).
-  bool index_math_int32 = true;
+  IndexStyle index_style = IndexStyle::kInt32;
   // cudnn-frontend adds a padding mask with per-batch lengths = T (and GEMM overrides) to the
   // backward graph when T % 128 != 0 on cuDNN <= 9.15, working around a backend bug there.
   bool padding_mask = false;
   std::string name() const {
-    return fmt::format("index_math={}, padding_mask={}", index_math_int32 ? "int32" : "float",
-                       padding_mask ? "on" : "off");
+    const char* index = index_style == IndexStyle::kInt32       ? "int32"
+                        : index_style == IndexStyle::kFloatMath ? "int32 with float math"
+                                                                : "float";
+    return fmt::format("causal index {}, padding mask {}", index, padding_mask ? "on" : "off");
   }
 };
 
 // scores_out = scores_in where key index <= query index, else the lowest float (top-left
 // aligned causal mask; -FLT_MAX rather than -inf keeps exp() and max() free of NaN).
 int64_t causal_mask(GraphBuilder& g, const AttnDims& s, const GraphOptions& o, int64_t in) {
-  const cudnnDataType_t index_math = o.index_math_int32 ? CUDNN_DATA_INT32 : CUDNN_DATA_FLOAT;
-  const int64_t row = g.virt(scores(s), CUDNN_DATA_INT32);
+  const bool float_index = o.index_style == IndexStyle::kFloat;
+  const cudnnDataType_t index_type = float_index ? CUDNN_DATA_FLOAT : CUDNN_DATA_INT32;
+  const cudnnDataType_t index_math =
+      o.index_style == IndexStyle::kInt32 ? CUDNN_DATA_INT32 : CUDNN_DATA_FLOAT;
+  const cudnnDataType_t compare_math = float_index ? CUDNN_DATA_FLOAT : CUDNN_DATA_BOOLEAN;
+  const int64_t row = g.virt(scores(s), index_type);
   g.pointwise("causal_row_index", CUDNN_POINTWISE_GEN_INDEX, in, -1, -1, row, index_math, 2);
-  const int64_t col = g.virt(scores(s), CUDNN_DATA_INT32);
+  const int64_t col = g.virt(scores(s), index_type);
   g.pointwise("causal_col_index", CUDNN_POINTWISE_GEN_INDEX, in, -1, -1, col, index_math, 3);
   const int64_t keep = g.virt(scores(s), CUDNN_DATA_BOOLEAN);
-  g.pointwise("causal_row_ge_col", CUDNN_POINTWISE_CMP_GE, row, col, -1, keep,
-              CUDNN_DATA_BOOLEAN);
+  g.pointwise("causal_row_ge_col", CUDNN_POINTWISE_CMP_GE, row, col, -1, keep, compare_math);
   const int64_t out = g.virt(scores(s));
   g.pointwise("causal_select", CUDNN_POINTWISE_BINARY_SELECT, in, kMaskValue, keep, out);
   return out;
@@ -369,6 +377,11 @@ void build_forward(GraphBuilder& g, const AttnDims& s, const GraphOptions& o) {
 //   dV = P^T dO,  dP = dO V^T,  Dsum = rowsum(dO * O),  dS = scale · P * (dP - Dsum),
 //   dK = dS^T Q,  dQ = dS K (accumulated in f32 scratch, then converted).
 // With GQA, dK/dV are formed per query head and summed over each kv head's group.
+// Determinism: on Hopper, cuDNN 9.14 is deterministic only for the other backward graph, where
+// dS K is written straight into dq and the engine keeps dP in a B·Hq·T²·2-byte workspace (2 GiB
+// at B=8, Hq=32, T=2048). We build the f32-accumulator graph instead, as cudnn-frontend does by
+// default; its engine carries no NONDETERMINISTIC note, but dq's f32 sums may be ordered
+// differently from run to run, so bitwise-reproducible backward is not promised.
 void build_backward(GraphBuilder& g, const AttnDims& s, const GraphOptions& o) {
   const bool gqa = s.num_hq != s.num_hkv;
   g.tensor(kQ, heads_view(s, s.num_hq), CUDNN_DATA_BFLOAT16);
@@ -563,8 +576,10 @@ size_t cudnn_runtime_version() { return cudnnGetVersion(); }
 std::vector<GraphOptions> graph_variants(const AttnDims& s, bool backward) {
   const bool frontend_padding =
       backward && s.num_t % 128 != 0 && cudnn_runtime_version() <= 91500;
-  std::vector<GraphOptions> v = {{true, frontend_padding}, {false, frontend_padding}};
-  if (backward) v.push_back({true, !frontend_padding});
+  std::vector<GraphOptions> v;
+  for (IndexStyle style : {IndexStyle::kInt32, IndexStyle::kFloatMath, IndexStyle::kFloat})
+    v.push_back({style, frontend_padding});
+  if (backward) v.push_back({IndexStyle::kInt32, !frontend_padding});
   return v;
 }
 

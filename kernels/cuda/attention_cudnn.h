@@ -19,6 +19,7 @@ bool attention_cudnn_forward(Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T) f3
                              Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/,
                              Tensor v /*(B,T,Hkv,D)*/, float scale);
 // dq, dk, dv are overwritten (dk/dv summed over the Hq / Hkv query heads of each kv head).
+// Not promised bitwise reproducible (see build_backward in the .cu for the choice made).
 bool attention_cudnn_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*/,
                               Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/, Tensor q,
                               Tensor k, Tensor v, Tensor out /*(B,T,Hq,D)*/,

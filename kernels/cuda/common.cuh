@@ -1,4 +1,5 @@
-// Shared by every CUDA kernel file: error checks (CUDA, cuBLAS, cuDNN, launches) that funnel into
+// Shared by every CUDA kernel file: error checks (CUDA, cuBLAS, launches; cuDNN's is beside its
+// only user, attention_cudnn.cu) that funnel into
 // tessera::fail with file:line, bf16 load/store helpers, and launch-size helpers.
 #pragma once
 #include <cublasLt.h>

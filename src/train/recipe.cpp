@@ -354,6 +354,7 @@ CheckpointConfig read_checkpoint(const Section* s, Origins& o) {
   read_keys(s, {
       {"every", [&](const YamlField& f) { c.every = yaml_read_int(f, kNonNegativeInt); }},
       {"keep", [&](const YamlField& f) { c.keep = yaml_read_int(f, kPositiveInt); }},
+      {"save_final", [&](const YamlField& f) { c.save_final = yaml_read_bool(f); }},
       {"resume", [&](const YamlField& f) { c.resume = yaml_read_string(f); }},
   }, o);
   return c;

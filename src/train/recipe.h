@@ -71,6 +71,7 @@ struct CheckpointConfig {
   int every = 0;                  // 0 disables periodic checkpoints (a final one is written)
   int keep = 3;
   std::string resume;             // "" | latest | <path>
+  bool save_final = true;         // write a checkpoint when training ends (benchmarks turn it off)
 
   bool operator==(const CheckpointConfig&) const = default;
 };

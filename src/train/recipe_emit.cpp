@@ -115,6 +115,7 @@ std::string recipe_to_yaml(const Recipe& r) {
   w.section("checkpoint");
   w.integer("every", c.every);
   w.integer("keep", c.keep);
+  w.boolean("save_final", c.save_final);
   w.string("resume", c.resume);
 
   w.section("logging");

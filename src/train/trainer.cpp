@@ -10,9 +10,11 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <span>
 
 #include "core/log.h"
 #include "core/memory.h"
+#include "core/rng.h"
 #include "data/dataset.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
@@ -203,6 +205,15 @@ EvalResult evaluate(const Transformer& model, Activations& acts, const Loader& v
   return {count > 0 ? loss_sum / double(count) : 0.0, count};
 }
 
+// Uniform random token ids for data.path: mock, capped at 64M tokens (the loader wraps around).
+std::vector<uint32_t> mock_tokens(const Recipe& r, int64_t n, const char* stream) {
+  n = std::min<int64_t>(n, int64_t(1) << 26);
+  const CounterRng rng(r.train.seed, stream);
+  std::vector<uint32_t> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = rng.bits(uint64_t(i)) % uint32_t(r.model.vocab_size);
+  return out;
+}
+
 // Everything the run keeps on its device, sized before anything is allocated, so a run that will
 // not fit stops with the numbers instead of failing halfway.
 struct MemoryPlan {
@@ -225,14 +236,33 @@ TrainSummary train(const Recipe& recipe_in) {
   const Device device = resolve_device(r);
   const DType dtype = compute_dtype(r, device);
 
-  // Data first: the tokenizer (and so the vocabulary) comes from the dataset.
-  const TokenDataset data = TokenDataset::open(r.data.path);
-  const Tokenizer tokenizer = Tokenizer::from_hf_json(data.tokenizer_json(), r.data.path);
-  if (!r.data.tokenizer.empty())
-    data.check_tokenizer(load_tokenizer_spec(r.data.tokenizer), "data.tokenizer = " + r.data.tokenizer);
-  finalize_model_vocab(r.model, static_cast<int>(data.vocab_size()), r.file);
-
   const int B = r.data.micro_batch, T = r.data.seq_len;
+  const int64_t global_batch = int64_t(B) * r.data.grad_accum * r.parallel.dp;
+
+  // Data first: the tokenizer (and so the vocabulary) comes from the dataset. data.path: mock
+  // trains on uniform random tokens (benchmarks of models whose tokenizer does not ship here).
+  std::optional<TokenDataset> data;
+  std::optional<Tokenizer> tokenizer;
+  std::vector<uint32_t> mock_train, mock_val;
+  std::string tokenizer_hash = "mock";
+  if (r.data.path == "mock") {
+    if (r.model.vocab_size <= 0)
+      TS_USER_ERROR("{}: data.path 'mock' needs an explicit model.vocab_size (got auto)", r.file);
+    mock_train = mock_tokens(r, int64_t(r.train.steps) * global_batch * T + 1, "mock/train");
+    mock_val = mock_tokens(r, int64_t(r.train.eval_batches) * B * T + 1, "mock/val");
+    r.train.sample_tokens = 0;  // nothing to decode with
+    finalize_model_vocab(r.model, r.model.vocab_size, r.file);
+  } else {
+    data = TokenDataset::open(r.data.path);
+    tokenizer = Tokenizer::from_hf_json(data->tokenizer_json(), r.data.path);
+    if (!r.data.tokenizer.empty())
+      data->check_tokenizer(load_tokenizer_spec(r.data.tokenizer), "data.tokenizer = " + r.data.tokenizer);
+    finalize_model_vocab(r.model, static_cast<int>(data->vocab_size()), r.file);
+    tokenizer_hash = data->tokenizer_hash();
+  }
+  const std::span<const uint32_t> train_tokens = data ? std::span<const uint32_t>(data->train().tokens) : mock_train;
+  const std::span<const uint32_t> val_tokens = data ? std::span<const uint32_t>(data->val().tokens) : mock_val;
+
   // Size everything from the config alone, before any allocation.
   MemoryPlan plan;
   const int64_t num_params = r.model.num_params();
@@ -274,15 +304,13 @@ TrainSummary train(const Recipe& recipe_in) {
   const LrSchedule sched{r.optim.schedule, r.optim.lr, r.optim.min_lr, r.optim.warmup_steps,
                          r.train.steps, r.optim.decay_fraction};
 
-  const int64_t global_batch = int64_t(B) * r.data.grad_accum * r.parallel.dp;
-  const Loader train_loader(data.train().tokens, T, global_batch, r.train.seed, 0, 1,
-                            r.data.path + " /train");
-  const Loader val_loader(data.val().tokens, T, B, r.train.seed, 0, 1, r.data.path + " /val");
+  const Loader train_loader(train_tokens, T, global_batch, r.train.seed, 0, 1, r.data.path + " /train");
+  const Loader val_loader(val_tokens, T, B, r.train.seed, 0, 1, r.data.path + " /val");
 
   int64_t start_step = 0;
   const std::string resume = io::resolve_resume(r.train.out_dir, r.checkpoint.resume);
   if (!resume.empty()) {
-    start_step = load_checkpoint(resume, r, model, opt, data.tokenizer_hash());
+    start_step = load_checkpoint(resume, r, model, opt, tokenizer_hash);
     log_info("resumed from {} at step {}", resume, start_step);
   }
 
@@ -350,24 +378,25 @@ TrainSummary train(const Recipe& recipe_in) {
     if (r.train.eval_every > 0 && done % r.train.eval_every == 0 && done != r.train.steps)
       run_eval(done);
     if (r.checkpoint.every > 0 && done % r.checkpoint.every == 0 && done != r.train.steps)
-      save_checkpoint(r, model, opt, done, data.tokenizer_hash());
+      save_checkpoint(r, model, opt, done, tokenizer_hash);
   }
   summary.train_seconds = seconds_since(loop_start);
   summary.last_step = step;
   run_eval(step);
-  if (step > start_step) save_checkpoint(r, model, opt, step, data.tokenizer_hash());
+  if (step > start_step && r.checkpoint.save_final)
+    save_checkpoint(r, model, opt, step, tokenizer_hash);
   log_info("trained steps {}..{} in {}", start_step, step, format_duration(summary.train_seconds));
 
-  if (r.train.sample_tokens > 0 && r.train.num_samples > 0) {
+  if (tokenizer && r.train.sample_tokens > 0 && r.train.num_samples > 0) {
     Activations gen_acts(model, 1, T, /*training=*/false, &arena);
     std::vector<int32_t> prompt = r.train.sample_prompt.empty()
                                       ? std::vector<int32_t>{}
-                                      : tokenizer.encode(r.train.sample_prompt);
-    if (prompt.empty()) prompt.push_back(tokenizer.eot_id() >= 0 ? tokenizer.eot_id() : 0);
+                                      : tokenizer->encode(r.train.sample_prompt);
+    if (prompt.empty()) prompt.push_back(tokenizer->eot_id() >= 0 ? tokenizer->eot_id() : 0);
     for (int i = 0; i < r.train.num_samples; ++i) {
       const auto ids = generate(model, gen_acts, prompt, r.train.sample_tokens,
-                                r.train.sample_temperature, r.train.seed + i, tokenizer.eot_id());
-      log_info("sample {}: {}{}", i, r.train.sample_prompt, tokenizer.decode(ids));
+                                r.train.sample_temperature, r.train.seed + i, tokenizer->eot_id());
+      log_info("sample {}: {}{}", i, r.train.sample_prompt, tokenizer->decode(ids));
     }
   }
   return summary;
