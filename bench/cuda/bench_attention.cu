@@ -1,8 +1,8 @@
 // Benchmark of the native causal GQA attention (kernels/cuda/attention_native.cu) at GPT-2 and
 // Llama shapes: forward and backward time (median of timed reps after warm-up, CUDA events on the
 // op's stream) and TFLOP/s. FLOP convention (causal, lower triangle only, as in
-// bench_attention_cudnn): forward 4·B·Hq·T²·D / 2 (two GEMMs), backward 2.5x forward (five GEMMs;
-// the recomputation of S in our two backward passes is not counted). bf16 runs the tensor-core
+// bench_attention_cudnn): forward 4·B·Hq·T²·D / 2 (two GEMMs), backward 2.5x forward (five
+// GEMMs; the recomputation of S in our two backward passes is not counted). bf16 runs the tensor-core
 // kernels; one f32 line shows the FMA kernels. Inputs are 25-270 MB per tensor and compute-bound,
 // so they are not rotated through the L2.
 #include <cuda_bf16.h>

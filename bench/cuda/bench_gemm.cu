@@ -66,14 +66,14 @@ template <class F> double median_ms(F&& f, int warmup, int reps) {
   return ms[ms.size() / 2];
 }
 
-// Row-major c (M,N) = alpha op(a) op(b) + beta c through plain cublasGemmEx (c^T = op(b)^T op(a)^T).
+// Row-major c (M,N) = alpha op(a) op(b) + beta c by plain cublasGemmEx (c^T = op(b)^T op(a)^T).
 void cublas_gemm(cublasHandle_t handle, Tensor c, Tensor a, Tensor b, bool ta, bool tb,
                  float alpha, float beta) {
   const int m = int(c.dim(0)), n = int(c.dim(1)), k = int(ta ? a.dim(0) : a.dim(1));
   TS_CUBLAS_CHECK(cublasGemmEx(handle, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                  ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b.data,
-                                  CUDA_R_16BF, tb ? k : n, a.data, CUDA_R_16BF, ta ? m : k, &beta,
-                                  c.data, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                               ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b.data,
+                               CUDA_R_16BF, tb ? k : n, a.data, CUDA_R_16BF, ta ? m : k, &beta,
+                               c.data, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 struct Layer {
@@ -134,8 +134,8 @@ int main() {
   try {
     cudaDeviceProp prop{};
     TS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("bench_gemm on %s: bf16 in/out, f32 accumulation; last column = cuBLAS time / ours\n",
-                prop.name);
+    std::printf("bench_gemm on %s: bf16 in/out, f32 accumulation; last column = cuBLAS time / "
+                "ours\n", prop.name);
     cublasHandle_t handle;
     TS_CUBLAS_CHECK(cublasCreate(&handle));
     TS_CUBLAS_CHECK(cublasSetStream(handle, stream()));

@@ -123,7 +123,8 @@ __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const bf16* tile, 
 template <int kD>
 __device__ __forceinline__ void load_b_frag_nk(uint32_t (&r)[4], const bf16* tile, int n0, int k0,
                                                int lane) {
-  ldmatrix_x4(r, tile + (n0 + lane % 8 + (lane / 16) * 8) * (kD + kPad) + k0 + ((lane / 8) % 2) * 8);
+  ldmatrix_x4(r, tile + (n0 + lane % 8 + (lane / 16) * 8) * (kD + kPad) + k0 +
+                     ((lane / 8) % 2) * 8);
 }
 // B fragments of two n-tiles where B[k][n] = tile[k][n] (tile rows are the k index): rows
 // k0..k0+15, columns n0..n0+15. r[0], r[1] = b0, b1 of columns n0..n0+7; r[2], r[3] of n0+8..15.

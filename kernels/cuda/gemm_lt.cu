@@ -111,7 +111,8 @@ void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
 // Pointer attributes are set on every call: the plan is shared by calls with other pointers of
 // the same alignment, and the mutex keeps the set-then-enqueue pair atomic.
 void set_pointers(const Plan& plan, const LtGemm& g) {
-  if (g.epilogue != GemmEpilogue::none) set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+  if (g.epilogue != GemmEpilogue::none)
+    set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
   if (g.epilogue == GemmEpilogue::gelu_aux_bias)
     set_desc(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
 }
@@ -164,7 +165,8 @@ Plan make_plan(const LtGemm& g, const int64_t (&align)[5]) {
   // NOT_SUPPORTED means "no algorithm" (e.g. an epilogue on an unsupported layout): a fallback,
   // not an error. Any other failure is one.
   if (st != CUBLAS_STATUS_NOT_SUPPORTED) TS_CUBLAS_CHECK(st);
-  plan.found = st == CUBLAS_STATUS_SUCCESS && num_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+  plan.found =
+      st == CUBLAS_STATUS_SUCCESS && num_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
   if (plan.found) plan.algo = result.algo;
   return plan;
 }
@@ -180,7 +182,8 @@ void check_lt_args(const LtGemm& g) {
   TS_CHECK(g.epilogue != GemmEpilogue::gelu_aux_bias || (g.alpha == 1.0f && g.beta == 0.0f),
            "lt_gemm: the GELU epilogue needs alpha 1 and beta 0, got {} and {}", g.alpha, g.beta);
   TS_CHECK(g.epilogue == GemmEpilogue::none || g.bias != nullptr, "lt_gemm: epilogue without bias");
-  TS_CHECK(g.epilogue != GemmEpilogue::gelu_aux_bias || g.aux != nullptr, "lt_gemm: GELU without aux");
+  TS_CHECK(g.epilogue != GemmEpilogue::gelu_aux_bias || g.aux != nullptr,
+           "lt_gemm: GELU epilogue without aux");
 }
 
 // The cached plan for g; call with g_plan_mutex held.

@@ -32,7 +32,7 @@ struct LtGemm {
 
 // Queues the GEMM on stream() with cuBLASLt. Needs m, n, k >= 1 and alpha != 0 (the callers
 // handle the degenerate cases). Returns false, queuing nothing, when cuBLASLt offers no algorithm
-// for this shape, dtype, epilogue and pointer alignment (remembered, so the question is asked once).
+// for this shape, dtype, epilogue and pointer alignment (remembered: the question is asked once).
 bool lt_gemm(const LtGemm& g);
 
 // Whether lt_gemm would run g (builds and caches the plan; queues nothing).

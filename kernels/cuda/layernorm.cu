@@ -3,8 +3,10 @@
 // cached in registers by a warp or a block (memory_bound.cuh's row layouts) with 16-byte packs
 // when C and the pointers allow; rows wider than the register layouts take a streaming kernel.
 // dweight/dbias accumulate (+=) deterministically: per-block partial sums in the workspace, then
-// a column sum in fixed order (no float atomics).
+// a column sum in fixed order (no float atomics). Also the out-of-contract
+// fused_residual_layernorm_forward (kernels/cuda/fused.h), a template flag of the same kernel.
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/fused.h"
 #include "kernels/cuda/memory_bound.cuh"
 
 namespace tessera::cuda {
@@ -16,11 +18,15 @@ constexpr int kBackwardElems = 8;  // per cached tensor in the backward (x, dout
 
 // ---- kernels ---------------------------------------------------------------------------------
 
-// Two-pass statistics (mean, then the mean of squared deviations) on the register copy.
-template <class T, int kWidth, int kThreads, int kChunks>
+// Two-pass statistics (mean, then the mean of squared deviations) on the register copy. With
+// kResidual, the row is first formed as inp + inp2, rounded to T and stored to `residual` (it may
+// be inp or inp2: each element is read before the same thread writes it), so the statistics see
+// exactly what an unfused add_forward would have written.
+template <class T, int kWidth, int kThreads, int kChunks, bool kResidual = false>
 __global__ void __launch_bounds__(kRowBlockThreads<kThreads>)
 layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
-                         const T* bias, int64_t num_rows, int num_c, float eps) {
+                         const T* bias, int64_t num_rows, int num_c, float eps,
+                         const T* inp2 = nullptr, T* residual = nullptr) {
   constexpr int kRowsPerBlock = kRowBlockThreads<kThreads> / kThreads;
   __shared__ float smem[kRowBlockThreads<kThreads> / 32];
   const int t = threadIdx.x % kThreads;
@@ -35,7 +41,13 @@ layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T
   for (int k = 0; k < kChunks; ++k) {
     const int p = t + k * kThreads;
     if (row_ok && p < num_packs) {
-      const Pack<T, kWidth> v = load_pack<T, kWidth>(x_row + p * kWidth);
+      Pack<T, kWidth> v = load_pack<T, kWidth>(x_row + p * kWidth);
+      if constexpr (kResidual) {
+        const Pack<T, kWidth> v2 = load_pack<T, kWidth>(inp2 + row * num_c + p * kWidth);
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) v.v[j] = from_f32<T>(to_f32(v.v[j]) + to_f32(v2.v[j]));
+        store_pack<T, kWidth>(residual + row * num_c + p * kWidth, v);
+      }
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         x[k][j] = to_f32(v.v[j]);
@@ -325,6 +337,30 @@ void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dbia
                       num_partials, num_c);
 }
 
+// The fused residual + LayerNorm: the register layouts take the kResidual kernel; rows too wide
+// for them fall back to the two unfused ops (same results, one more pass over memory).
+template <class T, int kWidth>
+void fused_impl(const Tensor& residual, const Tensor& out, const Tensor& mean, const Tensor& rstd,
+                const Tensor& a, const Tensor& b, const Tensor& weight, const Tensor& bias,
+                int64_t num_rows, int num_c, float eps) {
+  constexpr int kMaxChunks = kForwardElems / kWidth;
+  const bool fits = dispatch_row_layout<kMaxChunks>(num_c / kWidth, [&]<int kThreads, int kChunks>() {
+    constexpr int kRowsPerBlock = kRowBlockThreads<kThreads> / kThreads;
+    layernorm_forward_kernel<T, kWidth, kThreads, kChunks, true>
+        <<<ceil_div(num_rows, kRowsPerBlock), kRowBlockThreads<kThreads>, 0, stream()>>>(
+            static_cast<T*>(out.data), static_cast<float*>(mean.data),
+            static_cast<float*>(rstd.data), static_cast<const T*>(a.data),
+            static_cast<const T*>(weight.data),
+            bias.empty() ? nullptr : static_cast<const T*>(bias.data), num_rows, num_c, eps,
+            static_cast<const T*>(b.data), static_cast<T*>(residual.data));
+    TS_CUDA_CHECK_LAUNCH();
+  });
+  if (!fits) {
+    add_forward(residual, a, b);
+    layernorm_forward(out, mean, rstd, residual, weight, bias, eps);
+  }
+}
+
 // 16-byte packs when C divides into them and every row pointer is aligned; else scalars.
 bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> tensors) {
   if (num_c % width != 0) return false;
@@ -383,6 +419,45 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
     else
       backward_impl<T, 1>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows,
                           int(num_c));
+  });
+}
+
+void fused_residual_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd,
+                                      Tensor a, Tensor b, Tensor weight, Tensor bias, float eps) {
+  constexpr const char* kOp = "fused_residual_layernorm_forward";
+  expect_compute_dtype(a, kOp, "a");
+  TS_CHECK(a.ndim() >= 1, "{}: a must be (..., C), got {}", kOp, a.str());
+  const int64_t num_c = a.dim(-1), num_rows = num_rows_of(a);
+  expect_tensor(b, a.dtype, a.shape, kOp, "b");
+  expect_tensor(residual, a.dtype, a.shape, kOp, "residual");
+  expect_tensor(out, a.dtype, a.shape, kOp, "out");
+  expect_tensor(weight, a.dtype, Shape{num_c}, kOp, "weight");
+  if (!bias.empty()) expect_tensor(bias, a.dtype, Shape{num_c}, kOp, "bias");
+  expect_tensor(mean, DType::f32, Shape{num_rows}, kOp, "mean");
+  expect_tensor(rstd, DType::f32, Shape{num_rows}, kOp, "rstd");
+  TS_CHECK(eps >= 0.0f, "{}: eps must be >= 0, got {}", kOp, eps);
+  TS_CHECK(num_c <= (int64_t(1) << 30), "{}: C = {} is too large", kOp, num_c);
+  TS_CHECK(!overlaps(residual, a) || residual.data == a.data, "{}: residual partially overlaps a",
+           kOp);
+  TS_CHECK(!overlaps(residual, b) || residual.data == b.data, "{}: residual partially overlaps b",
+           kOp);
+  for (const Tensor* t : {&residual, &a, &b, &weight, &bias, &mean, &rstd})
+    TS_CHECK(!overlaps(out, *t), "{}: out must not alias another operand", kOp);
+  if (num_rows == 0 || num_c == 0) return;
+  // The row layout must be the one layernorm_forward would pick for `residual` (same summation
+  // order, same bits); when a or b cannot be read in packs although that layout uses them, the
+  // two ops run unfused.
+  dispatch_float(a, kOp, [&]<class T>() {
+    const bool ln_packs = use_packs(num_c, kVecWidth<T>, {&residual, &out, &weight, &bias});
+    if (!ln_packs) {
+      fused_impl<T, 1>(residual, out, mean, rstd, a, b, weight, bias, num_rows, int(num_c), eps);
+    } else if (use_packs(num_c, kVecWidth<T>, {&a, &b})) {
+      fused_impl<T, kVecWidth<T>>(residual, out, mean, rstd, a, b, weight, bias, num_rows,
+                                  int(num_c), eps);
+    } else {
+      add_forward(residual, a, b);
+      layernorm_forward(out, mean, rstd, residual, weight, bias, eps);
+    }
   });
 }
 

@@ -1,6 +1,6 @@
-// CUDA gemm, matmul_forward and matmul_backward (kernels/ops.h) on cuBLASLt (kernels/cuda/gemm_lt.cu),
-// plus the fused fc+GELU of gemm_lt.h. Kernels at the top: c *= beta (alpha = 0 or K = 0, where a
-// and b must not be read), the bias add used when the cuBLASLt epilogue cannot be, and dbias as
+// CUDA gemm, matmul_forward and matmul_backward (kernels/ops.h) on cuBLASLt (gemm_lt.cu), plus
+// the fused fc+GELU of gemm_lt.h. Kernels at the top: c *= beta (alpha = 0 or K = 0, where a and
+// b must not be read), the bias add used when the cuBLASLt epilogue cannot be, and dbias as
 // deterministic column sums. Shapes: M rows (leading dims of inp flattened), K in, N out features.
 #include <algorithm>
 

@@ -76,8 +76,11 @@ TEST_P(CrossEntropyTest, ForwardAndBackwardMatchCpu) {
     EXPECT_LE(testing::rel_l2(got_lse, lse), kLossTolerance) << "lse " << what;
     testing::expect_same_nonfinite(got_losses, losses, "losses");
     testing::expect_same_nonfinite(got_lse, lse, "lse");
-    for (int64_t i = 0; i < n; ++i)
-      if (targets[i] < 0) EXPECT_EQ(got_losses[i], 0.0f) << "ignored row " << i;
+    for (int64_t i = 0; i < n; ++i) {
+      if (targets[i] < 0) {
+        EXPECT_EQ(got_losses[i], 0.0f) << "ignored row " << i;
+      }
+    }
     EXPECT_TRUE(glosses.guards_intact() && glse.guards_intact()) << what;
 
     // The backward uses the CPU's lse, so the comparison isolates the gradient kernel.

@@ -3,16 +3,20 @@
 // row with 1..4 packs, several warps per row, scalar rows (C = 1, 7, 1025, 4097), the streaming
 // kernels for rows wider than the register layouts (C = 20000), QK-norm widths (C = 128), and
 // more rows than backward blocks (N = 9000) so blocks loop. Parameter gradients are pre-filled,
-// checking +=; a NaN input row must give a NaN output row; extreme eps values agree too.
+// checking +=; a NaN input row must give a NaN output row; extreme eps values agree too. The
+// fused residual + LayerNorm (kernels/cuda/fused.h) must equal add_forward + layernorm_forward
+// bit for bit.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
 
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/fused.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace tessera {
@@ -215,6 +219,82 @@ TEST_P(NormTest, ExtremeEpsAgrees) {
     expect_close(dout, rms_out, tolerance(dtype), "rmsnorm " + what);
     expect_close(drstd, rms_rstd, kStatTolerance, "rmsnorm rstd " + what);
   }
+}
+
+// Bitwise equality of two device tensors' contents.
+void expect_same_bits(const DeviceTensor& a, const DeviceTensor& b, const std::string& what) {
+  const auto x = a.download(), y = b.download();
+  ASSERT_EQ(x.size(), y.size()) << what;
+  EXPECT_EQ(0, std::memcmp(x.data(), y.data(), x.size() * sizeof(float))) << what;
+}
+
+TEST_P(NormTest, FusedResidualLayerNormEqualsUnfusedBitwise) {
+  TESSERA_REQUIRE_GPU();
+  const DType dtype = GetParam();
+  std::mt19937_64 rng(16);
+  for (const NormShape& s : kShapes) {
+    for (bool in_place : {false, true}) {
+      const int64_t n = s.rows, c = s.cols;
+      auto a = testing::round_to(dtype, testing::random_vector(n * c, rng, 2.0f));
+      auto b = testing::round_to(dtype, testing::random_vector(n * c, rng));
+      auto w = testing::round_to(dtype, testing::random_vector(c, rng));
+      auto bias = testing::round_to(dtype, testing::random_vector(c, rng));
+      DeviceTensor ga(dtype, {n, c}), gb(dtype, {n, c}), gw(dtype, {c}), gbias(dtype, {c});
+      DeviceTensor res1(dtype, {n, c}), out1(dtype, {n, c}), mean1(DType::f32, {n});
+      DeviceTensor rstd1(DType::f32, {n}), res2(dtype, {n, c}), out2(dtype, {n, c});
+      DeviceTensor mean2(DType::f32, {n}), rstd2(DType::f32, {n});
+      ga.upload(a);
+      gb.upload(b);
+      gw.upload(w);
+      gbias.upload(bias);
+      settle();
+      cuda::add_forward(res1, ga, gb);
+      cuda::layernorm_forward(out1, mean1, rstd1, res1, gw, gbias, 1e-5f);
+      if (in_place) {  // residual stream updated in place: residual is a
+        res2.upload(a);
+        settle();
+        cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, res2, gb, gw, gbias,
+                                               1e-5f);
+      } else {
+        cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, ga, gb, gw, gbias,
+                                               1e-5f);
+      }
+      const std::string what = label("fused_residual_layernorm", dtype, s) +
+                               (in_place ? " in place" : "");
+      expect_same_bits(res2, res1, what + " residual");
+      expect_same_bits(out2, out1, what + " out");
+      expect_same_bits(mean2, mean1, what + " mean");
+      expect_same_bits(rstd2, rstd1, what + " rstd");
+      EXPECT_TRUE(res2.guards_intact() && out2.guards_intact() && mean2.guards_intact() &&
+                  rstd2.guards_intact())
+          << what;
+    }
+  }
+}
+
+// a one element into its buffer (not 16-byte aligned) while the norm's layout reads packs: the
+// fused op must still equal the unfused pair.
+TEST_P(NormTest, FusedResidualLayerNormWithMisalignedInput) {
+  TESSERA_REQUIRE_GPU();
+  const DType dtype = GetParam();
+  std::mt19937_64 rng(17);
+  const int64_t n = 33, c = 768;
+  DeviceTensor abuf(dtype, {n * c + 1}), gb(dtype, {n, c}), gw(dtype, {c});
+  abuf.upload(testing::round_to(dtype, testing::random_vector(n * c + 1, rng)));
+  gb.upload(testing::round_to(dtype, testing::random_vector(n * c, rng)));
+  gw.upload(testing::round_to(dtype, testing::random_vector(c, rng)));
+  DeviceTensor res1(dtype, {n, c}), out1(dtype, {n, c}), mean1(DType::f32, {n});
+  DeviceTensor rstd1(DType::f32, {n}), res2(dtype, {n, c}), out2(dtype, {n, c});
+  DeviceTensor mean2(DType::f32, {n}), rstd2(DType::f32, {n});
+  settle();
+  const Tensor a(static_cast<char*>(abuf.t().data) + dtype_size(dtype), dtype, Device::cuda,
+                 Shape{n, c});
+  cuda::add_forward(res1, a, gb);
+  cuda::layernorm_forward(out1, mean1, rstd1, res1, gw, Tensor(), 1e-5f);
+  cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, a, gb, gw, Tensor(), 1e-5f);
+  expect_same_bits(res2, res1, "residual");
+  expect_same_bits(out2, out1, "out");
+  expect_same_bits(rstd2, rstd1, "rstd");
 }
 
 TEST_P(NormTest, RejectsAliasedGradient) {
