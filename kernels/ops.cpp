@@ -3,6 +3,7 @@
 #include "kernels/ops.h"
 
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/op_profile.h"
 #ifdef TESSERA_CUDA
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/cuda_ops.h"
@@ -14,6 +15,13 @@ namespace {
 [[noreturn]] void no_cuda(const char* op) {
   TS_USER_ERROR("op {} was asked to run on cuda, but this build has no CUDA backend "
                 "(configure with -DTESSERA_CUDA=ON on a machine with nvcc)", op);
+}
+// The device an op runs on: that of its first non-empty tensor (optional outputs such as an
+// absent dinp are empty tensors, whose device field means nothing).
+Device device_of(std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors)
+    if (!t->empty()) return t->device;
+  return Device::cpu;
 }
 }  // namespace
 
@@ -32,7 +40,9 @@ void synchronize(Device device) {
 
 
 void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &tokens, &wte, &wpe});
+  const ProfileScope profile("embedding_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::embedding_forward(out, tokens, wte, wpe);
     return;
@@ -44,7 +54,9 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
 }
 
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
-  if (dwte.device == Device::cuda) {
+  const Device device = device_of({&dwte, &dwpe, &dout, &tokens});
+  const ProfileScope profile("embedding_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::embedding_backward(dwte, dwpe, dout, tokens);
     return;
@@ -56,7 +68,9 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
 }
 
 void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias, float eps) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &mean, &rstd, &inp, &weight, &bias});
+  const ProfileScope profile("layernorm_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::layernorm_forward(out, mean, rstd, inp, weight, bias, eps);
     return;
@@ -68,7 +82,9 @@ void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
 }
 
 void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
-  if (dinp.device == Device::cuda) {
+  const Device device = device_of({&dinp, &dweight, &dbias, &dout, &inp, &weight, &mean, &rstd});
+  const ProfileScope profile("layernorm_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd);
     return;
@@ -80,7 +96,9 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
 }
 
 void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float eps) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &rstd, &inp, &weight});
+  const ProfileScope profile("rmsnorm_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::rmsnorm_forward(out, rstd, inp, weight, eps);
     return;
@@ -92,7 +110,9 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
 }
 
 void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight, Tensor rstd) {
-  if (dinp.device == Device::cuda) {
+  const Device device = device_of({&dinp, &dweight, &dout, &inp, &weight, &rstd});
+  const ProfileScope profile("rmsnorm_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd);
     return;
@@ -104,7 +124,9 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
 }
 
 void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta) {
-  if (c.device == Device::cuda) {
+  const Device device = device_of({&c, &a, &b});
+  const ProfileScope profile("gemm", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::gemm(c, a, b, trans_a, trans_b, alpha, beta);
     return;
@@ -116,7 +138,9 @@ void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha,
 }
 
 void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &inp, &weight, &bias});
+  const ProfileScope profile("matmul_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::matmul_forward(out, inp, weight, bias);
     return;
@@ -128,7 +152,9 @@ void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
 }
 
 void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
-  if (dinp.device == Device::cuda) {
+  const Device device = device_of({&dinp, &dweight, &dbias, &dout, &inp, &weight});
+  const ProfileScope profile("matmul_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::matmul_backward(dinp, dweight, dbias, dout, inp, weight);
     return;
@@ -140,7 +166,9 @@ void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
 }
 
 void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &inp});
+  const ProfileScope profile("rope_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::rope_forward(out, inp, theta, pos_offset);
     return;
@@ -152,7 +180,9 @@ void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset) {
 }
 
 void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset) {
-  if (dinp.device == Device::cuda) {
+  const Device device = device_of({&dinp, &dout});
+  const ProfileScope profile("rope_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::rope_backward(dinp, dout, theta, pos_offset);
     return;
@@ -164,7 +194,9 @@ void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset) {
 }
 
 void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &lse, &q, &k, &v});
+  const ProfileScope profile("attention_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::attention_forward(out, lse, q, k, v, scale);
     return;
@@ -176,7 +208,9 @@ void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, flo
 }
 
 void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) {
-  if (dq.device == Device::cuda) {
+  const Device device = device_of({&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse});
+  const ProfileScope profile("attention_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, scale);
     return;
@@ -188,7 +222,9 @@ void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, 
 }
 
 void gelu_forward(Tensor out, Tensor inp) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &inp});
+  const ProfileScope profile("gelu_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::gelu_forward(out, inp);
     return;
@@ -200,7 +236,9 @@ void gelu_forward(Tensor out, Tensor inp) {
 }
 
 void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
-  if (dinp.device == Device::cuda) {
+  const Device device = device_of({&dinp, &dout, &inp});
+  const ProfileScope profile("gelu_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::gelu_backward(dinp, dout, inp);
     return;
@@ -212,7 +250,9 @@ void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
 }
 
 void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &gate, &up});
+  const ProfileScope profile("swiglu_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::swiglu_forward(out, gate, up);
     return;
@@ -224,7 +264,9 @@ void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
 }
 
 void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up) {
-  if (dgate.device == Device::cuda) {
+  const Device device = device_of({&dgate, &dup, &dout, &gate, &up});
+  const ProfileScope profile("swiglu_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::swiglu_backward(dgate, dup, dout, gate, up);
     return;
@@ -236,7 +278,9 @@ void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor 
 }
 
 void add_forward(Tensor out, Tensor a, Tensor b) {
-  if (out.device == Device::cuda) {
+  const Device device = device_of({&out, &a, &b});
+  const ProfileScope profile("add_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::add_forward(out, a, b);
     return;
@@ -248,7 +292,9 @@ void add_forward(Tensor out, Tensor a, Tensor b) {
 }
 
 void add_inplace(Tensor dst, Tensor src) {
-  if (dst.device == Device::cuda) {
+  const Device device = device_of({&dst, &src});
+  const ProfileScope profile("add_inplace", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::add_inplace(dst, src);
     return;
@@ -260,7 +306,9 @@ void add_inplace(Tensor dst, Tensor src) {
 }
 
 void scale_inplace(Tensor x, float s) {
-  if (x.device == Device::cuda) {
+  const Device device = device_of({&x});
+  const ProfileScope profile("scale_inplace", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::scale_inplace(x, s);
     return;
@@ -272,7 +320,9 @@ void scale_inplace(Tensor x, float s) {
 }
 
 void fill(Tensor x, float value) {
-  if (x.device == Device::cuda) {
+  const Device device = device_of({&x});
+  const ProfileScope profile("fill", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::fill(x, value);
     return;
@@ -284,7 +334,9 @@ void fill(Tensor x, float value) {
 }
 
 void cast(Tensor dst, Tensor src) {
-  if (dst.device == Device::cuda) {
+  const Device device = device_of({&dst, &src});
+  const ProfileScope profile("cast", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::cast(dst, src);
     return;
@@ -296,7 +348,9 @@ void cast(Tensor dst, Tensor src) {
 }
 
 double sum_squares(Tensor x) {
-  if (x.device == Device::cuda) {
+  const Device device = device_of({&x});
+  const ProfileScope profile("sum_squares", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     return cuda::sum_squares(x);
     
@@ -308,7 +362,9 @@ double sum_squares(Tensor x) {
 }
 
 void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets, int vocab_size) {
-  if (losses.device == Device::cuda) {
+  const Device device = device_of({&losses, &lse, &logits, &targets});
+  const ProfileScope profile("cross_entropy_forward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::cross_entropy_forward(losses, lse, logits, targets, vocab_size);
     return;
@@ -320,7 +376,9 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
 }
 
 void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets, int vocab_size, float dloss) {
-  if (dlogits.device == Device::cuda) {
+  const Device device = device_of({&dlogits, &logits, &lse, &targets});
+  const ProfileScope profile("cross_entropy_backward", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss);
     return;
@@ -332,7 +390,9 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
 }
 
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
-  if (param.device == Device::cuda) {
+  const Device device = device_of({&param, &grad, &m, &v});
+  const ProfileScope profile("adamw_update", device);
+  if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     cuda::adamw_update(param, grad, m, v, s);
     return;

@@ -366,6 +366,7 @@ LoggingConfig read_logging(const Section* s, Origins& o) {
       {"every", [&](const YamlField& f) { l.every = yaml_read_int(f, kPositiveInt); }},
       {"level", [&](const YamlField& f) {
          l.level = yaml_read_enum(f, {"debug", "info", "warn", "error"}); }},
+      {"profile_ops", [&](const YamlField& f) { l.profile_ops = yaml_read_bool(f); }},
   }, o);
   return l;
 }

@@ -79,6 +79,9 @@ struct CheckpointConfig {
 struct LoggingConfig {
   int every = 1;                  // progress line every N steps
   std::string level = "info";
+  // Time every op (after 3 warm-up steps) and print a per-op breakdown of the steps at the end,
+  // also written to <out_dir>/op_profile.json. Adds an event pair per op on the GPU.
+  bool profile_ops = false;
 
   bool operator==(const LoggingConfig&) const = default;
 };

@@ -121,6 +121,7 @@ std::string recipe_to_yaml(const Recipe& r) {
   w.section("logging");
   w.integer("every", r.logging.every);
   w.string("level", r.logging.level);
+  w.boolean("profile_ops", r.logging.profile_ops);
   return w.text();
 }
 

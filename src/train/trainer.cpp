@@ -20,6 +20,7 @@
 #include "data/tokenizer.h"
 #include "data/tokenizer_spec.h"
 #include "io/checkpoint.h"
+#include "kernels/op_profile.h"
 #include "kernels/ops.h"
 #include "model/transformer.h"
 #include "optim/adamw.h"
@@ -205,6 +206,27 @@ EvalResult evaluate(const Transformer& model, Activations& acts, const Loader& v
   return {count > 0 ? loss_sum / double(count) : 0.0, count};
 }
 
+// The per-op breakdown of the profiled steps: a table on the terminal, op_profile.json in out_dir.
+void report_op_profile(const Recipe& r, double seconds, int64_t steps) {
+  const std::vector<ops::OpTime> times = ops::profile_report();
+  double op_ms = 0.0;
+  for (const auto& t : times) op_ms += t.ms;
+  const double step_ms = steps > 0 ? 1e3 * seconds / double(steps) : 0.0;
+  std::string table = fmt::format("op profile over {} steps ({:.2f} ms/step, {:.2f} ms/step in ops):\n",
+                                  steps, step_ms, steps > 0 ? op_ms / double(steps) : 0.0);
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& t : times) {
+    const double per_step = t.ms / double(std::max<int64_t>(steps, 1));
+    table += fmt::format("  {:<24} {:>6} calls/step {:>9.3f} ms/step {:>6.1f}%\n", t.op,
+                         t.calls / std::max<int64_t>(steps, 1), per_step,
+                         step_ms > 0 ? 100.0 * per_step / step_ms : 0.0);
+    rows.push_back({{"op", t.op}, {"calls", t.calls}, {"ms", t.ms}, {"ms_per_step", per_step}});
+  }
+  log_info("{}", table);
+  std::ofstream(fs::path(r.train.out_dir) / "op_profile.json")
+      << nlohmann::json{{"steps", steps}, {"step_ms", step_ms}, {"ops", rows}}.dump(2);
+}
+
 // Uniform random token ids for data.path: mock, capped at 64M tokens (the loader wraps around).
 std::vector<uint32_t> mock_tokens(const Recipe& r, int64_t n, const char* stream) {
   n = std::min<int64_t>(n, int64_t(1) << 26);
@@ -336,7 +358,14 @@ TrainSummary train(const Recipe& recipe_in) {
   const double step_flops = flops_per_token(r.model, T) * double(r.tokens_per_step());
   const auto loop_start = Clock::now();
   int64_t step = start_step;
+  constexpr int kProfileWarmupSteps = 3;  // cuBLASLt heuristics and cuDNN plans are built first
+  double profiled_seconds = 0.0;
+  int64_t profiled_steps = 0;
   for (; step < r.train.steps; ++step) {
+    if (r.logging.profile_ops && step == start_step + kProfileWarmupSteps) {
+      ops::profile_reset();
+      ops::profile_enable(true);
+    }
     const auto t0 = Clock::now();
     model.params().zero_grad();
     double loss = 0.0;
@@ -354,6 +383,10 @@ TrainSummary train(const Recipe& recipe_in) {
     opt.step(model.params(), lr, clip_factor(norm, r.optim.grad_clip));
     ops::synchronize(device);
     const double dt = seconds_since(t0);
+    if (ops::profile_enabled()) {
+      profiled_seconds += dt;
+      ++profiled_steps;
+    }
     const double tok_per_s = double(r.tokens_per_step()) / dt;
     summary.last_train_loss = loss;
     const int64_t done = step + 1;
@@ -382,6 +415,10 @@ TrainSummary train(const Recipe& recipe_in) {
   }
   summary.train_seconds = seconds_since(loop_start);
   summary.last_step = step;
+  if (ops::profile_enabled()) {
+    ops::profile_enable(false);
+    report_op_profile(r, profiled_seconds, profiled_steps);
+  }
   run_eval(step);
   if (step > start_step && r.checkpoint.save_final)
     save_checkpoint(r, model, opt, step, tokenizer_hash);
