@@ -57,9 +57,9 @@ template <> struct Storage<DType::e5m2> { using U = uint8_t; };
 
 template <DType kType> __host__ __device__ constexpr NarrowFormat narrow_format() {
   if constexpr (kType == DType::bf16) return {7, 127, 0x8000, 0x7F7F, 0x7F80, 0x7FC0, true, false};
-  else if constexpr (kType == DType::f16) return {10, 15, 0x8000, 0x7BFF, 0x7C00, 0x7E00, true, false};
-  else if constexpr (kType == DType::e4m3) return {3, 7, 0x80, 0x7E, 0x7F, 0x7F, false, true};
-  else return {2, 15, 0x80, 0x7B, 0x7C, 0x7E, true, true};
+  if constexpr (kType == DType::f16) return {10, 15, 0x8000, 0x7BFF, 0x7C00, 0x7E00, true, false};
+  if constexpr (kType == DType::e4m3) return {3, 7, 0x80, 0x7E, 0x7F, 0x7F, false, true};
+  return {2, 15, 0x80, 0x7B, 0x7C, 0x7E, true, true};  // e5m2
 }
 
 // f32 -> narrow code, round to nearest, ties to even, by integer arithmetic on the f32 bits.
@@ -209,7 +209,8 @@ template <DType kSrc, DType kDst> void launch_cast(const Tensor& dst, const Tens
   const auto* s = static_cast<const S*>(src.data);
   auto* d = static_cast<D*>(dst.data);
   if (is_aligned(s, sizeof(S) * kWidth) && is_aligned(d, sizeof(D) * kWidth)) {
-    cast_kernel<kSrc, kDst, kWidth><<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream()>>>(s, d, n);
+    cast_kernel<kSrc, kDst, kWidth>
+        <<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream()>>>(s, d, n);
   } else {
     cast_kernel<kSrc, kDst, 1><<<grid_for(n), kBlock, 0, stream()>>>(s, d, n);
   }

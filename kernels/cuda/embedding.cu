@@ -185,8 +185,10 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
               int(num_c), wte.dim(0));
       TS_CUDA_CHECK_LAUNCH();
     };
-    if (use_packs(num_c, kVecWidth<T>, {&out, &wte, &wpe})) launch.template operator()<kVecWidth<T>>();
-    else launch.template operator()<1>();
+    if (use_packs(num_c, kVecWidth<T>, {&out, &wte, &wpe}))
+      launch.template operator()<kVecWidth<T>>();
+    else
+      launch.template operator()<1>();
   });
 }
 

@@ -71,31 +71,41 @@ __device__ __forceinline__ void row_sum(float (&v)[kNumValues], float* smem) {
 // whole block), thread t owning packs t, t + kThreads, ... (kChunks of them, cached in registers).
 // Blocks hold max(kBlock, kThreads) threads, i.e. several rows when kThreads < kBlock.
 template <int kThreads> constexpr int kRowBlockThreads = kThreads > kBlock ? kThreads : kBlock;
+// The backward kernels hold more registers per row (column sums, the prefetched next row), so
+// they use smaller blocks: finer-grained occupancy, more rows in flight per SM.
+template <int kThreads> constexpr int kBackwardBlockThreads = kThreads > 128 ? kThreads : 128;
+// Blocks per SM the backward kernels ask the compiler to fit: caps registers at 168 for 128-thread
+// blocks (three blocks, 12 warps, instead of two when a layout wants ~170).
+template <int kThreads>
+constexpr int kBackwardMinBlocks = kBackwardBlockThreads<kThreads> == 128 ? 3 : 1;
 
-// Calls f.template operator()<kThreads, kChunks>() for the smallest layout that covers num_packs
-// with kChunks <= kMaxChunks: one warp while it fits, then more threads per row. Returns false
-// when the row is wider than 1024 * kMaxChunks packs (the caller's streaming fallback).
+// Calls f.template operator()<kThreads, kChunks>() for the first layout that covers num_packs
+// with kChunks <= kMaxChunks: one warp per row while it fits (1, 2, 3, 4, 6, 8, 12 or 16 packs
+// per lane: C = 768 is 32 lanes x 3 bf16 packs), then 64..1024 threads per row with 2 or
+// kMaxChunks packs each. Returns false when the row is wider than 1024 * kMaxChunks packs (the
+// caller's streaming fallback).
 template <int kMaxChunks, class F> bool dispatch_row_layout(int64_t num_packs, F&& f) {
-  static_assert(kMaxChunks >= 1 && (kMaxChunks & (kMaxChunks - 1)) == 0, "power of two");
+  static_assert(kMaxChunks >= 1, "at least one pack per thread");
   bool done = false;
-  auto warp = [&]<int kChunks>() {
+  auto layout = [&]<int kThreads, int kChunks>() {
     if constexpr (kChunks <= kMaxChunks) {
-      if (!done && num_packs <= 32 * kChunks) {
-        f.template operator()<32, kChunks>();
+      if (!done && num_packs <= int64_t(kThreads) * kChunks) {
+        f.template operator()<kThreads, kChunks>();
         done = true;
       }
     }
   };
-  warp.template operator()<1>();
-  warp.template operator()<2>();
-  warp.template operator()<4>();
-  warp.template operator()<8>();
-  warp.template operator()<16>();
+  layout.template operator()<32, 1>();
+  layout.template operator()<32, 2>();
+  layout.template operator()<32, 3>();
+  layout.template operator()<32, 4>();
+  layout.template operator()<32, 6>();
+  layout.template operator()<32, 8>();
+  layout.template operator()<32, 12>();
+  layout.template operator()<32, 16>();
   auto block = [&]<int kThreads>() {
-    if (!done && num_packs <= int64_t(kThreads) * kMaxChunks) {
-      f.template operator()<kThreads, kMaxChunks>();
-      done = true;
-    }
+    layout.template operator()<kThreads, 2>();
+    layout.template operator()<kThreads, kMaxChunks>();
   };
   block.template operator()<64>();
   block.template operator()<128>();
@@ -131,14 +141,75 @@ template <class T> void launch_column_sum(T* dst, const float* partial, int num_
   TS_CUDA_CHECK_LAUNCH();
 }
 
+// Loads the packs that thread t owns in row `row` of a (num_rows, num_c) tensor into registers;
+// nothing for a row past the end or packs past the row. The backward norm kernels call it for
+// the next row before working on the current one, so its loads are in flight meanwhile.
+template <class T, int kWidth, int kThreads, int kChunks>
+__device__ __forceinline__ void load_row_packs(Pack<T, kWidth> (&dst)[kChunks], const T* src,
+                                               int64_t row, int64_t num_rows, int num_c, int t) {
+  if (row >= num_rows) return;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int p = t + k * kThreads;
+    if (p < num_c / kWidth) dst[k] = load_pack<T, kWidth>(src + row * num_c + p * kWidth);
+  }
+}
+
+// Writes the block's column sums (acc: each thread's kChunks x kWidth columns of the row layout;
+// kBlockThreads threads in the block) to dst (num_c floats). With several row groups per block,
+// their sums are added in group order through shared memory; with one, each thread writes its
+// own columns. All threads must call it.
+template <int kBlockThreads, int kThreads, int kChunks, int kWidth>
+__device__ __forceinline__ void store_column_sums(const float (&acc)[kChunks][kWidth], float* dst,
+                                                  int num_c) {
+  constexpr int kRowsPerBlock = kBlockThreads / kThreads;
+  constexpr int kRowSlots = kThreads * kChunks * kWidth;  // >= num_c
+  const int t = threadIdx.x % kThreads;
+  if constexpr (kRowsPerBlock == 1) {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k)
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        const int c = (t + k * kThreads) * kWidth + j;
+        if (c < num_c) dst[c] = acc[k][j];
+      }
+  } else {
+    __shared__ float combine[kRowsPerBlock * kRowSlots];
+    const int group = threadIdx.x / kThreads;
+    __syncthreads();  // an earlier call's readers are done with combine
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k)
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j)
+        combine[group * kRowSlots + (t + k * kThreads) * kWidth + j] = acc[k][j];
+    __syncthreads();
+    for (int c = threadIdx.x; c < num_c; c += kBlockThreads) {
+      float total = 0.0f;
+#pragma unroll
+      for (int g = 0; g < kRowsPerBlock; ++g) total += combine[g * kRowSlots + c];
+      dst[c] = total;
+    }
+  }
+}
+
+// Blocks of `kernel` (block_threads each) that fit on one SM at once.
+template <class Kernel> int resident_blocks_per_sm(Kernel kernel, int block_threads) {
+  int blocks = 0;
+  TS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, block_threads, 0));
+  return std::max(blocks, 1);
+}
+
 // Blocks of a backward norm kernel, each writing one partial row of the parameter gradients:
-// fixed by the shape alone (never by the device), so sums are reproducible across devices.
-inline int num_partial_blocks(int64_t num_row_groups, int64_t floats_per_partial) {
-  constexpr int64_t kMaxPartials = 1024;
+// one full wave of resident blocks (a persistent grid: no tail wave), fewer when there are fewer
+// row groups, and no more partial rows than the workspace holds. The partition depends on the
+// shape and the device's SM count, so sums are reproducible run to run on one kind of GPU.
+inline int num_partial_blocks(int64_t num_row_groups, int64_t floats_per_partial,
+                              int blocks_per_sm) {
+  const int64_t wave = int64_t(std::max(context().num_sms, 1)) * blocks_per_sm;
   const int64_t fit = int64_t(context().workspace_bytes / sizeof(float)) / floats_per_partial;
   TS_CHECK(fit >= 1, "workspace of {} bytes too small for {} floats of partial sums",
            context().workspace_bytes, floats_per_partial);
-  return static_cast<int>(std::max<int64_t>(1, std::min({num_row_groups, kMaxPartials, fit})));
+  return static_cast<int>(std::max<int64_t>(1, std::min({num_row_groups, wave, fit})));
 }
 
 // ---- host-side helpers ----------------------------------------------------------------------

@@ -10,8 +10,13 @@ namespace tessera::cuda {
 
 namespace {
 
-constexpr int kForwardElems = 16;  // f32 values per thread cached for one row in the forward
-constexpr int kBackwardElems = 8;  // per cached tensor in the backward (x, dout + accumulator)
+// f32 values per thread cached for one row in the forward. 16, not layernorm.cu's 32: at
+// C = 2048 bf16 it picks 128 threads x 2 packs per row, measured faster (84% of copy bandwidth on
+// an H200) than 64 x 4 (75%).
+constexpr int kForwardElems = 16;
+// Values per thread in the backward: 3 bf16 packs (a warp covers C = 768) or 4 f32 packs; more
+// f32 packs would spill under the 168-register cap of kBackwardMinBlocks.
+template <class T> constexpr int kBackwardElems = sizeof(T) == 2 ? 24 : 16;
 
 // ---- kernels ---------------------------------------------------------------------------------
 
@@ -89,53 +94,53 @@ rmsnorm_forward_wide_kernel(T* out, float* rstd, const T* inp, const T* weight, 
 
 // dinp = rstd * (dnorm - norm * mean(dnorm * norm)), norm = x * rstd, dnorm = dout * weight.
 // Block b handles row groups b, b + gridDim.x, ... and writes its column sums of dout * norm to
-// partial_dw[b, :] (each thread owns fixed columns; a fixed-order combine across row groups).
+// partial_dw[b, :]. As in layernorm.cu: column sums in registers, rows as raw packs, the next
+// row's packs loaded before the current row is worked on.
 template <class T, int kWidth, int kThreads, int kChunks>
-__global__ void __launch_bounds__(kRowBlockThreads<kThreads>)
+__global__ void __launch_bounds__(kBackwardBlockThreads<kThreads>, kBackwardMinBlocks<kThreads>)
 rmsnorm_backward_kernel(T* dinp, float* partial_dw, const T* dout, const T* inp, const T* weight,
                         const float* rstd, int64_t num_rows, int num_c) {
-  constexpr int kBlockThreads = kRowBlockThreads<kThreads>;
+  constexpr int kBlockThreads = kBackwardBlockThreads<kThreads>;
   constexpr int kRowsPerBlock = kBlockThreads / kThreads;
-  constexpr int kRowSlots = kThreads * kChunks * kWidth;  // >= num_c
   __shared__ float smem[kBlockThreads / 32];
-  __shared__ float combine[kRowsPerBlock * kRowSlots];
   const int t = threadIdx.x % kThreads;
   const int group = threadIdx.x / kThreads;
   const int num_packs = num_c / kWidth;
 
-  float w[kChunks][kWidth], acc_dw[kChunks][kWidth];
+  Pack<T, kWidth> w[kChunks];
+  load_row_packs<T, kWidth, kThreads>(w, weight, 0, 1, num_c, t);
+  float acc_dw[kChunks][kWidth];
 #pragma unroll
-  for (int k = 0; k < kChunks; ++k) {
-    const int p = t + k * kThreads;
-    Pack<T, kWidth> wp;
-    if (p < num_packs) wp = load_pack<T, kWidth>(weight + p * kWidth);
+  for (int k = 0; k < kChunks; ++k)
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) {
-      w[k][j] = p < num_packs ? to_f32(wp.v[j]) : 0.0f;
-      acc_dw[k][j] = 0.0f;
-    }
-  }
+    for (int j = 0; j < kWidth; ++j) acc_dw[k][j] = 0.0f;
+
+  const int64_t row_stride = int64_t(gridDim.x) * kRowsPerBlock;
+  int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + group;
+  Pack<T, kWidth> x_next[kChunks], d_next[kChunks];
+  load_row_packs<T, kWidth, kThreads>(x_next, inp, row, num_rows, num_c, t);
+  load_row_packs<T, kWidth, kThreads>(d_next, dout, row, num_rows, num_c, t);
 
   // The loop bound is uniform across the block, so row_sum's barriers are reached by all.
   for (int64_t base = int64_t(blockIdx.x) * kRowsPerBlock; base < num_rows;
-       base += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t row = base + group;
+       base += row_stride, row += row_stride) {
     const bool row_ok = row < num_rows;
+    Pack<T, kWidth> x[kChunks], d[kChunks];
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      x[k] = x_next[k];
+      d[k] = d_next[k];
+    }
+    load_row_packs<T, kWidth, kThreads>(x_next, inp, row + row_stride, num_rows, num_c, t);
+    load_row_packs<T, kWidth, kThreads>(d_next, dout, row + row_stride, num_rows, num_c, t);
     const float s = row_ok ? rstd[row] : 0.0f;
-    float x[kChunks][kWidth], d[kChunks][kWidth];
     float sum_dnorm_norm[1] = {0.0f};
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
-      const int p = t + k * kThreads;
-      if (row_ok && p < num_packs) {
-        const Pack<T, kWidth> xv = load_pack<T, kWidth>(inp + row * num_c + p * kWidth);
-        const Pack<T, kWidth> dv = load_pack<T, kWidth>(dout + row * num_c + p * kWidth);
+      if (row_ok && t + k * kThreads < num_packs) {
 #pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          x[k][j] = to_f32(xv.v[j]);
-          d[k][j] = to_f32(dv.v[j]);
-          sum_dnorm_norm[0] += d[k][j] * w[k][j] * (x[k][j] * s);
-        }
+        for (int j = 0; j < kWidth; ++j)
+          sum_dnorm_norm[0] += to_f32(d[k].v[j]) * to_f32(w[k].v[j]) * (to_f32(x[k].v[j]) * s);
       }
     }
     row_sum<kThreads, 1>(sum_dnorm_norm, smem);
@@ -147,29 +152,16 @@ rmsnorm_backward_kernel(T* dinp, float* partial_dw, const T* dout, const T* inp,
         Pack<T, kWidth> out;
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) {
-          const float n = x[k][j] * s;
-          acc_dw[k][j] += d[k][j] * n;
-          out.v[j] = from_f32<T>(s * (d[k][j] * w[k][j] - n * mean_dnorm_norm));
+          const float dv = to_f32(d[k].v[j]), n = to_f32(x[k].v[j]) * s;
+          acc_dw[k][j] += dv * n;
+          out.v[j] = from_f32<T>(s * (dv * to_f32(w[k].v[j]) - n * mean_dnorm_norm));
         }
         store_pack<T, kWidth>(dinp + row * num_c + p * kWidth, out);
       }
     }
   }
-
-  // Combine the row groups' column sums in group order.
-#pragma unroll
-  for (int k = 0; k < kChunks; ++k)
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j)
-      combine[group * kRowSlots + (t + k * kThreads) * kWidth + j] = acc_dw[k][j];
-  __syncthreads();
-  float* dst = partial_dw + int64_t(blockIdx.x) * num_c;
-  for (int c = threadIdx.x; c < num_c; c += kBlockThreads) {
-    float total = 0.0f;
-#pragma unroll
-    for (int g = 0; g < kRowsPerBlock; ++g) total += combine[g * kRowSlots + c];
-    dst[c] = total;
-  }
+  store_column_sums<kBlockThreads, kThreads, kChunks, kWidth>(
+      acc_dw, partial_dw + int64_t(blockIdx.x) * num_c, num_c);
 }
 
 // Rows too wide for registers: one row at a time per block, two passes; the block's partial row
@@ -221,12 +213,13 @@ void forward_impl(const Tensor& out, const Tensor& rstd, const Tensor& inp, cons
   const auto* x = static_cast<const T*>(inp.data);
   const auto* w = static_cast<const T*>(weight.data);
   constexpr int kMaxChunks = kForwardElems / kWidth;
-  const bool fits = dispatch_row_layout<kMaxChunks>(num_c / kWidth, [&]<int kThreads, int kChunks>() {
+  auto launch = [&]<int kThreads, int kChunks>() {
     constexpr int kRowsPerBlock = kRowBlockThreads<kThreads> / kThreads;
     rmsnorm_forward_kernel<T, kWidth, kThreads, kChunks>
         <<<ceil_div(num_rows, kRowsPerBlock), kRowBlockThreads<kThreads>, 0, stream()>>>(
             o, rs, x, w, num_rows, num_c, eps);
-  });
+  };
+  const bool fits = dispatch_row_layout<kMaxChunks>(num_c / kWidth, launch);
   if (!fits)
     rmsnorm_forward_wide_kernel<T, kWidth><<<num_rows, kBlock, 0, stream()>>>(o, rs, x, w, num_c,
                                                                               eps);
@@ -244,16 +237,21 @@ void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dout
   const auto* rs = static_cast<const float*>(rstd.data);
   auto* ws = static_cast<float*>(context().workspace);
   int num_partials = 0;
-  constexpr int kMaxChunks = kBackwardElems / kWidth >= 1 ? kBackwardElems / kWidth : 1;
-  const bool fits = dispatch_row_layout<kMaxChunks>(num_c / kWidth, [&]<int kThreads, int kChunks>() {
-    constexpr int kRowsPerBlock = kRowBlockThreads<kThreads> / kThreads;
-    num_partials = num_partial_blocks(ceil_div(num_rows, kRowsPerBlock), num_c);
-    rmsnorm_backward_kernel<T, kWidth, kThreads, kChunks>
-        <<<num_partials, kRowBlockThreads<kThreads>, 0, stream()>>>(dx, ws, d, x, w, rs,
-                                                                    num_rows, num_c);
-  });
+  constexpr int kMaxChunks = kBackwardElems<T> / kWidth;
+  auto launch = [&]<int kThreads, int kChunks>() {
+    constexpr int kRowsPerBlock = kBackwardBlockThreads<kThreads> / kThreads;
+    auto* kernel = rmsnorm_backward_kernel<T, kWidth, kThreads, kChunks>;
+    static const int blocks_per_sm =
+        resident_blocks_per_sm(kernel, kBackwardBlockThreads<kThreads>);
+    num_partials = num_partial_blocks(ceil_div(num_rows, kRowsPerBlock), num_c, blocks_per_sm);
+    kernel<<<num_partials, kBackwardBlockThreads<kThreads>, 0, stream()>>>(dx, ws, d, x, w, rs,
+                                                                      num_rows, num_c);
+  };
+  const bool fits = dispatch_row_layout<kMaxChunks>(num_c / kWidth, launch);
   if (!fits) {
-    num_partials = num_partial_blocks(num_rows, num_c);
+    static const int blocks_per_sm =
+        resident_blocks_per_sm(rmsnorm_backward_wide_kernel<T, kWidth>, kBlock);
+    num_partials = num_partial_blocks(num_rows, num_c, blocks_per_sm);
     TS_CUDA_CHECK(cudaMemsetAsync(ws, 0, sizeof(float) * num_partials * num_c, stream()));
     rmsnorm_backward_wide_kernel<T, kWidth><<<num_partials, kBlock, 0, stream()>>>(
         dx, ws, d, x, w, rs, num_rows, num_c);
