@@ -7,6 +7,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/tessera-out}"
 export CMAKE_LIBRARY_PATH=/tmp/icu/usr/lib/x86_64-linux-gnu
+export LD_LIBRARY_PATH="/tmp/icu/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 b=build-gpu
 bash bench/gpu.sh --no-tests || exit 1
 ctest --test-dir $b -L cuda -j 4 > "$OUT/cuda-tests.log" 2>&1
