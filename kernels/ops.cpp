@@ -2,6 +2,8 @@
 // The CUDA backend is linked only when built with TESSERA_CUDA.
 #include "kernels/ops.h"
 
+#include "core/memory.h"
+
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/op_profile.h"
 #ifdef TESSERA_CUDA
@@ -28,6 +30,7 @@ Device device_of(std::initializer_list<const Tensor*> tensors) {
 void set_cuda_attention_impl(const std::string& impl) {
   TS_CHECK(impl == "cudnn" || impl == "native", "attention impl {}", impl);
 #ifdef TESSERA_CUDA
+  if (!cuda_available()) return;  // nothing runs on cuda here; creating a context would fail
   cuda::context().attention_impl = impl == "cudnn" ? cuda::kAttentionCudnn : cuda::kAttentionNative;
 #endif
 }

@@ -313,7 +313,7 @@ TrainSummary train(const Recipe& recipe_in) {
   }
   log_info("resolved recipe ({}):\n{}", r.file, resolved);
 
-  ops::set_cuda_attention_impl(r.model.attention_impl);
+  if (device == Device::cuda) ops::set_cuda_attention_impl(r.model.attention_impl);
   Transformer model(r.model, dtype, device, &arena);
   model.init_weights(r.train.seed);
   AdamWConfig acfg;
