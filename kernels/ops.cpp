@@ -406,4 +406,34 @@ void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep
   cpu::adamw_update(param, grad, m, v, s);
 }
 
+void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a,
+                           Tensor b, Tensor weight, Tensor bias, float eps) {
+  const Device device = device_of({&residual, &out, &a, &b});
+  const ProfileScope profile("add_layernorm_forward", device);
+  if (device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::add_layernorm_forward(residual, out, mean, rstd, a, b, weight, bias, eps);
+    return;
+#else
+    no_cuda("add_layernorm_forward");
+#endif
+  }
+  cpu::add_layernorm_forward(residual, out, mean, rstd, a, b, weight, bias, eps);
+}
+
+void adamw_update_multi(std::span<const AdamWTensors> entries) {
+  if (entries.empty()) return;
+  const Device device = entries[0].param.device;
+  const ProfileScope profile("adamw_update_multi", device);
+  if (device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::adamw_update_multi(entries);
+    return;
+#else
+    no_cuda("adamw_update_multi");
+#endif
+  }
+  cpu::adamw_update_multi(entries);
+}
+
 }  // namespace tessera::ops

@@ -18,6 +18,7 @@
 //   V vocabulary (padded), Hq query heads, Hkv key/value heads, D head dim, F FFN width,
 //   M, K generic GEMM sizes.
 #pragma once
+#include <span>
 #include <string>
 
 #include "core/tensor.h"
@@ -123,5 +124,15 @@ void cross_entropy_backward(Tensor dlogits /*(N,V)*/, Tensor logits /*(N,V)*/,
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
 // param, m, v are f32 (the FP32 master copy and state); grad has param's dtype.
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s);
+
+// ---- fused sequences: each equals the named sequence of ops above (the CPU runs exactly that
+// sequence; CUDA runs it in one pass over memory) ----------------------------------------------
+// residual = a + b, then (out, mean, rstd) = layernorm(residual): a residual update followed by
+// the next norm. residual may alias a or b exactly; out must not alias anything.
+void add_layernorm_forward(Tensor residual /*(N,C)*/, Tensor out /*(N,C)*/, Tensor mean /*(N)*/,
+                           Tensor rstd /*(N)*/, Tensor a /*(N,C)*/, Tensor b /*(N,C)*/,
+                           Tensor weight /*(C)*/, Tensor bias /*(C) or empty*/, float eps);
+// adamw_update on every entry (entries must not share memory), in few launches on CUDA.
+void adamw_update_multi(std::span<const AdamWTensors> entries);
 
 }  // namespace tessera::ops

@@ -4,6 +4,8 @@
 // are always f32; accumulation is f32. Work is queued on the device context's stream
 // (kernels/cuda/context.h); ops are asynchronous unless they return a host value.
 #pragma once
+#include <span>
+
 #include "core/tensor.h"
 #include "kernels/op_types.h"
 
@@ -101,5 +103,10 @@ void cross_entropy_backward(Tensor dlogits /*(N,V)*/, Tensor logits /*(N,V)*/,
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
 // param, m, v are f32 (the FP32 master copy and state); grad has param's dtype.
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s);
+
+// Fused sequences (see kernels/ops.h).
+void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a,
+                           Tensor b, Tensor weight, Tensor bias, float eps);
+void adamw_update_multi(std::span<const ops::AdamWTensors> entries);
 
 }  // namespace tessera::cuda

@@ -44,8 +44,7 @@ void Block::forward(const ParamStore& ps, BlockActs& a, BlockScratch& s, Tensor 
                     Tensor x_in) const {
   ln1_.forward(ps, a.ln1_out, a.ln1_mean, a.ln1_rstd, x_in);
   attn_.forward(ps, a.attn, s.branch, a.ln1_out);
-  ops::add_forward(a.resid_mid, x_in, s.branch);
-  ln2_.forward(ps, a.ln2_out, a.ln2_mean, a.ln2_rstd, a.resid_mid);
+  ln2_.forward_after_add(ps, a.resid_mid, a.ln2_out, a.ln2_mean, a.ln2_rstd, x_in, s.branch);
   mlp_.forward(ps, a.mlp, s.branch, a.ln2_out);
   ops::add_forward(x_out, a.resid_mid, s.branch);
 }

@@ -42,6 +42,17 @@ void Norm::forward(const ParamStore& ps, Tensor out, Tensor mean, Tensor rstd, T
     ops::rmsnorm_forward(out, rstd, inp, ps[weight].value, eps);
 }
 
+void Norm::forward_after_add(const ParamStore& ps, Tensor residual, Tensor out, Tensor mean,
+                             Tensor rstd, Tensor a, Tensor b) const {
+  if (kind == NormKind::layernorm) {
+    ops::add_layernorm_forward(residual, out, mean, rstd, a, b, ps[weight].value,
+                               param_value(ps, bias), eps);
+  } else {
+    ops::add_forward(residual, a, b);
+    ops::rmsnorm_forward(out, rstd, residual, ps[weight].value, eps);
+  }
+}
+
 void Norm::backward(ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp, Tensor mean,
                     Tensor rstd) const {
   if (kind == NormKind::layernorm)

@@ -34,6 +34,9 @@ struct Norm {
   void forward(const ParamStore& ps, Tensor out, Tensor mean, Tensor rstd, Tensor inp) const;
   void backward(ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp, Tensor mean,
                 Tensor rstd) const;
+  // residual = a + b, then out = norm(residual): one fused pass for LayerNorm on CUDA.
+  void forward_after_add(const ParamStore& ps, Tensor residual, Tensor out, Tensor mean,
+                         Tensor rstd, Tensor a, Tensor b) const;
 };
 
 // Tensor for an optional parameter index (-1 -> empty tensor).

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kernels/ops.h"
 
@@ -47,6 +48,8 @@ bool AdamW::decays(const Param& p) const {
 
 void AdamW::step(ParamStore& params, float lr, float grad_scale) {
   ++step_;
+  std::vector<ops::AdamWTensors> entries;
+  entries.reserve(params.size());
   for (Param& p : params.all()) {
     ops::AdamWStep s;
     s.lr = lr;
@@ -57,9 +60,10 @@ void AdamW::step(ParamStore& params, float lr, float grad_scale) {
     s.step = static_cast<int>(step_);
     s.grad_scale = grad_scale;
     const int64_t begin = static_cast<int64_t>(p.offset), end = begin + p.value.numel();
-    ops::adamw_update(p.master.view({p.master.numel()}), p.grad.view({p.grad.numel()}),
-                      m_view_.slice(begin, end), v_view_.slice(begin, end), s);
+    entries.push_back({p.master.view({p.master.numel()}), p.grad.view({p.grad.numel()}),
+                       m_view_.slice(begin, end), v_view_.slice(begin, end), s});
   }
+  ops::adamw_update_multi(entries);
   params.refresh_values();
 }
 
