@@ -2,6 +2,8 @@
 // The CUDA backend is linked only when built with TESSERA_CUDA.
 #include "kernels/ops.h"
 
+#include <algorithm>
+
 #include "core/memory.h"
 
 #include "kernels/cpu/cpu_ops.h"
@@ -32,6 +34,26 @@ void set_cuda_attention_impl(const std::string& impl) {
 #ifdef TESSERA_CUDA
   if (!cuda_available()) return;  // nothing runs on cuda here; creating a context would fail
   cuda::context().attention_impl = impl == "cudnn" ? cuda::kAttentionCudnn : cuda::kAttentionNative;
+#endif
+}
+
+size_t cuda_workspace_bytes(int B, int T, int num_heads, int num_kv_heads, int head_dim,
+                            DType dtype) {
+#ifdef TESSERA_CUDA
+  if (!cuda_available()) return 0;
+  return std::max(cuda::default_workspace_bytes(),
+                  cuda::attention_workspace_bytes(B, T, num_heads, num_kv_heads, head_dim,
+                                                  dtype == DType::bf16));
+#else
+  return 0;
+#endif
+}
+
+void use_cuda_workspace(void* ptr, size_t bytes) {
+#ifdef TESSERA_CUDA
+  cuda::use_workspace(ptr, bytes);
+#else
+  TS_BUG("use_cuda_workspace without a CUDA backend");
 #endif
 }
 

@@ -30,6 +30,12 @@ namespace tessera::ops {
 // build without CUDA. Waits for all queued device work (no-op on the CPU).
 void set_cuda_attention_impl(const std::string& impl);
 void synchronize(Device device);
+// Scratch the CUDA backend needs (GEMM workspace, attention plans for these shapes; builds the
+// cuDNN plans), so the caller can carve it from its arena and hand it over with
+// use_cuda_workspace(ptr, bytes). 0 and a no-op without CUDA.
+size_t cuda_workspace_bytes(int B, int T, int num_heads, int num_kv_heads, int head_dim,
+                            DType dtype);
+void use_cuda_workspace(void* ptr, size_t bytes);
 
 // ---- embedding: token embedding plus optional learned positions ----------------------------
 // out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]      (wpe may be empty)

@@ -4,6 +4,8 @@
 // natively; bf16 also falls back to native when cuDNN has no engine for the shape (it warns once).
 // Both write lse as the natural-log logsumexp of the scaled scores, so a forward from one and a
 // backward from the other agree. No kernels here.
+#include <algorithm>
+
 #include "kernels/cuda/attention_cudnn.h"
 #include "kernels/cuda/attention_native.h"
 #include "kernels/cuda/common.cuh"
@@ -33,6 +35,22 @@ void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, 
       attention_cudnn_backward(dq, dk, dv, dout, q, k, v, out, lse, scale))
     return;
   attention_native_backward(dq, dk, dv, dout, q, k, v, out, lse, scale);
+}
+
+}  // namespace tessera::cuda
+
+namespace tessera::cuda {
+
+size_t attention_workspace_bytes(int64_t num_b, int64_t num_t, int64_t num_hq, int64_t num_hkv,
+                                 int64_t head_dim, bool bf16) {
+  // The native backward keeps rowsum(dO * O), one f32 per (b, h, t), in the workspace.
+  size_t bytes = size_t(num_b * num_t * num_hq) * sizeof(float);
+  if (bf16 && context().attention_impl == kAttentionCudnn) {
+    for (bool backward : {false, true})
+      bytes = std::max(bytes, attention_cudnn_workspace_bytes(num_b, num_t, num_hq, num_hkv,
+                                                              head_dim, backward));
+  }
+  return bytes;
 }
 
 }  // namespace tessera::cuda

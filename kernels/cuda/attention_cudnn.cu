@@ -634,9 +634,8 @@ Plan* build_plan(const AttnDims& s, bool backward) {
     plan->workspace_bytes =
         plan->dq_accum_offset + align_up(rows * size_t(s.head_dim) * sizeof(float));
   }
-  // Once per plan, never per call: scratch beyond the shared context workspace, and the lengths.
-  if (plan->workspace_bytes > context().workspace_bytes)
-    TS_CUDA_CHECK(cudaMalloc(&plan->own_workspace, plan->workspace_bytes));
+  // Once per plan, never per call: the lengths. The scratch comes from the context workspace,
+  // which the trainer sizes for its shapes (attention_workspace_bytes); see plan_workspace().
   if (plan->options.padding_mask) {
     const std::vector<int32_t> lengths(s.num_b, int32_t(s.num_t));
     const size_t bytes = lengths.size() * sizeof(int32_t);
@@ -645,8 +644,7 @@ Plan* build_plan(const AttnDims& s, bool backward) {
       TS_CUDA_CHECK(cudaMemcpy(*dst, lengths.data(), bytes, cudaMemcpyHostToDevice));
     }
   }
-  plan->info += fmt::format(", total workspace {} bytes ({})", plan->workspace_bytes,
-                            plan->own_workspace ? "own buffer" : "context workspace");
+  plan->info += fmt::format(", total workspace {} bytes", plan->workspace_bytes);
   log_debug("{}", plan->info);
   return plan;
 }
@@ -666,9 +664,23 @@ Plan* get_plan(const AttnDims& s, bool backward) {
   return it->second;
 }
 
+// The plan's scratch: the context workspace when it is large enough (the trainer makes it so, from
+// its arena, with attention_workspace_bytes), else a buffer of the plan's own, allocated once on
+// first use — outside the arena, so it is logged.
+void* plan_workspace(Plan* plan) {
+  if (plan->workspace_bytes <= context().workspace_bytes) return context().workspace;
+  if (!plan->own_workspace) {
+    log_warn("cuDNN attention: {} bytes of workspace allocated outside the arena (context "
+             "workspace {} bytes): {}", plan->workspace_bytes, context().workspace_bytes,
+             plan->info);
+    TS_CUDA_CHECK(cudaMalloc(&plan->own_workspace, plan->workspace_bytes));
+  }
+  return plan->own_workspace;
+}
+
 // Runs a plan: one variant pack per call (cheap next to the kernels), on the context stream.
-void execute(const Plan& plan, const std::vector<int64_t>& uids, const std::vector<void*>& ptrs) {
-  void* workspace = plan.own_workspace ? plan.own_workspace : context().workspace;
+void execute(const Plan& plan, void* workspace, const std::vector<int64_t>& uids,
+             const std::vector<void*>& ptrs) {
   try {
     Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
     pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, int64_t(uids.size()),
@@ -730,11 +742,11 @@ bool attention_cudnn_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor 
   const AttnDims s = check_args(out, lse, q, k, v, kOp);
   const std::string why = precondition_failure(s, {&out, &lse, &q, &k, &v});
   if (!why.empty()) return refuse(why, kOp);
-  const Plan* plan = get_plan(s, /*backward=*/false);
+  Plan* plan = get_plan(s, /*backward=*/false);
   if (!plan->ok) return false;
   float scale_value = scale;
   float mask_value = std::numeric_limits<float>::lowest();
-  execute(*plan, {kQ, kK, kV, kO, kStats, kScale, kMaskValue},
+  execute(*plan, plan_workspace(plan), {kQ, kK, kV, kO, kStats, kScale, kMaskValue},
           {q.data, k.data, v.data, out.data, lse.data, &scale_value, &mask_value});
   return true;
 }
@@ -754,9 +766,9 @@ bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tens
   const std::string why =
       precondition_failure(s, {&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse});
   if (!why.empty()) return refuse(why, kOp);
-  const Plan* plan = get_plan(s, /*backward=*/true);
+  Plan* plan = get_plan(s, /*backward=*/true);
   if (!plan->ok) return false;
-  void* workspace = plan->own_workspace ? plan->own_workspace : context().workspace;
+  void* workspace = plan_workspace(plan);
   char* scratch = static_cast<char*>(workspace);
   float scale_value = scale, one = 1.0f;
   float mask_value = std::numeric_limits<float>::lowest(), pad_value = mask_value;
@@ -769,13 +781,19 @@ bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tens
     uids.insert(uids.end(), {kSeqLenQ, kSeqLenKv, kPadValue});
     ptrs.insert(ptrs.end(), {plan->seq_len_q, plan->seq_len_kv, &pad_value});
   }
-  execute(*plan, uids, ptrs);
+  execute(*plan, workspace, uids, ptrs);
   return true;
 }
 
 std::string attention_cudnn_describe(int64_t num_b, int64_t num_t, int64_t num_hq,
                                      int64_t num_hkv, int64_t head_dim, bool backward) {
   return get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim}, backward)->info;
+}
+
+size_t attention_cudnn_workspace_bytes(int64_t num_b, int64_t num_t, int64_t num_hq,
+                                       int64_t num_hkv, int64_t head_dim, bool backward) {
+  const Plan* plan = get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim}, backward);
+  return plan->ok ? plan->workspace_bytes : 0;
 }
 
 }  // namespace tessera::cuda

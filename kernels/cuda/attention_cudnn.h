@@ -31,4 +31,9 @@ bool attention_cudnn_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*
 std::string attention_cudnn_describe(int64_t num_b, int64_t num_t, int64_t num_hq,
                                      int64_t num_hkv, int64_t head_dim, bool backward);
 
+// Scratch bytes the plan for this shape needs (building the plan if it is not cached; 0 when cuDNN
+// has no engine for it). Used to size the context workspace before training starts.
+size_t attention_cudnn_workspace_bytes(int64_t num_b, int64_t num_t, int64_t num_hq,
+                                       int64_t num_hkv, int64_t head_dim, bool backward);
+
 }  // namespace tessera::cuda

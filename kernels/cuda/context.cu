@@ -31,12 +31,26 @@ Context& context() {
     TS_CUBLAS_CHECK(cublasLtCreate(&lt));
     c->cublaslt = reinterpret_cast<cublasLtContext*>(lt);
     TS_CUDA_CHECK(cudaMalloc(&c->workspace, kWorkspaceBytes));
+    c->owns_workspace = true;
     c->workspace_bytes = kWorkspaceBytes;
     TS_CUDA_CHECK(cudaDeviceGetAttribute(&c->num_sms, cudaDevAttrMultiProcessorCount, dev));
     g_contexts[dev] = c;
   }
   return *g_contexts[dev];
 }
+
+void use_workspace(void* ptr, size_t bytes) {
+  Context& c = context();
+  TS_CHECK(ptr != nullptr && bytes >= kWorkspaceBytes, "workspace of {} bytes (need >= {})", bytes,
+           kWorkspaceBytes);
+  sync();  // nothing queued may still use the old buffer
+  if (c.owns_workspace) TS_CUDA_CHECK(cudaFree(c.workspace));
+  c.workspace = ptr;
+  c.workspace_bytes = bytes;
+  c.owns_workspace = false;
+}
+
+size_t default_workspace_bytes() { return kWorkspaceBytes; }
 
 void sync() { TS_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 

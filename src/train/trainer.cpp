@@ -240,7 +240,11 @@ std::vector<uint32_t> mock_tokens(const Recipe& r, int64_t n, const char* stream
 // not fit stops with the numbers instead of failing halfway.
 struct MemoryPlan {
   size_t params = 0, optimizer = 0, train_acts = 0, eval_acts = 0, sample_acts = 0, batches = 0;
-  size_t total() const { return params + optimizer + train_acts + eval_acts + sample_acts + batches; }
+  size_t workspace = 0;  // GEMM + attention scratch of the CUDA backend
+  size_t total() const {
+    return params + optimizer + train_acts + eval_acts + sample_acts + batches +
+           Arena::aligned(workspace);
+  }
 };
 
 // FLOPs per token for training: 6N (forward + backward of every weight) plus 12·L·h·s for the
@@ -294,15 +298,21 @@ TrainSummary train(const Recipe& recipe_in) {
   plan.eval_acts = Activations::bytes_needed(r.model, dtype, B, T, false);
   plan.sample_acts = r.train.sample_tokens > 0 ? Activations::bytes_needed(r.model, dtype, 1, T, false) : 0;
   plan.batches = Batch::bytes_needed(B, T, device);
+  if (device == Device::cuda) {
+    ops::set_cuda_attention_impl(r.model.attention_impl);
+    plan.workspace = ops::cuda_workspace_bytes(B, T, r.model.num_heads, r.model.num_kv_heads,
+                                               r.model.resolved_head_dim(), dtype);
+  }
   size_t free_bytes = 0, total_bytes = 0;
   if (device_memory_info(device, &free_bytes, &total_bytes) && plan.total() > free_bytes)
     TS_USER_ERROR("{}: this run needs {:.2f} GB of GPU memory (parameters {:.2f}, optimizer {:.2f}, "
-                  "activations {:.2f} + eval {:.2f}) but {:.2f} GB of {:.2f} are free; lower "
-                  "data.micro_batch or data.seq_len, or set model.recompute: true", r.file,
-                  plan.total() / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
+                  "activations {:.2f} + eval {:.2f}, workspace {:.2f}) but {:.2f} GB of {:.2f} "
+                  "are free; lower data.micro_batch or data.seq_len, or set model.recompute: "
+                  "true", r.file, plan.total() / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
                   plan.train_acts / 1e9, (plan.eval_acts + plan.sample_acts) / 1e9,
-                  free_bytes / 1e9, total_bytes / 1e9);
+                  plan.workspace / 1e9, free_bytes / 1e9, total_bytes / 1e9);
   Arena arena(device, plan.total(), "device memory");
+  if (plan.workspace > 0) ops::use_cuda_workspace(arena.alloc_bytes(plan.workspace), plan.workspace);
 
   fs::create_directories(r.train.out_dir);
   const std::string resolved = recipe_to_yaml(r);
@@ -313,7 +323,6 @@ TrainSummary train(const Recipe& recipe_in) {
   }
   log_info("resolved recipe ({}):\n{}", r.file, resolved);
 
-  if (device == Device::cuda) ops::set_cuda_attention_impl(r.model.attention_impl);
   Transformer model(r.model, dtype, device, &arena);
   model.init_weights(r.train.seed);
   AdamWConfig acfg;
