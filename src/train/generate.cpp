@@ -29,13 +29,10 @@ std::vector<int32_t> generate(const Transformer& model, Activations& acts,
     copy_bytes(tokens.data, tokens.device, window.data(), Device::cpu, sizeof(int32_t) * T);
     model.forward(acts, tokens, Tensor());
     const Tensor logits = model.logits(acts).slice(len - 1, len);  // (1, Vp)
-    Tensor host_row(row.data(), DType::f32, Device::cpu, {1, Vp});
-    if (logits.dtype == DType::f32) {
-      copy_tensor(host_row, logits);
-    } else {
-      TS_CHECK(logits.device == Device::cpu, "generate: {} logits", logits.str());
-      convert_buffer(logits.data, logits.dtype, row.data(), DType::f32, Vp);
-    }
+    // Download the row in its own dtype (f32, or bf16 on the GPU), then widen on the host.
+    std::vector<char> raw(logits.nbytes());
+    copy_bytes(raw.data(), Device::cpu, logits.data, logits.device, raw.size());
+    convert_buffer(raw.data(), logits.dtype, row.data(), DType::f32, Vp);
     int32_t next = 0;
     if (temperature <= 0.0f) {
       next = static_cast<int32_t>(std::max_element(row.begin(), row.begin() + V) - row.begin());
