@@ -5,13 +5,12 @@
 // timed reps after warm-up (CUDA events). Operands are 25 MB to 8 GB and the GEMMs compute-bound,
 // so inputs are not rotated through the L2.
 #include <cublas_v2.h>
-#include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <string_view>
-#include <vector>
 
+#include "bench/cuda/bench_util.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/gemm_lt.h"
@@ -19,52 +18,11 @@
 namespace tessera::cuda {
 namespace {
 
-// Uniform values of variance 1/3 from a counter hash (random data, not zeros: zeros run faster).
-__global__ void fill_kernel(__nv_bfloat16* x, int64_t n, uint64_t seed) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  uint64_t h = (uint64_t(i) + seed) * 0x9E3779B97F4A7C15ull;
-  h ^= h >> 31;
-  h *= 0xBF58476D1CE4E5B9ull;
-  h ^= h >> 29;
-  x[i] = __float2bfloat16_rn(float(h >> 40) * (2.0f / 16777216.0f) - 1.0f);
-}
+using bench::DeviceTensor;
+using bench::median_ms;
 
-struct Buffer {
-  void* ptr = nullptr;
-  Tensor t;
-  Buffer(Shape s, uint64_t seed) {
-    TS_CUDA_CHECK(cudaMalloc(&ptr, size_t(s.numel()) * 2));
-    t = Tensor(ptr, DType::bf16, Device::cuda, s);
-    fill_kernel<<<ceil_div(s.numel(), 256), 256, 0, stream()>>>(
-        static_cast<__nv_bfloat16*>(ptr), s.numel(), seed);
-    TS_CUDA_CHECK_LAUNCH();
-  }
-  ~Buffer() {
-    if (cudaFree(ptr) != cudaSuccess) std::fprintf(stderr, "cudaFree failed\n");
-  }
-};
-
-template <class F> double median_ms(F&& f, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) f();
-  cudaEvent_t start, stop;
-  TS_CUDA_CHECK(cudaEventCreate(&start));
-  TS_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    TS_CUDA_CHECK(cudaEventRecord(start, stream()));
-    f();
-    TS_CUDA_CHECK(cudaEventRecord(stop, stream()));
-    TS_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0.0f;
-    TS_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  TS_CUDA_CHECK(cudaEventDestroy(start));
-  TS_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+// Operands are uniform on [-1, 1) (variance 1/3): random data, not zeros, which run faster.
+constexpr float kFillAmp = 1.0f;
 
 // Row-major c (M,N) = alpha op(a) op(b) + beta c by plain cublasGemmEx (c^T = op(b)^T op(a)^T).
 void cublas_gemm(cublasHandle_t handle, Tensor c, Tensor a, Tensor b, bool ta, bool tb,
@@ -92,8 +50,10 @@ void print_row(const char* model, const char* layer, const char* pass, int64_t m
 }
 
 void run_layer(cublasHandle_t handle, const Layer& l, bool fc) {
-  Buffer inp({l.m, l.k}, 1), w({l.n, l.k}, 2), out({l.m, l.n}, 3), dout({l.m, l.n}, 4),
-      dinp({l.m, l.k}, 5), dw({l.n, l.k}, 6);
+  const DType bf16 = DType::bf16;
+  DeviceTensor inp(bf16, {l.m, l.k}, 1, kFillAmp), w(bf16, {l.n, l.k}, 2, kFillAmp);
+  DeviceTensor out(bf16, {l.m, l.n}, 3, kFillAmp), dout(bf16, {l.m, l.n}, 4, kFillAmp);
+  DeviceTensor dinp(bf16, {l.m, l.k}, 5, kFillAmp), dw(bf16, {l.n, l.k}, 6, kFillAmp);
   const double gemm_ms = 2.0 * l.m * l.n * l.k / 700e12 * 1e3;  // at ~700 TFLOP/s
   const int reps = std::clamp(int(300.0 / std::max(gemm_ms, 1e-3)), 10, 200);
   struct Pass {
@@ -115,7 +75,7 @@ void run_layer(cublasHandle_t handle, const Layer& l, bool fc) {
   }
   if (!fc) return;
   // fc + GELU fused in the epilogue vs the unfused linear with bias (the GELU pass not counted).
-  Buffer bias({l.n}, 7), act({l.m, l.n}, 8);
+  DeviceTensor bias(bf16, {l.n}, 7, kFillAmp), act(bf16, {l.m, l.n}, 8, kFillAmp);
   if (!matmul_gelu_supported(out.t, act.t, inp.t, w.t, bias.t)) {
     std::printf("%-8s %-8s fc+gelu: not supported by cuBLASLt\n", l.model, l.name);
     return;

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/cuda/bench_util.cuh"
 #include "kernels/cuda/adamw_multi.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -22,7 +23,10 @@ using namespace tessera;
 
 namespace {
 
+using cuda::bench::median_ms;
+
 constexpr double kL2Bytes = 50e6;
+constexpr int kWarmup = 3;  // untimed calls before each timing
 double g_copy_gbps = 0.0;
 
 // Hash-based pseudo-random values in [lo, hi) (the bench needs variety, not quality).
@@ -76,28 +80,6 @@ int num_sets(double bytes_per_call) {
   return std::clamp(int(4 * kL2Bytes / bytes_per_call) + 1, 1, 8);
 }
 
-// Median time of fn(rep) over `reps` repetitions after `warmup` ones, in milliseconds.
-double median_ms(const std::function<void(int)>& fn, int reps, int warmup = 3) {
-  for (int i = 0; i < warmup; ++i) fn(i);
-  cudaEvent_t start, stop;
-  TS_CUDA_CHECK(cudaEventCreate(&start));
-  TS_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times;
-  for (int i = 0; i < reps; ++i) {
-    TS_CUDA_CHECK(cudaEventRecord(start, cuda::stream()));
-    fn(warmup + i);
-    TS_CUDA_CHECK(cudaEventRecord(stop, cuda::stream()));
-    TS_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    TS_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  TS_CUDA_CHECK(cudaEventDestroy(start));
-  TS_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
 void report(const std::string& name, const std::string& shape, double bytes, double ms) {
   const double gbps = bytes / (ms * 1e-3) / 1e9;
   std::printf("%-28s %-34s %10.1f us %8.0f GB/s %6.1f%% of copy\n", name.c_str(), shape.c_str(),
@@ -119,7 +101,7 @@ void bench_copy() {
   TS_CUDA_CHECK(cudaMemsetAsync(src, 0x3c, bytes, cuda::stream()));
   const double ms = median_ms([&](int) {
     TS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda::stream()));
-  }, 20);
+  }, kWarmup, 20);
   g_copy_gbps = 2.0 * bytes / (ms * 1e-3) / 1e9;
   report("d2d copy (read+write)", "1 GiB", 2.0 * bytes, ms);
   TS_CUDA_CHECK(cudaFree(src));
@@ -144,13 +126,13 @@ void bench_layernorm(int64_t n, int64_t c, DType dtype) {
   const double fwd = median_ms([&](int r) {
     const int k = r % sets;
     cuda::layernorm_forward(out[k], mean[k], rstd[k], x[k], w, b, 1e-5f);
-  }, 50);
+  }, kWarmup, 50);
   report("layernorm_forward", dims({n, c}, dtype), fwd_bytes, fwd);
   // dinp goes to out[k] (its old contents are not read).
   const double bwd = median_ms([&](int r) {
     const int k = r % sets;
     cuda::layernorm_backward(out[k], dw, db, dout[k], x[k], w, mean[k], rstd[k]);
-  }, 50);
+  }, kWarmup, 50);
   report("layernorm_backward", dims({n, c}, dtype), bwd_bytes, bwd);
   // Residual add + LayerNorm: fused (reads a, b; writes residual, out) and as the two ops.
   const double fused_bytes = 4 * n * c * s + 2 * c * s + 8.0 * n;
@@ -158,13 +140,13 @@ void bench_layernorm(int64_t n, int64_t c, DType dtype) {
     const int k = r % sets;
     cuda::fused_residual_layernorm_forward(res[k], out[k], mean[k], rstd[k], x[k], dout[k], w, b,
                                            1e-5f);
-  }, 50);
+  }, kWarmup, 50);
   report("fused residual+layernorm", dims({n, c}, dtype), fused_bytes, fused);
   const double unfused = median_ms([&](int r) {
     const int k = r % sets;
     cuda::add_forward(res[k], x[k], dout[k]);
     cuda::layernorm_forward(out[k], mean[k], rstd[k], res[k], w, b, 1e-5f);
-  }, 50);
+  }, kWarmup, 50);
   report("add + layernorm (unfused)", dims({n, c}, dtype), fused_bytes, unfused);
 }
 
@@ -184,12 +166,12 @@ void bench_rmsnorm(int64_t n, int64_t c, DType dtype) {
   const double fwd = median_ms([&](int r) {
     const int k = r % sets;
     cuda::rmsnorm_forward(out[k], rstd[k], x[k], w, 1e-6f);
-  }, 50);
+  }, kWarmup, 50);
   report("rmsnorm_forward", dims({n, c}, dtype), fwd_bytes, fwd);
   const double bwd = median_ms([&](int r) {
     const int k = r % sets;
     cuda::rmsnorm_backward(out[k], dw, dout[k], x[k], w, rstd[k]);
-  }, 50);
+  }, kWarmup, 50);
   report("rmsnorm_backward", dims({n, c}, dtype), bwd_bytes, bwd);
 }
 
@@ -203,7 +185,7 @@ void bench_rope(int64_t b, int64_t t, int64_t h, int64_t d, DType dtype) {
   }
   const double ms = median_ms([&](int r) {
     cuda::rope_forward(out[r % sets], x[r % sets], 10000.0f, 0);
-  }, 50);
+  }, kWarmup, 50);
   report("rope_forward", dims({b, t, h, d}, dtype), bytes, ms);
 }
 
@@ -218,7 +200,8 @@ void bench_elementwise(const std::string& name, int64_t rows, int64_t cols, DTyp
     b.emplace_back(dtype, Shape{rows, cols});
     out.emplace_back(dtype, Shape{rows, cols});
   }
-  const double ms = median_ms([&](int r) { op(out[r % sets], a[r % sets], b[r % sets]); }, 50);
+  const double ms =
+      median_ms([&](int r) { op(out[r % sets], a[r % sets], b[r % sets]); }, kWarmup, 50);
   report(name, dims({rows, cols}, dtype), bytes, ms);
 }
 
@@ -232,16 +215,16 @@ void bench_cross_entropy(int64_t n, int64_t width, int vocab, DType dtype) {
   // which is all the timing needs.
   const double fwd = median_ms([&](int) {
     cuda::cross_entropy_forward(losses, lse, logits, targets, vocab);
-  }, 10);
+  }, kWarmup, 10);
   report("cross_entropy_forward", dims({n, width}, dtype), fwd_bytes, fwd);
   const double bwd = median_ms([&](int) {
     cuda::cross_entropy_backward(logits, logits, lse, targets, vocab, 1.0f / float(n));
-  }, 10);
+  }, kWarmup, 10);
   report("cross_entropy_backward", dims({n, width}, dtype) + " in place", bwd_bytes, bwd);
   const double both = median_ms([&](int) {
     cuda::cross_entropy_forward(losses, lse, logits, targets, vocab);
     cuda::cross_entropy_backward(logits, logits, lse, targets, vocab, 1.0f / float(n));
-  }, 10);
+  }, kWarmup, 10);
   report("cross_entropy fwd+bwd", dims({n, width}, dtype), fwd_bytes + bwd_bytes, both);
 }
 
@@ -255,7 +238,7 @@ void bench_adamw(int64_t n, DType grad_dtype) {
   const double ms = median_ms([&](int r) {
     s.step = r + 1;
     cuda::adamw_update(p, g, m, v, s);
-  }, 20);
+  }, kWarmup, 20);
   report("adamw_update", dims({n}, grad_dtype) + " grad", bytes, ms);
   // The same parameters as GPT-2's 148 tensors (12 layers x 12 + 4), through one multi launch.
   std::vector<int64_t> sizes = {50304 * 768, 1024 * 768, 768, 768};
@@ -281,7 +264,7 @@ void bench_adamw(int64_t n, DType grad_dtype) {
   const double multi = median_ms([&](int r) {
     for (auto& e : entries) e.step.step = r + 1;
     cuda::adamw_update_multi(entries);
-  }, 20);
+  }, kWarmup, 20);
   const std::string what = std::to_string(sizes.size()) + " tensors, " + std::to_string(total) +
                            " " + std::string(dtype_name(grad_dtype));
   report("adamw_update_multi", what, multi_bytes, multi);
@@ -290,7 +273,7 @@ void bench_adamw(int64_t n, DType grad_dtype) {
       e.step.step = r + 1;
       cuda::adamw_update(e.param, e.grad, e.m, e.v, e.step);
     }
-  }, 20);
+  }, kWarmup, 20);
   report("adamw_update x148 launches", std::to_string(sizes.size()) + " tensors", multi_bytes,
          loop);
 }
@@ -298,7 +281,7 @@ void bench_adamw(int64_t n, DType grad_dtype) {
 void bench_cast(int64_t n) {
   Buffer src(DType::f32, {n});
   Buffer dst(DType::bf16, {n});
-  const double ms = median_ms([&](int) { cuda::cast(dst, src); }, 20);
+  const double ms = median_ms([&](int) { cuda::cast(dst, src); }, kWarmup, 20);
   report("cast f32->bf16", dims({n}, DType::f32), 6.0 * n, ms);
 }
 
