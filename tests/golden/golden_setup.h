@@ -1,5 +1,5 @@
 // The golden check's fixed setup, shared by the generator of the initial state
-// (make_golden_init.cpp) and the CPU test that compares against PyTorch (golden_test.cpp).
+// (bench/torch/make_golden_init.cpp) and the CPU test that compares against PyTorch (golden_test.cpp).
 // bench/torch/make_golden.py reads the same numbers from the init checkpoint's meta "golden".
 #pragma once
 #include <string>

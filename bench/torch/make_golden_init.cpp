@@ -1,6 +1,6 @@
 // Writes the golden check's initial state for both tiny models: Tessera-initialized weights and
 // random token batches, as a Tessera checkpoint that bench/torch/make_golden.py loads into PyTorch.
-// Run once (its outputs are committed):  tessera_golden_init <repo root>
+// Run once (its outputs are committed):  build/bench/torch/tessera_golden_init <repo root>
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
