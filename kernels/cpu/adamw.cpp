@@ -51,12 +51,9 @@ void adamw_kernel(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWSte
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
   constexpr const char* kOp = "adamw_update";
   check_compute_dtype(param, kOp, "param");
-  check_float(grad, param.dtype, kOp, "grad");
-  check_shape(grad, param.shape, kOp, "grad");
-  check_float(m, param.dtype, kOp, "m");
-  check_shape(m, param.shape, kOp, "m");
-  check_float(v, param.dtype, kOp, "v");
-  check_shape(v, param.shape, kOp, "v");
+  check_like(grad, param.dtype, param.shape, kOp, "grad");
+  check_like(m, param.dtype, param.shape, kOp, "m");
+  check_like(v, param.dtype, param.shape, kOp, "v");
   TS_CHECK(s.step >= 1, "{}: step is {}, but steps are 1-based", kOp, s.step);
   TS_CHECK(s.beta1 >= 0.0f && s.beta1 < 1.0f && s.beta2 >= 0.0f && s.beta2 < 1.0f,
            "{}: betas ({}, {}) must lie in [0, 1)", kOp, s.beta1, s.beta2);

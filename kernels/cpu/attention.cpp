@@ -163,14 +163,10 @@ void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, 
                         Tensor v, Tensor out, Tensor lse, float scale) {
   constexpr const char* kOp = "attention_backward";
   const AttnDims d = check_attention_args(out, lse, q, k, v, kOp);
-  check_float(dout, q.dtype, kOp, "dout");
-  check_shape(dout, q.shape, kOp, "dout");
-  check_float(dq, q.dtype, kOp, "dq");
-  check_shape(dq, q.shape, kOp, "dq");
-  check_float(dk, q.dtype, kOp, "dk");
-  check_shape(dk, k.shape, kOp, "dk");
-  check_float(dv, q.dtype, kOp, "dv");
-  check_shape(dv, k.shape, kOp, "dv");
+  check_like(dout, q.dtype, q.shape, kOp, "dout");
+  check_like(dq, q.dtype, q.shape, kOp, "dq");
+  check_like(dk, q.dtype, k.shape, kOp, "dk");
+  check_like(dv, q.dtype, k.shape, kOp, "dv");
   // dq rows are written while other rows of the inputs are still being read: no aliasing.
   for (const Tensor* grad : {&dq, &dk, &dv})
     for (const Tensor* input : {&dout, &q, &k, &v, &out, &lse})

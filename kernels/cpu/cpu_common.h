@@ -48,6 +48,13 @@ inline int64_t num_rows(const Tensor& t) {
 }
 
 // True when the byte ranges of two tensors intersect (outputs that must not alias inputs).
+// check_float then check_shape: the pairing nearly every operand check needs.
+inline void check_like(const Tensor& t, DType dtype, const Shape& s, const char* op,
+                       const char* name) {
+  check_float(t, dtype, op, name);
+  check_shape(t, s, op, name);
+}
+
 inline bool overlaps(const Tensor& a, const Tensor& b) {
   if (a.empty() || b.empty()) return false;
   const auto* a0 = static_cast<const char*>(a.data);

@@ -94,8 +94,7 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
   constexpr const char* kOp = "cross_entropy_backward";
   const int64_t num_rows = check_ce_args(logits, targets, vocab_size, kOp);
   check_stat(lse, logits.dtype, num_rows, kOp, "lse");
-  check_float(dlogits, logits.dtype, kOp, "dlogits");
-  check_shape(dlogits, logits.shape, kOp, "dlogits");
+  check_like(dlogits, logits.dtype, logits.shape, kOp, "dlogits");
   TS_CHECK(!overlaps(dlogits, logits) || dlogits.data == logits.data,
            "{}: dlogits partially overlaps logits; only exact aliasing (in place) is supported",
            kOp);

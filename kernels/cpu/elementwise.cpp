@@ -23,10 +23,8 @@ bool is_castable(DType t) {
 void add_forward(Tensor out, Tensor a, Tensor b) {
   constexpr const char* kOp = "add_forward";
   check_compute_dtype(out, kOp, "out");
-  check_float(a, out.dtype, kOp, "a");
-  check_shape(a, out.shape, kOp, "a");
-  check_float(b, out.dtype, kOp, "b");
-  check_shape(b, out.shape, kOp, "b");
+  check_like(a, out.dtype, out.shape, kOp, "a");
+  check_like(b, out.dtype, out.shape, kOp, "b");
   const int64_t n = out.numel();
   dispatch_float(out.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
@@ -41,8 +39,7 @@ void add_forward(Tensor out, Tensor a, Tensor b) {
 void add_inplace(Tensor dst, Tensor src) {
   constexpr const char* kOp = "add_inplace";
   check_compute_dtype(dst, kOp, "dst");
-  check_float(src, dst.dtype, kOp, "src");
-  check_shape(src, dst.shape, kOp, "src");
+  check_like(src, dst.dtype, dst.shape, kOp, "src");
   const int64_t n = dst.numel();
   dispatch_float(dst.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);

@@ -16,8 +16,7 @@ constexpr double kCubic = 0.044715;
 void gelu_forward(Tensor out, Tensor inp) {
   constexpr const char* kOp = "gelu_forward";
   check_compute_dtype(inp, kOp, "inp");
-  check_float(out, inp.dtype, kOp, "out");
-  check_shape(out, inp.shape, kOp, "out");
+  check_like(out, inp.dtype, inp.shape, kOp, "out");
   const int64_t n = inp.numel();
   dispatch_float(inp.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
@@ -34,10 +33,8 @@ void gelu_forward(Tensor out, Tensor inp) {
 void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
   constexpr const char* kOp = "gelu_backward";
   check_compute_dtype(inp, kOp, "inp");
-  check_float(dout, inp.dtype, kOp, "dout");
-  check_shape(dout, inp.shape, kOp, "dout");
-  check_float(dinp, inp.dtype, kOp, "dinp");
-  check_shape(dinp, inp.shape, kOp, "dinp");
+  check_like(dout, inp.dtype, inp.shape, kOp, "dout");
+  check_like(dinp, inp.dtype, inp.shape, kOp, "dinp");
   const int64_t n = inp.numel();
   dispatch_float(inp.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);

@@ -15,13 +15,10 @@ void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
   check_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
   const int64_t num_c = inp.dim(-1), num_rows = cpu::num_rows(inp);
-  check_float(out, inp.dtype, kOp, "out");
-  check_shape(out, inp.shape, kOp, "out");
-  check_float(weight, inp.dtype, kOp, "weight");
-  check_shape(weight, Shape{num_c}, kOp, "weight");
+  check_like(out, inp.dtype, inp.shape, kOp, "out");
+  check_like(weight, inp.dtype, Shape{num_c}, kOp, "weight");
   if (!bias.empty()) {
-    check_float(bias, inp.dtype, kOp, "bias");
-    check_shape(bias, Shape{num_c}, kOp, "bias");
+    check_like(bias, inp.dtype, Shape{num_c}, kOp, "bias");
   }
   check_stat(mean, inp.dtype, num_rows, kOp, "mean");
   check_stat(rstd, inp.dtype, num_rows, kOp, "rstd");
@@ -59,17 +56,12 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
   check_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
   const int64_t num_c = inp.dim(-1), num_rows = cpu::num_rows(inp);
-  check_float(dinp, inp.dtype, kOp, "dinp");
-  check_shape(dinp, inp.shape, kOp, "dinp");
-  check_float(dout, inp.dtype, kOp, "dout");
-  check_shape(dout, inp.shape, kOp, "dout");
-  check_float(weight, inp.dtype, kOp, "weight");
-  check_shape(weight, Shape{num_c}, kOp, "weight");
-  check_float(dweight, inp.dtype, kOp, "dweight");
-  check_shape(dweight, Shape{num_c}, kOp, "dweight");
+  check_like(dinp, inp.dtype, inp.shape, kOp, "dinp");
+  check_like(dout, inp.dtype, inp.shape, kOp, "dout");
+  check_like(weight, inp.dtype, Shape{num_c}, kOp, "weight");
+  check_like(dweight, inp.dtype, Shape{num_c}, kOp, "dweight");
   if (!dbias.empty()) {
-    check_float(dbias, inp.dtype, kOp, "dbias");
-    check_shape(dbias, Shape{num_c}, kOp, "dbias");
+    check_like(dbias, inp.dtype, Shape{num_c}, kOp, "dbias");
   }
   check_stat(mean, inp.dtype, num_rows, kOp, "mean");
   check_stat(rstd, inp.dtype, num_rows, kOp, "rstd");

@@ -159,8 +159,7 @@ void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   out_shape.dims[out_shape.ndim - 1] = n;
   check_shape(out, out_shape, kOp, "out");
   if (!bias.empty()) {
-    check_float(bias, out.dtype, kOp, "bias");
-    check_shape(bias, Shape{n}, kOp, "bias");
+    check_like(bias, out.dtype, Shape{n}, kOp, "bias");
   }
 
   gemm(out.view({m, n}), inp.view({m, k}), weight, false, true, 1.0f, 0.0f);
@@ -192,12 +191,10 @@ void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
   check_shape(dout, dout_shape, kOp, "dout");
   check_shape(dweight, weight.shape, kOp, "dweight");
   if (!dinp.empty()) {
-    check_float(dinp, dout.dtype, kOp, "dinp");
-    check_shape(dinp, inp.shape, kOp, "dinp");
+    check_like(dinp, dout.dtype, inp.shape, kOp, "dinp");
   }
   if (!dbias.empty()) {
-    check_float(dbias, dout.dtype, kOp, "dbias");
-    check_shape(dbias, Shape{n}, kOp, "dbias");
+    check_like(dbias, dout.dtype, Shape{n}, kOp, "dbias");
   }
 
   const Tensor dout_2d = dout.view({m, n});

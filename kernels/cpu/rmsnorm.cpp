@@ -14,10 +14,8 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
   check_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
   const int64_t num_c = inp.dim(-1), num_rows = cpu::num_rows(inp);
-  check_float(out, inp.dtype, kOp, "out");
-  check_shape(out, inp.shape, kOp, "out");
-  check_float(weight, inp.dtype, kOp, "weight");
-  check_shape(weight, Shape{num_c}, kOp, "weight");
+  check_like(out, inp.dtype, inp.shape, kOp, "out");
+  check_like(weight, inp.dtype, Shape{num_c}, kOp, "weight");
   check_stat(rstd, inp.dtype, num_rows, kOp, "rstd");
   TS_CHECK(eps >= 0.0f, "{}: eps must be >= 0, got {}", kOp, eps);
 
@@ -45,14 +43,10 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
   check_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
   const int64_t num_c = inp.dim(-1), num_rows = cpu::num_rows(inp);
-  check_float(dinp, inp.dtype, kOp, "dinp");
-  check_shape(dinp, inp.shape, kOp, "dinp");
-  check_float(dout, inp.dtype, kOp, "dout");
-  check_shape(dout, inp.shape, kOp, "dout");
-  check_float(weight, inp.dtype, kOp, "weight");
-  check_shape(weight, Shape{num_c}, kOp, "weight");
-  check_float(dweight, inp.dtype, kOp, "dweight");
-  check_shape(dweight, Shape{num_c}, kOp, "dweight");
+  check_like(dinp, inp.dtype, inp.shape, kOp, "dinp");
+  check_like(dout, inp.dtype, inp.shape, kOp, "dout");
+  check_like(weight, inp.dtype, Shape{num_c}, kOp, "weight");
+  check_like(dweight, inp.dtype, Shape{num_c}, kOp, "dweight");
   check_stat(rstd, inp.dtype, num_rows, kOp, "rstd");
   TS_CHECK(!overlaps(dinp, inp), "{}: dinp must not alias inp", kOp);
 

@@ -16,10 +16,8 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
   constexpr const char* kOp = "swiglu_forward";
   check_compute_dtype(gate, kOp, "gate");
-  check_float(up, gate.dtype, kOp, "up");
-  check_shape(up, gate.shape, kOp, "up");
-  check_float(out, gate.dtype, kOp, "out");
-  check_shape(out, gate.shape, kOp, "out");
+  check_like(up, gate.dtype, gate.shape, kOp, "up");
+  check_like(out, gate.dtype, gate.shape, kOp, "out");
   const int64_t n = gate.numel();
   dispatch_float(gate.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
@@ -37,14 +35,10 @@ void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
 void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up) {
   constexpr const char* kOp = "swiglu_backward";
   check_compute_dtype(gate, kOp, "gate");
-  check_float(up, gate.dtype, kOp, "up");
-  check_shape(up, gate.shape, kOp, "up");
-  check_float(dout, gate.dtype, kOp, "dout");
-  check_shape(dout, gate.shape, kOp, "dout");
-  check_float(dgate, gate.dtype, kOp, "dgate");
-  check_shape(dgate, gate.shape, kOp, "dgate");
-  check_float(dup, gate.dtype, kOp, "dup");
-  check_shape(dup, gate.shape, kOp, "dup");
+  check_like(up, gate.dtype, gate.shape, kOp, "up");
+  check_like(dout, gate.dtype, gate.shape, kOp, "dout");
+  check_like(dgate, gate.dtype, gate.shape, kOp, "dgate");
+  check_like(dup, gate.dtype, gate.shape, kOp, "dup");
   TS_CHECK(!overlaps(dgate, dup), "{}: dgate and dup must not alias", kOp);
   const int64_t n = gate.numel();
   dispatch_float(gate.dtype, kOp, [&](auto zero) {
