@@ -16,7 +16,7 @@
 namespace tessera::ops {
 
 namespace {
-[[noreturn]] void no_cuda(const char* op) {
+[[noreturn, maybe_unused]] void no_cuda(const char* op) {
   TS_USER_ERROR("op {} was asked to run on cuda, but this build has no CUDA backend "
                 "(configure with -DTESSERA_CUDA=ON on a machine with nvcc)", op);
 }
