@@ -64,32 +64,34 @@ void synchronize(Device device) {
 }
 
 
-void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
+void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t vocab_start,
+                       int64_t vocab_total) {
   const Device device = device_of({&out, &tokens, &wte, &wpe});
   const ProfileScope profile("embedding_forward", device);
   if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
-    cuda::embedding_forward(out, tokens, wte, wpe);
+    cuda::embedding_forward(out, tokens, wte, wpe, vocab_start, vocab_total);
     return;
 #else
     no_cuda("embedding_forward");
 #endif
   }
-  cpu::embedding_forward(out, tokens, wte, wpe);
+  cpu::embedding_forward(out, tokens, wte, wpe, vocab_start, vocab_total);
 }
 
-void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
+                        int64_t vocab_total) {
   const Device device = device_of({&dwte, &dwpe, &dout, &tokens});
   const ProfileScope profile("embedding_backward", device);
   if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
-    cuda::embedding_backward(dwte, dwpe, dout, tokens);
+    cuda::embedding_backward(dwte, dwpe, dout, tokens, vocab_start, vocab_total);
     return;
 #else
     no_cuda("embedding_backward");
 #endif
   }
-  cpu::embedding_backward(dwte, dwpe, dout, tokens);
+  cpu::embedding_backward(dwte, dwpe, dout, tokens, vocab_start, vocab_total);
 }
 
 void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias, float eps) {
@@ -400,18 +402,64 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
   cpu::cross_entropy_forward(losses, lse, logits, targets, vocab_size);
 }
 
-void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets, int vocab_size, float dloss) {
+void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets, int vocab_size, float dloss, int64_t vocab_start) {
   const Device device = device_of({&dlogits, &logits, &lse, &targets});
   const ProfileScope profile("cross_entropy_backward", device);
   if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
-    cuda::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss);
+    cuda::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss, vocab_start);
     return;
 #else
     no_cuda("cross_entropy_backward");
 #endif
   }
-  cpu::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss);
+  cpu::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss, vocab_start);
+}
+
+void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start, int vocab_size) {
+  const Device device = device_of({&row_max, &logits});
+  const ProfileScope profile("cross_entropy_shard_max", device);
+  if (device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::cross_entropy_shard_max(row_max, logits, vocab_start, vocab_size);
+    return;
+#else
+    no_cuda("cross_entropy_shard_max");
+#endif
+  }
+  cpu::cross_entropy_shard_max(row_max, logits, vocab_start, vocab_size);
+}
+
+void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits, Tensor row_max,
+                              Tensor targets, int64_t vocab_start, int vocab_size) {
+  const Device device = device_of({&sum_exp, &target_logit, &logits, &row_max, &targets});
+  const ProfileScope profile("cross_entropy_shard_sums", device);
+  if (device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::cross_entropy_shard_sums(sum_exp, target_logit, logits, row_max, targets, vocab_start,
+                                   vocab_size);
+    return;
+#else
+    no_cuda("cross_entropy_shard_sums");
+#endif
+  }
+  cpu::cross_entropy_shard_sums(sum_exp, target_logit, logits, row_max, targets, vocab_start,
+                                vocab_size);
+}
+
+void cross_entropy_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tensor sum_exp,
+                                Tensor target_logit, Tensor targets) {
+  const Device device = device_of({&losses, &lse, &row_max, &sum_exp, &target_logit, &targets});
+  const ProfileScope profile("cross_entropy_shard_finish", device);
+  if (device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::cross_entropy_shard_finish(losses, lse, row_max, sum_exp, target_logit, targets);
+    return;
+#else
+    no_cuda("cross_entropy_shard_finish");
+#endif
+  }
+  cpu::cross_entropy_shard_finish(losses, lse, row_max, sum_exp, target_logit, targets);
 }
 
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {

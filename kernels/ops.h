@@ -9,14 +9,14 @@
 //     gradients (dweight, dbias, dwte, ...), so gradient accumulation over micro-batches works.
 //   * An empty Tensor (data == nullptr) means "absent" (no bias, no learned positions, ...).
 //   * Float tensors of one call share one dtype: f32; bf16 on CUDA; f64 on the CPU (for the
-//     finite-difference tests). Saved statistics (mean, rstd, lse, losses) are f32, or f64 when
-//     the inputs are f64.
+//     finite-difference tests). Saved statistics (mean, rstd, lse, losses, and the
+//     vocabulary-parallel row_max, sum_exp, target_logit) are f32, or f64 when the inputs are f64.
 //   * Norms, activations and matmul flatten all leading dims into rows: (B,T,C) is (B*T, C).
 //   * Aliasing: only where an op says "may alias" (exactly the same buffer); partial overlap and
 //     any other aliasing is rejected.
 // Shape letters: B batch, T time (sequence), C channels (model width), N rows (= B*T),
-//   V vocabulary (padded), Hq query heads, Hkv key/value heads, D head dim, F FFN width,
-//   M, K generic GEMM sizes.
+//   V vocabulary (padded), Vl one tp rank's slice of V (vocabulary-parallel ops), Hq query heads,
+//   Hkv key/value heads, D head dim, F FFN width, M, K generic GEMM sizes.
 #pragma once
 #include <span>
 #include <string>
@@ -39,10 +39,17 @@ void use_cuda_workspace(void* ptr, size_t bytes);
 
 // ---- embedding: token embedding plus optional learned positions ----------------------------
 // out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]      (wpe may be empty)
+// Vocabulary-parallel (Megatron's VocabParallelEmbedding): wte (Vl,C) holds rows
+// [vocab_start, vocab_start + Vl) of the full (vocab_total, C) table; vocab_total = -1 means Vl
+// (unsharded). Every token must lie in [0, vocab_total). A token outside this shard gives a zero
+// row (plus wpe), so the sum over tp ranks of out is the full embedding (pass wpe on one tp rank
+// only), and adds nothing to dwte. dwpe accumulates as usual.
 void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
-                       Tensor wte /*(V,C)*/, Tensor wpe /*(maxT,C) or empty*/);
-void embedding_backward(Tensor dwte /*(V,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
-                        Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/);
+                       Tensor wte /*(Vl,C)*/, Tensor wpe /*(maxT,C) or empty*/,
+                       int64_t vocab_start = 0, int64_t vocab_total = -1);
+void embedding_backward(Tensor dwte /*(Vl,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
+                        Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
+                        int64_t vocab_start = 0, int64_t vocab_total = -1);
 
 // ---- LayerNorm over the last dim; mean and rstd are saved for backward ---------------------
 void layernorm_forward(Tensor out /*(N,C)*/, Tensor mean /*(N) f32*/, Tensor rstd /*(N) f32*/,
@@ -120,10 +127,36 @@ double sum_squares(Tensor x);
 void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
                            Tensor logits /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size);
 // dlogits = dloss * (softmax(logits) - onehot(y)) on valid rows and columns, 0 elsewhere.
-// dlogits may alias logits (computed in place).
-void cross_entropy_backward(Tensor dlogits /*(N,V)*/, Tensor logits /*(N,V)*/,
+// dlogits may alias logits (computed in place). Vocabulary-parallel: logits (N,Vl) are columns
+// [vocab_start, vocab_start + Vl) of the padded vocabulary and lse is the global one (from
+// cross_entropy_shard_finish); the one-hot sits at column y - vocab_start when inside the shard,
+// and columns with vocab_start + j >= vocab_size are padding (0).
+void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/,
                             Tensor lse /*(N)*/, Tensor targets /*(N) i32*/, int vocab_size,
-                            float dloss);
+                            float dloss, int64_t vocab_start = 0);
+
+// ---- vocabulary-parallel cross-entropy (Megatron's vocab_parallel_cross_entropy) ------------
+// Each tp rank holds logits (N,Vl) = columns [vocab_start, vocab_start + Vl) of the padded
+// vocabulary; only global columns < vocab_size are real. The caller runs
+//   shard_max -> all-reduce(max) over tp -> shard_sums with the global max ->
+//   all-reduce(sum) of sum_exp and target_logit over tp -> shard_finish,
+// which yields cross_entropy_forward's losses and lse (up to the rounding of sum_exp and its
+// summation order), then cross_entropy_backward with vocab_start. Statistics are f32, or f64
+// when the logits are f64 (as above). Targets must be < vocab_size or negative (ignored), as for
+// cross_entropy_forward.
+// row_max[n] = max over this shard's real columns; -inf when the shard has none.
+void cross_entropy_shard_max(Tensor row_max /*(N)*/, Tensor logits /*(N,Vl)*/,
+                             int64_t vocab_start, int vocab_size);
+// sum_exp[n] = sum over this shard's real columns of exp(logits[n,j] - row_max[n]) (row_max is
+// the GLOBAL max); target_logit[n] = logits[n, y - vocab_start] when y = targets[n] falls in this
+// shard, else 0 (ignored rows, y < 0: 0).
+void cross_entropy_shard_sums(Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
+                              Tensor logits /*(N,Vl)*/, Tensor row_max /*(N)*/,
+                              Tensor targets /*(N) i32*/, int64_t vocab_start, int vocab_size);
+// lse = row_max + log(sum_exp); losses = lse - target_logit, 0 on ignored rows (lse still set).
+void cross_entropy_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(N)*/, Tensor row_max /*(N)*/,
+                                Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
+                                Tensor targets /*(N) i32*/);
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),

@@ -13,10 +13,14 @@ using ops::AdamWStep;
 
 // ---- embedding: token embedding plus optional learned positions ----------------------------
 // out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]      (wpe may be empty)
+// Vocabulary-parallel: wte holds rows [vocab_start, vocab_start + Vl) of a (vocab_total, C)
+// table (vocab_total = -1: Vl); tokens outside the shard give a zero row and no dwte update.
 void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
-                       Tensor wte /*(V,C)*/, Tensor wpe /*(maxT,C) or empty*/);
-void embedding_backward(Tensor dwte /*(V,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
-                        Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/);
+                       Tensor wte /*(Vl,C)*/, Tensor wpe /*(maxT,C) or empty*/,
+                       int64_t vocab_start = 0, int64_t vocab_total = -1);
+void embedding_backward(Tensor dwte /*(Vl,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
+                        Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
+                        int64_t vocab_start = 0, int64_t vocab_total = -1);
 
 // ---- LayerNorm over the last dim; mean and rstd are saved for backward ---------------------
 void layernorm_forward(Tensor out /*(N,C)*/, Tensor mean /*(N) f32*/, Tensor rstd /*(N) f32*/,
@@ -91,10 +95,22 @@ double sum_squares(Tensor x);
 void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
                            Tensor logits /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size);
 // dlogits = dloss * (softmax(logits) - onehot(y)) on valid rows and columns, 0 elsewhere.
-// dlogits may alias logits (computed in place).
-void cross_entropy_backward(Tensor dlogits /*(N,V)*/, Tensor logits /*(N,V)*/,
+// dlogits may alias logits (computed in place). With vocab_start, logits are columns
+// [vocab_start, vocab_start + Vl) of the vocabulary and lse is the global one.
+void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/,
                             Tensor lse /*(N)*/, Tensor targets /*(N) i32*/, int vocab_size,
-                            float dloss);
+                            float dloss, int64_t vocab_start = 0);
+
+// ---- vocabulary-parallel cross-entropy pieces (kernels/ops.h has the recipe) ----------------
+// Statistics are f32, or f64 when the logits are f64.
+void cross_entropy_shard_max(Tensor row_max /*(N)*/, Tensor logits /*(N,Vl)*/,
+                             int64_t vocab_start, int vocab_size);
+void cross_entropy_shard_sums(Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
+                              Tensor logits /*(N,Vl)*/, Tensor row_max /*(N)*/,
+                              Tensor targets /*(N) i32*/, int64_t vocab_start, int vocab_size);
+void cross_entropy_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(N)*/, Tensor row_max /*(N)*/,
+                                Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
+                                Tensor targets /*(N) i32*/);
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),

@@ -1,9 +1,10 @@
-// CPU token embedding plus optional learned positions (GPT-2 wte/wpe).
-// Shapes: B batch, T time, C channels, V vocabulary (padded), maxT rows of wpe (T <= maxT).
+// CPU token embedding plus optional learned positions (GPT-2 wte/wpe), also vocabulary-parallel:
+// wte may be the rows [vocab_start, vocab_start + Vl) of a (vocab_total, C) table, and tokens
+// outside that shard read as a zero row and add nothing to dwte.
+// Shapes: B batch, T time, C channels, Vl rows of wte, maxT rows of wpe (T <= maxT).
 // Backward accumulates deterministically: positions holding the same token are summed in double
 // in position order, and each dwte row is written by exactly one thread.
 #include <algorithm>
-#include <numeric>
 #include <vector>
 
 #include "kernels/cpu/cpu_common.h"
@@ -24,9 +25,11 @@ void check_tokens(const Tensor& tokens, int64_t vocab, const char* op) {
   }
 }
 
-// Checks shared by forward and backward; `table` is wte or dwte, `pos` is wpe or dwpe.
-void check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& table,
-                     const Tensor& pos, const char* op, const char* acts_name) {
+// Checks shared by forward and backward; `table` is wte or dwte, `pos` is wpe or dwpe. Returns
+// the size of the whole vocabulary (vocab_total, or Vl when it is -1).
+int64_t check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& table,
+                        const Tensor& pos, int64_t vocab_start, int64_t vocab_total,
+                        const char* op, const char* acts_name) {
   check_compute_dtype(table, op, "wte");
   check_float(acts, table.dtype, op, acts_name);
   check_host(tokens, op, "tokens");
@@ -40,15 +43,23 @@ void check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& tab
     TS_CHECK(pos.ndim() == 2 && pos.dim(1) == num_c && pos.dim(0) >= num_t,
              "{}: wpe must be (maxT, C={}) with maxT >= T={}, got {}", op, num_c, num_t, pos.str());
   }
-  check_tokens(tokens, table.dim(0), op);
+  const int64_t num_local = table.dim(0);
+  if (vocab_total == -1) vocab_total = num_local;
+  TS_CHECK(vocab_start >= 0 && vocab_total >= 1 && vocab_start + num_local <= vocab_total,
+           "{}: the shard [vocab_start = {}, + Vl = {}) does not fit in vocab_total = {}", op,
+           vocab_start, num_local, vocab_total);
+  check_tokens(tokens, vocab_total, op);
+  return vocab_total;
 }
 
 }  // namespace
 
-void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
+void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t vocab_start,
+                       int64_t vocab_total) {
   constexpr const char* kOp = "embedding_forward";
-  check_embedding(out, tokens, wte, wpe, kOp, "out");
+  check_embedding(out, tokens, wte, wpe, vocab_start, vocab_total, kOp, "out");
   const int64_t num_t = tokens.dim(1), num_c = wte.dim(1), num_rows = tokens.numel();
+  const int64_t num_local = wte.dim(0);
   const int32_t* tok = tokens.ptr<int32_t>();
   dispatch_float(out.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
@@ -58,34 +69,48 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
 #pragma omp parallel for schedule(static) if (num_rows * num_c > kMinParallelWork)
     for (int64_t row = 0; row < num_rows; ++row) {
       T* o_row = o + row * num_c;
-      const T* w_row = w + int64_t(tok[row]) * num_c;
-      if (p == nullptr) {
+      const int64_t local = int64_t(tok[row]) - vocab_start;
+      const T* p_row = p == nullptr ? nullptr : p + (row % num_t) * num_c;
+      if (local < 0 || local >= num_local) {  // another tp rank's row: contributes zero
+        if (p_row == nullptr) std::fill(o_row, o_row + num_c, T(0));
+        else std::copy(p_row, p_row + num_c, o_row);
+        continue;
+      }
+      const T* w_row = w + local * num_c;
+      if (p_row == nullptr) {
         std::copy(w_row, w_row + num_c, o_row);
         continue;
       }
-      const T* p_row = p + (row % num_t) * num_c;
       for (int64_t c = 0; c < num_c; ++c) o_row[c] = w_row[c] + p_row[c];
     }
   });
 }
 
-void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
+                        int64_t vocab_total) {
   constexpr const char* kOp = "embedding_backward";
-  check_embedding(dout, tokens, dwte, dwpe, kOp, "dout");
+  check_embedding(dout, tokens, dwte, dwpe, vocab_start, vocab_total, kOp, "dout");
+  const int64_t num_local = dwte.dim(0);
   const int64_t num_b = tokens.dim(0), num_t = tokens.dim(1), num_c = dwte.dim(1);
   const int64_t num_rows = tokens.numel();
   const int32_t* tok = tokens.ptr<int32_t>();
 
-  // Positions grouped by token id (stable, so each group is in position order): a repeated token
-  // gets one summed update, and distinct groups write distinct dwte rows.
-  std::vector<int64_t> order(num_rows);
-  std::iota(order.begin(), order.end(), int64_t{0});
+  // Positions of this shard's tokens grouped by token id (stable, so each group is in position
+  // order): a repeated token gets one summed update, and distinct groups write distinct dwte rows.
+  // Tokens of other shards have no row here and are left out.
+  std::vector<int64_t> order;
+  order.reserve(num_rows);
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const int64_t local = int64_t(tok[i]) - vocab_start;
+    if (local >= 0 && local < num_local) order.push_back(i);
+  }
+  const int64_t num_local_rows = int64_t(order.size());
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t x, int64_t y) { return tok[x] < tok[y]; });
   std::vector<int64_t> group_begin;
-  for (int64_t i = 0; i < num_rows; ++i)
+  for (int64_t i = 0; i < num_local_rows; ++i)
     if (i == 0 || tok[order[i]] != tok[order[i - 1]]) group_begin.push_back(i);
-  group_begin.push_back(num_rows);
+  group_begin.push_back(num_local_rows);
   const int64_t num_groups = int64_t(group_begin.size()) - 1;
 
   dispatch_float(dout.dtype, kOp, [&](auto zero) {
@@ -99,7 +124,7 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
         const T* d_row = d + order[i] * num_c;
         for (int64_t c = 0; c < num_c; ++c) acc[c] += d_row[c];
       }
-      T* dw_row = dw + int64_t(tok[order[group_begin[g]]]) * num_c;
+      T* dw_row = dw + (int64_t(tok[order[group_begin[g]]]) - vocab_start) * num_c;
       for (int64_t c = 0; c < num_c; ++c) dw_row[c] = T(double(dw_row[c]) + acc[c]);
     }
 

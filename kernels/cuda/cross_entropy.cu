@@ -3,9 +3,12 @@
 // saves lse; the backward writes dlogits = dloss * (softmax - onehot) in place if asked (dlogits
 // may be logits), zeros in padding columns and on ignored rows (target < 0). Rows need not be
 // 16-byte aligned (V = 50257 is fine): each row is walked as a scalar head, 16-byte packs, and a
-// scalar tail. Shape letters: N rows, V padded vocabulary width (>= vocab_size).
+// scalar tail. The vocabulary-parallel pieces (shard max, shard sums: one block per row over the
+// shard's real columns; finish: elementwise) and the sharded backward (vocab_start) follow the
+// same layout. Shape letters: N rows, V padded vocabulary width (>= vocab_size), Vl shard width.
 // Targets stay on the device and are not checked on the host (that would synchronize): a target
-// >= vocab_size gives a NaN loss and a NaN gradient row, so the step fails loudly downstream.
+// >= vocab_size gives a NaN loss and a NaN gradient row (on every shard), so the step fails
+// loudly downstream.
 #include <cmath>
 
 #include "kernels/cuda/cuda_ops.h"
@@ -121,18 +124,20 @@ cross_entropy_forward_kernel(float* losses, float* lse, const T* logits, const i
   losses[row] = y < 0 ? 0.0f : y < vocab_size ? row_lse - to_f32(x[y]) : NAN;
 }
 
-// dloss * (p - onehot) on real columns, 0 on padding columns.
-__device__ __forceinline__ float ce_grad(float x, int64_t c, int32_t y, int vocab_size,
+// dloss * (p - onehot) on real columns (local column c < num_real), 0 on padding columns; y is
+// the target's local column (outside [0, width) when another shard holds it).
+__device__ __forceinline__ float ce_grad(float x, int64_t c, int64_t y, int64_t num_real,
                                          float row_lse, float dloss) {
-  if (c >= vocab_size) return 0.0f;
+  if (c >= num_real) return 0.0f;
   return dloss * (__expf(x - row_lse) - (c == y ? 1.0f : 0.0f));
 }
 
 // Every element is read before it is written, by the same thread: dlogits may be logits.
+// The row is the global columns [vocab_start, vocab_start + width); num_real of them are real.
 template <class T> __global__ void __launch_bounds__(kRowThreads)
 cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
                               const int32_t* targets, int64_t width, int vocab_size,
-                              float dloss) {
+                              int64_t vocab_start, int64_t num_real, float dloss) {
   constexpr int kVec = kVecWidth<T>;
   const int64_t row = blockIdx.x;
   const T* x = logits + row * width;
@@ -140,11 +145,12 @@ cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
   const int32_t y = targets[row];
   // Ignored rows get zeros everywhere; rows with an invalid target get NaN (see the header).
   const bool ignored = y < 0, invalid = y >= vocab_size;
+  const int64_t local_y = int64_t(y) - vocab_start;
   const float row_lse = lse[row];
   auto grad = [&](float v, int64_t c) {
     if (ignored) return 0.0f;
     if (invalid) return NAN;
-    return ce_grad(v, c, y, vocab_size, row_lse, dloss);
+    return ce_grad(v, c, local_y, num_real, row_lse, dloss);
   };
   // dx and x have the same misalignment (same row offset, both tensors 2-byte aligned or not).
   const int head = head_elems(dx, width);
@@ -179,20 +185,129 @@ cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
     dx[c] = from_f32<T>(grad(to_f32(x[c]), c));
 }
 
+// ---- vocabulary-parallel pieces ---------------------------------------------------------------
+
+// Calls f(x) for each of the first `count` elements of row x (in f32), walked as the forward
+// walks a row: a scalar head up to the first 16-byte boundary, kUnroll packs in flight per
+// thread, then a scalar tail.
+template <class T, class F>
+__device__ __forceinline__ void for_each_in_row(const T* x, int count, F&& f) {
+  constexpr int kVec = kVecWidth<T>;
+  const int head = head_elems(x, count);
+  const int num_packs = (count - head) / kVec;
+  const T* body = x + head;
+  for (int c = threadIdx.x; c < head; c += kRowThreads) f(to_f32(x[c]));
+  for (int p0 = threadIdx.x; p0 < num_packs; p0 += kUnroll * kRowThreads) {
+    Pack<T, kVec> v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int p = p0 + u * kRowThreads;
+      if (p < num_packs) v[u] = load_pack<T, kVec>(body + int64_t(p) * kVec);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (p0 + u * kRowThreads < num_packs) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) f(to_f32(v[u].v[j]));
+      }
+    }
+  }
+  for (int c = head + num_packs * kVec + threadIdx.x; c < count; c += kRowThreads)
+    f(to_f32(x[c]));
+}
+
+// Max over the kRowThreads threads of the block, valid in thread 0. fmaxf skips NaN, like the
+// CPU reference's std::max; a NaN logit poisons the sums instead.
+__device__ __forceinline__ float block_max(float v, float* smem /*kRowThreads / 32*/) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kRowThreads / 32; ++w) m = fmaxf(m, smem[w]);
+  return m;
+}
+
+// row_max[row] = max of the row's num_real real columns; -inf when num_real = 0.
+template <class T> __global__ void __launch_bounds__(kRowThreads)
+cross_entropy_shard_max_kernel(float* row_max, const T* logits, int64_t width, int num_real) {
+  __shared__ float smem[kRowThreads / 32];
+  const int64_t row = blockIdx.x;
+  float m = -INFINITY;
+  for_each_in_row(logits + row * width, num_real, [&](float x) { m = fmaxf(m, x); });
+  m = block_max(m, smem);
+  if (threadIdx.x == 0) row_max[row] = m;
+}
+
+// sum_exp[row] = sum of exp(x - row_max[row]) over the real columns (summed per thread, then in
+// a fixed order across the block); target_logit[row] = the target's logit when this shard holds
+// it, 0 when another shard does or the row is ignored, NaN for a target >= vocab_size.
+template <class T> __global__ void __launch_bounds__(kRowThreads)
+cross_entropy_shard_sums_kernel(float* sum_exp, float* target_logit, const T* logits,
+                                const float* row_max, const int32_t* targets, int64_t width,
+                                int num_real, int64_t vocab_start, int vocab_size) {
+  __shared__ float smem[kRowThreads / 32];
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * width;
+  const float m = row_max[row];
+  // The exact difference x - m keeps large logits accurate (the forward's single FFMA would
+  // round m * log2e first); the extra FADD is free in this memory-bound loop.
+  float s[1] = {0.0f};
+  for_each_in_row(x, num_real, [&](float v) { s[0] += fast_exp2((v - m) * kLog2e); });
+  row_sum<kRowThreads, 1>(s, smem);
+  if (threadIdx.x != 0) return;
+  sum_exp[row] = s[0];
+  const int32_t y = targets[row];
+  const int64_t local = int64_t(y) - vocab_start;
+  float t = 0.0f;
+  if (y >= vocab_size) t = NAN;
+  else if (y >= 0 && local >= 0 && local < width) t = to_f32(x[local]);
+  target_logit[row] = t;
+}
+
+// lse = row_max + log(sum_exp); losses = lse - target_logit, 0 on ignored rows.
+__global__ void __launch_bounds__(kBlock)
+cross_entropy_shard_finish_kernel(float* losses, float* lse, const float* row_max,
+                                  const float* sum_exp, const float* target_logit,
+                                  const int32_t* targets, int64_t num_rows) {
+  for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < num_rows;
+       n += int64_t(gridDim.x) * blockDim.x) {
+    const float row_lse = row_max[n] + logf(sum_exp[n]);
+    lse[n] = row_lse;
+    losses[n] = targets[n] < 0 ? 0.0f : row_lse - target_logit[n];
+  }
+}
+
 // ---- launchers ------------------------------------------------------------------------------
 
-// Checks logits (N, V) and targets (N); returns N.
-int64_t check_ce_args(const Tensor& logits, const Tensor& targets, int vocab_size,
-                      const char* op) {
+// Checks logits (N, V) and the vocabulary size; returns N. A shard (sharded = true) cannot check
+// vocab_size against its width: only the caller knows the whole padded vocabulary.
+int64_t check_logits(const Tensor& logits, int vocab_size, int64_t vocab_start, bool sharded,
+                     const char* op) {
   expect_compute_dtype(logits, op, "logits");
   TS_CHECK(logits.ndim() == 2, "{}: logits must be (N, V), got {}", op, logits.str());
   const int64_t num_rows = logits.dim(0);
-  TS_CHECK(vocab_size >= 1 && vocab_size <= logits.dim(1),
+  TS_CHECK(vocab_size >= 1 && (sharded || vocab_size <= logits.dim(1)),
            "{}: vocab_size = {} outside [1, V = {}]", op, vocab_size, logits.dim(1));
-  expect_tensor(targets, DType::i32, Shape{num_rows}, op, "targets");
+  TS_CHECK(vocab_start >= 0, "{}: vocab_start = {} is negative", op, vocab_start);
   TS_CHECK(num_rows < (int64_t(1) << 31), "{}: N = {} rows is too many for one launch", op,
            num_rows);
   return num_rows;
+}
+
+// check_logits plus targets (N) i32.
+int64_t check_ce_args(const Tensor& logits, const Tensor& targets, int vocab_size,
+                      int64_t vocab_start, bool sharded, const char* op) {
+  const int64_t num_rows = check_logits(logits, vocab_size, vocab_start, sharded, op);
+  expect_tensor(targets, DType::i32, Shape{num_rows}, op, "targets");
+  return num_rows;
+}
+
+// Real (non-padding) columns of a shard `width` wide that starts at global column vocab_start.
+int num_real_columns(int64_t vocab_start, int64_t width, int vocab_size) {
+  return static_cast<int>(std::clamp<int64_t>(int64_t(vocab_size) - vocab_start, 0, width));
 }
 
 }  // namespace
@@ -200,7 +315,7 @@ int64_t check_ce_args(const Tensor& logits, const Tensor& targets, int vocab_siz
 void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets,
                            int vocab_size) {
   constexpr const char* kOp = "cross_entropy_forward";
-  const int64_t num_rows = check_ce_args(logits, targets, vocab_size, kOp);
+  const int64_t num_rows = check_ce_args(logits, targets, vocab_size, 0, false, kOp);
   expect_tensor(losses, DType::f32, Shape{num_rows}, kOp, "losses");
   expect_tensor(lse, DType::f32, Shape{num_rows}, kOp, "lse");
   TS_CHECK(!overlaps(losses, lse), "{}: losses and lse overlap", kOp);
@@ -217,9 +332,9 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
 }
 
 void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
-                            int vocab_size, float dloss) {
+                            int vocab_size, float dloss, int64_t vocab_start) {
   constexpr const char* kOp = "cross_entropy_backward";
-  const int64_t num_rows = check_ce_args(logits, targets, vocab_size, kOp);
+  const int64_t num_rows = check_ce_args(logits, targets, vocab_size, vocab_start, true, kOp);
   expect_tensor(lse, DType::f32, Shape{num_rows}, kOp, "lse");
   expect_tensor(dlogits, logits.dtype, logits.shape, kOp, "dlogits");
   TS_CHECK(!overlaps(dlogits, logits) || dlogits.data == logits.data,
@@ -228,13 +343,79 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
   TS_CHECK(!overlaps(dlogits, lse), "{}: dlogits overlaps lse", kOp);
   TS_CHECK(!overlaps(dlogits, targets), "{}: dlogits overlaps targets", kOp);
   if (num_rows == 0) return;
+  const int64_t width = logits.dim(1);
   dispatch_float(logits, kOp, [&]<class T>() {
     cross_entropy_backward_kernel<T><<<num_rows, kRowThreads, 0, stream()>>>(
         static_cast<T*>(dlogits.data), static_cast<const T*>(logits.data),
-        static_cast<const float*>(lse.data), static_cast<const int32_t*>(targets.data),
-        logits.dim(1), vocab_size, dloss);
+        static_cast<const float*>(lse.data), static_cast<const int32_t*>(targets.data), width,
+        vocab_size, vocab_start, num_real_columns(vocab_start, width, vocab_size), dloss);
     TS_CUDA_CHECK_LAUNCH();
   });
+}
+
+void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start, int vocab_size) {
+  constexpr const char* kOp = "cross_entropy_shard_max";
+  const int64_t num_rows = check_logits(logits, vocab_size, vocab_start, true, kOp);
+  expect_tensor(row_max, DType::f32, Shape{num_rows}, kOp, "row_max");
+  TS_CHECK(!overlaps(row_max, logits), "{}: row_max must not alias logits", kOp);
+  if (num_rows == 0) return;
+  const int64_t width = logits.dim(1);
+  dispatch_float(logits, kOp, [&]<class T>() {
+    cross_entropy_shard_max_kernel<T><<<num_rows, kRowThreads, 0, stream()>>>(
+        static_cast<float*>(row_max.data), static_cast<const T*>(logits.data), width,
+        num_real_columns(vocab_start, width, vocab_size));
+    TS_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits, Tensor row_max,
+                              Tensor targets, int64_t vocab_start, int vocab_size) {
+  constexpr const char* kOp = "cross_entropy_shard_sums";
+  const int64_t num_rows = check_ce_args(logits, targets, vocab_size, vocab_start, true, kOp);
+  const Shape rows{num_rows};
+  expect_tensor(sum_exp, DType::f32, rows, kOp, "sum_exp");
+  expect_tensor(target_logit, DType::f32, rows, kOp, "target_logit");
+  expect_tensor(row_max, DType::f32, rows, kOp, "row_max");
+  for (const Tensor* out : {&sum_exp, &target_logit})
+    for (const Tensor* in : {&logits, &row_max, &targets})
+      TS_CHECK(!overlaps(*out, *in), "{}: sum_exp and target_logit must not alias an input", kOp);
+  TS_CHECK(!overlaps(sum_exp, target_logit), "{}: sum_exp and target_logit overlap", kOp);
+  if (num_rows == 0) return;
+  const int64_t width = logits.dim(1);
+  dispatch_float(logits, kOp, [&]<class T>() {
+    cross_entropy_shard_sums_kernel<T><<<num_rows, kRowThreads, 0, stream()>>>(
+        static_cast<float*>(sum_exp.data), static_cast<float*>(target_logit.data),
+        static_cast<const T*>(logits.data), static_cast<const float*>(row_max.data),
+        static_cast<const int32_t*>(targets.data), width,
+        num_real_columns(vocab_start, width, vocab_size), vocab_start, vocab_size);
+    TS_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void cross_entropy_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tensor sum_exp,
+                                Tensor target_logit, Tensor targets) {
+  constexpr const char* kOp = "cross_entropy_shard_finish";
+  TS_CHECK(!row_max.empty() && row_max.ndim() == 1, "{}: row_max must be (N), got {}", kOp,
+           row_max.str());
+  const int64_t num_rows = row_max.dim(0);
+  const Shape rows{num_rows};
+  expect_tensor(row_max, DType::f32, rows, kOp, "row_max");
+  expect_tensor(sum_exp, DType::f32, rows, kOp, "sum_exp");
+  expect_tensor(target_logit, DType::f32, rows, kOp, "target_logit");
+  expect_tensor(losses, DType::f32, rows, kOp, "losses");
+  expect_tensor(lse, DType::f32, rows, kOp, "lse");
+  expect_tensor(targets, DType::i32, rows, kOp, "targets");
+  for (const Tensor* out : {&losses, &lse})
+    for (const Tensor* in : {&row_max, &sum_exp, &target_logit, &targets})
+      TS_CHECK(!overlaps(*out, *in), "{}: losses and lse must not alias an input", kOp);
+  TS_CHECK(!overlaps(losses, lse), "{}: losses and lse overlap", kOp);
+  if (num_rows == 0) return;
+  cross_entropy_shard_finish_kernel<<<grid_for(num_rows), kBlock, 0, stream()>>>(
+      static_cast<float*>(losses.data), static_cast<float*>(lse.data),
+      static_cast<const float*>(row_max.data), static_cast<const float*>(sum_exp.data),
+      static_cast<const float*>(target_logit.data), static_cast<const int32_t*>(targets.data),
+      num_rows);
+  TS_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace tessera::cuda

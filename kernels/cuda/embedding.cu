@@ -1,10 +1,12 @@
-// CUDA token embedding plus optional learned positions (GPT-2 wte/wpe), forward and backward.
-// Shapes: B batch, T time, C channels, V vocabulary (padded), maxT rows of wpe (T <= maxT).
+// CUDA token embedding plus optional learned positions (GPT-2 wte/wpe), forward and backward,
+// also vocabulary-parallel: wte may be the rows [vocab_start, vocab_start + Vl) of a
+// (vocab_total, C) table; tokens of other shards read as a zero row and add nothing to dwte.
+// Shapes: B batch, T time, C channels, Vl rows of wte, maxT rows of wpe (T <= maxT).
 // The backward is deterministic without float atomics: positions are stably sorted by token id
 // (CUB radix sort in the workspace), then one block per distinct token sums its positions' rows
 // in position order and adds the sum to that dwte row once; dwpe sums over the batch in order.
 // Token ids stay on the device and are not checked on the host (that would synchronize): an id
-// outside [0, V) makes its output row NaN in the forward and is skipped by the backward.
+// outside [0, vocab_total) makes its output row NaN in the forward and is skipped by the backward.
 #include <cub/device/device_radix_sort.cuh>
 
 #include "kernels/cuda/cuda_ops.h"
@@ -16,10 +18,12 @@ namespace {
 
 // ---- kernels ---------------------------------------------------------------------------------
 
-// One pack of kWidth channels per item: out[row, :] = wte[tokens[row], :] + wpe[row % T, :].
+// One pack of kWidth channels per item: out[row, :] = wte[tokens[row], :] + wpe[row % T, :],
+// with a zero wte row for tokens of other shards.
 template <class T, int kWidth> __global__ void __launch_bounds__(kBlock)
 embedding_forward_kernel(T* out, const int32_t* tokens, const T* wte, const T* wpe,
-                         int64_t num_rows, int64_t num_t, int num_c, int64_t vocab) {
+                         int64_t num_rows, int64_t num_t, int num_c, int64_t vocab_start,
+                         int64_t num_local, int64_t vocab_total) {
   const int packs_per_row = num_c / kWidth;
   const int64_t total = num_rows * packs_per_row;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -27,12 +31,20 @@ embedding_forward_kernel(T* out, const int32_t* tokens, const T* wte, const T* w
     const int64_t row = i / packs_per_row;
     const int c = static_cast<int>(i % packs_per_row) * kWidth;
     const int32_t token = tokens[row];
+    const int64_t local = int64_t(token) - vocab_start;
     Pack<T, kWidth> y;
-    if (token < 0 || token >= vocab) {
+    if (token < 0 || token >= vocab_total) {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) y.v[j] = from_f32<T>(NAN);
+    } else if (local < 0 || local >= num_local) {  // another tp rank's row: zero, plus wpe
+      if (wpe != nullptr) {
+        y = load_pack<T, kWidth>(wpe + (row % num_t) * num_c + c);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) y.v[j] = from_f32<T>(0.0f);
+      }
     } else {
-      y = load_pack<T, kWidth>(wte + int64_t(token) * num_c + c);
+      y = load_pack<T, kWidth>(wte + local * num_c + c);
       if (wpe != nullptr) {
         const Pack<T, kWidth> p = load_pack<T, kWidth>(wpe + (row % num_t) * num_c + c);
 #pragma unroll
@@ -49,19 +61,21 @@ __global__ void __launch_bounds__(kBlock) iota_kernel(int32_t* x, int64_t n) {
 }
 
 // Block i handles the group of equal tokens that starts at sorted index i (other blocks exit):
-// dwte[token, :] += sum of dout[positions of the group, :], summed in position order in f32.
+// dwte[token - vocab_start, :] += sum of dout[positions of the group, :], summed in position
+// order in f32. Groups of other shards' tokens (and of invalid ids) exit at once.
 template <class T, int kWidth> __global__ void __launch_bounds__(kBlock)
 embedding_backward_wte_kernel(T* dwte, const T* dout, const int32_t* sorted_tokens,
                               const int32_t* sorted_rows, int64_t num_rows, int num_c,
-                              int64_t vocab) {
+                              int64_t vocab_start, int64_t num_local) {
   const int64_t begin = blockIdx.x;
   const int32_t token = sorted_tokens[begin];
   if (begin > 0 && sorted_tokens[begin - 1] == token) return;
-  if (token < 0 || token >= vocab) return;
+  const int64_t local = int64_t(token) - vocab_start;
+  if (local < 0 || local >= num_local) return;
   int64_t end = begin + 1;
   while (end < num_rows && sorted_tokens[end] == token) ++end;
   const int packs_per_row = num_c / kWidth;
-  T* dw_row = dwte + int64_t(token) * num_c;
+  T* dw_row = dwte + local * num_c;
   for (int p = threadIdx.x; p < packs_per_row; p += kBlock) {
     float acc[kWidth] = {};
 #pragma unroll 4
@@ -100,10 +114,12 @@ embedding_backward_wpe_kernel(T* dwpe, const T* dout, int64_t num_b, int64_t num
 
 // ---- launchers ------------------------------------------------------------------------------
 
-// Checks shared by forward and backward; `table` is wte or dwte, `pos` is wpe or dwpe.
-void check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& table,
-                     const Tensor& pos, const char* op, const char* acts_name,
-                     const char* table_name, const char* pos_name) {
+// Checks shared by forward and backward; `table` is wte or dwte, `pos` is wpe or dwpe. Returns
+// the size of the whole vocabulary (vocab_total, or Vl when it is -1).
+int64_t check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& table,
+                        const Tensor& pos, int64_t vocab_start, int64_t vocab_total,
+                        const char* op, const char* acts_name, const char* table_name,
+                        const char* pos_name) {
   expect_compute_dtype(table, op, table_name);
   TS_CHECK(table.ndim() == 2, "{}: {} must be (V, C), got {}", op, table_name, table.str());
   TS_CHECK(!tokens.empty() && tokens.device == Device::cuda && tokens.dtype == DType::i32 &&
@@ -118,6 +134,12 @@ void check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& tab
              "{}: {} must be ({}, maxT, C={}) with maxT >= T={}, got {}", op, pos_name,
              dtype_name(table.dtype), num_c, num_t, pos.str());
   }
+  const int64_t num_local = table.dim(0);
+  if (vocab_total == -1) vocab_total = num_local;
+  TS_CHECK(vocab_start >= 0 && vocab_total >= 1 && vocab_start + num_local <= vocab_total,
+           "{}: the shard [vocab_start = {}, + Vl = {}) does not fit in vocab_total = {}", op,
+           vocab_start, num_local, vocab_total);
+  return vocab_total;
 }
 
 bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> tensors) {
@@ -129,7 +151,7 @@ bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> te
 
 template <class T, int kWidth>
 void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
-                   const Tensor& tokens) {
+                   const Tensor& tokens, int64_t vocab_start) {
   const int64_t num_b = tokens.dim(0), num_t = tokens.dim(1), num_rows = tokens.numel();
   const int num_c = static_cast<int>(dwte.dim(1));
   const auto* d = static_cast<const T*>(dout.data);
@@ -156,7 +178,8 @@ void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
   TS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, tok, sorted_tokens, rows,
                                                 sorted_rows, num_rows, 0, 32, stream()));
   embedding_backward_wte_kernel<T, kWidth><<<num_rows, kBlock, 0, stream()>>>(
-      static_cast<T*>(dwte.data), d, sorted_tokens, sorted_rows, num_rows, num_c, dwte.dim(0));
+      static_cast<T*>(dwte.data), d, sorted_tokens, sorted_rows, num_rows, num_c, vocab_start,
+      dwte.dim(0));
   TS_CUDA_CHECK_LAUNCH();
   if (!dwpe.empty()) {
     const int64_t work = num_t * (num_c / kWidth);
@@ -168,9 +191,11 @@ void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
 
 }  // namespace
 
-void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
+void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t vocab_start,
+                       int64_t vocab_total) {
   constexpr const char* kOp = "embedding_forward";
-  check_embedding(out, tokens, wte, wpe, kOp, "out", "wte", "wpe");
+  vocab_total =
+      check_embedding(out, tokens, wte, wpe, vocab_start, vocab_total, kOp, "out", "wte", "wpe");
   TS_CHECK(!overlaps(out, wte) && !overlaps(out, wpe) && !overlaps(out, tokens),
            "{}: out must not alias an input", kOp);
   const int64_t num_rows = tokens.numel(), num_c = wte.dim(1);
@@ -182,7 +207,7 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
               static_cast<T*>(out.data), static_cast<const int32_t*>(tokens.data),
               static_cast<const T*>(wte.data),
               wpe.empty() ? nullptr : static_cast<const T*>(wpe.data), num_rows, tokens.dim(1),
-              int(num_c), wte.dim(0));
+              int(num_c), vocab_start, wte.dim(0), vocab_total);
       TS_CUDA_CHECK_LAUNCH();
     };
     if (use_packs(num_c, kVecWidth<T>, {&out, &wte, &wpe}))
@@ -192,9 +217,11 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
   });
 }
 
-void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
+                        int64_t vocab_total) {
   constexpr const char* kOp = "embedding_backward";
-  check_embedding(dout, tokens, dwte, dwpe, kOp, "dout", "dwte", "dwpe");
+  check_embedding(dout, tokens, dwte, dwpe, vocab_start, vocab_total, kOp, "dout", "dwte",
+                  "dwpe");
   TS_CHECK(!overlaps(dwte, dwpe) && !overlaps(dwte, dout) && !overlaps(dwpe, dout),
            "{}: dwte, dwpe and dout must be distinct buffers", kOp);
   TS_CHECK(tokens.numel() < (int64_t(1) << 31), "{}: {} tokens are too many for one call", kOp,
@@ -202,9 +229,9 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
   if (tokens.numel() == 0 || dwte.dim(1) == 0) return;
   dispatch_float(dwte, kOp, [&]<class T>() {
     if (use_packs(dwte.dim(1), kVecWidth<T>, {&dwte, &dwpe, &dout}))
-      backward_impl<T, kVecWidth<T>>(dwte, dwpe, dout, tokens);
+      backward_impl<T, kVecWidth<T>>(dwte, dwpe, dout, tokens, vocab_start);
     else
-      backward_impl<T, 1>(dwte, dwpe, dout, tokens);
+      backward_impl<T, 1>(dwte, dwpe, dout, tokens, vocab_start);
   });
 }
 

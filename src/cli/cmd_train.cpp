@@ -1,9 +1,12 @@
-// `tessera train RECIPE.yaml [--set section.key=value ...]`
+// `tessera train RECIPE.yaml [--set section.key=value ...]`, under mpirun/srun or alone. MPI is
+// initialized only when a launcher started the process, so a plain serial run never needs it.
 #include <cstdio>
+#include <optional>
 
 #include "cli/command.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "parallel/mpi_runtime.h"
 #include "train/trainer.h"
 
 namespace tessera::cli {
@@ -30,6 +33,8 @@ int run_train(const std::vector<std::string>& args) {
     }
   }
   if (recipe_path.empty()) TS_USER_ERROR("usage: tessera train RECIPE.yaml [--set section.key=value ...]");
+  std::optional<MpiRuntime> mpi;
+  if (launched_by_mpi_launcher()) mpi.emplace(nullptr, nullptr);
   const Recipe recipe = load_recipe(recipe_path, overrides);
   LogLevel level = LogLevel::info;
   if (recipe.logging.level == "debug") level = LogLevel::debug;
@@ -37,7 +42,8 @@ int run_train(const std::vector<std::string>& args) {
   if (recipe.logging.level == "error") level = LogLevel::error;
   log_set_level(level);
   const TrainSummary s = train(recipe);
-  std::printf("final: step %lld | train_loss %.4f | val_loss %.4f | train time %.1fs\n",
+  if (world_rank() == 0)
+    std::printf("final: step %lld | train_loss %.4f | val_loss %.4f | train time %.1fs\n",
               static_cast<long long>(s.last_step), s.last_train_loss, s.final_val_loss,
               s.train_seconds);
   return 0;

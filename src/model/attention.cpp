@@ -9,9 +9,11 @@
 
 namespace tessera {
 
-void Attention::declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg) {
-  num_heads_ = cfg.num_heads;
-  num_kv_heads_ = cfg.num_kv_heads;
+void Attention::declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
+                        const ModelShard& shard) {
+  shard_ = shard;
+  num_heads_ = cfg.num_heads / shard.tp_size;
+  num_kv_heads_ = cfg.num_kv_heads / shard.tp_size;
   head_dim_ = cfg.resolved_head_dim();
   rope_ = cfg.position == PositionKind::rope;
   rope_theta_ = cfg.rope_theta;
@@ -20,13 +22,21 @@ void Attention::declare(ParamStore& ps, const std::string& name, const ModelConf
   // GPT-2: residual projections are scaled by 1/sqrt(2 L) so the residual stream's variance does
   // not grow with depth.
   const float proj_std = cfg.init_std / std::sqrt(2.0f * cfg.num_layers);
-  wq_.declare(ps, name + ".wq", C, num_heads_ * D, cfg.bias, cfg.init_std);
-  wk_.declare(ps, name + ".wk", C, num_kv_heads_ * D, cfg.bias, cfg.init_std);
-  wv_.declare(ps, name + ".wv", C, num_kv_heads_ * D, cfg.bias, cfg.init_std);
-  wo_.declare(ps, name + ".wo", num_heads_ * D, C, cfg.bias, proj_std);
+  const int Hq = cfg.num_heads, Hkv = cfg.num_kv_heads;
+  wq_.declare(ps, name + ".wq", C, Hq * D, cfg.bias, cfg.init_std, TpSplit::column, shard);
+  wk_.declare(ps, name + ".wk", C, Hkv * D, cfg.bias, cfg.init_std, TpSplit::column, shard);
+  wv_.declare(ps, name + ".wv", C, Hkv * D, cfg.bias, cfg.init_std, TpSplit::column, shard);
+  wo_.declare(ps, name + ".wo", Hq * D, C, cfg.bias, proj_std, TpSplit::row, shard);
   if (cfg.qk_norm) {
-    q_norm_ = ps.add({name + ".q_norm.weight", {D}, ParamClass::norm, InitKind::ones, 0.0f});
-    k_norm_ = ps.add({name + ".k_norm.weight", {D}, ParamClass::norm, InitKind::ones, 0.0f});
+    // Shared by every head; each tp rank sees only its heads, so its gradient is partial.
+    const auto qk = [&](const char* which) {
+      ParamSpec p{name + which, {D}, ParamClass::norm, InitKind::ones, 0.0f};
+      p.tp_partial_grad = shard.tp_size > 1;
+      p.owner = shard.tp_rank == 0;
+      return ps.add(std::move(p));
+    };
+    q_norm_ = qk(".q_norm.weight");
+    k_norm_ = qk(".k_norm.weight");
   }
 }
 
@@ -87,11 +97,13 @@ void Attention::forward(const ParamStore& ps, AttentionActs& a, Tensor y, Tensor
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   ops::attention_forward(a.out, a.lse, a.q, a.k, a.v, scale);
   wo_.forward(ps, y, token_rows(a.out));
+  reduce_from_tp_region_forward(shard_, y);  // sum of the ranks' head groups
 }
 
 void Attention::backward(ParamStore& ps, const AttentionActs& a, AttentionScratch& s, Tensor dx,
                          Tensor dy, Tensor x) const {
   const bool qk_norm = q_norm_ >= 0;
+  reduce_from_tp_region_backward(shard_, dy);
   wo_.backward(ps, token_rows(s.d_out), dy, token_rows(a.out), false);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   ops::attention_backward(s.dq, s.dk, s.dv, s.d_out, a.q, a.k, a.v, a.out, a.lse, scale);
@@ -111,6 +123,7 @@ void Attention::backward(ParamStore& ps, const AttentionActs& a, AttentionScratc
   wq_.backward(ps, dx, token_rows(dq_lin), x, false);  // q writes dx, k and v add to it
   wk_.backward(ps, dx, token_rows(dk_lin), x, true);
   wv_.backward(ps, dx, token_rows(s.dv), x, true);
+  copy_to_tp_region_backward(shard_, dx);  // x fed every rank's heads
 }
 
 }  // namespace tessera

@@ -25,7 +25,11 @@ struct AttentionScratch {
 
 class Attention {
  public:
-  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg);
+  // cfg is the whole model; under tensor parallelism this rank holds heads
+  // [tp_rank * Hq/tp, (tp_rank + 1) * Hq/tp) and the matching KV heads (GQA groups stay whole).
+  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
+               const ModelShard& shard = {});
+  // Activation sizes come from a LOCAL config (heads already divided by tp).
   static AttentionActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
   static AttentionScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
 
@@ -36,9 +40,10 @@ class Attention {
                 Tensor x) const;
 
  private:
-  Linear wq_, wk_, wv_, wo_;
+  Linear wq_, wk_, wv_, wo_;  // q/k/v column-parallel, wo row-parallel
+  ModelShard shard_;
   int q_norm_ = -1, k_norm_ = -1;  // (D) weights, qk_norm only
-  int num_heads_ = 0, num_kv_heads_ = 0, head_dim_ = 0;
+  int num_heads_ = 0, num_kv_heads_ = 0, head_dim_ = 0;  // local head counts
   bool rope_ = false;
   float rope_theta_ = 10000.0f;
   float norm_eps_ = 1e-6f;

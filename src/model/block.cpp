@@ -5,11 +5,13 @@
 
 namespace tessera {
 
-void Block::declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg) {
-  ln1_.declare(ps, name + ".ln1", cfg.hidden, cfg.norm, cfg.bias, cfg.norm_eps);
-  attn_.declare(ps, name + ".attn", cfg);
-  ln2_.declare(ps, name + ".ln2", cfg.hidden, cfg.norm, cfg.bias, cfg.norm_eps);
-  mlp_.declare(ps, name + ".mlp", cfg);
+void Block::declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
+                    const ModelShard& shard) {
+  first_param_ = ps.size();
+  ln1_.declare(ps, name + ".ln1", cfg.hidden, cfg.norm, cfg.bias, cfg.norm_eps, shard);
+  attn_.declare(ps, name + ".attn", cfg, shard);
+  ln2_.declare(ps, name + ".ln2", cfg.hidden, cfg.norm, cfg.bias, cfg.norm_eps, shard);
+  mlp_.declare(ps, name + ".mlp", cfg, shard);
 }
 
 static DType stat_dtype(DType dt) { return dt == DType::f64 ? DType::f64 : DType::f32; }

@@ -25,7 +25,10 @@ struct BlockScratch {
 
 class Block {
  public:
-  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg);
+  // cfg is the whole model (see Attention/Mlp); alloc_* take a local config.
+  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
+               const ModelShard& shard = {});
+  int first_param() const { return first_param_; }  // index of its first parameter
   static BlockActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
   static BlockScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
 
@@ -35,6 +38,7 @@ class Block {
   void backward(ParamStore& ps, const BlockActs& a, BlockScratch& s, Tensor dx, Tensor x_in) const;
 
  private:
+  int first_param_ = -1;
   Norm ln1_, ln2_;
   Attention attn_;
   Mlp mlp_;

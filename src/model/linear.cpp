@@ -6,15 +6,35 @@
 namespace tessera {
 
 void Linear::declare(ParamStore& ps, const std::string& name, int in, int out, bool with_bias,
-                     float init_std) {
-  in_features = in;
-  out_features = out;
-  weight = ps.add({name + ".weight", {out, in}, ParamClass::weight, InitKind::normal, init_std});
-  bias = with_bias ? ps.add({name + ".bias", {out}, ParamClass::bias, InitKind::zeros, 0.0f}) : -1;
+                     float init_std, TpSplit split, const ModelShard& shard) {
+  const int tp = split == TpSplit::none ? 1 : shard.tp_size;
+  const int r = split == TpSplit::none ? 0 : shard.tp_rank;
+  TS_CHECK((split == TpSplit::column ? out : in) % tp == 0, "{}: {}x{} split {} ways", name, out,
+           in, tp);
+  in_features = split == TpSplit::row ? in / tp : in;
+  out_features = split == TpSplit::column ? out / tp : out;
+  add_bias = !(split == TpSplit::row && r > 0);
+  ParamSpec w{name + ".weight", {out_features, in_features}, ParamClass::weight, InitKind::normal,
+              init_std};
+  ParamSpec b{name + ".bias", {out_features}, ParamClass::bias, InitKind::zeros, 0.0f};
+  if (tp > 1) {
+    w.global_shape = Shape{out, in};
+    w.shard_dim = split == TpSplit::column ? 0 : 1;
+    w.shard_offset = int64_t(r) * (split == TpSplit::column ? out_features : in_features);
+    if (split == TpSplit::column) {
+      b.global_shape = Shape{out};
+      b.shard_dim = 0;
+      b.shard_offset = int64_t(r) * out_features;
+    } else {
+      b.owner = r == 0;  // replicated: every tp rank computes the same full gradient
+    }
+  }
+  weight = ps.add(std::move(w));
+  bias = with_bias ? ps.add(std::move(b)) : -1;
 }
 
 void Linear::forward(const ParamStore& ps, Tensor out, Tensor inp) const {
-  ops::matmul_forward(out, inp, ps[weight].value, param_value(ps, bias));
+  ops::matmul_forward(out, inp, ps[weight].value, add_bias ? param_value(ps, bias) : Tensor());
 }
 
 void Linear::backward(ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp,
@@ -27,12 +47,18 @@ void Linear::backward(ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp,
 }
 
 void Norm::declare(ParamStore& ps, const std::string& name, int width, NormKind k, bool with_bias,
-                   float epsilon) {
+                   float epsilon, const ModelShard& shard) {
   kind = k;
   eps = epsilon;
-  weight = ps.add({name + ".weight", {width}, ParamClass::norm, InitKind::ones, 0.0f});
+  // Norms act on the replicated residual stream: every tp rank holds them whole and computes the
+  // same gradient, so tp rank 0 owns them.
+  ParamSpec w{name + ".weight", {width}, ParamClass::norm, InitKind::ones, 0.0f};
+  w.owner = shard.tp_rank == 0;
+  ParamSpec b{name + ".bias", {width}, ParamClass::norm, InitKind::zeros, 0.0f};
+  b.owner = shard.tp_rank == 0;
+  weight = ps.add(std::move(w));
   const bool has_bias = with_bias && k == NormKind::layernorm;
-  bias = has_bias ? ps.add({name + ".bias", {width}, ParamClass::norm, InitKind::zeros, 0.0f}) : -1;
+  bias = has_bias ? ps.add(std::move(b)) : -1;
 }
 
 void Norm::forward(const ParamStore& ps, Tensor out, Tensor mean, Tensor rstd, Tensor inp) const {

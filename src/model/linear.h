@@ -5,17 +5,25 @@
 #include <string>
 
 #include "model/config.h"
+#include "model/model_shard.h"
 #include "model/params.h"
 
 namespace tessera {
 
-struct Linear {
-  int weight = -1;  // (N, K) PyTorch layout
-  int bias = -1;    // (N) or -1
-  int in_features = 0, out_features = 0;
+// Tensor-parallel split of a Linear (Megatron): column-parallel splits the output features (the
+// weight's rows and the bias), row-parallel splits the input features (the weight's columns; the
+// bias is whole and added by tp rank 0 only, so the all-reduce of the partial outputs adds it once).
+enum class TpSplit { none, column, row };
 
+struct Linear {
+  int weight = -1;  // (N, K) PyTorch layout; this rank's slice under tensor parallelism
+  int bias = -1;    // (N) or -1
+  int in_features = 0, out_features = 0;  // local (this rank's) sizes
+  bool add_bias = true;  // false on tp ranks > 0 of a row-parallel layer
+
+  // in/out are the full sizes; the local slice follows from split and the shard's tp rank.
   void declare(ParamStore& ps, const std::string& name, int in, int out, bool with_bias,
-               float init_std);
+               float init_std, TpSplit split = TpSplit::none, const ModelShard& shard = {});
   void forward(const ParamStore& ps, Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/) const;
   // dinp (M,K) is overwritten, or accumulated into when accumulate_dinp; empty skips it.
   void backward(ParamStore& ps, Tensor dinp, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/,
@@ -29,7 +37,7 @@ struct Norm {
   float eps = 1e-5f;
 
   void declare(ParamStore& ps, const std::string& name, int width, NormKind k, bool with_bias,
-               float epsilon);
+               float epsilon, const ModelShard& shard = {});
   // mean is unused (may be empty) for RMSNorm.
   void forward(const ParamStore& ps, Tensor out, Tensor mean, Tensor rstd, Tensor inp) const;
   void backward(ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp, Tensor mean,

@@ -7,17 +7,19 @@
 
 namespace tessera {
 
-void Mlp::declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg) {
+void Mlp::declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
+                  const ModelShard& shard) {
+  shard_ = shard;
   kind_ = cfg.activation;
   const int C = cfg.hidden, F = cfg.ffn_hidden;
   const float proj_std = cfg.init_std / std::sqrt(2.0f * cfg.num_layers);  // see Attention
   if (kind_ == ActivationKind::gelu) {
-    in_.declare(ps, name + ".fc", C, F, cfg.bias, cfg.init_std);
-    out_.declare(ps, name + ".proj", F, C, cfg.bias, proj_std);
+    in_.declare(ps, name + ".fc", C, F, cfg.bias, cfg.init_std, TpSplit::column, shard);
+    out_.declare(ps, name + ".proj", F, C, cfg.bias, proj_std, TpSplit::row, shard);
   } else {
-    in_.declare(ps, name + ".gate", C, F, cfg.bias, cfg.init_std);
-    up_.declare(ps, name + ".up", C, F, cfg.bias, cfg.init_std);
-    out_.declare(ps, name + ".down", F, C, cfg.bias, proj_std);
+    in_.declare(ps, name + ".gate", C, F, cfg.bias, cfg.init_std, TpSplit::column, shard);
+    up_.declare(ps, name + ".up", C, F, cfg.bias, cfg.init_std, TpSplit::column, shard);
+    out_.declare(ps, name + ".down", F, C, cfg.bias, proj_std, TpSplit::row, shard);
   }
 }
 
@@ -46,10 +48,12 @@ void Mlp::forward(const ParamStore& ps, MlpActs& a, Tensor y, Tensor x) const {
     ops::swiglu_forward(a.act, a.h, a.up);
   }
   out_.forward(ps, y, a.act);
+  reduce_from_tp_region_forward(shard_, y);
 }
 
 void Mlp::backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, Tensor dy,
                    Tensor x) const {
+  reduce_from_tp_region_backward(shard_, dy);
   out_.backward(ps, s.d_act, dy, a.act, false);
   if (kind_ == ActivationKind::gelu) {
     ops::gelu_backward(s.d_h, s.d_act, a.h);
@@ -59,6 +63,7 @@ void Mlp::backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, T
     in_.backward(ps, dx, s.d_h, x, false);
     up_.backward(ps, dx, s.d_up, x, true);
   }
+  copy_to_tp_region_backward(shard_, dx);
 }
 
 }  // namespace tessera

@@ -20,7 +20,10 @@ struct MlpScratch {
 
 class Mlp {
  public:
-  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg);
+  // cfg is the whole model; under tensor parallelism this rank holds F/tp FFN columns.
+  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
+               const ModelShard& shard = {});
+  // Activation sizes come from a LOCAL config (ffn_hidden already divided by tp).
   static MlpActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N);
   static MlpScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N);
 
@@ -33,7 +36,8 @@ class Mlp {
   ActivationKind kind_ = ActivationKind::gelu;
   Linear in_;    // gelu: fc; swiglu: gate
   Linear up_;    // swiglu only
-  Linear out_;   // gelu: proj; swiglu: down
+  Linear out_;   // gelu: proj; swiglu: down (row-parallel; the others column-parallel)
+  ModelShard shard_;
 };
 
 }  // namespace tessera

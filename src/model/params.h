@@ -23,6 +23,27 @@ struct ParamSpec {
   ParamClass cls = ParamClass::weight;
   InitKind init = InitKind::normal;
   float init_std = 0.02f;
+
+  // Model parallelism. `shape` is what this rank holds; the full tensor is `global_shape` (empty:
+  // the same as shape), split over tensor-parallel ranks along `shard_dim` (-1: every tp rank holds
+  // all of it) from `shard_offset`. Initialization draws the full tensor's element indices, so a
+  // slice holds exactly the values the unsplit tensor would.
+  Shape global_shape;
+  int shard_dim = -1;
+  int64_t shard_offset = 0;
+  // Replicated over tp, but each tp rank computes only part of its gradient (QK-norm weights see
+  // only their rank's heads): the gradient is summed over tp before the optimizer.
+  bool tp_partial_grad = false;
+  // Tied embedding present on the first and the last pipeline stage: the two copies' gradients are
+  // summed over the embedding group, so both stay equal.
+  bool embedding_group = false;
+  // False on ranks holding a copy that another rank owns: a tp-replicated parameter on tp rank > 0,
+  // the tied embedding's copy on the last stage. Owners alone count it in the gradient norm and
+  // write it to checkpoints, so no parameter is counted twice.
+  bool owner = true;
+
+  Shape full_shape() const { return global_shape.ndim > 0 ? global_shape : shape; }
+  bool tp_sharded() const { return shard_dim >= 0; }
 };
 
 struct Param {
@@ -30,7 +51,8 @@ struct Param {
   Tensor value;   // compute dtype, on the model's device: what forward/backward read
   Tensor grad;    // same dtype and shape; accumulated by backward
   Tensor master;  // f32 master weights the optimizer updates; the same memory as value when the
-                  // compute dtype is f32 (or f64 in tests), a separate copy otherwise
+                  // compute dtype is f32 (or f64 in tests), a separate copy otherwise; empty
+                  // when the store keeps no masters (ZeRO-1 keeps its shard in the optimizer)
   size_t offset = 0;  // element offset inside the flat buffers
 };
 
@@ -39,35 +61,45 @@ class ParamStore {
   ParamStore() = default;
   // Registers a parameter; returns its index. All registration precedes allocate().
   int add(ParamSpec spec);
-  // Carves values, grads and (for 16-bit compute) masters from `arena`, or from buffers it owns
-  // when arena is null. bytes_needed() is what allocate() takes from an arena.
-  void allocate(DType dtype, Device device, Arena* arena = nullptr);
-  size_t bytes_needed(DType dtype) const { return bytes_for(num_elements_, dtype); }
-  static size_t bytes_for(int64_t num_elements, DType dtype);
+  // Carves values, grads and (for 16-bit compute, when with_master) masters from `arena`, or from
+  // buffers it owns when arena is null. The flat buffers are padded with zeros to a multiple of
+  // pad_multiple elements (data-parallel buckets split evenly over dp ranks).
+  // bytes_needed() is what allocate() takes from an arena.
+  void allocate(DType dtype, Device device, Arena* arena = nullptr, int64_t pad_multiple = 1,
+                bool with_master = true);
+  size_t bytes_needed(DType dtype, int64_t pad_multiple = 1, bool with_master = true) const {
+    return bytes_for(padded(num_elements_, pad_multiple), dtype, with_master);
+  }
+  static size_t bytes_for(int64_t num_elements, DType dtype, bool with_master = true);
+  static int64_t padded(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
   void init(uint64_t seed);  // fills every master from the counter-based RNG, then the values
   void zero_grad();
   // value = master rounded to the compute dtype, for every parameter (after an optimizer step or
   // a checkpoint load). No-op when they share memory.
   void refresh_values();
-  bool has_separate_master() const { return master_dtype_ != dtype_; }
+  bool has_separate_master() const { return master_ != nullptr && master_ != values_; }
+  bool has_master() const { return master_ != nullptr; }
 
   Param& operator[](int idx) { return params_[idx]; }
   const Param& operator[](int idx) const { return params_[idx]; }
   const Param& find(const std::string& name) const;  // bug if absent
   int size() const { return static_cast<int>(params_.size()); }
-  int64_t num_elements() const { return num_elements_; }
+  int64_t num_elements() const { return num_elements_; }        // sum of the parameters' sizes
+  int64_t padded_num_elements() const { return padded_elements_; }  // length of the flat buffers
   const std::vector<Param>& all() const { return params_; }
   std::vector<Param>& all() { return params_; }
 
-  Tensor flat_values() const;  // (num_elements)
-  Tensor flat_grads() const;   // (num_elements)
-  Tensor flat_master() const;  // (num_elements) f32 (f64 in tests)
+  Tensor flat_values() const;  // (padded_num_elements)
+  Tensor flat_grads() const;   // (padded_num_elements)
+  Tensor flat_master() const;  // (padded_num_elements) f32 (f64 in tests); empty without masters
+  DType master_dtype() const { return master_dtype_; }
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
 
  private:
   std::vector<Param> params_;
   int64_t num_elements_ = 0;
+  int64_t padded_elements_ = 0;
   DType dtype_ = DType::f32;
   DType master_dtype_ = DType::f32;
   Device device_ = Device::cpu;

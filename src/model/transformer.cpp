@@ -1,6 +1,6 @@
 // Transformer forward/backward: embedding -> blocks -> final norm -> LM head -> cross-entropy,
-// and back. With recomputation only each block's input is kept; backward re-runs that block's
-// forward into one shared activation set just before its backward.
+// and back, for one pipeline stage and one tensor-parallel slice. With recomputation only each
+// block's input is kept; backward re-runs that block's forward into one shared activation set.
 #include "model/transformer.h"
 
 #include <vector>
@@ -11,8 +11,23 @@ namespace tessera {
 
 static DType stat_dtype(DType dt) { return dt == DType::f64 ? DType::f64 : DType::f32; }
 
-size_t Activations::bytes_needed(const ModelConfig& c, DType dtype, int B, int T, bool training) {
+ModelConfig Transformer::local_config(const ModelConfig& cfg, const ModelShard& shard_in) {
+  const ModelShard s = shard_in.resolved(cfg);
+  ModelConfig l = cfg;
+  l.head_dim = cfg.resolved_head_dim();
+  l.num_heads = cfg.num_heads / s.tp_size;
+  l.num_kv_heads = cfg.num_kv_heads / s.tp_size;
+  l.ffn_hidden = cfg.ffn_hidden / s.tp_size;
+  l.padded_vocab_size = cfg.padded_vocab_size / s.tp_size;
+  l.num_layers = s.num_layers;
+  return l;
+}
+
+size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int T, bool training,
+                                 const ModelShard& shard) {
   // Must mirror the allocations in Activations' constructor (an overrun is caught by the arena).
+  const ModelShard sh = shard.resolved(cfg);
+  const ModelConfig c = Transformer::local_config(cfg, sh);
   const size_t e = dtype_size(dtype);
   const int64_t N = int64_t(B) * T, C = c.hidden, F = c.ffn_hidden, V = c.padded_vocab_size;
   const int64_t D = c.resolved_head_dim(), Hq = c.num_heads, Hkv = c.num_kv_heads;
@@ -27,59 +42,124 @@ size_t Activations::bytes_needed(const ModelConfig& c, DType dtype, int B, int T
                    al(N * F * e) * (c.activation == ActivationKind::swiglu ? 3 : 2);
   const int num_block_sets = (training && !c.recompute) ? c.num_layers : 1;  // as the constructor
   size_t total = al(N * C * e) * (c.num_layers + 1) + block * num_block_sets + scratch;
-  total += al(N * C * e) + al(N * s) * 2 + al(N * V * e) + al(N * s) * 2 + al(N * C * e) * 2;
+  if (sh.last_stage()) {
+    total += al(N * C * e) + al(N * s) * 2 + al(N * V * e) + al(N * s) * 2 + al(N * C * e);
+    if (sh.tp_size > 1) total += al(3 * N * s);
+  }
+  total += al(N * C * e);  // d_resid
   return total;
 }
 
 Activations::Activations(const Transformer& model, int B, int T, bool training, Arena* arena)
-    : B_(B), T_(T), training_(training), recompute_(model.config().recompute) {
-  const ModelConfig& c = model.config();
+    : B_(B), T_(T), training_(training), recompute_(model.local_.recompute) {
+  const ModelConfig& c = model.local_;
   TS_CHECK(T <= c.max_seq_len, "sequence {} longer than max_seq_len {}", T, c.max_seq_len);
   const DType dt = model.dtype();
+  const DType st = stat_dtype(dt);
   const int64_t N = int64_t(B) * T;
-  bytes_ = bytes_needed(c, dt, B, T, training);
+  bytes_ = bytes_needed(model.cfg_, dt, B, T, training, model.shard_);
   if (!arena) {
     own_ = Arena(model.device(), bytes_, "activations");
     arena = &own_;
   }
-  Arena& arena_ = *arena;
-  for (int l = 0; l <= c.num_layers; ++l) resid.push_back(arena_.alloc(dt, {N, c.hidden}));
+  Arena& ar = *arena;
+  for (int l = 0; l <= c.num_layers; ++l) resid.push_back(ar.alloc(dt, {N, c.hidden}));
   const int num_sets = (training && !recompute_) ? c.num_layers : 1;
-  for (int l = 0; l < num_sets; ++l) blocks.push_back(Block::alloc_acts(arena_, c, dt, B, T));
-  scratch = Block::alloc_scratch(arena_, c, dt, B, T);
-  lnf_out = arena_.alloc(dt, {N, c.hidden});
-  lnf_mean = arena_.alloc(stat_dtype(dt), {N});
-  lnf_rstd = arena_.alloc(stat_dtype(dt), {N});
-  logits = arena_.alloc(dt, {N, c.padded_vocab_size});
-  losses = arena_.alloc(stat_dtype(dt), {N});
-  lse = arena_.alloc(stat_dtype(dt), {N});
-  d_lnf = arena_.alloc(dt, {N, c.hidden});
-  d_resid = arena_.alloc(dt, {N, c.hidden});
+  for (int l = 0; l < num_sets; ++l) blocks.push_back(Block::alloc_acts(ar, c, dt, B, T));
+  scratch = Block::alloc_scratch(ar, c, dt, B, T);
+  if (model.shard_.last_stage()) {
+    lnf_out = ar.alloc(dt, {N, c.hidden});
+    lnf_mean = ar.alloc(st, {N});
+    lnf_rstd = ar.alloc(st, {N});
+    logits = ar.alloc(dt, {N, c.padded_vocab_size});
+    losses = ar.alloc(st, {N});
+    lse = ar.alloc(st, {N});
+    if (model.shard_.tp_size > 1) ce_stats = ar.alloc(st, {3, N});
+    d_lnf = ar.alloc(dt, {N, c.hidden});
+  }
+  d_resid = ar.alloc(dt, {N, c.hidden});
 }
 
-Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena)
-    : cfg_(cfg), dtype_(dtype), device_(device) {
-  const int V = cfg.padded_vocab_size, C = cfg.hidden;
+Transformer::Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& shard)
+    : cfg_(cfg), local_(local_config(cfg, shard)), shard_(shard.resolved(cfg)),
+      dtype_(DType::f32), device_(Device::cpu) {
+  declare_params();
+}
+
+Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena,
+                         const ModelShard& shard, int64_t pad_multiple, bool with_master)
+    : Transformer(DeclareOnly{}, cfg, shard) {
+  dtype_ = dtype;
+  device_ = device;
+  params_.allocate(dtype, device, arena, pad_multiple, with_master);
+}
+
+int64_t Transformer::local_num_params(const ModelConfig& cfg, const ModelShard& shard) {
+  return Transformer(DeclareOnly{}, cfg, shard).params_.num_elements();
+}
+
+ParamStore Transformer::declared_params(const ModelConfig& cfg, const ModelShard& shard) {
+  return std::move(Transformer(DeclareOnly{}, cfg, shard).params_);
+}
+
+size_t Transformer::param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
+                                int64_t pad_multiple, bool with_master) {
+  const int64_t n = ParamStore::padded(local_num_params(cfg, shard), pad_multiple);
+  return ParamStore::bytes_for(n, dtype, with_master);
+}
+
+void Transformer::declare_params() {
+  const ModelConfig& cfg = cfg_;
+  const ModelShard& s = shard_;
+  const int V = cfg.padded_vocab_size, C = cfg.hidden, Vl = V / s.tp_size;
   TS_CHECK(V >= cfg.vocab_size && cfg.vocab_size > 0, "vocab {} padded {}", cfg.vocab_size, V);
-  wte_ = params_.add({"embed.wte", {V, C}, ParamClass::embedding, InitKind::normal, cfg.init_std});
-  if (cfg.position == PositionKind::learned)
-    wpe_ = params_.add({"embed.wpe", {cfg.max_seq_len, C}, ParamClass::embedding,
-                        InitKind::normal, cfg.init_std});
-  blocks_.resize(cfg.num_layers);
-  for (int l = 0; l < cfg.num_layers; ++l) blocks_[l].declare(params_, fmt::format("layers.{}", l), cfg);
-  final_norm_.declare(params_, "final_norm", C, cfg.norm, cfg.bias, cfg.norm_eps);
-  if (!cfg.tied_embeddings)
-    lm_head_ = params_.add({"lm_head.weight", {V, C}, ParamClass::weight, InitKind::normal,
-                            cfg.init_std});
-  TS_CHECK(params_.num_elements() == cfg.num_params(), "parameter count {} vs config {}",
-           params_.num_elements(), cfg.num_params());
-  params_.allocate(dtype, device, arena);
+  // Vocabulary-parallel table: this tp rank holds rows [tp_rank * Vl, (tp_rank + 1) * Vl).
+  const auto vocab_table = [&](const std::string& name, ParamClass cls) {
+    ParamSpec p{name, {Vl, C}, cls, InitKind::normal, cfg.init_std};
+    if (s.tp_size > 1) {
+      p.global_shape = Shape{V, C};
+      p.shard_dim = 0;
+      p.shard_offset = int64_t(s.tp_rank) * Vl;
+    }
+    return p;
+  };
+  const bool tied_across_stages = cfg.tied_embeddings && s.pp_size > 1;
+  if (s.first_stage()) {
+    ParamSpec wte = vocab_table("embed.wte", ParamClass::embedding);
+    wte.embedding_group = tied_across_stages;
+    wte_ = params_.add(std::move(wte));
+    if (cfg.position == PositionKind::learned) {
+      ParamSpec wpe{"embed.wpe", {cfg.max_seq_len, C}, ParamClass::embedding, InitKind::normal,
+                    cfg.init_std};
+      wpe.owner = s.tp_rank == 0;  // replicated over tp, added by tp rank 0 only
+      wpe_ = params_.add(std::move(wpe));
+    }
+  }
+  blocks_.resize(s.num_layers);
+  for (int i = 0; i < s.num_layers; ++i)
+    blocks_[i].declare(params_, fmt::format("layers.{}", s.first_layer + i), cfg, s);
+  if (s.last_stage()) {
+    final_norm_first_ = params_.size();
+    final_norm_.declare(params_, "final_norm", C, cfg.norm, cfg.bias, cfg.norm_eps, s);
+    if (!cfg.tied_embeddings) {
+      lm_head_ = params_.add(vocab_table("lm_head.weight", ParamClass::weight));
+    } else if (tied_across_stages) {
+      // Megatron's shared embedding: the last stage keeps its own copy of the first stage's table
+      // (same name, same initial values); their gradients are summed over the embedding group, so
+      // the two copies take identical steps. The first stage owns it.
+      ParamSpec copy = vocab_table("embed.wte", ParamClass::embedding);
+      copy.embedding_group = true;
+      copy.owner = false;
+      lm_head_ = params_.add(std::move(copy));
+    }
+  }
+  if (s.tp_size == 1 && s.pp_size == 1)
+    TS_CHECK(params_.num_elements() == cfg.num_params(), "parameter count {} vs config {}",
+             params_.num_elements(), cfg.num_params());
 }
 
-Tensor Transformer::head_weight() const {
-  return cfg_.tied_embeddings ? params_[wte_].value : params_[lm_head_].value;
-}
-int Transformer::head_grad_param() const { return cfg_.tied_embeddings ? wte_ : lm_head_; }
+Tensor Transformer::head_weight() const { return params_[head_grad_param()].value; }
+int Transformer::head_grad_param() const { return lm_head_ >= 0 ? lm_head_ : wte_; }
 
 int64_t Transformer::count_valid(Tensor targets) const {
   std::vector<int32_t> host(targets.numel());
@@ -89,26 +169,50 @@ int64_t Transformer::count_valid(Tensor targets) const {
   return n;
 }
 
-void Transformer::forward_trunk(Activations& a, Tensor tokens) const {
+void Transformer::forward_stage(Activations& a, Tensor tokens) const {
   const int C = cfg_.hidden;
-  Tensor x0 = a.resid[0].view({a.B_, a.T_, C});
-  Tensor wpe = wpe_ >= 0 ? params_[wpe_].value : Tensor();
-  ops::embedding_forward(x0, tokens, params_[wte_].value, wpe);
-  for (int l = 0; l < cfg_.num_layers; ++l) {
+  if (shard_.first_stage()) {
+    expect_shape(tokens, {a.B_, a.T_}, "tokens");
+    Tensor x0 = a.resid[0].view({a.B_, a.T_, C});
+    // Vocabulary-parallel embedding: each tp rank looks up the tokens in its rows (zero rows for
+    // the others) and tp rank 0 adds the positions; the sum over tp is the full embedding.
+    const bool positions = wpe_ >= 0 && shard_.tp_rank == 0;
+    const int64_t Vl = local_.padded_vocab_size;
+    ops::embedding_forward(x0, tokens, params_[wte_].value, positions ? params_[wpe_].value : Tensor(),
+                           int64_t(shard_.tp_rank) * Vl, cfg_.padded_vocab_size);
+    reduce_from_tp_region_forward(shard_, a.resid[0]);
+  }
+  for (int l = 0; l < local_.num_layers; ++l) {
     BlockActs& acts = a.blocks[a.blocks.size() == 1 ? 0 : l];
     blocks_[l].forward(params_, acts, a.scratch, a.resid[l + 1], a.resid[l]);
   }
-  final_norm_.forward(params_, a.lnf_out, a.lnf_mean, a.lnf_rstd, a.resid[cfg_.num_layers]);
-  ops::matmul_forward(a.logits, a.lnf_out, head_weight(), Tensor());
+  if (shard_.last_stage()) {
+    final_norm_.forward(params_, a.lnf_out, a.lnf_mean, a.lnf_rstd, a.resid[local_.num_layers]);
+    copy_to_tp_region_forward(shard_, a.lnf_out);  // every rank's vocabulary slice reads it
+    ops::matmul_forward(a.logits, a.lnf_out, head_weight(), Tensor());
+  }
 }
 
-double Transformer::forward(Activations& a, Tensor tokens, Tensor targets) const {
-  expect_shape(tokens, {a.B_, a.T_}, "tokens");
-  forward_trunk(a, tokens);
-  if (targets.empty()) return 0.0;
+double Transformer::loss_forward(Activations& a, Tensor targets) const {
+  TS_CHECK(shard_.last_stage(), "loss on pipeline stage {}", shard_.pp_rank);
   expect_shape(targets, {a.B_, a.T_}, "targets");
   const int64_t N = int64_t(a.B_) * a.T_;
-  ops::cross_entropy_forward(a.losses, a.lse, a.logits, targets.view({N}), cfg_.vocab_size);
+  const Tensor tg = targets.view({N});
+  if (shard_.tp_size == 1) {
+    ops::cross_entropy_forward(a.losses, a.lse, a.logits, tg, cfg_.vocab_size);
+  } else {
+    // Vocabulary-parallel cross-entropy: global row max, then the sums of exp and the target
+    // logit (which only its owner rank contributes) in one all-reduce, then lse and the loss.
+    const int64_t v0 = int64_t(shard_.tp_rank) * local_.padded_vocab_size;
+    Tensor row_max = a.ce_stats.slice(0, 1).view({N});
+    Tensor sums = a.ce_stats.slice(1, 3);
+    Tensor sum_exp = sums.slice(0, 1).view({N}), target_logit = sums.slice(1, 2).view({N});
+    ops::cross_entropy_shard_max(row_max, a.logits, v0, cfg_.vocab_size);
+    shard_.tp_comm->all_reduce(row_max, ReduceOp::max);
+    ops::cross_entropy_shard_sums(sum_exp, target_logit, a.logits, row_max, tg, v0, cfg_.vocab_size);
+    shard_.tp_comm->all_reduce(sums, ReduceOp::sum);
+    ops::cross_entropy_shard_finish(a.losses, a.lse, row_max, sum_exp, target_logit, tg);
+  }
   // Mean over valid targets, summed in double on the host (N values: cheap, deterministic).
   std::vector<double> host(N);
   Tensor host_losses(host.data(), DType::f64, Device::cpu, {N});
@@ -125,30 +229,57 @@ double Transformer::forward(Activations& a, Tensor tokens, Tensor targets) const
   return valid > 0 ? sum / double(valid) : 0.0;
 }
 
+double Transformer::forward(Activations& a, Tensor tokens, Tensor targets) const {
+  TS_CHECK(shard_.pp_size == 1, "Transformer::forward on a pipeline stage; use forward_stage");
+  forward_stage(a, tokens);
+  return targets.empty() ? 0.0 : loss_forward(a, targets);
+}
+
 void Transformer::backward(Activations& a, Tensor tokens, Tensor targets, float loss_scale) {
+  TS_CHECK(shard_.pp_size == 1, "Transformer::backward on a pipeline stage; use backward_stage");
+  backward_stage(a, tokens, targets, loss_scale);
+}
+
+void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, float loss_scale) {
   TS_CHECK(a.training_, "backward on activations allocated for inference");
   const int64_t N = int64_t(a.B_) * a.T_;
-  const int64_t valid = count_valid(targets);
-  if (valid == 0) return;
-  // d(loss_scale * mean) / d loss_n = loss_scale / valid; dlogits is computed in place.
-  ops::cross_entropy_backward(a.logits, a.logits, a.lse, targets.view({N}), cfg_.vocab_size,
-                              loss_scale / float(valid));
-  const int head = head_grad_param();
-  ops::matmul_backward(a.d_lnf, params_[head].grad, Tensor(), a.logits, a.lnf_out, head_weight());
-  final_norm_.backward(params_, a.d_resid, a.d_lnf, a.resid[cfg_.num_layers], a.lnf_mean,
-                       a.lnf_rstd);
-  for (int l = cfg_.num_layers - 1; l >= 0; --l) {
+  const int L = local_.num_layers;
+  if (shard_.last_stage()) {
+    const int64_t valid = count_valid(targets);
+    if (valid == 0) {
+      // Nothing to learn from; upstream stages still expect a gradient.
+      zero_tensor(a.d_resid);
+    } else {
+      // d(loss_scale * mean) / d loss_n = loss_scale / valid; dlogits is computed in place.
+      const int64_t v0 = int64_t(shard_.tp_rank) * local_.padded_vocab_size;
+      ops::cross_entropy_backward(a.logits, a.logits, a.lse, targets.view({N}), cfg_.vocab_size,
+                                  loss_scale / float(valid), v0);
+      const int head = head_grad_param();
+      ops::matmul_backward(a.d_lnf, params_[head].grad, Tensor(), a.logits, a.lnf_out,
+                           head_weight());
+      copy_to_tp_region_backward(shard_, a.d_lnf);
+      final_norm_.backward(params_, a.d_resid, a.d_lnf, a.resid[L], a.lnf_mean, a.lnf_rstd);
+    }
+    grads_ready(final_norm_first_);
+  }
+  for (int l = L - 1; l >= 0; --l) {
     BlockActs& acts = a.blocks[a.blocks.size() == 1 ? 0 : l];
-    if (a.recompute_ && l != cfg_.num_layers - 1) {
-      // Re-run this block's forward into the shared set. It rewrites resid[l+1] with the value it
-      // already holds (the ops are deterministic), which no later backward step reads.
+    if (a.recompute_ && l != L - 1) {
+      // Re-run this block's forward into the shared set (each micro-batch has its own set, so the
+      // last block's activations are still those of this forward). It rewrites resid[l+1] with
+      // the value it already holds (the ops are deterministic), which no later step reads.
       blocks_[l].forward(params_, acts, a.scratch, a.resid[l + 1], a.resid[l]);
     }
     blocks_[l].backward(params_, acts, a.scratch, a.d_resid, a.resid[l]);
+    grads_ready(blocks_[l].first_param());
   }
-  Tensor wpe_grad = wpe_ >= 0 ? params_[wpe_].grad : Tensor();
-  ops::embedding_backward(params_[wte_].grad, wpe_grad, a.d_resid.view({a.B_, a.T_, cfg_.hidden}),
-                          tokens);
+  if (shard_.first_stage()) {
+    Tensor wpe_grad = wpe_ >= 0 ? params_[wpe_].grad : Tensor();
+    const int64_t Vl = local_.padded_vocab_size;
+    ops::embedding_backward(params_[wte_].grad, wpe_grad, a.d_resid.view({a.B_, a.T_, cfg_.hidden}),
+                            tokens, int64_t(shard_.tp_rank) * Vl, cfg_.padded_vocab_size);
+    grads_ready(0);
+  }
 }
 
 }  // namespace tessera

@@ -2,8 +2,12 @@
 // norm, LM head (tied to the embedding or its own), softmax cross-entropy. Explicit forward and
 // backward; activations live in a separate Activations object sized for one (B, T), so the same
 // weights serve training, evaluation and sampling at other shapes.
-// Shape letters: B batch, T time, C width, V padded vocabulary, N = B*T, L layers.
+// Model parallelism (ModelShard): a pipeline stage holds layers [first, first + n); the first stage
+// also the embedding, the last the final norm, head and loss. Tensor parallelism splits heads, FFN
+// columns and the (padded) vocabulary of the embedding, head and cross-entropy over tp ranks.
+// Shape letters: B batch, T time, C width, V padded vocabulary (Vl = V / tp local), N = B*T.
 #pragma once
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -14,15 +18,23 @@ namespace tessera {
 
 class Transformer;
 
-// Everything forward saves for backward, plus backward's temporaries, for one (B, T).
+// Everything forward saves for backward, plus backward's temporaries, for one (B, T) on one stage.
 class Activations {
  public:
   // Tensors come from `arena` when given (bytes_needed()), else from an arena of its own.
   Activations(const Transformer& model, int B, int T, bool training, Arena* arena = nullptr);
-  static size_t bytes_needed(const ModelConfig& cfg, DType dtype, int B, int T, bool training);
+  static size_t bytes_needed(const ModelConfig& cfg, DType dtype, int B, int T, bool training,
+                             const ModelShard& shard = {});
   int B() const { return B_; }
   int T() const { return T_; }
   size_t bytes() const { return bytes_; }
+
+  // Pipeline boundaries: the stage's input (N,C) (the received activation on stages > 0), its
+  // output (N,C) (what is sent on), and the gradient buffer (N,C): before backward_stage on a
+  // non-last stage it holds d(output); afterwards d(input).
+  Tensor stage_input() const { return resid.front(); }
+  Tensor stage_output() const { return resid.back(); }
+  Tensor stage_grad() const { return d_resid; }
 
  private:
   friend class Transformer;
@@ -30,51 +42,87 @@ class Activations {
   bool training_, recompute_;
   size_t bytes_ = 0;
   Arena own_;
-  std::vector<Tensor> resid;       // L+1 x (N,C): input of block l, resid[L] = last block output
+  std::vector<Tensor> resid;       // L+1 x (N,C): input of local block l, resid[L] = last output
   std::vector<BlockActs> blocks;   // L sets, or 1 shared set when recomputing
   BlockScratch scratch;
+  // Last stage only:
   Tensor lnf_out, lnf_mean, lnf_rstd;  // (N,C), (N), (N)
-  Tensor logits;                   // (N,V); becomes dlogits in backward
+  Tensor logits;                   // (N,Vl); becomes dlogits in backward
   Tensor losses, lse;              // (N), (N)
+  Tensor ce_stats;                 // (3,N) tp > 1: row max, then sum of exp and target logit
   Tensor d_lnf;                    // (N,C)
   Tensor d_resid;                  // (N,C)
 };
 
 class Transformer {
  public:
-  // Parameters come from `arena` when given (ParamStore::bytes_for(cfg.num_params(), dtype)).
-  Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena = nullptr);
+  // Parameters come from `arena` when given (param_bytes()). The flat parameter buffers are padded
+  // to pad_multiple elements; with_master = false keeps no FP32 master copy (ZeRO-1 shards it).
+  Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena = nullptr,
+              const ModelShard& shard = {}, int64_t pad_multiple = 1, bool with_master = true);
+  static size_t param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
+                            int64_t pad_multiple = 1, bool with_master = true);
+  static int64_t local_num_params(const ModelConfig& cfg, const ModelShard& shard);
+  // This rank's parameters declared (names, shapes, offsets) but not allocated: enough to plan
+  // memory and data-parallel buckets before anything is allocated.
+  static ParamStore declared_params(const ModelConfig& cfg, const ModelShard& shard);
+  // The sizes one rank computes with: heads, KV heads, FFN width and vocabulary divided by tp,
+  // the stage's layer count. Names and initialization still use the whole config.
+  static ModelConfig local_config(const ModelConfig& cfg, const ModelShard& shard);
+
   const ModelConfig& config() const { return cfg_; }
+  const ModelShard& shard() const { return shard_; }
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }
   void init_weights(uint64_t seed) { params_.init(seed); }
 
-  // Runs the model on tokens (B,T) i32. With targets (B,T) i32 (negative = ignored) it also
-  // computes per-token losses and returns their mean over valid targets; without, returns 0 and
-  // only the logits are meaningful. tokens/targets live on the model's device.
+  // Whole-model convenience for one stage (pp == 1): forward_stage, then the loss when targets
+  // are given (returns their mean over valid targets; without targets returns 0 and only the
+  // logits are meaningful). tokens/targets (B,T) i32 live on the model's device.
   double forward(Activations& acts, Tensor tokens, Tensor targets) const;
   // Backpropagates d(loss_scale * mean loss) into the parameter gradients (accumulating).
-  // Must follow forward() on the same acts, tokens and targets.
   void backward(Activations& acts, Tensor tokens, Tensor targets, float loss_scale);
 
-  Tensor logits(const Activations& acts) const { return acts.logits; }  // (B*T, V)
+  // Pipeline pieces. forward_stage: the first stage embeds `tokens`, the others read
+  // acts.stage_input(); the last stage also computes the logits. loss_forward (last stage):
+  // per-token losses, returns the mean over valid targets. backward_stage: the last stage starts
+  // from the loss (targets, loss_scale); the others from acts.stage_grad(); the first stage ends
+  // in the embedding, the others leave d(input) in acts.stage_grad().
+  void forward_stage(Activations& acts, Tensor tokens) const;
+  double loss_forward(Activations& acts, Tensor targets) const;
+  void backward_stage(Activations& acts, Tensor tokens, Tensor targets, float loss_scale);
+
+  // Called during backward_stage with index i each time every parameter with index >= i has its
+  // gradient for this micro-batch (data-parallel buckets start reducing then).
+  void set_grad_ready_hook(std::function<void(int)> hook) { grad_ready_ = std::move(hook); }
+
+  Tensor logits(const Activations& acts) const { return acts.logits; }  // (B*T, Vl)
   int64_t count_valid(Tensor targets) const;
 
  private:
   friend class Activations;
-  void forward_trunk(Activations& acts, Tensor tokens) const;
+  struct DeclareOnly {};
+  Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& shard);  // no allocation
+  void declare_params();
   Tensor head_weight() const;
   int head_grad_param() const;
+  void grads_ready(int idx) const {
+    if (grad_ready_) grad_ready_(idx);
+  }
 
-  ModelConfig cfg_;
+  ModelConfig cfg_;    // the whole model
+  ModelConfig local_;  // this rank's sizes
+  ModelShard shard_;
   DType dtype_;
   Device device_;
   ParamStore params_;
-  int wte_ = -1, wpe_ = -1, lm_head_ = -1;
+  int wte_ = -1, wpe_ = -1, lm_head_ = -1;  // lm_head_: own head, or the tied copy (last stage)
+  int final_norm_first_ = -1;
   std::vector<Block> blocks_;
   Norm final_norm_;
+  std::function<void(int)> grad_ready_;
 };
 
 }  // namespace tessera

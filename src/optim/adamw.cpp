@@ -33,11 +33,11 @@ AdamW::AdamW(const ParamStore& params, const AdamWConfig& cfg, Arena* arena) : c
   zero_tensor(v_view_);
 }
 
-bool AdamW::decays(const Param& p) const {
+bool adamw_decays(const AdamWConfig& cfg, const ParamSpec& spec) {
   const auto excluded = [&](const char* cls) {
-    return std::find(cfg_.no_decay.begin(), cfg_.no_decay.end(), cls) != cfg_.no_decay.end();
+    return std::find(cfg.no_decay.begin(), cfg.no_decay.end(), cls) != cfg.no_decay.end();
   };
-  switch (p.spec.cls) {
+  switch (spec.cls) {
     case ParamClass::weight: return true;
     case ParamClass::bias: return !excluded("biases");
     case ParamClass::norm: return !excluded("norms");
@@ -46,22 +46,28 @@ bool AdamW::decays(const Param& p) const {
   return true;
 }
 
+ops::AdamWStep adamw_step_for(const AdamWConfig& cfg, const ParamSpec& spec, float lr,
+                              float grad_scale, int64_t step) {
+  ops::AdamWStep s;
+  s.lr = lr;
+  s.beta1 = cfg.beta1;
+  s.beta2 = cfg.beta2;
+  s.eps = cfg.eps;
+  s.weight_decay = adamw_decays(cfg, spec) ? cfg.weight_decay : 0.0f;
+  s.step = static_cast<int>(step);
+  s.grad_scale = grad_scale;
+  return s;
+}
+
 void AdamW::step(ParamStore& params, float lr, float grad_scale) {
   ++step_;
   std::vector<ops::AdamWTensors> entries;
   entries.reserve(params.size());
   for (Param& p : params.all()) {
-    ops::AdamWStep s;
-    s.lr = lr;
-    s.beta1 = cfg_.beta1;
-    s.beta2 = cfg_.beta2;
-    s.eps = cfg_.eps;
-    s.weight_decay = decays(p) ? cfg_.weight_decay : 0.0f;
-    s.step = static_cast<int>(step_);
-    s.grad_scale = grad_scale;
     const int64_t begin = static_cast<int64_t>(p.offset), end = begin + p.value.numel();
     entries.push_back({p.master.view({p.master.numel()}), p.grad.view({p.grad.numel()}),
-                       m_view_.slice(begin, end), v_view_.slice(begin, end), s});
+                       m_view_.slice(begin, end), v_view_.slice(begin, end),
+                       adamw_step_for(cfg_, p.spec, lr, grad_scale, step_)});
   }
   ops::adamw_update_multi(entries);
   params.refresh_values();

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/memory.h"
+#include "kernels/op_types.h"
 #include "model/params.h"
 
 namespace tessera {
@@ -15,6 +16,15 @@ struct AdamWConfig {
   float weight_decay = 0.1f;
   std::vector<std::string> no_decay = {"norms", "biases", "embeddings"};
 };
+
+// Decay rules and per-parameter hyper-parameters, shared by AdamW and DistributedOptimizer so both
+// update every element with the same arithmetic.
+// Whether `spec` gets weight decay: weights always; biases, norms and embeddings unless listed in
+// cfg.no_decay ("biases", "norms", "embeddings").
+bool adamw_decays(const AdamWConfig& cfg, const ParamSpec& spec);
+// The update of one parameter at 1-based optimizer step `step`.
+ops::AdamWStep adamw_step_for(const AdamWConfig& cfg, const ParamSpec& spec, float lr,
+                              float grad_scale, int64_t step);
 
 class AdamW {
  public:
@@ -27,7 +37,7 @@ class AdamW {
   // One update of every parameter's master weights with learning rate lr (grads are multiplied by
   // grad_scale first), then the compute-dtype values are refreshed from the masters.
   void step(ParamStore& params, float lr, float grad_scale);
-  bool decays(const Param& p) const;
+  bool decays(const Param& p) const { return adamw_decays(cfg_, p.spec); }
 
   int64_t step_count() const { return step_; }
   void set_step_count(int64_t s) { step_ = s; }

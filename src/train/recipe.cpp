@@ -1,7 +1,8 @@
 // Recipe reading: YAML text -> sections -> `--set` overrides -> typed fields -> validation.
 // Every key is read by one table entry per section, so unknown keys, wrong types and bad enum
 // values fail where they are read, naming key, value, file and line (or the override). Cross-field
-// checks run last and name both values with their origins. Writing YAML back: recipe_emit.cpp.
+// checks run last and name both values with their origins; those of the parallel layout are shared
+// with the trainer (layout_check.h). Writing YAML back: recipe_emit.cpp.
 #include "train/recipe.h"
 
 #include <fmt/format.h>
@@ -13,10 +14,12 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <sstream>
 
 #include "core/error.h"
 #include "core/yaml_util.h"
+#include "train/layout_check.h"
 
 namespace tessera {
 
@@ -160,6 +163,23 @@ void require(bool present, const Origins& o, const std::string& key, const std::
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
+// A list (possibly empty) of integers in `range`, described as `what` ("positive integers");
+// with `distinct`, a repeated value is an error. Items are named "key[i]" in messages.
+std::vector<int> read_int_list(const YamlField& f, IntRange range, const std::string& what,
+                               bool distinct) {
+  if (!f.value.IsSequence())
+    TS_USER_ERROR("{}: {}: expected a list of {} (e.g. [1, 2]), got {}", f.origin.str(), f.name,
+                  what, yaml_describe(f.value));
+  std::vector<int> out;
+  for (size_t i = 0; i < f.value.size(); ++i) {
+    const int v = yaml_read_int({fmt::format("{}[{}]", f.name, i), f.value[i], f.origin}, range);
+    if (distinct && std::find(out.begin(), out.end(), v) != out.end())
+      TS_USER_ERROR("{}: {}: {} is listed twice", f.origin.str(), f.name, v);
+    out.push_back(v);
+  }
+  return out;
+}
+
 ModelConfig read_model(const Section* s, Origins& o) {
   std::string family = "gpt2";
   if (s != nullptr) {
@@ -209,8 +229,9 @@ ModelConfig read_model(const Section* s, Origins& o) {
   return m;
 }
 
-// Fills the derived model defaults and checks the model on its own.
-void resolve_model(ModelConfig& m, const Origins& o) {
+// Fills the derived model defaults and checks the model on its own, except that a derived
+// padded_vocab_size is also a multiple of `tp` (see finalize_model_vocab) and a given one must be.
+void resolve_model(ModelConfig& m, const Origins& o, int tp) {
   const std::string& file = o.file();
   require(m.num_layers > 0, o, "model.num_layers", "a positive integer");
   require(m.hidden > 0, o, "model.hidden", "a positive integer");
@@ -245,13 +266,23 @@ void resolve_model(ModelConfig& m, const Origins& o) {
     TS_USER_ERROR("{}: {} is not a multiple of {}", file,
                   o.show("model.padded_vocab_size", m.padded_vocab_size),
                   o.show("model.vocab_pad_multiple", m.vocab_pad_multiple));
+  if (m.padded_vocab_size > 0 && m.padded_vocab_size % tp != 0)
+    TS_USER_ERROR("{}: {} is not divisible by {} (the embedding and LM head are split by "
+                  "vocabulary rows across tensor-parallel ranks); leave padded_vocab_size out to "
+                  "round vocab_size up to a multiple of lcm(vocab_pad_multiple, tp)", file,
+                  o.show("model.padded_vocab_size", m.padded_vocab_size),
+                  o.show("parallel.tp", tp));
   if (m.vocab_size > 0) {
     if (m.padded_vocab_size == 0) {
-      const int64_t padded = round_up(m.vocab_size, m.vocab_pad_multiple);
+      // The padding rows are masked out of the loss; lcm keeps both the tile-friendly multiple
+      // and an even split over tensor-parallel ranks.
+      const int64_t multiple = std::lcm(int64_t{m.vocab_pad_multiple}, int64_t{tp});
+      const int64_t padded = round_up(m.vocab_size, multiple);
       if (padded > std::numeric_limits<int>::max())
-        TS_USER_ERROR("{}: {} rounded up to {} overflows", file,
+        TS_USER_ERROR("{}: {} rounded up to a multiple of lcm({}, {}) = {} overflows", file,
                       o.show("model.vocab_size", m.vocab_size),
-                      o.show("model.vocab_pad_multiple", m.vocab_pad_multiple));
+                      o.show("model.vocab_pad_multiple", m.vocab_pad_multiple),
+                      o.show("parallel.tp", tp), multiple);
       m.padded_vocab_size = int(padded);
     } else if (m.padded_vocab_size < m.vocab_size) {
       TS_USER_ERROR("{}: {} is smaller than {}", file,
@@ -271,6 +302,17 @@ ParallelConfig read_parallel(const Section* s, Origins& o) {
          p.microbatches = yaml_read_int(f, kPositiveInt); }},
       {"schedule", [&](const YamlField& f) { p.schedule = yaml_read_enum(f, {"gpipe", "1f1b"}); }},
       {"zero", [&](const YamlField& f) { p.zero = yaml_read_int(f, IntRange{0, 1}); }},
+      {"stage_layers", [&](const YamlField& f) {
+         p.stage_layers = read_int_list(f, kPositiveInt, "positive integers", false); }},
+      {"recompute_stages", [&](const YamlField& f) {
+         p.recompute_stages = read_int_list(f, kNonNegativeInt, "non-negative integers", true); }},
+      {"bucket_mb", [&](const YamlField& f) {
+         p.bucket_mb = yaml_read_float(f, kPositiveReal);
+         if (p.bucket_bytes() < 1)
+           TS_USER_ERROR("{}: {} = {}: expected a bucket of at least one byte", f.origin.str(),
+                         f.name, p.bucket_mb);
+       }},
+      {"order", [&](const YamlField& f) { p.order = yaml_read_enum(f, parallel_orders()); }},
   }, o);
   return p;
 }
@@ -315,14 +357,32 @@ DataConfig read_data(const Section* s, Origins& o) {
   read_keys(s, {
       {"path", [&](const YamlField& f) { d.path = yaml_read_string(f); }},
       {"seq_len", [&](const YamlField& f) { d.seq_len = yaml_read_int(f, kPositiveInt); }},
-      {"micro_batch", [&](const YamlField& f) { d.micro_batch = yaml_read_int(f, kPositiveInt); }},
+      {"micro_batch", [&](const YamlField& f) {
+         d.micro_batch = yaml_read_int_or_word(f, kNonNegativeInt, "auto", 0); }},
       {"grad_accum", [&](const YamlField& f) { d.grad_accum = yaml_read_int(f, kPositiveInt); }},
+      {"global_batch", [&](const YamlField& f) {
+         d.global_batch = yaml_read_int_or_word(f, kNonNegativeInt, "auto", 0); }},
       {"tokenizer", [&](const YamlField& f) { d.tokenizer = yaml_read_string(f); }},
   }, o);
   require(!d.path.empty(), o, "data.path", "the HDF5 token dataset written by `tessera prepare`");
   require(d.seq_len > 0, o, "data.seq_len", "a positive integer");
-  require(d.micro_batch > 0, o, "data.micro_batch", "a positive integer");
+  require(d.micro_batch > 0 || d.global_batch > 0, o, "data.micro_batch",
+          "a positive integer: sequences per micro-batch per data-parallel rank; or give "
+          "data.global_batch to derive it");
   return d;
+}
+
+// Derives data.micro_batch from data.global_batch when only the latter was given (see "Batch
+// terms" in recipe.h). When it does not divide, micro_batch stays 0 and check_layout_fields
+// reports global_batch with every factor.
+void resolve_batch(Recipe& r) {
+  DataConfig& d = r.data;
+  if (d.micro_batch != 0 || d.global_batch == 0) return;
+  const int64_t per_rank = int64_t(d.grad_accum) * r.parallel.microbatches;
+  if (per_rank > std::numeric_limits<int>::max()) return;  // reported with both factors
+  const int64_t rows = r.parallel.dp * per_rank;
+  if (d.global_batch % rows != 0) return;
+  d.micro_batch = int(d.global_batch / rows);
 }
 
 TrainConfig read_train(const Section* s, Origins& o) {
@@ -378,18 +438,9 @@ void validate_across(const Recipe& r, const Origins& o) {
   if (r.data.seq_len > m.max_seq_len)
     TS_USER_ERROR("{}: {} exceeds {}", file, o.show("data.seq_len", r.data.seq_len),
                   o.show("model.max_seq_len", m.max_seq_len));
-  const ParallelConfig& p = r.parallel;
-  if (m.num_heads % p.tp != 0)
-    TS_USER_ERROR("{}: {} is not divisible by {} (attention heads are split across "
-                  "tensor-parallel ranks)", file, o.show("model.num_heads", m.num_heads),
-                  o.show("parallel.tp", p.tp));
-  if (m.num_kv_heads % p.tp != 0)
-    TS_USER_ERROR("{}: {} is not divisible by {} (key/value heads are split across "
-                  "tensor-parallel ranks)", file, o.show("model.num_kv_heads", m.num_kv_heads),
-                  o.show("parallel.tp", p.tp));
-  if (m.num_layers < p.pp)
-    TS_USER_ERROR("{}: {} is fewer than {} (every pipeline stage needs a layer)", file,
-                  o.show("model.num_layers", m.num_layers), o.show("parallel.pp", p.pp));
+  check_layout_fields(r, [&o](const std::string& key, const std::string& value) {
+    return fmt::format("{} = {} ({})", key, value, o.where(key));
+  });
   const OptimConfig& opt = r.optim;
   if (opt.min_lr > opt.lr)
     TS_USER_ERROR("{}: {} is larger than {}", file, o.show("optim.min_lr", opt.min_lr),
@@ -417,7 +468,8 @@ Recipe parse_recipe(const std::string& yaml_text, const std::string& file_name,
   r.train = read_train(find_section(sections, "train"), origins);
   r.checkpoint = read_checkpoint(find_section(sections, "checkpoint"), origins);
   r.logging = read_logging(find_section(sections, "logging"), origins);
-  resolve_model(r.model, origins);
+  resolve_model(r.model, origins, r.parallel.tp);
+  resolve_batch(r);
   validate_across(r, origins);
   return r;
 }
@@ -431,7 +483,9 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   return parse_recipe(text.str(), path, overrides);
 }
 
-void finalize_model_vocab(ModelConfig& m, int vocab_size, const std::string& recipe_file) {
+void finalize_model_vocab(ModelConfig& m, int vocab_size, const std::string& recipe_file,
+                          int tp) {
+  TS_CHECK(tp >= 1, "finalize_model_vocab with tp {}", tp);
   if (vocab_size <= 0)
     TS_USER_ERROR("{}: the dataset reports a vocabulary of {} tokens; expected a positive size",
                   recipe_file, vocab_size);
@@ -444,7 +498,7 @@ void finalize_model_vocab(ModelConfig& m, int vocab_size, const std::string& rec
   YamlOrigin from_dataset;
   from_dataset.override_text = "from the dataset";
   origins.set("model.vocab_size", from_dataset);
-  resolve_model(m, origins);
+  resolve_model(m, origins, tp);
 }
 
 }  // namespace tessera

@@ -10,11 +10,30 @@
 
 namespace tessera {
 
+// The 3D-parallel layout (dp x tp x pp ranks; launch/README.md says how to start such a job).
+// Layout checks that span sections live in train/layout_check.h.
 struct ParallelConfig {
   int dp = 1, tp = 1, pp = 1;
-  int microbatches = 1;           // pipeline micro-batches per step (GPipe)
+  // Micro-batches per pipeline flush (GPipe / 1F1B); see "Batch terms" at Recipe. With pp == 1
+  // they are accumulated like data.grad_accum.
+  int microbatches = 1;
   std::string schedule = "gpipe"; // gpipe | 1f1b
   int zero = 0;                   // 0 | 1
+  // Transformer blocks per pipeline stage: pp entries, each >= 1, summing to model.num_layers
+  // (uneven splits, e.g. fewer blocks on the stage that holds the LM head). Empty: an even split,
+  // see resolve_stage_layers (train/layout_check.h).
+  std::vector<int> stage_layers;
+  // Pipeline stages (indices in [0, pp)) whose blocks recompute their activations in backward,
+  // in addition to model.recompute, which means every stage.
+  std::vector<int> recompute_stages;
+  // Data-parallel gradient bucket size in MB (10^6 bytes, bucket_bytes()): buckets of this many
+  // bytes of gradients are all-reduced / reduce-scattered as backward fills them.
+  float bucket_mb = 25.0f;
+  // Rank order, innermost (stride 1) axis first: a permutation of tp, dp, pp joined by '-'
+  // (parallel/topology.h draws the default "tp-dp-pp" for 16 ranks).
+  std::string order = "tp-dp-pp";
+
+  int64_t bucket_bytes() const { return int64_t(double(bucket_mb) * 1e6); }
 
   bool operator==(const ParallelConfig&) const = default;
 };
@@ -43,8 +62,12 @@ struct OptimConfig {
 struct DataConfig {
   std::string path;               // HDF5 token dataset written by `tessera prepare`
   int seq_len = 0;                // T
-  int micro_batch = 0;            // B per micro-batch per data-parallel rank
-  int grad_accum = 1;             // micro-batches accumulated per optimizer step
+  int micro_batch = 0;            // B: sequences per micro-batch per data-parallel rank; 0 (or
+                                  // `auto`) in a recipe: derived from global_batch
+  int grad_accum = 1;             // pipeline flushes (pp == 1: micro-batches) per optimizer step
+  // Sequences per optimizer step over all data-parallel ranks; 0 (`auto`) = derived, see
+  // "Batch terms" at Recipe. When given without micro_batch, micro_batch is derived from it.
+  int global_batch = 0;
   // Optional: the tokenizer the recipe expects ("gpt2", "qwen3" or a tokenizer.json path). When
   // set, training refuses a dataset made with a different tokenizer. Empty: use the dataset's.
   std::string tokenizer;
@@ -86,6 +109,18 @@ struct LoggingConfig {
   bool operator==(const LoggingConfig&) const = default;
 };
 
+// Batch terms (Megatron-Core's). Per optimizer step each data-parallel rank runs
+//   micro_batches_per_step() = data.grad_accum * parallel.microbatches
+// micro-batches of data.micro_batch sequences of data.seq_len tokens. With pp > 1 one pipeline
+// flush (GPipe or 1F1B) runs parallel.microbatches micro-batches and a step is data.grad_accum
+// flushes (normally 1); with pp == 1 the two factors simply multiply (gradient accumulation). So
+//   global_batch()    = data.micro_batch * micro_batches_per_step() * parallel.dp  (sequences)
+//   tokens_per_step() = global_batch() * data.seq_len
+// and a step's loss and gradient are the mean over all of its tokens. data.global_batch, when
+// given, pins global_batch(): a missing data.micro_batch is derived as
+// global_batch / (dp * grad_accum * microbatches), which must divide exactly; a given one must
+// agree. Either way every field holds its resolved value after parsing, except
+// data.global_batch, which stays 0 when it was not given.
 struct Recipe {
   std::string file;               // where it came from (for messages)
   ModelConfig model;
@@ -97,9 +132,12 @@ struct Recipe {
   CheckpointConfig checkpoint;
   LoggingConfig logging;
 
-  int64_t tokens_per_step() const {
-    return int64_t(data.micro_batch) * data.seq_len * data.grad_accum * parallel.dp;
+  // Fits in int: the parser rejects larger products (train/layout_check.h).
+  int micro_batches_per_step() const { return data.grad_accum * parallel.microbatches; }
+  int64_t global_batch() const {
+    return int64_t(data.micro_batch) * micro_batches_per_step() * parallel.dp;
   }
+  int64_t tokens_per_step() const { return global_batch() * data.seq_len; }
 
   bool operator==(const Recipe&) const = default;
 };
@@ -115,9 +153,14 @@ Recipe parse_recipe(const std::string& yaml_text, const std::string& file_name,
 std::string recipe_to_yaml(const Recipe& r);
 
 // Completes a recipe whose model.vocab_size is `auto` (0) once the dataset's tokenizer is known:
-// sets vocab_size, derives padded_vocab_size (rounded up to vocab_pad_multiple) when it was not
-// given, and re-checks padded_vocab_size >= vocab_size. When the recipe gave vocab_size, it must
-// equal `vocab_size`. Errors name `recipe_file`. The trainer calls this after opening the dataset.
-void finalize_model_vocab(ModelConfig& model, int vocab_size, const std::string& recipe_file);
+// sets vocab_size, derives padded_vocab_size when it was not given, and re-checks
+// padded_vocab_size >= vocab_size. The derived size rounds vocab_size up to a multiple of
+// lcm(vocab_pad_multiple, tp), so the vocabulary-parallel embedding and LM head split evenly over
+// `tp` ranks (the padding rows are masked out of the loss); a given padded_vocab_size that `tp`
+// does not divide is a user error. When the recipe gave vocab_size, it must equal `vocab_size`.
+// Errors name `recipe_file`. The trainer calls this after opening the dataset, with
+// tp = recipe.parallel.tp (the parser derives a given vocab_size's padding the same way).
+void finalize_model_vocab(ModelConfig& model, int vocab_size, const std::string& recipe_file,
+                          int tp = 1);
 
 }  // namespace tessera

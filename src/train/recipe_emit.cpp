@@ -2,6 +2,7 @@
 // parse_recipe(recipe_to_yaml(r), r.file) == r. Strings are always double-quoted and floats use
 // the shortest text that parses back to the same float, which is what makes the round trip exact.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "core/yaml_util.h"
 #include "train/recipe.h"
@@ -26,6 +27,9 @@ class YamlWriter {
     std::string items;
     for (const std::string& s : v) items += (items.empty() ? "" : ", ") + yaml_quote(s);
     raw(key, "[" + items + "]");
+  }
+  void int_list(const char* key, const std::vector<int>& v) {
+    raw(key, fmt::format("[{}]", fmt::join(v, ", ")));
   }
   const std::string& text() const { return out_; }
 
@@ -72,6 +76,10 @@ std::string recipe_to_yaml(const Recipe& r) {
   w.integer("microbatches", p.microbatches);
   w.string("schedule", p.schedule);
   w.integer("zero", p.zero);
+  w.int_list("stage_layers", p.stage_layers);
+  w.int_list("recompute_stages", p.recompute_stages);
+  w.real("bucket_mb", p.bucket_mb);
+  w.string("order", p.order);
 
   w.section("precision");
   w.string("compute", r.precision.compute);
@@ -96,6 +104,7 @@ std::string recipe_to_yaml(const Recipe& r) {
   w.integer("seq_len", d.seq_len);
   w.integer("micro_batch", d.micro_batch);
   w.integer("grad_accum", d.grad_accum);
+  w.raw("global_batch", int_or_auto(d.global_batch));
   w.string("tokenizer", d.tokenizer);
 
   const TrainConfig& t = r.train;

@@ -1,8 +1,10 @@
-// The step loop. One optimizer step = grad_accum micro-batches (forward + backward with loss scale
-// 1/grad_accum, so gradients are the mean over the step's tokens), global-norm clipping folded into
-// AdamW as a gradient scale, and the LR schedule evaluated at the 0-based step. Everything a step
-// depends on (weights, moments, step count, the loader's pure (seed, step) -> batch mapping) is in
-// the checkpoint, which is why resuming reproduces an uninterrupted run bit for bit.
+// The step loop under any (dp, tp, pp) layout. One optimizer step = M = grad_accum x microbatches
+// micro-batches per data-parallel rank, run through this rank's pipeline stage (forward + backward
+// with loss scale 1/(M dp), so the gradients summed over dp are the mean over the step's tokens),
+// bucketed gradient reduction over dp, a layout-independent global-norm clip folded into AdamW as
+// a gradient scale, and the LR schedule at the 0-based step. Everything a step depends on
+// (weights, moments, step count, the loader's pure (seed, step, rank) -> batch mapping) is in the
+// checkpoint, which is why resuming reproduces an uninterrupted run bit for bit.
 #include "train/trainer.h"
 
 #include <chrono>
@@ -12,6 +14,7 @@
 #include <optional>
 #include <span>
 
+#include "core/fault_inject.h"
 #include "core/log.h"
 #include "core/memory.h"
 #include "core/rng.h"
@@ -23,10 +26,15 @@
 #include "kernels/op_profile.h"
 #include "kernels/ops.h"
 #include "model/transformer.h"
-#include "optim/adamw.h"
+#include "optim/distributed_optimizer.h"
 #include "optim/lr_schedule.h"
+#include "parallel/mpi_runtime.h"
+#include "parallel/parallel_context.h"
+#include "train/checkpointing.h"
 #include "train/generate.h"
+#include "train/layout_check.h"
 #include "train/metrics.h"
+#include "train/pipeline_executor.h"
 
 namespace tessera {
 
@@ -66,144 +74,6 @@ DType compute_dtype(const Recipe& r, Device device) {
   }
   TS_USER_ERROR("{}: precision.compute '{}' is not built yet (fp16 with loss scaling and fp8 are "
                 "issue 5); use fp32 or bf16", r.file, c);
-}
-
-// Features the recipe can name but this build does not have yet: fail before allocating anything.
-void check_supported(const Recipe& r) {
-  const ParallelConfig& p = r.parallel;
-  if (p.dp * p.tp * p.pp != 1)
-    TS_USER_ERROR("{}: parallel layout dp={} tp={} pp={}: multi-rank training is not built yet "
-                  "(issue 4); set parallel.dp, parallel.tp and parallel.pp to 1", r.file, p.dp,
-                  p.tp, p.pp);
-  if (p.zero != 0)
-    TS_USER_ERROR("{}: parallel.zero={}: ZeRO-1 is not built yet (issue 4)", r.file, p.zero);
-}
-
-// Host copy of a tensor's bytes (device tensors are downloaded).
-std::vector<char> host_bytes(const Tensor& t) {
-  std::vector<char> out(t.nbytes());
-  copy_bytes(out.data(), Device::cpu, t.data, t.device, out.size());
-  return out;
-}
-
-std::vector<int64_t> dims_of(const Shape& s) { return {s.dims.begin(), s.dims.begin() + s.ndim}; }
-
-// Writes the FP32 master weights and AdamW moments plus everything else resume needs.
-void save_checkpoint(const Recipe& r, const Transformer& model, const AdamW& opt, int64_t step,
-                     const std::string& tokenizer_hash) {
-  io::CheckpointWriter w(r.train.out_dir, step, /*rank=*/0, /*world=*/1);
-  for (const Param& p : model.params().all()) {
-    const std::vector<int64_t> shape = dims_of(p.spec.shape), zeros(shape.size(), 0);
-    const int64_t b = static_cast<int64_t>(p.offset), e = b + p.value.numel();
-    const auto add = [&](const std::string& name, const Tensor& t) {
-      const std::vector<char> host = host_bytes(t);
-      w.add({name, t.dtype, shape, zeros, shape, host.data()});
-    };
-    add(p.spec.name, p.master);
-    add("optim.m." + p.spec.name, opt.m().slice(b, e));
-    add("optim.v." + p.spec.name, opt.v().slice(b, e));
-  }
-  w.set_meta("recipe", recipe_to_yaml(r));
-  w.set_meta("step", std::to_string(step));
-  w.set_meta("optimizer_step", std::to_string(opt.step_count()));
-  w.set_meta("rng", nlohmann::json{{"seed", r.train.seed}, {"kind", "philox4x32-10"}}.dump());
-  w.set_meta("loader", nlohmann::json{{"seed", r.train.seed},
-                                      {"next_step", step},
-                                      {"samples_consumed", step * r.tokens_per_step() / r.data.seq_len}}
-                           .dump());
-  w.set_meta("tokenizer_hash", tokenizer_hash);
-  const std::string dir = w.commit(r.checkpoint.keep);
-  log_info("checkpoint: wrote {}", dir);
-}
-
-// Loads parameters and moments; returns the step to continue from.
-int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& model, AdamW& opt,
-                        const std::string& tokenizer_hash) {
-  const io::CheckpointReader ck = io::CheckpointReader::open(dir);
-  const Recipe saved = parse_recipe(ck.meta("recipe"), dir + "/recipe");
-  ModelConfig a = saved.model, b = r.model;  // execution choices may change on resume
-  a.recompute = b.recompute;
-  a.attention_impl = b.attention_impl;
-  if (!(a == b))
-    TS_USER_ERROR("checkpoint {} was saved with a different model section than recipe {}; resume "
-                  "needs the same architecture", dir, r.file);
-  if (ck.has_meta("tokenizer_hash") && ck.meta("tokenizer_hash") != tokenizer_hash)
-    TS_USER_ERROR("checkpoint {} was trained with tokenizer {} but data.path {} uses {}", dir,
-                  ck.meta("tokenizer_hash"), r.data.path, tokenizer_hash);
-  for (Param& p : model.params().all()) {
-    for (const std::string& name : {p.spec.name, "optim.m." + p.spec.name, "optim.v." + p.spec.name}) {
-      if (!ck.has_tensor(name)) TS_USER_ERROR("checkpoint {} has no tensor '{}'", dir, name);
-      const auto& gs = ck.global_shape(name);
-      if (int64_t(gs.size()) != p.spec.shape.ndim || ck.numel(name) != p.value.numel())
-        TS_USER_ERROR("checkpoint {}: tensor '{}' has the wrong shape for this model", dir, name);
-    }
-    const int64_t b = static_cast<int64_t>(p.offset), e = b + p.value.numel();
-    const auto read_as = [&](const std::string& name, Tensor dst) {
-      if (ck.dtype(name) != dst.dtype)
-        TS_USER_ERROR("checkpoint {}: tensor '{}' is {}, expected {}", dir, name,
-                      dtype_name(ck.dtype(name)), dtype_name(dst.dtype));
-      std::vector<char> host(dst.nbytes());
-      ck.read_full(name, host.data());
-      copy_bytes(dst.data, dst.device, host.data(), Device::cpu, host.size());
-    };
-    read_as(p.spec.name, p.master);
-    read_as("optim.m." + p.spec.name, opt.m().slice(b, e));
-    read_as("optim.v." + p.spec.name, opt.v().slice(b, e));
-  }
-  model.params().refresh_values();
-  opt.set_step_count(std::stoll(ck.meta("optimizer_step")));
-  return std::stoll(ck.meta("step"));
-}
-
-// One micro-batch: filled on the host by the loader, then placed where the model runs.
-struct Batch {
-  std::vector<int32_t> inputs, targets;  // (B, T) host
-  Tensor tokens, labels;                 // (B, T) i32 on the model's device
-
-  Batch(int B, int T, Device device, Arena& arena)
-      : inputs(size_t(B) * T), targets(size_t(B) * T) {
-    if (device == Device::cpu) {
-      tokens = Tensor(inputs.data(), DType::i32, device, {B, T});
-      labels = Tensor(targets.data(), DType::i32, device, {B, T});
-    } else {
-      tokens = arena.alloc(DType::i32, {B, T});
-      labels = arena.alloc(DType::i32, {B, T});
-    }
-  }
-  static size_t bytes_needed(int B, int T, Device device) {
-    return device == Device::cpu ? 0 : 2 * Arena::aligned(sizeof(int32_t) * B * T);
-  }
-  void upload() {
-    if (tokens.data == inputs.data()) return;
-    copy_bytes(tokens.data, tokens.device, inputs.data(), Device::cpu, tokens.nbytes());
-    copy_bytes(labels.data, labels.device, targets.data(), Device::cpu, labels.nbytes());
-  }
-  int64_t num_valid() const {
-    int64_t n = 0;
-    for (int32_t t : targets) n += t >= 0;
-    return n;
-  }
-};
-
-struct EvalResult {
-  double loss = 0.0;
-  int64_t tokens = 0;
-};
-
-EvalResult evaluate(const Transformer& model, Activations& acts, const Loader& val, int max_batches,
-                    Batch& batch) {
-  const int64_t num_batches = std::min<int64_t>(max_batches, val.num_eval_batches());
-  double loss_sum = 0.0;
-  int64_t count = 0;
-  for (int64_t i = 0; i < num_batches; ++i) {
-    const int rows = val.fill_eval(i, 0, acts.B(), batch.inputs.data(), batch.targets.data());
-    if (rows == 0) break;
-    batch.upload();
-    const int64_t valid = batch.num_valid();
-    loss_sum += model.forward(acts, batch.tokens, batch.labels) * double(valid);
-    count += valid;
-  }
-  return {count > 0 ? loss_sum / double(count) : 0.0, count};
 }
 
 // The per-op breakdown of the profiled steps: a table on the terminal, op_profile.json in out_dir.
@@ -254,16 +124,29 @@ double flops_per_token(const ModelConfig& m, int seq_len) {
 }
 constexpr double kPeakBf16Flops = 989e12;  // H100/H200 SXM dense BF16
 
+// The parallel context of this process: MPI's world when a launcher started us, else one rank.
+std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
+  const ParallelConfig& p = r.parallel;
+  if (!mpi_active()) {
+    validate_layout(r, 1);  // a layout needing several ranks says how to launch it
+    return ParallelContext::single(device);
+  }
+  validate_layout(r, world_size());
+  return std::make_unique<ParallelContext>(ParallelSizes{p.tp, p.dp, p.pp}, device, p.order);
+}
+
 }  // namespace
 
 TrainSummary train(const Recipe& recipe_in) {
   Recipe r = recipe_in;
-  check_supported(r);
-  const Device device = resolve_device(r);
+  Device device = resolve_device(r);
+  if (device == Device::cuda && mpi_active() && world_size() > 1) select_local_gpu();
   const DType dtype = compute_dtype(r, device);
+  const ParallelConfig& par = r.parallel;
 
   const int B = r.data.micro_batch, T = r.data.seq_len;
-  const int64_t global_batch = int64_t(B) * r.data.grad_accum * r.parallel.dp;
+  const int64_t global_batch = r.global_batch();
+  const int num_micro = r.micro_batches_per_step();  // per dp rank per step
 
   // Data first: the tokenizer (and so the vocabulary) comes from the dataset. data.path: mock
   // trains on uniform random tokens (benchmarks of models whose tokenizer does not ship here).
@@ -275,55 +158,81 @@ TrainSummary train(const Recipe& recipe_in) {
     if (r.model.vocab_size <= 0)
       TS_USER_ERROR("{}: data.path 'mock' needs an explicit model.vocab_size (got auto)", r.file);
     mock_train = mock_tokens(r, int64_t(r.train.steps) * global_batch * T + 1, "mock/train");
-    mock_val = mock_tokens(r, int64_t(r.train.eval_batches) * B * T + 1, "mock/val");
+    mock_val = mock_tokens(r, int64_t(r.train.eval_batches) * global_batch * T + 1, "mock/val");
     r.train.sample_tokens = 0;  // nothing to decode with
-    finalize_model_vocab(r.model, r.model.vocab_size, r.file);
+    finalize_model_vocab(r.model, r.model.vocab_size, r.file, par.tp);
   } else {
     data = TokenDataset::open(r.data.path);
     tokenizer = Tokenizer::from_hf_json(data->tokenizer_json(), r.data.path);
     if (!r.data.tokenizer.empty())
       data->check_tokenizer(load_tokenizer_spec(r.data.tokenizer), "data.tokenizer = " + r.data.tokenizer);
-    finalize_model_vocab(r.model, static_cast<int>(data->vocab_size()), r.file);
+    finalize_model_vocab(r.model, static_cast<int>(data->vocab_size()), r.file, par.tp);
     tokenizer_hash = data->tokenizer_hash();
   }
   const std::span<const uint32_t> train_tokens = data ? std::span<const uint32_t>(data->train().tokens) : mock_train;
   const std::span<const uint32_t> val_tokens = data ? std::span<const uint32_t>(data->val().tokens) : mock_val;
 
+  // The layout: checked against the model and the world before anything is allocated.
+  const std::unique_ptr<ParallelContext> ctx = make_context(r, device);
+  const RankCoord me = ctx->coord();
+  const bool rank0 = ctx->rank() == 0;
+  ModelConfig stage_cfg = r.model;
+  stage_cfg.recompute = stage_recomputes(r, me.pp_rank);
+  const ModelShard shard = ModelShard::make(stage_cfg, par.tp, me.tp_rank, par.pp, me.pp_rank,
+                                            resolve_stage_layers(r), &ctx->comm(Group::tp));
+  const PipelineSchedule schedule =
+      par.pp == 1 ? PipelineSchedule::one_f_one_b  // one stage: plain accumulation, one live set
+                  : parse_pipeline_schedule(par.schedule);
+  const int flush_micro = par.pp == 1 ? num_micro : par.microbatches;  // per pipeline flush
+  const int num_flushes = num_micro / flush_micro;
+  const bool zero1 = par.zero == 1;
+  const bool keep_master = !zero1;
+
   // Size everything from the config alone, before any allocation.
   MemoryPlan plan;
-  const int64_t num_params = r.model.num_params();
-  plan.params = ParamStore::bytes_for(num_params, dtype);
-  plan.optimizer = AdamW::bytes_for(num_params, dtype);
-  plan.train_acts = Activations::bytes_needed(r.model, dtype, B, T, true);
-  plan.eval_acts = Activations::bytes_needed(r.model, dtype, B, T, false);
-  plan.sample_acts = r.train.sample_tokens > 0 ? Activations::bytes_needed(r.model, dtype, 1, T, false) : 0;
-  plan.batches = Batch::bytes_needed(B, T, device);
+  plan.params = Transformer::param_bytes(stage_cfg, shard, dtype, par.dp, keep_master);
+  // The bucket layout only needs the parameters' shapes.
+  const int64_t bucket_numel = std::max<int64_t>(1, par.bucket_bytes() / int64_t(dtype_size(dtype)));
+  plan.optimizer = DistributedOptimizer::bytes_for(
+      BucketLayout(Transformer::declared_params(stage_cfg, shard), par.dp, bucket_numel), dtype,
+      par.zero);
+  plan.train_acts = PipelineExecutor::bytes_needed(stage_cfg, shard, dtype, schedule, flush_micro,
+                                                   B, T, device);
+  plan.sample_acts = 0;
   if (device == Device::cuda) {
     ops::set_cuda_attention_impl(r.model.attention_impl);
-    plan.workspace = ops::cuda_workspace_bytes(B, T, r.model.num_heads, r.model.num_kv_heads,
+    plan.workspace = ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp,
+                                               r.model.num_kv_heads / par.tp,
                                                r.model.resolved_head_dim(), dtype);
   }
   size_t free_bytes = 0, total_bytes = 0;
   if (device_memory_info(device, &free_bytes, &total_bytes) && plan.total() > free_bytes)
-    TS_USER_ERROR("{}: this run needs {:.2f} GB of GPU memory (parameters {:.2f}, optimizer {:.2f}, "
-                  "activations {:.2f} + eval {:.2f}, workspace {:.2f}) but {:.2f} GB of {:.2f} "
-                  "are free; lower data.micro_batch or data.seq_len, or set model.recompute: "
-                  "true", r.file, plan.total() / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
-                  plan.train_acts / 1e9, (plan.eval_acts + plan.sample_acts) / 1e9,
-                  plan.workspace / 1e9, free_bytes / 1e9, total_bytes / 1e9);
+    TS_USER_ERROR("{}: this run needs {:.2f} GB of GPU memory per rank (parameters {:.2f}, "
+                  "optimizer {:.2f}, activations and pipeline buffers {:.2f}, workspace {:.2f}) "
+                  "but {:.2f} GB of {:.2f} are free; lower data.micro_batch or data.seq_len, "
+                  "set model.recompute: true, or spread the model with parallel.tp / parallel.pp",
+                  r.file, plan.total() / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
+                  plan.train_acts / 1e9, plan.workspace / 1e9, free_bytes / 1e9, total_bytes / 1e9);
   Arena arena(device, plan.total(), "device memory");
   if (plan.workspace > 0) ops::use_cuda_workspace(arena.alloc_bytes(plan.workspace), plan.workspace);
 
-  fs::create_directories(r.train.out_dir);
   const std::string resolved = recipe_to_yaml(r);
-  {
+  if (rank0) {
+    fs::create_directories(r.train.out_dir);
     std::ofstream out(fs::path(r.train.out_dir) / "recipe.yaml");
     out << resolved;
     if (!out) TS_USER_ERROR("cannot write {}/recipe.yaml (train.out_dir)", r.train.out_dir);
+    log_info("resolved recipe ({}):\n{}", r.file, resolved);
+    log_info("layout: world {} = dp {} x tp {} x pp {} (order {}), zero {}, schedule {}, {} "
+             "micro-batches of {} per dp rank per step, global batch {} sequences, stages {}",
+             ctx->world_size(), par.dp, par.tp, par.pp, par.order, par.zero,
+             par.pp > 1 ? par.schedule : "none", num_micro, B, global_batch,
+             fmt::join(resolve_stage_layers(r), "/"));
   }
-  log_info("resolved recipe ({}):\n{}", r.file, resolved);
+  log_debug("rank {}: tp {} dp {} pp {}, layers [{}, {})", ctx->rank(), me.tp_rank, me.dp_rank,
+            me.pp_rank, shard.first_layer, shard.first_layer + shard.num_layers);
 
-  Transformer model(r.model, dtype, device, &arena);
+  Transformer model(stage_cfg, dtype, device, &arena, shard, par.dp, keep_master);
   model.init_weights(r.train.seed);
   AdamWConfig acfg;
   acfg.beta1 = r.optim.beta1;
@@ -331,40 +240,70 @@ TrainSummary train(const Recipe& recipe_in) {
   acfg.eps = r.optim.eps;
   acfg.weight_decay = r.optim.weight_decay;
   acfg.no_decay = r.optim.no_decay;
-  AdamW opt(model.params(), acfg, &arena);
+  DataParallelConfig dcfg;
+  dcfg.zero_stage = par.zero;
+  dcfg.bucket_bytes = par.bucket_bytes();
+  DistributedDataParallel ddp(model.params(), DataParallelGroups::from(*ctx), dcfg);
+  DistributedOptimizer opt(model.params(), ddp, acfg, &arena);
   const LrSchedule sched{r.optim.schedule, r.optim.lr, r.optim.min_lr, r.optim.warmup_steps,
                          r.train.steps, r.optim.decay_fraction};
+  model.set_grad_ready_hook([&ddp](int idx) { ddp.grads_ready_from(idx); });
 
-  const Loader train_loader(train_tokens, T, global_batch, r.train.seed, 0, 1, r.data.path + " /train");
-  const Loader val_loader(val_tokens, T, B, r.train.seed, 0, 1, r.data.path + " /val");
+  const Loader train_loader(train_tokens, T, global_batch, r.train.seed, me.dp_rank, par.dp,
+                            r.data.path + " /train");
+  // Evaluation batch i is the i-th run of G windows in order, split over dp ranks and micro-batches
+  // exactly like a training step, so every layout evaluates the same windows.
+  const Loader val_loader(val_tokens, T, global_batch, r.train.seed, me.dp_rank, par.dp,
+                          r.data.path + " /val");
 
   int64_t start_step = 0;
   const std::string resume = io::resolve_resume(r.train.out_dir, r.checkpoint.resume);
   if (!resume.empty()) {
     start_step = load_checkpoint(resume, r, model, opt, tokenizer_hash);
-    log_info("resumed from {} at step {}", resume, start_step);
+    if (rank0) log_info("resumed from {} at step {}", resume, start_step);
   }
 
-  Activations acts(model, B, T, /*training=*/true, &arena);
-  Activations eval_acts(model, B, T, /*training=*/false, &arena);
-  Batch batch(B, T, device, arena);
-  log_info("model: {} parameters ({}), {} on {}, {:.2f} GB reserved (activations {:.2f} GB), {} "
-           "tokens per step", model.params().num_elements(), r.model.family, dtype_name(dtype),
-           device_name(device), arena.capacity() / 1e9, plan.train_acts / 1e9, r.tokens_per_step());
+  PipelineExecutor pipe(model, ctx->comm(Group::pp), schedule, flush_micro, B, T, arena);
+  pipe.set_measure_busy(r.logging.profile_ops && par.pp > 1);
+  if (rank0)
+    log_info("model: {} parameters ({}), {} on {}, this rank holds {} and reserved {:.2f} GB "
+             "(activations {:.2f} GB), {} tokens per step",
+             r.model.num_params(), r.model.family, dtype_name(dtype), device_name(device),
+             model.params().num_elements(), arena.capacity() / 1e9, plan.train_acts / 1e9,
+             r.tokens_per_step());
 
-  MetricsWriter metrics((fs::path(r.train.out_dir) / "metrics.jsonl").string(), start_step);
+  Communicator& world = ctx->host_comm(Group::world);
+  const bool reports_loss = shard.last_stage() && me.tp_rank == 0;  // one per dp replica
+  // The sum over the job of one value per dp replica's last stage, tp rank 0.
+  const auto replica_sum = [&](double x) {
+    return world.all_reduce_scalar(reports_loss ? x : 0.0, ReduceOp::sum);
+  };
+
+  std::optional<MetricsWriter> metrics;
+  if (rank0) metrics.emplace((fs::path(r.train.out_dir) / "metrics.jsonl").string(), start_step);
   TrainSummary summary;
   summary.first_step = start_step;
   const auto run_eval = [&](int64_t step) {
-    const EvalResult ev = evaluate(model, eval_acts, val_loader, r.train.eval_batches, batch);
-    log_info("eval step {}: val_loss {:.4f} | perplexity {:.2f} | {} tokens", step, ev.loss,
-             std::exp(ev.loss), ev.tokens);
-    metrics.write({{"step", step}, {"val_loss", ev.loss}, {"val_ppl", std::exp(ev.loss)},
-                   {"val_tokens", ev.tokens}});
-    summary.final_val_loss = ev.loss;
+    const int64_t nb = std::min<int64_t>(r.train.eval_batches, val_loader.num_eval_batches());
+    const auto fill = [&](int m, Batch& batch) {
+      val_loader.fill_eval(m / num_micro, m % num_micro, B, batch.inputs.data(), batch.targets.data());
+    };
+    const PipelineExecutor::Result res = pipe.eval(fill, static_cast<int>(nb * num_micro));
+    const double loss_sum = replica_sum(res.loss_sum);
+    const double tokens = replica_sum(double(res.valid));
+    const double loss = tokens > 0 ? loss_sum / tokens : 0.0;
+    if (rank0) {
+      log_info("eval step {}: val_loss {:.4f} | perplexity {:.2f} | {} tokens", step, loss,
+               std::exp(loss), int64_t(tokens));
+      metrics->write({{"step", step}, {"val_loss", loss}, {"val_ppl", std::exp(loss)},
+                      {"val_tokens", int64_t(tokens)}});
+    }
+    summary.final_val_loss = loss;
   };
 
   const double step_flops = flops_per_token(r.model, T) * double(r.tokens_per_step());
+  const int num_gpus = ctx->world_size();
+  const float micro_scale = 1.0f / float(int64_t(num_micro) * par.dp);
   const auto loop_start = Clock::now();
   int64_t step = start_step;
   constexpr int kProfileWarmupSteps = 3;  // cuBLASLt heuristics and cuDNN plans are built first
@@ -376,15 +315,24 @@ TrainSummary train(const Recipe& recipe_in) {
       ops::profile_enable(true);
     }
     const auto t0 = Clock::now();
+    fault_point(ctx->rank(), "train_step", step + 1);
     model.params().zero_grad();
-    double loss = 0.0;
-    for (int micro = 0; micro < r.data.grad_accum; ++micro) {
-      train_loader.fill(step, micro, B, batch.inputs.data(), batch.targets.data());
-      batch.upload();
-      loss += model.forward(acts, batch.tokens, batch.labels) / r.data.grad_accum;
-      model.backward(acts, batch.tokens, batch.labels, 1.0f / r.data.grad_accum);
+    double local_loss = 0.0;
+    const auto t_pipe = Clock::now();
+    for (int flush = 0; flush < num_flushes; ++flush) {
+      const auto fill = [&](int m, Batch& batch) {
+        train_loader.fill(step, flush * flush_micro + m, B, batch.inputs.data(), batch.targets.data());
+      };
+      const bool last_flush = flush == num_flushes - 1;
+      local_loss += pipe.train_step(fill, micro_scale, [&] {
+        if (last_flush) ddp.begin_last_microbatch();
+      }).loss_sum;
     }
-    const double norm = grad_norm(model.params());
+    const double pipe_s = seconds_since(t_pipe);  // synchronized at its end when measuring
+    ddp.finish();
+    const double busy = pipe.take_busy_seconds();
+    const double norm = opt.global_grad_norm(model.params());
+    const double loss = replica_sum(local_loss / num_micro) / par.dp;
     if (!std::isfinite(norm) || !std::isfinite(loss))
       TS_USER_ERROR("{}: training diverged at step {} (loss {}, grad norm {}); lower optim.lr",
                     r.file, step + 1, loss, norm);
@@ -399,50 +347,68 @@ TrainSummary train(const Recipe& recipe_in) {
     const double tok_per_s = double(r.tokens_per_step()) / dt;
     summary.last_train_loss = loss;
     const int64_t done = step + 1;
-    nlohmann::json rec = {{"step", done}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm},
-                          {"tokens_per_s", tok_per_s}, {"tokens", done * r.tokens_per_step()},
-                          {"step_s", dt}, {"mem_gb", arena.peak() / 1e9}};
-    if (device == Device::cuda) {
-      rec["mfu"] = step_flops / dt / kPeakBf16Flops;
-      if (device_memory_info(device, &free_bytes, &total_bytes))
-        rec["device_used_gb"] = (total_bytes - free_bytes) / 1e9;
-    }
-    metrics.write(rec);
-    if (done % r.logging.every == 0 || done == r.train.steps) {
-      const double elapsed = seconds_since(loop_start);
-      const double eta = elapsed / double(done - start_step) * double(r.train.steps - done);
-      log_info("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s{} | eta {}",
-               done, r.train.steps, loss, lr, norm, tok_per_s,
-               device == Device::cuda ? fmt::format(" | mfu {:.1f}%", 100.0 * rec["mfu"].get<double>())
-                                      : std::string(),
-               format_duration(eta));
+    if (rank0) {
+      nlohmann::json rec = {{"step", done}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm},
+                            {"tokens_per_s", tok_per_s}, {"tokens", done * r.tokens_per_step()},
+                            {"step_s", dt}, {"mem_gb", arena.peak() / 1e9}};
+      if (num_gpus > 1) rec["tokens_per_s_per_rank"] = tok_per_s / num_gpus;
+      if (par.pp > 1 && r.logging.profile_ops) {
+        // Stage 0's compute time within the forward/backward phase (optimizer excluded): the
+        // bubble is its idle fraction, to compare with (p - 1) / (m + p - 1).
+        rec["pipeline_busy_s"] = busy;
+        rec["pipeline_s"] = pipe_s;
+        rec["pipeline_bubble"] = 1.0 - busy / pipe_s;
+      }
+      if (device == Device::cuda) {
+        rec["mfu"] = step_flops / dt / (kPeakBf16Flops * num_gpus);
+        if (device_memory_info(device, &free_bytes, &total_bytes))
+          rec["device_used_gb"] = (total_bytes - free_bytes) / 1e9;
+      }
+      metrics->write(rec);
+      if (done % r.logging.every == 0 || done == r.train.steps) {
+        const double elapsed = seconds_since(loop_start);
+        const double eta = elapsed / double(done - start_step) * double(r.train.steps - done);
+        log_info("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s{} | eta {}",
+                 done, r.train.steps, loss, lr, norm, tok_per_s,
+                 device == Device::cuda ? fmt::format(" | mfu {:.1f}%", 100.0 * rec["mfu"].get<double>())
+                                        : std::string(),
+                 format_duration(eta));
+      }
     }
     if (r.train.eval_every > 0 && done % r.train.eval_every == 0 && done != r.train.steps)
       run_eval(done);
     if (r.checkpoint.every > 0 && done % r.checkpoint.every == 0 && done != r.train.steps)
-      save_checkpoint(r, model, opt, done, tokenizer_hash);
+      save_checkpoint(r, *ctx, model, opt, done, tokenizer_hash);
   }
   summary.train_seconds = seconds_since(loop_start);
   summary.last_step = step;
   if (ops::profile_enabled()) {
     ops::profile_enable(false);
-    report_op_profile(r, profiled_seconds, profiled_steps);
+    if (rank0) report_op_profile(r, profiled_seconds, profiled_steps);
   }
   run_eval(step);
   if (step > start_step && r.checkpoint.save_final)
-    save_checkpoint(r, model, opt, step, tokenizer_hash);
-  log_info("trained steps {}..{} in {}", start_step, step, format_duration(summary.train_seconds));
+    save_checkpoint(r, *ctx, model, opt, step, tokenizer_hash);
+  if (rank0)
+    log_info("trained steps {}..{} in {}", start_step, step, format_duration(summary.train_seconds));
 
-  if (tokenizer && r.train.sample_tokens > 0 && r.train.num_samples > 0) {
-    Activations gen_acts(model, 1, T, /*training=*/false, &arena);
-    std::vector<int32_t> prompt = r.train.sample_prompt.empty()
-                                      ? std::vector<int32_t>{}
-                                      : tokenizer->encode(r.train.sample_prompt);
-    if (prompt.empty()) prompt.push_back(tokenizer->eot_id() >= 0 ? tokenizer->eot_id() : 0);
-    for (int i = 0; i < r.train.num_samples; ++i) {
-      const auto ids = generate(model, gen_acts, prompt, r.train.sample_tokens,
-                                r.train.sample_temperature, r.train.seed + i, tokenizer->eot_id());
-      log_info("sample {}: {}{}", i, r.train.sample_prompt, tokenizer->decode(ids));
+  // Samples need the whole model in one process: generation under tp/pp belongs to the inference
+  // engine, not built yet.
+  if (tokenizer && r.train.sample_tokens > 0 && r.train.num_samples > 0 && rank0) {
+    if (par.tp > 1 || par.pp > 1) {
+      log_info("samples skipped: generation needs tp = pp = 1 (this run has tp {} pp {})", par.tp,
+               par.pp);
+    } else {
+      Activations gen_acts(model, 1, T, /*training=*/false, nullptr);
+      std::vector<int32_t> prompt = r.train.sample_prompt.empty()
+                                        ? std::vector<int32_t>{}
+                                        : tokenizer->encode(r.train.sample_prompt);
+      if (prompt.empty()) prompt.push_back(tokenizer->eot_id() >= 0 ? tokenizer->eot_id() : 0);
+      for (int i = 0; i < r.train.num_samples; ++i) {
+        const auto ids = generate(model, gen_acts, prompt, r.train.sample_tokens,
+                                  r.train.sample_temperature, r.train.seed + i, tokenizer->eot_id());
+        log_info("sample {}: {}{}", i, r.train.sample_prompt, tokenizer->decode(ids));
+      }
     }
   }
   return summary;

@@ -49,6 +49,13 @@ TEST(Bounds, OpsWriteOnlyTheirOutputs) {
   emb.expect_guards_intact("embedding out");
   dwte.expect_guards_intact("dwte");
   dwpe.expect_guards_intact("dwpe");
+  // Vocabulary-parallel: rows [2, 5) of the table; the other tokens read as zero rows.
+  const HostTensor wte_shard = randn(DType::f32, {3, kC}, rng);
+  Guarded emb_shard({kB, kT, kC}), dwte_shard({3, kC});
+  cpu::embedding_forward(emb_shard, tokens, wte_shard, Tensor(), 2, kV);
+  cpu::embedding_backward(dwte_shard, Tensor(), x, tokens, 2, kV);
+  emb_shard.expect_guards_intact("sharded embedding out");
+  dwte_shard.expect_guards_intact("sharded dwte");
 
   const Tensor x2 = x.t.view({kN, kC});
   Guarded ln({kN, kC}), mean({kN}), rstd({kN}), dinp({kN, kC}), dw({kC}), db({kC});

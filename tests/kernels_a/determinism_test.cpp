@@ -59,6 +59,10 @@ TEST(Determinism, EmbeddingBackwardIsThreadCountIndependent) {
   expect_thread_independent("embedding_backward", {&dwte, &dwpe}, [&] {
     cpu::embedding_backward(dwte, dwpe, dout, tokens);
   });
+  HostTensor dwte_shard = randn(DType::f32, {13, 96}, rng);  // rows [20, 33) of the 37
+  expect_thread_independent("embedding_backward, vocabulary shard", {&dwte_shard, &dwpe}, [&] {
+    cpu::embedding_backward(dwte_shard, dwpe, dout, tokens, 20, 37);
+  });
 }
 
 TEST(Determinism, GemmReferenceAndBiasGradientAreThreadCountIndependent) {

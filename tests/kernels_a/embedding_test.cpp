@@ -1,7 +1,8 @@
 // embedding_forward / embedding_backward: exact lookup with and without wpe, finite-difference
 // gradients in f64 with repeated tokens, accumulation into existing gradients, out-of-range ids
-// named in the error, NaN confinement, and f32 against f64.
-// Shape letters: B batch, T time, C channels, V vocabulary, maxT rows of wpe.
+// named in the error, NaN confinement, f32 against f64, and the vocabulary-parallel form (row
+// shards of a padded table summed over tp ranks equal the unsharded op bit for bit).
+// Shape letters: B batch, T time, C channels, V vocabulary, Vl rows of one shard, maxT rows of wpe.
 #include <random>
 #include <string>
 
@@ -129,6 +130,115 @@ TEST(Embedding, F32AgreesWithF64) {
   cpu::embedding_backward(dwte64, dwpe64, to_dtype(dout32, DType::f64), e64.tokens);
   expect_close(dwte32, dwte64, 1e-7, 1e-7, "embedding dwte");
   expect_close(dwpe32, dwpe64, 1e-7, 1e-7, "embedding dwpe");
+}
+
+// Rows [begin, begin + rows) of a (V, C) table.
+HostTensor slice_rows(const HostTensor& table, int64_t begin, int64_t rows) {
+  const int64_t num_c = table.t.dim(1);
+  HostTensor out(table.t.dtype, {rows, num_c});
+  for (int64_t i = 0; i < rows * num_c; ++i) out.set(i, table.get(begin * num_c + i));
+  return out;
+}
+
+// The table (V = 12 rows, divisible by every tp) split into tp row shards; wpe goes to rank 0
+// only, as the caller passes it. Adding the ranks' outputs in f32 adds one nonzero wte row to
+// zeros (and wpe), so the sum must equal the unsharded output exactly; each rank's dwte is the
+// same grouped, ordered sum as the unsharded dwte's rows, so the slices match exactly too.
+TEST(Embedding, VocabShardsSumToTheFullEmbedding) {
+  std::mt19937_64 rng(48);
+  constexpr int64_t kB = 3, kT = 5, kC = 7, kV = 12;
+  for (int tp = 1; tp <= 4; ++tp) {
+    SCOPED_TRACE("tp " + std::to_string(tp));
+    EmbeddingCase e = make_case(DType::f32, kB, kT, kC, kV, kT + 1, rng);
+    e.tokens.set(0, 0);
+    e.tokens.set(1, kV - 1);  // the first and the last row of the table
+    e.tokens.set(2, kV - 1);  // a repeat
+    cpu::embedding_forward(e.out, e.tokens, e.wte, e.wpe);
+    const HostTensor dout = randn(DType::f32, e.out.t.shape, rng);
+    const HostTensor dwte_init = randn(DType::f32, e.wte.t.shape, rng);  // backward accumulates
+    const HostTensor dwpe_init = randn(DType::f32, e.wpe.t.shape, rng);
+    HostTensor dwte = dwte_init, dwpe = dwpe_init;
+    cpu::embedding_backward(dwte, dwpe, dout, e.tokens);
+
+    const int64_t rows = kV / tp;
+    HostTensor sum(DType::f32, e.out.t.shape);
+    for (int r = 0; r < tp; ++r) {
+      const int64_t start = r * rows;
+      const HostTensor wte = slice_rows(e.wte, start, rows);
+      const bool with_wpe = r == 0;
+      HostTensor out(DType::f32, e.out.t.shape);
+      cpu::embedding_forward(out, e.tokens, wte, with_wpe ? e.wpe.t : Tensor(), start, kV);
+      for (int64_t i = 0; i < sum.size(); ++i) sum.set(i, sum.get(i) + out.get(i));
+      // A position whose token another rank holds is exactly zero (or wpe on rank 0).
+      for (int64_t pos = 0; pos < kB * kT; ++pos) {
+        const int64_t local = int64_t(e.tokens.get(pos)) - start;
+        const bool here = local >= 0 && local < rows;
+        for (int64_t c = 0; c < kC; ++c) {
+          const double w = here ? wte.get(local * kC + c) : 0.0;
+          const double p = with_wpe ? e.wpe.get((pos % kT) * kC + c) : 0.0;
+          if (here && with_wpe) continue;  // a rounded sum, covered by the total below
+          EXPECT_EQ(out.get(pos * kC + c), w + p) << "rank " << r << " position " << pos;
+        }
+      }
+      HostTensor dwte_r = slice_rows(dwte_init, start, rows), dwpe_r = dwpe_init;
+      cpu::embedding_backward(dwte_r, with_wpe ? dwpe_r.t : Tensor(), dout, e.tokens, start, kV);
+      expect_identical(dwte_r, slice_rows(dwte, start, rows), "sharded dwte");
+      if (with_wpe) expect_identical(dwpe_r, dwpe, "dwpe on the rank holding wpe");
+      else expect_identical(dwpe_r, dwpe_init, "dwpe untouched without wpe");
+    }
+    expect_identical(sum, e.out, "sum of the sharded outputs");
+  }
+}
+
+// The sharded op's gradients by finite differences (f64): rows [3, 7) of a 10-row table, tokens
+// over the whole table with repeats, so some positions belong to the shard and some do not.
+TEST(Embedding, VocabShardGradientsMatchFiniteDifferences) {
+  std::mt19937_64 rng(49);
+  constexpr int64_t kB = 2, kT = 9, kC = 3, kStart = 3, kRows = 4, kTotal = 10;
+  HostTensor tokens = randint({kB, kT}, 0, kTotal, rng);
+  tokens.set(0, kStart);
+  tokens.set(1, kStart);
+  tokens.set(2, kStart + kRows - 1);
+  tokens.set(3, kStart - 1);
+  tokens.set(4, kStart + kRows);
+  HostTensor wte = randn(DType::f64, {kRows, kC}, rng), wpe = randn(DType::f64, {kT, kC}, rng);
+  HostTensor out(DType::f64, {kB, kT, kC});
+  const HostTensor dout = randn(DType::f64, {kB, kT, kC}, rng);
+  HostTensor dwte(DType::f64, {kRows, kC}), dwpe(DType::f64, {kT, kC});
+  cpu::embedding_backward(dwte, dwpe, dout, tokens, kStart, kTotal);
+  const auto loss = fd_loss(dout, out, [&] {
+    cpu::embedding_forward(out, tokens, wte, wpe, kStart, kTotal);
+  });
+  expect_grad_matches(wte, dwte, loss, kFdTol, "sharded dwte", kFdStep);
+  expect_grad_matches(wpe, dwpe, loss, kFdTol, "sharded dwpe", kFdStep);
+}
+
+// Under vocabulary parallelism the bound is the whole table: a token of another shard is fine, a
+// token >= vocab_total (or negative) is named, and a shard must fit inside the table.
+TEST(Embedding, VocabShardBoundsAreTheWholeTable) {
+  std::mt19937_64 rng(50);
+  constexpr int64_t kStart = 4, kRows = 4, kTotal = 10;
+  EmbeddingCase e = make_case(DType::f32, 2, 3, 4, kRows, 0, rng);
+  e.tokens.set(0, kTotal - 1);  // another shard's token: accepted
+  cpu::embedding_forward(e.out, e.tokens, e.wte, e.wpe, kStart, kTotal);
+  for (int bad : {int(kTotal), -1}) {
+    HostTensor tokens = e.tokens;
+    tokens.set(4, bad);
+    try {
+      cpu::embedding_forward(e.out, tokens, e.wte, e.wpe, kStart, kTotal);
+      ADD_FAILURE() << "token id " << bad << " was accepted";
+    } catch (const Error& err) {
+      const std::string what = err.what();
+      EXPECT_NE(what.find("token id " + std::to_string(bad)), std::string::npos) << what;
+      EXPECT_NE(what.find("outside [0, 10)"), std::string::npos) << what;
+    }
+    HostTensor dwte(DType::f32, {kRows, 4});
+    EXPECT_THROW(cpu::embedding_backward(dwte, Tensor(), e.out, tokens, kStart, kTotal), Error);
+  }
+  EXPECT_THROW(cpu::embedding_forward(e.out, e.tokens, e.wte, e.wpe, 7, kTotal), Error);
+  EXPECT_THROW(cpu::embedding_forward(e.out, e.tokens, e.wte, e.wpe, -1, kTotal), Error);
+  HostTensor dwte(DType::f32, {kRows, 4});
+  EXPECT_THROW(cpu::embedding_backward(dwte, Tensor(), e.out, e.tokens, 7, kTotal), Error);
 }
 
 }  // namespace

@@ -1,0 +1,59 @@
+// ModelShard: the pipeline split of layers and the tensor-parallel conjugate mappings.
+#include "model/model_shard.h"
+
+#include "core/error.h"
+#include "model/config.h"
+
+namespace tessera {
+
+ModelShard ModelShard::resolved(const ModelConfig& cfg) const {
+  ModelShard s = *this;
+  if (s.num_layers < 0) s.num_layers = cfg.num_layers - s.first_layer;
+  TS_CHECK(s.tp_size >= 1 && s.tp_rank >= 0 && s.tp_rank < s.tp_size, "tp {}/{}", s.tp_rank,
+           s.tp_size);
+  TS_CHECK(s.pp_size >= 1 && s.pp_rank >= 0 && s.pp_rank < s.pp_size, "pp {}/{}", s.pp_rank,
+           s.pp_size);
+  TS_CHECK(s.first_layer >= 0 && s.num_layers >= 1 && s.first_layer + s.num_layers <= cfg.num_layers,
+           "layers [{}, {}) of {}", s.first_layer, s.first_layer + s.num_layers, cfg.num_layers);
+  TS_CHECK(cfg.num_heads % s.tp_size == 0 && cfg.num_kv_heads % s.tp_size == 0 &&
+               cfg.ffn_hidden % s.tp_size == 0 && cfg.padded_vocab_size % s.tp_size == 0,
+           "layout check let tp={} through for heads {} kv {} ffn {} vocab {}", s.tp_size,
+           cfg.num_heads, cfg.num_kv_heads, cfg.ffn_hidden, cfg.padded_vocab_size);
+  TS_CHECK(s.tp_size == 1 || s.tp_comm != nullptr, "tp={} without a communicator", s.tp_size);
+  TS_CHECK(s.tp_comm == nullptr || s.tp_comm->size() == s.tp_size, "tp comm size {} vs {}",
+           s.tp_comm ? s.tp_comm->size() : 0, s.tp_size);
+  return s;
+}
+
+ModelShard ModelShard::make(const ModelConfig& cfg, int tp_size, int tp_rank, int pp_size,
+                            int pp_rank, const std::vector<int>& stage_layers,
+                            Communicator* tp_comm) {
+  ModelShard s;
+  s.tp_size = tp_size;
+  s.tp_rank = tp_rank;
+  s.pp_size = pp_size;
+  s.pp_rank = pp_rank;
+  s.tp_comm = tp_size > 1 ? tp_comm : nullptr;
+  std::vector<int> counts = stage_layers;
+  if (counts.empty()) {
+    for (int st = 0; st < pp_size; ++st)
+      counts.push_back(cfg.num_layers / pp_size + (st < cfg.num_layers % pp_size ? 1 : 0));
+  }
+  TS_CHECK(int(counts.size()) == pp_size, "stage_layers has {} entries for pp={}", counts.size(),
+           pp_size);
+  s.first_layer = 0;
+  for (int st = 0; st < pp_rank; ++st) s.first_layer += counts[st];
+  s.num_layers = counts[pp_rank];
+  return s.resolved(cfg);
+}
+
+void copy_to_tp_region_forward(const ModelShard&, Tensor) {}
+void copy_to_tp_region_backward(const ModelShard& s, Tensor dx) {
+  if (s.tp_size > 1) s.tp_comm->all_reduce(dx, ReduceOp::sum);
+}
+void reduce_from_tp_region_forward(const ModelShard& s, Tensor y) {
+  if (s.tp_size > 1) s.tp_comm->all_reduce(y, ReduceOp::sum);
+}
+void reduce_from_tp_region_backward(const ModelShard&, Tensor) {}
+
+}  // namespace tessera

@@ -1,0 +1,42 @@
+// ModelShard: the slice of the model one rank holds — its tensor-parallel rank (which heads, FFN
+// columns and vocabulary rows) and its pipeline stage (which layers) — plus the tp communicator
+// the layers' conjugate collectives run on. The default is the whole model in one process.
+#pragma once
+#include <vector>
+
+#include "parallel/communicator.h"
+
+namespace tessera {
+
+struct ModelConfig;
+
+struct ModelShard {
+  int tp_size = 1, tp_rank = 0;
+  int pp_size = 1, pp_rank = 0;
+  int first_layer = 0;    // global index of this stage's first layer
+  int num_layers = -1;    // layers on this stage; -1: every layer (pp_size == 1)
+  Communicator* tp_comm = nullptr;  // moves tensors on the model's device; needed when tp_size > 1
+
+  bool first_stage() const { return pp_rank == 0; }
+  bool last_stage() const { return pp_rank == pp_size - 1; }
+  // Checks the shard against the config (bug: the recipe's layout check runs first) and fills
+  // num_layers = -1 in.
+  ModelShard resolved(const ModelConfig& cfg) const;
+  // The pipeline split: stage_layers[s] layers on stage s (empty: even, remainder to the first
+  // stages). Returns this stage's shard for (tp_rank, pp_rank).
+  static ModelShard make(const ModelConfig& cfg, int tp_size, int tp_rank, int pp_size, int pp_rank,
+                         const std::vector<int>& stage_layers, Communicator* tp_comm);
+};
+
+// Megatron's conjugate mappings around a column-parallel -> row-parallel pair, as explicit
+// forward/backward functions (tests check they are adjoint):
+//   copy_to_tp_region:     forward identity (input replicated), backward all-reduce (sum of the
+//                          ranks' partial input gradients);
+//   reduce_from_tp_region: forward all-reduce (sum of partial outputs), backward identity.
+// All are no-ops when tp_size == 1.
+void copy_to_tp_region_forward(const ModelShard& s, Tensor x);
+void copy_to_tp_region_backward(const ModelShard& s, Tensor dx);
+void reduce_from_tp_region_forward(const ModelShard& s, Tensor y);
+void reduce_from_tp_region_backward(const ModelShard& s, Tensor dy);
+
+}  // namespace tessera

@@ -1,0 +1,151 @@
+// MPI runtime: init/finalize, launcher detection from the environment, world and node-local
+// ranks, job abort, and the TS_MPI_CHECK failure path. GPU selection is in nccl/local_gpu.cpp.
+#include "parallel/mpi_runtime.h"
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace tessera {
+
+namespace {
+
+// Set by abort_job: a later ~MpiRuntime must not call the collective MPI_Finalize.
+std::atomic<bool> g_aborting{false};
+
+const char* env(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : nullptr;
+}
+
+// Parses a non-negative decimal environment value; -1 when absent or malformed.
+int env_int(const char* name) {
+  const char* v = env(name);
+  if (!v) return -1;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  return (*end == '\0' && x >= 0 && x <= (1 << 30)) ? static_cast<int>(x) : -1;
+}
+
+}  // namespace
+
+MpiRuntime::MpiRuntime(int* argc, char*** argv) {
+  int initialized = 0;
+  TS_MPI_CHECK(MPI_Initialized(&initialized), "querying MPI state");
+  if (!initialized) {
+    int provided = 0;
+    TS_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "initializing MPI");
+    owns_init_ = true;
+    if (provided < MPI_THREAD_FUNNELED) {
+      TS_SYSTEM_ERROR("MPI provides thread level {}, Tessera needs MPI_THREAD_FUNNELED ({})",
+                      provided, MPI_THREAD_FUNNELED);
+    }
+  }
+  // The default handler (MPI_ERRORS_ARE_FATAL) would kill the job with MPI's own message, without
+  // the operation, group and rank that TS_MPI_CHECK adds. Communicators split or duplicated from
+  // MPI_COMM_WORLD inherit this handler.
+  TS_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN),
+               "setting MPI_ERRORS_RETURN on MPI_COMM_WORLD");
+  TS_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_), "MPI_Comm_rank on world");
+  TS_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_), "MPI_Comm_size on world");
+  // A lone process keeps untagged messages: "[rank 0]" on every error of a serial run is noise.
+  if (size_ > 1) set_error_rank(rank_);
+  log_set_rank(rank_, size_, false);
+}
+
+MpiRuntime::~MpiRuntime() {
+  if (!owns_init_ || g_aborting.load() || std::uncaught_exceptions() > 0) return;
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) return;
+  // Destructors must not throw: report and go on (the process is ending anyway).
+  if (MPI_Finalize() != MPI_SUCCESS) log_warn("MPI_Finalize failed on rank {}", rank_);
+}
+
+bool launched_by_mpi_launcher() {
+  // Open MPI's mpirun, PMIx-based launchers (Open MPI 5, srun --mpi=pmix), MPICH's Hydra (PMI).
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK",
+                           "MPI_LOCALNRANKS"}) {
+    if (env(name)) return true;
+  }
+  // A batch script also sees SLURM_PROCID (= 0); only a step of several tasks is a parallel launch.
+  return env("SLURM_PROCID") && env_int("SLURM_NTASKS") > 1;
+}
+
+bool mpi_active() {
+  int initialized = 0;
+  int finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  return initialized && !finalized;
+}
+
+int world_rank() {
+  if (!mpi_active()) return 0;
+  int rank = 0;
+  TS_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank), "MPI_Comm_rank on world");
+  return rank;
+}
+
+int world_size() {
+  if (!mpi_active()) return 1;
+  int size = 1;
+  TS_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size), "MPI_Comm_size on world");
+  return size;
+}
+
+int local_rank() {
+  static int cached = -1;
+  if (cached >= 0) return cached;
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}) {
+    const int v = env_int(name);
+    if (v >= 0) return cached = v;
+  }
+  if (!mpi_active()) return 0;
+  MPI_Comm node = MPI_COMM_NULL;
+  TS_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
+               "splitting world by node (MPI_COMM_TYPE_SHARED) to find the local rank");
+  int rank = 0;
+  TS_MPI_CHECK(MPI_Comm_rank(node, &rank), "MPI_Comm_rank on the node communicator");
+  TS_MPI_CHECK(MPI_Comm_free(&node), "freeing the node communicator");
+  return cached = rank;
+}
+
+void abort_job(int code) {
+  g_aborting.store(true);
+  std::fflush(stdout);
+  std::fflush(stderr);
+  if (mpi_active() && world_size() > 1) {
+    MPI_Abort(MPI_COMM_WORLD, code);
+    std::_Exit(code);  // MPI_Abort does not return; this is for an MPI that does
+  }
+  std::exit(code);
+}
+
+#ifndef TESSERA_CUDA
+int select_local_gpu() {
+  TS_USER_ERROR(
+      "a CUDA device was requested but this build has no CUDA backend (configure with "
+      "-DTESSERA_CUDA=ON where nvcc is installed)");
+}
+#endif
+
+void mpi_fail(int code, const char* call, const std::string& context, const char* file,
+              int line) {
+  char text[MPI_MAX_ERROR_STRING] = {};
+  int len = 0;
+  std::string reason;
+  if (MPI_Error_string(code, text, &len) == MPI_SUCCESS) {
+    reason.assign(text, len);
+  } else {
+    reason = fmt::format("MPI error code {}", code);
+  }
+  fail(ErrorKind::system, fmt::format("MPI: {} failed: {} [{}]", context, reason, call), file,
+       line);
+}
+
+}  // namespace tessera

@@ -1,0 +1,255 @@
+// NcclCommunicator: NCCL bootstrap over MPI, the stream/event ordering described in the header,
+// collectives, point-to-point and grouped point-to-point, and teardown.
+#include "parallel/nccl/nccl_communicator.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+
+#include "core/log.h"
+#include "parallel/comm_util.h"
+#include "parallel/mpi_runtime.h"
+#include "parallel/nccl/nccl_check.h"
+
+namespace tessera {
+
+namespace {
+
+ncclDataType_t nccl_type(DType t) {
+  switch (t) {
+    case DType::f32: return ncclFloat32;
+    case DType::f64: return ncclFloat64;
+    case DType::bf16: return ncclBfloat16;
+    case DType::f16: return ncclFloat16;
+    case DType::i32: return ncclInt32;
+    default: break;
+  }
+  TS_BUG("no NCCL datatype for {}", dtype_name(t));
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::sum ? ncclSum : ncclMax; }
+
+size_t count_of(const Tensor& t) { return static_cast<size_t>(t.numel()); }
+
+// An operation queued on the communicator's stream; `done_` was recorded right after it, so
+// waiting orders the compute stream after this operation only, not after later ones.
+class NcclRequest final : public CommRequest {
+ public:
+  NcclRequest(NcclCommunicator* comm, cudaEvent_t done, const char* op)
+      : comm_(comm), done_(done), op_(op) {}
+  ~NcclRequest() override {
+    if (waited_) return;
+    if (std::uncaught_exceptions() > 0) {  // see CommRequest: never wait while unwinding
+      comm_->give_event(done_);
+      return;
+    }
+    try {
+      wait();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      abort_job(1);
+    }
+  }
+
+  void wait() override {
+    if (waited_) return;
+    waited_ = true;
+    // Enqueues the dependency only: the host does not block. The event can go back to the pool
+    // at once, because a wait binds to the record that precedes it.
+    TS_PAR_CUDA_CHECK(cudaStreamWaitEvent(comm_->compute_stream(), done_, 0),
+                      "ordering the compute stream after {} on group '{}'", op_, comm_->name());
+    comm_->give_event(done_);
+  }
+
+ private:
+  NcclCommunicator* comm_;
+  cudaEvent_t done_;
+  const char* op_;
+  bool waited_ = false;
+};
+
+}  // namespace
+
+NcclCommunicator::NcclCommunicator(const MpiCommunicator& bootstrap, cudaStream_t compute_stream)
+    : compute_(compute_stream),
+      name_(bootstrap.name()),
+      rank_(bootstrap.rank()),
+      size_(bootstrap.size()) {
+  // NVLink SHARP (NVLS) multicast stays off unless the user chose otherwise (overwrite = 0): on
+  // the project's shared H200 hosts a program using multicast can take the host's GPUs out of
+  // service, and NCCL would enable it by itself on NVSwitch systems. This is the only variable
+  // Tessera sets; it must precede NCCL's first initialization, which reads the environment.
+  setenv("NCCL_NVLS_ENABLE", "0", 0);
+  TS_PAR_CUDA_CHECK(cudaGetDevice(&cuda_device_), "querying the device for group '{}'", name_);
+  ncclUniqueId id{};
+  if (rank_ == 0) {
+    TS_NCCL_CHECK(ncclGetUniqueId(&id), nullptr, "creating the unique id of group '{}'", name_);
+  }
+  TS_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, bootstrap.mpi_comm()),
+               "broadcasting the NCCL unique id of group '{}'", name_);
+  TS_PAR_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
+                    "creating the stream of group '{}'", name_);
+  TS_PAR_CUDA_CHECK(cudaEventCreateWithFlags(&compute_ready_, cudaEventDisableTiming),
+                    "creating an event for group '{}'", name_);
+  TS_PAR_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)), "allocating barrier scratch");
+  TS_PAR_CUDA_CHECK(cudaMemset(scratch_, 0, sizeof(float)), "clearing barrier scratch");
+  TS_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_), nullptr,
+                "joining group '{}' as rank {} of {} on GPU {}", name_, rank_, size_,
+                cuda_device_);
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  if (std::uncaught_exceptions() > 0) {
+    // An error is on its way to abort the job: a peer may be gone, so neither synchronize nor
+    // run the (possibly waiting) regular teardown.
+    if (comm_) ncclCommAbort(comm_);
+    return;
+  }
+  // A destructor cannot throw: failures are reported and teardown goes on.
+  const auto warn = [this](cudaError_t err, const char* what) {
+    if (err != cudaSuccess) {
+      log_warn("group '{}': {} failed: {}", name_, what, cudaGetErrorString(err));
+    }
+  };
+  if (stream_) warn(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  if (comm_) {
+    const ncclResult_t res = ncclCommDestroy(comm_);
+    if (res != ncclSuccess) {
+      log_warn("group '{}': ncclCommDestroy failed: {}", name_, ncclGetErrorString(res));
+    }
+  }
+  for (cudaEvent_t e : free_events_) warn(cudaEventDestroy(e), "cudaEventDestroy");
+  if (compute_ready_) warn(cudaEventDestroy(compute_ready_), "cudaEventDestroy");
+  if (stream_) warn(cudaStreamDestroy(stream_), "cudaStreamDestroy");
+  if (scratch_) warn(cudaFree(scratch_), "cudaFree");
+}
+
+cudaEvent_t NcclCommunicator::take_event() {
+  if (!free_events_.empty()) {
+    const cudaEvent_t e = free_events_.back();
+    free_events_.pop_back();
+    return e;
+  }
+  cudaEvent_t e = nullptr;
+  TS_PAR_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming),
+                    "creating an event for group '{}'", name_);
+  return e;
+}
+
+void NcclCommunicator::give_event(cudaEvent_t event) { free_events_.push_back(event); }
+
+void NcclCommunicator::order_after_compute() {
+  // Reusing one event is safe: cudaStreamWaitEvent binds to the record made just before it.
+  TS_PAR_CUDA_CHECK(cudaEventRecord(compute_ready_, compute_), "recording the compute stream");
+  TS_PAR_CUDA_CHECK(cudaStreamWaitEvent(stream_, compute_ready_, 0),
+                    "ordering group '{}' after the compute stream", name_);
+}
+
+CommHandle NcclCommunicator::finish(const char* op) {
+  const cudaEvent_t done = take_event();
+  TS_PAR_CUDA_CHECK(cudaEventRecord(done, stream_), "recording the end of {} on group '{}'", op,
+                    name_);
+  return std::make_unique<NcclRequest>(this, done, op);
+}
+
+CommHandle NcclCommunicator::all_reduce_async(Tensor t, ReduceOp op) {
+  comm_detail::check_tensor(*this, t, "all_reduce");
+  order_after_compute();
+  TS_NCCL_CHECK(ncclAllReduce(t.data, t.data, count_of(t), nccl_type(t.dtype), nccl_op(op), comm_,
+                              stream_),
+                comm_, "all_reduce {} of {} {} elements on group '{}'", reduce_op_name(op),
+                t.numel(), dtype_name(t.dtype), name_);
+  return finish("all_reduce");
+}
+
+CommHandle NcclCommunicator::reduce_scatter_async(Tensor out, Tensor in, ReduceOp op) {
+  // NCCL's in-place form is exactly ours: recvbuff == sendbuff + rank * recvcount.
+  comm_detail::check_reduce_scatter(*this, out, in);
+  order_after_compute();
+  TS_NCCL_CHECK(ncclReduceScatter(in.data, out.data, count_of(out), nccl_type(in.dtype),
+                                  nccl_op(op), comm_, stream_),
+                comm_, "reduce_scatter {} of {} {} elements per rank on group '{}'",
+                reduce_op_name(op), out.numel(), dtype_name(in.dtype), name_);
+  return finish("reduce_scatter");
+}
+
+CommHandle NcclCommunicator::all_gather_async(Tensor out, Tensor in) {
+  // In place when sendbuff == recvbuff + rank * sendcount, as ours.
+  comm_detail::check_all_gather(*this, out, in);
+  order_after_compute();
+  TS_NCCL_CHECK(ncclAllGather(in.data, out.data, count_of(in), nccl_type(in.dtype), comm_,
+                              stream_),
+                comm_, "all_gather of {} {} elements per rank on group '{}'", in.numel(),
+                dtype_name(in.dtype), name_);
+  return finish("all_gather");
+}
+
+CommHandle NcclCommunicator::send_async(Tensor t, int peer, int tag) {
+  comm_detail::check_tensor(*this, t, "send");
+  comm_detail::check_peer(*this, peer, tag, "send");
+  order_after_compute();
+  TS_NCCL_CHECK(ncclSend(t.data, count_of(t), nccl_type(t.dtype), peer, comm_, stream_), comm_,
+                "send of {} {} elements to rank {} on group '{}'", t.numel(),
+                dtype_name(t.dtype), peer, name_);
+  return finish("send");
+}
+
+CommHandle NcclCommunicator::recv_async(Tensor t, int peer, int tag) {
+  comm_detail::check_tensor(*this, t, "recv");
+  comm_detail::check_peer(*this, peer, tag, "recv");
+  order_after_compute();
+  TS_NCCL_CHECK(ncclRecv(t.data, count_of(t), nccl_type(t.dtype), peer, comm_, stream_), comm_,
+                "receive of {} {} elements from rank {} on group '{}'", t.numel(),
+                dtype_name(t.dtype), peer, name_);
+  return finish("recv");
+}
+
+std::vector<CommHandle> NcclCommunicator::batch_p2p(const std::vector<P2POp>& ops) {
+  // Every check runs before ncclGroupStart: an error thrown inside a group would leave it open.
+  for (const P2POp& op : ops) {
+    comm_detail::check_tensor(*this, op.tensor, op.send ? "send" : "recv");
+    comm_detail::check_peer(*this, op.peer, op.tag, op.send ? "send" : "recv");
+  }
+  std::vector<CommHandle> handles;
+  if (ops.empty()) return handles;
+  order_after_compute();
+  TS_NCCL_CHECK(ncclGroupStart(), comm_, "starting a group of {} p2p ops on group '{}'",
+                ops.size(), name_);
+  for (const P2POp& op : ops) {
+    const Tensor& t = op.tensor;
+    if (op.send) {
+      TS_NCCL_CHECK(ncclSend(t.data, count_of(t), nccl_type(t.dtype), op.peer, comm_, stream_),
+                    comm_, "grouped send of {} {} elements to rank {} on group '{}'", t.numel(),
+                    dtype_name(t.dtype), op.peer, name_);
+    } else {
+      TS_NCCL_CHECK(ncclRecv(t.data, count_of(t), nccl_type(t.dtype), op.peer, comm_, stream_),
+                    comm_, "grouped receive of {} {} elements from rank {} on group '{}'",
+                    t.numel(), dtype_name(t.dtype), op.peer, name_);
+    }
+  }
+  TS_NCCL_CHECK(ncclGroupEnd(), comm_, "ending a group of {} p2p ops on group '{}'", ops.size(),
+                name_);
+  for (const P2POp& op : ops) handles.push_back(finish(op.send ? "send" : "recv"));
+  return handles;
+}
+
+void NcclCommunicator::broadcast(Tensor t, int root) {
+  comm_detail::check_tensor(*this, t, "broadcast");
+  comm_detail::check_root(*this, root);
+  order_after_compute();
+  TS_NCCL_CHECK(ncclBroadcast(t.data, t.data, count_of(t), nccl_type(t.dtype), root, comm_,
+                              stream_),
+                comm_, "broadcast of {} {} elements from rank {} on group '{}'", t.numel(),
+                dtype_name(t.dtype), root, name_);
+  finish("broadcast")->wait();
+}
+
+void NcclCommunicator::barrier() {
+  TS_NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), comm_,
+                "barrier (one-element all_reduce) on group '{}'", name_);
+  TS_PAR_CUDA_CHECK(cudaStreamSynchronize(stream_), "waiting for the barrier on group '{}'",
+                    name_);
+}
+
+}  // namespace tessera

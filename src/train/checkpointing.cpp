@@ -1,0 +1,132 @@
+// Sharded save and reshard-on-load of the trainer's state (see checkpointing.h and
+// io/checkpoint.h for the on-disk layout).
+#include "train/checkpointing.h"
+
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "core/log.h"
+#include "io/checkpoint.h"
+
+namespace tessera {
+
+namespace {
+
+std::vector<int64_t> dims_of(const Shape& s) { return {s.dims.begin(), s.dims.begin() + s.ndim}; }
+
+// Where a parameter's local slice sits in the global tensor.
+struct SliceBox {
+  std::vector<int64_t> global_shape, offset, shape;
+};
+SliceBox box_of(const ParamSpec& spec) {
+  SliceBox b{dims_of(spec.full_shape()), std::vector<int64_t>(spec.shape.ndim, 0), dims_of(spec.shape)};
+  if (spec.tp_sharded()) b.offset[spec.shard_dim] = spec.shard_offset;
+  return b;
+}
+
+std::vector<char> host_bytes(const Tensor& t) {
+  std::vector<char> out(t.nbytes());
+  copy_bytes(out.data(), Device::cpu, t.data, t.device, out.size());
+  return out;
+}
+
+}  // namespace
+
+void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
+                     const DistributedOptimizer& opt, int64_t step, const std::string& tokenizer_hash) {
+  const ParamStore& ps = model.params();
+  HostOptimizerState state;
+  opt.gather_state(ps, &state);  // collective over dp; filled on dp rank 0
+  io::CheckpointWriter w(r.train.out_dir, step, ctx.rank(), ctx.world_size());
+  if (ctx.coord().dp_rank == 0) {
+    // Replica 0 writes; within it each tensor slice has exactly one owner.
+    for (const Param& p : ps.all()) {
+      if (!p.spec.owner) continue;
+      const SliceBox b = box_of(p.spec);
+      const auto add = [&](const std::string& name, const Tensor& t) {
+        const std::vector<char> host = host_bytes(t);
+        w.add({name, t.dtype, b.global_shape, b.offset, b.shape, host.data()});
+      };
+      add(p.spec.name, state.master_of(p));
+      add("optim.m." + p.spec.name, state.m_of(p));
+      add("optim.v." + p.spec.name, state.v_of(p));
+    }
+  }
+  if (ctx.rank() == 0) {
+    w.set_meta("recipe", recipe_to_yaml(r));
+    w.set_meta("step", std::to_string(step));
+    w.set_meta("optimizer_step", std::to_string(opt.step_count()));
+    w.set_meta("layout", nlohmann::json{{"dp", r.parallel.dp}, {"tp", r.parallel.tp},
+                                        {"pp", r.parallel.pp}, {"zero", r.parallel.zero}}
+                             .dump());
+    w.set_meta("rng", nlohmann::json{{"seed", r.train.seed}, {"kind", "philox4x32-10"}}.dump());
+    w.set_meta("loader", nlohmann::json{{"seed", r.train.seed},
+                                        {"next_step", step},
+                                        {"samples_consumed", step * r.global_batch()}}
+                             .dump());
+    w.set_meta("tokenizer_hash", tokenizer_hash);
+  }
+  w.write_shard();
+  Communicator& world = ctx.host_comm(Group::world);
+  world.barrier();  // every shard is on disk before rank 0 commits
+  if (ctx.rank() == 0) {
+    const std::string dir = w.finalize(r.checkpoint.keep);
+    log_info("checkpoint: wrote {}", dir);
+  }
+  world.barrier();  // nobody reads or writes the next one before this one is committed
+}
+
+int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& model,
+                        DistributedOptimizer& opt, const std::string& tokenizer_hash) {
+  const io::CheckpointReader ck = io::CheckpointReader::open(dir);
+  const Recipe saved = parse_recipe(ck.meta("recipe"), dir + "/recipe");
+  ModelConfig a = saved.model, b = r.model;  // execution choices and padding may change
+  a.recompute = b.recompute;
+  a.attention_impl = b.attention_impl;
+  a.padded_vocab_size = b.padded_vocab_size;
+  a.vocab_pad_multiple = b.vocab_pad_multiple;
+  if (!(a == b))
+    TS_USER_ERROR("checkpoint {} was saved with a different model section than recipe {}; resume "
+                  "needs the same architecture", dir, r.file);
+  if (ck.has_meta("tokenizer_hash") && ck.meta("tokenizer_hash") != tokenizer_hash)
+    TS_USER_ERROR("checkpoint {} was trained with tokenizer {} but data.path {} uses {}", dir,
+                  ck.meta("tokenizer_hash"), r.data.path, tokenizer_hash);
+  ParamStore& ps = model.params();
+  HostOptimizerState state;
+  state.allocate(ps.master_dtype(), ps.padded_num_elements());
+  for (const Param& p : ps.all()) {
+    const SliceBox want = box_of(p.spec);
+    for (const std::string& name :
+         {p.spec.name, "optim.m." + p.spec.name, "optim.v." + p.spec.name}) {
+      if (!ck.has_tensor(name)) TS_USER_ERROR("checkpoint {} has no tensor '{}'", dir, name);
+      if (ck.dtype(name) != ps.master_dtype())
+        TS_USER_ERROR("checkpoint {}: tensor '{}' is {}, expected {}", dir, name,
+                      dtype_name(ck.dtype(name)), dtype_name(ps.master_dtype()));
+      const std::vector<int64_t>& gs = ck.global_shape(name);
+      // Vocabulary tables may differ in padding rows only (padding rounds up to tp): those rows
+      // never reach a loss or an output, so they are read where both have them and zero
+      // otherwise.
+      const bool vocab_table = gs.size() == 2 && want.global_shape.size() == 2 &&
+                               gs[1] == want.global_shape[1] &&
+                               std::min(gs[0], want.global_shape[0]) >= r.model.vocab_size &&
+                               (p.spec.name == "embed.wte" || p.spec.name == "lm_head.weight");
+      if (gs != want.global_shape && !vocab_table)
+        TS_USER_ERROR("checkpoint {}: tensor '{}' has global shape [{}], this model needs [{}]",
+                      dir, name, fmt::join(gs, ", "), fmt::join(want.global_shape, ", "));
+      const Tensor dst = name == p.spec.name      ? state.master_of(p)
+                         : name.rfind("optim.m.", 0) == 0 ? state.m_of(p)
+                                                          : state.v_of(p);
+      std::vector<int64_t> shape = want.shape;
+      if (vocab_table) shape[0] = std::max<int64_t>(0, std::min(want.offset[0] + want.shape[0], gs[0]) - want.offset[0]);
+      if (shape[0] > 0)  // dst starts zeroed (HostOptimizerState::allocate), rows past shape stay 0
+        ck.read_slice(name, want.offset, shape, dst.data);
+    }
+  }
+  opt.load_state(ps, state);
+  opt.set_step_count(std::stoll(ck.meta("optimizer_step")));
+  return std::stoll(ck.meta("step"));
+}
+
+}  // namespace tessera

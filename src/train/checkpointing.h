@@ -1,0 +1,25 @@
+// Trainer checkpoints under any parallel layout: each rank writes the parameters it owns (tp
+// slices, its stage's layers; data-parallel replica 0 only) with global names, shapes and offsets,
+// plus their FP32 masters and AdamW moments gathered over dp; loading reads each rank's slice of
+// whatever layout wrote the checkpoint.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "model/transformer.h"
+#include "optim/distributed_optimizer.h"
+#include "parallel/parallel_context.h"
+#include "train/recipe.h"
+
+namespace tessera {
+
+// Collective over the whole job: every rank writes its shard, then rank 0 commits the directory.
+void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
+                     const DistributedOptimizer& opt, int64_t step, const std::string& tokenizer_hash);
+
+// Every rank reads its slices (parameters, masters, moments) from `dir`; returns the step to
+// continue from. Architecture and tokenizer must match; the layout may differ.
+int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& model,
+                        DistributedOptimizer& opt, const std::string& tokenizer_hash);
+
+}  // namespace tessera

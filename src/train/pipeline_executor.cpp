@@ -1,0 +1,208 @@
+// PipelineExecutor: interprets a stage's action list. Consecutive p2p actions are posted as one
+// group; sends go out of one of two alternating buffers and stay in flight while the next
+// micro-batch computes; receives land in two alternating buffers and are copied into the
+// micro-batch's activations once they arrive.
+#include "train/pipeline_executor.h"
+
+#include <chrono>
+
+#include "core/error.h"
+#include "kernels/ops.h"
+
+namespace tessera {
+
+namespace {
+bool is_p2p(PipeOp op) { return op != PipeOp::forward && op != PipeOp::backward; }
+// Tags keep MPI's matching honest (NCCL matches by order): activation or gradient, micro-batch.
+int tag_of(PipeOp op, int m) {
+  const bool grad = op == PipeOp::send_backward || op == PipeOp::recv_backward;
+  return 2 * m + (grad ? 1 : 0);
+}
+}  // namespace
+
+size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
+                                      PipelineSchedule kind, int M, int B, int T, Device device) {
+  const ModelShard s = shard.resolved(cfg);
+  const int live = peak_live_microbatches(kind, s.pp_rank, s.pp_size, M);
+  size_t total = 0;
+  total += live * (Activations::bytes_needed(cfg, dtype, B, T, true, s) + Batch::bytes_needed(B, T, device));
+  total += Activations::bytes_needed(cfg, dtype, B, T, false, s) + Batch::bytes_needed(B, T, device);
+  if (s.pp_size > 1)
+    total += 8 * Arena::aligned(dtype_storage_bytes(dtype, int64_t(B) * T * cfg.hidden));
+  return total;
+}
+
+PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, PipelineSchedule kind,
+                                   int num_microbatches, int B, int T, Arena& arena)
+    : model_(model), comm_(pp_comm), kind_(kind), num_micro_(num_microbatches),
+      stage_(pp_comm.rank()), num_stages_(pp_comm.size()), B_(B), T_(T) {
+  TS_CHECK(model.shard().pp_rank == stage_ && model.shard().pp_size == num_stages_,
+           "model stage {}/{} vs pp group rank {}/{}", model.shard().pp_rank,
+           model.shard().pp_size, stage_, num_stages_);
+  const int live = peak_live_microbatches(kind, stage_, num_stages_, num_microbatches);
+  train_slots_.resize(live);
+  for (Slot& s : train_slots_) {
+    s.acts = std::make_unique<Activations>(model, B, T, /*training=*/true, &arena);
+    s.batch = std::make_unique<Batch>(B, T, model.device(), arena);
+  }
+  eval_slot_.acts = std::make_unique<Activations>(model, B, T, /*training=*/false, &arena);
+  eval_slot_.batch = std::make_unique<Batch>(B, T, model.device(), arena);
+  if (num_stages_ > 1) {
+    const int64_t N = int64_t(B) * T, C = model.config().hidden;
+    for (P2PBuffers* p : {&send_fwd_, &recv_fwd_, &send_bwd_, &recv_bwd_})
+      for (Tensor& t : p->buf) t = arena.alloc(model.dtype(), {N, C});
+  }
+}
+
+PipelineExecutor::Slot& PipelineExecutor::slot_of(int m) {
+  for (Slot& s : *slots_)
+    if (s.microbatch == m) return s;
+  TS_BUG("stage {}: micro-batch {} has no activation set", stage_, m);
+}
+
+PipelineExecutor::Slot& PipelineExecutor::take_slot(int m) {
+  for (Slot& s : *slots_)
+    if (s.microbatch < 0) {
+      s.microbatch = m;
+      return s;
+    }
+  TS_BUG("stage {}: no free activation set for micro-batch {} ({} sets)", stage_, m, slots_->size());
+}
+
+void PipelineExecutor::release_slot(int m) { slot_of(m).microbatch = -1; }
+
+void PipelineExecutor::post_p2p(const std::vector<PipeAction>& group) {
+  std::vector<Communicator::P2POp> ops;
+  std::vector<std::pair<PipeAction, int>> recvs;  // action, index into ops
+  std::vector<std::pair<CommHandle*, int>> sends;  // where each send's handle goes, op index
+  for (const PipeAction& a : group) {
+    const int b = a.microbatch % 2;
+    switch (a.op) {
+      case PipeOp::send_forward:
+      case PipeOp::send_backward: {
+        P2PBuffers& p = a.op == PipeOp::send_forward ? send_fwd_ : send_bwd_;
+        if (p.inflight[b]) p.inflight[b]->wait();  // the send of micro-batch m - 2 used it
+        p.inflight[b].reset();
+        Slot& s = slot_of(a.microbatch);
+        copy_tensor(p.buf[b], a.op == PipeOp::send_forward ? s.acts->stage_output()
+                                                             : s.acts->stage_grad());
+        sends.push_back({&p.inflight[b], int(ops.size())});
+        ops.push_back({true, p.buf[b], a.op == PipeOp::send_forward ? stage_ + 1 : stage_ - 1,
+                       tag_of(a.op, a.microbatch)});
+        // A micro-batch's activation set is free once its last product on this stage is copied
+        // out: its input gradient in training, its output in evaluation. Freeing it here lets a
+        // receive in the same group reuse it.
+        if ((training_ && a.op == PipeOp::send_backward) || (!training_ && a.op == PipeOp::send_forward))
+          release_slot(a.microbatch);
+        break;
+      }
+      case PipeOp::recv_forward:
+      case PipeOp::recv_backward: {
+        P2PBuffers& p = a.op == PipeOp::recv_forward ? recv_fwd_ : recv_bwd_;
+        recvs.push_back({a, int(ops.size())});
+        ops.push_back({false, p.buf[b], a.op == PipeOp::recv_forward ? stage_ - 1 : stage_ + 1,
+                       tag_of(a.op, a.microbatch)});
+        break;
+      }
+      default: TS_BUG("post_p2p given a compute action");
+    }
+  }
+  std::vector<CommHandle> handles = comm_.batch_p2p(ops);
+  for (auto& [h, idx] : sends) *h = std::move(handles[idx]);
+  for (auto& [a, idx] : recvs) {
+    handles[idx]->wait();
+    if (a.op == PipeOp::recv_forward) {
+      Slot& s = take_slot(a.microbatch);
+      copy_tensor(s.acts->stage_input(), ops[idx].tensor);
+    } else {
+      copy_tensor(slot_of(a.microbatch).acts->stage_grad(), ops[idx].tensor);
+    }
+  }
+}
+
+PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& actions,
+                                               const FillFn& fill, float loss_scale, bool training,
+                                               const std::function<void()>& before_last_backward) {
+  Result res;
+  training_ = training;
+  const bool last = stage_ == num_stages_ - 1;
+  int last_backward = -1;
+  for (size_t i = 0; i < actions.size(); ++i)
+    if (actions[i].op == PipeOp::backward) last_backward = int(i);
+  size_t i = 0;
+  while (i < actions.size()) {
+    const PipeAction a = actions[i];
+    if (is_p2p(a.op)) {
+      std::vector<PipeAction> group;
+      while (i < actions.size() && is_p2p(actions[i].op)) group.push_back(actions[i++]);
+      post_p2p(group);
+      continue;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    if (measure_busy_) ops::synchronize(model_.device());
+    if (a.op == PipeOp::forward) {
+      Slot& s = stage_ == 0 ? take_slot(a.microbatch) : slot_of(a.microbatch);
+      fill(a.microbatch, *s.batch);
+      s.batch->upload();
+      model_.forward_stage(*s.acts, s.batch->tokens);
+      if (last) {
+        const double loss = model_.loss_forward(*s.acts, s.batch->labels);
+        const int64_t valid = s.batch->num_valid();
+        res.loss_sum += training ? loss : loss * double(valid);
+        res.valid += valid;
+        if (!training) release_slot(a.microbatch);
+      }
+    } else {  // backward
+      Slot& s = slot_of(a.microbatch);
+      if (int(i) == last_backward && before_last_backward) before_last_backward();
+      model_.backward_stage(*s.acts, s.batch->tokens, s.batch->labels, loss_scale);
+      if (stage_ == 0) release_slot(a.microbatch);
+    }
+    if (measure_busy_) {
+      ops::synchronize(model_.device());
+      busy_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    ++i;
+  }
+  return res;
+}
+
+PipelineExecutor::Result PipelineExecutor::train_step(const FillFn& fill, float loss_scale,
+                                                      const std::function<void()>& before_last_backward) {
+  slots_ = &train_slots_;
+  const Result r = run(make_schedule(kind_, stage_, num_stages_, num_micro_), fill, loss_scale,
+                       true, before_last_backward);
+  for (P2PBuffers* p : {&send_fwd_, &send_bwd_})
+    for (CommHandle& h : p->inflight)
+      if (h) {
+        h->wait();
+        h.reset();
+      }
+  return r;
+}
+
+PipelineExecutor::Result PipelineExecutor::eval(const FillFn& fill, int count) {
+  std::vector<Slot> one(1);
+  one[0].acts = std::move(eval_slot_.acts);
+  one[0].batch = std::move(eval_slot_.batch);
+  slots_ = &one;
+  // Forward only: GPipe's first half.
+  std::vector<PipeAction> actions;
+  for (int m = 0; m < count; ++m) {
+    if (stage_ > 0) actions.push_back({PipeOp::recv_forward, m});
+    actions.push_back({PipeOp::forward, m});
+    if (stage_ < num_stages_ - 1) actions.push_back({PipeOp::send_forward, m});
+  }
+  const Result r = run(actions, fill, 1.0f, false, {});
+  for (CommHandle& h : send_fwd_.inflight)
+    if (h) {
+      h->wait();
+      h.reset();
+    }
+  eval_slot_.acts = std::move(one[0].acts);
+  eval_slot_.batch = std::move(one[0].batch);
+  slots_ = nullptr;
+  return r;
+}
+
+}  // namespace tessera

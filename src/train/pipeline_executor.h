@@ -1,0 +1,89 @@
+// PipelineExecutor: runs one stage's schedule (parallel/pipeline_schedule.h) for a step: forward
+// and backward of each micro-batch on this stage's Transformer, and the double-buffered p2p
+// transfers of activations and their gradients to the neighbouring stages.
+#pragma once
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "model/transformer.h"
+#include "parallel/communicator.h"
+#include "parallel/pipeline_schedule.h"
+#include "train/batch.h"
+
+namespace tessera {
+
+class PipelineExecutor {
+ public:
+  // Fills micro-batch m (host vectors of `batch`); the executor uploads it.
+  using FillFn = std::function<void(int m, Batch& batch)>;
+
+  // pp_comm: this rank's pipeline group (its rank is the stage). Training activation sets are
+  // sized by the schedule's peak live micro-batches; everything comes from `arena`.
+  PipelineExecutor(Transformer& model, Communicator& pp_comm, PipelineSchedule kind,
+                   int num_microbatches, int B, int T, Arena& arena);
+  static size_t bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
+                             PipelineSchedule kind, int num_microbatches, int B, int T,
+                             Device device);
+
+  struct Result {
+    double loss_sum = 0.0;  // last stage: sum over micro-batches of their mean loss (train) or
+                            // of loss * valid tokens (eval); other stages 0
+    int64_t valid = 0;      // last stage: valid target tokens seen
+  };
+  // One step's forwards and backwards. Each micro-batch's loss is scaled by loss_scale in
+  // backward. before_last_backward runs just before the step's final backward on this stage (the
+  // data-parallel buckets are launched during it).
+  Result train_step(const FillFn& fill, float loss_scale,
+                    const std::function<void()>& before_last_backward = {});
+  // Forward only over `count` micro-batches (evaluation); loss summed weighted by valid tokens.
+  Result eval(const FillFn& fill, int count);
+
+  // Bubble measurement: when on, the device is synchronized around every forward and backward and
+  // the compute time is summed (it perturbs overlap slightly; only for measurement runs).
+  void set_measure_busy(bool on) { measure_busy_ = on; }
+  double take_busy_seconds() {
+    const double s = busy_s_;
+    busy_s_ = 0.0;
+    return s;
+  }
+
+  int stage() const { return stage_; }
+  int num_stages() const { return num_stages_; }
+
+ private:
+  struct Slot {
+    std::unique_ptr<Activations> acts;
+    std::unique_ptr<Batch> batch;
+    int microbatch = -1;
+  };
+  // p2p: two alternating buffers per direction and side; a send stays in flight until its buffer
+  // is needed again.
+  struct P2PBuffers {
+    Tensor buf[2];
+    CommHandle inflight[2];
+  };
+
+  Result run(const std::vector<PipeAction>& actions, const FillFn& fill, float loss_scale,
+             bool training, const std::function<void()>& before_last_backward);
+  Slot& slot_of(int m);
+  Slot& take_slot(int m);
+  void release_slot(int m);
+  // Posts a run of consecutive p2p actions as one group (Megatron's batched isend/irecv), then
+  // waits for its receives and copies them into the micro-batches' activations.
+  void post_p2p(const std::vector<PipeAction>& group);
+
+  Transformer& model_;
+  Communicator& comm_;
+  PipelineSchedule kind_;
+  int num_micro_, stage_, num_stages_, B_, T_;
+  bool training_ = true;
+  bool measure_busy_ = false;
+  double busy_s_ = 0.0;
+  std::vector<Slot> train_slots_;
+  Slot eval_slot_;
+  std::vector<Slot>* slots_ = nullptr;  // the set in use
+  P2PBuffers send_fwd_, recv_fwd_, send_bwd_, recv_bwd_;
+};
+
+}  // namespace tessera
