@@ -151,7 +151,7 @@ void DistributedDataParallel::launch(int b) {
 
 void DistributedDataParallel::finish() {
   // The tied embedding's copies are summed first: their buckets are still unlaunched (held).
-  if (false) {
+  if (groups_.embedding->size() > 1) {
     std::vector<CommHandle> sums;
     for (const Param& p : params_.all())
       if (p.spec.embedding_group && p.grad.numel() > 0)
