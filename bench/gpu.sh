@@ -3,10 +3,11 @@
 # benchmarks, print a short table last; full logs go to $OUT. Usage (from the repo root):
 #   bash bench/gpu.sh [--targets "t1 t2"] [--tests REGEX] [--bench "cmd; cmd"] [--no-tests]
 # ICU is not in the GPU image: when missing, the Debian packages carried in .deps/debs (see
-# scripts/fetch-gpu-deps.sh) are unpacked under /tmp/icu.
+# scripts/fetch-gpu-deps.sh) are unpacked under /tmp/icu (bench/gpu_common.sh, shared with
+# bench/gpu_parallel.sh).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
+cd "$root" || exit 1
 OUT="${OUT:-/tmp/tessera-out}"
 mkdir -p "$OUT"
 targets="" tests="." bench="" run_tests=1
@@ -19,23 +20,11 @@ while [ $# -gt 0 ]; do
     *) echo "gpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-export NCCL_NVLS_ENABLE=0
-icu_args=()
-if [ ! -f /usr/include/unicode/uchar.h ]; then
-  mkdir -p /tmp/icu
-  for f in .deps/debs/*.deb; do dpkg -x "$f" /tmp/icu; done
-  # The image's compiler leaves CMake's library architecture empty, so FindICU does not look in
-  # the multiarch folder by itself: name it.
-  icu_args=(-DICU_ROOT=/tmp/icu/usr -DCMAKE_LIBRARY_PATH=/tmp/icu/usr/lib/x86_64-linux-gnu)
-  export LD_LIBRARY_PATH="/tmp/icu/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-fi
+# shellcheck source=bench/gpu_common.sh
+source bench/gpu_common.sh
+gpu_setup_env || exit 1
 t0=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
-  -DTESSERA_CUDA=ON "${icu_args[@]}" > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-# shellcheck disable=SC2086
-if ! cmake --build build-gpu -j 16 ${targets:+--target $targets} > "$OUT/build.log" 2>&1; then
-  grep -E "error|Error" "$OUT/build.log" | head -40; exit 1
-fi
+gpu_build 16 "$targets" || exit 1
 t1=$(date +%s)
 echo "build: $((t1 - t0)) s"
 status=0

@@ -92,14 +92,11 @@ static void draw_normal_slice(const ParamSpec& spec, uint64_t seed, float* out) 
 
 void ParamStore::init(uint64_t seed) {
   // Draw on the host in f32 (the master precision), convert to the master dtype, upload.
-  for (Param& p : params_) {
+  for (int idx = 0; idx < size(); ++idx) {
+    Param& p = params_[idx];
     const int64_t n = p.spec.shape.numel();
     std::vector<float> host(n);
-    switch (p.spec.init) {
-      case InitKind::zeros: std::fill(host.begin(), host.end(), 0.0f); break;
-      case InitKind::ones: std::fill(host.begin(), host.end(), 1.0f); break;
-      case InitKind::normal: draw_normal_slice(p.spec, seed, host.data()); break;
-    }
+    draw_init(idx, seed, host.data());
     std::vector<char> converted(dtype_storage_bytes(master_dtype_, n));
     convert_buffer(host.data(), DType::f32, converted.data(), master_dtype_, n);
     const Tensor dst = has_master() ? p.master : p.value;
@@ -112,6 +109,16 @@ void ParamStore::init(uint64_t seed) {
     }
   }
   refresh_values();
+}
+
+void ParamStore::draw_init(int idx, uint64_t seed, float* out) const {
+  const ParamSpec& spec = params_[idx].spec;
+  const int64_t n = spec.shape.numel();
+  switch (spec.init) {
+    case InitKind::zeros: std::fill(out, out + n, 0.0f); break;
+    case InitKind::ones: std::fill(out, out + n, 1.0f); break;
+    case InitKind::normal: draw_normal_slice(spec, seed, out); break;
+  }
 }
 
 void ParamStore::refresh_values() {

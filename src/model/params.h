@@ -73,6 +73,9 @@ class ParamStore {
   static size_t bytes_for(int64_t num_elements, DType dtype, bool with_master = true);
   static int64_t padded(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
   void init(uint64_t seed);  // fills every master from the counter-based RNG, then the values
+  // Parameter idx's initial values in f32 on the host (numel elements): what init() stores, before
+  // any rounding to the compute dtype. ZeRO-1 seeds its FP32 master shard from it.
+  void draw_init(int idx, uint64_t seed, float* out) const;
   void zero_grad();
   // value = master rounded to the compute dtype, for every parameter (after an optimizer step or
   // a checkpoint load). No-op when they share memory.

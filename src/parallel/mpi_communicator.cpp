@@ -143,8 +143,9 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, bool owned)
 }
 
 MpiCommunicator::~MpiCommunicator() {
-  // After MPI_Finalize (or an abort) nothing may be freed; the process is ending anyway.
-  if (!mpi_active()) return;
+  // After MPI_Finalize nothing may be freed, and while an error unwinds MPI_Comm_free (collective
+  // in the standard) could wait on a failed peer; the process is ending in both cases.
+  if (!mpi_active() || std::uncaught_exceptions() > 0) return;
   for (MPI_Op* op : {&bf16_sum_, &bf16_max_, &f16_sum_, &f16_max_}) {
     if (*op != MPI_OP_NULL) MPI_Op_free(op);
   }

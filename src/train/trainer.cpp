@@ -124,6 +124,8 @@ double flops_per_token(const ModelConfig& m, int seq_len) {
 }
 constexpr double kPeakBf16Flops = 989e12;  // H100/H200 SXM dense BF16
 
+bool resume_spec_empty(const Recipe& r) { return r.checkpoint.resume.empty(); }
+
 // The parallel context of this process: MPI's world when a launcher started us, else one rank.
 std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
   const ParallelConfig& p = r.parallel;
@@ -255,6 +257,17 @@ TrainSummary train(const Recipe& recipe_in) {
   // exactly like a training step, so every layout evaluates the same windows.
   const Loader val_loader(val_tokens, T, global_batch, r.train.seed, me.dp_rank, par.dp,
                           r.data.path + " /val");
+
+  if (!model.params().has_master() && resume_spec_empty(r)) {
+    // ZeRO-1 with 16-bit compute keeps the FP32 masters in the optimizer's shards: seed them with
+    // the exact f32 draws (the store only holds their rounded values).
+    HostOptimizerState init;
+    init.allocate(DType::f32, model.params().padded_num_elements());
+    for (int i = 0; i < model.params().size(); ++i)
+      model.params().draw_init(i, r.train.seed,
+                               static_cast<float*>(init.master_of(model.params()[i]).data));
+    opt.load_state(model.params(), init);
+  }
 
   int64_t start_step = 0;
   const std::string resume = io::resolve_resume(r.train.out_dir, r.checkpoint.resume);
