@@ -135,10 +135,14 @@ stage_tests() {
 # ---- equiv: parallel equals serial on the GPU --------------------------------------------------
 
 # The tiny models of tests/parallel_train/parallel_train_test.cpp (8 layers, 8 heads, vocabulary
-# 250 padded to 256, 16 sequences of 16 tokens per step as 2 micro-batches per dp rank), in fp32
-# with the deterministic native attention, no checkpoints.
+# 250 padded to 256, 16 sequences of 16 tokens per step as 2 micro-batches per dp rank), but 64
+# wide (head dim 8: the native attention kernel needs a multiple of 8), in fp32 with the
+# deterministic native attention, no checkpoints.
+
+
+
 EQUIV_ARGS=(recipes/ci-tiny.yaml --set data.path=mock --set model.vocab_size=250
-  --set model.vocab_pad_multiple=64 --set model.num_layers=8 --set model.hidden=32
+  --set model.vocab_pad_multiple=64 --set model.num_layers=8 --set model.hidden=64
   --set model.num_heads=8 --set model.max_seq_len=16 --set data.seq_len=16
   --set data.global_batch=16 --set data.micro_batch=0 --set data.grad_accum=1
   --set parallel.microbatches=2 --set train.steps=5 --set train.eval_every=0

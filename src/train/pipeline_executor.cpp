@@ -51,7 +51,28 @@ PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, Pi
     const int64_t N = int64_t(B) * T, C = model.config().hidden;
     for (P2PBuffers* p : {&send_fwd_, &recv_fwd_, &send_bwd_, &recv_bwd_})
       for (Tensor& t : p->buf) t = arena.alloc(model.dtype(), {N, C});
+    connect_neighbours();
   }
+}
+
+void PipelineExecutor::connect_neighbours() {
+  // NCCL connects a pair of ranks lazily, per direction, the first time they exchange data, and
+  // that handshake blocks the host until the peer also enters NCCL for the same direction. The
+  // first step would then deadlock: stage 0 posting {send act 1, recv grad 0} blocks on connecting
+  // the gradient direction while stage 1 waits for act 1 before it will ever send a gradient.
+  // So every stage exchanges one row with both neighbours in both directions, in one group,
+  // before the first step.
+  std::vector<Communicator::P2POp> ops;
+  const int tag = 2 * num_micro_;  // above every micro-batch tag
+  if (stage_ > 0) {
+    ops.push_back({true, send_bwd_.buf[0].slice(0, 1), stage_ - 1, tag});
+    ops.push_back({false, recv_fwd_.buf[0].slice(0, 1), stage_ - 1, tag});
+  }
+  if (stage_ < num_stages_ - 1) {
+    ops.push_back({true, send_fwd_.buf[0].slice(0, 1), stage_ + 1, tag});
+    ops.push_back({false, recv_bwd_.buf[0].slice(0, 1), stage_ + 1, tag});
+  }
+  for (CommHandle& h : comm_.batch_p2p(ops)) h->wait();
 }
 
 PipelineExecutor::Slot& PipelineExecutor::slot_of(int m) {

@@ -66,6 +66,7 @@ class PipelineExecutor {
 
   Result run(const std::vector<PipeAction>& actions, const FillFn& fill, float loss_scale,
              bool training, const std::function<void()>& before_last_backward);
+  void connect_neighbours();
   Slot& slot_of(int m);
   Slot& take_slot(int m);
   void release_slot(int m);
