@@ -34,11 +34,7 @@ ModelShard ModelShard::make(const ModelConfig& cfg, int tp_size, int tp_rank, in
   s.pp_size = pp_size;
   s.pp_rank = pp_rank;
   s.tp_comm = tp_size > 1 ? tp_comm : nullptr;
-  std::vector<int> counts = stage_layers;
-  if (counts.empty()) {
-    for (int st = 0; st < pp_size; ++st)
-      counts.push_back(cfg.num_layers / pp_size + (st < cfg.num_layers % pp_size ? 1 : 0));
-  }
+  const std::vector<int>& counts = stage_layers;
   TS_CHECK(int(counts.size()) == pp_size, "stage_layers has {} entries for pp={}", counts.size(),
            pp_size);
   s.first_layer = 0;

@@ -22,8 +22,8 @@ struct ModelShard {
   // Checks the shard against the config (bug: the recipe's layout check runs first) and fills
   // num_layers = -1 in.
   ModelShard resolved(const ModelConfig& cfg) const;
-  // The pipeline split: stage_layers[s] layers on stage s (empty: even, remainder to the first
-  // stages). Returns this stage's shard for (tp_rank, pp_rank).
+  // The pipeline split: stage_layers[s] layers on stage s, one entry per stage (the recipe's
+  // resolve_stage_layers). Returns this stage's shard for (tp_rank, pp_rank).
   static ModelShard make(const ModelConfig& cfg, int tp_size, int tp_rank, int pp_size, int pp_rank,
                          const std::vector<int>& stage_layers, Communicator* tp_comm);
 };

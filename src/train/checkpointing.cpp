@@ -98,8 +98,10 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
   state.allocate(ps.master_dtype(), ps.padded_num_elements());
   for (const Param& p : ps.all()) {
     const SliceBox want = box_of(p.spec);
-    for (const std::string& name :
-         {p.spec.name, "optim.m." + p.spec.name, "optim.v." + p.spec.name}) {
+    const std::pair<std::string, Tensor> parts[] = {{p.spec.name, state.master_of(p)},
+                                                    {"optim.m." + p.spec.name, state.m_of(p)},
+                                                    {"optim.v." + p.spec.name, state.v_of(p)}};
+    for (const auto& [name, dst] : parts) {
       if (!ck.has_tensor(name)) TS_USER_ERROR("checkpoint {} has no tensor '{}'", dir, name);
       if (ck.dtype(name) != ps.master_dtype())
         TS_USER_ERROR("checkpoint {}: tensor '{}' is {}, expected {}", dir, name,
@@ -115,9 +117,6 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
       if (gs != want.global_shape && !vocab_table)
         TS_USER_ERROR("checkpoint {}: tensor '{}' has global shape [{}], this model needs [{}]",
                       dir, name, fmt::join(gs, ", "), fmt::join(want.global_shape, ", "));
-      const Tensor dst = name == p.spec.name      ? state.master_of(p)
-                         : name.rfind("optim.m.", 0) == 0 ? state.m_of(p)
-                                                          : state.v_of(p);
       std::vector<int64_t> shape = want.shape;
       if (vocab_table) shape[0] = std::max<int64_t>(0, std::min(want.offset[0] + want.shape[0], gs[0]) - want.offset[0]);
       if (shape[0] > 0)  // dst starts zeroed (HostOptimizerState::allocate), rows past shape stay 0

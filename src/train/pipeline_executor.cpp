@@ -45,8 +45,9 @@ PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, Pi
     s.acts = std::make_unique<Activations>(model, B, T, /*training=*/true, &arena);
     s.batch = std::make_unique<Batch>(B, T, model.device(), arena);
   }
-  eval_slot_.acts = std::make_unique<Activations>(model, B, T, /*training=*/false, &arena);
-  eval_slot_.batch = std::make_unique<Batch>(B, T, model.device(), arena);
+  eval_slots_.resize(1);
+  eval_slots_[0].acts = std::make_unique<Activations>(model, B, T, /*training=*/false, &arena);
+  eval_slots_[0].batch = std::make_unique<Batch>(B, T, model.device(), arena);
   if (num_stages_ > 1) {
     const int64_t N = int64_t(B) * T, C = model.config().hidden;
     for (P2PBuffers* p : {&send_fwd_, &recv_fwd_, &send_bwd_, &recv_bwd_})
@@ -193,20 +194,21 @@ PipelineExecutor::Result PipelineExecutor::train_step(const FillFn& fill, float 
   slots_ = &train_slots_;
   const Result r = run(make_schedule(kind_, stage_, num_stages_, num_micro_), fill, loss_scale,
                        true, before_last_backward);
+  drain_sends();
+  return r;
+}
+
+void PipelineExecutor::drain_sends() {
   for (P2PBuffers* p : {&send_fwd_, &send_bwd_})
     for (CommHandle& h : p->inflight)
       if (h) {
         h->wait();
         h.reset();
       }
-  return r;
 }
 
 PipelineExecutor::Result PipelineExecutor::eval(const FillFn& fill, int count) {
-  std::vector<Slot> one(1);
-  one[0].acts = std::move(eval_slot_.acts);
-  one[0].batch = std::move(eval_slot_.batch);
-  slots_ = &one;
+  slots_ = &eval_slots_;
   // Forward only: GPipe's first half.
   std::vector<PipeAction> actions;
   for (int m = 0; m < count; ++m) {
@@ -215,13 +217,7 @@ PipelineExecutor::Result PipelineExecutor::eval(const FillFn& fill, int count) {
     if (stage_ < num_stages_ - 1) actions.push_back({PipeOp::send_forward, m});
   }
   const Result r = run(actions, fill, 1.0f, false, {});
-  for (CommHandle& h : send_fwd_.inflight)
-    if (h) {
-      h->wait();
-      h.reset();
-    }
-  eval_slot_.acts = std::move(one[0].acts);
-  eval_slot_.batch = std::move(one[0].batch);
+  drain_sends();
   slots_ = nullptr;
   return r;
 }

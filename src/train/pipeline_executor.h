@@ -67,6 +67,7 @@ class PipelineExecutor {
   Result run(const std::vector<PipeAction>& actions, const FillFn& fill, float loss_scale,
              bool training, const std::function<void()>& before_last_backward);
   void connect_neighbours();
+  void drain_sends();  // waits for every send still in flight
   Slot& slot_of(int m);
   Slot& take_slot(int m);
   void release_slot(int m);
@@ -82,7 +83,7 @@ class PipelineExecutor {
   bool measure_busy_ = false;
   double busy_s_ = 0.0;
   std::vector<Slot> train_slots_;
-  Slot eval_slot_;
+  std::vector<Slot> eval_slots_;  // one: evaluation frees a set as soon as its output is sent
   std::vector<Slot>* slots_ = nullptr;  // the set in use
   P2PBuffers send_fwd_, recv_fwd_, send_bwd_, recv_bwd_;
 };

@@ -109,10 +109,11 @@ std::vector<uint32_t> mock_tokens(const Recipe& r, int64_t n, const char* stream
 // Everything the run keeps on its device, sized before anything is allocated, so a run that will
 // not fit stops with the numbers instead of failing halfway.
 struct MemoryPlan {
-  size_t params = 0, optimizer = 0, train_acts = 0, eval_acts = 0, sample_acts = 0, batches = 0;
+  size_t params = 0, optimizer = 0;
+  size_t train_acts = 0;  // the pipeline executor's activation sets, batches and p2p buffers
   size_t workspace = 0;  // GEMM + attention scratch of the CUDA backend
   size_t total() const {
-    return params + optimizer + train_acts + eval_acts + sample_acts + batches +
+    return params + optimizer + train_acts +
            Arena::aligned(workspace);
   }
 };
@@ -123,8 +124,6 @@ double flops_per_token(const ModelConfig& m, int seq_len) {
   return 6.0 * double(m.num_params()) + 12.0 * m.num_layers * double(m.hidden) * seq_len;
 }
 constexpr double kPeakBf16Flops = 989e12;  // H100/H200 SXM dense BF16
-
-bool resume_spec_empty(const Recipe& r) { return r.checkpoint.resume.empty(); }
 
 // The parallel context of this process: MPI's world when a launcher started us, else one rank.
 std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
@@ -200,7 +199,6 @@ TrainSummary train(const Recipe& recipe_in) {
       par.zero);
   plan.train_acts = PipelineExecutor::bytes_needed(stage_cfg, shard, dtype, schedule, flush_micro,
                                                    B, T, device);
-  plan.sample_acts = 0;
   if (device == Device::cuda) {
     ops::set_cuda_attention_impl(r.model.attention_impl);
     plan.workspace = ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp,
@@ -258,9 +256,9 @@ TrainSummary train(const Recipe& recipe_in) {
   const Loader val_loader(val_tokens, T, global_batch, r.train.seed, me.dp_rank, par.dp,
                           r.data.path + " /val");
 
-  if (!model.params().has_master() && resume_spec_empty(r)) {
+  if (!model.params().has_master()) {
     // ZeRO-1 with 16-bit compute keeps the FP32 masters in the optimizer's shards: seed them with
-    // the exact f32 draws (the store only holds their rounded values).
+    // the exact f32 draws (the store only holds their rounded values). A resume overwrites them.
     HostOptimizerState init;
     init.allocate(DType::f32, model.params().padded_num_elements());
     for (int i = 0; i < model.params().size(); ++i)
