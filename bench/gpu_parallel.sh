@@ -15,7 +15,7 @@
 # their metrics also stay in $PAR_WORK (default /tmp/tessera-par) while the machine is warm, so
 # `bench N LAYOUT...` adds layouts to an earlier bench call's table. A run that would start after
 # TIME_BUDGET seconds (default 560) of this call is skipped and reported as such.
-# Knobs (environment): TIME_BUDGET, BUILD_TARGETS, TEST_JOBS, EQUIV_FAMILIES, BENCH_STEPS (12),
+# Knobs (environment): TIME_BUDGET, EQUIV_LIMIT (120 s a run), BUILD_TARGETS, TEST_JOBS, EQUIV_FAMILIES, BENCH_STEPS (12),
 # BENCH_DROP (3), BENCH_MB (8), BENCH_M (8), BUBBLE_MB (2), AR_FACTOR (4: sizes 1 MiB x 4^k),
 # and for checking this script without GPUs: PAR_DEVICE=cpu, TESSERA_BIN, BENCH_RECIPE,
 # BENCH_EXTRA ("--set k=v ..."), BUBBLE_SPLIT ("a,b,..").
@@ -165,7 +165,7 @@ equiv_run() {  # DIR FAMILY DP TP PP ZERO SCHEDULE
   fi
   local fam_args=() limit=$(($(left) - 5))
   [ "$fam" = llama ] && fam_args=("${LLAMA_ARGS[@]}")
-  [ "$limit" -le 120 ] || limit=120
+  [ "$limit" -le "${EQUIV_LIMIT:-120}" ] || limit=${EQUIV_LIMIT:-120}
   run_tessera "$dir" "$name" "$np" "$limit" "${EQUIV_ARGS[@]}" "${fam_args[@]}" \
     --set train.device="$DEVICE" --set parallel.dp="$dp" --set parallel.tp="$tp" \
     --set parallel.pp="$pp" --set parallel.zero="$zero" --set parallel.schedule="$sched"

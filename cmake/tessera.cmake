@@ -55,5 +55,10 @@ function(tessera_mpi_test name)
       SKIP_RETURN_CODE 77
       SKIP_REGULAR_EXPRESSION "TESSERA_MPI_TEST_ALL_SKIPPED"
       ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1;OMPI_MCA_btl_vader_single_copy_mechanism=none;NCCL_NVLS_ENABLE=0")
+    if("cuda" IN_LIST ARG_LABELS)
+      # Two NCCL jobs sharing the GPUs under `ctest -j` spin against each other's kernels: one at
+      # a time.
+      set_tests_properties(${name}_np${np} PROPERTIES RESOURCE_LOCK gpus)
+    endif()
   endforeach()
 endfunction()

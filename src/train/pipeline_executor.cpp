@@ -5,6 +5,8 @@
 #include "train/pipeline_executor.h"
 
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 
 #include "core/error.h"
 #include "kernels/ops.h"
@@ -39,6 +41,8 @@ PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, Pi
   TS_CHECK(model.shard().pp_rank == stage_ && model.shard().pp_size == num_stages_,
            "model stage {}/{} vs pp group rank {}/{}", model.shard().pp_rank,
            model.shard().pp_size, stage_, num_stages_);
+  const char* trace = std::getenv("TESSERA_PIPELINE_TRACE");
+  trace_ = trace && trace[0] == '1';
   const int live = peak_live_microbatches(kind, stage_, num_stages_, num_microbatches);
   train_slots_.resize(live);
   for (Slot& s : train_slots_) {
@@ -73,7 +77,11 @@ void PipelineExecutor::connect_neighbours() {
     ops.push_back({true, send_fwd_.buf[0].slice(0, 1), stage_ + 1, tag});
     ops.push_back({false, recv_bwd_.buf[0].slice(0, 1), stage_ + 1, tag});
   }
+  if (trace_) std::fprintf(stderr, "[pipeline stage %d] connecting neighbours\n", stage_);
   for (CommHandle& h : comm_.batch_p2p(ops)) h->wait();
+  // The handshake completes on the device: wait for it here, so that a hang shows at this line.
+  ops::synchronize(model_.device());
+  if (trace_) std::fprintf(stderr, "[pipeline stage %d] neighbours connected\n", stage_);
 }
 
 PipelineExecutor::Slot& PipelineExecutor::slot_of(int m) {
@@ -154,6 +162,11 @@ PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& ac
   size_t i = 0;
   while (i < actions.size()) {
     const PipeAction a = actions[i];
+    if (trace_) {
+      std::fprintf(stderr, "[pipeline stage %d] %s %s micro-batch %d\n", stage_,
+                   training ? "train" : "eval", pipe_op_name(a.op), a.microbatch);
+      std::fflush(stderr);
+    }
     if (is_p2p(a.op)) {
       std::vector<PipeAction> group;
       while (i < actions.size() && is_p2p(actions[i].op)) group.push_back(actions[i++]);

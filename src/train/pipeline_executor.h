@@ -81,6 +81,7 @@ class PipelineExecutor {
   int num_micro_, stage_, num_stages_, B_, T_;
   bool training_ = true;
   bool measure_busy_ = false;
+  bool trace_ = false;  // TESSERA_PIPELINE_TRACE=1: every action to stderr, to locate a hang
   double busy_s_ = 0.0;
   std::vector<Slot> train_slots_;
   std::vector<Slot> eval_slots_;  // one: evaluation frees a set as soon as its output is sent
