@@ -7,7 +7,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/memory.h"
@@ -53,13 +55,37 @@ std::vector<double> download_f64(const Tensor& t) {
   return out;
 }
 
+// Groups are built once per (layout, device) and shared by every test: each ParallelContext
+// creates up to six communicators, and NCCL's per-communicator setup (a fraction of a second on
+// every rank) times every test and layout made the NCCL runs take minutes. The cache is emptied
+// by an environment's TearDown, inside RUN_ALL_TESTS, so no communicator outlives MPI.
+using ContextKey = std::pair<std::vector<int>, int>;
+std::map<ContextKey, std::unique_ptr<ParallelContext>>& context_cache() {
+  static std::map<ContextKey, std::unique_ptr<ParallelContext>> cache;
+  return cache;
+}
+
+ParallelContext& shared_context(ParallelSizes s, Device device) {
+  const ContextKey key{{s.dp, s.tp, s.pp}, int(device)};
+  std::unique_ptr<ParallelContext>& ctx = context_cache()[key];
+  if (!ctx) ctx = std::make_unique<ParallelContext>(s, device);
+  return *ctx;
+}
+
+class ContextCacheTeardown final : public ::testing::Environment {
+ public:
+  void TearDown() override { context_cache().clear(); }
+};
+[[maybe_unused]] const ::testing::Environment* const kContextTeardown =
+    ::testing::AddGlobalTestEnvironment(new ContextCacheTeardown);
+
 bool same_bytes(const void* a, const void* b, size_t n) { return std::memcmp(a, b, n) == 0; }
 
 // One rank's model position in one layout: its store, sync and optimizer.
 struct Rank {
   DpCase dc;
   ParallelSizes sizes;
-  std::unique_ptr<ParallelContext> ctx;
+  ParallelContext* ctx;  // shared_context(): outlives the rank
   RankCoord c;
   std::vector<ParamSpec> specs;
   ParamStore store;
@@ -67,7 +93,7 @@ struct Rank {
   std::unique_ptr<DistributedOptimizer> opt;
 
   Rank(const DpCase& dcase, ParallelSizes s, int64_t bucket_bytes, const AdamWConfig& acfg)
-      : dc(dcase), sizes(s), ctx(std::make_unique<ParallelContext>(s, dcase.device)),
+      : dc(dcase), sizes(s), ctx(&shared_context(s, dcase.device)),
         c(ctx->coord()) {
     specs = synthetic_specs(c.tp_rank, s.tp, c.pp_rank, s.pp);
     add_specs(store, specs);
