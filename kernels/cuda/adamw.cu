@@ -2,7 +2,8 @@
 // multi-tensor adamw_update_multi (kernels/cuda/adamw_multi.h). Evaluated in exactly the order of
 // the CPU reference (kernels/cpu/adamw.cpp, PyTorch's single-tensor path) with explicitly
 // rounded f32 operations (__fmul_rn and friends, which nvcc never contracts into FMAs), so f32
-// results are bitwise equal to the CPU's. param, m, v f32; grad f32 or bf16.
+// results are bitwise equal to the CPU's. param, m, v f32; grad f32, bf16 or f16 (an f16 grad
+// may hold Inf/NaN after loss-scale overflow: the caller skips such steps, we compute them as is).
 #include <cmath>
 #include <vector>
 
@@ -136,8 +137,8 @@ void check_tensors(const Tensor& param, const Tensor& grad, const Tensor& m, con
   TS_CHECK(!param.empty() && param.device == Device::cuda && param.dtype == DType::f32,
            "{}: param must be an f32 cuda tensor (the master copy), got {}", op, param.str());
   TS_CHECK(!grad.empty() && grad.device == Device::cuda &&
-               (grad.dtype == DType::f32 || grad.dtype == DType::bf16),
-           "{}: grad must be an f32 or bf16 cuda tensor, got {}", op, grad.str());
+               is_compute_dtype(grad.dtype),
+           "{}: grad must be an f32, bf16 or f16 cuda tensor, got {}", op, grad.str());
   TS_CHECK(grad.shape == param.shape, "{}: grad has shape {}, expected {}", op, grad.shape.str(),
            param.shape.str());
   expect_tensor(m, DType::f32, param.shape, op, "m");

@@ -10,8 +10,8 @@
 
 namespace tessera::cuda {
 
-// One parameter tensor and its state: param, m, v f32 on cuda; grad f32 or bf16 (the same grad
-// dtype for every entry of one call), all with param's shape. Each entry has its own step
+// One parameter tensor and its state: param, m, v f32 on cuda; grad f32, bf16 or f16 (the same
+// grad dtype for every entry of one call), all with param's shape. Each entry has its own step
 // settings (learning rate and weight decay differ between parameter groups).
 struct AdamWEntry {
   Tensor param;

@@ -1,11 +1,15 @@
 // Native causal GQA attention (flash-attention-2 style), declared in attention_native.h. Kernels:
-// bf16 tensor-core kernels (mma.sync m16n8k16, f32 accumulation) for D = 64 and 128, FMA kernels
-// for f32 and every other D (multiple of 8, <= 128), the rowsum(dO*O) pass; launchers at the end.
+// bf16/f16 tensor-core kernels (mma.sync m16n8k16, f32 accumulation) for D = 64 and 128, FMA
+// kernels for f32 and every other D (multiple of 8, <= 128), the rowsum(dO*O) pass; launchers at
+// the end. 16-bit inputs are rounded values of their type; P and dS enter their second GEMM
+// rounded to the input type (f16: dS may overflow to Inf under a too-large loss scale, which the
+// loss scaler then sees in the gradients).
 // Backward is three passes: Drow = rowsum(dO*O); dK,dV with one block per key tile looping over
 // the query tiles and query heads of its group; dQ with one block per query tile looping over key
 // tiles. Each output element has one writer, so results are deterministic (no atomics).
 // Shape letters: B batch, T time, Hq/Hkv query/key-value heads, G = Hq/Hkv, D head dim.
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/attention_native.h"
 #include "kernels/cuda/common.cuh"
@@ -14,7 +18,9 @@ namespace tessera::cuda {
 
 namespace {
 
-using bf16 = __nv_bfloat16;
+// Bytes of one element of the tensor-core kernels' 16-bit types (bf16, f16).
+constexpr size_t kMmaElemBytes = 2;
+static_assert(sizeof(__nv_bfloat16) == kMmaElemBytes && sizeof(__half) == kMmaElemBytes);
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -60,35 +66,53 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
 }
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+// c (16x8 f32) += a (16x16) * b (16x8), operands of the 16-bit type T (bf16 or f16).
+template <class T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "tensor-core attention takes bf16 or f16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
 }
 
-// Two f32 -> one register of two bf16, lo in the low half (the lower column index).
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
+// Two f32 -> one register of two T, lo in the low half (the lower column index), each rounded to
+// nearest even (f16: overflow to Inf).
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
 }
 
 // 16-byte asynchronous copy global -> shared; zero-fills when !valid (src is then not read).
-__device__ __forceinline__ void cp_async_16(bf16* dst, const bf16* src, bool valid) {
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
                "r"(valid ? 16 : 0));
 }
@@ -100,8 +124,8 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Rows [row0, row0 + kRows) of a (T, row_stride) matrix -> tile (kRows, kD + kPad); rows >= t
 // are zero-filled (zeros, not garbage: 0 * NaN would poison the products).
-template <int kRows, int kD, int kThreads>
-__device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* base, int64_t row_stride,
+template <int kRows, int kD, int kThreads, class T>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t row_stride,
                                                 int row0, int t) {
   constexpr int kChunks = kD / 8;
   for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
@@ -113,23 +137,23 @@ __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* base, in
 }
 
 // A fragment (16 rows x 16 cols at column col0) of a padded row-major tile.
-template <int kD>
-__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const bf16* tile, int row0, int col0,
+template <int kD, class T>
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* tile, int row0, int col0,
                                             int lane) {
   ldmatrix_x4(a, tile + (row0 + lane % 16) * (kD + kPad) + col0 + (lane / 16) * 8);
 }
 // B fragments of two n-tiles where B[k][n] = tile[n][k] (tile rows are the n index): rows
 // n0..n0+15, columns k0..k0+15. r[0], r[1] = b0, b1 of rows n0..n0+7; r[2], r[3] of n0+8..15.
-template <int kD>
-__device__ __forceinline__ void load_b_frag_nk(uint32_t (&r)[4], const bf16* tile, int n0, int k0,
+template <int kD, class T>
+__device__ __forceinline__ void load_b_frag_nk(uint32_t (&r)[4], const T* tile, int n0, int k0,
                                                int lane) {
   ldmatrix_x4(r, tile + (n0 + lane % 8 + (lane / 16) * 8) * (kD + kPad) + k0 +
                      ((lane / 8) % 2) * 8);
 }
 // B fragments of two n-tiles where B[k][n] = tile[k][n] (tile rows are the k index): rows
 // k0..k0+15, columns n0..n0+15. r[0], r[1] = b0, b1 of columns n0..n0+7; r[2], r[3] of n0+8..15.
-template <int kD>
-__device__ __forceinline__ void load_b_frag_kn(uint32_t (&r)[4], const bf16* tile, int k0, int n0,
+template <int kD, class T>
+__device__ __forceinline__ void load_b_frag_kn(uint32_t (&r)[4], const T* tile, int k0, int n0,
                                                int lane) {
   ldmatrix_x4_trans(r, tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * (kD + kPad) + n0 +
                            (lane / 16) * 8);
@@ -137,43 +161,43 @@ __device__ __forceinline__ void load_b_frag_kn(uint32_t (&r)[4], const bf16* til
 
 // A fragment of k-step kk from a (16 x 8*kN) accumulator: the C layout of n-tiles 2kk, 2kk+1 is
 // the A layout of one 16x16 block.
-template <int kN>
+template <class T, int kN>
 __device__ __forceinline__ void acc_to_a_frag(uint32_t (&a)[4], const float (&acc)[kN][4], int kk) {
-  a[0] = pack_bf16(acc[2 * kk][0], acc[2 * kk][1]);
-  a[1] = pack_bf16(acc[2 * kk][2], acc[2 * kk][3]);
-  a[2] = pack_bf16(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
-  a[3] = pack_bf16(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+  a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
 }
 
 // acc (16 x 8*kN) += A (16 x 16*kK, fragments a) * B, with B[k][n] = tile[n][k] (rows n0..).
-template <int kD, int kK, int kN>
+template <int kD, int kK, int kN, class T>
 __device__ __forceinline__ void mma_a_regs_b_nk(float (&acc)[kN][4], const uint32_t (&a)[kK][4],
-                                                const bf16* tile, int lane) {
+                                                const T* tile, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK; ++kk)
 #pragma unroll
     for (int np = 0; np < kN / 2; ++np) {
       uint32_t b[4];
       load_b_frag_nk<kD>(b, tile, np * 16, kk * 16, lane);
-      mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
-      mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
+      mma16816<T>(acc[2 * np], a[kk], b[0], b[1]);
+      mma16816<T>(acc[2 * np + 1], a[kk], b[2], b[3]);
     }
 }
 
-// out (16 x kD) += P (16 x 8*kN accumulator, rounded to bf16) * tile (8*kN rows (k) x kD).
-template <int kD, int kN>
+// out (16 x kD) += P (16 x 8*kN accumulator, rounded to T) * tile (8*kN rows (k) x kD).
+template <int kD, int kN, class T>
 __device__ __forceinline__ void mma_acc_b_kn(float (&out)[kD / 8][4], const float (&p)[kN][4],
-                                             const bf16* tile, int lane) {
+                                             const T* tile, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kN / 2; ++kk) {
     uint32_t a[4];
-    acc_to_a_frag<kN>(a, p, kk);
+    acc_to_a_frag<T, kN>(a, p, kk);
 #pragma unroll
     for (int dp = 0; dp < kD / 16; ++dp) {
       uint32_t b[4];
       load_b_frag_kn<kD>(b, tile, kk * 16, dp * 16, lane);
-      mma_bf16(out[2 * dp], a, b[0], b[1]);
-      mma_bf16(out[2 * dp + 1], a, b[2], b[3]);
+      mma16816<T>(out[2 * dp], a, b[0], b[1]);
+      mma16816<T>(out[2 * dp + 1], a, b[2], b[3]);
     }
   }
 }
@@ -184,24 +208,24 @@ constexpr int kFwdKeys = 64;  // key tile
 
 template <int kD>
 constexpr size_t fwd_mma_smem() {
-  return size_t(16 * kMmaWarps + 4 * kFwdKeys) * (kD + kPad) * sizeof(bf16);
+  return size_t(16 * kMmaWarps + 4 * kFwdKeys) * (kD + kPad) * kMmaElemBytes;
 }
 
-template <int kD>
+template <class T, int kD>
 __global__ void __launch_bounds__(kMmaWarps * 32) attn_fwd_mma_kernel(const AttnParams p) {
   constexpr int kBr = 16 * kMmaWarps, kBc = kFwdKeys, kS = kD + kPad, kThreads = kMmaWarps * 32;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* q_s = reinterpret_cast<bf16*>(smem);  // (kBr, kS)
-  bf16* k_s = q_s + kBr * kS;                 // 2 buffers of (kBc, kS)
-  bf16* v_s = k_s + 2 * kBc * kS;             // 2 buffers of (kBc, kS)
+  T* q_s = reinterpret_cast<T*>(smem);  // (kBr, kS)
+  T* k_s = q_s + kBr * kS;              // 2 buffers of (kBc, kS)
+  T* v_s = k_s + 2 * kBc * kS;          // 2 buffers of (kBc, kS)
   const int q_tile = gridDim.x - 1 - blockIdx.x;  // longest (last) query tiles first
   const int h = blockIdx.y, b = blockIdx.z, kv_h = h / p.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const int q_start = q_tile * kBr, row_base = q_start + warp * 16;
   const int64_t q_rs = int64_t(p.hq) * kD, kv_rs = int64_t(p.hkv) * kD;
-  const bf16* qb = static_cast<const bf16*>(p.q) + (int64_t(b) * p.t * p.hq + h) * kD;
-  const bf16* kb = static_cast<const bf16*>(p.k) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
-  const bf16* vb = static_cast<const bf16*>(p.v) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
+  const T* qb = static_cast<const T*>(p.q) + (int64_t(b) * p.t * p.hq + h) * kD;
+  const T* kb = static_cast<const T*>(p.k) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
+  const T* vb = static_cast<const T*>(p.v) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
   const int num_tiles = min((p.t + kBc - 1) / kBc, (q_start + kBr - 1) / kBc + 1);
 
   load_tile_async<kBr, kD, kThreads>(q_s, qb, q_rs, q_start, p.t);
@@ -228,8 +252,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_fwd_mma_kernel(const Attn
     if (j == 0)
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) load_a_frag<kD>(qf[kk], q_s, warp * 16, kk * 16, lane);
-    const bf16* ks = k_s + (j & 1) * kBc * kS;
-    const bf16* vs = v_s + (j & 1) * kBc * kS;
+    const T* ks = k_s + (j & 1) * kBc * kS;
+    const T* vs = v_s + (j & 1) * kBc * kS;
 
     float s[kBc / 8][4] = {};  // (16, kBc) scores of this warp's rows
     mma_a_regs_b_nk<kD, kD / 16, kBc / 8>(s, qf, ks, lane);
@@ -274,7 +298,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_fwd_mma_kernel(const Attn
     __syncthreads();  // buffer j&1 is refilled in iteration j+1
   }
 
-  bf16* ob = static_cast<bf16*>(p.o) + (int64_t(b) * p.t * p.hq + h) * kD;
+  T* ob = static_cast<T*>(p.o) + (int64_t(b) * p.t * p.hq + h) * kD;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float l = l_run[half] + __shfl_xor_sync(0xffffffffu, l_run[half], 1);
@@ -285,7 +309,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_fwd_mma_kernel(const Attn
 #pragma unroll
     for (int dt = 0; dt < kD / 8; ++dt)
       *reinterpret_cast<uint32_t*>(ob + row * q_rs + dt * 8 + 2 * tq) =
-          pack_bf16(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+          pack2<T>(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
     if (tq == 0) p.lse[(int64_t(b) * p.hq + h) * p.t + row] = (m_run[half] + log2f(l)) * kLn2;
   }
 }
@@ -298,19 +322,19 @@ constexpr int dkdv_query_tile() { return kD > 64 ? 32 : 64; }  // bounds registe
 template <int kD>
 constexpr size_t dkdv_mma_smem() {
   constexpr int kBq = dkdv_query_tile<kD>();
-  return size_t(2 * 16 * kMmaWarps + 4 * kBq) * (kD + kPad) * sizeof(bf16) +
+  return size_t(2 * 16 * kMmaWarps + 4 * kBq) * (kD + kPad) * kMmaElemBytes +
          4 * kBq * sizeof(float);
 }
 
-template <int kD>
+template <class T, int kD>
 __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const AttnParams p) {
   constexpr int kBc = 16 * kMmaWarps, kBq = dkdv_query_tile<kD>(), kS = kD + kPad;
   constexpr int kThreads = kMmaWarps * 32;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* k_s = reinterpret_cast<bf16*>(smem);  // (kBc, kS)
-  bf16* v_s = k_s + kBc * kS;                 // (kBc, kS)
-  bf16* q_s = v_s + kBc * kS;                 // 2 buffers of (kBq, kS)
-  bf16* do_s = q_s + 2 * kBq * kS;            // 2 buffers of (kBq, kS)
+  T* k_s = reinterpret_cast<T*>(smem);  // (kBc, kS)
+  T* v_s = k_s + kBc * kS;              // (kBc, kS)
+  T* q_s = v_s + kBc * kS;              // 2 buffers of (kBq, kS)
+  T* do_s = q_s + 2 * kBq * kS;         // 2 buffers of (kBq, kS)
   float* lse_s = reinterpret_cast<float*>(do_s + 2 * kBq * kS);  // 2 x (kBq), base-2 units
   float* drow_s = lse_s + 2 * kBq;                               // 2 x (kBq)
   const int key_start = blockIdx.x * kBc, kv_h = blockIdx.y, b = blockIdx.z;
@@ -326,10 +350,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
   auto load_queries = [&](int it, int buf) {
     const int h = kv_h * p.group + it / per_head, q0 = (first_qt + it % per_head) * kBq;
     const int64_t off = (int64_t(b) * p.t * p.hq + h) * kD;
-    load_tile_async<kBq, kD, kThreads>(q_s + buf * kBq * kS, static_cast<const bf16*>(p.q) + off,
+    load_tile_async<kBq, kD, kThreads>(q_s + buf * kBq * kS, static_cast<const T*>(p.q) + off,
                                        q_rs, q0, p.t);
     load_tile_async<kBq, kD, kThreads>(do_s + buf * kBq * kS,
-                                       static_cast<const bf16*>(p.dout) + off, q_rs, q0, p.t);
+                                       static_cast<const T*>(p.dout) + off, q_rs, q0, p.t);
     for (int i = threadIdx.x; i < kBq; i += kThreads) {
       const int row = q0 + i;
       const int64_t idx = (int64_t(b) * p.hq + h) * p.t + row;
@@ -339,9 +363,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
     }
   };
 
-  load_tile_async<kBc, kD, kThreads>(k_s, static_cast<const bf16*>(p.k) + kv_off, kv_rs,
+  load_tile_async<kBc, kD, kThreads>(k_s, static_cast<const T*>(p.k) + kv_off, kv_rs,
                                      key_start, p.t);
-  load_tile_async<kBc, kD, kThreads>(v_s, static_cast<const bf16*>(p.v) + kv_off, kv_rs,
+  load_tile_async<kBc, kD, kThreads>(v_s, static_cast<const T*>(p.v) + kv_off, kv_rs,
                                      key_start, p.t);
   if (num_iters > 0) load_queries(0, 0);
   cp_async_commit();
@@ -357,8 +381,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
     }
     __syncthreads();
     const int buf = it & 1, q_start = (first_qt + it % per_head) * kBq;
-    const bf16* qs = q_s + buf * kBq * kS;
-    const bf16* dos = do_s + buf * kBq * kS;
+    const T* qs = q_s + buf * kBq * kS;
+    const T* dos = do_s + buf * kBq * kS;
     const float* lse_t = lse_s + buf * kBq;
     const float* drow_t = drow_s + buf * kBq;
 
@@ -372,8 +396,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
       for (int np = 0; np < kBq / 16; ++np) {
         uint32_t bq[4];
         load_b_frag_nk<kD>(bq, qs, np * 16, kk * 16, lane);
-        mma_bf16(s[2 * np], a, bq[0], bq[1]);
-        mma_bf16(s[2 * np + 1], a, bq[2], bq[3]);
+        mma16816<T>(s[2 * np], a, bq[0], bq[1]);
+        mma16816<T>(s[2 * np + 1], a, bq[2], bq[3]);
       }
     }
     const bool need_mask = q_start < key_base + 15;  // some query before some key of the warp
@@ -398,8 +422,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
       for (int np = 0; np < kBq / 16; ++np) {
         uint32_t bo[4];
         load_b_frag_nk<kD>(bo, dos, np * 16, kk * 16, lane);
-        mma_bf16(dpt[2 * np], a, bo[0], bo[1]);
-        mma_bf16(dpt[2 * np + 1], a, bo[2], bo[3]);
+        mma16816<T>(dpt[2 * np], a, bo[0], bo[1]);
+        mma16816<T>(dpt[2 * np + 1], a, bo[2], bo[3]);
       }
     }
     // dS^T = P^T * (dP^T - Drow), then dK += dS^T Q (scaled once at the end).
@@ -411,8 +435,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
     __syncthreads();  // buffer `buf` is refilled in iteration it+1
   }
 
-  bf16* dkb = static_cast<bf16*>(p.dk) + kv_off;
-  bf16* dvb = static_cast<bf16*>(p.dv) + kv_off;
+  T* dkb = static_cast<T*>(p.dk) + kv_off;
+  T* dvb = static_cast<T*>(p.dv) + kv_off;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int key = key_base + g + 8 * half;
@@ -421,8 +445,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
     for (int dt = 0; dt < kD / 8; ++dt) {
       const int64_t at = key * kv_rs + dt * 8 + 2 * tq;
       *reinterpret_cast<uint32_t*>(dkb + at) =
-          pack_bf16(dk[dt][2 * half] * p.scale, dk[dt][2 * half + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dvb + at) = pack_bf16(dv[dt][2 * half], dv[dt][2 * half + 1]);
+          pack2<T>(dk[dt][2 * half] * p.scale, dk[dt][2 * half + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvb + at) = pack2<T>(dv[dt][2 * half], dv[dt][2 * half + 1]);
     }
   }
 }
@@ -433,31 +457,31 @@ constexpr int dq_key_tile() { return kD > 64 ? 32 : 64; }  // bounds registers a
 
 template <int kD>
 constexpr size_t dq_mma_smem() {
-  return size_t(2 * 16 * kMmaWarps + 4 * dq_key_tile<kD>()) * (kD + kPad) * sizeof(bf16);
+  return size_t(2 * 16 * kMmaWarps + 4 * dq_key_tile<kD>()) * (kD + kPad) * kMmaElemBytes;
 }
 
-template <int kD>
+template <class T, int kD>
 __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dq_mma_kernel(const AttnParams p) {
   constexpr int kBr = 16 * kMmaWarps, kBc = dq_key_tile<kD>(), kS = kD + kPad;
   constexpr int kThreads = kMmaWarps * 32;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* q_s = reinterpret_cast<bf16*>(smem);  // (kBr, kS)
-  bf16* do_s = q_s + kBr * kS;                // (kBr, kS)
-  bf16* k_s = do_s + kBr * kS;                // 2 buffers of (kBc, kS)
-  bf16* v_s = k_s + 2 * kBc * kS;             // 2 buffers of (kBc, kS)
+  T* q_s = reinterpret_cast<T*>(smem);  // (kBr, kS)
+  T* do_s = q_s + kBr * kS;             // (kBr, kS)
+  T* k_s = do_s + kBr * kS;             // 2 buffers of (kBc, kS)
+  T* v_s = k_s + 2 * kBc * kS;          // 2 buffers of (kBc, kS)
   const int q_tile = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z, kv_h = h / p.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const int q_start = q_tile * kBr, row_base = q_start + warp * 16;
   const int64_t q_rs = int64_t(p.hq) * kD, kv_rs = int64_t(p.hkv) * kD;
   const int64_t q_off = (int64_t(b) * p.t * p.hq + h) * kD;
-  const bf16* kb = static_cast<const bf16*>(p.k) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
-  const bf16* vb = static_cast<const bf16*>(p.v) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
+  const T* kb = static_cast<const T*>(p.k) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
+  const T* vb = static_cast<const T*>(p.v) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
   const int num_tiles = min((p.t + kBc - 1) / kBc, (q_start + kBr - 1) / kBc + 1);
 
-  load_tile_async<kBr, kD, kThreads>(q_s, static_cast<const bf16*>(p.q) + q_off, q_rs, q_start,
+  load_tile_async<kBr, kD, kThreads>(q_s, static_cast<const T*>(p.q) + q_off, q_rs, q_start,
                                      p.t);
-  load_tile_async<kBr, kD, kThreads>(do_s, static_cast<const bf16*>(p.dout) + q_off, q_rs,
+  load_tile_async<kBr, kD, kThreads>(do_s, static_cast<const T*>(p.dout) + q_off, q_rs,
                                      q_start, p.t);
   load_tile_async<kBc, kD, kThreads>(k_s, kb, kv_rs, 0, p.t);
   load_tile_async<kBc, kD, kThreads>(v_s, vb, kv_rs, 0, p.t);
@@ -490,8 +514,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dq_mma_kernel(const A
         load_a_frag<kD>(qf[kk], q_s, warp * 16, kk * 16, lane);
         load_a_frag<kD>(dof[kk], do_s, warp * 16, kk * 16, lane);
       }
-    const bf16* ks = k_s + (j & 1) * kBc * kS;
-    const bf16* vs = v_s + (j & 1) * kBc * kS;
+    const T* ks = k_s + (j & 1) * kBc * kS;
+    const T* vs = v_s + (j & 1) * kBc * kS;
 
     float s[kBc / 8][4] = {};
     mma_a_regs_b_nk<kD, kD / 16, kBc / 8>(s, qf, ks, lane);
@@ -511,7 +535,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dq_mma_kernel(const A
     __syncthreads();
   }
 
-  bf16* dqb = static_cast<bf16*>(p.dq) + q_off;
+  T* dqb = static_cast<T*>(p.dq) + q_off;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row_base + g + 8 * half;
@@ -519,11 +543,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dq_mma_kernel(const A
 #pragma unroll
     for (int dt = 0; dt < kD / 8; ++dt)
       *reinterpret_cast<uint32_t*>(dqb + row * q_rs + dt * 8 + 2 * tq) =
-          pack_bf16(dq[dt][2 * half] * p.scale, dq[dt][2 * half + 1] * p.scale);
+          pack2<T>(dq[dt][2 * half] * p.scale, dq[dt][2 * half + 1] * p.scale);
   }
 }
 
-// ---- FMA kernels (f32, and bf16 with D other than 64/128): any D <= 128, multiple of 8 --------
+// ---- FMA kernels (f32, and bf16/f16 with D other than 64/128): any D <= 128, multiple of 8 ----
 // A warp owns kFmaRows rows (queries, or keys in dK/dV) and a lane owns one of kFmaTile columns of
 // the other side per tile; per-row values are broadcast with shuffles. Shared rows of the tiles
 // read one row per lane are padded to D+1 floats (conflict-free); lane i holds dims i, i+32, ...
@@ -836,8 +860,7 @@ void check_same(const Tensor& t, DType dtype, const Shape& shape, const char* op
 AttnDims check_attention(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
                          const Tensor& v, const char* op) {
   TS_CHECK(q.device == Device::cuda, "{}: q must be on cuda, got {}", op, q.str());
-  TS_CHECK(q.dtype == DType::f32 || q.dtype == DType::bf16, "{}: q must be f32 or bf16, got {}",
-           op, q.str());
+  TS_CHECK(is_compute_dtype(q.dtype), "{}: q must be f32, bf16 or f16, got {}", op, q.str());
   TS_CHECK(q.ndim() == 4, "{}: q must be (B, T, Hq, D), got {}", op, q.str());
   TS_CHECK(k.ndim() == 4, "{}: k must be (B, T, Hkv, D), got {}", op, k.str());
   const AttnDims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
@@ -871,28 +894,34 @@ void launch(Kernel kernel, dim3 grid, size_t smem_bytes, const AttnParams& p) {
 }
 static_assert(kMmaWarps == kFmaWarps, "launch() uses one block size for both kernel families");
 
-// bf16, D = 64 or 128, 16-byte aligned rows: the tensor-core kernels apply.
+// bf16 or f16, D = 64 or 128, 16-byte aligned rows: the tensor-core kernels apply.
 bool use_mma(const AttnDims& d, DType dtype, std::initializer_list<const Tensor*> tensors) {
-  if (dtype != DType::bf16 || (d.d != 64 && d.d != 128)) return false;
+  if ((dtype != DType::bf16 && dtype != DType::f16) || (d.d != 64 && d.d != 128)) return false;
   for (const Tensor* t : tensors)
     if (!aligned16(*t)) return false;
   return true;
 }
 
-template <int kD>
+template <class T, int kD>
 void forward_mma(const AttnParams& p, const AttnDims& d) {
   const dim3 grid(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hq), unsigned(d.b));
-  launch(attn_fwd_mma_kernel<kD>, grid, fwd_mma_smem<kD>(), p);
+  launch(attn_fwd_mma_kernel<T, kD>, grid, fwd_mma_smem<kD>(), p);
 }
 
-template <int kD>
+template <class T, int kD>
 void backward_mma(const AttnParams& p, const AttnDims& d) {
-  launch(attn_bwd_dkdv_mma_kernel<kD>,
+  launch(attn_bwd_dkdv_mma_kernel<T, kD>,
          dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hkv), unsigned(d.b)),
          dkdv_mma_smem<kD>(), p);
-  launch(attn_bwd_dq_mma_kernel<kD>,
+  launch(attn_bwd_dq_mma_kernel<T, kD>,
          dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hq), unsigned(d.b)), dq_mma_smem<kD>(),
          p);
+}
+
+// Runs f.template operator()<T>() with T the 16-bit type of dtype (bf16 or f16).
+template <class F> void dispatch_mma_type(DType dtype, F&& f) {
+  if (dtype == DType::f16) f.template operator()<__half>();
+  else f.template operator()<__nv_bfloat16>();
 }
 
 }  // namespace
@@ -908,8 +937,10 @@ void attention_native_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor
   AttnParams p = make_params(d, scale);
   p.q = q.data, p.k = k.data, p.v = v.data, p.o = out.data, p.lse = lse.ptr<float>();
   if (use_mma(d, q.dtype, {&q, &k, &v, &out})) {
-    if (d.d == 64) forward_mma<64>(p, d);
-    else forward_mma<128>(p, d);
+    dispatch_mma_type(q.dtype, [&]<class T>() {
+      if (d.d == 64) forward_mma<T, 64>(p, d);
+      else forward_mma<T, 128>(p, d);
+    });
     return;
   }
   const dim3 grid(ceil_div(d.t, kFmaBlockRows), unsigned(d.hq), unsigned(d.b));
@@ -947,8 +978,10 @@ void attention_native_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Ten
     TS_CUDA_CHECK_LAUNCH();
   });
   if (use_mma(d, q.dtype, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
-    if (d.d == 64) backward_mma<64>(p, d);
-    else backward_mma<128>(p, d);
+    dispatch_mma_type(q.dtype, [&]<class T>() {
+      if (d.d == 64) backward_mma<T, 64>(p, d);
+      else backward_mma<T, 128>(p, d);
+    });
     return;
   }
   dispatch_float(q, kOp, [&]<class T>() {

@@ -2,7 +2,8 @@
 // key tiles, backward recomputing P from lse), one of the two implementations behind
 // cuda::attention_forward/backward (kernels/cuda/attention.cu picks by Context::attention_impl).
 // Same arguments and semantics as ops::attention_* (kernels/ops.h). Head dim D: a multiple of 8,
-// at most 128; bf16 with D = 64 or 128 runs on tensor cores (mma.sync), other cases on FMA kernels.
+// at most 128; f32, bf16 or f16. bf16 and f16 with D = 64 or 128 run on tensor cores (mma.sync),
+// other cases on FMA kernels.
 #pragma once
 #include "core/tensor.h"
 

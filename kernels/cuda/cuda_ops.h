@@ -1,8 +1,10 @@
 // Declarations of the CUDA kernels (kernels/cuda/<op>.cu), same names and argument order as
 // kernels/ops.h, which documents each op, and as the CPU references in kernels/cpu/cpu_ops.h.
-// Float tensors are f32 or bf16 (one dtype per call); saved statistics (mean, rstd, lse, losses)
-// are always f32; accumulation is f32. Work is queued on the device context's stream
-// (kernels/cuda/context.h); ops are asynchronous unless they return a host value.
+// Float tensors are f32, bf16 or f16 (one dtype per call; 16-bit values are widened to f32,
+// computed on, and rounded once to nearest even on store, f16 overflowing to Inf); saved
+// statistics (mean, rstd, lse, losses) are always f32; accumulation is f32. Work is queued on
+// the device context's stream (kernels/cuda/context.h); ops are asynchronous unless they return
+// a host value.
 #pragma once
 #include <span>
 
@@ -117,7 +119,7 @@ void cross_entropy_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(N)*/, Tenso
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
-// param, m, v are f32 (the FP32 master copy and state); grad has param's dtype.
+// param, m, v are f32 (the FP32 master copy and state); grad is f32, bf16 or f16.
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s);
 
 // Fused sequences (see kernels/ops.h).

@@ -1,6 +1,8 @@
 // CUDA elementwise helpers: add_forward, add_inplace, scale_inplace, fill, cast, sum_squares.
-// Arithmetic ops take f32 or bf16 (computed in f32, rounded once). fill and cast also take f16 and
-// fp8 e4m3/e5m2, converted bit for bit like core/dtype.h (round to nearest even; fp8 saturates).
+// Arithmetic ops take f32, bf16 or f16 (computed in f32, rounded once; f16 overflow gives Inf,
+// and sum_squares carries Inf/NaN through, which FP16 loss scaling uses to detect overflow). fill
+// and cast also take fp8 e4m3/e5m2, converted bit for bit like core/dtype.h (round to nearest
+// even; fp8 saturates).
 // sum_squares is a two-pass reduction in double with a grid fixed by the size, so it is
 // deterministic; it is the one op here that synchronizes (it returns a host value).
 #include <cstring>

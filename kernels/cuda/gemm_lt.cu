@@ -100,7 +100,8 @@ int64_t alignment_of(const void* p) {
 cudaDataType_t lt_type(DType t) {
   if (t == DType::f32) return CUDA_R_32F;
   if (t == DType::bf16) return CUDA_R_16BF;
-  TS_BUG("lt_gemm: unsupported dtype {} (f32 or bf16)", dtype_name(t));
+  if (t == DType::f16) return CUDA_R_16F;
+  TS_BUG("lt_gemm: unsupported dtype {} (f32, bf16 or f16)", dtype_name(t));
 }
 
 template <class V>
@@ -120,7 +121,8 @@ void set_pointers(const Plan& plan, const LtGemm& g) {
 Plan make_plan(const LtGemm& g, const int64_t (&align)[5]) {
   Plan plan;
   const cudaDataType_t type = lt_type(g.dtype);
-  // f32 compute for both dtypes: CUBLAS_COMPUTE_32F never uses TF32 (parity with the CPU).
+  // f32 compute for every dtype: CUBLAS_COMPUTE_32F never uses TF32 (parity with the CPU), and
+  // f16 products are accumulated in f32 (never CUBLAS_COMPUTE_16F), rounded once into c.
   TS_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t op_a = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt A = our b
   const cublasOperation_t op_b = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt B = our a

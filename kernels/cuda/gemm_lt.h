@@ -16,7 +16,7 @@ enum class GemmEpilogue : int { none = 0, bias = 1, gelu_aux_bias = 2 };
 // Row-major c (M,N) = alpha * op(a) · op(b) + beta * c, as ops::gemm, then the epilogue:
 //   bias:          c += bias (N) on every row.
 //   gelu_aux_bias: aux (M,N) = op(a)·op(b) + bias; c = gelu_tanh(aux) (alpha 1, beta 0 only).
-// a, b, c, bias, aux share dtype (f32 or bf16); accumulation is f32 (never TF32).
+// a, b, c, bias, aux share dtype (f32, bf16 or f16); accumulation is f32 (never TF32).
 struct LtGemm {
   int64_t m = 0, n = 0, k = 0;
   bool trans_a = false, trans_b = false;

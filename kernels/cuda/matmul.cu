@@ -91,8 +91,8 @@ void check_float_arg(const Tensor& t, DType dtype, const char* op, const char* n
 }
 
 void check_compute(const Tensor& t, const char* op, const char* name) {
-  TS_CHECK(t.dtype == DType::f32 || t.dtype == DType::bf16, "{}: {} must be f32 or bf16, got {}",
-           op, name, t.str());
+  TS_CHECK(is_compute_dtype(t.dtype), "{}: {} must be f32, bf16 or f16, got {}", op, name,
+           t.str());
   check_float_arg(t, t.dtype, op, name);
 }
 

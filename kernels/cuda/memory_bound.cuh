@@ -237,12 +237,12 @@ inline void expect_tensor(const Tensor& t, DType dtype, const Shape& shape, cons
            shape.str());
 }
 
-// The first float operand fixes the call's dtype: f32 or bf16 on cuda.
+// The first float operand fixes the call's dtype: f32, bf16 or f16 on cuda.
 inline void expect_compute_dtype(const Tensor& t, const char* op, const char* name) {
   TS_CHECK(!t.empty(), "{}: {} is empty, but it is required", op, name);
   TS_CHECK(t.device == Device::cuda, "{}: {} is {}, expected a cuda tensor", op, name, t.str());
-  TS_CHECK(t.dtype == DType::f32 || t.dtype == DType::bf16,
-           "{}: {} is {}; the CUDA kernels compute in f32 or bf16", op, name, t.str());
+  TS_CHECK(is_compute_dtype(t.dtype),
+           "{}: {} is {}; the CUDA kernels compute on f32, bf16 or f16", op, name, t.str());
 }
 
 // Rows of a (..., C) tensor: the product of all dims but the last.

@@ -177,7 +177,7 @@ void launch_norm_forward(T* out, float* mean, float* rstd, const T* inp, const T
 
 // ---- backward --------------------------------------------------------------------------------
 
-// Values per thread in the backward: 3 bf16 packs (a warp covers C = 768) or 4 f32 packs; more
+// Values per thread in the backward: 3 16-bit packs (a warp covers C = 768) or 4 f32 packs; more
 // f32 packs would spill under the 168-register cap of kBackwardMinBlocks.
 template <class T> constexpr int kNormBackwardElems = sizeof(T) == 2 ? 24 : 16;
 
@@ -196,8 +196,9 @@ __device__ __forceinline__ float norm_dinp(float d, float w, float n, float s, f
 // dnorm = dout * weight. Block b handles row groups b, b + gridDim.x, ... and writes its column
 // sums of dout * norm to partial_dw[b, :] (and of dout to partial_db[b, :] with kHasMean; mean and
 // partial_db are unused without). Each thread owns fixed columns, so its sums stay in registers;
-// rows are kept as raw packs (half the registers of f32 copies for bf16), and the next row's packs
-// are loaded before the current row is worked on, so loads stay in flight through the reductions.
+// rows are kept as raw packs (half the registers of f32 copies for 16-bit types), and the next
+// row's packs are loaded before the current row is worked on, so loads stay in flight through the
+// reductions.
 template <class T, int kWidth, int kThreads, int kChunks, bool kHasMean>
 __global__ void __launch_bounds__(kBackwardBlockThreads<kThreads>, kBackwardMinBlocks<kThreads>)
 norm_backward_kernel(T* dinp, float* partial_dw, float* partial_db, const T* dout, const T* inp,

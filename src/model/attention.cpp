@@ -120,10 +120,15 @@ void Attention::backward(ParamStore& ps, const AttentionActs& a, AttentionScratc
     dq_lin = s.dq_raw;
     dk_lin = s.dk_raw;
   }
-  wq_.backward(ps, dx, token_rows(dq_lin), x, false);  // q writes dx, k and v add to it
-  wk_.backward(ps, dx, token_rows(dk_lin), x, true);
-  wv_.backward(ps, dx, token_rows(s.dv), x, true);
-  copy_to_tp_region_backward(shard_, dx);  // x fed every rank's heads
+  wq_.backward_input(ps, dx, token_rows(dq_lin), false);  // q writes dx, k and v add to it
+  wk_.backward_input(ps, dx, token_rows(dk_lin), true);
+  wv_.backward_input(ps, dx, token_rows(s.dv), true);
+  // x fed every rank's heads: dx is summed over tp while the weight gradients compute.
+  CommHandle dx_sum = copy_to_tp_region_backward_async(shard_, dx);
+  wq_.backward_weight(ps, token_rows(dq_lin), x);
+  wk_.backward_weight(ps, token_rows(dk_lin), x);
+  wv_.backward_weight(ps, token_rows(s.dv), x);
+  if (dx_sum) dx_sum->wait();
 }
 
 }  // namespace tessera

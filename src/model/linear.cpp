@@ -41,9 +41,17 @@ void Linear::backward(ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp,
                       bool accumulate_dinp) const {
   // dW += dout^T inp and db += colsum(dout) through matmul_backward; dinp separately through gemm
   // so that several branches (q, k, v) can sum into one input gradient without a scratch pass.
+  backward_weight(ps, dout, inp);
+  if (!dinp.empty()) backward_input(ps, dinp, dout, accumulate_dinp);
+}
+
+void Linear::backward_input(const ParamStore& ps, Tensor dinp, Tensor dout,
+                            bool accumulate_dinp) const {
+  ops::gemm(dinp, dout, ps[weight].value, false, false, 1.0f, accumulate_dinp ? 1.0f : 0.0f);
+}
+
+void Linear::backward_weight(ParamStore& ps, Tensor dout, Tensor inp) const {
   ops::matmul_backward(Tensor(), ps[weight].grad, param_grad(ps, bias), dout, inp, ps[weight].value);
-  if (!dinp.empty())
-    ops::gemm(dinp, dout, ps[weight].value, false, false, 1.0f, accumulate_dinp ? 1.0f : 0.0f);
 }
 
 void Norm::declare(ParamStore& ps, const std::string& name, int width, NormKind k, bool with_bias,

@@ -28,6 +28,11 @@ struct Linear {
   // dinp (M,K) is overwritten, or accumulated into when accumulate_dinp; empty skips it.
   void backward(ParamStore& ps, Tensor dinp, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/,
                 bool accumulate_dinp) const;
+  // backward's two halves, for callers that overlap the input gradient's tensor-parallel
+  // all-reduce with the weight gradient: dinp = dout W (or +=), then dW += dout^T inp, db += ...
+  void backward_input(const ParamStore& ps, Tensor dinp /*(M,K)*/, Tensor dout /*(M,N)*/,
+                      bool accumulate_dinp) const;
+  void backward_weight(ParamStore& ps, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/) const;
 };
 
 struct Norm {

@@ -55,15 +55,16 @@ void Mlp::backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, T
                    Tensor x) const {
   reduce_from_tp_region_backward(shard_, dy);
   out_.backward(ps, s.d_act, dy, a.act, false);
-  if (kind_ == ActivationKind::gelu) {
-    ops::gelu_backward(s.d_h, s.d_act, a.h);
-    in_.backward(ps, dx, s.d_h, x, false);
-  } else {
-    ops::swiglu_backward(s.d_h, s.d_up, s.d_act, a.h, a.up);
-    in_.backward(ps, dx, s.d_h, x, false);
-    up_.backward(ps, dx, s.d_up, x, true);
-  }
-  copy_to_tp_region_backward(shard_, dx);
+  const bool gated = kind_ != ActivationKind::gelu;
+  if (gated) ops::swiglu_backward(s.d_h, s.d_up, s.d_act, a.h, a.up);
+  else ops::gelu_backward(s.d_h, s.d_act, a.h);
+  in_.backward_input(ps, dx, s.d_h, false);
+  if (gated) up_.backward_input(ps, dx, s.d_up, true);
+  // x fed every rank's FFN slice: dx is summed over tp while the weight gradients compute.
+  CommHandle dx_sum = copy_to_tp_region_backward_async(shard_, dx);
+  in_.backward_weight(ps, s.d_h, x);
+  if (gated) up_.backward_weight(ps, s.d_up, x);
+  if (dx_sum) dx_sum->wait();
 }
 
 }  // namespace tessera

@@ -47,6 +47,10 @@ void copy_to_tp_region_forward(const ModelShard&, Tensor) {}
 void copy_to_tp_region_backward(const ModelShard& s, Tensor dx) {
   if (s.tp_size > 1) s.tp_comm->all_reduce(dx, ReduceOp::sum);
 }
+CommHandle copy_to_tp_region_backward_async(const ModelShard& s, Tensor dx) {
+  if (s.tp_size == 1) return nullptr;
+  return s.tp_comm->all_reduce_async(dx, ReduceOp::sum);
+}
 void reduce_from_tp_region_forward(const ModelShard& s, Tensor y) {
   if (s.tp_size > 1) s.tp_comm->all_reduce(y, ReduceOp::sum);
 }

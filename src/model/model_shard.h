@@ -36,6 +36,9 @@ struct ModelShard {
 // All are no-ops when tp_size == 1.
 void copy_to_tp_region_forward(const ModelShard& s, Tensor x);
 void copy_to_tp_region_backward(const ModelShard& s, Tensor dx);
+// The same all-reduce, only launched: the caller computes what does not read dx (the weight
+// gradients of the column-parallel layers that fed on x) and then waits. Empty when tp = 1.
+CommHandle copy_to_tp_region_backward_async(const ModelShard& s, Tensor dx);
 void reduce_from_tp_region_forward(const ModelShard& s, Tensor y);
 void reduce_from_tp_region_backward(const ModelShard& s, Tensor dy);
 

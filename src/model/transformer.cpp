@@ -255,9 +255,13 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
       ops::cross_entropy_backward(a.logits, a.logits, a.lse, targets.view({N}), cfg_.vocab_size,
                                   loss_scale / float(valid), v0);
       const int head = head_grad_param();
-      ops::matmul_backward(a.d_lnf, params_[head].grad, Tensor(), a.logits, a.lnf_out,
+      // d_lnf (N,C) = dlogits (N,Vl) W (Vl,C), summed over the vocabulary slices while the
+      // head's weight gradient computes.
+      ops::gemm(a.d_lnf, a.logits, head_weight(), false, false, 1.0f, 0.0f);
+      CommHandle d_lnf_sum = copy_to_tp_region_backward_async(shard_, a.d_lnf);
+      ops::matmul_backward(Tensor(), params_[head].grad, Tensor(), a.logits, a.lnf_out,
                            head_weight());
-      copy_to_tp_region_backward(shard_, a.d_lnf);
+      if (d_lnf_sum) d_lnf_sum->wait();
       final_norm_.backward(params_, a.d_resid, a.d_lnf, a.resid[L], a.lnf_mean, a.lnf_rstd);
     }
     grads_ready(final_norm_first_);

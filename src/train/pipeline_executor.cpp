@@ -173,8 +173,10 @@ PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& ac
       post_p2p(group);
       continue;
     }
-    const auto t0 = std::chrono::steady_clock::now();
+    // Busy time is the compute alone: drain what is queued (including the wait for this
+    // micro-batch's receive, which belongs to the bubble) before the clock starts.
     if (measure_busy_) ops::synchronize(model_.device());
+    const auto t0 = std::chrono::steady_clock::now();
     if (a.op == PipeOp::forward) {
       Slot& s = stage_ == 0 ? take_slot(a.microbatch) : slot_of(a.microbatch);
       fill(a.microbatch, *s.batch);
