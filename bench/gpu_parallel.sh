@@ -16,7 +16,7 @@
 # `bench N LAYOUT...` adds layouts to an earlier bench call's table. A run that would start after
 # TIME_BUDGET seconds (default 560) of this call is skipped and reported as such.
 # Knobs (environment): TIME_BUDGET, EQUIV_LIMIT (120 s a run), BUILD_TARGETS, TEST_JOBS, EQUIV_FAMILIES, BENCH_STEPS (12),
-# BENCH_DROP (3), BENCH_MB (8), BENCH_M (8), BUBBLE_MB (2), AR_FACTOR (4: sizes 1 MiB x 4^k),
+# BENCH_DROP (3), BENCH_SPLIT (balanced | even), BENCH_MB (8), BENCH_M (8), BUBBLE_MB (2), AR_FACTOR (4: sizes 1 MiB x 4^k),
 # and for checking this script without GPUs: PAR_DEVICE=cpu, TESSERA_BIN, BENCH_RECIPE,
 # BENCH_EXTRA ("--set k=v ..."), BUBBLE_SPLIT ("a,b,..").
 # shellcheck disable=SC2317  # the stage_* functions are called as "stage_$stage"
@@ -238,6 +238,10 @@ bench_run() {  # DIR LAYOUT
     [ $((mb * m)) -eq "$BENCH_MB" ] || { echo "bench: BENCH_M $m must divide BENCH_MB $BENCH_MB"; return 1; }
     batch_args=(--set data.global_batch="$global" --set data.micro_batch=0
                 --set parallel.microbatches="$m" --set parallel.schedule="$sched")
+    # Stages balanced for the LM head, as a user would set them (BENCH_SPLIT=even: the default).
+    local layers
+    [ "${BENCH_SPLIT:-balanced}" = balanced ] && layers=$(balanced_split "$pp")
+    [ -n "${layers:-}" ] && batch_args+=(--set "parallel.stage_layers=[$layers]")
   fi
   local fields="\"np\": $np, \"dp\": $dp, \"tp\": $tp, \"pp\": $pp, \"schedule\": \"$sched\", \"microbatches\": $m, \"micro_batch\": $mb, \"global_batch\": $global"
   if [ "$(left)" -lt 90 ]; then
