@@ -16,7 +16,7 @@
 # `bench N LAYOUT...` adds layouts to an earlier bench call's table. A run that would start after
 # TIME_BUDGET seconds (default 560) of this call is skipped and reported as such.
 # Knobs (environment): TIME_BUDGET, EQUIV_LIMIT (120 s a run), BUILD_TARGETS, TEST_JOBS, EQUIV_FAMILIES, BENCH_STEPS (12),
-# BENCH_DROP (3), BENCH_SPLIT (balanced | even), BENCH_MB (8), BENCH_M (8), BUBBLE_MB (2), AR_FACTOR (4: sizes 1 MiB x 4^k),
+# BENCH_DROP (3), BENCH_SPLIT (balanced | even), BENCH_MB (8), BENCH_M (8), BUBBLE_MB (2), BUBBLE_EVEN (1: also the even split), AR_FACTOR (4: sizes 1 MiB x 4^k),
 # and for checking this script without GPUs: PAR_DEVICE=cpu, TESSERA_BIN, BENCH_RECIPE,
 # BENCH_EXTRA ("--set k=v ..."), BUBBLE_SPLIT ("a,b,..").
 # shellcheck disable=SC2317  # the stage_* functions are called as "stage_$stage"
@@ -326,7 +326,7 @@ stage_bubble() {
     if [ -n "$split" ]; then bubble_run "$dir" "$n" "$m" balanced "$split"; else bubble_run "$dir" "$n" "$m" even ""; fi
   done
   # The default even split at m = 8: how much the LM head's stage adds to the idle time.
-  [ -n "$split" ] && bubble_run "$dir" "$n" 8 even ""
+  [ -n "$split" ] && [ "${BUBBLE_EVEN:-1}" = 1 ] && bubble_run "$dir" "$n" 8 even ""
   copy_out "$dir" "bubble$n"
   "${REPORT[@]}" bubble "$dir" --drop 3 --recipe "$BENCH_RECIPE" --json "$OUT/bubble$n/summary.json"
 }

@@ -1,5 +1,6 @@
 // Dispatch of every op in kernels/ops.h to its backend, chosen by the device of the first tensor.
-// The CUDA backend is linked only when built with TESSERA_CUDA.
+// The CUDA backend is linked only when built with TESSERA_CUDA. On the CPU, bf16/f16 operands run
+// through the f32 reference kernels with CUDA's numerics (kernels/cpu/narrow.h).
 #include "kernels/ops.h"
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include "core/memory.h"
 
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/narrow.h"
 #include "kernels/op_profile.h"
 #ifdef TESSERA_CUDA
 #include "kernels/cuda/context.h"
@@ -27,6 +29,32 @@ Device device_of(std::initializer_list<const Tensor*> tensors) {
     if (!t->empty()) return t->device;
   return Device::cpu;
 }
+
+// CPU bodies used by more than one entry point (the fused sequences run them step by step).
+// NarrowScope (kernels/cpu/narrow.h) widens bf16/f16 operands to f32, runs the f32 reference and
+// rounds the written ones back once; without a 16-bit operand it passes everything through.
+void cpu_add_forward(Tensor out, Tensor a, Tensor b) {
+  cpu::NarrowScope n("add_forward");
+  cpu::add_forward(n.out(out, "out"), n.in(a, "a"), n.in(b, "b"));
+  n.finish();
+}
+
+void cpu_layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
+                           Tensor bias, float eps) {
+  cpu::NarrowScope n("layernorm_forward");
+  cpu::layernorm_forward(n.out(out, "out"), n.stat_out(mean, "mean"), n.stat_out(rstd, "rstd"),
+                         n.in(inp, "inp"), n.in(weight, "weight"), n.in(bias, "bias"), eps);
+  n.finish();
+}
+
+// param, m, v are normally the f32 master copy and state and grad f32/bf16/f16; any of them may
+// be bf16/f16 here (read exactly, updated in f32, rounded once).
+void cpu_adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
+  cpu::NarrowScope n("adamw_update");
+  cpu::adamw_update(n.inout(param, "param"), n.in(grad, "grad"), n.inout(m, "m"),
+                    n.inout(v, "v"), s);
+  n.finish();
+}
 }  // namespace
 
 void set_cuda_attention_impl(const std::string& impl) {
@@ -43,7 +71,7 @@ size_t cuda_workspace_bytes(int B, int T, int num_heads, int num_kv_heads, int h
   if (!cuda_available()) return 0;
   return std::max(cuda::default_workspace_bytes(),
                   cuda::attention_workspace_bytes(B, T, num_heads, num_kv_heads, head_dim,
-                                                  dtype == DType::bf16));
+                                                  dtype));
 #else
   return 0;
 #endif
@@ -76,7 +104,10 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
     no_cuda("embedding_forward");
 #endif
   }
-  cpu::embedding_forward(out, tokens, wte, wpe, vocab_start, vocab_total);
+  cpu::NarrowScope n("embedding_forward");
+  cpu::embedding_forward(n.out(out, "out"), n.in(tokens, "tokens"), n.in(wte, "wte"),
+                         n.in(wpe, "wpe"), vocab_start, vocab_total);
+  n.finish();
 }
 
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
@@ -91,7 +122,10 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, in
     no_cuda("embedding_backward");
 #endif
   }
-  cpu::embedding_backward(dwte, dwpe, dout, tokens, vocab_start, vocab_total);
+  cpu::NarrowScope n("embedding_backward");
+  cpu::embedding_backward(n.inout(dwte, "dwte"), n.inout(dwpe, "dwpe"), n.in(dout, "dout"),
+                          n.in(tokens, "tokens"), vocab_start, vocab_total);
+  n.finish();
 }
 
 void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias, float eps) {
@@ -105,7 +139,7 @@ void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
     no_cuda("layernorm_forward");
 #endif
   }
-  cpu::layernorm_forward(out, mean, rstd, inp, weight, bias, eps);
+  cpu_layernorm_forward(out, mean, rstd, inp, weight, bias, eps);
 }
 
 void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
@@ -119,7 +153,12 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
     no_cuda("layernorm_backward");
 #endif
   }
-  cpu::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd);
+  cpu::NarrowScope n("layernorm_backward");
+  cpu::layernorm_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"),
+                          n.inout(dbias, "dbias"), n.in(dout, "dout"), n.in(inp, "inp"),
+                          n.in(weight, "weight"), n.stat_in(mean, "mean"),
+                          n.stat_in(rstd, "rstd"));
+  n.finish();
 }
 
 void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float eps) {
@@ -133,7 +172,10 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
     no_cuda("rmsnorm_forward");
 #endif
   }
-  cpu::rmsnorm_forward(out, rstd, inp, weight, eps);
+  cpu::NarrowScope n("rmsnorm_forward");
+  cpu::rmsnorm_forward(n.out(out, "out"), n.stat_out(rstd, "rstd"), n.in(inp, "inp"),
+                       n.in(weight, "weight"), eps);
+  n.finish();
 }
 
 void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight, Tensor rstd) {
@@ -147,7 +189,10 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
     no_cuda("rmsnorm_backward");
 #endif
   }
-  cpu::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd);
+  cpu::NarrowScope n("rmsnorm_backward");
+  cpu::rmsnorm_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"), n.in(dout, "dout"),
+                        n.in(inp, "inp"), n.in(weight, "weight"), n.stat_in(rstd, "rstd"));
+  n.finish();
 }
 
 void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta) {
@@ -161,7 +206,11 @@ void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha,
     no_cuda("gemm");
 #endif
   }
-  cpu::gemm(c, a, b, trans_a, trans_b, alpha, beta);
+  cpu::NarrowScope n("gemm");
+  // beta = 0 ignores c's contents (they may be garbage), so c is only read when beta != 0.
+  const Tensor c32 = beta == 0.0f ? n.out(c, "c") : n.inout(c, "c");
+  cpu::gemm(c32, n.in(a, "a"), n.in(b, "b"), trans_a, trans_b, alpha, beta);
+  n.finish();
 }
 
 void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
@@ -175,7 +224,10 @@ void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
     no_cuda("matmul_forward");
 #endif
   }
-  cpu::matmul_forward(out, inp, weight, bias);
+  cpu::NarrowScope n("matmul_forward");
+  cpu::matmul_forward(n.out(out, "out"), n.in(inp, "inp"), n.in(weight, "weight"),
+                      n.in(bias, "bias"));
+  n.finish();
 }
 
 void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
@@ -189,7 +241,10 @@ void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
     no_cuda("matmul_backward");
 #endif
   }
-  cpu::matmul_backward(dinp, dweight, dbias, dout, inp, weight);
+  cpu::NarrowScope n("matmul_backward");
+  cpu::matmul_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"), n.inout(dbias, "dbias"),
+                       n.in(dout, "dout"), n.in(inp, "inp"), n.in(weight, "weight"));
+  n.finish();
 }
 
 void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset) {
@@ -203,7 +258,9 @@ void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset) {
     no_cuda("rope_forward");
 #endif
   }
-  cpu::rope_forward(out, inp, theta, pos_offset);
+  cpu::NarrowScope n("rope_forward");
+  cpu::rope_forward(n.out(out, "out"), n.in(inp, "inp"), theta, pos_offset);
+  n.finish();
 }
 
 void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset) {
@@ -217,7 +274,9 @@ void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset) {
     no_cuda("rope_backward");
 #endif
   }
-  cpu::rope_backward(dinp, dout, theta, pos_offset);
+  cpu::NarrowScope n("rope_backward");
+  cpu::rope_backward(n.out(dinp, "dinp"), n.in(dout, "dout"), theta, pos_offset);
+  n.finish();
 }
 
 void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale) {
@@ -231,7 +290,10 @@ void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, flo
     no_cuda("attention_forward");
 #endif
   }
-  cpu::attention_forward(out, lse, q, k, v, scale);
+  cpu::NarrowScope n("attention_forward");
+  cpu::attention_forward(n.out(out, "out"), n.stat_out(lse, "lse"), n.in(q, "q"), n.in(k, "k"),
+                         n.in(v, "v"), scale);
+  n.finish();
 }
 
 void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) {
@@ -245,7 +307,11 @@ void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, 
     no_cuda("attention_backward");
 #endif
   }
-  cpu::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, scale);
+  cpu::NarrowScope n("attention_backward");
+  cpu::attention_backward(n.out(dq, "dq"), n.out(dk, "dk"), n.out(dv, "dv"), n.in(dout, "dout"),
+                          n.in(q, "q"), n.in(k, "k"), n.in(v, "v"), n.in(out, "out"),
+                          n.stat_in(lse, "lse"), scale);
+  n.finish();
 }
 
 void gelu_forward(Tensor out, Tensor inp) {
@@ -259,7 +325,9 @@ void gelu_forward(Tensor out, Tensor inp) {
     no_cuda("gelu_forward");
 #endif
   }
-  cpu::gelu_forward(out, inp);
+  cpu::NarrowScope n("gelu_forward");
+  cpu::gelu_forward(n.out(out, "out"), n.in(inp, "inp"));
+  n.finish();
 }
 
 void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
@@ -273,7 +341,9 @@ void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
     no_cuda("gelu_backward");
 #endif
   }
-  cpu::gelu_backward(dinp, dout, inp);
+  cpu::NarrowScope n("gelu_backward");
+  cpu::gelu_backward(n.out(dinp, "dinp"), n.in(dout, "dout"), n.in(inp, "inp"));
+  n.finish();
 }
 
 void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
@@ -287,7 +357,9 @@ void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
     no_cuda("swiglu_forward");
 #endif
   }
-  cpu::swiglu_forward(out, gate, up);
+  cpu::NarrowScope n("swiglu_forward");
+  cpu::swiglu_forward(n.out(out, "out"), n.in(gate, "gate"), n.in(up, "up"));
+  n.finish();
 }
 
 void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up) {
@@ -301,7 +373,10 @@ void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor 
     no_cuda("swiglu_backward");
 #endif
   }
-  cpu::swiglu_backward(dgate, dup, dout, gate, up);
+  cpu::NarrowScope n("swiglu_backward");
+  cpu::swiglu_backward(n.out(dgate, "dgate"), n.out(dup, "dup"), n.in(dout, "dout"),
+                       n.in(gate, "gate"), n.in(up, "up"));
+  n.finish();
 }
 
 void add_forward(Tensor out, Tensor a, Tensor b) {
@@ -315,7 +390,7 @@ void add_forward(Tensor out, Tensor a, Tensor b) {
     no_cuda("add_forward");
 #endif
   }
-  cpu::add_forward(out, a, b);
+  cpu_add_forward(out, a, b);
 }
 
 void add_inplace(Tensor dst, Tensor src) {
@@ -329,7 +404,9 @@ void add_inplace(Tensor dst, Tensor src) {
     no_cuda("add_inplace");
 #endif
   }
-  cpu::add_inplace(dst, src);
+  cpu::NarrowScope n("add_inplace");
+  cpu::add_inplace(n.inout(dst, "dst"), n.in(src, "src"));
+  n.finish();
 }
 
 void scale_inplace(Tensor x, float s) {
@@ -343,7 +420,9 @@ void scale_inplace(Tensor x, float s) {
     no_cuda("scale_inplace");
 #endif
   }
-  cpu::scale_inplace(x, s);
+  cpu::NarrowScope n("scale_inplace");
+  cpu::scale_inplace(n.inout(x, "x"), s);
+  n.finish();
 }
 
 void fill(Tensor x, float value) {
@@ -357,7 +436,7 @@ void fill(Tensor x, float value) {
     no_cuda("fill");
 #endif
   }
-  cpu::fill(x, value);
+  cpu::fill(x, value);  // takes every float dtype itself (one rounding of value)
 }
 
 void cast(Tensor dst, Tensor src) {
@@ -371,7 +450,7 @@ void cast(Tensor dst, Tensor src) {
     no_cuda("cast");
 #endif
   }
-  cpu::cast(dst, src);
+  cpu::cast(dst, src);  // any float dtype pair, rounded once by convert_buffer
 }
 
 double sum_squares(Tensor x) {
@@ -385,7 +464,8 @@ double sum_squares(Tensor x) {
     no_cuda("sum_squares");
 #endif
   }
-  return cpu::sum_squares(x);
+  cpu::NarrowScope n("sum_squares");
+  return cpu::sum_squares(n.in(x, "x"));  // read-only: nothing to finish
 }
 
 void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets, int vocab_size) {
@@ -399,7 +479,10 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
     no_cuda("cross_entropy_forward");
 #endif
   }
-  cpu::cross_entropy_forward(losses, lse, logits, targets, vocab_size);
+  cpu::NarrowScope n("cross_entropy_forward");
+  cpu::cross_entropy_forward(n.stat_out(losses, "losses"), n.stat_out(lse, "lse"),
+                             n.in(logits, "logits"), n.in(targets, "targets"), vocab_size);
+  n.finish();
 }
 
 void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets, int vocab_size, float dloss, int64_t vocab_start) {
@@ -413,7 +496,11 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
     no_cuda("cross_entropy_backward");
 #endif
   }
-  cpu::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss, vocab_start);
+  cpu::NarrowScope n("cross_entropy_backward");
+  cpu::cross_entropy_backward(n.out(dlogits, "dlogits"), n.in(logits, "logits"),
+                              n.stat_in(lse, "lse"), n.in(targets, "targets"), vocab_size, dloss,
+                              vocab_start);
+  n.finish();
 }
 
 void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start, int vocab_size) {
@@ -427,7 +514,10 @@ void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start,
     no_cuda("cross_entropy_shard_max");
 #endif
   }
-  cpu::cross_entropy_shard_max(row_max, logits, vocab_start, vocab_size);
+  cpu::NarrowScope n("cross_entropy_shard_max");
+  cpu::cross_entropy_shard_max(n.stat_out(row_max, "row_max"), n.in(logits, "logits"),
+                               vocab_start, vocab_size);
+  n.finish();
 }
 
 void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits, Tensor row_max,
@@ -443,8 +533,12 @@ void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits
     no_cuda("cross_entropy_shard_sums");
 #endif
   }
-  cpu::cross_entropy_shard_sums(sum_exp, target_logit, logits, row_max, targets, vocab_start,
-                                vocab_size);
+  cpu::NarrowScope n("cross_entropy_shard_sums");
+  cpu::cross_entropy_shard_sums(n.stat_out(sum_exp, "sum_exp"),
+                                n.stat_out(target_logit, "target_logit"), n.in(logits, "logits"),
+                                n.stat_in(row_max, "row_max"), n.in(targets, "targets"),
+                                vocab_start, vocab_size);
+  n.finish();
 }
 
 void cross_entropy_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tensor sum_exp,
@@ -473,7 +567,7 @@ void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep
     no_cuda("adamw_update");
 #endif
   }
-  cpu::adamw_update(param, grad, m, v, s);
+  cpu_adamw_update(param, grad, m, v, s);
 }
 
 void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a,
@@ -488,7 +582,10 @@ void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd
     no_cuda("add_layernorm_forward");
 #endif
   }
-  cpu::add_layernorm_forward(residual, out, mean, rstd, a, b, weight, bias, eps);
+  // The contract's sequence, each step rounded to its storage dtype as on CUDA: the norm reads
+  // the stored (rounded) residual.
+  cpu_add_forward(residual, a, b);
+  cpu_layernorm_forward(out, mean, rstd, residual, weight, bias, eps);
 }
 
 void adamw_update_multi(std::span<const AdamWTensors> entries) {
@@ -503,7 +600,7 @@ void adamw_update_multi(std::span<const AdamWTensors> entries) {
     no_cuda("adamw_update_multi");
 #endif
   }
-  cpu::adamw_update_multi(entries);
+  for (const AdamWTensors& e : entries) cpu_adamw_update(e.param, e.grad, e.m, e.v, e.step);
 }
 
 }  // namespace tessera::ops

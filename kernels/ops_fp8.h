@@ -17,8 +17,9 @@ namespace tessera::ops {
 // calls; fp8_update_scales zeroes it). The product in * scale is one f32 multiply; the
 // conversion is OCP "SAT": finite overflow and ±Inf go to ±max (448 or 57344).
 // NaN: a NaN product is stored as 0x7F (the NaN code of both formats, sign dropped, what the
-// Hopper cvt instruction produces), and a NaN input makes amax NaN (|x| is compared by its bit
-// pattern, where every NaN orders above +Inf), so fp8_update_scales sees a non-finite amax.
+// Hopper cvt instruction produces), and a NaN input makes amax the quiet NaN 0x7FC00000 (|x| is
+// compared by its bit pattern, where NaN orders above +Inf), so fp8_update_scales sees a
+// non-finite amax; an Inf input makes it +Inf.
 // Degenerate R or C = 0: nothing is written and amax is unchanged. in may be any rank; it is
 // read as (R, C) with C its last dim.
 void fp8_quantize(Tensor out /*(R,C) e4m3|e5m2*/, Tensor out_t /*(C,R) out's dtype, or empty*/,

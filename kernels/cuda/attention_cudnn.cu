@@ -254,7 +254,15 @@ class GraphBuilder {
 
 struct AttnDims {
   int64_t num_b, num_t, num_hq, num_hkv, head_dim;
+  DType dtype;  // of q, k, v, out and the gradients: bf16 or f16 (lse and scratch are f32)
 };
+
+// The cuDNN type of the 16-bit I/O tensors and of the probabilities / dS fed to second GEMMs.
+cudnnDataType_t io_type(const AttnDims& s) {
+  if (s.dtype == DType::bf16) return CUDNN_DATA_BFLOAT16;
+  TS_CHECK(s.dtype == DType::f16, "attention_cudnn: dtype {} (bf16 or f16)", dtype_name(s.dtype));
+  return CUDNN_DATA_HALF;
+}
 
 // The (B, H, T, D) view of a (B, T, H, D) tensor, and its transpose (B, H, D, T).
 Layout heads_view(const AttnDims& s, int64_t heads) {
@@ -343,10 +351,11 @@ int64_t padding_mask(GraphBuilder& g, const AttnDims& s, int64_t in) {
 // Forward: O = softmax(mask(scale · Q K^T)) V, Stats = max + log(sum exp(· - max)) per row, i.e.
 // the natural-log logsumexp of the masked scaled scores, which is our lse.
 void build_forward(GraphBuilder& g, const AttnDims& s, const GraphOptions& o) {
-  g.tensor(kQ, heads_view(s, s.num_hq), CUDNN_DATA_BFLOAT16);
-  g.tensor(kK, heads_view_t(s, s.num_hkv), CUDNN_DATA_BFLOAT16);  // K^T by strides
-  g.tensor(kV, heads_view(s, s.num_hkv), CUDNN_DATA_BFLOAT16);
-  g.tensor(kO, heads_view(s, s.num_hq), CUDNN_DATA_BFLOAT16);
+  const cudnnDataType_t io = io_type(s);
+  g.tensor(kQ, heads_view(s, s.num_hq), io);
+  g.tensor(kK, heads_view_t(s, s.num_hkv), io);  // K^T by strides
+  g.tensor(kV, heads_view(s, s.num_hkv), io);
+  g.tensor(kO, heads_view(s, s.num_hq), io);
   g.tensor(kStats, row_stats(s), CUDNN_DATA_FLOAT);
   g.scalar(kScale);
   g.scalar(kMaskValue);
@@ -368,7 +377,7 @@ void build_forward(GraphBuilder& g, const AttnDims& s, const GraphOptions& o) {
   g.pointwise("softmax_log", CUDNN_POINTWISE_LOG, row_sum, -1, -1, log_sum);
   g.pointwise("softmax_stats", CUDNN_POINTWISE_ADD, row_max, log_sum, -1, kStats);
   // The probabilities enter the second GEMM in the I/O type, as the engines require.
-  const int64_t probs = g.virt(scores(s), CUDNN_DATA_BFLOAT16);
+  const int64_t probs = g.virt(scores(s), io);
   g.pointwise("softmax_div", CUDNN_POINTWISE_DIV, exps, row_sum, -1, probs);
   g.matmul("bmm2", probs, kV, kO);
 }
@@ -384,15 +393,16 @@ void build_forward(GraphBuilder& g, const AttnDims& s, const GraphOptions& o) {
 // differently from run to run, so bitwise-reproducible backward is not promised.
 void build_backward(GraphBuilder& g, const AttnDims& s, const GraphOptions& o) {
   const bool gqa = s.num_hq != s.num_hkv;
-  g.tensor(kQ, heads_view(s, s.num_hq), CUDNN_DATA_BFLOAT16);
-  g.tensor(kK, heads_view_t(s, s.num_hkv), CUDNN_DATA_BFLOAT16);  // K^T by strides
-  g.tensor(kV, heads_view_t(s, s.num_hkv), CUDNN_DATA_BFLOAT16);  // V^T by strides
-  g.tensor(kO, heads_view(s, s.num_hq), CUDNN_DATA_BFLOAT16);
-  g.tensor(kDout, heads_view(s, s.num_hq), CUDNN_DATA_BFLOAT16);
+  const cudnnDataType_t io = io_type(s);
+  g.tensor(kQ, heads_view(s, s.num_hq), io);
+  g.tensor(kK, heads_view_t(s, s.num_hkv), io);  // K^T by strides
+  g.tensor(kV, heads_view_t(s, s.num_hkv), io);  // V^T by strides
+  g.tensor(kO, heads_view(s, s.num_hq), io);
+  g.tensor(kDout, heads_view(s, s.num_hq), io);
   g.tensor(kStats, row_stats(s), CUDNN_DATA_FLOAT);
-  g.tensor(kDq, heads_view(s, s.num_hq), CUDNN_DATA_BFLOAT16);
-  g.tensor(kDk, heads_view(s, s.num_hkv), CUDNN_DATA_BFLOAT16);
-  g.tensor(kDv, heads_view(s, s.num_hkv), CUDNN_DATA_BFLOAT16);
+  g.tensor(kDq, heads_view(s, s.num_hq), io);
+  g.tensor(kDk, heads_view(s, s.num_hkv), io);
+  g.tensor(kDv, heads_view(s, s.num_hkv), io);
   g.scalar(kScale);
   g.scalar(kMaskValue);
   g.scalar(kOne);
@@ -427,12 +437,12 @@ void build_backward(GraphBuilder& g, const AttnDims& s, const GraphOptions& o) {
   g.pointwise("exp_s", CUDNN_POINTWISE_EXP, logits, -1, -1, probs);
 
   // dV = P^T dO.
-  const int64_t probs_t = g.virt(scores_t(s), CUDNN_DATA_BFLOAT16);
+  const int64_t probs_t = g.virt(scores_t(s), io);
   g.reshape("reshape_p", probs, probs_t);
   if (!gqa) {
     g.matmul("matmul_pT_dO", probs_t, kDout, kDv, seq_kv, -1, seq_q);
   } else {
-    const int64_t dv_heads = g.virt(packed_heads(s), CUDNN_DATA_BFLOAT16);
+    const int64_t dv_heads = g.virt(packed_heads(s), io);
     g.matmul("matmul_pT_dO", probs_t, kDout, dv_heads, seq_kv, -1, seq_q);
     g.reduction("red_dV_head", CUDNN_REDUCE_TENSOR_ADD, dv_heads, kDv);
   }
@@ -448,12 +458,12 @@ void build_backward(GraphBuilder& g, const AttnDims& s, const GraphOptions& o) {
   g.pointwise("mul_dS_attn_scale", CUDNN_POINTWISE_MUL, ds_unscaled, kScale, -1, ds);
 
   // dK = dS^T Q.
-  const int64_t ds_t = g.virt(scores_t(s), CUDNN_DATA_BFLOAT16);
+  const int64_t ds_t = g.virt(scores_t(s), io);
   g.reshape("reshape_dS", ds, ds_t);
   if (!gqa) {
     g.matmul("matmul_dST_Q", ds_t, kQ, kDk, seq_kv, -1, seq_q);
   } else {
-    const int64_t dk_heads = g.virt(packed_heads(s), CUDNN_DATA_BFLOAT16);
+    const int64_t dk_heads = g.virt(packed_heads(s), io);
     g.matmul("matmul_dST_Q", ds_t, kQ, dk_heads, seq_kv, -1, seq_q);
     g.reduction("red_dK_head", CUDNN_REDUCE_TENSOR_ADD, dk_heads, kDk);
   }
@@ -618,9 +628,10 @@ Plan* build_plan(const AttnDims& s, bool backward) {
       failures += fmt::format("    {}\n", e.what());
     }
   }
-  const std::string what = fmt::format("cuDNN {} SDPA {} B={} T={} Hq={} Hkv={} D={} bf16",
+  const std::string what = fmt::format("cuDNN {} SDPA {} B={} T={} Hq={} Hkv={} D={} {}",
                                        cudnn_runtime_version(), backward ? "backward" : "forward",
-                                       s.num_b, s.num_t, s.num_hq, s.num_hkv, s.head_dim);
+                                       s.num_b, s.num_t, s.num_hq, s.num_hkv, s.head_dim,
+                                       dtype_name(s.dtype));
   if (!plan->ok) {
     plan->info = fmt::format("{}: no engine; attempts:\n{}", what, failures);
     log_warn("{}", plan->info);
@@ -657,7 +668,7 @@ Plan* get_plan(const AttnDims& s, bool backward) {
   static std::mutex mutex;
   static std::map<PlanKey, Plan*> plans;
   const PlanKey key{context().device, s.num_b, s.num_t, s.num_hq, s.num_hkv, s.head_dim,
-                    int(DType::bf16), backward};
+                    int(s.dtype), backward};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = plans.find(key);
   if (it == plans.end()) it = plans.emplace(key, build_plan(s, backward)).first;
@@ -699,14 +710,16 @@ void execute(const Plan& plan, void* workspace, const std::vector<int64_t>& uids
 AttnDims check_args(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
                     const Tensor& v, const char* op) {
   for (const Tensor* t : {&out, &lse, &q, &k, &v}) expect_cuda(*t, op);
-  TS_CHECK(q.dtype == DType::bf16, "{}: cuDNN SDPA takes bf16 (f32 goes to the native kernel), "
-           "got q {}", op, q.str());
+  TS_CHECK(q.dtype == DType::bf16 || q.dtype == DType::f16,
+           "{}: cuDNN SDPA takes bf16 or f16 (f32 goes to the native kernel), got q {}", op,
+           q.str());
   for (const Tensor* t : {&out, &k, &v})
-    TS_CHECK(t->dtype == DType::bf16, "{}: expected bf16, got {}", op, t->str());
+    TS_CHECK(t->dtype == q.dtype, "{}: expected {} like q, got {}", op, dtype_name(q.dtype),
+             t->str());
   TS_CHECK(lse.dtype == DType::f32, "{}: lse must be f32, got {}", op, lse.str());
   TS_CHECK(q.ndim() == 4 && k.ndim() == 4, "{}: q {} and k {} must be (B, T, H, D)", op,
            q.str(), k.str());
-  const AttnDims s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  const AttnDims s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3), q.dtype};
   TS_CHECK(s.num_hkv >= 1 && s.num_hq % s.num_hkv == 0,
            "{}: Hq = {} must be a multiple of Hkv = {}", op, s.num_hq, s.num_hkv);
   expect_shape(k, Shape{s.num_b, s.num_t, s.num_hkv, s.head_dim}, op);
@@ -757,7 +770,8 @@ bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tens
   const AttnDims s = check_args(out, lse, q, k, v, kOp);
   for (const Tensor* t : {&dq, &dk, &dv, &dout}) {
     expect_cuda(*t, kOp);
-    TS_CHECK(t->dtype == DType::bf16, "{}: expected bf16, got {}", kOp, t->str());
+    TS_CHECK(t->dtype == q.dtype, "{}: expected {} like q, got {}", kOp, dtype_name(q.dtype),
+             t->str());
   }
   expect_shape(dout, q.shape, kOp);
   expect_shape(dq, q.shape, kOp);
@@ -786,13 +800,16 @@ bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tens
 }
 
 std::string attention_cudnn_describe(int64_t num_b, int64_t num_t, int64_t num_hq,
-                                     int64_t num_hkv, int64_t head_dim, bool backward) {
-  return get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim}, backward)->info;
+                                     int64_t num_hkv, int64_t head_dim, bool backward,
+                                     DType dtype) {
+  return get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim, dtype}, backward)->info;
 }
 
 size_t attention_cudnn_workspace_bytes(int64_t num_b, int64_t num_t, int64_t num_hq,
-                                       int64_t num_hkv, int64_t head_dim, bool backward) {
-  const Plan* plan = get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim}, backward);
+                                       int64_t num_hkv, int64_t head_dim, bool backward,
+                                       DType dtype) {
+  const Plan* plan =
+      get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim, dtype}, backward);
   return plan->ok ? plan->workspace_bytes : 0;
 }
 

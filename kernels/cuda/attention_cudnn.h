@@ -1,6 +1,6 @@
 // Causal grouped-query attention through cuDNN's fused scaled-dot-product attention (the cuDNN
-// backend graph API; no cudnn-frontend). bf16 only: cuDNN's SDPA engines take 16-bit inputs, so
-// f32 goes to the native kernel (kernels/cuda/attention.cu dispatches). Arguments and semantics
+// backend graph API; no cudnn-frontend). bf16 or f16: cuDNN's SDPA engines take 16-bit inputs,
+// so f32 goes to the native kernel (kernels/cuda/attention.cu dispatches). Arguments and semantics
 // are those of the op contract (kernels/cuda/cuda_ops.h: attention_forward/attention_backward).
 // Shape letters: B batch, T time, Hq query heads, Hkv key/value heads, D head dim.
 #pragma once
@@ -25,15 +25,17 @@ bool attention_cudnn_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*
                               Tensor k, Tensor v, Tensor out /*(B,T,Hq,D)*/,
                               Tensor lse /*(B,Hq,T) f32*/, float scale);
 
-// Diagnostics for tests and benchmarks: builds (or finds) the bf16 plan for the shape and
+// Diagnostics for tests and benchmarks: builds (or finds) the plan for the shape and dtype and
 // describes it (cuDNN version, graph variant, engine index, numerical notes, workspace bytes),
 // or, when no plan could be built, every failure cuDNN reported (cudnnGetLastErrorString).
 std::string attention_cudnn_describe(int64_t num_b, int64_t num_t, int64_t num_hq,
-                                     int64_t num_hkv, int64_t head_dim, bool backward);
+                                     int64_t num_hkv, int64_t head_dim, bool backward,
+                                     DType dtype = DType::bf16);
 
 // Scratch bytes the plan for this shape needs (building the plan if it is not cached; 0 when cuDNN
 // has no engine for it). Used to size the context workspace before training starts.
 size_t attention_cudnn_workspace_bytes(int64_t num_b, int64_t num_t, int64_t num_hq,
-                                       int64_t num_hkv, int64_t head_dim, bool backward);
+                                       int64_t num_hkv, int64_t head_dim, bool backward,
+                                       DType dtype = DType::bf16);
 
 }  // namespace tessera::cuda

@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/dtype.h"
+
 // Opaque handles, so including this header needs no CUDA headers.
 struct CUstream_st;
 struct cublasLtContext;
@@ -34,9 +36,10 @@ Context& context();
 // outlive its use); the default buffer is freed. Sized with attention_workspace_bytes().
 void use_workspace(void* ptr, size_t bytes);
 size_t default_workspace_bytes();  // what GEMMs need at least (64 MiB)
-// Scratch that attention needs for these shapes on the current implementation (builds cuDNN plans).
+// Scratch that attention needs for these shapes and the activation dtype (f32, bf16, f16) on the
+// current implementation (builds cuDNN plans for 16-bit dtypes).
 size_t attention_workspace_bytes(int64_t num_b, int64_t num_t, int64_t num_hq, int64_t num_hkv,
-                                 int64_t head_dim, bool bf16);
+                                 int64_t head_dim, DType dtype);
 // Waits for all work queued on the context stream; checks for asynchronous errors.
 void sync();
 // Bytes of device memory free and total on the current device.

@@ -317,12 +317,101 @@ ParallelConfig read_parallel(const Section* s, Origins& o) {
   return p;
 }
 
+// The entries of a mapping-valued key (precision.loss_scale) as a section named by its full
+// key, so read_keys reports unknown keys as "precision.loss_scale.x". Entries of a map given by
+// `--set` carry the override as their origin.
+Section sub_section(const YamlField& f, const std::string& file) {
+  Section sub{f.name, yaml_map_entries(f.value, file, f.name)};
+  if (!f.origin.override_text.empty())
+    for (YamlEntry& e : sub.entries) e.origin = f.origin;
+  return sub;
+}
+
+LossScalerConfig read_loss_scale(const Section& s, Origins& o) {
+  LossScalerConfig c;
+  constexpr RealRange kAboveOne{1.0, true, std::numeric_limits<double>::infinity(), false};
+  constexpr RealRange kUnitOpen{0.0, true, 1.0, true};  // (0, 1)
+  read_keys(&s, {
+      {"initial", [&](const YamlField& f) { c.initial = yaml_read_float(f, kPositiveReal); }},
+      {"growth_factor", [&](const YamlField& f) {
+         c.growth_factor = yaml_read_float(f, kAboveOne); }},
+      {"backoff_factor", [&](const YamlField& f) {
+         c.backoff_factor = yaml_read_float(f, kUnitOpen); }},
+      {"growth_interval", [&](const YamlField& f) {
+         c.growth_interval = yaml_read_int(f, kPositiveInt); }},
+      {"hysteresis", [&](const YamlField& f) { c.hysteresis = yaml_read_int(f, kPositiveInt); }},
+      {"min", [&](const YamlField& f) { c.min = yaml_read_float(f, kPositiveReal); }},
+      {"max", [&](const YamlField& f) { c.max = yaml_read_float(f, kPositiveReal); }},
+      {"max_overflows_at_min", [&](const YamlField& f) {
+         c.max_overflows_at_min = yaml_read_int(f, kPositiveInt); }},
+  }, o);
+  return c;
+}
+
+Fp8Config read_fp8(const Section& s, Origins& o) {
+  Fp8Config c;
+  read_keys(&s, {
+      {"amax_history_len", [&](const YamlField& f) {
+         c.amax_history_len = yaml_read_int(f, kPositiveInt); }},
+      {"amax_compute", [&](const YamlField& f) {
+         c.amax_compute = yaml_read_enum(f, {"max", "most_recent"}); }},
+      // 2^-64 keeps the scale a normal float for every FP8 format (optim/fp8_scaling.h).
+      {"margin", [&](const YamlField& f) { c.margin = yaml_read_int(f, IntRange{0, 64}); }},
+  }, o);
+  return c;
+}
+
+std::vector<std::string> read_high_precision(const YamlField& f) {
+  // `router` belongs to MoE layers; refused by name rather than as an unknown layer.
+  if (f.value.IsSequence())
+    for (size_t i = 0; i < f.value.size(); ++i)
+      if (f.value[i].IsScalar() && f.value[i].Scalar() == "router")
+        TS_USER_ERROR("{}: {}[{}] = router: MoE is not built yet, so there is no router to keep "
+                      "in high precision; valid layers: embedding, lm_head", f.origin.str(),
+                      f.name, i);
+  return yaml_read_enum_list(f, {"embedding", "lm_head"});
+}
+
+// Reads and validates the precision section: the sub-sections only with the compute dtype they
+// configure, and the loss scale's bounds.
 PrecisionConfig read_precision(const Section* s, Origins& o) {
   PrecisionConfig p;
+  bool loss_scale_given = false, fp8_given = false;
   read_keys(s, {
       {"compute", [&](const YamlField& f) {
          p.compute = yaml_read_enum(f, {"fp32", "bf16", "fp16", "fp8"}); }},
+      {"high_precision", [&](const YamlField& f) { p.high_precision = read_high_precision(f); }},
+      {"loss_scale", [&](const YamlField& f) {
+         p.loss_scale = read_loss_scale(sub_section(f, o.file()), o);
+         loss_scale_given = true;
+       }},
+      {"fp8", [&](const YamlField& f) {
+         p.fp8 = read_fp8(sub_section(f, o.file()), o);
+         fp8_given = true;
+       }},
   }, o);
+
+  const std::string& file = o.file();
+  const std::string compute = o.show("precision.compute", p.compute);
+  if (loss_scale_given && p.compute != "fp16")
+    TS_USER_ERROR("{}: precision.loss_scale is given ({}) but {}: loss scaling applies only to "
+                  "compute: fp16; remove the section or set compute: fp16", file,
+                  o.where("precision.loss_scale"), compute);
+  if (fp8_given && p.compute != "fp8")
+    TS_USER_ERROR("{}: precision.fp8 is given ({}) but {}: FP8 scaling applies only to "
+                  "compute: fp8; remove the section or set compute: fp8", file,
+                  o.where("precision.fp8"), compute);
+  if (!p.high_precision.empty() && p.compute == "fp32")
+    TS_USER_ERROR("{}: precision.high_precision = [{}] ({}) has no effect with {}: every layer "
+                  "is already FP32; remove it or choose a narrower compute dtype", file,
+                  join_names(p.high_precision), o.where("precision.high_precision"), compute);
+  const LossScalerConfig& ls = p.loss_scale;
+  if (ls.min > ls.initial)
+    TS_USER_ERROR("{}: {} is larger than {}", file, o.show("precision.loss_scale.min", ls.min),
+                  o.show("precision.loss_scale.initial", ls.initial));
+  if (ls.max < ls.initial)
+    TS_USER_ERROR("{}: {} is smaller than {}", file, o.show("precision.loss_scale.max", ls.max),
+                  o.show("precision.loss_scale.initial", ls.initial));
   return p;
 }
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "optim/loss_scaler.h"
 
 namespace tessera {
 
@@ -38,8 +39,36 @@ struct ParallelConfig {
   bool operator==(const ParallelConfig&) const = default;
 };
 
+// FP8 delayed scaling (precision.fp8, read only with compute: fp8): each tensor's scale comes
+// from a history of its absolute maxima, scale = 2^-margin * fp8_max / amax. The trainer maps it
+// onto optim/fp8_scaling.h's Fp8ScalingConfig (src/optim must not depend on src/train).
+struct Fp8Config {
+  int amax_history_len = 1024;        // steps of amax kept per tensor, >= 1
+  std::string amax_compute = "max";   // max (over the history) | most_recent
+  int margin = 0;                     // in [0, 64]: headroom in powers of two
+
+  bool operator==(const Fp8Config&) const = default;
+};
+
+// The precision policy (docs/RECIPES.md). FP32 master weights and optimizer state always;
+// `compute` is the dtype of forward/backward.
 struct PrecisionConfig {
-  std::string compute = "fp32";   // fp32 | bf16 | fp16 | fp8 (only fp32 is built on the CPU now)
+  std::string compute = "fp32";   // fp32 | bf16 | fp16 | fp8
+  // Layers kept in FP32 when compute is narrower: any of "embedding", "lm_head" (distinct, in
+  // the order given). Default empty for every compute dtype, fp8 included: which layers stay wide
+  // is a choice the recipe states rather than one the dtype implies. Empty with fp32.
+  std::vector<std::string> high_precision;
+  // The dynamic loss scaler (optim/loss_scaler.h); a recipe may give it only with compute: fp16,
+  // otherwise it holds the defaults and is unused.
+  LossScalerConfig loss_scale;
+  // A recipe may give it only with compute: fp8; otherwise the defaults, unused.
+  Fp8Config fp8;
+
+  bool keeps_high_precision(const std::string& layer) const {
+    for (const std::string& l : high_precision)
+      if (l == layer) return true;
+    return false;
+  }
 
   bool operator==(const PrecisionConfig&) const = default;
 };

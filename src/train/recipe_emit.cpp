@@ -14,9 +14,17 @@ namespace {
 // Appends "section:" then one "  key: value" line per field.
 class YamlWriter {
  public:
-  void section(const char* name) { out_ += fmt::format("{}:\n", name); }
+  void section(const char* name) {
+    out_ += fmt::format("{}:\n", name);
+    indent_ = "  ";
+  }
+  // "  key:" then the following fields one level deeper, until the next section.
+  void sub_section(const char* key) {
+    out_ += fmt::format("  {}:\n", key);
+    indent_ = "    ";
+  }
   void raw(const char* key, const std::string& text) {
-    out_ += fmt::format("  {}: {}\n", key, text);
+    out_ += fmt::format("{}{}: {}\n", indent_, key, text);
   }
   void integer(const char* key, int64_t v) { raw(key, fmt::format("{}", v)); }
   void uinteger(const char* key, uint64_t v) { raw(key, fmt::format("{}", v)); }
@@ -35,6 +43,7 @@ class YamlWriter {
 
  private:
   std::string out_;
+  std::string indent_ = "  ";
 };
 
 std::string int_or_auto(int v) { return v == 0 ? "auto" : fmt::format("{}", v); }
@@ -81,8 +90,30 @@ std::string recipe_to_yaml(const Recipe& r) {
   w.real("bucket_mb", p.bucket_mb);
   w.string("order", p.order);
 
+  // The sub-sections only with the compute dtype that reads them (the parser refuses them
+  // otherwise); absent, they parse back as the defaults they hold.
+  const PrecisionConfig& pr = r.precision;
   w.section("precision");
-  w.string("compute", r.precision.compute);
+  w.string("compute", pr.compute);
+  w.list("high_precision", pr.high_precision);
+  if (pr.compute == "fp16") {
+    const LossScalerConfig& ls = pr.loss_scale;
+    w.sub_section("loss_scale");
+    w.real("initial", ls.initial);
+    w.real("growth_factor", ls.growth_factor);
+    w.real("backoff_factor", ls.backoff_factor);
+    w.integer("growth_interval", ls.growth_interval);
+    w.integer("hysteresis", ls.hysteresis);
+    w.real("min", ls.min);
+    w.real("max", ls.max);
+    w.integer("max_overflows_at_min", ls.max_overflows_at_min);
+  }
+  if (pr.compute == "fp8") {
+    w.sub_section("fp8");
+    w.integer("amax_history_len", pr.fp8.amax_history_len);
+    w.string("amax_compute", pr.fp8.amax_compute);
+    w.integer("margin", pr.fp8.margin);
+  }
 
   const OptimConfig& o = r.optim;
   w.section("optim");

@@ -1,7 +1,8 @@
 // Parity of the CUDA AdamW (kernels/cuda/adamw.cu) with the CPU reference: the update is written
 // with explicitly rounded f32 operations in the CPU's order, so param, m and v must match to the
-// bit over several steps, with and without weight decay, with gradient scaling, f32 and bf16
-// gradients, awkward sizes and misaligned views. The multi-tensor adamw_update_multi must match
+// bit over several steps, with and without weight decay, with gradient scaling, f32, bf16 and
+// f16 gradients (f16 ones loss-scaled, unscaled through grad_scale as FP16 training does),
+// awkward sizes and misaligned views. The multi-tensor adamw_update_multi must match
 // the single-tensor op bit for bit, across more tensors than one launch takes.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -51,6 +52,10 @@ ops::AdamWStep step_config(int step, float weight_decay, float grad_scale) {
   return s;
 }
 
+// The loss scale an FP16 run would leave in its gradients (unscaled by grad_scale in the update):
+// a power of two, so scaled values are as exact in f16 as unscaled ones would be in bf16.
+float loss_scale(DType grad_dtype) { return grad_dtype == DType::f16 ? 1024.0f : 1.0f; }
+
 class AdamWTest : public ::testing::TestWithParam<DType> {};
 
 TEST_P(AdamWTest, StepsMatchCpuBitwise) {
@@ -77,9 +82,10 @@ TEST_P(AdamWTest, StepsMatchCpuBitwise) {
         upload_view(gm, m);
         upload_view(gv, v);
         for (int step = 1; step <= 3; ++step) {
-          // The CPU sees exactly the gradient values the GPU reads (bf16-rounded for bf16).
-          auto grad = testing::round_to(grad_dtype, testing::random_vector(n, rng, 0.1f));
-          const auto s = step_config(step, wd, step == 2 ? 0.5f : 1.0f);
+          // The CPU sees exactly the gradient values the GPU reads (rounded for bf16 and f16).
+          const float scale = loss_scale(grad_dtype);
+          auto grad = testing::round_to(grad_dtype, testing::random_vector(n, rng, 0.1f * scale));
+          const auto s = step_config(step, wd, (step == 2 ? 0.5f : 1.0f) / scale);
           cpu::adamw_update(host(param, {n}), host(grad, {n}), host(m, {n}), host(v, {n}), s);
           upload_view(gg, grad);
           settle();
@@ -129,7 +135,8 @@ TEST_P(AdamWTest, MultiTensorMatchesSingleTensor) {
     const int64_t n = sizes[i];
     const int offset = i % 3 == 1 ? 1 : 0;
     auto p = testing::random_vector(n + 1, rng);
-    auto g = testing::round_to(grad_dtype, testing::random_vector(n + 1, rng, 0.1f));
+    auto g = testing::round_to(grad_dtype,
+                               testing::random_vector(n + 1, rng, 0.1f * loss_scale(grad_dtype)));
     auto m = testing::random_vector(n + 1, rng, 0.01f);
     std::vector<float> v(n + 1);
     for (auto& x : v) x = std::abs(testing::random_vector(1, rng, 0.001f)[0]);
@@ -143,7 +150,7 @@ TEST_P(AdamWTest, MultiTensorMatchesSingleTensor) {
                        view(make(DType::f32, n, m), DType::f32),
                        view(make(DType::f32, n, v), DType::f32)});
     }
-    auto s = step_config(5, i % 2 ? 0.1f : 0.0f, 0.75f);
+    auto s = step_config(5, i % 2 ? 0.1f : 0.0f, 0.75f / loss_scale(grad_dtype));
     s.lr = 1e-3f * float(1 + i % 4);
     entries.push_back({multi.back().p, multi.back().g, multi.back().m, multi.back().v, s});
   }
@@ -175,7 +182,8 @@ TEST(CudaAdamW, RejectsBadArguments) {
   EXPECT_THROW(cuda::adamw_update(p, g, m, v8, step_config(0, 0.0f, 1.0f)), Error);  // step 0
 }
 
-INSTANTIATE_TEST_SUITE_P(GradDtypes, AdamWTest, ::testing::Values(DType::f32, DType::bf16),
+INSTANTIATE_TEST_SUITE_P(GradDtypes, AdamWTest,
+                         ::testing::Values(DType::f32, DType::bf16, DType::f16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 }  // namespace

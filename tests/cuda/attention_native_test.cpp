@@ -1,8 +1,9 @@
 // Parity of the native CUDA attention (kernels/cuda/attention_native.cu) with the CPU reference
 // (kernels/cpu/attention.cpp): forward out and lse, backward dq, dk, dv, for GQA groups 4/2, 8/8,
 // 4/1, T = 1, 7, 100, 1000 (not multiples of the tiles), D = 8, 64, 128 (and 24, 32), f32 (FMA
-// kernels) and bf16 (tensor-core kernels at D = 64, 128; FMA otherwise), batch 1 and 2.
-// Also: unsupported head dims are refused, and backward is bitwise repeatable.
+// kernels), bf16 and f16 (tensor-core kernels at D = 64, 128; FMA otherwise), batch 1 and 2.
+// Also: f16 with a loss-scaled dout, unsupported head dims are refused, and backward is bitwise
+// repeatable.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -27,11 +28,16 @@ namespace {
 //      and out is rounded to bf16 (RMS 1.1e-3): measured 2.0e-3; bound 4e-3.
 //  bf16 gradients: P and dS = P*(dP - Drow) are rounded to bf16 before their second GEMM, and
 //      dq's terms cancel (sum_j dS_ij = 0): measured 2.8e-3; bound 6e-3.
-//  lse is f32 in both paths, from f32 scores of exact bf16 products: measured 2.7e-7; bound 2e-6.
+//  f16 (not yet measured on a GPU): the same roundings with 10 mantissa bits instead of 7, each
+//      8x smaller (2^-11 relative); bf16's measured errors were 1.0x (out) and 1.4x (gradients)
+//      its unit roundoff 2^-9, so f16 should give ~5e-4 and ~7e-4: bounds 1e-3 and 1.5e-3 keep
+//      bf16's 2x margin. Unit-variance inputs stay far inside f16's range (max 65504).
+//  lse is f32 in every path, from f32 scores of exact bf16/f16 products (11-bit significands
+//      multiply exactly in f32): measured 2.7e-7 (f32, bf16); bound 2e-6.
 // Gradients can cancel to ~0 (at T = 1, dq = dk = 0 exactly), so their error is measured against
 // max(||ref||, 0.25 sqrt(n)): the elements of these gradients are of order 1 for unit inputs.
-constexpr double kOutBound[2] = {1e-5, 4e-3};   // f32, bf16
-constexpr double kGradBound[2] = {1e-5, 6e-3};  // f32, bf16
+constexpr double kOutBound[3] = {1e-5, 4e-3, 1e-3};     // f32, bf16, f16
+constexpr double kGradBound[3] = {1e-5, 6e-3, 1.5e-3};  // f32, bf16, f16
 constexpr double kLseBound = 2e-6;
 constexpr double kGradFloor = 0.25;
 
@@ -61,16 +67,18 @@ void check(const std::vector<float>& got, const std::vector<float>& ref, double 
   EXPECT_LE(err, limit) << what;
 }
 
-void run_case(DType dtype, const Case& c, uint64_t seed) {
+// dout_scale multiplies dout (an FP16 run's loss scale): gradients scale with it exactly.
+void run_case(DType dtype, const Case& c, uint64_t seed, float dout_scale = 1.0f) {
   std::mt19937_64 rng(seed);
   const Shape sq{c.b, c.t, c.hq, c.d}, skv{c.b, c.t, c.hkv, c.d}, sl{c.b, c.hq, c.t};
   const float scale = 1.0f / std::sqrt(float(c.d));
   std::vector<float> q = round_to(dtype, random_vector(sq.numel(), rng));
   std::vector<float> k = round_to(dtype, random_vector(skv.numel(), rng));
   std::vector<float> v = round_to(dtype, random_vector(skv.numel(), rng));
-  std::vector<float> dout = round_to(dtype, random_vector(sq.numel(), rng));
-  const int di = dtype == DType::bf16;
-  const std::string name = c.str(dtype);
+  std::vector<float> dout = round_to(dtype, random_vector(sq.numel(), rng, dout_scale));
+  const int di = dtype_index(dtype);
+  const std::string name =
+      c.str(dtype) + (dout_scale != 1.0f ? fmt::format(" dout x{}", dout_scale) : "");
 
   DeviceTensor gq(dtype, sq), gk(dtype, skv), gv(dtype, skv), gout(dtype, sq), glse(DType::f32, sl);
   gq.upload(q);
@@ -118,11 +126,26 @@ TEST(CudaAttentionNative, ShortSequencesBf16) {
   sweep(DType::bf16, {1, 7, 100}, {8, 64, 128});
 }
 
+TEST(CudaAttentionNative, ShortSequencesF16) {
+  TESSERA_REQUIRE_GPU();
+  sweep(DType::f16, {1, 7, 100}, {8, 64, 128});
+}
+
+// FP16 training multiplies the loss, hence dout, by a loss scale so small gradients stay above
+// f16's underflow; the kernels must then carry dout of order 1e3 (dP up to ~3e4 at D = 128, dS
+// and the gradients rounded to f16 along the way) without overflow or lost accuracy.
+TEST(CudaAttentionNative, LossScaledDoutF16) {
+  TESSERA_REQUIRE_GPU();
+  run_case(DType::f16, Case{1, 200, 4, 2, 64}, 41, 512.0f);
+  run_case(DType::f16, Case{2, 77, 4, 1, 128}, 42, 512.0f);
+  run_case(DType::f16, Case{1, 100, 2, 2, 24}, 43, 512.0f);
+}
+
 // T = 1000 spans many key and query tiles (and their tails); one head layout per head dim keeps
 // the double-precision reference to a few seconds.
 TEST(CudaAttentionNative, LongSequence) {
   TESSERA_REQUIRE_GPU();
-  for (DType dtype : {DType::f32, DType::bf16}) {
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
     run_case(dtype, Case{1, 1000, 4, 2, 64}, 11);
     run_case(dtype, Case{1, 1000, 4, 1, 128}, 12);
     run_case(dtype, Case{1, 1000, 8, 8, 8}, 13);
@@ -131,7 +154,7 @@ TEST(CudaAttentionNative, LongSequence) {
 
 TEST(CudaAttentionNative, BatchAndOtherHeadDims) {
   TESSERA_REQUIRE_GPU();
-  for (DType dtype : {DType::f32, DType::bf16}) {
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
     run_case(dtype, Case{2, 130, 4, 2, 64}, 21);
     run_case(dtype, Case{2, 130, 4, 2, 128}, 22);
     run_case(dtype, Case{2, 77, 6, 3, 24}, 23);
@@ -153,7 +176,7 @@ TEST(CudaAttentionNative, RejectsUnsupportedShapes) {
 
 TEST(CudaAttentionNative, BackwardIsBitwiseRepeatable) {
   TESSERA_REQUIRE_GPU();
-  for (DType dtype : {DType::f32, DType::bf16}) {
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
     std::mt19937_64 rng(31);
     const Shape sq{1, 300, 8, 128}, skv{1, 300, 2, 128}, sl{1, 8, 300};
     DeviceTensor q(dtype, sq), k(dtype, skv), v(dtype, skv), out(dtype, sq), lse(DType::f32, sl),

@@ -1,7 +1,7 @@
 // Parity-test helpers for CUDA ops: device tensors with poisoned guard bytes around them (an
-// out-of-bounds write fails the test), uploads from host f32 data into f32 or bf16, downloads to
-// f32, and error metrics against the CPU reference. Every test calls TESSERA_REQUIRE_GPU() first,
-// so on a machine without a GPU it reports itself as skipped, never as passed.
+// out-of-bounds write fails the test), uploads from host f32 data into f32, bf16 or f16, downloads
+// to f32, and error metrics against the CPU reference. Every test calls TESSERA_REQUIRE_GPU()
+// first, so on a machine without a GPU it reports itself as skipped, never as passed.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -45,14 +45,15 @@ class DeviceTensor {
   }
   operator Tensor() const { return t(); }
 
-  // Host f32 values -> device (rounded to bf16 when the tensor is bf16).
+  // Host f32 values -> device (rounded to nearest even when the tensor is bf16 or f16).
   void upload(const std::vector<float>& host) {
     EXPECT_EQ(int64_t(host.size()), shape_.numel());
     if (dtype_ == DType::f32) {
       cudaMemcpy(t().data, host.data(), bytes_, cudaMemcpyHostToDevice);
-    } else if (dtype_ == DType::bf16) {
+    } else if (dtype_ == DType::bf16 || dtype_ == DType::f16) {
       std::vector<uint16_t> b(host.size());
-      for (size_t i = 0; i < host.size(); ++i) b[i] = f32_to_bf16_bits(host[i]);
+      for (size_t i = 0; i < host.size(); ++i)
+        b[i] = dtype_ == DType::bf16 ? f32_to_bf16_bits(host[i]) : f32_to_f16_bits(host[i]);
       cudaMemcpy(t().data, b.data(), bytes_, cudaMemcpyHostToDevice);
     } else if (dtype_ == DType::i32) {
       std::vector<int32_t> v(host.begin(), host.end());
@@ -70,10 +71,11 @@ class DeviceTensor {
     std::vector<float> out(shape_.numel());
     if (dtype_ == DType::f32) {
       cudaMemcpy(out.data(), t().data, bytes_, cudaMemcpyDeviceToHost);
-    } else if (dtype_ == DType::bf16) {
+    } else if (dtype_ == DType::bf16 || dtype_ == DType::f16) {
       std::vector<uint16_t> b(out.size());
       cudaMemcpy(b.data(), t().data, bytes_, cudaMemcpyDeviceToHost);
-      for (size_t i = 0; i < out.size(); ++i) out[i] = bf16_bits_to_f32(b[i]);
+      for (size_t i = 0; i < out.size(); ++i)
+        out[i] = dtype_ == DType::bf16 ? bf16_bits_to_f32(b[i]) : f16_bits_to_f32(b[i]);
     } else {
       ADD_FAILURE() << "download: unsupported dtype";
     }
@@ -105,11 +107,18 @@ inline std::vector<float> random_vector(int64_t n, std::mt19937_64& rng, float s
   return v;
 }
 
-// Host values rounded through bf16 (so CPU references see exactly the GPU's inputs).
+// Host values rounded through bf16 or f16 (so CPU references see exactly the GPU's inputs).
 inline std::vector<float> round_to(DType dtype, std::vector<float> v) {
   if (dtype == DType::bf16)
     for (auto& x : v) x = round_bf16(x);
+  if (dtype == DType::f16)
+    for (auto& x : v) x = round_f16(x);
   return v;
+}
+
+// Index of a float dtype in the per-dtype bound tables of the tests: f32 0, bf16 1, f16 2.
+inline int dtype_index(DType dtype) {
+  return dtype == DType::f32 ? 0 : dtype == DType::bf16 ? 1 : 2;
 }
 
 // ||a - b|| / ||b|| (L2), with NaN/Inf agreement checked separately by expect_finite_pattern.

@@ -1,7 +1,8 @@
 // Parity of the CUDA elementwise helpers (kernels/cuda/elementwise.cu) with the CPU references:
-// add_forward, add_inplace, scale_inplace (f32, bf16; awkward sizes; misaligned views; in-place;
-// NaN/Inf), fill and cast bit for bit against core/dtype.h for every castable dtype pair
-// (random codes, fp8 ties, subnormals, saturation), and sum_squares (double, deterministic).
+// add_forward, add_inplace, scale_inplace (f32, bf16, f16; awkward sizes; misaligned views;
+// in-place; NaN/Inf; f16 overflow to Inf, bit for bit), fill and cast bit for bit against
+// core/dtype.h for every castable dtype pair (random codes, fp8 ties, subnormals, saturation),
+// and sum_squares (double, deterministic, carrying f16 Inf/NaN).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -25,8 +26,12 @@ constexpr float kNan = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // f32 arithmetic on f32 data rounds exactly like the CPU's f32 loop: equal up to 0. bf16 outputs
-// are the f32 result rounded once more: at most 2^-9 relative per element, ~1.1e-3 in L2.
-double tolerance(DType dtype) { return dtype == DType::f32 ? 1e-7 : 4e-3; }
+// are the f32 result rounded once more: at most 2^-9 relative per element, ~1.1e-3 in L2; f16
+// ones at most 2^-11, ~2.8e-4 in L2 (unit-normal inputs are far inside f16's range).
+double tolerance(DType dtype) {
+  constexpr double kBound[3] = {1e-7, 4e-3, 1e-3};  // f32, bf16, f16
+  return kBound[testing::dtype_index(dtype)];
+}
 
 Tensor host(std::vector<float>& v, Shape s) {
   return Tensor(v.data(), DType::f32, Device::cpu, s);
@@ -99,7 +104,8 @@ TEST_P(ElementwiseTest, AddInplaceAndScaleMatchCpuOnMisalignedViews) {
     EXPECT_EQ(std::bit_cast<uint32_t>(all[0]), std::bit_cast<uint32_t>(dst[0]))
         << "element before the view was written";
     const std::vector<float> out(all.begin() + 1, all.end());
-    // bf16 rounds twice here (after the add and after the scale): 2 * 2^-9 per element.
+    // 16-bit types round twice here (after the add and after the scale): 2 * 2^-9 (bf16) or
+    // 2 * 2^-11 (f16) per element.
     EXPECT_LE(testing::rel_l2(out, ref), 2 * tolerance(dtype)) << "n=" << n;
     testing::expect_same_nonfinite(out, ref, "add_inplace + scale_inplace");
     EXPECT_TRUE(ddst.guards_intact());
@@ -136,8 +142,65 @@ TEST_P(ElementwiseTest, SumSquaresMatchesCpuAndIsDeterministic) {
   EXPECT_NEAR(cuda::sum_squares(shifted(misaligned, dtype, 1001)), ref, 1e-12 * ref);
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, ElementwiseTest, ::testing::Values(DType::f32, DType::bf16),
+INSTANTIATE_TEST_SUITE_P(Dtypes, ElementwiseTest,
+                         ::testing::Values(DType::f32, DType::bf16, DType::f16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+// f16 storage: each op is the f32 operation on the stored values, rounded once to nearest even
+// (core/dtype.h's round_f16), so results match bit for bit, including overflow past 65504 to Inf
+// (65504 + 15 = 65519 rounds down to 65504; 65520 is the tie, which rounds to even: Inf). FP16
+// loss scaling detects overflow through these Infs, and through sum_squares seeing them.
+TEST(CudaElementwiseF16, RoundsOnceAndOverflowsToInf) {
+  TESSERA_REQUIRE_GPU();
+  std::mt19937_64 rng(4);
+  const int64_t n = 4099;
+  auto a = testing::round_to(DType::f16, testing::random_vector(n, rng, 1000.0f));
+  auto b = testing::round_to(DType::f16, testing::random_vector(n, rng, 1000.0f));
+  const float pairs[][2] = {{65504.0f, 15.0f}, {65504.0f, 16.0f},  {60000.0f, 10000.0f},
+                            {-60000.0f, -10000.0f}, {65504.0f, -65504.0f}, {kInf, -kInf},
+                            {3e-5f, 3e-5f}, {6e-8f, 0.0f}};
+  for (size_t i = 0; i < std::size(pairs); ++i) {
+    a[10 * i] = round_f16(pairs[i][0]);
+    b[10 * i] = round_f16(pairs[i][1]);
+  }
+  std::vector<float> sum(n), scaled(n);
+  for (int64_t i = 0; i < n; ++i) {
+    sum[i] = round_f16(a[i] + b[i]);
+    scaled[i] = round_f16(sum[i] * 40.0f);  // |sum| > 1638 overflows here
+  }
+  ASSERT_TRUE(std::isinf(sum[10])) << "65504 + 16 must overflow in the reference too";
+  ASSERT_EQ(sum[0], 65504.0f);
+  DeviceTensor da(DType::f16, {n}), db(DType::f16, {n}), dout(DType::f16, {n});
+  da.upload(a);
+  db.upload(b);
+  settle();
+  cuda::add_forward(dout, da, db);
+  auto expect_bits = [](const std::vector<float>& got, const std::vector<float>& want,
+                        const char* what) {
+    for (size_t i = 0; i < got.size(); ++i) {
+      const bool same = std::bit_cast<uint32_t>(got[i]) == std::bit_cast<uint32_t>(want[i]) ||
+                        (std::isnan(got[i]) && std::isnan(want[i]));
+      if (!same) {
+        ADD_FAILURE() << what << "[" << i << "]: gpu " << got[i] << ", want " << want[i];
+        return;
+      }
+    }
+  };
+  expect_bits(dout.download(), sum, "add_forward f16");
+  cuda::add_inplace(da, db);
+  expect_bits(da.download(), sum, "add_inplace f16");
+  cuda::scale_inplace(da, 40.0f);
+  expect_bits(da.download(), scaled, "scale_inplace f16");
+  EXPECT_TRUE(dout.guards_intact() && da.guards_intact());
+  // The gradient norm of an overflowed f16 gradient is Inf (NaN when Inf - Inf made a NaN).
+  EXPECT_TRUE(std::isinf(cuda::sum_squares(da)) || std::isnan(cuda::sum_squares(da)));
+  std::vector<float> finite(n, 1.0f);
+  finite[77] = kInf;
+  DeviceTensor dinf(DType::f16, {n});
+  dinf.upload(finite);
+  settle();
+  EXPECT_EQ(cuda::sum_squares(dinf), std::numeric_limits<double>::infinity());
+}
 
 // ---- fill and cast: bit patterns ------------------------------------------------------------
 

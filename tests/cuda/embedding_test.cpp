@@ -1,5 +1,5 @@
 // Parity of the CUDA token + position embedding (kernels/cuda/embedding.cu) with the CPU
-// reference, f32 and bf16: widths that do and do not divide into 16-byte packs, with and
+// reference, f32, bf16 and f16: widths that do and do not divide into 16-byte packs, with and
 // without wpe, heavily repeated tokens (the sorted, deterministic dwte accumulation), pre-filled
 // gradients (+=), bitwise reproducible backward, out-of-range token ids (NaN row forward,
 // skipped backward), and vocabulary shards (rows [vocab_start, vocab_start + Vl) of a larger
@@ -21,8 +21,13 @@ using testing::DeviceTensor;
 
 // The forward copies (f32: exact) or adds two values (bf16: one rounding, 2^-9). The backward
 // sums up to N rows in f32 where the CPU uses double, then adds to the pre-filled gradient:
-// f32 ~1e-7 * sqrt(repeats); bf16 rounds the result to bf16 (2^-9, ~1.1e-3 in L2).
-double tolerance(DType dtype) { return dtype == DType::f32 ? 1e-6 : 4e-3; }
+// f32 ~1e-7 * sqrt(repeats); bf16 rounds the result to bf16 (2^-9, ~1.1e-3 in L2), f16 to f16
+// (2^-11, ~2.8e-4 in L2; unit-normal tables and gradients summed over at most a few hundred
+// repeats stay far inside f16's range).
+double tolerance(DType dtype) {
+  constexpr double kBound[3] = {1e-6, 4e-3, 1e-3};  // f32, bf16, f16
+  return kBound[testing::dtype_index(dtype)];
+}
 
 Tensor host(std::vector<float>& v, Shape s) {
   return Tensor(v.data(), DType::f32, Device::cpu, s);
@@ -261,7 +266,8 @@ TEST_P(EmbeddingTest, VocabShardOutOfRangeAndForeignTokens) {
       EXPECT_EQ(dwte[r * c + k], r == 1 ? dout[2 * c + k] : 0.0f) << r << ", " << k;
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, EmbeddingTest, ::testing::Values(DType::f32, DType::bf16),
+INSTANTIATE_TEST_SUITE_P(Dtypes, EmbeddingTest,
+                         ::testing::Values(DType::f32, DType::bf16, DType::f16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 }  // namespace

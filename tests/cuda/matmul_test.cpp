@@ -33,12 +33,20 @@ namespace {
 //       Outputs of fewer than 64 elements get no averaging: the worst case of two roundings,
 //       2 * 2^-9 = 3.9e-3 of the (possibly larger) intermediates, measured at most 4.8e-3
 //       (a single dweight element, prefill + 2 gradients): bound 8e-3.
+//  f16: the same roundings at 2^-11 instead of 2^-9 (10 mantissa bits to bf16's 7), products
+//       accumulated in f32 (CUBLAS_COMPUTE_32F, never 16F): bf16's measured 2.8e-3 and 4.8e-3
+//       scale to ~7e-4 and ~1.2e-3; bounds 1.5e-3 and 2.5e-3 (not yet measured on a GPU). The
+//       largest values here (K = 1025 sums of unit products, ~32 std; dweight over 4097 rows,
+//       ~64 std, twice) are far inside f16's range (65504).
 constexpr double kBoundF32 = 1e-5;
 constexpr double kBoundBf16 = 4e-3;
 constexpr double kBoundBf16Tiny = 8e-3;
+constexpr double kBoundF16 = 1.5e-3;
+constexpr double kBoundF16Tiny = 2.5e-3;
 constexpr size_t kTinyOutput = 64;
 double bound(DType t, size_t numel) {
   if (t == DType::f32) return kBoundF32;
+  if (t == DType::f16) return numel < kTinyOutput ? kBoundF16Tiny : kBoundF16;
   return numel < kTinyOutput ? kBoundBf16Tiny : kBoundBf16;
 }
 
@@ -126,7 +134,7 @@ void check_gemm(DType dtype, Dims d, bool ta, bool tb, float alpha, float beta, 
 TEST(CudaGemm, ParityAllTransposes) {
   TESSERA_REQUIRE_GPU();
   std::mt19937_64 rng(1);
-  for (DType dtype : {DType::f32, DType::bf16})
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16})
     for (const Dims& d : kGemmShapes)
       for (int t = 0; t < 4; ++t) {
         check_gemm(dtype, d, t & 1, t & 2, 1.25f, 0.0f, false, rng);
@@ -138,7 +146,7 @@ TEST(CudaGemm, FallbackKernelParity) {
   TESSERA_REQUIRE_GPU();
   std::mt19937_64 rng(2);
   const Dims shapes[] = {{1, 1, 1}, {7, 33, 1025}, {1025, 33, 7}, {65, 130, 17}};
-  for (DType dtype : {DType::f32, DType::bf16})
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16})
     for (const Dims& d : shapes)
       for (int t = 0; t < 4; ++t) {
         check_gemm(dtype, d, t & 1, t & 2, 1.0f, 0.0f, true, rng);
@@ -151,7 +159,7 @@ TEST(CudaGemm, MisalignedOperands) {
   std::mt19937_64 rng(3);
   // a, b and c one element past 256-byte alignment: cuBLASLt must be asked for algorithms that
   // accept 2- or 4-byte alignment, or the call falls back to our kernel.
-  for (DType dtype : {DType::f32, DType::bf16}) {
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
     const Dims d{33, 40, 72};
     OffsetTensor a(dtype, {d.m, d.k}, 1), b(dtype, {d.n, d.k}, 1), c(dtype, {d.m, d.n}, 1);
     std::vector<float> ha = round_to(dtype, random_vector(d.m * d.k, rng));
@@ -172,7 +180,7 @@ TEST(CudaGemm, MisalignedOperands) {
 TEST(CudaGemm, AlphaZeroAndEmptyK) {
   TESSERA_REQUIRE_GPU();
   std::mt19937_64 rng(4);
-  for (DType dtype : {DType::f32, DType::bf16}) {
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
     const Shape sc{7, 33};
     const std::vector<float> c0 = round_to(dtype, random_vector(sc.numel(), rng));
     // a and b stay NaN-poisoned: alpha = 0 must not read them.
@@ -180,7 +188,9 @@ TEST(CudaGemm, AlphaZeroAndEmptyK) {
     c.upload(c0);
     cuda::gemm(c, a, b, false, false, 0.0f, 0.5f);
     std::vector<float> got = c.download();
-    for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], 0.5f * c0[i]) << i;
+    // 0.5 c is exact except for f16 subnormals, which it rounds (once, to nearest even).
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_EQ(got[i], round_to(dtype, {0.5f * c0[i]})[0]) << i;
     cuda::gemm(c, a, b, false, false, 0.0f, 0.0f);
     got = c.download();
     for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], 0.0f) << i;
@@ -212,8 +222,11 @@ TEST(CudaGemm, RejectsBadShapes) {
   TESSERA_REQUIRE_GPU();
   DeviceTensor a(DType::f32, {4, 5}), b(DType::f32, {6, 7}), c(DType::f32, {4, 7});
   EXPECT_THROW(cuda::gemm(c, a, b, false, false, 1.0f, 0.0f), Error);
-  DeviceTensor bb(DType::bf16, {5, 7});
+  DeviceTensor bb(DType::bf16, {5, 7}), hb(DType::f16, {5, 7}), ha(DType::f16, {4, 5});
   EXPECT_THROW(cuda::gemm(c, a, bb, false, false, 1.0f, 0.0f), Error);
+  EXPECT_THROW(cuda::gemm(c, a, hb, false, false, 1.0f, 0.0f), Error) << "f32 c, f16 b";
+  DeviceTensor hc(DType::f16, {4, 7});
+  EXPECT_THROW(cuda::gemm(hc, ha, bb, false, false, 1.0f, 0.0f), Error) << "f16 a, bf16 b";
   DeviceTensor sq(DType::f32, {7, 7});
   EXPECT_THROW(cuda::gemm(c, c, sq, false, false, 1.0f, 0.0f), Error) << "c aliases a";
 }
@@ -260,7 +273,7 @@ void check_forward(DType dtype, const Linear& l, bool with_bias, int64_t bias_of
 TEST(CudaMatmul, ForwardParity) {
   TESSERA_REQUIRE_GPU();
   std::mt19937_64 rng(6);
-  for (DType dtype : {DType::f32, DType::bf16})
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16})
     for (const Linear& l : kLinearShapes) {
       check_forward(dtype, l, false, 0, rng);
       check_forward(dtype, l, true, 0, rng);
@@ -311,7 +324,7 @@ void check_backward(DType dtype, const Linear& l, bool with_dinp, bool with_dbia
 TEST(CudaMatmul, BackwardParityAccumulates) {
   TESSERA_REQUIRE_GPU();
   std::mt19937_64 rng(7);
-  for (DType dtype : {DType::f32, DType::bf16})
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16})
     for (const Linear& l : kLinearShapes) {
       check_backward(dtype, l, true, true, rng);
       check_backward(dtype, l, false, false, rng);
@@ -344,10 +357,10 @@ TEST(CudaMatmul, GeluEpilogueMatchesMatmulThenGelu) {
   std::mt19937_64 rng(9);
   // out_pre is a plain linear output: the matmul bounds. out_act adds cuBLASLt's GELU evaluated
   // on the f32 pre-activation: measured 2.5e-6 in f32 (H200; an accurate tanh, not the 5e-4
-  // hardware approximation), bound 1e-5; bf16 is dominated by output rounding as above.
-  const double act_bound[2] = {1e-5, 4e-3};
+  // hardware approximation), bound 1e-5; bf16 and f16 are dominated by output rounding as above.
+  const double act_bound[3] = {1e-5, 4e-3, 1.5e-3};  // f32, bf16, f16
   const Linear shapes[] = {{{33, 64}, 256}, {{1025, 40}, 64}, {{2, 7, 768}, 3072}};
-  for (DType dtype : {DType::f32, DType::bf16})
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16})
     for (const Linear& l : shapes) {
       const int64_t k = l.inp[-1];
       const Shape so = with_last(l.inp, l.n), sw{l.n, k};
@@ -361,8 +374,8 @@ TEST(CudaMatmul, GeluEpilogueMatchesMatmulThenGelu) {
       dw.upload(w);
       db.upload(bias);
       const bool supported = cuda::matmul_gelu_supported(pre, act, di, dw, db);
-      // bf16 is the dtype the models fuse; f32 may lack a cuBLASLt GELU kernel, and then the
-      // call must refuse rather than compute something else.
+      // bf16 and f16 are the dtypes the models fuse; f32 may lack a cuBLASLt GELU kernel, and
+      // then the call must refuse rather than compute something else.
       if (!supported && dtype == DType::f32) {
         std::printf("measured matmul_gelu f32 inp %s: not supported by cuBLASLt\n",
                     l.inp.str().c_str());
@@ -377,7 +390,7 @@ TEST(CudaMatmul, GeluEpilogueMatchesMatmulThenGelu) {
       const std::string name =
           fmt::format("matmul_gelu {} inp {} n{}", dtype_name(dtype), l.inp.str(), l.n);
       expect_close(pre.download(), ref_pre, dtype, name + " pre");
-      expect_close_within(act.download(), ref_act, act_bound[dtype == DType::bf16],
+      expect_close_within(act.download(), ref_act, act_bound[dtype_index(dtype)],
                           name + " act");
       EXPECT_TRUE(pre.guards_intact() && act.guards_intact());
     }

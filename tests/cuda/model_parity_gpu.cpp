@@ -1,6 +1,7 @@
 // Whole-model GPU parity: a tiny model of each family trains 10 AdamW steps on the GPU and on the
-// CPU reference from the same initial weights and batches; losses must agree (FP32: tightly; BF16:
-// within the error that bf16 storage of weights and activations explains).
+// CPU reference from the same initial weights and batches; losses must agree (FP32: tightly; BF16
+// and FP16: within the error that 16-bit storage of weights and activations explains). FP16 runs
+// with a static loss scale, unscaled in the optimizer, as FP16 training does.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -17,7 +18,8 @@ namespace {
 
 std::vector<double> train_losses(const ModelConfig& cfg, DType dtype, Device device,
                                  const std::vector<int32_t>& tokens,
-                                 const std::vector<int32_t>& targets, int steps, int B, int T) {
+                                 const std::vector<int32_t>& targets, int steps, int B, int T,
+                                 float loss_scale = 1.0f) {
   Transformer model(cfg, dtype, device);
   model.init_weights(42);
   AdamW opt(model.params(), AdamWConfig{});
@@ -31,9 +33,11 @@ std::vector<double> train_losses(const ModelConfig& cfg, DType dtype, Device dev
     copy_bytes(tgt.data, device, targets.data() + off, Device::cpu, bytes);
     model.params().zero_grad();
     losses.push_back(model.forward(acts, tok, tgt));
-    model.backward(acts, tok, tgt, 1.0f);
-    const double norm = grad_norm(model.params());
-    opt.step(model.params(), 3e-3f, clip_factor(norm, 1.0f));
+    model.backward(acts, tok, tgt, loss_scale);
+    // Gradients carry the loss scale: unscale the norm for clipping, and the update through
+    // grad_scale (both exact: the scale is a power of two).
+    const double norm = grad_norm(model.params()) / loss_scale;
+    opt.step(model.params(), 3e-3f, clip_factor(norm, 1.0f) / loss_scale);
   }
   ops::synchronize(device);
   return losses;
@@ -60,6 +64,10 @@ TEST_P(GpuModelParity, LossesTrackTheCpuReference) {
     ops::set_cuda_attention_impl(impl);
     const auto f32 = train_losses(cfg, DType::f32, Device::cuda, tokens, targets, steps, B, T);
     const auto bf16 = train_losses(cfg, DType::bf16, Device::cuda, tokens, targets, steps, B, T);
+    // 2^10: keeps the ~1e-5 logit gradients of a mean over B*T tokens above f16's normal range
+    // (6.1e-5) while the largest gradients stay far below its 65504.
+    const auto f16 =
+        train_losses(cfg, DType::f16, Device::cuda, tokens, targets, steps, B, T, 1024.0f);
     for (int s = 0; s < steps; ++s) {
       // FP32 on both devices: only summation order differs (~1e-7 per op), compounded over 10
       // updates: 1e-5 relative.
@@ -68,9 +76,14 @@ TEST_P(GpuModelParity, LossesTrackTheCpuReference) {
       // ~1e-3 per step without bias; 2% after 10 updates bounds that with margin and still fails
       // on any wrong kernel (those move the loss by tens of percent or to NaN).
       EXPECT_NEAR(bf16[s], cpu[s], 0.02 * cpu[s]) << impl << " bf16 step " << s;
+      // FP16 (11-bit significand, 2^-11 relative rounding) perturbs 4x less than BF16: 0.5% is
+      // the same margin; 1% doubles it, as FP16 has not been measured on a GPU yet.
+      EXPECT_NEAR(f16[s], cpu[s], 0.01 * cpu[s]) << impl << " fp16 step " << s;
     }
-    std::printf("%s %s: cpu %.6f -> %.6f | gpu fp32 %.6f -> %.6f | gpu bf16 %.6f -> %.6f\n",
-                GetParam(), impl, cpu[0], cpu[steps - 1], f32[0], f32[steps - 1], bf16[0], bf16[steps - 1]);
+    std::printf("%s %s: cpu %.6f -> %.6f | gpu fp32 %.6f -> %.6f | gpu bf16 %.6f -> %.6f | "
+                "gpu fp16 %.6f -> %.6f\n",
+                GetParam(), impl, cpu[0], cpu[steps - 1], f32[0], f32[steps - 1], bf16[0],
+                bf16[steps - 1], f16[0], f16[steps - 1]);
   }
 }
 

@@ -1,5 +1,5 @@
 // Parity of the CUDA rotary embedding (kernels/cuda/rope.cu) with the CPU reference, forward and
-// backward, f32 and bf16: head dims that do and do not divide into 16-byte packs, head counts
+// backward, f32, bf16 and f16: head dims that do and do not divide into 16-byte packs, head counts
 // that do not divide into the kernel's head groups, long sequences with large position offsets
 // (angles in the hundreds of thousands of radians), in-place use, and a (T, D/2) angle table too
 // large for the workspace, which the kernel must process in chunks of T.
@@ -20,8 +20,12 @@ namespace {
 using testing::DeviceTensor;
 
 // Angles are formed in double on both sides and cos/sin rounded to f32 on the GPU; the rotation
-// itself is two f32 products and a sum: a few 1e-7 relative. bf16: output rounding, 2^-9.
-double tolerance(DType dtype) { return dtype == DType::f32 ? 1e-6 : 4e-3; }
+// itself is two f32 products and a sum: a few 1e-7 relative. bf16: output rounding, 2^-9
+// (~1.1e-3 in L2); f16: 2^-11 (~2.8e-4 in L2; a rotation keeps unit-normal values in range).
+double tolerance(DType dtype) {
+  constexpr double kBound[3] = {1e-6, 4e-3, 1e-3};  // f32, bf16, f16
+  return kBound[testing::dtype_index(dtype)];
+}
 
 Tensor host(std::vector<float>& v, Shape s) {
   return Tensor(v.data(), DType::f32, Device::cpu, s);
@@ -108,7 +112,8 @@ TEST_P(RopeTest, RejectsOddHeadDimAndPartialOverlap) {
   EXPECT_THROW(cuda::rope_forward(b, a, 10000.0f, 0), Error);
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, RopeTest, ::testing::Values(DType::f32, DType::bf16),
+INSTANTIATE_TEST_SUITE_P(Dtypes, RopeTest,
+                         ::testing::Values(DType::f32, DType::bf16, DType::f16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 }  // namespace
