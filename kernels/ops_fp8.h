@@ -30,8 +30,14 @@ void fp8_quantize(Tensor out /*(R,C) e4m3|e5m2*/, Tensor out_t /*(C,R) out's dty
 // c (M,N) = a_scale_inv * b_scale_inv * a (M,K) · b (N,K)^T   (+ c when accumulate)
 // Operand pairs: e4m3 x e4m3 (forward) and e5m2 x e4m3 or e4m3 x e5m2 (gradients); e5m2 x e5m2
 // is rejected (cuBLASLt has no such kernel). c is bf16 or f32; the sum is formed in f32 (CPU: in
-// double), the scales multiply the sum, and c is rounded once to its dtype.
-// CUDA needs K and N multiples of 16 and 16-byte aligned pointers (cuBLASLt FP8 requirements);
+// double), the scales multiply the sum (+ c), the result is rounded to f32 and, for bf16 c, then
+// to bf16 (what the GPU epilogue does).
+// A linear layer y = x w^T (x (M,K), w (N,K)) in FP8, with fp8_quantize's out_t giving the
+// transposes:   forward  gemm_fp8(y (M,N),  x8 (M,K) e4m3,    w8 (N,K) e4m3,    ..., false)
+//               dgrad    gemm_fp8(dx (M,K), dy8 (M,N) e5m2,   w8_t (K,N) e4m3,  ..., false)
+//               wgrad    gemm_fp8(dw (N,K), dy8_t (N,M) e5m2, x8_t (K,M) e4m3,  ..., true)
+// CUDA needs K and N multiples of 16 and 16-byte aligned pointers (cuBLASLt FP8 requirements; M
+// is free; the CPU takes any size), and a GPU of compute capability 8.9+;
 // it uses fast accumulation for e4m3 x e4m3 and split (promoted f32) accumulation when an operand
 // is e5m2, as TransformerEngine does (forward: speed; gradients: precision).
 void gemm_fp8(Tensor c /*(M,N) bf16|f32*/, Tensor a /*(M,K) fp8*/, Tensor b /*(N,K) fp8*/,

@@ -35,7 +35,8 @@ std::vector<char> host_bytes(const Tensor& t) {
 }  // namespace
 
 void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
-                     const DistributedOptimizer& opt, int64_t step, const std::string& tokenizer_hash) {
+                     const DistributedOptimizer& opt, const LossScaler* scaler, int64_t step,
+                     const std::string& tokenizer_hash) {
   const ParamStore& ps = model.params();
   HostOptimizerState state;
   opt.gather_state(ps, &state);  // collective over dp; filled on dp rank 0
@@ -67,6 +68,17 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
                                         {"samples_consumed", step * r.global_batch()}}
                              .dump());
     w.set_meta("tokenizer_hash", tokenizer_hash);
+    if (scaler) {
+      // Every rank's scaler holds the same state (it only sees job-wide flags).
+      const LossScaler::State st = scaler->state();
+      w.set_meta("loss_scaler", nlohmann::json{{"scale", st.scale},
+                                               {"growth_tracker", st.growth_tracker},
+                                               {"hysteresis_left", st.hysteresis_left},
+                                               {"steps", st.steps},
+                                               {"skipped", st.skipped},
+                                               {"overflows_at_min", st.overflows_at_min}}
+                                        .dump());
+    }
   }
   w.write_shard();
   Communicator& world = ctx.host_comm(Group::world);
@@ -79,7 +91,8 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
 }
 
 int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& model,
-                        DistributedOptimizer& opt, const std::string& tokenizer_hash) {
+                        DistributedOptimizer& opt, LossScaler* scaler,
+                        const std::string& tokenizer_hash) {
   const io::CheckpointReader ck = io::CheckpointReader::open(dir);
   const Recipe saved = parse_recipe(ck.meta("recipe"), dir + "/recipe");
   ModelConfig a = saved.model, b = r.model;  // execution choices and padding may change
@@ -125,6 +138,26 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
   }
   opt.load_state(ps, state);
   opt.set_step_count(std::stoll(ck.meta("optimizer_step")));
+  if (scaler && ck.has_meta("loss_scaler")) {
+    const auto j = nlohmann::json::parse(ck.meta("loss_scaler"), nullptr, false);
+    const char* keys[] = {"scale", "growth_tracker", "hysteresis_left", "steps", "skipped",
+                          "overflows_at_min"};
+    for (const char* k : keys)
+      if (j.is_discarded() || !j.contains(k) || !j[k].is_number())
+        TS_USER_ERROR("checkpoint {}: metadata 'loss_scaler' lacks a number '{}': {}", dir, k,
+                      ck.meta("loss_scaler"));
+    LossScaler::State st;
+    st.scale = j["scale"].get<float>();
+    st.growth_tracker = j["growth_tracker"].get<int>();
+    st.hysteresis_left = j["hysteresis_left"].get<int>();
+    st.steps = j["steps"].get<int64_t>();
+    st.skipped = j["skipped"].get<int64_t>();
+    st.overflows_at_min = j["overflows_at_min"].get<int>();
+    scaler->load(st);
+  } else if (scaler) {
+    log_info("checkpoint {} has no loss-scaler state (saved without fp16): the scale starts at "
+             "precision.loss_scale.initial = {}", dir, scaler->scale());
+  }
   return std::stoll(ck.meta("step"));
 }
 

@@ -8,18 +8,24 @@
 
 #include "model/transformer.h"
 #include "optim/distributed_optimizer.h"
+#include "optim/loss_scaler.h"
 #include "parallel/parallel_context.h"
 #include "train/recipe.h"
 
 namespace tessera {
 
 // Collective over the whole job: every rank writes its shard, then rank 0 commits the directory.
+// `scaler` (fp16 runs; else null) is stored in the metadata.
 void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
-                     const DistributedOptimizer& opt, int64_t step, const std::string& tokenizer_hash);
+                     const DistributedOptimizer& opt, const LossScaler* scaler, int64_t step,
+                     const std::string& tokenizer_hash);
 
 // Every rank reads its slices (parameters, masters, moments) from `dir`; returns the step to
 // continue from. Architecture and tokenizer must match; the layout may differ.
+// `scaler` is restored when the checkpoint has a loss-scaler state; a checkpoint without one
+// (saved by an fp32 or bf16 run) leaves it at its initial state.
 int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& model,
-                        DistributedOptimizer& opt, const std::string& tokenizer_hash);
+                        DistributedOptimizer& opt, LossScaler* scaler,
+                        const std::string& tokenizer_hash);
 
 }  // namespace tessera

@@ -2,14 +2,21 @@
 // micro-batches per data-parallel rank, run through this rank's pipeline stage (forward + backward
 // with loss scale 1/(M dp), so the gradients summed over dp are the mean over the step's tokens),
 // bucketed gradient reduction over dp, a layout-independent global-norm clip folded into AdamW as
-// a gradient scale, and the LR schedule at the 0-based step. Everything a step depends on
-// (weights, moments, step count, the loader's pure (seed, step, rank) -> batch mapping) is in the
-// checkpoint, which is why resuming reproduces an uninterrupted run bit for bit.
+// a gradient scale, and the LR schedule at the 0-based step. Under fp16 the loss is multiplied by
+// the dynamic loss scale, and a step whose gradients hold an Inf or NaN on any rank is skipped by
+// every rank (the LR schedule still advances: the step index is the schedule's clock). Everything
+// a step depends on (weights, moments, step count, loss-scaler state, the loader's pure (seed,
+// step, rank) -> batch mapping) is in the checkpoint, which is why resuming reproduces an
+// uninterrupted run bit for bit.
 #include "train/trainer.h"
 
+#include <fmt/ranges.h>
+
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
@@ -27,6 +34,7 @@
 #include "kernels/ops.h"
 #include "model/transformer.h"
 #include "optim/distributed_optimizer.h"
+#include "optim/loss_scaler.h"
 #include "optim/lr_schedule.h"
 #include "parallel/mpi_runtime.h"
 #include "parallel/parallel_context.h"
@@ -62,18 +70,28 @@ Device resolve_device(const Recipe& r) {
   return cuda_available() ? Device::cuda : Device::cpu;  // cuda, or auto
 }
 
-DType compute_dtype(const Recipe& r, Device device) {
+// The storage and compute dtype of parameters, gradients and activations. Masters and optimizer
+// state are FP32 whatever this is. The CPU backend rounds every 16-bit result exactly as the GPU
+// does, so bf16 and fp16 runs are testable without a GPU.
+DType compute_dtype(const Recipe& r) {
   const std::string& c = r.precision.compute;
+  if (!r.precision.high_precision.empty())
+    TS_USER_ERROR("{}: precision.high_precision [{}] is not built yet (the model keeps one dtype "
+                  "for every layer); remove it", r.file, fmt::join(r.precision.high_precision, ", "));
   if (c == "fp32") return DType::f32;
-  if (c == "bf16") {
-    if (device == Device::cpu)
-      TS_USER_ERROR("{}: precision.compute 'bf16' on the CPU backend is not built yet (the CPU "
-                    "emulation of 16-bit numerics is issue 5); use train.device: cuda, or "
-                    "precision.compute: fp32", r.file);
-    return DType::bf16;
-  }
-  TS_USER_ERROR("{}: precision.compute '{}' is not built yet (fp16 with loss scaling and fp8 are "
-                "issue 5); use fp32 or bf16", r.file, c);
+  if (c == "bf16") return DType::bf16;
+  if (c == "fp16") return DType::f16;
+  TS_USER_ERROR("{}: precision.compute 'fp8' is not built yet: the FP8 ops (quantize with amax, "
+                "cuBLASLt FP8 GEMM, delayed scaling) exist, but the linear layers do not use them "
+                "yet; use bf16 or fp16", r.file);
+}
+
+// True when any gradient on any rank holds an Inf or NaN: every rank checks its whole local
+// gradient buffer (a sum of squares in double overflows only on a non-finite element) and the
+// flags are combined over the world, so dp replicas, tp ranks and pipeline stages all agree.
+bool grads_overflowed(const ParamStore& params, Communicator& world) {
+  const double local = ops::sum_squares(params.flat_grads());
+  return world.all_reduce_scalar(std::isfinite(local) ? 0.0 : 1.0, ReduceOp::max) > 0.0;
 }
 
 // The per-op breakdown of the profiled steps: a table on the terminal, op_profile.json in out_dir.
@@ -142,7 +160,7 @@ TrainSummary train(const Recipe& recipe_in) {
   Recipe r = recipe_in;
   Device device = resolve_device(r);
   if (device == Device::cuda && mpi_active() && world_size() > 1) select_local_gpu();
-  const DType dtype = compute_dtype(r, device);
+  const DType dtype = compute_dtype(r);
   const ParallelConfig& par = r.parallel;
 
   const int B = r.data.micro_batch, T = r.data.seq_len;
@@ -267,10 +285,13 @@ TrainSummary train(const Recipe& recipe_in) {
     opt.load_state(model.params(), init);
   }
 
+  std::optional<LossScaler> scaler;  // fp16 only
+  if (dtype == DType::f16) scaler.emplace(r.precision.loss_scale);
+
   int64_t start_step = 0;
   const std::string resume = io::resolve_resume(r.train.out_dir, r.checkpoint.resume);
   if (!resume.empty()) {
-    start_step = load_checkpoint(resume, r, model, opt, tokenizer_hash);
+    start_step = load_checkpoint(resume, r, model, opt, scaler ? &*scaler : nullptr, tokenizer_hash);
     if (rank0) log_info("resumed from {} at step {}", resume, start_step);
   }
 
@@ -294,6 +315,8 @@ TrainSummary train(const Recipe& recipe_in) {
   if (rank0) metrics.emplace((fs::path(r.train.out_dir) / "metrics.jsonl").string(), start_step);
   TrainSummary summary;
   summary.first_step = start_step;
+  // Overflow rate over the steps since the previous evaluation (fp16).
+  int64_t window_steps = 0, window_skipped = 0;
   const auto run_eval = [&](int64_t step) {
     const int64_t nb = std::min<int64_t>(r.train.eval_batches, val_loader.num_eval_batches());
     const auto fill = [&](int m, Batch& batch) {
@@ -306,9 +329,22 @@ TrainSummary train(const Recipe& recipe_in) {
     if (rank0) {
       log_info("eval step {}: val_loss {:.4f} | perplexity {:.2f} | {} tokens", step, loss,
                std::exp(loss), int64_t(tokens));
-      metrics->write({{"step", step}, {"val_loss", loss}, {"val_ppl", std::exp(loss)},
-                      {"val_tokens", int64_t(tokens)}});
+      nlohmann::json rec = {{"step", step}, {"val_loss", loss}, {"val_ppl", std::exp(loss)},
+                            {"val_tokens", int64_t(tokens)}};
+      if (scaler) {
+        const double rate = window_steps > 0 ? double(window_skipped) / double(window_steps) : 0.0;
+        const LossScaler::State st = scaler->state();
+        rec["overflow_rate"] = rate;
+        rec["overflow_steps"] = window_skipped;
+        rec["skipped_total"] = st.skipped;
+        rec["loss_scale"] = st.scale;
+        log_info("eval step {}: fp16 overflow rate {:.2f}% ({} of {} steps since the last "
+                 "evaluation; {} skipped in all), loss scale {}", step, 100.0 * rate,
+                 window_skipped, window_steps, st.skipped, st.scale);
+      }
+      metrics->write(rec);
     }
+    window_steps = window_skipped = 0;
     summary.final_val_loss = loss;
   };
 
@@ -327,6 +363,7 @@ TrainSummary train(const Recipe& recipe_in) {
     }
     const auto t0 = Clock::now();
     fault_point(ctx->rank(), "train_step", step + 1);
+    const float loss_scale = scaler ? scaler->scale() : 1.0f;
     model.params().zero_grad();
     double local_loss = 0.0;
     const auto t_pipe = Clock::now();
@@ -335,20 +372,34 @@ TrainSummary train(const Recipe& recipe_in) {
         train_loader.fill(step, flush * flush_micro + m, B, batch.inputs.data(), batch.targets.data());
       };
       const bool last_flush = flush == num_flushes - 1;
-      local_loss += pipe.train_step(fill, micro_scale, [&] {
+      local_loss += pipe.train_step(fill, micro_scale * loss_scale, [&] {
         if (last_flush) ddp.begin_last_microbatch();
       }).loss_sum;
     }
     const double pipe_s = seconds_since(t_pipe);  // synchronized at its end when measuring
     ddp.finish();
     const double busy = pipe.take_busy_seconds();
-    const double norm = opt.global_grad_norm(model.params());
+    if (fault_requested(ctx->rank(), "inf_grad", step + 1))  // tests: one rank's gradient overflows
+      ops::fill(model.params().flat_grads().slice(0, 1), std::numeric_limits<float>::infinity());
     const double loss = replica_sum(local_loss / num_micro) / par.dp;
-    if (!std::isfinite(norm) || !std::isfinite(loss))
-      TS_USER_ERROR("{}: training diverged at step {} (loss {}, grad norm {}); lower optim.lr",
-                    r.file, step + 1, loss, norm);
     const float lr = sched.at(static_cast<int>(step));
-    opt.step(model.params(), lr, clip_factor(norm, r.optim.grad_clip));
+    bool skipped = false;
+    double norm = 0.0;
+    if (scaler) {
+      // Every rank passes the same flag, so every rank's scaler takes the same decision (and
+      // throws the same error when the scale has collapsed).
+      skipped = scaler->update(grads_overflowed(model.params(), world));
+      ++window_steps;
+      window_skipped += skipped ? 1 : 0;
+    }
+    if (!skipped) {
+      norm = opt.global_grad_norm(model.params()) / loss_scale;  // of the unscaled gradients
+      if (!std::isfinite(norm) || !std::isfinite(loss))
+        TS_USER_ERROR("{}: training diverged at step {} (loss {}, grad norm {}); lower optim.lr",
+                      r.file, step + 1, loss, norm);
+      // Unscaling is folded into AdamW's gradient scale with the clip factor.
+      opt.step(model.params(), lr, clip_factor(norm, r.optim.grad_clip) / loss_scale);
+    }
     ops::synchronize(device);
     const double dt = seconds_since(t0);
     if (ops::profile_enabled()) {
@@ -363,6 +414,11 @@ TrainSummary train(const Recipe& recipe_in) {
                             {"tokens_per_s", tok_per_s}, {"tokens", done * r.tokens_per_step()},
                             {"step_s", dt}, {"mem_gb", arena.peak() / 1e9}};
       if (num_gpus > 1) rec["tokens_per_s_per_rank"] = tok_per_s / num_gpus;
+      if (scaler) {
+        rec["loss_scale"] = loss_scale;  // the scale this step's backward used
+        rec["skipped"] = skipped ? 1 : 0;
+        if (skipped) rec.erase("grad_norm");  // not computed: the gradients overflowed
+      }
       if (par.pp > 1 && r.logging.profile_ops) {
         // Stage 0's compute time within the forward/backward phase (optimizer excluded): the
         // bubble is its idle fraction, to compare with (p - 1) / (m + p - 1).
@@ -379,8 +435,11 @@ TrainSummary train(const Recipe& recipe_in) {
       if (done % r.logging.every == 0 || done == r.train.steps) {
         const double elapsed = seconds_since(loop_start);
         const double eta = elapsed / double(done - start_step) * double(r.train.steps - done);
-        log_info("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s{} | eta {}",
-                 done, r.train.steps, loss, lr, norm, tok_per_s,
+        log_info("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f}{} | {:.0f} tok/s{} | eta {}",
+                 done, r.train.steps, loss, lr, norm,
+                 scaler ? fmt::format(" | scale {}{}", loss_scale, skipped ? " (skipped)" : "")
+                        : std::string(),
+                 tok_per_s,
                  device == Device::cuda ? fmt::format(" | mfu {:.1f}%", 100.0 * rec["mfu"].get<double>())
                                         : std::string(),
                  format_duration(eta));
@@ -389,7 +448,7 @@ TrainSummary train(const Recipe& recipe_in) {
     if (r.train.eval_every > 0 && done % r.train.eval_every == 0 && done != r.train.steps)
       run_eval(done);
     if (r.checkpoint.every > 0 && done % r.checkpoint.every == 0 && done != r.train.steps)
-      save_checkpoint(r, *ctx, model, opt, done, tokenizer_hash);
+      save_checkpoint(r, *ctx, model, opt, scaler ? &*scaler : nullptr, done, tokenizer_hash);
   }
   summary.train_seconds = seconds_since(loop_start);
   summary.last_step = step;
@@ -399,7 +458,7 @@ TrainSummary train(const Recipe& recipe_in) {
   }
   run_eval(step);
   if (step > start_step && r.checkpoint.save_final)
-    save_checkpoint(r, *ctx, model, opt, step, tokenizer_hash);
+    save_checkpoint(r, *ctx, model, opt, scaler ? &*scaler : nullptr, step, tokenizer_hash);
   if (rank0)
     log_info("trained steps {}..{} in {}", start_step, step, format_duration(summary.train_seconds));
 

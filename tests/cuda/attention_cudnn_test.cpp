@@ -148,7 +148,12 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(AttnCase{2, 128, 8, 2, 64},    // GQA, G = 4
                                          AttnCase{1, 1000, 4, 4, 128},  // MHA, T % 128 != 0
                                          AttnCase{3, 37, 4, 1, 64}),    // MQA, short odd T
-                       ::testing::Values(DType::bf16, DType::f16)));
+                       ::testing::Values(DType::bf16, DType::f16)),
+    [](const auto& info) {
+      const AttnCase& c = std::get<0>(info.param);
+      return fmt::format("B{}_T{}_Hq{}_Hkv{}_D{}_{}", c.num_b, c.num_t, c.num_hq, c.num_hkv,
+                         c.head_dim, dtype_name(std::get<1>(info.param)));
+    });
 
 // cuDNN's SDPA takes 16-bit inputs only; f32 is the native kernel's (attention.cu dispatches).
 TEST(AttentionCudnn, RejectsF32) {

@@ -18,9 +18,10 @@ struct CliResult {
 
 inline std::string tessera_binary() { return std::string(TESSERA_BINARY_DIR) + "/src/cli/tessera"; }
 
-inline CliResult run_cli(const std::string& args) {
-  const std::string cmd = "cd '" + std::string(TESSERA_SOURCE_DIR) + "' && '" + tessera_binary() +
-                          "' " + args + " 2>&1";
+// `launcher` (e.g. "mpirun -np 4 ") is put before the binary; empty runs it directly.
+inline CliResult run_cli(const std::string& args, const std::string& launcher = "") {
+  const std::string cmd = "cd '" + std::string(TESSERA_SOURCE_DIR) + "' && " + launcher + "'" +
+                          tessera_binary() + "' " + args + " 2>&1";
   CliResult r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -31,6 +32,16 @@ inline CliResult run_cli(const std::string& args) {
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return r;
 }
+
+#ifdef TESSERA_MPIEXEC
+// mpirun as the test launcher needs it here: root in CI containers, more ranks than cores. Set in
+// the launcher's environment only, never the user's.
+inline std::string mpirun(int np) {
+  return std::string("env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+                     "OMPI_MCA_rmaps_base_oversubscribe=1 ") +
+         TESSERA_MPIEXEC + " -np " + std::to_string(np) + " --oversubscribe --bind-to none ";
+}
+#endif
 
 // A fresh directory under the build tree, removed first if it exists.
 inline std::string fresh_dir(const std::string& name) {

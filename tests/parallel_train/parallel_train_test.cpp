@@ -46,27 +46,10 @@ std::string recipe_args(const Layout& l, const std::string& out_dir) {
   return a;
 }
 
-// mpirun as the test launcher needs it here: root in CI containers, more ranks than cores.
-std::string mpirun(int np) {
-  return fmt::format("env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
-                     "OMPI_MCA_rmaps_base_oversubscribe=1 {} -np {} --oversubscribe --bind-to none ",
-                     TESSERA_MPIEXEC, np);
-}
-
 testing::CliResult train(const Layout& l, const std::string& out_dir, const std::string& extra = "") {
   const int np = l.dp * l.tp * l.pp;
   const std::string args = "train recipes/ci-tiny.yaml" + recipe_args(l, out_dir) + extra;
-  if (np == 1) return run_cli(args);
-  const std::string cmd = "cd '" + std::string(TESSERA_SOURCE_DIR) + "' && " + mpirun(np) + "'" +
-                          testing::tessera_binary() + "' " + args + " 2>&1";
-  testing::CliResult r;
-  FILE* p = popen(cmd.c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
+  return run_cli(args, np == 1 ? std::string() : testing::mpirun(np));
 }
 
 struct RunResult {

@@ -1,0 +1,333 @@
+// GPU parity of the FP8 ops (kernels/ops_fp8.h) against their CPU references: quantize (with and
+// without the fused transpose) and its amax bit for bit on awkward sizes and every input dtype;
+// the hardware cvt against core/dtype.h's conversion over a sweep of f32 bit patterns; the
+// cuBLASLt FP8 GEMM within a bound (both operand pairs, bf16/f32 output, accumulate on/off); the
+// delayed-scaling update bit for bit. Needs an sm_89+ GPU; skipped without one.
+#include <cuda_runtime.h>
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "kernels/cuda/fp8.h"
+#include "kernels/ops_fp8.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace tessera::testing {
+namespace {
+
+// FP8 tensor cores and the cvt.satfinite conversions need compute capability 8.9.
+#define TESSERA_REQUIRE_FP8_GPU()                                               \
+  do {                                                                          \
+    TESSERA_REQUIRE_GPU();                                                      \
+    int dev_ = 0, major_ = 0, minor_ = 0;                                       \
+    cudaGetDevice(&dev_);                                                       \
+    cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, dev_);   \
+    cudaDeviceGetAttribute(&minor_, cudaDevAttrComputeCapabilityMinor, dev_);   \
+    if (major_ * 10 + minor_ < 89) GTEST_SKIP() << "FP8 needs compute capability 8.9+"; \
+  } while (0)
+
+template <class T>
+void upload_raw(const DeviceTensor& d, const std::vector<T>& host) {
+  ASSERT_EQ(host.size() * sizeof(T), d.t().nbytes());
+  cudaMemcpy(d.t().data, host.data(), d.t().nbytes(), cudaMemcpyHostToDevice);
+}
+template <class T>
+std::vector<T> download_raw(const DeviceTensor& d) {
+  cudaDeviceSynchronize();
+  std::vector<T> host(d.t().nbytes() / sizeof(T));
+  cudaMemcpy(host.data(), d.t().data, d.t().nbytes(), cudaMemcpyDeviceToHost);
+  return host;
+}
+Tensor host_f32(std::vector<float>& v, Shape s) {
+  return Tensor(v.data(), DType::f32, Device::cpu, s);
+}
+
+// Random values with the hard cases mixed in (each format's max, ties, subnormals, signed zeros,
+// Inf, NaN), encoded in `dtype` (f32, bf16 or f16) as raw bits.
+std::vector<uint8_t> tricky_input(int64_t n, DType dtype, std::mt19937_64& rng, bool with_nan) {
+  const float specials[] = {0.0f, -0.0f, 448.0f, -464.0f, 480.0f, 57344.0f, 61440.0f, 1e30f,
+                            std::ldexp(1.0f, -10), std::ldexp(3.0f, -10), std::ldexp(1.0f, -17),
+                            std::ldexp(3.0f, -17), 1.0625f, 1.1875f, 1e-40f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity()};
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> pick(0, 99), exp(-20, 18);
+  std::uniform_int_distribution<size_t> which(0, std::size(specials) - 1);
+  std::vector<uint8_t> bytes(n * dtype_size(dtype));
+  for (int64_t i = 0; i < n; ++i) {
+    const int p = pick(rng);
+    float x = 30.0f * normal(rng);
+    if (p < 5) x = specials[which(rng)];
+    else if (p < 25) x = std::ldexp(normal(rng), exp(rng));
+    else if (p == 99 && with_nan) x = std::numeric_limits<float>::quiet_NaN();
+    if (dtype == DType::f32) std::memcpy(&bytes[4 * i], &x, 4);
+    else {
+      const uint16_t h = dtype == DType::bf16 ? f32_to_bf16_bits(x) : f32_to_f16_bits(x);
+      std::memcpy(&bytes[2 * i], &h, 2);
+    }
+  }
+  return bytes;
+}
+
+struct QuantizeCase {
+  int64_t rows, cols;
+};
+
+TEST(Fp8QuantizeGpu, BitExactWithCpuIncludingTransposeAndAmax) {
+  TESSERA_REQUIRE_FP8_GPU();
+  std::mt19937_64 rng(3);
+  const QuantizeCase cases[] = {{1000, 1040}, {1, 1}, {3, 65}, {64, 64}, {129, 250}, {7, 1},
+                                {1, 4097}, {513, 31}};
+  for (const QuantizeCase& qc : cases) {
+    for (DType in_type : {DType::f32, DType::bf16, DType::f16}) {
+      for (DType format : {DType::e4m3, DType::e5m2}) {
+        for (bool transpose : {false, true}) {
+          const int64_t r = qc.rows, c = qc.cols, n = r * c;
+          SCOPED_TRACE(::testing::Message() << r << "x" << c << " " << dtype_name(in_type) << "->"
+                                            << dtype_name(format) << " transpose " << transpose);
+          std::vector<uint8_t> in_bytes = tricky_input(n, in_type, rng, /*with_nan=*/n > 1000);
+          std::vector<float> scale{format == DType::e4m3 ? 1.7f : 0.011f};
+          std::vector<float> amax{0.5f};  // a prior amax both sides must max into
+          // CPU reference.
+          std::vector<uint8_t> out_cpu(n), out_t_cpu(n);
+          std::vector<float> amax_cpu = amax;
+          ops::fp8_quantize(Tensor(out_cpu.data(), format, Device::cpu, {r, c}),
+                            transpose ? Tensor(out_t_cpu.data(), format, Device::cpu, {c, r})
+                                      : Tensor(),
+                            host_f32(amax_cpu, {1}),
+                            Tensor(in_bytes.data(), in_type, Device::cpu, {r, c}),
+                            host_f32(scale, {1}));
+          // GPU.
+          DeviceTensor in(in_type, {r, c}), out(format, {r, c}), out_t(format, {c, r}),
+              amax_d(DType::f32, {1}), scale_d(DType::f32, {1});
+          upload_raw(in, in_bytes);
+          upload_raw(amax_d, amax);
+          upload_raw(scale_d, scale);
+          ops::fp8_quantize(out, transpose ? out_t.t() : Tensor(), amax_d, in, scale_d);
+          const std::vector<uint8_t> out_gpu = download_raw<uint8_t>(out);
+          int64_t mismatches = 0;
+          for (int64_t i = 0; i < n && mismatches < 5; ++i)
+            if (out_gpu[i] != out_cpu[i]) {
+              ++mismatches;
+              ADD_FAILURE() << "out[" << i << "]: gpu " << int(out_gpu[i]) << ", cpu "
+                            << int(out_cpu[i]);
+            }
+          if (transpose) {
+            EXPECT_EQ(download_raw<uint8_t>(out_t), out_t_cpu);
+          }
+          EXPECT_EQ(std::bit_cast<uint32_t>(download_raw<float>(amax_d)[0]),
+                    std::bit_cast<uint32_t>(amax_cpu[0]));
+          EXPECT_TRUE(out.guards_intact() && out_t.guards_intact() && amax_d.guards_intact());
+        }
+      }
+    }
+  }
+}
+
+// The brief's claim, checked rather than assumed: cvt.rn.satfinite (what __nv_cvt_float_to_fp8
+// with __NV_SATFINITE compiles to on sm_89+) rounds like core/dtype.h for every non-NaN input.
+// The sweep covers all f32 bit patterns whose low 6 bits are zero: every sign, exponent and the
+// top 17 mantissa bits, so every rounding boundary (ties included) of both formats, and the
+// patterns just above each tie. Scale 1 makes the product the input itself.
+TEST(Fp8QuantizeGpu, HardwareConversionMatchesDtypeH) {
+  TESSERA_REQUIRE_FP8_GPU();
+  const int64_t rows = 1 << 13, cols = 1 << 13;  // 2^26 patterns
+  std::vector<uint32_t> bits(rows * cols);
+  for (int64_t i = 0; i < rows * cols; ++i) bits[i] = uint32_t(i) << 6;
+  DeviceTensor in(DType::f32, {rows, cols}), amax_d(DType::f32, {1}), scale_d(DType::f32, {1});
+  upload_raw(in, bits);
+  upload_raw(amax_d, std::vector<float>{0.0f});
+  upload_raw(scale_d, std::vector<float>{1.0f});
+  for (DType format : {DType::e4m3, DType::e5m2}) {
+    DeviceTensor out(format, {rows, cols});
+    ops::fp8_quantize(out, {}, amax_d, in, scale_d);
+    const std::vector<uint8_t> got = download_raw<uint8_t>(out);
+    int64_t mismatches = 0;
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      const float x = std::bit_cast<float>(bits[i]);
+      const uint8_t want = std::isnan(x) ? 0x7F
+                           : format == DType::e4m3 ? f32_to_e4m3_bits(x, true)
+                                                   : f32_to_e5m2_bits(x, true);
+      if (got[i] != want && ++mismatches <= 5)
+        ADD_FAILURE() << dtype_name(format) << ": bits 0x" << std::hex << bits[i] << " -> gpu 0x"
+                      << int(got[i]) << ", dtype.h 0x" << int(want) << std::dec;
+    }
+    EXPECT_EQ(mismatches, 0) << dtype_name(format);
+  }
+}
+
+// ---- gemm_fp8 -------------------------------------------------------------------------------
+
+struct GemmCase {
+  int64_t m, n, k;
+};
+
+// Error bound of the GPU against the CPU reference (which is the exact product up to double
+// rounding, then c's rounding). Hopper's FP8 MMA adds its products in an accumulator that keeps
+// about 14 significant bits (DeepSeek-V3 report, §3.3.2), so each addition may lose up to ~2^-13
+// of the running magnitude, which is at most S = sa*sb*sum_k |a_ik b_jk|. With fast accumulation
+// the whole K loop stays in that accumulator: we allow 2^-9 S (the errors of up to K/32 MMA steps
+// add like a random walk, far below the worst case of (K/32) 2^-13 S for these K). With split
+// accumulation only each 32-deep MMA is inexact and f32 adds the rest: 2^-11 S. Plus the output
+// rounding (f32: 2^-23, bf16: 2^-8 of |ref|, covering a second rounding). A wrong scale, operand
+// order, transpose or a missed accumulate gives errors of order |ref| or S, far above this.
+double gemm_bound(double s_abs, double ref, bool split, DType c_type) {
+  return (split ? 0x1p-11 : 0x1p-9) * s_abs + (c_type == DType::bf16 ? 0x1p-8 : 0x1p-23) *
+                                                  std::fabs(ref) + 1e-30;
+}
+
+TEST(GemmFp8Gpu, MatchesCpuWithinBound) {
+  TESSERA_REQUIRE_FP8_GPU();
+  std::mt19937_64 rng(9);
+  const GemmCase cases[] = {{1, 16, 16}, {77, 64, 96}, {256, 272, 1024}, {1000, 48, 512}};
+  const std::pair<DType, DType> combos[] = {{DType::e4m3, DType::e4m3},
+                                            {DType::e5m2, DType::e4m3},
+                                            {DType::e4m3, DType::e5m2}};
+  for (const GemmCase& gc : cases) {
+    for (auto [ta, tb] : combos) {
+      for (DType c_type : {DType::f32, DType::bf16}) {
+        for (bool accumulate : {false, true}) {
+          const int64_t m = gc.m, n = gc.n, k = gc.k;
+          SCOPED_TRACE(::testing::Message() << m << "x" << n << "x" << k << " " << dtype_name(ta)
+                                            << " x " << dtype_name(tb) << " -> "
+                                            << dtype_name(c_type) << " accumulate " << accumulate);
+          // Operands: random normals quantized by the CPU op itself, with realistic scales.
+          auto make = [&](int64_t rows, DType format, float stddev, float scale_v,
+                          std::vector<uint8_t>* codes) {
+            std::vector<float> x = random_vector(rows * k, rng, stddev), amax{0.0f},
+                               scale{scale_v};
+            codes->resize(rows * k);
+            ops::fp8_quantize(Tensor(codes->data(), format, Device::cpu, {rows, k}), {},
+                              host_f32(amax, {1}), host_f32(x, {rows, k}), host_f32(scale, {1}));
+          };
+          std::vector<uint8_t> a_codes, b_codes;
+          make(m, ta, 0.02f, 4096.0f, &a_codes);
+          make(n, tb, 1.5f, 64.0f, &b_codes);
+          std::vector<float> sa{1.0f / 4096.0f}, sb{1.0f / 64.0f};
+          // c starts with values in c's dtype (bf16-representable), used when accumulating.
+          std::vector<float> c0 = round_to(DType::bf16, random_vector(m * n, rng, 0.3f));
+
+          // CPU reference (in c's dtype too, so its rounding is the GPU's).
+          std::vector<float> c_cpu32 = c0;
+          std::vector<uint16_t> c_cpu16(m * n);
+          for (int64_t i = 0; i < m * n; ++i) c_cpu16[i] = f32_to_bf16_bits(c0[i]);
+          const Tensor c_cpu = c_type == DType::f32
+                                   ? host_f32(c_cpu32, {m, n})
+                                   : Tensor(c_cpu16.data(), DType::bf16, Device::cpu, {m, n});
+          ops::gemm_fp8(c_cpu, Tensor(a_codes.data(), ta, Device::cpu, {m, k}),
+                        Tensor(b_codes.data(), tb, Device::cpu, {n, k}), host_f32(sa, {1}),
+                        host_f32(sb, {1}), accumulate);
+          std::vector<float> ref(m * n);
+          for (int64_t i = 0; i < m * n; ++i)
+            ref[i] = c_type == DType::f32 ? c_cpu32[i] : bf16_bits_to_f32(c_cpu16[i]);
+
+          DeviceTensor a(ta, {m, k}), b(tb, {n, k}), c(c_type, {m, n}), sa_d(DType::f32, {1}),
+              sb_d(DType::f32, {1});
+          upload_raw(a, a_codes);
+          upload_raw(b, b_codes);
+          upload_raw(sa_d, sa);
+          upload_raw(sb_d, sb);
+          c.upload(c0);
+          ops::gemm_fp8(c, a, b, sa_d, sb_d, accumulate);
+          const std::vector<float> got = c.download();
+          EXPECT_TRUE(c.guards_intact());
+
+          // S per element from the decoded operands.
+          auto decode = [](const std::vector<uint8_t>& codes, DType f) {
+            std::vector<double> v(codes.size());
+            for (size_t i = 0; i < codes.size(); ++i)
+              v[i] = f == DType::e4m3 ? e4m3_bits_to_f32(codes[i]) : e5m2_bits_to_f32(codes[i]);
+            return v;
+          };
+          const std::vector<double> av = decode(a_codes, ta), bv = decode(b_codes, tb);
+          const bool split = ta == DType::e5m2 || tb == DType::e5m2;
+          int64_t failures = 0;
+          double worst = 0.0;
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j) {
+              double s_abs = 0.0;
+              for (int64_t p = 0; p < k; ++p)
+                s_abs += std::fabs(av[i * k + p] * bv[j * k + p]);
+              s_abs *= double(sa[0]) * sb[0];
+              const double err = std::fabs(double(got[i * n + j]) - ref[i * n + j]);
+              const double bound = gemm_bound(s_abs, ref[i * n + j], split, c_type);
+              worst = std::max(worst, err / bound);
+              if (!(err <= bound) && ++failures <= 5)
+                ADD_FAILURE() << "c[" << i << "," << j << "]: gpu " << got[i * n + j] << ", cpu "
+                              << ref[i * n + j] << ", bound " << bound;
+            }
+          EXPECT_EQ(failures, 0) << "worst error / bound " << worst;
+        }
+      }
+    }
+  }
+}
+
+TEST(GemmFp8Gpu, RejectsUnsupportedOperands) {
+  TESSERA_REQUIRE_FP8_GPU();
+  DeviceTensor a(DType::e5m2, {32, 32}), b(DType::e5m2, {32, 32}), b4(DType::e4m3, {32, 32}),
+      c(DType::f32, {32, 32}), s(DType::f32, {1});
+  EXPECT_THROW(ops::gemm_fp8(c, a, b, s, s, false), Error);  // e5m2 x e5m2
+  DeviceTensor a_odd(DType::e4m3, {32, 24}), b_odd(DType::e4m3, {32, 24});
+  EXPECT_THROW(ops::gemm_fp8(c, a_odd, b_odd, s, s, false), Error);  // K = 24, not a multiple of 16
+  DeviceTensor c_odd(DType::f32, {32, 24}), b_n24(DType::e4m3, {24, 32});
+  EXPECT_THROW(ops::gemm_fp8(c_odd, b4, b_n24, s, s, false), Error);  // N = 24
+}
+
+// ---- fp8_update_scales ----------------------------------------------------------------------
+
+TEST(Fp8UpdateScalesGpu, BitExactWithCpuOverSteps) {
+  TESSERA_REQUIRE_GPU();
+  std::mt19937_64 rng(21);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (auto compute : {ops::Fp8AmaxCompute::max, ops::Fp8AmaxCompute::most_recent}) {
+    for (int margin : {0, 3}) {
+      const int64_t len = 7, n = 300;
+      std::vector<float> hist(len * n, 0.0f), scale(n, 1.0f), scale_inv(n, 1.0f), fp8_max(n);
+      for (int64_t j = 0; j < n; ++j) fp8_max[j] = j % 3 == 0 ? 57344.0f : 448.0f;
+      DeviceTensor hist_d(DType::f32, {len, n}), scale_d(DType::f32, {n}),
+          scale_inv_d(DType::f32, {n}), amax_d(DType::f32, {n}), max_d(DType::f32, {n});
+      upload_raw(hist_d, hist);
+      upload_raw(scale_d, scale);
+      upload_raw(scale_inv_d, scale_inv);
+      upload_raw(max_d, fp8_max);
+      ops::Fp8UpdateParams cpu_params, gpu_params;
+      cpu_params.fp8_max = host_f32(fp8_max, {n});
+      gpu_params.fp8_max = max_d;
+      cpu_params.amax_compute = gpu_params.amax_compute = compute;
+      cpu_params.margin = gpu_params.margin = margin;
+      std::uniform_int_distribution<int> pick(0, 19), exp(-140, 30);
+      std::uniform_real_distribution<float> mant(1.0f, 2.0f);
+      for (int step = 0; step < 12; ++step) {
+        std::vector<float> amax(n);
+        for (auto& a : amax) {
+          const int p = pick(rng);
+          a = p == 0 ? 0.0f : p == 1 ? inf : p == 2 ? std::numeric_limits<float>::quiet_NaN()
+                                                    : std::ldexp(mant(rng), exp(rng));
+        }
+        upload_raw(amax_d, amax);
+        ops::fp8_update_scales(host_f32(hist, {len, n}), host_f32(scale, {n}),
+                               host_f32(scale_inv, {n}), host_f32(amax, {n}), cpu_params);
+        ops::fp8_update_scales(hist_d, scale_d, scale_inv_d, amax_d, gpu_params);
+        auto same_bits = [](const std::vector<float>& x, const std::vector<float>& y) {
+          return std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+        };
+        EXPECT_TRUE(same_bits(download_raw<float>(hist_d), hist)) << "history, step " << step;
+        EXPECT_TRUE(same_bits(download_raw<float>(scale_d), scale)) << "scale, step " << step;
+        EXPECT_TRUE(same_bits(download_raw<float>(scale_inv_d), scale_inv))
+            << "scale_inv, step " << step;
+        EXPECT_TRUE(same_bits(download_raw<float>(amax_d), amax)) << "amax, step " << step;
+      }
+      EXPECT_TRUE(hist_d.guards_intact() && scale_d.guards_intact() &&
+                  scale_inv_d.guards_intact() && amax_d.guards_intact());
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tessera::testing
