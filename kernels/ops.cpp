@@ -47,6 +47,15 @@ void cpu_layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Ten
   n.finish();
 }
 
+// bias / dbias has the dtype of out / dout, or f32. Checked before NarrowScope, which widens a
+// bf16 and an f16 operand alike to f32 and would hide a mismatch from the kernel's own check.
+void check_bias_dtype(const Tensor& matrix, const Tensor& vector, const char* op,
+                      const char* name) {
+  TS_CHECK(matrix.empty() || vector.empty() || vector.dtype == matrix.dtype ||
+               vector.dtype == DType::f32,
+           "{}: {} is {}, expected {} or f32", op, name, vector.str(), dtype_name(matrix.dtype));
+}
+
 // param, m, v are normally the f32 master copy and state and grad f32/bf16/f16; any of them may
 // be bf16/f16 here (read exactly, updated in f32, rounded once).
 void cpu_adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
@@ -244,6 +253,40 @@ void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
   cpu::NarrowScope n("matmul_backward");
   cpu::matmul_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"), n.inout(dbias, "dbias"),
                        n.in(dout, "dout"), n.in(inp, "inp"), n.in(weight, "weight"));
+  n.finish();
+}
+
+void bias_add(Tensor out, Tensor bias) {
+  const Device device = device_of({&out, &bias});
+  const ProfileScope profile("bias_add", device);
+  if (device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::bias_add(out, bias);
+    return;
+#else
+    no_cuda("bias_add");
+#endif
+  }
+  check_bias_dtype(out, bias, "bias_add", "bias");
+  cpu::NarrowScope n("bias_add");
+  cpu::bias_add(n.inout(out, "out"), n.in(bias, "bias"));
+  n.finish();
+}
+
+void bias_grad(Tensor dbias, Tensor dout) {
+  const Device device = device_of({&dbias, &dout});
+  const ProfileScope profile("bias_grad", device);
+  if (device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::bias_grad(dbias, dout);
+    return;
+#else
+    no_cuda("bias_grad");
+#endif
+  }
+  check_bias_dtype(dout, dbias, "bias_grad", "dbias");
+  cpu::NarrowScope n("bias_grad");
+  cpu::bias_grad(n.inout(dbias, "dbias"), n.in(dout, "dout"));
   n.finish();
 }
 

@@ -79,6 +79,18 @@ void matmul_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, Tensor weight /*
 void matmul_backward(Tensor dinp /*(M,K)*/, Tensor dweight /*(N,K) +=*/,
                      Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/,
                      Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/);
+// The bias half of a linear layer, for GEMMs without a bias epilogue (ops::gemm_fp8): the bias
+// that matmul_forward adds and the dbias that matmul_backward accumulates. Rows are all leading
+// dims of out / dout; bias and dbias have out's / dout's dtype, or are f32 (an f32 master copy
+// beside 16-bit activations).
+// out += bias on every row, in place: each element is out + bias in f32 (f64 for f64 tensors),
+// rounded once to out's dtype. (A 16-bit GEMM result plus bias_add is thus rounded twice, where
+// matmul_forward's bias epilogue rounds once.)
+void bias_add(Tensor out /*(M,N)*/, Tensor bias /*(N)*/);
+// dbias += column sums of dout, summed in f32 on CUDA and in double on the CPU (rows in order,
+// rounded once to f32 and, for 16-bit dbias, then to its dtype). The CUDA order is fixed by M and
+// N alone, so results are bitwise reproducible run to run (and do not depend on alignment).
+void bias_grad(Tensor dbias /*(N) +=*/, Tensor dout /*(M,N)*/);
 
 // ---- rotary position embedding (NeoX / Hugging Face "rotate_half" pairing) -----------------
 // For each head vector x of width D (even), pair i with i + D/2, angle = (t + pos_offset) *

@@ -49,6 +49,10 @@ void matmul_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, Tensor weight /*
 void matmul_backward(Tensor dinp /*(M,K)*/, Tensor dweight /*(N,K) +=*/,
                      Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/,
                      Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/);
+// The bias half of a linear layer (ops.h documents the numerics); bias / dbias may be f32 beside
+// 16-bit out / dout.
+void bias_add(Tensor out /*(M,N)*/, Tensor bias /*(N)*/);          // out += bias on every row
+void bias_grad(Tensor dbias /*(N) +=*/, Tensor dout /*(M,N)*/);    // dbias += column sums
 
 // ---- rotary position embedding (NeoX / Hugging Face "rotate_half" pairing) -----------------
 // For each head vector x of width D (even), pair i with i + D/2, angle = (t + pos_offset) *

@@ -120,15 +120,11 @@ void Attention::backward(ParamStore& ps, const AttentionActs& a, AttentionScratc
     dq_lin = s.dq_raw;
     dk_lin = s.dk_raw;
   }
-  wq_.backward_input(ps, dx, token_rows(dq_lin), false);  // q writes dx, k and v add to it
-  wk_.backward_input(ps, dx, token_rows(dk_lin), true);
-  wv_.backward_input(ps, dx, token_rows(s.dv), true);
-  // x fed every rank's heads: dx is summed over tp while the weight gradients compute.
-  CommHandle dx_sum = copy_to_tp_region_backward_async(shard_, dx);
-  wq_.backward_weight(ps, token_rows(dq_lin), x);
-  wk_.backward_weight(ps, token_rows(dk_lin), x);
-  wv_.backward_weight(ps, token_rows(s.dv), x);
-  if (dx_sum) dx_sum->wait();
+  // x fed every rank's heads: dx is summed over tp (overlapping the weight gradients).
+  column_parallel_backward(ps, shard_,
+                           {{&wq_, token_rows(dq_lin)}, {&wk_, token_rows(dk_lin)},
+                            {&wv_, token_rows(s.dv)}},
+                           dx, x);
 }
 
 }  // namespace tessera

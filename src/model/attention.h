@@ -38,6 +38,10 @@ class Attention {
   // dx (N,C) is overwritten with the gradient with respect to x.
   void backward(ParamStore& ps, const AttentionActs& a, AttentionScratch& s, Tensor dx, Tensor dy,
                 Tensor x) const;
+  // Its linears in declaration order (FP8 setup).
+  template <class F> void for_each_linear(F&& f) {
+    for (Linear* l : {&wq_, &wk_, &wv_, &wo_}) f(*l);
+  }
 
  private:
   Linear wq_, wk_, wv_, wo_;  // q/k/v column-parallel, wo row-parallel

@@ -34,6 +34,7 @@ void Linear::declare(ParamStore& ps, const std::string& name, int in, int out, b
 }
 
 void Linear::forward(const ParamStore& ps, Tensor out, Tensor inp) const {
+  if (compute) return compute->forward(*this, ps, out, inp);
   ops::matmul_forward(out, inp, ps[weight].value, add_bias ? param_value(ps, bias) : Tensor());
 }
 
@@ -41,17 +42,41 @@ void Linear::backward(ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp,
                       bool accumulate_dinp) const {
   // dW += dout^T inp and db += colsum(dout) through matmul_backward; dinp separately through gemm
   // so that several branches (q, k, v) can sum into one input gradient without a scratch pass.
+  if (compute) return compute->backward(*this, ps, dinp, dout, inp, accumulate_dinp);
   backward_weight(ps, dout, inp);
   if (!dinp.empty()) backward_input(ps, dinp, dout, accumulate_dinp);
 }
 
 void Linear::backward_input(const ParamStore& ps, Tensor dinp, Tensor dout,
                             bool accumulate_dinp) const {
+  if (compute) return compute->backward_input(*this, ps, dinp, dout, accumulate_dinp);
   ops::gemm(dinp, dout, ps[weight].value, false, false, 1.0f, accumulate_dinp ? 1.0f : 0.0f);
 }
 
 void Linear::backward_weight(ParamStore& ps, Tensor dout, Tensor inp) const {
+  if (compute) return compute->backward_weight(*this, ps, dout, inp);
   ops::matmul_backward(Tensor(), ps[weight].grad, param_grad(ps, bias), dout, inp, ps[weight].value);
+}
+
+void column_parallel_backward(ParamStore& ps, const ModelShard& shard,
+                              std::initializer_list<std::pair<const Linear*, Tensor>> layers,
+                              Tensor dx, Tensor x) {
+  if (shard.tp_size == 1) {
+    bool first = true;
+    for (const auto& [l, dout] : layers) {
+      l->backward(ps, dx, dout, x, !first);
+      first = false;
+    }
+    return;
+  }
+  bool first = true;
+  for (const auto& [l, dout] : layers) {
+    l->backward_input(ps, dx, dout, !first);
+    first = false;
+  }
+  CommHandle dx_sum = copy_to_tp_region_backward_async(shard, dx);
+  for (const auto& [l, dout] : layers) l->backward_weight(ps, dout, x);
+  dx_sum->wait();
 }
 
 void Norm::declare(ParamStore& ps, const std::string& name, int width, NormKind k, bool with_bias,

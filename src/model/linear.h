@@ -2,13 +2,31 @@
 // a ParamStore and has an explicit forward/backward pair. Parameter gradients accumulate (+=).
 // Shape letters: M rows (= B*T), K in features, N out features, C width.
 #pragma once
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "model/config.h"
 #include "model/model_shard.h"
 #include "model/params.h"
 
 namespace tessera {
+
+struct Linear;
+
+// Another way to compute a linear layer's GEMMs: FP8 with delayed scaling (optim/fp8_linear.h)
+// under precision.compute: fp8. The precision policy lives in src/optim; layers only call
+// through this interface, so the model does not depend on it.
+class LinearCompute {
+ public:
+  virtual ~LinearCompute() = default;
+  virtual void forward(const Linear& l, const ParamStore& ps, Tensor out, Tensor inp) = 0;
+  virtual void backward(const Linear& l, ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp,
+                        bool accumulate_dinp) = 0;
+  virtual void backward_input(const Linear& l, const ParamStore& ps, Tensor dinp, Tensor dout,
+                              bool accumulate_dinp) = 0;
+  virtual void backward_weight(const Linear& l, ParamStore& ps, Tensor dout, Tensor inp) = 0;
+};
 
 // Tensor-parallel split of a Linear (Megatron): column-parallel splits the output features (the
 // weight's rows and the bias), row-parallel splits the input features (the weight's columns; the
@@ -20,6 +38,8 @@ struct Linear {
   int bias = -1;    // (N) or -1
   int in_features = 0, out_features = 0;  // local (this rank's) sizes
   bool add_bias = true;  // false on tp ranks > 0 of a row-parallel layer
+  LinearCompute* compute = nullptr;  // null: the dtype's own GEMMs (kernels/ops.h)
+  int compute_slot = -1;             // this layer's index in *compute
 
   // in/out are the full sizes; the local slice follows from split and the shard's tp rank.
   void declare(ParamStore& ps, const std::string& name, int in, int out, bool with_bias,
@@ -34,6 +54,14 @@ struct Linear {
                       bool accumulate_dinp) const;
   void backward_weight(ParamStore& ps, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/) const;
 };
+
+// Backward of column-parallel linears that all read the same replicated x (q/k/v; MLP gate/up):
+// their input gradients sum into dx (overwritten), which is all-reduced over tp while their
+// weight gradients compute. With tp = 1 each layer runs its whole backward in turn (one FP8
+// quantization of its output gradient instead of two).
+void column_parallel_backward(ParamStore& ps, const ModelShard& shard,
+                              std::initializer_list<std::pair<const Linear*, Tensor>> layers,
+                              Tensor dx /*(M,K)*/, Tensor x /*(M,K)*/);
 
 struct Norm {
   NormKind kind = NormKind::layernorm;

@@ -58,13 +58,9 @@ void Mlp::backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, T
   const bool gated = kind_ != ActivationKind::gelu;
   if (gated) ops::swiglu_backward(s.d_h, s.d_up, s.d_act, a.h, a.up);
   else ops::gelu_backward(s.d_h, s.d_act, a.h);
-  in_.backward_input(ps, dx, s.d_h, false);
-  if (gated) up_.backward_input(ps, dx, s.d_up, true);
-  // x fed every rank's FFN slice: dx is summed over tp while the weight gradients compute.
-  CommHandle dx_sum = copy_to_tp_region_backward_async(shard_, dx);
-  in_.backward_weight(ps, s.d_h, x);
-  if (gated) up_.backward_weight(ps, s.d_up, x);
-  if (dx_sum) dx_sum->wait();
+  // x fed every rank's FFN slice: dx is summed over tp (overlapping the weight gradients).
+  if (gated) column_parallel_backward(ps, shard_, {{&in_, s.d_h}, {&up_, s.d_up}}, dx, x);
+  else column_parallel_backward(ps, shard_, {{&in_, s.d_h}}, dx, x);
 }
 
 }  // namespace tessera

@@ -31,6 +31,11 @@ class Mlp {
   // dx (N,C) is overwritten.
   void backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, Tensor dy,
                 Tensor x) const;
+  template <class F> void for_each_linear(F&& f) {
+    f(in_);
+    if (kind_ != ActivationKind::gelu) f(up_);
+    f(out_);
+  }
 
  private:
   ActivationKind kind_ = ActivationKind::gelu;

@@ -98,6 +98,12 @@ class Transformer {
   // gradient for this micro-batch (data-parallel buckets start reducing then).
   void set_grad_ready_hook(std::function<void(int)> hook) { grad_ready_ = std::move(hook); }
 
+  // Every linear of every block of this stage, in order (the FP8 policy attaches to them;
+  // embeddings, norms, attention and the LM head are not linears here).
+  template <class F> void for_each_linear(F&& f) {
+    for (Block& b : blocks_) b.for_each_linear(f);
+  }
+
   Tensor logits(const Activations& acts) const { return acts.logits; }  // (B*T, Vl)
   int64_t count_valid(Tensor targets) const;
 

@@ -32,10 +32,40 @@ std::vector<char> host_bytes(const Tensor& t) {
   return out;
 }
 
+// Each FP8 layer's scaling state by its weight's name: (L, 3) amax history and (3) scales for x,
+// w, dy. Checkpoints from non-FP8 runs have none: the scales start fresh, as in a new run.
+void load_fp8_state(const io::CheckpointReader& ck, const std::string& dir, Fp8Linears& fp8) {
+  Fp8ScalingState::State st = fp8.state().gather();
+  const int64_t n = int64_t(st.scale.size());
+  const std::string first = "fp8." + fp8.name(0) + ".amax_history";
+  if (!ck.has_tensor(first)) {
+    log_info("checkpoint {} has no FP8 scaling state (saved without fp8): scales start at 1", dir);
+    return;
+  }
+  const int64_t L = ck.global_shape(first)[0];
+  st.history_len = L;
+  st.amax_history.assign(L * n, 0.0f);
+  for (int slot = 0; slot < fp8.num_layers(); ++slot) {
+    const std::string base = "fp8." + fp8.name(slot);
+    for (const char* part : {".amax_history", ".scale", ".scale_inv"})
+      if (!ck.has_tensor(base + part) || ck.dtype(base + part) != DType::f32)
+        TS_USER_ERROR("checkpoint {}: FP8 state '{}{}' is missing or not f32", dir, base, part);
+    if (ck.global_shape(base + ".amax_history") != std::vector<int64_t>{L, 3})
+      TS_USER_ERROR("checkpoint {}: '{}.amax_history' is not ({}, 3)", dir, base, L);
+    std::vector<float> hist(L * 3);
+    ck.read_full(base + ".amax_history", hist.data());
+    for (int64_t i = 0; i < L; ++i)
+      for (int k = 0; k < 3; ++k) st.amax_history[i * n + 3 * slot + k] = hist[i * 3 + k];
+    ck.read_full(base + ".scale", &st.scale[3 * slot]);
+    ck.read_full(base + ".scale_inv", &st.scale_inv[3 * slot]);
+  }
+  fp8.state().load(st);  // validates, and adapts a different history length
+}
+
 }  // namespace
 
 void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
-                     const DistributedOptimizer& opt, const LossScaler* scaler, int64_t step,
+                     const DistributedOptimizer& opt, PrecisionState prec, int64_t step,
                      const std::string& tokenizer_hash) {
   const ParamStore& ps = model.params();
   HostOptimizerState state;
@@ -55,6 +85,21 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
       add("optim.v." + p.spec.name, state.v_of(p));
     }
   }
+  const Fp8Linears* fp8 = prec.fp8;
+  if (fp8 && ctx.coord().dp_rank == 0 && ctx.coord().tp_rank == 0) {
+    // Amaxes are agreed over tp and dp, so replica 0's tp rank 0 holds every stage's state.
+    const Fp8ScalingState::State st = fp8->state().gather();
+    const int64_t L = st.history_len, n = int64_t(st.scale.size());
+    for (int slot = 0; slot < fp8->num_layers(); ++slot) {
+      std::vector<float> hist(L * 3);
+      for (int64_t i = 0; i < L; ++i)
+        for (int k = 0; k < 3; ++k) hist[i * 3 + k] = st.amax_history[i * n + 3 * slot + k];
+      const std::string base = "fp8." + fp8->name(slot);
+      w.add({base + ".amax_history", DType::f32, {L, 3}, {0, 0}, {L, 3}, hist.data()});
+      w.add({base + ".scale", DType::f32, {3}, {0}, {3}, &st.scale[3 * slot]});
+      w.add({base + ".scale_inv", DType::f32, {3}, {0}, {3}, &st.scale_inv[3 * slot]});
+    }
+  }
   if (ctx.rank() == 0) {
     w.set_meta("recipe", recipe_to_yaml(r));
     w.set_meta("step", std::to_string(step));
@@ -68,7 +113,7 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
                                         {"samples_consumed", step * r.global_batch()}}
                              .dump());
     w.set_meta("tokenizer_hash", tokenizer_hash);
-    if (scaler) {
+    if (const LossScaler* scaler = prec.scaler) {
       // Every rank's scaler holds the same state (it only sees job-wide flags).
       const LossScaler::State st = scaler->state();
       w.set_meta("loss_scaler", nlohmann::json{{"scale", st.scale},
@@ -91,7 +136,7 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
 }
 
 int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& model,
-                        DistributedOptimizer& opt, LossScaler* scaler,
+                        DistributedOptimizer& opt, PrecisionState prec,
                         const std::string& tokenizer_hash) {
   const io::CheckpointReader ck = io::CheckpointReader::open(dir);
   const Recipe saved = parse_recipe(ck.meta("recipe"), dir + "/recipe");
@@ -138,6 +183,8 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
   }
   opt.load_state(ps, state);
   opt.set_step_count(std::stoll(ck.meta("optimizer_step")));
+  if (prec.fp8) load_fp8_state(ck, dir, *prec.fp8);
+  LossScaler* scaler = prec.scaler;
   if (scaler && ck.has_meta("loss_scaler")) {
     const auto j = nlohmann::json::parse(ck.meta("loss_scaler"), nullptr, false);
     const char* keys[] = {"scale", "growth_tracker", "hysteresis_left", "steps", "skipped",

@@ -8,6 +8,7 @@
 
 #include "model/transformer.h"
 #include "optim/distributed_optimizer.h"
+#include "optim/fp8_linear.h"
 #include "optim/loss_scaler.h"
 #include "parallel/parallel_context.h"
 #include "train/recipe.h"
@@ -15,17 +16,23 @@
 namespace tessera {
 
 // Collective over the whole job: every rank writes its shard, then rank 0 commits the directory.
-// `scaler` (fp16 runs; else null) is stored in the metadata.
+// The precision policy's state that a checkpoint carries (each null when not in use): the FP16
+// loss scaler (metadata) and the FP8 scaling state (tensors "fp8.<layer weight>.*").
+struct PrecisionState {
+  LossScaler* scaler = nullptr;
+  Fp8Linears* fp8 = nullptr;
+};
+
 void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
-                     const DistributedOptimizer& opt, const LossScaler* scaler, int64_t step,
+                     const DistributedOptimizer& opt, PrecisionState prec, int64_t step,
                      const std::string& tokenizer_hash);
 
 // Every rank reads its slices (parameters, masters, moments) from `dir`; returns the step to
 // continue from. Architecture and tokenizer must match; the layout may differ.
-// `scaler` is restored when the checkpoint has a loss-scaler state; a checkpoint without one
-// (saved by an fp32 or bf16 run) leaves it at its initial state.
+// The precision state is restored when the checkpoint has it; a checkpoint without it (saved
+// under another precision) leaves it at its initial state.
 int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& model,
-                        DistributedOptimizer& opt, LossScaler* scaler,
+                        DistributedOptimizer& opt, PrecisionState prec,
                         const std::string& tokenizer_hash);
 
 }  // namespace tessera

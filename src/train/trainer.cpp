@@ -34,6 +34,7 @@
 #include "kernels/ops.h"
 #include "model/transformer.h"
 #include "optim/distributed_optimizer.h"
+#include "optim/fp8_linear.h"
 #include "optim/loss_scaler.h"
 #include "optim/lr_schedule.h"
 #include "parallel/mpi_runtime.h"
@@ -81,9 +82,16 @@ DType compute_dtype(const Recipe& r) {
   if (c == "fp32") return DType::f32;
   if (c == "bf16") return DType::bf16;
   if (c == "fp16") return DType::f16;
-  TS_USER_ERROR("{}: precision.compute 'fp8' is not built yet: the FP8 ops (quantize with amax, "
-                "cuBLASLt FP8 GEMM, delayed scaling) exist, but the linear layers do not use them "
-                "yet; use bf16 or fp16", r.file);
+  return DType::bf16;  // fp8: FP8 GEMMs in the linear layers (optim/fp8_linear.h), bf16 else
+}
+
+Fp8ScalingConfig fp8_scaling_config(const Fp8Config& c) {
+  Fp8ScalingConfig f;
+  f.amax_history_len = c.amax_history_len;
+  f.amax_compute = c.amax_compute == "most_recent" ? ops::Fp8AmaxCompute::most_recent
+                                                   : ops::Fp8AmaxCompute::max;
+  f.margin = c.margin;
+  return f;
 }
 
 // True when any gradient on any rank holds an Inf or NaN: every rank checks its whole local
@@ -130,7 +138,8 @@ struct MemoryPlan {
   size_t params = 0, optimizer = 0;
   size_t train_acts = 0;  // the pipeline executor's activation sets, batches and p2p buffers
   size_t workspace = 0;  // GEMM + attention scratch of the CUDA backend
-  size_t total() const {
+  size_t fp8 = 0;  // outside the arena: FP8 weight copies (W and W^T) and quantization scratch
+  size_t total() const {  // the arena
     return params + optimizer + train_acts +
            Arena::aligned(workspace);
   }
@@ -161,6 +170,7 @@ TrainSummary train(const Recipe& recipe_in) {
   Device device = resolve_device(r);
   if (device == Device::cuda && mpi_active() && world_size() > 1) select_local_gpu();
   const DType dtype = compute_dtype(r);
+  const bool fp8 = r.precision.compute == "fp8";
   const ParallelConfig& par = r.parallel;
 
   const int B = r.data.micro_batch, T = r.data.seq_len;
@@ -223,14 +233,23 @@ TrainSummary train(const Recipe& recipe_in) {
                                                r.model.num_kv_heads / par.tp,
                                                r.model.resolved_head_dim(), dtype);
   }
+  if (fp8) {
+    // An upper bound: 2 bytes per local parameter, and four (M, max width) byte matrices.
+    const ModelConfig local = Transformer::local_config(stage_cfg, shard);
+    const int64_t width = std::max<int64_t>(local.hidden, local.ffn_hidden);
+    plan.fp8 = 2 * size_t(Transformer::local_num_params(stage_cfg, shard)) +
+               4 * size_t(int64_t(B) * T * width);
+  }
   size_t free_bytes = 0, total_bytes = 0;
-  if (device_memory_info(device, &free_bytes, &total_bytes) && plan.total() > free_bytes)
+  if (device_memory_info(device, &free_bytes, &total_bytes) && plan.total() + plan.fp8 > free_bytes)
     TS_USER_ERROR("{}: this run needs {:.2f} GB of GPU memory per rank (parameters {:.2f}, "
-                  "optimizer {:.2f}, activations and pipeline buffers {:.2f}, workspace {:.2f}) "
-                  "but {:.2f} GB of {:.2f} are free; lower data.micro_batch or data.seq_len, "
-                  "set model.recompute: true, or spread the model with parallel.tp / parallel.pp",
-                  r.file, plan.total() / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
-                  plan.train_acts / 1e9, plan.workspace / 1e9, free_bytes / 1e9, total_bytes / 1e9);
+                  "optimizer {:.2f}, activations and pipeline buffers {:.2f}, workspace {:.2f}, "
+                  "fp8 copies {:.2f}) but {:.2f} GB of {:.2f} are free; lower data.micro_batch or "
+                  "data.seq_len, set model.recompute: true, or spread the model with parallel.tp "
+                  "/ parallel.pp",
+                  r.file, (plan.total() + plan.fp8) / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
+                  plan.train_acts / 1e9, plan.workspace / 1e9, plan.fp8 / 1e9, free_bytes / 1e9,
+                  total_bytes / 1e9);
   Arena arena(device, plan.total(), "device memory");
   if (plan.workspace > 0) ops::use_cuda_workspace(arena.alloc_bytes(plan.workspace), plan.workspace);
 
@@ -252,6 +271,11 @@ TrainSummary train(const Recipe& recipe_in) {
 
   Transformer model(stage_cfg, dtype, device, &arena, shard, par.dp, keep_master);
   model.init_weights(r.train.seed);
+  std::unique_ptr<Fp8Linears> fp8_linears;  // fp8 only
+  if (fp8) {
+    fp8_linears = std::make_unique<Fp8Linears>(device, fp8_scaling_config(r.precision.fp8));
+    fp8_linears->attach(model);
+  }
   AdamWConfig acfg;
   acfg.beta1 = r.optim.beta1;
   acfg.beta2 = r.optim.beta2;
@@ -287,11 +311,12 @@ TrainSummary train(const Recipe& recipe_in) {
 
   std::optional<LossScaler> scaler;  // fp16 only
   if (dtype == DType::f16) scaler.emplace(r.precision.loss_scale);
+  const PrecisionState prec{scaler ? &*scaler : nullptr, fp8_linears.get()};
 
   int64_t start_step = 0;
   const std::string resume = io::resolve_resume(r.train.out_dir, r.checkpoint.resume);
   if (!resume.empty()) {
-    start_step = load_checkpoint(resume, r, model, opt, scaler ? &*scaler : nullptr, tokenizer_hash);
+    start_step = load_checkpoint(resume, r, model, opt, prec, tokenizer_hash);
     if (rank0) log_info("resumed from {} at step {}", resume, start_step);
   }
 
@@ -322,7 +347,9 @@ TrainSummary train(const Recipe& recipe_in) {
     const auto fill = [&](int m, Batch& batch) {
       val_loader.fill_eval(m / num_micro, m % num_micro, B, batch.inputs.data(), batch.targets.data());
     };
+    if (fp8_linears) fp8_linears->set_recording(false);  // evaluation must not steer the scales
     const PipelineExecutor::Result res = pipe.eval(fill, static_cast<int>(nb * num_micro));
+    if (fp8_linears) fp8_linears->set_recording(true);
     const double loss_sum = replica_sum(res.loss_sum);
     const double tokens = replica_sum(double(res.valid));
     const double loss = tokens > 0 ? loss_sum / tokens : 0.0;
@@ -400,6 +427,8 @@ TrainSummary train(const Recipe& recipe_in) {
       // Unscaling is folded into AdamW's gradient scale with the clip factor.
       opt.step(model.params(), lr, clip_factor(norm, r.optim.grad_clip) / loss_scale);
     }
+    // Delayed scaling: this step's amaxes, agreed over tp and dp, set the next step's scales.
+    if (fp8_linears) fp8_linears->end_step(&ctx->comm(Group::tp), &ctx->comm(Group::dp));
     ops::synchronize(device);
     const double dt = seconds_since(t0);
     if (ops::profile_enabled()) {
@@ -448,7 +477,7 @@ TrainSummary train(const Recipe& recipe_in) {
     if (r.train.eval_every > 0 && done % r.train.eval_every == 0 && done != r.train.steps)
       run_eval(done);
     if (r.checkpoint.every > 0 && done % r.checkpoint.every == 0 && done != r.train.steps)
-      save_checkpoint(r, *ctx, model, opt, scaler ? &*scaler : nullptr, done, tokenizer_hash);
+      save_checkpoint(r, *ctx, model, opt, prec, done, tokenizer_hash);
   }
   summary.train_seconds = seconds_since(loop_start);
   summary.last_step = step;
@@ -458,7 +487,7 @@ TrainSummary train(const Recipe& recipe_in) {
   }
   run_eval(step);
   if (step > start_step && r.checkpoint.save_final)
-    save_checkpoint(r, *ctx, model, opt, scaler ? &*scaler : nullptr, step, tokenizer_hash);
+    save_checkpoint(r, *ctx, model, opt, prec, step, tokenizer_hash);
   if (rank0)
     log_info("trained steps {}..{} in {}", start_step, step, format_duration(summary.train_seconds));
 
@@ -469,6 +498,7 @@ TrainSummary train(const Recipe& recipe_in) {
       log_info("samples skipped: generation needs tp = pp = 1 (this run has tp {} pp {})", par.tp,
                par.pp);
     } else {
+      if (fp8_linears) fp8_linears->set_recording(false);
       Activations gen_acts(model, 1, T, /*training=*/false, nullptr);
       std::vector<int32_t> prompt = r.train.sample_prompt.empty()
                                         ? std::vector<int32_t>{}

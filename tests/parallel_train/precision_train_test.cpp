@@ -193,9 +193,11 @@ TEST(Fp16, ResumeRestoresTheLossScalerBitwise) {
 // thread counts while catching a wrong cast, scale or accumulation, which moves the loss by far
 // more than that (an unscaled FP16 gradient is 65536x too large; a BF16 master is a 2-5% loss gap
 // at this learning rate).
-TEST(Precision, Fp16AndBf16TrackFp32OnTheCiRecipe) {
+constexpr double kFp8StepBound = 0.03, kFp8ValBound = 0.02;
+
+TEST(Precision, Fp16Bf16AndFp8TrackTheirReferenceOnTheCiRecipe) {
   std::map<std::string, Metrics> runs;
-  for (const char* p : {"fp32", "bf16", "fp16"}) {
+  for (const char* p : {"fp32", "bf16", "fp16", "fp8"}) {
     const std::string dir = testing::fresh_dir(std::string("precision-") + p);
     const auto r = run_cli(fmt::format(
         "train recipes/ci-tiny.yaml --set data.path={} --set train.steps=60"
@@ -220,7 +222,68 @@ TEST(Precision, Fp16AndBf16TrackFp32OnTheCiRecipe) {
                 worst, val, m.val_loss, ref.val_loss);
   }
   for (const auto& [step, rec] : runs["fp16"].steps) EXPECT_EQ(rec.skipped, 0) << "step " << step;
+  // FP8 (E4M3 has 3 mantissa bits) against BF16, the precision it replaces in the linear layers.
+  const Metrics& b16 = runs["bf16"];
+  const Metrics& f8 = runs["fp8"];
+  ASSERT_EQ(f8.steps.size(), b16.steps.size());
+  double worst = 0.0;
+  for (const auto& [step, rec] : b16.steps)
+    worst = std::max(worst, std::abs(f8.steps.at(step).loss - rec.loss) / rec.loss);
+  const double val = std::abs(f8.val_loss - b16.val_loss) / b16.val_loss;
+  std::printf("fp8 vs bf16 over 60 steps: worst step %.2e, validation %.2e (%.4f vs %.4f)\n",
+              worst, val, f8.val_loss, b16.val_loss);
+  EXPECT_LE(worst, kFp8StepBound) << "fp8: worst per-step relative loss difference to bf16";
+  EXPECT_LE(val, kFp8ValBound) << "fp8: validation " << f8.val_loss << " vs bf16 " << b16.val_loss;
+}
+
+// FP8's scales are agreed over tp and dp, so every layout quantizes with the scales one process
+// would use; what differs is only the order of sums (row-parallel partial outputs, dp-summed
+// gradients), rounded to bf16. Bound: 2e-3 relative on each of 5 steps' loss.
+TEST(Fp8, ParallelLayoutsTrackOneProcess) {
+  const std::string ref_dir = testing::fresh_dir("fp8-serial");
+  const auto ref = run_cli(tiny_args(ref_dir, 5) + " --set precision.compute=fp8");
+  ASSERT_EQ(ref.status, 0) << ref.output;
+  const Metrics mr = read_metrics(ref_dir);
+  for (const char* layout : {"dp=2 --set parallel.zero=1", "tp=2", "pp=2", "dp=2 --set parallel.tp=2"}) {
+    const std::string dir = testing::fresh_dir("fp8-layout");
+    const int np = std::string(layout).find("tp=2") != std::string::npos &&
+                           std::string(layout).find("dp=2") != std::string::npos ? 4 : 2;
+    const auto r = run_cli(tiny_args(dir, 5) + " --set precision.compute=fp8 --set parallel." + layout,
+                           testing::mpirun(np));
+    ASSERT_EQ(r.status, 0) << layout << "\n" << r.output;
+    const Metrics m = read_metrics(dir);
+    ASSERT_EQ(m.steps.size(), 5u) << layout;
+    double worst = 0.0;
+    for (int s = 1; s <= 5; ++s) {
+      const double d = std::abs(m.steps.at(s).loss - mr.steps.at(s).loss) / mr.steps.at(s).loss;
+      worst = std::max(worst, d);
+      EXPECT_LE(d, 2e-3) << layout << " step " << s << ": " << m.steps.at(s).loss << " vs "
+                         << mr.steps.at(s).loss;
+    }
+    std::printf("fp8 parallel.%s vs one process: worst relative loss difference %.2e\n", layout,
+                worst);
+  }
+}
+
+// Resume carries the amax histories and scales: steps after the resume equal the uninterrupted
+// run bit for bit (a fresh FP8 state would quantize with scale 1 and differ).
+TEST(Fp8, ResumeRestoresTheScalingStateBitwise) {
+  const std::string full = testing::fresh_dir("fp8-resume-full");
+  const auto a = run_cli(tiny_args(full, 4) + " --set precision.compute=fp8");
+  ASSERT_EQ(a.status, 0) << a.output;
+  const std::string part = testing::fresh_dir("fp8-resume-part");
+  const auto b = run_cli(tiny_args(part, 4) + " --set precision.compute=fp8 --set checkpoint.resume=" +
+                         step_dir(full, 2));
+  ASSERT_EQ(b.status, 0) << b.output;
+  const Metrics ma = read_metrics(full), mb = read_metrics(part);
+  ASSERT_EQ(mb.steps.size(), 2u) << b.output;
+  for (int s = 3; s <= 4; ++s) EXPECT_EQ(mb.steps.at(s).loss, ma.steps.at(s).loss) << "step " << s;
+  EXPECT_EQ(differing_tensors(step_dir(full, 4), step_dir(part, 4)), 0);
+  // The state is stored by layer name, so any pipeline split can read it.
+  const auto ck = io::CheckpointReader::open(step_dir(full, 2));
+  EXPECT_TRUE(ck.has_tensor("fp8.layers.0.attn.wq.weight.scale"));
 }
 
 }  // namespace
 }  // namespace tessera
+

@@ -1,0 +1,153 @@
+// Fp8Linears: slot bookkeeping, the FP8 weight copies (quantized once per optimizer step, reused
+// by every micro-batch), scratch for quantized activations and gradients, and the three GEMMs.
+#include "optim/fp8_linear.h"
+
+#include "core/error.h"
+#include "kernels/ops.h"
+#include "kernels/ops_fp8.h"
+#include "model/transformer.h"
+#include "parallel/communicator.h"
+
+namespace tessera {
+
+namespace {
+constexpr int kX = 0, kW = 1, kDy = 2;  // the three scaled tensors of a layer
+constexpr size_t kAlign = 256;          // cuBLASLt FP8 wants 16-byte aligned operands
+size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+int state_index(int slot, int which) { return 3 * slot + which; }
+}  // namespace
+
+Fp8Linears::Fp8Linears(Device device, const Fp8ScalingConfig& cfg) : device_(device), cfg_(cfg) {
+  validate_fp8_scaling_config(cfg, "precision.fp8");
+}
+
+Fp8Linears::~Fp8Linears() = default;
+
+void Fp8Linears::attach(Transformer& model) {
+  if (model.dtype() != DType::bf16)
+    TS_USER_ERROR("precision.compute fp8 keeps the model in bf16 outside the FP8 GEMMs; this "
+                  "model is {}", dtype_name(model.dtype()));
+  model.for_each_linear([&](Linear& l) {
+    l.compute = this;
+    l.compute_slot = add(model.params()[l.weight].spec.name, l.out_features, l.in_features);
+  });
+  finalize();
+}
+
+int Fp8Linears::add(const std::string& name, int64_t out_features, int64_t in_features) {
+  TS_CHECK(!state_, "Fp8Linears::add({}) after finalize", name);
+  layers_.push_back({name, out_features, in_features});
+  return num_layers() - 1;
+}
+
+void Fp8Linears::finalize() {
+  TS_CHECK(!state_, "Fp8Linears finalized twice");
+  std::vector<DType> formats;
+  size_t bytes = 0;
+  for (Layer& l : layers_) {
+    formats.insert(formats.end(), {DType::e4m3, DType::e4m3, DType::e5m2});
+    l.weight_offset = bytes;
+    bytes += 2 * aligned(size_t(l.out_features * l.in_features));
+  }
+  state_ = std::make_unique<Fp8ScalingState>(device_, formats, cfg_);
+  weights_ = Buffer(device_, std::max<size_t>(bytes, kAlign));
+  discard_ = Buffer(device_, kAlign);
+  scratch_.resize(4);
+}
+
+Tensor Fp8Linears::amax_for(int slot, int which) {
+  if (recording_) return state_->amax(state_index(slot, which));
+  return Tensor(discard_.data(), DType::f32, device_, Shape{1});
+}
+
+Tensor Fp8Linears::scratch(int idx, DType dtype, Shape shape) {
+  const size_t need = aligned(dtype_storage_bytes(dtype, shape.numel()));
+  Buffer& b = scratch_[idx];
+  if (b.size() < need) b = Buffer(device_, need);  // grows once, at the first (largest) use
+  return Tensor(b.data(), dtype, device_, shape);
+}
+
+Tensor Fp8Linears::weight8(int slot, bool transposed) {
+  const Layer& l = layers_[slot];
+  char* base = static_cast<char*>(weights_.data()) + l.weight_offset;
+  if (!transposed) return Tensor(base, DType::e4m3, device_, Shape{l.out_features, l.in_features});
+  return Tensor(base + aligned(size_t(l.out_features * l.in_features)), DType::e4m3, device_,
+                Shape{l.in_features, l.out_features});
+}
+
+void Fp8Linears::quantize_weight(const Linear& l, const ParamStore& ps, int slot) {
+  Layer& layer = layers_[slot];
+  if (layer.weights_fresh) return;
+  // W and W^T in one pass: the forward GEMM reads W (N,K), the input gradient W^T (K,N).
+  ops::fp8_quantize(weight8(slot, false), weight8(slot, true), amax_for(slot, kW), ps[l.weight].value,
+                    state_->scale(state_index(slot, kW)));
+  // Only a recorded quantization may be reused: evaluation's copy did not count W's amax.
+  layer.weights_fresh = recording_;
+}
+
+void Fp8Linears::forward(const Linear& l, const ParamStore& ps, Tensor out, Tensor inp) {
+  const int s = l.compute_slot;
+  const int64_t M = inp.numel() / l.in_features;
+  quantize_weight(l, ps, s);
+  Tensor x8 = scratch(0, DType::e4m3, Shape{M, l.in_features});
+  ops::fp8_quantize(x8, Tensor(), amax_for(s, kX), inp.view({M, l.in_features}),
+                    state_->scale(state_index(s, kX)));
+  Tensor y = out.view({M, l.out_features});
+  ops::gemm_fp8(y, x8, weight8(s, false), state_->scale_inv(state_index(s, kX)),
+                state_->scale_inv(state_index(s, kW)), false);
+  if (l.add_bias && l.bias >= 0) ops::bias_add(y, ps[l.bias].value);
+}
+
+void Fp8Linears::quantize_dout(int slot, Tensor dout, bool with_transpose) {
+  const int64_t N = layers_[slot].out_features, M = dout.numel() / N;
+  Tensor dy8 = scratch(2, DType::e5m2, Shape{M, N});
+  Tensor dy8_t = with_transpose ? scratch(3, DType::e5m2, Shape{N, M}) : Tensor();
+  ops::fp8_quantize(dy8, dy8_t, amax_for(slot, kDy), dout.view({M, N}),
+                    state_->scale(state_index(slot, kDy)));
+}
+
+void Fp8Linears::backward(const Linear& l, ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp,
+                          bool accumulate_dinp) {
+  const int s = l.compute_slot;
+  const int64_t M = dout.numel() / l.out_features;
+  quantize_dout(s, dout, true);
+  if (!dinp.empty()) {
+    quantize_weight(l, ps, s);  // normally fresh from the forward
+    ops::gemm_fp8(dinp.view({M, l.in_features}), scratch(2, DType::e5m2, Shape{M, l.out_features}),
+                  weight8(s, true), state_->scale_inv(state_index(s, kDy)),
+                  state_->scale_inv(state_index(s, kW)), accumulate_dinp);
+  }
+  // x^T re-quantized from the saved input with the forward's scale: the same FP8 values the
+  // forward used (the scale only changes in end_step), without keeping an FP8 copy per layer.
+  Tensor x8 = scratch(0, DType::e4m3, Shape{M, l.in_features});
+  Tensor x8_t = scratch(1, DType::e4m3, Shape{l.in_features, M});
+  ops::fp8_quantize(x8, x8_t, amax_for(s, kX), inp.view({M, l.in_features}),
+                    state_->scale(state_index(s, kX)));
+  ops::gemm_fp8(ps[l.weight].grad, scratch(3, DType::e5m2, Shape{l.out_features, M}), x8_t,
+                state_->scale_inv(state_index(s, kDy)), state_->scale_inv(state_index(s, kX)), true);
+  if (l.bias >= 0) ops::bias_grad(ps[l.bias].grad, dout.view({M, l.out_features}));
+}
+
+void Fp8Linears::backward_input(const Linear& l, const ParamStore& ps, Tensor dinp, Tensor dout,
+                                bool accumulate_dinp) {
+  const int s = l.compute_slot;
+  const int64_t M = dout.numel() / l.out_features;
+  quantize_dout(s, dout, false);
+  quantize_weight(l, ps, s);
+  ops::gemm_fp8(dinp.view({M, l.in_features}), scratch(2, DType::e5m2, Shape{M, l.out_features}),
+                weight8(s, true), state_->scale_inv(state_index(s, kDy)),
+                state_->scale_inv(state_index(s, kW)), accumulate_dinp);
+}
+
+void Fp8Linears::backward_weight(const Linear& l, ParamStore& ps, Tensor dout, Tensor inp) {
+  backward(l, ps, Tensor(), dout, inp, false);
+}
+
+void Fp8Linears::end_step(Communicator* tp, Communicator* dp) {
+  state_->reduce_amax(tp);
+  state_->reduce_amax(dp);
+  state_->update();
+  for (Layer& l : layers_) l.weights_fresh = false;  // new weights and new scales
+}
+
+}  // namespace tessera

@@ -1,0 +1,87 @@
+// FP8 linear layers (precision.compute: fp8): the hybrid recipe, E4M3 for weights and
+// activations and E5M2 for gradients, with per-tensor delayed scaling (optim/fp8_scaling.h) and
+// the scaled FP8 GEMMs of kernels/ops_fp8.h. Parameters, gradients and everything outside the
+// linear layers stay in the model's dtype (BF16); only the GEMM operands are FP8.
+// Shape letters: M rows (= B*T), K in features, N out features.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/memory.h"
+#include "model/linear.h"
+#include "optim/fp8_scaling.h"
+
+namespace tessera {
+
+class Communicator;
+class Transformer;
+
+// Every FP8 linear of one model: three scaled tensors each (input x, weight w, output gradient
+// dy), the FP8 weight copies, and the scratch the quantized activations and gradients pass
+// through. Scales are those of the previous steps (delayed scaling): a step quantizes with the
+// scales its predecessors' amaxes produced and records its own amaxes for the next one.
+class Fp8Linears final : public LinearCompute {
+ public:
+  Fp8Linears(Device device, const Fp8ScalingConfig& cfg);
+  ~Fp8Linears() override;
+  Fp8Linears(const Fp8Linears&) = delete;
+  Fp8Linears& operator=(const Fp8Linears&) = delete;
+
+  // Registers every linear of `model` (its dtype must be bf16) and finalizes: the usual setup.
+  void attach(Transformer& model);
+
+  // Registers a linear before finalize(); returns its slot.
+  int add(const std::string& name, int64_t out_features, int64_t in_features);
+  // Allocates the scaling state and the weight copies (2 bytes per weight element: W and W^T).
+  void finalize();
+  int num_layers() const { return static_cast<int>(layers_.size()); }
+  const std::string& name(int slot) const { return layers_[slot].name; }
+
+  // y = x w^T (+ bias): x and w quantized to E4M3 with their current scales.
+  void forward(const Linear& l, const ParamStore& ps, Tensor out /*(M,N)*/,
+               Tensor inp /*(M,K)*/) override;
+  // dy quantized to E5M2 once for both products: dinp = dy w (or +=), dW += dy^T x, db += ...
+  void backward(const Linear& l, ParamStore& ps, Tensor dinp /*(M,K) or empty*/,
+                Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/, bool accumulate_dinp) override;
+  // The two halves, for callers that overlap a tp all-reduce between them; each quantizes dy.
+  void backward_input(const Linear& l, const ParamStore& ps, Tensor dinp, Tensor dout,
+                      bool accumulate_dinp) override;
+  void backward_weight(const Linear& l, ParamStore& ps, Tensor dout, Tensor inp) override;
+
+  // Evaluation and generation quantize with the current scales but record no amax, so they do
+  // not steer training's scales.
+  void set_recording(bool on) { recording_ = on; }
+
+  // After the optimizer step: amaxes agreed over the groups that see the same tensors (tp ranks
+  // share x and dy and split w; dp replicas see different data and must keep equal scales), then
+  // the history and scales are updated and the FP8 weight copies are marked stale.
+  void end_step(Communicator* tp, Communicator* dp);
+
+  Fp8ScalingState& state() { return *state_; }
+  const Fp8ScalingState& state() const { return *state_; }
+
+ private:
+  struct Layer {
+    std::string name;
+    int64_t out_features = 0, in_features = 0;
+    size_t weight_offset = 0;  // of its W8 and W8^T in weights_
+    bool weights_fresh = false;  // W8 matches the current weights and scale
+  };
+  Tensor amax_for(int slot, int which);  // the recording amax, or a discard slot in evaluation
+  Tensor scratch(int idx, DType dtype, Shape shape);  // grows on demand; 16-byte aligned
+  void quantize_weight(const Linear& l, const ParamStore& ps, int slot);
+  Tensor weight8(int slot, bool transposed);
+  void quantize_dout(int slot, Tensor dout, bool with_transpose);  // into scratch 2 (and 3)
+
+  Device device_;
+  Fp8ScalingConfig cfg_;
+  std::vector<Layer> layers_;
+  std::unique_ptr<Fp8ScalingState> state_;
+  Buffer weights_;   // W8 (N,K) then W8^T (K,N) per layer
+  Buffer discard_;   // (1) f32 amax sink for evaluation
+  std::vector<Buffer> scratch_;  // x8, x8^T, dy8, dy8^T
+  bool recording_ = true;
+};
+
+}  // namespace tessera

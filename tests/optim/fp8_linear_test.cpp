@@ -1,0 +1,164 @@
+// The FP8 linear layer on the CPU (whose FP8 ops emulate the GPU's numerics): on operands that
+// E4M3/E5M2 represent exactly it equals the BF16 linear bit for bit (so the plumbing of scales,
+// transposes and operand order is right); on general operands its error stays within FP8's
+// rounding; amaxes are recorded in training only and set the next step's scales.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/rng.h"
+#include "kernels/ops.h"
+#include "model/linear.h"
+#include "optim/fp8_linear.h"
+
+namespace tessera {
+namespace {
+
+constexpr int M = 24, K = 32, N = 48;  // tokens, in features, out features
+
+std::vector<float> to_f32(const Tensor& t) {
+  std::vector<float> out(t.numel());
+  convert_buffer(t.data, t.dtype, out.data(), DType::f32, t.numel());
+  return out;
+}
+
+void from_f32(Tensor t, const std::vector<float>& v) {
+  convert_buffer(v.data(), DType::f32, t.data, t.dtype, t.numel());
+}
+
+// Values k / 8 with |k| <= 16 are exact in E4M3 (3 mantissa bits) and BF16; k / 4 with |k| <= 8
+// are exact in E5M2 (2 mantissa bits).
+std::vector<float> grid(int64_t n, int denom, int kmax, uint64_t seed) {
+  const CounterRng rng(seed, "fp8-linear-test");
+  std::vector<float> v(n);
+  for (int64_t i = 0; i < n; ++i)
+    v[i] = float(int(rng.bits(uint64_t(i)) % uint32_t(2 * kmax + 1)) - kmax) / float(denom);
+  return v;
+}
+
+std::vector<float> uniform(int64_t n, float lo, float hi, uint64_t seed) {
+  const CounterRng rng(seed, "fp8-linear-general");
+  std::vector<float> v(n);
+  for (int64_t i = 0; i < n; ++i)
+    v[i] = round_bf16(lo + (hi - lo) * float(rng.bits(uint64_t(i)) >> 8) / float(1 << 24));
+  return v;
+}
+
+// One bias-free linear in a bf16 store (the FP8 GEMM has no bias epilogue; bias_add is tested
+// with the kernels), with its FP8 slot registered and finalized.
+struct Fixture {
+  ParamStore ps;
+  Linear lin;
+  Fp8Linears fp8{Device::cpu, Fp8ScalingConfig{}};
+  Fixture() {
+    lin.declare(ps, "l", K, N, /*with_bias=*/false, 0.02f);
+    ps.allocate(DType::bf16, Device::cpu);
+    lin.compute_slot = fp8.add("l.weight", N, K);
+    fp8.finalize();
+  }
+  float scale(int which) const {
+    return fp8.state().gather().scale[which];
+  }
+};
+
+Tensor host(DType t, Shape s, std::vector<char>& storage) {
+  storage.assign(dtype_storage_bytes(t, s.numel()), 0);
+  return Tensor(storage.data(), t, Device::cpu, s);
+}
+
+TEST(Fp8Linear, EqualsBf16LinearOnFp8RepresentableOperands) {
+  Fixture f;
+  from_f32(f.ps[f.lin.weight].value, grid(N * K, 8, 16, 1));
+  std::vector<char> xs, ys8, ys16, dys, dx8s, dx16s;
+  Tensor x = host(DType::bf16, {M, K}, xs), dy = host(DType::bf16, {M, N}, dys);
+  from_f32(x, grid(M * K, 8, 16, 2));
+  from_f32(dy, grid(M * N, 4, 8, 3));
+  Tensor y16 = host(DType::bf16, {M, N}, ys16), y8 = host(DType::bf16, {M, N}, ys8);
+  Tensor dx16 = host(DType::bf16, {M, K}, dx16s), dx8 = host(DType::bf16, {M, K}, dx8s);
+
+  // Reference: the ordinary BF16 path, its weight gradient after one and two backwards.
+  f.lin.forward(f.ps, y16, x);
+  f.ps.zero_grad();
+  f.lin.backward(f.ps, dx16, dy, x, false);
+  const std::vector<float> dw16 = to_f32(f.ps[f.lin.weight].grad);
+  f.lin.backward(f.ps, dx16, dy, x, false);
+  const std::vector<float> dw16_twice = to_f32(f.ps[f.lin.weight].grad);
+
+  // FP8 with the initial scales (1): every operand is exact, so only the output rounding is left.
+  f.lin.compute = &f.fp8;
+  f.lin.forward(f.ps, y8, x);
+  f.ps.zero_grad();
+  f.lin.backward(f.ps, dx8, dy, x, false);
+  EXPECT_EQ(to_f32(y8), to_f32(y16));
+  EXPECT_EQ(to_f32(dx8), to_f32(dx16));
+  EXPECT_EQ(to_f32(f.ps[f.lin.weight].grad), dw16);
+
+  // The split halves (the tp > 1 path) give the same bits, and dW accumulates.
+  f.lin.backward_input(f.ps, dx8, dy, false);
+  f.lin.backward_weight(f.ps, dy, x);
+  EXPECT_EQ(to_f32(dx8), to_f32(dx16));
+  EXPECT_EQ(to_f32(f.ps[f.lin.weight].grad), dw16_twice);
+}
+
+TEST(Fp8Linear, AmaxesSetTheNextStepsScales) {
+  Fixture f;
+  f.lin.compute = &f.fp8;
+  from_f32(f.ps[f.lin.weight].value, grid(N * K, 8, 16, 4));  // max |w| = 2
+  std::vector<char> xs, ys, dys, dxs;
+  Tensor x = host(DType::bf16, {M, K}, xs), y = host(DType::bf16, {M, N}, ys);
+  Tensor dy = host(DType::bf16, {M, N}, dys), dx = host(DType::bf16, {M, K}, dxs);
+  std::vector<float> xv = grid(M * K, 8, 16, 5), dyv = grid(M * N, 4, 8, 6);
+  xv[7] = 3.0f;     // max |x| = 3
+  dyv[11] = -0.5f;  // max |dy| stays 2
+  from_f32(x, xv);
+  from_f32(dy, dyv);
+
+  // Evaluation records nothing: the scales stay 1 after the step.
+  f.fp8.set_recording(false);
+  f.lin.forward(f.ps, y, x);
+  f.fp8.set_recording(true);
+  f.fp8.end_step(nullptr, nullptr);
+  for (int k = 0; k < 3; ++k) EXPECT_EQ(f.scale(k), 1.0f) << k;
+
+  f.lin.forward(f.ps, y, x);
+  f.lin.backward(f.ps, dx, dy, x, false);
+  f.fp8.end_step(nullptr, nullptr);
+  EXPECT_EQ(f.scale(0), 448.0f / 3.0f);    // x: E4M3 max over its amax
+  EXPECT_EQ(f.scale(1), 448.0f / 2.0f);    // w
+  EXPECT_EQ(f.scale(2), 57344.0f / 2.0f);  // dy: E5M2
+}
+
+// General BF16 operands: each FP8 operand carries a relative error of at most 2^-4 (E4M3) or
+// 2^-3 (E5M2) once scaled into range, so |y - y_ref| <= (2^-4 + 2^-4 + 2^-8) sum |x||w| after the
+// scales have adapted (one step to record the amaxes), plus the bf16 output rounding.
+TEST(Fp8Linear, GeneralOperandsStayWithinFp8Rounding) {
+  Fixture f;
+  const std::vector<float> wv = uniform(N * K, -0.3f, 0.3f, 7), xv = uniform(M * K, -5.0f, 5.0f, 8);
+  from_f32(f.ps[f.lin.weight].value, wv);
+  std::vector<char> xs, ys8, ys16;
+  Tensor x = host(DType::bf16, {M, K}, xs);
+  Tensor y8 = host(DType::bf16, {M, N}, ys8), y16 = host(DType::bf16, {M, N}, ys16);
+  from_f32(x, xv);
+  f.lin.forward(f.ps, y16, x);
+  f.lin.compute = &f.fp8;
+  f.lin.forward(f.ps, y8, x);  // records the amaxes
+  f.fp8.end_step(nullptr, nullptr);
+  f.lin.forward(f.ps, y8, x);  // with the adapted scales
+  const std::vector<float> a = to_f32(y8), b = to_f32(y16);
+  int differ = 0;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      double mag = 0.0;
+      for (int k = 0; k < K; ++k) mag += std::abs(double(xv[i * K + k]) * wv[j * K + k]);
+      const double bound = (0.0625 + 0.0625 + 0.0039) * mag + 0.008 * std::abs(b[i * N + j]);
+      ASSERT_LE(std::abs(a[i * N + j] - b[i * N + j]), bound) << i << "," << j;
+      differ += a[i * N + j] != b[i * N + j];
+    }
+  EXPECT_GT(differ, M * N / 4) << "FP8 did not quantize anything";
+}
+
+}  // namespace
+}  // namespace tessera
