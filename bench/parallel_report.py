@@ -96,8 +96,9 @@ def print_table(title, header, rows):
 
 # "  3/60 Test  #7: test_comm_nccl_np2 ..........   Passed    4.21 sec", or ***Failed, ***Skipped,
 # ***Not Run (Disabled), ***Timeout, ***Exception: SegFault, ***Failed  Required regular ...
-CTEST_LINE = re.compile(r"^\s*\d+/\d+\s+Test\s+#\s*\d+:\s+(\S+)\s+\.*\s*(.*?)\s+([\d.]+)\s+sec\s*$",
-                        re.M)
+# A value-parameterized gtest adds "  # GetParam() = ..." after its name: skipped, not part of it.
+CTEST_LINE = re.compile(r"^\s*\d+/\d+\s+Test\s+#\s*\d+:\s+(\S+)(?:\s+#\s.*?)?\s+\.+\s*(.*?)\s+"
+                        r"([\d.]+)\s+sec\s*$", re.M)
 
 
 def cmd_tests(a):

@@ -186,14 +186,15 @@ TEST(Fp16, ResumeRestoresTheLossScalerBitwise) {
   EXPECT_EQ(differing_tensors(step_dir(full, 4), step_dir(part, 4)), 0);
 }
 
-// The CI recipe (the Gutenberg corpus, 4-layer GPT-2) for 60 steps in each precision. Bounds: the
-// 16-bit runs round activations, gradients and weights (masters stay FP32), so their losses drift
-// from FP32 by rounding noise, not by a bias. Measured at 40 steps: FP16 0.006%, BF16 0.09% on the
-// validation loss. The bounds (1% per step, 0.5% validation) leave room for other seeds and
-// thread counts while catching a wrong cast, scale or accumulation, which moves the loss by far
-// more than that (an unscaled FP16 gradient is 65536x too large; a BF16 master is a 2-5% loss gap
-// at this learning rate).
-constexpr double kFp8StepBound = 0.03, kFp8ValBound = 0.02;
+// The CI recipe (the Gutenberg corpus, 4-layer GPT-2) for 60 steps in each precision. The 16-bit
+// runs round activations, gradients and weights (masters stay FP32), so their losses drift from
+// FP32 by rounding noise, not by a bias. Measured (2026-11-21): FP16 0.03% worst step, 0.008%
+// validation; BF16 0.25% and 0.12%. The bounds (1% per step, 0.5% validation) leave room for
+// other seeds and thread counts while catching a wrong cast, scale or accumulation, which moves
+// the loss by far more (an unscaled FP16 gradient is 65536x too large). FP8 is held against BF16,
+// the precision it replaces in the linear layers: measured 0.47% worst step, 0.16% validation;
+// the bounds are the 1% target for the loss after the same tokens, with a margin per step.
+constexpr double kFp8StepBound = 0.015, kFp8ValBound = 0.01;
 
 TEST(Precision, Fp16Bf16AndFp8TrackTheirReferenceOnTheCiRecipe) {
   std::map<std::string, Metrics> runs;
@@ -238,7 +239,8 @@ TEST(Precision, Fp16Bf16AndFp8TrackTheirReferenceOnTheCiRecipe) {
 
 // FP8's scales are agreed over tp and dp, so every layout quantizes with the scales one process
 // would use; what differs is only the order of sums (row-parallel partial outputs, dp-summed
-// gradients), rounded to bf16. Bound: 2e-3 relative on each of 5 steps' loss.
+// gradients), rounded to bf16. Measured at most 4.7e-5 (dp2 ZeRO-1); bound 5e-4 on each of 5
+// steps' loss.
 TEST(Fp8, ParallelLayoutsTrackOneProcess) {
   const std::string ref_dir = testing::fresh_dir("fp8-serial");
   const auto ref = run_cli(tiny_args(ref_dir, 5) + " --set precision.compute=fp8");
@@ -257,7 +259,7 @@ TEST(Fp8, ParallelLayoutsTrackOneProcess) {
     for (int s = 1; s <= 5; ++s) {
       const double d = std::abs(m.steps.at(s).loss - mr.steps.at(s).loss) / mr.steps.at(s).loss;
       worst = std::max(worst, d);
-      EXPECT_LE(d, 2e-3) << layout << " step " << s << ": " << m.steps.at(s).loss << " vs "
+      EXPECT_LE(d, 5e-4) << layout << " step " << s << ": " << m.steps.at(s).loss << " vs "
                          << mr.steps.at(s).loss;
     }
     std::printf("fp8 parallel.%s vs one process: worst relative loss difference %.2e\n", layout,
