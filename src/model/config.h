@@ -37,6 +37,10 @@ struct ModelConfig {
   bool qk_norm = false;         // RMSNorm on each query/key head before RoPE (Qwen3)
   float init_std = 0.02f;       // N(0, init_std); residual output projections are scaled by
                                 // 1/sqrt(2 * num_layers) (GPT-2)
+  // precision.high_precision: [lm_head] under 16-bit compute: the LM head's GEMMs, logits and
+  // cross-entropy in FP32 (from FP32 copies of its weight and input). Set by the trainer from the
+  // precision section, not a model key; it does not change the weights.
+  bool fp32_lm_head = false;
   bool recompute = false;       // activation recomputation: keep only each block's input
   // How attention runs on CUDA: "cudnn" (fused SDPA) or "native" (Tessera's kernel). Execution
   // choices like this and recompute do not change the weights, so resume may change them.

@@ -43,8 +43,11 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   const int num_block_sets = (training && !c.recompute) ? c.num_layers : 1;  // as the constructor
   size_t total = al(N * C * e) * (c.num_layers + 1) + block * num_block_sets + scratch;
   if (sh.last_stage()) {
-    total += al(N * C * e) + al(N * s) * 2 + al(N * V * e) + al(N * s) * 2 + al(N * C * e);
+    const bool head32 = c.fp32_lm_head && dtype != DType::f32 && dtype != DType::f64;
+    total += al(N * C * e) + al(N * s) * 2 + al(N * V * (head32 ? 4 : e)) + al(N * s) * 2 +
+             al(N * C * e);
     if (sh.tp_size > 1) total += al(3 * N * s);
+    if (head32) total += al(N * C * 4) + al(V * C * 4) + (training ? al(N * C * 4) + al(V * C * 4) + al(V * C * e) : 0);
   }
   total += al(N * C * e);  // d_resid
   return total;
@@ -71,7 +74,17 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
     lnf_out = ar.alloc(dt, {N, c.hidden});
     lnf_mean = ar.alloc(st, {N});
     lnf_rstd = ar.alloc(st, {N});
-    logits = ar.alloc(dt, {N, c.padded_vocab_size});
+    const bool head32 = c.fp32_lm_head && dt != DType::f32 && dt != DType::f64;
+    logits = ar.alloc(head32 ? DType::f32 : dt, {N, c.padded_vocab_size});
+    if (head32) {
+      lnf_out32 = ar.alloc(DType::f32, {N, c.hidden});
+      head_w32 = ar.alloc(DType::f32, {c.padded_vocab_size, c.hidden});
+      if (training) {
+        d_lnf32 = ar.alloc(DType::f32, {N, c.hidden});
+        head_dw32 = ar.alloc(DType::f32, {c.padded_vocab_size, c.hidden});
+        head_dw = ar.alloc(dt, {c.padded_vocab_size, c.hidden});
+      }
+    }
     losses = ar.alloc(st, {N});
     lse = ar.alloc(st, {N});
     if (model.shard_.tp_size > 1) ce_stats = ar.alloc(st, {3, N});
@@ -189,7 +202,13 @@ void Transformer::forward_stage(Activations& a, Tensor tokens) const {
   if (shard_.last_stage()) {
     final_norm_.forward(params_, a.lnf_out, a.lnf_mean, a.lnf_rstd, a.resid[local_.num_layers]);
     copy_to_tp_region_forward(shard_, a.lnf_out);  // every rank's vocabulary slice reads it
-    ops::matmul_forward(a.logits, a.lnf_out, head_weight(), Tensor());
+    if (a.lnf_out32.empty()) {
+      ops::matmul_forward(a.logits, a.lnf_out, head_weight(), Tensor());
+    } else {  // precision.high_precision: [lm_head]
+      ops::cast(a.lnf_out32, a.lnf_out);
+      ops::cast(a.head_w32, head_weight());
+      ops::matmul_forward(a.logits, a.lnf_out32, a.head_w32, Tensor());
+    }
   }
 }
 
@@ -257,11 +276,24 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
       const int head = head_grad_param();
       // d_lnf (N,C) = dlogits (N,Vl) W (Vl,C), summed over the vocabulary slices while the
       // head's weight gradient computes.
-      ops::gemm(a.d_lnf, a.logits, head_weight(), false, false, 1.0f, 0.0f);
-      CommHandle d_lnf_sum = copy_to_tp_region_backward_async(shard_, a.d_lnf);
-      ops::matmul_backward(Tensor(), params_[head].grad, Tensor(), a.logits, a.lnf_out,
-                           head_weight());
-      if (d_lnf_sum) d_lnf_sum->wait();
+      if (a.lnf_out32.empty()) {
+        ops::gemm(a.d_lnf, a.logits, head_weight(), false, false, 1.0f, 0.0f);
+        CommHandle d_lnf_sum = copy_to_tp_region_backward_async(shard_, a.d_lnf);
+        ops::matmul_backward(Tensor(), params_[head].grad, Tensor(), a.logits, a.lnf_out,
+                             head_weight());
+        if (d_lnf_sum) d_lnf_sum->wait();
+      } else {
+        // FP32 head: the products and the tp sum in FP32; the weight gradient is formed in FP32
+        // and added to the narrow gradient (one more rounding than the fused accumulate).
+        ops::gemm(a.d_lnf32, a.logits, a.head_w32, false, false, 1.0f, 0.0f);
+        CommHandle d_lnf_sum = copy_to_tp_region_backward_async(shard_, a.d_lnf32);
+        zero_tensor(a.head_dw32);
+        ops::matmul_backward(Tensor(), a.head_dw32, Tensor(), a.logits, a.lnf_out32, a.head_w32);
+        ops::cast(a.head_dw, a.head_dw32);
+        ops::add_inplace(params_[head].grad, a.head_dw);
+        if (d_lnf_sum) d_lnf_sum->wait();
+        ops::cast(a.d_lnf, a.d_lnf32);
+      }
       final_norm_.backward(params_, a.d_resid, a.d_lnf, a.resid[L], a.lnf_mean, a.lnf_rstd);
     }
     grads_ready(final_norm_first_);

@@ -47,7 +47,10 @@ class Activations {
   BlockScratch scratch;
   // Last stage only:
   Tensor lnf_out, lnf_mean, lnf_rstd;  // (N,C), (N), (N)
-  Tensor logits;                   // (N,Vl); becomes dlogits in backward
+  Tensor logits;                   // (N,Vl); becomes dlogits in backward (f32 with fp32_lm_head)
+  // fp32_lm_head only: FP32 copies of the head's input and weight, and FP32 gradients.
+  Tensor lnf_out32, head_w32;      // (N,C), (Vl,C)
+  Tensor d_lnf32, head_dw32, head_dw;  // (N,C), (Vl,C) f32, (Vl,C) in the model dtype (training)
   Tensor losses, lse;              // (N), (N)
   Tensor ce_stats;                 // (3,N) tp > 1: row max, then sum of exp and target logit
   Tensor d_lnf;                    // (N,C)

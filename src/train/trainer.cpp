@@ -76,9 +76,10 @@ Device resolve_device(const Recipe& r) {
 // does, so bf16 and fp16 runs are testable without a GPU.
 DType compute_dtype(const Recipe& r) {
   const std::string& c = r.precision.compute;
-  if (!r.precision.high_precision.empty())
-    TS_USER_ERROR("{}: precision.high_precision [{}] is not built yet (the model keeps one dtype "
-                  "for every layer); remove it", r.file, fmt::join(r.precision.high_precision, ", "));
+  if (r.precision.keeps_high_precision("embedding"))
+    TS_USER_ERROR("{}: precision.high_precision 'embedding' is not built yet (the embedding "
+                  "lookup already sums in f32 and rounds once; an FP32 table is not); keep "
+                  "[lm_head] or remove it", r.file);
   if (c == "fp32") return DType::f32;
   if (c == "bf16") return DType::bf16;
   if (c == "fp16") return DType::f16;
@@ -207,6 +208,7 @@ TrainSummary train(const Recipe& recipe_in) {
   const bool rank0 = ctx->rank() == 0;
   ModelConfig stage_cfg = r.model;
   stage_cfg.recompute = stage_recomputes(r, me.pp_rank);
+  stage_cfg.fp32_lm_head = r.precision.keeps_high_precision("lm_head");
   const ModelShard shard = ModelShard::make(stage_cfg, par.tp, me.tp_rank, par.pp, me.pp_rank,
                                             resolve_stage_layers(r), &ctx->comm(Group::tp));
   const PipelineSchedule schedule =

@@ -286,6 +286,34 @@ TEST(Fp8, ResumeRestoresTheScalingStateBitwise) {
   EXPECT_TRUE(ck.has_tensor("fp8.layers.0.attn.wq.weight.scale"));
 }
 
+// precision.high_precision: [lm_head] keeps the head's GEMMs, logits and cross-entropy in FP32
+// under 16-bit compute, including the vocabulary-parallel head (tp 2): the run tracks FP32 like
+// BF16 does (rounding noise, 1% per step), and it is not the plain BF16 run (the flag acts).
+TEST(Precision, Fp32LmHeadUnder16BitCompute) {
+  const std::string ref_dir = testing::fresh_dir("lmhead-fp32");
+  ASSERT_EQ(run_cli(tiny_args(ref_dir, 5)).status, 0);
+  const std::string b16_dir = testing::fresh_dir("lmhead-bf16");
+  ASSERT_EQ(run_cli(tiny_args(b16_dir, 5) + " --set precision.compute=bf16").status, 0);
+  const Metrics ref = read_metrics(ref_dir), b16 = read_metrics(b16_dir);
+  struct Case { const char* args; int np; };
+  for (const Case& c : {Case{"bf16", 1}, Case{"fp16", 1}, Case{"fp8", 1}, Case{"bf16 --set parallel.tp=2", 2}}) {
+    const std::string dir = testing::fresh_dir("lmhead-high");
+    const auto r = run_cli(tiny_args(dir, 5) + " --set precision.compute=" + c.args +
+                               " --set 'precision.high_precision=[lm_head]'",
+                           c.np > 1 ? testing::mpirun(c.np) : std::string());
+    ASSERT_EQ(r.status, 0) << c.args << "\n" << r.output;
+    const Metrics m = read_metrics(dir);
+    ASSERT_EQ(m.steps.size(), 5u) << c.args;
+    bool differs = false;
+    for (int s = 1; s <= 5; ++s) {
+      EXPECT_LE(std::abs(m.steps.at(s).loss - ref.steps.at(s).loss) / ref.steps.at(s).loss, 0.01)
+          << c.args << " step " << s;
+      differs |= m.steps.at(s).loss != b16.steps.at(s).loss;
+    }
+    EXPECT_TRUE(differs) << c.args << ": identical to plain bf16, the FP32 head did nothing";
+  }
+}
+
 }  // namespace
 }  // namespace tessera
 
