@@ -1,7 +1,9 @@
-# Sourced (not run) by the GPU-machine scripts bench/gpu.sh and bench/gpu_parallel.sh: the
-# environment every GPU run needs and the one CUDA build into build-gpu. Callers cd to the repo
-# root, set $OUT and `set -uo pipefail` first. Nothing here starts a GPU job.
+# Sourced (not run) by the GPU-machine scripts bench/gpu.sh, gpu_parallel.sh and
+# gpu_precision.sh: the environment every GPU run needs, the one CUDA build into build-gpu, and
+# the run/record helpers of the staged scripts. Callers cd to the repo root, set $OUT and
+# `set -uo pipefail` first. Nothing here starts a GPU job.
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # run_rc, run_secs, MPI_ENV, MPIRUN are read by the callers
 
 # NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast must stay off on the project's shared hosts), and
 # ICU: the GPU image lacks it, so the Debian packages carried in .deps/debs (see
@@ -42,4 +44,48 @@ gpu_build() {
     grep -E "error|Error" "$OUT/build.log" | head -40
     return 1
   fi
+}
+
+# ---- shared by the staged scripts (gpu_parallel.sh, gpu_precision.sh), which set BIN (the
+# tessera binary), BUDGET (seconds this call may use) and START (its start, date +%s) ----------
+
+# Open MPI as root in a container: allowed explicitly; CMA single-copy needs ptrace rights that
+# containers lack. One rank per GPU; no core binding (each rank's NCCL proxy and loader threads).
+MPI_ENV=(env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+         OMPI_MCA_btl_vader_single_copy_mechanism=none)
+MPIRUN=(mpirun --oversubscribe --bind-to none)
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+need() {
+  local f
+  for f in "$@"; do
+    [ -x "$f" ] || { echo "missing $f: run the build stage first (bash $0 build)"; return 1; }
+  done
+}
+
+# run_tessera DIR NAME NP LIMIT RECIPE [--set ...]: one training run, under mpirun when NP > 1,
+# killed after LIMIT seconds, into DIR/NAME.run with its output in DIR/NAME.log. Sets run_rc
+# (124 or 137: timed out) and run_secs.
+run_tessera() {
+  local dir=$1 name=$2 np=$3 limit=$4
+  shift 4
+  local run_dir="$dir/$name.run" t0 threads
+  t0=$(date +%s)
+  threads=$(($(nproc) / np))
+  [ "$threads" -ge 1 ] || threads=1
+  rm -rf "$run_dir"
+  local cmd=("$BIN" train "$@" --set train.out_dir="$run_dir")
+  if [ "$np" -gt 1 ]; then cmd=("${MPI_ENV[@]}" "${MPIRUN[@]}" -np "$np" "${cmd[@]}"); fi
+  OMP_NUM_THREADS=$threads timeout -k 15 "$limit" "${cmd[@]}" < /dev/null > "$dir/$name.log" 2>&1
+  run_rc=$?
+  run_secs=$(($(date +%s) - t0))
+}
+
+# record DIR NAME RC FIELDS: appends {"name", "rc", "log", "metrics", FIELDS} to DIR/runs.jsonl.
+record() {
+  local dir=$1 name=$2 rc=$3 fields=$4
+  [ "$rc" = skipped ] && rc='"skipped"'
+  printf '{"name": "%s", "rc": %s, "log": "%s", "metrics": "%s", %s}\n' "$name" "$rc" \
+    "$dir/$name.log" "$dir/$name.run/metrics.jsonl" "$fields" >> "$dir/runs.jsonl"
 }

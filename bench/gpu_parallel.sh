@@ -35,49 +35,9 @@ DEVICE="${PAR_DEVICE:-cuda}"
 BUDGET="${TIME_BUDGET:-560}"
 START=$(date +%s)
 REPORT=(python3 bench/parallel_report.py)
-# Open MPI as root in a container: allowed explicitly; CMA single-copy needs ptrace rights that
-# containers lack. One rank per GPU; no core binding (each rank's NCCL proxy and loader threads).
-MPI_ENV=(env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-         OMPI_MCA_btl_vader_single_copy_mechanism=none)
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-
-left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 gpu_count() {
   if [ "$DEVICE" = cpu ]; then echo 8; else nvidia-smi -L 2>/dev/null | grep -c '^GPU'; fi
-}
-
-need() {
-  local f
-  for f in "$@"; do
-    [ -x "$f" ] || { echo "missing $f: run the build stage first (bash bench/gpu_parallel.sh build)"; return 1; }
-  done
-}
-
-# run_tessera DIR NAME NP LIMIT RECIPE [--set ...]: one training run, under mpirun when NP > 1,
-# killed after LIMIT seconds, into DIR/NAME.run with its output in DIR/NAME.log. Sets run_rc
-# (124 or 137: timed out) and run_secs.
-run_tessera() {
-  local dir=$1 name=$2 np=$3 limit=$4
-  shift 4
-  local run_dir="$dir/$name.run" t0 threads
-  t0=$(date +%s)
-  threads=$(($(nproc) / np))
-  [ "$threads" -ge 1 ] || threads=1
-  rm -rf "$run_dir"
-  local cmd=("$BIN" train "$@" --set train.out_dir="$run_dir")
-  if [ "$np" -gt 1 ]; then cmd=("${MPI_ENV[@]}" "${MPIRUN[@]}" -np "$np" "${cmd[@]}"); fi
-  OMP_NUM_THREADS=$threads timeout -k 15 "$limit" "${cmd[@]}" < /dev/null > "$dir/$name.log" 2>&1
-  run_rc=$?
-  run_secs=$(($(date +%s) - t0))
-}
-
-# record DIR NAME RC FIELDS: appends {"name", "rc", "log", "metrics", FIELDS} to DIR/runs.jsonl.
-record() {
-  local dir=$1 name=$2 rc=$3 fields=$4
-  [ "$rc" = skipped ] && rc='"skipped"'
-  printf '{"name": "%s", "rc": %s, "log": "%s", "metrics": "%s", %s}\n' "$name" "$rc" \
-    "$dir/$name.log" "$dir/$name.run/metrics.jsonl" "$fields" >> "$dir/runs.jsonl"
 }
 
 # copy_out DIR DEST: logs, manifest and each run's metrics.jsonl into $OUT/DEST.
@@ -138,8 +98,6 @@ stage_tests() {
 # 250 padded to 256, 16 sequences of 16 tokens per step as 2 micro-batches per dp rank), but 64
 # wide (head dim 8: the native attention kernel needs a multiple of 8), in fp32 with the
 # deterministic native attention, no checkpoints.
-
-
 
 EQUIV_ARGS=(recipes/ci-tiny.yaml --set data.path=mock --set model.vocab_size=250
   --set model.vocab_pad_multiple=64 --set model.num_layers=8 --set model.hidden=64

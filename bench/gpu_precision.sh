@@ -55,35 +55,6 @@ START=$(date +%s)
 REPORT=(python3 bench/precision_report.py)
 ran_stages=()
 
-left() { echo $((BUDGET - ($(date +%s) - START))); }
-
-need() {
-  [ -x "$1" ] || { echo "missing $1: run the build stage first (bash bench/gpu_precision.sh build ...)"; return 1; }
-}
-
-# run_tessera DIR NAME LIMIT RECIPE [--set ...]: one training run on one device, killed after
-# LIMIT seconds, into DIR/NAME.run with its output in DIR/NAME.log. Sets run_rc (124 or 137:
-# timed out) and run_secs.
-run_tessera() {
-  local dir=$1 name=$2 limit=$3
-  shift 3
-  local t0
-  t0=$(date +%s)
-  rm -rf "$dir/$name.run"
-  timeout -k 15 "$limit" "$BIN" train "$@" --set train.out_dir="$dir/$name.run" \
-    < /dev/null > "$dir/$name.log" 2>&1
-  run_rc=$?
-  run_secs=$(($(date +%s) - t0))
-}
-
-# record DIR NAME RC FIELDS: appends {"name", "rc", "log", "metrics", FIELDS} to DIR/runs.jsonl.
-record() {
-  local dir=$1 name=$2 rc=$3 fields=$4
-  [ "$rc" = skipped ] && rc='"skipped"'
-  printf '{"name": "%s", "rc": %s, "log": "%s", "metrics": "%s", %s}\n' "$name" "$rc" \
-    "$dir/$name.log" "$dir/$name.run/metrics.jsonl" "$fields" >> "$dir/runs.jsonl"
-}
-
 say_run() {  # NAME RC LOG SECS: one progress line
   local what="rc $2"
   [ "$2" = 2 ] && grep -q "not built yet" "$3" 2>/dev/null && what="not built (rc 2)"
@@ -189,7 +160,7 @@ stage_throughput() {
     limit=$(($(left) - 10))
     [ "$limit" -le "${BENCH_LIMIT:-150}" ] || limit=${BENCH_LIMIT:-150}
     precision_args "$p"
-    run_tessera "$dir" "$name" "$limit" "$BENCH_RECIPE" "${THROUGHPUT_ARGS[@]}" "${prec_args[@]}"
+    run_tessera "$dir" "$name" 1 "$limit" "$BENCH_RECIPE" "${THROUGHPUT_ARGS[@]}" "${prec_args[@]}"
     record "$dir" "$name" "$run_rc" "$fields"
     say_run "$name" "$run_rc" "$dir/$name.log" "$run_secs"
   done
@@ -267,7 +238,7 @@ stage_curves() {
     [ "$limit" -le "${CURVE_LIMIT:-170}" ] || limit=${CURVE_LIMIT:-170}
     precision_args "$p"
     rm -f "$dir/$p.metrics.jsonl"
-    run_tessera "$dir" "$p" "$limit" "$CURVE_RECIPE" "${args[@]}" "${prec_args[@]}"
+    run_tessera "$dir" "$p" 1 "$limit" "$CURVE_RECIPE" "${args[@]}" "${prec_args[@]}"
     record "$dir" "$p" "$run_rc" "$fields"
     say_run "$p" "$run_rc" "$dir/$p.log" "$run_secs"
     [ -s "$dir/$p.run/metrics.jsonl" ] && cp "$dir/$p.run/metrics.jsonl" "$dir/$p.metrics.jsonl"

@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cpu/narrow.h"
+#include "kernels/dispatch.h"
 #include "kernels/op_profile.h"
 #ifdef TESSERA_CUDA
 #include "kernels/cuda/context.h"
@@ -17,18 +18,10 @@
 
 namespace tessera::ops {
 
+using detail::device_of;
+using detail::no_cuda;
+
 namespace {
-[[noreturn, maybe_unused]] void no_cuda(const char* op) {
-  TS_USER_ERROR("op {} was asked to run on cuda, but this build has no CUDA backend "
-                "(configure with -DTESSERA_CUDA=ON on a machine with nvcc)", op);
-}
-// The device an op runs on: that of its first non-empty tensor (optional outputs such as an
-// absent dinp are empty tensors, whose device field means nothing).
-Device device_of(std::initializer_list<const Tensor*> tensors) {
-  for (const Tensor* t : tensors)
-    if (!t->empty()) return t->device;
-  return Device::cpu;
-}
 
 // CPU bodies used by more than one entry point (the fused sequences run them step by step).
 // NarrowScope (kernels/cpu/narrow.h) widens bf16/f16 operands to f32, runs the f32 reference and

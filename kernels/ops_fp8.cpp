@@ -3,6 +3,7 @@
 #include "kernels/ops_fp8.h"
 
 #include "kernels/cpu/fp8.h"
+#include "kernels/dispatch.h"
 #include "kernels/op_profile.h"
 #include "kernels/ops_fp8_checks.h"
 #ifdef TESSERA_CUDA
@@ -96,17 +97,8 @@ UpdateDims check_update(const Tensor& amax_history, const Tensor& scale, const T
 
 namespace ops {
 
-namespace {
-[[noreturn, maybe_unused]] void no_cuda(const char* op) {
-  TS_USER_ERROR("op {} was asked to run on cuda, but this build has no CUDA backend "
-                "(configure with -DTESSERA_CUDA=ON on a machine with nvcc)", op);
-}
-Device device_of(std::initializer_list<const Tensor*> tensors) {
-  for (const Tensor* t : tensors)
-    if (!t->empty()) return t->device;
-  return Device::cpu;
-}
-}  // namespace
+using detail::device_of;
+using detail::no_cuda;
 
 float fp8_max_of(DType format) {
   if (format == DType::e4m3) return kE4M3Max;

@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp8_linear  # noqa: E402
-from bench_train import config_from_recipe  # noqa: E402
+from bench_train import config_from_recipe, time_training_steps  # noqa: E402
 from model import Transformer  # noqa: E402
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
@@ -84,24 +83,7 @@ def run(args, rec):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda", generator=g)
-               for _ in range(4)]
-    t0 = time.time()
-    for i in range(args.warmup):
-        b = batches[i % 4]
-        step(b[:, :-1], b[:, 1:]).item()
-    torch.cuda.synchronize()
-    warm_s = time.time() - t0
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(args.steps):
-        b = batches[i % 4]
-        loss = step(b[:, :-1], b[:, 1:])
-    end.record()
-    torch.cuda.synchronize()
-    sec = start.elapsed_time(end) / 1e3 / args.steps
+    warm_s, sec, loss = time_training_steps(step, cfg.vocab_size, B, T, args.warmup, args.steps)
     free, total = torch.cuda.mem_get_info()
     tok_s = B * T / sec
     flops_tok = 6 * n_params + 12 * cfg.num_layers * cfg.hidden * T

@@ -44,6 +44,31 @@ def config_from_recipe(path):
     return Config(d)
 
 
+def time_training_steps(step, vocab_size, B, T, warmup, steps):
+    """Runs `step(inputs, targets)` on 4 fixed random batches: warmup steps (compilation, caches;
+    wall time returned), then `steps` timed with CUDA events after a peak-memory reset.
+    Returns (warm-up seconds, seconds per timed step, the last step's loss)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, vocab_size, (B, T + 1), device="cuda", generator=g)
+               for _ in range(4)]
+    t0 = time.time()
+    for i in range(warmup):
+        b = batches[i % 4]
+        step(b[:, :-1], b[:, 1:]).item()
+    torch.cuda.synchronize()
+    warm_s = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    loss = None
+    for i in range(steps):
+        b = batches[i % 4]
+        loss = step(b[:, :-1], b[:, 1:])
+    end.record()
+    torch.cuda.synchronize()
+    return warm_s, start.elapsed_time(end) / 1e3 / steps, loss
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
@@ -73,23 +98,7 @@ def main():
         return loss
 
     fn = torch.compile(step) if args.mode == "compile" else step
-    g = torch.Generator(device="cuda").manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda", generator=g) for _ in range(4)]
-    t_compile = time.time()
-    for i in range(args.warmup):
-        b = batches[i % 4]
-        fn(b[:, :-1], b[:, 1:]).item()
-    torch.cuda.synchronize()
-    warm_s = time.time() - t_compile
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(args.steps):
-        b = batches[i % 4]
-        loss = fn(b[:, :-1], b[:, 1:])
-    end.record()
-    torch.cuda.synchronize()
-    sec = start.elapsed_time(end) / 1e3 / args.steps
+    warm_s, sec, loss = time_training_steps(fn, cfg.vocab_size, B, T, args.warmup, args.steps)
     tok_s = B * T / sec
     flops_tok = 6 * n_params + 12 * cfg.num_layers * cfg.hidden * T
     print(json.dumps({"peer": f"pytorch-{args.mode}", "torch": torch.__version__,

@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/fp8.h"
+#include "kernels/cuda/lt_heuristic.cuh"
 #include "kernels/ops_fp8_checks.h"
 
 namespace tessera::cuda {
@@ -79,32 +80,11 @@ Plan make_plan(const fp8::GemmDims& d, const Tensor& c, const Tensor& a, const T
   TS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.layout_b, lt_type(a.dtype), k, m, int64_t(k)));
   TS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.layout_c, lt_type(c.dtype), n, m, int64_t(n)));
 
-  cublasLtMatmulPreference_t pref;
-  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const uint64_t ws = context().workspace_bytes;
-  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-  const uint32_t align_lt[4] = {uint32_t(align[1]), uint32_t(align[0]), uint32_t(align[2]),
-                                uint32_t(align[2])};  // cuBLASLt A = b, B = a, C = D = c
-  const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
-      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-  for (int i = 0; i < 4; ++i)
-    TS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align_lt[i],
-                                                         sizeof(uint32_t)));
-  cublasLtMatmulHeuristicResult_t result{};
-  int num_results = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-      reinterpret_cast<cublasLtHandle_t>(context().cublaslt), plan.desc, plan.layout_a,
-      plan.layout_b, plan.layout_c, plan.layout_c, pref, 1, &result, &num_results);
-  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
-  if (st != CUBLAS_STATUS_NOT_SUPPORTED) TS_CUBLAS_CHECK(st);
   // Unlike lt_gemm there is no fallback kernel: an FP8 GEMM cuBLASLt cannot run is an error.
-  if (st != CUBLAS_STATUS_SUCCESS || num_results == 0 || result.state != CUBLAS_STATUS_SUCCESS)
+  if (!lt_best_algo(plan.desc, plan.layout_a, plan.layout_b, plan.layout_c, align, &plan.algo))
     TS_SYSTEM_ERROR("gemm_fp8: cuBLASLt has no FP8 algorithm for c {} = a {} x b {}^T "
                     "(accumulate {}, alignments a {} b {} c {} bytes)", c.str(), a.str(), b.str(),
                     accumulate, align[0], align[1], align[2]);
-  plan.algo = result.algo;
   return plan;
 }
 

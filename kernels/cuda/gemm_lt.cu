@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm_lt.h"
+#include "kernels/cuda/lt_heuristic.cuh"
 
 namespace tessera::cuda {
 
@@ -145,31 +146,8 @@ Plan make_plan(const LtGemm& g, const int64_t (&align)[5]) {
                             : cublasLtMatrixLayoutCreate(&plan.layout_b, type, k, m, int64_t(k)));
   TS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.layout_c, type, n, m, int64_t(n)));
 
-  cublasLtMatmulPreference_t pref;
-  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const uint64_t ws = context().workspace_bytes;
-  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-  const uint32_t align_lt[4] = {uint32_t(align[1]), uint32_t(align[0]), uint32_t(align[2]),
-                                uint32_t(align[2])};  // cuBLASLt A = b, B = a, C = D = c
-  const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
-      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-  for (int i = 0; i < 4; ++i)
-    TS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align_lt[i],
-                                                         sizeof(uint32_t)));
-  cublasLtMatmulHeuristicResult_t result{};
-  int num_results = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-      reinterpret_cast<cublasLtHandle_t>(context().cublaslt), plan.desc, plan.layout_a,
-      plan.layout_b, plan.layout_c, plan.layout_c, pref, 1, &result, &num_results);
-  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
-  // NOT_SUPPORTED means "no algorithm" (e.g. an epilogue on an unsupported layout): a fallback,
-  // not an error. Any other failure is one.
-  if (st != CUBLAS_STATUS_NOT_SUPPORTED) TS_CUBLAS_CHECK(st);
-  plan.found =
-      st == CUBLAS_STATUS_SUCCESS && num_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
-  if (plan.found) plan.algo = result.algo;
+  plan.found = lt_best_algo(plan.desc, plan.layout_a, plan.layout_b, plan.layout_c, align,
+                            &plan.algo);
   return plan;
 }
 
@@ -247,6 +225,37 @@ void gemm_simt(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float a
         n, k, trans_a, trans_b, alpha, beta);
     TS_CUDA_CHECK_LAUNCH();
   });
+}
+
+bool lt_best_algo(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t layout_a,
+                  cublasLtMatrixLayout_t layout_b, cublasLtMatrixLayout_t layout_c,
+                  const int64_t align[3], cublasLtMatmulAlgo_t* algo) {
+  cublasLtMatmulPreference_t pref;
+  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t ws = context().workspace_bytes;
+  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  const uint32_t align_lt[4] = {uint32_t(align[1]), uint32_t(align[0]), uint32_t(align[2]),
+                                uint32_t(align[2])};  // cuBLASLt A = b, B = a, C = D = c
+  const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4; ++i)
+    TS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align_lt[i],
+                                                         sizeof(uint32_t)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int num_results = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+      reinterpret_cast<cublasLtHandle_t>(context().cublaslt), desc, layout_a, layout_b, layout_c,
+      layout_c, pref, 1, &result, &num_results);
+  TS_CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+  // NOT_SUPPORTED means "no algorithm" (e.g. an epilogue on an unsupported layout): the caller
+  // decides. Any other failure is an error.
+  if (st != CUBLAS_STATUS_NOT_SUPPORTED) TS_CUBLAS_CHECK(st);
+  const bool found =
+      st == CUBLAS_STATUS_SUCCESS && num_results > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+  if (found) *algo = result.algo;
+  return found;
 }
 
 }  // namespace tessera::cuda
