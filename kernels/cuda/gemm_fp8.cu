@@ -31,6 +31,22 @@ struct Plan {
 std::mutex g_plan_mutex;
 std::map<PlanKey, Plan> g_plans;
 
+// cuBLASLt wants 16-byte aligned scale pointers: a scale at a 4-byte offset of an array (as
+// Fp8ScalingState keeps them) made the first FP8 GEMM of llama-1b fail with NOT_SUPPORTED on an
+// H100 (cuBLAS 13) while the same GEMM with scales allocated alone ran. Such a scale is copied
+// into a 16-byte slot of this per-device buffer first, on the compute stream: calls are enqueued
+// under g_plan_mutex on that one stream, so a slot is never rewritten before its GEMM has read it.
+std::map<int, float*> g_scale_slots;  // device -> 2 slots of 16 bytes
+
+const void* aligned_scale(const Context& ctx, const void* scale, int slot) {
+  if (reinterpret_cast<uintptr_t>(scale) % 16 == 0) return scale;
+  float*& slots = g_scale_slots[ctx.device];
+  if (!slots) TS_CUDA_CHECK(cudaMalloc(&slots, 2 * 16));
+  float* dst = slots + 4 * slot;
+  TS_CUDA_CHECK(cudaMemcpyAsync(dst, scale, sizeof(float), cudaMemcpyDeviceToDevice, stream()));
+  return dst;
+}
+
 int64_t alignment_of(const void* p) {
   const auto v = reinterpret_cast<uintptr_t>(p);
   int64_t a = 1;
@@ -118,13 +134,19 @@ void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_i
   }
   const Plan& plan = it->second;
   // cuBLASLt A is our b, so A's scale is b's; both are device pointers read by the kernel.
-  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, b_scale_inv.data);
-  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, a_scale_inv.data);
+  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, aligned_scale(ctx, b_scale_inv.data, 0));
+  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, aligned_scale(ctx, a_scale_inv.data, 1));
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  TS_CUBLAS_CHECK(cublasLtMatmul(reinterpret_cast<cublasLtHandle_t>(ctx.cublaslt), plan.desc,
-                                 &alpha, b.data, plan.layout_a, a.data, plan.layout_b, &beta,
-                                 c.data, plan.layout_c, c.data, plan.layout_c, &plan.algo,
-                                 ctx.workspace, ctx.workspace_bytes, stream()));
+  const cublasStatus_t st = cublasLtMatmul(
+      reinterpret_cast<cublasLtHandle_t>(ctx.cublaslt), plan.desc, &alpha, b.data, plan.layout_a,
+      a.data, plan.layout_b, &beta, c.data, plan.layout_c, c.data, plan.layout_c, &plan.algo,
+      ctx.workspace, ctx.workspace_bytes, stream());
+  if (st != CUBLAS_STATUS_SUCCESS)  // the whole call, so that a failure in a model is reproducible
+    TS_SYSTEM_ERROR("gemm_fp8: cublasLtMatmul failed (cuBLAS status {}) for c {} = a {} x b {}^T, "
+                    "accumulate {}, alignments a {} b {} c {}, scale pointers a {} b {} "
+                    "(CUBLASLT_LOG_LEVEL=2 prints cuBLASLt's reason)", int(st), c.str(), a.str(),
+                    b.str(), accumulate, align[0], align[1], align[2], a_scale_inv.data,
+                    b_scale_inv.data);
 }
 
 size_t gemm_fp8_plan_count() {

@@ -85,11 +85,17 @@ float CounterRng::normal(uint64_t index, uint32_t sub) const {
   return static_cast<float>(radius * std::cos(2.0 * std::numbers::pi * u2));
 }
 
+// Fills are split across OpenMP threads (when built with it) in static chunks: each value is a
+// function of its index alone, so the output is identical for every thread count.
+constexpr uint64_t kParallelFill = uint64_t(1) << 16;
+
 void CounterRng::fill_normal(float* out, uint64_t begin, uint64_t n, float stddev) const {
+#pragma omp parallel for schedule(static) if (n >= kParallelFill)
   for (uint64_t j = 0; j < n; ++j) out[j] = normal(begin + j) * stddev;
 }
 
 void CounterRng::fill_uniform(float* out, uint64_t begin, uint64_t n, float lo, float hi) const {
+#pragma omp parallel for schedule(static) if (n >= kParallelFill)
   for (uint64_t j = 0; j < n; ++j) {
     float v = lo + (hi - lo) * uniform(begin + j);
     // Float rounding can land exactly on hi; keep the interval half-open.

@@ -26,6 +26,7 @@ void Attention::declare(ParamStore& ps, const std::string& name, const ModelConf
   wq_.declare(ps, name + ".wq", C, Hq * D, cfg.bias, cfg.init_std, TpSplit::column, shard);
   wk_.declare(ps, name + ".wk", C, Hkv * D, cfg.bias, cfg.init_std, TpSplit::column, shard);
   wv_.declare(ps, name + ".wv", C, Hkv * D, cfg.bias, cfg.init_std, TpSplit::column, shard);
+  wk_.shares_input_with_previous = wv_.shares_input_with_previous = true;  // all read x
   wo_.declare(ps, name + ".wo", Hq * D, C, cfg.bias, proj_std, TpSplit::row, shard);
   if (cfg.qk_norm) {
     // Shared by every head; each tp rank sees only its heads, so its gradient is partial.

@@ -40,6 +40,9 @@ struct Linear {
   bool add_bias = true;  // false on tp ranks > 0 of a row-parallel layer
   LinearCompute* compute = nullptr;  // null: the dtype's own GEMMs (kernels/ops.h)
   int compute_slot = -1;             // this layer's index in *compute
+  // Reads the same x as the linear declared just before it, in the same call order (k and v
+  // after q, up after gate): FP8 quantizes that x once for the group, with one scale.
+  bool shares_input_with_previous = false;
 
   // in/out are the full sizes; the local slice follows from split and the shard's tp rank.
   void declare(ParamStore& ps, const std::string& name, int in, int out, bool with_bias,

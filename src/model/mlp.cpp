@@ -19,6 +19,7 @@ void Mlp::declare(ParamStore& ps, const std::string& name, const ModelConfig& cf
   } else {
     in_.declare(ps, name + ".gate", C, F, cfg.bias, cfg.init_std, TpSplit::column, shard);
     up_.declare(ps, name + ".up", C, F, cfg.bias, cfg.init_std, TpSplit::column, shard);
+    up_.shares_input_with_previous = true;  // gate and up both read x
     out_.declare(ps, name + ".down", F, C, cfg.bias, proj_std, TpSplit::row, shard);
   }
 }

@@ -29,15 +29,44 @@ void Fp8Linears::attach(Transformer& model) {
                   "model is {}", dtype_name(model.dtype()));
   model.for_each_linear([&](Linear& l) {
     l.compute = this;
-    l.compute_slot = add(model.params()[l.weight].spec.name, l.out_features, l.in_features);
+    l.compute_slot = add(model.params()[l.weight].spec.name, l.out_features, l.in_features,
+                         l.shares_input_with_previous);
   });
   finalize();
 }
 
-int Fp8Linears::add(const std::string& name, int64_t out_features, int64_t in_features) {
+int Fp8Linears::add(const std::string& name, int64_t out_features, int64_t in_features,
+                    bool shares_input_with_previous) {
   TS_CHECK(!state_, "Fp8Linears::add({}) after finalize", name);
+  const int slot = num_layers();
+  int x_owner = slot;
+  if (shares_input_with_previous) {
+    TS_CHECK(slot > 0 && layers_.back().in_features == in_features,
+             "Fp8Linears::add({}): shares its input with the previous linear, which has {} input "
+             "features, not {}", name, slot > 0 ? layers_.back().in_features : 0, in_features);
+    x_owner = layers_.back().x_owner;
+  }
   layers_.push_back({name, out_features, in_features});
-  return num_layers() - 1;
+  layers_.back().x_owner = x_owner;
+  return slot;
+}
+
+// A follower's x state entry (3 * slot + kX) stays unused: its amax is never recorded, so its
+// scale stays 1; the checkpoint layout keeps three entries per slot all the same.
+int Fp8Linears::x_state(int slot) const { return state_index(layers_[slot].x_owner, kX); }
+
+void Fp8Linears::quantize_x(int slot, Tensor inp, bool transposed) {
+  const int owner = layers_[slot].x_owner;
+  const int64_t K = layers_[slot].in_features, M = inp.numel() / K;
+  const bool reuse = owner != slot && x_copy_.owner == owner && x_copy_.data == inp.data &&
+                     x_copy_.rows == M && (x_copy_t_ || !transposed);
+  if (reuse) return;
+  Tensor x8 = scratch(0, DType::e4m3, Shape{M, K});
+  Tensor x8_t = transposed ? scratch(1, DType::e4m3, Shape{K, M}) : Tensor();
+  ops::fp8_quantize(x8, x8_t, amax_for_index(x_state(slot)), inp.view({M, K}),
+                    state_->scale(x_state(slot)));
+  x_copy_ = {owner, inp.data, M};
+  x_copy_t_ = transposed;
 }
 
 void Fp8Linears::finalize() {
@@ -55,8 +84,10 @@ void Fp8Linears::finalize() {
   scratch_.resize(4);
 }
 
-Tensor Fp8Linears::amax_for(int slot, int which) {
-  if (recording_) return state_->amax(state_index(slot, which));
+Tensor Fp8Linears::amax_for(int slot, int which) { return amax_for_index(state_index(slot, which)); }
+
+Tensor Fp8Linears::amax_for_index(int index) {
+  if (recording_) return state_->amax(index);
   return Tensor(discard_.data(), DType::f32, device_, Shape{1});
 }
 
@@ -89,12 +120,10 @@ void Fp8Linears::forward(const Linear& l, const ParamStore& ps, Tensor out, Tens
   const int s = l.compute_slot;
   const int64_t M = inp.numel() / l.in_features;
   quantize_weight(l, ps, s);
-  Tensor x8 = scratch(0, DType::e4m3, Shape{M, l.in_features});
-  ops::fp8_quantize(x8, Tensor(), amax_for(s, kX), inp.view({M, l.in_features}),
-                    state_->scale(state_index(s, kX)));
+  quantize_x(s, inp, false);
   Tensor y = out.view({M, l.out_features});
-  ops::gemm_fp8(y, x8, weight8(s, false), state_->scale_inv(state_index(s, kX)),
-                state_->scale_inv(state_index(s, kW)), false);
+  ops::gemm_fp8(y, scratch(0, DType::e4m3, Shape{M, l.in_features}), weight8(s, false),
+                state_->scale_inv(x_state(s)), state_->scale_inv(state_index(s, kW)), false);
   if (l.add_bias && l.bias >= 0) ops::bias_add(y, ps[l.bias].value);
 }
 
@@ -118,13 +147,12 @@ void Fp8Linears::backward(const Linear& l, ParamStore& ps, Tensor dinp, Tensor d
                   state_->scale_inv(state_index(s, kW)), accumulate_dinp);
   }
   // x^T re-quantized from the saved input with the forward's scale: the same FP8 values the
-  // forward used (the scale only changes in end_step), without keeping an FP8 copy per layer.
-  Tensor x8 = scratch(0, DType::e4m3, Shape{M, l.in_features});
-  Tensor x8_t = scratch(1, DType::e4m3, Shape{l.in_features, M});
-  ops::fp8_quantize(x8, x8_t, amax_for(s, kX), inp.view({M, l.in_features}),
-                    state_->scale(state_index(s, kX)));
-  ops::gemm_fp8(ps[l.weight].grad, scratch(3, DType::e5m2, Shape{l.out_features, M}), x8_t,
-                state_->scale_inv(state_index(s, kDy)), state_->scale_inv(state_index(s, kX)), true);
+  // forward used (the scale only changes in end_step), without keeping an FP8 copy per layer;
+  // once per group of linears that read the same x.
+  quantize_x(s, inp, true);
+  ops::gemm_fp8(ps[l.weight].grad, scratch(3, DType::e5m2, Shape{l.out_features, M}),
+                scratch(1, DType::e4m3, Shape{l.in_features, M}),
+                state_->scale_inv(state_index(s, kDy)), state_->scale_inv(x_state(s)), true);
   if (l.bias >= 0) ops::bias_grad(ps[l.bias].grad, dout.view({M, l.out_features}));
 }
 
@@ -148,6 +176,7 @@ void Fp8Linears::end_step(Communicator* tp, Communicator* dp) {
   state_->reduce_amax(dp);
   state_->update();
   for (Layer& l : layers_) l.weights_fresh = false;  // new weights and new scales
+  x_copy_ = {};
 }
 
 }  // namespace tessera

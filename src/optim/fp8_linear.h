@@ -31,8 +31,11 @@ class Fp8Linears final : public LinearCompute {
   // Registers every linear of `model` (its dtype must be bf16) and finalizes: the usual setup.
   void attach(Transformer& model);
 
-  // Registers a linear before finalize(); returns its slot.
-  int add(const std::string& name, int64_t out_features, int64_t in_features);
+  // Registers a linear before finalize(); returns its slot. shares_input_with_previous: the
+  // linear reads the x of the slot added just before it (same rows, called right after it), so
+  // its x scale is that slot's and a forward or backward right after it reuses the FP8 copy.
+  int add(const std::string& name, int64_t out_features, int64_t in_features,
+          bool shares_input_with_previous = false);
   // Allocates the scaling state and the weight copies (2 bytes per weight element: W and W^T).
   void finalize();
   int num_layers() const { return static_cast<int>(layers_.size()); }
@@ -51,7 +54,10 @@ class Fp8Linears final : public LinearCompute {
 
   // Evaluation and generation quantize with the current scales but record no amax, so they do
   // not steer training's scales.
-  void set_recording(bool on) { recording_ = on; }
+  void set_recording(bool on) {
+    recording_ = on;
+    x_copy_ = {};
+  }
 
   // After the optimizer step: amaxes agreed over the groups that see the same tensors (tp ranks
   // share x and dy and split w; dp replicas see different data and must keep equal scales), then
@@ -67,12 +73,25 @@ class Fp8Linears final : public LinearCompute {
     int64_t out_features = 0, in_features = 0;
     size_t weight_offset = 0;  // of its W8 and W8^T in weights_
     bool weights_fresh = false;  // W8 matches the current weights and scale
+    int x_owner = -1;            // the slot whose x scale (and FP8 x) this layer uses
+  };
+  // What a scratch buffer of quantized x holds: x_owner's x at `data` (M rows). A follower of
+  // that group reuses it; any other quantization into the buffer, a new step or a switch of
+  // recording replaces or clears it. A group's leader always quantizes afresh.
+  struct XCopy {
+    int owner = -1;
+    const void* data = nullptr;
+    int64_t rows = 0;
   };
   Tensor amax_for(int slot, int which);  // the recording amax, or a discard slot in evaluation
+  Tensor amax_for_index(int index);       // the same by state index
   Tensor scratch(int idx, DType dtype, Shape shape);  // grows on demand; 16-byte aligned
   void quantize_weight(const Linear& l, const ParamStore& ps, int slot);
   Tensor weight8(int slot, bool transposed);
   void quantize_dout(int slot, Tensor dout, bool with_transpose);  // into scratch 2 (and 3)
+  // x8 (M,K) in scratch 0, and x8^T (K,M) in scratch 1 when transposed; reused per XCopy.
+  void quantize_x(int slot, Tensor inp, bool transposed);
+  int x_state(int slot) const;
 
   Device device_;
   Fp8ScalingConfig cfg_;
@@ -82,6 +101,8 @@ class Fp8Linears final : public LinearCompute {
   Buffer discard_;   // (1) f32 amax sink for evaluation
   std::vector<Buffer> scratch_;  // x8, x8^T, dy8, dy8^T
   bool recording_ = true;
+  XCopy x_copy_;    // scratch 0 (and 1 when x_copy_t_)
+  bool x_copy_t_ = false;
 };
 
 }  // namespace tessera

@@ -129,6 +129,7 @@ std::vector<uint32_t> mock_tokens(const Recipe& r, int64_t n, const char* stream
   n = std::min<int64_t>(n, int64_t(1) << 26);
   const CounterRng rng(r.train.seed, stream);
   std::vector<uint32_t> out(n);
+#pragma omp parallel for schedule(static)  // each id depends on its index only
   for (int64_t i = 0; i < n; ++i) out[i] = rng.bits(uint64_t(i)) % uint32_t(r.model.vocab_size);
   return out;
 }

@@ -82,8 +82,12 @@ struct QuantizeCase {
 TEST(Fp8QuantizeGpu, BitExactWithCpuIncludingTransposeAndAmax) {
   TESSERA_REQUIRE_FP8_GPU();
   std::mt19937_64 rng(3);
-  const QuantizeCase cases[] = {{1000, 1040}, {1, 1}, {3, 65}, {64, 64}, {129, 250}, {7, 1},
-                                {1, 4097}, {513, 31}};
+  // 4-wide path (cols % 4 == 0, and rows % 4 == 0 for the transpose) with partial tiles:
+  // {1000, 1040}, {68, 36}, {64, 64}; 1-wide: the rest; more tiles than the grid's blocks (8 per
+  // SM), so blocks stride over tiles: {2176, 2048} (4-wide) and {2177, 2050} (1-wide).
+  const QuantizeCase cases[] = {{1000, 1040}, {1, 1},   {3, 65},      {64, 64},
+                                {129, 250},   {7, 1},   {1, 4097},    {513, 31},
+                                {68, 36},     {6, 36},  {2176, 2048}, {2177, 2050}};
   for (const QuantizeCase& qc : cases) {
     for (DType in_type : {DType::f32, DType::bf16, DType::f16}) {
       for (DType format : {DType::e4m3, DType::e5m2}) {
@@ -175,11 +179,17 @@ struct GemmCase {
 // the whole K loop stays in that accumulator: we allow 2^-9 S (the errors of up to K/32 MMA steps
 // add like a random walk, far below the worst case of (K/32) 2^-13 S for these K). With split
 // accumulation only each 32-deep MMA is inexact and f32 adds the rest: 2^-11 S. Plus the output
-// rounding (f32: 2^-23, bf16: 2^-8 of |ref|, covering a second rounding). A wrong scale, operand
-// order, transpose or a missed accumulate gives errors of order |ref| or S, far above this.
-double gemm_bound(double s_abs, double ref, bool split, DType c_type) {
-  return (split ? 0x1p-11 : 0x1p-9) * s_abs + (c_type == DType::bf16 ? 0x1p-8 : 0x1p-23) *
-                                                  std::fabs(ref) + 1e-30;
+// rounding: one ulp of c's dtype (f32: 2^-23 |ref|, bf16: 2^-7 |ref|), because a GPU sum that
+// differs from the exact one by a hair can round to the other neighbour of a midpoint. And when
+// accumulating into bf16, half an ulp of the product P = sa*sb*sum_k a_ik b_jk: measured on H100,
+// the FP8 kernels round P to bf16 before adding c (errors up to 2^-9 where P ~ 0.5 and c ~ -P
+// cancel), where the CPU adds in f32 and rounds once. A wrong scale, operand order, transpose or a
+// missed accumulate gives errors of order |ref| or S, far above this.
+double gemm_bound(double s_abs, double p_abs, double ref, bool split, DType c_type,
+                  bool accumulate) {
+  const bool bf16 = c_type == DType::bf16;
+  return (split ? 0x1p-11 : 0x1p-9) * s_abs + (bf16 ? 0x1p-7 : 0x1p-23) * std::fabs(ref) +
+         (bf16 && accumulate ? 0x1p-8 * p_abs : 0.0) + 1e-30;
 }
 
 TEST(GemmFp8Gpu, MatchesCpuWithinBound) {
@@ -251,12 +261,16 @@ TEST(GemmFp8Gpu, MatchesCpuWithinBound) {
           double worst = 0.0;
           for (int64_t i = 0; i < m; ++i)
             for (int64_t j = 0; j < n; ++j) {
-              double s_abs = 0.0;
-              for (int64_t p = 0; p < k; ++p)
-                s_abs += std::fabs(av[i * k + p] * bv[j * k + p]);
+              double s_abs = 0.0, p = 0.0;
+              for (int64_t q = 0; q < k; ++q) {
+                s_abs += std::fabs(av[i * k + q] * bv[j * k + q]);
+                p += av[i * k + q] * bv[j * k + q];
+              }
               s_abs *= double(sa[0]) * sb[0];
+              p *= double(sa[0]) * sb[0];
               const double err = std::fabs(double(got[i * n + j]) - ref[i * n + j]);
-              const double bound = gemm_bound(s_abs, ref[i * n + j], split, c_type);
+              const double bound =
+                  gemm_bound(s_abs, std::fabs(p), ref[i * n + j], split, c_type, accumulate);
               worst = std::max(worst, err / bound);
               if (!(err <= bound) && ++failures <= 5)
                 ADD_FAILURE() << "c[" << i << "," << j << "]: gpu " << got[i * n + j] << ", cpu "
@@ -283,6 +297,68 @@ TEST(GemmFp8Gpu, RejectsUnsupportedOperands) {
   EXPECT_THROW(ops::gemm_fp8(c, a_odd, b_odd, s, s, false), Error);  // K = 24, not a multiple of 16
   DeviceTensor c_odd(DType::f32, {32, 24}), b_n24(DType::e4m3, {24, 32});
   EXPECT_THROW(ops::gemm_fp8(c_odd, b4, b_n24, s, s, false), Error);  // N = 24
+}
+
+// Scales inside an f32 array (at 4- and 8-byte offsets, as Fp8ScalingState keeps them) with
+// llama-1b's projection sizes: the same bits as scales allocated alone, and rows of the result
+// within the bound of the CPU reference. Regression: such scales failed with NOT_SUPPORTED.
+TEST(GemmFp8Gpu, ScalesAtAnyFloatOffsetAtModelSizes) {
+  TESSERA_REQUIRE_FP8_GPU();
+  std::mt19937_64 rng(11);
+  const int64_t m = 4096, n = 2048, k = 2048;
+  auto random_codes = [&](int64_t count) {  // any finite E4M3 code (0x7F and 0xFF are NaN)
+    std::vector<uint8_t> v(count);
+    for (uint8_t& c : v) {
+      c = uint8_t(rng());
+      if ((c & 0x7F) == 0x7F) c ^= 1;
+    }
+    return v;
+  };
+  std::vector<uint8_t> a_codes = random_codes(m * k), b_codes = random_codes(n * k);
+  DeviceTensor a(DType::e4m3, {m, k}), b(DType::e4m3, {n, k}), sa_alone(DType::f32, {1}),
+      sb_alone(DType::f32, {1}), scales(DType::f32, {8});
+  upload_raw(a, a_codes);
+  upload_raw(b, b_codes);
+  upload_raw(sa_alone, std::vector<float>{1.0f / 64});
+  upload_raw(sb_alone, std::vector<float>{1.0f / 128});
+  upload_raw(scales, std::vector<float>{0, 1.0f / 64, 1.0f / 128, 1.0f / 64, 0, 0, 0, 0});
+  DeviceTensor c_alone(DType::bf16, {m, n});
+  ops::gemm_fp8(c_alone, a, b, sa_alone, sb_alone, false);
+  const std::vector<float> want = c_alone.download();
+  // a's scale (1/64) at index 1 or 3, b's (1/128) at index 2: byte offsets 4, 12 and 8.
+  for (int64_t ia : {1, 3}) {
+    const int64_t ib = 2;
+    SCOPED_TRACE(::testing::Message() << "scale offsets " << 4 * ia << " and " << 4 * ib);
+    DeviceTensor c(DType::bf16, {m, n});
+    ops::gemm_fp8(c, a, b, scales.t().slice(ia, ia + 1), scales.t().slice(ib, ib + 1), false);
+    const std::vector<float> got = c.download();
+    int64_t differ = 0;
+    for (int64_t i = 0; i < m * n; ++i)
+      differ += std::bit_cast<uint32_t>(got[i]) != std::bit_cast<uint32_t>(want[i]);
+    EXPECT_EQ(differ, 0);
+  }
+  // Rows 0, 1 and m-1 against the CPU op.
+  for (int64_t row : {int64_t(0), int64_t(1), m - 1}) {
+    std::vector<uint16_t> c_cpu(n);
+    std::vector<float> s_a{1.0f / 64}, s_b{1.0f / 128};
+    ops::gemm_fp8(Tensor(c_cpu.data(), DType::bf16, Device::cpu, {1, n}),
+                  Tensor(a_codes.data() + row * k, DType::e4m3, Device::cpu, {1, k}),
+                  Tensor(b_codes.data(), DType::e4m3, Device::cpu, {n, k}), host_f32(s_a, {1}),
+                  host_f32(s_b, {1}), false);
+    int64_t failures = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      double s_abs = 0.0;
+      for (int64_t p = 0; p < k; ++p)
+        s_abs += std::fabs(double(e4m3_bits_to_f32(a_codes[row * k + p])) *
+                           e4m3_bits_to_f32(b_codes[j * k + p]));
+      const double ref = bf16_bits_to_f32(c_cpu[j]);
+      const double bound = gemm_bound(s_abs / (64.0 * 128.0), 0.0, ref, false, DType::bf16, false);
+      if (!(std::fabs(want[row * n + j] - ref) <= bound) && ++failures <= 3)
+        ADD_FAILURE() << "c[" << row << "," << j << "]: gpu " << want[row * n + j] << ", cpu "
+                      << ref << ", bound " << bound;
+    }
+    EXPECT_EQ(failures, 0) << "row " << row;
+  }
 }
 
 // ---- fp8_update_scales ----------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/dtype.h"
@@ -158,6 +159,74 @@ TEST(Fp8Linear, GeneralOperandsStayWithinFp8Rounding) {
       differ += a[i * N + j] != b[i * N + j];
     }
   EXPECT_GT(differ, M * N / 4) << "FP8 did not quantize anything";
+}
+
+// Linears that read the same x (q/k/v, gate/up) share one x scale and one FP8 copy of x; they
+// must equal the same linears quantizing x each on their own, step after step (the shared amax is
+// that same tensor's), and a follower must quantize afresh whenever its x is not the copy held
+// (another pointer, or another group's x quantized in between).
+TEST(Fp8Linear, SharedInputGroupEqualsSeparateQuantization) {
+  struct Layers {
+    ParamStore ps;
+    Linear lin[4];  // 0, 1, 2 read the same x; 3 is another group
+    Fp8Linears fp8{Device::cpu, Fp8ScalingConfig{}};
+    explicit Layers(bool share) {
+      for (int i = 0; i < 4; ++i)
+        lin[i].declare(ps, "l" + std::to_string(i), K, N, /*with_bias=*/false, 0.02f);
+      ps.allocate(DType::bf16, Device::cpu);
+      for (int i = 0; i < 4; ++i) {
+        from_f32(ps[lin[i].weight].value, uniform(N * K, -0.3f, 0.3f, 20 + i));
+        lin[i].compute = &fp8;
+        lin[i].compute_slot = fp8.add("l" + std::to_string(i), N, K, share && (i == 1 || i == 2));
+      }
+      fp8.finalize();
+    }
+  };
+  Layers shared(true), separate(false);
+  std::vector<char> xs, x2s, dys, dxs, ys;
+  Tensor x = host(DType::bf16, {M, K}, xs), x2 = host(DType::bf16, {M, K}, x2s);
+  Tensor dy = host(DType::bf16, {M, N}, dys), dx = host(DType::bf16, {M, K}, dxs);
+  Tensor y = host(DType::bf16, {M, N}, ys);
+  from_f32(dy, uniform(M * N, -1.0f, 1.0f, 31));
+  from_f32(x2, uniform(M * K, -5.0f, 5.0f, 32));
+  auto run = [&](Layers& L, int step) {  // outputs of every call, then every weight gradient
+    std::vector<std::vector<float>> got;
+    from_f32(x, uniform(M * K, -3.0f - step, 3.0f + step, 40 + step));
+    L.ps.zero_grad();
+    for (int i = 0; i < 3; ++i) {
+      L.lin[i].forward(L.ps, y, x);
+      got.push_back(to_f32(y));
+    }
+    // Calls that break the sharing contract, without recording (their amaxes would differ
+    // between the two setups): each must quantize its own x.
+    L.fp8.set_recording(false);
+    L.lin[0].forward(L.ps, y, x);
+    L.lin[1].forward(L.ps, y, x2);  // another pointer
+    got.push_back(to_f32(y));
+    L.lin[0].forward(L.ps, y, x);
+    L.lin[3].forward(L.ps, y, x2);  // another group in between, then x changes in place
+    from_f32(x, uniform(M * K, -2.0f, 2.0f, 50 + step));
+    L.lin[2].forward(L.ps, y, x);
+    got.push_back(to_f32(y));
+    L.fp8.set_recording(true);
+    for (int i = 0; i < 3; ++i) L.lin[i].backward(L.ps, dx, dy, x, i > 0);
+    got.push_back(to_f32(dx));
+    for (int i = 0; i < 4; ++i) got.push_back(to_f32(L.ps[L.lin[i].weight].grad));
+    L.fp8.end_step(nullptr, nullptr);
+    return got;
+  };
+  for (int step = 0; step < 3; ++step) {
+    SCOPED_TRACE(step);
+    const auto a = run(shared, step), b = run(separate, step);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "output " << i;
+  }
+  // The followers' own x entries are never used: their scales stay 1; the leader's moved.
+  const auto st = shared.fp8.state().gather();
+  EXPECT_NE(st.scale[0 * 3 + 0], 1.0f);
+  EXPECT_EQ(st.scale[1 * 3 + 0], 1.0f);
+  EXPECT_EQ(st.scale[2 * 3 + 0], 1.0f);
+  EXPECT_EQ(st.scale[1 * 3 + 1], separate.fp8.state().gather().scale[1 * 3 + 1]);  // w: own
 }
 
 }  // namespace
