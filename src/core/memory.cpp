@@ -85,6 +85,26 @@ void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, size
 #endif
 }
 
+void copy_bytes_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+                   size_t rows, Device device) {
+  if (rows == 0 || width == 0) return;
+  TS_CHECK(dst != nullptr && src != nullptr && width <= dst_pitch && width <= src_pitch,
+           "copy_bytes_2d: {} rows of {} bytes, pitches {} <- {}", rows, width, dst_pitch,
+           src_pitch);
+  if (device == Device::cpu) {
+    for (size_t r = 0; r < rows; ++r)
+      std::memmove(static_cast<char*>(dst) + r * dst_pitch,
+                   static_cast<const char*>(src) + r * src_pitch, width);
+    return;
+  }
+#ifdef TESSERA_CUDA
+  CORE_CUDA_CHECK(
+      cudaMemcpy2D(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDeviceToDevice));
+#else
+  no_cuda_backend("copy_bytes_2d");
+#endif
+}
+
 void copy_tensor(const Tensor& dst, const Tensor& src) {
   TS_CHECK(dst.numel() == src.numel(), "copy_tensor: {} elements into {} ({} <- {})", src.numel(),
            dst.numel(), dst.str(), src.str());

@@ -14,6 +14,10 @@ void device_free(Device d, void* p);
 // Copies between any two devices (host<->device, device<->device); sizes must match.
 void copy_tensor(const Tensor& dst, const Tensor& src);
 void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes);
+// `rows` rows of `width` bytes within one device, from rows `src_pitch` bytes apart to rows
+// `dst_pitch` bytes apart (one cudaMemcpy2D on CUDA, ordered on the compute stream).
+void copy_bytes_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+                   size_t rows, Device device);
 void zero_tensor(const Tensor& t);
 bool cuda_available();  // false when built without CUDA or no device is visible
 // Free and total bytes of the current CUDA device; false (and nothing written) for the CPU.

@@ -26,8 +26,10 @@ Fp8ScalingState::Fp8ScalingState(Device device, std::vector<DType> formats,
     : cfg_(cfg), formats_(std::move(formats)) {
   validate_fp8_scaling_config(cfg_, "fp8 scaling");
   const int64_t n = num_tensors(), len = cfg_.amax_history_len;
-  // One block, in order: history (L*n), scale, scale_inv, amax, fp8_max (n each).
-  const int64_t total = len * n + 4 * n;
+  // One block, in order: history (L*n), scale, scale_inv, amax, fp8_max (n each), and the
+  // aligned scale_inv copies (4n; len * n + 4n is rounded up to a multiple of 4 floats first).
+  const int64_t aligned_at = (len * n + 4 * n + 3) / 4 * 4;
+  const int64_t total = aligned_at + 4 * n;
   std::vector<float> host(total, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
     TS_CHECK(formats_[j] == DType::e4m3 || formats_[j] == DType::e5m2,
@@ -44,7 +46,14 @@ Fp8ScalingState::Fp8ScalingState(Device device, std::vector<DType> formats,
   scale_inv_ = Tensor(base + len * n + n, DType::f32, device, {n});
   amax_ = Tensor(base + len * n + 2 * n, DType::f32, device, {n});
   fp8_max_ = Tensor(base + len * n + 3 * n, DType::f32, device, {n});
+  scale_inv_aligned_ = Tensor(base + aligned_at, DType::f32, device, {4 * n});
   if (total > 0) copy_bytes(base, device, host.data(), Device::cpu, total * sizeof(float));
+  refresh_aligned();
+}
+
+void Fp8ScalingState::refresh_aligned() {
+  copy_bytes_2d(scale_inv_aligned_.data, 4 * sizeof(float), scale_inv_.data, sizeof(float),
+                sizeof(float), size_t(num_tensors()), device());
 }
 
 void Fp8ScalingState::reduce_amax(Communicator* comm) {
@@ -62,6 +71,7 @@ void Fp8ScalingState::update() {
   params.amax_compute = cfg_.amax_compute;
   params.margin = cfg_.margin;
   ops::fp8_update_scales(history_, scale_, scale_inv_, amax_, params);
+  refresh_aligned();
 }
 
 Fp8ScalingState::State Fp8ScalingState::gather() const {
@@ -117,6 +127,7 @@ void Fp8ScalingState::load(const State& s) {
   copy_bytes(scale_.data, device(), s.scale.data(), Device::cpu, scale_.nbytes());
   copy_bytes(scale_inv_.data, device(), s.scale_inv.data(), Device::cpu, scale_inv_.nbytes());
   copy_bytes(amax_.data, device(), zeros.data(), Device::cpu, amax_.nbytes());
+  refresh_aligned();
 }
 
 }  // namespace tessera

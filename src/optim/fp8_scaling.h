@@ -40,7 +40,9 @@ class Fp8ScalingState {
   // this step, scale what it multiplies by, scale_inv what gemm_fp8 multiplies by.
   Tensor amax(int64_t i) const { return amax_.slice(i, i + 1); }
   Tensor scale(int64_t i) const { return scale_.slice(i, i + 1); }
-  Tensor scale_inv(int64_t i) const { return scale_inv_.slice(i, i + 1); }
+  // gemm_fp8's copy of scale_inv[i], 16-byte aligned (cuBLASLt wants aligned scale pointers),
+  // refreshed by update() and load().
+  Tensor scale_inv(int64_t i) const { return scale_inv_aligned_.slice(4 * i, 4 * i + 1); }
   // Whole buffers.
   Tensor amax_history() const { return history_; }  // (L, n), row 0 the most recent step
   Tensor amaxes() const { return amax_; }            // (n)
@@ -80,7 +82,9 @@ class Fp8ScalingState {
   Tensor history_;    // (L, n) f32
   Tensor scale_;      // (n) f32
   Tensor scale_inv_;  // (n) f32
+  Tensor scale_inv_aligned_;  // (4n) f32: scale_inv[i] at 4i, 16-byte aligned
   Tensor amax_;       // (n) f32
+  void refresh_aligned();
   Tensor fp8_max_;    // (n) f32: 448 or 57344 per tensor's format
 };
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <string>
@@ -150,6 +151,34 @@ TEST(Fp8ScalingState, GatherLoadRoundTripAndHistoryLengthChange) {
   Fp8ScalingState longer(Device::cpu, formats, config(4, ops::Fp8AmaxCompute::max, 0));
   longer.load(snap);
   EXPECT_EQ(to_host(longer.amax_history()), (std::vector<float>{0.5f, 5, 3, 30, 2, 20, 0, 0}));
+}
+
+// What gemm_fp8 reads: each scale_inv(i) is 16-byte aligned (cuBLASLt's rule) and equals
+// scale_invs()[i] at construction, after every update, and after a load.
+void expect_aligned_copies(const Fp8ScalingState& s) {
+  const std::vector<float> inv = to_host(s.scale_invs());
+  for (int64_t i = 0; i < s.num_tensors(); ++i) {
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(s.scale_inv(i).data) % 16, 0u) << i;
+    EXPECT_EQ(to_host(s.scale_inv(i)), std::vector<float>{inv[i]}) << i;
+  }
+}
+
+TEST(Fp8ScalingState, GemmScaleCopiesAreAlignedAndCurrent) {
+  for (int len : {1, 2, 3}) {  // history lengths that leave the other arrays at odd offsets
+    SCOPED_TRACE(len);
+    Fp8ScalingState a(Device::cpu, {DType::e4m3, DType::e5m2, DType::e4m3},
+                      config(len, ops::Fp8AmaxCompute::max, 0));
+    expect_aligned_copies(a);
+    set(a.amaxes(), {3.0f, 5.0f, 0.5f});
+    a.update();
+    EXPECT_NE(to_host(a.scale_inv(0)), std::vector<float>{1.0f});
+    expect_aligned_copies(a);
+    Fp8ScalingState b(Device::cpu, {DType::e4m3, DType::e5m2, DType::e4m3},
+                      config(len, ops::Fp8AmaxCompute::max, 0));
+    b.load(a.gather());
+    expect_aligned_copies(b);
+    EXPECT_EQ(to_host(b.scale_inv(1)), to_host(a.scale_inv(1)));
+  }
 }
 
 // Expects a user error whose message contains `needle`.
