@@ -31,10 +31,10 @@ struct Plan {
 std::mutex g_plan_mutex;
 std::map<PlanKey, Plan> g_plans;
 
-// cuBLASLt wants 16-byte aligned scale pointers: a scale at a 4-byte offset of an array (as
-// Fp8ScalingState keeps them) made the first FP8 GEMM of llama-1b fail with NOT_SUPPORTED on an
-// H100 (cuBLAS 13) while the same GEMM with scales allocated alone ran. Such a scale is copied
-// into a 16-byte slot of this per-device buffer first, on the compute stream: calls are enqueued
+// cuBLASLt wants 16-byte aligned scale pointers: a scale at a 4-byte offset of an array made the
+// first FP8 GEMM of llama-1b fail with NOT_SUPPORTED on an H100 (cuBLAS 13) while the same GEMM
+// with scales allocated alone ran. Training passes aligned scales (Fp8ScalingState keeps aligned
+// copies); any other caller's unaligned scale is copied into a 16-byte slot of this buffer first, on the compute stream: calls are enqueued
 // under g_plan_mutex on that one stream, so a slot is never rewritten before its GEMM has read it.
 std::map<int, float*> g_scale_slots;  // device -> 2 slots of 16 bytes
 

@@ -59,14 +59,13 @@ void Fp8Linears::quantize_x(int slot, Tensor inp, bool transposed) {
   const int owner = layers_[slot].x_owner;
   const int64_t K = layers_[slot].in_features, M = inp.numel() / K;
   const bool reuse = owner != slot && x_copy_.owner == owner && x_copy_.data == inp.data &&
-                     x_copy_.rows == M && (x_copy_t_ || !transposed);
+                     x_copy_.rows == M && (x_copy_.transposed || !transposed);
   if (reuse) return;
   Tensor x8 = scratch(0, DType::e4m3, Shape{M, K});
   Tensor x8_t = transposed ? scratch(1, DType::e4m3, Shape{K, M}) : Tensor();
-  ops::fp8_quantize(x8, x8_t, amax_for_index(x_state(slot)), inp.view({M, K}),
+  ops::fp8_quantize(x8, x8_t, amax_for(x_state(slot)), inp.view({M, K}),
                     state_->scale(x_state(slot)));
-  x_copy_ = {owner, inp.data, M};
-  x_copy_t_ = transposed;
+  x_copy_ = {owner, inp.data, M, transposed};
 }
 
 void Fp8Linears::finalize() {
@@ -84,9 +83,7 @@ void Fp8Linears::finalize() {
   scratch_.resize(4);
 }
 
-Tensor Fp8Linears::amax_for(int slot, int which) { return amax_for_index(state_index(slot, which)); }
-
-Tensor Fp8Linears::amax_for_index(int index) {
+Tensor Fp8Linears::amax_for(int index) {
   if (recording_) return state_->amax(index);
   return Tensor(discard_.data(), DType::f32, device_, Shape{1});
 }
@@ -110,8 +107,9 @@ void Fp8Linears::quantize_weight(const Linear& l, const ParamStore& ps, int slot
   Layer& layer = layers_[slot];
   if (layer.weights_fresh) return;
   // W and W^T in one pass: the forward GEMM reads W (N,K), the input gradient W^T (K,N).
-  ops::fp8_quantize(weight8(slot, false), weight8(slot, true), amax_for(slot, kW), ps[l.weight].value,
-                    state_->scale(state_index(slot, kW)));
+  const int w = state_index(slot, kW);
+  ops::fp8_quantize(weight8(slot, false), weight8(slot, true), amax_for(w), ps[l.weight].value,
+                    state_->scale(w));
   // Only a recorded quantization may be reused: evaluation's copy did not count W's amax.
   layer.weights_fresh = recording_;
 }
@@ -131,7 +129,7 @@ void Fp8Linears::quantize_dout(int slot, Tensor dout, bool with_transpose) {
   const int64_t N = layers_[slot].out_features, M = dout.numel() / N;
   Tensor dy8 = scratch(2, DType::e5m2, Shape{M, N});
   Tensor dy8_t = with_transpose ? scratch(3, DType::e5m2, Shape{N, M}) : Tensor();
-  ops::fp8_quantize(dy8, dy8_t, amax_for(slot, kDy), dout.view({M, N}),
+  ops::fp8_quantize(dy8, dy8_t, amax_for(state_index(slot, kDy)), dout.view({M, N}),
                     state_->scale(state_index(slot, kDy)));
 }
 

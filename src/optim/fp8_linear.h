@@ -75,16 +75,18 @@ class Fp8Linears final : public LinearCompute {
     bool weights_fresh = false;  // W8 matches the current weights and scale
     int x_owner = -1;            // the slot whose x scale (and FP8 x) this layer uses
   };
-  // What a scratch buffer of quantized x holds: x_owner's x at `data` (M rows). A follower of
-  // that group reuses it; any other quantization into the buffer, a new step or a switch of
-  // recording replaces or clears it. A group's leader always quantizes afresh.
+  // What the x scratch holds: x_owner's x at `data` (M rows) in scratch 0, and its transpose in
+  // scratch 1 when `transposed`. A follower of that group reuses it; any other quantization into
+  // the scratch, a new step or a switch of recording replaces or clears it. A group's leader
+  // always quantizes afresh.
   struct XCopy {
     int owner = -1;
     const void* data = nullptr;
     int64_t rows = 0;
+    bool transposed = false;
   };
-  Tensor amax_for(int slot, int which);  // the recording amax, or a discard slot in evaluation
-  Tensor amax_for_index(int index);       // the same by state index
+  // State entry `index`'s recording amax, or a discard slot in evaluation.
+  Tensor amax_for(int index);
   Tensor scratch(int idx, DType dtype, Shape shape);  // grows on demand; 16-byte aligned
   void quantize_weight(const Linear& l, const ParamStore& ps, int slot);
   Tensor weight8(int slot, bool transposed);
@@ -101,8 +103,7 @@ class Fp8Linears final : public LinearCompute {
   Buffer discard_;   // (1) f32 amax sink for evaluation
   std::vector<Buffer> scratch_;  // x8, x8^T, dy8, dy8^T
   bool recording_ = true;
-  XCopy x_copy_;    // scratch 0 (and 1 when x_copy_t_)
-  bool x_copy_t_ = false;
+  XCopy x_copy_;
 };
 
 }  // namespace tessera

@@ -84,8 +84,9 @@ class Fp8ScalingState {
   Tensor scale_inv_;  // (n) f32
   Tensor scale_inv_aligned_;  // (4n) f32: scale_inv[i] at 4i, 16-byte aligned
   Tensor amax_;       // (n) f32
-  void refresh_aligned();
   Tensor fp8_max_;    // (n) f32: 448 or 57344 per tensor's format
+
+  void refresh_aligned();  // scale_inv_ -> scale_inv_aligned_
 };
 
 }  // namespace tessera
