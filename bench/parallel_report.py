@@ -118,7 +118,7 @@ def cmd_tests(a):
             failed.append(f"{name} ({result})")
         g[key] += 1
         g["sec"] += float(secs)
-    totals = re.findall(r"\d+% tests passed, \d+ tests? failed out of \d+", text)
+    totals = re.findall(r"\d+% tests passed(?:, \d+ tests? failed)? out of \d+", text)
     for f in failed[:15]:
         print("FAILED:", f)
     rows = [[g, v["passed"], v["failed"], v["skipped"], f"{v['sec']:.0f}"]

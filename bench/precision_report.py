@@ -149,7 +149,7 @@ def cmd_tests(a):
             r = err_ratio(line)
             if r is not None and (in_focus or focus.search(line)):
                 measured.append((r, line, t["name"]))
-    totals = re.findall(r"\d+% tests passed, \d+ tests? failed out of \d+", text)
+    totals = re.findall(r"\d+% tests passed(?:, \d+ tests? failed)? out of \d+", text)
 
     for i, t in enumerate(failed):
         print(f"FAILED: {t['name']} ({t['result']}, {t['sec']:.1f} s)")
