@@ -15,13 +15,15 @@ namespace tessera::cuda {
 
 namespace {
 
-// A 64x64 tile of the input per step of a block; blocks stride over the tiles (a grid of a few
-// blocks per SM), so the amax is one atomic per block rather than per tile. kVec consecutive
-// elements per thread: 4 when the row length, the row count and the pointers allow 4-element
-// loads and 4-byte stores (every model width), else 1 (any shape).
+// A 64x64 tile of the input per step of a block; blocks stride over the tiles (a grid of as many
+// blocks as fit on the SMs at once), so the amax is one atomic per block rather than per tile.
+// kVec consecutive elements per thread: 8 (16-byte bf16 loads, 8-byte stores) when the row
+// length, the row count and the pointers allow it (every model width), else 4, else 1 (any
+// shape). A thread issues the loads of all its rows of a tile before converting any, so each has
+// 2 (kVec 8) to 16 (kVec 1) loads in flight: a quantization is a pure stream and HBM needs many
+// bytes in flight per SM to reach its bandwidth.
 constexpr int kTile = 64;
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps per block");
 
 __device__ __forceinline__ float load_f32(float x) { return x; }
@@ -43,18 +45,23 @@ __device__ __forceinline__ int abs_key(float x) {
   return k > 0x7F800000 ? int(fp8::kNanKey) : k;
 }
 
+// kVec elements moved as one access (at most 16 bytes wide, which is what the loads need).
 template <class T, int kVec>
-struct alignas(kVec * sizeof(T)) Vec {
+struct alignas(kVec * sizeof(T) < 16 ? kVec * sizeof(T) : 16) Vec {
   T v[kVec];
 };
+template <int kVec>
+constexpr int kWords = kVec >= 4 ? kVec / 4 : 1;  // 32-bit words of kVec packed codes
 
 template <class T, int kVec, bool kE4M3, bool kTranspose>
 __global__ void __launch_bounds__(kThreads)
 quantize_kernel(uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, int* __restrict__ amax_key,
                 const T* __restrict__ in, const float* __restrict__ scale, int64_t rows,
                 int64_t cols, int64_t tiles_c, int64_t num_tiles) {
-  constexpr int kLanes = kTile / kVec;            // threads across a tile row
-  constexpr int kRowsPerPass = kThreads / kLanes;  // tile rows per pass
+  constexpr int kLanes = kTile / kVec;              // threads across a tile row
+  constexpr int kRowsPerPass = kThreads / kLanes;   // tile rows per pass
+  constexpr int kPasses = kTile / kRowsPerPass;     // passes per tile
+  static_assert(kPasses * kRowsPerPass == kTile, "whole passes per tile");
   // Codes of the current tile, (tile rows, tile cols); the row pitch of 68 bytes (17 words, odd)
   // spreads the column reads of the transposed store over the banks.
   __shared__ alignas(4) uint8_t tile[kTile][kTile + 4];
@@ -64,38 +71,60 @@ quantize_kernel(uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, int* __r
   int key = 0;
   for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
     const int64_t r0 = (t / tiles_c) * kTile, c0 = (t % tiles_c) * kTile;
-    for (int i = ty; i < kTile; i += kRowsPerPass) {
-      const int64_t r = r0 + i, c = c0 + int64_t(tx) * kVec;
-      if (r >= rows || c >= cols) continue;  // kVec > 1: cols % kVec == 0, so all kVec are in
-      const Vec<T, kVec> x = *reinterpret_cast<const Vec<T, kVec>*>(in + r * cols + c);
-      uint32_t packed = 0;
+    const int64_t c = c0 + int64_t(tx) * kVec;
+    Vec<T, kVec> x[kPasses];
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int64_t r = r0 + ty + p * kRowsPerPass;
+      // kVec > 1: cols % kVec == 0, so all kVec are in when the first is
+      if (r < rows && c < cols) x[p] = *reinterpret_cast<const Vec<T, kVec>*>(in + r * cols + c);
+    }
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int i = ty + p * kRowsPerPass;
+      const int64_t r = r0 + i;
+      if (r >= rows || c >= cols) continue;
+      uint32_t words[kWords<kVec>] = {};
 #pragma unroll
       for (int q = 0; q < kVec; ++q) {
-        const float xf = load_f32(x.v[q]);
+        const float xf = load_f32(x[p].v[q]);
         key = max(key, abs_key(xf));
-        packed |= uint32_t(encode<kE4M3>(__fmul_rn(xf, s))) << (8 * q);
+        words[q / 4] |= uint32_t(encode<kE4M3>(__fmul_rn(xf, s))) << (8 * (q % 4));
       }
-      if constexpr (kVec == 4) {
-        *reinterpret_cast<uint32_t*>(out + r * cols + c) = packed;
-        if constexpr (kTranspose) *reinterpret_cast<uint32_t*>(&tile[i][tx * kVec]) = packed;
+      if constexpr (kVec >= 4) {
+        Vec<uint32_t, kWords<kVec>> w;
+#pragma unroll
+        for (int k = 0; k < kWords<kVec>; ++k) w.v[k] = words[k];
+        *reinterpret_cast<Vec<uint32_t, kWords<kVec>>*>(out + r * cols + c) = w;
+        if constexpr (kTranspose) {
+#pragma unroll
+          for (int k = 0; k < kWords<kVec>; ++k)
+            *reinterpret_cast<uint32_t*>(&tile[i][tx * kVec + 4 * k]) = words[k];
+        }
       } else {
-        out[r * cols + c] = uint8_t(packed);
-        if constexpr (kTranspose) tile[i][tx] = uint8_t(packed);
+        out[r * cols + c] = uint8_t(words[0]);
+        if constexpr (kTranspose) tile[i][tx] = uint8_t(words[0]);
       }
     }
     if constexpr (kTranspose) {
       __syncthreads();  // the tile is complete
       // out_t (C,R): row c0 + j holds tile column j; each thread stores kVec consecutive rows.
-      for (int j = ty; j < kTile; j += kRowsPerPass) {
-        const int64_t c = c0 + j, r = r0 + int64_t(tx) * kVec;
-        if (c >= cols || r >= rows) continue;  // kVec > 1: rows % kVec == 0
-        if constexpr (kVec == 4) {
-          const int i = tx * kVec;
-          const uint32_t packed = uint32_t(tile[i][j]) | uint32_t(tile[i + 1][j]) << 8 |
-                                  uint32_t(tile[i + 2][j]) << 16 | uint32_t(tile[i + 3][j]) << 24;
-          *reinterpret_cast<uint32_t*>(out_t + c * rows + r) = packed;
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) {
+        const int j = ty + p * kRowsPerPass;
+        const int64_t ct = c0 + j, rt = r0 + int64_t(tx) * kVec;
+        if (ct >= cols || rt >= rows) continue;  // kVec > 1: rows % kVec == 0
+        if constexpr (kVec >= 4) {
+          Vec<uint32_t, kWords<kVec>> w;
+#pragma unroll
+          for (int k = 0; k < kWords<kVec>; ++k) {
+            const int i = tx * kVec + 4 * k;
+            w.v[k] = uint32_t(tile[i][j]) | uint32_t(tile[i + 1][j]) << 8 |
+                     uint32_t(tile[i + 2][j]) << 16 | uint32_t(tile[i + 3][j]) << 24;
+          }
+          *reinterpret_cast<Vec<uint32_t, kWords<kVec>>*>(out_t + ct * rows + rt) = w;
         } else {
-          out_t[c * rows + r] = tile[tx][j];
+          out_t[ct * rows + rt] = tile[tx][j];
         }
       }
       __syncthreads();  // before the next tile overwrites it
@@ -113,22 +142,35 @@ quantize_kernel(uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, int* __r
 
 bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+template <class T, int kVec, bool kE4M3, bool kTranspose>
+void launch_vec(uint8_t* dst, uint8_t* dst_t, int* key, const T* src, const float* s, int64_t rows,
+                int64_t cols) {
+  const auto kernel = quantize_kernel<T, kVec, kE4M3, kTranspose>;
+  static const int per_sm = [&] {  // resident blocks per SM, once per instantiation
+    int n = 0;
+    TS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    return std::max(n, 1);
+  }();
+  const int64_t tiles_c = (cols + kTile - 1) / kTile;
+  const int64_t num_tiles = ((rows + kTile - 1) / kTile) * tiles_c;
+  const int64_t blocks = std::min<int64_t>(num_tiles, int64_t(context().num_sms) * per_sm);
+  kernel<<<unsigned(blocks), kThreads, 0, stream()>>>(dst, dst_t, key, src, s, rows, cols, tiles_c,
+                                                      num_tiles);
+  TS_CUDA_CHECK_LAUNCH();
+}
+
 template <class T, bool kE4M3, bool kTranspose>
 void launch(uint8_t* dst, uint8_t* dst_t, int* key, const T* src, const float* s, int64_t rows,
             int64_t cols) {
-  const int64_t tiles_c = (cols + kTile - 1) / kTile;
-  const int64_t num_tiles = ((rows + kTile - 1) / kTile) * tiles_c;
-  const int64_t blocks = std::min<int64_t>(num_tiles, int64_t(context().num_sms) * kBlocksPerSm);
-  // 4-wide when every row starts 4-element aligned and (with the transpose) every out_t row too.
-  const bool vec4 = cols % 4 == 0 && aligned_to(src, 4 * sizeof(T)) && aligned_to(dst, 4) &&
-                    (!kTranspose || (rows % 4 == 0 && aligned_to(dst_t, 4)));
-  if (vec4)
-    quantize_kernel<T, 4, kE4M3, kTranspose><<<unsigned(blocks), kThreads, 0, stream()>>>(
-        dst, dst_t, key, src, s, rows, cols, tiles_c, num_tiles);
-  else
-    quantize_kernel<T, 1, kE4M3, kTranspose><<<unsigned(blocks), kThreads, 0, stream()>>>(
-        dst, dst_t, key, src, s, rows, cols, tiles_c, num_tiles);
-  TS_CUDA_CHECK_LAUNCH();
+  // kVec-wide when every row starts kVec-element aligned and (with the transpose) every out_t
+  // row too.
+  const auto fits = [&](int v) {
+    return cols % v == 0 && aligned_to(src, std::min<size_t>(v * sizeof(T), 16)) &&
+           aligned_to(dst, v) && (!kTranspose || (rows % v == 0 && aligned_to(dst_t, v)));
+  };
+  if (fits(8)) launch_vec<T, 8, kE4M3, kTranspose>(dst, dst_t, key, src, s, rows, cols);
+  else if (fits(4)) launch_vec<T, 4, kE4M3, kTranspose>(dst, dst_t, key, src, s, rows, cols);
+  else launch_vec<T, 1, kE4M3, kTranspose>(dst, dst_t, key, src, s, rows, cols);
 }
 
 template <class T, bool kE4M3>

@@ -12,6 +12,7 @@ namespace tessera {
 
 namespace {
 constexpr int kX = 0, kW = 1, kDy = 2;  // the three scaled tensors of a layer
+constexpr int kX8 = 0, kDy8 = 1, kDy8T = 2, kNumScratch = 3;  // scratch buffers
 constexpr size_t kAlign = 256;          // cuBLASLt FP8 wants 16-byte aligned operands
 size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 int state_index(int slot, int which) { return 3 * slot + which; }
@@ -55,17 +56,40 @@ int Fp8Linears::add(const std::string& name, int64_t out_features, int64_t in_fe
 // scale stays 1; the checkpoint layout keeps three entries per slot all the same.
 int Fp8Linears::x_state(int slot) const { return state_index(layers_[slot].x_owner, kX); }
 
-void Fp8Linears::quantize_x(int slot, Tensor inp, bool transposed) {
+void Fp8Linears::quantize_x_forward(int slot, Tensor inp) {
   const int owner = layers_[slot].x_owner;
   const int64_t K = layers_[slot].in_features, M = inp.numel() / K;
-  const bool reuse = owner != slot && x_copy_.owner == owner && x_copy_.data == inp.data &&
-                     x_copy_.rows == M && (x_copy_.transposed || !transposed);
+  const bool reuse =
+      owner != slot && x_copy_.owner == owner && x_copy_.data == inp.data && x_copy_.rows == M;
   if (reuse) return;
-  Tensor x8 = scratch(0, DType::e4m3, Shape{M, K});
-  Tensor x8_t = transposed ? scratch(1, DType::e4m3, Shape{K, M}) : Tensor();
-  ops::fp8_quantize(x8, x8_t, amax_for(x_state(slot)), inp.view({M, K}),
-                    state_->scale(x_state(slot)));
-  x_copy_ = {owner, inp.data, M, transposed};
+  // Only training forwards are followed by a backward; evaluation keeps no x^T.
+  Tensor x8_t = recording_ ? saved_x_t(owner, M) : Tensor();
+  ops::fp8_quantize(scratch(kX8, DType::e4m3, Shape{M, K}), x8_t, amax_for(x_state(slot)),
+                    inp.view({M, K}), state_->scale(x_state(slot)));
+  x_copy_ = {owner, inp.data, M};
+  if (recording_) saved_x_t_[owner].data = inp.data, saved_x_t_[owner].rows = M;
+}
+
+Tensor Fp8Linears::x8_t_for_backward(int slot, Tensor inp) {
+  const int owner = layers_[slot].x_owner;
+  const int64_t K = layers_[slot].in_features, M = inp.numel() / K;
+  Tensor x8_t = saved_x_t(owner, M);
+  SavedXT& saved = saved_x_t_[owner];
+  if (saved.data == inp.data && saved.rows == M) return x8_t;
+  // With the forward's scale (scales change only in end_step): the FP8 values the forward used.
+  ops::fp8_quantize(scratch(kX8, DType::e4m3, Shape{M, K}), x8_t, amax_for(x_state(slot)),
+                    inp.view({M, K}), state_->scale(x_state(slot)));
+  x_copy_ = {owner, inp.data, M};
+  saved.data = inp.data, saved.rows = M;
+  return x8_t;
+}
+
+Tensor Fp8Linears::saved_x_t(int owner, int64_t rows) {
+  const int64_t K = layers_[owner].in_features;
+  SavedXT& saved = saved_x_t_[owner];
+  const size_t need = aligned(dtype_storage_bytes(DType::e4m3, rows * K));
+  if (saved.buf.size() < need) saved = {Buffer(device_, need), nullptr, 0};
+  return Tensor(saved.buf.data(), DType::e4m3, device_, Shape{K, rows});
 }
 
 void Fp8Linears::finalize() {
@@ -80,7 +104,8 @@ void Fp8Linears::finalize() {
   state_ = std::make_unique<Fp8ScalingState>(device_, formats, cfg_);
   weights_ = Buffer(device_, std::max<size_t>(bytes, kAlign));
   discard_ = Buffer(device_, kAlign);
-  scratch_.resize(4);
+  scratch_.resize(kNumScratch);
+  saved_x_t_.resize(layers_.size());
 }
 
 Tensor Fp8Linears::amax_for(int index) {
@@ -118,17 +143,17 @@ void Fp8Linears::forward(const Linear& l, const ParamStore& ps, Tensor out, Tens
   const int s = l.compute_slot;
   const int64_t M = inp.numel() / l.in_features;
   quantize_weight(l, ps, s);
-  quantize_x(s, inp, false);
+  quantize_x_forward(s, inp);
   Tensor y = out.view({M, l.out_features});
-  ops::gemm_fp8(y, scratch(0, DType::e4m3, Shape{M, l.in_features}), weight8(s, false),
+  ops::gemm_fp8(y, scratch(kX8, DType::e4m3, Shape{M, l.in_features}), weight8(s, false),
                 state_->scale_inv(x_state(s)), state_->scale_inv(state_index(s, kW)), false);
   if (l.add_bias && l.bias >= 0) ops::bias_add(y, ps[l.bias].value);
 }
 
 void Fp8Linears::quantize_dout(int slot, Tensor dout, bool with_transpose) {
   const int64_t N = layers_[slot].out_features, M = dout.numel() / N;
-  Tensor dy8 = scratch(2, DType::e5m2, Shape{M, N});
-  Tensor dy8_t = with_transpose ? scratch(3, DType::e5m2, Shape{N, M}) : Tensor();
+  Tensor dy8 = scratch(kDy8, DType::e5m2, Shape{M, N});
+  Tensor dy8_t = with_transpose ? scratch(kDy8T, DType::e5m2, Shape{N, M}) : Tensor();
   ops::fp8_quantize(dy8, dy8_t, amax_for(state_index(slot, kDy)), dout.view({M, N}),
                     state_->scale(state_index(slot, kDy)));
 }
@@ -140,16 +165,12 @@ void Fp8Linears::backward(const Linear& l, ParamStore& ps, Tensor dinp, Tensor d
   quantize_dout(s, dout, true);
   if (!dinp.empty()) {
     quantize_weight(l, ps, s);  // normally fresh from the forward
-    ops::gemm_fp8(dinp.view({M, l.in_features}), scratch(2, DType::e5m2, Shape{M, l.out_features}),
+    ops::gemm_fp8(dinp.view({M, l.in_features}), scratch(kDy8, DType::e5m2, Shape{M, l.out_features}),
                   weight8(s, true), state_->scale_inv(state_index(s, kDy)),
                   state_->scale_inv(state_index(s, kW)), accumulate_dinp);
   }
-  // x^T re-quantized from the saved input with the forward's scale: the same FP8 values the
-  // forward used (the scale only changes in end_step), without keeping an FP8 copy per layer;
-  // once per group of linears that read the same x.
-  quantize_x(s, inp, true);
-  ops::gemm_fp8(ps[l.weight].grad, scratch(3, DType::e5m2, Shape{l.out_features, M}),
-                scratch(1, DType::e4m3, Shape{l.in_features, M}),
+  Tensor x8_t = x8_t_for_backward(s, inp);
+  ops::gemm_fp8(ps[l.weight].grad, scratch(kDy8T, DType::e5m2, Shape{l.out_features, M}), x8_t,
                 state_->scale_inv(state_index(s, kDy)), state_->scale_inv(x_state(s)), true);
   if (l.bias >= 0) ops::bias_grad(ps[l.bias].grad, dout.view({M, l.out_features}));
 }
@@ -160,7 +181,7 @@ void Fp8Linears::backward_input(const Linear& l, const ParamStore& ps, Tensor di
   const int64_t M = dout.numel() / l.out_features;
   quantize_dout(s, dout, false);
   quantize_weight(l, ps, s);
-  ops::gemm_fp8(dinp.view({M, l.in_features}), scratch(2, DType::e5m2, Shape{M, l.out_features}),
+  ops::gemm_fp8(dinp.view({M, l.in_features}), scratch(kDy8, DType::e5m2, Shape{M, l.out_features}),
                 weight8(s, true), state_->scale_inv(state_index(s, kDy)),
                 state_->scale_inv(state_index(s, kW)), accumulate_dinp);
 }
@@ -175,6 +196,7 @@ void Fp8Linears::end_step(Communicator* tp, Communicator* dp) {
   state_->update();
   for (Layer& l : layers_) l.weights_fresh = false;  // new weights and new scales
   x_copy_ = {};
+  for (SavedXT& saved : saved_x_t_) saved.data = nullptr;
 }
 
 }  // namespace tessera

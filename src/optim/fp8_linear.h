@@ -75,24 +75,37 @@ class Fp8Linears final : public LinearCompute {
     bool weights_fresh = false;  // W8 matches the current weights and scale
     int x_owner = -1;            // the slot whose x scale (and FP8 x) this layer uses
   };
-  // What the x scratch holds: x_owner's x at `data` (M rows) in scratch 0, and its transpose in
-  // scratch 1 when `transposed`. A follower of that group reuses it; any other quantization into
-  // the scratch, a new step or a switch of recording replaces or clears it. A group's leader
-  // always quantizes afresh.
+  // What the x scratch holds: x_owner's x at `data` (M rows). A follower of that group reuses
+  // it in its forward; any other quantization into the scratch, a new step or a switch of
+  // recording replaces or clears it. A group's leader always quantizes afresh.
   struct XCopy {
     int owner = -1;
     const void* data = nullptr;
     int64_t rows = 0;
-    bool transposed = false;
+  };
+  // x^T in FP8 kept from a training forward for the weight-gradient GEMM of the backward, one per
+  // group owner: the forward quantizes x once into both layouts, so the backward reads 1 byte per
+  // element instead of re-quantizing 2 (what TransformerEngine saves too). `data`/`rows` name the
+  // x it was made from; a backward given another x (a pipeline's other micro-batch, quantized
+  // since) quantizes afresh.
+  struct SavedXT {
+    Buffer buf;
+    const void* data = nullptr;
+    int64_t rows = 0;
   };
   // State entry `index`'s recording amax, or a discard slot in evaluation.
   Tensor amax_for(int index);
   Tensor scratch(int idx, DType dtype, Shape shape);  // grows on demand; 16-byte aligned
   void quantize_weight(const Linear& l, const ParamStore& ps, int slot);
   Tensor weight8(int slot, bool transposed);
-  void quantize_dout(int slot, Tensor dout, bool with_transpose);  // into scratch 2 (and 3)
-  // x8 (M,K) in scratch 0, and x8^T (K,M) in scratch 1 when transposed; reused per XCopy.
-  void quantize_x(int slot, Tensor inp, bool transposed);
+  void quantize_dout(int slot, Tensor dout, bool with_transpose);  // into scratch kDy8 (, kDy8T)
+  // The x8 (M,K) of the forward in scratch kX8, reused per XCopy; a recording forward also keeps
+  // x8^T (K,M) in the owner's SavedXT.
+  void quantize_x_forward(int slot, Tensor inp);
+  // The owner's x8^T (K,M) for the backward: the forward's copy when it was made from `inp`, else
+  // quantized afresh.
+  Tensor x8_t_for_backward(int slot, Tensor inp);
+  Tensor saved_x_t(int owner, int64_t rows);  // the owner's (K,rows) buffer, grown on demand
   int x_state(int slot) const;
 
   Device device_;
@@ -101,7 +114,8 @@ class Fp8Linears final : public LinearCompute {
   std::unique_ptr<Fp8ScalingState> state_;
   Buffer weights_;   // W8 (N,K) then W8^T (K,N) per layer
   Buffer discard_;   // (1) f32 amax sink for evaluation
-  std::vector<Buffer> scratch_;  // x8, x8^T, dy8, dy8^T
+  std::vector<Buffer> scratch_;  // x8, dy8, dy8^T
+  std::vector<SavedXT> saved_x_t_;  // by slot; only group owners' are used
   bool recording_ = true;
   XCopy x_copy_;
 };

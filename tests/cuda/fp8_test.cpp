@@ -82,12 +82,14 @@ struct QuantizeCase {
 TEST(Fp8QuantizeGpu, BitExactWithCpuIncludingTransposeAndAmax) {
   TESSERA_REQUIRE_FP8_GPU();
   std::mt19937_64 rng(3);
-  // 4-wide path (cols % 4 == 0, and rows % 4 == 0 for the transpose) with partial tiles:
-  // {1000, 1040}, {68, 36}, {64, 64}; 1-wide: the rest; more tiles than the grid's blocks (8 per
-  // SM), so blocks stride over tiles: {2176, 2048} (4-wide) and {2177, 2050} (1-wide).
-  const QuantizeCase cases[] = {{1000, 1040}, {1, 1},   {3, 65},      {64, 64},
-                                {129, 250},   {7, 1},   {1, 4097},    {513, 31},
-                                {68, 36},     {6, 36},  {2176, 2048}, {2177, 2050}};
+  // The kernel's widths: 8-wide (cols % 8 == 0, and rows % 8 == 0 for the transpose) with
+  // partial tiles: {1000, 1040}, {72, 40}, {64, 64}; 4-wide: {68, 36}, and {6, 36} without the
+  // transpose; 1-wide: the rest. More tiles than the grid's blocks, so blocks stride over tiles:
+  // {2176, 2048} (8-wide), {2180, 2052} (4-wide) and {2177, 2050} (1-wide).
+  const QuantizeCase cases[] = {{1000, 1040}, {1, 1},    {3, 65},      {64, 64},
+                                {129, 250},   {7, 1},    {1, 4097},    {513, 31},
+                                {68, 36},     {6, 36},   {72, 40},     {2176, 2048},
+                                {2180, 2052}, {2177, 2050}};
   for (const QuantizeCase& qc : cases) {
     for (DType in_type : {DType::f32, DType::bf16, DType::f16}) {
       for (DType format : {DType::e4m3, DType::e5m2}) {

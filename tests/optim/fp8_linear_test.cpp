@@ -229,5 +229,46 @@ TEST(Fp8Linear, SharedInputGroupEqualsSeparateQuantization) {
   EXPECT_EQ(st.scale[1 * 3 + 1], separate.fp8.state().gather().scale[1 * 3 + 1]);  // w: own
 }
 
+// The backward's x^T comes from its forward (saved in FP8) when given that forward's x, and is
+// quantized afresh when given another: a pipeline runs the forwards of several micro-batches
+// before their backwards, so the saved copy belongs to the last one only. Interleaved calls
+// must equal each micro-batch run alone (forward then backward) bit for bit.
+TEST(Fp8Linear, BackwardOfAnEarlierMicroBatchRequantizesItsInput) {
+  Fixture interleaved, alone;
+  for (Fixture* f : {&interleaved, &alone}) {
+    from_f32(f->ps[f->lin.weight].value, uniform(N * K, -0.3f, 0.3f, 60));
+    f->lin.compute = &f->fp8;
+  }
+  std::vector<char> x1s, x2s, dys, dxs, ys;
+  Tensor x1 = host(DType::bf16, {M, K}, x1s), x2 = host(DType::bf16, {M, K}, x2s);
+  Tensor dy = host(DType::bf16, {M, N}, dys), dx = host(DType::bf16, {M, K}, dxs);
+  Tensor y = host(DType::bf16, {M, N}, ys);
+  from_f32(dy, uniform(M * N, -1.0f, 1.0f, 61));
+  for (int step = 0; step < 3; ++step) {  // later steps run with scales other than 1
+    SCOPED_TRACE(step);
+    from_f32(x1, uniform(M * K, -3.0f, 3.0f, 70 + step));
+    from_f32(x2, uniform(M * K, -0.2f, 0.2f, 80 + step));  // another range: other FP8 codes
+    // Pipeline order: forward 1, forward 2, backward 2, backward 1.
+    interleaved.ps.zero_grad();
+    interleaved.lin.forward(interleaved.ps, y, x1);
+    interleaved.lin.forward(interleaved.ps, y, x2);
+    interleaved.lin.backward(interleaved.ps, dx, dy, x2, false);
+    const std::vector<float> grad_after_2 = to_f32(interleaved.ps[interleaved.lin.weight].grad);
+    interleaved.lin.backward(interleaved.ps, dx, dy, x1, false);
+    const std::vector<float> grad_both = to_f32(interleaved.ps[interleaved.lin.weight].grad);
+    // Each micro-batch alone, in the same order of accumulation.
+    alone.ps.zero_grad();
+    alone.lin.forward(alone.ps, y, x2);
+    alone.lin.backward(alone.ps, dx, dy, x2, false);
+    EXPECT_EQ(to_f32(alone.ps[alone.lin.weight].grad), grad_after_2);
+    alone.lin.forward(alone.ps, y, x1);
+    alone.lin.backward(alone.ps, dx, dy, x1, false);
+    EXPECT_EQ(to_f32(alone.ps[alone.lin.weight].grad), grad_both);
+    for (Fixture* f : {&interleaved, &alone}) f->fp8.end_step(nullptr, nullptr);
+    // Both saw x1 and x2 in training forwards, so both record the same amaxes.
+    EXPECT_EQ(interleaved.fp8.state().gather().scale, alone.fp8.state().gather().scale);
+  }
+}
+
 }  // namespace
 }  // namespace tessera
