@@ -140,7 +140,7 @@ struct MemoryPlan {
   size_t params = 0, optimizer = 0;
   size_t train_acts = 0;  // the pipeline executor's activation sets, batches and p2p buffers
   size_t workspace = 0;  // GEMM + attention scratch of the CUDA backend
-  size_t fp8 = 0;  // outside the arena: FP8 weight copies (W and W^T) and quantization scratch
+  size_t fp8 = 0;  // outside the arena: FP8 weight copies (W, W^T), scratch and the saved x^T
   size_t total() const {  // the arena
     return params + optimizer + train_acts +
            Arena::aligned(workspace);
@@ -237,11 +237,17 @@ TrainSummary train(const Recipe& recipe_in) {
                                                r.model.resolved_head_dim(), dtype);
   }
   if (fp8) {
-    // An upper bound: 2 bytes per local parameter, and four (M, max width) byte matrices.
+    // An upper bound: 2 bytes per local parameter (W8, W8^T), three (M, max width) byte matrices
+    // of scratch (x8, dy8, dy8^T), and the x^T each input group's forward keeps for its backward
+    // (per block: q/k/v and gate/up read the hidden width, the output projection the heads'
+    // width, the down projection the FFN width).
     const ModelConfig local = Transformer::local_config(stage_cfg, shard);
     const int64_t width = std::max<int64_t>(local.hidden, local.ffn_hidden);
+    const int64_t saved_width = 2 * local.hidden +
+                                int64_t(local.num_heads) * local.resolved_head_dim() +
+                                local.ffn_hidden;
     plan.fp8 = 2 * size_t(Transformer::local_num_params(stage_cfg, shard)) +
-               4 * size_t(int64_t(B) * T * width);
+               size_t(int64_t(B) * T) * size_t(3 * width + local.num_layers * saved_width);
   }
   size_t free_bytes = 0, total_bytes = 0;
   if (device_memory_info(device, &free_bytes, &total_bytes) && plan.total() + plan.fp8 > free_bytes)
