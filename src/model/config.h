@@ -41,6 +41,12 @@ struct ModelConfig {
   // cross-entropy in FP32 (from FP32 copies of its weight and input). Set by the trainer from the
   // precision section, not a model key; it does not change the weights.
   bool fp32_lm_head = false;
+  // precision.high_precision: [embedding] under 16-bit compute: the lookup reads the FP32 master
+  // table (and positions), sums in FP32 and rounds once into the residual stream, as Megatron's
+  // embedding weights in FP32 do. Needs the masters on every rank (not with ZeRO-1); the table's
+  // gradient stays the compute dtype's (summed in FP32 per micro-batch, rounded once), as every
+  // parameter's. Set by the trainer like fp32_lm_head.
+  bool fp32_embedding = false;
   bool recompute = false;       // activation recomputation: keep only each block's input
   // How attention runs on CUDA: "cudnn" (fused SDPA) or "native" (Tessera's kernel). Execution
   // choices like this and recompute do not change the weights, so resume may change them.

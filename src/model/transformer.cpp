@@ -50,6 +50,7 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
     if (head32) total += al(N * C * 4) + al(V * C * 4) + (training ? al(N * C * 4) + al(V * C * 4) + al(V * C * e) : 0);
   }
   total += al(N * C * e);  // d_resid
+  if (sh.first_stage() && c.fp32_embedding && e < 4) total += al(N * C * 4);  // embed32
   return total;
 }
 
@@ -67,6 +68,8 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
   }
   Arena& ar = *arena;
   for (int l = 0; l <= c.num_layers; ++l) resid.push_back(ar.alloc(dt, {N, c.hidden}));
+  if (model.shard_.first_stage() && model.fp32_embedding())
+    embed32 = ar.alloc(DType::f32, {N, c.hidden});
   const int num_sets = (training && !recompute_) ? c.num_layers : 1;
   for (int l = 0; l < num_sets; ++l) blocks.push_back(Block::alloc_acts(ar, c, dt, B, T));
   scratch = Block::alloc_scratch(ar, c, dt, B, T);
@@ -105,6 +108,8 @@ Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Are
   dtype_ = dtype;
   device_ = device;
   params_.allocate(dtype, device, arena, pad_multiple, with_master);
+  TS_CHECK(!cfg.fp32_embedding || with_master || dtype == DType::f32 || dtype == DType::f64,
+           "fp32_embedding reads the FP32 master table, which this store does not keep");
 }
 
 int64_t Transformer::local_num_params(const ModelConfig& cfg, const ModelShard& shard) {
@@ -191,9 +196,18 @@ void Transformer::forward_stage(Activations& a, Tensor tokens) const {
     // the others) and tp rank 0 adds the positions; the sum over tp is the full embedding.
     const bool positions = wpe_ >= 0 && shard_.tp_rank == 0;
     const int64_t Vl = local_.padded_vocab_size;
-    ops::embedding_forward(x0, tokens, params_[wte_].value, positions ? params_[wpe_].value : Tensor(),
-                           int64_t(shard_.tp_rank) * Vl, cfg_.padded_vocab_size);
-    reduce_from_tp_region_forward(shard_, a.resid[0]);
+    if (a.embed32.empty()) {
+      ops::embedding_forward(x0, tokens, params_[wte_].value,
+                             positions ? params_[wpe_].value : Tensor(),
+                             int64_t(shard_.tp_rank) * Vl, cfg_.padded_vocab_size);
+      reduce_from_tp_region_forward(shard_, a.resid[0]);
+    } else {  // precision.high_precision: [embedding]: the FP32 masters, one rounding
+      ops::embedding_forward(a.embed32.view({a.B_, a.T_, C}), tokens, params_[wte_].master,
+                             positions ? params_[wpe_].master : Tensor(),
+                             int64_t(shard_.tp_rank) * Vl, cfg_.padded_vocab_size);
+      reduce_from_tp_region_forward(shard_, a.embed32);  // the tp sum in FP32 too
+      ops::cast(a.resid[0], a.embed32);
+    }
   }
   for (int l = 0; l < local_.num_layers; ++l) {
     BlockActs& acts = a.blocks[a.blocks.size() == 1 ? 0 : l];

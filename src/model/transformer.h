@@ -43,6 +43,7 @@ class Activations {
   size_t bytes_ = 0;
   Arena own_;
   std::vector<Tensor> resid;       // L+1 x (N,C): input of local block l, resid[L] = last output
+  Tensor embed32;                  // (N,C) f32, first stage with fp32_embedding: the FP32 lookup
   std::vector<BlockActs> blocks;   // L sets, or 1 shared set when recomputing
   BlockScratch scratch;
   // Last stage only:
@@ -76,6 +77,9 @@ class Transformer {
   const ModelConfig& config() const { return cfg_; }
   const ModelShard& shard() const { return shard_; }
   DType dtype() const { return dtype_; }
+  // precision.high_precision: [embedding] in effect: asked for, and the compute dtype is 16-bit
+  // (under FP32 the table already is the master).
+  bool fp32_embedding() const { return local_.fp32_embedding && params_.has_separate_master(); }
   Device device() const { return device_; }
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }

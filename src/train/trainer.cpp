@@ -76,10 +76,10 @@ Device resolve_device(const Recipe& r) {
 // does, so bf16 and fp16 runs are testable without a GPU.
 DType compute_dtype(const Recipe& r) {
   const std::string& c = r.precision.compute;
-  if (r.precision.keeps_high_precision("embedding"))
-    TS_USER_ERROR("{}: precision.high_precision 'embedding' is not built yet (the embedding "
-                  "lookup already sums in f32 and rounds once; an FP32 table is not); keep "
-                  "[lm_head] or remove it", r.file);
+  if (r.precision.keeps_high_precision("embedding") && r.parallel.zero == 1)
+    TS_USER_ERROR("{}: precision.high_precision 'embedding' reads the FP32 master table on every "
+                  "rank, but parallel.zero = 1 shards the masters over dp; use zero 0 or remove "
+                  "'embedding'", r.file);
   if (c == "fp32") return DType::f32;
   if (c == "bf16") return DType::bf16;
   if (c == "fp16") return DType::f16;
@@ -210,6 +210,7 @@ TrainSummary train(const Recipe& recipe_in) {
   ModelConfig stage_cfg = r.model;
   stage_cfg.recompute = stage_recomputes(r, me.pp_rank);
   stage_cfg.fp32_lm_head = r.precision.keeps_high_precision("lm_head");
+  stage_cfg.fp32_embedding = r.precision.keeps_high_precision("embedding");
   const ModelShard shard = ModelShard::make(stage_cfg, par.tp, me.tp_rank, par.pp, me.pp_rank,
                                             resolve_stage_layers(r), &ctx->comm(Group::tp));
   const PipelineSchedule schedule =

@@ -74,15 +74,12 @@ TEST(CliErrors, TokenizerThatDoesNotMatchTheDataset) {
   expect_user_error(run_cli("train " + path), {"tokenizer", "gutenberg.h5"});
 }
 
-TEST(CliErrors, LayoutNeedsItsRanksAndPrecisionsNotBuiltYet) {
+TEST(CliErrors, LayoutNeedsItsRanks) {
   const std::string dir = testing::fresh_dir("not_built");
   const std::string path = dir + "/r.yaml";
   testing::write_file(path, recipe_text(testing::ci_dataset(), dir + "/run"));
   // One process cannot run a 2-rank layout: the message says how many ranks to launch.
   expect_user_error(run_cli("train " + path + " --set parallel.tp=2"), {"parallel.tp", "world size 1", "-n 2"});
-  expect_user_error(run_cli("train " + path + " --set precision.compute=bf16"
-                            " --set 'precision.high_precision=[embedding]'"),
-                    {"precision.high_precision", "embedding", "not built"});
 }
 
 TEST(CliErrors, UnknownCommandAndBadPrepareArgs) {

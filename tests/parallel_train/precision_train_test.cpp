@@ -286,20 +286,19 @@ TEST(Fp8, ResumeRestoresTheScalingStateBitwise) {
   EXPECT_TRUE(ck.has_tensor("fp8.layers.0.attn.wq.weight.scale"));
 }
 
-// precision.high_precision: [lm_head] keeps the head's GEMMs, logits and cross-entropy in FP32
-// under 16-bit compute, including the vocabulary-parallel head (tp 2): the run tracks FP32 like
-// BF16 does (rounding noise, 1% per step), and it is not the plain BF16 run (the flag acts).
-TEST(Precision, Fp32LmHeadUnder16BitCompute) {
-  const std::string ref_dir = testing::fresh_dir("lmhead-fp32");
+// precision.high_precision: [LAYER] under 16-bit compute, including tp 2: the run tracks FP32
+// like BF16 does (rounding noise, 1% per step), and it is not the plain BF16 run (the flag acts).
+void expect_high_precision_layer_acts(const std::string& layer) {
+  const std::string ref_dir = testing::fresh_dir("high-fp32");
   ASSERT_EQ(run_cli(tiny_args(ref_dir, 5)).status, 0);
-  const std::string b16_dir = testing::fresh_dir("lmhead-bf16");
+  const std::string b16_dir = testing::fresh_dir("high-bf16");
   ASSERT_EQ(run_cli(tiny_args(b16_dir, 5) + " --set precision.compute=bf16").status, 0);
   const Metrics ref = read_metrics(ref_dir), b16 = read_metrics(b16_dir);
   struct Case { const char* args; int np; };
   for (const Case& c : {Case{"bf16", 1}, Case{"fp16", 1}, Case{"fp8", 1}, Case{"bf16 --set parallel.tp=2", 2}}) {
-    const std::string dir = testing::fresh_dir("lmhead-high");
+    const std::string dir = testing::fresh_dir("high-" + layer);
     const auto r = run_cli(tiny_args(dir, 5) + " --set precision.compute=" + c.args +
-                               " --set 'precision.high_precision=[lm_head]'",
+                               " --set 'precision.high_precision=[" + layer + "]'",
                            c.np > 1 ? testing::mpirun(c.np) : std::string());
     ASSERT_EQ(r.status, 0) << c.args << "\n" << r.output;
     const Metrics m = read_metrics(dir);
@@ -310,8 +309,28 @@ TEST(Precision, Fp32LmHeadUnder16BitCompute) {
           << c.args << " step " << s;
       differs |= m.steps.at(s).loss != b16.steps.at(s).loss;
     }
-    EXPECT_TRUE(differs) << c.args << ": identical to plain bf16, the FP32 head did nothing";
+    EXPECT_TRUE(differs) << c.args << ": identical to plain bf16, the FP32 " << layer
+                         << " did nothing";
   }
+}
+
+// [lm_head]: the head's GEMMs, logits and cross-entropy in FP32, the vocabulary-parallel head too.
+TEST(Precision, Fp32LmHeadUnder16BitCompute) { expect_high_precision_layer_acts("lm_head"); }
+
+// [embedding]: the lookup reads the FP32 master tables (ci-tiny is GPT-2: token + position rows
+// summed in FP32, rounded once), the vocabulary-parallel lookup summed over tp in FP32.
+TEST(Precision, Fp32EmbeddingUnder16BitCompute) { expect_high_precision_layer_acts("embedding"); }
+
+// ZeRO-1 shards the masters, so there is no FP32 table to read on every rank: a clear error.
+TEST(Precision, Fp32EmbeddingWithZero1IsAClearError) {
+  const std::string dir = testing::fresh_dir("embedding-zero1");
+  const auto r = run_cli(tiny_args(dir, 2) + " --set precision.compute=bf16"
+                                             " --set 'precision.high_precision=[embedding]'"
+                                             " --set parallel.dp=2 --set parallel.zero=1",
+                         testing::mpirun(2));
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("parallel.zero"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("'embedding'"), std::string::npos) << r.output;
 }
 
 }  // namespace
