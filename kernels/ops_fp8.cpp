@@ -47,6 +47,24 @@ QuantizeDims check_quantize(const Tensor& out, const Tensor& out_t, const Tensor
   return d;
 }
 
+QuantizeDims check_swiglu_backward(const Tensor& dgate8, const Tensor& dgate8_t,
+                                   const Tensor& dup8, const Tensor& dup8_t,
+                                   const Tensor& amax_gate, const Tensor& amax_up,
+                                   const Tensor& dout, const Tensor& gate, const Tensor& up,
+                                   const Tensor& scale_gate, const Tensor& scale_up,
+                                   Device device, const char* op) {
+  const QuantizeDims d = check_quantize(dgate8, dgate8_t, amax_gate, dout, scale_gate, device, op);
+  check_quantize(dup8, dup8_t, amax_up, dout, scale_up, device, op);
+  TS_CHECK(dgate8.dtype == dup8.dtype, "{}: dgate8 {} and dup8 {} must share a format", op,
+           dgate8.str(), dup8.str());
+  TS_CHECK(dgate8_t.empty() == dup8_t.empty(), "{}: dgate8_t {} and dup8_t {} must both be given "
+           "or both be empty", op, dgate8_t.str(), dup8_t.str());
+  for (const Tensor* t : {&gate, &up})
+    TS_CHECK(t->device == device && t->dtype == dout.dtype && t->shape == dout.shape,
+             "{}: gate {} and up {} must be like dout {}", op, gate.str(), up.str(), dout.str());
+  return d;
+}
+
 GemmDims check_gemm(const Tensor& c, const Tensor& a, const Tensor& b, const Tensor& a_scale_inv,
                     const Tensor& b_scale_inv, Device device, const char* op) {
   for (const Tensor* t : {&c, &a, &b})
@@ -118,6 +136,24 @@ void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale
 #endif
   }
   cpu::fp8_quantize(out, out_t, amax, in, scale);
+}
+
+void swiglu_backward_fp8(Tensor dgate8, Tensor dgate8_t, Tensor dup8, Tensor dup8_t,
+                         Tensor amax_gate, Tensor amax_up, Tensor dout, Tensor gate, Tensor up,
+                         Tensor scale_gate, Tensor scale_up) {
+  const Device device = device_of({&dgate8, &dup8, &dout, &gate, &up});
+  const ProfileScope profile("swiglu_backward_fp8", device);
+  if (device == Device::cuda) {
+#ifdef TESSERA_CUDA
+    cuda::swiglu_backward_fp8(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout, gate, up,
+                              scale_gate, scale_up);
+    return;
+#else
+    no_cuda("swiglu_backward_fp8");
+#endif
+  }
+  cpu::swiglu_backward_fp8(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout, gate, up,
+                           scale_gate, scale_up);
 }
 
 void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv,

@@ -26,6 +26,18 @@ void fp8_quantize(Tensor out /*(R,C) e4m3|e5m2*/, Tensor out_t /*(C,R) out's dty
                   Tensor amax /*(1) f32, max-accumulated*/, Tensor in /*(R,C) f32|bf16|f16*/,
                   Tensor scale /*(1) f32*/);
 
+// ---- SwiGLU backward fused with the quantization of its two gradients -----------------------
+// Exactly swiglu_backward (kernels/ops.h) into dgate/dup in the inputs' dtype, each then passed
+// through fp8_quantize (its out, out_t, amax and scale), without the 16-bit gradients ever being
+// written: the gate and up projections' backward GEMMs read only the FP8 operands, so the fusion
+// skips a write and a read of both. Both gradients in one format; out_t tensors both given or
+// both empty.
+void swiglu_backward_fp8(Tensor dgate8 /*(R,C)*/, Tensor dgate8_t /*(C,R) or empty*/,
+                         Tensor dup8 /*(R,C)*/, Tensor dup8_t /*(C,R) or empty*/,
+                         Tensor amax_gate /*(1)*/, Tensor amax_up /*(1)*/,
+                         Tensor dout /*(R,C) f32|bf16|f16*/, Tensor gate /*(R,C)*/,
+                         Tensor up /*(R,C)*/, Tensor scale_gate /*(1)*/, Tensor scale_up /*(1)*/);
+
 // ---- scaled FP8 GEMM (the "TN" layout: both operands K-contiguous) ---------------------------
 // c (M,N) = a_scale_inv * b_scale_inv * a (M,K) · b (N,K)^T   (+ c when accumulate)
 // Operand pairs: e4m3 x e4m3 (forward) and e5m2 x e4m3 or e4m3 x e5m2 (gradients); e5m2 x e5m2

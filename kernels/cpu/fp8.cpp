@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_common.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/narrow.h"
 #include "kernels/cpu/fp8.h"
 #include "kernels/ops_fp8_checks.h"
 
@@ -78,6 +80,25 @@ void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale
     }
   }
   *amax.ptr<float>() = key_to_float(key);
+}
+
+// The reference is the composition it fuses: swiglu_backward into temporaries of the inputs'
+// dtype (as ops::swiglu_backward computes them), then fp8_quantize of each.
+void swiglu_backward_fp8(Tensor dgate8, Tensor dgate8_t, Tensor dup8, Tensor dup8_t,
+                         Tensor amax_gate, Tensor amax_up, Tensor dout, Tensor gate, Tensor up,
+                         Tensor scale_gate, Tensor scale_up) {
+  fp8::check_swiglu_backward(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout, gate, up,
+                             scale_gate, scale_up, Device::cpu, "swiglu_backward_fp8");
+  const size_t bytes = dtype_storage_bytes(dout.dtype, dout.numel());
+  std::vector<std::byte> dgate_bytes(bytes), dup_bytes(bytes);
+  const Tensor dgate(dgate_bytes.data(), dout.dtype, Device::cpu, dout.shape);
+  const Tensor dup(dup_bytes.data(), dout.dtype, Device::cpu, dout.shape);
+  NarrowScope n("swiglu_backward_fp8");  // 16-bit operands computed in f32, rounded like the GPU
+  swiglu_backward(n.out(dgate, "dgate"), n.out(dup, "dup"), n.in(dout, "dout"), n.in(gate, "gate"),
+                  n.in(up, "up"));
+  n.finish();
+  fp8_quantize(dgate8, dgate8_t, amax_gate, dgate, scale_gate);
+  fp8_quantize(dup8, dup8_t, amax_up, dup, scale_up);
 }
 
 void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv,

@@ -12,6 +12,11 @@ namespace tessera::cuda {
 
 void fp8_quantize(Tensor out /*(R,C) e4m3|e5m2*/, Tensor out_t /*(C,R) or empty*/,
                   Tensor amax /*(1) f32*/, Tensor in /*(R,C) f32|bf16|f16*/, Tensor scale /*(1)*/);
+void swiglu_backward_fp8(Tensor dgate8 /*(R,C)*/, Tensor dgate8_t /*(C,R) or empty*/,
+                         Tensor dup8 /*(R,C)*/, Tensor dup8_t /*(C,R) or empty*/,
+                         Tensor amax_gate /*(1)*/, Tensor amax_up /*(1)*/, Tensor dout /*(R,C)*/,
+                         Tensor gate /*(R,C)*/, Tensor up /*(R,C)*/, Tensor scale_gate /*(1)*/,
+                         Tensor scale_up /*(1)*/);
 void gemm_fp8(Tensor c /*(M,N) bf16|f32*/, Tensor a /*(M,K) fp8*/, Tensor b /*(N,K) fp8*/,
               Tensor a_scale_inv /*(1) f32*/, Tensor b_scale_inv /*(1) f32*/, bool accumulate);
 void fp8_update_scales(Tensor amax_history /*(L,n) f32*/, Tensor scale /*(n) f32*/,

@@ -4,29 +4,11 @@
 // thread); partial overlaps are rejected, and dgate and dup must be distinct.
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/memory_bound.cuh"
+#include "kernels/cuda/swiglu_op.cuh"
 
 namespace tessera::cuda {
 
 namespace {
-
-// expf(-x) overflows to Inf for x < -88.7: sigmoid 0 and silu -0, the right limits.
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-// x = {gate, up}.
-struct SwigluForwardOp {
-  __device__ void operator()(const float* x, float* y) const {
-    y[0] = x[0] * sigmoid(x[0]) * x[1];
-  }
-};
-
-// x = {dout, gate, up}; y = {dgate, dup}. d silu / dx = sigmoid(x) (1 + x (1 - sigmoid(x))).
-struct SwigluBackwardOp {
-  __device__ void operator()(const float* x, float* y) const {
-    const float grad_out = x[0], g = x[1], u = x[2], s = sigmoid(g);
-    y[0] = grad_out * u * s * (1.0f + g * (1.0f - s));
-    y[1] = grad_out * g * s;
-  }
-};
 
 // An output may be one of the inputs exactly, never partly.
 void check_alias(const Tensor& out, const Tensor& in, const char* op, const char* out_name,

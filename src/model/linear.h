@@ -26,6 +26,16 @@ class LinearCompute {
   virtual void backward_input(const Linear& l, const ParamStore& ps, Tensor dinp, Tensor dout,
                               bool accumulate_dinp) = 0;
   virtual void backward_weight(const Linear& l, ParamStore& ps, Tensor dout, Tensor inp) = 0;
+  // Optional fusion of SwiGLU's backward with what the gate and up projections' backward makes of
+  // their output gradients (FP8: the E5M2 operands straight from one kernel). Returns false when
+  // it does not apply: the caller then runs ops::swiglu_backward into dgate/dup. When it returns
+  // true, dgate/dup are NOT written, and the next backward of `gate` given dgate and of `up` given
+  // dup use the fused result instead of reading them.
+  virtual bool swiglu_backward(const Linear& gate, const Linear& up, Tensor dgate, Tensor dup,
+                               Tensor dout, Tensor h, Tensor u) {
+    (void)gate, (void)up, (void)dgate, (void)dup, (void)dout, (void)h, (void)u;
+    return false;
+  }
 };
 
 // Tensor-parallel split of a Linear (Megatron): column-parallel splits the output features (the

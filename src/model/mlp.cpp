@@ -57,8 +57,14 @@ void Mlp::backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, T
   reduce_from_tp_region_backward(shard_, dy);
   out_.backward(ps, s.d_act, dy, a.act, false);
   const bool gated = kind_ != ActivationKind::gelu;
-  if (gated) ops::swiglu_backward(s.d_h, s.d_up, s.d_act, a.h, a.up);
-  else ops::gelu_backward(s.d_h, s.d_act, a.h);
+  if (gated) {
+    // FP8 turns SwiGLU's gradients straight into the projections' E5M2 operands when it can.
+    const bool fused = in_.compute && in_.compute == up_.compute &&
+                       in_.compute->swiglu_backward(in_, up_, s.d_h, s.d_up, s.d_act, a.h, a.up);
+    if (!fused) ops::swiglu_backward(s.d_h, s.d_up, s.d_act, a.h, a.up);
+  } else {
+    ops::gelu_backward(s.d_h, s.d_act, a.h);
+  }
   // x fed every rank's FFN slice: dx is summed over tp (overlapping the weight gradients).
   if (gated) column_parallel_backward(ps, shard_, {{&in_, s.d_h}, {&up_, s.d_up}}, dx, x);
   else column_parallel_backward(ps, shard_, {{&in_, s.d_h}}, dx, x);

@@ -150,40 +150,71 @@ void Fp8Linears::forward(const Linear& l, const ParamStore& ps, Tensor out, Tens
   if (l.add_bias && l.bias >= 0) ops::bias_add(y, ps[l.bias].value);
 }
 
-void Fp8Linears::quantize_dout(int slot, Tensor dout, bool with_transpose) {
+Fp8Linears::DyOperands Fp8Linears::dout_operands(int slot, Tensor dout, bool with_transpose) {
   const int64_t N = layers_[slot].out_features, M = dout.numel() / N;
-  Tensor dy8 = scratch(kDy8, DType::e5m2, Shape{M, N});
-  Tensor dy8_t = with_transpose ? scratch(kDy8T, DType::e5m2, Shape{N, M}) : Tensor();
-  ops::fp8_quantize(dy8, dy8_t, amax_for(state_index(slot, kDy)), dout.view({M, N}),
+  for (FusedDy& f : fused_)
+    if (f.slot == slot && f.data == dout.data && f.rows == M)
+      return {Tensor(f.dy8.data(), DType::e5m2, device_, Shape{M, N}),
+              with_transpose ? Tensor(f.dy8_t.data(), DType::e5m2, device_, Shape{N, M}) : Tensor()};
+  DyOperands d{scratch(kDy8, DType::e5m2, Shape{M, N}),
+               with_transpose ? scratch(kDy8T, DType::e5m2, Shape{N, M}) : Tensor()};
+  ops::fp8_quantize(d.dy8, d.dy8_t, amax_for(state_index(slot, kDy)), dout.view({M, N}),
                     state_->scale(state_index(slot, kDy)));
+  return d;
+}
+
+bool Fp8Linears::swiglu_backward(const Linear& gate, const Linear& up, Tensor dgate, Tensor dup,
+                                 Tensor dout, Tensor h, Tensor u) {
+  if (!recording_ || gate.bias >= 0 || up.bias >= 0 || gate.compute_slot < 0 ||
+      up.compute_slot < 0)
+    return false;
+  const int64_t N = gate.out_features, M = dout.numel() / N;
+  Tensor out8[2], out8_t[2];
+  const Linear* lin[2] = {&gate, &up};
+  const Tensor grads[2] = {dgate, dup};
+  for (int i = 0; i < 2; ++i) {
+    FusedDy& f = fused_[i];
+    const size_t need = aligned(size_t(M * N));
+    if (f.dy8.size() < need) f.dy8 = Buffer(device_, need), f.dy8_t = Buffer(device_, need);
+    f.slot = lin[i]->compute_slot, f.data = grads[i].data, f.rows = M;
+    out8[i] = Tensor(f.dy8.data(), DType::e5m2, device_, Shape{M, N});
+    out8_t[i] = Tensor(f.dy8_t.data(), DType::e5m2, device_, Shape{N, M});
+  }
+  const int sg = state_index(gate.compute_slot, kDy), su = state_index(up.compute_slot, kDy);
+  ops::swiglu_backward_fp8(out8[0], out8_t[0], out8[1], out8_t[1], amax_for(sg), amax_for(su),
+                           dout.view({M, N}), h.view({M, N}), u.view({M, N}), state_->scale(sg),
+                           state_->scale(su));
+  return true;
 }
 
 void Fp8Linears::backward(const Linear& l, ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp,
                           bool accumulate_dinp) {
   const int s = l.compute_slot;
   const int64_t M = dout.numel() / l.out_features;
-  quantize_dout(s, dout, true);
+  const DyOperands dy = dout_operands(s, dout, true);
   if (!dinp.empty()) {
     quantize_weight(l, ps, s);  // normally fresh from the forward
-    ops::gemm_fp8(dinp.view({M, l.in_features}), scratch(kDy8, DType::e5m2, Shape{M, l.out_features}),
-                  weight8(s, true), state_->scale_inv(state_index(s, kDy)),
-                  state_->scale_inv(state_index(s, kW)), accumulate_dinp);
+    ops::gemm_fp8(dinp.view({M, l.in_features}), dy.dy8, weight8(s, true),
+                  state_->scale_inv(state_index(s, kDy)), state_->scale_inv(state_index(s, kW)),
+                  accumulate_dinp);
   }
   Tensor x8_t = x8_t_for_backward(s, inp);
-  ops::gemm_fp8(ps[l.weight].grad, scratch(kDy8T, DType::e5m2, Shape{l.out_features, M}), x8_t,
-                state_->scale_inv(state_index(s, kDy)), state_->scale_inv(x_state(s)), true);
+  ops::gemm_fp8(ps[l.weight].grad, dy.dy8_t, x8_t, state_->scale_inv(state_index(s, kDy)),
+                state_->scale_inv(x_state(s)), true);
   if (l.bias >= 0) ops::bias_grad(ps[l.bias].grad, dout.view({M, l.out_features}));
+  for (FusedDy& f : fused_)  // the slot's backward is complete: its fused gradient is spent
+    if (f.slot == s) f.slot = -1, f.data = nullptr;
 }
 
 void Fp8Linears::backward_input(const Linear& l, const ParamStore& ps, Tensor dinp, Tensor dout,
                                 bool accumulate_dinp) {
   const int s = l.compute_slot;
   const int64_t M = dout.numel() / l.out_features;
-  quantize_dout(s, dout, false);
+  const DyOperands dy = dout_operands(s, dout, false);
   quantize_weight(l, ps, s);
-  ops::gemm_fp8(dinp.view({M, l.in_features}), scratch(kDy8, DType::e5m2, Shape{M, l.out_features}),
-                weight8(s, true), state_->scale_inv(state_index(s, kDy)),
-                state_->scale_inv(state_index(s, kW)), accumulate_dinp);
+  ops::gemm_fp8(dinp.view({M, l.in_features}), dy.dy8, weight8(s, true),
+                state_->scale_inv(state_index(s, kDy)), state_->scale_inv(state_index(s, kW)),
+                accumulate_dinp);
 }
 
 void Fp8Linears::backward_weight(const Linear& l, ParamStore& ps, Tensor dout, Tensor inp) {
@@ -197,6 +228,7 @@ void Fp8Linears::end_step(Communicator* tp, Communicator* dp) {
   for (Layer& l : layers_) l.weights_fresh = false;  // new weights and new scales
   x_copy_ = {};
   for (SavedXT& saved : saved_x_t_) saved.data = nullptr;
+  for (FusedDy& f : fused_) f.slot = -1, f.data = nullptr;
 }
 
 }  // namespace tessera

@@ -51,6 +51,11 @@ class Fp8Linears final : public LinearCompute {
   void backward_input(const Linear& l, const ParamStore& ps, Tensor dinp, Tensor dout,
                       bool accumulate_dinp) override;
   void backward_weight(const Linear& l, ParamStore& ps, Tensor dout, Tensor inp) override;
+  // SwiGLU's backward straight into the gate and up projections' E5M2 dy8 and dy8^T (one kernel,
+  // ops::swiglu_backward_fp8), recorded for their backward calls given dgate / dup; the 16-bit
+  // gradients are never written. Not with biases (bias_grad reads dout) or outside training.
+  bool swiglu_backward(const Linear& gate, const Linear& up, Tensor dgate, Tensor dup, Tensor dout,
+                       Tensor h, Tensor u) override;
 
   // Evaluation and generation quantize with the current scales but record no amax, so they do
   // not steer training's scales.
@@ -93,12 +98,25 @@ class Fp8Linears final : public LinearCompute {
     const void* data = nullptr;
     int64_t rows = 0;
   };
+  // A gradient quantized by swiglu_backward for `slot`, standing for the 16-bit dout at `data`
+  // (M rows) that was not written; a full backward of the slot consumes it.
+  struct FusedDy {
+    int slot = -1;
+    const void* data = nullptr;
+    int64_t rows = 0;
+    Buffer dy8, dy8_t;
+  };
+  struct DyOperands {
+    Tensor dy8, dy8_t;  // (M,N), (N,M) e5m2; dy8_t empty when not asked for
+  };
   // State entry `index`'s recording amax, or a discard slot in evaluation.
   Tensor amax_for(int index);
   Tensor scratch(int idx, DType dtype, Shape shape);  // grows on demand; 16-byte aligned
   void quantize_weight(const Linear& l, const ParamStore& ps, int slot);
   Tensor weight8(int slot, bool transposed);
-  void quantize_dout(int slot, Tensor dout, bool with_transpose);  // into scratch kDy8 (, kDy8T)
+  // dy8 (and dy8^T) for a backward of `slot`: the fused ones when swiglu_backward made them for
+  // this dout, else quantized into scratch kDy8 (, kDy8T).
+  DyOperands dout_operands(int slot, Tensor dout, bool with_transpose);
   // The x8 (M,K) of the forward in scratch kX8, reused per XCopy; a recording forward also keeps
   // x8^T (K,M) in the owner's SavedXT.
   void quantize_x_forward(int slot, Tensor inp);
@@ -116,6 +134,7 @@ class Fp8Linears final : public LinearCompute {
   Buffer discard_;   // (1) f32 amax sink for evaluation
   std::vector<Buffer> scratch_;  // x8, dy8, dy8^T
   std::vector<SavedXT> saved_x_t_;  // by slot; only group owners' are used
+  FusedDy fused_[2];  // gate's and up's, from swiglu_backward
   bool recording_ = true;
   XCopy x_copy_;
 };

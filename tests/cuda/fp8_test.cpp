@@ -2,7 +2,8 @@
 // without the fused transpose) and its amax bit for bit on awkward sizes and every input dtype;
 // the hardware cvt against core/dtype.h's conversion over a sweep of f32 bit patterns; the
 // cuBLASLt FP8 GEMM within a bound (both operand pairs, bf16/f32 output, accumulate on/off); the
-// delayed-scaling update bit for bit. Needs an sm_89+ GPU; skipped without one.
+// delayed-scaling update bit for bit; SwiGLU's backward fused with the quantization equal to the
+// two ops it fuses. Needs an sm_89+ GPU; skipped without one.
 #include <cuda_runtime.h>
 
 #include <bit>
@@ -15,6 +16,7 @@
 
 #include "core/dtype.h"
 #include "kernels/cuda/fp8.h"
+#include "kernels/ops.h"
 #include "kernels/ops_fp8.h"
 #include "tests/cuda/cuda_test_util.h"
 
@@ -130,6 +132,68 @@ TEST(Fp8QuantizeGpu, BitExactWithCpuIncludingTransposeAndAmax) {
           EXPECT_EQ(std::bit_cast<uint32_t>(download_raw<float>(amax_d)[0]),
                     std::bit_cast<uint32_t>(amax_cpu[0]));
           EXPECT_TRUE(out.guards_intact() && out_t.guards_intact() && amax_d.guards_intact());
+        }
+      }
+    }
+  }
+}
+
+// swiglu_backward_fp8 on the GPU equals the two ops it fuses on the GPU (swiglu_backward into the
+// inputs' dtype, then fp8_quantize of dgate and of dup) bit for bit: codes, transposes and both
+// amaxes, on every kernel width and dtype, with the hard values (Inf, NaN, overflow) mixed in.
+// Each unfused GPU op has its own parity test with the CPU; the CPU reference of the fused op is
+// that composition (tests/optim/fp8_linear_test.cpp checks it in the FP8 linears).
+TEST(SwigluBackwardFp8Gpu, EqualsSwigluBackwardThenQuantizeOnTheGpu) {
+  TESSERA_REQUIRE_FP8_GPU();
+  std::mt19937_64 rng(9);
+  // 8-wide (with the striding over tiles at {2176, 2048}), 4-wide, 1-wide, and {6, 36}: 4-wide
+  // without the transpose, 1-wide with it.
+  const QuantizeCase cases[] = {{1000, 1040}, {68, 36}, {129, 250}, {2176, 2048}, {6, 36}};
+  for (const QuantizeCase& qc : cases) {
+    for (DType in_type : {DType::f32, DType::bf16, DType::f16}) {
+      for (DType format : {DType::e5m2, DType::e4m3}) {
+        for (bool transpose : {true, false}) {
+          const int64_t r = qc.rows, c = qc.cols, n = r * c;
+          SCOPED_TRACE(::testing::Message() << r << "x" << c << " " << dtype_name(in_type) << "->"
+                                            << dtype_name(format) << " transpose " << transpose);
+          DeviceTensor dout(in_type, {r, c}), gate(in_type, {r, c}), up(in_type, {r, c});
+          upload_raw(dout, tricky_input(n, in_type, rng, /*with_nan=*/n > 1000));
+          upload_raw(gate, tricky_input(n, in_type, rng, false));
+          upload_raw(up, tricky_input(n, in_type, rng, false));
+          std::vector<float> scales{format == DType::e4m3 ? 0.9f : 0.013f, 1.7f}, prior{0.25f};
+          DeviceTensor scale_g(DType::f32, {1}), scale_u(DType::f32, {1});
+          upload_raw(scale_g, std::vector<float>{scales[0]});
+          upload_raw(scale_u, std::vector<float>{scales[1]});
+          struct Side {
+            DeviceTensor g8, g8_t, u8, u8_t, amax_g, amax_u;
+            Side(DType f, int64_t rows, int64_t cols, const std::vector<float>& amax)
+                : g8(f, {rows, cols}), g8_t(f, {cols, rows}), u8(f, {rows, cols}),
+                  u8_t(f, {cols, rows}), amax_g(DType::f32, {1}), amax_u(DType::f32, {1}) {
+              upload_raw(amax_g, amax);
+              upload_raw(amax_u, amax);
+            }
+          };
+          Side fused(format, r, c, prior), split(format, r, c, prior);
+          ops::swiglu_backward_fp8(fused.g8, transpose ? fused.g8_t.t() : Tensor(), fused.u8,
+                                   transpose ? fused.u8_t.t() : Tensor(), fused.amax_g,
+                                   fused.amax_u, dout, gate, up, scale_g, scale_u);
+          DeviceTensor dgate(in_type, {r, c}), dup(in_type, {r, c});
+          ops::swiglu_backward(dgate, dup, dout, gate, up);
+          ops::fp8_quantize(split.g8, transpose ? split.g8_t.t() : Tensor(), split.amax_g, dgate,
+                            scale_g);
+          ops::fp8_quantize(split.u8, transpose ? split.u8_t.t() : Tensor(), split.amax_u, dup,
+                            scale_u);
+          EXPECT_EQ(download_raw<uint8_t>(fused.g8), download_raw<uint8_t>(split.g8));
+          EXPECT_EQ(download_raw<uint8_t>(fused.u8), download_raw<uint8_t>(split.u8));
+          if (transpose) {
+            EXPECT_EQ(download_raw<uint8_t>(fused.g8_t), download_raw<uint8_t>(split.g8_t));
+            EXPECT_EQ(download_raw<uint8_t>(fused.u8_t), download_raw<uint8_t>(split.u8_t));
+          }
+          EXPECT_EQ(download_raw<uint32_t>(fused.amax_g), download_raw<uint32_t>(split.amax_g));
+          EXPECT_EQ(download_raw<uint32_t>(fused.amax_u), download_raw<uint32_t>(split.amax_u));
+          for (const Side* s : {&fused, &split})
+            EXPECT_TRUE(s->g8.guards_intact() && s->g8_t.guards_intact() &&
+                        s->u8.guards_intact() && s->u8_t.guards_intact());
         }
       }
     }

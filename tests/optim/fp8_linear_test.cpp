@@ -270,5 +270,86 @@ TEST(Fp8Linear, BackwardOfAnEarlierMicroBatchRequantizesItsInput) {
   }
 }
 
+// SwiGLU's backward fused with the E5M2 quantization of dgate and dup (Fp8Linears::
+// swiglu_backward, which leaves the 16-bit gradients unwritten) gives the gate and up projections
+// the same dx, weight gradients and next scales as ops::swiglu_backward followed by their usual
+// backward, bit for bit: through the whole backward (tp 1) and the split halves (tp > 1).
+TEST(Fp8Linear, FusedSwigluBackwardEqualsSeparateOps) {
+  constexpr int F = 40;  // the FFN width: gate and up map K -> F
+  struct Pair {
+    ParamStore ps;
+    Linear gate, up;
+    Fp8Linears fp8{Device::cpu, Fp8ScalingConfig{}};
+    Pair() {
+      gate.declare(ps, "gate", K, F, /*with_bias=*/false, 0.02f);
+      up.declare(ps, "up", K, F, /*with_bias=*/false, 0.02f);
+      ps.allocate(DType::bf16, Device::cpu);
+      from_f32(ps[gate.weight].value, uniform(F * K, -0.3f, 0.3f, 90));
+      from_f32(ps[up.weight].value, uniform(F * K, -0.3f, 0.3f, 91));
+      gate.compute = up.compute = &fp8;
+      gate.compute_slot = fp8.add("gate", F, K);
+      up.compute_slot = fp8.add("up", F, K, /*shares_input_with_previous=*/true);
+      fp8.finalize();
+    }
+  };
+  Pair fused, separate;
+  std::vector<char> xs, hs, us, ds, dgs, dus, dxs;
+  Tensor x = host(DType::bf16, {M, K}, xs), h = host(DType::bf16, {M, F}, hs);
+  Tensor u = host(DType::bf16, {M, F}, us), dact = host(DType::bf16, {M, F}, ds);
+  Tensor dgate = host(DType::bf16, {M, F}, dgs), dup = host(DType::bf16, {M, F}, dus);
+  Tensor dx = host(DType::bf16, {M, K}, dxs);
+  for (int step = 0; step < 3; ++step) {  // later steps quantize with scales other than 1
+    for (bool split : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "step " << step << (split ? " split" : " whole"));
+      from_f32(x, uniform(M * K, -2.0f, 2.0f, 100 + step));
+      from_f32(h, uniform(M * F, -4.0f, 4.0f, 110 + step));
+      from_f32(u, uniform(M * F, -3.0f, 3.0f, 120 + step));
+      from_f32(dact, uniform(M * F, -0.5f, 0.5f, 130 + step));
+      std::vector<std::vector<float>> got[2];
+      for (int which = 0; which < 2; ++which) {
+        Pair& P = which == 0 ? fused : separate;
+        std::vector<char> ys;
+        Tensor y = host(DType::bf16, {M, F}, ys);
+        P.ps.zero_grad();
+        P.gate.forward(P.ps, y, x);
+        P.up.forward(P.ps, y, x);
+        from_f32(dgate, std::vector<float>(M * F, 7.0f));  // what an unwritten gradient holds
+        from_f32(dup, std::vector<float>(M * F, 7.0f));
+        if (which == 0) {
+          ASSERT_TRUE(P.fp8.swiglu_backward(P.gate, P.up, dgate, dup, dact, h, u));
+          EXPECT_EQ(to_f32(dgate), std::vector<float>(M * F, 7.0f)) << "dgate was written";
+        } else {
+          ops::swiglu_backward(dgate, dup, dact, h, u);
+        }
+        if (!split) {
+          P.gate.backward(P.ps, dx, dgate, x, false);
+          P.up.backward(P.ps, dx, dup, x, true);
+        } else {
+          P.gate.backward_input(P.ps, dx, dgate, false);
+          P.up.backward_input(P.ps, dx, dup, true);
+          P.gate.backward_weight(P.ps, dgate, x);
+          P.up.backward_weight(P.ps, dup, x);
+        }
+        got[which] = {to_f32(dx), to_f32(P.ps[P.gate.weight].grad), to_f32(P.ps[P.up.weight].grad)};
+        P.fp8.end_step(nullptr, nullptr);
+        got[which].push_back(P.fp8.state().gather().scale);
+      }
+      ASSERT_EQ(got[0].size(), got[1].size());
+      for (size_t i = 0; i < got[0].size(); ++i) EXPECT_EQ(got[0][i], got[1][i]) << "output " << i;
+    }
+  }
+  // With a bias the fusion declines (bias_grad reads the 16-bit gradient).
+  ParamStore ps;
+  Linear g, v;
+  g.declare(ps, "g", K, F, /*with_bias=*/true, 0.02f);
+  v.declare(ps, "v", K, F, /*with_bias=*/true, 0.02f);
+  ps.allocate(DType::bf16, Device::cpu);
+  Fp8Linears fp8{Device::cpu, Fp8ScalingConfig{}};
+  g.compute_slot = fp8.add("g", F, K);
+  v.compute_slot = fp8.add("v", F, K, true);
+  fp8.finalize();
+  EXPECT_FALSE(fp8.swiglu_backward(g, v, dgate, dup, dact, h, u));
+}
+
 }  // namespace
 }  // namespace tessera
