@@ -1,7 +1,8 @@
 // CUDA versions of the FP8 ops (kernels/ops_fp8.h documents each op; the CPU references with the
-// same names are in kernels/cpu/fp8.h): fp8_cast.cu (quantize + transpose + amax),
-// gemm_fp8.cu (cuBLASLt scaled FP8 GEMM), fp8_scaling.cu (delayed-scaling update). All queue
-// work on the context stream and never synchronize with the host. Plain C++ header.
+// same names are in kernels/cpu/fp8.h): fp8_cast.cu (quantize + transpose + amax, alone or fused
+// with SwiGLU's backward), gemm_fp8.cu (cuBLASLt scaled FP8 GEMM), fp8_scaling.cu
+// (delayed-scaling update). All queue work on the context stream and never synchronize with the
+// host. Plain C++ header.
 #pragma once
 #include <cstddef>
 

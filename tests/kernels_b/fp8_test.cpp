@@ -13,6 +13,7 @@
 
 #include "core/dtype.h"
 #include "core/tensor.h"
+#include "kernels/ops.h"
 #include "kernels/ops_fp8.h"
 
 namespace tessera {
@@ -159,6 +160,55 @@ TEST(Fp8Quantize, RejectsBadOperands) {
   EXPECT_THROW(ops::fp8_quantize(host(out, DType::e4m3, {3, 2}), {}, host(amax, {1}),
                                  host(x, {2, 3}), host(scale, {1})),
                Error);
+}
+
+// ---- swiglu_backward_fp8 ---------------------------------------------------------------------
+
+// The fused op is swiglu_backward then fp8_quantize of each gradient, with dgate's operands going
+// with scale_gate and dup's with scale_up (distinct scales and formats of values make a swap show).
+TEST(SwigluBackwardFp8, EqualsSwigluBackwardThenQuantize) {
+  std::mt19937_64 rng(21);
+  const int64_t r = 5, c = 7, n = r * c;
+  std::vector<float> dout(n), gate(n), up(n);
+  std::normal_distribution<float> d(0.0f, 2.0f);
+  for (int64_t i = 0; i < n; ++i) dout[i] = d(rng), gate[i] = d(rng), up[i] = 3.0f * d(rng);
+  for (DType format : {DType::e4m3, DType::e5m2}) {
+    std::vector<float> sg{0.7f}, su{3.1f};
+    std::vector<uint8_t> g8(n), g8_t(n), u8(n), u8_t(n), eg8(n), eg8_t(n), eu8(n), eu8_t(n);
+    std::vector<float> ag{0.0f}, au{0.0f}, eag{0.0f}, eau{0.0f}, dg(n), du(n);
+    ops::swiglu_backward_fp8(host(g8, format, {r, c}), host(g8_t, format, {c, r}),
+                             host(u8, format, {r, c}), host(u8_t, format, {c, r}), host(ag, {1}),
+                             host(au, {1}), host(dout, {r, c}), host(gate, {r, c}),
+                             host(up, {r, c}), host(sg, {1}), host(su, {1}));
+    ops::swiglu_backward(host(dg, {r, c}), host(du, {r, c}), host(dout, {r, c}),
+                         host(gate, {r, c}), host(up, {r, c}));
+    ops::fp8_quantize(host(eg8, format, {r, c}), host(eg8_t, format, {c, r}), host(eag, {1}),
+                      host(dg, {r, c}), host(sg, {1}));
+    ops::fp8_quantize(host(eu8, format, {r, c}), host(eu8_t, format, {c, r}), host(eau, {1}),
+                      host(du, {r, c}), host(su, {1}));
+    EXPECT_EQ(g8, eg8);
+    EXPECT_EQ(g8_t, eg8_t);
+    EXPECT_EQ(u8, eu8);
+    EXPECT_EQ(u8_t, eu8_t);
+    EXPECT_EQ(ag, eag);
+    EXPECT_EQ(au, eau);
+    EXPECT_NE(g8, u8);
+  }
+}
+
+TEST(SwigluBackwardFp8, RejectsBadOperands) {
+  std::vector<float> x(6), scale{1.0f}, amax{0.0f};
+  std::vector<uint8_t> a(6), b(6), at(6), bt(6);
+  const auto call = [&](DType fa, DType fb, bool ta, bool tb, Shape up_shape) {
+    ops::swiglu_backward_fp8(host(a, fa, {2, 3}), ta ? host(at, fa, {3, 2}) : Tensor(),
+                             host(b, fb, {2, 3}), tb ? host(bt, fb, {3, 2}) : Tensor(),
+                             host(amax, {1}), host(amax, {1}), host(x, {2, 3}), host(x, {2, 3}),
+                             host(x, up_shape), host(scale, {1}), host(scale, {1}));
+  };
+  EXPECT_NO_THROW(call(DType::e5m2, DType::e5m2, true, true, {2, 3}));
+  EXPECT_THROW(call(DType::e5m2, DType::e4m3, false, false, {2, 3}), Error);  // mixed formats
+  EXPECT_THROW(call(DType::e5m2, DType::e5m2, true, false, {2, 3}), Error);   // one transpose
+  EXPECT_THROW(call(DType::e5m2, DType::e5m2, false, false, {3, 2}), Error);  // up unlike dout
 }
 
 // ---- gemm_fp8 -------------------------------------------------------------------------------
