@@ -31,9 +31,8 @@ class LinearCompute {
   // it does not apply: the caller then runs ops::swiglu_backward into dgate/dup. When it returns
   // true, dgate/dup are NOT written, and the next backward of `gate` given dgate and of `up` given
   // dup use the fused result instead of reading them.
-  virtual bool swiglu_backward(const Linear& gate, const Linear& up, Tensor dgate, Tensor dup,
-                               Tensor dout, Tensor h, Tensor u) {
-    (void)gate, (void)up, (void)dgate, (void)dup, (void)dout, (void)h, (void)u;
+  virtual bool swiglu_backward(const Linear& /*gate*/, const Linear& /*up*/, Tensor /*dgate*/,
+                               Tensor /*dup*/, Tensor /*dout*/, Tensor /*h*/, Tensor /*u*/) {
     return false;
   }
 };

@@ -56,31 +56,33 @@ int Fp8Linears::add(const std::string& name, int64_t out_features, int64_t in_fe
 // scale stays 1; the checkpoint layout keeps three entries per slot all the same.
 int Fp8Linears::x_state(int slot) const { return state_index(layers_[slot].x_owner, kX); }
 
-void Fp8Linears::quantize_x_forward(int slot, Tensor inp) {
+void Fp8Linears::quantize_x(int slot, Tensor inp, Tensor x8_t) {
   const int owner = layers_[slot].x_owner;
   const int64_t K = layers_[slot].in_features, M = inp.numel() / K;
+  ops::fp8_quantize(scratch(kX8, DType::e4m3, Shape{M, K}), x8_t, amax_for(x_state(slot)),
+                    inp.view({M, K}), state_->scale(x_state(slot)));
+  x_copy_ = {owner, inp.data, M};
+  if (!x8_t.empty()) saved_x_t_[owner].data = inp.data, saved_x_t_[owner].rows = M;
+}
+
+void Fp8Linears::quantize_x_forward(int slot, Tensor inp) {
+  const int owner = layers_[slot].x_owner;
+  const int64_t M = inp.numel() / layers_[slot].in_features;
   const bool reuse =
       owner != slot && x_copy_.owner == owner && x_copy_.data == inp.data && x_copy_.rows == M;
   if (reuse) return;
   // Only training forwards are followed by a backward; evaluation keeps no x^T.
-  Tensor x8_t = recording_ ? saved_x_t(owner, M) : Tensor();
-  ops::fp8_quantize(scratch(kX8, DType::e4m3, Shape{M, K}), x8_t, amax_for(x_state(slot)),
-                    inp.view({M, K}), state_->scale(x_state(slot)));
-  x_copy_ = {owner, inp.data, M};
-  if (recording_) saved_x_t_[owner].data = inp.data, saved_x_t_[owner].rows = M;
+  quantize_x(slot, inp, recording_ ? saved_x_t(owner, M) : Tensor());
 }
 
 Tensor Fp8Linears::x8_t_for_backward(int slot, Tensor inp) {
   const int owner = layers_[slot].x_owner;
-  const int64_t K = layers_[slot].in_features, M = inp.numel() / K;
+  const int64_t M = inp.numel() / layers_[slot].in_features;
   Tensor x8_t = saved_x_t(owner, M);
-  SavedXT& saved = saved_x_t_[owner];
+  const SavedXT& saved = saved_x_t_[owner];
   if (saved.data == inp.data && saved.rows == M) return x8_t;
   // With the forward's scale (scales change only in end_step): the FP8 values the forward used.
-  ops::fp8_quantize(scratch(kX8, DType::e4m3, Shape{M, K}), x8_t, amax_for(x_state(slot)),
-                    inp.view({M, K}), state_->scale(x_state(slot)));
-  x_copy_ = {owner, inp.data, M};
-  saved.data = inp.data, saved.rows = M;
+  quantize_x(slot, inp, x8_t);
   return x8_t;
 }
 

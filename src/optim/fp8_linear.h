@@ -117,6 +117,9 @@ class Fp8Linears final : public LinearCompute {
   // dy8 (and dy8^T) for a backward of `slot`: the fused ones when swiglu_backward made them for
   // this dout, else quantized into scratch kDy8 (, kDy8T).
   DyOperands dout_operands(int slot, Tensor dout, bool with_transpose);
+  // x8 (M,K) into scratch kX8 (recorded in XCopy) and, when x8_t is given, x8^T into it (the
+  // owner's SavedXT, tagged with inp).
+  void quantize_x(int slot, Tensor inp, Tensor x8_t);
   // The x8 (M,K) of the forward in scratch kX8, reused per XCopy; a recording forward also keeps
   // x8^T (K,M) in the owner's SavedXT.
   void quantize_x_forward(int slot, Tensor inp);
