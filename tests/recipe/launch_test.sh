@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tests launch/mpirun.sh (through the real mpirun, 3 ranks, with a stand-in for the tessera binary
-# that prints its rank, environment and arguments) and launch/slurm.sbatch (with a stand-in srun
+# that records its rank, environment and arguments) and launch/slurm.sbatch (with a stand-in srun
 # on PATH). Usage: launch_test.sh REPO_ROOT. Exit status 0 only when every check passed.
 set -uo pipefail
 root="${1:?usage: launch_test.sh REPO_ROOT}"
@@ -15,21 +15,31 @@ check() {  # check NAME COMMAND... : the command must succeed
 contains() { grep -qF -- "$2" <<<"$1" || { echo "  missing: $2"; echo "  in: $1"; return 1; }; }
 count_is() { [ "$(grep -cF -- "$2" <<<"$1")" -eq "$3" ] || { echo "  want $3 x '$2' in: $1"; return 1; }; }
 
-# The stand-in binary: one line per rank, each argument bracketed so boundaries show.
+# The stand-in binary: one line per rank, each argument bracketed so boundaries show. Each rank
+# writes its own file, since lines printed to mpirun's forwarded stdout can interleave mid-line.
+mkdir -p "$tmp/ranks"
 cat >"$tmp/tessera" <<'EOF'
 #!/usr/bin/env bash
-printf 'rank=%s local=%s nvls=%s data=%s args=' "${OMPI_COMM_WORLD_RANK:-}" \
-  "${OMPI_COMM_WORLD_LOCAL_RANK:-}" "${NCCL_NVLS_ENABLE:-unset}" "${TESSERA_DATA_DIR:-unset}"
-printf '[%s]' "$@"
-printf '\n'
+{
+  printf 'rank=%s local=%s nvls=%s data=%s args=' "${OMPI_COMM_WORLD_RANK:-}" \
+    "${OMPI_COMM_WORLD_LOCAL_RANK:-}" "${NCCL_NVLS_ENABLE:-unset}" "${TESSERA_DATA_DIR:-unset}"
+  printf '[%s]' "$@"
+  printf '\n'
+} >"RANKS_DIR/${OMPI_COMM_WORLD_RANK:-none}"
 EOF
+sed -i "s|RANKS_DIR|$tmp/ranks|" "$tmp/tessera"
 chmod +x "$tmp/tessera"
 
 # Open MPI as root and more ranks than cores: test-only settings, passed to this script's mpirun.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# mpi COMMAND...: runs it with the stand-in; prints the launcher output, then each rank's line.
 mpi() {
+  rm -f "$tmp/ranks/"*
   env -u NCCL_NVLS_ENABLE TESSERA_BIN="$tmp/tessera" TESSERA_MPIRUN_ARGS="--oversubscribe" \
     "$@" 2>&1
+  local status=$?
+  cat "$tmp/ranks/"* 2>/dev/null
+  return $status
 }
 
 out="$(mpi timeout 120 bash "$root/launch/mpirun.sh" -n 3 r.yaml --set "train.sample_prompt=a b")"
