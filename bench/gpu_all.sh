@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU record in one device call: GPU parity tests, kernel benchmarks (memory-bound ops vs
-# copy bandwidth, GEMMs vs cuBLAS, attention cuDNN/native vs PyTorch SDPA), then training
+# copy bandwidth, GEMMs vs cuBLAS, FP8 GEMMs vs bf16 and quantization, attention cuDNN/native vs PyTorch SDPA), then training
 # throughput of gpt2-124m and llama-1b against PyTorch eager and torch.compile, and a per-op
 # profile of each. Usage on the GPU machine: bash bench/gpu_all.sh   (logs in $OUT)
 set -uo pipefail
@@ -16,6 +16,7 @@ $b/tests/cuda/cuda_model_parity 2>&1 | grep -E "cpu .*->" > "$OUT/model-parity.l
 {
   echo "== memory-bound ops"; $b/bench/cuda/bench_memory_ops
   echo "== gemm"; $b/bench/cuda/bench_gemm
+  echo "== fp8 gemms and quantization"; $b/bench/cuda/bench_fp8
   echo "== attention cudnn"; $b/bench/cuda/bench_attention_cudnn
   echo "== attention native"; $b/bench/cuda/bench_attention
   echo "== torch sdpa"; python3 bench/torch/bench_sdpa.py
