@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU record in one device call: GPU parity tests, kernel benchmarks (memory-bound ops vs
-# copy bandwidth, GEMMs vs cuBLAS, FP8 GEMMs vs bf16 and quantization, attention cuDNN/native vs PyTorch SDPA), then training
-# throughput of gpt2-124m and llama-1b against PyTorch eager and torch.compile, and a per-op
-# profile of each. Usage on the GPU machine: bash bench/gpu_all.sh   (logs in $OUT)
+# copy bandwidth, GEMMs vs cuBLAS, FP8 GEMMs vs bf16 and quantization, attention cuDNN/native vs
+# PyTorch SDPA), then training throughput of gpt2-124m and llama-1b against PyTorch eager and
+# torch.compile, and a per-op profile of each.
+# Usage on the GPU machine: bash bench/gpu_all.sh   (logs in $OUT)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/tessera-out}"

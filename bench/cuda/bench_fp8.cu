@@ -82,13 +82,10 @@ void report(const char* name, int64_t r, int64_t c, double bytes, double ms) {
 }
 
 void bench_copy() {
-  const int64_t n = int64_t(1) << 29;  // 1 GiB of bf16
-  DeviceTensor a(DType::bf16, {n}), b(DType::bf16, {n});
-  const double ms = median_ms([&] {
-    TS_CUDA_CHECK(cudaMemcpyAsync(b.t.data, a.t.data, 2 * n, cudaMemcpyDeviceToDevice, stream()));
-  }, 3, 20);
-  g_copy_gbps = 4.0 * n / (ms * 1e-3) / 1e9;
-  report("d2d copy (read+write)", n, 1, 4.0 * n, ms);
+  const size_t bytes = size_t(1) << 30;
+  const double ms = bench::copy_ms(bytes);
+  g_copy_gbps = 2.0 * bytes / (ms * 1e-3) / 1e9;
+  report("d2d copy (read+write)", int64_t(bytes), 1, 2.0 * bytes, ms);
 }
 
 // Input sets for one memory-bound case: enough copies that consecutive reps miss the L2.
@@ -161,8 +158,9 @@ int main() {
     for (const Shapes& s : block) {
       const auto [a, b] = bench_linear(s, one.t, amax.t);
       f8 += s.per_layer * a, b16 += s.per_layer * b;
-      if (s.name[0] == 'q' || s.name[0] == 'k') f8_qkv += s.per_layer * a, b16_qkv += s.per_layer * b;
-      if (s.name[0] == 'g') f8_gu += s.per_layer * a, b16_gu += s.per_layer * b;
+      const bool qkv = s.name[0] == 'q' || s.name[0] == 'k', gate_up = s.name[0] == 'g';
+      if (qkv) f8_qkv += s.per_layer * a, b16_qkv += s.per_layer * b;
+      if (gate_up) f8_gu += s.per_layer * a, b16_gu += s.per_layer * b;
     }
     std::printf("block linears, 3 passes, per layer: fp8 %.3f ms, bf16 %.3f ms (%.2fx); x16 "
                 "layers: fp8 %.1f ms, bf16 %.1f ms\n", f8, b16, b16 / f8, 16 * f8, 16 * b16);

@@ -95,17 +95,9 @@ std::string dims(std::initializer_list<int64_t> d, DType dtype) {
 
 void bench_copy() {
   const size_t bytes = size_t(1) << 30;
-  void *src = nullptr, *dst = nullptr;
-  TS_CUDA_CHECK(cudaMalloc(&src, bytes));
-  TS_CUDA_CHECK(cudaMalloc(&dst, bytes));
-  TS_CUDA_CHECK(cudaMemsetAsync(src, 0x3c, bytes, cuda::stream()));
-  const double ms = median_ms([&](int) {
-    TS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda::stream()));
-  }, kWarmup, 20);
+  const double ms = cuda::bench::copy_ms(bytes);
   g_copy_gbps = 2.0 * bytes / (ms * 1e-3) / 1e9;
   report("d2d copy (read+write)", "1 GiB", 2.0 * bytes, ms);
-  TS_CUDA_CHECK(cudaFree(src));
-  TS_CUDA_CHECK(cudaFree(dst));
 }
 
 void bench_layernorm(int64_t n, int64_t c, DType dtype) {

@@ -81,4 +81,19 @@ template <class F> double median_ms(F&& f, int warmup, int reps) {
   return ms[ms.size() / 2];
 }
 
+// Milliseconds of one device-to-device copy of `bytes` (median of 20 after 3 warm-ups): the
+// bandwidth reference of the memory-bound benchmarks (it reads and writes 2 * bytes).
+inline double copy_ms(size_t bytes) {
+  void *src = nullptr, *dst = nullptr;
+  TS_CUDA_CHECK(cudaMalloc(&src, bytes));
+  TS_CUDA_CHECK(cudaMalloc(&dst, bytes));
+  TS_CUDA_CHECK(cudaMemsetAsync(src, 0x3c, bytes, stream()));
+  const double ms = median_ms([&] {
+    TS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
+  }, 3, 20);
+  TS_CUDA_CHECK(cudaFree(src));
+  TS_CUDA_CHECK(cudaFree(dst));
+  return ms;
+}
+
 }  // namespace tessera::cuda::bench

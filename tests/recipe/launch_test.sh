@@ -25,9 +25,8 @@ cat >"$tmp/tessera" <<'EOF'
     "${OMPI_COMM_WORLD_LOCAL_RANK:-}" "${NCCL_NVLS_ENABLE:-unset}" "${TESSERA_DATA_DIR:-unset}"
   printf '[%s]' "$@"
   printf '\n'
-} >"RANKS_DIR/${OMPI_COMM_WORLD_RANK:-none}"
+} >"$(dirname "$0")/ranks/${OMPI_COMM_WORLD_RANK:-none}"
 EOF
-sed -i "s|RANKS_DIR|$tmp/ranks|" "$tmp/tessera"
 chmod +x "$tmp/tessera"
 
 # Open MPI as root and more ranks than cores: test-only settings, passed to this script's mpirun.
