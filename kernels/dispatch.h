@@ -9,8 +9,10 @@
 namespace tessera::ops::detail {
 
 [[noreturn, maybe_unused]] inline void no_cuda(const char* op) {
-  TS_USER_ERROR("op {} was asked to run on cuda, but this build has no CUDA backend "
-                "(configure with -DTESSERA_CUDA=ON on a machine with nvcc)", op);
+  TS_USER_ERROR(
+      "op {} was asked to run on cuda, but this build has no CUDA backend "
+      "(configure with -DTESSERA_CUDA=ON on a machine with nvcc)",
+      op);
 }
 
 // The device an op runs on: that of its first non-empty tensor (optional outputs such as an

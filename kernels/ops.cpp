@@ -53,8 +53,8 @@ void check_bias_dtype(const Tensor& matrix, const Tensor& vector, const char* op
 // be bf16/f16 here (read exactly, updated in f32, rounded once).
 void cpu_adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
   cpu::NarrowScope n("adamw_update");
-  cpu::adamw_update(n.inout(param, "param"), n.in(grad, "grad"), n.inout(m, "m"),
-                    n.inout(v, "v"), s);
+  cpu::adamw_update(n.inout(param, "param"), n.in(grad, "grad"), n.inout(m, "m"), n.inout(v, "v"),
+                    s);
   n.finish();
 }
 }  // namespace
@@ -72,8 +72,7 @@ size_t cuda_workspace_bytes(int B, int T, int num_heads, int num_kv_heads, int h
 #ifdef TESSERA_CUDA
   if (!cuda_available()) return 0;
   return std::max(cuda::default_workspace_bytes(),
-                  cuda::attention_workspace_bytes(B, T, num_heads, num_kv_heads, head_dim,
-                                                  dtype));
+                  cuda::attention_workspace_bytes(B, T, num_heads, num_kv_heads, head_dim, dtype));
 #else
   return 0;
 #endif
@@ -92,7 +91,6 @@ void synchronize(Device device) {
   if (device == Device::cuda) cuda::sync();
 #endif
 }
-
 
 void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t vocab_start,
                        int64_t vocab_total) {
@@ -130,7 +128,8 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, in
   n.finish();
 }
 
-void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias, float eps) {
+void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias,
+                       float eps) {
   const Device device = device_of({&out, &mean, &rstd, &inp, &weight, &bias});
   const ProfileScope profile("layernorm_forward", device);
   if (device == Device::cuda) {
@@ -144,7 +143,8 @@ void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
   cpu_layernorm_forward(out, mean, rstd, inp, weight, bias, eps);
 }
 
-void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
+void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
+                        Tensor weight, Tensor mean, Tensor rstd) {
   const Device device = device_of({&dinp, &dweight, &dbias, &dout, &inp, &weight, &mean, &rstd});
   const ProfileScope profile("layernorm_backward", device);
   if (device == Device::cuda) {
@@ -156,10 +156,9 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
 #endif
   }
   cpu::NarrowScope n("layernorm_backward");
-  cpu::layernorm_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"),
-                          n.inout(dbias, "dbias"), n.in(dout, "dout"), n.in(inp, "inp"),
-                          n.in(weight, "weight"), n.stat_in(mean, "mean"),
-                          n.stat_in(rstd, "rstd"));
+  cpu::layernorm_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"), n.inout(dbias, "dbias"),
+                          n.in(dout, "dout"), n.in(inp, "inp"), n.in(weight, "weight"),
+                          n.stat_in(mean, "mean"), n.stat_in(rstd, "rstd"));
   n.finish();
 }
 
@@ -180,7 +179,8 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
   n.finish();
 }
 
-void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight, Tensor rstd) {
+void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight,
+                      Tensor rstd) {
   const Device device = device_of({&dinp, &dweight, &dout, &inp, &weight, &rstd});
   const ProfileScope profile("rmsnorm_backward", device);
   if (device == Device::cuda) {
@@ -232,7 +232,8 @@ void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   n.finish();
 }
 
-void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
+void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
+                     Tensor weight) {
   const Device device = device_of({&dinp, &dweight, &dbias, &dout, &inp, &weight});
   const ProfileScope profile("matmul_backward", device);
   if (device == Device::cuda) {
@@ -332,7 +333,8 @@ void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, flo
   n.finish();
 }
 
-void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) {
+void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v,
+                        Tensor out, Tensor lse, float scale) {
   const Device device = device_of({&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse});
   const ProfileScope profile("attention_backward", device);
   if (device == Device::cuda) {
@@ -495,7 +497,7 @@ double sum_squares(Tensor x) {
   if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
     return cuda::sum_squares(x);
-    
+
 #else
     no_cuda("sum_squares");
 #endif
@@ -504,7 +506,8 @@ double sum_squares(Tensor x) {
   return cpu::sum_squares(n.in(x, "x"));  // read-only: nothing to finish
 }
 
-void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets, int vocab_size) {
+void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets,
+                           int vocab_size) {
   const Device device = device_of({&losses, &lse, &logits, &targets});
   const ProfileScope profile("cross_entropy_forward", device);
   if (device == Device::cuda) {
@@ -521,7 +524,8 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
   n.finish();
 }
 
-void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets, int vocab_size, float dloss, int64_t vocab_start) {
+void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
+                            int vocab_size, float dloss, int64_t vocab_start) {
   const Device device = device_of({&dlogits, &logits, &lse, &targets});
   const ProfileScope profile("cross_entropy_backward", device);
   if (device == Device::cuda) {
@@ -551,8 +555,8 @@ void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start,
 #endif
   }
   cpu::NarrowScope n("cross_entropy_shard_max");
-  cpu::cross_entropy_shard_max(n.stat_out(row_max, "row_max"), n.in(logits, "logits"),
-                               vocab_start, vocab_size);
+  cpu::cross_entropy_shard_max(n.stat_out(row_max, "row_max"), n.in(logits, "logits"), vocab_start,
+                               vocab_size);
   n.finish();
 }
 

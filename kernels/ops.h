@@ -44,9 +44,9 @@ void use_cuda_workspace(void* ptr, size_t bytes);
 // (unsharded). Every token must lie in [0, vocab_total). A token outside this shard gives a zero
 // row (plus wpe), so the sum over tp ranks of out is the full embedding (pass wpe on one tp rank
 // only), and adds nothing to dwte. dwpe accumulates as usual.
-void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
-                       Tensor wte /*(Vl,C)*/, Tensor wpe /*(maxT,C) or empty*/,
-                       int64_t vocab_start = 0, int64_t vocab_total = -1);
+void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/, Tensor wte /*(Vl,C)*/,
+                       Tensor wpe /*(maxT,C) or empty*/, int64_t vocab_start = 0,
+                       int64_t vocab_total = -1);
 void embedding_backward(Tensor dwte /*(Vl,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
                         Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
                         int64_t vocab_start = 0, int64_t vocab_total = -1);
@@ -77,8 +77,8 @@ void matmul_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, Tensor weight /*
 // dinp = dout · weight (overwrite; may be empty to skip); dweight += dout^T · inp;
 // dbias += column sums of dout (may be empty).
 void matmul_backward(Tensor dinp /*(M,K)*/, Tensor dweight /*(N,K) +=*/,
-                     Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/,
-                     Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/);
+                     Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/,
+                     Tensor weight /*(N,K)*/);
 // The bias half of a linear layer, for GEMMs without a bias epilogue (ops::gemm_fp8): the bias
 // that matmul_forward adds and the dbias that matmul_backward accumulates. Rows are all leading
 // dims of out / dout; bias and dbias have out's / dout's dtype, or are f32 (an f32 master copy
@@ -103,19 +103,18 @@ void rope_backward(Tensor dinp /*(B,T,H,D)*/, Tensor dout /*(B,T,H,D)*/, float t
 // Query head h attends with key/value head h / (Hq/Hkv). Softmax(scale · q·k^T) masked causally;
 // lse (B,Hq,T) f32 is the row log-sum-exp of the scaled scores, saved for backward.
 void attention_forward(Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T) f32*/,
-                       Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/,
-                       Tensor v /*(B,T,Hkv,D)*/, float scale);
+                       Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/, Tensor v /*(B,T,Hkv,D)*/,
+                       float scale);
 // dq, dk, dv are overwritten and must not alias any input. On CUDA, the implementation (cuDNN
 // fused SDPA or the native kernel) is chosen by cuda::Context::attention_impl.
 void attention_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*/,
-                        Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/,
-                        Tensor q, Tensor k, Tensor v, Tensor out /*(B,T,Hq,D)*/,
-                        Tensor lse /*(B,Hq,T)*/, float scale);
+                        Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/, Tensor q, Tensor k,
+                        Tensor v, Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T)*/, float scale);
 
 // ---- activations ---------------------------------------------------------------------------
 // GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-void gelu_forward(Tensor out, Tensor inp);                   // any shape; out may alias inp
-void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);    // dinp may alias dout
+void gelu_forward(Tensor out, Tensor inp);                 // any shape; out may alias inp
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp may alias dout
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x).
 void swiglu_forward(Tensor out /*(N,F)*/, Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/);
 void swiglu_backward(Tensor dgate /*(N,F)*/, Tensor dup /*(N,F)*/, Tensor dout /*(N,F)*/,
@@ -143,9 +142,9 @@ void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
 // [vocab_start, vocab_start + Vl) of the padded vocabulary and lse is the global one (from
 // cross_entropy_shard_finish); the one-hot sits at column y - vocab_start when inside the shard,
 // and columns with vocab_start + j >= vocab_size are padding (0).
-void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/,
-                            Tensor lse /*(N)*/, Tensor targets /*(N) i32*/, int vocab_size,
-                            float dloss, int64_t vocab_start = 0);
+void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/, Tensor lse /*(N)*/,
+                            Tensor targets /*(N) i32*/, int vocab_size, float dloss,
+                            int64_t vocab_start = 0);
 
 // ---- vocabulary-parallel cross-entropy (Megatron's vocab_parallel_cross_entropy) ------------
 // Each tp rank holds logits (N,Vl) = columns [vocab_start, vocab_start + Vl) of the padded
@@ -157,8 +156,8 @@ void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/,
 // when the logits are f64 (as above). Targets must be < vocab_size or negative (ignored), as for
 // cross_entropy_forward.
 // row_max[n] = max over this shard's real columns; -inf when the shard has none.
-void cross_entropy_shard_max(Tensor row_max /*(N)*/, Tensor logits /*(N,Vl)*/,
-                             int64_t vocab_start, int vocab_size);
+void cross_entropy_shard_max(Tensor row_max /*(N)*/, Tensor logits /*(N,Vl)*/, int64_t vocab_start,
+                             int vocab_size);
 // sum_exp[n] = sum over this shard's real columns of exp(logits[n,j] - row_max[n]) (row_max is
 // the GLOBAL max); target_logit[n] = logits[n, y - vocab_start] when y = targets[n] falls in this
 // shard, else 0 (ignored rows, y < 0: 0).

@@ -47,18 +47,19 @@ QuantizeDims check_quantize(const Tensor& out, const Tensor& out_t, const Tensor
   return d;
 }
 
-QuantizeDims check_swiglu_backward(const Tensor& dgate8, const Tensor& dgate8_t,
-                                   const Tensor& dup8, const Tensor& dup8_t,
-                                   const Tensor& amax_gate, const Tensor& amax_up,
-                                   const Tensor& dout, const Tensor& gate, const Tensor& up,
-                                   const Tensor& scale_gate, const Tensor& scale_up,
-                                   Device device, const char* op) {
+QuantizeDims check_swiglu_backward(const Tensor& dgate8, const Tensor& dgate8_t, const Tensor& dup8,
+                                   const Tensor& dup8_t, const Tensor& amax_gate,
+                                   const Tensor& amax_up, const Tensor& dout, const Tensor& gate,
+                                   const Tensor& up, const Tensor& scale_gate,
+                                   const Tensor& scale_up, Device device, const char* op) {
   const QuantizeDims d = check_quantize(dgate8, dgate8_t, amax_gate, dout, scale_gate, device, op);
   check_quantize(dup8, dup8_t, amax_up, dout, scale_up, device, op);
   TS_CHECK(dgate8.dtype == dup8.dtype, "{}: dgate8 {} and dup8 {} must share a format", op,
            dgate8.str(), dup8.str());
-  TS_CHECK(dgate8_t.empty() == dup8_t.empty(), "{}: dgate8_t {} and dup8_t {} must both be given "
-           "or both be empty", op, dgate8_t.str(), dup8_t.str());
+  TS_CHECK(dgate8_t.empty() == dup8_t.empty(),
+           "{}: dgate8_t {} and dup8_t {} must both be given "
+           "or both be empty",
+           op, dgate8_t.str(), dup8_t.str());
   for (const Tensor* t : {&gate, &up})
     TS_CHECK(t->device == device && t->dtype == dout.dtype && t->shape == dout.shape,
              "{}: gate {} and up {} must be like dout {}", op, gate.str(), up.str(), dout.str());
@@ -69,15 +70,16 @@ GemmDims check_gemm(const Tensor& c, const Tensor& a, const Tensor& b, const Ten
                     const Tensor& b_scale_inv, Device device, const char* op) {
   for (const Tensor* t : {&c, &a, &b})
     TS_CHECK(!t->empty() && t->device == device && t->ndim() == 2,
-             "{}: c, a, b must be 2-D tensors on {}, got c {}, a {}, b {}", op,
-             device_name(device), c.str(), a.str(), b.str());
-  TS_CHECK(c.dtype == DType::bf16 || c.dtype == DType::f32, "{}: c is {}, expected bf16 or f32",
-           op, c.str());
+             "{}: c, a, b must be 2-D tensors on {}, got c {}, a {}, b {}", op, device_name(device),
+             c.str(), a.str(), b.str());
+  TS_CHECK(c.dtype == DType::bf16 || c.dtype == DType::f32, "{}: c is {}, expected bf16 or f32", op,
+           c.str());
   TS_CHECK(is_fp8(a.dtype) && is_fp8(b.dtype), "{}: a {} and b {} must be e4m3 or e5m2", op,
            a.str(), b.str());
   TS_CHECK(!(a.dtype == DType::e5m2 && b.dtype == DType::e5m2),
            "{}: e5m2 x e5m2 is not supported (cuBLASLt has no such kernel; quantize one operand "
-           "as e4m3): a {}, b {}", op, a.str(), b.str());
+           "as e4m3): a {}, b {}",
+           op, a.str(), b.str());
   GemmDims d{c.dim(0), c.dim(1), a.dim(1)};
   TS_CHECK(a.dim(0) == d.m && b.shape == (Shape{d.n, d.k}),
            "{}: shapes must be c (M,N), a (M,K), b (N,K); got c {}, a {}, b {}", op, c.str(),

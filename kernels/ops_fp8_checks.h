@@ -46,12 +46,11 @@ QuantizeDims check_quantize(const Tensor& out, const Tensor& out_t, const Tensor
 
 // Checks swiglu_backward_fp8's operands: each gradient as fp8_quantize's, gate and up like dout,
 // both transposes or neither; returns (R, C).
-QuantizeDims check_swiglu_backward(const Tensor& dgate8, const Tensor& dgate8_t,
-                                   const Tensor& dup8, const Tensor& dup8_t,
-                                   const Tensor& amax_gate, const Tensor& amax_up,
-                                   const Tensor& dout, const Tensor& gate, const Tensor& up,
-                                   const Tensor& scale_gate, const Tensor& scale_up,
-                                   Device device, const char* op);
+QuantizeDims check_swiglu_backward(const Tensor& dgate8, const Tensor& dgate8_t, const Tensor& dup8,
+                                   const Tensor& dup8_t, const Tensor& amax_gate,
+                                   const Tensor& amax_up, const Tensor& dout, const Tensor& gate,
+                                   const Tensor& up, const Tensor& scale_gate,
+                                   const Tensor& scale_up, Device device, const char* op);
 
 struct GemmDims {
   int64_t m = 0, n = 0, k = 0;

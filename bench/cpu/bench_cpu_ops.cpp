@@ -28,13 +28,18 @@ void BM_gemm(benchmark::State& st, bool reference) {
   const int64_t M = st.range(0), N = st.range(1), K = st.range(2);
   Host a({M, K}), b({N, K}), c({M, N});
   for (auto _ : st) {
-    if (reference) cpu::gemm_reference(c.t, a.t, b.t, false, true, 1.0f, 0.0f);
-    else cpu::gemm(c.t, a.t, b.t, false, true, 1.0f, 0.0f);
+    if (reference)
+      cpu::gemm_reference(c.t, a.t, b.t, false, true, 1.0f, 0.0f);
+    else
+      cpu::gemm(c.t, a.t, b.t, false, true, 1.0f, 0.0f);
   }
-  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * M * N * K, benchmark::Counter::kIsIterationInvariantRate,
-                                              benchmark::Counter::kIs1000);
+  st.counters["GFLOP/s"] = benchmark::Counter(
+      2.0 * M * N * K, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
-BENCHMARK_CAPTURE(BM_gemm, blas, false)->Args({2048, 128, 128})->Args({2048, 4096, 128})->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_gemm, blas, false)
+    ->Args({2048, 128, 128})
+    ->Args({2048, 4096, 128})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_gemm, reference, true)->Args({2048, 128, 128})->Unit(benchmark::kMillisecond);
 
 void BM_layernorm(benchmark::State& st) {
@@ -49,8 +54,9 @@ void BM_attention_forward(benchmark::State& st) {
   const int64_t B = 16, T = 128, H = 4, D = 32;
   Host q({B, T, H, D}), k({B, T, H, D}), v({B, T, H, D}), out({B, T, H, D}), lse({B, H, T});
   for (auto _ : st) cpu::attention_forward(out.t, lse.t, q.t, k.t, v.t, 0.17f);
-  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * B * H * T * T * D, benchmark::Counter::kIsIterationInvariantRate,
-                                              benchmark::Counter::kIs1000);
+  st.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * B * H * T * T * D, benchmark::Counter::kIsIterationInvariantRate,
+                         benchmark::Counter::kIs1000);
 }
 BENCHMARK(BM_attention_forward)->Unit(benchmark::kMillisecond);
 

@@ -50,9 +50,10 @@ Options parse_args(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "-h" || a == "--help") {
-      std::printf("usage: mpirun -np N bench_allreduce [--json FILE] [--dtypes bf16,f32] "
-                  "[--min-bytes B] [--max-bytes B] [--factor 2|4] [--warmup N] [--iters N] "
-                  "[--no-check]\n");
+      std::printf(
+          "usage: mpirun -np N bench_allreduce [--json FILE] [--dtypes bf16,f32] "
+          "[--min-bytes B] [--max-bytes B] [--factor 2|4] [--warmup N] [--iters N] "
+          "[--no-check]\n");
       std::exit(0);
     }
     if (a == "--no-check") {
@@ -79,7 +80,8 @@ Options parse_args(int argc, char** argv) {
       size_t start = 0;
       while (start <= v.size()) {
         const size_t comma = v.find(',', start);
-        const std::string name = v.substr(start, comma == std::string::npos ? comma : comma - start);
+        const std::string name =
+            v.substr(start, comma == std::string::npos ? comma : comma - start);
         DType t{};
         if (!parse_dtype(name, &t) || (t != DType::bf16 && t != DType::f32))
           TS_USER_ERROR("bench_allreduce: --dtypes takes bf16 and/or f32, got '{}'", name);
@@ -97,7 +99,8 @@ Options parse_args(int argc, char** argv) {
 }
 
 // The storage word of a small integer v: bf16 bits (W = uint16_t) or the f32 itself.
-template <class W> W word_of(float v) {
+template <class W>
+W word_of(float v) {
   if constexpr (sizeof(W) == 2) {
     return f32_to_bf16_bits(v);
   } else {
@@ -107,10 +110,13 @@ template <class W> W word_of(float v) {
 
 // Fills host[0, n) with pattern[i % 7] and counts the elements that differ from expect[i % 7]
 // (words compared exactly: every value is a small integer, exact in bf16 and f32).
-template <class W> void fill_pattern(W* host, int64_t n, const W* pattern) {
-  for (int64_t i = 0, k = 0; i < n; ++i, k = k + 1 == kPatternPeriod ? 0 : k + 1) host[i] = pattern[k];
+template <class W>
+void fill_pattern(W* host, int64_t n, const W* pattern) {
+  for (int64_t i = 0, k = 0; i < n; ++i, k = k + 1 == kPatternPeriod ? 0 : k + 1)
+    host[i] = pattern[k];
 }
-template <class W> int64_t count_wrong(const W* host, int64_t n, const W* expect) {
+template <class W>
+int64_t count_wrong(const W* host, int64_t n, const W* expect) {
   int64_t wrong = 0;
   for (int64_t i = 0, k = 0; i < n; ++i, k = k + 1 == kPatternPeriod ? 0 : k + 1)
     wrong += host[i] != expect[k];
@@ -192,13 +198,14 @@ int run(int argc, char** argv) {
   int nccl_code = 0;
   TS_NCCL_CHECK(ncclGetVersion(&nccl_code), nullptr, "querying the NCCL version");
   // NCCL >= 2.9 encodes major * 10000 + minor * 100 + patch.
-  const std::string nccl = fmt::format("{}.{}.{}", nccl_code / 10000, nccl_code % 10000 / 100,
-                                       nccl_code % 100);
+  const std::string nccl =
+      fmt::format("{}.{}.{}", nccl_code / 10000, nccl_code % 10000 / 100, nccl_code % 100);
   if (rank0) {
-    std::printf("all_reduce (sum, in place) through tessera::Communicator on NCCL %s: %d ranks "
-                "(dp group), %d warm-up + %d timed calls per size; time = slowest rank's mean "
-                "per call; algbw = bytes/time, busbw = algbw*2(n-1)/n, GB = 1e9 bytes%s\n",
-                nccl.c_str(), n, opt.warmup, opt.iters, n == 1 ? " (one rank: busbw is 0)" : "");
+    std::printf(
+        "all_reduce (sum, in place) through tessera::Communicator on NCCL %s: %d ranks "
+        "(dp group), %d warm-up + %d timed calls per size; time = slowest rank's mean "
+        "per call; algbw = bytes/time, busbw = algbw*2(n-1)/n, GB = 1e9 bytes%s\n",
+        nccl.c_str(), n, opt.warmup, opt.iters, n == 1 ? " (one rank: busbw is 0)" : "");
     std::printf("%-6s %12s %11s %11s %11s %11s  %s\n", "dtype", "bytes", "count", "time_us",
                 "algbw_GB/s", "busbw_GB/s", "check");
   }
@@ -232,13 +239,14 @@ int run(int argc, char** argv) {
                     static_cast<long long>(count), us, algbw, busbw, check.c_str());
         std::fflush(stdout);
         if (json) {
-          std::fprintf(json,
-                       "{\"impl\": \"tessera\", \"op\": \"all_reduce\", \"dtype\": \"%s\", "
-                       "\"bytes\": %lld, \"count\": %lld, \"ranks\": %d, \"time_us\": %.3f, "
-                       "\"algbw_gbs\": %.3f, \"busbw_gbs\": %.3f, \"check\": \"%s\", \"nccl\": \"%s\"}\n",
-                       name.c_str(), static_cast<long long>(count * int64_t(dtype_size(t))),
-                       static_cast<long long>(count), n, us, algbw, busbw,
-                       check_failed ? "FAILED" : check.c_str(), nccl.c_str());
+          std::fprintf(
+              json,
+              "{\"impl\": \"tessera\", \"op\": \"all_reduce\", \"dtype\": \"%s\", "
+              "\"bytes\": %lld, \"count\": %lld, \"ranks\": %d, \"time_us\": %.3f, "
+              "\"algbw_gbs\": %.3f, \"busbw_gbs\": %.3f, \"check\": \"%s\", \"nccl\": \"%s\"}\n",
+              name.c_str(), static_cast<long long>(count * int64_t(dtype_size(t))),
+              static_cast<long long>(count), n, us, algbw, busbw,
+              check_failed ? "FAILED" : check.c_str(), nccl.c_str());
         }
       }
     }
@@ -246,8 +254,9 @@ int run(int argc, char** argv) {
   if (json) std::fclose(json);
   TS_PAR_CUDA_CHECK(cudaFree(dev_ptr), "freeing the all-reduce buffer");
   if (total_wrong > 0) {
-    if (rank0) std::printf("bench_allreduce: %lld wrong elements in total: the sums are wrong\n",
-                           static_cast<long long>(total_wrong));
+    if (rank0)
+      std::printf("bench_allreduce: %lld wrong elements in total: the sums are wrong\n",
+                  static_cast<long long>(total_wrong));
     return 1;
   }
   return 0;

@@ -36,11 +36,12 @@ void run_case(const Case& c) {
 
   for (bool backward : {false, true})
     std::printf("[plan] %s\n", attention_cudnn_describe(c.num_b, c.num_t, c.num_hq, c.num_hkv,
-                                                         c.head_dim, backward).c_str());
+                                                        c.head_dim, backward)
+                                   .c_str());
   const double fwd_flop = 4.0 * c.num_b * c.num_hq * double(c.num_t) * c.num_t * c.head_dim / 2;
   const double bwd_flop = 2.5 * fwd_flop;
-  std::string line = fmt::format("cudnn        {:<12} B={} T={} Hq={} Hkv={} D={}", c.name,
-                                 c.num_b, c.num_t, c.num_hq, c.num_hkv, c.head_dim);
+  std::string line = fmt::format("cudnn        {:<12} B={} T={} Hq={} Hkv={} D={}", c.name, c.num_b,
+                                 c.num_t, c.num_hq, c.num_hkv, c.head_dim);
   if (!attention_cudnn_forward(out.t, lse.t, q.t, k.t, v.t, scale)) {
     std::printf("%s  fwd: no cuDNN engine\n", line.c_str());
     return;

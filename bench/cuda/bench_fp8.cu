@@ -36,7 +36,7 @@ struct Fp8Tensor {
 
 struct Shapes {
   const char* name;
-  int64_t k, n;  // in features, out features
+  int64_t k, n;   // in features, out features
   int per_layer;  // how many such linears a block has
 };
 
@@ -63,11 +63,12 @@ std::pair<double, double> bench_linear(const Shapes& s, const Tensor& one, const
   const char* pass[3] = {"forward", "dgrad", "wgrad"};
   const int64_t mnk[3][3] = {{M, N, K}, {M, K, N}, {N, K, M}};
   for (int p = 0; p < 3; ++p)
-    std::printf("gemm %-8s %-8s M=%-6lld N=%-6lld K=%-6lld fp8 %7.3f ms %6.0f TFLOP/s | bf16 "
-                "%7.3f ms %6.0f TFLOP/s | %4.2fx\n",
-                s.name, pass[p], (long long)mnk[p][0], (long long)mnk[p][1], (long long)mnk[p][2],
-                f8[p], tflops(mnk[p][0], mnk[p][1], mnk[p][2], f8[p]), b16[p],
-                tflops(mnk[p][0], mnk[p][1], mnk[p][2], b16[p]), b16[p] / f8[p]);
+    std::printf(
+        "gemm %-8s %-8s M=%-6lld N=%-6lld K=%-6lld fp8 %7.3f ms %6.0f TFLOP/s | bf16 "
+        "%7.3f ms %6.0f TFLOP/s | %4.2fx\n",
+        s.name, pass[p], (long long)mnk[p][0], (long long)mnk[p][1], (long long)mnk[p][2], f8[p],
+        tflops(mnk[p][0], mnk[p][1], mnk[p][2], f8[p]), b16[p],
+        tflops(mnk[p][0], mnk[p][1], mnk[p][2], b16[p]), b16[p] / f8[p]);
   std::fflush(stdout);
   return {f8[0] + f8[1] + f8[2], b16[0] + b16[1] + b16[2]};
 }
@@ -76,8 +77,8 @@ double g_copy_gbps = 0.0;
 
 void report(const char* name, int64_t r, int64_t c, double bytes, double ms) {
   const double gbps = bytes / (ms * 1e-3) / 1e9;
-  std::printf("mem  %-34s (%lld, %lld) %9.1f us %6.0f GB/s %5.1f%% of copy\n", name,
-              (long long)r, (long long)c, ms * 1e3, gbps, 100.0 * gbps / g_copy_gbps);
+  std::printf("mem  %-34s (%lld, %lld) %9.1f us %6.0f GB/s %5.1f%% of copy\n", name, (long long)r,
+              (long long)c, ms * 1e3, gbps, 100.0 * gbps / g_copy_gbps);
   std::fflush(stdout);
 }
 
@@ -101,11 +102,13 @@ void bench_quantize(int64_t r, int64_t c, bool transpose, const Tensor& one, con
   const double bytes = 2.0 * r * c + (transpose ? 2.0 : 1.0) * r * c;
   auto in = inputs(1, {r, c}, bytes);
   DeviceTensor out(DType::e4m3, {r, c}), out_t(DType::e4m3, {c, r});
-  const double ms = median_ms([&](int i) {
-    fp8_quantize(out.t, transpose ? out_t.t : Tensor(), amax, in[i % in.size()]->t, one);
-  }, 3, 30);
-  report(transpose ? "fp8_quantize bf16->e4m3 +transpose" : "fp8_quantize bf16->e4m3", r, c,
-         bytes, ms);
+  const double ms = median_ms(
+      [&](int i) {
+        fp8_quantize(out.t, transpose ? out_t.t : Tensor(), amax, in[i % in.size()]->t, one);
+      },
+      3, 30);
+  report(transpose ? "fp8_quantize bf16->e4m3 +transpose" : "fp8_quantize bf16->e4m3", r, c, bytes,
+         ms);
 }
 
 void bench_swiglu(int64_t r, int64_t c, const Tensor& one, const Tensor& amax) {
@@ -113,24 +116,31 @@ void bench_swiglu(int64_t r, int64_t c, const Tensor& one, const Tensor& amax) {
   auto fin = inputs(2, {r, c}, fwd_bytes);
   DeviceTensor h(DType::bf16, {r, c});
   const size_t nf = fin.size() / 2;
-  report("swiglu_forward bf16", r, c, fwd_bytes, median_ms([&](int i) {
-    swiglu_forward(h.t, fin[2 * (i % nf)]->t, fin[2 * (i % nf) + 1]->t);
-  }, 3, 30));
+  report(
+      "swiglu_forward bf16", r, c, fwd_bytes,
+      median_ms([&](int i) { swiglu_forward(h.t, fin[2 * (i % nf)]->t, fin[2 * (i % nf) + 1]->t); },
+                3, 30));
   const double bwd_bytes = 3.0 * 2 * r * c + 4.0 * r * c;
   auto bin = inputs(3, {r, c}, bwd_bytes);
   const size_t nb = bin.size() / 3;
   DeviceTensor g8(DType::e5m2, {r, c}), g8t(DType::e5m2, {c, r}), u8(DType::e5m2, {r, c}),
       u8t(DType::e5m2, {c, r});
-  report("swiglu_backward_fp8 (both layouts)", r, c, bwd_bytes, median_ms([&](int i) {
-    const size_t s = 3 * (i % nb);
-    swiglu_backward_fp8(g8.t, g8t.t, u8.t, u8t.t, amax, amax, bin[s]->t, bin[s + 1]->t,
-                        bin[s + 2]->t, one, one);
-  }, 3, 30));
+  report("swiglu_backward_fp8 (both layouts)", r, c, bwd_bytes,
+         median_ms(
+             [&](int i) {
+               const size_t s = 3 * (i % nb);
+               swiglu_backward_fp8(g8.t, g8t.t, u8.t, u8t.t, amax, amax, bin[s]->t, bin[s + 1]->t,
+                                   bin[s + 2]->t, one, one);
+             },
+             3, 30));
   DeviceTensor dg(DType::bf16, {r, c}), du(DType::bf16, {r, c});
-  report("swiglu_backward bf16", r, c, 5.0 * 2 * r * c, median_ms([&](int i) {
-    const size_t s = 3 * (i % nb);
-    swiglu_backward(dg.t, du.t, bin[s]->t, bin[s + 1]->t, bin[s + 2]->t);
-  }, 3, 30));
+  report("swiglu_backward bf16", r, c, 5.0 * 2 * r * c,
+         median_ms(
+             [&](int i) {
+               const size_t s = 3 * (i % nb);
+               swiglu_backward(dg.t, du.t, bin[s]->t, bin[s + 1]->t, bin[s + 2]->t);
+             },
+             3, 30));
 }
 
 }  // namespace
@@ -142,16 +152,19 @@ int main() {
   try {
     cudaDeviceProp prop{};
     TS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("bench_fp8 on %s: Llama-1B linears at %lld tokens; gemm_fp8 (bf16 out, scales "
-                "1) vs cuda::gemm bf16; last column = bf16 time / fp8 time\n", prop.name,
-                (long long)kTokens);
+    std::printf(
+        "bench_fp8 on %s: Llama-1B linears at %lld tokens; gemm_fp8 (bf16 out, scales "
+        "1) vs cuda::gemm bf16; last column = bf16 time / fp8 time\n",
+        prop.name, (long long)kTokens);
     bench::DeviceTensor one(DType::f32, {1}), amax(DType::f32, {1});
     const float h_one = 1.0f;
     TS_CUDA_CHECK(cudaMemcpy(one.t.data, &h_one, 4, cudaMemcpyHostToDevice));
     TS_CUDA_CHECK(cudaMemset(amax.t.data, 0, 4));
     // The block's linears as the model runs them, then the q|k|v and gate|up groups fused.
-    const Shapes block[] = {{"q", 2048, 2048, 1},    {"k/v", 2048, 512, 2},
-                            {"o", 2048, 2048, 1},    {"gate/up", 2048, 8192, 2},
+    const Shapes block[] = {{"q", 2048, 2048, 1},
+                            {"k/v", 2048, 512, 2},
+                            {"o", 2048, 2048, 1},
+                            {"gate/up", 2048, 8192, 2},
                             {"down", 8192, 2048, 1}};
     const Shapes fused[] = {{"qkv", 2048, 3072, 1}, {"gate|up", 2048, 16384, 1}};
     double f8 = 0, b16 = 0, f8_qkv = 0, b16_qkv = 0, f8_gu = 0, b16_gu = 0;
@@ -162,8 +175,10 @@ int main() {
       if (qkv) f8_qkv += s.per_layer * a, b16_qkv += s.per_layer * b;
       if (gate_up) f8_gu += s.per_layer * a, b16_gu += s.per_layer * b;
     }
-    std::printf("block linears, 3 passes, per layer: fp8 %.3f ms, bf16 %.3f ms (%.2fx); x16 "
-                "layers: fp8 %.1f ms, bf16 %.1f ms\n", f8, b16, b16 / f8, 16 * f8, 16 * b16);
+    std::printf(
+        "block linears, 3 passes, per layer: fp8 %.3f ms, bf16 %.3f ms (%.2fx); x16 "
+        "layers: fp8 %.1f ms, bf16 %.1f ms\n",
+        f8, b16, b16 / f8, 16 * f8, 16 * b16);
     const auto [qf, qb] = bench_linear(fused[0], one.t, amax.t);
     const auto [gf, gb] = bench_linear(fused[1], one.t, amax.t);
     std::printf("fused q|k|v: fp8 %.3f ms vs %.3f separate; bf16 %.3f vs %.3f\n", qf, f8_qkv, qb,
@@ -171,8 +186,10 @@ int main() {
     std::printf("fused gate|up: fp8 %.3f ms vs %.3f separate; bf16 %.3f vs %.3f\n", gf, f8_gu, gb,
                 b16_gu);
     bench_copy();
-    for (const auto& [r, c] : {std::pair<int64_t, int64_t>{kTokens, 2048}, {kTokens, 8192},
-                               {2048, 2048}, {8192, 2048}}) {
+    for (const auto& [r, c] : {std::pair<int64_t, int64_t>{kTokens, 2048},
+                               {kTokens, 8192},
+                               {2048, 2048},
+                               {8192, 2048}}) {
       bench_quantize(r, c, true, one.t, amax.t);
       bench_quantize(r, c, false, one.t, amax.t);
     }

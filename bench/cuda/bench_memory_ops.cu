@@ -30,8 +30,8 @@ constexpr int kWarmup = 3;  // untimed calls before each timing
 double g_copy_gbps = 0.0;
 
 // Hash-based pseudo-random values in [lo, hi) (the bench needs variety, not quality).
-template <class T> __global__ void random_kernel(T* x, int64_t n, uint32_t seed, float lo,
-                                                 float hi) {
+template <class T>
+__global__ void random_kernel(T* x, int64_t n, uint32_t seed, float lo, float hi) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     uint32_t h = uint32_t(i) * 2654435761u ^ seed;
@@ -115,30 +115,38 @@ void bench_layernorm(int64_t n, int64_t c, DType dtype) {
     res.emplace_back(dtype, Shape{n, c});
   }
   Buffer w(dtype, {c}), b(dtype, {c}), dw(dtype, {c}), db(dtype, {c});
-  const double fwd = median_ms([&](int r) {
-    const int k = r % sets;
-    cuda::layernorm_forward(out[k], mean[k], rstd[k], x[k], w, b, 1e-5f);
-  }, kWarmup, 50);
+  const double fwd = median_ms(
+      [&](int r) {
+        const int k = r % sets;
+        cuda::layernorm_forward(out[k], mean[k], rstd[k], x[k], w, b, 1e-5f);
+      },
+      kWarmup, 50);
   report("layernorm_forward", dims({n, c}, dtype), fwd_bytes, fwd);
   // dinp goes to out[k] (its old contents are not read).
-  const double bwd = median_ms([&](int r) {
-    const int k = r % sets;
-    cuda::layernorm_backward(out[k], dw, db, dout[k], x[k], w, mean[k], rstd[k]);
-  }, kWarmup, 50);
+  const double bwd = median_ms(
+      [&](int r) {
+        const int k = r % sets;
+        cuda::layernorm_backward(out[k], dw, db, dout[k], x[k], w, mean[k], rstd[k]);
+      },
+      kWarmup, 50);
   report("layernorm_backward", dims({n, c}, dtype), bwd_bytes, bwd);
   // Residual add + LayerNorm: fused (reads a, b; writes residual, out) and as the two ops.
   const double fused_bytes = 4 * n * c * s + 2 * c * s + 8.0 * n;
-  const double fused = median_ms([&](int r) {
-    const int k = r % sets;
-    cuda::fused_residual_layernorm_forward(res[k], out[k], mean[k], rstd[k], x[k], dout[k], w, b,
-                                           1e-5f);
-  }, kWarmup, 50);
+  const double fused = median_ms(
+      [&](int r) {
+        const int k = r % sets;
+        cuda::fused_residual_layernorm_forward(res[k], out[k], mean[k], rstd[k], x[k], dout[k], w,
+                                               b, 1e-5f);
+      },
+      kWarmup, 50);
   report("fused residual+layernorm", dims({n, c}, dtype), fused_bytes, fused);
-  const double unfused = median_ms([&](int r) {
-    const int k = r % sets;
-    cuda::add_forward(res[k], x[k], dout[k]);
-    cuda::layernorm_forward(out[k], mean[k], rstd[k], res[k], w, b, 1e-5f);
-  }, kWarmup, 50);
+  const double unfused = median_ms(
+      [&](int r) {
+        const int k = r % sets;
+        cuda::add_forward(res[k], x[k], dout[k]);
+        cuda::layernorm_forward(out[k], mean[k], rstd[k], res[k], w, b, 1e-5f);
+      },
+      kWarmup, 50);
   report("add + layernorm (unfused)", dims({n, c}, dtype), fused_bytes, unfused);
 }
 
@@ -155,15 +163,19 @@ void bench_rmsnorm(int64_t n, int64_t c, DType dtype) {
     dout.emplace_back(dtype, Shape{n, c});
   }
   Buffer w(dtype, {c}), dw(dtype, {c});
-  const double fwd = median_ms([&](int r) {
-    const int k = r % sets;
-    cuda::rmsnorm_forward(out[k], rstd[k], x[k], w, 1e-6f);
-  }, kWarmup, 50);
+  const double fwd = median_ms(
+      [&](int r) {
+        const int k = r % sets;
+        cuda::rmsnorm_forward(out[k], rstd[k], x[k], w, 1e-6f);
+      },
+      kWarmup, 50);
   report("rmsnorm_forward", dims({n, c}, dtype), fwd_bytes, fwd);
-  const double bwd = median_ms([&](int r) {
-    const int k = r % sets;
-    cuda::rmsnorm_backward(out[k], dw, dout[k], x[k], w, rstd[k]);
-  }, kWarmup, 50);
+  const double bwd = median_ms(
+      [&](int r) {
+        const int k = r % sets;
+        cuda::rmsnorm_backward(out[k], dw, dout[k], x[k], w, rstd[k]);
+      },
+      kWarmup, 50);
   report("rmsnorm_backward", dims({n, c}, dtype), bwd_bytes, bwd);
 }
 
@@ -175,15 +187,14 @@ void bench_rope(int64_t b, int64_t t, int64_t h, int64_t d, DType dtype) {
     x.emplace_back(dtype, Shape{b, t, h, d});
     out.emplace_back(dtype, Shape{b, t, h, d});
   }
-  const double ms = median_ms([&](int r) {
-    cuda::rope_forward(out[r % sets], x[r % sets], 10000.0f, 0);
-  }, kWarmup, 50);
+  const double ms = median_ms(
+      [&](int r) { cuda::rope_forward(out[r % sets], x[r % sets], 10000.0f, 0); }, kWarmup, 50);
   report("rope_forward", dims({b, t, h, d}, dtype), bytes, ms);
 }
 
 // kNumIn inputs and one output of n elements each, through `op`.
-void bench_elementwise(const std::string& name, int64_t rows, int64_t cols, DType dtype,
-                       int num_in, const std::function<void(Tensor, Tensor, Tensor)>& op) {
+void bench_elementwise(const std::string& name, int64_t rows, int64_t cols, DType dtype, int num_in,
+                       const std::function<void(Tensor, Tensor, Tensor)>& op) {
   const double bytes = double(num_in + 1) * rows * cols * dtype_size(dtype);
   const int sets = num_sets(bytes);
   std::vector<Buffer> a, b, out;
@@ -205,18 +216,21 @@ void bench_cross_entropy(int64_t n, int64_t width, int vocab, DType dtype) {
   const double bwd_bytes = 2.0 * n * width * s + 8.0 * n;
   // The backward overwrites the logits in place; the numbers change but stay finite and random,
   // which is all the timing needs.
-  const double fwd = median_ms([&](int) {
-    cuda::cross_entropy_forward(losses, lse, logits, targets, vocab);
-  }, kWarmup, 10);
+  const double fwd = median_ms(
+      [&](int) { cuda::cross_entropy_forward(losses, lse, logits, targets, vocab); }, kWarmup, 10);
   report("cross_entropy_forward", dims({n, width}, dtype), fwd_bytes, fwd);
-  const double bwd = median_ms([&](int) {
-    cuda::cross_entropy_backward(logits, logits, lse, targets, vocab, 1.0f / float(n));
-  }, kWarmup, 10);
+  const double bwd = median_ms(
+      [&](int) {
+        cuda::cross_entropy_backward(logits, logits, lse, targets, vocab, 1.0f / float(n));
+      },
+      kWarmup, 10);
   report("cross_entropy_backward", dims({n, width}, dtype) + " in place", bwd_bytes, bwd);
-  const double both = median_ms([&](int) {
-    cuda::cross_entropy_forward(losses, lse, logits, targets, vocab);
-    cuda::cross_entropy_backward(logits, logits, lse, targets, vocab, 1.0f / float(n));
-  }, kWarmup, 10);
+  const double both = median_ms(
+      [&](int) {
+        cuda::cross_entropy_forward(losses, lse, logits, targets, vocab);
+        cuda::cross_entropy_backward(logits, logits, lse, targets, vocab, 1.0f / float(n));
+      },
+      kWarmup, 10);
   report("cross_entropy fwd+bwd", dims({n, width}, dtype), fwd_bytes + bwd_bytes, both);
 }
 
@@ -227,16 +241,18 @@ void bench_adamw(int64_t n, DType grad_dtype) {
   ops::AdamWStep s;
   s.lr = 6e-4f;
   s.weight_decay = 0.1f;
-  const double ms = median_ms([&](int r) {
-    s.step = r + 1;
-    cuda::adamw_update(p, g, m, v, s);
-  }, kWarmup, 20);
+  const double ms = median_ms(
+      [&](int r) {
+        s.step = r + 1;
+        cuda::adamw_update(p, g, m, v, s);
+      },
+      kWarmup, 20);
   report("adamw_update", dims({n}, grad_dtype) + " grad", bytes, ms);
   // The same parameters as GPT-2's 148 tensors (12 layers x 12 + 4), through one multi launch.
   std::vector<int64_t> sizes = {50304 * 768, 1024 * 768, 768, 768};
   for (int layer = 0; layer < 12; ++layer)
-    for (int64_t sz : {768, 768, 3 * 768 * 768, 3 * 768, 768 * 768, 768, 768, 768,
-                       4 * 768 * 768, 4 * 768, 4 * 768 * 768, 768})
+    for (int64_t sz : {768, 768, 3 * 768 * 768, 3 * 768, 768 * 768, 768, 768, 768, 4 * 768 * 768,
+                       4 * 768, 4 * 768 * 768, 768})
       sizes.push_back(sz);
   std::vector<cuda::AdamWEntry> entries;
   int64_t offset = 0, total = 0;
@@ -253,19 +269,23 @@ void bench_adamw(int64_t n, DType grad_dtype) {
     offset += (sz + 3) / 4 * 4;
   }
   const double multi_bytes = total * (6.0 * 4 + 4 + dtype_size(grad_dtype));
-  const double multi = median_ms([&](int r) {
-    for (auto& e : entries) e.step.step = r + 1;
-    cuda::adamw_update_multi(entries);
-  }, kWarmup, 20);
+  const double multi = median_ms(
+      [&](int r) {
+        for (auto& e : entries) e.step.step = r + 1;
+        cuda::adamw_update_multi(entries);
+      },
+      kWarmup, 20);
   const std::string what = std::to_string(sizes.size()) + " tensors, " + std::to_string(total) +
                            " " + std::string(dtype_name(grad_dtype));
   report("adamw_update_multi", what, multi_bytes, multi);
-  const double loop = median_ms([&](int r) {
-    for (auto& e : entries) {
-      e.step.step = r + 1;
-      cuda::adamw_update(e.param, e.grad, e.m, e.v, e.step);
-    }
-  }, kWarmup, 20);
+  const double loop = median_ms(
+      [&](int r) {
+        for (auto& e : entries) {
+          e.step.step = r + 1;
+          cuda::adamw_update(e.param, e.grad, e.m, e.v, e.step);
+        }
+      },
+      kWarmup, 20);
   report("adamw_update x148 launches", std::to_string(sizes.size()) + " tensors", multi_bytes,
          loop);
 }

@@ -56,10 +56,13 @@ struct DeviceTensor {
 // Median milliseconds of `reps` timed calls of f after `warmup` untimed ones, timed by CUDA events
 // on the op stream. f may take the repetition index (0 .. warmup + reps - 1, warm-ups first), e.g.
 // to rotate through input copies so the L2 does not hold the previous call's data.
-template <class F> double median_ms(F&& f, int warmup, int reps) {
+template <class F>
+double median_ms(F&& f, int warmup, int reps) {
   auto call = [&](int rep_idx) {
-    if constexpr (std::is_invocable_v<F&, int>) f(rep_idx);
-    else f();
+    if constexpr (std::is_invocable_v<F&, int>)
+      f(rep_idx);
+    else
+      f();
   };
   for (int i = 0; i < warmup; ++i) call(i);
   cudaEvent_t start, stop;
@@ -88,9 +91,9 @@ inline double copy_ms(size_t bytes) {
   TS_CUDA_CHECK(cudaMalloc(&src, bytes));
   TS_CUDA_CHECK(cudaMalloc(&dst, bytes));
   TS_CUDA_CHECK(cudaMemsetAsync(src, 0x3c, bytes, stream()));
-  const double ms = median_ms([&] {
-    TS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
-  }, 3, 20);
+  const double ms = median_ms(
+      [&] { TS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream())); },
+      3, 20);
   TS_CUDA_CHECK(cudaFree(src));
   TS_CUDA_CHECK(cudaFree(dst));
   return ms;

@@ -13,7 +13,9 @@
 
 using namespace tessera;
 
-static std::vector<int64_t> dims(const Shape& s) { return {s.dims.begin(), s.dims.begin() + s.ndim}; }
+static std::vector<int64_t> dims(const Shape& s) {
+  return {s.dims.begin(), s.dims.begin() + s.ndim};
+}
 
 static void write_family(const std::string& root, const std::string& family) {
   const ModelConfig cfg = golden::config_for(family);
@@ -26,7 +28,8 @@ static void write_family(const std::string& root, const std::string& family) {
   AdamW decay_rule(model.params(), AdamWConfig{});  // default no_decay: norms, biases, embeddings
   for (const Param& p : model.params().all()) {
     const auto shape = dims(p.spec.shape);
-    w.add({p.spec.name, DType::f32, shape, std::vector<int64_t>(shape.size(), 0), shape, p.value.data});
+    w.add({p.spec.name, DType::f32, shape, std::vector<int64_t>(shape.size(), 0), shape,
+           p.value.data});
     params.push_back({{"name", p.spec.name}, {"decay", decay_rule.decays(p)}});
   }
   std::mt19937_64 rng(golden::kSeed + (family == "gpt2" ? 0 : 1));
@@ -39,22 +42,34 @@ static void write_family(const std::string& root, const std::string& family) {
   w.add({"golden.tokens", DType::i32, bshape, {0, 0, 0}, bshape, tokens.data()});
   w.add({"golden.targets", DType::i32, bshape, {0, 0, 0}, bshape, targets.data()});
   const nlohmann::json model_json = {
-      {"family", cfg.family}, {"vocab_size", cfg.vocab_size},
-      {"padded_vocab_size", cfg.padded_vocab_size}, {"num_layers", cfg.num_layers},
-      {"hidden", cfg.hidden}, {"num_heads", cfg.num_heads}, {"num_kv_heads", cfg.num_kv_heads},
-      {"head_dim", cfg.resolved_head_dim()}, {"ffn_hidden", cfg.ffn_hidden},
+      {"family", cfg.family},
+      {"vocab_size", cfg.vocab_size},
+      {"padded_vocab_size", cfg.padded_vocab_size},
+      {"num_layers", cfg.num_layers},
+      {"hidden", cfg.hidden},
+      {"num_heads", cfg.num_heads},
+      {"num_kv_heads", cfg.num_kv_heads},
+      {"head_dim", cfg.resolved_head_dim()},
+      {"ffn_hidden", cfg.ffn_hidden},
       {"max_seq_len", cfg.max_seq_len},
       {"norm", cfg.norm == NormKind::layernorm ? "layernorm" : "rmsnorm"},
       {"norm_eps", cfg.norm_eps},
       {"position", cfg.position == PositionKind::learned ? "learned" : "rope"},
       {"rope_theta", cfg.rope_theta},
       {"activation", cfg.activation == ActivationKind::gelu ? "gelu" : "swiglu"},
-      {"bias", cfg.bias}, {"tied_embeddings", cfg.tied_embeddings}, {"qk_norm", cfg.qk_norm}};
-  const nlohmann::json setup = {{"batch", golden::kBatch}, {"seq", golden::kSeq},
-                                {"steps", golden::kSteps}, {"lr", golden::kLr},
-                                {"beta1", golden::kBeta1}, {"beta2", golden::kBeta2},
-                                {"eps", golden::kEps}, {"weight_decay", golden::kWeightDecay},
-                                {"grad_clip", golden::kGradClip}, {"params", params}};
+      {"bias", cfg.bias},
+      {"tied_embeddings", cfg.tied_embeddings},
+      {"qk_norm", cfg.qk_norm}};
+  const nlohmann::json setup = {{"batch", golden::kBatch},
+                                {"seq", golden::kSeq},
+                                {"steps", golden::kSteps},
+                                {"lr", golden::kLr},
+                                {"beta1", golden::kBeta1},
+                                {"beta2", golden::kBeta2},
+                                {"eps", golden::kEps},
+                                {"weight_decay", golden::kWeightDecay},
+                                {"grad_clip", golden::kGradClip},
+                                {"params", params}};
   w.set_meta("model_json", model_json.dump(2));
   w.set_meta("golden", setup.dump(2));
   std::printf("wrote %s\n", w.commit(1).c_str());

@@ -59,8 +59,8 @@ AttnDims check_attention_args(const Tensor& out, const Tensor& lse, const Tensor
 
 // out (B,T,Hq,D), lse (B,Hq,T) f32 or T; q (B,T,Hq,D), k and v (B,T,Hkv,D).
 template <class T>
-void forward_impl(T* out, const Tensor& lse, const T* q, const T* k, const T* v,
-                  const AttnDims d, double scale) {
+void forward_impl(T* out, const Tensor& lse, const T* q, const T* k, const T* v, const AttnDims d,
+                  double scale) {
   const int64_t num_rows = d.num_b * d.num_hq;
   // Parallel over (b, h): each thread owns whole output rows and lse entries.
 #pragma omp parallel for schedule(static) if (d.work() > kMinParallelWork)
@@ -159,8 +159,8 @@ void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, flo
   });
 }
 
-void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
-                        Tensor v, Tensor out, Tensor lse, float scale) {
+void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v,
+                        Tensor out, Tensor lse, float scale) {
   constexpr const char* kOp = "attention_backward";
   const AttnDims d = check_attention_args(out, lse, q, k, v, kOp);
   check_like(dout, q.dtype, q.shape, kOp, "dout");

@@ -12,8 +12,8 @@ namespace {
 // bias / dbias: (N), host, and the op's dtype or f32 (an f32 master copy beside f64 tensors).
 void check_vector(const Tensor& t, DType dtype, int64_t n, const char* op, const char* name) {
   check_host(t, op, name);
-  TS_CHECK(t.dtype == dtype || t.dtype == DType::f32, "{}: {} is {}, expected {} or f32", op,
-           name, t.str(), dtype_name(dtype));
+  TS_CHECK(t.dtype == dtype || t.dtype == DType::f32, "{}: {} is {}, expected {} or f32", op, name,
+           t.str(), dtype_name(dtype));
   check_shape(t, Shape{n}, op, name);
 }
 

@@ -32,8 +32,10 @@ inline void check_compute_dtype(const Tensor& t, const char* op, const char* nam
 // Any further float operand: host memory and the op's compute dtype.
 inline void check_float(const Tensor& t, DType dtype, const char* op, const char* name) {
   check_host(t, op, name);
-  TS_CHECK(t.dtype == dtype, "{}: {} is {}, but the op computes in {} (all float tensors of one "
-           "call share a dtype)", op, name, t.str(), dtype_name(dtype));
+  TS_CHECK(t.dtype == dtype,
+           "{}: {} is {}, but the op computes in {} (all float tensors of one "
+           "call share a dtype)",
+           op, name, t.str(), dtype_name(dtype));
 }
 
 inline void check_shape(const Tensor& t, const Shape& s, const char* op, const char* name) {
@@ -87,8 +89,10 @@ inline double load_stat(const Tensor& t, int64_t i) {
                                : static_cast<const float*>(t.data)[i];
 }
 inline void store_stat(const Tensor& t, int64_t i, double value) {
-  if (t.dtype == DType::f64) static_cast<double*>(t.data)[i] = value;
-  else static_cast<float*>(t.data)[i] = static_cast<float>(value);
+  if (t.dtype == DType::f64)
+    static_cast<double*>(t.data)[i] = value;
+  else
+    static_cast<float*>(t.data)[i] = static_cast<float>(value);
 }
 
 // Parameter-gradient reduction: dst[col] += sum over rows of term(row, col), computed so the

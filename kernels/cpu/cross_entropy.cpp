@@ -47,8 +47,8 @@ int64_t num_real_columns(int64_t vocab_start, int64_t width, int vocab_size) {
 
 // losses (N) and lse (N) f32 or T; logits (N, V); targets (N).
 template <class T>
-void forward_impl(const Tensor& losses, const Tensor& lse, const T* logits,
-                  const int32_t* targets, int64_t num_rows, int64_t width, int vocab_size) {
+void forward_impl(const Tensor& losses, const Tensor& lse, const T* logits, const int32_t* targets,
+                  int64_t num_rows, int64_t width, int vocab_size) {
 #pragma omp parallel for schedule(static) if (num_rows * vocab_size > kMinParallelWork)
   for (int64_t n = 0; n < num_rows; ++n) {
     const T* row = logits + n * width;
@@ -104,8 +104,8 @@ void shard_max_impl(const Tensor& row_max, const T* logits, int64_t num_rows, in
 
 template <class T>
 void shard_sums_impl(const Tensor& sum_exp, const Tensor& target_logit, const T* logits,
-                     const Tensor& row_max, const int32_t* targets, int64_t num_rows,
-                     int64_t width, int64_t num_real, int64_t vocab_start) {
+                     const Tensor& row_max, const int32_t* targets, int64_t num_rows, int64_t width,
+                     int64_t num_real, int64_t vocab_start) {
 #pragma omp parallel for schedule(static) if (num_rows * num_real > kMinParallelWork)
   for (int64_t n = 0; n < num_rows; ++n) {
     const T* row = logits + n * width;
@@ -183,8 +183,7 @@ void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits
   dispatch_float(logits.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
     shard_sums_impl(sum_exp, target_logit, logits.ptr<T>(), row_max, targets.ptr<int32_t>(),
-                    num_rows, width, num_real_columns(vocab_start, width, vocab_size),
-                    vocab_start);
+                    num_rows, width, num_real_columns(vocab_start, width, vocab_size), vocab_start);
   });
 }
 

@@ -82,8 +82,7 @@ void cast(Tensor dst, Tensor src) {
   check_host(dst, kOp, "dst");
   check_host(src, kOp, "src");
   TS_CHECK(is_castable(dst.dtype) && is_castable(src.dtype),
-           "{}: {} -> {}: cast takes f32, f64, bf16, f16, e4m3 or e5m2", kOp, src.str(),
-           dst.str());
+           "{}: {} -> {}: cast takes f32, f64, bf16, f16, e4m3 or e5m2", kOp, src.str(), dst.str());
   check_shape(src, dst.shape, kOp, "src");
   const int64_t n = dst.numel();
   if (dst.data == src.data && dst.dtype == src.dtype) return;

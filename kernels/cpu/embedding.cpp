@@ -28,8 +28,8 @@ void check_tokens(const Tensor& tokens, int64_t vocab, const char* op) {
 // Checks shared by forward and backward; `table` is wte or dwte, `pos` is wpe or dwpe. Returns
 // the size of the whole vocabulary (vocab_total, or Vl when it is -1).
 int64_t check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& table,
-                        const Tensor& pos, int64_t vocab_start, int64_t vocab_total,
-                        const char* op, const char* acts_name) {
+                        const Tensor& pos, int64_t vocab_start, int64_t vocab_total, const char* op,
+                        const char* acts_name) {
   check_compute_dtype(table, op, "wte");
   check_float(acts, table.dtype, op, acts_name);
   check_host(tokens, op, "tokens");
@@ -72,8 +72,10 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
       const int64_t local = int64_t(tok[row]) - vocab_start;
       const T* p_row = p == nullptr ? nullptr : p + (row % num_t) * num_c;
       if (local < 0 || local >= num_local) {  // another tp rank's row: contributes zero
-        if (p_row == nullptr) std::fill(o_row, o_row + num_c, T(0));
-        else std::copy(p_row, p_row + num_c, o_row);
+        if (p_row == nullptr)
+          std::fill(o_row, o_row + num_c, T(0));
+        else
+          std::copy(p_row, p_row + num_c, o_row);
         continue;
       }
       const T* w_row = w + local * num_c;

@@ -10,8 +10,8 @@
 
 #include "kernels/cpu/cpu_common.h"
 #include "kernels/cpu/cpu_ops.h"
-#include "kernels/cpu/narrow.h"
 #include "kernels/cpu/fp8.h"
+#include "kernels/cpu/narrow.h"
 #include "kernels/ops_fp8_checks.h"
 
 namespace tessera::cpu {
@@ -52,8 +52,8 @@ float key_to_float(int32_t key) {
 std::vector<float> decode_table(DType format) {
   std::vector<float> table(256);
   for (int code = 0; code < 256; ++code)
-    table[code] = format == DType::e4m3 ? e4m3_bits_to_f32(uint8_t(code))
-                                        : e5m2_bits_to_f32(uint8_t(code));
+    table[code] =
+        format == DType::e4m3 ? e4m3_bits_to_f32(uint8_t(code)) : e5m2_bits_to_f32(uint8_t(code));
   return table;
 }
 
@@ -129,8 +129,10 @@ void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_i
       if (accumulate) v += is_bf16 ? double(bf16_bits_to_f32(c16[i * n + j])) : c32[i * n + j];
       // Rounded to f32 (what the GPU epilogue holds), then to bf16 when c is bf16.
       const float v32 = static_cast<float>(v);
-      if (is_bf16) c16[i * n + j] = f32_to_bf16_bits(v32);
-      else c32[i * n + j] = v32;
+      if (is_bf16)
+        c16[i * n + j] = f32_to_bf16_bits(v32);
+      else
+        c32[i * n + j] = v32;
     }
   }
 }

@@ -43,8 +43,8 @@ GemmDims check_gemm(const Tensor& c, const Tensor& a, const Tensor& b, bool tran
 
 // Element (i, p) of op(a) is a[i * a_row + p * a_col]; element (p, j) of op(b) likewise.
 template <class T>
-void gemm_loops(T* c, const T* a, const T* b, GemmDims d, bool trans_a, bool trans_b,
-                double alpha, double beta) {
+void gemm_loops(T* c, const T* a, const T* b, GemmDims d, bool trans_a, bool trans_b, double alpha,
+                double beta) {
   const int64_t m = d.m, n = d.n, k = d.k;
   const int64_t a_row = trans_a ? 1 : k, a_col = trans_a ? m : 1;
 #pragma omp parallel for schedule(static) if (m * n * k > kMinParallelWork)
@@ -81,7 +81,10 @@ void gemm_loops(T* c, const T* a, const T* b, GemmDims d, bool trans_a, bool tra
 // c is still computed by one call with the same K loop, so the split does not change results.
 void single_threaded_blas() {
 #ifdef OPENBLAS_VERSION
-  static const bool once = [] { openblas_set_num_threads(1); return true; }();
+  static const bool once = [] {
+    openblas_set_num_threads(1);
+    return true;
+  }();
   (void)once;
 #endif
 }
@@ -101,16 +104,19 @@ void gemm_blas(T* c, const T* a, const T* b, GemmDims d, bool trans_a, bool tran
     // Row i of op(a) starts at a + i * lda (stored as is) or at column i (stored transposed).
     const T* a_i = a + (trans_a ? int64_t(i0) : int64_t(i0) * lda);
     if constexpr (std::is_same_v<T, float>)
-      cblas_sgemm(CblasRowMajor, ta, tb, rows, n, k, alpha, a_i, lda, b, ldb, beta, c + int64_t(i0) * n, n);
+      cblas_sgemm(CblasRowMajor, ta, tb, rows, n, k, alpha, a_i, lda, b, ldb, beta,
+                  c + int64_t(i0) * n, n);
     else
-      cblas_dgemm(CblasRowMajor, ta, tb, rows, n, k, alpha, a_i, lda, b, ldb, beta, c + int64_t(i0) * n, n);
+      cblas_dgemm(CblasRowMajor, ta, tb, rows, n, k, alpha, a_i, lda, b, ldb, beta,
+                  c + int64_t(i0) * n, n);
   };
   const int64_t work = int64_t(m) * n * std::max(k, 1);
   const int num_blocks = work < (int64_t(1) << 20) ? 1 : std::min(m, omp_get_max_threads());
   if (num_blocks <= 1) return call(0, m);
 #pragma omp parallel for schedule(static)
   for (int blk = 0; blk < num_blocks; ++blk) {
-    const int i0 = int(int64_t(m) * blk / num_blocks), i1 = int(int64_t(m) * (blk + 1) / num_blocks);
+    const int i0 = int(int64_t(m) * blk / num_blocks),
+              i1 = int(int64_t(m) * (blk + 1) / num_blocks);
     if (i1 > i0) call(i0, i1 - i0);
   }
 }

@@ -24,7 +24,7 @@ void rotate(T* out, const T* inp, int64_t num_b, int64_t num_t, int64_t num_h, i
   for (int64_t i = 0; i < half; ++i)
     inv_freq[i] = 1.0 / std::pow(theta, double(2 * i) / double(head_dim));
 
-  // Parallel over t: every output element is written by exactly one thread, no reductions.
+    // Parallel over t: every output element is written by exactly one thread, no reductions.
 #pragma omp parallel for schedule(static) if (num_b * num_t * num_h * head_dim > kMinParallelWork)
   for (int64_t t = 0; t < num_t; ++t) {
     std::vector<double> cos_t(half), sin_t(half);  // (D/2) for this position

@@ -17,10 +17,10 @@ namespace {
 
 // Per-step scalars, formed in double and rounded once to f32 like the CPU reference.
 struct AdamWScalars {
-  float decay_factor;  // 1 - lr wd: exactly 1 when wd = 0, so p * 1 equals skipping the decay
-  float m_weight;      // 1 - beta1
-  float v_decay;       // beta2
-  float v_weight;      // 1 - beta2
+  float decay_factor;   // 1 - lr wd: exactly 1 when wd = 0, so p * 1 equals skipping the decay
+  float m_weight;       // 1 - beta1
+  float v_decay;        // beta2
+  float v_weight;       // 1 - beta2
   float neg_step_size;  // -lr / (1 - beta1^step)
   float bias_correction2_sqrt;
   float eps;
@@ -87,8 +87,9 @@ __device__ __forceinline__ void adamw_range(float* param, const G* grad, float* 
   if (kWidth > 1 && tail < end) adamw_element(param[tail], to_f32(grad[tail]), m[tail], v[tail], k);
 }
 
-template <class G, int kWidth> __global__ void __launch_bounds__(kBlock)
-adamw_kernel(float* param, const G* grad, float* m, float* v, int64_t n, AdamWScalars k) {
+template <class G, int kWidth>
+__global__ void __launch_bounds__(kBlock)
+    adamw_kernel(float* param, const G* grad, float* m, float* v, int64_t n, AdamWScalars k) {
   adamw_range<G, kWidth>(param, grad, m, v, 0, n, int64_t(blockIdx.x) * blockDim.x + threadIdx.x,
                          int64_t(gridDim.x) * blockDim.x, k);
 }
@@ -112,7 +113,8 @@ struct MultiArgs {
 };
 static_assert(sizeof(MultiArgs) <= 4000, "kernel parameters must stay under 4 KB");
 
-template <class G> __global__ void __launch_bounds__(kBlock) adamw_multi_kernel(MultiArgs a) {
+template <class G>
+__global__ void __launch_bounds__(kBlock) adamw_multi_kernel(MultiArgs a) {
   int idx = 0;  // the tensor that owns this block (uniform across the block)
   while (idx + 1 < a.num_tensors && a.t[idx + 1].block_begin <= blockIdx.x) ++idx;
   const MultiTensor& t = a.t[idx];
@@ -136,8 +138,7 @@ void check_tensors(const Tensor& param, const Tensor& grad, const Tensor& m, con
                    const char* op) {
   TS_CHECK(!param.empty() && param.device == Device::cuda && param.dtype == DType::f32,
            "{}: param must be an f32 cuda tensor (the master copy), got {}", op, param.str());
-  TS_CHECK(!grad.empty() && grad.device == Device::cuda &&
-               is_compute_dtype(grad.dtype),
+  TS_CHECK(!grad.empty() && grad.device == Device::cuda && is_compute_dtype(grad.dtype),
            "{}: grad must be an f32, bf16 or f16 cuda tensor, got {}", op, grad.str());
   TS_CHECK(grad.shape == param.shape, "{}: grad has shape {}, expected {}", op, grad.shape.str(),
            param.shape.str());
@@ -164,8 +165,8 @@ void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep
     auto* mm = static_cast<float*>(m.data);
     auto* vv = static_cast<float*>(v.data);
     if (is_aligned(p) && is_aligned(mm) && is_aligned(vv) && is_aligned(g, sizeof(G) * kWidth))
-      adamw_kernel<G, kWidth><<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream()>>>(p, g, mm, vv,
-                                                                                     n, k);
+      adamw_kernel<G, kWidth>
+          <<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream()>>>(p, g, mm, vv, n, k);
     else
       adamw_kernel<G, 1><<<grid_for(n), kBlock, 0, stream()>>>(p, g, mm, vv, n, k);
     TS_CUDA_CHECK_LAUNCH();
@@ -201,9 +202,12 @@ void adamw_update_multi(std::span<const AdamWEntry> entries) {
       launch(args, num_blocks);
       num_blocks = 0;
     }
-    args.t[args.num_tensors++] = MultiTensor{static_cast<float*>(e.param.data), e.grad.data,
+    args.t[args.num_tensors++] = MultiTensor{static_cast<float*>(e.param.data),
+                                             e.grad.data,
                                              static_cast<float*>(e.m.data),
-                                             static_cast<float*>(e.v.data), n, num_blocks,
+                                             static_cast<float*>(e.v.data),
+                                             n,
+                                             num_blocks,
                                              make_scalars(e.step)};
     num_blocks += blocks;
   }

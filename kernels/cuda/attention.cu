@@ -30,10 +30,9 @@ void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, flo
   attention_native_forward(out, lse, q, k, v, scale);
 }
 
-void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
-                        Tensor v, Tensor out, Tensor lse, float scale) {
-  if (wants_cudnn(q) &&
-      attention_cudnn_backward(dq, dk, dv, dout, q, k, v, out, lse, scale))
+void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v,
+                        Tensor out, Tensor lse, float scale) {
+  if (wants_cudnn(q) && attention_cudnn_backward(dq, dk, dv, dout, q, k, v, out, lse, scale))
     return;
   attention_native_backward(dq, dk, dv, dout, q, k, v, out, lse, scale);
 }

@@ -45,25 +45,25 @@ struct BuildFailure : std::runtime_error {
 
 // Every cuDNN call on the run-time path: a failure is a system error with file:line and cuDNN's
 // own explanation (cudnnGetLastErrorString).
-#define TS_CUDNN_CHECK(call)                                                                  \
-  do {                                                                                        \
-    cudnnStatus_t st_ = (call);                                                               \
-    if (st_ != CUDNN_STATUS_SUCCESS)                                                          \
-      ::tessera::fail(::tessera::ErrorKind::system,                                           \
-                      ::fmt::format("{} failed: {}: {}", #call, cudnnGetErrorString(st_),     \
-                                    ::tessera::cuda::cudnn_last_error()),                     \
-                      __FILE__, __LINE__);                                                    \
+#define TS_CUDNN_CHECK(call)                                                              \
+  do {                                                                                    \
+    cudnnStatus_t st_ = (call);                                                           \
+    if (st_ != CUDNN_STATUS_SUCCESS)                                                      \
+      ::tessera::fail(::tessera::ErrorKind::system,                                       \
+                      ::fmt::format("{} failed: {}: {}", #call, cudnnGetErrorString(st_), \
+                                    ::tessera::cuda::cudnn_last_error()),                 \
+                      __FILE__, __LINE__);                                                \
   } while (0)
 
 // Every cuDNN call while building graphs and plans: a failure throws BuildFailure with file:line,
 // the status and cuDNN's explanation, so the builder can report it and try another variant.
-#define TS_CUDNN_BUILD(call)                                                                  \
-  do {                                                                                        \
-    cudnnStatus_t st_ = (call);                                                               \
-    if (st_ != CUDNN_STATUS_SUCCESS)                                                          \
-      throw ::tessera::cuda::BuildFailure(                                                    \
-          ::fmt::format("{}:{}: {} failed: {}: {}", __FILE__, __LINE__, #call,                \
-                        cudnnGetErrorString(st_), ::tessera::cuda::cudnn_last_error()));      \
+#define TS_CUDNN_BUILD(call)                                                                       \
+  do {                                                                                             \
+    cudnnStatus_t st_ = (call);                                                                    \
+    if (st_ != CUDNN_STATUS_SUCCESS)                                                               \
+      throw ::tessera::cuda::BuildFailure(::fmt::format("{}:{}: {} failed: {}: {}", __FILE__,      \
+                                                        __LINE__, #call, cudnnGetErrorString(st_), \
+                                                        ::tessera::cuda::cudnn_last_error()));     \
   } while (0)
 
 namespace tessera::cuda {
@@ -116,10 +116,23 @@ struct Layout {
 // Unique ids of the tensors we pass in variant packs; virtual tensors are numbered from
 // kFirstVirtual up.
 enum Uid : int64_t {
-  kQ = 1, kK, kV, kO, kStats, kDout, kDq, kDk, kDv,
-  kScale, kMaskValue, kPadValue, kOne,  // host scalars passed by value
-  kSoftmaxSum, kDqAccum,                // backward scratch in the workspace
-  kSeqLenQ, kSeqLenKv,                  // backward padding-mask lengths (see GraphOptions)
+  kQ = 1,
+  kK,
+  kV,
+  kO,
+  kStats,
+  kDout,
+  kDq,
+  kDk,
+  kDv,
+  kScale,
+  kMaskValue,
+  kPadValue,
+  kOne,  // host scalars passed by value
+  kSoftmaxSum,
+  kDqAccum,  // backward scratch in the workspace
+  kSeqLenQ,
+  kSeqLenKv,  // backward padding-mask lengths (see GraphOptions)
   kFirstVirtual = 100,
 };
 
@@ -237,7 +250,8 @@ class GraphBuilder {
     TS_CHECK(it != tensors_.end(), "attention_cudnn: tensor uid {} used before it was made", uid);
     return it->second;
   }
-  template <class F> void named(const char* name, F&& f) {
+  template <class F>
+  void named(const char* name, F&& f) {
     try {
       f();
     } catch (const BuildFailure& e) {
@@ -338,11 +352,9 @@ int64_t padding_mask(GraphBuilder& g, const AttnDims& s, int64_t in) {
   const int64_t row_ok = g.virt(scores(s), CUDNN_DATA_BOOLEAN);
   g.pointwise("pad_row_lt", CUDNN_POINTWISE_CMP_LT, row, kSeqLenQ, -1, row_ok, CUDNN_DATA_BOOLEAN);
   const int64_t col_ok = g.virt(scores(s), CUDNN_DATA_BOOLEAN);
-  g.pointwise("pad_col_lt", CUDNN_POINTWISE_CMP_LT, col, kSeqLenKv, -1, col_ok,
-              CUDNN_DATA_BOOLEAN);
+  g.pointwise("pad_col_lt", CUDNN_POINTWISE_CMP_LT, col, kSeqLenKv, -1, col_ok, CUDNN_DATA_BOOLEAN);
   const int64_t keep = g.virt(scores(s), CUDNN_DATA_BOOLEAN);
-  g.pointwise("pad_and", CUDNN_POINTWISE_LOGICAL_AND, row_ok, col_ok, -1, keep,
-              CUDNN_DATA_BOOLEAN);
+  g.pointwise("pad_and", CUDNN_POINTWISE_LOGICAL_AND, row_ok, col_ok, -1, keep, CUDNN_DATA_BOOLEAN);
   const int64_t out = g.virt(scores(s));
   g.pointwise("pad_select", CUDNN_POINTWISE_BINARY_SELECT, in, kPadValue, keep, out);
   return out;
@@ -506,8 +518,8 @@ std::string describe_engine(cudnnBackendDescriptor_t cfg) try {
   TS_CUDNN_BUILD(cudnnBackendGetAttribute(cfg, CUDNN_ATTR_ENGINECFG_ENGINE,
                                           CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &n, &raw));
   int64_t index = -1;
-  TS_CUDNN_BUILD(cudnnBackendGetAttribute(raw, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64,
-                                          1, &n, &index));
+  TS_CUDNN_BUILD(cudnnBackendGetAttribute(raw, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1,
+                                          &n, &index));
   std::array<cudnnBackendNumericalNote_t, CUDNN_NUMERICAL_NOTE_TYPE_COUNT> notes{};
   int64_t num_notes = 0;
   TS_CUDNN_BUILD(cudnnBackendGetAttribute(raw, CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
@@ -584,8 +596,7 @@ size_t cudnn_runtime_version() { return cudnnGetVersion(); }
 
 // The variants to try for a shape, most faithful to cudnn-frontend first.
 std::vector<GraphOptions> graph_variants(const AttnDims& s, bool backward) {
-  const bool frontend_padding =
-      backward && s.num_t % 128 != 0 && cudnn_runtime_version() <= 91500;
+  const bool frontend_padding = backward && s.num_t % 128 != 0 && cudnn_runtime_version() <= 91500;
   std::vector<GraphOptions> v;
   for (IndexStyle style : {IndexStyle::kInt32, IndexStyle::kFloatMath, IndexStyle::kFloat})
     v.push_back({style, frontend_padding});
@@ -614,8 +625,10 @@ Plan* build_plan(const AttnDims& s, bool backward) {
     failures += fmt::format("  variant ({}):\n", o.name());
     try {
       auto g = std::make_unique<GraphBuilder>();
-      if (backward) build_backward(*g, s, o);
-      else build_forward(*g, s, o);
+      if (backward)
+        build_backward(*g, s, o);
+      else
+        build_forward(*g, s, o);
       Desc graph = g->finalize(handle);
       if (choose_engine(handle, graph, plan, &failures)) {
         plan->ok = true;
@@ -628,10 +641,10 @@ Plan* build_plan(const AttnDims& s, bool backward) {
       failures += fmt::format("    {}\n", e.what());
     }
   }
-  const std::string what = fmt::format("cuDNN {} SDPA {} B={} T={} Hq={} Hkv={} D={} {}",
-                                       cudnn_runtime_version(), backward ? "backward" : "forward",
-                                       s.num_b, s.num_t, s.num_hq, s.num_hkv, s.head_dim,
-                                       dtype_name(s.dtype));
+  const std::string what =
+      fmt::format("cuDNN {} SDPA {} B={} T={} Hq={} Hkv={} D={} {}", cudnn_runtime_version(),
+                  backward ? "backward" : "forward", s.num_b, s.num_t, s.num_hq, s.num_hkv,
+                  s.head_dim, dtype_name(s.dtype));
   if (!plan->ok) {
     plan->info = fmt::format("{}: no engine; attempts:\n{}", what, failures);
     log_warn("{}", plan->info);
@@ -667,8 +680,8 @@ using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int
 Plan* get_plan(const AttnDims& s, bool backward) {
   static std::mutex mutex;
   static std::map<PlanKey, Plan*> plans;
-  const PlanKey key{context().device, s.num_b, s.num_t, s.num_hq, s.num_hkv, s.head_dim,
-                    int(s.dtype), backward};
+  const PlanKey key{context().device, s.num_b,    s.num_t,      s.num_hq,
+                    s.num_hkv,        s.head_dim, int(s.dtype), backward};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = plans.find(key);
   if (it == plans.end()) it = plans.emplace(key, build_plan(s, backward)).first;
@@ -681,9 +694,10 @@ Plan* get_plan(const AttnDims& s, bool backward) {
 void* plan_workspace(Plan* plan) {
   if (plan->workspace_bytes <= context().workspace_bytes) return context().workspace;
   if (!plan->own_workspace) {
-    log_warn("cuDNN attention: {} bytes of workspace allocated outside the arena (context "
-             "workspace {} bytes): {}", plan->workspace_bytes, context().workspace_bytes,
-             plan->info);
+    log_warn(
+        "cuDNN attention: {} bytes of workspace allocated outside the arena (context "
+        "workspace {} bytes): {}",
+        plan->workspace_bytes, context().workspace_bytes, plan->info);
     TS_CUDA_CHECK(cudaMalloc(&plan->own_workspace, plan->workspace_bytes));
   }
   return plan->own_workspace;
@@ -717,8 +731,8 @@ AttnDims check_args(const Tensor& out, const Tensor& lse, const Tensor& q, const
     TS_CHECK(t->dtype == q.dtype, "{}: expected {} like q, got {}", op, dtype_name(q.dtype),
              t->str());
   TS_CHECK(lse.dtype == DType::f32, "{}: lse must be f32, got {}", op, lse.str());
-  TS_CHECK(q.ndim() == 4 && k.ndim() == 4, "{}: q {} and k {} must be (B, T, H, D)", op,
-           q.str(), k.str());
+  TS_CHECK(q.ndim() == 4 && k.ndim() == 4, "{}: q {} and k {} must be (B, T, H, D)", op, q.str(),
+           k.str());
   const AttnDims s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3), q.dtype};
   TS_CHECK(s.num_hkv >= 1 && s.num_hq % s.num_hkv == 0,
            "{}: Hq = {} must be a multiple of Hkv = {}", op, s.num_hq, s.num_hkv);
@@ -777,8 +791,7 @@ bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tens
   expect_shape(dq, q.shape, kOp);
   expect_shape(dk, k.shape, kOp);
   expect_shape(dv, k.shape, kOp);
-  const std::string why =
-      precondition_failure(s, {&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse});
+  const std::string why = precondition_failure(s, {&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse});
   if (!why.empty()) return refuse(why, kOp);
   Plan* plan = get_plan(s, /*backward=*/true);
   if (!plan->ok) return false;
@@ -786,11 +799,22 @@ bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tens
   char* scratch = static_cast<char*>(workspace);
   float scale_value = scale, one = 1.0f;
   float mask_value = std::numeric_limits<float>::lowest(), pad_value = mask_value;
-  std::vector<int64_t> uids = {kQ, kK, kV, kO, kDout, kStats, kDq, kDk, kDv,
-                               kScale, kMaskValue, kOne, kSoftmaxSum, kDqAccum};
-  std::vector<void*> ptrs = {q.data, k.data, v.data, out.data, dout.data, lse.data,
-                             dq.data, dk.data, dv.data, &scale_value, &mask_value, &one,
-                             scratch + plan->softmax_sum_offset, scratch + plan->dq_accum_offset};
+  std::vector<int64_t> uids = {kQ,  kK,  kV,     kO,         kDout, kStats,      kDq,
+                               kDk, kDv, kScale, kMaskValue, kOne,  kSoftmaxSum, kDqAccum};
+  std::vector<void*> ptrs = {q.data,
+                             k.data,
+                             v.data,
+                             out.data,
+                             dout.data,
+                             lse.data,
+                             dq.data,
+                             dk.data,
+                             dv.data,
+                             &scale_value,
+                             &mask_value,
+                             &one,
+                             scratch + plan->softmax_sum_offset,
+                             scratch + plan->dq_accum_offset};
   if (plan->options.padding_mask) {
     uids.insert(uids.end(), {kSeqLenQ, kSeqLenKv, kPadValue});
     ptrs.insert(ptrs.end(), {plan->seq_len_q, plan->seq_len_kv, &pad_value});
@@ -799,17 +823,15 @@ bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tens
   return true;
 }
 
-std::string attention_cudnn_describe(int64_t num_b, int64_t num_t, int64_t num_hq,
-                                     int64_t num_hkv, int64_t head_dim, bool backward,
-                                     DType dtype) {
+std::string attention_cudnn_describe(int64_t num_b, int64_t num_t, int64_t num_hq, int64_t num_hkv,
+                                     int64_t head_dim, bool backward, DType dtype) {
   return get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim, dtype}, backward)->info;
 }
 
 size_t attention_cudnn_workspace_bytes(int64_t num_b, int64_t num_t, int64_t num_hq,
                                        int64_t num_hkv, int64_t head_dim, bool backward,
                                        DType dtype) {
-  const Plan* plan =
-      get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim, dtype}, backward);
+  const Plan* plan = get_plan(AttnDims{num_b, num_t, num_hq, num_hkv, head_dim, dtype}, backward);
   return plan->ok ? plan->workspace_bytes : 0;
 }
 

@@ -28,9 +28,8 @@ bool attention_cudnn_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*
 // Diagnostics for tests and benchmarks: builds (or finds) the plan for the shape and dtype and
 // describes it (cuDNN version, graph variant, engine index, numerical notes, workspace bytes),
 // or, when no plan could be built, every failure cuDNN reported (cudnnGetLastErrorString).
-std::string attention_cudnn_describe(int64_t num_b, int64_t num_t, int64_t num_hq,
-                                     int64_t num_hkv, int64_t head_dim, bool backward,
-                                     DType dtype = DType::bf16);
+std::string attention_cudnn_describe(int64_t num_b, int64_t num_t, int64_t num_hq, int64_t num_hkv,
+                                     int64_t head_dim, bool backward, DType dtype = DType::bf16);
 
 // Scratch bytes the plan for this shape needs (building the plan if it is not cached; 0 when cuDNN
 // has no engine for it). Used to size the context workspace before training starts.

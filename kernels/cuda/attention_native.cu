@@ -147,16 +147,16 @@ __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* tile, int
 template <int kD, class T>
 __device__ __forceinline__ void load_b_frag_nk(uint32_t (&r)[4], const T* tile, int n0, int k0,
                                                int lane) {
-  ldmatrix_x4(r, tile + (n0 + lane % 8 + (lane / 16) * 8) * (kD + kPad) + k0 +
-                     ((lane / 8) % 2) * 8);
+  ldmatrix_x4(r,
+              tile + (n0 + lane % 8 + (lane / 16) * 8) * (kD + kPad) + k0 + ((lane / 8) % 2) * 8);
 }
 // B fragments of two n-tiles where B[k][n] = tile[k][n] (tile rows are the k index): rows
 // k0..k0+15, columns n0..n0+15. r[0], r[1] = b0, b1 of columns n0..n0+7; r[2], r[3] of n0+8..15.
 template <int kD, class T>
 __device__ __forceinline__ void load_b_frag_kn(uint32_t (&r)[4], const T* tile, int k0, int n0,
                                                int lane) {
-  ldmatrix_x4_trans(r, tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * (kD + kPad) + n0 +
-                           (lane / 16) * 8);
+  ldmatrix_x4_trans(
+      r, tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * (kD + kPad) + n0 + (lane / 16) * 8);
 }
 
 // A fragment of k-step kk from a (16 x 8*kN) accumulator: the C layout of n-tiles 2kk, 2kk+1 is
@@ -215,9 +215,9 @@ template <class T, int kD>
 __global__ void __launch_bounds__(kMmaWarps * 32) attn_fwd_mma_kernel(const AttnParams p) {
   constexpr int kBr = 16 * kMmaWarps, kBc = kFwdKeys, kS = kD + kPad, kThreads = kMmaWarps * 32;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* q_s = reinterpret_cast<T*>(smem);  // (kBr, kS)
-  T* k_s = q_s + kBr * kS;              // 2 buffers of (kBc, kS)
-  T* v_s = k_s + 2 * kBc * kS;          // 2 buffers of (kBc, kS)
+  T* q_s = reinterpret_cast<T*>(smem);            // (kBr, kS)
+  T* k_s = q_s + kBr * kS;                        // 2 buffers of (kBc, kS)
+  T* v_s = k_s + 2 * kBc * kS;                    // 2 buffers of (kBc, kS)
   const int q_tile = gridDim.x - 1 - blockIdx.x;  // longest (last) query tiles first
   const int h = blockIdx.y, b = blockIdx.z, kv_h = h / p.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
@@ -317,7 +317,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_fwd_mma_kernel(const Attn
 // ---- backward dK, dV, tensor cores: one block per (key tile of 16*kMmaWarps, kv head, batch) --
 // Loops over the G query heads of the kv head and the query tiles at or after the key tile.
 template <int kD>
-constexpr int dkdv_query_tile() { return kD > 64 ? 32 : 64; }  // bounds registers at D = 128
+constexpr int dkdv_query_tile() {
+  return kD > 64 ? 32 : 64;
+}  // bounds registers at D = 128
 
 template <int kD>
 constexpr size_t dkdv_mma_smem() {
@@ -331,10 +333,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
   constexpr int kBc = 16 * kMmaWarps, kBq = dkdv_query_tile<kD>(), kS = kD + kPad;
   constexpr int kThreads = kMmaWarps * 32;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* k_s = reinterpret_cast<T*>(smem);  // (kBc, kS)
-  T* v_s = k_s + kBc * kS;              // (kBc, kS)
-  T* q_s = v_s + kBc * kS;              // 2 buffers of (kBq, kS)
-  T* do_s = q_s + 2 * kBq * kS;         // 2 buffers of (kBq, kS)
+  T* k_s = reinterpret_cast<T*>(smem);                           // (kBc, kS)
+  T* v_s = k_s + kBc * kS;                                       // (kBc, kS)
+  T* q_s = v_s + kBc * kS;                                       // 2 buffers of (kBq, kS)
+  T* do_s = q_s + 2 * kBq * kS;                                  // 2 buffers of (kBq, kS)
   float* lse_s = reinterpret_cast<float*>(do_s + 2 * kBq * kS);  // 2 x (kBq), base-2 units
   float* drow_s = lse_s + 2 * kBq;                               // 2 x (kBq)
   const int key_start = blockIdx.x * kBc, kv_h = blockIdx.y, b = blockIdx.z;
@@ -350,10 +352,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
   auto load_queries = [&](int it, int buf) {
     const int h = kv_h * p.group + it / per_head, q0 = (first_qt + it % per_head) * kBq;
     const int64_t off = (int64_t(b) * p.t * p.hq + h) * kD;
-    load_tile_async<kBq, kD, kThreads>(q_s + buf * kBq * kS, static_cast<const T*>(p.q) + off,
+    load_tile_async<kBq, kD, kThreads>(q_s + buf * kBq * kS, static_cast<const T*>(p.q) + off, q_rs,
+                                       q0, p.t);
+    load_tile_async<kBq, kD, kThreads>(do_s + buf * kBq * kS, static_cast<const T*>(p.dout) + off,
                                        q_rs, q0, p.t);
-    load_tile_async<kBq, kD, kThreads>(do_s + buf * kBq * kS,
-                                       static_cast<const T*>(p.dout) + off, q_rs, q0, p.t);
     for (int i = threadIdx.x; i < kBq; i += kThreads) {
       const int row = q0 + i;
       const int64_t idx = (int64_t(b) * p.hq + h) * p.t + row;
@@ -363,10 +365,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
     }
   };
 
-  load_tile_async<kBc, kD, kThreads>(k_s, static_cast<const T*>(p.k) + kv_off, kv_rs,
-                                     key_start, p.t);
-  load_tile_async<kBc, kD, kThreads>(v_s, static_cast<const T*>(p.v) + kv_off, kv_rs,
-                                     key_start, p.t);
+  load_tile_async<kBc, kD, kThreads>(k_s, static_cast<const T*>(p.k) + kv_off, kv_rs, key_start,
+                                     p.t);
+  load_tile_async<kBc, kD, kThreads>(v_s, static_cast<const T*>(p.v) + kv_off, kv_rs, key_start,
+                                     p.t);
   if (num_iters > 0) load_queries(0, 0);
   cp_async_commit();
 
@@ -453,7 +455,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dkdv_mma_kernel(const
 
 // ---- backward dQ, tensor cores: one block per (query tile of 16*kMmaWarps, head, batch) -------
 template <int kD>
-constexpr int dq_key_tile() { return kD > 64 ? 32 : 64; }  // bounds registers at D = 128
+constexpr int dq_key_tile() {
+  return kD > 64 ? 32 : 64;
+}  // bounds registers at D = 128
 
 template <int kD>
 constexpr size_t dq_mma_smem() {
@@ -479,10 +483,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_bwd_dq_mma_kernel(const A
   const T* vb = static_cast<const T*>(p.v) + (int64_t(b) * p.t * p.hkv + kv_h) * kD;
   const int num_tiles = min((p.t + kBc - 1) / kBc, (q_start + kBr - 1) / kBc + 1);
 
-  load_tile_async<kBr, kD, kThreads>(q_s, static_cast<const T*>(p.q) + q_off, q_rs, q_start,
+  load_tile_async<kBr, kD, kThreads>(q_s, static_cast<const T*>(p.q) + q_off, q_rs, q_start, p.t);
+  load_tile_async<kBr, kD, kThreads>(do_s, static_cast<const T*>(p.dout) + q_off, q_rs, q_start,
                                      p.t);
-  load_tile_async<kBr, kD, kThreads>(do_s, static_cast<const T*>(p.dout) + q_off, q_rs,
-                                     q_start, p.t);
   load_tile_async<kBc, kD, kThreads>(k_s, kb, kv_rs, 0, p.t);
   load_tile_async<kBc, kD, kThreads>(v_s, vb, kv_rs, 0, p.t);
   cp_async_commit();
@@ -581,9 +584,9 @@ template <class T>
 __global__ void __launch_bounds__(kFmaWarps * 32) attn_fwd_fma_kernel(const AttnParams p) {
   extern __shared__ float fsm[];
   const int d = p.d, ds = d + 1;
-  float* q_s = fsm;                         // (kFmaBlockRows, D)
-  float* k_s = q_s + kFmaBlockRows * d;     // (kFmaTile, D+1)
-  float* v_s = k_s + kFmaTile * ds;         // (kFmaTile, D+1)
+  float* q_s = fsm;                      // (kFmaBlockRows, D)
+  float* k_s = q_s + kFmaBlockRows * d;  // (kFmaTile, D+1)
+  float* v_s = k_s + kFmaTile * ds;      // (kFmaTile, D+1)
   const int q_tile = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z, kv_h = h / p.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -676,8 +679,8 @@ __global__ void __launch_bounds__(kFmaWarps * 32) attn_bwd_dq_fma_kernel(const A
       min((p.t + kFmaTile - 1) / kFmaTile, (q_start + kFmaBlockRows - 1) / kFmaTile + 1);
 
   load_rows_f32(q_s, d, static_cast<const T*>(p.q) + q_off, q_rs, q_start, kFmaBlockRows, p.t, d);
-  load_rows_f32(do_s, d, static_cast<const T*>(p.dout) + q_off, q_rs, q_start, kFmaBlockRows,
-                p.t, d);
+  load_rows_f32(do_s, d, static_cast<const T*>(p.dout) + q_off, q_rs, q_start, kFmaBlockRows, p.t,
+                d);
   float lse[kFmaRows], drow[kFmaRows];
 #pragma unroll
   for (int r = 0; r < kFmaRows; ++r) {
@@ -738,12 +741,12 @@ template <class T>
 __global__ void __launch_bounds__(kFmaWarps * 32) attn_bwd_dkdv_fma_kernel(const AttnParams p) {
   extern __shared__ float fsm[];
   const int d = p.d, ds = d + 1;
-  float* k_s = fsm;                        // (kFmaBlockRows, D)
-  float* v_s = k_s + kFmaBlockRows * d;    // (kFmaBlockRows, D)
-  float* q_s = v_s + kFmaBlockRows * d;    // (kFmaTile, D+1)
-  float* do_s = q_s + kFmaTile * ds;       // (kFmaTile, D+1)
-  float* lse_s = do_s + kFmaTile * ds;     // (kFmaTile)
-  float* drow_s = lse_s + kFmaTile;        // (kFmaTile)
+  float* k_s = fsm;                      // (kFmaBlockRows, D)
+  float* v_s = k_s + kFmaBlockRows * d;  // (kFmaBlockRows, D)
+  float* q_s = v_s + kFmaBlockRows * d;  // (kFmaTile, D+1)
+  float* do_s = q_s + kFmaTile * ds;     // (kFmaTile, D+1)
+  float* lse_s = do_s + kFmaTile * ds;   // (kFmaTile)
+  float* drow_s = lse_s + kFmaTile;      // (kFmaTile)
   const int key_start = blockIdx.x * kFmaBlockRows, kv_h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int key_base = key_start + warp * kFmaRows;
@@ -751,10 +754,10 @@ __global__ void __launch_bounds__(kFmaWarps * 32) attn_bwd_dkdv_fma_kernel(const
   const int64_t kv_off = (int64_t(b) * p.t * p.hkv + kv_h) * d;
   const int num_q_tiles = (p.t + kFmaTile - 1) / kFmaTile;
 
-  load_rows_f32(k_s, d, static_cast<const T*>(p.k) + kv_off, kv_rs, key_start, kFmaBlockRows,
-                p.t, d);
-  load_rows_f32(v_s, d, static_cast<const T*>(p.v) + kv_off, kv_rs, key_start, kFmaBlockRows,
-                p.t, d);
+  load_rows_f32(k_s, d, static_cast<const T*>(p.k) + kv_off, kv_rs, key_start, kFmaBlockRows, p.t,
+                d);
+  load_rows_f32(v_s, d, static_cast<const T*>(p.v) + kv_off, kv_rs, key_start, kFmaBlockRows, p.t,
+                d);
   float dk[kFmaRows][kFmaDimsPerLane] = {}, dv[kFmaRows][kFmaDimsPerLane] = {};
   for (int hh = 0; hh < p.group; ++hh) {
     const int h = kv_h * p.group + hh;
@@ -864,11 +867,12 @@ AttnDims check_attention(const Tensor& out, const Tensor& lse, const Tensor& q, 
   TS_CHECK(q.ndim() == 4, "{}: q must be (B, T, Hq, D), got {}", op, q.str());
   TS_CHECK(k.ndim() == 4, "{}: k must be (B, T, Hkv, D), got {}", op, k.str());
   const AttnDims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
-  TS_CHECK(d.hkv >= 1 && d.hq % d.hkv == 0, "{}: Hq = {} must be a multiple of Hkv = {}", op,
-           d.hq, d.hkv);
+  TS_CHECK(d.hkv >= 1 && d.hq % d.hkv == 0, "{}: Hq = {} must be a multiple of Hkv = {}", op, d.hq,
+           d.hkv);
   TS_CHECK(d.d % 8 == 0 && d.d >= 8 && d.d <= 128,
            "{}: head dim D = {} is not supported by the native kernels (a multiple of 8, at "
-           "most 128)", op, d.d);
+           "most 128)",
+           op, d.d);
   TS_CHECK(d.t <= INT32_MAX / 2 && d.hq <= 65535 && d.b <= 65535, "{}: sizes too large: {}", op,
            q.str());
   check_same(k, q.dtype, Shape{d.b, d.t, d.hkv, d.d}, op, "k");
@@ -887,8 +891,8 @@ AttnParams make_params(const AttnDims& d, float scale) {
 
 template <class Kernel>
 void launch(Kernel kernel, dim3 grid, size_t smem_bytes, const AttnParams& p) {
-  TS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     int(smem_bytes)));
+  TS_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
   kernel<<<grid, kMmaWarps * 32, smem_bytes, stream()>>>(p);
   TS_CUDA_CHECK_LAUNCH();
 }
@@ -911,17 +915,19 @@ void forward_mma(const AttnParams& p, const AttnDims& d) {
 template <class T, int kD>
 void backward_mma(const AttnParams& p, const AttnDims& d) {
   launch(attn_bwd_dkdv_mma_kernel<T, kD>,
-         dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hkv), unsigned(d.b)),
-         dkdv_mma_smem<kD>(), p);
-  launch(attn_bwd_dq_mma_kernel<T, kD>,
-         dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hq), unsigned(d.b)), dq_mma_smem<kD>(),
+         dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hkv), unsigned(d.b)), dkdv_mma_smem<kD>(),
          p);
+  launch(attn_bwd_dq_mma_kernel<T, kD>,
+         dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hq), unsigned(d.b)), dq_mma_smem<kD>(), p);
 }
 
 // Runs f.template operator()<T>() with T the 16-bit type of dtype (bf16 or f16).
-template <class F> void dispatch_mma_type(DType dtype, F&& f) {
-  if (dtype == DType::f16) f.template operator()<__half>();
-  else f.template operator()<__nv_bfloat16>();
+template <class F>
+void dispatch_mma_type(DType dtype, F&& f) {
+  if (dtype == DType::f16)
+    f.template operator()<__half>();
+  else
+    f.template operator()<__nv_bfloat16>();
 }
 
 }  // namespace
@@ -938,15 +944,16 @@ void attention_native_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor
   p.q = q.data, p.k = k.data, p.v = v.data, p.o = out.data, p.lse = lse.ptr<float>();
   if (use_mma(d, q.dtype, {&q, &k, &v, &out})) {
     dispatch_mma_type(q.dtype, [&]<class T>() {
-      if (d.d == 64) forward_mma<T, 64>(p, d);
-      else forward_mma<T, 128>(p, d);
+      if (d.d == 64)
+        forward_mma<T, 64>(p, d);
+      else
+        forward_mma<T, 128>(p, d);
     });
     return;
   }
   const dim3 grid(ceil_div(d.t, kFmaBlockRows), unsigned(d.hq), unsigned(d.b));
-  dispatch_float(q, kOp, [&]<class T>() {
-    launch(attn_fwd_fma_kernel<T>, grid, fwd_fma_smem(p.d), p);
-  });
+  dispatch_float(q, kOp,
+                 [&]<class T>() { launch(attn_fwd_fma_kernel<T>, grid, fwd_fma_smem(p.d), p); });
 }
 
 void attention_native_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
@@ -979,8 +986,10 @@ void attention_native_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Ten
   });
   if (use_mma(d, q.dtype, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
     dispatch_mma_type(q.dtype, [&]<class T>() {
-      if (d.d == 64) backward_mma<T, 64>(p, d);
-      else backward_mma<T, 128>(p, d);
+      if (d.d == 64)
+        backward_mma<T, 64>(p, d);
+      else
+        backward_mma<T, 128>(p, d);
     });
     return;
   }

@@ -31,7 +31,7 @@ constexpr int64_t kMinChunkRows = 128;
 // y, then by gridDim.y * blockDim.y. kWidth > 1 needs N % kWidth == 0 and 16-byte aligned out.
 template <class T, class TB, int kWidth>
 __global__ void __launch_bounds__(kBlock)
-bias_add_kernel(T* __restrict__ out, const TB* __restrict__ bias, int64_t m, int64_t n) {
+    bias_add_kernel(T* __restrict__ out, const TB* __restrict__ bias, int64_t m, int64_t n) {
   const int64_t col = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kWidth;
   if (col >= n) return;
   float b[kWidth];
@@ -54,9 +54,9 @@ bias_add_kernel(T* __restrict__ out, const TB* __restrict__ bias, int64_t m, int
 // kWidth is. kDirect (one chunk only): dst is dbias, dbias += sum rounded once; otherwise dst is
 // the (num_chunks, N) f32 partial buffer and row blockIdx.y of it is overwritten.
 template <class T, class TD, int kWidth, bool kDirect>
-__global__ void __launch_bounds__(kStripLanes * kRowLanes)
-colsum_tile_kernel(TD* dst, const T* __restrict__ dout, int64_t m, int64_t n,
-                   int64_t rows_per_chunk) {
+__global__ void __launch_bounds__(kStripLanes* kRowLanes)
+    colsum_tile_kernel(TD* dst, const T* __restrict__ dout, int64_t m, int64_t n,
+                       int64_t rows_per_chunk) {
   constexpr int kStripCols = kStripLanes * kWidth;
   __shared__ float lane_sums[kRowLanes][kStripCols];
   const int64_t strip_begin = int64_t(blockIdx.x) * kStripCols;
@@ -105,15 +105,18 @@ colsum_tile_kernel(TD* dst, const T* __restrict__ dout, int64_t m, int64_t n,
 void check_vector(const Tensor& t, DType dtype, int64_t n, const char* op, const char* name) {
   TS_CHECK(!t.empty(), "{}: {} is empty, but it is required", op, name);
   TS_CHECK(t.device == Device::cuda, "{}: {} is {}, expected a cuda tensor", op, name, t.str());
-  TS_CHECK(t.dtype == dtype || t.dtype == DType::f32, "{}: {} is {}, expected {} or f32", op,
-           name, t.str(), dtype_name(dtype));
+  TS_CHECK(t.dtype == dtype || t.dtype == DType::f32, "{}: {} is {}, expected {} or f32", op, name,
+           t.str(), dtype_name(dtype));
   TS_CHECK(t.shape == Shape{n}, "{}: {} has shape {}, expected ({})", op, name, t.shape.str(), n);
 }
 
 // Runs f.template operator()<V>() with V = float for an f32 vector, else the matrix's type T.
-template <class T, class F> void dispatch_vector(const Tensor& v, F&& f) {
-  if (v.dtype == DType::f32) f.template operator()<float>();
-  else f.template operator()<T>();
+template <class T, class F>
+void dispatch_vector(const Tensor& v, F&& f) {
+  if (v.dtype == DType::f32)
+    f.template operator()<float>();
+  else
+    f.template operator()<T>();
 }
 
 struct ChunkPlan {
@@ -126,8 +129,8 @@ ChunkPlan plan_chunks(int64_t m, int64_t n) {
   const int64_t num_strips = (n + kChunkColumns - 1) / kChunkColumns;
   const int64_t target_chunks = std::max<int64_t>(1, kTargetBlocks / num_strips);
   ChunkPlan plan;
-  plan.rows_per_chunk = std::max({kMinChunkRows, (m + target_chunks - 1) / target_chunks,
-                                  (m + 65534) / 65535});
+  plan.rows_per_chunk =
+      std::max({kMinChunkRows, (m + target_chunks - 1) / target_chunks, (m + 65534) / 65535});
   plan.num_chunks = (m + plan.rows_per_chunk - 1) / plan.rows_per_chunk;
   return plan;
 }
@@ -159,8 +162,10 @@ void bias_add(Tensor out, Tensor bias) {
       const dim3 block(block_x, block_y);
       auto* o = static_cast<T*>(out.data);
       const auto* b = static_cast<const TB*>(bias.data);
-      if (vec) bias_add_kernel<T, TB, kVec><<<grid, block, 0, stream()>>>(o, b, m, n);
-      else bias_add_kernel<T, TB, 1><<<grid, block, 0, stream()>>>(o, b, m, n);
+      if (vec)
+        bias_add_kernel<T, TB, kVec><<<grid, block, 0, stream()>>>(o, b, m, n);
+      else
+        bias_add_kernel<T, TB, 1><<<grid, block, 0, stream()>>>(o, b, m, n);
       TS_CUDA_CHECK_LAUNCH();
     });
   });
@@ -197,11 +202,10 @@ void bias_grad(Tensor dbias, Tensor dout) {
       const int64_t rows = plan.rows_per_chunk;
       const auto tiles = [&]<bool kDirect, class TDst>(TDst* dst) {
         if (vec) {
-          colsum_tile_kernel<T, TDst, kVec, kDirect><<<grid, block, 0, stream()>>>(dst, d, m, n,
-                                                                                 rows);
+          colsum_tile_kernel<T, TDst, kVec, kDirect>
+              <<<grid, block, 0, stream()>>>(dst, d, m, n, rows);
         } else {
-          colsum_tile_kernel<T, TDst, 1, kDirect><<<grid, block, 0, stream()>>>(dst, d, m, n,
-                                                                              rows);
+          colsum_tile_kernel<T, TDst, 1, kDirect><<<grid, block, 0, stream()>>>(dst, d, m, n, rows);
         }
         TS_CUDA_CHECK_LAUNCH();
       };

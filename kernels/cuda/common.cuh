@@ -11,25 +11,25 @@
 #include "core/tensor.h"
 #include "kernels/cuda/context.h"
 
-#define TS_CUDA_CHECK(call)                                                                  \
-  do {                                                                                       \
-    cudaError_t err_ = (call);                                                               \
-    if (err_ != cudaSuccess)                                                                 \
-      ::tessera::fail(::tessera::ErrorKind::system,                                          \
+#define TS_CUDA_CHECK(call)                                                                      \
+  do {                                                                                           \
+    cudaError_t err_ = (call);                                                                   \
+    if (err_ != cudaSuccess)                                                                     \
+      ::tessera::fail(::tessera::ErrorKind::system,                                              \
                       ::fmt::format("{} failed: {}", #call, cudaGetErrorString(err_)), __FILE__, \
-                      __LINE__);                                                             \
+                      __LINE__);                                                                 \
   } while (0)
 
 // After every kernel launch: catches bad launch configurations immediately.
 #define TS_CUDA_CHECK_LAUNCH() TS_CUDA_CHECK(cudaGetLastError())
 
-#define TS_CUBLAS_CHECK(call)                                                                \
-  do {                                                                                       \
-    cublasStatus_t st_ = (call);                                                             \
-    if (st_ != CUBLAS_STATUS_SUCCESS)                                                        \
-      ::tessera::fail(::tessera::ErrorKind::system,                                          \
+#define TS_CUBLAS_CHECK(call)                                                                  \
+  do {                                                                                         \
+    cublasStatus_t st_ = (call);                                                               \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                          \
+      ::tessera::fail(::tessera::ErrorKind::system,                                            \
                       ::fmt::format("{} failed: cuBLAS status {}", #call, int(st_)), __FILE__, \
-                      __LINE__);                                                             \
+                      __LINE__);                                                               \
   } while (0)
 
 namespace tessera::cuda {
@@ -44,12 +44,18 @@ inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-template <class T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+template <class T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) {
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) {
   return __float2half_rn(x);
 }
 
@@ -64,11 +70,16 @@ inline bool is_compute_dtype(DType t) {
 }
 
 // Runs f.template operator()<T>() with T = float, __nv_bfloat16 or __half per t's dtype.
-template <class F> void dispatch_float(const Tensor& t, const char* what, F&& f) {
-  if (t.dtype == DType::f32) f.template operator()<float>();
-  else if (t.dtype == DType::bf16) f.template operator()<__nv_bfloat16>();
-  else if (t.dtype == DType::f16) f.template operator()<__half>();
-  else TS_BUG("{}: unsupported dtype {} on cuda (f32, bf16 or f16)", what, dtype_name(t.dtype));
+template <class F>
+void dispatch_float(const Tensor& t, const char* what, F&& f) {
+  if (t.dtype == DType::f32)
+    f.template operator()<float>();
+  else if (t.dtype == DType::bf16)
+    f.template operator()<__nv_bfloat16>();
+  else if (t.dtype == DType::f16)
+    f.template operator()<__half>();
+  else
+    TS_BUG("{}: unsupported dtype {} on cuda (f32, bf16 or f16)", what, dtype_name(t.dtype));
 }
 
 }  // namespace tessera::cuda

@@ -17,12 +17,12 @@ namespace tessera::cuda {
 
 struct Context {
   int device = 0;
-  CUstream_st* stream = nullptr;       // cudaStream_t: the legacy default stream (see context.cu)
+  CUstream_st* stream = nullptr;        // cudaStream_t: the legacy default stream (see context.cu)
   cublasLtContext* cublaslt = nullptr;  // cublasLtHandle_t
   cudnnContext* cudnn = nullptr;        // cudnnHandle_t (created on first attention use)
   void* workspace = nullptr;            // GEMM / attention workspace
   size_t workspace_bytes = 0;
-  bool owns_workspace = false;          // false once use_workspace() handed it an arena slice
+  bool owns_workspace = false;  // false once use_workspace() handed it an arena slice
   int num_sms = 0;
   // Attention implementation for ops::attention_*: 0 = cuDNN fused SDPA, 1 = native kernel.
   // Set by the trainer from model.attention_impl (a per-device setting, like the stream).

@@ -54,17 +54,19 @@ struct OnlineSum {
 };
 
 // Elements of a row before the first 16-byte boundary (the row's scalar head).
-template <class T> __device__ __forceinline__ int head_elems(const T* row, int64_t width) {
+template <class T>
+__device__ __forceinline__ int head_elems(const T* row, int64_t width) {
   const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(row) % kPackBytes);
-  return static_cast<int>(std::min<int64_t>(width, ((kPackBytes - misalign) % kPackBytes) /
-                                                       int(sizeof(T))));
+  return static_cast<int>(
+      std::min<int64_t>(width, ((kPackBytes - misalign) % kPackBytes) / int(sizeof(T))));
 }
 
 // ---- kernels ---------------------------------------------------------------------------------
 
-template <class T> __global__ void __launch_bounds__(kRowThreads)
-cross_entropy_forward_kernel(float* losses, float* lse, const T* logits, const int32_t* targets,
-                             int64_t width, int vocab_size) {
+template <class T>
+__global__ void __launch_bounds__(kRowThreads)
+    cross_entropy_forward_kernel(float* losses, float* lse, const T* logits, const int32_t* targets,
+                                 int64_t width, int vocab_size) {
   constexpr int kVec = kVecWidth<T>;
   __shared__ float smem_m[kRowThreads / 32], smem_s[kRowThreads / 32];
   const int64_t row = blockIdx.x;
@@ -103,7 +105,7 @@ cross_entropy_forward_kernel(float* losses, float* lse, const T* logits, const i
   for (int c = head + num_packs * kVec + threadIdx.x; c < vocab_size; c += kRowThreads)
     acc.add(to_f32(x[c]));
 
-  // Merge the threads' partial sums in a fixed order: butterfly in each warp, then warp order.
+    // Merge the threads' partial sums in a fixed order: butterfly in each warp, then warp order.
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, acc.m, offset);
@@ -134,10 +136,11 @@ __device__ __forceinline__ float ce_grad(float x, int64_t c, int64_t y, int64_t 
 
 // Every element is read before it is written, by the same thread: dlogits may be logits.
 // The row is the global columns [vocab_start, vocab_start + width); num_real of them are real.
-template <class T> __global__ void __launch_bounds__(kRowThreads)
-cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
-                              const int32_t* targets, int64_t width, int vocab_size,
-                              int64_t vocab_start, int64_t num_real, float dloss) {
+template <class T>
+__global__ void __launch_bounds__(kRowThreads)
+    cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
+                                  const int32_t* targets, int64_t width, int vocab_size,
+                                  int64_t vocab_start, int64_t num_real, float dloss) {
   constexpr int kVec = kVecWidth<T>;
   const int64_t row = blockIdx.x;
   const T* x = logits + row * width;
@@ -212,8 +215,7 @@ __device__ __forceinline__ void for_each_in_row(const T* x, int count, F&& f) {
       }
     }
   }
-  for (int c = head + num_packs * kVec + threadIdx.x; c < count; c += kRowThreads)
-    f(to_f32(x[c]));
+  for (int c = head + num_packs * kVec + threadIdx.x; c < count; c += kRowThreads) f(to_f32(x[c]));
 }
 
 // Max over the kRowThreads threads of the block, valid in thread 0. fmaxf skips NaN, like the
@@ -231,8 +233,9 @@ __device__ __forceinline__ float block_max(float v, float* smem /*kRowThreads / 
 }
 
 // row_max[row] = max of the row's num_real real columns; -inf when num_real = 0.
-template <class T> __global__ void __launch_bounds__(kRowThreads)
-cross_entropy_shard_max_kernel(float* row_max, const T* logits, int64_t width, int num_real) {
+template <class T>
+__global__ void __launch_bounds__(kRowThreads)
+    cross_entropy_shard_max_kernel(float* row_max, const T* logits, int64_t width, int num_real) {
   __shared__ float smem[kRowThreads / 32];
   const int64_t row = blockIdx.x;
   float m = -INFINITY;
@@ -244,10 +247,11 @@ cross_entropy_shard_max_kernel(float* row_max, const T* logits, int64_t width, i
 // sum_exp[row] = sum of exp(x - row_max[row]) over the real columns (summed per thread, then in
 // a fixed order across the block); target_logit[row] = the target's logit when this shard holds
 // it, 0 when another shard does or the row is ignored, NaN for a target >= vocab_size.
-template <class T> __global__ void __launch_bounds__(kRowThreads)
-cross_entropy_shard_sums_kernel(float* sum_exp, float* target_logit, const T* logits,
-                                const float* row_max, const int32_t* targets, int64_t width,
-                                int num_real, int64_t vocab_start, int vocab_size) {
+template <class T>
+__global__ void __launch_bounds__(kRowThreads)
+    cross_entropy_shard_sums_kernel(float* sum_exp, float* target_logit, const T* logits,
+                                    const float* row_max, const int32_t* targets, int64_t width,
+                                    int num_real, int64_t vocab_start, int vocab_size) {
   __shared__ float smem[kRowThreads / 32];
   const int64_t row = blockIdx.x;
   const T* x = logits + row * width;
@@ -262,16 +266,18 @@ cross_entropy_shard_sums_kernel(float* sum_exp, float* target_logit, const T* lo
   const int32_t y = targets[row];
   const int64_t local = int64_t(y) - vocab_start;
   float t = 0.0f;
-  if (y >= vocab_size) t = NAN;
-  else if (y >= 0 && local >= 0 && local < width) t = to_f32(x[local]);
+  if (y >= vocab_size)
+    t = NAN;
+  else if (y >= 0 && local >= 0 && local < width)
+    t = to_f32(x[local]);
   target_logit[row] = t;
 }
 
 // lse = row_max + log(sum_exp); losses = lse - target_logit, 0 on ignored rows.
 __global__ void __launch_bounds__(kBlock)
-cross_entropy_shard_finish_kernel(float* losses, float* lse, const float* row_max,
-                                  const float* sum_exp, const float* target_logit,
-                                  const int32_t* targets, int64_t num_rows) {
+    cross_entropy_shard_finish_kernel(float* losses, float* lse, const float* row_max,
+                                      const float* sum_exp, const float* target_logit,
+                                      const int32_t* targets, int64_t num_rows) {
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < num_rows;
        n += int64_t(gridDim.x) * blockDim.x) {
     const float row_lse = row_max[n] + logf(sum_exp[n]);

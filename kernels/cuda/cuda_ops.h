@@ -14,14 +14,13 @@
 namespace tessera::cuda {
 using ops::AdamWStep;
 
-
 // ---- embedding: token embedding plus optional learned positions ----------------------------
 // out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]      (wpe may be empty)
 // Vocabulary-parallel: wte holds rows [vocab_start, vocab_start + Vl) of a (vocab_total, C)
 // table (vocab_total = -1: Vl); tokens outside the shard give a zero row and no dwte update.
-void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
-                       Tensor wte /*(Vl,C)*/, Tensor wpe /*(maxT,C) or empty*/,
-                       int64_t vocab_start = 0, int64_t vocab_total = -1);
+void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/, Tensor wte /*(Vl,C)*/,
+                       Tensor wpe /*(maxT,C) or empty*/, int64_t vocab_start = 0,
+                       int64_t vocab_total = -1);
 void embedding_backward(Tensor dwte /*(Vl,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
                         Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
                         int64_t vocab_start = 0, int64_t vocab_total = -1);
@@ -51,12 +50,12 @@ void matmul_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, Tensor weight /*
 // dinp = dout · weight (overwrite; may be empty to skip); dweight += dout^T · inp;
 // dbias += column sums of dout (may be empty).
 void matmul_backward(Tensor dinp /*(M,K)*/, Tensor dweight /*(N,K) +=*/,
-                     Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/,
-                     Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/);
+                     Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/,
+                     Tensor weight /*(N,K)*/);
 // The bias half of a linear layer (ops.h documents the numerics); bias / dbias may be f32 beside
 // 16-bit out / dout.
-void bias_add(Tensor out /*(M,N)*/, Tensor bias /*(N)*/);          // out += bias on every row
-void bias_grad(Tensor dbias /*(N) +=*/, Tensor dout /*(M,N)*/);    // dbias += column sums
+void bias_add(Tensor out /*(M,N)*/, Tensor bias /*(N)*/);        // out += bias on every row
+void bias_grad(Tensor dbias /*(N) +=*/, Tensor dout /*(M,N)*/);  // dbias += column sums
 
 // ---- rotary position embedding (NeoX / Hugging Face "rotate_half" pairing) -----------------
 // For each head vector x of width D (even), pair i with i + D/2, angle = (t + pos_offset) *
@@ -69,18 +68,17 @@ void rope_backward(Tensor dinp /*(B,T,H,D)*/, Tensor dout /*(B,T,H,D)*/, float t
 // Query head h attends with key/value head h / (Hq/Hkv). Softmax(scale · q·k^T) masked causally;
 // lse (B,Hq,T) f32 is the row log-sum-exp of the scaled scores, saved for backward.
 void attention_forward(Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T) f32*/,
-                       Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/,
-                       Tensor v /*(B,T,Hkv,D)*/, float scale);
+                       Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/, Tensor v /*(B,T,Hkv,D)*/,
+                       float scale);
 // dq, dk, dv are overwritten.
 void attention_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*/,
-                        Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/,
-                        Tensor q, Tensor k, Tensor v, Tensor out /*(B,T,Hq,D)*/,
-                        Tensor lse /*(B,Hq,T)*/, float scale);
+                        Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/, Tensor q, Tensor k,
+                        Tensor v, Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T)*/, float scale);
 
 // ---- activations ---------------------------------------------------------------------------
 // GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-void gelu_forward(Tensor out, Tensor inp);                   // any shape; out may alias inp
-void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);    // dinp may alias dout
+void gelu_forward(Tensor out, Tensor inp);                 // any shape; out may alias inp
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp may alias dout
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x).
 void swiglu_forward(Tensor out /*(N,F)*/, Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/);
 void swiglu_backward(Tensor dgate /*(N,F)*/, Tensor dup /*(N,F)*/, Tensor dout /*(N,F)*/,
@@ -105,14 +103,14 @@ void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
 // dlogits = dloss * (softmax(logits) - onehot(y)) on valid rows and columns, 0 elsewhere.
 // dlogits may alias logits (computed in place). With vocab_start, logits are columns
 // [vocab_start, vocab_start + Vl) of the vocabulary and lse is the global one.
-void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/,
-                            Tensor lse /*(N)*/, Tensor targets /*(N) i32*/, int vocab_size,
-                            float dloss, int64_t vocab_start = 0);
+void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/, Tensor lse /*(N)*/,
+                            Tensor targets /*(N) i32*/, int vocab_size, float dloss,
+                            int64_t vocab_start = 0);
 
 // ---- vocabulary-parallel cross-entropy pieces (kernels/ops.h has the recipe) ----------------
 // Statistics are f32.
-void cross_entropy_shard_max(Tensor row_max /*(N)*/, Tensor logits /*(N,Vl)*/,
-                             int64_t vocab_start, int vocab_size);
+void cross_entropy_shard_max(Tensor row_max /*(N)*/, Tensor logits /*(N,Vl)*/, int64_t vocab_start,
+                             int vocab_size);
 void cross_entropy_shard_sums(Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
                               Tensor logits /*(N,Vl)*/, Tensor row_max /*(N)*/,
                               Tensor targets /*(N) i32*/, int64_t vocab_start, int vocab_size);

@@ -25,8 +25,8 @@ struct ScaleOp {
 };
 
 // Writes one bit pattern U into every element, 16 bytes per store where aligned.
-template <class U, int kWidth> __global__ void __launch_bounds__(kBlock)
-fill_kernel(U* x, int64_t n, U bits) {
+template <class U, int kWidth>
+__global__ void __launch_bounds__(kBlock) fill_kernel(U* x, int64_t n, U bits) {
   const int64_t num_packs = n / kWidth;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -50,14 +50,31 @@ struct NarrowFormat {
   bool saturate;        // cast saturates fp8 (OCP "SAT"), never bf16/f16 (IEEE overflow to Inf)
 };
 
-template <DType kType> struct Storage;
-template <> struct Storage<DType::f32> { using U = uint32_t; };
-template <> struct Storage<DType::bf16> { using U = uint16_t; };
-template <> struct Storage<DType::f16> { using U = uint16_t; };
-template <> struct Storage<DType::e4m3> { using U = uint8_t; };
-template <> struct Storage<DType::e5m2> { using U = uint8_t; };
+template <DType kType>
+struct Storage;
+template <>
+struct Storage<DType::f32> {
+  using U = uint32_t;
+};
+template <>
+struct Storage<DType::bf16> {
+  using U = uint16_t;
+};
+template <>
+struct Storage<DType::f16> {
+  using U = uint16_t;
+};
+template <>
+struct Storage<DType::e4m3> {
+  using U = uint8_t;
+};
+template <>
+struct Storage<DType::e5m2> {
+  using U = uint8_t;
+};
 
-template <DType kType> __host__ __device__ constexpr NarrowFormat narrow_format() {
+template <DType kType>
+__host__ __device__ constexpr NarrowFormat narrow_format() {
   if constexpr (kType == DType::bf16) return {7, 127, 0x8000, 0x7F7F, 0x7F80, 0x7FC0, true, false};
   if constexpr (kType == DType::f16) return {10, 15, 0x8000, 0x7BFF, 0x7C00, 0x7E00, true, false};
   if constexpr (kType == DType::e4m3) return {3, 7, 0x80, 0x7E, 0x7F, 0x7F, false, true};
@@ -65,7 +82,8 @@ template <DType kType> __host__ __device__ constexpr NarrowFormat narrow_format(
 }
 
 // f32 -> narrow code, round to nearest, ties to even, by integer arithmetic on the f32 bits.
-template <DType kType> __device__ __forceinline__ uint32_t encode_narrow(float x) {
+template <DType kType>
+__device__ __forceinline__ uint32_t encode_narrow(float x) {
   constexpr NarrowFormat f = narrow_format<kType>();
   const uint32_t bits = __float_as_uint(x);
   const uint32_t sign = (bits >> 31) ? f.sign_bit : 0u;
@@ -100,7 +118,8 @@ template <DType kType> __device__ __forceinline__ uint32_t encode_narrow(float x
 }
 
 // Narrow code -> f32 (every f16 and fp8 value is an f32 normal or zero); bf16 is a plain shift.
-template <DType kType> __device__ __forceinline__ float decode_narrow(uint32_t code) {
+template <DType kType>
+__device__ __forceinline__ float decode_narrow(uint32_t code) {
   if constexpr (kType == DType::bf16) return __uint_as_float(code << 16);
   constexpr NarrowFormat f = narrow_format<kType>();
   const uint32_t sign = (code & f.sign_bit) ? 0x80000000u : 0u;
@@ -121,19 +140,26 @@ template <DType kType> __device__ __forceinline__ float decode_narrow(uint32_t c
                          (mant << (23 - f.mant_bits)));
 }
 
-template <DType kType> __device__ __forceinline__ float decode(typename Storage<kType>::U u) {
-  if constexpr (kType == DType::f32) return __uint_as_float(u);
-  else return decode_narrow<kType>(u);
+template <DType kType>
+__device__ __forceinline__ float decode(typename Storage<kType>::U u) {
+  if constexpr (kType == DType::f32)
+    return __uint_as_float(u);
+  else
+    return decode_narrow<kType>(u);
 }
-template <DType kType> __device__ __forceinline__ typename Storage<kType>::U encode(float x) {
+template <DType kType>
+__device__ __forceinline__ typename Storage<kType>::U encode(float x) {
   using U = typename Storage<kType>::U;
-  if constexpr (kType == DType::f32) return __float_as_uint(x);
-  else return static_cast<U>(encode_narrow<kType>(x));
+  if constexpr (kType == DType::f32)
+    return __float_as_uint(x);
+  else
+    return static_cast<U>(encode_narrow<kType>(x));
 }
 
 // dst = src converted; every source value is exact in f32, so decode-then-encode rounds once.
-template <DType kSrc, DType kDst, int kWidth> __global__ void __launch_bounds__(kBlock)
-cast_kernel(const typename Storage<kSrc>::U* src, typename Storage<kDst>::U* dst, int64_t n) {
+template <DType kSrc, DType kDst, int kWidth>
+__global__ void __launch_bounds__(kBlock)
+    cast_kernel(const typename Storage<kSrc>::U* src, typename Storage<kDst>::U* dst, int64_t n) {
   using S = typename Storage<kSrc>::U;
   using D = typename Storage<kDst>::U;
   const int64_t num_packs = n / kWidth;
@@ -165,8 +191,9 @@ __device__ __forceinline__ double block_sum(double v) {
 }
 
 // Pass 1: block b sums x^2 in double over a fixed, size-determined set of packs into partial[b].
-template <class T, int kWidth> __global__ void __launch_bounds__(kBlock)
-sum_squares_partial_kernel(double* partial, const T* x, int64_t n) {
+template <class T, int kWidth>
+__global__ void __launch_bounds__(kBlock)
+    sum_squares_partial_kernel(double* partial, const T* x, int64_t n) {
   const int64_t num_packs = n / kWidth;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -188,8 +215,8 @@ sum_squares_partial_kernel(double* partial, const T* x, int64_t n) {
 }
 
 // Pass 2: one block adds the partials in a fixed order.
-__global__ void __launch_bounds__(kBlock) sum_partials_kernel(double* out, const double* partial,
-                                                              int num_partials) {
+__global__ void __launch_bounds__(kBlock)
+    sum_partials_kernel(double* out, const double* partial, int num_partials) {
   double acc = 0.0;
   for (int i = threadIdx.x; i < num_partials; i += kBlock) acc += partial[i];
   const double total = block_sum(acc);
@@ -203,7 +230,8 @@ bool is_castable(DType t) {
          t == DType::e5m2;
 }
 
-template <DType kSrc, DType kDst> void launch_cast(const Tensor& dst, const Tensor& src) {
+template <DType kSrc, DType kDst>
+void launch_cast(const Tensor& dst, const Tensor& src) {
   using S = typename Storage<kSrc>::U;
   using D = typename Storage<kDst>::U;
   constexpr int kWidth = 8;  // 8 elements: 8..32 bytes on each side
@@ -220,7 +248,8 @@ template <DType kSrc, DType kDst> void launch_cast(const Tensor& dst, const Tens
 }
 
 // Runs f.template operator()<kType>() for the castable dtype t.
-template <class F> void dispatch_castable(DType t, F&& f) {
+template <class F>
+void dispatch_castable(DType t, F&& f) {
   switch (t) {
     case DType::f32: f.template operator()<DType::f32>(); return;
     case DType::bf16: f.template operator()<DType::bf16>(); return;
@@ -231,7 +260,8 @@ template <class F> void dispatch_castable(DType t, F&& f) {
   }
 }
 
-template <class U> void launch_fill(const Tensor& x, U bits) {
+template <class U>
+void launch_fill(const Tensor& x, U bits) {
   constexpr int kWidth = kPackBytes / sizeof(U);
   const int64_t n = x.numel();
   auto* p = static_cast<U*>(x.data);
@@ -305,10 +335,10 @@ void fill(Tensor x, float value) {
 
 void cast(Tensor dst, Tensor src) {
   constexpr const char* kOp = "cast";
-  TS_CHECK(!dst.empty() && dst.device == Device::cuda, "{}: dst must be a cuda tensor, got {}",
-           kOp, dst.str());
-  TS_CHECK(!src.empty() && src.device == Device::cuda, "{}: src must be a cuda tensor, got {}",
-           kOp, src.str());
+  TS_CHECK(!dst.empty() && dst.device == Device::cuda, "{}: dst must be a cuda tensor, got {}", kOp,
+           dst.str());
+  TS_CHECK(!src.empty() && src.device == Device::cuda, "{}: src must be a cuda tensor, got {}", kOp,
+           src.str());
   TS_CHECK(is_castable(dst.dtype) && is_castable(src.dtype),
            "{}: {} -> {}: cast on cuda takes f32, bf16, f16, e4m3 or e5m2", kOp, src.str(),
            dst.str());
@@ -318,8 +348,8 @@ void cast(Tensor dst, Tensor src) {
   TS_CHECK(!overlaps(dst, src), "{}: dst overlaps src without being the same tensor", kOp);
   if (dst.numel() == 0) return;
   if (dst.dtype == src.dtype) {
-    TS_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, dst.nbytes(), cudaMemcpyDeviceToDevice,
-                                  stream()));
+    TS_CUDA_CHECK(
+        cudaMemcpyAsync(dst.data, src.data, dst.nbytes(), cudaMemcpyDeviceToDevice, stream()));
     return;
   }
   dispatch_castable(src.dtype, [&]<DType kSrc>() {
@@ -335,18 +365,18 @@ double sum_squares(Tensor x) {
   // The partition depends only on n (and alignment), never on the device: deterministic sums.
   constexpr int kMaxPartials = 1024;
   constexpr int64_t kElementsPerThread = 32;
-  const int num_blocks = static_cast<int>(
-      std::min<int64_t>(kMaxPartials, ceil_div(n, kBlock * kElementsPerThread)));
+  const int num_blocks =
+      static_cast<int>(std::min<int64_t>(kMaxPartials, ceil_div(n, kBlock * kElementsPerThread)));
   Context& ctx = context();
-  TS_CHECK(ctx.workspace_bytes >= (kMaxPartials + 1) * sizeof(double),
-           "{}: workspace too small", kOp);
+  TS_CHECK(ctx.workspace_bytes >= (kMaxPartials + 1) * sizeof(double), "{}: workspace too small",
+           kOp);
   auto* partial = static_cast<double*>(ctx.workspace);
   double* result = partial + kMaxPartials;
   dispatch_float(x, kOp, [&]<class T>() {
     const auto* p = static_cast<const T*>(x.data);
     if (is_aligned(p)) {
-      sum_squares_partial_kernel<T, kVecWidth<T>><<<num_blocks, kBlock, 0, stream()>>>(partial, p,
-                                                                                        n);
+      sum_squares_partial_kernel<T, kVecWidth<T>>
+          <<<num_blocks, kBlock, 0, stream()>>>(partial, p, n);
     } else {
       sum_squares_partial_kernel<T, 1><<<num_blocks, kBlock, 0, stream()>>>(partial, p, n);
     }

@@ -20,10 +20,11 @@ namespace {
 
 // One pack of kWidth channels per item: out[row, :] = wte[tokens[row], :] + wpe[row % T, :],
 // with a zero wte row for tokens of other shards.
-template <class T, int kWidth> __global__ void __launch_bounds__(kBlock)
-embedding_forward_kernel(T* out, const int32_t* tokens, const T* wte, const T* wpe,
-                         int64_t num_rows, int64_t num_t, int num_c, int64_t vocab_start,
-                         int64_t num_local, int64_t vocab_total) {
+template <class T, int kWidth>
+__global__ void __launch_bounds__(kBlock)
+    embedding_forward_kernel(T* out, const int32_t* tokens, const T* wte, const T* wpe,
+                             int64_t num_rows, int64_t num_t, int num_c, int64_t vocab_start,
+                             int64_t num_local, int64_t vocab_total) {
   const int packs_per_row = num_c / kWidth;
   const int64_t total = num_rows * packs_per_row;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -63,10 +64,11 @@ __global__ void __launch_bounds__(kBlock) iota_kernel(int32_t* x, int64_t n) {
 // Block i handles the group of equal tokens that starts at sorted index i (other blocks exit):
 // dwte[token - vocab_start, :] += sum of dout[positions of the group, :], summed in position
 // order in f32. Groups of other shards' tokens (and of invalid ids) exit at once.
-template <class T, int kWidth> __global__ void __launch_bounds__(kBlock)
-embedding_backward_wte_kernel(T* dwte, const T* dout, const int32_t* sorted_tokens,
-                              const int32_t* sorted_rows, int64_t num_rows, int num_c,
-                              int64_t vocab_start, int64_t num_local) {
+template <class T, int kWidth>
+__global__ void __launch_bounds__(kBlock)
+    embedding_backward_wte_kernel(T* dwte, const T* dout, const int32_t* sorted_tokens,
+                                  const int32_t* sorted_rows, int64_t num_rows, int num_c,
+                                  int64_t vocab_start, int64_t num_local) {
   const int64_t begin = blockIdx.x;
   const int32_t token = sorted_tokens[begin];
   if (begin > 0 && sorted_tokens[begin - 1] == token) return;
@@ -93,8 +95,9 @@ embedding_backward_wte_kernel(T* dwte, const T* dout, const int32_t* sorted_toke
 }
 
 // dwpe[t, :] += sum over b of dout[b, t, :], in batch order; one pack per item.
-template <class T, int kWidth> __global__ void __launch_bounds__(kBlock)
-embedding_backward_wpe_kernel(T* dwpe, const T* dout, int64_t num_b, int64_t num_t, int num_c) {
+template <class T, int kWidth>
+__global__ void __launch_bounds__(kBlock)
+    embedding_backward_wpe_kernel(T* dwpe, const T* dout, int64_t num_b, int64_t num_t, int num_c) {
   const int packs_per_row = num_c / kWidth;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= num_t * packs_per_row) return;
@@ -117,9 +120,8 @@ embedding_backward_wpe_kernel(T* dwpe, const T* dout, int64_t num_b, int64_t num
 // Checks shared by forward and backward; `table` is wte or dwte, `pos` is wpe or dwpe. Returns
 // the size of the whole vocabulary (vocab_total, or Vl when it is -1).
 int64_t check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& table,
-                        const Tensor& pos, int64_t vocab_start, int64_t vocab_total,
-                        const char* op, const char* acts_name, const char* table_name,
-                        const char* pos_name) {
+                        const Tensor& pos, int64_t vocab_start, int64_t vocab_total, const char* op,
+                        const char* acts_name, const char* table_name, const char* pos_name) {
   expect_compute_dtype(table, op, table_name);
   TS_CHECK(table.ndim() == 2, "{}: {} must be (V, C), got {}", op, table_name, table.str());
   TS_CHECK(!tokens.empty() && tokens.device == Device::cuda && tokens.dtype == DType::i32 &&
@@ -150,8 +152,8 @@ bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> te
 }
 
 template <class T, int kWidth>
-void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
-                   const Tensor& tokens, int64_t vocab_start) {
+void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
+                   int64_t vocab_start) {
   const int64_t num_b = tokens.dim(0), num_t = tokens.dim(1), num_rows = tokens.numel();
   const int num_c = static_cast<int>(dwte.dim(1));
   const auto* d = static_cast<const T*>(dout.data);
@@ -177,9 +179,9 @@ void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
   // Radix sort is stable: equal tokens keep position order, the order the sums are taken in.
   TS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, tok, sorted_tokens, rows,
                                                 sorted_rows, num_rows, 0, 32, stream()));
-  embedding_backward_wte_kernel<T, kWidth><<<num_rows, kBlock, 0, stream()>>>(
-      static_cast<T*>(dwte.data), d, sorted_tokens, sorted_rows, num_rows, num_c, vocab_start,
-      dwte.dim(0));
+  embedding_backward_wte_kernel<T, kWidth>
+      <<<num_rows, kBlock, 0, stream()>>>(static_cast<T*>(dwte.data), d, sorted_tokens, sorted_rows,
+                                          num_rows, num_c, vocab_start, dwte.dim(0));
   TS_CUDA_CHECK_LAUNCH();
   if (!dwpe.empty()) {
     const int64_t work = num_t * (num_c / kWidth);
@@ -220,8 +222,7 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
                         int64_t vocab_total) {
   constexpr const char* kOp = "embedding_backward";
-  check_embedding(dout, tokens, dwte, dwpe, vocab_start, vocab_total, kOp, "dout", "dwte",
-                  "dwpe");
+  check_embedding(dout, tokens, dwte, dwpe, vocab_start, vocab_total, kOp, "dout", "dwte", "dwpe");
   TS_CHECK(!overlaps(dwte, dwpe) && !overlaps(dwte, dout) && !overlaps(dwpe, dout),
            "{}: dwte, dwpe and dout must be distinct buffers", kOp);
   TS_CHECK(tokens.numel() < (int64_t(1) << 31), "{}: {} tokens are too many for one call", kOp,

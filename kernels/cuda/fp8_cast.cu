@@ -71,11 +71,11 @@ struct IdentityOp {
 
 template <class T, int kVec, int kIn, int kOut, class Op, bool kE4M3, bool kTranspose>
 __global__ void __launch_bounds__(kThreads)
-quantize_kernel(QuantizeArgs<T, kIn, kOut> a, Op op, int64_t rows, int64_t cols, int64_t tiles_c,
-                int64_t num_tiles) {
-  constexpr int kLanes = kTile / kVec;              // threads across a tile row
-  constexpr int kRowsPerPass = kThreads / kLanes;   // tile rows per pass
-  constexpr int kPasses = kTile / kRowsPerPass;     // passes per tile
+    quantize_kernel(QuantizeArgs<T, kIn, kOut> a, Op op, int64_t rows, int64_t cols,
+                    int64_t tiles_c, int64_t num_tiles) {
+  constexpr int kLanes = kTile / kVec;             // threads across a tile row
+  constexpr int kRowsPerPass = kThreads / kLanes;  // tile rows per pass
+  constexpr int kPasses = kTile / kRowsPerPass;    // passes per tile
   static_assert(kPasses * kRowsPerPass == kTile, "whole passes per tile");
   // Codes of the current tile per output, (tile rows, tile cols); the row pitch of 68 bytes (17
   // words, odd) spreads the column reads of the transposed store over the banks.
@@ -202,23 +202,31 @@ template <bool kE4M3, bool kTranspose, class T, int kIn, int kOut, class Op>
 void launch_widest(const QuantizeArgs<T, kIn, kOut>& a, Op op, int64_t rows, int64_t cols) {
   const auto fits = [&](int v) {
     bool ok = cols % v == 0 && (!kTranspose || rows % v == 0);
-    for (int k = 0; k < kIn; ++k) ok = ok && aligned_to(a.in[k], std::min<size_t>(v * sizeof(T), 16));
+    for (int k = 0; k < kIn; ++k)
+      ok = ok && aligned_to(a.in[k], std::min<size_t>(v * sizeof(T), 16));
     for (int o = 0; o < kOut; ++o)
       ok = ok && aligned_to(a.out[o], v) && (!kTranspose || aligned_to(a.out_t[o], v));
     return ok;
   };
-  if (fits(8)) launch_vec<8, kE4M3, kTranspose>(a, op, rows, cols);
-  else if (fits(4)) launch_vec<4, kE4M3, kTranspose>(a, op, rows, cols);
-  else launch_vec<1, kE4M3, kTranspose>(a, op, rows, cols);
+  if (fits(8))
+    launch_vec<8, kE4M3, kTranspose>(a, op, rows, cols);
+  else if (fits(4))
+    launch_vec<4, kE4M3, kTranspose>(a, op, rows, cols);
+  else
+    launch_vec<1, kE4M3, kTranspose>(a, op, rows, cols);
 }
 
 template <class T, int kIn, int kOut, class Op>
 void launch(const QuantizeArgs<T, kIn, kOut>& a, Op op, bool e4m3, bool transpose, int64_t rows,
             int64_t cols) {
-  if (e4m3 && transpose) launch_widest<true, true>(a, op, rows, cols);
-  else if (e4m3) launch_widest<true, false>(a, op, rows, cols);
-  else if (transpose) launch_widest<false, true>(a, op, rows, cols);
-  else launch_widest<false, false>(a, op, rows, cols);
+  if (e4m3 && transpose)
+    launch_widest<true, true>(a, op, rows, cols);
+  else if (e4m3)
+    launch_widest<true, false>(a, op, rows, cols);
+  else if (transpose)
+    launch_widest<false, true>(a, op, rows, cols);
+  else
+    launch_widest<false, false>(a, op, rows, cols);
 }
 
 // Fills output o of `a` from a quantize operand set.
@@ -260,9 +268,9 @@ void swiglu_backward_fp8(Tensor dgate8, Tensor dgate8_t, Tensor dup8, Tensor dup
                          Tensor amax_gate, Tensor amax_up, Tensor dout, Tensor gate, Tensor up,
                          Tensor scale_gate, Tensor scale_up) {
   constexpr const char* kOp = "swiglu_backward_fp8";
-  const fp8::QuantizeDims d = fp8::check_swiglu_backward(
-      dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout, gate, up, scale_gate, scale_up,
-      Device::cuda, kOp);
+  const fp8::QuantizeDims d =
+      fp8::check_swiglu_backward(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout, gate, up,
+                                 scale_gate, scale_up, Device::cuda, kOp);
   if (d.rows == 0 || d.cols == 0) return;
   dispatch_input(dout.dtype, kOp, [&]<class T>() {
     QuantizeArgs<T, 3, 2> a{};

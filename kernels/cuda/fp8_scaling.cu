@@ -14,10 +14,10 @@ constexpr int kThreads = 128;
 
 // hist (L, n): thread j walks column j; neighbouring threads touch neighbouring words.
 __global__ void __launch_bounds__(kThreads)
-update_scales_kernel(float* __restrict__ hist, float* __restrict__ scale,
-                     float* __restrict__ scale_inv, float* __restrict__ amax,
-                     const float* __restrict__ fp8_max, int64_t len, int64_t n, bool use_max,
-                     float pow2_margin) {
+    update_scales_kernel(float* __restrict__ hist, float* __restrict__ scale,
+                         float* __restrict__ scale_inv, float* __restrict__ amax,
+                         const float* __restrict__ fp8_max, int64_t len, int64_t n, bool use_max,
+                         float pow2_margin) {
   const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= n) return;
   const float now = amax[j];

@@ -16,7 +16,8 @@ void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd
 void adamw_update_multi(std::span<const ops::AdamWTensors> entries) {
   std::vector<AdamWEntry> converted;
   converted.reserve(entries.size());
-  for (const ops::AdamWTensors& e : entries) converted.push_back({e.param, e.grad, e.m, e.v, e.step});
+  for (const ops::AdamWTensors& e : entries)
+    converted.push_back({e.param, e.grad, e.m, e.v, e.step});
   adamw_update_multi(std::span<const AdamWEntry>(converted));
 }
 

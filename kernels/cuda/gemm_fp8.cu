@@ -34,8 +34,9 @@ std::map<PlanKey, Plan> g_plans;
 // cuBLASLt wants 16-byte aligned scale pointers: a scale at a 4-byte offset of an array made the
 // first FP8 GEMM of llama-1b fail with NOT_SUPPORTED on an H100 (cuBLAS 13) while the same GEMM
 // with scales allocated alone ran. Training passes aligned scales (Fp8ScalingState keeps aligned
-// copies); any other caller's unaligned scale is copied into a 16-byte slot of this buffer first, on the compute stream: calls are enqueued
-// under g_plan_mutex on that one stream, so a slot is never rewritten before its GEMM has read it.
+// copies); any other caller's unaligned scale is copied into a 16-byte slot of this buffer first,
+// on the compute stream: calls are enqueued under g_plan_mutex on that one stream, so a slot is
+// never rewritten before its GEMM has read it.
 std::map<int, float*> g_scale_slots;  // device -> 2 slots of 16 bytes
 
 const void* aligned_scale(const Context& ctx, const void* scale, int slot) {
@@ -75,8 +76,10 @@ void require_fp8_device(int device) {
   TS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   TS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   if (major * 10 + minor < 89)
-    TS_USER_ERROR("FP8 GEMMs need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                  "device {} is {}.{}: choose another precision recipe", device, major, minor);
+    TS_USER_ERROR(
+        "FP8 GEMMs need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+        "device {} is {}.{}: choose another precision recipe",
+        device, major, minor);
 }
 
 Plan make_plan(const fp8::GemmDims& d, const Tensor& c, const Tensor& a, const Tensor& b,
@@ -98,9 +101,10 @@ Plan make_plan(const fp8::GemmDims& d, const Tensor& c, const Tensor& a, const T
 
   // Unlike lt_gemm there is no fallback kernel: an FP8 GEMM cuBLASLt cannot run is an error.
   if (!lt_best_algo(plan.desc, plan.layout_a, plan.layout_b, plan.layout_c, align, &plan.algo))
-    TS_SYSTEM_ERROR("gemm_fp8: cuBLASLt has no FP8 algorithm for c {} = a {} x b {}^T "
-                    "(accumulate {}, alignments a {} b {} c {} bytes)", c.str(), a.str(), b.str(),
-                    accumulate, align[0], align[1], align[2]);
+    TS_SYSTEM_ERROR(
+        "gemm_fp8: cuBLASLt has no FP8 algorithm for c {} = a {} x b {}^T "
+        "(accumulate {}, alignments a {} b {} c {} bytes)",
+        c.str(), a.str(), b.str(), accumulate, align[0], align[1], align[2]);
   return plan;
 }
 
@@ -124,8 +128,9 @@ void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_i
     return;
   }
   const Context& ctx = context();
-  const PlanKey key{ctx.device,       d.m,        d.n,       d.k,     int64_t(a.dtype),
-                    int64_t(b.dtype), int64_t(c.dtype), accumulate, align[0], align[1], align[2]};
+  const PlanKey key{
+      ctx.device,       d.m,        d.n,      d.k,      int64_t(a.dtype), int64_t(b.dtype),
+      int64_t(c.dtype), accumulate, align[0], align[1], align[2]};
   std::lock_guard<std::mutex> lock(g_plan_mutex);
   auto it = g_plans.find(key);
   if (it == g_plans.end()) {
@@ -134,19 +139,22 @@ void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_i
   }
   const Plan& plan = it->second;
   // cuBLASLt A is our b, so A's scale is b's; both are device pointers read by the kernel.
-  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, aligned_scale(ctx, b_scale_inv.data, 0));
-  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, aligned_scale(ctx, a_scale_inv.data, 1));
+  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+           aligned_scale(ctx, b_scale_inv.data, 0));
+  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+           aligned_scale(ctx, a_scale_inv.data, 1));
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  const cublasStatus_t st = cublasLtMatmul(
-      reinterpret_cast<cublasLtHandle_t>(ctx.cublaslt), plan.desc, &alpha, b.data, plan.layout_a,
-      a.data, plan.layout_b, &beta, c.data, plan.layout_c, c.data, plan.layout_c, &plan.algo,
-      ctx.workspace, ctx.workspace_bytes, stream());
+  const cublasStatus_t st =
+      cublasLtMatmul(reinterpret_cast<cublasLtHandle_t>(ctx.cublaslt), plan.desc, &alpha, b.data,
+                     plan.layout_a, a.data, plan.layout_b, &beta, c.data, plan.layout_c, c.data,
+                     plan.layout_c, &plan.algo, ctx.workspace, ctx.workspace_bytes, stream());
   if (st != CUBLAS_STATUS_SUCCESS)  // the whole call, so that a failure in a model is reproducible
-    TS_SYSTEM_ERROR("gemm_fp8: cublasLtMatmul failed (cuBLAS status {}) for c {} = a {} x b {}^T, "
-                    "accumulate {}, alignments a {} b {} c {}, scale pointers a {} b {} "
-                    "(CUBLASLT_LOG_LEVEL=2 prints cuBLASLt's reason)", int(st), c.str(), a.str(),
-                    b.str(), accumulate, align[0], align[1], align[2], a_scale_inv.data,
-                    b_scale_inv.data);
+    TS_SYSTEM_ERROR(
+        "gemm_fp8: cublasLtMatmul failed (cuBLAS status {}) for c {} = a {} x b {}^T, "
+        "accumulate {}, alignments a {} b {} c {}, scale pointers a {} b {} "
+        "(CUBLASLT_LOG_LEVEL=2 prints cuBLASLt's reason)",
+        int(st), c.str(), a.str(), b.str(), accumulate, align[0], align[1], align[2],
+        a_scale_inv.data, b_scale_inv.data);
 }
 
 size_t gemm_fp8_plan_count() {

@@ -28,8 +28,8 @@ __device__ __forceinline__ float load_or_zero(const T* x, int64_t rows, int64_t 
 
 template <class T>
 __global__ void __launch_bounds__(256)
-gemm_simt_kernel(T* c, const T* a, const T* b, int64_t m, int64_t n, int64_t k, bool trans_a,
-                 bool trans_b, float alpha, float beta) {
+    gemm_simt_kernel(T* c, const T* a, const T* b, int64_t m, int64_t n, int64_t k, bool trans_a,
+                     bool trans_b, float alpha, float beta) {
   __shared__ float a_s[kSimtK][kSimtTile + 1];  // (K step, rows of c)
   __shared__ float b_s[kSimtK][kSimtTile + 1];  // (K step, columns of c)
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -146,8 +146,8 @@ Plan make_plan(const LtGemm& g, const int64_t (&align)[5]) {
                             : cublasLtMatrixLayoutCreate(&plan.layout_b, type, k, m, int64_t(k)));
   TS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.layout_c, type, n, m, int64_t(n)));
 
-  plan.found = lt_best_algo(plan.desc, plan.layout_a, plan.layout_b, plan.layout_c, align,
-                            &plan.algo);
+  plan.found =
+      lt_best_algo(plan.desc, plan.layout_a, plan.layout_b, plan.layout_c, align, &plan.algo);
   return plan;
 }
 
@@ -157,8 +157,8 @@ namespace {
 
 void check_lt_args(const LtGemm& g) {
   TS_CHECK(g.m >= 1 && g.n >= 1 && g.k >= 1 && g.alpha != 0.0f,
-           "lt_gemm: needs m, n, k >= 1 and alpha != 0, got m={} n={} k={} alpha={}", g.m, g.n,
-           g.k, g.alpha);
+           "lt_gemm: needs m, n, k >= 1 and alpha != 0, got m={} n={} k={} alpha={}", g.m, g.n, g.k,
+           g.alpha);
   TS_CHECK(g.epilogue != GemmEpilogue::gelu_aux_bias || (g.alpha == 1.0f && g.beta == 0.0f),
            "lt_gemm: the GELU epilogue needs alpha 1 and beta 0, got {} and {}", g.alpha, g.beta);
   TS_CHECK(g.epilogue == GemmEpilogue::none || g.bias != nullptr, "lt_gemm: epilogue without bias");
@@ -170,8 +170,19 @@ void check_lt_args(const LtGemm& g) {
 const Plan& find_plan(const LtGemm& g, int device) {
   const int64_t align[5] = {alignment_of(g.a), alignment_of(g.b), alignment_of(g.c),
                             alignment_of(g.bias), alignment_of(g.aux)};
-  const PlanKey key{device, g.m, g.n, g.k, g.trans_a, g.trans_b, int64_t(g.dtype),
-                    int64_t(g.epilogue), align[0], align[1], align[2], align[3], align[4]};
+  const PlanKey key{device,
+                    g.m,
+                    g.n,
+                    g.k,
+                    g.trans_a,
+                    g.trans_b,
+                    int64_t(g.dtype),
+                    int64_t(g.epilogue),
+                    align[0],
+                    align[1],
+                    align[2],
+                    align[3],
+                    align[4]};
   auto it = g_plans.find(key);
   if (it == g_plans.end()) it = g_plans.emplace(key, make_plan(g, align)).first;
   return it->second;
@@ -221,8 +232,8 @@ void gemm_simt(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float a
   TS_CHECK(grid.y <= 65535, "{}: M = {} too large for the fallback kernel", kOp, m);
   dispatch_float(c, kOp, [&]<class T>() {
     gemm_simt_kernel<T><<<grid, 256, 0, stream()>>>(
-        static_cast<T*>(c.data), static_cast<const T*>(a.data), static_cast<const T*>(b.data), m,
-        n, k, trans_a, trans_b, alpha, beta);
+        static_cast<T*>(c.data), static_cast<const T*>(a.data), static_cast<const T*>(b.data), m, n,
+        k, trans_a, trans_b, alpha, beta);
     TS_CUDA_CHECK_LAUNCH();
   });
 }
@@ -241,8 +252,8 @@ bool lt_best_algo(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t layout_a,
       CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
       CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
   for (int i = 0; i < 4; ++i)
-    TS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align_lt[i],
-                                                         sizeof(uint32_t)));
+    TS_CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align_lt[i], sizeof(uint32_t)));
   cublasLtMatmulHeuristicResult_t result{};
   int num_results = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(

@@ -33,9 +33,9 @@ void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dbia
                    const Tensor& rstd, int64_t num_rows, int num_c) {
   launch_norm_backward<T, kWidth, true>(
       static_cast<T*>(dweight.data), dbias.empty() ? nullptr : static_cast<T*>(dbias.data),
-      static_cast<T*>(dinp.data), static_cast<const T*>(dout.data),
-      static_cast<const T*>(inp.data), static_cast<const T*>(weight.data),
-      static_cast<const float*>(mean.data), static_cast<const float*>(rstd.data), num_rows, num_c);
+      static_cast<T*>(dinp.data), static_cast<const T*>(dout.data), static_cast<const T*>(inp.data),
+      static_cast<const T*>(weight.data), static_cast<const float*>(mean.data),
+      static_cast<const float*>(rstd.data), num_rows, num_c);
 }
 
 // The fused residual + LayerNorm: the register layouts take the kResidual kernel; rows too wide
@@ -73,8 +73,8 @@ bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> te
 
 }  // namespace
 
-void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
-                       Tensor bias, float eps) {
+void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias,
+                       float eps) {
   constexpr const char* kOp = "layernorm_forward";
   expect_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
@@ -116,8 +116,8 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
   if (num_rows == 0 || num_c == 0) return;
   dispatch_float(inp, kOp, [&]<class T>() {
     if (use_packs(num_c, kVecWidth<T>, {&dinp, &dout, &inp, &weight}))
-      backward_impl<T, kVecWidth<T>>(dinp, dweight, dbias, dout, inp, weight, mean, rstd,
-                                     num_rows, int(num_c));
+      backward_impl<T, kVecWidth<T>>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows,
+                                     int(num_c));
     else
       backward_impl<T, 1>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows,
                           int(num_c));

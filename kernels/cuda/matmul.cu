@@ -12,9 +12,9 @@ namespace tessera::cuda {
 
 namespace {
 
-constexpr int kColsumRows = 256;   // rows of dout per partial sum (stage 1 of dbias)
-constexpr int kColsumWidth = 32;   // columns per block: one warp reads 32 adjacent columns
-constexpr int kColsumLanes = 8;    // row lanes per block, reduced in a fixed order
+constexpr int kColsumRows = 256;  // rows of dout per partial sum (stage 1 of dbias)
+constexpr int kColsumWidth = 32;  // columns per block: one warp reads 32 adjacent columns
+constexpr int kColsumLanes = 8;   // row lanes per block, reduced in a fixed order
 
 // c = beta * c, with beta = 0 writing zeros (c may hold NaN, which must not survive).
 template <class T>
@@ -91,8 +91,7 @@ void check_float_arg(const Tensor& t, DType dtype, const char* op, const char* n
 }
 
 void check_compute(const Tensor& t, const char* op, const char* name) {
-  TS_CHECK(is_compute_dtype(t.dtype), "{}: {} must be f32, bf16 or f16, got {}", op, name,
-           t.str());
+  TS_CHECK(is_compute_dtype(t.dtype), "{}: {} must be f32, bf16 or f16, got {}", op, name, t.str());
   check_float_arg(t, t.dtype, op, name);
 }
 
@@ -102,8 +101,8 @@ int64_t rows_of(const Tensor& t) { return t.ndim() == 0 ? 1 : t.numel() / t.dim(
 void scale_c(Tensor c, float beta) {
   if (beta == 1.0f || c.numel() == 0) return;
   dispatch_float(c, "gemm", [&]<class T>() {
-    scale_kernel<T><<<grid_for(c.numel()), 256, 0, stream()>>>(static_cast<T*>(c.data), c.numel(),
-                                                               beta);
+    scale_kernel<T>
+        <<<grid_for(c.numel()), 256, 0, stream()>>>(static_cast<T*>(c.data), c.numel(), beta);
     TS_CUDA_CHECK_LAUNCH();
   });
 }
@@ -229,8 +228,7 @@ void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
   if (!dbias.empty()) accumulate_column_sums(dbias, dout, d.m, d.n);
 }
 
-bool matmul_gelu_supported(Tensor out_pre, Tensor out_act, Tensor inp, Tensor weight,
-                           Tensor bias) {
+bool matmul_gelu_supported(Tensor out_pre, Tensor out_act, Tensor inp, Tensor weight, Tensor bias) {
   constexpr const char* kOp = "matmul_gelu_forward";
   TS_CHECK(!bias.empty(), "{}: needs a bias", kOp);
   const GemmDims d = check_linear(out_pre, inp, weight, bias, kOp);
@@ -250,8 +248,8 @@ void matmul_gelu_forward(Tensor out_pre, Tensor out_act, Tensor inp, Tensor weig
   constexpr const char* kOp = "matmul_gelu_forward";
   TS_CHECK(matmul_gelu_supported(out_pre, out_act, inp, weight, bias),
            "{}: cuBLASLt cannot run out {} = gelu(inp {} weight {}^T + bias): check "
-           "matmul_gelu_supported first and use matmul_forward + gelu_forward", kOp,
-           out_pre.str(), inp.str(), weight.str());
+           "matmul_gelu_supported first and use matmul_forward + gelu_forward",
+           kOp, out_pre.str(), inp.str(), weight.str());
   for (const Tensor* out : {&out_pre, &out_act})
     for (const Tensor* input : {&inp, &weight, &bias})
       TS_CHECK(!overlap(*out, *input), "{}: output {} overlaps input {}", kOp, out->str(),

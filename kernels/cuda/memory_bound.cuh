@@ -12,18 +12,22 @@
 namespace tessera::cuda {
 
 constexpr int kPackBytes = 16;  // one 128-bit load or store per thread
-template <class T> constexpr int kVecWidth = kPackBytes / static_cast<int>(sizeof(T));
-constexpr int kBlock = 256;     // threads per block of the elementwise and row kernels
+template <class T>
+constexpr int kVecWidth = kPackBytes / static_cast<int>(sizeof(T));
+constexpr int kBlock = 256;  // threads per block of the elementwise and row kernels
 
 // kWidth consecutive elements, aligned so the whole pack moves as one (or two) vector accesses.
-template <class T, int kWidth> struct alignas(sizeof(T) * kWidth) Pack {
+template <class T, int kWidth>
+struct alignas(sizeof(T) * kWidth) Pack {
   T v[kWidth];
 };
 
-template <class T, int kWidth> __device__ __forceinline__ Pack<T, kWidth> load_pack(const T* p) {
+template <class T, int kWidth>
+__device__ __forceinline__ Pack<T, kWidth> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, kWidth>*>(p);
 }
-template <class T, int kWidth> __device__ __forceinline__ void store_pack(T* p, Pack<T, kWidth> x) {
+template <class T, int kWidth>
+__device__ __forceinline__ void store_pack(T* p, Pack<T, kWidth> x) {
   *reinterpret_cast<Pack<T, kWidth>*>(p) = x;
 }
 
@@ -70,10 +74,12 @@ __device__ __forceinline__ void row_sum(float (&v)[kNumValues], float* smem) {
 // A row of C = num_packs * kWidth elements is handled by kThreads consecutive threads (a warp or a
 // whole block), thread t owning packs t, t + kThreads, ... (kChunks of them, cached in registers).
 // Blocks hold max(kBlock, kThreads) threads, i.e. several rows when kThreads < kBlock.
-template <int kThreads> constexpr int kRowBlockThreads = kThreads > kBlock ? kThreads : kBlock;
+template <int kThreads>
+constexpr int kRowBlockThreads = kThreads > kBlock ? kThreads : kBlock;
 // The backward kernels hold more registers per row (column sums, the prefetched next row), so
 // they use smaller blocks: finer-grained occupancy, more rows in flight per SM.
-template <int kThreads> constexpr int kBackwardBlockThreads = kThreads > 128 ? kThreads : 128;
+template <int kThreads>
+constexpr int kBackwardBlockThreads = kThreads > 128 ? kThreads : 128;
 // Blocks per SM the backward kernels ask the compiler to fit: caps registers at 168 for 128-thread
 // blocks (three blocks, 12 warps, instead of two when a layout wants ~170).
 template <int kThreads>
@@ -84,7 +90,8 @@ constexpr int kBackwardMinBlocks = kBackwardBlockThreads<kThreads> == 128 ? 3 : 
 // per lane: C = 768 is 32 lanes x 3 bf16 packs), then 64..1024 threads per row with 2 or
 // kMaxChunks packs each. Returns false when the row is wider than 1024 * kMaxChunks packs (the
 // caller's streaming fallback).
-template <int kMaxChunks, class F> bool dispatch_row_layout(int64_t num_packs, F&& f) {
+template <int kMaxChunks, class F>
+bool dispatch_row_layout(int64_t num_packs, F&& f) {
   static_assert(kMaxChunks >= 1, "at least one pack per thread");
   bool done = false;
   auto layout = [&]<int kThreads, int kChunks>() {
@@ -118,8 +125,9 @@ template <int kMaxChunks, class F> bool dispatch_row_layout(int64_t num_packs, F
 // dst[c] += sum over g of partial[g * num_c + c], added in the order g = 0, 1, ...: the second
 // pass of the deterministic parameter-gradient reductions. Block (32, 32): x picks the column,
 // y a strided slice of the partials; the 32 slice sums are then added in y order.
-template <class T> __global__ void __launch_bounds__(1024)
-column_sum_kernel(T* dst, const float* partial, int num_partials, int num_c) {
+template <class T>
+__global__ void __launch_bounds__(1024)
+    column_sum_kernel(T* dst, const float* partial, int num_partials, int num_c) {
   __shared__ float slice_sums[32][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
   float s = 0.0f;
@@ -134,10 +142,10 @@ column_sum_kernel(T* dst, const float* partial, int num_partials, int num_c) {
   }
 }
 
-template <class T> void launch_column_sum(T* dst, const float* partial, int num_partials,
-                                          int num_c) {
-  column_sum_kernel<T><<<ceil_div(num_c, 32), dim3(32, 32), 0, stream()>>>(dst, partial,
-                                                                          num_partials, num_c);
+template <class T>
+void launch_column_sum(T* dst, const float* partial, int num_partials, int num_c) {
+  column_sum_kernel<T>
+      <<<ceil_div(num_c, 32), dim3(32, 32), 0, stream()>>>(dst, partial, num_partials, num_c);
   TS_CUDA_CHECK_LAUNCH();
 }
 
@@ -193,7 +201,8 @@ __device__ __forceinline__ void store_column_sums(const float (&acc)[kChunks][kW
 }
 
 // Blocks of `kernel` (block_threads each) that fit on one SM at once.
-template <class Kernel> int resident_blocks_per_sm(Kernel kernel, int block_threads) {
+template <class Kernel>
+int resident_blocks_per_sm(Kernel kernel, int block_threads) {
   int blocks = 0;
   TS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, block_threads, 0));
   return std::max(blocks, 1);
@@ -241,8 +250,8 @@ inline void expect_tensor(const Tensor& t, DType dtype, const Shape& shape, cons
 inline void expect_compute_dtype(const Tensor& t, const char* op, const char* name) {
   TS_CHECK(!t.empty(), "{}: {} is empty, but it is required", op, name);
   TS_CHECK(t.device == Device::cuda, "{}: {} is {}, expected a cuda tensor", op, name, t.str());
-  TS_CHECK(is_compute_dtype(t.dtype),
-           "{}: {} is {}; the CUDA kernels compute on f32, bf16 or f16", op, name, t.str());
+  TS_CHECK(is_compute_dtype(t.dtype), "{}: {} is {}; the CUDA kernels compute on f32, bf16 or f16",
+           op, name, t.str());
 }
 
 // Rows of a (..., C) tensor: the product of all dims but the last.
@@ -263,7 +272,8 @@ inline int grid_for(int64_t work) {
 // out_k[i] = Op(in_0[i], ..., in_{kNumIn-1}[i]) for k < kNumOut, computed in f32. Each element is
 // read before it is written by the same thread, so an output may alias an input exactly.
 
-template <class T, int kNumIn, int kNumOut> struct MapArgs {
+template <class T, int kNumIn, int kNumOut>
+struct MapArgs {
   const T* in[kNumIn > 0 ? kNumIn : 1] = {};
   T* out[kNumOut] = {};
 };
@@ -294,8 +304,8 @@ __device__ __forceinline__ void map_apply(const MapArgs<T, kNumIn, kNumOut>& a, 
 
 // Packs of kWidth through a grid-stride loop; the n % kWidth tail elements go to the first threads.
 template <class T, int kWidth, int kNumIn, int kNumOut, class Op>
-__global__ void __launch_bounds__(kBlock) map_kernel(MapArgs<T, kNumIn, kNumOut> a, int64_t n,
-                                                     Op op) {
+__global__ void __launch_bounds__(kBlock)
+    map_kernel(MapArgs<T, kNumIn, kNumOut> a, int64_t n, Op op) {
   const int64_t num_packs = n / kWidth;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -313,8 +323,8 @@ void launch_map(const MapArgs<T, kNumIn, kNumOut>& a, int64_t n, const Op& op) {
   for (int k = 0; k < kNumOut; ++k) aligned = aligned && is_aligned(a.out[k]);
   constexpr int kVec = kVecWidth<T>;
   if (aligned) {
-    map_kernel<T, kVec, kNumIn, kNumOut, Op><<<grid_for(ceil_div(n, kVec)), kBlock, 0, stream()>>>(
-        a, n, op);
+    map_kernel<T, kVec, kNumIn, kNumOut, Op>
+        <<<grid_for(ceil_div(n, kVec)), kBlock, 0, stream()>>>(a, n, op);
   } else {
     map_kernel<T, 1, kNumIn, kNumOut, Op><<<grid_for(n), kBlock, 0, stream()>>>(a, n, op);
   }

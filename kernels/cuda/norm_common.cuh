@@ -11,16 +11,21 @@ namespace tessera::cuda {
 // norm = (x - mean) * rstd, or x * rstd without a mean: the expressions of the separate kernels.
 template <bool kHasMean>
 __device__ __forceinline__ float norm_value(float x, float m, float s) {
-  if constexpr (kHasMean) return (x - m) * s;
-  else return x * s;
+  if constexpr (kHasMean)
+    return (x - m) * s;
+  else
+    return x * s;
 }
 
 // ---- forward ---------------------------------------------------------------------------------
 
 // Whether the forward adds a bias: RMSNorm never does (its bias argument is ignored).
-template <bool kHasMean, class T> __device__ __forceinline__ bool uses_bias(const T* bias) {
-  if constexpr (kHasMean) return bias != nullptr;
-  else return false;
+template <bool kHasMean, class T>
+__device__ __forceinline__ bool uses_bias(const T* bias) {
+  if constexpr (kHasMean)
+    return bias != nullptr;
+  else
+    return false;
 }
 
 // The first pass sums x (kHasMean) or x^2 (RMSNorm); with kHasMean a second pass on the register
@@ -31,9 +36,9 @@ template <bool kHasMean, class T> __device__ __forceinline__ bool uses_bias(cons
 // without kHasMean; bias may be null.
 template <class T, int kWidth, int kThreads, int kChunks, bool kHasMean, bool kResidual = false>
 __global__ void __launch_bounds__(kRowBlockThreads<kThreads>)
-norm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias,
-                    int64_t num_rows, int num_c, float eps, const T* inp2 = nullptr,
-                    T* residual = nullptr) {
+    norm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
+                        const T* bias, int64_t num_rows, int num_c, float eps,
+                        const T* inp2 = nullptr, T* residual = nullptr) {
   static_assert(kHasMean || !kResidual, "the fused residual exists for LayerNorm only");
   constexpr int kRowsPerBlock = kRowBlockThreads<kThreads> / kThreads;
   __shared__ float smem[kRowBlockThreads<kThreads> / 32];
@@ -59,8 +64,10 @@ norm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* wei
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         x[k][j] = to_f32(v.v[j]);
-        if constexpr (kHasMean) sum[0] += x[k][j];
-        else sum[0] += x[k][j] * x[k][j];
+        if constexpr (kHasMean)
+          sum[0] += x[k][j];
+        else
+          sum[0] += x[k][j] * x[k][j];
       }
     }
   }
@@ -106,9 +113,10 @@ norm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* wei
 
 // Rows too wide for registers: one block of kBlock threads per row, one pass over the row per
 // statistic plus one for the output (the later passes mostly hit in L1/L2).
-template <class T, int kWidth, bool kHasMean> __global__ void __launch_bounds__(kBlock)
-norm_forward_wide_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
-                         const T* bias, int num_c, float eps) {
+template <class T, int kWidth, bool kHasMean>
+__global__ void __launch_bounds__(kBlock)
+    norm_forward_wide_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
+                             const T* bias, int num_c, float eps) {
   __shared__ float smem[kBlock / 32];
   const int64_t row = blockIdx.x;
   const int num_packs = num_c / kWidth;
@@ -118,8 +126,10 @@ norm_forward_wide_kernel(T* out, float* mean, float* rstd, const T* inp, const T
     const Pack<T, kWidth> v = load_pack<T, kWidth>(x_row + p * kWidth);
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
-      if constexpr (kHasMean) sum[0] += to_f32(v.v[j]);
-      else sum[0] += to_f32(v.v[j]) * to_f32(v.v[j]);
+      if constexpr (kHasMean)
+        sum[0] += to_f32(v.v[j]);
+      else
+        sum[0] += to_f32(v.v[j]) * to_f32(v.v[j]);
     }
   }
   row_sum<kBlock, 1>(sum, smem);
@@ -169,8 +179,8 @@ void launch_norm_forward(T* out, float* mean, float* rstd, const T* inp, const T
   };
   const bool fits = dispatch_row_layout<kMaxChunks>(num_c / kWidth, launch);
   if (!fits) {
-    norm_forward_wide_kernel<T, kWidth, kHasMean><<<num_rows, kBlock, 0, stream()>>>(
-        out, mean, rstd, inp, weight, bias, num_c, eps);
+    norm_forward_wide_kernel<T, kWidth, kHasMean>
+        <<<num_rows, kBlock, 0, stream()>>>(out, mean, rstd, inp, weight, bias, num_c, eps);
   }
   TS_CUDA_CHECK_LAUNCH();
 }
@@ -179,18 +189,22 @@ void launch_norm_forward(T* out, float* mean, float* rstd, const T* inp, const T
 
 // Values per thread in the backward: 3 16-bit packs (a warp covers C = 768) or 4 f32 packs; more
 // f32 packs would spill under the 168-register cap of kBackwardMinBlocks.
-template <class T> constexpr int kNormBackwardElems = sizeof(T) == 2 ? 24 : 16;
+template <class T>
+constexpr int kNormBackwardElems = sizeof(T) == 2 ? 24 : 16;
 
 // Row sums per row and partial rows per block: sum(dnorm) (kHasMean only), sum(dnorm * norm).
-template <bool kHasMean> constexpr int kNormNumSums = kHasMean ? 2 : 1;
+template <bool kHasMean>
+constexpr int kNormNumSums = kHasMean ? 2 : 1;
 
 // dinp = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) with a mean; without one the
 // mean(dnorm) term is absent (not subtracted as zero: the expression stays the RMSNorm one).
 template <bool kHasMean>
 __device__ __forceinline__ float norm_dinp(float d, float w, float n, float s, float mean_dnorm,
                                            float mean_dnorm_norm) {
-  if constexpr (kHasMean) return s * (d * w - mean_dnorm - n * mean_dnorm_norm);
-  else return s * (d * w - n * mean_dnorm_norm);
+  if constexpr (kHasMean)
+    return s * (d * w - mean_dnorm - n * mean_dnorm_norm);
+  else
+    return s * (d * w - n * mean_dnorm_norm);
 }
 
 // dnorm = dout * weight. Block b handles row groups b, b + gridDim.x, ... and writes its column
@@ -201,9 +215,9 @@ __device__ __forceinline__ float norm_dinp(float d, float w, float n, float s, f
 // reductions.
 template <class T, int kWidth, int kThreads, int kChunks, bool kHasMean>
 __global__ void __launch_bounds__(kBackwardBlockThreads<kThreads>, kBackwardMinBlocks<kThreads>)
-norm_backward_kernel(T* dinp, float* partial_dw, float* partial_db, const T* dout, const T* inp,
-                     const T* weight, const float* mean, const float* rstd, int64_t num_rows,
-                     int num_c) {
+    norm_backward_kernel(T* dinp, float* partial_dw, float* partial_db, const T* dout, const T* inp,
+                         const T* weight, const float* mean, const float* rstd, int64_t num_rows,
+                         int num_c) {
   constexpr int kBlockThreads = kBackwardBlockThreads<kThreads>;
   constexpr int kRowsPerBlock = kBlockThreads / kThreads;
   constexpr int kNumSums = kNormNumSums<kHasMean>;
@@ -266,8 +280,8 @@ norm_backward_kernel(T* dinp, float* partial_dw, float* partial_db, const T* dou
           const float dv = to_f32(d[k].v[j]), n = norm_value<kHasMean>(to_f32(x[k].v[j]), m, s);
           acc_dw[k][j] += dv * n;
           if constexpr (kHasMean) acc_db[k][j] += dv;
-          out.v[j] = from_f32<T>(norm_dinp<kHasMean>(dv, to_f32(w[k].v[j]), n, s, mean_dnorm,
-                                                     mean_dnorm_norm));
+          out.v[j] = from_f32<T>(
+              norm_dinp<kHasMean>(dv, to_f32(w[k].v[j]), n, s, mean_dnorm, mean_dnorm_norm));
         }
         store_pack<T, kWidth>(dinp + row * num_c + p * kWidth, out);
       }
@@ -282,10 +296,11 @@ norm_backward_kernel(T* dinp, float* partial_dw, float* partial_db, const T* dou
 
 // Rows too wide for registers: one row at a time per block, two passes; the block's partial rows
 // (zeroed by the launcher) are updated in place: each column by one fixed thread, in row order.
-template <class T, int kWidth, bool kHasMean> __global__ void __launch_bounds__(kBlock)
-norm_backward_wide_kernel(T* dinp, float* partial_dw, float* partial_db, const T* dout,
-                          const T* inp, const T* weight, const float* mean, const float* rstd,
-                          int64_t num_rows, int num_c) {
+template <class T, int kWidth, bool kHasMean>
+__global__ void __launch_bounds__(kBlock)
+    norm_backward_wide_kernel(T* dinp, float* partial_dw, float* partial_db, const T* dout,
+                              const T* inp, const T* weight, const float* mean, const float* rstd,
+                              int64_t num_rows, int num_c) {
   constexpr int kNumSums = kNormNumSums<kHasMean>;
   __shared__ float smem[kBlock / 32 * kNumSums];
   const int num_packs = num_c / kWidth;
@@ -322,8 +337,8 @@ norm_backward_wide_kernel(T* dinp, float* partial_dw, float* partial_db, const T
         const float d = to_f32(dv.v[j]), n = norm_value<kHasMean>(to_f32(xv.v[j]), m, s);
         pdw[p * kWidth + j] += d * n;
         if constexpr (kHasMean) pdb[p * kWidth + j] += d;
-        out.v[j] = from_f32<T>(
-            norm_dinp<kHasMean>(d, to_f32(wv.v[j]), n, s, mean_dnorm, mean_dnorm_norm));
+        out.v[j] =
+            from_f32<T>(norm_dinp<kHasMean>(d, to_f32(wv.v[j]), n, s, mean_dnorm, mean_dnorm_norm));
       }
       store_pack<T, kWidth>(dinp + row * num_c + p * kWidth, out);
     }
@@ -346,8 +361,8 @@ void launch_norm_backward(T* dweight, T* dbias, T* dinp, const T* dout, const T*
     auto* kernel = norm_backward_kernel<T, kWidth, kThreads, kChunks, kHasMean>;
     static const int blocks_per_sm =
         resident_blocks_per_sm(kernel, kBackwardBlockThreads<kThreads>);
-    num_partials = num_partial_blocks(ceil_div(num_rows, kRowsPerBlock),
-                                      kNumSums * int64_t(num_c), blocks_per_sm);
+    num_partials = num_partial_blocks(ceil_div(num_rows, kRowsPerBlock), kNumSums * int64_t(num_c),
+                                      blocks_per_sm);
     kernel<<<num_partials, kBackwardBlockThreads<kThreads>, 0, stream()>>>(
         dinp, ws, ws + int64_t(num_partials) * num_c, dout, inp, weight, mean, rstd, num_rows,
         num_c);
@@ -359,9 +374,9 @@ void launch_norm_backward(T* dweight, T* dbias, T* dinp, const T* dout, const T*
     num_partials = num_partial_blocks(num_rows, kNumSums * int64_t(num_c), blocks_per_sm);
     TS_CUDA_CHECK(
         cudaMemsetAsync(ws, 0, sizeof(float) * kNumSums * num_partials * num_c, stream()));
-    norm_backward_wide_kernel<T, kWidth, kHasMean><<<num_partials, kBlock, 0, stream()>>>(
-        dinp, ws, ws + int64_t(num_partials) * num_c, dout, inp, weight, mean, rstd, num_rows,
-        num_c);
+    norm_backward_wide_kernel<T, kWidth, kHasMean>
+        <<<num_partials, kBlock, 0, stream()>>>(dinp, ws, ws + int64_t(num_partials) * num_c, dout,
+                                                inp, weight, mean, rstd, num_rows, num_c);
   }
   TS_CUDA_CHECK_LAUNCH();
   launch_column_sum(dweight, ws, num_partials, num_c);

@@ -23,14 +23,13 @@ void forward_impl(const Tensor& out, const Tensor& rstd, const Tensor& inp, cons
                   int64_t num_rows, int num_c, float eps) {
   launch_norm_forward<T, kWidth, kForwardElems / kWidth, false>(
       static_cast<T*>(out.data), nullptr, static_cast<float*>(rstd.data),
-      static_cast<const T*>(inp.data), static_cast<const T*>(weight.data), nullptr, num_rows,
-      num_c, eps);
+      static_cast<const T*>(inp.data), static_cast<const T*>(weight.data), nullptr, num_rows, num_c,
+      eps);
 }
 
 template <class T, int kWidth>
-void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dout,
-                   const Tensor& inp, const Tensor& weight, const Tensor& rstd, int64_t num_rows,
-                   int num_c) {
+void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dout, const Tensor& inp,
+                   const Tensor& weight, const Tensor& rstd, int64_t num_rows, int num_c) {
   launch_norm_backward<T, kWidth, false>(
       static_cast<T*>(dweight.data), nullptr, static_cast<T*>(dinp.data),
       static_cast<const T*>(dout.data), static_cast<const T*>(inp.data),
@@ -85,8 +84,7 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
   if (num_rows == 0 || num_c == 0) return;
   dispatch_float(inp, kOp, [&]<class T>() {
     if (use_packs(num_c, kVecWidth<T>, {&dinp, &dout, &inp, &weight}))
-      backward_impl<T, kVecWidth<T>>(dinp, dweight, dout, inp, weight, rstd, num_rows,
-                                     int(num_c));
+      backward_impl<T, kVecWidth<T>>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c));
     else
       backward_impl<T, 1>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c));
   });

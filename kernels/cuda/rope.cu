@@ -15,8 +15,8 @@ constexpr int kHeadsPerThread = 4;  // heads sharing one thread's table values (
 
 // table[tt, i] = (cos a, sign * sin a), a = (t_begin + tt + pos_offset) * theta^(-2i/D).
 __global__ void __launch_bounds__(kBlock)
-rope_table_kernel(float2* table, int64_t t_begin, int64_t num_t, int half, int head_dim,
-                  double theta, int pos_offset, float sign) {
+    rope_table_kernel(float2* table, int64_t t_begin, int64_t num_t, int half, int head_dim,
+                      double theta, int pos_offset, float sign) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= num_t * half) return;
   const int64_t tt = idx / half;
@@ -32,9 +32,10 @@ rope_table_kernel(float2* table, int64_t t_begin, int64_t num_t, int half, int h
 // inp[i + D/2]) for times [t_begin, t_begin + num_t). A thread owns kWidth pairs of heads
 // h = hg, hg + num_hg, ... (up to kHeadsPerThread of them) at one (b, t); it loads all of them
 // before storing any, so in-place use is safe.
-template <class T, int kWidth> __global__ void __launch_bounds__(kBlock)
-rope_apply_kernel(T* out, const T* inp, const float2* table, int64_t num_b, int64_t num_t_total,
-                  int64_t t_begin, int64_t num_t, int num_h, int half) {
+template <class T, int kWidth>
+__global__ void __launch_bounds__(kBlock)
+    rope_apply_kernel(T* out, const T* inp, const float2* table, int64_t num_b, int64_t num_t_total,
+                      int64_t t_begin, int64_t num_t, int num_h, int half) {
   const int chunks_per_head = half / kWidth;
   const int num_hg = (num_h + kHeadsPerThread - 1) / kHeadsPerThread;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;

@@ -13,8 +13,8 @@ namespace {
 // An output may be one of the inputs exactly, never partly.
 void check_alias(const Tensor& out, const Tensor& in, const char* op, const char* out_name,
                  const char* in_name) {
-  TS_CHECK(!overlaps(out, in) || out.data == in.data, "{}: {} partially overlaps {}", op,
-           out_name, in_name);
+  TS_CHECK(!overlaps(out, in) || out.data == in.data, "{}: {} partially overlaps {}", op, out_name,
+           in_name);
 }
 
 }  // namespace

@@ -89,8 +89,14 @@ struct Stats {
   double max = -std::numeric_limits<double>::infinity();
 
   void add(double x) {
-    if (std::isnan(x)) { ++num_nan; return; }
-    if (std::isinf(x)) { ++num_inf; return; }
+    if (std::isnan(x)) {
+      ++num_nan;
+      return;
+    }
+    if (std::isinf(x)) {
+      ++num_inf;
+      return;
+    }
     ++num_finite;
     const double delta = x - mean;  // Welford: stable for long tensors
     mean += delta / double(num_finite);
@@ -277,8 +283,10 @@ int run_inspect(const std::vector<std::string>& args) {
   const std::string ck_dir = is_run_dir ? io::checkpoints_dir(path) : path;
   const std::vector<io::StepDir> dirs = io::list_step_dirs(ck_dir);
   if (!is_run_dir && dirs.empty())
-    TS_USER_ERROR("inspect: {} is not a checkpoint, a checkpoints directory, a run directory or "
-                  "an HDF5 file", path);
+    TS_USER_ERROR(
+        "inspect: {} is not a checkpoint, a checkpoints directory, a run directory or "
+        "an HDF5 file",
+        path);
   const std::string latest = latest_in(ck_dir);
   if (latest.empty()) TS_USER_ERROR("inspect: no complete checkpoint under {}", ck_dir);
   fmt::print("(latest complete checkpoint under {})\n", ck_dir);

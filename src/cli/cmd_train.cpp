@@ -32,7 +32,8 @@ int run_train(const std::vector<std::string>& args) {
       TS_USER_ERROR("tessera train: unexpected argument '{}' (one recipe at a time)", args[i]);
     }
   }
-  if (recipe_path.empty()) TS_USER_ERROR("usage: tessera train RECIPE.yaml [--set section.key=value ...]");
+  if (recipe_path.empty())
+    TS_USER_ERROR("usage: tessera train RECIPE.yaml [--set section.key=value ...]");
   std::optional<MpiRuntime> mpi;
   if (launched_by_mpi_launcher()) mpi.emplace(nullptr, nullptr);
   const Recipe recipe = load_recipe(recipe_path, overrides);
@@ -44,8 +45,8 @@ int run_train(const std::vector<std::string>& args) {
   const TrainSummary s = train(recipe);
   if (world_rank() == 0)
     std::printf("final: step %lld | train_loss %.4f | val_loss %.4f | train time %.1fs\n",
-              static_cast<long long>(s.last_step), s.last_train_loss, s.final_val_loss,
-              s.train_seconds);
+                static_cast<long long>(s.last_step), s.last_train_loss, s.final_val_loss,
+                s.train_seconds);
   return 0;
 }
 

@@ -11,13 +11,13 @@ namespace tessera {
 
 enum class DType : uint8_t {
   f32,
-  f64,   // CPU reference and finite-difference tests only
+  f64,  // CPU reference and finite-difference tests only
   bf16,
   f16,
   e4m3,  // fp8 E4M3 (OCP)
   e5m2,  // fp8 E5M2 (OCP)
   i8,
-  i4,    // packed: two signed 4-bit values per byte, element 2k in the low nibble
+  i4,  // packed: two signed 4-bit values per byte, element 2k in the low nibble
   i32,
 };
 
@@ -31,10 +31,18 @@ bool parse_dtype(std::string_view name, DType* out);
 bool dtype_is_float(DType t);
 
 // 16-bit and 8-bit float storage types (bit patterns).
-struct bf16_t { uint16_t bits; };
-struct f16_t { uint16_t bits; };
-struct e4m3_t { uint8_t bits; };
-struct e5m2_t { uint8_t bits; };
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+struct e4m3_t {
+  uint8_t bits;
+};
+struct e5m2_t {
+  uint8_t bits;
+};
 
 // f32 -> narrow, round-to-nearest-even. NaN maps to a quiet NaN of the target (E4M3: 0x7F/0xFF).
 // Overflow: bf16/f16 go to Inf (IEEE); for fp8 `saturate` clamps finite overflow to ±max

@@ -17,9 +17,7 @@ void fail(ErrorKind kind, const std::string& message, const char* file, int line
   const int rank = error_rank();
   const std::string rank_tag = rank >= 0 ? fmt::format("[rank {}] ", rank) : std::string();
   switch (kind) {
-    case ErrorKind::user:
-      text = fmt::format("{}error: {}", rank_tag, message);
-      break;
+    case ErrorKind::user: text = fmt::format("{}error: {}", rank_tag, message); break;
     case ErrorKind::bug:
       text = fmt::format("{}bug: {} ({}:{})", rank_tag, message, file ? file : "?", line);
       break;

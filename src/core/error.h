@@ -1,7 +1,7 @@
 // Three error tiers funnelling into one [[noreturn]] function (tessera::fail):
-//   user   — bad recipe, data, path or layout: names the field, the value and the file; exit status 2.
-//   bug    — a broken internal invariant (TS_CHECK); says "bug"; exit status 1.
-//   system — a failed CUDA/cuBLAS/NCCL/MPI/HDF5/OS call, with file:line and rank; exit status 1.
+//   user   — bad recipe, data, path or layout: names the field, the value and the file; exit
+//   status 2. bug    — a broken internal invariant (TS_CHECK); says "bug"; exit status 1. system —
+//   a failed CUDA/cuBLAS/NCCL/MPI/HDF5/OS call, with file:line and rank; exit status 1.
 // Errors are thrown as tessera::Error so tests can catch them; main() maps the tier to the exit
 // status, and under MPI a failing rank calls MPI_Abort so no peer hangs. Never use assert().
 #pragma once
@@ -38,12 +38,12 @@ int error_rank();
 #define TS_USER_ERROR(...) ::tessera::fail(::tessera::ErrorKind::user, ::fmt::format(__VA_ARGS__))
 
 // Internal invariant: active in every build type (unlike assert).
-#define TS_CHECK(cond, ...)                                                                  \
-  do {                                                                                       \
-    if (!(cond)) [[unlikely]]                                                                \
-      ::tessera::fail(::tessera::ErrorKind::bug,                                             \
+#define TS_CHECK(cond, ...)                                                                     \
+  do {                                                                                          \
+    if (!(cond)) [[unlikely]]                                                                   \
+      ::tessera::fail(::tessera::ErrorKind::bug,                                                \
                       ::fmt::format("check failed: {}: {}", #cond, ::fmt::format(__VA_ARGS__)), \
-                      __FILE__, __LINE__);                                                   \
+                      __FILE__, __LINE__);                                                      \
   } while (0)
 
 #define TS_BUG(...) \

@@ -28,13 +28,19 @@ std::optional<FaultSpec> parse_spec() {
     rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
     const size_t eq = item.find('=');
     if (eq == std::string_view::npos)
-      TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': '{}' is not key=value (keys: rank, op, step)", env, item);
+      TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': '{}' is not key=value (keys: rank, op, step)", env,
+                    item);
     const std::string key(item.substr(0, eq)), value(item.substr(eq + 1));
     try {
-      if (key == "rank") s.rank = std::stoi(value);
-      else if (key == "step") s.step = std::stoll(value);
-      else if (key == "op") s.op = value;
-      else TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': unknown key '{}' (keys: rank, op, step)", env, key);
+      if (key == "rank")
+        s.rank = std::stoi(value);
+      else if (key == "step")
+        s.step = std::stoll(value);
+      else if (key == "op")
+        s.op = value;
+      else
+        TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': unknown key '{}' (keys: rank, op, step)", env,
+                      key);
     } catch (const std::logic_error&) {
       TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': '{}' is not a number for '{}'", env, value, key);
     }

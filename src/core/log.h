@@ -18,13 +18,18 @@ void log_set_timestamps(bool enabled);
 LogLevel log_level();
 void log_write(LogLevel level, const std::string& message);
 
-template <class... A> void log_debug(fmt::format_string<A...> f, A&&... a) {
-  if (log_level() <= LogLevel::debug) log_write(LogLevel::debug, fmt::format(f, std::forward<A>(a)...));
+template <class... A>
+void log_debug(fmt::format_string<A...> f, A&&... a) {
+  if (log_level() <= LogLevel::debug)
+    log_write(LogLevel::debug, fmt::format(f, std::forward<A>(a)...));
 }
-template <class... A> void log_info(fmt::format_string<A...> f, A&&... a) {
-  if (log_level() <= LogLevel::info) log_write(LogLevel::info, fmt::format(f, std::forward<A>(a)...));
+template <class... A>
+void log_info(fmt::format_string<A...> f, A&&... a) {
+  if (log_level() <= LogLevel::info)
+    log_write(LogLevel::info, fmt::format(f, std::forward<A>(a)...));
 }
-template <class... A> void log_warn(fmt::format_string<A...> f, A&&... a) {
+template <class... A>
+void log_warn(fmt::format_string<A...> f, A&&... a) {
   log_write(LogLevel::warn, fmt::format(f, std::forward<A>(a)...));
 }
 

@@ -157,8 +157,7 @@ Buffer::~Buffer() {
   // A destructor must not throw; a failed free at teardown is not recoverable anyway.
   try {
     device_free(device_, data_);
-  } catch (const Error&) {
-  }
+  } catch (const Error&) {}
 }
 
 Buffer::Buffer(Buffer&& o) noexcept

@@ -58,7 +58,10 @@ class Arena {
 
   // Hands the underlying block to the caller (who keeps the carved pointers valid by owning it);
   // the arena is left empty.
-  Buffer take_buffer() { used_ = 0; return std::move(buffer_); }
+  Buffer take_buffer() {
+    used_ = 0;
+    return std::move(buffer_);
+  }
 
   size_t used() const { return used_; }
   size_t peak() const { return peak_; }

@@ -56,7 +56,8 @@ void expect_shape(const Tensor& t, const Shape& s, const char* what) {
 }
 
 void expect_same_dtype(const Tensor& a, const Tensor& b, const char* what) {
-  TS_CHECK(a.dtype == b.dtype, "{}: dtype {} vs {}", what, dtype_name(a.dtype), dtype_name(b.dtype));
+  TS_CHECK(a.dtype == b.dtype, "{}: dtype {} vs {}", what, dtype_name(a.dtype),
+           dtype_name(b.dtype));
 }
 
 }  // namespace tessera

@@ -45,24 +45,51 @@ struct Tensor {
   size_t nbytes() const { return dtype_storage_bytes(dtype, numel()); }
 
   // Typed pointer; checks the dtype matches T (float<->f32, double<->f64, int32_t<->i32, ...).
-  template <class T> T* ptr() const;
+  template <class T>
+  T* ptr() const;
 
   Tensor view(Shape s) const;                      // same numel, new shape
   Tensor slice(int64_t begin, int64_t end) const;  // rows [begin, end) of the leading dim
   std::string str() const;                         // "f32 cpu (2, 3)"
 };
 
-template <class T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::f32; }
-template <> constexpr DType dtype_of<double>() { return DType::f64; }
-template <> constexpr DType dtype_of<int32_t>() { return DType::i32; }
-template <> constexpr DType dtype_of<int8_t>() { return DType::i8; }
-template <> constexpr DType dtype_of<bf16_t>() { return DType::bf16; }
-template <> constexpr DType dtype_of<f16_t>() { return DType::f16; }
-template <> constexpr DType dtype_of<e4m3_t>() { return DType::e4m3; }
-template <> constexpr DType dtype_of<e5m2_t>() { return DType::e5m2; }
+template <class T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() {
+  return DType::f32;
+}
+template <>
+constexpr DType dtype_of<double>() {
+  return DType::f64;
+}
+template <>
+constexpr DType dtype_of<int32_t>() {
+  return DType::i32;
+}
+template <>
+constexpr DType dtype_of<int8_t>() {
+  return DType::i8;
+}
+template <>
+constexpr DType dtype_of<bf16_t>() {
+  return DType::bf16;
+}
+template <>
+constexpr DType dtype_of<f16_t>() {
+  return DType::f16;
+}
+template <>
+constexpr DType dtype_of<e4m3_t>() {
+  return DType::e4m3;
+}
+template <>
+constexpr DType dtype_of<e5m2_t>() {
+  return DType::e5m2;
+}
 
-template <class T> T* Tensor::ptr() const {
+template <class T>
+T* Tensor::ptr() const {
   TS_CHECK(dtype == dtype_of<T>(), "tensor {} accessed as {}", str(), dtype_name(dtype_of<T>()));
   return static_cast<T*>(data);
 }

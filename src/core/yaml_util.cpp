@@ -41,8 +41,7 @@ std::string yaml_describe(const YAML::Node& node) {
   constexpr size_t kMaxChars = 60;
   switch (node.Type()) {
     case YAML::NodeType::Undefined:
-    case YAML::NodeType::Null:
-      return "nothing";
+    case YAML::NodeType::Null: return "nothing";
     case YAML::NodeType::Scalar: {
       std::string s = node.Scalar();
       if (s.size() > kMaxChars) s = s.substr(0, kMaxChars) + "...";
@@ -214,8 +213,7 @@ float yaml_read_float(const YamlField& f, RealRange range) {
   float v = 0.0f;
   // Parsed as float directly (not via double) so that yaml_float_text round-trips bit-exactly.
   auto [ptr, ec] = std::from_chars(first, last, v);
-  if (ec != std::errc() || ptr != last || !std::isfinite(v))
-    type_error(f, expected);
+  if (ec != std::errc() || ptr != last || !std::isfinite(v)) type_error(f, expected);
   const double d = v;
   const bool lo_ok = range.lo_open ? d > range.lo : d >= range.lo;
   const bool hi_ok = range.hi_open ? d < range.hi : d <= range.hi;
@@ -270,8 +268,10 @@ std::string yaml_quote(const std::string& s) {
       case '\t': out += "\\t"; break;
       case '\r': out += "\\r"; break;
       default:
-        if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", unsigned(c));
-        else out += ch;  // UTF-8 bytes pass through unchanged
+        if (c < 0x20 || c == 0x7f)
+          out += fmt::format("\\x{:02x}", unsigned(c));
+        else
+          out += ch;  // UTF-8 bytes pass through unchanged
     }
   }
   return out + "\"";

@@ -45,14 +45,11 @@ uint8_t classify(char32_t cp) {
     case U_LOWERCASE_LETTER:
     case U_TITLECASE_LETTER:
     case U_MODIFIER_LETTER:
-    case U_OTHER_LETTER:
-      return kLetter;
+    case U_OTHER_LETTER: return kLetter;
     case U_DECIMAL_DIGIT_NUMBER:
     case U_LETTER_NUMBER:
-    case U_OTHER_NUMBER:
-      return kNumber;
-    default:
-      return u_isUWhiteSpace(UChar32(cp)) ? kSpace : 0;
+    case U_OTHER_NUMBER: return kNumber;
+    default: return u_isUWhiteSpace(UChar32(cp)) ? kSpace : 0;
   }
 }
 

@@ -14,12 +14,15 @@ namespace tessera {
 // The pre-tokenizer regex family (how text is split before BPE merges).
 enum class PreTokenizer {
   gpt2,   // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-  qwen2,  // Qwen2/Qwen3 (= cl100k-style with single digits): (?i:'s|'t|...)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+  qwen2,  // Qwen2/Qwen3 (= cl100k-style with single digits):
+          // (?i:'s|'t|...)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
+          // ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 };
 
 class Tokenizer {
  public:
-  static Tokenizer load_gpt2(const std::string& encoder_json_path, const std::string& vocab_bpe_path);
+  static Tokenizer load_gpt2(const std::string& encoder_json_path,
+                             const std::string& vocab_bpe_path);
   static Tokenizer load_hf_json(const std::string& tokenizer_json_path);
   static Tokenizer from_hf_json(const std::string& json_text, const std::string& source_name);
 
@@ -27,11 +30,11 @@ class Tokenizer {
   std::vector<int32_t> encode(std::string_view text, bool allow_special = true) const;
   std::string decode(std::span<const int32_t> ids) const;
 
-  int vocab_size() const;          // max id + 1 (special tokens included)
-  int eot_id() const;              // document separator ("<|endoftext|>" or the configured one), or -1
+  int vocab_size() const;  // max id + 1 (special tokens included)
+  int eot_id() const;      // document separator ("<|endoftext|>" or the configured one), or -1
   std::string to_hf_json() const;  // canonical tokenizer.json text (byte-level BPE model)
   void save_hf_json(const std::string& path) const;
-  std::string hash() const;        // sha256 hex of to_hf_json(): identifies the tokenizer in datasets
+  std::string hash() const;  // sha256 hex of to_hf_json(): identifies the tokenizer in datasets
 
   struct Impl;
   Tokenizer();

@@ -155,8 +155,7 @@ void remove_leftovers(const std::string& ck_dir, int64_t stale_temp_before) {
     if (name.rfind(kOldPrefix, 0) == 0 || name.rfind(kTrashPrefix, 0) == 0) {
       doomed.push_back(it->path().string());
     } else if (name.rfind(kTempPrefix, 0) == 0 &&
-               parse_step_dir_name("step_" + name.substr(std::string(kTempPrefix).size()),
-                                   &step) &&
+               parse_step_dir_name("step_" + name.substr(std::string(kTempPrefix).size()), &step) &&
                step < stale_temp_before) {
       doomed.push_back(it->path().string());
     }
@@ -256,8 +255,8 @@ void CheckpointWriter::add(const TensorSlice& s) {
 }
 
 void CheckpointWriter::set_meta(const std::string& key, const std::string& value) {
-  TS_CHECK(rank_ == 0, "set_meta('{}') on rank {}: metadata is global and written by rank 0",
-           key, rank_);
+  TS_CHECK(rank_ == 0, "set_meta('{}') on rank {}: metadata is global and written by rank 0", key,
+           rank_);
   TS_CHECK(!shard_written_, "set_meta('{}') after write_shard()", key);
   TS_CHECK(valid_name(key), "metadata key '{}' (empty, '.', or contains '/')", key);
   const h5::Ctx& ctx = file_.ctx();
@@ -284,8 +283,10 @@ std::string CheckpointWriter::finalize(int keep) {
 }
 
 std::string CheckpointWriter::commit(int keep) {
-  TS_CHECK(world_ == 1, "commit() with world {}: call write_shard() on every rank, barrier, "
-           "then finalize() on rank 0", world_);
+  TS_CHECK(world_ == 1,
+           "commit() with world {}: call write_shard() on every rank, barrier, "
+           "then finalize() on rank 0",
+           world_);
   write_shard();
   return finalize(keep);
 }
@@ -299,9 +300,10 @@ std::string finalize_checkpoint(const std::string& root_dir, int64_t step, int w
     const std::string path = join_path(temp, name);
     std::error_code ec;
     if (!fs::is_regular_file(path, ec))
-      TS_SYSTEM_ERROR("committing checkpoint step {}: shard {} is missing; every rank must finish "
-                      "write_shard() before rank 0 finalizes, on a file system all ranks share",
-                      step, path);
+      TS_SYSTEM_ERROR(
+          "committing checkpoint step {}: shard {} is missing; every rank must finish "
+          "write_shard() before rank 0 finalizes, on a file system all ranks share",
+          step, path);
     h5::File f = h5::File::open_read(path);
     expect_header(f, read_shard_header(f), step, r, world);
     f.close();
@@ -324,8 +326,10 @@ std::string finalize_checkpoint(const std::string& root_dir, int64_t step, int w
   remove_leftovers(ck_dir, step);
   const std::vector<StepDir> all = list_step_dirs(ck_dir);
   if (!all.empty() && all.back().step > step && is_complete_checkpoint(all.back().path))
-    log_warn("checkpoint step {} written, but {} (an earlier run's) is newer: resume: latest "
-             "would pick it", step, all.back().path);
+    log_warn(
+        "checkpoint step {} written, but {} (an earlier run's) is newer: resume: latest "
+        "would pick it",
+        step, all.back().path);
   prune_impl(root_dir, keep, step);
   return final_dir;
 }
@@ -365,12 +369,16 @@ std::string resolve_resume(const std::string& root_dir, const std::string& spec)
   if (!fs::exists(spec, ec))
     TS_USER_ERROR("checkpoint.resume: checkpoint directory '{}' does not exist", spec);
   if (!fs::is_directory(spec, ec))
-    TS_USER_ERROR("checkpoint.resume: '{}' is not a checkpoint directory (expected "
-                  "<run>/checkpoints/step_<N>)", spec);
+    TS_USER_ERROR(
+        "checkpoint.resume: '{}' is not a checkpoint directory (expected "
+        "<run>/checkpoints/step_<N>)",
+        spec);
   if (!is_complete_checkpoint(spec))
-    TS_USER_ERROR("checkpoint.resume: '{}' is not a complete checkpoint (no {} marker: an "
-                  "interrupted write, or not a step directory; 'latest' picks the newest "
-                  "complete one)", spec, kCompleteMarker);
+    TS_USER_ERROR(
+        "checkpoint.resume: '{}' is not a complete checkpoint (no {} marker: an "
+        "interrupted write, or not a step directory; 'latest' picks the newest "
+        "complete one)",
+        spec, kCompleteMarker);
   return spec;
 }
 
@@ -385,8 +393,10 @@ CheckpointReader CheckpointReader::open(const std::string& step_dir) {
                   step_dir);
   const std::string marker = join_path(step_dir, kCompleteMarker);
   if (!is_complete_checkpoint(step_dir))
-    TS_USER_ERROR("{} is not a complete checkpoint: {} is missing (an interrupted write, or not a "
-                  "checkpoint directory)", step_dir, marker);
+    TS_USER_ERROR(
+        "{} is not a complete checkpoint: {} is missing (an interrupted write, or not a "
+        "checkpoint directory)",
+        step_dir, marker);
 
   CheckpointReader r;
   r.dir_ = step_dir;
@@ -444,9 +454,10 @@ CheckpointReader CheckpointReader::open(const std::string& step_dir) {
       for (size_t d = 0; inside && d < global.size(); ++d)
         inside = piece.offset[d] >= 0 && piece.offset[d] + piece.shape[d] <= global[d];
       if (!inside)
-        TS_USER_ERROR("{}: tensor '{}': slice at offset {} of shape {} does not fit global shape "
-                      "{}", path, name, shape_text(piece.offset), shape_text(piece.shape),
-                      shape_text(global));
+        TS_USER_ERROR(
+            "{}: tensor '{}': slice at offset {} of shape {} does not fit global shape "
+            "{}",
+            path, name, shape_text(piece.offset), shape_text(piece.shape), shape_text(global));
       auto [it, inserted] = r.entries_.try_emplace(name);
       Entry& e = it->second;
       if (inserted) {
@@ -478,10 +489,11 @@ CheckpointReader CheckpointReader::open(const std::string& step_dir) {
           overlap = std::max(pa.offset[d], pb.offset[d]) <
                     std::min(pa.offset[d] + pa.shape[d], pb.offset[d] + pb.shape[d]);
         if (overlap)
-          TS_USER_ERROR("checkpoint {}: tensor '{}': the slices in {} (offset {}) and {} (offset "
-                        "{}) overlap", step_dir, name, r.shard_paths_[size_t(pa.shard_idx)],
-                        shape_text(pa.offset), r.shard_paths_[size_t(pb.shard_idx)],
-                        shape_text(pb.offset));
+          TS_USER_ERROR(
+              "checkpoint {}: tensor '{}': the slices in {} (offset {}) and {} (offset "
+              "{}) overlap",
+              step_dir, name, r.shard_paths_[size_t(pa.shard_idx)], shape_text(pa.offset),
+              r.shard_paths_[size_t(pb.shard_idx)], shape_text(pb.offset));
       }
     }
   }
@@ -528,9 +540,10 @@ void CheckpointReader::read_slice(const std::string& name, const std::vector<int
   for (size_t d = 0; inside && d < ndim; ++d)
     inside = offset[d] >= 0 && shape[d] >= 0 && offset[d] + shape[d] <= e.global_shape[d];
   if (!inside)
-    TS_USER_ERROR("checkpoint {}: tensor '{}' has global shape {}; the requested slice at offset "
-                  "{} of shape {} does not fit in it", dir_, name, shape_text(e.global_shape),
-                  shape_text(offset), shape_text(shape));
+    TS_USER_ERROR(
+        "checkpoint {}: tensor '{}' has global shape {}; the requested slice at offset "
+        "{} of shape {} does not fit in it",
+        dir_, name, shape_text(e.global_shape), shape_text(offset), shape_text(shape));
   const int64_t total = product(shape);
   if (total == 0) return;
   int64_t covered = 0;
@@ -557,9 +570,11 @@ void CheckpointReader::read_slice(const std::string& name, const std::vector<int
     std::string held;
     for (const Piece& p : e.pieces)
       held += fmt::format(" {}+{}", shape_text(p.offset), shape_text(p.shape));
-    TS_USER_ERROR("checkpoint {}: tensor '{}': {} of the {} elements at offset {} of shape {} are "
-                  "in no shard (shards hold offset+shape:{})", dir_, name, total - covered, total,
-                  shape_text(offset), shape_text(shape), held.empty() ? " nothing" : held);
+    TS_USER_ERROR(
+        "checkpoint {}: tensor '{}': {} of the {} elements at offset {} of shape {} are "
+        "in no shard (shards hold offset+shape:{})",
+        dir_, name, total - covered, total, shape_text(offset), shape_text(shape),
+        held.empty() ? " nothing" : held);
   }
 }
 

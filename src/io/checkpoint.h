@@ -45,7 +45,7 @@ constexpr const char* kCompleteMarker = "COMPLETE";
 
 // One rank's slice of a tensor, in host memory.
 struct TensorSlice {
-  std::string name;                   // global name
+  std::string name;  // global name
   DType dtype = DType::f32;
   std::vector<int64_t> global_shape;  // the whole tensor; empty for a scalar
   std::vector<int64_t> offset;        // start of this slice in each dim
@@ -54,8 +54,8 @@ struct TensorSlice {
 };
 
 std::string checkpoints_dir(const std::string& root_dir);  // <root>/checkpoints
-std::string step_dir_name(int64_t step);                     // step_<N>
-std::string shard_file_name(int rank, int world);           // shard_<rank>_of_<world>.h5
+std::string step_dir_name(int64_t step);                   // step_<N>
+std::string shard_file_name(int rank, int world);          // shard_<rank>_of_<world>.h5
 
 class CheckpointWriter {
  public:

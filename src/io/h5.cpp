@@ -50,9 +50,9 @@ Handle scalar_or_simple_space(const Ctx& ctx, const std::vector<int64_t>& dims,
                               const std::string& obj) {
   if (dims.empty()) return Handle(check_id(H5Screate(H5S_SCALAR), ctx, "H5Screate", obj), H5Sclose);
   const std::vector<hsize_t> h = to_hsize(dims);
-  return Handle(check_id(H5Screate_simple(int(h.size()), h.data(), nullptr), ctx,
-                         "H5Screate_simple", obj),
-                H5Sclose);
+  return Handle(
+      check_id(H5Screate_simple(int(h.size()), h.data(), nullptr), ctx, "H5Screate_simple", obj),
+      H5Sclose);
 }
 
 // A fixed-length, NUL-padded UTF-8 string type of `size` bytes (size >= 1).
@@ -73,9 +73,8 @@ std::string strip_nul_padding(std::string s) {
 std::string read_fixed_string(const Ctx& ctx, hid_t type, int64_t num_points,
                               const std::string& obj,
                               const std::function<herr_t(hid_t, void*)>& read) {
-  const bool is_fixed_string =
-      H5Tget_class(type) == H5T_STRING &&
-      !check_tri(H5Tis_variable_str(type), ctx, "H5Tis_variable_str", obj);
+  const bool is_fixed_string = H5Tget_class(type) == H5T_STRING &&
+                               !check_tri(H5Tis_variable_str(type), ctx, "H5Tis_variable_str", obj);
   if (!is_fixed_string || num_points != 1)
     TS_USER_ERROR("{}: expected one fixed-length string, found {} value(s) of type {}",
                   where(ctx, obj), num_points, type_text(type));
@@ -161,9 +160,9 @@ File File::create(const std::string& path) {
   // fast; still readable by any HDF5 >= 1.8.
   check(H5Pset_libver_bounds(fapl.id(), H5F_LIBVER_V18, H5F_LIBVER_LATEST), f.ctx_,
         "H5Pset_libver_bounds");
-  f.handle_ = Handle(check_id(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id()),
-                              f.ctx_, "H5Fcreate"),
-                     H5Fclose);
+  f.handle_ = Handle(
+      check_id(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id()), f.ctx_, "H5Fcreate"),
+      H5Fclose);
   return f;
 }
 
@@ -186,11 +185,9 @@ File File::open_read(const std::string& path) {
     TS_USER_ERROR("cannot read HDF5 file {}: {}", path, text.empty() ? "unreadable" : text);
   }
   if (is_h5 == 0)
-    TS_USER_ERROR("{} is not an HDF5 file (no HDF5 signature: another format, or truncated)",
-                  path);
+    TS_USER_ERROR("{} is not an HDF5 file (no HDF5 signature: another format, or truncated)", path);
   Handle fapl = file_access_plist(f.ctx_);
-  f.handle_ = Handle(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.id()), f.ctx_,
-                              "H5Fopen"),
+  f.handle_ = Handle(check_id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.id()), f.ctx_, "H5Fopen"),
                      H5Fclose);
   return f;
 }
@@ -240,8 +237,7 @@ std::vector<std::string> link_names(const Ctx& ctx, hid_t group) {
 
 ObjectKind object_kind(const Ctx& ctx, hid_t loc, const std::string& name) {
   // A soft link whose target is missing exists as a link but not as an object.
-  if (!check_tri(H5Oexists_by_name(loc, name.c_str(), H5P_DEFAULT), ctx, "H5Oexists_by_name",
-                 name))
+  if (!check_tri(H5Oexists_by_name(loc, name.c_str(), H5P_DEFAULT), ctx, "H5Oexists_by_name", name))
     return ObjectKind::other;
   Handle obj(check_id(H5Oopen(loc, name.c_str(), H5P_DEFAULT), ctx, "H5Oopen", name), H5Oclose);
   const H5I_type_t t = H5Iget_type(obj.id());
@@ -268,8 +264,10 @@ Handle create_dataset(const Ctx& ctx, hid_t loc, const std::string& name, hid_t 
     };
     // Halve the outermost dims first, so a chunk holds whole rows while rows fit.
     for (size_t d = 0; d < chunk.size() && chunk_bytes() > kMaxChunkBytes;) {
-      if (chunk[d] > 1) chunk[d] = (chunk[d] + 1) / 2;
-      else ++d;
+      if (chunk[d] > 1)
+        chunk[d] = (chunk[d] + 1) / 2;
+      else
+        ++d;
     }
     const std::vector<hsize_t> h = to_hsize(chunk);
     check(H5Pset_chunk(dcpl.id(), int(h.size()), h.data()), ctx, "H5Pset_chunk", name);
@@ -323,22 +321,20 @@ void read_box(const Ctx& ctx, hid_t dset, hid_t mem_type, const std::vector<int6
   check(H5Sselect_hyperslab(mspace.id(), H5S_SELECT_SET, mstart.data(), nullptr, hcount.data(),
                             nullptr),
         ctx, "H5Sselect_hyperslab", name);
-  check(H5Dread(dset, mem_type, mspace.id(), fspace.id(), H5P_DEFAULT, mem), ctx, "H5Dread",
-        name);
+  check(H5Dread(dset, mem_type, mspace.id(), fspace.id(), H5P_DEFAULT, mem), ctx, "H5Dread", name);
 }
 
 void write_string_dataset(const Ctx& ctx, hid_t loc, const std::string& name,
                           const std::string& value) {
-  TS_CHECK(value.find('\0') == std::string::npos, "string value for {} contains a NUL byte",
-           name);
+  TS_CHECK(value.find('\0') == std::string::npos, "string value for {} contains a NUL byte", name);
   // Size 0 is not a valid string type: an empty value is stored as one NUL of padding.
   const std::string padded = value.empty() ? std::string(1, '\0') : value;
   Handle type = fixed_string_type(ctx, padded.size(), name);
   Handle space = scalar_or_simple_space(ctx, {}, name);
   Handle dcpl = make_plist(ctx, H5P_DATASET_CREATE, "H5Pcreate(H5P_DATASET_CREATE)");
   check(H5Pset_obj_track_times(dcpl.id(), false), ctx, "H5Pset_obj_track_times", name);
-  Handle dset(check_id(H5Dcreate2(loc, name.c_str(), type.id(), space.id(), H5P_DEFAULT,
-                                  dcpl.id(), H5P_DEFAULT),
+  Handle dset(check_id(H5Dcreate2(loc, name.c_str(), type.id(), space.id(), H5P_DEFAULT, dcpl.id(),
+                                  H5P_DEFAULT),
                        ctx, "H5Dcreate2", name),
               H5Dclose);
   check(H5Dwrite(dset.id(), type.id(), H5S_ALL, H5S_ALL, H5P_DEFAULT, padded.data()), ctx,
@@ -375,10 +371,10 @@ void write_attr_i64s(const Ctx& ctx, hid_t obj, const std::string& name,
   Handle space = values.empty()
                      ? Handle(check_id(H5Screate(H5S_NULL), ctx, "H5Screate", name), H5Sclose)
                      : scalar_or_simple_space(ctx, {int64_t(values.size())}, name);
-  Handle attr(check_id(H5Acreate2(obj, name.c_str(), H5T_STD_I64LE, space.id(), H5P_DEFAULT,
-                                  H5P_DEFAULT),
-                       ctx, "H5Acreate2", name),
-              H5Aclose);
+  Handle attr(
+      check_id(H5Acreate2(obj, name.c_str(), H5T_STD_I64LE, space.id(), H5P_DEFAULT, H5P_DEFAULT),
+               ctx, "H5Acreate2", name),
+      H5Aclose);
   if (!values.empty())
     check(H5Awrite(attr.id(), H5T_NATIVE_INT64, values.data()), ctx, "H5Awrite", name);
   attr.close(ctx, "H5Aclose", name);
@@ -404,10 +400,10 @@ void write_attr_string(const Ctx& ctx, hid_t obj, const std::string& name,
   const std::string padded = value.empty() ? std::string(1, '\0') : value;
   Handle type = fixed_string_type(ctx, padded.size(), name);
   Handle space = scalar_or_simple_space(ctx, {}, name);
-  Handle attr(check_id(H5Acreate2(obj, name.c_str(), type.id(), space.id(), H5P_DEFAULT,
-                                  H5P_DEFAULT),
-                       ctx, "H5Acreate2", name),
-              H5Aclose);
+  Handle attr(
+      check_id(H5Acreate2(obj, name.c_str(), type.id(), space.id(), H5P_DEFAULT, H5P_DEFAULT), ctx,
+               "H5Acreate2", name),
+      H5Aclose);
   check(H5Awrite(attr.id(), type.id(), padded.data()), ctx, "H5Awrite", name);
   attr.close(ctx, "H5Aclose", name);
 }
@@ -427,27 +423,18 @@ std::string type_text(hid_t type) {
   switch (H5Tget_class(type)) {
     case H5T_INTEGER:
       return fmt::format("{}{}", H5Tget_sign(type) == H5T_SGN_NONE ? "u" : "i", size * 8);
-    case H5T_FLOAT:
-      return fmt::format("f{}", size * 8);
+    case H5T_FLOAT: return fmt::format("f{}", size * 8);
     case H5T_STRING:
       return H5Tis_variable_str(type) > 0 ? std::string("vlen string")
                                           : fmt::format("string[{}]", size);
-    case H5T_COMPOUND:
-      return fmt::format("compound[{} B]", size);
-    case H5T_ENUM:
-      return fmt::format("enum[{} B]", size);
-    case H5T_ARRAY:
-      return "array";
-    case H5T_VLEN:
-      return "vlen";
-    case H5T_OPAQUE:
-      return fmt::format("opaque[{} B]", size);
-    case H5T_REFERENCE:
-      return "reference";
-    case H5T_BITFIELD:
-      return fmt::format("bitfield[{} B]", size);
-    default:
-      return "unknown type";
+    case H5T_COMPOUND: return fmt::format("compound[{} B]", size);
+    case H5T_ENUM: return fmt::format("enum[{} B]", size);
+    case H5T_ARRAY: return "array";
+    case H5T_VLEN: return "vlen";
+    case H5T_OPAQUE: return fmt::format("opaque[{} B]", size);
+    case H5T_REFERENCE: return "reference";
+    case H5T_BITFIELD: return fmt::format("bitfield[{} B]", size);
+    default: return "unknown type";
   }
 }
 
@@ -456,8 +443,7 @@ std::string dataset_type_text(const Ctx& ctx, hid_t dset, const std::string& nam
   return type_text(type.id());
 }
 
-std::string attr_value_text(const Ctx& ctx, hid_t obj, const std::string& name,
-                            size_t max_chars) {
+std::string attr_value_text(const Ctx& ctx, hid_t obj, const std::string& name, size_t max_chars) {
   // Numeric attributes longer than this are summarised by their length only.
   constexpr hssize_t kMaxShownValues = 16;
   Handle attr(check_id(H5Aopen(obj, name.c_str(), H5P_DEFAULT), ctx, "H5Aopen", name), H5Aclose);

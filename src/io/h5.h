@@ -50,7 +50,7 @@ class Handle {
 
   hid_t id() const { return id_; }
   bool valid() const { return id_ >= 0; }
-  void reset();  // unchecked close
+  void reset();                                                               // unchecked close
   void close(const Ctx& ctx, const char* call, const std::string& obj = "");  // checked close
 
  private:

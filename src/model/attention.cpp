@@ -88,8 +88,10 @@ void Attention::forward(const ParamStore& ps, AttentionActs& a, Tensor y, Tensor
   wk_.forward(ps, token_rows(k_lin), x);
   wv_.forward(ps, token_rows(a.v), x);
   if (qk_norm) {
-    ops::rmsnorm_forward(head_rows(a.q), a.q_rstd, head_rows(a.q_raw), ps[q_norm_].value, norm_eps_);
-    ops::rmsnorm_forward(head_rows(a.k), a.k_rstd, head_rows(a.k_raw), ps[k_norm_].value, norm_eps_);
+    ops::rmsnorm_forward(head_rows(a.q), a.q_rstd, head_rows(a.q_raw), ps[q_norm_].value,
+                         norm_eps_);
+    ops::rmsnorm_forward(head_rows(a.k), a.k_rstd, head_rows(a.k_raw), ps[k_norm_].value,
+                         norm_eps_);
   }
   if (rope_) {
     ops::rope_forward(a.q, a.q, rope_theta_, 0);
@@ -122,10 +124,9 @@ void Attention::backward(ParamStore& ps, const AttentionActs& a, AttentionScratc
     dk_lin = s.dk_raw;
   }
   // x fed every rank's heads: dx is summed over tp (overlapping the weight gradients).
-  column_parallel_backward(ps, shard_,
-                           {{&wq_, token_rows(dq_lin)}, {&wk_, token_rows(dk_lin)},
-                            {&wv_, token_rows(s.dv)}},
-                           dx, x);
+  column_parallel_backward(
+      ps, shard_,
+      {{&wq_, token_rows(dq_lin)}, {&wk_, token_rows(dk_lin)}, {&wv_, token_rows(s.dv)}}, dx, x);
 }
 
 }  // namespace tessera

@@ -1,6 +1,7 @@
 // Causal self-attention layer: q/k/v projections (separate, so tensor parallelism can split them by
 // heads), optional per-head QK RMSNorm (Qwen3), RoPE, grouped-query attention, output projection.
-// Shape letters: B batch, T time, C width, Hq query heads, Hkv key/value heads, D head dim, N = B*T.
+// Shape letters: B batch, T time, C width, Hq query heads, Hkv key/value heads, D head dim, N =
+// B*T.
 #pragma once
 #include "core/memory.h"
 #include "model/linear.h"
@@ -18,8 +19,8 @@ struct AttentionActs {
 
 // Backward temporaries, shared by all layers.
 struct AttentionScratch {
-  Tensor d_out;       // (B,T,Hq,D)
-  Tensor dq, dk, dv;  // (B,T,Hq,D), (B,T,Hkv,D), (B,T,Hkv,D)
+  Tensor d_out;           // (B,T,Hq,D)
+  Tensor dq, dk, dv;      // (B,T,Hq,D), (B,T,Hkv,D), (B,T,Hkv,D)
   Tensor dq_raw, dk_raw;  // (only with qk_norm)
 };
 
@@ -31,7 +32,8 @@ class Attention {
                const ModelShard& shard = {});
   // Activation sizes come from a LOCAL config (heads already divided by tp).
   static AttentionActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
-  static AttentionScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
+  static AttentionScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int B,
+                                        int T);
 
   // y (N,C) = attention of x (N,C); y is written (overwrite).
   void forward(const ParamStore& ps, AttentionActs& a, Tensor y, Tensor x) const;
@@ -39,14 +41,15 @@ class Attention {
   void backward(ParamStore& ps, const AttentionActs& a, AttentionScratch& s, Tensor dx, Tensor dy,
                 Tensor x) const;
   // Its linears in declaration order (FP8 setup).
-  template <class F> void for_each_linear(F&& f) {
+  template <class F>
+  void for_each_linear(F&& f) {
     for (Linear* l : {&wq_, &wk_, &wv_, &wo_}) f(*l);
   }
 
  private:
   Linear wq_, wk_, wv_, wo_;  // q/k/v column-parallel, wo row-parallel
   ModelShard shard_;
-  int q_norm_ = -1, k_norm_ = -1;  // (D) weights, qk_norm only
+  int q_norm_ = -1, k_norm_ = -1;                        // (D) weights, qk_norm only
   int num_heads_ = 0, num_kv_heads_ = 0, head_dim_ = 0;  // local head counts
   bool rope_ = false;
   float rope_theta_ = 10000.0f;

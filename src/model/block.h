@@ -36,7 +36,8 @@ class Block {
                Tensor x_in) const;
   // On entry dx holds dL/dx_out; on return dL/dx_in (updated in place).
   void backward(ParamStore& ps, const BlockActs& a, BlockScratch& s, Tensor dx, Tensor x_in) const;
-  template <class F> void for_each_linear(F&& f) {
+  template <class F>
+  void for_each_linear(F&& f) {
     attn_.for_each_linear(f);
     mlp_.for_each_linear(f);
   }

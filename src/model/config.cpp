@@ -69,23 +69,23 @@ int64_t ModelConfig::num_params() const {
   const int64_t D = resolved_head_dim();
   const int64_t norm_params = (norm == NormKind::layernorm && bias) ? 2 * C : C;  // weight (+bias)
 
-  int64_t total = V * C;                                    // token embedding (V, C)
+  int64_t total = V * C;  // token embedding (V, C)
   if (position == PositionKind::learned) total += int64_t(max_seq_len) * C;  // (Tmax, C)
 
-  int64_t layer = 2 * norm_params;                          // attention norm + MLP norm
-  layer += C * Hq * D + 2 * C * Hkv * D + Hq * D * C;       // q, k, v, o projections
+  int64_t layer = 2 * norm_params;                     // attention norm + MLP norm
+  layer += C * Hq * D + 2 * C * Hkv * D + Hq * D * C;  // q, k, v, o projections
   if (bias) layer += Hq * D + 2 * Hkv * D + C;
-  if (qk_norm) layer += 2 * D;                              // RMSNorm weights shared by heads
+  if (qk_norm) layer += 2 * D;  // RMSNorm weights shared by heads
   if (activation == ActivationKind::gelu) {
-    layer += C * F + F * C;                                 // fc (C, F), proj (F, C)
+    layer += C * F + F * C;  // fc (C, F), proj (F, C)
     if (bias) layer += F + C;
   } else {
-    layer += 2 * C * F + F * C;                             // gate, up (C, F); down (F, C)
+    layer += 2 * C * F + F * C;  // gate, up (C, F); down (F, C)
     if (bias) layer += 2 * F + C;
   }
   total += int64_t(num_layers) * layer;
-  total += norm_params;                                     // final norm
-  if (!tied_embeddings) total += V * C;                     // LM head (C, V), no bias
+  total += norm_params;                  // final norm
+  if (!tied_embeddings) total += V * C;  // LM head (C, V), no bias
   return total;
 }
 

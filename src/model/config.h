@@ -21,12 +21,12 @@ struct ModelConfig {
                                 // 0 = derive from vocab_size and vocab_pad_multiple
   int vocab_pad_multiple = 1;   // padded_vocab_size, when not given, rounds vocab_size up to this
   int num_layers = 0;
-  int hidden = 0;               // C
-  int num_heads = 0;            // Hq
-  int num_kv_heads = 0;         // Hkv (divides Hq)
-  int head_dim = 0;             // D; 0 = hidden / num_heads
-  int ffn_hidden = 0;           // F
-  int max_seq_len = 0;          // learned-position table size and longest sequence
+  int hidden = 0;        // C
+  int num_heads = 0;     // Hq
+  int num_kv_heads = 0;  // Hkv (divides Hq)
+  int head_dim = 0;      // D; 0 = hidden / num_heads
+  int ffn_hidden = 0;    // F
+  int max_seq_len = 0;   // learned-position table size and longest sequence
   NormKind norm = NormKind::layernorm;
   float norm_eps = 1e-5f;
   PositionKind position = PositionKind::learned;
@@ -47,7 +47,7 @@ struct ModelConfig {
   // gradient stays the compute dtype's (summed in FP32 per micro-batch, rounded once), as every
   // parameter's. Set by the trainer like fp32_lm_head.
   bool fp32_embedding = false;
-  bool recompute = false;       // activation recomputation: keep only each block's input
+  bool recompute = false;  // activation recomputation: keep only each block's input
   // How attention runs on CUDA: "cudnn" (fused SDPA) or "native" (Tessera's kernel). Execution
   // choices like this and recompute do not change the weights, so resume may change them.
   std::string attention_impl = "cudnn";

@@ -14,7 +14,10 @@ void Linear::declare(ParamStore& ps, const std::string& name, int in, int out, b
   in_features = split == TpSplit::row ? in / tp : in;
   out_features = split == TpSplit::column ? out / tp : out;
   add_bias = !(split == TpSplit::row && r > 0);
-  ParamSpec w{name + ".weight", {out_features, in_features}, ParamClass::weight, InitKind::normal,
+  ParamSpec w{name + ".weight",
+              {out_features, in_features},
+              ParamClass::weight,
+              InitKind::normal,
               init_std};
   ParamSpec b{name + ".bias", {out_features}, ParamClass::bias, InitKind::zeros, 0.0f};
   if (tp > 1) {
@@ -55,7 +58,8 @@ void Linear::backward_input(const ParamStore& ps, Tensor dinp, Tensor dout,
 
 void Linear::backward_weight(ParamStore& ps, Tensor dout, Tensor inp) const {
   if (compute) return compute->backward_weight(*this, ps, dout, inp);
-  ops::matmul_backward(Tensor(), ps[weight].grad, param_grad(ps, bias), dout, inp, ps[weight].value);
+  ops::matmul_backward(Tensor(), ps[weight].grad, param_grad(ps, bias), dout, inp,
+                       ps[weight].value);
 }
 
 void column_parallel_backward(ParamStore& ps, const ModelShard& shard,

@@ -39,16 +39,17 @@ class LinearCompute {
 
 // Tensor-parallel split of a Linear (Megatron): column-parallel splits the output features (the
 // weight's rows and the bias), row-parallel splits the input features (the weight's columns; the
-// bias is whole and added by tp rank 0 only, so the all-reduce of the partial outputs adds it once).
+// bias is whole and added by tp rank 0 only, so the all-reduce of the partial outputs adds it
+// once).
 enum class TpSplit { none, column, row };
 
 struct Linear {
   int weight = -1;  // (N, K) PyTorch layout; this rank's slice under tensor parallelism
   int bias = -1;    // (N) or -1
   int in_features = 0, out_features = 0;  // local (this rank's) sizes
-  bool add_bias = true;  // false on tp ranks > 0 of a row-parallel layer
-  LinearCompute* compute = nullptr;  // null: the dtype's own GEMMs (kernels/ops.h)
-  int compute_slot = -1;             // this layer's index in *compute
+  bool add_bias = true;                   // false on tp ranks > 0 of a row-parallel layer
+  LinearCompute* compute = nullptr;       // null: the dtype's own GEMMs (kernels/ops.h)
+  int compute_slot = -1;                  // this layer's index in *compute
   // Reads the same x as the linear declared just before it, in the same call order (k and v
   // after q, up after gate): FP8 quantizes that x once for the group, with one scale.
   bool shares_input_with_previous = false;
@@ -93,7 +94,9 @@ struct Norm {
 };
 
 // Tensor for an optional parameter index (-1 -> empty tensor).
-inline Tensor param_value(const ParamStore& ps, int idx) { return idx < 0 ? Tensor() : ps[idx].value; }
+inline Tensor param_value(const ParamStore& ps, int idx) {
+  return idx < 0 ? Tensor() : ps[idx].value;
+}
 inline Tensor param_grad(ParamStore& ps, int idx) { return idx < 0 ? Tensor() : ps[idx].grad; }
 
 }  // namespace tessera

@@ -66,8 +66,10 @@ void Mlp::backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, T
     ops::gelu_backward(s.d_h, s.d_act, a.h);
   }
   // x fed every rank's FFN slice: dx is summed over tp (overlapping the weight gradients).
-  if (gated) column_parallel_backward(ps, shard_, {{&in_, s.d_h}, {&up_, s.d_up}}, dx, x);
-  else column_parallel_backward(ps, shard_, {{&in_, s.d_h}}, dx, x);
+  if (gated)
+    column_parallel_backward(ps, shard_, {{&in_, s.d_h}, {&up_, s.d_up}}, dx, x);
+  else
+    column_parallel_backward(ps, shard_, {{&in_, s.d_h}}, dx, x);
 }
 
 }  // namespace tessera

@@ -7,9 +7,9 @@
 namespace tessera {
 
 struct MlpActs {
-  Tensor h;     // (N,F) gelu: fc output (pre-activation); swiglu: gate projection
-  Tensor up;    // (N,F) swiglu only
-  Tensor act;   // (N,F) activation output, input of the last projection
+  Tensor h;    // (N,F) gelu: fc output (pre-activation); swiglu: gate projection
+  Tensor up;   // (N,F) swiglu only
+  Tensor act;  // (N,F) activation output, input of the last projection
 };
 
 struct MlpScratch {
@@ -31,7 +31,8 @@ class Mlp {
   // dx (N,C) is overwritten.
   void backward(ParamStore& ps, const MlpActs& a, MlpScratch& s, Tensor dx, Tensor dy,
                 Tensor x) const;
-  template <class F> void for_each_linear(F&& f) {
+  template <class F>
+  void for_each_linear(F&& f) {
     f(in_);
     if (kind_ != ActivationKind::gelu) f(up_);
     f(out_);
@@ -39,9 +40,9 @@ class Mlp {
 
  private:
   ActivationKind kind_ = ActivationKind::gelu;
-  Linear in_;    // gelu: fc; swiglu: gate
-  Linear up_;    // swiglu only
-  Linear out_;   // gelu: proj; swiglu: down (row-parallel; the others column-parallel)
+  Linear in_;   // gelu: fc; swiglu: gate
+  Linear up_;   // swiglu only
+  Linear out_;  // gelu: proj; swiglu: down (row-parallel; the others column-parallel)
   ModelShard shard_;
 };
 

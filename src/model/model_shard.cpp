@@ -13,8 +13,9 @@ ModelShard ModelShard::resolved(const ModelConfig& cfg) const {
            s.tp_size);
   TS_CHECK(s.pp_size >= 1 && s.pp_rank >= 0 && s.pp_rank < s.pp_size, "pp {}/{}", s.pp_rank,
            s.pp_size);
-  TS_CHECK(s.first_layer >= 0 && s.num_layers >= 1 && s.first_layer + s.num_layers <= cfg.num_layers,
-           "layers [{}, {}) of {}", s.first_layer, s.first_layer + s.num_layers, cfg.num_layers);
+  TS_CHECK(
+      s.first_layer >= 0 && s.num_layers >= 1 && s.first_layer + s.num_layers <= cfg.num_layers,
+      "layers [{}, {}) of {}", s.first_layer, s.first_layer + s.num_layers, cfg.num_layers);
   TS_CHECK(cfg.num_heads % s.tp_size == 0 && cfg.num_kv_heads % s.tp_size == 0 &&
                cfg.ffn_hidden % s.tp_size == 0 && cfg.padded_vocab_size % s.tp_size == 0,
            "layout check let tp={} through for heads {} kv {} ffn {} vocab {}", s.tp_size,

@@ -13,8 +13,8 @@ struct ModelConfig;
 struct ModelShard {
   int tp_size = 1, tp_rank = 0;
   int pp_size = 1, pp_rank = 0;
-  int first_layer = 0;    // global index of this stage's first layer
-  int num_layers = -1;    // layers on this stage; -1: every layer (pp_size == 1)
+  int first_layer = 0;              // global index of this stage's first layer
+  int num_layers = -1;              // layers on this stage; -1: every layer (pp_size == 1)
   Communicator* tp_comm = nullptr;  // moves tensors on the model's device; needed when tp_size > 1
 
   bool first_stage() const { return pp_rank == 0; }

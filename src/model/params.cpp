@@ -20,7 +20,8 @@ std::string_view param_class_name(ParamClass c) {
 
 int ParamStore::add(ParamSpec spec) {
   TS_CHECK(values_ == nullptr, "parameter {} registered after allocation", spec.name);
-  for (const Param& p : params_) TS_CHECK(p.spec.name != spec.name, "duplicate parameter {}", spec.name);
+  for (const Param& p : params_)
+    TS_CHECK(p.spec.name != spec.name, "duplicate parameter {}", spec.name);
   Param p;
   p.offset = static_cast<size_t>(num_elements_);
   num_elements_ += spec.shape.numel();
@@ -135,8 +136,12 @@ const Param& ParamStore::find(const std::string& name) const {
   TS_BUG("no parameter named {}", name);
 }
 
-Tensor ParamStore::flat_values() const { return Tensor(values_, dtype_, device_, {padded_elements_}); }
-Tensor ParamStore::flat_grads() const { return Tensor(grads_, dtype_, device_, {padded_elements_}); }
+Tensor ParamStore::flat_values() const {
+  return Tensor(values_, dtype_, device_, {padded_elements_});
+}
+Tensor ParamStore::flat_grads() const {
+  return Tensor(grads_, dtype_, device_, {padded_elements_});
+}
 Tensor ParamStore::flat_master() const {
   return master_ ? Tensor(master_, master_dtype_, device_, {padded_elements_}) : Tensor();
 }

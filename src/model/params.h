@@ -48,11 +48,11 @@ struct ParamSpec {
 
 struct Param {
   ParamSpec spec;
-  Tensor value;   // compute dtype, on the model's device: what forward/backward read
-  Tensor grad;    // same dtype and shape; accumulated by backward
-  Tensor master;  // f32 master weights the optimizer updates; the same memory as value when the
-                  // compute dtype is f32 (or f64 in tests), a separate copy otherwise; empty
-                  // when the store keeps no masters (ZeRO-1 keeps its shard in the optimizer)
+  Tensor value;       // compute dtype, on the model's device: what forward/backward read
+  Tensor grad;        // same dtype and shape; accumulated by backward
+  Tensor master;      // f32 master weights the optimizer updates; the same memory as value when the
+                      // compute dtype is f32 (or f64 in tests), a separate copy otherwise; empty
+                      // when the store keeps no masters (ZeRO-1 keeps its shard in the optimizer)
   size_t offset = 0;  // element offset inside the flat buffers
 };
 
@@ -71,7 +71,9 @@ class ParamStore {
     return bytes_for(padded(num_elements_, pad_multiple), dtype, with_master);
   }
   static size_t bytes_for(int64_t num_elements, DType dtype, bool with_master = true);
-  static int64_t padded(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+  static int64_t padded(int64_t n, int64_t multiple) {
+    return (n + multiple - 1) / multiple * multiple;
+  }
   void init(uint64_t seed);  // fills every master from the counter-based RNG, then the values
   // Parameter idx's initial values in f32 on the host (numel elements): what init() stores, before
   // any rounding to the compute dtype. ZeRO-1 seeds its FP32 master shard from it.
@@ -87,7 +89,7 @@ class ParamStore {
   const Param& operator[](int idx) const { return params_[idx]; }
   const Param& find(const std::string& name) const;  // bug if absent
   int size() const { return static_cast<int>(params_.size()); }
-  int64_t num_elements() const { return num_elements_; }        // sum of the parameters' sizes
+  int64_t num_elements() const { return num_elements_; }            // sum of the parameters' sizes
   int64_t padded_num_elements() const { return padded_elements_; }  // length of the flat buffers
   const std::vector<Param>& all() const { return params_; }
   std::vector<Param>& all() { return params_; }

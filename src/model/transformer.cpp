@@ -34,7 +34,8 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   auto al = [](size_t b) { return Arena::aligned(b); };
   const size_t s = dtype_size(stat_dtype(dtype));
   size_t attn = al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 + al(B * Hq * T * s);
-  if (c.qk_norm) attn += al(N * Hq * D * e) + al(N * Hkv * D * e) + al(N * Hq * s) + al(N * Hkv * s);
+  if (c.qk_norm)
+    attn += al(N * Hq * D * e) + al(N * Hkv * D * e) + al(N * Hq * s) + al(N * Hkv * s);
   size_t mlp = al(N * F * e) * (c.activation == ActivationKind::swiglu ? 3 : 2);
   size_t block = al(N * C * e) * 3 + al(N * s) * 4 + attn + mlp;
   size_t scratch = al(N * C * e) * 3 + al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 +
@@ -47,9 +48,11 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
     total += al(N * C * e) + al(N * s) * 2 + al(N * V * (head32 ? 4 : e)) + al(N * s) * 2 +
              al(N * C * e);
     if (sh.tp_size > 1) total += al(3 * N * s);
-    if (head32) total += al(N * C * 4) + al(V * C * 4) + (training ? al(N * C * 4) + al(V * C * 4) + al(V * C * e) : 0);
+    if (head32)
+      total += al(N * C * 4) + al(V * C * 4) +
+               (training ? al(N * C * 4) + al(V * C * 4) + al(V * C * e) : 0);
   }
-  total += al(N * C * e);  // d_resid
+  total += al(N * C * e);                                                     // d_resid
   if (sh.first_stage() && c.fp32_embedding && e < 4) total += al(N * C * 4);  // embed32
   return total;
 }
@@ -97,8 +100,11 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
 }
 
 Transformer::Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& shard)
-    : cfg_(cfg), local_(local_config(cfg, shard)), shard_(shard.resolved(cfg)),
-      dtype_(DType::f32), device_(Device::cpu) {
+    : cfg_(cfg),
+      local_(local_config(cfg, shard)),
+      shard_(shard.resolved(cfg)),
+      dtype_(DType::f32),
+      device_(Device::cpu) {
   declare_params();
 }
 
@@ -147,8 +153,8 @@ void Transformer::declare_params() {
     wte.embedding_group = tied_across_stages;
     wte_ = params_.add(std::move(wte));
     if (cfg.position == PositionKind::learned) {
-      ParamSpec wpe{"embed.wpe", {cfg.max_seq_len, C}, ParamClass::embedding, InitKind::normal,
-                    cfg.init_std};
+      ParamSpec wpe{
+          "embed.wpe", {cfg.max_seq_len, C}, ParamClass::embedding, InitKind::normal, cfg.init_std};
       wpe.owner = s.tp_rank == 0;  // replicated over tp, added by tp rank 0 only
       wpe_ = params_.add(std::move(wpe));
     }
@@ -242,7 +248,8 @@ double Transformer::loss_forward(Activations& a, Tensor targets) const {
     Tensor sum_exp = sums.slice(0, 1).view({N}), target_logit = sums.slice(1, 2).view({N});
     ops::cross_entropy_shard_max(row_max, a.logits, v0, cfg_.vocab_size);
     shard_.tp_comm->all_reduce(row_max, ReduceOp::max);
-    ops::cross_entropy_shard_sums(sum_exp, target_logit, a.logits, row_max, tg, v0, cfg_.vocab_size);
+    ops::cross_entropy_shard_sums(sum_exp, target_logit, a.logits, row_max, tg, v0,
+                                  cfg_.vocab_size);
     shard_.tp_comm->all_reduce(sums, ReduceOp::sum);
     ops::cross_entropy_shard_finish(a.losses, a.lse, row_max, sum_exp, target_logit, tg);
   }

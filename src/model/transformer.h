@@ -42,20 +42,20 @@ class Activations {
   bool training_, recompute_;
   size_t bytes_ = 0;
   Arena own_;
-  std::vector<Tensor> resid;       // L+1 x (N,C): input of local block l, resid[L] = last output
-  Tensor embed32;                  // (N,C) f32, first stage with fp32_embedding: the FP32 lookup
-  std::vector<BlockActs> blocks;   // L sets, or 1 shared set when recomputing
+  std::vector<Tensor> resid;      // L+1 x (N,C): input of local block l, resid[L] = last output
+  Tensor embed32;                 // (N,C) f32, first stage with fp32_embedding: the FP32 lookup
+  std::vector<BlockActs> blocks;  // L sets, or 1 shared set when recomputing
   BlockScratch scratch;
   // Last stage only:
   Tensor lnf_out, lnf_mean, lnf_rstd;  // (N,C), (N), (N)
-  Tensor logits;                   // (N,Vl); becomes dlogits in backward (f32 with fp32_lm_head)
+  Tensor logits;  // (N,Vl); becomes dlogits in backward (f32 with fp32_lm_head)
   // fp32_lm_head only: FP32 copies of the head's input and weight, and FP32 gradients.
-  Tensor lnf_out32, head_w32;      // (N,C), (Vl,C)
+  Tensor lnf_out32, head_w32;          // (N,C), (Vl,C)
   Tensor d_lnf32, head_dw32, head_dw;  // (N,C), (Vl,C) f32, (Vl,C) in the model dtype (training)
-  Tensor losses, lse;              // (N), (N)
-  Tensor ce_stats;                 // (3,N) tp > 1: row max, then sum of exp and target logit
-  Tensor d_lnf;                    // (N,C)
-  Tensor d_resid;                  // (N,C)
+  Tensor losses, lse;                  // (N), (N)
+  Tensor ce_stats;                     // (3,N) tp > 1: row max, then sum of exp and target logit
+  Tensor d_lnf;                        // (N,C)
+  Tensor d_resid;                      // (N,C)
 };
 
 class Transformer {
@@ -107,7 +107,8 @@ class Transformer {
 
   // Every linear of every block of this stage, in order (the FP8 policy attaches to them;
   // embeddings, norms, attention and the LM head are not linears here).
-  template <class F> void for_each_linear(F&& f) {
+  template <class F>
+  void for_each_linear(F&& f) {
     for (Block& b : blocks_) b.for_each_linear(f);
   }
 

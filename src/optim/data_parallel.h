@@ -2,7 +2,8 @@
 // param-and-grad buckets): the flat gradient buffer of a ParamStore is cut into contiguous buckets
 // that are all-reduced (ZeRO-0) or reduce-scattered (ZeRO-1) over the dp group as soon as backward
 // has produced their final gradients. The optimizer that consumes them is distributed_optimizer.h.
-// Lives in src/optim (not src/parallel) because it needs ParamStore; src/parallel stays below model.
+// Lives in src/optim (not src/parallel) because it needs ParamStore; src/parallel stays below
+// model.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -43,7 +44,7 @@ struct GradBucket {
   int64_t begin = 0, end = 0;
   int64_t shard_offset = 0;  // where this bucket's chunk starts in a rank's ZeRO-1 shard buffers
   int first_param = 0, end_param = 0;  // the parameters [first_param, end_param) overlap it
-  bool held = false;         // overlaps an embedding_group parameter: launched in finish()
+  bool held = false;  // overlaps an embedding_group parameter: launched in finish()
   int64_t numel() const { return end - begin; }
 };
 
@@ -73,7 +74,7 @@ class BucketLayout {
   BucketLayout(const ParamStore& params, int dp_size, int64_t bucket_numel);
 
   int dp_size() const { return dp_size_; }
-  int64_t padded_numel() const { return padded_numel_; }     // num_elements padded to dp
+  int64_t padded_numel() const { return padded_numel_; }            // num_elements padded to dp
   int64_t shard_numel() const { return padded_numel_ / dp_size_; }  // one rank's ZeRO-1 share
   const std::vector<GradBucket>& buckets() const { return buckets_; }
   // Chunk of bucket b that dp rank r owns under ZeRO-1: [begin, end) of the flat buffers.

@@ -33,7 +33,8 @@ void HostOptimizerState::allocate(DType t, int64_t n) {
 
 Tensor HostOptimizerState::view(const Buffer& b, const Param& p) const {
   const int64_t off = static_cast<int64_t>(p.offset);
-  TS_CHECK(off + p.spec.shape.numel() <= numel, "{} beyond the {} state elements", p.spec.name, numel);
+  TS_CHECK(off + p.spec.shape.numel() <= numel, "{} beyond the {} state elements", p.spec.name,
+           numel);
   return Tensor(byte_ptr(b, dtype, off), dtype, Device::cpu, p.spec.shape);
 }
 
@@ -62,8 +63,9 @@ DistributedOptimizer::DistributedOptimizer(ParamStore& params, const Distributed
     }
     state_numel = layout.padded_numel();
   } else {
-    TS_CHECK(!params.has_separate_master(),
-             "ZeRO-1 keeps the master shard itself: allocate the parameters with with_master = false");
+    TS_CHECK(
+        !params.has_separate_master(),
+        "ZeRO-1 keeps the master shard itself: allocate the parameters with with_master = false");
     pieces_ = layout.shard_pieces(params, ddp.dp_rank());
     state_numel = layout.shard_numel();
   }
@@ -87,7 +89,8 @@ DistributedOptimizer::DistributedOptimizer(ParamStore& params, const Distributed
     const Tensor values = params.flat_values();
     for (int b = 0; b < static_cast<int>(layout.buckets().size()); ++b) {
       const GradBucket& bk = layout.buckets()[b];
-      const int64_t chunk = bk.numel() / layout.dp_size(), begin = layout.chunk_begin(b, ddp.dp_rank());
+      const int64_t chunk = bk.numel() / layout.dp_size(),
+                    begin = layout.chunk_begin(b, ddp.dp_rank());
       ops::cast(master_shard_.slice(bk.shard_offset, bk.shard_offset + chunk),
                 values.slice(begin, begin + chunk));
     }

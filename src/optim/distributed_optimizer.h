@@ -76,8 +76,8 @@ class DistributedOptimizer {
   int64_t step_ = 0;
   std::vector<ShardPiece> pieces_;
   Buffer owned_;
-  Tensor m_, v_;          // (state numel): ZeRO-0 padded_numel, ZeRO-1 shard_numel
-  Tensor master_shard_;   // (shard_numel) ZeRO-1 with 16-bit compute only; empty otherwise
+  Tensor m_, v_;         // (state numel): ZeRO-0 padded_numel, ZeRO-1 shard_numel
+  Tensor master_shard_;  // (shard_numel) ZeRO-1 with 16-bit compute only; empty otherwise
 };
 
 }  // namespace tessera

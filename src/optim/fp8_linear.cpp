@@ -11,9 +11,9 @@
 namespace tessera {
 
 namespace {
-constexpr int kX = 0, kW = 1, kDy = 2;  // the three scaled tensors of a layer
+constexpr int kX = 0, kW = 1, kDy = 2;                        // the three scaled tensors of a layer
 constexpr int kX8 = 0, kDy8 = 1, kDy8T = 2, kNumScratch = 3;  // scratch buffers
-constexpr size_t kAlign = 256;          // cuBLASLt FP8 wants 16-byte aligned operands
+constexpr size_t kAlign = 256;  // cuBLASLt FP8 wants 16-byte aligned operands
 size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 int state_index(int slot, int which) { return 3 * slot + which; }
 }  // namespace
@@ -26,8 +26,10 @@ Fp8Linears::~Fp8Linears() = default;
 
 void Fp8Linears::attach(Transformer& model) {
   if (model.dtype() != DType::bf16)
-    TS_USER_ERROR("precision.compute fp8 keeps the model in bf16 outside the FP8 GEMMs; this "
-                  "model is {}", dtype_name(model.dtype()));
+    TS_USER_ERROR(
+        "precision.compute fp8 keeps the model in bf16 outside the FP8 GEMMs; this "
+        "model is {}",
+        dtype_name(model.dtype()));
   model.for_each_linear([&](Linear& l) {
     l.compute = this;
     l.compute_slot = add(model.params()[l.weight].spec.name, l.out_features, l.in_features,
@@ -44,7 +46,8 @@ int Fp8Linears::add(const std::string& name, int64_t out_features, int64_t in_fe
   if (shares_input_with_previous) {
     TS_CHECK(slot > 0 && layers_.back().in_features == in_features,
              "Fp8Linears::add({}): shares its input with the previous linear, which has {} input "
-             "features, not {}", name, slot > 0 ? layers_.back().in_features : 0, in_features);
+             "features, not {}",
+             name, slot > 0 ? layers_.back().in_features : 0, in_features);
     x_owner = layers_.back().x_owner;
   }
   layers_.push_back({name, out_features, in_features});
@@ -156,8 +159,9 @@ Fp8Linears::DyOperands Fp8Linears::dout_operands(int slot, Tensor dout, bool wit
   const int64_t N = layers_[slot].out_features, M = dout.numel() / N;
   for (FusedDy& f : fused_)
     if (f.slot == slot && f.data == dout.data && f.rows == M)
-      return {Tensor(f.dy8.data(), DType::e5m2, device_, Shape{M, N}),
-              with_transpose ? Tensor(f.dy8_t.data(), DType::e5m2, device_, Shape{N, M}) : Tensor()};
+      return {
+          Tensor(f.dy8.data(), DType::e5m2, device_, Shape{M, N}),
+          with_transpose ? Tensor(f.dy8_t.data(), DType::e5m2, device_, Shape{N, M}) : Tensor()};
   DyOperands d{scratch(kDy8, DType::e5m2, Shape{M, N}),
                with_transpose ? scratch(kDy8T, DType::e5m2, Shape{N, M}) : Tensor()};
   ops::fp8_quantize(d.dy8, d.dy8_t, amax_for(state_index(slot, kDy)), dout.view({M, N}),
@@ -167,8 +171,7 @@ Fp8Linears::DyOperands Fp8Linears::dout_operands(int slot, Tensor dout, bool wit
 
 bool Fp8Linears::swiglu_backward(const Linear& gate, const Linear& up, Tensor dgate, Tensor dup,
                                  Tensor dout, Tensor h, Tensor u) {
-  if (!recording_ || gate.bias >= 0 || up.bias >= 0 || gate.compute_slot < 0 ||
-      up.compute_slot < 0)
+  if (!recording_ || gate.bias >= 0 || up.bias >= 0 || gate.compute_slot < 0 || up.compute_slot < 0)
     return false;
   const int64_t N = gate.out_features, M = dout.numel() / N;
   Tensor out8[2], out8_t[2];

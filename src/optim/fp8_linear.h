@@ -76,7 +76,7 @@ class Fp8Linears final : public LinearCompute {
   struct Layer {
     std::string name;
     int64_t out_features = 0, in_features = 0;
-    size_t weight_offset = 0;  // of its W8 and W8^T in weights_
+    size_t weight_offset = 0;    // of its W8 and W8^T in weights_
     bool weights_fresh = false;  // W8 matches the current weights and scale
     int x_owner = -1;            // the slot whose x scale (and FP8 x) this layer uses
   };
@@ -133,11 +133,11 @@ class Fp8Linears final : public LinearCompute {
   Fp8ScalingConfig cfg_;
   std::vector<Layer> layers_;
   std::unique_ptr<Fp8ScalingState> state_;
-  Buffer weights_;   // W8 (N,K) then W8^T (K,N) per layer
-  Buffer discard_;   // (1) f32 amax sink for evaluation
-  std::vector<Buffer> scratch_;  // x8, dy8, dy8^T
+  Buffer weights_;                  // W8 (N,K) then W8^T (K,N) per layer
+  Buffer discard_;                  // (1) f32 amax sink for evaluation
+  std::vector<Buffer> scratch_;     // x8, dy8, dy8^T
   std::vector<SavedXT> saved_x_t_;  // by slot; only group owners' are used
-  FusedDy fused_[2];  // gate's and up's, from swiglu_backward
+  FusedDy fused_[2];                // gate's and up's, from swiglu_backward
   bool recording_ = true;
   XCopy x_copy_;
 };

@@ -96,15 +96,17 @@ void Fp8ScalingState::load(const State& s) {
     std::string have, want;
     for (DType t : s.formats) have += fmt::format(" {}", dtype_name(t));
     for (DType t : formats_) want += fmt::format(" {}", dtype_name(t));
-    TS_USER_ERROR("{}: {} scaled tensors with formats [{} ] do not match the model's {} [{} ] "
-                  "(a different model or precision recipe?)", kWhat, s.formats.size(), have, n,
-                  want);
+    TS_USER_ERROR(
+        "{}: {} scaled tensors with formats [{} ] do not match the model's {} [{} ] "
+        "(a different model or precision recipe?)",
+        kWhat, s.formats.size(), have, n, want);
   }
   if (s.history_len < 1 || int64_t(s.amax_history.size()) != s.history_len * n ||
       int64_t(s.scale.size()) != n || int64_t(s.scale_inv.size()) != n)
-    TS_USER_ERROR("{}: inconsistent sizes: history_len {}, amax_history {} values, scale {}, "
-                  "scale_inv {}, for {} tensors", kWhat, s.history_len, s.amax_history.size(),
-                  s.scale.size(), s.scale_inv.size(), n);
+    TS_USER_ERROR(
+        "{}: inconsistent sizes: history_len {}, amax_history {} values, scale {}, "
+        "scale_inv {}, for {} tensors",
+        kWhat, s.history_len, s.amax_history.size(), s.scale.size(), s.scale_inv.size(), n);
   for (size_t i = 0; i < s.amax_history.size(); ++i)
     if (!(std::isfinite(s.amax_history[i]) && s.amax_history[i] >= 0.0f))
       TS_USER_ERROR("{}: amax_history[{}, {}] = {}, expected finite and >= 0", kWhat,
@@ -113,8 +115,8 @@ void Fp8ScalingState::load(const State& s) {
     if (!(std::isfinite(s.scale[j]) && s.scale[j] > 0.0f))
       TS_USER_ERROR("{}: scale[{}] = {}, expected finite and > 0", kWhat, j, s.scale[j]);
     if (s.scale_inv[j] != 1.0f / s.scale[j])
-      TS_USER_ERROR("{}: scale_inv[{}] = {} is not 1 / scale[{}] = {}", kWhat, j, s.scale_inv[j],
-                    j, 1.0f / s.scale[j]);
+      TS_USER_ERROR("{}: scale_inv[{}] = {} is not 1 / scale[{}] = {}", kWhat, j, s.scale_inv[j], j,
+                    1.0f / s.scale[j]);
   }
   if (n == 0) return;
   // Row i of the snapshot is i steps old; keep the newest rows that fit.

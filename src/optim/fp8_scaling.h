@@ -45,9 +45,9 @@ class Fp8ScalingState {
   Tensor scale_inv(int64_t i) const { return scale_inv_aligned_.slice(4 * i, 4 * i + 1); }
   // Whole buffers.
   Tensor amax_history() const { return history_; }  // (L, n), row 0 the most recent step
-  Tensor amaxes() const { return amax_; }            // (n)
-  Tensor scales() const { return scale_; }           // (n)
-  Tensor scale_invs() const { return scale_inv_; }   // (n)
+  Tensor amaxes() const { return amax_; }           // (n)
+  Tensor scales() const { return scale_; }          // (n)
+  Tensor scale_invs() const { return scale_inv_; }  // (n)
 
   // Max-all-reduces this step's amaxes over `comm`, before update(). Every rank holding a shard
   // or a replica of the same tensors must end with the same scales, so call it for the tensor-
@@ -62,11 +62,11 @@ class Fp8ScalingState {
   // Host snapshot for checkpoints, taken at a step boundary (after update(), when the amaxes are
   // zero, so they are not part of it).
   struct State {
-    std::vector<DType> formats;        // (n)
-    int64_t history_len = 0;           // L of the snapshot
-    std::vector<float> amax_history;   // (L, n)
-    std::vector<float> scale;          // (n)
-    std::vector<float> scale_inv;      // (n)
+    std::vector<DType> formats;       // (n)
+    int64_t history_len = 0;          // L of the snapshot
+    std::vector<float> amax_history;  // (L, n)
+    std::vector<float> scale;         // (n)
+    std::vector<float> scale_inv;     // (n)
   };
   State gather() const;
   // Restores a snapshot; zeroes the amaxes. The formats must match this state's (user error
@@ -79,12 +79,12 @@ class Fp8ScalingState {
   Fp8ScalingConfig cfg_;
   std::vector<DType> formats_;
   Buffer buffer_;
-  Tensor history_;    // (L, n) f32
-  Tensor scale_;      // (n) f32
-  Tensor scale_inv_;  // (n) f32
+  Tensor history_;            // (L, n) f32
+  Tensor scale_;              // (n) f32
+  Tensor scale_inv_;          // (n) f32
   Tensor scale_inv_aligned_;  // (4n) f32: scale_inv[i] at 4i, 16-byte aligned
-  Tensor amax_;       // (n) f32
-  Tensor fp8_max_;    // (n) f32: 448 or 57344 per tensor's format
+  Tensor amax_;               // (n) f32
+  Tensor fp8_max_;            // (n) f32: 448 or 57344 per tensor's format
 
   void refresh_aligned();  // scale_inv_ -> scale_inv_aligned_
 };

@@ -87,13 +87,15 @@ void LossScaler::load(const State& in) {
   // Bounds of this config, which may differ from the one the checkpoint was written under.
   State s = in;
   auto adjust = [](const char* field, auto from, auto to, const std::string& why) {
-    log_warn("loss scaler state from the checkpoint: {} {} -> {} ({}; precision.loss_scale "
-             "changed since the checkpoint was written?)", field, from, to, why);
+    log_warn(
+        "loss scaler state from the checkpoint: {} {} -> {} ({}; precision.loss_scale "
+        "changed since the checkpoint was written?)",
+        field, from, to, why);
   };
   const float clamped = std::clamp(s.scale, cfg_.min, cfg_.max);
   if (clamped != s.scale) {
-    adjust("scale", s.scale, clamped, fmt::format("outside [min, max] = [{}, {}]", cfg_.min,
-                                                  cfg_.max));
+    adjust("scale", s.scale, clamped,
+           fmt::format("outside [min, max] = [{}, {}]", cfg_.min, cfg_.max));
     s.scale = clamped;
   }
   if (s.growth_tracker >= cfg_.growth_interval) {

@@ -9,13 +9,13 @@
 namespace tessera {
 
 struct LossScalerConfig {
-  float initial = 65536.0f;       // 2^16
-  float growth_factor = 2.0f;     // > 1
-  float backoff_factor = 0.5f;    // in (0, 1)
-  int growth_interval = 1000;     // clean steps before the scale grows, >= 1
-  int hysteresis = 2;             // overflowing steps tolerated before the first backoff, >= 1
-  float min = 1.0f;               // > 0, <= initial
-  float max = 16777216.0f;        // 2^24, >= initial
+  float initial = 65536.0f;     // 2^16
+  float growth_factor = 2.0f;   // > 1
+  float backoff_factor = 0.5f;  // in (0, 1)
+  int growth_interval = 1000;   // clean steps before the scale grows, >= 1
+  int hysteresis = 2;           // overflowing steps tolerated before the first backoff, >= 1
+  float min = 1.0f;             // > 0, <= initial
+  float max = 16777216.0f;      // 2^24, >= initial
   // Consecutive overflowing steps while the scale already sits at `min` before the run stops
   // with an error (the gradients overflow even when barely scaled: the run has diverged), >= 1.
   int max_overflows_at_min = 10;
@@ -68,11 +68,11 @@ class LossScaler {
   // Everything needed to resume bitwise: store it in checkpoints.
   struct State {
     float scale = 0.0f;
-    int growth_tracker = 0;       // clean steps since the last overflow or growth
-    int hysteresis_left = 0;      // overflows left before the next backoff, in [0, hysteresis]
-    int64_t steps = 0;            // update() calls
-    int64_t skipped = 0;          // of which overflowed (the step was skipped)
-    int overflows_at_min = 0;     // consecutive overflowing steps taken with scale == min
+    int growth_tracker = 0;    // clean steps since the last overflow or growth
+    int hysteresis_left = 0;   // overflows left before the next backoff, in [0, hysteresis]
+    int64_t steps = 0;         // update() calls
+    int64_t skipped = 0;       // of which overflowed (the step was skipped)
+    int overflows_at_min = 0;  // consecutive overflowing steps taken with scale == min
     bool operator==(const State&) const = default;
   };
   State state() const { return state_; }

@@ -66,8 +66,8 @@ bool check_reduce_scatter(const Communicator& c, const Tensor& out, const Tensor
   check_tensor(c, in, "reduce_scatter");
   expect_same_dtype(out, in, "reduce_scatter");
   TS_CHECK(in.numel() == out.numel() * c.size(),
-           "reduce_scatter on group '{}' (size {}): in {} is not size x out {}", c.name(),
-           c.size(), in.str(), out.str());
+           "reduce_scatter on group '{}' (size {}): in {} is not size x out {}", c.name(), c.size(),
+           in.str(), out.str());
   const bool in_place = out.numel() > 0 && is_chunk(in, out, c.rank());
   TS_CHECK(in_place || !overlaps(out, in),
            "reduce_scatter on group '{}': out overlaps in but is not its chunk {}", c.name(),
@@ -84,8 +84,7 @@ bool check_all_gather(const Communicator& c, const Tensor& out, const Tensor& in
            out.str(), in.str());
   const bool in_place = in.numel() > 0 && is_chunk(out, in, c.rank());
   TS_CHECK(in_place || !overlaps(out, in),
-           "all_gather on group '{}': in overlaps out but is not its chunk {}", c.name(),
-           c.rank());
+           "all_gather on group '{}': in overlaps out but is not its chunk {}", c.name(), c.rank());
   return in_place;
 }
 

@@ -35,9 +35,9 @@ using CommHandle = std::unique_ptr<CommRequest>;
 class Communicator {
  public:
   virtual ~Communicator() = default;
-  virtual int rank() const = 0;              // rank inside this group
+  virtual int rank() const = 0;  // rank inside this group
   virtual int size() const = 0;
-  virtual Device device() const = 0;         // where the tensors it moves live
+  virtual Device device() const = 0;            // where the tensors it moves live
   virtual const std::string& name() const = 0;  // group name for messages: "tp", "dp", "pp", ...
 
   // Tensors are contiguous; dtypes f32, f64, bf16, f16, i32 (sum and max on every one of them).
@@ -77,7 +77,9 @@ class Communicator {
   }
 
   void all_reduce(Tensor t, ReduceOp op) { all_reduce_async(t, op)->wait(); }
-  void reduce_scatter(Tensor out, Tensor in, ReduceOp op) { reduce_scatter_async(out, in, op)->wait(); }
+  void reduce_scatter(Tensor out, Tensor in, ReduceOp op) {
+    reduce_scatter_async(out, in, op)->wait();
+  }
   void all_gather(Tensor out, Tensor in) { all_gather_async(out, in)->wait(); }
   void send(Tensor t, int peer, int tag) { send_async(t, peer, tag)->wait(); }
   void recv(Tensor t, int peer, int tag) { recv_async(t, peer, tag)->wait(); }

@@ -185,11 +185,11 @@ CommHandle MpiCommunicator::reduce_scatter_async(Tensor out, Tensor in, ReduceOp
   MPI_Request request;
   // MPI_IN_PLACE takes the whole input from the receive buffer and leaves the result in its
   // first chunk; the request then moves it to chunk r (see communicator.h).
-  TS_MPI_CHECK(MPI_Ireduce_scatter_block(in_place ? MPI_IN_PLACE : in.data,
-                                         in_place ? in.data : out.data, count, mpi_type(in.dtype),
-                                         mpi_op(in.dtype, op), comm_, &request),
-               "reduce_scatter {} of {} {} elements per rank on group '{}'", reduce_op_name(op),
-               count, dtype_name(in.dtype), name_);
+  TS_MPI_CHECK(
+      MPI_Ireduce_scatter_block(in_place ? MPI_IN_PLACE : in.data, in_place ? in.data : out.data,
+                                count, mpi_type(in.dtype), mpi_op(in.dtype, op), comm_, &request),
+      "reduce_scatter {} of {} {} elements per rank on group '{}'", reduce_op_name(op), count,
+      dtype_name(in.dtype), name_);
   auto handle = std::make_unique<MpiRequest>(request, "reduce_scatter", name_, out);
   if (in_place && rank_ != 0) handle->move_after_wait(out.data, in.data, out.nbytes());
   return handle;
@@ -203,8 +203,8 @@ CommHandle MpiCommunicator::all_gather_async(Tensor out, Tensor in) {
   MPI_Request request;
   // In place, MPI reads this rank's contribution from its chunk of the receive buffer (and ignores
   // the send count and type).
-  TS_MPI_CHECK(MPI_Iallgather(in_place ? MPI_IN_PLACE : in.data, count, type, out.data, count,
-                              type, comm_, &request),
+  TS_MPI_CHECK(MPI_Iallgather(in_place ? MPI_IN_PLACE : in.data, count, type, out.data, count, type,
+                              comm_, &request),
                "all_gather of {} {} elements per rank on group '{}'", count, dtype_name(in.dtype),
                name_);
   return std::make_unique<MpiRequest>(request, "all_gather", name_, in);
@@ -240,8 +240,8 @@ void MpiCommunicator::broadcast(Tensor t, int root) {
   comm_detail::check_root(*this, root);
   const int count = mpi_count(t, "broadcast");
   TS_MPI_CHECK(MPI_Bcast(t.data, count, mpi_type(t.dtype), root, comm_),
-               "broadcast of {} {} elements from rank {} on group '{}'", count,
-               dtype_name(t.dtype), root, name_);
+               "broadcast of {} {} elements from rank {} on group '{}'", count, dtype_name(t.dtype),
+               root, name_);
 }
 
 void MpiCommunicator::barrier() {

@@ -68,8 +68,8 @@ MpiRuntime::~MpiRuntime() {
 
 bool launched_by_mpi_launcher() {
   // Open MPI's mpirun, PMIx-based launchers (Open MPI 5, srun --mpi=pmix), MPICH's Hydra (PMI).
-  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK",
-                           "MPI_LOCALNRANKS"}) {
+  for (const char* name :
+       {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS"}) {
     if (env(name)) return true;
   }
   // A batch script also sees SLURM_PROCID (= 0); only a step of several tasks is a parallel launch.
@@ -134,8 +134,7 @@ int select_local_gpu() {
 }
 #endif
 
-void mpi_fail(int code, const char* call, const std::string& context, const char* file,
-              int line) {
+void mpi_fail(int code, const char* call, const std::string& context, const char* file, int line) {
   char text[MPI_MAX_ERROR_STRING] = {};
   int len = 0;
   std::string reason;

@@ -59,16 +59,16 @@ int local_rank();
 int select_local_gpu();
 
 // The failure path of TS_MPI_CHECK: a system error with MPI's error string and `context`.
-[[noreturn]] void mpi_fail(int code, const char* call, const std::string& context,
-                           const char* file, int line);
+[[noreturn]] void mpi_fail(int code, const char* call, const std::string& context, const char* file,
+                           int line);
 
 }  // namespace tessera
 
 // Checks an MPI return code. The variadic part is a fmt format for the context (operation, group,
 // element count); it is formatted only on failure.
-#define TS_MPI_CHECK(call, ...)                                                                  \
-  do {                                                                                           \
-    const int ts_mpi_rc_ = (call);                                                               \
-    if (ts_mpi_rc_ != MPI_SUCCESS) [[unlikely]]                                                  \
-      ::tessera::mpi_fail(ts_mpi_rc_, #call, ::fmt::format(__VA_ARGS__), __FILE__, __LINE__);    \
+#define TS_MPI_CHECK(call, ...)                                                               \
+  do {                                                                                        \
+    const int ts_mpi_rc_ = (call);                                                            \
+    if (ts_mpi_rc_ != MPI_SUCCESS) [[unlikely]]                                               \
+      ::tessera::mpi_fail(ts_mpi_rc_, #call, ::fmt::format(__VA_ARGS__), __FILE__, __LINE__); \
   } while (0)

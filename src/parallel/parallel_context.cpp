@@ -100,8 +100,9 @@ ParallelContext::ParallelContext(ParallelSizes sizes, Device device, const std::
   const Topology& topo = impl_->topology;
 #ifndef TESSERA_CUDA
   if (device == Device::cuda) {
-    TS_USER_ERROR("a CUDA device was requested but this build has no CUDA backend "
-                  "(configure with -DTESSERA_CUDA=ON)");
+    TS_USER_ERROR(
+        "a CUDA device was requested but this build has no CUDA backend "
+        "(configure with -DTESSERA_CUDA=ON)");
   }
 #endif
 
@@ -147,8 +148,8 @@ ParallelContext::ParallelContext(ParallelSizes sizes, Device device, const std::
     }
 #endif
   }
-  log_debug("parallel context: rank {} of {}, tp {} dp {} pp {} (order {}), device {}", rank,
-            world, sizes.tp, sizes.dp, sizes.pp, order, device_name(device));
+  log_debug("parallel context: rank {} of {}, tp {} dp {} pp {} (order {}), device {}", rank, world,
+            sizes.tp, sizes.dp, sizes.pp, order, device_name(device));
 }
 
 std::unique_ptr<ParallelContext> ParallelContext::single(Device device) {

@@ -38,7 +38,7 @@ class ParallelContext {
   ~ParallelContext();
 
   const Topology& topology() const;
-  int rank() const;        // global rank
+  int rank() const;  // global rank
   int world_size() const;
   RankCoord coord() const;
   Device device() const;

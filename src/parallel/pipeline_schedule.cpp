@@ -163,8 +163,10 @@ std::string check_stage(const std::vector<PipeAction>& actions, int stage, int n
       const bool needed = !(first && (op == PipeOp::recv_forward || op == PipeOp::send_backward)) &&
                           !(last && (op == PipeOp::send_forward || op == PipeOp::recv_backward));
       if (needed && !done[m][k])
-        return fmt::format("stage {}: {} of microbatch {} is missing (each op exactly once per "
-                           "microbatch)", stage, pipe_op_name(op), m);
+        return fmt::format(
+            "stage {}: {} of microbatch {} is missing (each op exactly once per "
+            "microbatch)",
+            stage, pipe_op_name(op), m);
     }
   }
   return "";
@@ -218,7 +220,8 @@ ScheduleCheck validate_schedules(const std::vector<std::vector<PipeAction>>& per
       if (msg.microbatch != a.microbatch) {
         check.error = fmt::format(
             "{}: stage {} posted microbatch {} next in this direction; sends and recvs between "
-            "neighbours must match in order", where(s, pc[s], a), from, msg.microbatch);
+            "neighbours must match in order",
+            where(s, pc[s], a), from, msg.microbatch);
         return false;
       }
       clock[s] = std::max(clock[s], msg.post_time);

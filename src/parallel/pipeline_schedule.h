@@ -55,8 +55,8 @@ struct ScheduleCheck {
   std::vector<int> finish_time;  // unit-time completion of the stage's last action
   std::vector<int> busy_time;    // kForwardTime per forward + kBackwardTime per backward
 
-  int makespan() const;                    // max finish_time: the step's duration
-  double idle_fraction(int stage) const;   // (makespan - busy_time) / makespan
+  int makespan() const;                   // max finish_time: the step's duration
+  double idle_fraction(int stage) const;  // (makespan - busy_time) / makespan
 };
 
 // Checks the lists of all stages (per_stage[s] is stage s) for one step. Per stage, in list order:

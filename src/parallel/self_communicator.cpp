@@ -35,8 +35,7 @@ CommHandle SelfCommunicator::send_async(Tensor t, int peer, int tag) {
 }
 
 CommHandle SelfCommunicator::recv_async(Tensor t, int peer, int tag) {
-  TS_BUG("receive from rank {} on group '{}' of size 1: a one-rank group has no peer", peer,
-         name_);
+  TS_BUG("receive from rank {} on group '{}' of size 1: a one-rank group has no peer", peer, name_);
 }
 
 void SelfCommunicator::broadcast(Tensor t, int root) {

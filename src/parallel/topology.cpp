@@ -84,8 +84,7 @@ Topology::Topology(int world_size, ParallelSizes sizes, std::string order)
 }
 
 void Topology::check_rank(int rank) const {
-  TS_CHECK(rank >= 0 && rank < world_size_, "rank {} outside world of size {}", rank,
-           world_size_);
+  TS_CHECK(rank >= 0 && rank < world_size_, "rank {} outside world of size {}", rank, world_size_);
 }
 
 int Topology::axis_rank(Axis axis, int rank) const {
@@ -94,8 +93,7 @@ int Topology::axis_rank(Axis axis, int rank) const {
 }
 
 RankCoord Topology::coord(int rank) const {
-  return RankCoord{axis_rank(Axis::tp, rank), axis_rank(Axis::dp, rank),
-                   axis_rank(Axis::pp, rank)};
+  return RankCoord{axis_rank(Axis::tp, rank), axis_rank(Axis::dp, rank), axis_rank(Axis::pp, rank)};
 }
 
 int Topology::rank(RankCoord c) const {

@@ -12,8 +12,7 @@ struct Batch {
   std::vector<int32_t> inputs, targets;  // (B, T) host
   Tensor tokens, labels;                 // (B, T) i32 on the model's device
 
-  Batch(int B, int T, Device device, Arena& arena)
-      : inputs(size_t(B) * T), targets(size_t(B) * T) {
+  Batch(int B, int T, Device device, Arena& arena) : inputs(size_t(B) * T), targets(size_t(B) * T) {
     if (device == Device::cpu) {
       tokens = Tensor(inputs.data(), DType::i32, device, {B, T});
       labels = Tensor(targets.data(), DType::i32, device, {B, T});

@@ -21,7 +21,8 @@ struct SliceBox {
   std::vector<int64_t> global_shape, offset, shape;
 };
 SliceBox box_of(const ParamSpec& spec) {
-  SliceBox b{dims_of(spec.full_shape()), std::vector<int64_t>(spec.shape.ndim, 0), dims_of(spec.shape)};
+  SliceBox b{dims_of(spec.full_shape()), std::vector<int64_t>(spec.shape.ndim, 0),
+             dims_of(spec.shape)};
   if (spec.tp_sharded()) b.offset[spec.shard_dim] = spec.shard_offset;
   return b;
 }
@@ -104,8 +105,10 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
     w.set_meta("recipe", recipe_to_yaml(r));
     w.set_meta("step", std::to_string(step));
     w.set_meta("optimizer_step", std::to_string(opt.step_count()));
-    w.set_meta("layout", nlohmann::json{{"dp", r.parallel.dp}, {"tp", r.parallel.tp},
-                                        {"pp", r.parallel.pp}, {"zero", r.parallel.zero}}
+    w.set_meta("layout", nlohmann::json{{"dp", r.parallel.dp},
+                                        {"tp", r.parallel.tp},
+                                        {"pp", r.parallel.pp},
+                                        {"zero", r.parallel.zero}}
                              .dump());
     w.set_meta("rng", nlohmann::json{{"seed", r.train.seed}, {"kind", "philox4x32-10"}}.dump());
     w.set_meta("loader", nlohmann::json{{"seed", r.train.seed},
@@ -122,7 +125,7 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
                                                {"steps", st.steps},
                                                {"skipped", st.skipped},
                                                {"overflows_at_min", st.overflows_at_min}}
-                                        .dump());
+                                    .dump());
     }
   }
   w.write_shard();
@@ -146,8 +149,10 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
   a.padded_vocab_size = b.padded_vocab_size;
   a.vocab_pad_multiple = b.vocab_pad_multiple;
   if (!(a == b))
-    TS_USER_ERROR("checkpoint {} was saved with a different model section than recipe {}; resume "
-                  "needs the same architecture", dir, r.file);
+    TS_USER_ERROR(
+        "checkpoint {} was saved with a different model section than recipe {}; resume "
+        "needs the same architecture",
+        dir, r.file);
   if (ck.has_meta("tokenizer_hash") && ck.meta("tokenizer_hash") != tokenizer_hash)
     TS_USER_ERROR("checkpoint {} was trained with tokenizer {} but data.path {} uses {}", dir,
                   ck.meta("tokenizer_hash"), r.data.path, tokenizer_hash);
@@ -176,7 +181,9 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
         TS_USER_ERROR("checkpoint {}: tensor '{}' has global shape [{}], this model needs [{}]",
                       dir, name, fmt::join(gs, ", "), fmt::join(want.global_shape, ", "));
       std::vector<int64_t> shape = want.shape;
-      if (vocab_table) shape[0] = std::max<int64_t>(0, std::min(want.offset[0] + want.shape[0], gs[0]) - want.offset[0]);
+      if (vocab_table)
+        shape[0] =
+            std::max<int64_t>(0, std::min(want.offset[0] + want.shape[0], gs[0]) - want.offset[0]);
       if (shape[0] > 0)  // dst starts zeroed (HostOptimizerState::allocate), rows past shape stay 0
         ck.read_slice(name, want.offset, shape, dst.data);
     }
@@ -187,8 +194,8 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
   LossScaler* scaler = prec.scaler;
   if (scaler && ck.has_meta("loss_scaler")) {
     const auto j = nlohmann::json::parse(ck.meta("loss_scaler"), nullptr, false);
-    const char* keys[] = {"scale", "growth_tracker", "hysteresis_left", "steps", "skipped",
-                          "overflows_at_min"};
+    const char* keys[] = {"scale", "growth_tracker", "hysteresis_left",
+                          "steps", "skipped",        "overflows_at_min"};
     for (const char* k : keys)
       if (j.is_discarded() || !j.contains(k) || !j[k].is_number())
         TS_USER_ERROR("checkpoint {}: metadata 'loss_scaler' lacks a number '{}': {}", dir, k,
@@ -202,8 +209,10 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
     st.overflows_at_min = j["overflows_at_min"].get<int>();
     scaler->load(st);
   } else if (scaler) {
-    log_info("checkpoint {} has no loss-scaler state (saved without fp16): the scale starts at "
-             "precision.loss_scale.initial = {}", dir, scaler->scale());
+    log_info(
+        "checkpoint {} has no loss-scaler state (saved without fp16): the scale starts at "
+        "precision.loss_scale.initial = {}",
+        dir, scaler->scale());
   }
   return std::stoll(ck.meta("step"));
 }

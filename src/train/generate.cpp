@@ -10,8 +10,8 @@
 namespace tessera {
 
 std::vector<int32_t> generate(const Transformer& model, Activations& acts,
-                              const std::vector<int32_t>& prompt, int num_tokens,
-                              float temperature, uint64_t seed, int32_t stop_token) {
+                              const std::vector<int32_t>& prompt, int num_tokens, float temperature,
+                              uint64_t seed, int32_t stop_token) {
   TS_CHECK(acts.B() == 1, "generate needs batch-1 activations, got {}", acts.B());
   TS_CHECK(!prompt.empty(), "generate needs a non-empty prompt");
   const int T = acts.T();
@@ -44,7 +44,10 @@ std::vector<int32_t> generate(const Transformer& model, Activations& acts,
       double u = rng.uniform(static_cast<uint64_t>(i)) * total;
       next = V - 1;
       for (int v = 0; v < V; ++v) {
-        if ((u -= p[v]) < 0) { next = v; break; }
+        if ((u -= p[v]) < 0) {
+          next = v;
+          break;
+        }
       }
     }
     seq.push_back(next);

@@ -12,7 +12,7 @@ namespace tessera {
 // acts must be inference activations of batch 1; its T bounds the context window.
 // temperature <= 0 picks the argmax. Stops early at stop_token (if >= 0), which is included.
 std::vector<int32_t> generate(const Transformer& model, Activations& acts,
-                              const std::vector<int32_t>& prompt, int num_tokens,
-                              float temperature, uint64_t seed, int32_t stop_token);
+                              const std::vector<int32_t>& prompt, int num_tokens, float temperature,
+                              uint64_t seed, int32_t stop_token);
 
 }  // namespace tessera

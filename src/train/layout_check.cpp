@@ -52,18 +52,20 @@ void check_global_batch(const Recipe& r, const ShowField& show) {
   const int64_t rows = int64_t(p.dp) * d.grad_accum * p.microbatches;
   if (d.global_batch > 0) {
     if (d.global_batch % rows != 0)
-      TS_USER_ERROR("{}: global batch not divisible by dp x microbatches: {} is not a multiple "
-                    "of {} x {} x {} = {} (each data-parallel rank runs grad_accum x microbatches "
-                    "micro-batches of data.micro_batch sequences)", r.file,
-                    show("data.global_batch", num(d.global_batch)), show("parallel.dp", num(p.dp)),
-                    show("data.grad_accum", num(d.grad_accum)),
-                    show("parallel.microbatches", num(p.microbatches)), rows);
+      TS_USER_ERROR(
+          "{}: global batch not divisible by dp x microbatches: {} is not a multiple "
+          "of {} x {} x {} = {} (each data-parallel rank runs grad_accum x microbatches "
+          "micro-batches of data.micro_batch sequences)",
+          r.file, show("data.global_batch", num(d.global_batch)), show("parallel.dp", num(p.dp)),
+          show("data.grad_accum", num(d.grad_accum)),
+          show("parallel.microbatches", num(p.microbatches)), rows);
     if (d.global_batch / rows != d.micro_batch)
-      TS_USER_ERROR("{}: {} disagrees with {}: global_batch / (dp x grad_accum x microbatches) = "
-                    "{} / ({} x {} x {}) = {} sequences per micro-batch; give only one of them",
-                    r.file, show("data.global_batch", num(d.global_batch)),
-                    show("data.micro_batch", num(d.micro_batch)), d.global_batch, p.dp,
-                    d.grad_accum, p.microbatches, d.global_batch / rows);
+      TS_USER_ERROR(
+          "{}: {} disagrees with {}: global_batch / (dp x grad_accum x microbatches) = "
+          "{} / ({} x {} x {}) = {} sequences per micro-batch; give only one of them",
+          r.file, show("data.global_batch", num(d.global_batch)),
+          show("data.micro_batch", num(d.micro_batch)), d.global_batch, p.dp, d.grad_accum,
+          p.microbatches, d.global_batch / rows);
   }
   if (d.micro_batch < 1)
     TS_USER_ERROR("{}: {} must be >= 1", r.file, show("data.micro_batch", num(d.micro_batch)));
@@ -116,8 +118,7 @@ void check_pipeline_split(const Recipe& r, const ShowField& show) {
                       r.file, given, i, p.stage_layers[i]);
       sum += p.stage_layers[i];
     }
-    if (sum != num_layers)
-      TS_USER_ERROR("{}: {} sums to {} but {}", r.file, given, sum, layers);
+    if (sum != num_layers) TS_USER_ERROR("{}: {} sums to {} but {}", r.file, given, sum, layers);
   }
   const std::vector<int>& stages = p.recompute_stages;
   const std::string given = show("parallel.recompute_stages", list_text(stages));
@@ -154,11 +155,11 @@ void validate_layout(const Recipe& r, int world_size) {
   const ParallelConfig& p = r.parallel;
   const int64_t product = int64_t(p.dp) * p.tp * p.pp;
   if (product != world_size)
-    TS_USER_ERROR("{}: world size {} (the job was launched with {} ranks, as by mpirun -np {}) "
-                  "!= parallel.dp {} x parallel.tp {} x parallel.pp {} = {}; launch {} ranks "
-                  "(launch/mpirun.sh -n {}) or change the layout",
-                  r.file, world_size, world_size, world_size, p.dp, p.tp, p.pp, product, product,
-                  product);
+    TS_USER_ERROR(
+        "{}: world size {} (the job was launched with {} ranks, as by mpirun -np {}) "
+        "!= parallel.dp {} x parallel.tp {} x parallel.pp {} = {}; launch {} ranks "
+        "(launch/mpirun.sh -n {}) or change the layout",
+        r.file, world_size, world_size, world_size, p.dp, p.tp, p.pp, product, product, product);
   check_layout_fields(r, [](const std::string& key, const std::string& value) {
     return fmt::format("{} = {}", key, value);
   });

@@ -27,8 +27,10 @@ size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& 
   const ModelShard s = shard.resolved(cfg);
   const int live = peak_live_microbatches(kind, s.pp_rank, s.pp_size, M);
   size_t total = 0;
-  total += live * (Activations::bytes_needed(cfg, dtype, B, T, true, s) + Batch::bytes_needed(B, T, device));
-  total += Activations::bytes_needed(cfg, dtype, B, T, false, s) + Batch::bytes_needed(B, T, device);
+  total += live * (Activations::bytes_needed(cfg, dtype, B, T, true, s) +
+                   Batch::bytes_needed(B, T, device));
+  total +=
+      Activations::bytes_needed(cfg, dtype, B, T, false, s) + Batch::bytes_needed(B, T, device);
   if (s.pp_size > 1)
     total += 8 * Arena::aligned(dtype_storage_bytes(dtype, int64_t(B) * T * cfg.hidden));
   return total;
@@ -36,11 +38,17 @@ size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& 
 
 PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, PipelineSchedule kind,
                                    int num_microbatches, int B, int T, Arena& arena)
-    : model_(model), comm_(pp_comm), kind_(kind), num_micro_(num_microbatches),
-      stage_(pp_comm.rank()), num_stages_(pp_comm.size()), B_(B), T_(T) {
+    : model_(model),
+      comm_(pp_comm),
+      kind_(kind),
+      num_micro_(num_microbatches),
+      stage_(pp_comm.rank()),
+      num_stages_(pp_comm.size()),
+      B_(B),
+      T_(T) {
   TS_CHECK(model.shard().pp_rank == stage_ && model.shard().pp_size == num_stages_,
-           "model stage {}/{} vs pp group rank {}/{}", model.shard().pp_rank,
-           model.shard().pp_size, stage_, num_stages_);
+           "model stage {}/{} vs pp group rank {}/{}", model.shard().pp_rank, model.shard().pp_size,
+           stage_, num_stages_);
   const char* trace = std::getenv("TESSERA_PIPELINE_TRACE");
   trace_ = trace && trace[0] == '1';
   const int live = peak_live_microbatches(kind, stage_, num_stages_, num_microbatches);
@@ -96,14 +104,15 @@ PipelineExecutor::Slot& PipelineExecutor::take_slot(int m) {
       s.microbatch = m;
       return s;
     }
-  TS_BUG("stage {}: no free activation set for micro-batch {} ({} sets)", stage_, m, slots_->size());
+  TS_BUG("stage {}: no free activation set for micro-batch {} ({} sets)", stage_, m,
+         slots_->size());
 }
 
 void PipelineExecutor::release_slot(int m) { slot_of(m).microbatch = -1; }
 
 void PipelineExecutor::post_p2p(const std::vector<PipeAction>& group) {
   std::vector<Communicator::P2POp> ops;
-  std::vector<std::pair<PipeAction, int>> recvs;  // action, index into ops
+  std::vector<std::pair<PipeAction, int>> recvs;   // action, index into ops
   std::vector<std::pair<CommHandle*, int>> sends;  // where each send's handle goes, op index
   for (const PipeAction& a : group) {
     const int b = a.microbatch % 2;
@@ -114,15 +123,16 @@ void PipelineExecutor::post_p2p(const std::vector<PipeAction>& group) {
         if (p.inflight[b]) p.inflight[b]->wait();  // the send of micro-batch m - 2 used it
         p.inflight[b].reset();
         Slot& s = slot_of(a.microbatch);
-        copy_tensor(p.buf[b], a.op == PipeOp::send_forward ? s.acts->stage_output()
-                                                             : s.acts->stage_grad());
+        copy_tensor(p.buf[b],
+                    a.op == PipeOp::send_forward ? s.acts->stage_output() : s.acts->stage_grad());
         sends.push_back({&p.inflight[b], int(ops.size())});
         ops.push_back({true, p.buf[b], a.op == PipeOp::send_forward ? stage_ + 1 : stage_ - 1,
                        tag_of(a.op, a.microbatch)});
         // A micro-batch's activation set is free once its last product on this stage is copied
         // out: its input gradient in training, its output in evaluation. Freeing it here lets a
         // receive in the same group reuse it.
-        if ((training_ && a.op == PipeOp::send_backward) || (!training_ && a.op == PipeOp::send_forward))
+        if ((training_ && a.op == PipeOp::send_backward) ||
+            (!training_ && a.op == PipeOp::send_forward))
           release_slot(a.microbatch);
         break;
       }
@@ -204,8 +214,8 @@ PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& ac
   return res;
 }
 
-PipelineExecutor::Result PipelineExecutor::train_step(const FillFn& fill, float loss_scale,
-                                                      const std::function<void()>& before_last_backward) {
+PipelineExecutor::Result PipelineExecutor::train_step(
+    const FillFn& fill, float loss_scale, const std::function<void()>& before_last_backward) {
   slots_ = &train_slots_;
   const Result r = run(make_schedule(kind_, stage_, num_stages_, num_micro_), fill, loss_scale,
                        true, before_last_backward);

@@ -84,7 +84,7 @@ class PipelineExecutor {
   bool trace_ = false;  // TESSERA_PIPELINE_TRACE=1: every action to stderr, to locate a hang
   double busy_s_ = 0.0;
   std::vector<Slot> train_slots_;
-  std::vector<Slot> eval_slots_;  // one: evaluation frees a set as soon as its output is sent
+  std::vector<Slot> eval_slots_;        // one: evaluation frees a set as soon as its output is sent
   std::vector<Slot>* slots_ = nullptr;  // the set in use
   P2PBuffers send_fwd_, recv_fwd_, send_bwd_, recv_bwd_;
 };

@@ -25,8 +25,8 @@ namespace tessera {
 
 namespace {
 
-const std::vector<std::string> kSectionNames = {"model", "parallel",   "precision", "optim",
-                                                "data",  "train",      "checkpoint", "logging"};
+const std::vector<std::string> kSectionNames = {"model", "parallel", "precision",  "optim",
+                                                "data",  "train",    "checkpoint", "logging"};
 // Sections the design reserves; refused until their features are built.
 const std::vector<std::string> kReservedSections = {"moe", "distill", "qat"};
 
@@ -96,8 +96,8 @@ void apply_override(std::vector<Section>& sections, const std::string& text,
   const size_t eq = text.find('=');
   const std::string name = text.substr(0, eq);
   const size_t dot = name.find('.');
-  if (eq == std::string::npos || dot == std::string::npos || dot == 0 ||
-      dot + 1 == name.size() || name.find('.', dot + 1) != std::string::npos)
+  if (eq == std::string::npos || dot == std::string::npos || dot == 0 || dot + 1 == name.size() ||
+      name.find('.', dot + 1) != std::string::npos)
     TS_USER_ERROR("{}: expected section.key=value (e.g. --set train.steps=100)",
                   origin.override_text);
   const std::string section = name.substr(0, dot), key = name.substr(dot + 1);
@@ -184,46 +184,56 @@ ModelConfig read_model(const Section* s, Origins& o) {
   std::string family = "gpt2";
   if (s != nullptr) {
     for (const YamlEntry& e : s->entries)
-      if (e.key == "family") family = yaml_read_enum({"model.family", e.value, e.origin},
-                                                     {"gpt2", "llama"});
+      if (e.key == "family")
+        family = yaml_read_enum({"model.family", e.value, e.origin}, {"gpt2", "llama"});
   }
   ModelConfig m = model_defaults_for_family(family);
   const std::vector<Key> keys = {
       {"family", nullptr},  // read above: its defaults come before every other key
-      {"vocab_size", [&](const YamlField& f) {
-         m.vocab_size = yaml_read_int_or_word(f, kPositiveInt, "auto", 0); }},
-      {"padded_vocab_size", [&](const YamlField& f) {
-         m.padded_vocab_size = yaml_read_int_or_word(f, kPositiveInt, "auto", 0); }},
-      {"vocab_pad_multiple", [&](const YamlField& f) {
-         m.vocab_pad_multiple = yaml_read_int(f, kPositiveInt); }},
+      {"vocab_size",
+       [&](const YamlField& f) {
+         m.vocab_size = yaml_read_int_or_word(f, kPositiveInt, "auto", 0);
+       }},
+      {"padded_vocab_size",
+       [&](const YamlField& f) {
+         m.padded_vocab_size = yaml_read_int_or_word(f, kPositiveInt, "auto", 0);
+       }},
+      {"vocab_pad_multiple",
+       [&](const YamlField& f) { m.vocab_pad_multiple = yaml_read_int(f, kPositiveInt); }},
       {"num_layers", [&](const YamlField& f) { m.num_layers = yaml_read_int(f, kPositiveInt); }},
       {"hidden", [&](const YamlField& f) { m.hidden = yaml_read_int(f, kPositiveInt); }},
       {"num_heads", [&](const YamlField& f) { m.num_heads = yaml_read_int(f, kPositiveInt); }},
-      {"num_kv_heads", [&](const YamlField& f) {
-         m.num_kv_heads = yaml_read_int(f, kPositiveInt); }},
+      {"num_kv_heads",
+       [&](const YamlField& f) { m.num_kv_heads = yaml_read_int(f, kPositiveInt); }},
       {"head_dim", [&](const YamlField& f) { m.head_dim = yaml_read_int(f, kPositiveInt); }},
       {"ffn_hidden", [&](const YamlField& f) { m.ffn_hidden = yaml_read_int(f, kPositiveInt); }},
-      {"max_seq_len", [&](const YamlField& f) {
-         m.max_seq_len = yaml_read_int(f, kPositiveInt); }},
-      {"norm", [&](const YamlField& f) {
+      {"max_seq_len", [&](const YamlField& f) { m.max_seq_len = yaml_read_int(f, kPositiveInt); }},
+      {"norm",
+       [&](const YamlField& f) {
          m.norm = enum_from_name(yaml_read_enum(f, {"layernorm", "rmsnorm"}),
-                                 {NormKind::layernorm, NormKind::rmsnorm}); }},
+                                 {NormKind::layernorm, NormKind::rmsnorm});
+       }},
       {"norm_eps", [&](const YamlField& f) { m.norm_eps = yaml_read_float(f, kPositiveReal); }},
-      {"position", [&](const YamlField& f) {
+      {"position",
+       [&](const YamlField& f) {
          m.position = enum_from_name(yaml_read_enum(f, {"learned", "rope"}),
-                                     {PositionKind::learned, PositionKind::rope}); }},
-      {"rope_theta", [&](const YamlField& f) {
-         m.rope_theta = yaml_read_float(f, kPositiveReal); }},
-      {"activation", [&](const YamlField& f) {
+                                     {PositionKind::learned, PositionKind::rope});
+       }},
+      {"rope_theta", [&](const YamlField& f) { m.rope_theta = yaml_read_float(f, kPositiveReal); }},
+      {"activation",
+       [&](const YamlField& f) {
          m.activation = enum_from_name(yaml_read_enum(f, {"gelu", "swiglu"}),
-                                       {ActivationKind::gelu, ActivationKind::swiglu}); }},
+                                       {ActivationKind::gelu, ActivationKind::swiglu});
+       }},
       {"bias", [&](const YamlField& f) { m.bias = yaml_read_bool(f); }},
       {"tied_embeddings", [&](const YamlField& f) { m.tied_embeddings = yaml_read_bool(f); }},
       {"qk_norm", [&](const YamlField& f) { m.qk_norm = yaml_read_bool(f); }},
       {"init_std", [&](const YamlField& f) { m.init_std = yaml_read_float(f, kPositiveReal); }},
       {"recompute", [&](const YamlField& f) { m.recompute = yaml_read_bool(f); }},
-      {"attention_impl", [&](const YamlField& f) {
-         m.attention_impl = yaml_read_enum(f, {"cudnn", "native"}); }},
+      {"attention_impl",
+       [&](const YamlField& f) {
+         m.attention_impl = yaml_read_enum(f, {"cudnn", "native"});
+       }},
   };
   read_keys(s, keys, o, "family");
   return m;
@@ -241,7 +251,8 @@ void resolve_model(ModelConfig& m, const Origins& o, int tp) {
   if (m.ffn_hidden == 0) {
     require(m.family == "gpt2", o, "model.ffn_hidden",
             fmt::format("a positive integer; only family gpt2 defaults it to 4 * hidden, "
-                        "family is '{}'", m.family));
+                        "family is '{}'",
+                        m.family));
     if (m.hidden > std::numeric_limits<int>::max() / 4)
       TS_USER_ERROR("{}: {} is too large for the default ffn_hidden = 4 * hidden", file,
                     o.show("model.hidden", m.hidden));
@@ -249,15 +260,17 @@ void resolve_model(ModelConfig& m, const Origins& o, int tp) {
   }
   if (m.head_dim == 0) {
     if (m.hidden % m.num_heads != 0)
-      TS_USER_ERROR("{}: {} is not divisible by {}; set model.head_dim to use heads whose size "
-                    "does not divide hidden", file, o.show("model.hidden", m.hidden),
-                    o.show("model.num_heads", m.num_heads));
+      TS_USER_ERROR(
+          "{}: {} is not divisible by {}; set model.head_dim to use heads whose size "
+          "does not divide hidden",
+          file, o.show("model.hidden", m.hidden), o.show("model.num_heads", m.num_heads));
     m.head_dim = m.hidden / m.num_heads;
   }
   if (m.num_heads % m.num_kv_heads != 0)
-    TS_USER_ERROR("{}: {} is not divisible by {} (each key/value head serves a whole group of "
-                  "query heads)", file, o.show("model.num_heads", m.num_heads),
-                  o.show("model.num_kv_heads", m.num_kv_heads));
+    TS_USER_ERROR(
+        "{}: {} is not divisible by {} (each key/value head serves a whole group of "
+        "query heads)",
+        file, o.show("model.num_heads", m.num_heads), o.show("model.num_kv_heads", m.num_kv_heads));
   if (m.position == PositionKind::rope && m.head_dim % 2 != 0)
     TS_USER_ERROR("{}: {} must be even with {} (rotary pairs of dimensions)", file,
                   o.show("model.head_dim", m.head_dim),
@@ -267,11 +280,11 @@ void resolve_model(ModelConfig& m, const Origins& o, int tp) {
                   o.show("model.padded_vocab_size", m.padded_vocab_size),
                   o.show("model.vocab_pad_multiple", m.vocab_pad_multiple));
   if (m.padded_vocab_size > 0 && m.padded_vocab_size % tp != 0)
-    TS_USER_ERROR("{}: {} is not divisible by {} (the embedding and LM head are split by "
-                  "vocabulary rows across tensor-parallel ranks); leave padded_vocab_size out to "
-                  "round vocab_size up to a multiple of lcm(vocab_pad_multiple, tp)", file,
-                  o.show("model.padded_vocab_size", m.padded_vocab_size),
-                  o.show("parallel.tp", tp));
+    TS_USER_ERROR(
+        "{}: {} is not divisible by {} (the embedding and LM head are split by "
+        "vocabulary rows across tensor-parallel ranks); leave padded_vocab_size out to "
+        "round vocab_size up to a multiple of lcm(vocab_pad_multiple, tp)",
+        file, o.show("model.padded_vocab_size", m.padded_vocab_size), o.show("parallel.tp", tp));
   if (m.vocab_size > 0) {
     if (m.padded_vocab_size == 0) {
       // The padding rows are masked out of the loss; lcm keeps both the tile-friendly multiple
@@ -294,26 +307,40 @@ void resolve_model(ModelConfig& m, const Origins& o, int tp) {
 
 ParallelConfig read_parallel(const Section* s, Origins& o) {
   ParallelConfig p;
-  read_keys(s, {
-      {"dp", [&](const YamlField& f) { p.dp = yaml_read_int(f, kPositiveInt); }},
-      {"tp", [&](const YamlField& f) { p.tp = yaml_read_int(f, kPositiveInt); }},
-      {"pp", [&](const YamlField& f) { p.pp = yaml_read_int(f, kPositiveInt); }},
-      {"microbatches", [&](const YamlField& f) {
-         p.microbatches = yaml_read_int(f, kPositiveInt); }},
-      {"schedule", [&](const YamlField& f) { p.schedule = yaml_read_enum(f, {"gpipe", "1f1b"}); }},
-      {"zero", [&](const YamlField& f) { p.zero = yaml_read_int(f, IntRange{0, 1}); }},
-      {"stage_layers", [&](const YamlField& f) {
-         p.stage_layers = read_int_list(f, kPositiveInt, "positive integers", false); }},
-      {"recompute_stages", [&](const YamlField& f) {
-         p.recompute_stages = read_int_list(f, kNonNegativeInt, "non-negative integers", true); }},
-      {"bucket_mb", [&](const YamlField& f) {
-         p.bucket_mb = yaml_read_float(f, kPositiveReal);
-         if (p.bucket_bytes() < 1)
-           TS_USER_ERROR("{}: {} = {}: expected a bucket of at least one byte", f.origin.str(),
-                         f.name, p.bucket_mb);
-       }},
-      {"order", [&](const YamlField& f) { p.order = yaml_read_enum(f, parallel_orders()); }},
-  }, o);
+  read_keys(
+      s,
+      {
+          {"dp", [&](const YamlField& f) { p.dp = yaml_read_int(f, kPositiveInt); }},
+          {"tp", [&](const YamlField& f) { p.tp = yaml_read_int(f, kPositiveInt); }},
+          {"pp", [&](const YamlField& f) { p.pp = yaml_read_int(f, kPositiveInt); }},
+          {"microbatches",
+           [&](const YamlField& f) { p.microbatches = yaml_read_int(f, kPositiveInt); }},
+          {"schedule",
+           [&](const YamlField& f) {
+             p.schedule = yaml_read_enum(f, {"gpipe", "1f1b"});
+           }},
+          {"zero",
+           [&](const YamlField& f) {
+             p.zero = yaml_read_int(f, IntRange{0, 1});
+           }},
+          {"stage_layers",
+           [&](const YamlField& f) {
+             p.stage_layers = read_int_list(f, kPositiveInt, "positive integers", false);
+           }},
+          {"recompute_stages",
+           [&](const YamlField& f) {
+             p.recompute_stages = read_int_list(f, kNonNegativeInt, "non-negative integers", true);
+           }},
+          {"bucket_mb",
+           [&](const YamlField& f) {
+             p.bucket_mb = yaml_read_float(f, kPositiveReal);
+             if (p.bucket_bytes() < 1)
+               TS_USER_ERROR("{}: {} = {}: expected a bucket of at least one byte", f.origin.str(),
+                             f.name, p.bucket_mb);
+           }},
+          {"order", [&](const YamlField& f) { p.order = yaml_read_enum(f, parallel_orders()); }},
+      },
+      o);
   return p;
 }
 
@@ -331,33 +358,44 @@ LossScalerConfig read_loss_scale(const Section& s, Origins& o) {
   LossScalerConfig c;
   constexpr RealRange kAboveOne{1.0, true, std::numeric_limits<double>::infinity(), false};
   constexpr RealRange kUnitOpen{0.0, true, 1.0, true};  // (0, 1)
-  read_keys(&s, {
-      {"initial", [&](const YamlField& f) { c.initial = yaml_read_float(f, kPositiveReal); }},
-      {"growth_factor", [&](const YamlField& f) {
-         c.growth_factor = yaml_read_float(f, kAboveOne); }},
-      {"backoff_factor", [&](const YamlField& f) {
-         c.backoff_factor = yaml_read_float(f, kUnitOpen); }},
-      {"growth_interval", [&](const YamlField& f) {
-         c.growth_interval = yaml_read_int(f, kPositiveInt); }},
-      {"hysteresis", [&](const YamlField& f) { c.hysteresis = yaml_read_int(f, kPositiveInt); }},
-      {"min", [&](const YamlField& f) { c.min = yaml_read_float(f, kPositiveReal); }},
-      {"max", [&](const YamlField& f) { c.max = yaml_read_float(f, kPositiveReal); }},
-      {"max_overflows_at_min", [&](const YamlField& f) {
-         c.max_overflows_at_min = yaml_read_int(f, kPositiveInt); }},
-  }, o);
+  read_keys(
+      &s,
+      {
+          {"initial", [&](const YamlField& f) { c.initial = yaml_read_float(f, kPositiveReal); }},
+          {"growth_factor",
+           [&](const YamlField& f) { c.growth_factor = yaml_read_float(f, kAboveOne); }},
+          {"backoff_factor",
+           [&](const YamlField& f) { c.backoff_factor = yaml_read_float(f, kUnitOpen); }},
+          {"growth_interval",
+           [&](const YamlField& f) { c.growth_interval = yaml_read_int(f, kPositiveInt); }},
+          {"hysteresis",
+           [&](const YamlField& f) { c.hysteresis = yaml_read_int(f, kPositiveInt); }},
+          {"min", [&](const YamlField& f) { c.min = yaml_read_float(f, kPositiveReal); }},
+          {"max", [&](const YamlField& f) { c.max = yaml_read_float(f, kPositiveReal); }},
+          {"max_overflows_at_min",
+           [&](const YamlField& f) { c.max_overflows_at_min = yaml_read_int(f, kPositiveInt); }},
+      },
+      o);
   return c;
 }
 
 Fp8Config read_fp8(const Section& s, Origins& o) {
   Fp8Config c;
-  read_keys(&s, {
-      {"amax_history_len", [&](const YamlField& f) {
-         c.amax_history_len = yaml_read_int(f, kPositiveInt); }},
-      {"amax_compute", [&](const YamlField& f) {
-         c.amax_compute = yaml_read_enum(f, {"max", "most_recent"}); }},
-      // 2^-64 keeps the scale a normal float for every FP8 format (optim/fp8_scaling.h).
-      {"margin", [&](const YamlField& f) { c.margin = yaml_read_int(f, IntRange{0, 64}); }},
-  }, o);
+  read_keys(&s,
+            {
+                {"amax_history_len",
+                 [&](const YamlField& f) { c.amax_history_len = yaml_read_int(f, kPositiveInt); }},
+                {"amax_compute",
+                 [&](const YamlField& f) {
+                   c.amax_compute = yaml_read_enum(f, {"max", "most_recent"});
+                 }},
+                // 2^-64 keeps the scale a normal float for every FP8 format (optim/fp8_scaling.h).
+                {"margin",
+                 [&](const YamlField& f) {
+                   c.margin = yaml_read_int(f, IntRange{0, 64});
+                 }},
+            },
+            o);
   return c;
 }
 
@@ -366,9 +404,10 @@ std::vector<std::string> read_high_precision(const YamlField& f) {
   if (f.value.IsSequence())
     for (size_t i = 0; i < f.value.size(); ++i)
       if (f.value[i].IsScalar() && f.value[i].Scalar() == "router")
-        TS_USER_ERROR("{}: {}[{}] = router: MoE is not built yet, so there is no router to keep "
-                      "in high precision; valid layers: embedding, lm_head", f.origin.str(),
-                      f.name, i);
+        TS_USER_ERROR(
+            "{}: {}[{}] = router: MoE is not built yet, so there is no router to keep "
+            "in high precision; valid layers: embedding, lm_head",
+            f.origin.str(), f.name, i);
   return yaml_read_enum_list(f, {"embedding", "lm_head"});
 }
 
@@ -377,34 +416,44 @@ std::vector<std::string> read_high_precision(const YamlField& f) {
 PrecisionConfig read_precision(const Section* s, Origins& o) {
   PrecisionConfig p;
   bool loss_scale_given = false, fp8_given = false;
-  read_keys(s, {
-      {"compute", [&](const YamlField& f) {
-         p.compute = yaml_read_enum(f, {"fp32", "bf16", "fp16", "fp8"}); }},
-      {"high_precision", [&](const YamlField& f) { p.high_precision = read_high_precision(f); }},
-      {"loss_scale", [&](const YamlField& f) {
-         p.loss_scale = read_loss_scale(sub_section(f, o.file()), o);
-         loss_scale_given = true;
-       }},
-      {"fp8", [&](const YamlField& f) {
-         p.fp8 = read_fp8(sub_section(f, o.file()), o);
-         fp8_given = true;
-       }},
-  }, o);
+  read_keys(s,
+            {
+                {"compute",
+                 [&](const YamlField& f) {
+                   p.compute = yaml_read_enum(f, {"fp32", "bf16", "fp16", "fp8"});
+                 }},
+                {"high_precision",
+                 [&](const YamlField& f) { p.high_precision = read_high_precision(f); }},
+                {"loss_scale",
+                 [&](const YamlField& f) {
+                   p.loss_scale = read_loss_scale(sub_section(f, o.file()), o);
+                   loss_scale_given = true;
+                 }},
+                {"fp8",
+                 [&](const YamlField& f) {
+                   p.fp8 = read_fp8(sub_section(f, o.file()), o);
+                   fp8_given = true;
+                 }},
+            },
+            o);
 
   const std::string& file = o.file();
   const std::string compute = o.show("precision.compute", p.compute);
   if (loss_scale_given && p.compute != "fp16")
-    TS_USER_ERROR("{}: precision.loss_scale is given ({}) but {}: loss scaling applies only to "
-                  "compute: fp16; remove the section or set compute: fp16", file,
-                  o.where("precision.loss_scale"), compute);
+    TS_USER_ERROR(
+        "{}: precision.loss_scale is given ({}) but {}: loss scaling applies only to "
+        "compute: fp16; remove the section or set compute: fp16",
+        file, o.where("precision.loss_scale"), compute);
   if (fp8_given && p.compute != "fp8")
-    TS_USER_ERROR("{}: precision.fp8 is given ({}) but {}: FP8 scaling applies only to "
-                  "compute: fp8; remove the section or set compute: fp8", file,
-                  o.where("precision.fp8"), compute);
+    TS_USER_ERROR(
+        "{}: precision.fp8 is given ({}) but {}: FP8 scaling applies only to "
+        "compute: fp8; remove the section or set compute: fp8",
+        file, o.where("precision.fp8"), compute);
   if (!p.high_precision.empty() && p.compute == "fp32")
-    TS_USER_ERROR("{}: precision.high_precision = [{}] ({}) has no effect with {}: every layer "
-                  "is already FP32; remove it or choose a narrower compute dtype", file,
-                  join_names(p.high_precision), o.where("precision.high_precision"), compute);
+    TS_USER_ERROR(
+        "{}: precision.high_precision = [{}] ({}) has no effect with {}: every layer "
+        "is already FP32; remove it or choose a narrower compute dtype",
+        file, join_names(p.high_precision), o.where("precision.high_precision"), compute);
   const LossScalerConfig& ls = p.loss_scale;
   if (ls.min > ls.initial)
     TS_USER_ERROR("{}: {} is larger than {}", file, o.show("precision.loss_scale.min", ls.min),
@@ -417,42 +466,57 @@ PrecisionConfig read_precision(const Section* s, Origins& o) {
 
 OptimConfig read_optim(const Section* s, Origins& o) {
   OptimConfig p;
-  constexpr RealRange kUnitHalfOpen{0.0, false, 1.0, true};   // [0, 1)
-  constexpr RealRange kUnitOpenLow{0.0, true, 1.0, false};    // (0, 1]
-  read_keys(s, {
-      {"lr", [&](const YamlField& f) { p.lr = yaml_read_float(f, kPositiveReal); }},
-      {"min_lr", [&](const YamlField& f) { p.min_lr = yaml_read_float(f, kNonNegativeReal); }},
-      {"warmup_steps", [&](const YamlField& f) {
-         p.warmup_steps = yaml_read_int(f, kNonNegativeInt); }},
-      {"schedule", [&](const YamlField& f) {
-         p.schedule = yaml_read_enum(f, {"cosine", "linear", "constant", "wsd"}); }},
-      {"decay_fraction", [&](const YamlField& f) {
-         p.decay_fraction = yaml_read_float(f, kUnitOpenLow); }},
-      {"beta1", [&](const YamlField& f) { p.beta1 = yaml_read_float(f, kUnitHalfOpen); }},
-      {"beta2", [&](const YamlField& f) { p.beta2 = yaml_read_float(f, kUnitHalfOpen); }},
-      {"eps", [&](const YamlField& f) { p.eps = yaml_read_float(f, kPositiveReal); }},
-      {"weight_decay", [&](const YamlField& f) {
-         p.weight_decay = yaml_read_float(f, kNonNegativeReal); }},
-      {"no_decay", [&](const YamlField& f) {
-         p.no_decay = yaml_read_enum_list(f, {"norms", "biases", "embeddings"}); }},
-      {"grad_clip", [&](const YamlField& f) {
-         p.grad_clip = yaml_read_float(f, kNonNegativeReal); }},
-  }, o);
+  constexpr RealRange kUnitHalfOpen{0.0, false, 1.0, true};  // [0, 1)
+  constexpr RealRange kUnitOpenLow{0.0, true, 1.0, false};   // (0, 1]
+  read_keys(
+      s,
+      {
+          {"lr", [&](const YamlField& f) { p.lr = yaml_read_float(f, kPositiveReal); }},
+          {"min_lr", [&](const YamlField& f) { p.min_lr = yaml_read_float(f, kNonNegativeReal); }},
+          {"warmup_steps",
+           [&](const YamlField& f) { p.warmup_steps = yaml_read_int(f, kNonNegativeInt); }},
+          {"schedule",
+           [&](const YamlField& f) {
+             p.schedule = yaml_read_enum(f, {"cosine", "linear", "constant", "wsd"});
+           }},
+          {"decay_fraction",
+           [&](const YamlField& f) { p.decay_fraction = yaml_read_float(f, kUnitOpenLow); }},
+          {"beta1", [&](const YamlField& f) { p.beta1 = yaml_read_float(f, kUnitHalfOpen); }},
+          {"beta2", [&](const YamlField& f) { p.beta2 = yaml_read_float(f, kUnitHalfOpen); }},
+          {"eps", [&](const YamlField& f) { p.eps = yaml_read_float(f, kPositiveReal); }},
+          {"weight_decay",
+           [&](const YamlField& f) { p.weight_decay = yaml_read_float(f, kNonNegativeReal); }},
+          {"no_decay",
+           [&](const YamlField& f) {
+             p.no_decay = yaml_read_enum_list(f, {"norms", "biases", "embeddings"});
+           }},
+          {"grad_clip",
+           [&](const YamlField& f) { p.grad_clip = yaml_read_float(f, kNonNegativeReal); }},
+      },
+      o);
   return p;
 }
 
 DataConfig read_data(const Section* s, Origins& o) {
   DataConfig d;
-  read_keys(s, {
-      {"path", [&](const YamlField& f) { d.path = yaml_read_string(f); }},
-      {"seq_len", [&](const YamlField& f) { d.seq_len = yaml_read_int(f, kPositiveInt); }},
-      {"micro_batch", [&](const YamlField& f) {
-         d.micro_batch = yaml_read_int_or_word(f, kNonNegativeInt, "auto", 0); }},
-      {"grad_accum", [&](const YamlField& f) { d.grad_accum = yaml_read_int(f, kPositiveInt); }},
-      {"global_batch", [&](const YamlField& f) {
-         d.global_batch = yaml_read_int_or_word(f, kNonNegativeInt, "auto", 0); }},
-      {"tokenizer", [&](const YamlField& f) { d.tokenizer = yaml_read_string(f); }},
-  }, o);
+  read_keys(
+      s,
+      {
+          {"path", [&](const YamlField& f) { d.path = yaml_read_string(f); }},
+          {"seq_len", [&](const YamlField& f) { d.seq_len = yaml_read_int(f, kPositiveInt); }},
+          {"micro_batch",
+           [&](const YamlField& f) {
+             d.micro_batch = yaml_read_int_or_word(f, kNonNegativeInt, "auto", 0);
+           }},
+          {"grad_accum",
+           [&](const YamlField& f) { d.grad_accum = yaml_read_int(f, kPositiveInt); }},
+          {"global_batch",
+           [&](const YamlField& f) {
+             d.global_batch = yaml_read_int_or_word(f, kNonNegativeInt, "auto", 0);
+           }},
+          {"tokenizer", [&](const YamlField& f) { d.tokenizer = yaml_read_string(f); }},
+      },
+      o);
   require(!d.path.empty(), o, "data.path", "the HDF5 token dataset written by `tessera prepare`");
   require(d.seq_len > 0, o, "data.seq_len", "a positive integer");
   require(d.micro_batch > 0 || d.global_batch > 0, o, "data.micro_batch",
@@ -476,23 +540,29 @@ void resolve_batch(Recipe& r) {
 
 TrainConfig read_train(const Section* s, Origins& o) {
   TrainConfig t;
-  read_keys(s, {
-      {"steps", [&](const YamlField& f) { t.steps = yaml_read_int(f, kPositiveInt); }},
-      {"eval_every", [&](const YamlField& f) { t.eval_every = yaml_read_int(f, kNonNegativeInt); }},
-      {"eval_batches", [&](const YamlField& f) {
-         t.eval_batches = yaml_read_int(f, kPositiveInt); }},
-      {"seed", [&](const YamlField& f) { t.seed = yaml_read_uint64(f); }},
-      {"out_dir", [&](const YamlField& f) { t.out_dir = yaml_read_string(f); }},
-      {"device", [&](const YamlField& f) {
-         t.device = yaml_read_enum(f, {"cpu", "cuda", "auto"}); }},
-      {"sample_tokens", [&](const YamlField& f) {
-         t.sample_tokens = yaml_read_int(f, kNonNegativeInt); }},
-      {"num_samples", [&](const YamlField& f) {
-         t.num_samples = yaml_read_int(f, kNonNegativeInt); }},
-      {"sample_temperature", [&](const YamlField& f) {
-         t.sample_temperature = yaml_read_float(f, kPositiveReal); }},
-      {"sample_prompt", [&](const YamlField& f) { t.sample_prompt = yaml_read_string(f); }},
-  }, o);
+  read_keys(
+      s,
+      {
+          {"steps", [&](const YamlField& f) { t.steps = yaml_read_int(f, kPositiveInt); }},
+          {"eval_every",
+           [&](const YamlField& f) { t.eval_every = yaml_read_int(f, kNonNegativeInt); }},
+          {"eval_batches",
+           [&](const YamlField& f) { t.eval_batches = yaml_read_int(f, kPositiveInt); }},
+          {"seed", [&](const YamlField& f) { t.seed = yaml_read_uint64(f); }},
+          {"out_dir", [&](const YamlField& f) { t.out_dir = yaml_read_string(f); }},
+          {"device",
+           [&](const YamlField& f) {
+             t.device = yaml_read_enum(f, {"cpu", "cuda", "auto"});
+           }},
+          {"sample_tokens",
+           [&](const YamlField& f) { t.sample_tokens = yaml_read_int(f, kNonNegativeInt); }},
+          {"num_samples",
+           [&](const YamlField& f) { t.num_samples = yaml_read_int(f, kNonNegativeInt); }},
+          {"sample_temperature",
+           [&](const YamlField& f) { t.sample_temperature = yaml_read_float(f, kPositiveReal); }},
+          {"sample_prompt", [&](const YamlField& f) { t.sample_prompt = yaml_read_string(f); }},
+      },
+      o);
   require(t.steps > 0, o, "train.steps", "a positive integer");
   require(!t.out_dir.empty(), o, "train.out_dir", "the run directory");
   return t;
@@ -500,23 +570,29 @@ TrainConfig read_train(const Section* s, Origins& o) {
 
 CheckpointConfig read_checkpoint(const Section* s, Origins& o) {
   CheckpointConfig c;
-  read_keys(s, {
-      {"every", [&](const YamlField& f) { c.every = yaml_read_int(f, kNonNegativeInt); }},
-      {"keep", [&](const YamlField& f) { c.keep = yaml_read_int(f, kPositiveInt); }},
-      {"save_final", [&](const YamlField& f) { c.save_final = yaml_read_bool(f); }},
-      {"resume", [&](const YamlField& f) { c.resume = yaml_read_string(f); }},
-  }, o);
+  read_keys(s,
+            {
+                {"every", [&](const YamlField& f) { c.every = yaml_read_int(f, kNonNegativeInt); }},
+                {"keep", [&](const YamlField& f) { c.keep = yaml_read_int(f, kPositiveInt); }},
+                {"save_final", [&](const YamlField& f) { c.save_final = yaml_read_bool(f); }},
+                {"resume", [&](const YamlField& f) { c.resume = yaml_read_string(f); }},
+            },
+            o);
   return c;
 }
 
 LoggingConfig read_logging(const Section* s, Origins& o) {
   LoggingConfig l;
-  read_keys(s, {
-      {"every", [&](const YamlField& f) { l.every = yaml_read_int(f, kPositiveInt); }},
-      {"level", [&](const YamlField& f) {
-         l.level = yaml_read_enum(f, {"debug", "info", "warn", "error"}); }},
-      {"profile_ops", [&](const YamlField& f) { l.profile_ops = yaml_read_bool(f); }},
-  }, o);
+  read_keys(s,
+            {
+                {"every", [&](const YamlField& f) { l.every = yaml_read_int(f, kPositiveInt); }},
+                {"level",
+                 [&](const YamlField& f) {
+                   l.level = yaml_read_enum(f, {"debug", "info", "warn", "error"});
+                 }},
+                {"profile_ops", [&](const YamlField& f) { l.profile_ops = yaml_read_bool(f); }},
+            },
+            o);
   return l;
 }
 
@@ -572,16 +648,16 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   return parse_recipe(text.str(), path, overrides);
 }
 
-void finalize_model_vocab(ModelConfig& m, int vocab_size, const std::string& recipe_file,
-                          int tp) {
+void finalize_model_vocab(ModelConfig& m, int vocab_size, const std::string& recipe_file, int tp) {
   TS_CHECK(tp >= 1, "finalize_model_vocab with tp {}", tp);
   if (vocab_size <= 0)
     TS_USER_ERROR("{}: the dataset reports a vocabulary of {} tokens; expected a positive size",
                   recipe_file, vocab_size);
   if (m.vocab_size != 0 && m.vocab_size != vocab_size)
-    TS_USER_ERROR("{}: model.vocab_size = {} but the dataset's tokenizer has {} tokens; set "
-                  "model.vocab_size to {} or auto", recipe_file, m.vocab_size, vocab_size,
-                  vocab_size);
+    TS_USER_ERROR(
+        "{}: model.vocab_size = {} but the dataset's tokenizer has {} tokens; set "
+        "model.vocab_size to {} or auto",
+        recipe_file, m.vocab_size, vocab_size, vocab_size);
   m.vocab_size = vocab_size;
   Origins origins(recipe_file, "recipe");
   YamlOrigin from_dataset;

@@ -18,8 +18,8 @@ struct ParallelConfig {
   // Micro-batches per pipeline flush (GPipe / 1F1B); see "Batch terms" at Recipe. With pp == 1
   // they are accumulated like data.grad_accum.
   int microbatches = 1;
-  std::string schedule = "gpipe"; // gpipe | 1f1b
-  int zero = 0;                   // 0 | 1
+  std::string schedule = "gpipe";  // gpipe | 1f1b
+  int zero = 0;                    // 0 | 1
   // Transformer blocks per pipeline stage: pp entries, each >= 1, summing to model.num_layers
   // (uneven splits, e.g. fewer blocks on the stage that holds the LM head). Empty: an even split,
   // see resolve_stage_layers (train/layout_check.h).
@@ -43,9 +43,9 @@ struct ParallelConfig {
 // from a history of its absolute maxima, scale = 2^-margin * fp8_max / amax. The trainer maps it
 // onto optim/fp8_scaling.h's Fp8ScalingConfig (src/optim must not depend on src/train).
 struct Fp8Config {
-  int amax_history_len = 1024;        // steps of amax kept per tensor, >= 1
-  std::string amax_compute = "max";   // max (over the history) | most_recent
-  int margin = 0;                     // in [0, 64]: headroom in powers of two
+  int amax_history_len = 1024;       // steps of amax kept per tensor, >= 1
+  std::string amax_compute = "max";  // max (over the history) | most_recent
+  int margin = 0;                    // in [0, 64]: headroom in powers of two
 
   bool operator==(const Fp8Config&) const = default;
 };
@@ -53,7 +53,7 @@ struct Fp8Config {
 // The precision policy (docs/RECIPES.md). FP32 master weights and optimizer state always;
 // `compute` is the dtype of forward/backward.
 struct PrecisionConfig {
-  std::string compute = "fp32";   // fp32 | bf16 | fp16 | fp8
+  std::string compute = "fp32";  // fp32 | bf16 | fp16 | fp8
   // Layers kept in FP32 when compute is narrower: any of "embedding", "lm_head" (distinct, in
   // the order given). Default empty for every compute dtype, fp8 included: which layers stay wide
   // is a choice the recipe states rather than one the dtype implies. Empty with fp32.
@@ -75,25 +75,25 @@ struct PrecisionConfig {
 
 struct OptimConfig {
   float lr = 3e-4f;
-  float min_lr = 0.0f;            // floor of the decay
+  float min_lr = 0.0f;  // floor of the decay
   int warmup_steps = 0;
   std::string schedule = "cosine";  // cosine | linear | constant | wsd
-  float decay_fraction = 0.2f;    // wsd: last fraction of steps spent decaying
+  float decay_fraction = 0.2f;      // wsd: last fraction of steps spent decaying
   float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
   float weight_decay = 0.1f;
   // Parameter classes excluded from weight decay: any of "norms", "biases", "embeddings".
   std::vector<std::string> no_decay = {"norms", "biases", "embeddings"};
-  float grad_clip = 1.0f;         // global L2 norm; 0 disables
+  float grad_clip = 1.0f;  // global L2 norm; 0 disables
 
   bool operator==(const OptimConfig&) const = default;
 };
 
 struct DataConfig {
-  std::string path;               // HDF5 token dataset written by `tessera prepare`
-  int seq_len = 0;                // T
-  int micro_batch = 0;            // B: sequences per micro-batch per data-parallel rank; 0 (or
-                                  // `auto`) in a recipe: derived from global_batch
-  int grad_accum = 1;             // pipeline flushes (pp == 1: micro-batches) per optimizer step
+  std::string path;     // HDF5 token dataset written by `tessera prepare`
+  int seq_len = 0;      // T
+  int micro_batch = 0;  // B: sequences per micro-batch per data-parallel rank; 0 (or
+                        // `auto`) in a recipe: derived from global_batch
+  int grad_accum = 1;   // pipeline flushes (pp == 1: micro-batches) per optimizer step
   // Sequences per optimizer step over all data-parallel ranks; 0 (`auto`) = derived, see
   // "Batch terms" at Recipe. When given without micro_batch, micro_batch is derived from it.
   int global_batch = 0;
@@ -106,12 +106,12 @@ struct DataConfig {
 
 struct TrainConfig {
   int steps = 0;
-  int eval_every = 0;             // 0 disables periodic evaluation (a final one still runs)
+  int eval_every = 0;  // 0 disables periodic evaluation (a final one still runs)
   int eval_batches = 8;
   uint64_t seed = 1234;
   std::string out_dir;
-  std::string device = "auto";    // cpu | cuda | auto
-  int sample_tokens = 64;         // tokens generated per sample at the end (0: none)
+  std::string device = "auto";  // cpu | cuda | auto
+  int sample_tokens = 64;       // tokens generated per sample at the end (0: none)
   int num_samples = 2;
   float sample_temperature = 0.8f;
   std::string sample_prompt = "";
@@ -120,16 +120,16 @@ struct TrainConfig {
 };
 
 struct CheckpointConfig {
-  int every = 0;                  // 0 disables periodic checkpoints (a final one is written)
+  int every = 0;  // 0 disables periodic checkpoints (a final one is written)
   int keep = 3;
-  std::string resume;             // "" | latest | <path>
-  bool save_final = true;         // write a checkpoint when training ends (benchmarks turn it off)
+  std::string resume;      // "" | latest | <path>
+  bool save_final = true;  // write a checkpoint when training ends (benchmarks turn it off)
 
   bool operator==(const CheckpointConfig&) const = default;
 };
 
 struct LoggingConfig {
-  int every = 1;                  // progress line every N steps
+  int every = 1;  // progress line every N steps
   std::string level = "info";
   // Time every op (after 3 warm-up steps) and print a per-op breakdown of the steps at the end,
   // also written to <out_dir>/op_profile.json. Adds an event pair per op on the GPU.
@@ -151,7 +151,7 @@ struct LoggingConfig {
 // agree. Either way every field holds its resolved value after parsing, except
 // data.global_batch, which stays 0 when it was not given.
 struct Recipe {
-  std::string file;               // where it came from (for messages)
+  std::string file;  // where it came from (for messages)
   ModelConfig model;
   ParallelConfig parallel;
   PrecisionConfig precision;

@@ -60,12 +60,14 @@ Device resolve_device(const Recipe& r) {
   const std::string& d = r.train.device;
   if (d == "cpu") return Device::cpu;
   if (d == "cuda" && !cuda_available())
-    TS_USER_ERROR("{}: train.device is 'cuda' but no CUDA device is usable here ({}); use "
-                  "train.device: cpu or auto", r.file,
+    TS_USER_ERROR(
+        "{}: train.device is 'cuda' but no CUDA device is usable here ({}); use "
+        "train.device: cpu or auto",
+        r.file,
 #ifdef TESSERA_CUDA
-                  "no GPU visible to this process"
+        "no GPU visible to this process"
 #else
-                  "this build has no CUDA backend"
+        "this build has no CUDA backend"
 #endif
     );
   return cuda_available() ? Device::cuda : Device::cpu;  // cuda, or auto
@@ -77,9 +79,11 @@ Device resolve_device(const Recipe& r) {
 DType compute_dtype(const Recipe& r) {
   const std::string& c = r.precision.compute;
   if (r.precision.keeps_high_precision("embedding") && r.parallel.zero == 1)
-    TS_USER_ERROR("{}: precision.high_precision 'embedding' reads the FP32 master table on every "
-                  "rank, but parallel.zero = 1 shards the masters over dp; use zero 0 or remove "
-                  "'embedding'", r.file);
+    TS_USER_ERROR(
+        "{}: precision.high_precision 'embedding' reads the FP32 master table on every "
+        "rank, but parallel.zero = 1 shards the masters over dp; use zero 0 or remove "
+        "'embedding'",
+        r.file);
   if (c == "fp32") return DType::f32;
   if (c == "bf16") return DType::bf16;
   if (c == "fp16") return DType::f16;
@@ -89,8 +93,8 @@ DType compute_dtype(const Recipe& r) {
 Fp8ScalingConfig fp8_scaling_config(const Fp8Config& c) {
   Fp8ScalingConfig f;
   f.amax_history_len = c.amax_history_len;
-  f.amax_compute = c.amax_compute == "most_recent" ? ops::Fp8AmaxCompute::most_recent
-                                                   : ops::Fp8AmaxCompute::max;
+  f.amax_compute =
+      c.amax_compute == "most_recent" ? ops::Fp8AmaxCompute::most_recent : ops::Fp8AmaxCompute::max;
   f.margin = c.margin;
   return f;
 }
@@ -109,8 +113,9 @@ void report_op_profile(const Recipe& r, double seconds, int64_t steps) {
   double op_ms = 0.0;
   for (const auto& t : times) op_ms += t.ms;
   const double step_ms = steps > 0 ? 1e3 * seconds / double(steps) : 0.0;
-  std::string table = fmt::format("op profile over {} steps ({:.2f} ms/step, {:.2f} ms/step in ops):\n",
-                                  steps, step_ms, steps > 0 ? op_ms / double(steps) : 0.0);
+  std::string table =
+      fmt::format("op profile over {} steps ({:.2f} ms/step, {:.2f} ms/step in ops):\n", steps,
+                  step_ms, steps > 0 ? op_ms / double(steps) : 0.0);
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& t : times) {
     const double per_step = t.ms / double(std::max<int64_t>(steps, 1));
@@ -139,11 +144,10 @@ std::vector<uint32_t> mock_tokens(const Recipe& r, int64_t n, const char* stream
 struct MemoryPlan {
   size_t params = 0, optimizer = 0;
   size_t train_acts = 0;  // the pipeline executor's activation sets, batches and p2p buffers
-  size_t workspace = 0;  // GEMM + attention scratch of the CUDA backend
+  size_t workspace = 0;   // GEMM + attention scratch of the CUDA backend
   size_t fp8 = 0;  // outside the arena: FP8 weight copies (W, W^T), scratch and the saved x^T
   size_t total() const {  // the arena
-    return params + optimizer + train_acts +
-           Arena::aligned(workspace);
+    return params + optimizer + train_acts + Arena::aligned(workspace);
   }
 };
 
@@ -196,12 +200,15 @@ TrainSummary train(const Recipe& recipe_in) {
     data = TokenDataset::open(r.data.path);
     tokenizer = Tokenizer::from_hf_json(data->tokenizer_json(), r.data.path);
     if (!r.data.tokenizer.empty())
-      data->check_tokenizer(load_tokenizer_spec(r.data.tokenizer), "data.tokenizer = " + r.data.tokenizer);
+      data->check_tokenizer(load_tokenizer_spec(r.data.tokenizer),
+                            "data.tokenizer = " + r.data.tokenizer);
     finalize_model_vocab(r.model, static_cast<int>(data->vocab_size()), r.file, par.tp);
     tokenizer_hash = data->tokenizer_hash();
   }
-  const std::span<const uint32_t> train_tokens = data ? std::span<const uint32_t>(data->train().tokens) : mock_train;
-  const std::span<const uint32_t> val_tokens = data ? std::span<const uint32_t>(data->val().tokens) : mock_val;
+  const std::span<const uint32_t> train_tokens =
+      data ? std::span<const uint32_t>(data->train().tokens) : mock_train;
+  const std::span<const uint32_t> val_tokens =
+      data ? std::span<const uint32_t>(data->val().tokens) : mock_val;
 
   // The layout: checked against the model and the world before anything is allocated.
   const std::unique_ptr<ParallelContext> ctx = make_context(r, device);
@@ -225,17 +232,18 @@ TrainSummary train(const Recipe& recipe_in) {
   MemoryPlan plan;
   plan.params = Transformer::param_bytes(stage_cfg, shard, dtype, par.dp, keep_master);
   // The bucket layout only needs the parameters' shapes.
-  const int64_t bucket_numel = std::max<int64_t>(1, par.bucket_bytes() / int64_t(dtype_size(dtype)));
+  const int64_t bucket_numel =
+      std::max<int64_t>(1, par.bucket_bytes() / int64_t(dtype_size(dtype)));
   plan.optimizer = DistributedOptimizer::bytes_for(
       BucketLayout(Transformer::declared_params(stage_cfg, shard), par.dp, bucket_numel), dtype,
       par.zero);
-  plan.train_acts = PipelineExecutor::bytes_needed(stage_cfg, shard, dtype, schedule, flush_micro,
-                                                   B, T, device);
+  plan.train_acts =
+      PipelineExecutor::bytes_needed(stage_cfg, shard, dtype, schedule, flush_micro, B, T, device);
   if (device == Device::cuda) {
     ops::set_cuda_attention_impl(r.model.attention_impl);
-    plan.workspace = ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp,
-                                               r.model.num_kv_heads / par.tp,
-                                               r.model.resolved_head_dim(), dtype);
+    plan.workspace =
+        ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp, r.model.num_kv_heads / par.tp,
+                                  r.model.resolved_head_dim(), dtype);
   }
   if (fp8) {
     // An upper bound: 2 bytes per local parameter (W8, W8^T), three (M, max width) byte matrices
@@ -244,24 +252,25 @@ TrainSummary train(const Recipe& recipe_in) {
     // width, the down projection the FFN width).
     const ModelConfig local = Transformer::local_config(stage_cfg, shard);
     const int64_t width = std::max<int64_t>(local.hidden, local.ffn_hidden);
-    const int64_t saved_width = 2 * local.hidden +
-                                int64_t(local.num_heads) * local.resolved_head_dim() +
-                                local.ffn_hidden;
+    const int64_t saved_width =
+        2 * local.hidden + int64_t(local.num_heads) * local.resolved_head_dim() + local.ffn_hidden;
     plan.fp8 = 2 * size_t(Transformer::local_num_params(stage_cfg, shard)) +
                size_t(int64_t(B) * T) * size_t(3 * width + local.num_layers * saved_width);
   }
   size_t free_bytes = 0, total_bytes = 0;
   if (device_memory_info(device, &free_bytes, &total_bytes) && plan.total() + plan.fp8 > free_bytes)
-    TS_USER_ERROR("{}: this run needs {:.2f} GB of GPU memory per rank (parameters {:.2f}, "
-                  "optimizer {:.2f}, activations and pipeline buffers {:.2f}, workspace {:.2f}, "
-                  "fp8 copies {:.2f}) but {:.2f} GB of {:.2f} are free; lower data.micro_batch or "
-                  "data.seq_len, set model.recompute: true, or spread the model with parallel.tp "
-                  "/ parallel.pp",
-                  r.file, (plan.total() + plan.fp8) / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
-                  plan.train_acts / 1e9, plan.workspace / 1e9, plan.fp8 / 1e9, free_bytes / 1e9,
-                  total_bytes / 1e9);
+    TS_USER_ERROR(
+        "{}: this run needs {:.2f} GB of GPU memory per rank (parameters {:.2f}, "
+        "optimizer {:.2f}, activations and pipeline buffers {:.2f}, workspace {:.2f}, "
+        "fp8 copies {:.2f}) but {:.2f} GB of {:.2f} are free; lower data.micro_batch or "
+        "data.seq_len, set model.recompute: true, or spread the model with parallel.tp "
+        "/ parallel.pp",
+        r.file, (plan.total() + plan.fp8) / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
+        plan.train_acts / 1e9, plan.workspace / 1e9, plan.fp8 / 1e9, free_bytes / 1e9,
+        total_bytes / 1e9);
   Arena arena(device, plan.total(), "device memory");
-  if (plan.workspace > 0) ops::use_cuda_workspace(arena.alloc_bytes(plan.workspace), plan.workspace);
+  if (plan.workspace > 0)
+    ops::use_cuda_workspace(arena.alloc_bytes(plan.workspace), plan.workspace);
 
   const std::string resolved = recipe_to_yaml(r);
   if (rank0) {
@@ -270,11 +279,12 @@ TrainSummary train(const Recipe& recipe_in) {
     out << resolved;
     if (!out) TS_USER_ERROR("cannot write {}/recipe.yaml (train.out_dir)", r.train.out_dir);
     log_info("resolved recipe ({}):\n{}", r.file, resolved);
-    log_info("layout: world {} = dp {} x tp {} x pp {} (order {}), zero {}, schedule {}, {} "
-             "micro-batches of {} per dp rank per step, global batch {} sequences, stages {}",
-             ctx->world_size(), par.dp, par.tp, par.pp, par.order, par.zero,
-             par.pp > 1 ? par.schedule : "none", num_micro, B, global_batch,
-             fmt::join(resolve_stage_layers(r), "/"));
+    log_info(
+        "layout: world {} = dp {} x tp {} x pp {} (order {}), zero {}, schedule {}, {} "
+        "micro-batches of {} per dp rank per step, global batch {} sequences, stages {}",
+        ctx->world_size(), par.dp, par.tp, par.pp, par.order, par.zero,
+        par.pp > 1 ? par.schedule : "none", num_micro, B, global_batch,
+        fmt::join(resolve_stage_layers(r), "/"));
   }
   log_debug("rank {}: tp {} dp {} pp {}, layers [{}, {})", ctx->rank(), me.tp_rank, me.dp_rank,
             me.pp_rank, shard.first_layer, shard.first_layer + shard.num_layers);
@@ -297,8 +307,8 @@ TrainSummary train(const Recipe& recipe_in) {
   dcfg.bucket_bytes = par.bucket_bytes();
   DistributedDataParallel ddp(model.params(), DataParallelGroups::from(*ctx), dcfg);
   DistributedOptimizer opt(model.params(), ddp, acfg, &arena);
-  const LrSchedule sched{r.optim.schedule, r.optim.lr, r.optim.min_lr, r.optim.warmup_steps,
-                         r.train.steps, r.optim.decay_fraction};
+  const LrSchedule sched{r.optim.schedule,     r.optim.lr,    r.optim.min_lr,
+                         r.optim.warmup_steps, r.train.steps, r.optim.decay_fraction};
   model.set_grad_ready_hook([&ddp](int idx) { ddp.grads_ready_from(idx); });
 
   const Loader train_loader(train_tokens, T, global_batch, r.train.seed, me.dp_rank, par.dp,
@@ -333,11 +343,12 @@ TrainSummary train(const Recipe& recipe_in) {
   PipelineExecutor pipe(model, ctx->comm(Group::pp), schedule, flush_micro, B, T, arena);
   pipe.set_measure_busy(r.logging.profile_ops && par.pp > 1);
   if (rank0)
-    log_info("model: {} parameters ({}), {} on {}, this rank holds {} and reserved {:.2f} GB "
-             "(activations {:.2f} GB), {} tokens per step",
-             r.model.num_params(), r.model.family, dtype_name(dtype), device_name(device),
-             model.params().num_elements(), arena.capacity() / 1e9, plan.train_acts / 1e9,
-             r.tokens_per_step());
+    log_info(
+        "model: {} parameters ({}), {} on {}, this rank holds {} and reserved {:.2f} GB "
+        "(activations {:.2f} GB), {} tokens per step",
+        r.model.num_params(), r.model.family, dtype_name(dtype), device_name(device),
+        model.params().num_elements(), arena.capacity() / 1e9, plan.train_acts / 1e9,
+        r.tokens_per_step());
 
   Communicator& world = ctx->host_comm(Group::world);
   const bool reports_loss = shard.last_stage() && me.tp_rank == 0;  // one per dp replica
@@ -355,7 +366,8 @@ TrainSummary train(const Recipe& recipe_in) {
   const auto run_eval = [&](int64_t step) {
     const int64_t nb = std::min<int64_t>(r.train.eval_batches, val_loader.num_eval_batches());
     const auto fill = [&](int m, Batch& batch) {
-      val_loader.fill_eval(m / num_micro, m % num_micro, B, batch.inputs.data(), batch.targets.data());
+      val_loader.fill_eval(m / num_micro, m % num_micro, B, batch.inputs.data(),
+                           batch.targets.data());
     };
     if (fp8_linears) fp8_linears->set_recording(false);  // evaluation must not steer the scales
     const PipelineExecutor::Result res = pipe.eval(fill, static_cast<int>(nb * num_micro));
@@ -366,7 +378,9 @@ TrainSummary train(const Recipe& recipe_in) {
     if (rank0) {
       log_info("eval step {}: val_loss {:.4f} | perplexity {:.2f} | {} tokens", step, loss,
                std::exp(loss), int64_t(tokens));
-      nlohmann::json rec = {{"step", step}, {"val_loss", loss}, {"val_ppl", std::exp(loss)},
+      nlohmann::json rec = {{"step", step},
+                            {"val_loss", loss},
+                            {"val_ppl", std::exp(loss)},
                             {"val_tokens", int64_t(tokens)}};
       if (scaler) {
         const double rate = window_steps > 0 ? double(window_skipped) / double(window_steps) : 0.0;
@@ -375,9 +389,10 @@ TrainSummary train(const Recipe& recipe_in) {
         rec["overflow_steps"] = window_skipped;
         rec["skipped_total"] = st.skipped;
         rec["loss_scale"] = st.scale;
-        log_info("eval step {}: fp16 overflow rate {:.2f}% ({} of {} steps since the last "
-                 "evaluation; {} skipped in all), loss scale {}", step, 100.0 * rate,
-                 window_skipped, window_steps, st.skipped, st.scale);
+        log_info(
+            "eval step {}: fp16 overflow rate {:.2f}% ({} of {} steps since the last "
+            "evaluation; {} skipped in all), loss scale {}",
+            step, 100.0 * rate, window_skipped, window_steps, st.skipped, st.scale);
       }
       metrics->write(rec);
     }
@@ -406,12 +421,15 @@ TrainSummary train(const Recipe& recipe_in) {
     const auto t_pipe = Clock::now();
     for (int flush = 0; flush < num_flushes; ++flush) {
       const auto fill = [&](int m, Batch& batch) {
-        train_loader.fill(step, flush * flush_micro + m, B, batch.inputs.data(), batch.targets.data());
+        train_loader.fill(step, flush * flush_micro + m, B, batch.inputs.data(),
+                          batch.targets.data());
       };
       const bool last_flush = flush == num_flushes - 1;
-      local_loss += pipe.train_step(fill, micro_scale * loss_scale, [&] {
-        if (last_flush) ddp.begin_last_microbatch();
-      }).loss_sum;
+      local_loss += pipe.train_step(fill, micro_scale * loss_scale,
+                                    [&] {
+                                      if (last_flush) ddp.begin_last_microbatch();
+                                    })
+                        .loss_sum;
     }
     const double pipe_s = seconds_since(t_pipe);  // synchronized at its end when measuring
     ddp.finish();
@@ -449,9 +467,14 @@ TrainSummary train(const Recipe& recipe_in) {
     summary.last_train_loss = loss;
     const int64_t done = step + 1;
     if (rank0) {
-      nlohmann::json rec = {{"step", done}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm},
-                            {"tokens_per_s", tok_per_s}, {"tokens", done * r.tokens_per_step()},
-                            {"step_s", dt}, {"mem_gb", arena.peak() / 1e9}};
+      nlohmann::json rec = {{"step", done},
+                            {"loss", loss},
+                            {"lr", lr},
+                            {"grad_norm", norm},
+                            {"tokens_per_s", tok_per_s},
+                            {"tokens", done * r.tokens_per_step()},
+                            {"step_s", dt},
+                            {"mem_gb", arena.peak() / 1e9}};
       if (num_gpus > 1) rec["tokens_per_s_per_rank"] = tok_per_s / num_gpus;
       if (scaler) {
         rec["loss_scale"] = loss_scale;  // the scale this step's backward used
@@ -474,14 +497,15 @@ TrainSummary train(const Recipe& recipe_in) {
       if (done % r.logging.every == 0 || done == r.train.steps) {
         const double elapsed = seconds_since(loop_start);
         const double eta = elapsed / double(done - start_step) * double(r.train.steps - done);
-        log_info("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f}{} | {:.0f} tok/s{} | eta {}",
-                 done, r.train.steps, loss, lr, norm,
-                 scaler ? fmt::format(" | scale {}{}", loss_scale, skipped ? " (skipped)" : "")
-                        : std::string(),
-                 tok_per_s,
-                 device == Device::cuda ? fmt::format(" | mfu {:.1f}%", 100.0 * rec["mfu"].get<double>())
-                                        : std::string(),
-                 format_duration(eta));
+        log_info(
+            "step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f}{} | {:.0f} tok/s{} | eta {}",
+            done, r.train.steps, loss, lr, norm,
+            scaler ? fmt::format(" | scale {}{}", loss_scale, skipped ? " (skipped)" : "")
+                   : std::string(),
+            tok_per_s,
+            device == Device::cuda ? fmt::format(" | mfu {:.1f}%", 100.0 * rec["mfu"].get<double>())
+                                   : std::string(),
+            format_duration(eta));
       }
     }
     if (r.train.eval_every > 0 && done % r.train.eval_every == 0 && done != r.train.steps)
@@ -499,7 +523,8 @@ TrainSummary train(const Recipe& recipe_in) {
   if (step > start_step && r.checkpoint.save_final)
     save_checkpoint(r, *ctx, model, opt, prec, step, tokenizer_hash);
   if (rank0)
-    log_info("trained steps {}..{} in {}", start_step, step, format_duration(summary.train_seconds));
+    log_info("trained steps {}..{} in {}", start_step, step,
+             format_duration(summary.train_seconds));
 
   // Samples need the whole model in one process: generation under tp/pp belongs to the inference
   // engine, not built yet.
@@ -515,8 +540,9 @@ TrainSummary train(const Recipe& recipe_in) {
                                         : tokenizer->encode(r.train.sample_prompt);
       if (prompt.empty()) prompt.push_back(tokenizer->eot_id() >= 0 ? tokenizer->eot_id() : 0);
       for (int i = 0; i < r.train.num_samples; ++i) {
-        const auto ids = generate(model, gen_acts, prompt, r.train.sample_tokens,
-                                  r.train.sample_temperature, r.train.seed + i, tokenizer->eot_id());
+        const auto ids =
+            generate(model, gen_acts, prompt, r.train.sample_tokens, r.train.sample_temperature,
+                     r.train.seed + i, tokenizer->eot_id());
         log_info("sample {}: {}{}", i, r.train.sample_prompt, tokenizer->decode(ids));
       }
     }

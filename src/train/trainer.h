@@ -9,8 +9,8 @@
 namespace tessera {
 
 struct TrainSummary {
-  int64_t first_step = 0;      // 0 for a fresh run, the checkpoint's step when resumed
-  int64_t last_step = 0;       // optimizer steps completed
+  int64_t first_step = 0;  // 0 for a fresh run, the checkpoint's step when resumed
+  int64_t last_step = 0;   // optimizer steps completed
   double last_train_loss = 0.0;
   double final_val_loss = 0.0;
   double train_seconds = 0.0;  // wall time of the step loop

@@ -24,27 +24,47 @@ struct HostTensor {
   HostTensor(DType dtype, Shape s) {
     const int64_t n = s.numel();
     void* p = nullptr;
-    if (dtype == DType::f64) { f64.assign(n, 0.0); p = f64.data(); }
-    else if (dtype == DType::f32) { f32.assign(n, 0.0f); p = f32.data(); }
-    else if (dtype == DType::i32) { i32.assign(n, 0); p = i32.data(); }
-    else ADD_FAILURE() << "HostTensor: unsupported dtype";
+    if (dtype == DType::f64) {
+      f64.assign(n, 0.0);
+      p = f64.data();
+    } else if (dtype == DType::f32) {
+      f32.assign(n, 0.0f);
+      p = f32.data();
+    } else if (dtype == DType::i32) {
+      i32.assign(n, 0);
+      p = i32.data();
+    } else
+      ADD_FAILURE() << "HostTensor: unsupported dtype";
     t = Tensor(p, dtype, Device::cpu, s);
   }
   HostTensor(const HostTensor& o) : f64(o.f64), f32(o.f32), i32(o.i32), t(o.t) { rebind(); }
   HostTensor& operator=(const HostTensor& o) {
-    f64 = o.f64; f32 = o.f32; i32 = o.i32; t = o.t; rebind(); return *this;
+    f64 = o.f64;
+    f32 = o.f32;
+    i32 = o.i32;
+    t = o.t;
+    rebind();
+    return *this;
   }
   void rebind() {
-    if (t.dtype == DType::f64) t.data = f64.data();
-    else if (t.dtype == DType::f32) t.data = f32.data();
-    else if (t.dtype == DType::i32) t.data = i32.data();
+    if (t.dtype == DType::f64)
+      t.data = f64.data();
+    else if (t.dtype == DType::f32)
+      t.data = f32.data();
+    else if (t.dtype == DType::i32)
+      t.data = i32.data();
   }
   int64_t size() const { return t.numel(); }
-  double get(int64_t i) const { return t.dtype == DType::f64 ? f64[i] : t.dtype == DType::f32 ? f32[i] : i32[i]; }
+  double get(int64_t i) const {
+    return t.dtype == DType::f64 ? f64[i] : t.dtype == DType::f32 ? f32[i] : i32[i];
+  }
   void set(int64_t i, double v) {
-    if (t.dtype == DType::f64) f64[i] = v;
-    else if (t.dtype == DType::f32) f32[i] = float(v);
-    else i32[i] = int32_t(v);
+    if (t.dtype == DType::f64)
+      f64[i] = v;
+    else if (t.dtype == DType::f32)
+      f32[i] = float(v);
+    else
+      i32[i] = int32_t(v);
   }
   operator Tensor() const { return t; }
 };
@@ -73,8 +93,8 @@ inline double dot(const HostTensor& a, const HostTensor& b) {
 // evenly spaced ones); compares with `analytic`. Relative error is measured against the larger of
 // |fd|, |analytic| and `abs_floor`, so tiny gradients do not produce spurious failures.
 inline void expect_grad_matches(HostTensor& x, const HostTensor& analytic,
-                                const std::function<double()>& loss, double tol,
-                                const char* what, double h = 1e-6, int64_t max_checks = 256,
+                                const std::function<double()>& loss, double tol, const char* what,
+                                double h = 1e-6, int64_t max_checks = 256,
                                 double abs_floor = 1e-6) {
   const int64_t n = x.size();
   const int64_t stride = std::max<int64_t>(1, n / max_checks);
@@ -91,7 +111,10 @@ inline void expect_grad_matches(HostTensor& x, const HostTensor& analytic,
     const double an = analytic.get(i);
     const double denom = std::max({std::fabs(fd), std::fabs(an), abs_floor});
     const double rel = std::fabs(fd - an) / denom;
-    if (rel > worst) { worst = rel; worst_i = i; }
+    if (rel > worst) {
+      worst = rel;
+      worst_i = i;
+    }
     EXPECT_LE(rel, tol) << what << " element " << i << ": fd=" << fd << " analytic=" << an;
   }
   (void)worst_i;

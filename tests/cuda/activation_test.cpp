@@ -26,9 +26,7 @@ double tolerance(DType dtype) {
   return kBound[testing::dtype_index(dtype)];
 }
 
-Tensor host(std::vector<float>& v, Shape s) {
-  return Tensor(v.data(), DType::f32, Device::cpu, s);
-}
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
 void settle() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
 
 // Values spread over the interesting range of both activations, with NaN and +-Inf mixed in.

@@ -23,9 +23,7 @@ namespace {
 
 using testing::DeviceTensor;
 
-Tensor host(std::vector<float>& v, Shape s) {
-  return Tensor(v.data(), DType::f32, Device::cpu, s);
-}
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
 void settle() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
 
 // Bitwise comparison that names the first differing element.
@@ -96,9 +94,9 @@ TEST_P(AdamWTest, StepsMatchCpuBitwise) {
           const auto all = d.download();
           return std::vector<float>(all.begin() + offset, all.begin() + offset + n);
         };
-        const std::string what = std::string(dtype_name(grad_dtype)) + " grad, n=" +
-                                 std::to_string(n) + " offset=" + std::to_string(offset) +
-                                 " wd=" + std::to_string(wd);
+        const std::string what = std::string(dtype_name(grad_dtype)) +
+                                 " grad, n=" + std::to_string(n) +
+                                 " offset=" + std::to_string(offset) + " wd=" + std::to_string(wd);
         expect_bitwise(tail(gp), param, "param " + what);
         expect_bitwise(tail(gm), m, "m " + what);
         expect_bitwise(tail(gv), v, "v " + what);
@@ -145,10 +143,9 @@ TEST_P(AdamWTest, MultiTensorMatchesSingleTensor) {
         return Tensor(static_cast<char*>(d->t().data) + offset * dtype_size(t), t, Device::cuda,
                       Shape{n});
       };
-      sets->push_back({view(make(DType::f32, n, p), DType::f32),
-                       view(make(grad_dtype, n, g), grad_dtype),
-                       view(make(DType::f32, n, m), DType::f32),
-                       view(make(DType::f32, n, v), DType::f32)});
+      sets->push_back(
+          {view(make(DType::f32, n, p), DType::f32), view(make(grad_dtype, n, g), grad_dtype),
+           view(make(DType::f32, n, m), DType::f32), view(make(DType::f32, n, v), DType::f32)});
     }
     auto s = step_config(5, i % 2 ? 0.1f : 0.0f, 0.75f / loss_scale(grad_dtype));
     s.lr = 1e-3f * float(1 + i % 4);

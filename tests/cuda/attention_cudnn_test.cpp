@@ -83,10 +83,10 @@ TEST_P(AttentionCudnnTest, MatchesCpuReference) {
                           host_view(q, q_shape), host_view(k, kv_shape), host_view(v, kv_shape),
                           host_view(out_ref, q_shape), host_view(lse_ref, lse_shape), scale);
 
-  const std::string fwd_plan = cuda::attention_cudnn_describe(c.num_b, c.num_t, c.num_hq,
-                                                              c.num_hkv, c.head_dim, false, dtype);
-  const std::string bwd_plan = cuda::attention_cudnn_describe(c.num_b, c.num_t, c.num_hq,
-                                                              c.num_hkv, c.head_dim, true, dtype);
+  const std::string fwd_plan = cuda::attention_cudnn_describe(c.num_b, c.num_t, c.num_hq, c.num_hkv,
+                                                              c.head_dim, false, dtype);
+  const std::string bwd_plan = cuda::attention_cudnn_describe(c.num_b, c.num_t, c.num_hq, c.num_hkv,
+                                                              c.head_dim, true, dtype);
   std::printf("[probe] %s\n[probe] %s\n", fwd_plan.c_str(), bwd_plan.c_str());
 
   DeviceTensor q_d(dtype, q_shape), k_d(dtype, kv_shape), v_d(dtype, kv_shape);
@@ -110,8 +110,8 @@ TEST_P(AttentionCudnnTest, MatchesCpuReference) {
 
   // Backward from the GPU's own out and lse, as the trainer runs it; dq/dk/dv start as NaN, so
   // accumulating instead of overwriting would fail the finiteness checks.
-  ASSERT_TRUE(cuda::attention_cudnn_backward(dq_d, dk_d, dv_d, dout_d, q_d, k_d, v_d, out_d,
-                                             lse_d, scale))
+  ASSERT_TRUE(
+      cuda::attention_cudnn_backward(dq_d, dk_d, dv_d, dout_d, q_d, k_d, v_d, out_d, lse_d, scale))
       << bwd_plan;
   const std::vector<float> dq = dq_d.download(), dk = dk_d.download(), dv = dv_d.download();
   expect_same_nonfinite(dq, dq_ref, "dq");
@@ -122,11 +122,11 @@ TEST_P(AttentionCudnnTest, MatchesCpuReference) {
   EXPECT_LT(dq_err, kGradTol[di]) << "dq";
   EXPECT_LT(dk_err, kGradTol[di]) << "dk";
   EXPECT_LT(dv_err, kGradTol[di]) << "dv";
-  std::printf("[parity] %s B=%ld T=%ld Hq=%ld Hkv=%ld D=%ld: out %.2e, lse max abs %.2e, "
-              "dq %.2e, dk %.2e, dv %.2e (rel L2)\n",
-              std::string(dtype_name(dtype)).c_str(), long(c.num_b), long(c.num_t),
-              long(c.num_hq), long(c.num_hkv), long(c.head_dim), out_err, lse_err, dq_err, dk_err,
-              dv_err);
+  std::printf(
+      "[parity] %s B=%ld T=%ld Hq=%ld Hkv=%ld D=%ld: out %.2e, lse max abs %.2e, "
+      "dq %.2e, dk %.2e, dv %.2e (rel L2)\n",
+      std::string(dtype_name(dtype)).c_str(), long(c.num_b), long(c.num_t), long(c.num_hq),
+      long(c.num_hkv), long(c.head_dim), out_err, lse_err, dq_err, dk_err, dv_err);
 
   for (const DeviceTensor* t : {&out_d, &lse_d, &dq_d, &dk_d, &dv_d})
     EXPECT_TRUE(t->guards_intact()) << "an output wrote outside its bounds";
@@ -136,8 +136,8 @@ TEST_P(AttentionCudnnTest, MatchesCpuReference) {
   ASSERT_TRUE(cuda::attention_cudnn_forward(out_d, lse_d, q_d, k_d, v_d, scale));
   EXPECT_EQ(out_d.download(), out);
   EXPECT_EQ(lse_d.download(), lse);
-  ASSERT_TRUE(cuda::attention_cudnn_backward(dq_d, dk_d, dv_d, dout_d, q_d, k_d, v_d, out_d,
-                                             lse_d, scale));
+  ASSERT_TRUE(
+      cuda::attention_cudnn_backward(dq_d, dk_d, dv_d, dout_d, q_d, k_d, v_d, out_d, lse_d, scale));
   EXPECT_LT(rel_l2(dq_d.download(), dq), 1e-2) << "dq, second call";
   EXPECT_LT(rel_l2(dk_d.download(), dk), 1e-2) << "dk, second call";
   EXPECT_LT(rel_l2(dv_d.download(), dv), 1e-2) << "dv, second call";

@@ -99,9 +99,9 @@ void run_case(DType dtype, const Case& c, uint64_t seed, float dout_scale = 1.0f
   cuda::attention_native_backward(gdq, gdk, gdv, gdout, gq, gk, gv, gout, glse, scale);
   std::vector<float> dq = gdq.download(), dk = gdk.download(), dv = gdv.download();
   std::vector<float> ref_dq(sq.numel()), ref_dk(skv.numel()), ref_dv(skv.numel());
-  cpu::attention_backward(host(ref_dq, sq), host(ref_dk, skv), host(ref_dv, skv),
-                          host(dout, sq), host(q, sq), host(k, skv), host(v, skv), host(out, sq),
-                          host(lse, sl), scale);
+  cpu::attention_backward(host(ref_dq, sq), host(ref_dk, skv), host(ref_dv, skv), host(dout, sq),
+                          host(q, sq), host(k, skv), host(v, skv), host(out, sq), host(lse, sl),
+                          scale);
   check(dq, ref_dq, grad_error(dq, ref_dq), kGradBound[di], name + " dq");
   check(dk, ref_dk, grad_error(dk, ref_dk), kGradBound[di], name + " dk");
   check(dv, ref_dv, grad_error(dv, ref_dv), kGradBound[di], name + " dv");

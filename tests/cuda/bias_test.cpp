@@ -28,8 +28,8 @@ struct Dims {
 // chunk (M <= 128) and many (M = 4097 splits into chunks of 128+ rows; N = 16384 is the model
 // width the FP8 layer meets), plus random sizes.
 std::vector<Dims> test_sizes(std::mt19937_64& rng) {
-  std::vector<Dims> sizes = {{1, 1},     {1, 4097},   {1025, 3},  {3, 1025},  {129, 520},
-                             {4097, 8},  {300, 1000}, {257, 4104}, {16, 16384}, {2049, 2056}};
+  std::vector<Dims> sizes = {{1, 1},    {1, 4097},   {1025, 3},   {3, 1025},   {129, 520},
+                             {4097, 8}, {300, 1000}, {257, 4104}, {16, 16384}, {2049, 2056}};
   std::uniform_int_distribution<int64_t> dim(1, 3000);
   for (int i = 0; i < 6; ++i) sizes.push_back({dim(rng), dim(rng)});
   return sizes;
@@ -97,8 +97,8 @@ TEST(CudaBias, AddBitEqualToCpu) {
       for (DType vec_dtype : {dtype, DType::f32}) {
         for (int64_t offset : {0, 1}) {
           SCOPED_TRACE(::testing::Message()
-                       << dtype_name(dtype) << " out, " << dtype_name(vec_dtype) << " bias, M="
-                       << d.m << " N=" << d.n << " offset " << offset);
+                       << dtype_name(dtype) << " out, " << dtype_name(vec_dtype)
+                       << " bias, M=" << d.m << " N=" << d.n << " offset " << offset);
           const auto out0 = round_to(dtype, random_vector(d.m * d.n, rng));
           const auto bias = round_to(vec_dtype, random_vector(d.n, rng, 3.0f));
           OffsetTensor out(dtype, {d.m, d.n}, offset);
@@ -169,8 +169,7 @@ std::vector<float> expect_grad_call(OffsetTensor& dbias, const std::vector<float
   }
   std::printf("measured bias_grad %s/%s M=%lld N=%lld: worst error %.3g of the bound\n",
               std::string(dtype_name(dout.dtype)).c_str(),
-              std::string(dtype_name(vec_dtype)).c_str(), (long long)d.m,
-              (long long)d.n, worst);
+              std::string(dtype_name(vec_dtype)).c_str(), (long long)d.m, (long long)d.n, worst);
   return gpu;
 }
 
@@ -258,8 +257,8 @@ TEST(CudaBias, LargeGradAndBandwidth) {
   const double bytes = double(d.m) * d.n * 2;
   std::printf("measured bias_grad bf16 %lldx%lld: %.1f us, %.0f GB/s read\n", (long long)d.m,
               (long long)d.n, grad_s * 1e6, bytes / grad_s / 1e9);
-  std::printf("measured bias_add bf16 %lldx%lld: %.1f us, %.0f GB/s read+write\n",
-              (long long)d.m, (long long)d.n, add_s * 1e6, 2 * bytes / add_s / 1e9);
+  std::printf("measured bias_add bf16 %lldx%lld: %.1f us, %.0f GB/s read+write\n", (long long)d.m,
+              (long long)d.n, add_s * 1e6, 2 * bytes / add_s / 1e9);
 }
 
 TEST(CudaBias, RejectsBadOperands) {

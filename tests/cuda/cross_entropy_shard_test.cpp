@@ -35,9 +35,7 @@ double grad_tolerance(DType dtype) {
 }
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-Tensor host(std::vector<float>& v, Shape s) {
-  return Tensor(v.data(), DType::f32, Device::cpu, s);
-}
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
 Tensor host_i32(std::vector<int32_t>& v, Shape s) {
   return Tensor(v.data(), DType::i32, Device::cpu, s);
 }
@@ -80,25 +78,25 @@ TEST_P(CrossEntropyShardTest, PiecesMatchCpu) {
   std::mt19937_64 rng(71);
   for (const ShardCase& c : kCases) {
     const int64_t n = c.rows, v = c.width;
-    const std::string what = std::string(dtype_name(dtype)) + " N=" + std::to_string(n) +
-                             " Vl=" + std::to_string(v) + " start=" +
-                             std::to_string(c.vocab_start) + " vocab=" +
-                             std::to_string(c.vocab_size);
+    const std::string what =
+        std::string(dtype_name(dtype)) + " N=" + std::to_string(n) + " Vl=" + std::to_string(v) +
+        " start=" + std::to_string(c.vocab_start) + " vocab=" + std::to_string(c.vocab_size);
     auto logits = testing::random_vector(n * v, rng, c.scale);
     if (n > 3) logits[3 * v + v / 3] = kNaN;  // row 3 NaN (if that column is real)
     logits = testing::round_to(dtype, logits);
     // Targets: in this shard's real columns where it has any, elsewhere in the vocabulary, or
     // ignored.
-    const int64_t num_real =
-        std::clamp<int64_t>(int64_t(c.vocab_size) - c.vocab_start, 0, v);
+    const int64_t num_real = std::clamp<int64_t>(int64_t(c.vocab_size) - c.vocab_start, 0, v);
     std::vector<int32_t> targets(n);
     std::uniform_int_distribution<int> anywhere(0, c.vocab_size - 1);
     for (int64_t i = 0; i < n; ++i) {
-      if (i % 4 == 2) targets[i] = -1;
+      if (i % 4 == 2)
+        targets[i] = -1;
       else if (i % 2 == 0 && num_real > 0)
-        targets[i] = int32_t(c.vocab_start + std::uniform_int_distribution<int64_t>(
-                                                 0, num_real - 1)(rng));
-      else targets[i] = anywhere(rng);
+        targets[i] =
+            int32_t(c.vocab_start + std::uniform_int_distribution<int64_t>(0, num_real - 1)(rng));
+      else
+        targets[i] = anywhere(rng);
     }
 
     // The global max is at least this shard's: other shards may hold larger logits.
@@ -107,9 +105,9 @@ TEST_P(CrossEntropyShardTest, PiecesMatchCpu) {
                                  c.vocab_size);
     std::normal_distribution<float> other(0.0f, c.scale);
     for (int64_t i = 0; i < n; ++i) global_max[i] = std::max(shard_max[i], 2.0f * other(rng));
-    cpu::cross_entropy_shard_sums(host(sum_exp, {n}), host(target_logit, {n}),
-                                  host(logits, {n, v}), host(global_max, {n}),
-                                  host_i32(targets, {n}), c.vocab_start, c.vocab_size);
+    cpu::cross_entropy_shard_sums(host(sum_exp, {n}), host(target_logit, {n}), host(logits, {n, v}),
+                                  host(global_max, {n}), host_i32(targets, {n}), c.vocab_start,
+                                  c.vocab_size);
     // The other shards' share of the softmax denominator: lse is then a valid global lse.
     std::vector<float> total_sum(n), losses(n), lse(n);
     std::uniform_real_distribution<float> rest(0.0f, 3.0f);
@@ -196,11 +194,10 @@ TEST_P(CrossEntropyShardTest, ProtocolMatchesUnshardedCpu) {
     int64_t rows, width;  // N, Vl
     int tp, vocab_size;
   };
-  for (const Split& s : {Split{5, 1031, 3, 3000}, Split{6, 12576, 4, 50257},
-                         Split{3, 5, 4, 11}}) {
+  for (const Split& s : {Split{5, 1031, 3, 3000}, Split{6, 12576, 4, 50257}, Split{3, 5, 4, 11}}) {
     const int64_t n = s.rows, v = s.width, full_v = s.tp * s.width;
-    const std::string what = std::string(dtype_name(dtype)) + " tp=" + std::to_string(s.tp) +
-                             " Vl=" + std::to_string(v);
+    const std::string what =
+        std::string(dtype_name(dtype)) + " tp=" + std::to_string(s.tp) + " Vl=" + std::to_string(v);
     const auto logits = testing::round_to(dtype, testing::random_vector(n * full_v, rng, 2.0f));
     std::vector<int32_t> targets(n);
     std::uniform_int_distribution<int> pick(0, s.vocab_size - 1);

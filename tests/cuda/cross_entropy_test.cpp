@@ -31,9 +31,7 @@ double grad_tolerance(DType dtype) {
   return kBound[testing::dtype_index(dtype)];
 }
 
-Tensor host(std::vector<float>& v, Shape s) {
-  return Tensor(v.data(), DType::f32, Device::cpu, s);
-}
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
 void settle() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
 
 struct CeCase {
@@ -41,7 +39,7 @@ struct CeCase {
   int vocab_size;
   float scale;  // logit standard deviation
 };
-const CeCase kCases[] = {{1, 1, 1, 1.0f},          {3, 7, 5, 2.0f},
+const CeCase kCases[] = {{1, 1, 1, 1.0f},           {3, 7, 5, 2.0f},
                          {8, 50304, 50257, 2.0f},   {5, 50257, 50257, 1.0f},
                          {2, 151936, 151665, 3.0f}, {64, 1030, 1000, 30.0f}};
 
@@ -129,8 +127,8 @@ TEST_P(CrossEntropyTest, MisalignedLogitsMatchCpu) {
   Tensor tgt_host(targets.data(), DType::i32, Device::cpu, Shape{n});
   cpu::cross_entropy_forward(host(losses, {n}), host(lse, {n}), host(logits, {n, v}), tgt_host,
                              vocab);
-  cpu::cross_entropy_backward(host(dlogits, {n, v}), host(logits, {n, v}), host(lse, {n}),
-                              tgt_host, vocab, 0.5f);
+  cpu::cross_entropy_backward(host(dlogits, {n, v}), host(logits, {n, v}), host(lse, {n}), tgt_host,
+                              vocab, 0.5f);
   DeviceTensor buf(dtype, {n * v + 1}), gtargets(DType::i32, {n}), glosses(DType::f32, {n});
   DeviceTensor glse(DType::f32, {n});
   buf.upload(all);

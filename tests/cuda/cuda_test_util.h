@@ -142,7 +142,8 @@ inline void expect_same_nonfinite(const std::vector<float>& gpu, const std::vect
     } else if (std::isinf(cpu[i])) {
       EXPECT_EQ(gpu[i], cpu[i]) << what << "[" << i << "]";
     } else {
-      EXPECT_TRUE(std::isfinite(gpu[i])) << what << "[" << i << "]: cpu " << cpu[i] << ", gpu " << gpu[i];
+      EXPECT_TRUE(std::isfinite(gpu[i]))
+          << what << "[" << i << "]: cpu " << cpu[i] << ", gpu " << gpu[i];
     }
   }
 }

@@ -33,9 +33,7 @@ double tolerance(DType dtype) {
   return kBound[testing::dtype_index(dtype)];
 }
 
-Tensor host(std::vector<float>& v, Shape s) {
-  return Tensor(v.data(), DType::f32, Device::cpu, s);
-}
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
 
 // DeviceTensor fills and uploads run on the legacy stream; the ops run on the context's
 // non-blocking stream, which does not wait for it. Synchronize before every op.
@@ -156,9 +154,9 @@ TEST(CudaElementwiseF16, RoundsOnceAndOverflowsToInf) {
   const int64_t n = 4099;
   auto a = testing::round_to(DType::f16, testing::random_vector(n, rng, 1000.0f));
   auto b = testing::round_to(DType::f16, testing::random_vector(n, rng, 1000.0f));
-  const float pairs[][2] = {{65504.0f, 15.0f}, {65504.0f, 16.0f},  {60000.0f, 10000.0f},
+  const float pairs[][2] = {{65504.0f, 15.0f},      {65504.0f, 16.0f},     {60000.0f, 10000.0f},
                             {-60000.0f, -10000.0f}, {65504.0f, -65504.0f}, {kInf, -kInf},
-                            {3e-5f, 3e-5f}, {6e-8f, 0.0f}};
+                            {3e-5f, 3e-5f},         {6e-8f, 0.0f}};
   for (size_t i = 0; i < std::size(pairs); ++i) {
     a[10 * i] = round_f16(pairs[i][0]);
     b[10 * i] = round_f16(pairs[i][1]);
@@ -281,8 +279,8 @@ std::vector<float> hard_f32_values(std::mt19937_64& rng) {
   // Log-uniform magnitudes over the fp8/f16 subnormal-to-overflow range.
   std::uniform_real_distribution<float> exponent(-26.0f, 20.0f);
   for (int i = 0; i < 20000; ++i) v.push_back((i % 2 ? -1.0f : 1.0f) * std::exp2(exponent(rng)));
-  for (float x : {0.0f, -0.0f, kInf, -kInf, kNan, -kNan, 448.0f, 464.0f, 480.0f, 57344.0f,
-                  61440.0f, 65504.0f, 65520.0f, 1e-45f, 3.4e38f})
+  for (float x : {0.0f, -0.0f, kInf, -kInf, kNan, -kNan, 448.0f, 464.0f, 480.0f, 57344.0f, 61440.0f,
+                  65504.0f, 65520.0f, 1e-45f, 3.4e38f})
     v.push_back(x);
   return v;
 }
@@ -337,10 +335,10 @@ TEST(CudaCast, EveryDtypePairMatchesCoreDtype) {
       convert_buffer(src_bytes.data(), src_type, ref.data(), dst_type, n);
       for (int offset : {0, 1}) {
         DeviceTensor src(src_type, {n + 1}), dst(dst_type, {n + 1});
-        const Tensor s(static_cast<char*>(src.t().data) + offset * src_size, src_type,
+        const Tensor s(static_cast<char*>(src.t().data) + offset * src_size, src_type, Device::cuda,
+                       Shape{n});
+        const Tensor d(static_cast<char*>(dst.t().data) + offset * dtype_size(dst_type), dst_type,
                        Device::cuda, Shape{n});
-        const Tensor d(static_cast<char*>(dst.t().data) + offset * dtype_size(dst_type),
-                       dst_type, Device::cuda, Shape{n});
         settle();
         upload_bytes(s, src_bytes);
         cuda::cast(d, s);

@@ -29,9 +29,7 @@ double tolerance(DType dtype) {
   return kBound[testing::dtype_index(dtype)];
 }
 
-Tensor host(std::vector<float>& v, Shape s) {
-  return Tensor(v.data(), DType::f32, Device::cpu, s);
-}
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
 void settle() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
 
 struct EmbeddingCase {
@@ -39,8 +37,8 @@ struct EmbeddingCase {
   bool with_wpe;
 };
 const EmbeddingCase kCases[] = {{1, 1, 1, 1, 1, true},        {2, 7, 5, 11, 9, true},
-                                {4, 64, 768, 1000, 64, true},  {2, 33, 1025, 50, 40, false},
-                                {8, 128, 256, 3, 128, true},   {3, 100, 64, 50304, 128, false}};
+                                {4, 64, 768, 1000, 64, true}, {2, 33, 1025, 50, 40, false},
+                                {8, 128, 256, 3, 128, true},  {3, 100, 64, 50304, 128, false}};
 
 class EmbeddingTest : public ::testing::TestWithParam<DType> {};
 
@@ -77,8 +75,8 @@ TEST_P(EmbeddingTest, ForwardAndBackwardMatchCpu) {
     gdwte.upload(dwte);
     gdwpe.upload(dwpe);
     settle();
-    const std::string what = std::string(dtype_name(dtype)) + " " + acts.str() + " V=" +
-                             std::to_string(e.vocab) + (e.with_wpe ? "" : " no wpe");
+    const std::string what = std::string(dtype_name(dtype)) + " " + acts.str() +
+                             " V=" + std::to_string(e.vocab) + (e.with_wpe ? "" : " no wpe");
     cuda::embedding_forward(gout, gtok, gwte, e.with_wpe ? gwpe.t() : Tensor());
     const auto got = gout.download();
     EXPECT_LE(testing::rel_l2(got, out), tolerance(dtype)) << "forward " << what;
@@ -218,8 +216,8 @@ TEST_P(EmbeddingTest, VocabShardMatchesCpu) {
       }
     }
 
-    cuda::embedding_backward(gdwte, e.with_wpe ? gdwpe.t() : Tensor(), gdout, gtok,
-                             e.vocab_start, e.vocab_total);
+    cuda::embedding_backward(gdwte, e.with_wpe ? gdwpe.t() : Tensor(), gdout, gtok, e.vocab_start,
+                             e.vocab_total);
     const auto got_dwte = gdwte.download();
     EXPECT_LE(testing::rel_l2(got_dwte, dwte_ref), tolerance(dtype)) << "dwte " << what;
     testing::expect_same_nonfinite(got_dwte, dwte_ref, "sharded dwte");

@@ -24,13 +24,13 @@ namespace tessera::testing {
 namespace {
 
 // FP8 tensor cores and the cvt.satfinite conversions need compute capability 8.9.
-#define TESSERA_REQUIRE_FP8_GPU()                                               \
-  do {                                                                          \
-    TESSERA_REQUIRE_GPU();                                                      \
-    int dev_ = 0, major_ = 0, minor_ = 0;                                       \
-    cudaGetDevice(&dev_);                                                       \
-    cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, dev_);   \
-    cudaDeviceGetAttribute(&minor_, cudaDevAttrComputeCapabilityMinor, dev_);   \
+#define TESSERA_REQUIRE_FP8_GPU()                                                       \
+  do {                                                                                  \
+    TESSERA_REQUIRE_GPU();                                                              \
+    int dev_ = 0, major_ = 0, minor_ = 0;                                               \
+    cudaGetDevice(&dev_);                                                               \
+    cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, dev_);           \
+    cudaDeviceGetAttribute(&minor_, cudaDevAttrComputeCapabilityMinor, dev_);           \
     if (major_ * 10 + minor_ < 89) GTEST_SKIP() << "FP8 needs compute capability 8.9+"; \
   } while (0)
 
@@ -53,9 +53,21 @@ Tensor host_f32(std::vector<float>& v, Shape s) {
 // Random values with the hard cases mixed in (each format's max, ties, subnormals, signed zeros,
 // Inf, NaN), encoded in `dtype` (f32, bf16 or f16) as raw bits.
 std::vector<uint8_t> tricky_input(int64_t n, DType dtype, std::mt19937_64& rng, bool with_nan) {
-  const float specials[] = {0.0f, -0.0f, 448.0f, -464.0f, 480.0f, 57344.0f, 61440.0f, 1e30f,
-                            std::ldexp(1.0f, -10), std::ldexp(3.0f, -10), std::ldexp(1.0f, -17),
-                            std::ldexp(3.0f, -17), 1.0625f, 1.1875f, 1e-40f,
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            448.0f,
+                            -464.0f,
+                            480.0f,
+                            57344.0f,
+                            61440.0f,
+                            1e30f,
+                            std::ldexp(1.0f, -10),
+                            std::ldexp(3.0f, -10),
+                            std::ldexp(1.0f, -17),
+                            std::ldexp(3.0f, -17),
+                            1.0625f,
+                            1.1875f,
+                            1e-40f,
                             std::numeric_limits<float>::infinity(),
                             -std::numeric_limits<float>::infinity()};
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -65,10 +77,14 @@ std::vector<uint8_t> tricky_input(int64_t n, DType dtype, std::mt19937_64& rng, 
   for (int64_t i = 0; i < n; ++i) {
     const int p = pick(rng);
     float x = 30.0f * normal(rng);
-    if (p < 5) x = specials[which(rng)];
-    else if (p < 25) x = std::ldexp(normal(rng), exp(rng));
-    else if (p == 99 && with_nan) x = std::numeric_limits<float>::quiet_NaN();
-    if (dtype == DType::f32) std::memcpy(&bytes[4 * i], &x, 4);
+    if (p < 5)
+      x = specials[which(rng)];
+    else if (p < 25)
+      x = std::ldexp(normal(rng), exp(rng));
+    else if (p == 99 && with_nan)
+      x = std::numeric_limits<float>::quiet_NaN();
+    if (dtype == DType::f32)
+      std::memcpy(&bytes[4 * i], &x, 4);
     else {
       const uint16_t h = dtype == DType::bf16 ? f32_to_bf16_bits(x) : f32_to_f16_bits(x);
       std::memcpy(&bytes[2 * i], &h, 2);
@@ -88,10 +104,9 @@ TEST(Fp8QuantizeGpu, BitExactWithCpuIncludingTransposeAndAmax) {
   // partial tiles: {1000, 1040}, {72, 40}, {64, 64}; 4-wide: {68, 36}, and {6, 36} without the
   // transpose; 1-wide: the rest. More tiles than the grid's blocks, so blocks stride over tiles:
   // {2176, 2048} (8-wide), {2180, 2052} (4-wide) and {2177, 2050} (1-wide).
-  const QuantizeCase cases[] = {{1000, 1040}, {1, 1},    {3, 65},      {64, 64},
-                                {129, 250},   {7, 1},    {1, 4097},    {513, 31},
-                                {68, 36},     {6, 36},   {72, 40},     {2176, 2048},
-                                {2180, 2052}, {2177, 2050}};
+  const QuantizeCase cases[] = {{1000, 1040}, {1, 1},       {3, 65},      {64, 64},    {129, 250},
+                                {7, 1},       {1, 4097},    {513, 31},    {68, 36},    {6, 36},
+                                {72, 40},     {2176, 2048}, {2180, 2052}, {2177, 2050}};
   for (const QuantizeCase& qc : cases) {
     for (DType in_type : {DType::f32, DType::bf16, DType::f16}) {
       for (DType format : {DType::e4m3, DType::e5m2}) {
@@ -105,12 +120,11 @@ TEST(Fp8QuantizeGpu, BitExactWithCpuIncludingTransposeAndAmax) {
           // CPU reference.
           std::vector<uint8_t> out_cpu(n), out_t_cpu(n);
           std::vector<float> amax_cpu = amax;
-          ops::fp8_quantize(Tensor(out_cpu.data(), format, Device::cpu, {r, c}),
-                            transpose ? Tensor(out_t_cpu.data(), format, Device::cpu, {c, r})
-                                      : Tensor(),
-                            host_f32(amax_cpu, {1}),
-                            Tensor(in_bytes.data(), in_type, Device::cpu, {r, c}),
-                            host_f32(scale, {1}));
+          ops::fp8_quantize(
+              Tensor(out_cpu.data(), format, Device::cpu, {r, c}),
+              transpose ? Tensor(out_t_cpu.data(), format, Device::cpu, {c, r}) : Tensor(),
+              host_f32(amax_cpu, {1}), Tensor(in_bytes.data(), in_type, Device::cpu, {r, c}),
+              host_f32(scale, {1}));
           // GPU.
           DeviceTensor in(in_type, {r, c}), out(format, {r, c}), out_t(format, {c, r}),
               amax_d(DType::f32, {1}), scale_d(DType::f32, {1});
@@ -167,8 +181,12 @@ TEST(SwigluBackwardFp8Gpu, EqualsSwigluBackwardThenQuantizeOnTheGpu) {
           struct Side {
             DeviceTensor g8, g8_t, u8, u8_t, amax_g, amax_u;
             Side(DType f, int64_t rows, int64_t cols, const std::vector<float>& amax)
-                : g8(f, {rows, cols}), g8_t(f, {cols, rows}), u8(f, {rows, cols}),
-                  u8_t(f, {cols, rows}), amax_g(DType::f32, {1}), amax_u(DType::f32, {1}) {
+                : g8(f, {rows, cols}),
+                  g8_t(f, {cols, rows}),
+                  u8(f, {rows, cols}),
+                  u8_t(f, {cols, rows}),
+                  amax_g(DType::f32, {1}),
+                  amax_u(DType::f32, {1}) {
               upload_raw(amax_g, amax);
               upload_raw(amax_u, amax);
             }
@@ -192,8 +210,8 @@ TEST(SwigluBackwardFp8Gpu, EqualsSwigluBackwardThenQuantizeOnTheGpu) {
           EXPECT_EQ(download_raw<uint32_t>(fused.amax_g), download_raw<uint32_t>(split.amax_g));
           EXPECT_EQ(download_raw<uint32_t>(fused.amax_u), download_raw<uint32_t>(split.amax_u));
           for (const Side* s : {&fused, &split})
-            EXPECT_TRUE(s->g8.guards_intact() && s->g8_t.guards_intact() &&
-                        s->u8.guards_intact() && s->u8_t.guards_intact());
+            EXPECT_TRUE(s->g8.guards_intact() && s->g8_t.guards_intact() && s->u8.guards_intact() &&
+                        s->u8_t.guards_intact());
         }
       }
     }
@@ -221,7 +239,7 @@ TEST(Fp8QuantizeGpu, HardwareConversionMatchesDtypeH) {
     int64_t mismatches = 0;
     for (int64_t i = 0; i < rows * cols; ++i) {
       const float x = std::bit_cast<float>(bits[i]);
-      const uint8_t want = std::isnan(x) ? 0x7F
+      const uint8_t want = std::isnan(x)           ? 0x7F
                            : format == DType::e4m3 ? f32_to_e4m3_bits(x, true)
                                                    : f32_to_e5m2_bits(x, true);
       if (got[i] != want && ++mismatches <= 5)
@@ -262,9 +280,8 @@ TEST(GemmFp8Gpu, MatchesCpuWithinBound) {
   TESSERA_REQUIRE_FP8_GPU();
   std::mt19937_64 rng(9);
   const GemmCase cases[] = {{1, 16, 16}, {77, 64, 96}, {256, 272, 1024}, {1000, 48, 512}};
-  const std::pair<DType, DType> combos[] = {{DType::e4m3, DType::e4m3},
-                                            {DType::e5m2, DType::e4m3},
-                                            {DType::e4m3, DType::e5m2}};
+  const std::pair<DType, DType> combos[] = {
+      {DType::e4m3, DType::e4m3}, {DType::e5m2, DType::e4m3}, {DType::e4m3, DType::e5m2}};
   for (const GemmCase& gc : cases) {
     for (auto [ta, tb] : combos) {
       for (DType c_type : {DType::f32, DType::bf16}) {
@@ -276,8 +293,7 @@ TEST(GemmFp8Gpu, MatchesCpuWithinBound) {
           // Operands: random normals quantized by the CPU op itself, with realistic scales.
           auto make = [&](int64_t rows, DType format, float stddev, float scale_v,
                           std::vector<uint8_t>* codes) {
-            std::vector<float> x = random_vector(rows * k, rng, stddev), amax{0.0f},
-                               scale{scale_v};
+            std::vector<float> x = random_vector(rows * k, rng, stddev), amax{0.0f}, scale{scale_v};
             codes->resize(rows * k);
             ops::fp8_quantize(Tensor(codes->data(), format, Device::cpu, {rows, k}), {},
                               host_f32(amax, {1}), host_f32(x, {rows, k}), host_f32(scale, {1}));
@@ -344,10 +360,12 @@ TEST(GemmFp8Gpu, MatchesCpuWithinBound) {
             }
           EXPECT_EQ(failures, 0) << "worst error / bound " << worst;
           // The margin, printed on success too, so that the bound can be set from measurements.
-          std::printf("gemm_fp8 %s x %s -> %s, %lldx%lldx%lld%s: measured %.3g of the bound "
-                      "(bound 1)\n", std::string(dtype_name(ta)).c_str(),
-                      std::string(dtype_name(tb)).c_str(), std::string(dtype_name(c_type)).c_str(),
-                      (long long)m, (long long)n, (long long)k, accumulate ? ", accumulate" : "", worst);
+          std::printf(
+              "gemm_fp8 %s x %s -> %s, %lldx%lldx%lld%s: measured %.3g of the bound "
+              "(bound 1)\n",
+              std::string(dtype_name(ta)).c_str(), std::string(dtype_name(tb)).c_str(),
+              std::string(dtype_name(c_type)).c_str(), (long long)m, (long long)n, (long long)k,
+              accumulate ? ", accumulate" : "", worst);
         }
       }
     }
@@ -455,8 +473,10 @@ TEST(Fp8UpdateScalesGpu, BitExactWithCpuOverSteps) {
         std::vector<float> amax(n);
         for (auto& a : amax) {
           const int p = pick(rng);
-          a = p == 0 ? 0.0f : p == 1 ? inf : p == 2 ? std::numeric_limits<float>::quiet_NaN()
-                                                    : std::ldexp(mant(rng), exp(rng));
+          a = p == 0   ? 0.0f
+              : p == 1 ? inf
+              : p == 2 ? std::numeric_limits<float>::quiet_NaN()
+                       : std::ldexp(mant(rng), exp(rng));
         }
         upload_raw(amax_d, amax);
         ops::fp8_update_scales(host_f32(hist, {len, n}), host_f32(scale, {n}),

@@ -82,8 +82,8 @@ void report(const std::string& what, double err, double limit) {
   std::printf("measured %-60s rel_l2 %.3e (bound %.1e)\n", what.c_str(), err, limit);
 }
 
-void expect_close_within(const std::vector<float>& got, const std::vector<float>& ref,
-                         double limit, const std::string& what) {
+void expect_close_within(const std::vector<float>& got, const std::vector<float>& ref, double limit,
+                         const std::string& what) {
   expect_same_nonfinite(got, ref, what.c_str());
   const double err = rel_l2(got, ref);
   report(what, err, limit);
@@ -99,8 +99,8 @@ struct Dims {
   int64_t m, n, k;
 };
 
-const Dims kGemmShapes[] = {{1, 1, 1},     {1, 7, 33},       {7, 1, 33},      {33, 7, 1},
-                            {7, 33, 1025}, {1025, 33, 7},    {33, 1025, 33},  {1025, 1025, 33},
+const Dims kGemmShapes[] = {{1, 1, 1},        {1, 7, 33},      {7, 1, 33},     {33, 7, 1},
+                            {7, 33, 1025},    {1025, 33, 7},   {33, 1025, 33}, {1025, 1025, 33},
                             {128, 256, 1025}, {1, 1025, 1025}, {1025, 1, 1025}};
 
 std::string gemm_name(const char* engine, DType dtype, Dims d, bool ta, bool tb, float alpha,
@@ -122,12 +122,14 @@ void check_gemm(DType dtype, Dims d, bool ta, bool tb, float alpha, float beta, 
   da.upload(a);
   db.upload(b);
   if (beta != 0.0f) dc.upload(c);
-  if (simt) cuda::gemm_simt(dc, da, db, ta, tb, alpha, beta);
-  else cuda::gemm(dc, da, db, ta, tb, alpha, beta);
+  if (simt)
+    cuda::gemm_simt(dc, da, db, ta, tb, alpha, beta);
+  else
+    cuda::gemm(dc, da, db, ta, tb, alpha, beta);
   const std::vector<float> got = dc.download();
   cpu::gemm_reference(host(c, sc), host(a, sa), host(b, sb), ta, tb, alpha, beta);
-  expect_close(got, c, dtype, gemm_name(simt ? "gemm_simt" : "gemm", dtype, d, ta, tb,
-                                               alpha, beta));
+  expect_close(got, c, dtype,
+               gemm_name(simt ? "gemm_simt" : "gemm", dtype, d, ta, tb, alpha, beta));
   EXPECT_TRUE(dc.guards_intact());
 }
 
@@ -238,8 +240,8 @@ struct Linear {
   int64_t n;
 };
 
-const Linear kLinearShapes[] = {{{1, 1}, 1},         {{7, 33}, 1025},     {{2, 5, 64}, 7},
-                                {{1025, 33}, 8},     {{3, 40, 768}, 2304}, {{4097, 24}, 7},
+const Linear kLinearShapes[] = {{{1, 1}, 1},       {{7, 33}, 1025},      {{2, 5, 64}, 7},
+                                {{1025, 33}, 8},   {{3, 40, 768}, 2304}, {{4097, 24}, 7},
                                 {{4097, 16}, 1025}};
 
 Shape with_last(Shape s, int64_t last) {
@@ -307,8 +309,8 @@ void check_backward(DType dtype, const Linear& l, bool with_dinp, bool with_dbia
     cpu::matmul_backward(with_dinp ? host(dinp, l.inp) : Tensor(), host(dw, sw),
                          with_dbias ? host(dbias, {l.n}) : Tensor(), host(dout, so),
                          host(inp, l.inp), host(w, sw));
-  const std::string name = fmt::format("matmul_backward {} inp {} n{}", dtype_name(dtype),
-                                       l.inp.str(), l.n);
+  const std::string name =
+      fmt::format("matmul_backward {} inp {} n{}", dtype_name(dtype), l.inp.str(), l.n);
   if (with_dinp) {
     expect_close(g_dinp.download(), dinp, dtype, name + " dinp");
     EXPECT_TRUE(g_dinp.guards_intact());
@@ -390,8 +392,7 @@ TEST(CudaMatmul, GeluEpilogueMatchesMatmulThenGelu) {
       const std::string name =
           fmt::format("matmul_gelu {} inp {} n{}", dtype_name(dtype), l.inp.str(), l.n);
       expect_close(pre.download(), ref_pre, dtype, name + " pre");
-      expect_close_within(act.download(), ref_act, act_bound[dtype_index(dtype)],
-                          name + " act");
+      expect_close_within(act.download(), ref_act, act_bound[dtype_index(dtype)], name + " act");
       EXPECT_TRUE(pre.guards_intact() && act.guards_intact());
     }
   // N not a multiple of 8: not supported, and the call says so.

@@ -25,7 +25,8 @@ std::vector<double> train_losses(const ModelConfig& cfg, DType dtype, Device dev
   AdamW opt(model.params(), AdamWConfig{});
   Activations acts(model, B, T, true);
   Buffer tok_buf(device, sizeof(int32_t) * B * T), tgt_buf(device, sizeof(int32_t) * B * T);
-  Tensor tok(tok_buf.data(), DType::i32, device, {B, T}), tgt(tgt_buf.data(), DType::i32, device, {B, T});
+  Tensor tok(tok_buf.data(), DType::i32, device, {B, T}),
+      tgt(tgt_buf.data(), DType::i32, device, {B, T});
   std::vector<double> losses;
   for (int s = 0; s < steps; ++s) {
     const size_t off = size_t(s) * B * T, bytes = sizeof(int32_t) * B * T;
@@ -47,7 +48,8 @@ class GpuModelParity : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(GpuModelParity, LossesTrackTheCpuReference) {
   TESSERA_REQUIRE_GPU();
-  ModelConfig cfg = std::string(GetParam()) == "gpt2" ? testing::tiny_gpt2() : testing::tiny_llama();
+  ModelConfig cfg =
+      std::string(GetParam()) == "gpt2" ? testing::tiny_gpt2() : testing::tiny_llama();
   cfg.init_std = 0.02f;
   cfg.max_seq_len = 64;
   cfg.head_dim = cfg.family == "gpt2" ? 0 : 8;  // cuDNN and the native kernel need D % 8 == 0
@@ -80,10 +82,11 @@ TEST_P(GpuModelParity, LossesTrackTheCpuReference) {
       // the same margin; 1% doubles it, as FP16 has not been measured on a GPU yet.
       EXPECT_NEAR(f16[s], cpu[s], 0.01 * cpu[s]) << impl << " fp16 step " << s;
     }
-    std::printf("%s %s: cpu %.6f -> %.6f | gpu fp32 %.6f -> %.6f | gpu bf16 %.6f -> %.6f | "
-                "gpu fp16 %.6f -> %.6f\n",
-                GetParam(), impl, cpu[0], cpu[steps - 1], f32[0], f32[steps - 1], bf16[0],
-                bf16[steps - 1], f16[0], f16[steps - 1]);
+    std::printf(
+        "%s %s: cpu %.6f -> %.6f | gpu fp32 %.6f -> %.6f | gpu bf16 %.6f -> %.6f | "
+        "gpu fp16 %.6f -> %.6f\n",
+        GetParam(), impl, cpu[0], cpu[steps - 1], f32[0], f32[steps - 1], bf16[0], bf16[steps - 1],
+        f16[0], f16[steps - 1]);
   }
 }
 

@@ -41,13 +41,10 @@ constexpr double kStatTolerance = 2e-5;
 struct NormShape {
   int64_t rows, cols;
 };
-const NormShape kShapes[] = {{1, 1},    {3, 7},     {64, 768},  {40, 128},  {5, 1025},
-                             {4, 2048},  {3, 4097},  {2, 20000}, {2, 40000}, {9000, 64},
-                             {300, 96},  {1000, 768}};
+const NormShape kShapes[] = {{1, 1},    {3, 7},     {64, 768},  {40, 128},  {5, 1025}, {4, 2048},
+                             {3, 4097}, {2, 20000}, {2, 40000}, {9000, 64}, {300, 96}, {1000, 768}};
 
-Tensor host(std::vector<float>& v, Shape s) {
-  return Tensor(v.data(), DType::f32, Device::cpu, s);
-}
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
 void settle() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
 
 void expect_close(const DeviceTensor& gpu, const std::vector<float>& cpu, double tol,
@@ -73,15 +70,14 @@ TEST_P(NormTest, LayerNormForwardMatchesCpu) {
     for (bool with_bias : {true, false}) {
       const int64_t n = s.rows, c = s.cols;
       auto x = testing::random_vector(n * c, rng, 2.0f);
-      for (auto& v : x) v += 0.5f;  // a non-zero mean
+      for (auto& v : x) v += 0.5f;                                // a non-zero mean
       if (n > 1) x[c] = std::numeric_limits<float>::quiet_NaN();  // row 1 must come out NaN
       x = testing::round_to(dtype, x);
       auto w = testing::round_to(dtype, testing::random_vector(c, rng));
       auto b = testing::round_to(dtype, testing::random_vector(c, rng));
       std::vector<float> out(n * c), mean(n), rstd(n);
-      cpu::layernorm_forward(host(out, {n, c}), host(mean, {n}), host(rstd, {n}),
-                             host(x, {n, c}), host(w, {c}), with_bias ? host(b, {c}) : Tensor(),
-                             1e-5f);
+      cpu::layernorm_forward(host(out, {n, c}), host(mean, {n}), host(rstd, {n}), host(x, {n, c}),
+                             host(w, {c}), with_bias ? host(b, {c}) : Tensor(), 1e-5f);
       DeviceTensor dx(dtype, {n, c}), dw(dtype, {c}), db(dtype, {c}), dout(dtype, {n, c});
       DeviceTensor dmean(DType::f32, {n}), drstd(DType::f32, {n});
       dx.upload(x);
@@ -108,8 +104,8 @@ TEST_P(NormTest, LayerNormBackwardMatchesCpuAndAccumulates) {
     auto d = testing::round_to(dtype, testing::random_vector(n * c, rng));
     // Statistics from the CPU forward, given to both backwards.
     std::vector<float> scratch(n * c), mean(n), rstd(n);
-    cpu::layernorm_forward(host(scratch, {n, c}), host(mean, {n}), host(rstd, {n}),
-                           host(x, {n, c}), host(w, {c}), Tensor(), 1e-5f);
+    cpu::layernorm_forward(host(scratch, {n, c}), host(mean, {n}), host(rstd, {n}), host(x, {n, c}),
+                           host(w, {c}), Tensor(), 1e-5f);
     // Pre-filled parameter gradients: the backward must add to them.
     auto dweight = testing::round_to(dtype, testing::random_vector(c, rng));
     auto dbias = testing::round_to(dtype, testing::random_vector(c, rng));
@@ -153,8 +149,7 @@ TEST_P(NormTest, RmsNormForwardMatchesCpu) {
     x = testing::round_to(dtype, x);
     auto w = testing::round_to(dtype, testing::random_vector(c, rng));
     std::vector<float> out(n * c), rstd(n);
-    cpu::rmsnorm_forward(host(out, {n, c}), host(rstd, {n}), host(x, {n, c}), host(w, {c}),
-                         1e-6f);
+    cpu::rmsnorm_forward(host(out, {n, c}), host(rstd, {n}), host(x, {n, c}), host(w, {c}), 1e-6f);
     DeviceTensor dx(dtype, {n, c}), dw(dtype, {c}), dout(dtype, {n, c}), drstd(DType::f32, {n});
     dx.upload(x);
     dw.upload(w);
@@ -226,8 +221,8 @@ TEST_P(NormTest, ExtremeEpsAgrees) {
     std::vector<float> out(n * c), mean(n), rstd(n), rms_out(n * c), rms_rstd(n);
     cpu::layernorm_forward(host(out, {n, c}), host(mean, {n}), host(rstd, {n}), host(x, {n, c}),
                            host(w, {c}), host(b, {c}), eps);
-    cpu::rmsnorm_forward(host(rms_out, {n, c}), host(rms_rstd, {n}), host(x, {n, c}),
-                         host(w, {c}), eps);
+    cpu::rmsnorm_forward(host(rms_out, {n, c}), host(rms_rstd, {n}), host(x, {n, c}), host(w, {c}),
+                         eps);
     DeviceTensor dx(dtype, {n, c}), dw(dtype, {c}), db(dtype, {c}), dout(dtype, {n, c});
     DeviceTensor dmean(DType::f32, {n}), drstd(DType::f32, {n});
     dx.upload(x);
@@ -279,11 +274,10 @@ TEST_P(NormTest, FusedResidualLayerNormEqualsUnfusedBitwise) {
         cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, res2, gb, gw, gbias,
                                                1e-5f);
       } else {
-        cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, ga, gb, gw, gbias,
-                                               1e-5f);
+        cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, ga, gb, gw, gbias, 1e-5f);
       }
-      const std::string what = label("fused_residual_layernorm", dtype, s) +
-                               (in_place ? " in place" : "");
+      const std::string what =
+          label("fused_residual_layernorm", dtype, s) + (in_place ? " in place" : "");
       expect_same_bits(res2, res1, what + " residual");
       expect_same_bits(out2, out1, what + " out");
       expect_same_bits(mean2, mean1, what + " mean");
@@ -328,8 +322,7 @@ TEST_P(NormTest, RejectsAliasedGradient) {
   EXPECT_THROW(cuda::rmsnorm_backward(x, dw, x, x, w, rstd), Error);
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, NormTest,
-                         ::testing::Values(DType::f32, DType::bf16, DType::f16),
+INSTANTIATE_TEST_SUITE_P(Dtypes, NormTest, ::testing::Values(DType::f32, DType::bf16, DType::f16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 }  // namespace

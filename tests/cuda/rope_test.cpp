@@ -27,9 +27,7 @@ double tolerance(DType dtype) {
   return kBound[testing::dtype_index(dtype)];
 }
 
-Tensor host(std::vector<float>& v, Shape s) {
-  return Tensor(v.data(), DType::f32, Device::cpu, s);
-}
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
 void settle() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
 
 struct RopeCase {
@@ -38,9 +36,9 @@ struct RopeCase {
   int pos_offset;
 };
 const RopeCase kCases[] = {
-    {1, 1, 1, 2, 10000.0f, 0},       {2, 5, 3, 6, 10000.0f, 3},
-    {2, 17, 4, 64, 10000.0f, 0},     {1, 3, 2, 130, 500000.0f, 7},
-    {3, 9, 5, 128, 1000000.0f, 11},  {1, 4096, 2, 128, 10000.0f, 100000},
+    {1, 1, 1, 2, 10000.0f, 0},      {2, 5, 3, 6, 10000.0f, 3},
+    {2, 17, 4, 64, 10000.0f, 0},    {1, 3, 2, 130, 500000.0f, 7},
+    {3, 9, 5, 128, 1000000.0f, 11}, {1, 4096, 2, 128, 10000.0f, 100000},
     {2, 33, 7, 16, 10000.0f, 0},
 };
 
@@ -112,8 +110,7 @@ TEST_P(RopeTest, RejectsOddHeadDimAndPartialOverlap) {
   EXPECT_THROW(cuda::rope_forward(b, a, 10000.0f, 0), Error);
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, RopeTest,
-                         ::testing::Values(DType::f32, DType::bf16, DType::f16),
+INSTANTIATE_TEST_SUITE_P(Dtypes, RopeTest, ::testing::Values(DType::f32, DType::bf16, DType::f16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 }  // namespace

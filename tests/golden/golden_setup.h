@@ -1,6 +1,7 @@
 // The golden check's fixed setup, shared by the generator of the initial state
-// (bench/torch/make_golden_init.cpp) and the CPU test that compares against PyTorch (golden_test.cpp).
-// bench/torch/make_golden.py reads the same numbers from the init checkpoint's meta "golden".
+// (bench/torch/make_golden_init.cpp) and the CPU test that compares against PyTorch
+// (golden_test.cpp). bench/torch/make_golden.py reads the same numbers from the init checkpoint's
+// meta "golden".
 #pragma once
 #include <string>
 
@@ -8,10 +9,10 @@
 
 namespace tessera::golden {
 
-constexpr int kBatch = 2;       // B
-constexpr int kSeq = 8;         // T (= the tiny models' max_seq_len)
-constexpr int kSteps = 10;      // optimizer steps, a fresh batch each
-constexpr float kLr = 1e-2f;    // constant
+constexpr int kBatch = 2;     // B
+constexpr int kSeq = 8;       // T (= the tiny models' max_seq_len)
+constexpr int kSteps = 10;    // optimizer steps, a fresh batch each
+constexpr float kLr = 1e-2f;  // constant
 constexpr float kBeta1 = 0.9f, kBeta2 = 0.95f, kEps = 1e-8f, kWeightDecay = 0.1f;
 constexpr float kGradClip = 1.0f;
 constexpr uint64_t kSeed = 2024;

@@ -36,9 +36,10 @@ std::vector<double> read_f64(io::h5::File& f, const std::string& path) {
 }
 
 // max |a - b| / max |b|: one number per tensor, insensitive to individual near-zero entries.
-// The 1e-3 floor on the denominator (so with the 5e-5 gradient tolerance, 5e-8 absolute, the FP32 rounding
-// level of these O(1) losses) keeps gradients that are zero in exact arithmetic (the key bias:
-// softmax ignores a shift shared by all keys; ~1e-9 of noise) from failing as noise over noise.
+// The 1e-3 floor on the denominator (so with the 5e-5 gradient tolerance, 5e-8 absolute, the FP32
+// rounding level of these O(1) losses) keeps gradients that are zero in exact arithmetic (the key
+// bias: softmax ignores a shift shared by all keys; ~1e-9 of noise) from failing as noise over
+// noise.
 double rel_max_error(const float* a, const std::vector<float>& b) {
   double num = 0.0, den = 1e-3;
   for (size_t i = 0; i < b.size(); ++i) {
@@ -117,9 +118,10 @@ TEST_P(Golden, MatchesPyTorch) {
     worst_weight = std::max(worst_weight, e);
     EXPECT_LE(e, 2e-5) << "weights " << p.spec.name;
   }
-  std::printf("%s vs PyTorch: logits %.2e, grads %.2e, 10-step losses %.2e, weights %.2e "
-              "(worst relative errors)\n", family.c_str(), worst_logits, worst_grad, worst_loss,
-              worst_weight);
+  std::printf(
+      "%s vs PyTorch: logits %.2e, grads %.2e, 10-step losses %.2e, weights %.2e "
+      "(worst relative errors)\n",
+      family.c_str(), worst_logits, worst_grad, worst_loss, worst_weight);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, Golden, ::testing::Values("gpt2", "llama"));

@@ -16,13 +16,17 @@ using testing::run_cli;
 std::string recipe_text(const std::string& dataset, const std::string& out_dir) {
   return "model:\n  family: gpt2\n  vocab_size: auto\n  num_layers: 1\n  hidden: 16\n"
          "  num_heads: 2\n  max_seq_len: 16\n"
-         "data:\n  path: " + dataset + "\n  seq_len: 16\n  micro_batch: 2\n"
-         "train:\n  steps: 2\n  out_dir: " + out_dir + "\n  device: cpu\n  sample_tokens: 0\n";
+         "data:\n  path: " +
+         dataset +
+         "\n  seq_len: 16\n  micro_batch: 2\n"
+         "train:\n  steps: 2\n  out_dir: " +
+         out_dir + "\n  device: cpu\n  sample_tokens: 0\n";
 }
 
 void expect_user_error(const testing::CliResult& r, std::initializer_list<const char*> needles) {
   EXPECT_EQ(r.status, 2) << r.output;
-  for (const char* n : needles) EXPECT_NE(r.output.find(n), std::string::npos) << "missing '" << n << "' in:\n" << r.output;
+  for (const char* n : needles)
+    EXPECT_NE(r.output.find(n), std::string::npos) << "missing '" << n << "' in:\n" << r.output;
 }
 
 TEST(CliErrors, UnknownKeyNamesKeyFileAndLine) {
@@ -79,7 +83,8 @@ TEST(CliErrors, LayoutNeedsItsRanks) {
   const std::string path = dir + "/r.yaml";
   testing::write_file(path, recipe_text(testing::ci_dataset(), dir + "/run"));
   // One process cannot run a 2-rank layout: the message says how many ranks to launch.
-  expect_user_error(run_cli("train " + path + " --set parallel.tp=2"), {"parallel.tp", "world size 1", "-n 2"});
+  expect_user_error(run_cli("train " + path + " --set parallel.tp=2"),
+                    {"parallel.tp", "world size 1", "-n 2"});
 }
 
 TEST(CliErrors, UnknownCommandAndBadPrepareArgs) {

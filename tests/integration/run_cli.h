@@ -37,8 +37,9 @@ inline CliResult run_cli(const std::string& args, const std::string& launcher = 
 // mpirun as the test launcher needs it here: root in CI containers, more ranks than cores. Set in
 // the launcher's environment only, never the user's.
 inline std::string mpirun(int np) {
-  return std::string("env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
-                     "OMPI_MCA_rmaps_base_oversubscribe=1 ") +
+  return std::string(
+             "env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+             "OMPI_MCA_rmaps_base_oversubscribe=1 ") +
          TESSERA_MPIEXEC + " -np " + std::to_string(np) + " --oversubscribe --bind-to none ";
 }
 #endif
@@ -56,6 +57,8 @@ inline void write_file(const std::string& path, const std::string& text) {
 }
 
 // The dataset scripts/prepare-data.sh makes (the test command runs it before ctest).
-inline std::string ci_dataset() { return std::string(TESSERA_SOURCE_DIR) + "/data/gutenberg/gutenberg.h5"; }
+inline std::string ci_dataset() {
+  return std::string(TESSERA_SOURCE_DIR) + "/data/gutenberg/gutenberg.h5";
+}
 
 }  // namespace tessera::testing

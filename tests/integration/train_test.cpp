@@ -31,7 +31,8 @@ std::map<int64_t, std::string> step_records(const std::vector<nlohmann::json>& m
   std::map<int64_t, std::string> out;
   for (const auto& m : metrics)
     if (m.contains("loss"))
-      out[m["step"].get<int64_t>()] = m["loss"].dump() + " " + m["grad_norm"].dump() + " " + m["lr"].dump();
+      out[m["step"].get<int64_t>()] =
+          m["loss"].dump() + " " + m["grad_norm"].dump() + " " + m["lr"].dump();
   return out;
 }
 
@@ -43,12 +44,14 @@ TEST(Train, ResumeIsBitwiseExact) {
       " --set data.seq_len=32 --set data.micro_batch=4 --set data.grad_accum=2"
       " --set train.steps=6 --set train.eval_every=0 --set train.sample_tokens=0"
       " --set optim.warmup_steps=2 --set checkpoint.every=3 --set checkpoint.keep=5";
-  const auto full = run_cli("train recipes/ci-tiny.yaml" + common + " --set train.out_dir=" + dir + "/full");
+  const auto full =
+      run_cli("train recipes/ci-tiny.yaml" + common + " --set train.out_dir=" + dir + "/full");
   ASSERT_EQ(full.status, 0) << full.output;
   const std::string ckpt = dir + "/full/checkpoints/step_3";
   ASSERT_TRUE(std::filesystem::exists(ckpt + "/COMPLETE")) << full.output;
-  const auto resumed = run_cli("train recipes/ci-tiny.yaml" + common + " --set train.out_dir=" + dir +
-                               "/resumed --set checkpoint.resume=" + ckpt);
+  const auto resumed =
+      run_cli("train recipes/ci-tiny.yaml" + common + " --set train.out_dir=" + dir +
+              "/resumed --set checkpoint.resume=" + ckpt);
   ASSERT_EQ(resumed.status, 0) << resumed.output;
 
   const auto a = step_records(read_metrics(dir + "/full"));

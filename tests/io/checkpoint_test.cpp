@@ -28,7 +28,8 @@ TensorSlice whole(const std::string& name, DType dtype, std::vector<int64_t> sha
   return {name, dtype, shape, std::vector<int64_t>(shape.size(), 0), shape, data};
 }
 
-template <class T> std::vector<T> read_all(const CheckpointReader& r, const std::string& name) {
+template <class T>
+std::vector<T> read_all(const CheckpointReader& r, const std::string& name) {
   std::vector<T> out(size_t(r.numel(name)));
   r.read_full(name, out.data());
   return out;
@@ -170,8 +171,11 @@ TEST(Checkpoint, UncoveredElementsAndOverlapsAreUserErrors) {
   r.read_slice("half", {0, 0}, {2, 3}, buf.data());
   expect_error([&] { r.read_full("half", buf.data()); }, ErrorKind::user,
                {"half", "6 of the 12", "in no shard", r.path()});
-  expect_error([&] { r.read_slice("half", {3, 0}, {2, 3}, buf.data()); }, ErrorKind::user,
-               {"half", "does not fit", "(4, 3)"});
+  expect_error(
+      [&] {
+        r.read_slice("half", {3, 0}, {2, 3}, buf.data());
+      },
+      ErrorKind::user, {"half", "does not fit", "(4, 3)"});
   expect_error([&] { r.read_full("nope", buf.data()); }, ErrorKind::user, {"nope", r.path()});
 
   ScratchDir dir2;
@@ -202,9 +206,9 @@ TEST(Checkpoint, KeepsNewestK) {
   ASSERT_EQ(list_step_dirs(checkpoints_dir(dir.str())).size(), 1u);
   EXPECT_EQ(latest_checkpoint(dir.str()), checkpoints_dir(dir.str()) + "/step_60");
   // Only step_60 and nothing else (no trash left behind).
-  EXPECT_EQ(std::distance(fs::directory_iterator(checkpoints_dir(dir.str())),
-                          fs::directory_iterator()),
-            1);
+  EXPECT_EQ(
+      std::distance(fs::directory_iterator(checkpoints_dir(dir.str())), fs::directory_iterator()),
+      1);
 }
 
 TEST(Checkpoint, InterruptedWritesAreIgnoredAndCleanedUp) {
@@ -321,8 +325,7 @@ TEST(Checkpoint, MissingCorruptAndTruncatedInputsAreUserErrors) {
   {
     const CheckpointReader r = CheckpointReader::open(s2);
     std::vector<int32_t> out(payload.size());
-    expect_error([&] { r.read_full("payload", out.data()); }, ErrorKind::user,
-                 {shard2, "corrupt"});
+    expect_error([&] { r.read_full("payload", out.data()); }, ErrorKind::user, {shard2, "corrupt"});
   }
 
   // Truncated to half its size.
@@ -333,8 +336,7 @@ TEST(Checkpoint, MissingCorruptAndTruncatedInputsAreUserErrors) {
   // Not HDF5 at all.
   const std::string s4 = save(4), shard4 = s4 + "/shard_0_of_1.h5";
   std::ofstream(shard4, std::ios::trunc) << "not an hdf5 file\n";
-  expect_error([&] { CheckpointReader::open(s4); }, ErrorKind::user,
-               {shard4, "not an HDF5 file"});
+  expect_error([&] { CheckpointReader::open(s4); }, ErrorKind::user, {shard4, "not an HDF5 file"});
 
   // A shard deleted.
   const std::string s5 = save(5), shard5 = s5 + "/shard_0_of_1.h5";
@@ -347,8 +349,11 @@ TEST(Checkpoint, MisuseIsABug) {
   const std::vector<float> v(4, 1.0f);
   CheckpointWriter r1(dir.str(), 1, 1, 2);
   expect_error([&] { r1.set_meta("recipe", "x"); }, ErrorKind::bug, {"rank 1"});
-  expect_error([&] { r1.add({"w", DType::f32, {4}, {2}, {3}, v.data()}); }, ErrorKind::bug,
-               {"outside global shape"});
+  expect_error(
+      [&] {
+        r1.add({"w", DType::f32, {4}, {2}, {3}, v.data()});
+      },
+      ErrorKind::bug, {"outside global shape"});
   expect_error([&] { r1.add(whole("a/b", DType::f32, {4}, v.data())); }, ErrorKind::bug, {"a/b"});
   expect_error([&] { r1.add(whole("packed", DType::i4, {4}, v.data())); }, ErrorKind::bug,
                {"int4"});

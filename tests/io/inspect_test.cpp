@@ -3,11 +3,11 @@
 // exit status 2 for missing or unusable paths.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <limits>
-#include <sys/wait.h>
 
 #include "io/checkpoint.h"
 #include "io/h5.h"

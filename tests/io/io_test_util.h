@@ -39,7 +39,8 @@ class ScratchDir {
 };
 
 // v[i] = base + i * step, as T: distinct values per element (within T's exact range).
-template <class T> std::vector<T> iota_values(int64_t n, double base, double step) {
+template <class T>
+std::vector<T> iota_values(int64_t n, double base, double step) {
   std::vector<T> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) v[size_t(i)] = T(base + double(i) * step);
   return v;
@@ -55,7 +56,8 @@ std::vector<T> box2d(const std::vector<T>& full, int64_t cols, int64_t r0, int64
   return out;
 }
 
-template <class T> bool bit_equal(const std::vector<T>& a, const std::vector<T>& b) {
+template <class T>
+bool bit_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 

@@ -213,9 +213,9 @@ TEST(Bias, SixteenBitRoundsOnceFromF32) {
         }
         ops::bias_grad(vec_tensor(), Tensor(mat.data(), dtype, Device::cpu, {d.m, d.n}));
         for (int64_t j = 0; j < d.n; ++j) {
-          const bool ok = narrow_vec ? same_bits(dtype, vec_bits[j], want[j])
-                                     : vec_f32[j] == want[j] ||
-                                           (std::isnan(vec_f32[j]) && std::isnan(want[j]));
+          const bool ok =
+              narrow_vec ? same_bits(dtype, vec_bits[j], want[j])
+                         : vec_f32[j] == want[j] || (std::isnan(vec_f32[j]) && std::isnan(want[j]));
           ASSERT_TRUE(ok) << "dbias element " << j << ": " << vec_at(j) << " vs " << want[j];
         }
         EXPECT_TRUE(std::isnan(vec_at(0))) << "NaN in column 0 reaches dbias";
@@ -282,8 +282,7 @@ TEST(Bias, RejectsBadOperands) {
   EXPECT_THROW(ops::bias_add(mat, Tensor(f64.data(), DType::f64, Device::cpu, {5})), Error);
   // f16 vector beside bf16 tensors
   const Tensor mat_bf16(h.data(), DType::bf16, Device::cpu, {4, 5});
-  EXPECT_THROW(ops::bias_add(mat_bf16, Tensor(h.data() + 32, DType::f16, Device::cpu, {5})),
-               Error);
+  EXPECT_THROW(ops::bias_add(mat_bf16, Tensor(h.data() + 32, DType::f16, Device::cpu, {5})), Error);
   EXPECT_THROW(ops::bias_grad(Tensor(h.data() + 32, DType::f16, Device::cpu, {5}), mat_bf16),
                Error);
   // bias inside out, dbias inside dout

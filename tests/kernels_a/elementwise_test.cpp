@@ -26,8 +26,8 @@ TEST(Elementwise, AddAndScale) {
     HostTensor out(dtype, {3, 7});
     cpu::add_forward(out, a, b);
     for (int64_t i = 0; i < 21; ++i) {
-      const double sum = dtype == DType::f32 ? double(float(a.get(i)) + float(b.get(i)))
-                                             : a.get(i) + b.get(i);
+      const double sum =
+          dtype == DType::f32 ? double(float(a.get(i)) + float(b.get(i))) : a.get(i) + b.get(i);
       EXPECT_EQ(out.get(i), sum);
     }
     HostTensor aliased = a;

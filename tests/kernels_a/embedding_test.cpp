@@ -183,8 +183,10 @@ TEST(Embedding, VocabShardsSumToTheFullEmbedding) {
       HostTensor dwte_r = slice_rows(dwte_init, start, rows), dwpe_r = dwpe_init;
       cpu::embedding_backward(dwte_r, with_wpe ? dwpe_r.t : Tensor(), dout, e.tokens, start, kV);
       expect_identical(dwte_r, slice_rows(dwte, start, rows), "sharded dwte");
-      if (with_wpe) expect_identical(dwpe_r, dwpe, "dwpe on the rank holding wpe");
-      else expect_identical(dwpe_r, dwpe_init, "dwpe untouched without wpe");
+      if (with_wpe)
+        expect_identical(dwpe_r, dwpe, "dwpe on the rank holding wpe");
+      else
+        expect_identical(dwpe_r, dwpe_init, "dwpe untouched without wpe");
     }
     expect_identical(sum, e.out, "sum of the sharded outputs");
   }
@@ -206,9 +208,8 @@ TEST(Embedding, VocabShardGradientsMatchFiniteDifferences) {
   const HostTensor dout = randn(DType::f64, {kB, kT, kC}, rng);
   HostTensor dwte(DType::f64, {kRows, kC}), dwpe(DType::f64, {kT, kC});
   cpu::embedding_backward(dwte, dwpe, dout, tokens, kStart, kTotal);
-  const auto loss = fd_loss(dout, out, [&] {
-    cpu::embedding_forward(out, tokens, wte, wpe, kStart, kTotal);
-  });
+  const auto loss =
+      fd_loss(dout, out, [&] { cpu::embedding_forward(out, tokens, wte, wpe, kStart, kTotal); });
   expect_grad_matches(wte, dwte, loss, kFdTol, "sharded dwte", kFdStep);
   expect_grad_matches(wpe, dwpe, loss, kFdTol, "sharded dwpe", kFdStep);
 }

@@ -54,8 +54,8 @@ inline void expect_close(const HostTensor& a, const HostTensor& b, double rtol, 
       worst_idx = i;
     }
   }
-  EXPECT_EQ(worst_idx, -1) << what << ": element " << worst_idx << " differs: "
-                           << (worst_idx >= 0 ? a.get(worst_idx) : 0.0) << " vs "
+  EXPECT_EQ(worst_idx, -1) << what << ": element " << worst_idx
+                           << " differs: " << (worst_idx >= 0 ? a.get(worst_idx) : 0.0) << " vs "
                            << (worst_idx >= 0 ? b.get(worst_idx) : 0.0) << " (rtol " << rtol
                            << ", atol " << atol << ")";
 }

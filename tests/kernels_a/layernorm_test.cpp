@@ -63,8 +63,8 @@ TEST(LayerNorm, GradientsMatchFiniteDifferences) {
     Shape inp;
     bool bias;
   };
-  const Case cases[] = {{{1, 1}, true}, {{2, 3, 7}, true}, {{1, 1, 1025}, true}, {{5, 64}, false},
-                        {{3, 2}, true}};
+  const Case cases[] = {
+      {{1, 1}, true}, {{2, 3, 7}, true}, {{1, 1, 1025}, true}, {{5, 64}, false}, {{3, 2}, true}};
   std::mt19937_64 rng(22);
   for (const Case& cs : cases) {
     LayerNormCase l = make_case(DType::f64, cs.inp, cs.bias, rng, DType::f64);

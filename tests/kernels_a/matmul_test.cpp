@@ -115,7 +115,7 @@ TEST(Gemm, RejectsMismatchedOperands) {
   EXPECT_THROW(cpu::gemm(c, a, b, false, false, 1.0f, 0.0f), Error);  // K 4 vs 5
   HostTensor b64 = randn(DType::f64, {4, 2}, rng);
   EXPECT_THROW(cpu::gemm(c, a, b64, false, false, 1.0f, 0.0f), Error);  // mixed dtypes
-  EXPECT_THROW(cpu::gemm(a, a, a, false, true, 1.0f, 0.0f), Error);   // c aliases a
+  EXPECT_THROW(cpu::gemm(a, a, a, false, true, 1.0f, 0.0f), Error);     // c aliases a
 }
 
 // ---- matmul_forward / matmul_backward -----------------------------------------------------
@@ -146,8 +146,8 @@ TEST(Matmul, GradientsMatchFiniteDifferences) {
     int64_t n;
     bool bias;
   };
-  const Case cases[] = {{{1, 1}, 1, true}, {{2, 3, 5}, 7, true}, {{13, 17}, 33, false},
-                        {{1, 1, 64}, 3, true}};
+  const Case cases[] = {
+      {{1, 1}, 1, true}, {{2, 3, 5}, 7, true}, {{13, 17}, 33, false}, {{1, 1, 64}, 3, true}};
   std::mt19937_64 rng(11);
   for (const Case& cs : cases) {
     Linear l = make_linear(DType::f64, cs.inp, cs.n, cs.bias, rng);

@@ -21,7 +21,7 @@ constexpr double kPadValue = 40.0;  // would dominate the softmax if padding lea
 struct ShardCase {
   int64_t rows, shard_width;  // N, Vl
   int tp;
-  int vocab_size;             // real columns of the whole V = tp * Vl
+  int vocab_size;  // real columns of the whole V = tp * Vl
   int64_t width() const { return tp * shard_width; }
   int64_t start(int rank) const { return rank * shard_width; }
   std::string str() const {
@@ -62,15 +62,19 @@ HostTensor slice_columns(const HostTensor& full, int64_t begin, int64_t width) {
   const int64_t rows = full.t.dim(0), full_width = full.t.dim(1);
   HostTensor out(full.t.dtype, {rows, width});
   for (int64_t n = 0; n < rows; ++n)
-    for (int64_t j = 0; j < width; ++j) out.set(n * width + j, full.get(n * full_width + begin + j));
+    for (int64_t j = 0; j < width; ++j)
+      out.set(n * width + j, full.get(n * full_width + begin + j));
   return out;
 }
 
 struct Stats {
   HostTensor row_max, sum_exp, target_logit, losses, lse;  // each (N)
   Stats(DType dtype, int64_t rows)
-      : row_max(dtype, {rows}), sum_exp(dtype, {rows}), target_logit(dtype, {rows}),
-        losses(dtype, {rows}), lse(dtype, {rows}) {}
+      : row_max(dtype, {rows}),
+        sum_exp(dtype, {rows}),
+        target_logit(dtype, {rows}),
+        losses(dtype, {rows}),
+        lse(dtype, {rows}) {}
 };
 
 // The tp-rank protocol run in one process: shard max on every rank, all-reduce(max), shard sums
@@ -85,8 +89,7 @@ Stats sharded_forward(const HostTensor& logits, const HostTensor& targets, const
   for (int r = 0; r < c.tp; ++r) {
     HostTensor part(stat_dtype, {c.rows});
     cpu::cross_entropy_shard_max(part, shards[r], c.start(r), c.vocab_size);
-    for (int64_t n = 0; n < c.rows; ++n)
-      s.row_max.set(n, std::max(s.row_max.get(n), part.get(n)));
+    for (int64_t n = 0; n < c.rows; ++n) s.row_max.set(n, std::max(s.row_max.get(n), part.get(n)));
   }
   for (int r = 0; r < c.tp; ++r) {
     HostTensor sum(stat_dtype, {c.rows}), target(stat_dtype, {c.rows});
@@ -121,8 +124,8 @@ TEST(CrossEntropyShard, CombinedShardsMatchUnshardedForward) {
       double worst = 0.0;
       for (int64_t n = 0; n < c.rows; ++n) {
         for (const auto& [got, want] : {std::pair{&s.lse, &lse}, std::pair{&s.losses, &losses}}) {
-          const double err = std::fabs(got->get(n) - want->get(n)) /
-                             std::max(1.0, std::fabs(want->get(n)));
+          const double err =
+              std::fabs(got->get(n) - want->get(n)) / std::max(1.0, std::fabs(want->get(n)));
           worst = std::max(worst, std::isnan(err) ? kInf : err);
         }
       }
@@ -202,8 +205,7 @@ TEST(CrossEntropyShard, BackwardMatchesFiniteDifferencesOfCombinedLoss) {
 TEST(CrossEntropyShard, StatisticsOfOneShard) {
   const int64_t rows = 3, width = 4;
   const int vocab_size = 6;  // shard 0 = columns [0, 4), shard 1 = [4, 8) with 2 real
-  std::vector<double> values = {0.5, -1.0, 2.0, 0.25,  1.0, 3.0, -2.0, 0.0,
-                                -0.5, 4.0, 1.5, -3.0};
+  std::vector<double> values = {0.5, -1.0, 2.0, 0.25, 1.0, 3.0, -2.0, 0.0, -0.5, 4.0, 1.5, -3.0};
   HostTensor logits(DType::f64, {rows, width});
   for (int64_t i = 0; i < logits.size(); ++i) logits.set(i, values[i]);
   HostTensor targets(DType::i32, {rows});
@@ -278,9 +280,9 @@ TEST(CrossEntropyShard, RejectsBadArguments) {
   EXPECT_THROW(cpu::cross_entropy_shard_sums(sum_exp, tl, shard, row_max, bad_targets, c.start(1),
                                              c.vocab_size),
                Error);
-  EXPECT_THROW(cpu::cross_entropy_backward(dshard, shard, lse, bad_targets, c.vocab_size, 1.0f,
-                                           c.start(1)),
-               Error);
+  EXPECT_THROW(
+      cpu::cross_entropy_backward(dshard, shard, lse, bad_targets, c.vocab_size, 1.0f, c.start(1)),
+      Error);
   EXPECT_THROW(cpu::cross_entropy_shard_max(row_max, shard, -1, c.vocab_size), Error);
   EXPECT_THROW(cpu::cross_entropy_shard_max(row_max, shard, 0, 0), Error);
   EXPECT_THROW(cpu::cross_entropy_backward(dshard, shard, lse, in.targets, c.vocab_size, 1.0f, -7),
@@ -291,8 +293,8 @@ TEST(CrossEntropyShard, RejectsBadArguments) {
   HostTensor sum32(DType::f32, {c.rows});
   EXPECT_THROW(cpu::cross_entropy_shard_finish(losses, lse, row_max, sum32, tl, in.targets), Error);
   HostTensor short_stat(DType::f64, {c.rows - 1});
-  EXPECT_THROW(cpu::cross_entropy_shard_sums(short_stat, tl, shard, row_max, in.targets,
-                                             c.start(1), c.vocab_size),
+  EXPECT_THROW(cpu::cross_entropy_shard_sums(short_stat, tl, shard, row_max, in.targets, c.start(1),
+                                             c.vocab_size),
                Error);
   EXPECT_THROW(cpu::cross_entropy_shard_finish(losses, losses, row_max, sum_exp, tl, in.targets),
                Error);

@@ -78,8 +78,7 @@ TEST(CrossEntropy, BackwardMatchesFiniteDifferences) {
   // Every element, padding and the ignored row included (there the difference is exactly 0, so a
   // nonzero analytic value fails with relative error 1). Elsewhere: h = 1e-5 gives truncation
   // ~h^2 |L'''| ~ 1e-10 and rounding ~1e-16 |L| / h ~ 1e-10; floored at 1e-3 that is ~1e-7.
-  expect_grad_matches(in.logits, dlogits, loss, 1e-6, "cross-entropy dlogits", 1e-5, 1 << 20,
-                      1e-3);
+  expect_grad_matches(in.logits, dlogits, loss, 1e-6, "cross-entropy dlogits", 1e-5, 1 << 20, 1e-3);
   for (int64_t n = 0; n < kRows; ++n) {
     for (int64_t c = 0; c < kWidth; ++c) {
       if (n == kIgnoredRow || c >= kVocabSize) {

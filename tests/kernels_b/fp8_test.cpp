@@ -30,30 +30,52 @@ Tensor host(std::vector<uint16_t>& v, DType t, Shape s) {
 // The expected code of one product, written out independently of kernels/cpu/fp8.cpp.
 uint8_t expected_code(float product, DType format) {
   if (std::isnan(product)) return 0x7F;
-  return format == DType::e4m3 ? f32_to_e4m3_bits(product, true)
-                               : f32_to_e5m2_bits(product, true);
+  return format == DType::e4m3 ? f32_to_e4m3_bits(product, true) : f32_to_e5m2_bits(product, true);
 }
 
 // Random values with the hard cases mixed in: around each format's max, subnormals and exact
 // ties of both formats, signed zeros, infinities and NaN.
 std::vector<float> tricky_values(int64_t n, std::mt19937_64& rng) {
-  const float specials[] = {0.0f, -0.0f, 448.0f, -448.0f, 464.0f, 465.0f, 480.0f, 57344.0f,
-                            61440.0f, 65536.0f, 1e30f, -1e30f,
-                            std::ldexp(1.0f, -9), std::ldexp(1.0f, -10), std::ldexp(3.0f, -10),
-                            std::ldexp(5.0f, -11), std::ldexp(1.0f, -16), std::ldexp(1.0f, -17),
-                            std::ldexp(3.0f, -17), 1.0625f, 1.1875f, 1.125f, 1.375f,
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            448.0f,
+                            -448.0f,
+                            464.0f,
+                            465.0f,
+                            480.0f,
+                            57344.0f,
+                            61440.0f,
+                            65536.0f,
+                            1e30f,
+                            -1e30f,
+                            std::ldexp(1.0f, -9),
+                            std::ldexp(1.0f, -10),
+                            std::ldexp(3.0f, -10),
+                            std::ldexp(5.0f, -11),
+                            std::ldexp(1.0f, -16),
+                            std::ldexp(1.0f, -17),
+                            std::ldexp(3.0f, -17),
+                            1.0625f,
+                            1.1875f,
+                            1.125f,
+                            1.375f,
                             std::numeric_limits<float>::infinity(),
                             -std::numeric_limits<float>::infinity(),
-                            std::numeric_limits<float>::quiet_NaN(), 1e-40f, -1e-40f};
+                            std::numeric_limits<float>::quiet_NaN(),
+                            1e-40f,
+                            -1e-40f};
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_int_distribution<int> pick(0, 9), exp(-20, 18);
   std::uniform_int_distribution<size_t> which(0, std::size(specials) - 1);
   std::vector<float> v(n);
   for (auto& x : v) {
     const int p = pick(rng);
-    if (p == 0) x = specials[which(rng)];
-    else if (p < 3) x = std::ldexp(normal(rng), exp(rng));  // every binade, subnormals too
-    else x = 40.0f * normal(rng);
+    if (p == 0)
+      x = specials[which(rng)];
+    else if (p < 3)
+      x = std::ldexp(normal(rng), exp(rng));  // every binade, subnormals too
+    else
+      x = 40.0f * normal(rng);
   }
   return v;
 }
@@ -67,11 +89,19 @@ TEST(Fp8Quantize, KnownCodes) {
     uint8_t e4m3, e5m2;
   };
   const Case cases[] = {
-      {448.0f, 0x7E, 0x5F},  {500.0f, 0x7E, 0x60},  {-inf, 0xFE, 0xFB},
-      {57344.0f, 0x7E, 0x7B}, {1e9f, 0x7E, 0x7B},   {std::ldexp(1.0f, -9), 0x01, 0x18},
-      {std::ldexp(1.0f, -10), 0x00, 0x14},            {std::ldexp(3.0f, -10), 0x02, 0x1A},
-      {std::ldexp(1.0f, -17), 0x00, 0x00},            {std::ldexp(3.0f, -17), 0x00, 0x02},
-      {-0.0f, 0x80, 0x80},   {1.0625f, 0x38, 0x3C},  {1.1875f, 0x3A, 0x3D},
+      {448.0f, 0x7E, 0x5F},
+      {500.0f, 0x7E, 0x60},
+      {-inf, 0xFE, 0xFB},
+      {57344.0f, 0x7E, 0x7B},
+      {1e9f, 0x7E, 0x7B},
+      {std::ldexp(1.0f, -9), 0x01, 0x18},
+      {std::ldexp(1.0f, -10), 0x00, 0x14},
+      {std::ldexp(3.0f, -10), 0x02, 0x1A},
+      {std::ldexp(1.0f, -17), 0x00, 0x00},
+      {std::ldexp(3.0f, -17), 0x00, 0x02},
+      {-0.0f, 0x80, 0x80},
+      {1.0625f, 0x38, 0x3C},
+      {1.1875f, 0x3A, 0x3D},
       {std::numeric_limits<float>::quiet_NaN(), 0x7F, 0x7F},
       {-std::numeric_limits<float>::quiet_NaN(), 0x7F, 0x7F},
   };
@@ -89,8 +119,8 @@ TEST(Fp8Quantize, KnownCodes) {
 
 TEST(Fp8Quantize, MatchesScalarConversionsWithTranspose) {
   std::mt19937_64 rng(11);
-  const std::pair<int64_t, int64_t> shapes[] = {{1, 1}, {1, 67}, {67, 1}, {37, 53}, {64, 64},
-                                                {130, 7}, {200, 150}};
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 1},   {1, 67},  {67, 1},   {37, 53},
+                                                {64, 64}, {130, 7}, {200, 150}};
   for (auto [rows, cols] : shapes) {
     for (DType in_type : {DType::f32, DType::bf16, DType::f16}) {
       for (DType format : {DType::e4m3, DType::e5m2}) {
@@ -105,8 +135,8 @@ TEST(Fp8Quantize, MatchesScalarConversionsWithTranspose) {
         // A scale that is not a power of two, so the f32 product rounds.
         std::vector<float> scale{format == DType::e4m3 ? 3.7f : 0.3f}, amax{0.0f};
         std::vector<uint8_t> out(n, 0xAA), out_t(n, 0xAA);
-        const Tensor in = in_type == DType::f32 ? host(x, {rows, cols})
-                                                : host(x16, in_type, {rows, cols});
+        const Tensor in =
+            in_type == DType::f32 ? host(x, {rows, cols}) : host(x16, in_type, {rows, cols});
         ops::fp8_quantize(host(out, format, {rows, cols}), host(out_t, format, {cols, rows}),
                           host(amax, {1}), in, host(scale, {1}));
         uint32_t want_amax = 0;
@@ -117,7 +147,8 @@ TEST(Fp8Quantize, MatchesScalarConversionsWithTranspose) {
             ASSERT_EQ(int(out[r * cols + c]), int(want))
                 << "x=" << xv << " at (" << r << "," << c << ") " << dtype_name(in_type) << "->"
                 << dtype_name(format);
-            ASSERT_EQ(int(out_t[c * rows + r]), int(want)) << "transpose at (" << c << "," << r << ")";
+            ASSERT_EQ(int(out_t[c * rows + r]), int(want))
+                << "transpose at (" << c << "," << r << ")";
             uint32_t key = std::bit_cast<uint32_t>(xv) & 0x7FFFFFFFu;
             if (key > 0x7F800000u) key = 0x7FC00000u;  // every NaN: the canonical quiet NaN
             want_amax = std::max(want_amax, key);
@@ -180,8 +211,8 @@ TEST(SwigluBackwardFp8, EqualsSwigluBackwardThenQuantize) {
                              host(u8, format, {r, c}), host(u8_t, format, {c, r}), host(ag, {1}),
                              host(au, {1}), host(dout, {r, c}), host(gate, {r, c}),
                              host(up, {r, c}), host(sg, {1}), host(su, {1}));
-    ops::swiglu_backward(host(dg, {r, c}), host(du, {r, c}), host(dout, {r, c}),
-                         host(gate, {r, c}), host(up, {r, c}));
+    ops::swiglu_backward(host(dg, {r, c}), host(du, {r, c}), host(dout, {r, c}), host(gate, {r, c}),
+                         host(up, {r, c}));
     ops::fp8_quantize(host(eg8, format, {r, c}), host(eg8_t, format, {c, r}), host(eag, {1}),
                       host(dg, {r, c}), host(sg, {1}));
     ops::fp8_quantize(host(eu8, format, {r, c}), host(eu8_t, format, {c, r}), host(eau, {1}),
@@ -232,9 +263,8 @@ Fp8Matrix random_fp8(int64_t n, DType format, std::mt19937_64& rng, float stddev
 
 TEST(GemmFp8, MatchesDoubleReference) {
   std::mt19937_64 rng(5);
-  const std::pair<DType, DType> combos[] = {{DType::e4m3, DType::e4m3},
-                                            {DType::e5m2, DType::e4m3},
-                                            {DType::e4m3, DType::e5m2}};
+  const std::pair<DType, DType> combos[] = {
+      {DType::e4m3, DType::e4m3}, {DType::e5m2, DType::e4m3}, {DType::e4m3, DType::e5m2}};
   const int64_t m = 13, n = 32, k = 48;
   for (auto [ta, tb] : combos) {
     for (DType c_type : {DType::f32, DType::bf16}) {
@@ -257,13 +287,14 @@ TEST(GemmFp8, MatchesDoubleReference) {
               sum += (long double)a.values[i * k + p] * b.values[j * k + p];
             const double ref =
                 double(sum * sa[0] * sb[0]) + (accumulate ? double(c_init[i * n + j]) : 0.0);
-            const double got = c_type == DType::f32 ? c32[i * n + j] : bf16_bits_to_f32(c16[i * n + j]);
+            const double got =
+                c_type == DType::f32 ? c32[i * n + j] : bf16_bits_to_f32(c16[i * n + j]);
             // One rounding to f32 (half an ulp, 2^-24 relative), then for bf16 one more (2^-9);
             // the double sum's own error (k * 2^-53 of the magnitudes) is far below either.
             const double tol = (c_type == DType::f32 ? 0x1p-23 : 0x1p-8) * std::fabs(ref) + 1e-30;
-            ASSERT_NEAR(got, ref, tol) << "(" << i << "," << j << ") " << dtype_name(ta) << "x"
-                                       << dtype_name(tb) << " -> " << dtype_name(c_type)
-                                       << " accumulate " << accumulate;
+            ASSERT_NEAR(got, ref, tol)
+                << "(" << i << "," << j << ") " << dtype_name(ta) << "x" << dtype_name(tb) << " -> "
+                << dtype_name(c_type) << " accumulate " << accumulate;
           }
       }
     }
@@ -292,8 +323,12 @@ struct UpdateFixture {
   std::vector<float> hist, scale, scale_inv, amax, fp8_max;
   ops::Fp8UpdateParams params;
   UpdateFixture(int64_t l, std::vector<DType> formats, ops::Fp8AmaxCompute compute, int margin)
-      : len(l), n(int64_t(formats.size())), hist(l * n, 0.0f), scale(n, 1.0f),
-        scale_inv(n, 1.0f), amax(n, 0.0f) {
+      : len(l),
+        n(int64_t(formats.size())),
+        hist(l * n, 0.0f),
+        scale(n, 1.0f),
+        scale_inv(n, 1.0f),
+        amax(n, 0.0f) {
     for (DType f : formats) fp8_max.push_back(ops::fp8_max_of(f));
     params.fp8_max = host(fp8_max, {n});
     params.amax_compute = compute;

@@ -68,7 +68,8 @@ TEST_P(EmbeddingPrecision, Fp32TableRoundsTheSumOnce) {
           const float got = l.embedded[(b * T + t) * C + c];
           ASSERT_EQ(got, round_bf16(want)) << "b " << b << " t " << t << " c " << c;
         }
-    if (!fp32) plain_embedded = l.embedded;
+    if (!fp32)
+      plain_embedded = l.embedded;
     else
       for (size_t i = 0; i < l.embedded.size(); ++i) differ += l.embedded[i] != plain_embedded[i];
   }

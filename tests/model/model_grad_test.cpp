@@ -20,7 +20,8 @@ struct Batch {
 
 Batch make_batch(const ModelConfig& c, int B, int T, uint64_t seed) {
   std::mt19937_64 rng(seed);
-  Batch b{testing::randint({B, T}, 0, c.vocab_size, rng), testing::randint({B, T}, 0, c.vocab_size, rng)};
+  Batch b{testing::randint({B, T}, 0, c.vocab_size, rng),
+          testing::randint({B, T}, 0, c.vocab_size, rng)};
   b.targets.set(1, -1);  // one ignored target
   return b;
 }

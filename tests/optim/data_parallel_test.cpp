@@ -95,8 +95,9 @@ TEST_P(BucketLayoutTest, TilesBufferFromTheEndAndShardsExactlyOnce) {
   }
   const auto num_embedding = std::count_if(store.all().begin(), store.all().end(),
                                            [](const Param& p) { return p.spec.embedding_group; });
-  EXPECT_EQ(std::count_if(buckets.begin(), buckets.end(), [](const GradBucket& b) { return b.held; }),
-            num_embedding);
+  EXPECT_EQ(
+      std::count_if(buckets.begin(), buckets.end(), [](const GradBucket& b) { return b.held; }),
+      num_embedding);
 
   // The pieces of all dp ranks cover every parameter element exactly once; each lies inside one
   // parameter and one chunk of its rank; state offsets of one rank do not overlap.
@@ -116,7 +117,8 @@ TEST_P(BucketLayoutTest, TilesBufferFromTheEndAndShardsExactlyOnce) {
       for (int b = 0; b < static_cast<int>(buckets.size()); ++b) {
         if (pc.flat_begin >= layout.chunk_begin(b, r) && pc.flat_end <= layout.chunk_end(b, r)) {
           in_chunk = true;
-          EXPECT_EQ(pc.state_offset, buckets[b].shard_offset + pc.flat_begin - layout.chunk_begin(b, r));
+          EXPECT_EQ(pc.state_offset,
+                    buckets[b].shard_offset + pc.flat_begin - layout.chunk_begin(b, r));
         }
       }
       EXPECT_TRUE(in_chunk);
@@ -131,12 +133,12 @@ TEST_P(BucketLayoutTest, TilesBufferFromTheEndAndShardsExactlyOnce) {
   for (int64_t i = 0; i < store.num_elements(); ++i) ASSERT_EQ(covered[i], 1) << "element " << i;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Layouts, BucketLayoutTest,
-    ::testing::Values(LayoutCase{1, 1, 0, 1}, LayoutCase{1, 40, 0, 1}, LayoutCase{2, 40, 0, 1},
-                      LayoutCase{3, 17, 0, 1}, LayoutCase{4, 64, 0, 1}, LayoutCase{8, 40, 0, 2},
-                      LayoutCase{4, 40, 1, 2}, LayoutCase{5, 1000000, 1, 2},
-                      LayoutCase{16, 7, 1, 3}, LayoutCase{2, 1000000, 0, 1}));
+INSTANTIATE_TEST_SUITE_P(Layouts, BucketLayoutTest,
+                         ::testing::Values(LayoutCase{1, 1, 0, 1}, LayoutCase{1, 40, 0, 1},
+                                           LayoutCase{2, 40, 0, 1}, LayoutCase{3, 17, 0, 1},
+                                           LayoutCase{4, 64, 0, 1}, LayoutCase{8, 40, 0, 2},
+                                           LayoutCase{4, 40, 1, 2}, LayoutCase{5, 1000000, 1, 2},
+                                           LayoutCase{16, 7, 1, 3}, LayoutCase{2, 1000000, 0, 1}));
 
 TEST(BucketLayout, BigBucketsGiveOneBucketPlusTheEmbedding) {
   const ParamStore store = registered(synthetic_specs(0, 1, 0, 1));
@@ -173,7 +175,9 @@ class RecordingCommunicator final : public Communicator {
   CommHandle reduce_scatter_async(Tensor out, Tensor in, ReduceOp) override {
     return record("reduce_scatter", in, out);
   }
-  CommHandle all_gather_async(Tensor out, Tensor in) override { return record("all_gather", in, out); }
+  CommHandle all_gather_async(Tensor out, Tensor in) override {
+    return record("all_gather", in, out);
+  }
   CommHandle send_async(Tensor t, int, int) override { return record("send", t, {}); }
   CommHandle recv_async(Tensor t, int, int) override { return record("recv", t, {}); }
   void broadcast(Tensor t, int) override { record("broadcast", t, {}); }
@@ -193,7 +197,8 @@ class RecordingCommunicator final : public Communicator {
 };
 
 struct RecordingGroups {
-  explicit RecordingGroups(int dp_size = 2) : dp("dp", dp_size, &log), dp_host("dp_host", dp_size, &log) {}
+  explicit RecordingGroups(int dp_size = 2)
+      : dp("dp", dp_size, &log), dp_host("dp_host", dp_size, &log) {}
   std::vector<CommEvent> log;
   RecordingCommunicator dp, dp_host;
   RecordingCommunicator tp{"tp", 2, &log}, embedding{"embedding", 2, &log},
@@ -269,11 +274,13 @@ TEST_P(LaunchOrderTest, BucketsFollowReadinessAndTheEmbeddingGoesLast) {
     if (!store[j].spec.tp_partial_grad) continue;
     size_t tp_at = rec.log.size(), bucket_first = rec.log.size();
     for (size_t e = 0; e < rec.log.size(); ++e) {
-      if (rec.log[e].comm == "tp" && rec.log[e].data == store[j].grad.data) tp_at = std::min(tp_at, e);
+      if (rec.log[e].comm == "tp" && rec.log[e].data == store[j].grad.data)
+        tp_at = std::min(tp_at, e);
       if (rec.log[e].comm == "dp") {
         const GradBucket& bk = buckets[bucket_at(store, layout, rec.log[e].data)];
         const int64_t off = static_cast<int64_t>(store[j].offset);
-        if (off < bk.end && off + store[j].grad.numel() > bk.begin) bucket_first = std::min(bucket_first, e);
+        if (off < bk.end && off + store[j].grad.numel() > bk.begin)
+          bucket_first = std::min(bucket_first, e);
       }
     }
     EXPECT_LT(tp_at, bucket_first) << store[j].spec.name;
@@ -308,7 +315,8 @@ TEST(DistributedDataParallel, RejectsStoreNotPaddedForDp) {
   RecordingGroups rec(3);
   ParamStore store;
   add_specs(store, synthetic_specs(0, 1, 0, 1));
-  ASSERT_NE(store.num_elements() % 3, 0) << "the test needs a parameter count that 3 does not divide";
+  ASSERT_NE(store.num_elements() % 3, 0)
+      << "the test needs a parameter count that 3 does not divide";
   store.allocate(DType::f32, Device::cpu, nullptr, /*pad_multiple=*/1);
   EXPECT_THROW(DistributedDataParallel(store, rec.groups(), DataParallelConfig{}), Error);
 }

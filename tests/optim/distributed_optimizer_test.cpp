@@ -117,7 +117,8 @@ TEST_P(MatchesAdamW, BitForBitOverSteps) {
   EXPECT_EQ(std::memcmp(st.m.data(), run.adamw->m().data, bytes), 0);
   EXPECT_EQ(std::memcmp(st.v.data(), run.adamw->v().data, bytes), 0);
   EXPECT_EQ(std::memcmp(st.master.data(), run.serial.flat_master().data,
-                        dtype_storage_bytes(c.dtype, run.serial.num_elements())), 0);
+                        dtype_storage_bytes(c.dtype, run.serial.num_elements())),
+            0);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -142,10 +143,12 @@ TEST(DistributedOptimizer, NormCountsOwnersOnly) {
         excluded += 1;
         continue;
       }
-      for (int64_t i = 0; i < p.grad.numel(); ++i) expected += double(p.grad.ptr<float>()[i]) * p.grad.ptr<float>()[i];
+      for (int64_t i = 0; i < p.grad.numel(); ++i)
+        expected += double(p.grad.ptr<float>()[i]) * p.grad.ptr<float>()[i];
     }
     ASSERT_GT(excluded, 0);
-    EXPECT_NEAR(run.opt->global_grad_norm(run.dist), std::sqrt(expected), 1e-12 * std::sqrt(expected));
+    EXPECT_NEAR(run.opt->global_grad_norm(run.dist), std::sqrt(expected),
+                1e-12 * std::sqrt(expected));
     EXPECT_LT(run.opt->global_grad_norm(run.dist), grad_norm(run.serial));  // which counts all
   }
 }
@@ -186,8 +189,10 @@ TEST_P(StateRoundTrip, GatherLoadContinuesBitForBit) {
   EXPECT_EQ(std::memcmp(again.master.data(), saved.master.data(), sbytes), 0);
   // Per-parameter views index the same memory the trainer would write to a checkpoint.
   const Param& w = run.dist.find("h1.w2.weight");
-  EXPECT_EQ(std::memcmp(saved.m_of(w).data, static_cast<const char*>(run.adamw->m().data) +
-                                              w.offset * sizeof(float), w.value.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(saved.m_of(w).data,
+                        static_cast<const char*>(run.adamw->m().data) + w.offset * sizeof(float),
+                        w.value.nbytes()),
+            0);
 
   for (int s = 2; s < 4; ++s) {
     for (Pair* p : {&run, &resumed}) {

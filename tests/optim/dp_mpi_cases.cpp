@@ -93,8 +93,7 @@ struct Rank {
   std::unique_ptr<DistributedOptimizer> opt;
 
   Rank(const DpCase& dcase, ParallelSizes s, int64_t bucket_bytes, const AdamWConfig& acfg)
-      : dc(dcase), sizes(s), ctx(&shared_context(s, dcase.device)),
-        c(ctx->coord()) {
+      : dc(dcase), sizes(s), ctx(&shared_context(s, dcase.device)), c(ctx->coord()) {
     specs = synthetic_specs(c.tp_rank, s.tp, c.pp_rank, s.pp);
     add_specs(store, specs);
     store.allocate(dc.dtype, dc.device, nullptr, s.dp, /*with_master=*/dc.zero == 0);
@@ -205,7 +204,8 @@ void check_summed_gradients(const DpCase& dc) {
     }
     EXPECT_EQ(bad, 0) << first_bad;
     // ZeRO-0 checks everything everywhere; ZeRO-1 each element on exactly one dp rank.
-    const double total = r.ctx->host_comm(Group::dp).all_reduce_scalar(double(checked), ReduceOp::sum);
+    const double total =
+        r.ctx->host_comm(Group::dp).all_reduce_scalar(double(checked), ReduceOp::sum);
     const double n = double(r.store.num_elements());
     EXPECT_EQ(total, dc.zero == 1 ? n : n * s.dp);
   }
@@ -219,7 +219,8 @@ void check_steps_match_adamw(const DpCase& dc) {
     Rank r(dc, s, 4 * 23, acfg);
     if (dc.zero == 1 && s.dp > 1) {  // the small buckets must cut parameters into pieces
       int cut = 0;
-      for (const ShardPiece& pc : r.opt->pieces()) cut += pc.numel() != r.store[pc.param_idx].grad.numel();
+      for (const ShardPiece& pc : r.opt->pieces())
+        cut += pc.numel() != r.store[pc.param_idx].grad.numel();
       EXPECT_GT(r.ctx->host_comm(Group::dp).all_reduce_scalar(cut, ReduceOp::sum), 0);
     }
     Serial serial(r, acfg);

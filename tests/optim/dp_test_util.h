@@ -89,7 +89,8 @@ inline double reduced_grad(const ParamSpec& spec, int tp, int tp_size, int dp_si
   for (int s : summed_stages(spec, pp, pp_size))
     for (int d = 0; d < dp_size; ++d)
       for (int t = 0; t < tp_size; ++t)
-        if (t == tp || spec.tp_partial_grad) sum += grad_contribution(spec, t, d, s, step, i, exact);
+        if (t == tp || spec.tp_partial_grad)
+          sum += grad_contribution(spec, t, d, s, step, i, exact);
   return sum;
 }
 

@@ -60,9 +60,7 @@ struct Fixture {
     lin.compute_slot = fp8.add("l.weight", N, K);
     fp8.finalize();
   }
-  float scale(int which) const {
-    return fp8.state().gather().scale[which];
-  }
+  float scale(int which) const { return fp8.state().gather().scale[which]; }
 };
 
 Tensor host(DType t, Shape s, std::vector<char>& storage) {

@@ -50,7 +50,8 @@ TEST(Fp8ScalingMpi, ReducedScalesEqualThoseOfAllData) {
       ops::fp8_quantize(Tensor(out.data(), formats[j], Device::cpu, {n}), {}, state.amax(j),
                         Tensor(x.data(), DType::f32, Device::cpu, {n}), state.scale(j));
       for (int r = 0; r < world; ++r)
-        for (float v : rank_data(r, int(j), n)) global_max[j] = std::max(global_max[j], std::fabs(v));
+        for (float v : rank_data(r, int(j), n))
+          global_max[j] = std::max(global_max[j], std::fabs(v));
     }
     state.reduce_amax(&ctx.comm(Group::tp));
     state.reduce_amax(&ctx.comm(Group::dp));

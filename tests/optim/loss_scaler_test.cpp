@@ -313,8 +313,8 @@ TEST(LossScaler, RejectsAnInvalidConfigAsABug) {
       [](auto& c) { c.backoff_factor = 0.0f; },
       [](auto& c) { c.growth_interval = 0; },
       [](auto& c) { c.hysteresis = 0; },
-      [](auto& c) { c.min = 2048.0f; },   // > initial
-      [](auto& c) { c.max = 512.0f; },    // < initial
+      [](auto& c) { c.min = 2048.0f; },  // > initial
+      [](auto& c) { c.max = 512.0f; },   // < initial
       [](auto& c) { c.max = std::numeric_limits<float>::infinity(); },
       [](auto& c) { c.max_overflows_at_min = 0; },
   };

@@ -31,11 +31,27 @@ uint64_t draw(uint64_t seed, int rank, int64_t i) {
 void store(DType t, Bytes& b, int64_t i, double v) {
   uint8_t* p = b.data() + i * dtype_size(t);
   switch (t) {
-    case DType::f32: { const float x = static_cast<float>(v); std::memcpy(p, &x, 4); return; }
+    case DType::f32: {
+      const float x = static_cast<float>(v);
+      std::memcpy(p, &x, 4);
+      return;
+    }
     case DType::f64: std::memcpy(p, &v, 8); return;
-    case DType::bf16: { const uint16_t x = f32_to_bf16_bits(static_cast<float>(v)); std::memcpy(p, &x, 2); return; }
-    case DType::f16: { const uint16_t x = f32_to_f16_bits(static_cast<float>(v)); std::memcpy(p, &x, 2); return; }
-    case DType::i32: { const int32_t x = static_cast<int32_t>(v); std::memcpy(p, &x, 4); return; }
+    case DType::bf16: {
+      const uint16_t x = f32_to_bf16_bits(static_cast<float>(v));
+      std::memcpy(p, &x, 2);
+      return;
+    }
+    case DType::f16: {
+      const uint16_t x = f32_to_f16_bits(static_cast<float>(v));
+      std::memcpy(p, &x, 2);
+      return;
+    }
+    case DType::i32: {
+      const int32_t x = static_cast<int32_t>(v);
+      std::memcpy(p, &x, 4);
+      return;
+    }
     default: break;
   }
   ADD_FAILURE() << "store: unexpected dtype " << dtype_name(t);
@@ -148,8 +164,8 @@ Bytes chunk(const Bytes& b, int64_t idx, int64_t n, DType t) {
 }
 
 std::string describe(const Communicator& c, const char* op, DType t, int64_t n) {
-  return fmt::format("{} {} n={} on group '{}' (rank {} of {}, {})", op, dtype_name(t), n,
-                     c.name(), c.rank(), c.size(), device_name(c.device()));
+  return fmt::format("{} {} n={} on group '{}' (rank {} of {}, {})", op, dtype_name(t), n, c.name(),
+                     c.rank(), c.size(), device_name(c.device()));
 }
 
 // The members of rank's group g, derived by filtering all ranks on their coordinates (not with
@@ -216,11 +232,31 @@ Bytes make_bits(DType t, uint64_t seed, int rank, int64_t n) {
 double load(DType t, const Bytes& b, int64_t i) {
   const uint8_t* p = b.data() + i * dtype_size(t);
   switch (t) {
-    case DType::f32: { float x; std::memcpy(&x, p, 4); return x; }
-    case DType::f64: { double x; std::memcpy(&x, p, 8); return x; }
-    case DType::bf16: { uint16_t x; std::memcpy(&x, p, 2); return bf16_bits_to_f32(x); }
-    case DType::f16: { uint16_t x; std::memcpy(&x, p, 2); return f16_bits_to_f32(x); }
-    case DType::i32: { int32_t x; std::memcpy(&x, p, 4); return x; }
+    case DType::f32: {
+      float x;
+      std::memcpy(&x, p, 4);
+      return x;
+    }
+    case DType::f64: {
+      double x;
+      std::memcpy(&x, p, 8);
+      return x;
+    }
+    case DType::bf16: {
+      uint16_t x;
+      std::memcpy(&x, p, 2);
+      return bf16_bits_to_f32(x);
+    }
+    case DType::f16: {
+      uint16_t x;
+      std::memcpy(&x, p, 2);
+      return f16_bits_to_f32(x);
+    }
+    case DType::i32: {
+      int32_t x;
+      std::memcpy(&x, p, 4);
+      return x;
+    }
     default: break;
   }
   ADD_FAILURE() << "load: unexpected dtype " << dtype_name(t);
@@ -358,8 +394,8 @@ void check_ring(Communicator& c, DType t, int64_t n, bool batched, uint64_t seed
   Staged* other = &b;
   for (int step = 1; step <= size + 1; ++step) {
     if (batched) {
-      std::vector<CommHandle> handles = c.batch_p2p(
-          {{true, cur->tensor(), next, step}, {false, other->tensor(), prev, step}});
+      std::vector<CommHandle> handles =
+          c.batch_p2p({{true, cur->tensor(), next, step}, {false, other->tensor(), prev, step}});
       ASSERT_EQ(handles.size(), 2u);
       for (CommHandle& h : handles) h->wait();
     } else if (rank % 2 == 0) {
@@ -391,14 +427,13 @@ void check_groups(const ParallelContext& ctx, bool device_comms) {
                            topo.order()));
   const RankCoord me = ctx.coord();
   EXPECT_EQ(me, topo.coord(rank));
-  for (Group g : {Group::world, Group::tp, Group::dp, Group::pp, Group::embedding,
-                  Group::model}) {
+  for (Group g : {Group::world, Group::tp, Group::dp, Group::pp, Group::embedding, Group::model}) {
     SCOPED_TRACE(group_name(g));
     const std::vector<int> members = expected_members(topo, g, rank);
     EXPECT_EQ(group_ranks(topo, g, rank), members);
     Communicator& c = device_comms ? ctx.comm(g) : ctx.host_comm(g);
-    const int pos = static_cast<int>(std::find(members.begin(), members.end(), rank) -
-                                      members.begin());
+    const int pos =
+        static_cast<int>(std::find(members.begin(), members.end(), rank) - members.begin());
     EXPECT_EQ(c.size(), static_cast<int>(members.size()));
     EXPECT_EQ(c.rank(), pos);
     EXPECT_EQ(c.name(), group_name(g));

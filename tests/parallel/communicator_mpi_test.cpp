@@ -33,7 +33,8 @@ ParallelContext* MpiComm::ctx_ = nullptr;
 TEST_F(MpiComm, AllReduceEveryDtypeAndOp) {
   uint64_t seed = 100;
   for (DType t : kCommDTypes) {
-    for (ReduceOp op : {ReduceOp::sum, ReduceOp::max}) check_all_reduce(world(), t, op, 1027, ++seed);
+    for (ReduceOp op : {ReduceOp::sum, ReduceOp::max})
+      check_all_reduce(world(), t, op, 1027, ++seed);
   }
 }
 
@@ -51,7 +52,8 @@ TEST_F(MpiComm, ReduceScatterSeparateAndInPlace) {
   uint64_t seed = 300;
   for (DType t : kCommDTypes) {
     for (ReduceOp op : {ReduceOp::sum, ReduceOp::max}) {
-      for (bool in_place : {false, true}) check_reduce_scatter(world(), t, op, 37, in_place, ++seed);
+      for (bool in_place : {false, true})
+        check_reduce_scatter(world(), t, op, 37, in_place, ++seed);
     }
   }
 }
@@ -166,8 +168,8 @@ TEST(MpiParallelContext, GroupsOfEveryLayout) {
         if (world % (tp * pp) != 0) continue;
         ParallelContext ctx(ParallelSizes{tp, world / (tp * pp), pp}, Device::cpu, order);
         check_groups(ctx, /*device_comms=*/false);
-        for (Group g : {Group::world, Group::tp, Group::dp, Group::pp, Group::embedding,
-                        Group::model}) {
+        for (Group g :
+             {Group::world, Group::tp, Group::dp, Group::pp, Group::embedding, Group::model}) {
           EXPECT_EQ(&ctx.comm(g), &ctx.host_comm(g)) << "on the CPU comm() is the MPI group";
         }
         ++num_layouts;

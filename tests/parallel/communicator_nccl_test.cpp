@@ -48,7 +48,8 @@ TEST_F(NcclComm, AllReduceEveryDtypeAndOp) {
   ASSERT_EQ(world().device(), Device::cuda);
   uint64_t seed = 100;
   for (DType t : kCommDTypes) {
-    for (ReduceOp op : {ReduceOp::sum, ReduceOp::max}) check_all_reduce(world(), t, op, 1027, ++seed);
+    for (ReduceOp op : {ReduceOp::sum, ReduceOp::max})
+      check_all_reduce(world(), t, op, 1027, ++seed);
   }
 }
 
@@ -56,7 +57,8 @@ TEST_F(NcclComm, ReduceScatterSeparateAndInPlace) {
   uint64_t seed = 300;
   for (DType t : kCommDTypes) {
     for (ReduceOp op : {ReduceOp::sum, ReduceOp::max}) {
-      for (bool in_place : {false, true}) check_reduce_scatter(world(), t, op, 37, in_place, ++seed);
+      for (bool in_place : {false, true})
+        check_reduce_scatter(world(), t, op, 37, in_place, ++seed);
     }
   }
 }

@@ -55,7 +55,8 @@ int main(int argc, char** argv) {
   const bool all_skipped = flags[1] == -1;
   if (mpi.rank() == 0) {
     if (any_failed) {
-      std::printf("MPI test: FAILED on at least one of %d ranks (see [rank r] lines)\n", mpi.size());
+      std::printf("MPI test: FAILED on at least one of %d ranks (see [rank r] lines)\n",
+                  mpi.size());
     } else if (all_skipped) {
       // Matched by SKIP_REGULAR_EXPRESSION, so ctest reports the executable as skipped.
       std::printf("TESSERA_MPI_TEST_ALL_SKIPPED: every test skipped on every one of %d ranks\n",

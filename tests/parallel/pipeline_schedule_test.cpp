@@ -169,10 +169,10 @@ TEST(PipelineScheduleMutation, SwappedSendAndRecvDeadlocks) {
       std::swap(acts[send], acts[recv]);
       const ScheduleCheck check = validate_schedules(stages, M);
       expect_rejected(check, "deadlock: ");
-      expect_rejected(check, fmt::format("stage {} action {} (recv_backward microbatch 0) waits",
-                                         s, send));
-      expect_rejected(check, fmt::format("stage {} action 0 (recv_forward microbatch 0) waits",
-                                         s + 1));
+      expect_rejected(
+          check, fmt::format("stage {} action {} (recv_backward microbatch 0) waits", s, send));
+      expect_rejected(check,
+                      fmt::format("stage {} action 0 (recv_forward microbatch 0) waits", s + 1));
     }
   });
 }
@@ -201,9 +201,9 @@ TEST(PipelineScheduleMutation, DuplicatedForward) {
         Schedules stages = all_stages(kind, p, M);
         const int f = index_of(stages[s], PipeOp::forward, m);
         stages[s].insert(stages[s].begin() + f + 1, PipeAction{PipeOp::forward, m});
-        expect_rejected(validate_schedules(stages, M),
-                        fmt::format("stage {} action {} (forward microbatch {}): appears twice", s,
-                                    f + 1, m));
+        expect_rejected(
+            validate_schedules(stages, M),
+            fmt::format("stage {} action {} (forward microbatch {}): appears twice", s, f + 1, m));
       }
     }
   });
@@ -218,7 +218,8 @@ TEST(PipelineScheduleMutation, BackwardBeforeItsForward) {
         move_action(stages[s], index_of(stages[s], PipeOp::backward, m), f);
         expect_rejected(validate_schedules(stages, M),
                         fmt::format("stage {} action {} (backward microbatch {}): backward before "
-                                    "its own forward", s, f, m));
+                                    "its own forward",
+                                    s, f, m));
       }
     }
   });
@@ -259,7 +260,8 @@ TEST(PipelineScheduleMutation, PerStageRules) {
     move_action(st[1], r, r + 1);
     expect_rejected(validate_schedules(st, 4),
                     fmt::format("stage 1 action {} (forward microbatch 2): forward without its "
-                                "activation received first", r));
+                                "activation received first",
+                                r));
   }
   {  // stage 1 runs backward 1 before receiving its gradient
     Schedules st = base();
@@ -267,7 +269,8 @@ TEST(PipelineScheduleMutation, PerStageRules) {
     move_action(st[1], r, r + 1);
     expect_rejected(validate_schedules(st, 4),
                     fmt::format("stage 1 action {} (backward microbatch 1): backward without its "
-                                "gradient received first", r));
+                                "gradient received first",
+                                r));
   }
   {  // stage 0 sends activation 3 before computing it
     Schedules st = base();
@@ -275,20 +278,23 @@ TEST(PipelineScheduleMutation, PerStageRules) {
     move_action(st[0], index_of(st[0], PipeOp::send_forward, 3), f);
     expect_rejected(validate_schedules(st, 4),
                     fmt::format("stage 0 action {} (send_forward microbatch 3): send of something "
-                                "not computed yet", f));
+                                "not computed yet",
+                                f));
   }
   {  // p2p past the ends of the pipeline, and a microbatch out of range
     Schedules st = base();
     st[0].insert(st[0].begin(), PipeAction{PipeOp::recv_forward, 0});
-    expect_rejected(validate_schedules(st, 4), "stage 0 action 0 (recv_forward microbatch 0): "
-                                               "stage 0 has no previous stage");
+    expect_rejected(validate_schedules(st, 4),
+                    "stage 0 action 0 (recv_forward microbatch 0): "
+                    "stage 0 has no previous stage");
     st = base();
     st[2].push_back(PipeAction{PipeOp::send_forward, 3});
     expect_rejected(validate_schedules(st, 4), "the last stage has no next stage");
     st = base();
     st[1][0].microbatch = 4;
-    expect_rejected(validate_schedules(st, 4), "stage 1 action 0 (recv_forward microbatch 4): "
-                                               "microbatch out of range [0, 4)");
+    expect_rejected(validate_schedules(st, 4),
+                    "stage 1 action 0 (recv_forward microbatch 4): "
+                    "microbatch out of range [0, 4)");
   }
   {  // a stage's list cut short: its missing forward is named
     Schedules st = base();

@@ -73,8 +73,9 @@ TEST(SelfCommunicator, PointToPointAndBadArgumentsAreBugs) {
   expect_bug([&] { c.broadcast(t, 1); }, "broadcast from root 1");
   expect_bug([&] { c.reduce_scatter(t.slice(0, 3), t, ReduceOp::sum); }, "reduce_scatter 4 -> 3");
   std::vector<int8_t> bytes(4);
-  expect_bug([&] { c.all_reduce(Tensor(bytes.data(), DType::i8, Device::cpu, {4}), ReduceOp::sum); },
-             "all_reduce of i8");
+  expect_bug(
+      [&] { c.all_reduce(Tensor(bytes.data(), DType::i8, Device::cpu, {4}), ReduceOp::sum); },
+      "all_reduce of i8");
   expect_bug([&] { c.all_reduce(Tensor(a.data(), DType::f32, Device::cuda, {4}), ReduceOp::sum); },
              "a cuda tensor on a cpu communicator");
 }

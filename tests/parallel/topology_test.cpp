@@ -253,8 +253,7 @@ TEST(Topology, BadLayoutsAreUserErrors) {
   EXPECT_NE(msg.find("2048"), std::string::npos) << msg;
 
   // The product overflows int; it must still be reported, not wrap to a match.
-  msg = user_error_message(
-      [] { Topology(0, ParallelSizes{.tp = 65536, .dp = 65536, .pp = 1}); });
+  msg = user_error_message([] { Topology(0, ParallelSizes{.tp = 65536, .dp = 65536, .pp = 1}); });
   EXPECT_NE(msg.find("4294967296"), std::string::npos) << msg;
 
   msg = user_error_message([] { Topology(4, ParallelSizes{.tp = 0, .dp = 4, .pp = 1}); });
@@ -262,10 +261,10 @@ TEST(Topology, BadLayoutsAreUserErrors) {
   msg = user_error_message([] { Topology(4, ParallelSizes{.tp = 4, .dp = 1, .pp = -1}); });
   EXPECT_NE(msg.find("pp = -1"), std::string::npos) << msg;
 
-  for (const std::string bad : {"tp-dp", "tp-tp-pp", "tp-dp-ep", "", "tp-dp-pp-", "tp,dp,pp",
-                                "tp-dp-pp-tp", "TP-DP-PP"}) {
-    msg = user_error_message(
-        [&bad] { Topology(8, ParallelSizes{.tp = 2, .dp = 2, .pp = 2}, bad); });
+  for (const std::string bad :
+       {"tp-dp", "tp-tp-pp", "tp-dp-ep", "", "tp-dp-pp-", "tp,dp,pp", "tp-dp-pp-tp", "TP-DP-PP"}) {
+    msg =
+        user_error_message([&bad] { Topology(8, ParallelSizes{.tp = 2, .dp = 2, .pp = 2}, bad); });
     EXPECT_NE(msg.find("'" + bad + "'"), std::string::npos) << msg;
   }
 }

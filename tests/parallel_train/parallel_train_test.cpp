@@ -29,24 +29,27 @@ struct Layout {
 // Tiny models that every layout up to 8 ranks divides: 8 layers, 8 heads (GQA 8/4 for llama),
 // vocabulary 250 padded to 256, 16 sequences of 16 tokens per step as 2 micro-batches per dp rank.
 std::string recipe_args(const Layout& l, const std::string& out_dir) {
-  std::string a = " --set data.path=mock --set model.vocab_size=250 --set model.vocab_pad_multiple=64"
-                  " --set model.num_layers=8 --set model.hidden=32 --set model.num_heads=8"
-                  " --set model.max_seq_len=16 --set data.seq_len=16 --set data.global_batch=16"
-                  " --set data.micro_batch=0 --set data.grad_accum=1 --set parallel.microbatches=2"
-                  " --set train.steps=5 --set train.eval_every=0 --set train.eval_batches=2"
-                  " --set train.sample_tokens=0 --set optim.warmup_steps=2 --set optim.lr=3e-3"
-                  " --set checkpoint.every=3 --set checkpoint.keep=5 --set train.device=cpu"
-                  " --set logging.every=5";
+  std::string a =
+      " --set data.path=mock --set model.vocab_size=250 --set model.vocab_pad_multiple=64"
+      " --set model.num_layers=8 --set model.hidden=32 --set model.num_heads=8"
+      " --set model.max_seq_len=16 --set data.seq_len=16 --set data.global_batch=16"
+      " --set data.micro_batch=0 --set data.grad_accum=1 --set parallel.microbatches=2"
+      " --set train.steps=5 --set train.eval_every=0 --set train.eval_batches=2"
+      " --set train.sample_tokens=0 --set optim.warmup_steps=2 --set optim.lr=3e-3"
+      " --set checkpoint.every=3 --set checkpoint.keep=5 --set train.device=cpu"
+      " --set logging.every=5";
   if (l.family == "llama")
     a += " --set model.family=llama --set model.num_kv_heads=4 --set model.qk_norm=true"
          " --set model.ffn_hidden=64";
-  a += fmt::format(" --set parallel.dp={} --set parallel.tp={} --set parallel.pp={}"
-                   " --set parallel.zero={} --set parallel.schedule={} --set train.out_dir={}",
-                   l.dp, l.tp, l.pp, l.zero, l.schedule, out_dir);
+  a += fmt::format(
+      " --set parallel.dp={} --set parallel.tp={} --set parallel.pp={}"
+      " --set parallel.zero={} --set parallel.schedule={} --set train.out_dir={}",
+      l.dp, l.tp, l.pp, l.zero, l.schedule, out_dir);
   return a;
 }
 
-testing::CliResult train(const Layout& l, const std::string& out_dir, const std::string& extra = "") {
+testing::CliResult train(const Layout& l, const std::string& out_dir,
+                         const std::string& extra = "") {
   const int np = l.dp * l.tp * l.pp;
   const std::string args = "train recipes/ci-tiny.yaml" + recipe_args(l, out_dir) + extra;
   return run_cli(args, np == 1 ? std::string() : testing::mpirun(np));
@@ -118,13 +121,15 @@ TEST_P(ParallelEqualsSerial, LossesEvalAndParameters) {
   const std::string dir = testing::fresh_dir("parallel-" + l.name());
   const auto r = train(l, dir);
   ASSERT_EQ(r.status, 0) << r.output;
-  EXPECT_NE(r.output.find(fmt::format("dp {} x tp {} x pp {}", l.dp, l.tp, l.pp)), std::string::npos)
-      << "the resolved layout is printed at start\n" << r.output;
+  EXPECT_NE(r.output.find(fmt::format("dp {} x tp {} x pp {}", l.dp, l.tp, l.pp)),
+            std::string::npos)
+      << "the resolved layout is printed at start\n"
+      << r.output;
   const RunResult got = read_run(dir);
   ASSERT_EQ(got.loss.size(), 5u) << r.output;
   for (const auto& [step, loss] : ref.loss)
-    EXPECT_LE(rel(got.loss.at(step), loss), 1e-5) << "step " << step << ": " << got.loss.at(step)
-                                                   << " vs serial " << loss;
+    EXPECT_LE(rel(got.loss.at(step), loss), 1e-5)
+        << "step " << step << ": " << got.loss.at(step) << " vs serial " << loss;
   EXPECT_LE(rel(got.val_loss, ref.val_loss), 1e-5) << got.val_loss << " vs " << ref.val_loss;
   // Adam divides by sqrt(v), so where a gradient is near zero a 1e-7 difference in summation
   // order moves a weight by up to ~1e-5 of the tensor's scale over 5 steps; a missing or doubled
@@ -205,7 +210,8 @@ TEST(ParallelLayout, BadLayoutsAreUserErrors) {
   const auto world = train(Layout{2, 1, 1, 0}, dir, " --set parallel.dp=4");
   EXPECT_EQ(world.status, 2) << world.output;
   EXPECT_NE(world.output.find("4"), std::string::npos) << world.output;
-  const auto heads = train(Layout{1, 2, 1, 0}, dir, " --set model.num_heads=3 --set model.hidden=33");
+  const auto heads =
+      train(Layout{1, 2, 1, 0}, dir, " --set model.num_heads=3 --set model.hidden=33");
   EXPECT_EQ(heads.status, 2) << heads.output;
   EXPECT_NE(heads.output.find("num_heads"), std::string::npos) << heads.output;
 }

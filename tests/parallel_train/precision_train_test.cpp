@@ -170,11 +170,13 @@ TEST(Fp16, CollapsedScaleStopsTheRun) {
 // run bit for bit.
 TEST(Fp16, ResumeRestoresTheLossScalerBitwise) {
   const std::string full = testing::fresh_dir("fp16-resume-full");
-  const std::string args = " --set precision.compute=fp16 --set 'precision.loss_scale={growth_interval: 1}'";
+  const std::string args =
+      " --set precision.compute=fp16 --set 'precision.loss_scale={growth_interval: 1}'";
   const auto a = run_cli(tiny_args(full, 4) + args);
   ASSERT_EQ(a.status, 0) << a.output;
   const std::string part = testing::fresh_dir("fp16-resume-part");
-  const auto b = run_cli(tiny_args(part, 4) + args + " --set checkpoint.resume=" + step_dir(full, 2));
+  const auto b =
+      run_cli(tiny_args(part, 4) + args + " --set checkpoint.resume=" + step_dir(full, 2));
   ASSERT_EQ(b.status, 0) << b.output;
   const Metrics ma = read_metrics(full), mb = read_metrics(part);
   ASSERT_EQ(mb.steps.size(), 2u) << b.output;
@@ -231,8 +233,8 @@ TEST(Precision, Fp16Bf16AndFp8TrackTheirReferenceOnTheCiRecipe) {
   for (const auto& [step, rec] : b16.steps)
     worst = std::max(worst, std::abs(f8.steps.at(step).loss - rec.loss) / rec.loss);
   const double val = std::abs(f8.val_loss - b16.val_loss) / b16.val_loss;
-  std::printf("fp8 vs bf16 over 60 steps: worst step %.2e, validation %.2e (%.4f vs %.4f)\n",
-              worst, val, f8.val_loss, b16.val_loss);
+  std::printf("fp8 vs bf16 over 60 steps: worst step %.2e, validation %.2e (%.4f vs %.4f)\n", worst,
+              val, f8.val_loss, b16.val_loss);
   EXPECT_LE(worst, kFp8StepBound) << "fp8: worst per-step relative loss difference to bf16";
   EXPECT_LE(val, kFp8ValBound) << "fp8: validation " << f8.val_loss << " vs bf16 " << b16.val_loss;
 }
@@ -246,12 +248,16 @@ TEST(Fp8, ParallelLayoutsTrackOneProcess) {
   const auto ref = run_cli(tiny_args(ref_dir, 5) + " --set precision.compute=fp8");
   ASSERT_EQ(ref.status, 0) << ref.output;
   const Metrics mr = read_metrics(ref_dir);
-  for (const char* layout : {"dp=2 --set parallel.zero=1", "tp=2", "pp=2", "dp=2 --set parallel.tp=2"}) {
+  for (const char* layout :
+       {"dp=2 --set parallel.zero=1", "tp=2", "pp=2", "dp=2 --set parallel.tp=2"}) {
     const std::string dir = testing::fresh_dir("fp8-layout");
     const int np = std::string(layout).find("tp=2") != std::string::npos &&
-                           std::string(layout).find("dp=2") != std::string::npos ? 4 : 2;
-    const auto r = run_cli(tiny_args(dir, 5) + " --set precision.compute=fp8 --set parallel." + layout,
-                           testing::mpirun(np));
+                           std::string(layout).find("dp=2") != std::string::npos
+                       ? 4
+                       : 2;
+    const auto r =
+        run_cli(tiny_args(dir, 5) + " --set precision.compute=fp8 --set parallel." + layout,
+                testing::mpirun(np));
     ASSERT_EQ(r.status, 0) << layout << "\n" << r.output;
     const Metrics m = read_metrics(dir);
     ASSERT_EQ(m.steps.size(), 5u) << layout;
@@ -274,8 +280,9 @@ TEST(Fp8, ResumeRestoresTheScalingStateBitwise) {
   const auto a = run_cli(tiny_args(full, 4) + " --set precision.compute=fp8");
   ASSERT_EQ(a.status, 0) << a.output;
   const std::string part = testing::fresh_dir("fp8-resume-part");
-  const auto b = run_cli(tiny_args(part, 4) + " --set precision.compute=fp8 --set checkpoint.resume=" +
-                         step_dir(full, 2));
+  const auto b =
+      run_cli(tiny_args(part, 4) +
+              " --set precision.compute=fp8 --set checkpoint.resume=" + step_dir(full, 2));
   ASSERT_EQ(b.status, 0) << b.output;
   const Metrics ma = read_metrics(full), mb = read_metrics(part);
   ASSERT_EQ(mb.steps.size(), 2u) << b.output;
@@ -294,8 +301,12 @@ void expect_high_precision_layer_acts(const std::string& layer) {
   const std::string b16_dir = testing::fresh_dir("high-bf16");
   ASSERT_EQ(run_cli(tiny_args(b16_dir, 5) + " --set precision.compute=bf16").status, 0);
   const Metrics ref = read_metrics(ref_dir), b16 = read_metrics(b16_dir);
-  struct Case { const char* args; int np; };
-  for (const Case& c : {Case{"bf16", 1}, Case{"fp16", 1}, Case{"fp8", 1}, Case{"bf16 --set parallel.tp=2", 2}}) {
+  struct Case {
+    const char* args;
+    int np;
+  };
+  for (const Case& c :
+       {Case{"bf16", 1}, Case{"fp16", 1}, Case{"fp8", 1}, Case{"bf16 --set parallel.tp=2", 2}}) {
     const std::string dir = testing::fresh_dir("high-" + layer);
     const auto r = run_cli(tiny_args(dir, 5) + " --set precision.compute=" + c.args +
                                " --set 'precision.high_precision=[" + layer + "]'",
@@ -324,9 +335,10 @@ TEST(Precision, Fp32EmbeddingUnder16BitCompute) { expect_high_precision_layer_ac
 // ZeRO-1 shards the masters, so there is no FP32 table to read on every rank: a clear error.
 TEST(Precision, Fp32EmbeddingWithZero1IsAClearError) {
   const std::string dir = testing::fresh_dir("embedding-zero1");
-  const auto r = run_cli(tiny_args(dir, 2) + " --set precision.compute=bf16"
-                                             " --set 'precision.high_precision=[embedding]'"
-                                             " --set parallel.dp=2 --set parallel.zero=1",
+  const auto r = run_cli(tiny_args(dir, 2) +
+                             " --set precision.compute=bf16"
+                             " --set 'precision.high_precision=[embedding]'"
+                             " --set parallel.dp=2 --set parallel.zero=1",
                          testing::mpirun(2));
   EXPECT_EQ(r.status, 2) << r.output;
   EXPECT_NE(r.output.find("parallel.zero"), std::string::npos) << r.output;
@@ -335,4 +347,3 @@ TEST(Precision, Fp32EmbeddingWithZero1IsAClearError) {
 
 }  // namespace
 }  // namespace tessera
-

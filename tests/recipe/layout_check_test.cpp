@@ -85,13 +85,13 @@ TEST(LayoutCheck, PipelineSplitsNameBothNumbers) {
 
   Recipe length = base({"parallel.pp=2"});
   length.parallel.stage_layers = {4, 2, 2};
-  expect_layout_error(length, {"parallel.stage_layers = [4, 2, 2]", "3 entries",
-                               "parallel.pp = 2"});
+  expect_layout_error(length,
+                      {"parallel.stage_layers = [4, 2, 2]", "3 entries", "parallel.pp = 2"});
 
   Recipe sum = base({"parallel.pp=3"});
   sum.parallel.stage_layers = {4, 2, 1};
-  expect_layout_error(sum, {"parallel.stage_layers = [4, 2, 1]", "sums to 7",
-                            "model.num_layers = 8"});
+  expect_layout_error(sum,
+                      {"parallel.stage_layers = [4, 2, 1]", "sums to 7", "model.num_layers = 8"});
 
   Recipe empty_stage = base({"parallel.pp=2"});
   empty_stage.parallel.stage_layers = {8, 0};
@@ -99,8 +99,8 @@ TEST(LayoutCheck, PipelineSplitsNameBothNumbers) {
 
   Recipe recompute = base({"parallel.pp=4"});
   recompute.parallel.recompute_stages = {0, 4};
-  expect_layout_error(recompute, {"parallel.recompute_stages = [0, 4]", "stage index 4",
-                                  "parallel.pp = 4"});
+  expect_layout_error(recompute,
+                      {"parallel.recompute_stages = [0, 4]", "stage index 4", "parallel.pp = 4"});
   recompute.parallel.recompute_stages = {2, 2};
   expect_layout_error(recompute, {"parallel.recompute_stages = [2, 2]", "listed twice"});
 
@@ -116,9 +116,9 @@ TEST(LayoutCheck, GlobalBatchNamesEveryFactor) {
   r.data.global_batch = 2 * 4 * 2 * 3;  // micro_batch 2: consistent
   EXPECT_NO_THROW(validate_layout(r, 4));
   r.data.global_batch = 36;
-  expect_layout_error(r, {"global batch not divisible by dp x microbatches",
-                          "data.global_batch = 36", "parallel.dp = 4", "data.grad_accum = 3",
-                          "parallel.microbatches = 2", "= 24"});
+  expect_layout_error(
+      r, {"global batch not divisible by dp x microbatches", "data.global_batch = 36",
+          "parallel.dp = 4", "data.grad_accum = 3", "parallel.microbatches = 2", "= 24"});
   r.data.global_batch = 72;
   expect_layout_error(r, {"data.global_batch = 72", "data.micro_batch = 2", "= 3"});
 }
@@ -127,8 +127,8 @@ TEST(LayoutCheck, OversizedBatchesAndSizes) {
   Recipe r = base();
   r.data.grad_accum = 1 << 16;
   r.parallel.microbatches = 1 << 16;
-  expect_layout_error(r, {"data.grad_accum = 65536", "parallel.microbatches = 65536",
-                          "4294967296"});
+  expect_layout_error(r,
+                      {"data.grad_accum = 65536", "parallel.microbatches = 65536", "4294967296"});
   r.parallel.microbatches = 1 << 14;
   r.data.micro_batch = 1 << 4;
   expect_layout_error(r, {"global batch", "data.micro_batch = 16", "2147483647"});
@@ -137,11 +137,12 @@ TEST(LayoutCheck, OversizedBatchesAndSizes) {
   zero_dp.parallel.dp = 0;
   expect_user_error([&] { validate_layout(zero_dp, 1); }, {"world size 1", "= 0"});
   // check_layout_fields alone (the parser's entry point) reports the size itself.
-  expect_user_error([&] {
-    check_layout_fields(zero_dp, [](const std::string& k, const std::string& v) {
-      return k + " = " + v;
-    });
-  }, {"t.yaml", "parallel.dp = 0", ">= 1"});
+  expect_user_error(
+      [&] {
+        check_layout_fields(
+            zero_dp, [](const std::string& k, const std::string& v) { return k + " = " + v; });
+      },
+      {"t.yaml", "parallel.dp = 0", ">= 1"});
 }
 
 TEST(LayoutCheck, OrderMustBeAPermutation) {
@@ -159,15 +160,15 @@ TEST(LayoutCheck, EveryAcceptedOrderBuildsATopology) {
   for (const std::string& order : orders) {
     const Topology t(8, ParallelSizes{2, 2, 2}, order);
     EXPECT_EQ(t.order(), order);
-    EXPECT_NO_THROW(validate_layout(base({"parallel.order=" + order, "parallel.dp=2",
-                                          "parallel.tp=2", "parallel.pp=2"}), 8));
+    EXPECT_NO_THROW(validate_layout(
+        base({"parallel.order=" + order, "parallel.dp=2", "parallel.tp=2", "parallel.pp=2"}), 8));
   }
 }
 
 TEST(StageLayers, EvenSplitsGiveTheRemainderToTheEarliestStages) {
   const auto split = [](int num_layers, int pp) {
-    return resolve_stage_layers(base({"model.num_layers=" + std::to_string(num_layers),
-                                      "parallel.pp=" + std::to_string(pp)}));
+    return resolve_stage_layers(base(
+        {"model.num_layers=" + std::to_string(num_layers), "parallel.pp=" + std::to_string(pp)}));
   };
   EXPECT_EQ(split(8, 1), (std::vector<int>{8}));
   EXPECT_EQ(split(8, 2), (std::vector<int>{4, 4}));
@@ -214,12 +215,12 @@ TEST(VocabPadding, FinalizeRoundsUpToAMultipleOfTpToo) {
     EXPECT_EQ(m.vocab_size, vocab_size);
     return m.padded_vocab_size;
   };
-  EXPECT_EQ(padded(4000, 1), 4032);   // 63 x 64
-  EXPECT_EQ(padded(4000, 8), 4032);   // lcm(64, 8) = 64
-  EXPECT_EQ(padded(4000, 5), 4160);   // lcm(64, 5) = 320: 13 x 320
-  EXPECT_EQ(padded(4000, 3), 4032);   // lcm(64, 3) = 192: 21 x 192
-  EXPECT_EQ(padded(4033, 3), 4224);   // 22 x 192
-  EXPECT_EQ(padded(50257, 6), 50304); // lcm(64, 6) = 192: 262 x 192
+  EXPECT_EQ(padded(4000, 1), 4032);    // 63 x 64
+  EXPECT_EQ(padded(4000, 8), 4032);    // lcm(64, 8) = 64
+  EXPECT_EQ(padded(4000, 5), 4160);    // lcm(64, 5) = 320: 13 x 320
+  EXPECT_EQ(padded(4000, 3), 4032);    // lcm(64, 3) = 192: 21 x 192
+  EXPECT_EQ(padded(4033, 3), 4224);    // 22 x 192
+  EXPECT_EQ(padded(50257, 6), 50304);  // lcm(64, 6) = 192: 262 x 192
   ModelConfig defaulted = r.model;
   finalize_model_vocab(defaulted, 4000, r.file);  // tp defaults to 1
   EXPECT_EQ(defaulted.padded_vocab_size, 4032);
@@ -240,9 +241,12 @@ TEST(VocabPadding, ParserPadsAGivenVocabularyForTp) {
   EXPECT_EQ(base({"parallel.tp=2", "model.vocab_size=101"}).model.padded_vocab_size, 102);
   EXPECT_EQ(base({"parallel.tp=4", "model.vocab_size=101"}).model.padded_vocab_size, 104);
   EXPECT_EQ(base({"parallel.tp=4", "model.vocab_pad_multiple=6"}).model.padded_vocab_size, 108);
-  expect_user_error([] { base({"parallel.tp=2", "model.padded_vocab_size=101"}); },
-                    {"t.yaml", "model.padded_vocab_size = 101 (--set model.padded_vocab_size=101)",
-                     "parallel.tp = 2 (--set parallel.tp=2)"});
+  expect_user_error(
+      [] {
+        base({"parallel.tp=2", "model.padded_vocab_size=101"});
+      },
+      {"t.yaml", "model.padded_vocab_size = 101 (--set model.padded_vocab_size=101)",
+       "parallel.tp = 2 (--set parallel.tp=2)"});
 }
 
 TEST(LayoutCheck, EveryRecipeFitsItsOwnLayout) {

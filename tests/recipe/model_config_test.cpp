@@ -83,7 +83,7 @@ int64_t enumerate_params(const ModelConfig& c) {
   const int64_t D = c.resolved_head_dim(), Hq = c.num_heads, Hkv = c.num_kv_heads;
   std::vector<int64_t> sizes;
   auto norm = [&](int64_t n) {
-    sizes.push_back(n);                                           // weight
+    sizes.push_back(n);                                               // weight
     if (c.norm == NormKind::layernorm && c.bias) sizes.push_back(n);  // bias
   };
   auto linear = [&](int64_t in, int64_t out) {

@@ -130,8 +130,9 @@ TEST(RecipeErrors, InconsistentValuesNameBothSides) {
   expect_parse_error(replaced("hidden: 32", "hidden: 30"),
                      {"model.hidden = 30 (line 5)", "model.num_heads = 4 (line 6)", "head_dim"});
   // With head_dim given, hidden need not divide by num_heads.
-  EXPECT_EQ(parse_recipe(replaced("hidden: 32", "hidden: 30\n  head_dim: 10"), "t.yaml")
-                .model.head_dim, 10);
+  EXPECT_EQ(
+      parse_recipe(replaced("hidden: 32", "hidden: 30\n  head_dim: 10"), "t.yaml").model.head_dim,
+      10);
   expect_parse_error(with_line(7, "  position: rope\n  head_dim: 7"),
                      {"model.head_dim = 7 (line 9)", "model.position = rope (line 8)", "even"});
   expect_parse_error(with_line(7, "  padded_vocab_size: 64"),

@@ -57,8 +57,8 @@ TEST(RecipeParallel, FieldsParseFromTheFile) {
   EXPECT_EQ(r.parallel.order, "dp-tp-pp");
   EXPECT_EQ(r.data.global_batch, 24);
   EXPECT_EQ(r.data.micro_batch, 2);
-  EXPECT_EQ(r.micro_batches_per_step(), 6);    // grad_accum 3 x microbatches 2
-  EXPECT_EQ(r.global_batch(), 24);             // 2 x 6 x dp 2
+  EXPECT_EQ(r.micro_batches_per_step(), 6);  // grad_accum 3 x microbatches 2
+  EXPECT_EQ(r.global_batch(), 24);           // 2 x 6 x dp 2
   EXPECT_EQ(r.tokens_per_step(), 24 * 16);
   expect_round_trip(r);
 }
@@ -97,10 +97,10 @@ TEST(RecipeParallel, ResolvedYamlListsTheNewFields) {
   const Recipe r = parse(kBaseRecipe, {"parallel.pp=2", "parallel.stage_layers=[1,1]"});
   const std::string yaml = recipe_to_yaml(r);
   size_t last = 0;
-  for (const char* line : {"parallel:", "  zero: 0\n", "  stage_layers: [1, 1]\n",
-                           "  recompute_stages: []\n", "  bucket_mb: 25\n",
-                           "  order: \"tp-dp-pp\"\n", "data:", "  grad_accum: 1\n",
-                           "  global_batch: auto\n", "  tokenizer:"}) {
+  for (const char* line :
+       {"parallel:", "  zero: 0\n", "  stage_layers: [1, 1]\n", "  recompute_stages: []\n",
+        "  bucket_mb: 25\n", "  order: \"tp-dp-pp\"\n", "data:", "  grad_accum: 1\n",
+        "  global_batch: auto\n", "  tokenizer:"}) {
     const size_t at = yaml.find(line, last);
     ASSERT_NE(at, std::string::npos) << line << " missing or out of order in\n" << yaml;
     last = at;
@@ -108,8 +108,8 @@ TEST(RecipeParallel, ResolvedYamlListsTheNewFields) {
 }
 
 TEST(RecipeParallel, GlobalBatchDerivesMicroBatch) {
-  const std::string no_micro = with_data_line("  global_batch: 48") +
-                               "parallel:\n  dp: 2\n  microbatches: 4\n";
+  const std::string no_micro =
+      with_data_line("  global_batch: 48") + "parallel:\n  dp: 2\n  microbatches: 4\n";
   const Recipe r = parse(no_micro);
   EXPECT_EQ(r.data.micro_batch, 6);  // 48 / (dp 2 x grad_accum 1 x microbatches 4)
   EXPECT_EQ(r.global_batch(), 48);
@@ -126,24 +126,29 @@ TEST(RecipeParallel, GlobalBatchDerivesMicroBatch) {
 }
 
 TEST(RecipeParallel, GlobalBatchErrorsNameEveryFactor) {
-  const std::string no_micro = with_data_line("  global_batch: 50") +
-                               "parallel:\n  dp: 2\n  microbatches: 4\n";
-  expect_user_error([&] { parse(no_micro); },
-                    {"t.yaml", "global batch not divisible by dp x microbatches",
-                     "data.global_batch = 50 (line 11)", "parallel.dp = 2 (line 16)",
-                     "parallel.microbatches = 4 (line 17)", "data.grad_accum = 1 (default)",
-                     "= 8"});
+  const std::string no_micro =
+      with_data_line("  global_batch: 50") + "parallel:\n  dp: 2\n  microbatches: 4\n";
+  expect_user_error(
+      [&] { parse(no_micro); },
+      {"t.yaml", "global batch not divisible by dp x microbatches",
+       "data.global_batch = 50 (line 11)", "parallel.dp = 2 (line 16)",
+       "parallel.microbatches = 4 (line 17)", "data.grad_accum = 1 (default)", "= 8"});
   expect_user_error([&] { parse(kBaseRecipe, {"data.global_batch=3"}); },
                     {"t.yaml", "data.global_batch = 3 (--set data.global_batch=3)",
                      "data.micro_batch = 2 (line 11)", "disagrees"});
   // micro_batch 2 x dp 2 = 4 sequences, not 6.
-  expect_user_error([&] { parse(kBaseRecipe, {"data.global_batch=6", "parallel.dp=2"}); },
-                    {"data.global_batch = 6", "data.micro_batch = 2", "6 / (2 x 1 x 1) = 3"});
+  expect_user_error(
+      [&] {
+        parse(kBaseRecipe, {"data.global_batch=6", "parallel.dp=2"});
+      },
+      {"data.global_batch = 6", "data.micro_batch = 2", "6 / (2 x 1 x 1) = 3"});
   // Too many micro-batches per step: reported (not overflowed) even while deriving micro_batch.
-  expect_user_error([&] { parse(with_data_line("  global_batch: 4"),
-                                {"data.grad_accum=65536", "parallel.microbatches=65536"}); },
-                    {"data.grad_accum = 65536 (--set", "parallel.microbatches = 65536 (--set",
-                     "4294967296"});
+  expect_user_error(
+      [&] {
+        parse(with_data_line("  global_batch: 4"),
+              {"data.grad_accum=65536", "parallel.microbatches=65536"});
+      },
+      {"data.grad_accum = 65536 (--set", "parallel.microbatches = 65536 (--set", "4294967296"});
   expect_user_error([&] { parse(with_data_line("")); },
                     {"t.yaml", "data.micro_batch is required", "data.global_batch"});
   expect_user_error([&] { parse(kBaseRecipe, {"data.micro_batch=0"}); },
@@ -167,9 +172,9 @@ TEST(RecipeParallel, BadListsNameKeyValueAndLine) {
                     {"t.yaml:16", "parallel.recompute_stages[0]", "'-1'", "non-negative"});
   expect_user_error([&] { parse(base_plus("parallel:\n  pp: 2\n  recompute_stages: [1, 1]\n")); },
                     {"t.yaml:17", "parallel.recompute_stages", "1 is listed twice"});
-  expect_user_error([&] { parse(kBaseRecipe, {"parallel.stage_layers={a: 1}"}); },
-                    {"--set parallel.stage_layers={a: 1}", "a list of positive integers",
-                     "a mapping"});
+  expect_user_error(
+      [&] { parse(kBaseRecipe, {"parallel.stage_layers={a: 1}"}); },
+      {"--set parallel.stage_layers={a: 1}", "a list of positive integers", "a mapping"});
 }
 
 TEST(RecipeParallel, BadScalarsNameKeyValueAndLine) {

@@ -107,12 +107,15 @@ TEST(RecipePrecision, ResolvedYamlHasTheSubSectionOfItsComputeDtypeOnly) {
   const std::string fp16 = recipe_to_yaml(parse(kBaseRecipe, {"precision.compute=fp16"}));
   EXPECT_NE(fp16.find("precision:\n  compute: \"fp16\"\n  high_precision: []\n  loss_scale:\n"
                       "    initial: 65536\n"),
-            std::string::npos) << fp16;
+            std::string::npos)
+      << fp16;
   EXPECT_NE(fp16.find("    max_overflows_at_min: 10\noptim:\n"), std::string::npos) << fp16;
   EXPECT_EQ(fp16.find("fp8:"), std::string::npos) << fp16;
   const std::string fp8 = recipe_to_yaml(parse(kBaseRecipe, {"precision.compute=fp8"}));
   EXPECT_NE(fp8.find("  fp8:\n    amax_history_len: 1024\n    amax_compute: \"max\"\n"
-                     "    margin: 0\noptim:\n"), std::string::npos) << fp8;
+                     "    margin: 0\noptim:\n"),
+            std::string::npos)
+      << fp8;
   EXPECT_EQ(fp8.find("loss_scale:"), std::string::npos) << fp8;
   for (const char* compute : {"fp32", "bf16"}) {
     const Recipe r = parse(kBaseRecipe, {fmt::format("precision.compute={}", compute)});
@@ -124,9 +127,9 @@ TEST(RecipePrecision, ResolvedYamlHasTheSubSectionOfItsComputeDtypeOnly) {
 }
 
 TEST(RecipePrecision, OverridesSetTheSubSectionsAsMappings) {
-  const Recipe r = parse(kBaseRecipe, {"precision.compute=fp16",
-                                       "precision.loss_scale={initial: 256, max: 512}",
-                                       "precision.high_precision=[embedding]"});
+  const Recipe r =
+      parse(kBaseRecipe, {"precision.compute=fp16", "precision.loss_scale={initial: 256, max: 512}",
+                          "precision.high_precision=[embedding]"});
   EXPECT_EQ(r.precision.loss_scale.initial, 256.0f);
   EXPECT_EQ(r.precision.loss_scale.max, 512.0f);
   EXPECT_EQ(r.precision.loss_scale.hysteresis, 2);
@@ -162,8 +165,9 @@ TEST(RecipePrecision, BadLossScaleValues) {
       {"min: 0", {"precision.loss_scale.min", "'0'", "positive number"}},
       {"max: -1", {"precision.loss_scale.max", "'-1'", "positive number"}},
       {"max_overflows_at_min: 0", {"precision.loss_scale.max_overflows_at_min", "'0'"}},
-      {"intial: 5", {"t.yaml:18", "unknown key 'precision.loss_scale.intial'",
-                     "did you mean 'precision.loss_scale.initial'", "hysteresis"}},
+      {"intial: 5",
+       {"t.yaml:18", "unknown key 'precision.loss_scale.intial'",
+        "did you mean 'precision.loss_scale.initial'", "hysteresis"}},
   };
   for (const Case& c : cases) {
     std::vector<std::string> fragments = c.fragments;
@@ -192,8 +196,7 @@ TEST(RecipePrecision, BadHighPrecisionLists) {
   expect_error("  compute: bf16\n  high_precision: [embedding, router]\n",
                {"t.yaml:17", "precision.high_precision[1] = router", "MoE is not built"});
   expect_error("  compute: bf16\n  high_precision: [attention]\n",
-               {"t.yaml:17", "precision.high_precision[0]", "'attention'", "embedding",
-                "lm_head"});
+               {"t.yaml:17", "precision.high_precision[0]", "'attention'", "embedding", "lm_head"});
   expect_error("  compute: bf16\n  high_precision: [lm_head, lm_head]\n",
                {"precision.high_precision", "'lm_head' is listed twice"});
   expect_error("  compute: bf16\n  high_precision: lm_head\n",
@@ -233,8 +236,8 @@ TEST(RecipePrecision, LossScaleBoundsOutOfOrderNameBothFields) {
                {"precision.loss_scale.max = 1024 (line 18)",
                 "precision.loss_scale.initial = 65536 (default)"});
   // Equal bounds are allowed (a constant scale).
-  const Recipe r = parse(with_precision(
-      "  compute: fp16\n  loss_scale: {initial: 128, min: 128, max: 128}\n"));
+  const Recipe r =
+      parse(with_precision("  compute: fp16\n  loss_scale: {initial: 128, min: 128, max: 128}\n"));
   EXPECT_EQ(r.precision.loss_scale.min, r.precision.loss_scale.max);
 }
 

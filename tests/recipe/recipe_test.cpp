@@ -169,9 +169,9 @@ TEST(Recipe, FinalizeVocabFromDataset) {
 
 TEST(Recipe, FinalizeVocabRejectsInconsistentSizes) {
   Recipe small = parse_base({"model.vocab_size=auto", "model.padded_vocab_size=256"});
-  expect_user_error([&] { finalize_model_vocab(small.model, 300, "t.yaml"); },
-                    {"t.yaml", "model.padded_vocab_size = 256", "model.vocab_size = 300",
-                     "from the dataset"});
+  expect_user_error(
+      [&] { finalize_model_vocab(small.model, 300, "t.yaml"); },
+      {"t.yaml", "model.padded_vocab_size = 256", "model.vocab_size = 300", "from the dataset"});
   Recipe explicit_vocab = parse_base();
   expect_user_error([&] { finalize_model_vocab(explicit_vocab.model, 101, "t.yaml"); },
                     {"t.yaml", "model.vocab_size = 100", "101"});

@@ -95,8 +95,7 @@ NcclCommunicator::NcclCommunicator(const MpiCommunicator& bootstrap, cudaStream_
   TS_PAR_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)), "allocating barrier scratch");
   TS_PAR_CUDA_CHECK(cudaMemset(scratch_, 0, sizeof(float)), "clearing barrier scratch");
   TS_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_), nullptr,
-                "joining group '{}' as rank {} of {} on GPU {}", name_, rank_, size_,
-                cuda_device_);
+                "joining group '{}' as rank {} of {} on GPU {}", name_, rank_, size_, cuda_device_);
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -156,10 +155,10 @@ CommHandle NcclCommunicator::finish(const char* op) {
 CommHandle NcclCommunicator::all_reduce_async(Tensor t, ReduceOp op) {
   comm_detail::check_tensor(*this, t, "all_reduce");
   order_after_compute();
-  TS_NCCL_CHECK(ncclAllReduce(t.data, t.data, count_of(t), nccl_type(t.dtype), nccl_op(op), comm_,
-                              stream_),
-                comm_, "all_reduce {} of {} {} elements on group '{}'", reduce_op_name(op),
-                t.numel(), dtype_name(t.dtype), name_);
+  TS_NCCL_CHECK(
+      ncclAllReduce(t.data, t.data, count_of(t), nccl_type(t.dtype), nccl_op(op), comm_, stream_),
+      comm_, "all_reduce {} of {} {} elements on group '{}'", reduce_op_name(op), t.numel(),
+      dtype_name(t.dtype), name_);
   return finish("all_reduce");
 }
 
@@ -178,8 +177,7 @@ CommHandle NcclCommunicator::all_gather_async(Tensor out, Tensor in) {
   // In place when sendbuff == recvbuff + rank * sendcount, as ours.
   comm_detail::check_all_gather(*this, out, in);
   order_after_compute();
-  TS_NCCL_CHECK(ncclAllGather(in.data, out.data, count_of(in), nccl_type(in.dtype), comm_,
-                              stream_),
+  TS_NCCL_CHECK(ncclAllGather(in.data, out.data, count_of(in), nccl_type(in.dtype), comm_, stream_),
                 comm_, "all_gather of {} {} elements per rank on group '{}'", in.numel(),
                 dtype_name(in.dtype), name_);
   return finish("all_gather");
@@ -190,8 +188,8 @@ CommHandle NcclCommunicator::send_async(Tensor t, int peer, int tag) {
   comm_detail::check_peer(*this, peer, tag, "send");
   order_after_compute();
   TS_NCCL_CHECK(ncclSend(t.data, count_of(t), nccl_type(t.dtype), peer, comm_, stream_), comm_,
-                "send of {} {} elements to rank {} on group '{}'", t.numel(),
-                dtype_name(t.dtype), peer, name_);
+                "send of {} {} elements to rank {} on group '{}'", t.numel(), dtype_name(t.dtype),
+                peer, name_);
   return finish("send");
 }
 
@@ -214,8 +212,8 @@ std::vector<CommHandle> NcclCommunicator::batch_p2p(const std::vector<P2POp>& op
   std::vector<CommHandle> handles;
   if (ops.empty()) return handles;
   order_after_compute();
-  TS_NCCL_CHECK(ncclGroupStart(), comm_, "starting a group of {} p2p ops on group '{}'",
-                ops.size(), name_);
+  TS_NCCL_CHECK(ncclGroupStart(), comm_, "starting a group of {} p2p ops on group '{}'", ops.size(),
+                name_);
   for (const P2POp& op : ops) {
     const Tensor& t = op.tensor;
     if (op.send) {
@@ -238,18 +236,17 @@ void NcclCommunicator::broadcast(Tensor t, int root) {
   comm_detail::check_tensor(*this, t, "broadcast");
   comm_detail::check_root(*this, root);
   order_after_compute();
-  TS_NCCL_CHECK(ncclBroadcast(t.data, t.data, count_of(t), nccl_type(t.dtype), root, comm_,
-                              stream_),
-                comm_, "broadcast of {} {} elements from rank {} on group '{}'", t.numel(),
-                dtype_name(t.dtype), root, name_);
+  TS_NCCL_CHECK(
+      ncclBroadcast(t.data, t.data, count_of(t), nccl_type(t.dtype), root, comm_, stream_), comm_,
+      "broadcast of {} {} elements from rank {} on group '{}'", t.numel(), dtype_name(t.dtype),
+      root, name_);
   finish("broadcast")->wait();
 }
 
 void NcclCommunicator::barrier() {
   TS_NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), comm_,
                 "barrier (one-element all_reduce) on group '{}'", name_);
-  TS_PAR_CUDA_CHECK(cudaStreamSynchronize(stream_), "waiting for the barrier on group '{}'",
-                    name_);
+  TS_PAR_CUDA_CHECK(cudaStreamSynchronize(stream_), "waiting for the barrier on group '{}'", name_);
 }
 
 }  // namespace tessera

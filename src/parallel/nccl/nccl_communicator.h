@@ -50,15 +50,15 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t compute_stream() const { return compute_; }
 
  private:
-  void order_after_compute();       // the comm stream waits for work queued so far on compute
+  void order_after_compute();         // the comm stream waits for work queued so far on compute
   CommHandle finish(const char* op);  // records the completion event; the handle owns it
 
   ncclComm_t comm_ = nullptr;
-  cudaStream_t stream_ = nullptr;   // non-blocking: no implicit sync with the legacy stream
+  cudaStream_t stream_ = nullptr;  // non-blocking: no implicit sync with the legacy stream
   cudaStream_t compute_ = nullptr;
   cudaEvent_t compute_ready_ = nullptr;
   std::vector<cudaEvent_t> free_events_;
-  void* scratch_ = nullptr;         // one float for barrier()
+  void* scratch_ = nullptr;  // one float for barrier()
   std::string name_;
   int rank_ = 0;
   int size_ = 1;
