@@ -72,7 +72,7 @@ stage_build() {
   printf '%-40s %s\n' "binary" "built"
   local f
   for f in "$BIN" "$BUILD/bench/cuda/bench_allreduce" "$BUILD/tests/parallel/test_comm_nccl" \
-           "$BUILD/tests/parallel/test_comm_mpi" "$BUILD/tests/parallel_train/test_parallel_train"; do
+           "$BUILD/tests/parallel/test_comm_mpi" "$BUILD/tests/e2e/test_parallel_train"; do
     printf '%-40s %s\n' "$f" "$([ -x "$f" ] && echo yes || echo NO)"
   done
 }
@@ -94,7 +94,7 @@ stage_tests() {
 
 # ---- equiv: parallel equals serial on the GPU --------------------------------------------------
 
-# The tiny models of tests/parallel_train/parallel_train_test.cpp (8 layers, 8 heads, vocabulary
+# The tiny models of tests/e2e/parallel_train_test.cpp (8 layers, 8 heads, vocabulary
 # 250 padded to 256, 16 sequences of 16 tokens per step as 2 micro-batches per dp rank), but 64
 # wide (head dim 8: the native attention kernel needs a multiple of 8), in fp32 with the
 # deterministic native attention, no checkpoints.

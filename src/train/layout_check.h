@@ -16,7 +16,7 @@ namespace tessera {
 using ShowField = std::function<std::string(const std::string& key, const std::string& value)>;
 
 // The rank orders parallel.order accepts: every permutation of tp, dp, pp joined by '-', which is
-// exactly what Topology accepts (tests/recipe checks each one against it).
+// exactly what Topology accepts (tests/train/layout_check_test.cpp checks each one against it).
 const std::vector<std::string>& parallel_orders();
 
 // Every layout check that does not need the world size; the first failure is a user error that

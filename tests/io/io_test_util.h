@@ -1,42 +1,20 @@
-// Helpers for the io tests: a unique scratch directory under the build tree (removed afterwards)
-// and deterministic fills whose every element is distinct, so a misplaced element shows.
+// Helpers for the io tests: deterministic fills whose every element is distinct, so a misplaced
+// element shows (scratch directories and error checks come from the shared kit, tests/common).
 #pragma once
 #include <gtest/gtest.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
 #include <string>
 #include <vector>
 
-#include <unistd.h>
-
-#include "core/error.h"
+#include "tests/common/errors.h"
+#include "tests/common/files.h"
 
 namespace tessera::io::testing {
 
-class ScratchDir {
- public:
-  ScratchDir() {
-    static std::atomic<int> counter{0};
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = std::filesystem::path(TESSERA_BINARY_DIR) / "test_scratch" /
-            (std::string("io_") + (info ? info->name() : "x") + "_" + std::to_string(::getpid()) +
-             "_" + std::to_string(counter++));
-    std::filesystem::remove_all(path_);
-    std::filesystem::create_directories(path_);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  std::string str() const { return path_.string(); }
-  std::string operator/(const std::string& rel) const { return (path_ / rel).string(); }
-
- private:
-  std::filesystem::path path_;
-};
+using ::tessera::testing::expect_error;
+using ::tessera::testing::ScratchDir;
 
 // v[i] = base + i * step, as T: distinct values per element (within T's exact range).
 template <class T>
@@ -59,21 +37,6 @@ std::vector<T> box2d(const std::vector<T>& full, int64_t cols, int64_t r0, int64
 template <class T>
 bool bit_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
-// Runs `fn`, expecting a tessera::Error of `kind` whose message contains every one of `needles`.
-template <class Fn>
-void expect_error(Fn&& fn, ErrorKind kind, const std::vector<std::string>& needles) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    EXPECT_EQ(int(e.kind()), int(kind)) << e.what();
-    for (const std::string& n : needles)
-      EXPECT_NE(std::string(e.what()).find(n), std::string::npos)
-          << "message lacks '" << n << "': " << e.what();
-    return;
-  }
-  ADD_FAILURE() << "no tessera::Error thrown";
 }
 
 }  // namespace tessera::io::testing

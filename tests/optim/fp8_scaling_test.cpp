@@ -15,9 +15,12 @@
 #include "core/error.h"
 #include "optim/fp8_scaling.h"
 #include "parallel/communicator.h"
+#include "tests/common/errors.h"
 
 namespace tessera {
 namespace {
+
+using testing::expect_user_error;
 
 std::vector<float> to_host(const Tensor& t) {
   std::vector<float> v(t.numel());
@@ -181,16 +184,6 @@ TEST(Fp8ScalingState, GemmScaleCopiesAreAlignedAndCurrent) {
   }
 }
 
-// Expects a user error whose message contains `needle`.
-template <class F>
-void expect_user_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::user) << e.what();
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
 }
 
 TEST(Fp8ScalingState, LoadRejectsMismatchedOrCorruptSnapshots) {
@@ -203,30 +196,30 @@ TEST(Fp8ScalingState, LoadRejectsMismatchedOrCorruptSnapshots) {
     return s;
   };
   expect_user_error([&] { state.load(with([](auto& s) { s.formats[1] = DType::e4m3; })); },
-                    "formats");
+                    {"formats"});
   expect_user_error([&] { state.load(with([](auto& s) { s.amax_history.pop_back(); })); },
-                    "inconsistent sizes");
+                    {"inconsistent sizes"});
   expect_user_error([&] { state.load(with([](auto& s) { s.amax_history[3] = -1.0f; })); },
-                    "amax_history[1, 1]");
+                    {"amax_history[1, 1]"});
   expect_user_error(
       [&] {
         state.load(
             with([](auto& s) { s.amax_history[0] = std::numeric_limits<float>::quiet_NaN(); }));
       },
-      "amax_history[0, 0]");
-  expect_user_error([&] { state.load(with([](auto& s) { s.scale[0] = 0.0f; })); }, "scale[0]");
-  expect_user_error([&] { state.load(with([](auto& s) { s.scale[1] = 2.0f; })); }, "scale_inv[1]");
+      {"amax_history[0, 0]"});
+  expect_user_error([&] { state.load(with([](auto& s) { s.scale[0] = 0.0f; })); }, {"scale[0]"});
+  expect_user_error([&] { state.load(with([](auto& s) { s.scale[1] = 2.0f; })); }, {"scale_inv[1]"});
   // A failed load changes nothing.
   EXPECT_EQ(to_host(state.scales()), (std::vector<float>{1, 1}));
 }
 
 TEST(Fp8ScalingConfig, ValidationNamesTheField) {
   expect_user_error(
-      [] { validate_fp8_scaling_config(config(0, ops::Fp8AmaxCompute::max, 0), "precision.fp8"); },
-      "precision.fp8.amax_history_len");
+      [] { validate_fp8_scaling_config(config(0, ops::Fp8AmaxCompute::max, 0), {"precision.fp8"}); },
+      {"precision.fp8.amax_history_len"});
   expect_user_error(
-      [] { validate_fp8_scaling_config(config(4, ops::Fp8AmaxCompute::max, -1), "precision.fp8"); },
-      "precision.fp8.margin");
+      [] { validate_fp8_scaling_config(config(4, ops::Fp8AmaxCompute::max, -1), {"precision.fp8"}); },
+      {"precision.fp8.margin"});
 }
 
 }  // namespace

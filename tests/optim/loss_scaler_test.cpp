@@ -15,9 +15,12 @@
 #include <vector>
 
 #include "core/error.h"
+#include "tests/common/errors.h"
 
 namespace tessera {
 namespace {
+
+using testing::expect_error;
 
 // Small numbers so each rule shows within a few steps; powers of two so every product is exact.
 LossScalerConfig small_config() {
@@ -37,17 +40,6 @@ void run(LossScaler& s, const std::vector<bool>& found_inf) {
   for (bool inf : found_inf) s.update(inf);
 }
 
-// Runs `fn`, which must throw a tessera::Error of `kind`; returns its message.
-std::string expect_error(const std::function<void()>& fn, ErrorKind kind) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no error thrown";
-  return "";
-}
 
 TEST(LossScaler, StartsAtInitialWithHysteresisArmed) {
   const LossScaler s(small_config());
@@ -192,7 +184,7 @@ TEST(LossScaler, StopsAfterMaxOverflowsAtMin) {
   EXPECT_EQ(s.state().overflows_at_min, 0);
   run(s, {true, true});
   EXPECT_EQ(s.state().overflows_at_min, 2);
-  const std::string msg = expect_error([&] { s.update(true); }, ErrorKind::user);
+  const std::string msg = expect_error([&] { s.update(true); }, ErrorKind::user, {});
   for (const char* fragment : {"3 consecutive steps", "precision.loss_scale.min = 1", "step 4",
                                "optim.lr", "data", "bf16"})
     EXPECT_NE(msg.find(fragment), std::string::npos) << fragment << " not in: " << msg;
@@ -209,7 +201,7 @@ TEST(LossScaler, ACleanStepResetsTheOverflowsAtMinCount) {
   run(s, {true, true, false, true, true, false, true, true});
   EXPECT_EQ(s.state().overflows_at_min, 2);
   EXPECT_EQ(s.scale(), 1.0f);
-  expect_error([&] { s.update(true); }, ErrorKind::user);
+  expect_error([&] { s.update(true); }, ErrorKind::user, {});
 }
 
 TEST(LossScaler, MaxOverflowsAtMinOfOneStopsAtTheFirstOverflowAtMin) {
@@ -217,7 +209,7 @@ TEST(LossScaler, MaxOverflowsAtMinOfOneStopsAtTheFirstOverflowAtMin) {
   c.initial = 1.0f;
   c.max_overflows_at_min = 1;  // DeepSpeed's raise_error_at_min_scale
   LossScaler s(c);
-  expect_error([&] { s.update(true); }, ErrorKind::user);
+  expect_error([&] { s.update(true); }, ErrorKind::user, {});
 }
 
 // A deterministic overflow pattern with bursts (so backoffs happen) and long clean stretches (so
@@ -283,7 +275,7 @@ TEST(LossScaler, LoadRejectsCorruptStates) {
   for (const Case& k : cases) {
     LossScaler::State bad = good;
     k.corrupt(bad);
-    const std::string msg = expect_error([&] { s.load(bad); }, ErrorKind::user);
+    const std::string msg = expect_error([&] { s.load(bad); }, ErrorKind::user, {});
     EXPECT_NE(msg.find(std::string(k.field) + " = "), std::string::npos) << msg;
     EXPECT_NE(msg.find("corrupt"), std::string::npos) << msg;
     EXPECT_EQ(s.state(), good) << "a rejected load changed the state: " << msg;
@@ -321,7 +313,7 @@ TEST(LossScaler, RejectsAnInvalidConfigAsABug) {
   for (const auto& br : breakers) {
     LossScalerConfig c = small_config();
     br(c);
-    expect_error([&] { LossScaler s(c); }, ErrorKind::bug);
+    expect_error([&] { LossScaler s(c); }, ErrorKind::bug, {});
   }
 }
 
