@@ -37,11 +37,7 @@ int run_train(const std::vector<std::string>& args) {
   std::optional<MpiRuntime> mpi;
   if (launched_by_mpi_launcher()) mpi.emplace(nullptr, nullptr);
   const Recipe recipe = load_recipe(recipe_path, overrides);
-  LogLevel level = LogLevel::info;
-  if (recipe.logging.level == "debug") level = LogLevel::debug;
-  if (recipe.logging.level == "warn") level = LogLevel::warn;
-  if (recipe.logging.level == "error") level = LogLevel::error;
-  log_set_level(level);
+  log_set_level(recipe.logging.level);
   const TrainSummary s = train(recipe);
   if (world_rank() == 0)
     std::printf("final: step %lld | train_loss %.4f | val_loss %.4f | train time %.1fs\n",

@@ -6,7 +6,7 @@
 #include <string>
 #include <utility>
 
-#include "model/config.h"
+#include "config/model_config.h"
 #include "model/model_shard.h"
 #include "model/params.h"
 

@@ -2,7 +2,7 @@
 #include "model/model_shard.h"
 
 #include "core/error.h"
-#include "model/config.h"
+#include "config/model_config.h"
 
 namespace tessera {
 

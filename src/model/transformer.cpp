@@ -24,7 +24,7 @@ ModelConfig Transformer::local_config(const ModelConfig& cfg, const ModelShard& 
 }
 
 size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int T, bool training,
-                                 const ModelShard& shard) {
+                                 const ModelShard& shard, const ExecOptions& exec) {
   // Must mirror the allocations in Activations' constructor (an overrun is caught by the arena).
   const ModelShard sh = shard.resolved(cfg);
   const ModelConfig c = Transformer::local_config(cfg, sh);
@@ -41,10 +41,11 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   size_t scratch = al(N * C * e) * 3 + al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 +
                    (c.qk_norm ? al(N * Hq * D * e) + al(N * Hkv * D * e) : 0) +
                    al(N * F * e) * (c.activation == ActivationKind::swiglu ? 3 : 2);
-  const int num_block_sets = (training && !c.recompute) ? c.num_layers : 1;  // as the constructor
+  const int num_block_sets =
+      (training && !exec.recompute) ? c.num_layers : 1;  // as the constructor
   size_t total = al(N * C * e) * (c.num_layers + 1) + block * num_block_sets + scratch;
   if (sh.last_stage()) {
-    const bool head32 = c.fp32_lm_head && dtype != DType::f32 && dtype != DType::f64;
+    const bool head32 = exec.fp32_lm_head && dtype != DType::f32 && dtype != DType::f64;
     total += al(N * C * e) + al(N * s) * 2 + al(N * V * (head32 ? 4 : e)) + al(N * s) * 2 +
              al(N * C * e);
     if (sh.tp_size > 1) total += al(3 * N * s);
@@ -52,19 +53,19 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
       total += al(N * C * 4) + al(V * C * 4) +
                (training ? al(N * C * 4) + al(V * C * 4) + al(V * C * e) : 0);
   }
-  total += al(N * C * e);                                                     // d_resid
-  if (sh.first_stage() && c.fp32_embedding && e < 4) total += al(N * C * 4);  // embed32
+  total += al(N * C * e);                                                        // d_resid
+  if (sh.first_stage() && exec.fp32_embedding && e < 4) total += al(N * C * 4);  // embed32
   return total;
 }
 
 Activations::Activations(const Transformer& model, int B, int T, bool training, Arena* arena)
-    : B_(B), T_(T), training_(training), recompute_(model.local_.recompute) {
+    : B_(B), T_(T), training_(training), recompute_(model.exec_.recompute) {
   const ModelConfig& c = model.local_;
   TS_CHECK(T <= c.max_seq_len, "sequence {} longer than max_seq_len {}", T, c.max_seq_len);
   const DType dt = model.dtype();
   const DType st = stat_dtype(dt);
   const int64_t N = int64_t(B) * T;
-  bytes_ = bytes_needed(model.cfg_, dt, B, T, training, model.shard_);
+  bytes_ = bytes_needed(model.cfg_, dt, B, T, training, model.shard_, model.exec_);
   if (!arena) {
     own_ = Arena(model.device(), bytes_, "activations");
     arena = &own_;
@@ -80,7 +81,7 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
     lnf_out = ar.alloc(dt, {N, c.hidden});
     lnf_mean = ar.alloc(st, {N});
     lnf_rstd = ar.alloc(st, {N});
-    const bool head32 = c.fp32_lm_head && dt != DType::f32 && dt != DType::f64;
+    const bool head32 = model.exec_.fp32_lm_head && dt != DType::f32 && dt != DType::f64;
     logits = ar.alloc(head32 ? DType::f32 : dt, {N, c.padded_vocab_size});
     if (head32) {
       lnf_out32 = ar.alloc(DType::f32, {N, c.hidden});
@@ -109,12 +110,14 @@ Transformer::Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& 
 }
 
 Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena,
-                         const ModelShard& shard, int64_t pad_multiple, bool with_master)
+                         const ModelShard& shard, int64_t pad_multiple, bool with_master,
+                         const ExecOptions& exec)
     : Transformer(DeclareOnly{}, cfg, shard) {
+  exec_ = exec;
   dtype_ = dtype;
   device_ = device;
   params_.allocate(dtype, device, arena, pad_multiple, with_master);
-  TS_CHECK(!cfg.fp32_embedding || with_master || dtype == DType::f32 || dtype == DType::f64,
+  TS_CHECK(!exec.fp32_embedding || with_master || dtype == DType::f32 || dtype == DType::f64,
            "fp32_embedding reads the FP32 master table, which this store does not keep");
 }
 
@@ -232,47 +235,27 @@ void Transformer::forward_stage(Activations& a, Tensor tokens) const {
   }
 }
 
-double Transformer::loss_forward(Activations& a, Tensor targets) const {
+LossInputs Transformer::loss_inputs(const Activations& a, Tensor targets) const {
   TS_CHECK(shard_.last_stage(), "loss on pipeline stage {}", shard_.pp_rank);
   expect_shape(targets, {a.B_, a.T_}, "targets");
-  const int64_t N = int64_t(a.B_) * a.T_;
-  const Tensor tg = targets.view({N});
-  if (shard_.tp_size == 1) {
-    ops::cross_entropy_forward(a.losses, a.lse, a.logits, tg, cfg_.vocab_size);
-  } else {
-    // Vocabulary-parallel cross-entropy: global row max, then the sums of exp and the target
-    // logit (which only its owner rank contributes) in one all-reduce, then lse and the loss.
-    const int64_t v0 = int64_t(shard_.tp_rank) * local_.padded_vocab_size;
-    Tensor row_max = a.ce_stats.slice(0, 1).view({N});
-    Tensor sums = a.ce_stats.slice(1, 3);
-    Tensor sum_exp = sums.slice(0, 1).view({N}), target_logit = sums.slice(1, 2).view({N});
-    ops::cross_entropy_shard_max(row_max, a.logits, v0, cfg_.vocab_size);
-    shard_.tp_comm->all_reduce(row_max, ReduceOp::max);
-    ops::cross_entropy_shard_sums(sum_exp, target_logit, a.logits, row_max, tg, v0,
-                                  cfg_.vocab_size);
-    shard_.tp_comm->all_reduce(sums, ReduceOp::sum);
-    ops::cross_entropy_shard_finish(a.losses, a.lse, row_max, sum_exp, target_logit, tg);
-  }
-  // Mean over valid targets, summed in double on the host (N values: cheap, deterministic).
-  std::vector<double> host(N);
-  Tensor host_losses(host.data(), DType::f64, Device::cpu, {N});
-  if (a.losses.device == Device::cpu) {
-    ops::cast(host_losses, a.losses);
-  } else {
-    std::vector<float> f(N);
-    copy_bytes(f.data(), Device::cpu, a.losses.data, a.losses.device, a.losses.nbytes());
-    for (int64_t i = 0; i < N; ++i) host[i] = f[i];
-  }
-  double sum = 0.0;
-  for (double v : host) sum += v;
-  const int64_t valid = count_valid(targets);
-  return valid > 0 ? sum / double(valid) : 0.0;
+  LossInputs in;
+  in.logits = a.logits;
+  in.targets = targets.view({int64_t(a.B_) * a.T_});
+  in.num_valid = count_valid(targets);
+  in.vocab_size = cfg_.vocab_size;
+  in.vocab_start = int64_t(shard_.tp_rank) * local_.padded_vocab_size;
+  in.shard = &shard_;
+  return in;
+}
+
+LossValues Transformer::loss_forward(Activations& a, Tensor targets) const {
+  return objective_.forward(loss_inputs(a, targets), {a.losses, a.lse, a.ce_stats});
 }
 
 double Transformer::forward(Activations& a, Tensor tokens, Tensor targets) const {
   TS_CHECK(shard_.pp_size == 1, "Transformer::forward on a pipeline stage; use forward_stage");
   forward_stage(a, tokens);
-  return targets.empty() ? 0.0 : loss_forward(a, targets);
+  return targets.empty() ? 0.0 : loss_forward(a, targets).total;
 }
 
 void Transformer::backward(Activations& a, Tensor tokens, Tensor targets, float loss_scale) {
@@ -282,18 +265,15 @@ void Transformer::backward(Activations& a, Tensor tokens, Tensor targets, float 
 
 void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, float loss_scale) {
   TS_CHECK(a.training_, "backward on activations allocated for inference");
-  const int64_t N = int64_t(a.B_) * a.T_;
   const int L = local_.num_layers;
   if (shard_.last_stage()) {
-    const int64_t valid = count_valid(targets);
-    if (valid == 0) {
+    const LossInputs in = loss_inputs(a, targets);
+    if (in.num_valid == 0) {
       // Nothing to learn from; upstream stages still expect a gradient.
       zero_tensor(a.d_resid);
     } else {
-      // d(loss_scale * mean) / d loss_n = loss_scale / valid; dlogits is computed in place.
-      const int64_t v0 = int64_t(shard_.tp_rank) * local_.padded_vocab_size;
-      ops::cross_entropy_backward(a.logits, a.logits, a.lse, targets.view({N}), cfg_.vocab_size,
-                                  loss_scale / float(valid), v0);
+      // dlogits (the objective's gradient) replaces the logits.
+      objective_.backward(in, {a.losses, a.lse, a.ce_stats}, loss_scale);
       const int head = head_grad_param();
       // d_lnf (N,C) = dlogits (N,Vl) W (Vl,C), summed over the vocabulary slices while the
       // head's weight gradient computes.

@@ -13,6 +13,8 @@
 
 #include "core/memory.h"
 #include "model/block.h"
+#include "model/exec_options.h"
+#include "model/objective.h"
 
 namespace tessera {
 
@@ -24,7 +26,7 @@ class Activations {
   // Tensors come from `arena` when given (bytes_needed()), else from an arena of its own.
   Activations(const Transformer& model, int B, int T, bool training, Arena* arena = nullptr);
   static size_t bytes_needed(const ModelConfig& cfg, DType dtype, int B, int T, bool training,
-                             const ModelShard& shard = {});
+                             const ModelShard& shard = {}, const ExecOptions& exec = {});
   int B() const { return B_; }
   int T() const { return T_; }
   size_t bytes() const { return bytes_; }
@@ -63,7 +65,8 @@ class Transformer {
   // Parameters come from `arena` when given (param_bytes()). The flat parameter buffers are padded
   // to pad_multiple elements; with_master = false keeps no FP32 master copy (ZeRO-1 shards it).
   Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena = nullptr,
-              const ModelShard& shard = {}, int64_t pad_multiple = 1, bool with_master = true);
+              const ModelShard& shard = {}, int64_t pad_multiple = 1, bool with_master = true,
+              const ExecOptions& exec = {});
   static size_t param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
                             int64_t pad_multiple = 1, bool with_master = true);
   static int64_t local_num_params(const ModelConfig& cfg, const ModelShard& shard);
@@ -79,7 +82,8 @@ class Transformer {
   DType dtype() const { return dtype_; }
   // precision.high_precision: [embedding] in effect: asked for, and the compute dtype is 16-bit
   // (under FP32 the table already is the master).
-  bool fp32_embedding() const { return local_.fp32_embedding && params_.has_separate_master(); }
+  bool fp32_embedding() const { return exec_.fp32_embedding && params_.has_separate_master(); }
+  const ExecOptions& exec() const { return exec_; }
   Device device() const { return device_; }
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }
@@ -94,11 +98,11 @@ class Transformer {
 
   // Pipeline pieces. forward_stage: the first stage embeds `tokens`, the others read
   // acts.stage_input(); the last stage also computes the logits. loss_forward (last stage):
-  // per-token losses, returns the mean over valid targets. backward_stage: the last stage starts
-  // from the loss (targets, loss_scale); the others from acts.stage_grad(); the first stage ends
-  // in the embedding, the others leave d(input) in acts.stage_grad().
+  // the objective's values for this micro-batch (each a mean over valid targets). backward_stage:
+  // the last stage starts from the loss (targets, loss_scale); the others from acts.stage_grad();
+  // the first stage ends in the embedding, the others leave d(input) in acts.stage_grad().
   void forward_stage(Activations& acts, Tensor tokens) const;
-  double loss_forward(Activations& acts, Tensor targets) const;
+  LossValues loss_forward(Activations& acts, Tensor targets) const;
   void backward_stage(Activations& acts, Tensor tokens, Tensor targets, float loss_scale);
 
   // Called during backward_stage with index i each time every parameter with index >= i has its
@@ -112,6 +116,9 @@ class Transformer {
     for (Block& b : blocks_) b.for_each_linear(f);
   }
 
+  // The loss on the last stage: cross-entropy, weighted, plus any extra terms.
+  Objective& objective() { return objective_; }
+
   Tensor logits(const Activations& acts) const { return acts.logits; }  // (B*T, Vl)
   int64_t count_valid(Tensor targets) const;
 
@@ -121,6 +128,7 @@ class Transformer {
   Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& shard);  // no allocation
   void declare_params();
   Tensor head_weight() const;
+  LossInputs loss_inputs(const Activations& a, Tensor targets) const;
   int head_grad_param() const;
   void grads_ready(int idx) const {
     if (grad_ready_) grad_ready_(idx);
@@ -129,6 +137,7 @@ class Transformer {
   ModelConfig cfg_;    // the whole model
   ModelConfig local_;  // this rank's sizes
   ModelShard shard_;
+  ExecOptions exec_;
   DType dtype_;
   Device device_;
   ParamStore params_;
@@ -137,6 +146,7 @@ class Transformer {
   std::vector<Block> blocks_;
   Norm final_norm_;
   std::function<void(int)> grad_ready_;
+  Objective objective_;
 };
 
 }  // namespace tessera

@@ -34,14 +34,14 @@ AdamW::AdamW(const ParamStore& params, const AdamWConfig& cfg, Arena* arena) : c
 }
 
 bool adamw_decays(const AdamWConfig& cfg, const ParamSpec& spec) {
-  const auto excluded = [&](const char* cls) {
+  const auto excluded = [&](DecayExempt cls) {
     return std::find(cfg.no_decay.begin(), cfg.no_decay.end(), cls) != cfg.no_decay.end();
   };
   switch (spec.cls) {
     case ParamClass::weight: return true;
-    case ParamClass::bias: return !excluded("biases");
-    case ParamClass::norm: return !excluded("norms");
-    case ParamClass::embedding: return !excluded("embeddings");
+    case ParamClass::bias: return !excluded(DecayExempt::biases);
+    case ParamClass::norm: return !excluded(DecayExempt::norms);
+    case ParamClass::embedding: return !excluded(DecayExempt::embeddings);
   }
   return true;
 }

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "config/enums.h"
 #include "core/memory.h"
 #include "kernels/op_types.h"
 #include "model/params.h"
@@ -14,13 +15,14 @@ namespace tessera {
 struct AdamWConfig {
   float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
   float weight_decay = 0.1f;
-  std::vector<std::string> no_decay = {"norms", "biases", "embeddings"};
+  std::vector<DecayExempt> no_decay = {DecayExempt::norms, DecayExempt::biases,
+                                       DecayExempt::embeddings};
 };
 
 // Decay rules and per-parameter hyper-parameters, shared by AdamW and DistributedOptimizer so both
 // update every element with the same arithmetic.
 // Whether `spec` gets weight decay: weights always; biases, norms and embeddings unless listed in
-// cfg.no_decay ("biases", "norms", "embeddings").
+// cfg.no_decay.
 bool adamw_decays(const AdamWConfig& cfg, const ParamSpec& spec);
 // The update of one parameter at 1-based optimizer step `step`.
 ops::AdamWStep adamw_step_for(const AdamWConfig& cfg, const ParamSpec& spec, float lr,

@@ -1,27 +1,14 @@
 // Dynamic loss scaling for FP16 training: the scale the loss is multiplied by before backward and
 // the state machine that moves it on gradient overflow. Pure host logic; the overflow check
 // itself (an Inf/NaN in any gradient on any rank, agreed job-wide) and the unscaling of gradients
-// are the trainer's. LossScalerConfig is also the recipe's `precision.loss_scale` section
-// (train/recipe.h holds it), so the defaults below are the recipe's defaults.
+// are the trainer's. Its config is the recipe's `precision.loss_scale` section
+// (LossScalerConfig in config/recipe.h, with the defaults and ranges).
 #pragma once
 #include <cstdint>
 
+#include "config/recipe.h"
+
 namespace tessera {
-
-struct LossScalerConfig {
-  float initial = 65536.0f;     // 2^16
-  float growth_factor = 2.0f;   // > 1
-  float backoff_factor = 0.5f;  // in (0, 1)
-  int growth_interval = 1000;   // clean steps before the scale grows, >= 1
-  int hysteresis = 2;           // overflowing steps tolerated before the first backoff, >= 1
-  float min = 1.0f;             // > 0, <= initial
-  float max = 16777216.0f;      // 2^24, >= initial
-  // Consecutive overflowing steps while the scale already sits at `min` before the run stops
-  // with an error (the gradients overflow even when barely scaled: the run has diverged), >= 1.
-  int max_overflows_at_min = 10;
-
-  bool operator==(const LossScalerConfig&) const = default;
-};
 
 // Fails with a bug error naming the field when `cfg` breaks a range above: the recipe reports
 // bad values as user errors with file and line, so a bad config reaching here is a broken

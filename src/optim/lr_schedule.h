@@ -1,12 +1,12 @@
 // Learning-rate schedules: linear warmup followed by cosine, linear or constant decay to min_lr,
 // or warmup-stable-decay (WSD: constant after warmup, linear decay over the last fraction).
 #pragma once
-#include <string>
+#include "config/enums.h"
 
 namespace tessera {
 
 struct LrSchedule {
-  std::string kind = "cosine";  // cosine | linear | constant | wsd
+  LrScheduleKind kind = LrScheduleKind::cosine;
   float lr = 3e-4f;
   float min_lr = 0.0f;
   int warmup_steps = 0;

@@ -11,17 +11,6 @@
 
 namespace tessera {
 
-PipelineSchedule parse_pipeline_schedule(std::string_view name) {
-  if (name == "gpipe") return PipelineSchedule::gpipe;
-  if (name == "1f1b") return PipelineSchedule::one_f_one_b;
-  TS_BUG("unknown pipeline schedule '{}' reached parse_pipeline_schedule (the recipe validates it)",
-         name);
-}
-
-const char* pipeline_schedule_name(PipelineSchedule kind) {
-  return kind == PipelineSchedule::gpipe ? "gpipe" : "1f1b";
-}
-
 const char* pipe_op_name(PipeOp op) {
   switch (op) {
     case PipeOp::recv_forward: return "recv_forward";

@@ -5,12 +5,11 @@
 // one process. Interleaved (virtual-stage) schedules are not built.
 #pragma once
 #include <string>
-#include <string_view>
 #include <vector>
 
-namespace tessera {
+#include "config/enums.h"  // PipelineSchedule and its names (gpipe, 1f1b)
 
-enum class PipelineSchedule { gpipe, one_f_one_b };
+namespace tessera {
 
 // Megatron's p2p names. "forward" direction is stage s -> s+1 (activations), "backward" is
 // s+1 -> s (activation gradients). The last stage's forward ends in the loss and its backward
@@ -24,9 +23,6 @@ struct PipeAction {
   bool operator==(const PipeAction&) const = default;
 };
 
-// "gpipe" or "1f1b" (the recipe has validated the string, so anything else is a bug).
-PipelineSchedule parse_pipeline_schedule(std::string_view name);
-const char* pipeline_schedule_name(PipelineSchedule kind);
 const char* pipe_op_name(PipeOp op);
 
 // One stage's actions for one step of num_microbatches micro-batches.

@@ -143,9 +143,7 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
                         const std::string& tokenizer_hash) {
   const io::CheckpointReader ck = io::CheckpointReader::open(dir);
   const Recipe saved = parse_recipe(ck.meta("recipe"), dir + "/recipe");
-  ModelConfig a = saved.model, b = r.model;  // execution choices and padding may change
-  a.recompute = b.recompute;
-  a.attention_impl = b.attention_impl;
+  ModelConfig a = saved.model, b = r.model;  // the padding may change
   a.padded_vocab_size = b.padded_vocab_size;
   a.vocab_pad_multiple = b.vocab_pad_multiple;
   if (!(a == b))
@@ -154,8 +152,10 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
         "needs the same architecture",
         dir, r.file);
   if (ck.has_meta("tokenizer_hash") && ck.meta("tokenizer_hash") != tokenizer_hash)
-    TS_USER_ERROR("checkpoint {} was trained with tokenizer {} but data.path {} uses {}", dir,
-                  ck.meta("tokenizer_hash"), r.data.path, tokenizer_hash);
+    TS_USER_ERROR(
+        "checkpoint {} was trained with tokenizer {} but the data of {} (data.path) "
+        "uses {}",
+        dir, ck.meta("tokenizer_hash"), r.file, tokenizer_hash);
   ParamStore& ps = model.params();
   HostOptimizerState state;
   state.allocate(ps.master_dtype(), ps.padded_num_elements());

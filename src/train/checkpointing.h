@@ -6,12 +6,12 @@
 #include <cstdint>
 #include <string>
 
+#include "config/recipe.h"
 #include "model/transformer.h"
 #include "optim/distributed_optimizer.h"
 #include "optim/fp8_linear.h"
 #include "optim/loss_scaler.h"
 #include "parallel/parallel_context.h"
-#include "train/recipe.h"
 
 namespace tessera {
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/log.h"
 #include "core/rng.h"
 
 namespace tessera {
@@ -54,6 +55,28 @@ std::vector<int32_t> generate(const Transformer& model, Activations& acts,
     if (next == stop_token) break;
   }
   return std::vector<int32_t>(seq.begin() + prompt.size(), seq.end());
+}
+
+void print_samples(Run& run) {
+  const Recipe& r = run.recipe();
+  const Tokenizer* tokenizer = run.data().tokenizer();
+  if (!tokenizer || r.train.sample_tokens == 0 || r.train.num_samples == 0 || !run.rank0()) return;
+  if (r.parallel.tp > 1 || r.parallel.pp > 1) {
+    log_info("samples skipped: generation needs tp = pp = 1 (this run has tp {} pp {})",
+             r.parallel.tp, r.parallel.pp);
+    return;
+  }
+  if (run.fp8()) run.fp8()->set_recording(false);
+  Activations acts(run.model(), 1, r.data.seq_len, /*training=*/false, nullptr);
+  std::vector<int32_t> prompt = r.train.sample_prompt.empty()
+                                    ? std::vector<int32_t>{}
+                                    : tokenizer->encode(r.train.sample_prompt);
+  if (prompt.empty()) prompt.push_back(tokenizer->eot_id() >= 0 ? tokenizer->eot_id() : 0);
+  for (int i = 0; i < r.train.num_samples; ++i) {
+    const auto ids = generate(run.model(), acts, prompt, r.train.sample_tokens,
+                              r.train.sample_temperature, r.train.seed + i, tokenizer->eot_id());
+    log_info("sample {}: {}{}", i, r.train.sample_prompt, tokenizer->decode(ids));
+  }
 }
 
 }  // namespace tessera

@@ -23,14 +23,15 @@ int tag_of(PipeOp op, int m) {
 }  // namespace
 
 size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
-                                      PipelineSchedule kind, int M, int B, int T, Device device) {
+                                      PipelineSchedule kind, int M, int B, int T, Device device,
+                                      const ExecOptions& exec) {
   const ModelShard s = shard.resolved(cfg);
   const int live = peak_live_microbatches(kind, s.pp_rank, s.pp_size, M);
   size_t total = 0;
-  total += live * (Activations::bytes_needed(cfg, dtype, B, T, true, s) +
+  total += live * (Activations::bytes_needed(cfg, dtype, B, T, true, s, exec) +
                    Batch::bytes_needed(B, T, device));
-  total +=
-      Activations::bytes_needed(cfg, dtype, B, T, false, s) + Batch::bytes_needed(B, T, device);
+  total += Activations::bytes_needed(cfg, dtype, B, T, false, s, exec) +
+           Batch::bytes_needed(B, T, device);
   if (s.pp_size > 1)
     total += 8 * Arena::aligned(dtype_storage_bytes(dtype, int64_t(B) * T * cfg.hidden));
   return total;
@@ -193,9 +194,10 @@ PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& ac
       s.batch->upload();
       model_.forward_stage(*s.acts, s.batch->tokens);
       if (last) {
-        const double loss = model_.loss_forward(*s.acts, s.batch->labels);
+        const LossValues loss = model_.loss_forward(*s.acts, s.batch->labels);
         const int64_t valid = s.batch->num_valid();
-        res.loss_sum += training ? loss : loss * double(valid);
+        // Training reports the whole objective; evaluation the cross-entropy, token-weighted.
+        res.loss_sum += training ? loss.total : loss.ce * double(valid);
         res.valid += valid;
         if (!training) release_slot(a.microbatch);
       }

@@ -24,7 +24,7 @@ class PipelineExecutor {
                    int num_microbatches, int B, int T, Arena& arena);
   static size_t bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
                              PipelineSchedule kind, int num_microbatches, int B, int T,
-                             Device device);
+                             Device device, const ExecOptions& exec = {});
 
   struct Result {
     double loss_sum = 0.0;  // last stage: sum over micro-batches of their mean loss (train) or

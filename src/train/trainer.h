@@ -1,10 +1,10 @@
-// The training driver behind `tessera train`: builds model, optimizer and loaders from a Recipe,
-// resumes from a checkpoint if asked, runs the step loop (gradient accumulation, clipping, LR
-// schedule, AdamW), evaluates, writes metrics.jsonl and checkpoints, and prints samples at the end.
+// The training driver behind `tessera train`: builds a Run from the recipe (resuming when asked)
+// and schedules its steps, evaluations, checkpoints and the final samples. One step itself is
+// train_step (train_step.h).
 #pragma once
 #include <cstdint>
 
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace tessera {
 

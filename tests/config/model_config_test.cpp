@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "core/error.h"
-#include "model/config.h"
+#include "config/model_config.h"
 
 namespace tessera {
 namespace {

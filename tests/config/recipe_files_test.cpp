@@ -7,7 +7,7 @@
 #include <fstream>
 #include <sstream>
 
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace tessera {
 namespace {

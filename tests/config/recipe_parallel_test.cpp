@@ -4,7 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "tests/config/recipe_test_util.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace tessera {
 namespace {

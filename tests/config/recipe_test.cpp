@@ -5,7 +5,7 @@
 #include <cstdint>
 
 #include "tests/config/recipe_test_util.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace tessera {
 namespace {

@@ -1,6 +1,6 @@
 // Tiny configurations of both model families, shared by model, optimizer and golden tests.
 #pragma once
-#include "model/config.h"
+#include "config/model_config.h"
 
 namespace tessera::testing {
 

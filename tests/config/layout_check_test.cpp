@@ -1,7 +1,7 @@
 // validate_layout and its helpers without MPI: every bad layout is a user error naming both
 // numbers and the recipe file; the pipeline split (even and uneven), per-stage recomputation,
 // the rank orders against Topology, vocabulary padding for tp, and every recipe in recipes/.
-#include "train/layout_check.h"
+#include "config/layout_check.h"
 
 #include <gtest/gtest.h>
 
@@ -11,7 +11,7 @@
 
 #include "parallel/topology.h"
 #include "tests/config/recipe_test_util.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace tessera {
 namespace {

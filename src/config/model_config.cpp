@@ -1,58 +1,22 @@
 // ModelConfig helpers: the per-family defaults and the exact parameter count. The count follows
 // the model's parameter list (names in the comments below), so a test can demand equality with
-// the sum of the model's tensors. Recipe parsing and validation live in train/recipe.cpp.
-#include "model/config.h"
+// the sum of the model's tensors.
+#include "config/model_config.h"
 
 #include "core/error.h"
 
 namespace tessera {
 
-const char* to_string(NormKind kind) {
-  switch (kind) {
-    case NormKind::layernorm: return "layernorm";
-    case NormKind::rmsnorm: return "rmsnorm";
-  }
-  TS_BUG("unknown NormKind {}", int(kind));
-}
-
-const char* to_string(PositionKind kind) {
-  switch (kind) {
-    case PositionKind::learned: return "learned";
-    case PositionKind::rope: return "rope";
-  }
-  TS_BUG("unknown PositionKind {}", int(kind));
-}
-
-const char* to_string(ActivationKind kind) {
-  switch (kind) {
-    case ActivationKind::gelu: return "gelu";
-    case ActivationKind::swiglu: return "swiglu";
-  }
-  TS_BUG("unknown ActivationKind {}", int(kind));
-}
-
-ModelConfig model_defaults_for_family(const std::string& family) {
-  ModelConfig c;
+ModelConfig model_defaults_for_family(ModelFamily family) {
+  ModelConfig c;  // the table's defaults are gpt2's
   c.family = family;
-  if (family == "gpt2") {
-    c.norm = NormKind::layernorm;
-    c.norm_eps = 1e-5f;
-    c.position = PositionKind::learned;
-    c.activation = ActivationKind::gelu;
-    c.bias = true;
-    c.tied_embeddings = true;
-    c.qk_norm = false;
-  } else if (family == "llama") {
+  if (family == ModelFamily::llama) {
     c.norm = NormKind::rmsnorm;
     c.norm_eps = 1e-6f;
     c.position = PositionKind::rope;
-    c.rope_theta = 10000.0f;
     c.activation = ActivationKind::swiglu;
     c.bias = false;
     c.tied_embeddings = false;
-    c.qk_norm = false;
-  } else {
-    TS_USER_ERROR("model.family: unknown family '{}'; expected gpt2 or llama", family);
   }
   return c;
 }
@@ -69,7 +33,7 @@ int64_t ModelConfig::num_params() const {
   const int64_t D = resolved_head_dim();
   const int64_t norm_params = (norm == NormKind::layernorm && bias) ? 2 * C : C;  // weight (+bias)
 
-  int64_t total = V * C;  // token embedding (V, C)
+  int64_t total = V * C;                                                     // token embedding
   if (position == PositionKind::learned) total += int64_t(max_seq_len) * C;  // (Tmax, C)
 
   int64_t layer = 2 * norm_params;                     // attention norm + MLP norm

@@ -1,7 +1,7 @@
 // Layout checks for 3D parallelism: the field checks shared by the recipe parser and the trainer,
 // the world-size check, the pipeline split and per-stage recomputation. Each failure is a user
 // error naming both sides of the mismatch and the recipe file; nothing here talks to MPI.
-#include "train/layout_check.h"
+#include "config/layout_check.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -33,7 +33,8 @@ void check_sizes(const Recipe& r, const ShowField& show) {
   }
   if (p.microbatches < 1)
     TS_USER_ERROR("{}: {} must be >= 1 (micro-batches per {} pipeline flush)", r.file,
-                  show("parallel.microbatches", fmt::format("{}", p.microbatches)), p.schedule);
+                  show("parallel.microbatches", fmt::format("{}", p.microbatches)),
+                  to_string(p.schedule));
   const int64_t per_step = int64_t(r.data.grad_accum) * p.microbatches;
   if (per_step > kIntMax)
     TS_USER_ERROR("{}: {} x {} = {} micro-batches per step is more than {}", r.file,
@@ -133,21 +134,11 @@ void check_pipeline_split(const Recipe& r, const ShowField& show) {
 
 }  // namespace
 
-const std::vector<std::string>& parallel_orders() {
-  static const std::vector<std::string> kOrders = {"tp-dp-pp", "tp-pp-dp", "dp-tp-pp",
-                                                   "dp-pp-tp", "pp-tp-dp", "pp-dp-tp"};
-  return kOrders;
-}
-
 void check_layout_fields(const Recipe& r, const ShowField& show) {
   check_sizes(r, show);
   check_global_batch(r, show);
   check_tensor_split(r, show);
   check_pipeline_split(r, show);
-  const std::vector<std::string>& orders = parallel_orders();
-  if (std::find(orders.begin(), orders.end(), r.parallel.order) == orders.end())
-    TS_USER_ERROR("{}: {} is not a rank order; expected one of {} (innermost axis first)", r.file,
-                  show("parallel.order", r.parallel.order), fmt::join(orders, ", "));
 }
 
 void validate_layout(const Recipe& r, int world_size) {
@@ -186,7 +177,7 @@ bool stage_recomputes(const Recipe& r, int stage_idx) {
   TS_CHECK(stage_idx >= 0 && stage_idx < r.parallel.pp, "stage {} outside [0, {})", stage_idx,
            r.parallel.pp);
   const std::vector<int>& stages = r.parallel.recompute_stages;
-  return r.model.recompute || std::find(stages.begin(), stages.end(), stage_idx) != stages.end();
+  return r.train.recompute || std::find(stages.begin(), stages.end(), stage_idx) != stages.end();
 }
 
 }  // namespace tessera

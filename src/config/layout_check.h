@@ -7,17 +7,13 @@
 #include <string>
 #include <vector>
 
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace tessera {
 
 // Names a field and its value in a message: "parallel.tp = 3 (line 16)" while parsing (where the
 // value came from), "parallel.tp = 3" for a recipe already built.
 using ShowField = std::function<std::string(const std::string& key, const std::string& value)>;
-
-// The rank orders parallel.order accepts: every permutation of tp, dp, pp joined by '-', which is
-// exactly what Topology accepts (tests/train/layout_check_test.cpp checks each one against it).
-const std::vector<std::string>& parallel_orders();
 
 // Every layout check that does not need the world size; the first failure is a user error that
 // starts with r.file and names both sides through `show`:
@@ -26,7 +22,7 @@ const std::vector<std::string>& parallel_orders();
 //   i.e. > 0) divisible by parallel.tp; model.num_layers >= parallel.pp; parallel.stage_layers
 //   empty or pp entries >= 1 summing to num_layers; parallel.recompute_stages distinct, in [0, pp);
 //   the global batch (< 2^31 sequences) and, when data.global_batch is given, divisible by
-//   dp * grad_accum * microbatches and equal to micro_batch times that; parallel.order valid.
+//   dp * grad_accum * microbatches and equal to micro_batch times that.
 void check_layout_fields(const Recipe& r, const ShowField& show);
 
 // Called by the trainer before allocating anything, after finalize_model_vocab (so the padded
@@ -44,7 +40,7 @@ void validate_layout(const Recipe& r, int world_size);
 std::vector<int> resolve_stage_layers(const Recipe& r);
 
 // Whether pipeline stage `stage_idx` recomputes its blocks' activations in backward:
-// model.recompute (every stage) or stage_idx listed in parallel.recompute_stages.
+// train.recompute (every stage) or stage_idx listed in parallel.recompute_stages.
 bool stage_recomputes(const Recipe& r, int stage_idx);
 
 }  // namespace tessera

@@ -1,0 +1,20 @@
+// ExecOptions: how a model runs, as opposed to what it is (ModelConfig). None of these change the
+// weights, so a resumed run may choose them differently. The trainer derives them from the recipe
+// (train.recompute, parallel.recompute_stages, precision.high_precision).
+#pragma once
+
+namespace tessera {
+
+struct ExecOptions {
+  // Activation recomputation: keep only each block's input; backward re-runs the block.
+  bool recompute = false;
+  // precision.high_precision: [lm_head] under 16-bit compute: the LM head's GEMMs, logits and
+  // cross-entropy in FP32 (from FP32 copies of its weight and input).
+  bool fp32_lm_head = false;
+  // precision.high_precision: [embedding] under 16-bit compute: the lookup reads the FP32 master
+  // table (and positions), sums in FP32 and rounds once into the residual stream, as Megatron's
+  // embedding weights in FP32 do. Needs the masters on every rank (not with ZeRO-1).
+  bool fp32_embedding = false;
+};
+
+}  // namespace tessera

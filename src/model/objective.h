@@ -1,0 +1,67 @@
+// Objective: the training loss on the last pipeline stage, a weighted cross-entropy plus any
+// number of extra terms over the same logits (a distillation KL, a logit z-loss, ...). Each term
+// reports its value, and its gradient is added to the cross-entropy gradient before the LM head's
+// backward. Cross-entropy is computed in place (the logits buffer becomes dlogits), so extra terms
+// produce their gradients first, into tensors they own, while the logits are still intact.
+// Shape letters: N = B*T rows, Vl this tp rank's vocabulary slice.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/model_shard.h"
+
+namespace tessera {
+
+// What a loss term reads: this rank's logits slice and the targets (-1: ignored).
+struct LossInputs {
+  Tensor logits;   // (N, Vl), columns [vocab_start, vocab_start + Vl) of the padded vocabulary
+  Tensor targets;  // (N) i32
+  int64_t num_valid = 0;              // targets >= 0
+  int vocab_size = 0;                 // real vocabulary; columns past it are padding
+  int64_t vocab_start = 0;            // tp rank * Vl
+  const ModelShard* shard = nullptr;  // tp_comm reduces over the vocabulary slices
+};
+
+class LossTerm {
+ public:
+  virtual ~LossTerm() = default;
+  virtual const char* name() const = 0;
+  // The weighted term for this micro-batch (a mean over its valid targets).
+  virtual double forward(const LossInputs& in) = 0;
+  // scale * d(weighted term)/d(logits) in a (N, Vl) tensor of the logits' dtype that the term
+  // owns; called before the cross-entropy overwrites the logits.
+  virtual Tensor backward(const LossInputs& in, float scale) = 0;
+};
+
+// The value of each part of the objective for one micro-batch.
+struct LossValues {
+  double total = 0.0;  // ce_weight * ce + the extra terms
+  double ce = 0.0;     // unweighted cross-entropy (mean over valid targets)
+  std::vector<std::pair<std::string, double>> terms;  // the extra terms, weighted
+};
+
+// Statistics the vocabulary-parallel cross-entropy keeps between forward and backward.
+struct CrossEntropyBuffers {
+  Tensor losses, lse;  // (N), (N) f32 (f64 for f64 logits)
+  Tensor stats;        // (3, N) under tp > 1: row max, sum of exp, target logit
+};
+
+class Objective {
+ public:
+  void set_ce_weight(float w) { ce_weight_ = w; }
+  float ce_weight() const { return ce_weight_; }
+  void add_term(std::unique_ptr<LossTerm> term) { terms_.push_back(std::move(term)); }
+  bool has_terms() const { return !terms_.empty(); }
+
+  LossValues forward(const LossInputs& in, const CrossEntropyBuffers& ce) const;
+  // Leaves loss_scale * d(objective)/d(logits) in place of the logits.
+  void backward(const LossInputs& in, const CrossEntropyBuffers& ce, float loss_scale) const;
+
+ private:
+  float ce_weight_ = 1.0f;
+  std::vector<std::unique_ptr<LossTerm>> terms_;
+};
+
+}  // namespace tessera

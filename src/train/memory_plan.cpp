@@ -1,0 +1,73 @@
+// MemoryPlan: the byte counts of parameters, optimizer state, activations, backend workspace and
+// FP8 copies for one rank, from the recipe and the rank's shard (no allocation).
+#include "train/memory_plan.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "core/memory.h"
+#include "kernels/ops.h"
+#include "model/transformer.h"
+#include "optim/distributed_optimizer.h"
+#include "train/pipeline_executor.h"
+
+namespace tessera {
+
+namespace {
+
+// An upper bound for FP8 (optim/fp8_linear.h): 2 bytes per local parameter (W8, W8^T), three
+// (M, max width) byte matrices of scratch (x8, dy8, dy8^T), and the x^T each input group's
+// forward keeps for its backward (per block: q/k/v and gate/up read the hidden width, the output
+// projection the heads' width, the down projection the FFN width).
+size_t fp8_bytes(const Recipe& r, const ModelShard& shard) {
+  const ModelConfig local = Transformer::local_config(r.model, shard);
+  const int64_t rows = int64_t(r.data.micro_batch) * r.data.seq_len;
+  const int64_t width = std::max<int64_t>(local.hidden, local.ffn_hidden);
+  const int64_t saved_width =
+      2 * local.hidden + int64_t(local.num_heads) * local.resolved_head_dim() + local.ffn_hidden;
+  return 2 * size_t(Transformer::local_num_params(r.model, shard)) +
+         size_t(rows) * size_t(3 * width + local.num_layers * saved_width);
+}
+
+}  // namespace
+
+size_t MemoryPlan::arena() const {
+  return params + optimizer + train_acts + Arena::aligned(workspace);
+}
+
+MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
+  const ParallelConfig& par = r.parallel;
+  const int B = r.data.micro_batch, T = r.data.seq_len;
+  MemoryPlan plan;
+  plan.params = Transformer::param_bytes(r.model, in.shard, in.dtype, par.dp, par.zero == 0);
+  // The bucket layout only needs the parameters' shapes.
+  const int64_t bucket_numel =
+      std::max<int64_t>(1, par.bucket_bytes() / int64_t(dtype_size(in.dtype)));
+  plan.optimizer = DistributedOptimizer::bytes_for(
+      BucketLayout(Transformer::declared_params(r.model, in.shard), par.dp, bucket_numel), in.dtype,
+      par.zero);
+  plan.train_acts = PipelineExecutor::bytes_needed(r.model, in.shard, in.dtype, in.schedule,
+                                                   in.flush_micro, B, T, in.device, in.exec);
+  if (in.device == Device::cuda)
+    plan.workspace =
+        ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp, r.model.num_kv_heads / par.tp,
+                                  r.model.resolved_head_dim(), in.dtype);
+  if (r.precision.compute == Compute::fp8) plan.fp8 = fp8_bytes(r, in.shard);
+  return plan;
+}
+
+void check_plan_fits(const MemoryPlan& plan, Device device, const std::string& recipe_file) {
+  size_t free_bytes = 0, total_bytes = 0;
+  if (!device_memory_info(device, &free_bytes, &total_bytes) || plan.total() <= free_bytes) return;
+  TS_USER_ERROR(
+      "{}: this run needs {:.2f} GB of GPU memory per rank (parameters {:.2f}, "
+      "optimizer {:.2f}, activations and pipeline buffers {:.2f}, workspace {:.2f}, "
+      "fp8 copies {:.2f}) but {:.2f} GB of {:.2f} are free; lower data.micro_batch or "
+      "data.seq_len, set train.recompute: true, or spread the model with parallel.tp "
+      "/ parallel.pp",
+      recipe_file, plan.total() / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
+      plan.train_acts / 1e9, plan.workspace / 1e9, plan.fp8 / 1e9, free_bytes / 1e9,
+      total_bytes / 1e9);
+}
+
+}  // namespace tessera

@@ -1,0 +1,44 @@
+// MemoryPlan: every byte a training rank keeps on its device, sized from the recipe and the
+// rank's shard alone before anything is allocated, so a run that will not fit stops with the
+// numbers instead of failing halfway, and one arena of exactly plan.arena() bytes serves the run.
+#pragma once
+#include <cstddef>
+#include <string>
+
+#include "config/recipe.h"
+#include "core/dtype.h"
+#include "core/tensor.h"
+#include "model/exec_options.h"
+#include "model/model_shard.h"
+#include "parallel/pipeline_schedule.h"
+
+namespace tessera {
+
+struct MemoryPlan {
+  size_t params = 0;      // values, gradients and (unless ZeRO-1 shards them) FP32 masters
+  size_t optimizer = 0;   // AdamW moments (and ZeRO-1's FP32 master shard)
+  size_t train_acts = 0;  // the pipeline executor's activation sets, batches and p2p buffers
+  size_t workspace = 0;   // GEMM + attention scratch of the CUDA backend
+  size_t fp8 = 0;         // outside the arena: FP8 weight copies (W, W^T), scratch, saved x^T
+
+  size_t arena() const;  // what the arena holds: everything but fp8
+  size_t total() const { return arena() + fp8; }
+};
+
+// What the plan needs to know about the run besides the recipe.
+struct PlanInputs {
+  ModelShard shard;  // this rank's (resolved) slice of the model
+  ExecOptions exec;  // recomputation and FP32 layers of this stage
+  DType dtype = DType::f32;
+  Device device = Device::cpu;
+  PipelineSchedule schedule = PipelineSchedule::one_f_one_b;
+  int flush_micro = 1;  // micro-batches per pipeline flush
+};
+
+MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in);
+
+// A user error naming every part of the plan when it exceeds the device's free memory (CUDA
+// only; the CPU has no such check).
+void check_plan_fits(const MemoryPlan& plan, Device device, const std::string& recipe_file);
+
+}  // namespace tessera

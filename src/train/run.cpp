@@ -1,0 +1,198 @@
+// Run: built once, in this order — device and dtype, data (the vocabulary), the layout, the
+// memory plan (before any allocation), the model and its precision policy, data-parallel
+// synchronisation and the optimizer, loaders, loss scaler, resume, the pipeline executor.
+#include "train/run.h"
+
+#include <fmt/ranges.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "config/layout_check.h"
+#include "core/log.h"
+#include "io/checkpoint.h"
+#include "kernels/ops.h"
+#include "parallel/mpi_runtime.h"
+
+namespace tessera {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+Device resolve_device(const Recipe& r) {
+  if (r.train.device == DeviceChoice::cpu) return Device::cpu;
+  if (r.train.device == DeviceChoice::cuda && !cuda_available())
+    TS_USER_ERROR(
+        "{}: train.device is 'cuda' but no CUDA device is usable here ({}); use "
+        "train.device: cpu or auto",
+        r.file,
+#ifdef TESSERA_CUDA
+        "no GPU visible to this process"
+#else
+        "this build has no CUDA backend"
+#endif
+    );
+  return cuda_available() ? Device::cuda : Device::cpu;  // cuda, or auto
+}
+
+// The storage and compute dtype of parameters and activations. Masters and optimizer state are
+// FP32 whatever this is. The CPU backend rounds every 16-bit result exactly as the GPU does, so
+// bf16 and fp16 runs are testable without a GPU.
+DType compute_dtype(Compute c) {
+  switch (c) {
+    case Compute::fp32: return DType::f32;
+    case Compute::fp16: return DType::f16;
+    case Compute::bf16:
+    case Compute::fp8: return DType::bf16;  // fp8: FP8 GEMMs in the block linears, bf16 else
+  }
+  TS_BUG("unknown compute dtype {}", int(c));
+}
+
+// The parallel context of this process: MPI's world when a launcher started us, else one rank.
+std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
+  const ParallelConfig& p = r.parallel;
+  if (!mpi_active()) {
+    validate_layout(r, 1);  // a layout needing several ranks says how to launch it
+    return ParallelContext::single(device);
+  }
+  validate_layout(r, world_size());
+  return std::make_unique<ParallelContext>(ParallelSizes{p.tp, p.dp, p.pp}, device,
+                                           to_string(p.order));
+}
+
+ExecOptions exec_options(const Recipe& r, int pp_rank) {
+  ExecOptions e;
+  e.recompute = stage_recomputes(r, pp_rank);
+  e.fp32_lm_head = r.precision.keeps_high_precision(HighPrecisionLayer::lm_head);
+  e.fp32_embedding = r.precision.keeps_high_precision(HighPrecisionLayer::embedding);
+  return e;
+}
+
+Fp8ScalingConfig fp8_scaling_config(const Fp8Config& c) {
+  Fp8ScalingConfig f;
+  f.amax_history_len = c.amax_history_len;
+  f.amax_compute = c.amax_compute == AmaxCompute::most_recent ? ops::Fp8AmaxCompute::most_recent
+                                                              : ops::Fp8AmaxCompute::max;
+  f.margin = c.margin;
+  return f;
+}
+
+AdamWConfig adamw_config(const OptimConfig& o) {
+  AdamWConfig a;
+  a.beta1 = o.beta1;
+  a.beta2 = o.beta2;
+  a.eps = o.eps;
+  a.weight_decay = o.weight_decay;
+  a.no_decay = o.no_decay;
+  return a;
+}
+
+// Rank 0 writes the resolved recipe into the run directory and logs it with the layout.
+void record_recipe(const Recipe& r, const ParallelContext& ctx) {
+  if (ctx.rank() != 0) return;
+  const std::string resolved = recipe_to_yaml(r);
+  fs::create_directories(r.train.out_dir);
+  std::ofstream out(fs::path(r.train.out_dir) / "recipe.yaml");
+  out << resolved;
+  if (!out) TS_USER_ERROR("cannot write {}/recipe.yaml (train.out_dir)", r.train.out_dir);
+  const ParallelConfig& p = r.parallel;
+  log_info("resolved recipe ({}):\n{}", r.file, resolved);
+  log_info(
+      "layout: world {} = dp {} x tp {} x pp {} (order {}), zero {}, schedule {}, {} "
+      "micro-batches of {} per dp rank per step, global batch {} sequences, stages {}",
+      ctx.world_size(), p.dp, p.tp, p.pp, to_string(p.order), p.zero,
+      p.pp > 1 ? to_string(p.schedule) : "none", r.micro_batches_per_step(), r.data.micro_batch,
+      r.global_batch(), fmt::join(resolve_stage_layers(r), "/"));
+}
+
+// ZeRO-1 with 16-bit compute keeps the FP32 masters in the optimizer's shards: seed them with the
+// exact f32 draws (the store only holds their rounded values). A resume overwrites them.
+void seed_sharded_masters(Transformer& model, DistributedOptimizer& opt, uint64_t seed) {
+  if (model.params().has_master()) return;
+  HostOptimizerState init;
+  init.allocate(DType::f32, model.params().padded_num_elements());
+  for (int i = 0; i < model.params().size(); ++i)
+    model.params().draw_init(i, seed, static_cast<float*>(init.master_of(model.params()[i]).data));
+  opt.load_state(model.params(), init);
+}
+
+}  // namespace
+
+Run::Run(const Recipe& recipe)
+    : recipe_(recipe),
+      device_(resolve_device(recipe)),
+      dtype_(compute_dtype(recipe.precision.compute)),
+      data_(recipe) {
+  Recipe& r = recipe_;
+  const ParallelConfig& par = r.parallel;
+  if (device_ == Device::cuda && mpi_active() && world_size() > 1) select_local_gpu();
+  finalize_model_vocab(r.model, data_.vocab_size(), r.file, par.tp);
+  ctx_ = make_context(r, device_);
+  const RankCoord me = ctx_->coord();
+  shard_ = ModelShard::make(r.model, par.tp, me.tp_rank, par.pp, me.pp_rank,
+                            resolve_stage_layers(r), &ctx_->comm(Group::tp));
+  // One stage: plain accumulation with one live activation set.
+  schedule_ = par.pp == 1 ? PipelineSchedule::one_f_one_b : par.schedule;
+  flush_micro_ = par.pp == 1 ? num_micro() : par.microbatches;
+  const ExecOptions exec = exec_options(r, me.pp_rank);
+
+  if (device_ == Device::cuda)
+    ops::set_cuda_attention_impl(r.train.attention == AttentionChoice::native ? "native" : "cudnn");
+  plan_ = plan_memory(r, {shard_, exec, dtype_, device_, schedule_, flush_micro_});
+  check_plan_fits(plan_, device_, r.file);
+  arena_ = Arena(device_, plan_.arena(), "device memory");
+  if (plan_.workspace > 0)
+    ops::use_cuda_workspace(arena_.alloc_bytes(plan_.workspace), plan_.workspace);
+  record_recipe(r, *ctx_);
+
+  model_ = std::make_unique<Transformer>(r.model, dtype_, device_, &arena_, shard_, par.dp,
+                                         /*with_master=*/par.zero == 0, exec);
+  model_->init_weights(r.train.seed);
+  if (r.precision.compute == Compute::fp8) {
+    fp8_ = std::make_unique<Fp8Linears>(device_, fp8_scaling_config(r.precision.fp8));
+    fp8_->attach(*model_);
+  }
+  DataParallelConfig dcfg;
+  dcfg.zero_stage = par.zero;
+  dcfg.bucket_bytes = par.bucket_bytes();
+  ddp_ = std::make_unique<DistributedDataParallel>(model_->params(),
+                                                   DataParallelGroups::from(*ctx_), dcfg);
+  opt_ = std::make_unique<DistributedOptimizer>(model_->params(), *ddp_, adamw_config(r.optim),
+                                                &arena_);
+  lr_ = LrSchedule{r.optim.schedule,     r.optim.lr,    r.optim.min_lr,
+                   r.optim.warmup_steps, r.train.steps, r.optim.decay_fraction};
+  model_->set_grad_ready_hook([this](int idx) { ddp_->grads_ready_from(idx); });
+  data_.make_loaders(r, me.dp_rank, par.dp);
+  seed_sharded_masters(*model_, *opt_, r.train.seed);
+  if (dtype_ == DType::f16) scaler_.emplace(r.precision.loss_scale);
+
+  const std::string resume = io::resolve_resume(r.train.out_dir, r.checkpoint.resume);
+  if (!resume.empty()) {
+    start_step_ =
+        load_checkpoint(resume, r, *model_, *opt_, precision_state(), data_.tokenizer_hash());
+    if (rank0()) log_info("resumed from {} at step {}", resume, start_step_);
+  }
+  pipe_ =
+      std::make_unique<PipelineExecutor>(*model_, ctx_->comm(Group::pp), schedule_, flush_micro_,
+                                         r.data.micro_batch, r.data.seq_len, arena_);
+  pipe_->set_measure_busy(r.logging.profile_ops && par.pp > 1);
+  if (rank0())
+    log_info(
+        "model: {} parameters ({}), {} on {}, this rank holds {} and reserved {:.2f} GB "
+        "(activations {:.2f} GB), {} tokens per step",
+        r.model.num_params(), to_string(r.model.family), dtype_name(dtype_), device_name(device_),
+        model_->params().num_elements(), arena_.capacity() / 1e9, plan_.train_acts / 1e9,
+        r.tokens_per_step());
+}
+
+double Run::replica_sum(double x) {
+  const bool reports = shard_.last_stage() && ctx_->coord().tp_rank == 0;
+  return ctx_->host_comm(Group::world).all_reduce_scalar(reports ? x : 0.0, ReduceOp::sum);
+}
+
+void Run::save(int64_t step) {
+  save_checkpoint(recipe_, *ctx_, *model_, *opt_, precision_state(), step, data_.tokenizer_hash());
+}
+
+}  // namespace tessera

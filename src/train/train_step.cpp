@@ -1,0 +1,84 @@
+// train_step: one optimizer step, top to bottom (the contract is in train_step.h).
+#include "train/train_step.h"
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+
+#include "core/fault_inject.h"
+#include "kernels/ops.h"
+
+namespace tessera {
+
+namespace {
+
+// True when any gradient on any rank holds an Inf or NaN: every rank checks its whole local
+// gradient buffer (a sum of squares in double overflows only on a non-finite element) and the
+// flags are combined over the world, so dp replicas, tp ranks and pipeline stages all agree.
+bool grads_overflowed(Run& run) {
+  const double local = ops::sum_squares(run.model().params().flat_grads());
+  return run.ctx()
+             .host_comm(Group::world)
+             .all_reduce_scalar(std::isfinite(local) ? 0.0 : 1.0, ReduceOp::max) > 0.0;
+}
+
+// Forward and backward of every micro-batch of this dp rank; returns the sum of their losses.
+double forward_backward(Run& run, int64_t step, float loss_scale) {
+  const int B = run.recipe().data.micro_batch;
+  double loss_sum = 0.0;
+  for (int flush = 0; flush < run.num_flushes(); ++flush) {
+    const auto fill = [&](int m, Batch& batch) {
+      run.data().train().fill(step, flush * run.flush_micro() + m, B, batch.inputs.data(),
+                              batch.targets.data());
+    };
+    // The data-parallel buckets launch during the step's last backward.
+    const bool last = flush == run.num_flushes() - 1;
+    loss_sum += run.pipe()
+                    .train_step(fill, loss_scale,
+                                [&] {
+                                  if (last) run.ddp().begin_last_microbatch();
+                                })
+                    .loss_sum;
+  }
+  return loss_sum;
+}
+
+}  // namespace
+
+StepResult train_step(Run& run, int64_t step) {
+  const Recipe& r = run.recipe();
+  StepResult res;
+  res.lr = run.lr().at(static_cast<int>(step));
+  res.loss_scale = run.scaler() ? run.scaler()->scale() : 1.0f;
+  fault_point(run.ctx().rank(), "train_step", step + 1);
+
+  run.model().params().zero_grad();
+  const auto t0 = std::chrono::steady_clock::now();
+  const float micro_scale = 1.0f / float(int64_t(run.num_micro()) * r.parallel.dp);
+  const double loss_sum = forward_backward(run, step, micro_scale * res.loss_scale);
+  res.pipeline_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  run.ddp().finish();
+  res.busy_s = run.pipe().take_busy_seconds();
+  if (fault_requested(run.ctx().rank(), "inf_grad", step + 1))  // tests: one rank overflows
+    ops::fill(run.model().params().flat_grads().slice(0, 1),
+              std::numeric_limits<float>::infinity());
+  res.loss = run.replica_sum(loss_sum / run.num_micro()) / r.parallel.dp;
+
+  // Every rank passes the same flag, so every scaler takes the same decision.
+  if (run.scaler()) res.skipped = run.scaler()->update(grads_overflowed(run));
+  if (!res.skipped) {
+    res.grad_norm = run.opt().global_grad_norm(run.model().params()) / res.loss_scale;
+    if (!std::isfinite(res.grad_norm) || !std::isfinite(res.loss))
+      TS_USER_ERROR("{}: training diverged at step {} (loss {}, grad norm {}); lower optim.lr",
+                    r.file, step + 1, res.loss, res.grad_norm);
+    // Unscaling is folded into AdamW's gradient scale with the clip factor.
+    run.opt().step(run.model().params(), res.lr,
+                   clip_factor(res.grad_norm, r.optim.grad_clip) / res.loss_scale);
+  }
+  // Delayed scaling: this step's amaxes, agreed over tp and dp, set the next step's scales.
+  if (run.fp8()) run.fp8()->end_step(&run.ctx().comm(Group::tp), &run.ctx().comm(Group::dp));
+  ops::synchronize(run.device());
+  return res;
+}
+
+}  // namespace tessera

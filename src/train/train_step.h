@@ -1,0 +1,26 @@
+// One optimizer step under any (dp, tp, pp) layout: zero the gradients; run every pipeline flush
+// of this dp rank's micro-batches (forward, the objective, backward with the loss scaled by
+// loss_scale / (M dp), so the gradients summed over dp are the mean over the step's tokens);
+// finish the data-parallel reduction; under fp16 skip the step job-wide when any gradient
+// overflowed; otherwise clip by the global norm and take the AdamW step; then roll FP8 scales.
+#pragma once
+#include <cstdint>
+
+#include "train/run.h"
+
+namespace tessera {
+
+struct StepResult {
+  double loss = 0.0;       // the objective's mean over the step's tokens, the same on every rank
+  double grad_norm = 0.0;  // of the unscaled gradients, before clipping (0 when skipped)
+  float lr = 0.0f;
+  float loss_scale = 1.0f;  // the scale this step's backward used (1 without fp16)
+  bool skipped = false;     // fp16: a gradient overflowed somewhere, nothing was updated
+  double pipeline_s = 0.0;  // wall time of the forward/backward phase
+  double busy_s = 0.0;      // stage compute time within it (measured with logging.profile_ops)
+};
+
+// `step` is 0-based: the LR schedule's clock, and the loader's (seed, step, rank) -> batch key.
+StepResult train_step(Run& run, int64_t step);
+
+}  // namespace tessera
