@@ -106,7 +106,7 @@ EQUIV_ARGS=(recipes/ci-tiny.yaml --set data.path=mock --set model.vocab_size=250
   --set parallel.microbatches=2 --set train.steps=5 --set train.eval_every=0
   --set train.eval_batches=2 --set train.sample_tokens=0 --set optim.warmup_steps=2
   --set optim.lr=3e-3 --set checkpoint.every=0 --set checkpoint.save_final=false
-  --set logging.every=5 --set precision.compute=fp32 --set model.attention_impl=native)
+  --set logging.every=5 --set precision.compute=fp32 --set train.attention=native)
 LLAMA_ARGS=(--set model.family=llama --set model.num_kv_heads=4 --set model.qk_norm=true
   --set model.ffn_hidden=64)
 

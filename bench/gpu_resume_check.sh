@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/tessera-out}"
 bin=build-gpu/src/cli/tessera
 common=(--set train.steps=20 --set train.eval_every=10 --set train.eval_batches=4
-        --set checkpoint.every=10 --set optim.warmup_steps=5 --set model.attention_impl=native
+        --set checkpoint.every=10 --set optim.warmup_steps=5 --set train.attention=native
         --set logging.every=5 --set train.sample_tokens=32)
 rm -rf /tmp/r-full /tmp/r-resumed
 $bin train recipes/gpt2-124m.yaml "${common[@]}" --set train.out_dir=/tmp/r-full > "$OUT/resume-full.log" 2>&1 || { tail -5 "$OUT/resume-full.log"; exit 1; }

@@ -42,7 +42,7 @@ static void write_family(const std::string& root, const std::string& family) {
   w.add({"golden.tokens", DType::i32, bshape, {0, 0, 0}, bshape, tokens.data()});
   w.add({"golden.targets", DType::i32, bshape, {0, 0, 0}, bshape, targets.data()});
   const nlohmann::json model_json = {
-      {"family", cfg.family},
+      {"family", to_string(cfg.family)},
       {"vocab_size", cfg.vocab_size},
       {"padded_vocab_size", cfg.padded_vocab_size},
       {"num_layers", cfg.num_layers},

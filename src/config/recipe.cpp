@@ -65,6 +65,11 @@ class Origins {
   const std::string& file() const { return file_; }
   void set(const std::string& key, const YamlOrigin& origin) { origins_[key] = origin; }
   bool given(const std::string& key) const { return origins_.count(key) > 0; }
+  // "t.yaml:14" | "--set a.b=c" | "t.yaml"
+  std::string at(const std::string& key) const {
+    auto it = origins_.find(key);
+    return it == origins_.end() ? file_ : it->second.str();
+  }
 
   // "line 14" | "--set a.b=c" | "default"
   std::string where(const std::string& key) const {
@@ -472,6 +477,9 @@ void validate_data(const Recipe& r, const Origins& o) {
 // Checks that span sections (single-field ranges were checked where each field was read).
 void validate_across(const Recipe& r, const Origins& o) {
   validate_data(r, o);
+  if (r.parallel.bucket_bytes() < 1)
+    TS_USER_ERROR("{}: {}: expected a bucket of at least one byte", o.at("parallel.bucket_mb"),
+                  fmt::format("parallel.bucket_mb = {}", r.parallel.bucket_mb));
   check_layout_fields(r, [&o](const std::string& key, const std::string& value) {
     return fmt::format("{} = {} ({})", key, value, o.where(key));
   });

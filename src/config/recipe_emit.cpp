@@ -5,6 +5,7 @@
 // same float.
 #include <fmt/format.h>
 
+#include <cmath>
 #include <string>
 #include <type_traits>
 
@@ -16,6 +17,8 @@ namespace tessera {
 namespace {
 
 using config::FieldInfo;
+using ::tessera::IntRange;
+using ::tessera::RealRange;
 
 template <class T>
 concept Section = requires(T t) {
@@ -43,7 +46,32 @@ void emit(const S& section, const std::string& indent, std::string& out) {
   });
 }
 
-// Rows "| key | type | default | meaning |" for every field of S, sub-sections flattened.
+// A rule's bounds as text: ">= 1", "[0, 64]", "> 0", "(0, 1)"; "" when unbounded.
+std::string int_bounds(const IntRange& r) {
+  if (r.lo == kAnyInt.lo && r.hi == kAnyInt.hi) return "";
+  if (r.hi == kAnyInt.hi) return fmt::format(">= {}", r.lo);
+  return fmt::format("[{}, {}]", r.lo, r.hi);
+}
+std::string real_bounds(const RealRange& r) {
+  const bool lo = std::isfinite(r.lo), hi = std::isfinite(r.hi);
+  if (!lo && !hi) return "";
+  if (!hi) return fmt::format("{} {}", r.lo_open ? ">" : ">=", r.lo);
+  return fmt::format("{}{}, {}{}", r.lo_open ? "(" : "[", r.lo, r.hi, r.hi_open ? ")" : "]");
+}
+template <class T>
+std::string bounds(const config::Rule& rule) {
+  std::string b;
+  if constexpr (std::is_same_v<T, int> || std::is_same_v<T, std::vector<int>>)
+    b = int_bounds(rule.ints);
+  else if constexpr (std::is_same_v<T, float>)
+    b = real_bounds(rule.reals);
+  else if constexpr (std::is_same_v<T, DataSources>)
+    b = "weights " + real_bounds(rule.reals);
+  if (rule.distinct) b += b.empty() ? "distinct" : ", distinct";
+  return b;
+}
+
+// Rows "| key | type | range | default | meaning |" for every field of S, sub-sections flattened.
 template <class S>
 void key_rows(const S& defaults, const std::string& prefix, std::string& out) {
   S::visit(defaults, [&](const FieldInfo& fi, const auto& value, const auto&) {
@@ -52,7 +80,7 @@ void key_rows(const S& defaults, const std::string& prefix, std::string& out) {
     if constexpr (Section<T>) {
       const std::string when =
           fi.rule.when_doc ? fmt::format(" (only when {})", fi.rule.when_doc) : std::string();
-      out += fmt::format("| `{}` | section | | {}{} |\n", key, fi.doc, when);
+      out += fmt::format("| `{}` | section | | | {}{} |\n", key, fi.doc, when);
       key_rows(value, key + ".", out);
     } else {
       std::string def = config::yaml_value(value);
@@ -65,8 +93,9 @@ void key_rows(const S& defaults, const std::string& prefix, std::string& out) {
         else if (value < fi.rule.ints.lo)
           def = "derived";
       }
-      out += fmt::format("| `{}` | {} | `{}` | {} |\n", key,
-                         config::type_name(static_cast<const T*>(nullptr)), def, fi.doc);
+      out += fmt::format("| `{}` | {} | {} | `{}` | {} |\n", key,
+                         config::type_name(static_cast<const T*>(nullptr)), bounds<T>(fi.rule), def,
+                         fi.doc);
     }
   });
 }
@@ -83,7 +112,8 @@ std::string recipe_to_yaml(const Recipe& r) {
 }
 
 std::string recipe_keys_markdown() {
-  std::string out = "| key | type | default | meaning |\n| --- | --- | --- | --- |\n";
+  std::string out =
+      "| key | type | range | default | meaning |\n| --- | --- | --- | --- | --- |\n";
   const Recipe defaults;
   Recipe::visit(defaults, [&](const FieldInfo& fi, const auto& section, const auto&) {
     key_rows(section, std::string(fi.name) + ".", out);

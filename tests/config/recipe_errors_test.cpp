@@ -83,7 +83,9 @@ TEST(RecipeErrors, WrongTypesNameKeyValueTypeAndLine) {
   expect_parse_error(replaced("vocab_size: 100", "vocab_size: lots"),
                      {"t.yaml:3", "model.vocab_size", "'lots'", "positive integer or auto"});
   expect_parse_error(replaced("path: data/x.h5", "path: [a, b]"),
-                     {"t.yaml:9", "data.path", "a list", "a string"});
+                     {"t.yaml:9", "data.path[0]", "'a'", "a mapping {path: P, weight: W}"});
+  expect_parse_error(replaced("path: data/x.h5", "path: {a: b}"),
+                     {"t.yaml:9", "data.path", "a string", "a list of {path, weight}"});
   expect_parse_error(std::string(kBaseRecipe) + "optim:\n  beta2: 1.0\n",
                      {"t.yaml:16", "optim.beta2", "'1.0'", "[0, 1)"});
   expect_parse_error(std::string(kBaseRecipe) + "optim:\n  decay_fraction: 0\n",

@@ -57,10 +57,10 @@ TEST(RecipeFiles, EveryRecipeOpensWithACommentHeader) {
 
 TEST(RecipeFiles, CiTinyTakesItsVocabularyFromTheDataset) {
   Recipe r = load("ci-tiny.yaml");
-  EXPECT_EQ(r.model.family, "gpt2");
+  EXPECT_EQ(r.model.family, ModelFamily::gpt2);
   EXPECT_EQ(r.model.vocab_size, 0);
-  EXPECT_EQ(r.train.device, "cpu");
-  EXPECT_EQ(r.data.path, "data/gutenberg/gutenberg.h5");
+  EXPECT_EQ(r.train.device, DeviceChoice::cpu);
+  EXPECT_EQ(r.data.path, (DataSources{{"data/gutenberg/gutenberg.h5", 1.0}}));
   finalize_model_vocab(r.model, 4096, r.file);
   EXPECT_EQ(r.model.padded_vocab_size, 4096);
   ModelConfig odd = load("ci-tiny.yaml").model;
@@ -74,7 +74,7 @@ TEST(RecipeFiles, Gpt2Small) {
   EXPECT_EQ(r.model.padded_vocab_size, 50304);
   EXPECT_EQ(r.model.ffn_hidden, 3072);
   EXPECT_EQ(r.model.head_dim, 64);
-  EXPECT_EQ(r.precision.compute, "bf16");
+  EXPECT_EQ(r.precision.compute, Compute::bf16);
   EXPECT_EQ(r.model.num_params(), 124'475'904);  // derivation in model_config_test.cpp
 }
 

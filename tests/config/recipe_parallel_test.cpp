@@ -39,7 +39,7 @@ TEST(RecipeParallel, DefaultsOfTheNewFields) {
   EXPECT_TRUE(r.parallel.recompute_stages.empty());
   EXPECT_FLOAT_EQ(r.parallel.bucket_mb, 25.0f);
   EXPECT_EQ(r.parallel.bucket_bytes(), 25'000'000);
-  EXPECT_EQ(r.parallel.order, "tp-dp-pp");
+  EXPECT_EQ(r.parallel.order, RankOrder::tp_dp_pp);
   EXPECT_EQ(r.data.global_batch, 0);
   EXPECT_EQ(r.micro_batches_per_step(), 1);
   EXPECT_EQ(r.global_batch(), 2);
@@ -54,7 +54,7 @@ TEST(RecipeParallel, FieldsParseFromTheFile) {
   EXPECT_EQ(r.parallel.recompute_stages, (std::vector<int>{1}));
   EXPECT_FLOAT_EQ(r.parallel.bucket_mb, 0.5f);
   EXPECT_EQ(r.parallel.bucket_bytes(), 500'000);
-  EXPECT_EQ(r.parallel.order, "dp-tp-pp");
+  EXPECT_EQ(r.parallel.order, RankOrder::dp_tp_pp);
   EXPECT_EQ(r.data.global_batch, 24);
   EXPECT_EQ(r.data.micro_batch, 2);
   EXPECT_EQ(r.micro_batches_per_step(), 6);  // grad_accum 3 x microbatches 2
@@ -75,7 +75,7 @@ TEST(RecipeParallel, FieldsParseFromOverrides) {
   EXPECT_EQ(r.parallel.stage_layers, (std::vector<int>{1, 1}));
   EXPECT_EQ(r.parallel.recompute_stages, (std::vector<int>{0, 1}));
   EXPECT_FLOAT_EQ(r.parallel.bucket_mb, 4.0f);
-  EXPECT_EQ(r.parallel.order, "pp-dp-tp");
+  EXPECT_EQ(r.parallel.order, RankOrder::pp_dp_tp);
   EXPECT_EQ(r.data.global_batch, 2);
   expect_round_trip(r);
   // An empty list given explicitly is the default.
@@ -99,7 +99,7 @@ TEST(RecipeParallel, ResolvedYamlListsTheNewFields) {
   size_t last = 0;
   for (const char* line :
        {"parallel:", "  zero: 0\n", "  stage_layers: [1, 1]\n", "  recompute_stages: []\n",
-        "  bucket_mb: 25\n", "  order: \"tp-dp-pp\"\n", "data:", "  grad_accum: 1\n",
+        "  bucket_mb: 25\n", "  order: tp-dp-pp\n", "data:", "  grad_accum: 1\n",
         "  global_batch: auto\n", "  tokenizer:"}) {
     const size_t at = yaml.find(line, last);
     ASSERT_NE(at, std::string::npos) << line << " missing or out of order in\n" << yaml;

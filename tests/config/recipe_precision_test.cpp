@@ -36,7 +36,7 @@ void expect_round_trip(const Recipe& r) {
 
 TEST(RecipePrecision, Defaults) {
   const Recipe r = parse(kBaseRecipe);
-  EXPECT_EQ(r.precision.compute, "fp32");
+  EXPECT_EQ(r.precision.compute, Compute::fp32);
   EXPECT_TRUE(r.precision.high_precision.empty());
   const LossScalerConfig& ls = r.precision.loss_scale;
   EXPECT_EQ(ls.initial, 65536.0f);
@@ -48,7 +48,7 @@ TEST(RecipePrecision, Defaults) {
   EXPECT_EQ(ls.max, 16777216.0f);
   EXPECT_EQ(ls.max_overflows_at_min, 10);
   EXPECT_EQ(r.precision.fp8.amax_history_len, 1024);
-  EXPECT_EQ(r.precision.fp8.amax_compute, "max");
+  EXPECT_EQ(r.precision.fp8.amax_compute, AmaxCompute::max);
   EXPECT_EQ(r.precision.fp8.margin, 0);
   // fp8 keeps no layer wide unless the recipe says so.
   EXPECT_TRUE(parse(with_precision("  compute: fp8\n")).precision.high_precision.empty());
@@ -89,15 +89,16 @@ TEST(RecipePrecision, Fp8Section) {
     amax_compute: most_recent
     margin: 2
 )"));
-  EXPECT_EQ(r.precision.fp8, (Fp8Config{16, "most_recent", 2}));
-  EXPECT_EQ(r.precision.high_precision, (std::vector<std::string>{"lm_head", "embedding"}));
+  EXPECT_EQ(r.precision.fp8, (Fp8Config{16, AmaxCompute::most_recent, 2}));
+  EXPECT_EQ(r.precision.high_precision,
+            (std::vector<HighPrecisionLayer>{HighPrecisionLayer::lm_head, HighPrecisionLayer::embedding}));
   expect_round_trip(r);
 }
 
 TEST(RecipePrecision, HighPrecisionLayers) {
   const Recipe r = parse(with_precision("  compute: bf16\n  high_precision: [lm_head]\n"));
-  EXPECT_TRUE(r.precision.keeps_high_precision("lm_head"));
-  EXPECT_FALSE(r.precision.keeps_high_precision("embedding"));
+  EXPECT_TRUE(r.precision.keeps_high_precision(HighPrecisionLayer::lm_head));
+  EXPECT_FALSE(r.precision.keeps_high_precision(HighPrecisionLayer::embedding));
   expect_round_trip(r);
   EXPECT_TRUE(parse(with_precision("  compute: bf16\n  high_precision: []\n"))
                   .precision.high_precision.empty());
@@ -105,14 +106,14 @@ TEST(RecipePrecision, HighPrecisionLayers) {
 
 TEST(RecipePrecision, ResolvedYamlHasTheSubSectionOfItsComputeDtypeOnly) {
   const std::string fp16 = recipe_to_yaml(parse(kBaseRecipe, {"precision.compute=fp16"}));
-  EXPECT_NE(fp16.find("precision:\n  compute: \"fp16\"\n  high_precision: []\n  loss_scale:\n"
-                      "    initial: 65536\n"),
+  EXPECT_NE(fp16.find("precision:\n  compute: fp16\n  high_precision: []\n  grad_reduce: fp32\n"
+                      "  loss_scale:\n    initial: 65536\n"),
             std::string::npos)
       << fp16;
   EXPECT_NE(fp16.find("    max_overflows_at_min: 10\noptim:\n"), std::string::npos) << fp16;
   EXPECT_EQ(fp16.find("fp8:"), std::string::npos) << fp16;
   const std::string fp8 = recipe_to_yaml(parse(kBaseRecipe, {"precision.compute=fp8"}));
-  EXPECT_NE(fp8.find("  fp8:\n    amax_history_len: 1024\n    amax_compute: \"max\"\n"
+  EXPECT_NE(fp8.find("  fp8:\n    amax_history_len: 1024\n    amax_compute: max\n"
                      "    margin: 0\noptim:\n"),
             std::string::npos)
       << fp8;
@@ -133,7 +134,8 @@ TEST(RecipePrecision, OverridesSetTheSubSectionsAsMappings) {
   EXPECT_EQ(r.precision.loss_scale.initial, 256.0f);
   EXPECT_EQ(r.precision.loss_scale.max, 512.0f);
   EXPECT_EQ(r.precision.loss_scale.hysteresis, 2);
-  EXPECT_EQ(r.precision.high_precision, std::vector<std::string>{"embedding"});
+  EXPECT_EQ(r.precision.high_precision,
+            std::vector<HighPrecisionLayer>{HighPrecisionLayer::embedding});
   expect_round_trip(r);
   // Errors inside an overridden mapping name the override.
   expect_user_error(

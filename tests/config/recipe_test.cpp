@@ -36,10 +36,10 @@ TEST(Recipe, MinimalRecipeFillsDefaults) {
   EXPECT_EQ(r.optim, OptimConfig{});
   EXPECT_EQ(r.checkpoint, CheckpointConfig{});
   EXPECT_EQ(r.logging, LoggingConfig{});
-  EXPECT_EQ(r.data.path, "data/x.h5");
+  EXPECT_EQ(r.data.path, (DataSources{{"data/x.h5", 1.0}}));
   EXPECT_EQ(r.data.grad_accum, 1);
   EXPECT_EQ(r.train.steps, 10);
-  EXPECT_EQ(r.train.device, "auto");
+  EXPECT_EQ(r.train.device, DeviceChoice::auto_);
   EXPECT_EQ(r.tokens_per_step(), 2 * 16);
 }
 
@@ -95,10 +95,10 @@ TEST(Recipe, OverridesReplaceAndAddKeys) {
                                "checkpoint.keep=5", "optim.lr=1e-3", "train.device=cpu",
                                "train.steps=30", "train.sample_prompt=Once upon a time"});
   EXPECT_EQ(r.train.steps, 30);  // the last override of a key wins
-  EXPECT_EQ(r.optim.no_decay, (std::vector<std::string>{"norms", "biases"}));
+  EXPECT_EQ(r.optim.no_decay, (std::vector<DecayExempt>{DecayExempt::norms, DecayExempt::biases}));
   EXPECT_EQ(r.checkpoint.keep, 5);  // section absent from the file
   EXPECT_FLOAT_EQ(r.optim.lr, 1e-3f);
-  EXPECT_EQ(r.train.device, "cpu");
+  EXPECT_EQ(r.train.device, DeviceChoice::cpu);
   EXPECT_EQ(r.train.sample_prompt, "Once upon a time");
   EXPECT_TRUE(parse_base({"optim.no_decay=[]"}).optim.no_decay.empty());
 }
@@ -143,9 +143,10 @@ TEST(Recipe, RoundTripKeepsAutoVocab) {
 TEST(Recipe, ResolvedYamlListsEveryFieldInOrder) {
   const std::string yaml = recipe_to_yaml(parse_base());
   size_t last = 0;
-  for (const char* key : {"model:", "  family:", "  recompute:", "parallel:", "  zero:",
-                          "precision:", "optim:", "  grad_clip:", "data:", "train:",
-                          "  sample_prompt:", "checkpoint:", "  resume:", "logging:", "  level:"}) {
+  for (const char* key : {"model:", "  family:", "  init_std:", "parallel:", "  zero:",
+                          "precision:", "  grad_reduce:", "optim:", "  grad_clip:", "data:",
+                          "train:", "  recompute:", "  attention:", "  sample_prompt:",
+                          "checkpoint:", "  resume:", "logging:", "  level:"}) {
     const size_t at = yaml.find(key, last);
     ASSERT_NE(at, std::string::npos) << key << " missing or out of order in\n" << yaml;
     last = at;

@@ -29,8 +29,9 @@ struct Lookup {
 };
 
 Lookup run(ModelConfig cfg, bool fp32_embedding, const testing::HostTensor& tokens, int B, int T) {
-  cfg.fp32_embedding = fp32_embedding;
-  Transformer model(cfg, DType::bf16, Device::cpu);
+  ExecOptions exec;
+  exec.fp32_embedding = fp32_embedding;
+  Transformer model(cfg, DType::bf16, Device::cpu, nullptr, {}, 1, true, exec);
   model.init_weights(5);
   EXPECT_EQ(model.fp32_embedding(), fp32_embedding);
   Activations acts(model, B, T, false);

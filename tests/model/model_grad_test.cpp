@@ -74,8 +74,9 @@ TEST_P(ModelGrad, RecomputationIsBitwiseIdentical) {
   std::vector<std::vector<float>> grads[2];
   double losses[2];
   for (int r = 0; r < 2; ++r) {
-    cfg.recompute = r == 1;
-    Transformer model(cfg, DType::f32, Device::cpu);
+    ExecOptions exec;
+    exec.recompute = r == 1;
+    Transformer model(cfg, DType::f32, Device::cpu, nullptr, {}, 1, true, exec);
     model.init_weights(5);
     Activations acts(model, B, T, true);
     model.params().zero_grad();

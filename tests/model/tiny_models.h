@@ -8,7 +8,7 @@ namespace tessera::testing {
 // so the padding path of the loss is exercised.
 inline ModelConfig tiny_gpt2() {
   ModelConfig c;
-  c.family = "gpt2";
+  c.family = ModelFamily::gpt2;
   c.vocab_size = 37;
   c.padded_vocab_size = 40;
   c.num_layers = 2;
@@ -30,7 +30,7 @@ inline ModelConfig tiny_gpt2() {
 // untied head.
 inline ModelConfig tiny_llama() {
   ModelConfig c;
-  c.family = "llama";
+  c.family = ModelFamily::llama;
   c.vocab_size = 41;
   c.padded_vocab_size = 41;
   c.num_layers = 2;

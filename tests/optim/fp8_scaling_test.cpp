@@ -184,8 +184,6 @@ TEST(Fp8ScalingState, GemmScaleCopiesAreAlignedAndCurrent) {
   }
 }
 
-}
-
 TEST(Fp8ScalingState, LoadRejectsMismatchedOrCorruptSnapshots) {
   Fp8ScalingState state(Device::cpu, {DType::e4m3, DType::e5m2},
                         config(2, ops::Fp8AmaxCompute::max, 0));
