@@ -13,7 +13,9 @@
 namespace tessera {
 namespace {
 
-constexpr const char* kBegin = "<!-- recipe-keys:begin (generated from src/config; see tests/config/recipe_docs_test.cpp) -->\n";
+constexpr const char* kBegin =
+    "<!-- recipe-keys:begin (generated from src/config; see tests/config/recipe_docs_test.cpp) "
+    "-->\n";
 constexpr const char* kEnd = "<!-- recipe-keys:end -->\n";
 
 TEST(RecipeDocs, KeyTableMatchesTheFieldTables) {

@@ -7,7 +7,7 @@
 #include <cmath>
 #include <random>
 
-#include "../model/tiny_models.h"
+#include "tests/common/tiny_models.h"
 #include "cuda_test_util.h"
 #include "kernels/ops.h"
 #include "model/transformer.h"

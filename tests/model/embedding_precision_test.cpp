@@ -11,7 +11,7 @@
 #include "../common/testing.h"
 #include "core/dtype.h"
 #include "model/transformer.h"
-#include "tiny_models.h"
+#include "tests/common/tiny_models.h"
 
 namespace tessera {
 namespace {

@@ -5,7 +5,7 @@
 #pragma once
 #include <string>
 
-#include "../model/tiny_models.h"
+#include "tests/common/tiny_models.h"
 
 namespace tessera::golden {
 
