@@ -1,5 +1,5 @@
 // ExecOptions: how a model runs, as opposed to what it is (ModelConfig). None of these change the
-// weights, so a resumed run may choose them differently. The trainer derives them from the recipe
+// weights, so a resumed run may choose them differently (the gradients live within one step). The trainer derives them from the recipe
 // (train.recompute, parallel.recompute_stages, precision.high_precision).
 #pragma once
 
@@ -15,6 +15,9 @@ struct ExecOptions {
   // table (and positions), sums in FP32 and rounds once into the residual stream, as Megatron's
   // embedding weights in FP32 do. Needs the masters on every rank (not with ZeRO-1).
   bool fp32_embedding = false;
+  // precision.grad_reduce: fp32 under 16-bit compute: parameter gradients are FP32 (accumulated
+  // over micro-batches and reduced over dp in FP32); otherwise they have the compute dtype.
+  bool fp32_grads = false;
 };
 
 }  // namespace tessera

@@ -33,16 +33,18 @@ int ParamStore::add(ParamSpec spec) {
 // Master weights are f32 whatever the compute dtype (f64 stays f64: the CPU reference tests).
 static DType master_dtype_for(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
 
-size_t ParamStore::bytes_for(int64_t n, DType dtype, bool with_master) {
-  const size_t one = Arena::aligned(dtype_storage_bytes(dtype, n));
+size_t ParamStore::bytes_for(int64_t n, DType dtype, bool with_master, bool fp32_grads) {
   const DType mdt = master_dtype_for(dtype);
-  return 2 * one + (with_master && mdt != dtype ? Arena::aligned(dtype_storage_bytes(mdt, n)) : 0);
+  return Arena::aligned(dtype_storage_bytes(dtype, n)) +
+         Arena::aligned(dtype_storage_bytes(grad_dtype_for(dtype, fp32_grads), n)) +
+         (with_master && mdt != dtype ? Arena::aligned(dtype_storage_bytes(mdt, n)) : 0);
 }
 
 void ParamStore::allocate(DType dtype, Device device, Arena* arena, int64_t pad_multiple,
-                          bool with_master) {
+                          bool with_master, bool fp32_grads) {
   TS_CHECK(pad_multiple >= 1, "pad_multiple {}", pad_multiple);
   dtype_ = dtype;
+  grad_dtype_ = grad_dtype_for(dtype, fp32_grads);
   master_dtype_ = master_dtype_for(dtype);
   device_ = device;
   padded_elements_ = padded(num_elements_, pad_multiple);
@@ -50,11 +52,11 @@ void ParamStore::allocate(DType dtype, Device device, Arena* arena, int64_t pad_
   const size_t master_bytes = dtype_storage_bytes(master_dtype_, padded_elements_);
   Arena own;
   if (!arena) {
-    own = Arena(device, bytes_needed(dtype, pad_multiple, with_master), "parameters");
+    own = Arena(device, bytes_needed(dtype, pad_multiple, with_master, fp32_grads), "parameters");
     arena = &own;
   }
   values_ = arena->alloc_bytes(bytes);
-  grads_ = arena->alloc_bytes(bytes);
+  grads_ = arena->alloc_bytes(dtype_storage_bytes(grad_dtype_, padded_elements_));
   if (master_dtype_ == dtype)
     master_ = values_;  // f32 compute: the values are the masters
   else
@@ -140,7 +142,7 @@ Tensor ParamStore::flat_values() const {
   return Tensor(values_, dtype_, device_, {padded_elements_});
 }
 Tensor ParamStore::flat_grads() const {
-  return Tensor(grads_, dtype_, device_, {padded_elements_});
+  return Tensor(grads_, grad_dtype_, device_, {padded_elements_});
 }
 Tensor ParamStore::flat_master() const {
   return master_ ? Tensor(master_, master_dtype_, device_, {padded_elements_}) : Tensor();

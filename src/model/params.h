@@ -63,14 +63,21 @@ class ParamStore {
   int add(ParamSpec spec);
   // Carves values, grads and (for 16-bit compute, when with_master) masters from `arena`, or from
   // buffers it owns when arena is null. The flat buffers are padded with zeros to a multiple of
-  // pad_multiple elements (data-parallel buckets split evenly over dp ranks).
-  // bytes_needed() is what allocate() takes from an arena.
+  // pad_multiple elements (data-parallel buckets split evenly over dp ranks). With fp32_grads and
+  // 16-bit values the gradients are f32 (grad_dtype_for): they accumulate micro-batches and
+  // reduce over dp in FP32 (Megatron's main_grad, the weight-gradient GEMMs accumulating straight
+  // into it); otherwise they have the values' dtype. bytes_needed() is what allocate() takes.
   void allocate(DType dtype, Device device, Arena* arena = nullptr, int64_t pad_multiple = 1,
-                bool with_master = true);
-  size_t bytes_needed(DType dtype, int64_t pad_multiple = 1, bool with_master = true) const {
-    return bytes_for(padded(num_elements_, pad_multiple), dtype, with_master);
+                bool with_master = true, bool fp32_grads = false);
+  size_t bytes_needed(DType dtype, int64_t pad_multiple = 1, bool with_master = true,
+                      bool fp32_grads = false) const {
+    return bytes_for(padded(num_elements_, pad_multiple), dtype, with_master, fp32_grads);
   }
-  static size_t bytes_for(int64_t num_elements, DType dtype, bool with_master = true);
+  static size_t bytes_for(int64_t num_elements, DType dtype, bool with_master = true,
+                          bool fp32_grads = false);
+  static DType grad_dtype_for(DType dtype, bool fp32_grads) {
+    return fp32_grads && (dtype == DType::bf16 || dtype == DType::f16) ? DType::f32 : dtype;
+  }
   static int64_t padded(int64_t n, int64_t multiple) {
     return (n + multiple - 1) / multiple * multiple;
   }
@@ -99,6 +106,7 @@ class ParamStore {
   Tensor flat_master() const;  // (padded_num_elements) f32 (f64 in tests); empty without masters
   DType master_dtype() const { return master_dtype_; }
   DType dtype() const { return dtype_; }
+  DType grad_dtype() const { return grad_dtype_; }
   Device device() const { return device_; }
 
  private:
@@ -106,6 +114,7 @@ class ParamStore {
   int64_t num_elements_ = 0;
   int64_t padded_elements_ = 0;
   DType dtype_ = DType::f32;
+  DType grad_dtype_ = DType::f32;
   DType master_dtype_ = DType::f32;
   Device device_ = Device::cpu;
   Buffer owned_;  // when not allocated from an arena

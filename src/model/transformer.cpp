@@ -49,9 +49,12 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
     total += al(N * C * e) + al(N * s) * 2 + al(N * V * (head32 ? 4 : e)) + al(N * s) * 2 +
              al(N * C * e);
     if (sh.tp_size > 1) total += al(3 * N * s);
+    // FP32 gradients take the head's f32 weight gradient directly; 16-bit ones need it formed
+    // apart (head_dw32) and rounded (head_dw).
     if (head32)
       total += al(N * C * 4) + al(V * C * 4) +
-               (training ? al(N * C * 4) + al(V * C * 4) + al(V * C * e) : 0);
+               (training ? al(N * C * 4) + (exec.fp32_grads ? 0 : al(V * C * 4) + al(V * C * e))
+                         : 0);
   }
   total += al(N * C * e);                                                        // d_resid
   if (sh.first_stage() && exec.fp32_embedding && e < 4) total += al(N * C * 4);  // embed32
@@ -86,8 +89,8 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
     if (head32) {
       lnf_out32 = ar.alloc(DType::f32, {N, c.hidden});
       head_w32 = ar.alloc(DType::f32, {c.padded_vocab_size, c.hidden});
-      if (training) {
-        d_lnf32 = ar.alloc(DType::f32, {N, c.hidden});
+      if (training) d_lnf32 = ar.alloc(DType::f32, {N, c.hidden});
+      if (training && model.params().grad_dtype() != DType::f32) {
         head_dw32 = ar.alloc(DType::f32, {c.padded_vocab_size, c.hidden});
         head_dw = ar.alloc(dt, {c.padded_vocab_size, c.hidden});
       }
@@ -116,7 +119,7 @@ Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Are
   exec_ = exec;
   dtype_ = dtype;
   device_ = device;
-  params_.allocate(dtype, device, arena, pad_multiple, with_master);
+  params_.allocate(dtype, device, arena, pad_multiple, with_master, exec.fp32_grads);
   TS_CHECK(!exec.fp32_embedding || with_master || dtype == DType::f32 || dtype == DType::f64,
            "fp32_embedding reads the FP32 master table, which this store does not keep");
 }
@@ -130,9 +133,9 @@ ParamStore Transformer::declared_params(const ModelConfig& cfg, const ModelShard
 }
 
 size_t Transformer::param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
-                                int64_t pad_multiple, bool with_master) {
+                                int64_t pad_multiple, bool with_master, bool fp32_grads) {
   const int64_t n = ParamStore::padded(local_num_params(cfg, shard), pad_multiple);
-  return ParamStore::bytes_for(n, dtype, with_master);
+  return ParamStore::bytes_for(n, dtype, with_master, fp32_grads);
 }
 
 void Transformer::declare_params() {
@@ -284,14 +287,21 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
                              head_weight());
         if (d_lnf_sum) d_lnf_sum->wait();
       } else {
-        // FP32 head: the products and the tp sum in FP32; the weight gradient is formed in FP32
-        // and added to the narrow gradient (one more rounding than the fused accumulate).
+        // FP32 head: the products and the tp sum in FP32; the weight gradient accumulates into
+        // an FP32 gradient directly, or is formed in FP32 and added to a 16-bit one (one more
+        // rounding than the fused accumulate).
         ops::gemm(a.d_lnf32, a.logits, a.head_w32, false, false, 1.0f, 0.0f);
         CommHandle d_lnf_sum = copy_to_tp_region_backward_async(shard_, a.d_lnf32);
-        zero_tensor(a.head_dw32);
-        ops::matmul_backward(Tensor(), a.head_dw32, Tensor(), a.logits, a.lnf_out32, a.head_w32);
-        ops::cast(a.head_dw, a.head_dw32);
-        ops::add_inplace(params_[head].grad, a.head_dw);
+        if (a.head_dw32.empty()) {
+          ops::matmul_backward(Tensor(), params_[head].grad, Tensor(), a.logits, a.lnf_out32,
+                               a.head_w32);
+        } else {
+          zero_tensor(a.head_dw32);
+          ops::matmul_backward(Tensor(), a.head_dw32, Tensor(), a.logits, a.lnf_out32,
+                               a.head_w32);
+          ops::cast(a.head_dw, a.head_dw32);
+          ops::add_inplace(params_[head].grad, a.head_dw);
+        }
         if (d_lnf_sum) d_lnf_sum->wait();
         ops::cast(a.d_lnf, a.d_lnf32);
       }

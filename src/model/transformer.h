@@ -53,7 +53,9 @@ class Activations {
   Tensor logits;  // (N,Vl); becomes dlogits in backward (f32 with fp32_lm_head)
   // fp32_lm_head only: FP32 copies of the head's input and weight, and FP32 gradients.
   Tensor lnf_out32, head_w32;          // (N,C), (Vl,C)
-  Tensor d_lnf32, head_dw32, head_dw;  // (N,C), (Vl,C) f32, (Vl,C) in the model dtype (training)
+  // d_lnf32 (N,C); head_dw32 and head_dw (Vl,C) f32 and the model dtype, training with gradients
+  // in the compute dtype only (FP32 gradients take the head's f32 product directly).
+  Tensor d_lnf32, head_dw32, head_dw;
   Tensor losses, lse;                  // (N), (N)
   Tensor ce_stats;                     // (3,N) tp > 1: row max, then sum of exp and target logit
   Tensor d_lnf;                        // (N,C)
@@ -68,7 +70,8 @@ class Transformer {
               const ModelShard& shard = {}, int64_t pad_multiple = 1, bool with_master = true,
               const ExecOptions& exec = {});
   static size_t param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
-                            int64_t pad_multiple = 1, bool with_master = true);
+                            int64_t pad_multiple = 1, bool with_master = true,
+                            bool fp32_grads = false);
   static int64_t local_num_params(const ModelConfig& cfg, const ModelShard& shard);
   // This rank's parameters declared (names, shapes, offsets) but not allocated: enough to plan
   // memory and data-parallel buckets before anything is allocated.

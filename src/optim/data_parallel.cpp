@@ -98,7 +98,7 @@ DistributedDataParallel::DistributedDataParallel(ParamStore& params,
       groups_(groups),
       cfg_(cfg),
       layout_(params, groups.dp ? groups.dp->size() : 1,
-              cfg.bucket_bytes / static_cast<int64_t>(dtype_size(params.dtype()))),
+              cfg.bucket_bytes / static_cast<int64_t>(dtype_size(params.grad_dtype()))),
       ready_offset_(std::numeric_limits<int64_t>::max()) {
   TS_CHECK(groups.dp && groups.tp && groups.embedding && groups.dp_host && groups.model_host,
            "every data-parallel communicator must be given");

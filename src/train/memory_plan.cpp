@@ -39,10 +39,12 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
   const ParallelConfig& par = r.parallel;
   const int B = r.data.micro_batch, T = r.data.seq_len;
   MemoryPlan plan;
-  plan.params = Transformer::param_bytes(r.model, in.shard, in.dtype, par.dp, par.zero == 0);
-  // The bucket layout only needs the parameters' shapes.
+  plan.params = Transformer::param_bytes(r.model, in.shard, in.dtype, par.dp, par.zero == 0,
+                                         in.exec.fp32_grads);
+  // The bucket layout only needs the parameters' shapes and the gradients' dtype.
+  const DType grad_dtype = ParamStore::grad_dtype_for(in.dtype, in.exec.fp32_grads);
   const int64_t bucket_numel =
-      std::max<int64_t>(1, par.bucket_bytes() / int64_t(dtype_size(in.dtype)));
+      std::max<int64_t>(1, par.bucket_bytes() / int64_t(dtype_size(grad_dtype)));
   plan.optimizer = DistributedOptimizer::bytes_for(
       BucketLayout(Transformer::declared_params(r.model, in.shard), par.dp, bucket_numel), in.dtype,
       par.zero);

@@ -15,7 +15,8 @@
 namespace tessera {
 
 struct MemoryPlan {
-  size_t params = 0;      // values, gradients and (unless ZeRO-1 shards them) FP32 masters
+  size_t params = 0;      // values, gradients (FP32 with grad_reduce: fp32) and FP32 masters
+                          // (unless ZeRO-1 shards them)
   size_t optimizer = 0;   // AdamW moments (and ZeRO-1's FP32 master shard)
   size_t train_acts = 0;  // the pipeline executor's activation sets, batches and p2p buffers
   size_t workspace = 0;   // GEMM + attention scratch of the CUDA backend
