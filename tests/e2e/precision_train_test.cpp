@@ -288,8 +288,8 @@ TEST(Precision, Fp32GradientsTrackFp32CloserThan16BitOnes) {
   };
   std::printf(
       "bf16 vs fp32, 16 micro-batches: first grad norm off by %.3e (fp32 grads) vs %.3e "
-      "(bf16 grads); mean |loss difference| over 30 steps %.3e vs %.3e; fp16 norm %.3e\n",
-      norm_gap(f32), norm_gap(b16), mean_loss_gap(f32), mean_loss_gap(b16), norm_gap(f16));
+      "(bf16 grads); mean |loss difference| over 20 steps %.3e vs %.3e\n",
+      norm_gap(f32), norm_gap(b16), mean_loss_gap(f32), mean_loss_gap(b16));
   EXPECT_LT(norm_gap(f32), norm_gap(b16));
   EXPECT_LT(mean_loss_gap(f32), mean_loss_gap(b16));
 }
