@@ -40,14 +40,16 @@ struct NoCuda {};
   ::tessera::ops::detail::NoCuda {}
 #endif
 
-// Runs op `op` on `device` under a ProfileScope: on_cuda() on a cuda device, else the CPU body.
+// Runs op `op` on `device` under a ProfileScope on `stream`: on_cuda() on a cuda device (the
+// callable passes the stream on), else the CPU body.
 // A CPU body taking a cpu::NarrowScope& gets one named after the op (bf16/f16 operands widened to
 // f32 scratch, kernels/cpu/narrow.h) and the scope is finished (written copies rounded back once)
 // after the body returns; nothing is written back when the body throws. A CPU body taking no
 // argument handles every dtype itself.
 template <class OnCuda, class OnCpu>
-decltype(auto) dispatch(const char* op, Device device, OnCuda&& on_cuda, OnCpu&& on_cpu) {
-  const ProfileScope profile(op, device);
+decltype(auto) dispatch(const char* op, Device device, Stream stream, OnCuda&& on_cuda,
+                        OnCpu&& on_cpu) {
+  const ProfileScope profile(op, device, stream);
   if (device == Device::cuda) {
     if constexpr (std::is_same_v<std::decay_t<OnCuda>, NoCuda>)
       no_cuda(op);
@@ -71,9 +73,9 @@ decltype(auto) dispatch(const char* op, Device device, OnCuda&& on_cuda, OnCpu&&
 
 // The same, on the device of the first non-empty tensor of `tensors`.
 template <class OnCuda, class OnCpu>
-decltype(auto) dispatch(const char* op, std::initializer_list<const Tensor*> tensors,
+decltype(auto) dispatch(const char* op, std::initializer_list<const Tensor*> tensors, Stream stream,
                         OnCuda&& on_cuda, OnCpu&& on_cpu) {
-  return dispatch(op, device_of(tensors), static_cast<OnCuda&&>(on_cuda),
+  return dispatch(op, device_of(tensors), stream, static_cast<OnCuda&&>(on_cuda),
                   static_cast<OnCpu&&>(on_cpu));
 }
 

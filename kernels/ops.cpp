@@ -1,6 +1,7 @@
-// Dispatch of every op in kernels/ops.h to its backend, chosen by the device of the first tensor.
-// The CUDA backend is linked only when built with TESSERA_CUDA. On the CPU, bf16/f16 operands run
-// through the f32 reference kernels with CUDA's numerics (kernels/cpu/narrow.h).
+// Dispatch of every op in kernels/ops.h to its backend, chosen by the device of the first tensor,
+// through kernels/dispatch.h. The CUDA backend is linked only when built with TESSERA_CUDA; it gets
+// the op's stream (and attention its implementation), which the CPU ignores. On the CPU, bf16/f16
+// operands run through the f32 reference kernels with CUDA's numerics (kernels/cpu/narrow.h).
 #include "kernels/ops.h"
 
 #include <algorithm>
@@ -58,21 +59,15 @@ void cpu_adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamW
 }
 }  // namespace
 
-void set_cuda_attention_impl(const std::string& impl) {
-  TS_CHECK(impl == "cudnn" || impl == "native", "attention impl {}", impl);
-#ifdef TESSERA_CUDA
-  if (!cuda_available()) return;  // nothing runs on cuda here; creating a context would fail
-  cuda::context().attention_impl = impl == "cudnn" ? cuda::kAttentionCudnn : cuda::kAttentionNative;
-#endif
-}
-
 size_t cuda_workspace_bytes(int B, int T, int num_heads, int num_kv_heads, int head_dim,
-                            DType dtype) {
+                            DType dtype, AttentionImpl impl) {
 #ifdef TESSERA_CUDA
   if (!cuda_available()) return 0;
-  return std::max(cuda::default_workspace_bytes(),
-                  cuda::attention_workspace_bytes(B, T, num_heads, num_kv_heads, head_dim, dtype));
+  return std::max(
+      cuda::default_workspace_bytes(),
+      cuda::attention_workspace_bytes(B, T, num_heads, num_kv_heads, head_dim, dtype, impl));
 #else
+  (void)impl;
   return 0;
 #endif
 }
@@ -85,26 +80,30 @@ void use_cuda_workspace(void* ptr, size_t bytes) {
 #endif
 }
 
-void synchronize(Device device) {
+void synchronize(Device device, Stream stream) {
 #ifdef TESSERA_CUDA
-  if (device == Device::cuda) cuda::sync();
+  if (device == Device::cuda) cuda::sync(stream);
+#else
+  (void)device, (void)stream;
 #endif
 }
 
 void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t vocab_start,
-                       int64_t vocab_total) {
-  dispatch("embedding_forward", {&out, &tokens, &wte, &wpe},
-           TS_ON_CUDA(cuda::embedding_forward(out, tokens, wte, wpe, vocab_start, vocab_total)),
-           [&](cpu::NarrowScope& n) {
-             cpu::embedding_forward(n.out(out, "out"), n.in(tokens, "tokens"), n.in(wte, "wte"),
-                                    n.in(wpe, "wpe"), vocab_start, vocab_total);
-           });
+                       int64_t vocab_total, Stream stream) {
+  dispatch(
+      "embedding_forward", {&out, &tokens, &wte, &wpe}, stream,
+      TS_ON_CUDA(cuda::embedding_forward(out, tokens, wte, wpe, vocab_start, vocab_total, stream)),
+      [&](cpu::NarrowScope& n) {
+        cpu::embedding_forward(n.out(out, "out"), n.in(tokens, "tokens"), n.in(wte, "wte"),
+                               n.in(wpe, "wpe"), vocab_start, vocab_total);
+      });
 }
 
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
-                        int64_t vocab_total) {
-  dispatch("embedding_backward", {&dwte, &dwpe, &dout, &tokens},
-           TS_ON_CUDA(cuda::embedding_backward(dwte, dwpe, dout, tokens, vocab_start, vocab_total)),
+                        int64_t vocab_total, Stream stream) {
+  dispatch("embedding_backward", {&dwte, &dwpe, &dout, &tokens}, stream,
+           TS_ON_CUDA(cuda::embedding_backward(dwte, dwpe, dout, tokens, vocab_start, vocab_total,
+                                               stream)),
            [&](cpu::NarrowScope& n) {
              cpu::embedding_backward(n.inout(dwte, "dwte"), n.inout(dwpe, "dwpe"),
                                      n.in(dout, "dout"), n.in(tokens, "tokens"), vocab_start,
@@ -113,28 +112,29 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, in
 }
 
 void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias,
-                       float eps) {
-  dispatch("layernorm_forward", {&out, &mean, &rstd, &inp, &weight, &bias},
-           TS_ON_CUDA(cuda::layernorm_forward(out, mean, rstd, inp, weight, bias, eps)),
+                       float eps, Stream stream) {
+  dispatch("layernorm_forward", {&out, &mean, &rstd, &inp, &weight, &bias}, stream,
+           TS_ON_CUDA(cuda::layernorm_forward(out, mean, rstd, inp, weight, bias, eps, stream)),
            [&] { cpu_layernorm_forward(out, mean, rstd, inp, weight, bias, eps); });
 }
 
 void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                        Tensor weight, Tensor mean, Tensor rstd) {
-  dispatch(
-      "layernorm_backward", {&dinp, &dweight, &dbias, &dout, &inp, &weight, &mean, &rstd},
-      TS_ON_CUDA(cuda::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)),
-      [&](cpu::NarrowScope& n) {
-        cpu::layernorm_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"),
-                                n.inout(dbias, "dbias"), n.in(dout, "dout"), n.in(inp, "inp"),
-                                n.in(weight, "weight"), n.stat_in(mean, "mean"),
-                                n.stat_in(rstd, "rstd"));
-      });
+                        Tensor weight, Tensor mean, Tensor rstd, Stream stream) {
+  dispatch("layernorm_backward", {&dinp, &dweight, &dbias, &dout, &inp, &weight, &mean, &rstd},
+           stream,
+           TS_ON_CUDA(cuda::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd,
+                                               stream)),
+           [&](cpu::NarrowScope& n) {
+             cpu::layernorm_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"),
+                                     n.inout(dbias, "dbias"), n.in(dout, "dout"), n.in(inp, "inp"),
+                                     n.in(weight, "weight"), n.stat_in(mean, "mean"),
+                                     n.stat_in(rstd, "rstd"));
+           });
 }
 
-void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float eps) {
-  dispatch("rmsnorm_forward", {&out, &rstd, &inp, &weight},
-           TS_ON_CUDA(cuda::rmsnorm_forward(out, rstd, inp, weight, eps)),
+void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float eps, Stream stream) {
+  dispatch("rmsnorm_forward", {&out, &rstd, &inp, &weight}, stream,
+           TS_ON_CUDA(cuda::rmsnorm_forward(out, rstd, inp, weight, eps, stream)),
            [&](cpu::NarrowScope& n) {
              cpu::rmsnorm_forward(n.out(out, "out"), n.stat_out(rstd, "rstd"), n.in(inp, "inp"),
                                   n.in(weight, "weight"), eps);
@@ -142,9 +142,9 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
 }
 
 void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight,
-                      Tensor rstd) {
-  dispatch("rmsnorm_backward", {&dinp, &dweight, &dout, &inp, &weight, &rstd},
-           TS_ON_CUDA(cuda::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd)),
+                      Tensor rstd, Stream stream) {
+  dispatch("rmsnorm_backward", {&dinp, &dweight, &dout, &inp, &weight, &rstd}, stream,
+           TS_ON_CUDA(cuda::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, stream)),
            [&](cpu::NarrowScope& n) {
              cpu::rmsnorm_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"),
                                    n.in(dout, "dout"), n.in(inp, "inp"), n.in(weight, "weight"),
@@ -152,8 +152,10 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
            });
 }
 
-void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta) {
-  dispatch("gemm", {&c, &a, &b}, TS_ON_CUDA(cuda::gemm(c, a, b, trans_a, trans_b, alpha, beta)),
+void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta,
+          Stream stream) {
+  dispatch("gemm", {&c, &a, &b}, stream,
+           TS_ON_CUDA(cuda::gemm(c, a, b, trans_a, trans_b, alpha, beta, stream)),
            [&](cpu::NarrowScope& n) {
              // beta = 0 ignores c's contents (they may be garbage), so c is only read when
              // beta != 0.
@@ -162,18 +164,19 @@ void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha,
            });
 }
 
-void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
-  dispatch("matmul_forward", {&out, &inp, &weight, &bias},
-           TS_ON_CUDA(cuda::matmul_forward(out, inp, weight, bias)), [&](cpu::NarrowScope& n) {
+void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias, Stream stream) {
+  dispatch("matmul_forward", {&out, &inp, &weight, &bias}, stream,
+           TS_ON_CUDA(cuda::matmul_forward(out, inp, weight, bias, stream)),
+           [&](cpu::NarrowScope& n) {
              cpu::matmul_forward(n.out(out, "out"), n.in(inp, "inp"), n.in(weight, "weight"),
                                  n.in(bias, "bias"));
            });
 }
 
 void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                     Tensor weight) {
-  dispatch("matmul_backward", {&dinp, &dweight, &dbias, &dout, &inp, &weight},
-           TS_ON_CUDA(cuda::matmul_backward(dinp, dweight, dbias, dout, inp, weight)),
+                     Tensor weight, Stream stream) {
+  dispatch("matmul_backward", {&dinp, &dweight, &dbias, &dout, &inp, &weight}, stream,
+           TS_ON_CUDA(cuda::matmul_backward(dinp, dweight, dbias, dout, inp, weight, stream)),
            [&](cpu::NarrowScope& n) {
              cpu::matmul_backward(n.out(dinp, "dinp"), n.inout(dweight, "dweight"),
                                   n.inout(dbias, "dbias"), n.in(dout, "dout"), n.in(inp, "inp"),
@@ -181,49 +184,53 @@ void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
            });
 }
 
-void bias_add(Tensor out, Tensor bias) {
-  dispatch("bias_add", {&out, &bias}, TS_ON_CUDA(cuda::bias_add(out, bias)),
+void bias_add(Tensor out, Tensor bias, Stream stream) {
+  dispatch("bias_add", {&out, &bias}, stream, TS_ON_CUDA(cuda::bias_add(out, bias, stream)),
            [&](cpu::NarrowScope& n) {
              check_bias_dtype(out, bias, "bias_add", "bias");
              cpu::bias_add(n.inout(out, "out"), n.in(bias, "bias"));
            });
 }
 
-void bias_grad(Tensor dbias, Tensor dout) {
-  dispatch("bias_grad", {&dbias, &dout}, TS_ON_CUDA(cuda::bias_grad(dbias, dout)),
+void bias_grad(Tensor dbias, Tensor dout, Stream stream) {
+  dispatch("bias_grad", {&dbias, &dout}, stream, TS_ON_CUDA(cuda::bias_grad(dbias, dout, stream)),
            [&](cpu::NarrowScope& n) {
              check_bias_dtype(dout, dbias, "bias_grad", "dbias");
              cpu::bias_grad(n.inout(dbias, "dbias"), n.in(dout, "dout"));
            });
 }
 
-void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset) {
-  dispatch("rope_forward", {&out, &inp},
-           TS_ON_CUDA(cuda::rope_forward(out, inp, theta, pos_offset)), [&](cpu::NarrowScope& n) {
+void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset, Stream stream) {
+  dispatch("rope_forward", {&out, &inp}, stream,
+           TS_ON_CUDA(cuda::rope_forward(out, inp, theta, pos_offset, stream)),
+           [&](cpu::NarrowScope& n) {
              cpu::rope_forward(n.out(out, "out"), n.in(inp, "inp"), theta, pos_offset);
            });
 }
 
-void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset) {
-  dispatch("rope_backward", {&dinp, &dout},
-           TS_ON_CUDA(cuda::rope_backward(dinp, dout, theta, pos_offset)),
+void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset, Stream stream) {
+  dispatch("rope_backward", {&dinp, &dout}, stream,
+           TS_ON_CUDA(cuda::rope_backward(dinp, dout, theta, pos_offset, stream)),
            [&](cpu::NarrowScope& n) {
              cpu::rope_backward(n.out(dinp, "dinp"), n.in(dout, "dout"), theta, pos_offset);
            });
 }
 
-void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale) {
-  dispatch("attention_forward", {&out, &lse, &q, &k, &v},
-           TS_ON_CUDA(cuda::attention_forward(out, lse, q, k, v, scale)), [&](cpu::NarrowScope& n) {
+void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale,
+                       AttentionImpl impl, Stream stream) {
+  dispatch("attention_forward", {&out, &lse, &q, &k, &v}, stream,
+           TS_ON_CUDA(cuda::attention_forward(out, lse, q, k, v, scale, impl, stream)),
+           [&](cpu::NarrowScope& n) {
              cpu::attention_forward(n.out(out, "out"), n.stat_out(lse, "lse"), n.in(q, "q"),
                                     n.in(k, "k"), n.in(v, "v"), scale);
            });
 }
 
 void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v,
-                        Tensor out, Tensor lse, float scale) {
-  dispatch("attention_backward", {&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse},
-           TS_ON_CUDA(cuda::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, scale)),
+                        Tensor out, Tensor lse, float scale, AttentionImpl impl, Stream stream) {
+  dispatch("attention_backward", {&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse}, stream,
+           TS_ON_CUDA(
+               cuda::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, scale, impl, stream)),
            [&](cpu::NarrowScope& n) {
              cpu::attention_backward(n.out(dq, "dq"), n.out(dk, "dk"), n.out(dv, "dv"),
                                      n.in(dout, "dout"), n.in(q, "q"), n.in(k, "k"), n.in(v, "v"),
@@ -231,79 +238,82 @@ void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, 
            });
 }
 
-void gelu_forward(Tensor out, Tensor inp) {
-  dispatch("gelu_forward", {&out, &inp}, TS_ON_CUDA(cuda::gelu_forward(out, inp)),
+void gelu_forward(Tensor out, Tensor inp, Stream stream) {
+  dispatch("gelu_forward", {&out, &inp}, stream, TS_ON_CUDA(cuda::gelu_forward(out, inp, stream)),
            [&](cpu::NarrowScope& n) { cpu::gelu_forward(n.out(out, "out"), n.in(inp, "inp")); });
 }
 
-void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
-  dispatch("gelu_backward", {&dinp, &dout, &inp}, TS_ON_CUDA(cuda::gelu_backward(dinp, dout, inp)),
-           [&](cpu::NarrowScope& n) {
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp, Stream stream) {
+  dispatch("gelu_backward", {&dinp, &dout, &inp}, stream,
+           TS_ON_CUDA(cuda::gelu_backward(dinp, dout, inp, stream)), [&](cpu::NarrowScope& n) {
              cpu::gelu_backward(n.out(dinp, "dinp"), n.in(dout, "dout"), n.in(inp, "inp"));
            });
 }
 
-void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
-  dispatch("swiglu_forward", {&out, &gate, &up}, TS_ON_CUDA(cuda::swiglu_forward(out, gate, up)),
-           [&](cpu::NarrowScope& n) {
+void swiglu_forward(Tensor out, Tensor gate, Tensor up, Stream stream) {
+  dispatch("swiglu_forward", {&out, &gate, &up}, stream,
+           TS_ON_CUDA(cuda::swiglu_forward(out, gate, up, stream)), [&](cpu::NarrowScope& n) {
              cpu::swiglu_forward(n.out(out, "out"), n.in(gate, "gate"), n.in(up, "up"));
            });
 }
 
-void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up) {
-  dispatch("swiglu_backward", {&dgate, &dup, &dout, &gate, &up},
-           TS_ON_CUDA(cuda::swiglu_backward(dgate, dup, dout, gate, up)), [&](cpu::NarrowScope& n) {
+void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up, Stream stream) {
+  dispatch("swiglu_backward", {&dgate, &dup, &dout, &gate, &up}, stream,
+           TS_ON_CUDA(cuda::swiglu_backward(dgate, dup, dout, gate, up, stream)),
+           [&](cpu::NarrowScope& n) {
              cpu::swiglu_backward(n.out(dgate, "dgate"), n.out(dup, "dup"), n.in(dout, "dout"),
                                   n.in(gate, "gate"), n.in(up, "up"));
            });
 }
 
-void add_forward(Tensor out, Tensor a, Tensor b) {
-  dispatch("add_forward", {&out, &a, &b}, TS_ON_CUDA(cuda::add_forward(out, a, b)),
+void add_forward(Tensor out, Tensor a, Tensor b, Stream stream) {
+  dispatch("add_forward", {&out, &a, &b}, stream, TS_ON_CUDA(cuda::add_forward(out, a, b, stream)),
            [&] { cpu_add_forward(out, a, b); });
 }
 
-void add_inplace(Tensor dst, Tensor src) {
-  dispatch("add_inplace", {&dst, &src}, TS_ON_CUDA(cuda::add_inplace(dst, src)),
+void add_inplace(Tensor dst, Tensor src, Stream stream) {
+  dispatch("add_inplace", {&dst, &src}, stream, TS_ON_CUDA(cuda::add_inplace(dst, src, stream)),
            [&](cpu::NarrowScope& n) { cpu::add_inplace(n.inout(dst, "dst"), n.in(src, "src")); });
 }
 
-void scale_inplace(Tensor x, float s) {
-  dispatch("scale_inplace", {&x}, TS_ON_CUDA(cuda::scale_inplace(x, s)),
+void scale_inplace(Tensor x, float s, Stream stream) {
+  dispatch("scale_inplace", {&x}, stream, TS_ON_CUDA(cuda::scale_inplace(x, s, stream)),
            [&](cpu::NarrowScope& n) { cpu::scale_inplace(n.inout(x, "x"), s); });
 }
 
-void fill(Tensor x, float value) {
+void fill(Tensor x, float value, Stream stream) {
   // The CPU fill takes every float dtype itself (one rounding of value).
-  dispatch("fill", {&x}, TS_ON_CUDA(cuda::fill(x, value)), [&] { cpu::fill(x, value); });
+  dispatch("fill", {&x}, stream, TS_ON_CUDA(cuda::fill(x, value, stream)),
+           [&] { cpu::fill(x, value); });
 }
 
-void cast(Tensor dst, Tensor src) {
+void cast(Tensor dst, Tensor src, Stream stream) {
   // Any float dtype pair on the CPU, rounded once by convert_buffer.
-  dispatch("cast", {&dst, &src}, TS_ON_CUDA(cuda::cast(dst, src)), [&] { cpu::cast(dst, src); });
+  dispatch("cast", {&dst, &src}, stream, TS_ON_CUDA(cuda::cast(dst, src, stream)),
+           [&] { cpu::cast(dst, src); });
 }
 
-double sum_squares(Tensor x) {
-  return dispatch("sum_squares", {&x}, TS_ON_CUDA(cuda::sum_squares(x)),
+double sum_squares(Tensor x, Stream stream) {
+  return dispatch("sum_squares", {&x}, stream, TS_ON_CUDA(cuda::sum_squares(x, stream)),
                   [&](cpu::NarrowScope& n) { return cpu::sum_squares(n.in(x, "x")); });
 }
 
-void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets,
-                           int vocab_size) {
-  dispatch("cross_entropy_forward", {&losses, &lse, &logits, &targets},
-           TS_ON_CUDA(cuda::cross_entropy_forward(losses, lse, logits, targets, vocab_size)),
-           [&](cpu::NarrowScope& n) {
-             cpu::cross_entropy_forward(n.stat_out(losses, "losses"), n.stat_out(lse, "lse"),
-                                        n.in(logits, "logits"), n.in(targets, "targets"),
-                                        vocab_size);
-           });
+void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets, int vocab_size,
+                           Stream stream) {
+  dispatch(
+      "cross_entropy_forward", {&losses, &lse, &logits, &targets}, stream,
+      TS_ON_CUDA(cuda::cross_entropy_forward(losses, lse, logits, targets, vocab_size, stream)),
+      [&](cpu::NarrowScope& n) {
+        cpu::cross_entropy_forward(n.stat_out(losses, "losses"), n.stat_out(lse, "lse"),
+                                   n.in(logits, "logits"), n.in(targets, "targets"), vocab_size);
+      });
 }
 
 void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
-                            int vocab_size, float dloss, int64_t vocab_start) {
-  dispatch("cross_entropy_backward", {&dlogits, &logits, &lse, &targets},
+                            int vocab_size, float dloss, int64_t vocab_start, Stream stream) {
+  dispatch("cross_entropy_backward", {&dlogits, &logits, &lse, &targets}, stream,
            TS_ON_CUDA(cuda::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss,
-                                                   vocab_start)),
+                                                   vocab_start, stream)),
            [&](cpu::NarrowScope& n) {
              cpu::cross_entropy_backward(n.out(dlogits, "dlogits"), n.in(logits, "logits"),
                                          n.stat_in(lse, "lse"), n.in(targets, "targets"),
@@ -311,20 +321,23 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
            });
 }
 
-void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start, int vocab_size) {
-  dispatch("cross_entropy_shard_max", {&row_max, &logits},
-           TS_ON_CUDA(cuda::cross_entropy_shard_max(row_max, logits, vocab_start, vocab_size)),
-           [&](cpu::NarrowScope& n) {
-             cpu::cross_entropy_shard_max(n.stat_out(row_max, "row_max"), n.in(logits, "logits"),
-                                          vocab_start, vocab_size);
-           });
+void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start, int vocab_size,
+                             Stream stream) {
+  dispatch(
+      "cross_entropy_shard_max", {&row_max, &logits}, stream,
+      TS_ON_CUDA(cuda::cross_entropy_shard_max(row_max, logits, vocab_start, vocab_size, stream)),
+      [&](cpu::NarrowScope& n) {
+        cpu::cross_entropy_shard_max(n.stat_out(row_max, "row_max"), n.in(logits, "logits"),
+                                     vocab_start, vocab_size);
+      });
 }
 
 void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits, Tensor row_max,
-                              Tensor targets, int64_t vocab_start, int vocab_size) {
+                              Tensor targets, int64_t vocab_start, int vocab_size, Stream stream) {
   dispatch("cross_entropy_shard_sums", {&sum_exp, &target_logit, &logits, &row_max, &targets},
+           stream,
            TS_ON_CUDA(cuda::cross_entropy_shard_sums(sum_exp, target_logit, logits, row_max,
-                                                     targets, vocab_start, vocab_size)),
+                                                     targets, vocab_start, vocab_size, stream)),
            [&](cpu::NarrowScope& n) {
              cpu::cross_entropy_shard_sums(n.stat_out(sum_exp, "sum_exp"),
                                            n.stat_out(target_logit, "target_logit"),
@@ -334,40 +347,41 @@ void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits
 }
 
 void cross_entropy_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tensor sum_exp,
-                                Tensor target_logit, Tensor targets) {
+                                Tensor target_logit, Tensor targets, Stream stream) {
   // Statistics only (f32, or f64 in f64 tests): nothing to widen.
   dispatch("cross_entropy_shard_finish",
-           {&losses, &lse, &row_max, &sum_exp, &target_logit, &targets},
+           {&losses, &lse, &row_max, &sum_exp, &target_logit, &targets}, stream,
            TS_ON_CUDA(cuda::cross_entropy_shard_finish(losses, lse, row_max, sum_exp, target_logit,
-                                                       targets)),
+                                                       targets, stream)),
            [&] {
              cpu::cross_entropy_shard_finish(losses, lse, row_max, sum_exp, target_logit, targets);
            });
 }
 
-void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
-  dispatch("adamw_update", {&param, &grad, &m, &v},
-           TS_ON_CUDA(cuda::adamw_update(param, grad, m, v, s)),
+void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s,
+                  Stream stream) {
+  dispatch("adamw_update", {&param, &grad, &m, &v}, stream,
+           TS_ON_CUDA(cuda::adamw_update(param, grad, m, v, s, stream)),
            [&] { cpu_adamw_update(param, grad, m, v, s); });
 }
 
 void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a,
-                           Tensor b, Tensor weight, Tensor bias, float eps) {
-  dispatch(
-      "add_layernorm_forward", {&residual, &out, &a, &b},
-      TS_ON_CUDA(cuda::add_layernorm_forward(residual, out, mean, rstd, a, b, weight, bias, eps)),
-      [&] {
-        // The contract's sequence, each step rounded to its storage dtype as on CUDA: the
-        // norm reads the stored (rounded) residual.
-        cpu_add_forward(residual, a, b);
-        cpu_layernorm_forward(out, mean, rstd, residual, weight, bias, eps);
-      });
+                           Tensor b, Tensor weight, Tensor bias, float eps, Stream stream) {
+  dispatch("add_layernorm_forward", {&residual, &out, &a, &b}, stream,
+           TS_ON_CUDA(cuda::add_layernorm_forward(residual, out, mean, rstd, a, b, weight, bias,
+                                                  eps, stream)),
+           [&] {
+             // The contract's sequence, each step rounded to its storage dtype as on CUDA: the
+             // norm reads the stored (rounded) residual.
+             cpu_add_forward(residual, a, b);
+             cpu_layernorm_forward(out, mean, rstd, residual, weight, bias, eps);
+           });
 }
 
-void adamw_update_multi(std::span<const AdamWTensors> entries) {
+void adamw_update_multi(std::span<const AdamWTensors> entries, Stream stream) {
   if (entries.empty()) return;
-  dispatch("adamw_update_multi", entries[0].param.device,
-           TS_ON_CUDA(cuda::adamw_update_multi(entries)), [&] {
+  dispatch("adamw_update_multi", entries[0].param.device, stream,
+           TS_ON_CUDA(cuda::adamw_update_multi(entries, stream)), [&] {
              for (const AdamWTensors& e : entries)
                cpu_adamw_update(e.param, e.grad, e.m, e.v, e.step);
            });

@@ -125,37 +125,38 @@ float fp8_max_of(DType format) {
   TS_BUG("fp8_max_of: {} is not an fp8 format", dtype_name(format));
 }
 
-void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale) {
+void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale, Stream stream) {
   // The fp8 CPU references take every operand dtype themselves (no NarrowScope).
-  dispatch("fp8_quantize", {&out, &out_t, &amax, &in, &scale},
-           TS_ON_CUDA(cuda::fp8_quantize(out, out_t, amax, in, scale)),
+  dispatch("fp8_quantize", {&out, &out_t, &amax, &in, &scale}, stream,
+           TS_ON_CUDA(cuda::fp8_quantize(out, out_t, amax, in, scale, stream)),
            [&] { cpu::fp8_quantize(out, out_t, amax, in, scale); });
 }
 
 void swiglu_backward_fp8(Tensor dgate8, Tensor dgate8_t, Tensor dup8, Tensor dup8_t,
                          Tensor amax_gate, Tensor amax_up, Tensor dout, Tensor gate, Tensor up,
-                         Tensor scale_gate, Tensor scale_up) {
-  dispatch("swiglu_backward_fp8", {&dgate8, &dup8, &dout, &gate, &up},
+                         Tensor scale_gate, Tensor scale_up, Stream stream) {
+  dispatch("swiglu_backward_fp8", {&dgate8, &dup8, &dout, &gate, &up}, stream,
            TS_ON_CUDA(cuda::swiglu_backward_fp8(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up,
-                                                dout, gate, up, scale_gate, scale_up)),
+                                                dout, gate, up, scale_gate, scale_up, stream)),
            [&] {
              cpu::swiglu_backward_fp8(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout,
                                       gate, up, scale_gate, scale_up);
            });
 }
 
-void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv,
-              bool accumulate) {
-  dispatch("gemm_fp8", {&c, &a, &b},
-           TS_ON_CUDA(cuda::gemm_fp8(c, a, b, a_scale_inv, b_scale_inv, accumulate)),
+void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv, bool accumulate,
+              Stream stream) {
+  dispatch("gemm_fp8", {&c, &a, &b}, stream,
+           TS_ON_CUDA(cuda::gemm_fp8(c, a, b, a_scale_inv, b_scale_inv, accumulate, stream)),
            [&] { cpu::gemm_fp8(c, a, b, a_scale_inv, b_scale_inv, accumulate); });
 }
 
 void fp8_update_scales(Tensor amax_history, Tensor scale, Tensor scale_inv, Tensor amax,
-                       const Fp8UpdateParams& params) {
-  dispatch("fp8_update_scales", {&amax_history, &scale, &scale_inv, &amax},
-           TS_ON_CUDA(cuda::fp8_update_scales(amax_history, scale, scale_inv, amax, params)),
-           [&] { cpu::fp8_update_scales(amax_history, scale, scale_inv, amax, params); });
+                       const Fp8UpdateParams& params, Stream stream) {
+  dispatch(
+      "fp8_update_scales", {&amax_history, &scale, &scale_inv, &amax}, stream,
+      TS_ON_CUDA(cuda::fp8_update_scales(amax_history, scale, scale_inv, amax, params, stream)),
+      [&] { cpu::fp8_update_scales(amax_history, scale, scale_inv, amax, params); });
 }
 
 }  // namespace ops

@@ -4,6 +4,7 @@
 // B*T.
 #pragma once
 #include "core/memory.h"
+#include "kernels/op_types.h"
 #include "model/linear.h"
 
 namespace tessera {
@@ -52,6 +53,8 @@ class Attention {
   int q_norm_ = -1, k_norm_ = -1;                        // (D) weights, qk_norm only
   int num_heads_ = 0, num_kv_heads_ = 0, head_dim_ = 0;  // local head counts
   bool rope_ = false;
+  // How attention runs on CUDA; passed to every attention op (taken from cfg.attention_impl).
+  ops::AttentionImpl impl_ = ops::AttentionImpl::cudnn;
   float rope_theta_ = 10000.0f;
   float norm_eps_ = 1e-6f;
 };

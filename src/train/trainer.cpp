@@ -240,10 +240,11 @@ TrainSummary train(const Recipe& recipe_in) {
   plan.train_acts =
       PipelineExecutor::bytes_needed(stage_cfg, shard, dtype, schedule, flush_micro, B, T, device);
   if (device == Device::cuda) {
-    ops::set_cuda_attention_impl(r.model.attention_impl);
+    const ops::AttentionImpl impl =
+        r.model.attention_impl == "native" ? ops::AttentionImpl::native : ops::AttentionImpl::cudnn;
     plan.workspace =
         ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp, r.model.num_kv_heads / par.tp,
-                                  r.model.resolved_head_dim(), dtype);
+                                  r.model.resolved_head_dim(), dtype, impl);
   }
   if (fp8) {
     // An upper bound: 2 bytes per local parameter (W8, W8^T), three (M, max width) byte matrices

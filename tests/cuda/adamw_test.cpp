@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_ops.h"
-#include "kernels/cuda/adamw_multi.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "tests/cuda/cuda_test_util.h"
 
@@ -128,7 +127,7 @@ TEST_P(AdamWTest, MultiTensorMatchesSingleTensor) {
     Tensor p, g, m, v;
   };
   std::vector<Set> single, multi;
-  std::vector<cuda::AdamWEntry> entries;
+  std::vector<ops::AdamWTensors> entries;
   for (int i = 0; i < kTensors; ++i) {
     const int64_t n = sizes[i];
     const int offset = i % 3 == 1 ? 1 : 0;

@@ -63,7 +63,7 @@ TEST_P(GpuModelParity, LossesTrackTheCpuReference) {
 
   const auto cpu = train_losses(cfg, DType::f32, Device::cpu, tokens, targets, steps, B, T);
   for (const char* impl : {"native", "cudnn"}) {
-    ops::set_cuda_attention_impl(impl);
+    cfg.attention_impl = impl;  // each Attention layer passes it to the attention ops
     const auto f32 = train_losses(cfg, DType::f32, Device::cuda, tokens, targets, steps, B, T);
     const auto bf16 = train_losses(cfg, DType::bf16, Device::cuda, tokens, targets, steps, B, T);
     // 2^10: keeps the ~1e-5 logit gradients of a mean over B*T tokens above f16's normal range

@@ -4,8 +4,9 @@
 // rows (C = 1, 7, 1025, 4097), the streaming kernels for rows wider than the register layouts (C =
 // 40000), QK-norm widths (C = 128), and more rows than backward blocks (N = 1000, 9000) so blocks
 // loop over rows. Parameter gradients are pre-filled, checking +=; a NaN input row must give a NaN
-// output row; extreme eps values agree too. The fused residual + LayerNorm (kernels/cuda/fused.h)
-// must equal add_forward + layernorm_forward bit for bit.
+// output row; extreme eps values agree too. The fused residual + LayerNorm
+// (cuda::add_layernorm_forward, kernels/cuda/layernorm.cu) must equal add_forward +
+// layernorm_forward bit for bit.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -18,7 +19,6 @@
 
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
-#include "kernels/cuda/fused.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace tessera {
@@ -271,10 +271,9 @@ TEST_P(NormTest, FusedResidualLayerNormEqualsUnfusedBitwise) {
       if (in_place) {  // residual stream updated in place: residual is a
         res2.upload(a);
         settle();
-        cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, res2, gb, gw, gbias,
-                                               1e-5f);
+        cuda::add_layernorm_forward(res2, out2, mean2, rstd2, res2, gb, gw, gbias, 1e-5f);
       } else {
-        cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, ga, gb, gw, gbias, 1e-5f);
+        cuda::add_layernorm_forward(res2, out2, mean2, rstd2, ga, gb, gw, gbias, 1e-5f);
       }
       const std::string what =
           label("fused_residual_layernorm", dtype, s) + (in_place ? " in place" : "");
@@ -308,7 +307,7 @@ TEST_P(NormTest, FusedResidualLayerNormWithMisalignedInput) {
                  Shape{n, c});
   cuda::add_forward(res1, a, gb);
   cuda::layernorm_forward(out1, mean1, rstd1, res1, gw, Tensor(), 1e-5f);
-  cuda::fused_residual_layernorm_forward(res2, out2, mean2, rstd2, a, gb, gw, Tensor(), 1e-5f);
+  cuda::add_layernorm_forward(res2, out2, mean2, rstd2, a, gb, gw, Tensor(), 1e-5f);
   expect_same_bits(res2, res1, "residual");
   expect_same_bits(out2, out1, "out");
   expect_same_bits(rstd2, rstd1, "rstd");

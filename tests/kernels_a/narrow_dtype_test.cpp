@@ -393,19 +393,25 @@ TEST(NarrowDtype, Attention) {
     expect_contract(
         "attention_forward", dt,
         {narrow(qs), f32({num_b, num_hq, num_t}), narrow(qs, 2.0), narrow(kvs, 2.0), narrow(kvs)},
-        [=](const auto& t) { ops::attention_forward(t[0], t[1], t[2], t[3], t[4], scale); }, 60);
+        [=](const auto& t) {
+          ops::attention_forward(t[0], t[1], t[2], t[3], t[4], scale, ops::AttentionImpl::cudnn);
+        },
+        60);
     // Backward on the forward's own out and lse, as in training.
     const std::vector<Operand> bwd{narrow(qs),  narrow(kvs), narrow(kvs),
                                    narrow(qs),  narrow(qs),  narrow(kvs),
                                    narrow(kvs), narrow(qs),  f32({num_b, num_hq, num_t})};
     const OpFn backward = [=](const auto& t) {
-      ops::attention_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], scale);
+      ops::attention_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], scale,
+                              ops::AttentionImpl::cudnn);
     };
-    expect_steps(
-        "attention_forward then backward", dt, bwd,
-        {[=](const auto& t) { ops::attention_forward(t[7], t[8], t[4], t[5], t[6], scale); },
-         backward},
-        61);
+    expect_steps("attention_forward then backward", dt, bwd,
+                 {[=](const auto& t) {
+                    ops::attention_forward(t[7], t[8], t[4], t[5], t[6], scale,
+                                           ops::AttentionImpl::cudnn);
+                  },
+                  backward},
+                 61);
     expect_contract("attention_backward on random out and lse", dt, bwd, backward, 62);
   }
 }
