@@ -1,13 +1,16 @@
-// Helpers for the kernel tests of part A (embedding, norms, matmul, activations, elementwise,
-// AdamW): dtype copies of host tensors, closeness checks that name the worst element, NaN
-// counting, and running a body under a fixed OpenMP thread count.
+// Host-tensor helpers for the kernel tests (tests/kernels): dtype copies, fills, the one family of
+// comparisons (tolerance, bitwise, largest difference), the finite-difference loss and step, and
+// running a body under a fixed OpenMP thread count. Part of the shared test kit (tests/common);
+// HostTensor and expect_grad_matches live in testing.h.
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <limits>
 #include <memory>
+#include <string>
 
 #include "tests/common/testing.h"
 
@@ -28,7 +31,7 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kFdStep = 3e-5;
 constexpr double kFdTol = 1e-5;
 
-// The same values in another dtype (f32 <-> f64), rounded to nearest.
+// The same values in another dtype (f32 <-> f64 <-> i32), rounded to nearest.
 inline HostTensor to_dtype(const HostTensor& src, DType dtype) {
   HostTensor out(dtype, src.t.shape);
   for (int64_t i = 0; i < src.size(); ++i) out.set(i, src.get(i));
@@ -41,9 +44,11 @@ inline HostTensor filled(DType dtype, Shape s, double value) {
   return h;
 }
 
+// ---- comparisons ------------------------------------------------------------------------------
+
 // Every element satisfies |a - b| <= atol + rtol * |b|; reports the worst element.
 inline void expect_close(const HostTensor& a, const HostTensor& b, double rtol, double atol,
-                         const char* what) {
+                         const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
   double worst = 0.0;
   int64_t worst_idx = -1;
@@ -60,8 +65,9 @@ inline void expect_close(const HostTensor& a, const HostTensor& b, double rtol, 
                            << ", atol " << atol << ")";
 }
 
-// Bitwise equality of two host tensors of one dtype (determinism and exact-formula checks).
-inline void expect_identical(const HostTensor& a, const HostTensor& b, const char* what) {
+// Bitwise equality of two host tensors of one dtype (determinism and exact-formula checks); a NaN
+// matches a NaN (payloads are not part of any contract).
+inline void expect_identical(const HostTensor& a, const HostTensor& b, const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
   ASSERT_EQ(a.t.dtype, b.t.dtype) << what;
   for (int64_t i = 0; i < a.size(); ++i) {
@@ -73,11 +79,39 @@ inline void expect_identical(const HostTensor& a, const HostTensor& b, const cha
   }
 }
 
+// Equality by ==, so a NaN matches nothing: two code paths that must perform the very same
+// arithmetic on finite data (aliasing, sharding, thread counts).
+inline void expect_identical_no_nan(const HostTensor& a, const HostTensor& b,
+                                    const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  ASSERT_EQ(a.t.dtype, b.t.dtype) << what;
+  for (int64_t i = 0; i < a.size(); ++i) {
+    if (!(a.get(i) == b.get(i))) {
+      ADD_FAILURE() << what << ": element " << i << " differs: " << a.get(i) << " vs " << b.get(i);
+      return;
+    }
+  }
+}
+
+// Largest |a - b| over all elements; NaN anywhere gives NaN (so EXPECT_LE fails on it).
+inline double max_abs_diff(const HostTensor& a, const HostTensor& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0.0;
+  for (int64_t i = 0; i < a.size(); ++i) {
+    const double diff = std::fabs(a.get(i) - b.get(i));
+    if (std::isnan(diff)) return diff;
+    worst = std::max(worst, diff);
+  }
+  return worst;
+}
+
 inline int64_t count_nan(const HostTensor& h, int64_t begin, int64_t end) {
   int64_t n = 0;
   for (int64_t i = begin; i < end; ++i) n += std::isnan(h.get(i)) ? 1 : 0;
   return n;
 }
+
+// ---- finite differences -----------------------------------------------------------------------
 
 // The loss for finite differences: loss(x) = sum(dout * (f(x) - f(x0))), where `forward` writes
 // f(x) into `out` and f(x0) is its value when fd_loss is called. Subtracting f(x0) leaves an exact
@@ -96,6 +130,8 @@ inline std::function<double()> fd_loss(const HostTensor& dout, const HostTensor&
     return sum;
   };
 }
+
+// ---- threads ----------------------------------------------------------------------------------
 
 // Runs body with the OpenMP thread count set to num_threads, then restores it.
 inline void with_threads(int num_threads, const std::function<void()>& body) {

@@ -1,49 +1,510 @@
-// GPU parity of the FP8 ops (kernels/ops_fp8.h) against their CPU references: quantize (with and
-// without the fused transpose) and its amax bit for bit on awkward sizes and every input dtype;
-// the hardware cvt against core/dtype.h's conversion over a sweep of f32 bit patterns; the
-// cuBLASLt FP8 GEMM within a bound (both operand pairs, bf16/f32 output, accumulate on/off); the
-// delayed-scaling update bit for bit; SwiGLU's backward fused with the quantization equal to the
-// two ops it fuses. Needs an sm_89+ GPU; skipped without one.
-#include <cuda_runtime.h>
-
+// Tests of the FP8 ops (kernels/ops_fp8.h; kernels/cpu/fp8.cpp, kernels/cuda/fp8_cast.cu,
+// fp8_scaling.cu, gemm_fp8.cu): fp8_quantize, swiglu_backward_fp8, gemm_fp8, fp8_update_scales.
+// CPU: quantize against the scalar conversions of core/dtype.h and hand-computed codes, the fused
+// transpose, amax accumulation (NaN/Inf too), the fused SwiGLU backward against its two steps, the
+// scaled GEMM against an independent double-precision product, the delayed-scaling update (history
+// shift, max vs most_recent, margin, amax 0 / Inf / NaN, scale overflow); bounds and thread
+// counts. GPU parity (compute capability 8.9+): quantize and the fused SwiGLU backward bit for bit,
+// the hardware conversion against core/dtype.h, the GEMM within its bound (scales at any offset,
+// model sizes), the scale update bit for bit over steps.
+#include <algorithm>
 #include <bit>
 #include <cmath>
-#include <cstdio>
+#include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
+#include <cfloat>
 #include "core/dtype.h"
-#include "kernels/cuda/fp8.h"
+#include "core/memory.h"
+#include "kernels/cpu/cpu_ops.h"
 #include "kernels/ops.h"
+#include "tests/common/cpu_checks.h"
+#include "tests/common/gpu.h"
+#include "tests/common/narrow.h"
+#include "tests/common/op_cases.h"
+#include "tests/common/tensors.h"
+
 #include "kernels/ops_fp8.h"
-#include "tests/cuda/cuda_test_util.h"
+
+namespace tessera {
+namespace {
+
+// ---- CPU reference -----------------------------------------------------------------------------
+
+Tensor host(std::vector<float>& v, Shape s) { return Tensor(v.data(), DType::f32, Device::cpu, s); }
+Tensor host(std::vector<uint8_t>& v, DType t, Shape s) {
+  return Tensor(v.data(), t, Device::cpu, s);
+}
+Tensor host(std::vector<uint16_t>& v, DType t, Shape s) {
+  return Tensor(v.data(), t, Device::cpu, s);
+}
+
+// The expected code of one product, written out independently of kernels/cpu/fp8.cpp.
+uint8_t expected_code(float product, DType format) {
+  if (std::isnan(product)) return 0x7F;
+  return format == DType::e4m3 ? f32_to_e4m3_bits(product, true) : f32_to_e5m2_bits(product, true);
+}
+
+// Random values with the hard cases mixed in: around each format's max, subnormals and exact
+// ties of both formats, signed zeros, infinities and NaN.
+std::vector<float> tricky_values(int64_t n, std::mt19937_64& rng) {
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            448.0f,
+                            -448.0f,
+                            464.0f,
+                            465.0f,
+                            480.0f,
+                            57344.0f,
+                            61440.0f,
+                            65536.0f,
+                            1e30f,
+                            -1e30f,
+                            std::ldexp(1.0f, -9),
+                            std::ldexp(1.0f, -10),
+                            std::ldexp(3.0f, -10),
+                            std::ldexp(5.0f, -11),
+                            std::ldexp(1.0f, -16),
+                            std::ldexp(1.0f, -17),
+                            std::ldexp(3.0f, -17),
+                            1.0625f,
+                            1.1875f,
+                            1.125f,
+                            1.375f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(),
+                            1e-40f,
+                            -1e-40f};
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> pick(0, 9), exp(-20, 18);
+  std::uniform_int_distribution<size_t> which(0, std::size(specials) - 1);
+  std::vector<float> v(n);
+  for (auto& x : v) {
+    const int p = pick(rng);
+    if (p == 0)
+      x = specials[which(rng)];
+    else if (p < 3)
+      x = std::ldexp(normal(rng), exp(rng));  // every binade, subnormals too
+    else
+      x = 40.0f * normal(rng);
+  }
+  return v;
+}
+
+TEST(Fp8Quantize, KnownCodes) {
+  // Hand-computed OCP codes: E4M3 max 448 = 0x7E, min subnormal 2^-9 = 0x01; E5M2 max 57344 =
+  // 0x7B, min subnormal 2^-16 = 0x01. Ties go to even; overflow and Inf saturate; NaN -> 0x7F.
+  const float inf = std::numeric_limits<float>::infinity();
+  struct Case {
+    float x;
+    uint8_t e4m3, e5m2;
+  };
+  const Case cases[] = {
+      {448.0f, 0x7E, 0x5F},
+      {500.0f, 0x7E, 0x60},
+      {-inf, 0xFE, 0xFB},
+      {57344.0f, 0x7E, 0x7B},
+      {1e9f, 0x7E, 0x7B},
+      {std::ldexp(1.0f, -9), 0x01, 0x18},
+      {std::ldexp(1.0f, -10), 0x00, 0x14},
+      {std::ldexp(3.0f, -10), 0x02, 0x1A},
+      {std::ldexp(1.0f, -17), 0x00, 0x00},
+      {std::ldexp(3.0f, -17), 0x00, 0x02},
+      {-0.0f, 0x80, 0x80},
+      {1.0625f, 0x38, 0x3C},
+      {1.1875f, 0x3A, 0x3D},
+      {std::numeric_limits<float>::quiet_NaN(), 0x7F, 0x7F},
+      {-std::numeric_limits<float>::quiet_NaN(), 0x7F, 0x7F},
+  };
+  for (const Case& c : cases) {
+    for (DType format : {DType::e4m3, DType::e5m2}) {
+      std::vector<float> in{c.x}, amax{0.0f}, scale{1.0f};
+      std::vector<uint8_t> out(1, 0xAA);
+      ops::fp8_quantize(host(out, format, {1, 1}), {}, host(amax, {1}), host(in, {1, 1}),
+                        host(scale, {1}));
+      EXPECT_EQ(int(out[0]), int(format == DType::e4m3 ? c.e4m3 : c.e5m2))
+          << c.x << " as " << dtype_name(format);
+    }
+  }
+}
+
+TEST(Fp8Quantize, MatchesScalarConversionsWithTranspose) {
+  std::mt19937_64 rng(11);
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 1},   {1, 67},  {67, 1},   {37, 53},
+                                                {64, 64}, {130, 7}, {200, 150}};
+  for (auto [rows, cols] : shapes) {
+    for (DType in_type : {DType::f32, DType::bf16, DType::f16}) {
+      for (DType format : {DType::e4m3, DType::e5m2}) {
+        const int64_t n = rows * cols;
+        std::vector<float> x = tricky_values(n, rng);
+        std::vector<uint16_t> x16(n);
+        if (in_type != DType::f32)
+          for (int64_t i = 0; i < n; ++i) {
+            x16[i] = in_type == DType::bf16 ? f32_to_bf16_bits(x[i]) : f32_to_f16_bits(x[i]);
+            x[i] = in_type == DType::bf16 ? bf16_bits_to_f32(x16[i]) : f16_bits_to_f32(x16[i]);
+          }
+        // A scale that is not a power of two, so the f32 product rounds.
+        std::vector<float> scale{format == DType::e4m3 ? 3.7f : 0.3f}, amax{0.0f};
+        std::vector<uint8_t> out(n, 0xAA), out_t(n, 0xAA);
+        const Tensor in =
+            in_type == DType::f32 ? host(x, {rows, cols}) : host(x16, in_type, {rows, cols});
+        ops::fp8_quantize(host(out, format, {rows, cols}), host(out_t, format, {cols, rows}),
+                          host(amax, {1}), in, host(scale, {1}));
+        uint32_t want_amax = 0;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) {
+            const float xv = x[r * cols + c];
+            const uint8_t want = expected_code(xv * scale[0], format);
+            ASSERT_EQ(int(out[r * cols + c]), int(want))
+                << "x=" << xv << " at (" << r << "," << c << ") " << dtype_name(in_type) << "->"
+                << dtype_name(format);
+            ASSERT_EQ(int(out_t[c * rows + r]), int(want))
+                << "transpose at (" << c << "," << r << ")";
+            uint32_t key = std::bit_cast<uint32_t>(xv) & 0x7FFFFFFFu;
+            if (key > 0x7F800000u) key = 0x7FC00000u;  // every NaN: the canonical quiet NaN
+            want_amax = std::max(want_amax, key);
+          }
+        EXPECT_EQ(std::bit_cast<uint32_t>(amax[0]), want_amax);
+      }
+    }
+  }
+}
+
+TEST(Fp8Quantize, AmaxAccumulatesAndFlagsNonFinite) {
+  std::vector<float> scale{2.0f}, amax{5.0f};
+  std::vector<uint8_t> out(3);
+  auto run = [&](std::vector<float> x) {
+    ops::fp8_quantize(host(out, DType::e4m3, {3}), {}, host(amax, {1}), host(x, {3}),
+                      host(scale, {1}));
+  };
+  run({1.0f, -3.0f, 2.0f});
+  EXPECT_EQ(amax[0], 5.0f);  // the earlier, larger amax stays (and the scale is not applied)
+  run({1.0f, -7.0f, 2.0f});
+  EXPECT_EQ(amax[0], 7.0f);
+  run({-std::numeric_limits<float>::infinity(), 0.0f, 0.0f});
+  EXPECT_EQ(amax[0], std::numeric_limits<float>::infinity());
+  run({-std::numeric_limits<float>::signaling_NaN(), 1.0f, 0.0f});
+  EXPECT_EQ(std::bit_cast<uint32_t>(amax[0]), 0x7FC00000u) << "NaN amax is the quiet NaN";
+  EXPECT_EQ(int(out[0]), 0x7F);
+  run({1.0f, 1.0f, 1.0f});
+  EXPECT_TRUE(std::isnan(amax[0])) << "a NaN amax must stick until the update consumes it";
+}
+
+TEST(Fp8Quantize, RejectsBadOperands) {
+  std::vector<float> x(6), scale{1.0f}, amax{0.0f};
+  std::vector<uint8_t> out(6), out_t(6);
+  EXPECT_THROW(ops::fp8_quantize(host(out, DType::e4m3, {2, 3}), host(out_t, DType::e4m3, {2, 3}),
+                                 host(amax, {1}), host(x, {2, 3}), host(scale, {1})),
+               Error);  // out_t must be (3, 2)
+  EXPECT_THROW(ops::fp8_quantize(host(out, DType::e4m3, {2, 3}), host(out_t, DType::e5m2, {3, 2}),
+                                 host(amax, {1}), host(x, {2, 3}), host(scale, {1})),
+               Error);  // out_t must share out's format
+  EXPECT_THROW(ops::fp8_quantize(host(out, DType::e4m3, {3, 2}), {}, host(amax, {1}),
+                                 host(x, {2, 3}), host(scale, {1})),
+               Error);
+}
+
+// ---- swiglu_backward_fp8 ---------------------------------------------------------------------
+
+// The fused op is swiglu_backward then fp8_quantize of each gradient, with dgate's operands going
+// with scale_gate and dup's with scale_up (distinct scales and formats of values make a swap show).
+TEST(SwigluBackwardFp8, EqualsSwigluBackwardThenQuantize) {
+  std::mt19937_64 rng(21);
+  const int64_t r = 5, c = 7, n = r * c;
+  std::vector<float> dout(n), gate(n), up(n);
+  std::normal_distribution<float> d(0.0f, 2.0f);
+  for (int64_t i = 0; i < n; ++i) dout[i] = d(rng), gate[i] = d(rng), up[i] = 3.0f * d(rng);
+  for (DType format : {DType::e4m3, DType::e5m2}) {
+    std::vector<float> sg{0.7f}, su{3.1f};
+    std::vector<uint8_t> g8(n), g8_t(n), u8(n), u8_t(n), eg8(n), eg8_t(n), eu8(n), eu8_t(n);
+    std::vector<float> ag{0.0f}, au{0.0f}, eag{0.0f}, eau{0.0f}, dg(n), du(n);
+    ops::swiglu_backward_fp8(host(g8, format, {r, c}), host(g8_t, format, {c, r}),
+                             host(u8, format, {r, c}), host(u8_t, format, {c, r}), host(ag, {1}),
+                             host(au, {1}), host(dout, {r, c}), host(gate, {r, c}),
+                             host(up, {r, c}), host(sg, {1}), host(su, {1}));
+    ops::swiglu_backward(host(dg, {r, c}), host(du, {r, c}), host(dout, {r, c}), host(gate, {r, c}),
+                         host(up, {r, c}));
+    ops::fp8_quantize(host(eg8, format, {r, c}), host(eg8_t, format, {c, r}), host(eag, {1}),
+                      host(dg, {r, c}), host(sg, {1}));
+    ops::fp8_quantize(host(eu8, format, {r, c}), host(eu8_t, format, {c, r}), host(eau, {1}),
+                      host(du, {r, c}), host(su, {1}));
+    EXPECT_EQ(g8, eg8);
+    EXPECT_EQ(g8_t, eg8_t);
+    EXPECT_EQ(u8, eu8);
+    EXPECT_EQ(u8_t, eu8_t);
+    EXPECT_EQ(ag, eag);
+    EXPECT_EQ(au, eau);
+    EXPECT_NE(g8, u8);
+  }
+}
+
+TEST(SwigluBackwardFp8, RejectsBadOperands) {
+  std::vector<float> x(6), scale{1.0f}, amax{0.0f};
+  std::vector<uint8_t> a(6), b(6), at(6), bt(6);
+  const auto call = [&](DType fa, DType fb, bool ta, bool tb, Shape up_shape) {
+    ops::swiglu_backward_fp8(host(a, fa, {2, 3}), ta ? host(at, fa, {3, 2}) : Tensor(),
+                             host(b, fb, {2, 3}), tb ? host(bt, fb, {3, 2}) : Tensor(),
+                             host(amax, {1}), host(amax, {1}), host(x, {2, 3}), host(x, {2, 3}),
+                             host(x, up_shape), host(scale, {1}), host(scale, {1}));
+  };
+  EXPECT_NO_THROW(call(DType::e5m2, DType::e5m2, true, true, {2, 3}));
+  EXPECT_THROW(call(DType::e5m2, DType::e4m3, false, false, {2, 3}), Error);  // mixed formats
+  EXPECT_THROW(call(DType::e5m2, DType::e5m2, true, false, {2, 3}), Error);   // one transpose
+  EXPECT_THROW(call(DType::e5m2, DType::e5m2, false, false, {3, 2}), Error);  // up unlike dout
+}
+
+// ---- gemm_fp8 -------------------------------------------------------------------------------
+
+struct Fp8Matrix {
+  std::vector<uint8_t> codes;
+  std::vector<double> values;  // decoded
+};
+
+Fp8Matrix random_fp8(int64_t n, DType format, std::mt19937_64& rng, float stddev) {
+  std::normal_distribution<float> d(0.0f, stddev);
+  Fp8Matrix m;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = d(rng);
+    const uint8_t code = format == DType::e4m3 ? f32_to_e4m3_bits(x) : f32_to_e5m2_bits(x);
+    m.codes.push_back(code);
+    m.values.push_back(format == DType::e4m3 ? e4m3_bits_to_f32(code) : e5m2_bits_to_f32(code));
+  }
+  return m;
+}
+
+TEST(GemmFp8, MatchesDoubleReference) {
+  std::mt19937_64 rng(5);
+  const std::pair<DType, DType> combos[] = {
+      {DType::e4m3, DType::e4m3}, {DType::e5m2, DType::e4m3}, {DType::e4m3, DType::e5m2}};
+  const int64_t m = 13, n = 32, k = 48;
+  for (auto [ta, tb] : combos) {
+    for (DType c_type : {DType::f32, DType::bf16}) {
+      for (bool accumulate : {false, true}) {
+        Fp8Matrix a = random_fp8(m * k, ta, rng, 30.0f), b = random_fp8(n * k, tb, rng, 0.5f);
+        std::vector<float> sa{0.0123f}, sb{3.25f};
+        std::vector<float> c_init(m * n);
+        for (auto& v : c_init) v = round_bf16(std::normal_distribution<float>(0.0f, 5.0f)(rng));
+        std::vector<float> c32 = c_init;
+        std::vector<uint16_t> c16(m * n);
+        for (int64_t i = 0; i < m * n; ++i) c16[i] = f32_to_bf16_bits(c_init[i]);
+        const Tensor c = c_type == DType::f32 ? host(c32, {m, n}) : host(c16, DType::bf16, {m, n});
+        ops::gemm_fp8(c, host(a.codes, ta, {m, k}), host(b.codes, tb, {n, k}), host(sa, {1}),
+                      host(sb, {1}), accumulate);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            // Independent reference: summed backwards in long double.
+            long double sum = 0.0L;
+            for (int64_t p = k - 1; p >= 0; --p)
+              sum += (long double)a.values[i * k + p] * b.values[j * k + p];
+            const double ref =
+                double(sum * sa[0] * sb[0]) + (accumulate ? double(c_init[i * n + j]) : 0.0);
+            const double got =
+                c_type == DType::f32 ? c32[i * n + j] : bf16_bits_to_f32(c16[i * n + j]);
+            // One rounding to f32 (half an ulp, 2^-24 relative), then for bf16 one more (2^-9);
+            // the double sum's own error (k * 2^-53 of the magnitudes) is far below either.
+            const double tol = (c_type == DType::f32 ? 0x1p-23 : 0x1p-8) * std::fabs(ref) + 1e-30;
+            ASSERT_NEAR(got, ref, tol)
+                << "(" << i << "," << j << ") " << dtype_name(ta) << "x" << dtype_name(tb) << " -> "
+                << dtype_name(c_type) << " accumulate " << accumulate;
+          }
+      }
+    }
+  }
+}
+
+TEST(GemmFp8, RejectsE5m2TimesE5m2AndBadShapes) {
+  std::vector<uint8_t> a(32), b(32);
+  std::vector<float> c(4), s{1.0f};
+  try {
+    ops::gemm_fp8(host(c, {2, 2}), host(a, DType::e5m2, {2, 16}), host(b, DType::e5m2, {2, 16}),
+                  host(s, {1}), host(s, {1}), false);
+    ADD_FAILURE() << "e5m2 x e5m2 was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("e5m2 x e5m2"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(ops::gemm_fp8(host(c, {2, 2}), host(a, DType::e4m3, {2, 16}),
+                             host(b, DType::e4m3, {1, 32}), host(s, {1}), host(s, {1}), false),
+               Error);
+}
+
+// ---- fp8_update_scales ----------------------------------------------------------------------
+
+struct UpdateFixture {
+  int64_t len, n;
+  std::vector<float> hist, scale, scale_inv, amax, fp8_max;
+  ops::Fp8UpdateParams params;
+  UpdateFixture(int64_t l, std::vector<DType> formats, ops::Fp8AmaxCompute compute, int margin)
+      : len(l),
+        n(int64_t(formats.size())),
+        hist(l * n, 0.0f),
+        scale(n, 1.0f),
+        scale_inv(n, 1.0f),
+        amax(n, 0.0f) {
+    for (DType f : formats) fp8_max.push_back(ops::fp8_max_of(f));
+    params.fp8_max = host(fp8_max, {n});
+    params.amax_compute = compute;
+    params.margin = margin;
+  }
+  void step(std::vector<float> now) {
+    amax = now;
+    ops::fp8_update_scales(host(hist, {len, n}), host(scale, {n}), host(scale_inv, {n}),
+                           host(amax, {n}), params);
+    for (float a : amax) EXPECT_EQ(a, 0.0f) << "amax must be zeroed by the update";
+    for (int64_t j = 0; j < n; ++j) EXPECT_EQ(scale_inv[j], 1.0f / scale[j]);
+  }
+};
+
+TEST(Fp8UpdateScales, ShiftsHistoryAndTakesMax) {
+  UpdateFixture f(3, {DType::e4m3, DType::e5m2}, ops::Fp8AmaxCompute::max, 0);
+  f.step({2.0f, 8.0f});
+  EXPECT_EQ(f.hist, (std::vector<float>{2, 8, 0, 0, 0, 0}));
+  EXPECT_EQ(f.scale[0], 448.0f / 2.0f);
+  EXPECT_EQ(f.scale[1], 57344.0f / 8.0f);
+  f.step({1.0f, 16.0f});
+  EXPECT_EQ(f.hist, (std::vector<float>{1, 16, 2, 8, 0, 0}));
+  EXPECT_EQ(f.scale[0], 448.0f / 2.0f);  // the max of the window is still 2
+  EXPECT_EQ(f.scale[1], 57344.0f / 16.0f);
+  f.step({0.5f, 4.0f});
+  f.step({0.25f, 4.0f});  // the 2 of the first step has now left the 3-row window
+  EXPECT_EQ(f.hist, (std::vector<float>{0.25f, 4, 0.5f, 4, 1, 16}));
+  EXPECT_EQ(f.scale[0], 448.0f / 1.0f);
+  EXPECT_EQ(f.scale[1], 57344.0f / 16.0f);
+}
+
+TEST(Fp8UpdateScales, MostRecentAndMargin) {
+  UpdateFixture f(4, {DType::e4m3}, ops::Fp8AmaxCompute::most_recent, 3);
+  f.step({10.0f});
+  EXPECT_EQ(f.scale[0], 448.0f / 10.0f / 8.0f);
+  f.step({3.0f});
+  EXPECT_EQ(f.scale[0], 448.0f / 3.0f / 8.0f);  // most recent, not the window's 10
+  EXPECT_EQ(f.hist, (std::vector<float>{3, 10, 0, 0}));
+}
+
+TEST(Fp8UpdateScales, KeepsScaleOnZeroOrNonFiniteAmax) {
+  const float inf = std::numeric_limits<float>::infinity();
+  UpdateFixture f(2, {DType::e4m3, DType::e4m3, DType::e4m3}, ops::Fp8AmaxCompute::most_recent, 0);
+  f.step({4.0f, 4.0f, 4.0f});
+  const float s = 448.0f / 4.0f;
+  f.step({0.0f, inf, std::numeric_limits<float>::quiet_NaN()});
+  EXPECT_EQ(f.scale, (std::vector<float>{s, s, s}));
+  // Non-finite amaxes enter the history as 0, so they cannot freeze the window.
+  EXPECT_EQ(f.hist, (std::vector<float>{0, 0, 0, 4, 4, 4}));
+  // In max mode the older entry still decides after a zero step; an Inf step keeps the scale.
+  UpdateFixture g(2, {DType::e4m3, DType::e4m3}, ops::Fp8AmaxCompute::max, 0);
+  g.step({4.0f, 4.0f});
+  g.step({2.0f, 2.0f});
+  g.step({0.0f, inf});
+  EXPECT_EQ(g.scale[0], 448.0f / 2.0f);
+  EXPECT_EQ(g.scale[1], 448.0f / 4.0f);  // unchanged from the step before the Inf
+}
+
+TEST(Fp8UpdateScales, OverflowingScaleClampsToFltMax) {
+  UpdateFixture f(1, {DType::e5m2}, ops::Fp8AmaxCompute::max, 0);
+  f.step({1e-40f});  // 57344 / 1e-40 overflows f32
+  EXPECT_EQ(f.scale[0], FLT_MAX);
+  EXPECT_GT(f.scale_inv[0], 0.0f);
+}
+
+TEST(Fp8UpdateScales, RejectsBadParams) {
+  UpdateFixture f(2, {DType::e4m3}, ops::Fp8AmaxCompute::max, 65);
+  EXPECT_THROW(f.step({1.0f}), Error);
+  UpdateFixture g(2, {DType::e4m3, DType::e4m3}, ops::Fp8AmaxCompute::max, 0);
+  std::vector<float> short_scale(1);
+  EXPECT_THROW(ops::fp8_update_scales(host(g.hist, {2, 2}), host(short_scale, {1}),
+                                      host(g.scale_inv, {2}), host(g.amax, {2}), g.params),
+               Error);
+}
+
+// ---- bounds and thread counts (tests/common/cpu_checks.h) ---------------------------------------
+
+TEST(Fp8, OpsWriteOnlyTheirOutputs) {
+  std::mt19937_64 rng(88);
+  const int64_t r = 9, c = 24;
+  std::normal_distribution<float> d(0.0f, 2.0f);
+  std::vector<float> in(r * c), dout(r * c), gate(r * c), up(r * c), one{1.0f}, half{0.5f};
+  for (auto* v : {&in, &dout, &gate, &up})
+    for (float& x : *v) x = d(rng);
+  ::tessera::testing::Guarded out({r, c}, DType::e4m3), out_t({c, r}, DType::e4m3), amax({1});
+  std::vector<float> zero{0.0f};
+  ops::fp8_quantize(out, out_t, host(zero, {1}), host(in, {r, c}), host(one, {1}));
+  ops::fp8_quantize(out, Tensor(), amax, host(in, {r, c}), host(half, {1}));
+  ::tessera::testing::Guarded g8({r, c}, DType::e5m2), g8_t({c, r}, DType::e5m2),
+      u8({r, c}, DType::e5m2), u8_t({c, r}, DType::e5m2), amax_g({1}), amax_u({1});
+  ops::swiglu_backward_fp8(g8, g8_t, u8, u8_t, amax_g, amax_u, host(dout, {r, c}),
+                           host(gate, {r, c}), host(up, {r, c}), host(one, {1}), host(one, {1}));
+  // c (M,N) = a (M,K) b (N,K)^T from the quantized operands above: M = 9, N = 9, K = 24.
+  ::tessera::testing::Guarded gemm_c({r, r});
+  ops::gemm_fp8(gemm_c, out, g8, host(one, {1}), host(one, {1}), false);
+  ::tessera::testing::Guarded hist({4, 2}), scale({2}), scale_inv({2}), amax2({2});
+  std::vector<float> maxes{448.0f, 57344.0f};
+  ops::Fp8UpdateParams params;
+  params.fp8_max = host(maxes, {2});
+  ops::fp8_update_scales(hist, scale, scale_inv, amax2, params);
+  ::tessera::testing::expect_guards_intact({&out, &out_t, &amax, &g8, &g8_t, &u8, &u8_t, &amax_g,
+                                            &amax_u, &gemm_c, &hist, &scale, &scale_inv, &amax2},
+                                           "fp8 ops");
+}
+
+TEST(Fp8, QuantizeAndGemmAreThreadCountIndependent) {
+  std::mt19937_64 rng(89);
+  const int64_t m = 300, k = 256, n = 96;  // above the parallel thresholds
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> in(m * k), w(n * k), one{1.0f};
+  for (float& x : in) x = d(rng);
+  for (float& x : w) x = d(rng);
+  std::vector<uint8_t> a8[2], b8(n * k);
+  std::vector<float> amax[2], c[2];
+  std::vector<float> amax_w{0.0f};
+  ops::fp8_quantize(host(b8, DType::e4m3, {n, k}), Tensor(), host(amax_w, {1}), host(w, {n, k}),
+                    host(one, {1}));
+  for (int threads : {1, 3}) {
+    const int i = threads == 1 ? 0 : 1;
+    a8[i].assign(m * k, 0);
+    amax[i] = {0.0f};
+    c[i].assign(m * n, 0.0f);
+    ::tessera::testing::with_threads(threads, [&] {
+      ops::fp8_quantize(host(a8[i], DType::e4m3, {m, k}), Tensor(), host(amax[i], {1}),
+                        host(in, {m, k}), host(one, {1}));
+      ops::gemm_fp8(host(c[i], {m, n}), host(a8[i], DType::e4m3, {m, k}),
+                    host(b8, DType::e4m3, {n, k}), host(one, {1}), host(one, {1}), false);
+    });
+  }
+  EXPECT_EQ(a8[0], a8[1]);
+  EXPECT_EQ(amax[0], amax[1]);
+  EXPECT_EQ(c[0], c[1]);
+}
+
+}  // namespace
+}  // namespace tessera
+
+// ---- GPU parity (kernels/cuda/fp8_cast.cu, fp8_scaling.cu, gemm_fp8.cu) ------------------------
 
 namespace tessera::testing {
 namespace {
 
 // FP8 tensor cores and the cvt.satfinite conversions need compute capability 8.9.
-#define TESSERA_REQUIRE_FP8_GPU()                                                       \
-  do {                                                                                  \
-    TESSERA_REQUIRE_GPU();                                                              \
-    int dev_ = 0, major_ = 0, minor_ = 0;                                               \
-    cudaGetDevice(&dev_);                                                               \
-    cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, dev_);           \
-    cudaDeviceGetAttribute(&minor_, cudaDevAttrComputeCapabilityMinor, dev_);           \
-    if (major_ * 10 + minor_ < 89) GTEST_SKIP() << "FP8 needs compute capability 8.9+"; \
+// (The GpuCase fixture has already skipped the case on a machine without a GPU.)
+#define TESSERA_REQUIRE_FP8_GPU()                                                           \
+  do {                                                                                      \
+    if (gpu_compute_capability() < 89) GTEST_SKIP() << "FP8 needs compute capability 8.9+"; \
   } while (0)
 
 template <class T>
 void upload_raw(const DeviceTensor& d, const std::vector<T>& host) {
   ASSERT_EQ(host.size() * sizeof(T), d.t().nbytes());
-  cudaMemcpy(d.t().data, host.data(), d.t().nbytes(), cudaMemcpyHostToDevice);
+  copy_bytes(d.t().data, Device::cuda, host.data(), Device::cpu, d.t().nbytes());
 }
 template <class T>
 std::vector<T> download_raw(const DeviceTensor& d) {
-  cudaDeviceSynchronize();
+  ops::synchronize(Device::cuda);
   std::vector<T> host(d.t().nbytes() / sizeof(T));
-  cudaMemcpy(host.data(), d.t().data, d.t().nbytes(), cudaMemcpyDeviceToHost);
+  copy_bytes(host.data(), Device::cpu, d.t().data, Device::cuda, d.t().nbytes());
   return host;
 }
 Tensor host_f32(std::vector<float>& v, Shape s) {
@@ -97,7 +558,7 @@ struct QuantizeCase {
   int64_t rows, cols;
 };
 
-TEST(Fp8QuantizeGpu, BitExactWithCpuIncludingTransposeAndAmax) {
+TS_GPU_PARITY_TEST(Fp8Quantize, BitExactWithCpuIncludingTransposeAndAmax, "fp8_quantize") {
   TESSERA_REQUIRE_FP8_GPU();
   std::mt19937_64 rng(3);
   // The kernel's widths: 8-wide (cols % 8 == 0, and rows % 8 == 0 for the transpose) with
@@ -157,7 +618,8 @@ TEST(Fp8QuantizeGpu, BitExactWithCpuIncludingTransposeAndAmax) {
 // amaxes, on every kernel width and dtype, with the hard values (Inf, NaN, overflow) mixed in.
 // Each unfused GPU op has its own parity test with the CPU; the CPU reference of the fused op is
 // that composition (tests/optim/fp8_linear_test.cpp checks it in the FP8 linears).
-TEST(SwigluBackwardFp8Gpu, EqualsSwigluBackwardThenQuantizeOnTheGpu) {
+TS_GPU_PARITY_TEST(SwigluBackwardFp8, EqualsSwigluBackwardThenQuantizeOnTheGpu,
+                   "swiglu_backward_fp8") {
   TESSERA_REQUIRE_FP8_GPU();
   std::mt19937_64 rng(9);
   // 8-wide (with the striding over tiles at {2176, 2048}), 4-wide, 1-wide, and {6, 36}: 4-wide
@@ -223,7 +685,7 @@ TEST(SwigluBackwardFp8Gpu, EqualsSwigluBackwardThenQuantizeOnTheGpu) {
 // The sweep covers all f32 bit patterns whose low 6 bits are zero: every sign, exponent and the
 // top 17 mantissa bits, so every rounding boundary (ties included) of both formats, and the
 // patterns just above each tie. Scale 1 makes the product the input itself.
-TEST(Fp8QuantizeGpu, HardwareConversionMatchesDtypeH) {
+TS_GPU_TEST(Fp8Quantize, HardwareConversionMatchesDtypeH) {
   TESSERA_REQUIRE_FP8_GPU();
   const int64_t rows = 1 << 13, cols = 1 << 13;  // 2^26 patterns
   std::vector<uint32_t> bits(rows * cols);
@@ -276,7 +738,7 @@ double gemm_bound(double s_abs, double p_abs, double ref, bool split, DType c_ty
          (bf16 && accumulate ? 0x1p-8 * p_abs : 0.0) + 1e-30;
 }
 
-TEST(GemmFp8Gpu, MatchesCpuWithinBound) {
+TS_GPU_PARITY_TEST(GemmFp8, MatchesCpuWithinBound, "gemm_fp8") {
   TESSERA_REQUIRE_FP8_GPU();
   std::mt19937_64 rng(9);
   const GemmCase cases[] = {{1, 16, 16}, {77, 64, 96}, {256, 272, 1024}, {1000, 48, 512}};
@@ -372,7 +834,7 @@ TEST(GemmFp8Gpu, MatchesCpuWithinBound) {
   }
 }
 
-TEST(GemmFp8Gpu, RejectsUnsupportedOperands) {
+TS_GPU_TEST(GemmFp8, RejectsUnsupportedOperands) {
   TESSERA_REQUIRE_FP8_GPU();
   DeviceTensor a(DType::e5m2, {32, 32}), b(DType::e5m2, {32, 32}), b4(DType::e4m3, {32, 32}),
       c(DType::f32, {32, 32}), s(DType::f32, {1});
@@ -386,7 +848,7 @@ TEST(GemmFp8Gpu, RejectsUnsupportedOperands) {
 // Scales inside an f32 array (at 4- and 8-byte offsets, as Fp8ScalingState keeps them) with
 // llama-1b's projection sizes: the same bits as scales allocated alone, and rows of the result
 // within the bound of the CPU reference. Regression: such scales failed with NOT_SUPPORTED.
-TEST(GemmFp8Gpu, ScalesAtAnyFloatOffsetAtModelSizes) {
+TS_GPU_TEST(GemmFp8, ScalesAtAnyFloatOffsetAtModelSizes) {
   TESSERA_REQUIRE_FP8_GPU();
   std::mt19937_64 rng(11);
   const int64_t m = 4096, n = 2048, k = 2048;
@@ -447,8 +909,7 @@ TEST(GemmFp8Gpu, ScalesAtAnyFloatOffsetAtModelSizes) {
 
 // ---- fp8_update_scales ----------------------------------------------------------------------
 
-TEST(Fp8UpdateScalesGpu, BitExactWithCpuOverSteps) {
-  TESSERA_REQUIRE_GPU();
+TS_GPU_PARITY_TEST(Fp8UpdateScales, BitExactWithCpuOverSteps, "fp8_update_scales") {
   std::mt19937_64 rng(21);
   const float inf = std::numeric_limits<float>::infinity();
   for (auto compute : {ops::Fp8AmaxCompute::max, ops::Fp8AmaxCompute::most_recent}) {

@@ -7,9 +7,9 @@
 #include <cmath>
 #include <random>
 
-#include "../model/tiny_models.h"
-#include "cuda_test_util.h"
 #include "kernels/ops.h"
+#include "tests/common/gpu.h"
+#include "tests/model/tiny_models.h"
 #include "model/transformer.h"
 #include "optim/adamw.h"
 
@@ -44,10 +44,9 @@ std::vector<double> train_losses(const ModelConfig& cfg, DType dtype, Device dev
   return losses;
 }
 
-class GpuModelParity : public ::testing::TestWithParam<const char*> {};
+class ModelParityGpu : public testing::GpuCaseP<const char*> {};
 
-TEST_P(GpuModelParity, LossesTrackTheCpuReference) {
-  TESSERA_REQUIRE_GPU();
+TEST_P(ModelParityGpu, LossesTrackTheCpuReference) {
   ModelConfig cfg =
       std::string(GetParam()) == "gpt2" ? testing::tiny_gpt2() : testing::tiny_llama();
   cfg.init_std = 0.02f;
@@ -90,7 +89,7 @@ TEST_P(GpuModelParity, LossesTrackTheCpuReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, GpuModelParity, ::testing::Values("gpt2", "llama"));
+INSTANTIATE_TEST_SUITE_P(Families, ModelParityGpu, ::testing::Values("gpt2", "llama"));
 
 }  // namespace
 }  // namespace tessera
