@@ -419,9 +419,6 @@ double tolerance(DType dtype) {
   return kBound[testing::dtype_index(dtype)];
 }
 
-// DeviceTensor fills and uploads run on the legacy stream; the ops run on the context's
-// non-blocking stream, which does not wait for it. Synchronize before every op.
-
 // A view that starts one element into a larger allocation: no longer 16-byte aligned.
 Tensor shifted(const DeviceTensor& d, DType dtype, int64_t n) {
   return Tensor(static_cast<char*>(d.t().data) + dtype_size(dtype), dtype, Device::cuda, Shape{n});

@@ -484,7 +484,7 @@ TS_GPU_PARITY_TEST_P(LayerNormGpu, FusedResidualLayerNormEqualsUnfusedBitwise,
         ops::add_layernorm_forward(res2, out2, mean2, rstd2, ga, gb, gw, gbias, 1e-5f);
       }
       const std::string what =
-          label("fused_residual_layernorm", dtype, s) + (in_place ? " in place" : "");
+          label("add_layernorm_forward", dtype, s) + (in_place ? " in place" : "");
       expect_same_bits(res2, res1, what + " residual");
       expect_same_bits(out2, out1, what + " out");
       expect_same_bits(mean2, mean1, what + " mean");
