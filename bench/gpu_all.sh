@@ -13,7 +13,7 @@ b=build-gpu
 bash bench/gpu.sh --no-tests || exit 1
 ctest --test-dir $b -L cuda -j 4 > "$OUT/cuda-tests.log" 2>&1
 grep -E "tests passed|tests failed" "$OUT/cuda-tests.log"
-$b/tests/cuda/cuda_model_parity 2>&1 | grep -E "cpu .*->" > "$OUT/model-parity.log"
+$b/tests/model/test_model_parity_gpu 2>&1 | grep -E "cpu .*->" > "$OUT/model-parity.log"
 {
   echo "== memory-bound ops"; $b/bench/cuda/bench_memory_ops
   echo "== gemm"; $b/bench/cuda/bench_gemm

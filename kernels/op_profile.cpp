@@ -88,14 +88,15 @@ std::vector<OpTime> profile_report() {
   return out;
 }
 
-ProfileScope::ProfileScope(const char* op, Device device) : op_(op), device_(device) {
+ProfileScope::ProfileScope(const char* op, Device device, Stream stream)
+    : op_(op), device_(device), stream_(stream) {
   State& s = state();
   if (!s.enabled) return;
 #ifdef TESSERA_CUDA
   if (device == Device::cuda) {
     std::lock_guard<std::mutex> lock(s.mutex);
     cudaEvent_t start = take_event(s), stop = take_event(s);
-    cudaEventRecord(start, 0);  // ops run on the legacy default stream (kernels/cuda/context.h)
+    cudaEventRecord(start, static_cast<cudaStream_t>(stream_.handle));
     s.pending.push_back({op, start, stop});
     slot_ = static_cast<int>(s.pending.size()) - 1;
     return;
@@ -110,7 +111,7 @@ ProfileScope::~ProfileScope() {
 #ifdef TESSERA_CUDA
   if (slot_ >= 0) {
     std::lock_guard<std::mutex> lock(s.mutex);
-    cudaEventRecord(s.pending[slot_].stop, 0);
+    cudaEventRecord(s.pending[slot_].stop, static_cast<cudaStream_t>(stream_.handle));
     return;
   }
 #endif

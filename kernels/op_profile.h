@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "kernels/op_types.h"
 
 namespace tessera::ops {
 
@@ -21,10 +22,10 @@ void profile_reset();
 // Waits for the device, resolves pending events, returns totals sorted by time (largest first).
 std::vector<OpTime> profile_report();
 
-// RAII timer used by the dispatch in ops.cpp.
+// RAII timer used by the dispatch (kernels/dispatch.h): on CUDA, events on the op's stream.
 class ProfileScope {
  public:
-  ProfileScope(const char* op, Device device);
+  ProfileScope(const char* op, Device device, Stream stream = {});
   ~ProfileScope();
   ProfileScope(const ProfileScope&) = delete;
   ProfileScope& operator=(const ProfileScope&) = delete;
@@ -32,6 +33,7 @@ class ProfileScope {
  private:
   const char* op_;
   Device device_;
+  Stream stream_;
   int slot_ = -1;
   double t0_ = 0.0;
 };

@@ -14,27 +14,28 @@
 //   * Norms, activations and matmul flatten all leading dims into rows: (B,T,C) is (B*T, C).
 //   * Aliasing: only where an op says "may alias" (exactly the same buffer); partial overlap and
 //     any other aliasing is rejected.
+//   * Streams: every op that launches device work takes a trailing `Stream stream = {}` (after
+//     its other defaulted arguments) and queues all its work there; {} is the device's default
+//     stream. The CPU ignores it. Attention takes its CUDA implementation (AttentionImpl)
+//     explicitly; nothing about how ops run is a global setting.
 // Shape letters: B batch, T time (sequence), C channels (model width), N rows (= B*T),
 //   V vocabulary (padded), Vl one tp rank's slice of V (vocabulary-parallel ops), Hq query heads,
 //   Hkv key/value heads, D head dim, F FFN width, M, K generic GEMM sizes.
 #pragma once
 #include <span>
-#include <string>
 
 #include "core/tensor.h"
 #include "kernels/op_types.h"
 
 namespace tessera::ops {
 
-// Backend settings (not ops): how attention runs on CUDA ("cudnn" | "native"); a no-op on a
-// build without CUDA. Waits for all queued device work (no-op on the CPU).
-void set_cuda_attention_impl(const std::string& impl);
-void synchronize(Device device);
-// Scratch the CUDA backend needs (GEMM workspace, attention plans for these shapes; builds the
-// cuDNN plans), so the caller can carve it from its arena and hand it over with
-// use_cuda_workspace(ptr, bytes). 0 and a no-op without CUDA.
+// Backend services (not ops). synchronize waits for all work queued on `stream` (a no-op on the
+// CPU). cuda_workspace_bytes is the scratch the CUDA backend needs (GEMM workspace, attention
+// under `impl` for these shapes; builds the cuDNN plans), so the caller can carve it from its
+// arena and hand it over with use_cuda_workspace(ptr, bytes); 0 and a no-op without CUDA.
+void synchronize(Device device, Stream stream = {});
 size_t cuda_workspace_bytes(int B, int T, int num_heads, int num_kv_heads, int head_dim,
-                            DType dtype);
+                            DType dtype, AttentionImpl impl);
 void use_cuda_workspace(void* ptr, size_t bytes);
 
 // ---- embedding: token embedding plus optional learned positions ----------------------------
@@ -46,39 +47,41 @@ void use_cuda_workspace(void* ptr, size_t bytes);
 // only), and adds nothing to dwte. dwpe accumulates as usual.
 void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/, Tensor wte /*(Vl,C)*/,
                        Tensor wpe /*(maxT,C) or empty*/, int64_t vocab_start = 0,
-                       int64_t vocab_total = -1);
+                       int64_t vocab_total = -1, Stream stream = {});
 void embedding_backward(Tensor dwte /*(Vl,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
                         Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
-                        int64_t vocab_start = 0, int64_t vocab_total = -1);
+                        int64_t vocab_start = 0, int64_t vocab_total = -1, Stream stream = {});
 
 // ---- LayerNorm over the last dim; mean and rstd are saved for backward ---------------------
 void layernorm_forward(Tensor out /*(N,C)*/, Tensor mean /*(N) f32*/, Tensor rstd /*(N) f32*/,
                        Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor bias /*(C) or empty*/,
-                       float eps);
+                       float eps, Stream stream = {});
 void layernorm_backward(Tensor dinp /*(N,C)*/, Tensor dweight /*(C) +=*/,
                         Tensor dbias /*(C) += or empty*/, Tensor dout /*(N,C)*/,
                         Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor mean /*(N)*/,
-                        Tensor rstd /*(N)*/);
+                        Tensor rstd /*(N)*/, Stream stream = {});
 
 // ---- RMSNorm over the last dim (also used per head for QK-norm, with N = B*T*H, C = D) ------
 void rmsnorm_forward(Tensor out /*(N,C)*/, Tensor rstd /*(N) f32*/, Tensor inp /*(N,C)*/,
-                     Tensor weight /*(C)*/, float eps);
+                     Tensor weight /*(C)*/, float eps, Stream stream = {});
 void rmsnorm_backward(Tensor dinp /*(N,C)*/, Tensor dweight /*(C) +=*/, Tensor dout /*(N,C)*/,
-                      Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor rstd /*(N)*/);
+                      Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor rstd /*(N)*/,
+                      Stream stream = {});
 
 // ---- matmul -------------------------------------------------------------------------------
 // General GEMM: c (M,N) = alpha * op(a) · op(b) + beta * c, op(x) = x^T when trans_x.
 // a is (M,K) or (K,M) if trans_a; b is (K,N) or (N,K) if trans_b. beta = 0 ignores c's contents;
 // alpha = 0 does not read a or b.
-void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta);
+void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta,
+          Stream stream = {});
 // Linear layer in PyTorch's weight layout: out (M,N) = inp (M,K) · weight (N,K)^T + bias (N).
 void matmul_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/,
-                    Tensor bias /*(N) or empty*/);
+                    Tensor bias /*(N) or empty*/, Stream stream = {});
 // dinp = dout · weight (overwrite; may be empty to skip); dweight += dout^T · inp;
 // dbias += column sums of dout (may be empty).
 void matmul_backward(Tensor dinp /*(M,K)*/, Tensor dweight /*(N,K) +=*/,
                      Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/,
-                     Tensor weight /*(N,K)*/);
+                     Tensor weight /*(N,K)*/, Stream stream = {});
 // The bias half of a linear layer, for GEMMs without a bias epilogue (ops::gemm_fp8): the bias
 // that matmul_forward adds and the dbias that matmul_backward accumulates. Rows are all leading
 // dims of out / dout; bias and dbias have out's / dout's dtype, or are f32 (an f32 master copy
@@ -86,49 +89,55 @@ void matmul_backward(Tensor dinp /*(M,K)*/, Tensor dweight /*(N,K) +=*/,
 // out += bias on every row, in place: each element is out + bias in f32 (f64 for f64 tensors),
 // rounded once to out's dtype. (A 16-bit GEMM result plus bias_add is thus rounded twice, where
 // matmul_forward's bias epilogue rounds once.)
-void bias_add(Tensor out /*(M,N)*/, Tensor bias /*(N)*/);
+void bias_add(Tensor out /*(M,N)*/, Tensor bias /*(N)*/, Stream stream = {});
 // dbias += column sums of dout, summed in f32 on CUDA and in double on the CPU (rows in order,
 // rounded once to f32 and, for 16-bit dbias, then to its dtype). The CUDA order is fixed by M and
 // N alone, so results are bitwise reproducible run to run (and do not depend on alignment).
-void bias_grad(Tensor dbias /*(N) +=*/, Tensor dout /*(M,N)*/);
+void bias_grad(Tensor dbias /*(N) +=*/, Tensor dout /*(M,N)*/, Stream stream = {});
 
 // ---- rotary position embedding (NeoX / Hugging Face "rotate_half" pairing) -----------------
 // For each head vector x of width D (even), pair i with i + D/2, angle = (t + pos_offset) *
 // theta^(-2i/D). out may alias inp. Backward rotates by the negative angle.
-void rope_forward(Tensor out /*(B,T,H,D)*/, Tensor inp /*(B,T,H,D)*/, float theta, int pos_offset);
+void rope_forward(Tensor out /*(B,T,H,D)*/, Tensor inp /*(B,T,H,D)*/, float theta, int pos_offset,
+                  Stream stream = {});
 void rope_backward(Tensor dinp /*(B,T,H,D)*/, Tensor dout /*(B,T,H,D)*/, float theta,
-                   int pos_offset);
+                   int pos_offset, Stream stream = {});
 
 // ---- causal attention with grouped-query heads --------------------------------------------
 // Query head h attends with key/value head h / (Hq/Hkv). Softmax(scale · q·k^T) masked causally;
 // lse (B,Hq,T) f32 is the row log-sum-exp of the scaled scores, saved for backward.
 void attention_forward(Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T) f32*/,
                        Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/, Tensor v /*(B,T,Hkv,D)*/,
-                       float scale);
-// dq, dk, dv are overwritten and must not alias any input. On CUDA, the implementation (cuDNN
-// fused SDPA or the native kernel) is chosen by cuda::Context::attention_impl.
+                       float scale, AttentionImpl impl, Stream stream = {});
+// dq, dk, dv are overwritten and must not alias any input. On CUDA, impl chooses cuDNN's fused
+// SDPA (with the native kernel as fallback) or the native kernel; forward and backward may differ.
 void attention_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*/,
                         Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/, Tensor q, Tensor k,
-                        Tensor v, Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T)*/, float scale);
+                        Tensor v, Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T)*/, float scale,
+                        AttentionImpl impl, Stream stream = {});
 
 // ---- activations ---------------------------------------------------------------------------
 // GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-void gelu_forward(Tensor out, Tensor inp);                 // any shape; out may alias inp
-void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp may alias dout
+void gelu_forward(Tensor out, Tensor inp, Stream stream = {});  // any shape; out may alias inp
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp,
+                   Stream stream = {});  // dinp may alias dout
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x).
-void swiglu_forward(Tensor out /*(N,F)*/, Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/);
+void swiglu_forward(Tensor out /*(N,F)*/, Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/,
+                    Stream stream = {});
 void swiglu_backward(Tensor dgate /*(N,F)*/, Tensor dup /*(N,F)*/, Tensor dout /*(N,F)*/,
-                     Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/);
+                     Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/, Stream stream = {});
 
 // ---- residual and elementwise helpers -------------------------------------------------------
-void add_forward(Tensor out, Tensor a, Tensor b);  // out = a + b; out may alias a or b
-void add_inplace(Tensor dst, Tensor src);          // dst += src (gradient of a residual branch)
-void scale_inplace(Tensor x, float s);             // x *= s
-void fill(Tensor x, float value);
+void add_forward(Tensor out, Tensor a, Tensor b,
+                 Stream stream = {});  // out = a + b; out may alias a or b
+void add_inplace(Tensor dst, Tensor src,
+                 Stream stream = {});  // dst += src (gradient of a residual branch)
+void scale_inplace(Tensor x, float s, Stream stream = {});  // x *= s
+void fill(Tensor x, float value, Stream stream = {});
 // dst = src converted to dst's dtype (f32/f64/bf16/f16/e4m3/e5m2), round to nearest even.
-void cast(Tensor dst, Tensor src);
+void cast(Tensor dst, Tensor src, Stream stream = {});
 // Sum of squares of all elements, accumulated in double (gradient norm).
-double sum_squares(Tensor x);
+double sum_squares(Tensor x, Stream stream = {});
 
 // ---- softmax cross-entropy over the (possibly padded) vocabulary ---------------------------
 // For row n with target y = targets[n] >= 0: loss = logsumexp(logits[n, :vocab_size]) -
@@ -136,7 +145,8 @@ double sum_squares(Tensor x);
 // negative target are ignored (loss 0, but lse still the row's log-sum-exp). lse (N) f32 is saved
 // for backward.
 void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
-                           Tensor logits /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size);
+                           Tensor logits /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size,
+                           Stream stream = {});
 // dlogits = dloss * (softmax(logits) - onehot(y)) on valid rows and columns, 0 elsewhere.
 // dlogits may alias logits (computed in place). Vocabulary-parallel: logits (N,Vl) are columns
 // [vocab_start, vocab_start + Vl) of the padded vocabulary and lse is the global one (from
@@ -144,7 +154,7 @@ void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
 // and columns with vocab_start + j >= vocab_size are padding (0).
 void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/, Tensor lse /*(N)*/,
                             Tensor targets /*(N) i32*/, int vocab_size, float dloss,
-                            int64_t vocab_start = 0);
+                            int64_t vocab_start = 0, Stream stream = {});
 
 // ---- vocabulary-parallel cross-entropy (Megatron's vocab_parallel_cross_entropy) ------------
 // Each tp rank holds logits (N,Vl) = columns [vocab_start, vocab_start + Vl) of the padded
@@ -157,23 +167,25 @@ void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/,
 // cross_entropy_forward.
 // row_max[n] = max over this shard's real columns; -inf when the shard has none.
 void cross_entropy_shard_max(Tensor row_max /*(N)*/, Tensor logits /*(N,Vl)*/, int64_t vocab_start,
-                             int vocab_size);
+                             int vocab_size, Stream stream = {});
 // sum_exp[n] = sum over this shard's real columns of exp(logits[n,j] - row_max[n]) (row_max is
 // the GLOBAL max); target_logit[n] = logits[n, y - vocab_start] when y = targets[n] falls in this
 // shard, else 0 (ignored rows, y < 0: 0).
 void cross_entropy_shard_sums(Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
                               Tensor logits /*(N,Vl)*/, Tensor row_max /*(N)*/,
-                              Tensor targets /*(N) i32*/, int64_t vocab_start, int vocab_size);
+                              Tensor targets /*(N) i32*/, int64_t vocab_start, int vocab_size,
+                              Stream stream = {});
 // lse = row_max + log(sum_exp); losses = lse - target_logit, 0 on ignored rows (lse still set).
 void cross_entropy_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(N)*/, Tensor row_max /*(N)*/,
                                 Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
-                                Tensor targets /*(N) i32*/);
+                                Tensor targets /*(N) i32*/, Stream stream = {});
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
 // param, m, v are f32 (the FP32 master copy and state); grad has param's dtype.
-void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s);
+void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s,
+                  Stream stream = {});
 
 // ---- fused sequences: each equals the named sequence of ops above (the CPU runs exactly that
 // sequence; CUDA runs it in one pass over memory) ----------------------------------------------
@@ -181,8 +193,9 @@ void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep
 // the next norm. residual may alias a or b exactly; out must not alias anything.
 void add_layernorm_forward(Tensor residual /*(N,C)*/, Tensor out /*(N,C)*/, Tensor mean /*(N)*/,
                            Tensor rstd /*(N)*/, Tensor a /*(N,C)*/, Tensor b /*(N,C)*/,
-                           Tensor weight /*(C)*/, Tensor bias /*(C) or empty*/, float eps);
+                           Tensor weight /*(C)*/, Tensor bias /*(C) or empty*/, float eps,
+                           Stream stream = {});
 // adamw_update on every entry (entries must not share memory), in few launches on CUDA.
-void adamw_update_multi(std::span<const AdamWTensors> entries);
+void adamw_update_multi(std::span<const AdamWTensors> entries, Stream stream = {});
 
 }  // namespace tessera::ops

@@ -117,8 +117,7 @@ UpdateDims check_update(const Tensor& amax_history, const Tensor& scale, const T
 
 namespace ops {
 
-using detail::device_of;
-using detail::no_cuda;
+using detail::dispatch;
 
 float fp8_max_of(DType format) {
   if (format == DType::e4m3) return kE4M3Max;
@@ -126,66 +125,38 @@ float fp8_max_of(DType format) {
   TS_BUG("fp8_max_of: {} is not an fp8 format", dtype_name(format));
 }
 
-void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale) {
-  const Device device = device_of({&out, &out_t, &amax, &in, &scale});
-  const ProfileScope profile("fp8_quantize", device);
-  if (device == Device::cuda) {
-#ifdef TESSERA_CUDA
-    cuda::fp8_quantize(out, out_t, amax, in, scale);
-    return;
-#else
-    no_cuda("fp8_quantize");
-#endif
-  }
-  cpu::fp8_quantize(out, out_t, amax, in, scale);
+void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale, Stream stream) {
+  // The fp8 CPU references take every operand dtype themselves (no NarrowScope).
+  dispatch("fp8_quantize", {&out, &out_t, &amax, &in, &scale}, stream,
+           TS_ON_CUDA(cuda::fp8_quantize(out, out_t, amax, in, scale, stream)),
+           [&] { cpu::fp8_quantize(out, out_t, amax, in, scale); });
 }
 
 void swiglu_backward_fp8(Tensor dgate8, Tensor dgate8_t, Tensor dup8, Tensor dup8_t,
                          Tensor amax_gate, Tensor amax_up, Tensor dout, Tensor gate, Tensor up,
-                         Tensor scale_gate, Tensor scale_up) {
-  const Device device = device_of({&dgate8, &dup8, &dout, &gate, &up});
-  const ProfileScope profile("swiglu_backward_fp8", device);
-  if (device == Device::cuda) {
-#ifdef TESSERA_CUDA
-    cuda::swiglu_backward_fp8(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout, gate, up,
-                              scale_gate, scale_up);
-    return;
-#else
-    no_cuda("swiglu_backward_fp8");
-#endif
-  }
-  cpu::swiglu_backward_fp8(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout, gate, up,
-                           scale_gate, scale_up);
+                         Tensor scale_gate, Tensor scale_up, Stream stream) {
+  dispatch("swiglu_backward_fp8", {&dgate8, &dup8, &dout, &gate, &up}, stream,
+           TS_ON_CUDA(cuda::swiglu_backward_fp8(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up,
+                                                dout, gate, up, scale_gate, scale_up, stream)),
+           [&] {
+             cpu::swiglu_backward_fp8(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout,
+                                      gate, up, scale_gate, scale_up);
+           });
 }
 
-void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv,
-              bool accumulate) {
-  const Device device = device_of({&c, &a, &b});
-  const ProfileScope profile("gemm_fp8", device);
-  if (device == Device::cuda) {
-#ifdef TESSERA_CUDA
-    cuda::gemm_fp8(c, a, b, a_scale_inv, b_scale_inv, accumulate);
-    return;
-#else
-    no_cuda("gemm_fp8");
-#endif
-  }
-  cpu::gemm_fp8(c, a, b, a_scale_inv, b_scale_inv, accumulate);
+void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv, bool accumulate,
+              Stream stream) {
+  dispatch("gemm_fp8", {&c, &a, &b}, stream,
+           TS_ON_CUDA(cuda::gemm_fp8(c, a, b, a_scale_inv, b_scale_inv, accumulate, stream)),
+           [&] { cpu::gemm_fp8(c, a, b, a_scale_inv, b_scale_inv, accumulate); });
 }
 
 void fp8_update_scales(Tensor amax_history, Tensor scale, Tensor scale_inv, Tensor amax,
-                       const Fp8UpdateParams& params) {
-  const Device device = device_of({&amax_history, &scale, &scale_inv, &amax});
-  const ProfileScope profile("fp8_update_scales", device);
-  if (device == Device::cuda) {
-#ifdef TESSERA_CUDA
-    cuda::fp8_update_scales(amax_history, scale, scale_inv, amax, params);
-    return;
-#else
-    no_cuda("fp8_update_scales");
-#endif
-  }
-  cpu::fp8_update_scales(amax_history, scale, scale_inv, amax, params);
+                       const Fp8UpdateParams& params, Stream stream) {
+  dispatch(
+      "fp8_update_scales", {&amax_history, &scale, &scale_inv, &amax}, stream,
+      TS_ON_CUDA(cuda::fp8_update_scales(amax_history, scale, scale_inv, amax, params, stream)),
+      [&] { cpu::fp8_update_scales(amax_history, scale, scale_inv, amax, params); });
 }
 
 }  // namespace ops

@@ -2,12 +2,14 @@
 // that FP8 backward needs), the scaled FP8 GEMM, and the delayed-scaling update. Same rules as
 // kernels/ops.h (dispatch on the device of the first non-empty tensor, CPU reference in
 // kernels/cpu/fp8.cpp, CUDA in kernels/cuda/fp8_*.cu and gemm_fp8.cu); kept apart from ops.h so
-// the FP8 work does not touch the shared op list. Hybrid format: E4M3 for weights and
+// the FP8 work does not touch the shared op list. Each op queues its device work on the trailing
+// stream (kernels/op_types.h). Hybrid format: E4M3 for weights and
 // activations, E5M2 for gradients. Scales live on the device and are never read by the host.
 // Shape letters: R, C rows and columns of a quantized tensor; M, N, K GEMM sizes; L amax history
 // length; n number of scaled tensors.
 #pragma once
 #include "core/tensor.h"
+#include "kernels/op_types.h"
 
 namespace tessera::ops {
 
@@ -24,7 +26,7 @@ namespace tessera::ops {
 // read as (R, C) with C its last dim.
 void fp8_quantize(Tensor out /*(R,C) e4m3|e5m2*/, Tensor out_t /*(C,R) out's dtype, or empty*/,
                   Tensor amax /*(1) f32, max-accumulated*/, Tensor in /*(R,C) f32|bf16|f16*/,
-                  Tensor scale /*(1) f32*/);
+                  Tensor scale /*(1) f32*/, Stream stream = {});
 
 // ---- SwiGLU backward fused with the quantization of its two gradients -----------------------
 // Exactly swiglu_backward (kernels/ops.h) into dgate/dup in the inputs' dtype, each then passed
@@ -36,7 +38,8 @@ void swiglu_backward_fp8(Tensor dgate8 /*(R,C)*/, Tensor dgate8_t /*(C,R) or emp
                          Tensor dup8 /*(R,C)*/, Tensor dup8_t /*(C,R) or empty*/,
                          Tensor amax_gate /*(1)*/, Tensor amax_up /*(1)*/,
                          Tensor dout /*(R,C) f32|bf16|f16*/, Tensor gate /*(R,C)*/,
-                         Tensor up /*(R,C)*/, Tensor scale_gate /*(1)*/, Tensor scale_up /*(1)*/);
+                         Tensor up /*(R,C)*/, Tensor scale_gate /*(1)*/, Tensor scale_up /*(1)*/,
+                         Stream stream = {});
 
 // ---- scaled FP8 GEMM (the "TN" layout: both operands K-contiguous) ---------------------------
 // c (M,N) = a_scale_inv * b_scale_inv * a (M,K) · b (N,K)^T   (+ c when accumulate)
@@ -53,7 +56,8 @@ void swiglu_backward_fp8(Tensor dgate8 /*(R,C)*/, Tensor dgate8_t /*(C,R) or emp
 // it uses fast accumulation for e4m3 x e4m3 and split (promoted f32) accumulation when an operand
 // is e5m2, as TransformerEngine does (forward: speed; gradients: precision).
 void gemm_fp8(Tensor c /*(M,N) bf16|f32*/, Tensor a /*(M,K) fp8*/, Tensor b /*(N,K) fp8*/,
-              Tensor a_scale_inv /*(1) f32*/, Tensor b_scale_inv /*(1) f32*/, bool accumulate);
+              Tensor a_scale_inv /*(1) f32*/, Tensor b_scale_inv /*(1) f32*/, bool accumulate,
+              Stream stream = {});
 
 // ---- delayed scaling: history roll and scale update ----------------------------------------
 enum class Fp8AmaxCompute { max, most_recent };
@@ -76,7 +80,7 @@ struct Fp8UpdateParams {
 //   4. amax[j] = 0, ready for the next step's accumulation.
 void fp8_update_scales(Tensor amax_history /*(L,n) f32*/, Tensor scale /*(n) f32*/,
                        Tensor scale_inv /*(n) f32*/, Tensor amax /*(n) f32*/,
-                       const Fp8UpdateParams& params);
+                       const Fp8UpdateParams& params, Stream stream = {});
 
 // The largest finite value of an fp8 format (448 for e4m3, 57344 for e5m2).
 float fp8_max_of(DType format);

@@ -1,19 +1,17 @@
 // Benchmark of the bf16 GEMMs of the two model families through cuda::gemm (cuBLASLt with cached
 // heuristics, kernels/cuda/matmul.cu), against cuBLAS alone (cublasGemmEx, default algorithm, f32
-// compute) in the same run: forward out = inp·W^T, backward dinp = dout·W and dW += dout^T·inp,
-// plus the fused fc+GELU epilogue against matmul_forward with bias. FLOPs = 2·M·N·K. Median of
+// compute) in the same run: forward out = inp·W^T, backward dinp = dout·W and dW += dout^T·inp.
+// FLOPs = 2·M·N·K. Median of
 // timed reps after warm-up (CUDA events). Operands are 25 MB to 8 GB and the GEMMs compute-bound,
 // so inputs are not rotated through the L2.
 #include <cublas_v2.h>
 
 #include <algorithm>
 #include <cstdio>
-#include <string_view>
 
 #include "bench/cuda/bench_util.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
-#include "kernels/cuda/gemm_lt.h"
 
 namespace tessera::cuda {
 namespace {
@@ -50,7 +48,7 @@ void print_row(const char* model, const char* layer, const char* pass, int64_t m
       ref_ms, flops / ref_ms * 1e-9, 100.0 * ref_ms / ms);
 }
 
-void run_layer(cublasHandle_t handle, const Layer& l, bool fc) {
+void run_layer(cublasHandle_t handle, const Layer& l) {
   const DType bf16 = DType::bf16;
   DeviceTensor inp(bf16, {l.m, l.k}, 1, kFillAmp), w(bf16, {l.n, l.k}, 2, kFillAmp);
   DeviceTensor out(bf16, {l.m, l.n}, 3, kFillAmp), dout(bf16, {l.m, l.n}, 4, kFillAmp);
@@ -73,17 +71,6 @@ void run_layer(cublasHandle_t handle, const Layer& l, bool fc) {
     const int64_t k = p.ta ? p.a.dim(0) : p.a.dim(1);
     print_row(l.model, l.name, p.name, p.c.dim(0), p.c.dim(1), k, ms, ref_ms, "cuBLAS");
   }
-  if (!fc) return;
-  // fc + GELU fused in the epilogue vs the unfused linear with bias (the GELU pass not counted).
-  DeviceTensor bias(bf16, {l.n}, 7, kFillAmp), act(bf16, {l.m, l.n}, 8, kFillAmp);
-  if (!matmul_gelu_supported(out.t, act.t, inp.t, w.t, bias.t)) {
-    std::printf("%-8s %-8s fc+gelu: not supported by cuBLASLt\n", l.model, l.name);
-    return;
-  }
-  const double fused_ms =
-      median_ms([&] { matmul_gelu_forward(out.t, act.t, inp.t, w.t, bias.t); }, 3, reps);
-  const double bias_ms = median_ms([&] { matmul_forward(out.t, inp.t, w.t, bias.t); }, 3, reps);
-  print_row(l.model, l.name, "fc+gelu", l.m, l.n, l.k, fused_ms, bias_ms, "fc+bias");
 }
 
 }  // namespace
@@ -100,7 +87,7 @@ int main() {
         prop.name);
     cublasHandle_t handle;
     TS_CUBLAS_CHECK(cublasCreate(&handle));
-    TS_CUBLAS_CHECK(cublasSetStream(handle, stream()));
+    TS_CUBLAS_CHECK(cublasSetStream(handle, cuda_stream({})));
     TS_CUBLAS_CHECK(cublasSetWorkspace(handle, context().workspace, context().workspace_bytes));
     const int64_t gpt_m = 32 * 1024, llama_m = 8 * 2048;
     const Layer layers[] = {{"gpt2", "q/k/v", gpt_m, 768, 768},
@@ -114,7 +101,7 @@ int main() {
                             {"llama1b", "gate/up", llama_m, 2048, 8192},
                             {"llama1b", "down", llama_m, 8192, 2048},
                             {"llama1b", "lm_head", llama_m, 2048, 128256}};
-    for (const Layer& l : layers) run_layer(handle, l, std::string_view(l.name) == "fc");
+    for (const Layer& l : layers) run_layer(handle, l);
     TS_CUBLAS_CHECK(cublasDestroy(handle));
     tessera::cuda::sync();
   } catch (const tessera::Error& e) {

@@ -14,10 +14,8 @@
 #include <vector>
 
 #include "bench/cuda/bench_util.cuh"
-#include "kernels/cuda/adamw_multi.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
-#include "kernels/cuda/fused.h"
 
 using namespace tessera;
 
@@ -63,13 +61,14 @@ struct Buffer {
     seed += 7919;
     const int64_t n = shape.numel();
     if (dtype == DType::f32)
-      random_kernel<<<1024, 256, 0, cuda::stream()>>>(static_cast<float*>(p), n, seed, lo, hi);
+      random_kernel<<<1024, 256, 0, cuda::cuda_stream({})>>>(static_cast<float*>(p), n, seed, lo,
+                                                             hi);
     else if (dtype == DType::bf16)
-      random_kernel<<<1024, 256, 0, cuda::stream()>>>(static_cast<__nv_bfloat16*>(p), n, seed, lo,
-                                                      hi);
+      random_kernel<<<1024, 256, 0, cuda::cuda_stream({})>>>(static_cast<__nv_bfloat16*>(p), n,
+                                                             seed, lo, hi);
     else
-      random_ints_kernel<<<1024, 256, 0, cuda::stream()>>>(static_cast<int32_t*>(p), n, seed,
-                                                           int32_t(hi));
+      random_ints_kernel<<<1024, 256, 0, cuda::cuda_stream({})>>>(static_cast<int32_t*>(p), n, seed,
+                                                                  int32_t(hi));
     TS_CUDA_CHECK_LAUNCH();
   }
   operator Tensor() const { return t; }
@@ -135,8 +134,7 @@ void bench_layernorm(int64_t n, int64_t c, DType dtype) {
   const double fused = median_ms(
       [&](int r) {
         const int k = r % sets;
-        cuda::fused_residual_layernorm_forward(res[k], out[k], mean[k], rstd[k], x[k], dout[k], w,
-                                               b, 1e-5f);
+        cuda::add_layernorm_forward(res[k], out[k], mean[k], rstd[k], x[k], dout[k], w, b, 1e-5f);
       },
       kWarmup, 50);
   report("fused residual+layernorm", dims({n, c}, dtype), fused_bytes, fused);
@@ -254,7 +252,7 @@ void bench_adamw(int64_t n, DType grad_dtype) {
     for (int64_t sz : {768, 768, 3 * 768 * 768, 3 * 768, 768 * 768, 768, 768, 768, 4 * 768 * 768,
                        4 * 768, 4 * 768 * 768, 768})
       sizes.push_back(sz);
-  std::vector<cuda::AdamWEntry> entries;
+  std::vector<ops::AdamWTensors> entries;
   int64_t offset = 0, total = 0;
   for (int64_t sz : sizes) total += (sz + 3) / 4 * 4;
   Buffer mp(DType::f32, {total}), mg(grad_dtype, {total}, -0.01f, 0.01f);

@@ -40,7 +40,7 @@ struct DeviceTensor {
     t = Tensor(ptr, dtype, Device::cuda, shape);
     if (seed == 0) return;
     dispatch_float(t, "fill", [&]<class T>() {
-      fill_uniform_kernel<T><<<ceil_div(shape.numel(), 256), 256, 0, stream()>>>(
+      fill_uniform_kernel<T><<<ceil_div(shape.numel(), 256), 256, 0, cuda_stream({})>>>(
           static_cast<T*>(ptr), shape.numel(), seed, amp);
       TS_CUDA_CHECK_LAUNCH();
     });
@@ -70,9 +70,9 @@ double median_ms(F&& f, int warmup, int reps) {
   TS_CUDA_CHECK(cudaEventCreate(&stop));
   std::vector<double> ms;
   for (int i = 0; i < reps; ++i) {
-    TS_CUDA_CHECK(cudaEventRecord(start, stream()));
+    TS_CUDA_CHECK(cudaEventRecord(start, cuda_stream({})));
     call(warmup + i);
-    TS_CUDA_CHECK(cudaEventRecord(stop, stream()));
+    TS_CUDA_CHECK(cudaEventRecord(stop, cuda_stream({})));
     TS_CUDA_CHECK(cudaEventSynchronize(stop));
     float t = 0.0f;
     TS_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
@@ -90,9 +90,11 @@ inline double copy_ms(size_t bytes) {
   void *src = nullptr, *dst = nullptr;
   TS_CUDA_CHECK(cudaMalloc(&src, bytes));
   TS_CUDA_CHECK(cudaMalloc(&dst, bytes));
-  TS_CUDA_CHECK(cudaMemsetAsync(src, 0x3c, bytes, stream()));
+  TS_CUDA_CHECK(cudaMemsetAsync(src, 0x3c, bytes, cuda_stream({})));
   const double ms = median_ms(
-      [&] { TS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream())); },
+      [&] {
+        TS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda_stream({})));
+      },
       3, 20);
   TS_CUDA_CHECK(cudaFree(src));
   TS_CUDA_CHECK(cudaFree(dst));

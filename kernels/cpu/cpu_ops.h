@@ -1,9 +1,9 @@
 // Declarations of the CPU reference kernels (kernels/cpu/<op>.cpp), same names and argument
-// order as kernels/ops.h, which documents each op. Float tensors may be f32 or f64; accumulation
-// is in double; results do not depend on thread count. Call through tessera::ops in model code.
+// order as kernels/ops.h, which documents each op (less the trailing stream and attention
+// implementation, which the CPU has no use for). Float tensors may be f32 or f64; accumulation is
+// in double; results do not depend on thread count. Call through tessera::ops in model code. The
+// fused sequences of ops.h have no function here: kernels/ops.cpp runs their steps on the CPU.
 #pragma once
-#include <span>
-
 #include "core/tensor.h"
 #include "kernels/op_types.h"
 
@@ -119,10 +119,5 @@ void cross_entropy_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(N)*/, Tenso
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
 // param, m, v are f32 (the FP32 master copy and state); grad has param's dtype.
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s);
-
-// Fused sequences (see kernels/ops.h).
-void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a,
-                           Tensor b, Tensor weight, Tensor bias, float eps);
-void adamw_update_multi(std::span<const ops::AdamWTensors> entries);
 
 }  // namespace tessera::cpu

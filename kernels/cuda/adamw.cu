@@ -1,5 +1,7 @@
 // CUDA AdamW (decoupled weight decay): the contract's single-tensor adamw_update and the
-// multi-tensor adamw_update_multi (kernels/cuda/adamw_multi.h). Evaluated in exactly the order of
+// multi-tensor adamw_update_multi (one launch updates up to a few dozen tensors, so a step over
+// hundreds of small tensors is not hundreds of launches; bitwise equal to adamw_update on each
+// entry). Evaluated in exactly the order of
 // the CPU reference (kernels/cpu/adamw.cpp, PyTorch's single-tensor path) with explicitly
 // rounded f32 operations (__fmul_rn and friends, which nvcc never contracts into FMAs), so f32
 // results are bitwise equal to the CPU's. param, m, v f32; grad f32, bf16 or f16 (an f16 grad
@@ -7,7 +9,6 @@
 #include <cmath>
 #include <vector>
 
-#include "kernels/cuda/adamw_multi.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/memory_bound.cuh"
 
@@ -151,7 +152,8 @@ void check_tensors(const Tensor& param, const Tensor& grad, const Tensor& m, con
 
 }  // namespace
 
-void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
+void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s,
+                  ops::Stream stream) {
   constexpr const char* kOp = "adamw_update";
   check_tensors(param, grad, m, v, kOp);
   check_step(s, kOp);
@@ -166,18 +168,18 @@ void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep
     auto* vv = static_cast<float*>(v.data);
     if (is_aligned(p) && is_aligned(mm) && is_aligned(vv) && is_aligned(g, sizeof(G) * kWidth))
       adamw_kernel<G, kWidth>
-          <<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream()>>>(p, g, mm, vv, n, k);
+          <<<grid_for(ceil_div(n, kWidth)), kBlock, 0, cuda_stream(stream)>>>(p, g, mm, vv, n, k);
     else
-      adamw_kernel<G, 1><<<grid_for(n), kBlock, 0, stream()>>>(p, g, mm, vv, n, k);
+      adamw_kernel<G, 1><<<grid_for(n), kBlock, 0, cuda_stream(stream)>>>(p, g, mm, vv, n, k);
     TS_CUDA_CHECK_LAUNCH();
   });
 }
 
-void adamw_update_multi(std::span<const AdamWEntry> entries) {
+void adamw_update_multi(std::span<const ops::AdamWTensors> entries, ops::Stream stream) {
   constexpr const char* kOp = "adamw_update_multi";
   if (entries.empty()) return;
   const DType grad_dtype = entries[0].grad.dtype;
-  for (const AdamWEntry& e : entries) {
+  for (const ops::AdamWTensors& e : entries) {
     check_tensors(e.param, e.grad, e.m, e.v, kOp);
     check_step(e.step, kOp);
     TS_CHECK(e.grad.dtype == grad_dtype, "{}: grads of one call share a dtype: {} and {}", kOp,
@@ -186,14 +188,14 @@ void adamw_update_multi(std::span<const AdamWEntry> entries) {
   auto launch = [&](MultiArgs& args, int64_t num_blocks) {
     if (args.num_tensors == 0) return;
     dispatch_float(entries[0].grad, kOp, [&]<class G>() {
-      adamw_multi_kernel<G><<<num_blocks, kBlock, 0, stream()>>>(args);
+      adamw_multi_kernel<G><<<num_blocks, kBlock, 0, cuda_stream(stream)>>>(args);
       TS_CUDA_CHECK_LAUNCH();
     });
     args.num_tensors = 0;
   };
   MultiArgs args{};
   int64_t num_blocks = 0;
-  for (const AdamWEntry& e : entries) {
+  for (const ops::AdamWTensors& e : entries) {
     const int64_t n = e.param.numel();
     if (n == 0) continue;
     const int64_t blocks = ceil_div(n, kChunkElems);

@@ -611,7 +611,6 @@ cudnnHandle_t cudnn_handle() {
   if (!ctx.cudnn) {
     cudnnHandle_t h = nullptr;
     TS_CUDNN_CHECK(cudnnCreate(&h));
-    TS_CUDNN_CHECK(cudnnSetStream(h, stream()));
     ctx.cudnn = h;
   }
   return ctx.cudnn;
@@ -703,9 +702,11 @@ void* plan_workspace(Plan* plan) {
   return plan->own_workspace;
 }
 
-// Runs a plan: one variant pack per call (cheap next to the kernels), on the context stream.
+// Runs a plan: one variant pack per call (cheap next to the kernels), on the op's stream. The
+// handle is the device's one, so its stream is set on every call (ops of a device are issued by
+// one host thread, so the set-then-execute pair is not raced).
 void execute(const Plan& plan, void* workspace, const std::vector<int64_t>& uids,
-             const std::vector<void*>& ptrs) {
+             const std::vector<void*>& ptrs, ops::Stream stream) {
   try {
     Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
     pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, int64_t(uids.size()),
@@ -714,7 +715,9 @@ void execute(const Plan& plan, void* workspace, const std::vector<int64_t>& uids
              ptrs.data());
     pack.set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace);
     pack.finalize();
-    TS_CUDNN_CHECK(cudnnBackendExecute(cudnn_handle(), plan.plan, pack.get()));
+    const cudnnHandle_t handle = cudnn_handle();
+    TS_CUDNN_CHECK(cudnnSetStream(handle, cuda_stream(stream)));
+    TS_CUDNN_CHECK(cudnnBackendExecute(handle, plan.plan, pack.get()));
   } catch (const BuildFailure& e) {
     TS_SYSTEM_ERROR("attention_cudnn: variant pack: {}", e.what());
   }
@@ -764,7 +767,8 @@ bool refuse(const std::string& why, const char* op) {
 
 }  // namespace
 
-bool attention_cudnn_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale) {
+bool attention_cudnn_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale,
+                             ops::Stream stream) {
   constexpr const char* kOp = "attention_cudnn_forward";
   const AttnDims s = check_args(out, lse, q, k, v, kOp);
   const std::string why = precondition_failure(s, {&out, &lse, &q, &k, &v});
@@ -774,12 +778,12 @@ bool attention_cudnn_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor 
   float scale_value = scale;
   float mask_value = std::numeric_limits<float>::lowest();
   execute(*plan, plan_workspace(plan), {kQ, kK, kV, kO, kStats, kScale, kMaskValue},
-          {q.data, k.data, v.data, out.data, lse.data, &scale_value, &mask_value});
+          {q.data, k.data, v.data, out.data, lse.data, &scale_value, &mask_value}, stream);
   return true;
 }
 
 bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
-                              Tensor v, Tensor out, Tensor lse, float scale) {
+                              Tensor v, Tensor out, Tensor lse, float scale, ops::Stream stream) {
   constexpr const char* kOp = "attention_cudnn_backward";
   const AttnDims s = check_args(out, lse, q, k, v, kOp);
   for (const Tensor* t : {&dq, &dk, &dv, &dout}) {
@@ -819,7 +823,7 @@ bool attention_cudnn_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tens
     uids.insert(uids.end(), {kSeqLenQ, kSeqLenKv, kPadValue});
     ptrs.insert(ptrs.end(), {plan->seq_len_q, plan->seq_len_kv, &pad_value});
   }
-  execute(*plan, workspace, uids, ptrs);
+  execute(*plan, workspace, uids, ptrs, stream);
   return true;
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/tensor.h"
+#include "kernels/op_types.h"
 
 namespace tessera::cuda {
 
@@ -17,13 +18,13 @@ namespace tessera::cuda {
 // Plans are built on the first call per (device, B, T, Hq, Hkv, D, dtype, direction) and cached.
 bool attention_cudnn_forward(Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T) f32*/,
                              Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/,
-                             Tensor v /*(B,T,Hkv,D)*/, float scale);
+                             Tensor v /*(B,T,Hkv,D)*/, float scale, ops::Stream stream = {});
 // dq, dk, dv are overwritten (dk/dv summed over the Hq / Hkv query heads of each kv head).
 // Not promised bitwise reproducible (see build_backward in the .cu for the choice made).
 bool attention_cudnn_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*/,
                               Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/, Tensor q,
                               Tensor k, Tensor v, Tensor out /*(B,T,Hq,D)*/,
-                              Tensor lse /*(B,Hq,T) f32*/, float scale);
+                              Tensor lse /*(B,Hq,T) f32*/, float scale, ops::Stream stream = {});
 
 // Diagnostics for tests and benchmarks: builds (or finds) the plan for the shape and dtype and
 // describes it (cuDNN version, graph variant, engine index, numerical notes, workspace bytes),

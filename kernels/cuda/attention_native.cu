@@ -890,10 +890,10 @@ AttnParams make_params(const AttnDims& d, float scale) {
 }
 
 template <class Kernel>
-void launch(Kernel kernel, dim3 grid, size_t smem_bytes, const AttnParams& p) {
+void launch(Kernel kernel, dim3 grid, size_t smem_bytes, const AttnParams& p, cudaStream_t stream) {
   TS_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
-  kernel<<<grid, kMmaWarps * 32, smem_bytes, stream()>>>(p);
+  kernel<<<grid, kMmaWarps * 32, smem_bytes, stream>>>(p);
   TS_CUDA_CHECK_LAUNCH();
 }
 static_assert(kMmaWarps == kFmaWarps, "launch() uses one block size for both kernel families");
@@ -907,18 +907,19 @@ bool use_mma(const AttnDims& d, DType dtype, std::initializer_list<const Tensor*
 }
 
 template <class T, int kD>
-void forward_mma(const AttnParams& p, const AttnDims& d) {
+void forward_mma(const AttnParams& p, const AttnDims& d, cudaStream_t stream) {
   const dim3 grid(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hq), unsigned(d.b));
-  launch(attn_fwd_mma_kernel<T, kD>, grid, fwd_mma_smem<kD>(), p);
+  launch(attn_fwd_mma_kernel<T, kD>, grid, fwd_mma_smem<kD>(), p, stream);
 }
 
 template <class T, int kD>
-void backward_mma(const AttnParams& p, const AttnDims& d) {
+void backward_mma(const AttnParams& p, const AttnDims& d, cudaStream_t stream) {
   launch(attn_bwd_dkdv_mma_kernel<T, kD>,
          dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hkv), unsigned(d.b)), dkdv_mma_smem<kD>(),
-         p);
+         p, stream);
   launch(attn_bwd_dq_mma_kernel<T, kD>,
-         dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hq), unsigned(d.b)), dq_mma_smem<kD>(), p);
+         dim3(ceil_div(d.t, 16 * kMmaWarps), unsigned(d.hq), unsigned(d.b)), dq_mma_smem<kD>(), p,
+         stream);
 }
 
 // Runs f.template operator()<T>() with T the 16-bit type of dtype (bf16 or f16).
@@ -932,7 +933,9 @@ void dispatch_mma_type(DType dtype, F&& f) {
 
 }  // namespace
 
-void attention_native_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale) {
+void attention_native_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, float scale,
+                              ops::Stream stream) {
+  const cudaStream_t s = cuda_stream(stream);
   constexpr const char* kOp = "attention_native_forward";
   const AttnDims d = check_attention(out, lse, q, k, v, kOp);
   for (const Tensor* input : {&q, &k, &v})
@@ -945,19 +948,20 @@ void attention_native_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor
   if (use_mma(d, q.dtype, {&q, &k, &v, &out})) {
     dispatch_mma_type(q.dtype, [&]<class T>() {
       if (d.d == 64)
-        forward_mma<T, 64>(p, d);
+        forward_mma<T, 64>(p, d, s);
       else
-        forward_mma<T, 128>(p, d);
+        forward_mma<T, 128>(p, d, s);
     });
     return;
   }
   const dim3 grid(ceil_div(d.t, kFmaBlockRows), unsigned(d.hq), unsigned(d.b));
   dispatch_float(q, kOp,
-                 [&]<class T>() { launch(attn_fwd_fma_kernel<T>, grid, fwd_fma_smem(p.d), p); });
+                 [&]<class T>() { launch(attn_fwd_fma_kernel<T>, grid, fwd_fma_smem(p.d), p, s); });
 }
 
 void attention_native_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
-                               Tensor v, Tensor out, Tensor lse, float scale) {
+                               Tensor v, Tensor out, Tensor lse, float scale, ops::Stream stream) {
+  const cudaStream_t s = cuda_stream(stream);
   constexpr const char* kOp = "attention_native_backward";
   const AttnDims d = check_attention(out, lse, q, k, v, kOp);
   check_same(dout, q.dtype, q.shape, kOp, "dout");
@@ -981,24 +985,25 @@ void attention_native_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Ten
   p.lse = lse.ptr<float>(), p.drow = static_cast<float*>(ctx.workspace);
   p.dq = dq.data, p.dk = dk.data, p.dv = dv.data;
   dispatch_float(q, kOp, [&]<class T>() {
-    attn_drow_kernel<T><<<ceil_div(num_rows * 32, 256), 256, 0, stream()>>>(p, num_rows);
+    attn_drow_kernel<T><<<ceil_div(num_rows * 32, 256), 256, 0, s>>>(p, num_rows);
     TS_CUDA_CHECK_LAUNCH();
   });
   if (use_mma(d, q.dtype, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
     dispatch_mma_type(q.dtype, [&]<class T>() {
       if (d.d == 64)
-        backward_mma<T, 64>(p, d);
+        backward_mma<T, 64>(p, d, s);
       else
-        backward_mma<T, 128>(p, d);
+        backward_mma<T, 128>(p, d, s);
     });
     return;
   }
   dispatch_float(q, kOp, [&]<class T>() {
     launch(attn_bwd_dkdv_fma_kernel<T>,
            dim3(ceil_div(d.t, kFmaBlockRows), unsigned(d.hkv), unsigned(d.b)), dkdv_fma_smem(p.d),
-           p);
+           p, s);
     launch(attn_bwd_dq_fma_kernel<T>,
-           dim3(ceil_div(d.t, kFmaBlockRows), unsigned(d.hq), unsigned(d.b)), dq_fma_smem(p.d), p);
+           dim3(ceil_div(d.t, kFmaBlockRows), unsigned(d.hq), unsigned(d.b)), dq_fma_smem(p.d), p,
+           s);
   });
 }
 

@@ -137,7 +137,7 @@ ChunkPlan plan_chunks(int64_t m, int64_t n) {
 
 }  // namespace
 
-void bias_add(Tensor out, Tensor bias) {
+void bias_add(Tensor out, Tensor bias, ops::Stream stream) {
   constexpr const char* kOp = "bias_add";
   expect_compute_dtype(out, kOp, "out");
   TS_CHECK(out.ndim() >= 1, "{}: out must be (..., N), got {}", kOp, out.str());
@@ -163,15 +163,15 @@ void bias_add(Tensor out, Tensor bias) {
       auto* o = static_cast<T*>(out.data);
       const auto* b = static_cast<const TB*>(bias.data);
       if (vec)
-        bias_add_kernel<T, TB, kVec><<<grid, block, 0, stream()>>>(o, b, m, n);
+        bias_add_kernel<T, TB, kVec><<<grid, block, 0, cuda_stream(stream)>>>(o, b, m, n);
       else
-        bias_add_kernel<T, TB, 1><<<grid, block, 0, stream()>>>(o, b, m, n);
+        bias_add_kernel<T, TB, 1><<<grid, block, 0, cuda_stream(stream)>>>(o, b, m, n);
       TS_CUDA_CHECK_LAUNCH();
     });
   });
 }
 
-void bias_grad(Tensor dbias, Tensor dout) {
+void bias_grad(Tensor dbias, Tensor dout, ops::Stream stream) {
   constexpr const char* kOp = "bias_grad";
   expect_compute_dtype(dout, kOp, "dout");
   TS_CHECK(dout.ndim() >= 1, "{}: dout must be (..., N), got {}", kOp, dout.str());
@@ -188,7 +188,8 @@ void bias_grad(Tensor dbias, Tensor dout) {
                size_t(plan.num_chunks) * size_t(n) * sizeof(float) <= ctx.workspace_bytes,
            "{}: {} partial rows of N = {} floats exceed the workspace of {} bytes", kOp,
            plan.num_chunks, n, ctx.workspace_bytes);
-  // The workspace is free: work on the stream is ordered, so an earlier GEMM is done with it.
+  // The workspace is free: the device's ops run one after another (kernels/cuda/context.h), so an
+  // earlier GEMM is done with it.
   float* partial = static_cast<float*>(ctx.workspace);
   dispatch_float(dout, kOp, [&]<class T>() {
     dispatch_vector<T>(dbias, [&]<class TD>() {
@@ -203,9 +204,10 @@ void bias_grad(Tensor dbias, Tensor dout) {
       const auto tiles = [&]<bool kDirect, class TDst>(TDst* dst) {
         if (vec) {
           colsum_tile_kernel<T, TDst, kVec, kDirect>
-              <<<grid, block, 0, stream()>>>(dst, d, m, n, rows);
+              <<<grid, block, 0, cuda_stream(stream)>>>(dst, d, m, n, rows);
         } else {
-          colsum_tile_kernel<T, TDst, 1, kDirect><<<grid, block, 0, stream()>>>(dst, d, m, n, rows);
+          colsum_tile_kernel<T, TDst, 1, kDirect>
+              <<<grid, block, 0, cuda_stream(stream)>>>(dst, d, m, n, rows);
         }
         TS_CUDA_CHECK_LAUNCH();
       };
@@ -215,7 +217,8 @@ void bias_grad(Tensor dbias, Tensor dout) {
       TD* db = static_cast<TD*>(dbias.data);
       if (plan.num_chunks == 1) return tiles.template operator()<true>(db);
       tiles.template operator()<false>(partial);
-      launch_column_sum<TD>(db, partial, static_cast<int>(plan.num_chunks), static_cast<int>(n));
+      launch_column_sum<TD>(db, partial, static_cast<int>(plan.num_chunks), static_cast<int>(n),
+                            cuda_stream(stream));
     });
   });
 }

@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/tensor.h"
 #include "kernels/cuda/context.h"
+#include "kernels/op_types.h"
 
 #define TS_CUDA_CHECK(call)                                                                      \
   do {                                                                                           \
@@ -34,7 +35,9 @@
 
 namespace tessera::cuda {
 
-inline cudaStream_t stream() { return reinterpret_cast<cudaStream_t>(context().stream); }
+// The stream an op was handed (kernels/op_types.h ops::Stream; {} is the legacy default stream).
+// Every launch, cuBLASLt/cuDNN/CUB call and async copy of an op goes to it.
+inline cudaStream_t cuda_stream(ops::Stream s) { return static_cast<cudaStream_t>(s.handle); }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

@@ -1,4 +1,4 @@
-// Per-device CUDA context: stream, cuBLASLt handle, workspace (cuDNN handle lazily, in
+// Per-device CUDA context: cuBLASLt handle, workspace (cuDNN handle lazily, in
 // attention_cudnn.cu). Contexts live for the process; the driver reclaims them at exit.
 #include <cudnn.h>
 
@@ -23,10 +23,6 @@ Context& context() {
   if (!g_contexts[dev]) {
     auto* c = new Context();
     c->device = dev;
-    // Compute runs on the legacy default stream, so the synchronous host<->device copies in
-    // core/memory (cudaMemcpy) are ordered with the kernels without extra events. Communication
-    // streams (issue 4) are created non-blocking and ordered with events.
-    c->stream = nullptr;
     cublasLtHandle_t lt;
     TS_CUBLAS_CHECK(cublasLtCreate(&lt));
     c->cublaslt = reinterpret_cast<cublasLtContext*>(lt);
@@ -43,7 +39,8 @@ void use_workspace(void* ptr, size_t bytes) {
   Context& c = context();
   TS_CHECK(ptr != nullptr && bytes >= kWorkspaceBytes, "workspace of {} bytes (need >= {})", bytes,
            kWorkspaceBytes);
-  sync();  // nothing queued may still use the old buffer
+  TS_CUDA_CHECK(
+      cudaDeviceSynchronize());  // nothing queued on any stream may still use the old buffer
   if (c.owns_workspace) TS_CUDA_CHECK(cudaFree(c.workspace));
   c.workspace = ptr;
   c.workspace_bytes = bytes;
@@ -52,10 +49,6 @@ void use_workspace(void* ptr, size_t bytes) {
 
 size_t default_workspace_bytes() { return kWorkspaceBytes; }
 
-void sync() { TS_CUDA_CHECK(cudaStreamSynchronize(stream())); }
-
-void device_memory(size_t* free_bytes, size_t* total_bytes) {
-  TS_CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
-}
+void sync(ops::Stream stream) { TS_CUDA_CHECK(cudaStreamSynchronize(cuda_stream(stream))); }
 
 }  // namespace tessera::cuda

@@ -318,8 +318,8 @@ int num_real_columns(int64_t vocab_start, int64_t width, int vocab_size) {
 
 }  // namespace
 
-void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets,
-                           int vocab_size) {
+void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targets, int vocab_size,
+                           ops::Stream stream) {
   constexpr const char* kOp = "cross_entropy_forward";
   const int64_t num_rows = check_ce_args(logits, targets, vocab_size, 0, false, kOp);
   expect_tensor(losses, DType::f32, Shape{num_rows}, kOp, "losses");
@@ -329,7 +329,7 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
            "{}: losses and lse must not alias logits", kOp);
   if (num_rows == 0) return;
   dispatch_float(logits, kOp, [&]<class T>() {
-    cross_entropy_forward_kernel<T><<<num_rows, kRowThreads, 0, stream()>>>(
+    cross_entropy_forward_kernel<T><<<num_rows, kRowThreads, 0, cuda_stream(stream)>>>(
         static_cast<float*>(losses.data), static_cast<float*>(lse.data),
         static_cast<const T*>(logits.data), static_cast<const int32_t*>(targets.data),
         logits.dim(1), vocab_size);
@@ -338,7 +338,7 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
 }
 
 void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
-                            int vocab_size, float dloss, int64_t vocab_start) {
+                            int vocab_size, float dloss, int64_t vocab_start, ops::Stream stream) {
   constexpr const char* kOp = "cross_entropy_backward";
   const int64_t num_rows = check_ce_args(logits, targets, vocab_size, vocab_start, true, kOp);
   expect_tensor(lse, DType::f32, Shape{num_rows}, kOp, "lse");
@@ -351,7 +351,7 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
   if (num_rows == 0) return;
   const int64_t width = logits.dim(1);
   dispatch_float(logits, kOp, [&]<class T>() {
-    cross_entropy_backward_kernel<T><<<num_rows, kRowThreads, 0, stream()>>>(
+    cross_entropy_backward_kernel<T><<<num_rows, kRowThreads, 0, cuda_stream(stream)>>>(
         static_cast<T*>(dlogits.data), static_cast<const T*>(logits.data),
         static_cast<const float*>(lse.data), static_cast<const int32_t*>(targets.data), width,
         vocab_size, vocab_start, num_real_columns(vocab_start, width, vocab_size), dloss);
@@ -359,7 +359,8 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
   });
 }
 
-void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start, int vocab_size) {
+void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start, int vocab_size,
+                             ops::Stream stream) {
   constexpr const char* kOp = "cross_entropy_shard_max";
   const int64_t num_rows = check_logits(logits, vocab_size, vocab_start, true, kOp);
   expect_tensor(row_max, DType::f32, Shape{num_rows}, kOp, "row_max");
@@ -367,7 +368,7 @@ void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start,
   if (num_rows == 0) return;
   const int64_t width = logits.dim(1);
   dispatch_float(logits, kOp, [&]<class T>() {
-    cross_entropy_shard_max_kernel<T><<<num_rows, kRowThreads, 0, stream()>>>(
+    cross_entropy_shard_max_kernel<T><<<num_rows, kRowThreads, 0, cuda_stream(stream)>>>(
         static_cast<float*>(row_max.data), static_cast<const T*>(logits.data), width,
         num_real_columns(vocab_start, width, vocab_size));
     TS_CUDA_CHECK_LAUNCH();
@@ -375,7 +376,8 @@ void cross_entropy_shard_max(Tensor row_max, Tensor logits, int64_t vocab_start,
 }
 
 void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits, Tensor row_max,
-                              Tensor targets, int64_t vocab_start, int vocab_size) {
+                              Tensor targets, int64_t vocab_start, int vocab_size,
+                              ops::Stream stream) {
   constexpr const char* kOp = "cross_entropy_shard_sums";
   const int64_t num_rows = check_ce_args(logits, targets, vocab_size, vocab_start, true, kOp);
   const Shape rows{num_rows};
@@ -389,7 +391,7 @@ void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits
   if (num_rows == 0) return;
   const int64_t width = logits.dim(1);
   dispatch_float(logits, kOp, [&]<class T>() {
-    cross_entropy_shard_sums_kernel<T><<<num_rows, kRowThreads, 0, stream()>>>(
+    cross_entropy_shard_sums_kernel<T><<<num_rows, kRowThreads, 0, cuda_stream(stream)>>>(
         static_cast<float*>(sum_exp.data), static_cast<float*>(target_logit.data),
         static_cast<const T*>(logits.data), static_cast<const float*>(row_max.data),
         static_cast<const int32_t*>(targets.data), width,
@@ -399,7 +401,7 @@ void cross_entropy_shard_sums(Tensor sum_exp, Tensor target_logit, Tensor logits
 }
 
 void cross_entropy_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tensor sum_exp,
-                                Tensor target_logit, Tensor targets) {
+                                Tensor target_logit, Tensor targets, ops::Stream stream) {
   constexpr const char* kOp = "cross_entropy_shard_finish";
   TS_CHECK(!row_max.empty() && row_max.ndim() == 1, "{}: row_max must be (N), got {}", kOp,
            row_max.str());
@@ -416,7 +418,7 @@ void cross_entropy_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tenso
       TS_CHECK(!overlaps(*out, *in), "{}: losses and lse must not alias an input", kOp);
   TS_CHECK(!overlaps(losses, lse), "{}: losses and lse overlap", kOp);
   if (num_rows == 0) return;
-  cross_entropy_shard_finish_kernel<<<grid_for(num_rows), kBlock, 0, stream()>>>(
+  cross_entropy_shard_finish_kernel<<<grid_for(num_rows), kBlock, 0, cuda_stream(stream)>>>(
       static_cast<float*>(losses.data), static_cast<float*>(lse.data),
       static_cast<const float*>(row_max.data), static_cast<const float*>(sum_exp.data),
       static_cast<const float*>(target_logit.data), static_cast<const int32_t*>(targets.data),

@@ -3,8 +3,8 @@
 // Float tensors are f32, bf16 or f16 (one dtype per call; 16-bit values are widened to f32,
 // computed on, and rounded once to nearest even on store, f16 overflowing to Inf); saved
 // statistics (mean, rstd, lse, losses) are always f32; accumulation is f32. Work is queued on
-// the device context's stream (kernels/cuda/context.h); ops are asynchronous unless they return
-// a host value.
+// the stream each op takes last (kernels/op_types.h; {} = the legacy default stream); ops are
+// asynchronous unless they return a host value.
 #pragma once
 #include <span>
 
@@ -20,113 +20,127 @@ using ops::AdamWStep;
 // table (vocab_total = -1: Vl); tokens outside the shard give a zero row and no dwte update.
 void embedding_forward(Tensor out /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/, Tensor wte /*(Vl,C)*/,
                        Tensor wpe /*(maxT,C) or empty*/, int64_t vocab_start = 0,
-                       int64_t vocab_total = -1);
+                       int64_t vocab_total = -1, ops::Stream stream = {});
 void embedding_backward(Tensor dwte /*(Vl,C) +=*/, Tensor dwpe /*(maxT,C) += or empty*/,
                         Tensor dout /*(B,T,C)*/, Tensor tokens /*(B,T) i32*/,
-                        int64_t vocab_start = 0, int64_t vocab_total = -1);
+                        int64_t vocab_start = 0, int64_t vocab_total = -1, ops::Stream stream = {});
 
 // ---- LayerNorm over the last dim; mean and rstd are saved for backward ---------------------
 void layernorm_forward(Tensor out /*(N,C)*/, Tensor mean /*(N) f32*/, Tensor rstd /*(N) f32*/,
                        Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor bias /*(C) or empty*/,
-                       float eps);
+                       float eps, ops::Stream stream = {});
 void layernorm_backward(Tensor dinp /*(N,C)*/, Tensor dweight /*(C) +=*/,
                         Tensor dbias /*(C) += or empty*/, Tensor dout /*(N,C)*/,
                         Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor mean /*(N)*/,
-                        Tensor rstd /*(N)*/);
+                        Tensor rstd /*(N)*/, ops::Stream stream = {});
 
 // ---- RMSNorm over the last dim (also used per head for QK-norm, with N = B*T*H, C = D) ------
 void rmsnorm_forward(Tensor out /*(N,C)*/, Tensor rstd /*(N) f32*/, Tensor inp /*(N,C)*/,
-                     Tensor weight /*(C)*/, float eps);
+                     Tensor weight /*(C)*/, float eps, ops::Stream stream = {});
 void rmsnorm_backward(Tensor dinp /*(N,C)*/, Tensor dweight /*(C) +=*/, Tensor dout /*(N,C)*/,
-                      Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor rstd /*(N)*/);
+                      Tensor inp /*(N,C)*/, Tensor weight /*(C)*/, Tensor rstd /*(N)*/,
+                      ops::Stream stream = {});
 
 // ---- matmul -------------------------------------------------------------------------------
 // General GEMM: c (M,N) = alpha * op(a) · op(b) + beta * c, op(x) = x^T when trans_x.
 // a is (M,K) or (K,M) if trans_a; b is (K,N) or (N,K) if trans_b. beta = 0 ignores c's contents.
-void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta);
+void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta,
+          ops::Stream stream = {});
 // Linear layer in PyTorch's weight layout: out (M,N) = inp (M,K) · weight (N,K)^T + bias (N).
 void matmul_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, Tensor weight /*(N,K)*/,
-                    Tensor bias /*(N) or empty*/);
+                    Tensor bias /*(N) or empty*/, ops::Stream stream = {});
 // dinp = dout · weight (overwrite; may be empty to skip); dweight += dout^T · inp;
 // dbias += column sums of dout (may be empty).
 void matmul_backward(Tensor dinp /*(M,K)*/, Tensor dweight /*(N,K) +=*/,
                      Tensor dbias /*(N) += or empty*/, Tensor dout /*(M,N)*/, Tensor inp /*(M,K)*/,
-                     Tensor weight /*(N,K)*/);
+                     Tensor weight /*(N,K)*/, ops::Stream stream = {});
 // The bias half of a linear layer (ops.h documents the numerics); bias / dbias may be f32 beside
 // 16-bit out / dout.
-void bias_add(Tensor out /*(M,N)*/, Tensor bias /*(N)*/);        // out += bias on every row
-void bias_grad(Tensor dbias /*(N) +=*/, Tensor dout /*(M,N)*/);  // dbias += column sums
+void bias_add(Tensor out /*(M,N)*/, Tensor bias /*(N)*/,
+              ops::Stream stream = {});  // out += bias on every row
+void bias_grad(Tensor dbias /*(N) +=*/, Tensor dout /*(M,N)*/,
+               ops::Stream stream = {});  // dbias += column sums
 
 // ---- rotary position embedding (NeoX / Hugging Face "rotate_half" pairing) -----------------
 // For each head vector x of width D (even), pair i with i + D/2, angle = (t + pos_offset) *
 // theta^(-2i/D). out may alias inp. Backward rotates by the negative angle.
-void rope_forward(Tensor out /*(B,T,H,D)*/, Tensor inp /*(B,T,H,D)*/, float theta, int pos_offset);
+void rope_forward(Tensor out /*(B,T,H,D)*/, Tensor inp /*(B,T,H,D)*/, float theta, int pos_offset,
+                  ops::Stream stream = {});
 void rope_backward(Tensor dinp /*(B,T,H,D)*/, Tensor dout /*(B,T,H,D)*/, float theta,
-                   int pos_offset);
+                   int pos_offset, ops::Stream stream = {});
 
 // ---- causal attention with grouped-query heads --------------------------------------------
 // Query head h attends with key/value head h / (Hq/Hkv). Softmax(scale · q·k^T) masked causally;
 // lse (B,Hq,T) f32 is the row log-sum-exp of the scaled scores, saved for backward.
 void attention_forward(Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T) f32*/,
                        Tensor q /*(B,T,Hq,D)*/, Tensor k /*(B,T,Hkv,D)*/, Tensor v /*(B,T,Hkv,D)*/,
-                       float scale);
-// dq, dk, dv are overwritten.
+                       float scale, ops::AttentionImpl impl, ops::Stream stream = {});
+// dq, dk, dv are overwritten. impl picks cuDNN's fused SDPA or the native kernel (attention.cu).
 void attention_backward(Tensor dq /*(B,T,Hq,D)*/, Tensor dk /*(B,T,Hkv,D)*/,
                         Tensor dv /*(B,T,Hkv,D)*/, Tensor dout /*(B,T,Hq,D)*/, Tensor q, Tensor k,
-                        Tensor v, Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T)*/, float scale);
+                        Tensor v, Tensor out /*(B,T,Hq,D)*/, Tensor lse /*(B,Hq,T)*/, float scale,
+                        ops::AttentionImpl impl, ops::Stream stream = {});
 
 // ---- activations ---------------------------------------------------------------------------
 // GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-void gelu_forward(Tensor out, Tensor inp);                 // any shape; out may alias inp
-void gelu_backward(Tensor dinp, Tensor dout, Tensor inp);  // dinp may alias dout
+void gelu_forward(Tensor out, Tensor inp, ops::Stream stream = {});  // any shape; out may alias inp
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp,
+                   ops::Stream stream = {});  // dinp may alias dout
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x).
-void swiglu_forward(Tensor out /*(N,F)*/, Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/);
+void swiglu_forward(Tensor out /*(N,F)*/, Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/,
+                    ops::Stream stream = {});
 void swiglu_backward(Tensor dgate /*(N,F)*/, Tensor dup /*(N,F)*/, Tensor dout /*(N,F)*/,
-                     Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/);
+                     Tensor gate /*(N,F)*/, Tensor up /*(N,F)*/, ops::Stream stream = {});
 
 // ---- residual and elementwise helpers -------------------------------------------------------
-void add_forward(Tensor out, Tensor a, Tensor b);  // out = a + b; out may alias a or b
-void add_inplace(Tensor dst, Tensor src);          // dst += src (gradient of a residual branch)
-void scale_inplace(Tensor x, float s);             // x *= s
-void fill(Tensor x, float value);
+void add_forward(Tensor out, Tensor a, Tensor b,
+                 ops::Stream stream = {});  // out = a + b; out may alias a or b
+void add_inplace(Tensor dst, Tensor src,
+                 ops::Stream stream = {});  // dst += src (gradient of a residual branch)
+void scale_inplace(Tensor x, float s, ops::Stream stream = {});  // x *= s
+void fill(Tensor x, float value, ops::Stream stream = {});
 // dst = src converted to dst's dtype (f32/f64/bf16/f16/e4m3/e5m2), round to nearest even.
-void cast(Tensor dst, Tensor src);
+void cast(Tensor dst, Tensor src, ops::Stream stream = {});
 // Sum of squares of all elements, accumulated in double (gradient norm).
-double sum_squares(Tensor x);
+double sum_squares(Tensor x, ops::Stream stream = {});
 
 // ---- softmax cross-entropy over the (possibly padded) vocabulary ---------------------------
 // For row n with target y = targets[n] >= 0: loss = logsumexp(logits[n, :vocab_size]) -
 // logits[n, y]. Columns >= vocab_size are padding and never enter the softmax. Rows with a
 // negative target are ignored (loss 0). lse (N) f32 is saved for backward.
 void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
-                           Tensor logits /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size);
+                           Tensor logits /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size,
+                           ops::Stream stream = {});
 // dlogits = dloss * (softmax(logits) - onehot(y)) on valid rows and columns, 0 elsewhere.
 // dlogits may alias logits (computed in place). With vocab_start, logits are columns
 // [vocab_start, vocab_start + Vl) of the vocabulary and lse is the global one.
 void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/, Tensor lse /*(N)*/,
                             Tensor targets /*(N) i32*/, int vocab_size, float dloss,
-                            int64_t vocab_start = 0);
+                            int64_t vocab_start = 0, ops::Stream stream = {});
 
 // ---- vocabulary-parallel cross-entropy pieces (kernels/ops.h has the recipe) ----------------
 // Statistics are f32.
 void cross_entropy_shard_max(Tensor row_max /*(N)*/, Tensor logits /*(N,Vl)*/, int64_t vocab_start,
-                             int vocab_size);
+                             int vocab_size, ops::Stream stream = {});
 void cross_entropy_shard_sums(Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
                               Tensor logits /*(N,Vl)*/, Tensor row_max /*(N)*/,
-                              Tensor targets /*(N) i32*/, int64_t vocab_start, int vocab_size);
+                              Tensor targets /*(N) i32*/, int64_t vocab_start, int vocab_size,
+                              ops::Stream stream = {});
 void cross_entropy_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(N)*/, Tensor row_max /*(N)*/,
                                 Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
-                                Tensor targets /*(N) i32*/);
+                                Tensor targets /*(N) i32*/, ops::Stream stream = {});
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
 // param, m, v are f32 (the FP32 master copy and state); grad is f32, bf16 or f16.
-void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s);
+void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s,
+                  ops::Stream stream = {});
 
 // Fused sequences (see kernels/ops.h).
 void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a,
-                           Tensor b, Tensor weight, Tensor bias, float eps);
-void adamw_update_multi(std::span<const ops::AdamWTensors> entries);
+                           Tensor b, Tensor weight, Tensor bias, float eps,
+                           ops::Stream stream = {});
+void adamw_update_multi(std::span<const ops::AdamWTensors> entries, ops::Stream stream = {});
 
 }  // namespace tessera::cuda

@@ -231,7 +231,7 @@ bool is_castable(DType t) {
 }
 
 template <DType kSrc, DType kDst>
-void launch_cast(const Tensor& dst, const Tensor& src) {
+void launch_cast(const Tensor& dst, const Tensor& src, cudaStream_t stream) {
   using S = typename Storage<kSrc>::U;
   using D = typename Storage<kDst>::U;
   constexpr int kWidth = 8;  // 8 elements: 8..32 bytes on each side
@@ -239,10 +239,9 @@ void launch_cast(const Tensor& dst, const Tensor& src) {
   const auto* s = static_cast<const S*>(src.data);
   auto* d = static_cast<D*>(dst.data);
   if (is_aligned(s, sizeof(S) * kWidth) && is_aligned(d, sizeof(D) * kWidth)) {
-    cast_kernel<kSrc, kDst, kWidth>
-        <<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream()>>>(s, d, n);
+    cast_kernel<kSrc, kDst, kWidth><<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream>>>(s, d, n);
   } else {
-    cast_kernel<kSrc, kDst, 1><<<grid_for(n), kBlock, 0, stream()>>>(s, d, n);
+    cast_kernel<kSrc, kDst, 1><<<grid_for(n), kBlock, 0, stream>>>(s, d, n);
   }
   TS_CUDA_CHECK_LAUNCH();
 }
@@ -261,21 +260,21 @@ void dispatch_castable(DType t, F&& f) {
 }
 
 template <class U>
-void launch_fill(const Tensor& x, U bits) {
+void launch_fill(const Tensor& x, U bits, cudaStream_t stream) {
   constexpr int kWidth = kPackBytes / sizeof(U);
   const int64_t n = x.numel();
   auto* p = static_cast<U*>(x.data);
   if (is_aligned(p)) {
-    fill_kernel<U, kWidth><<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream()>>>(p, n, bits);
+    fill_kernel<U, kWidth><<<grid_for(ceil_div(n, kWidth)), kBlock, 0, stream>>>(p, n, bits);
   } else {
-    fill_kernel<U, 1><<<grid_for(n), kBlock, 0, stream()>>>(p, n, bits);
+    fill_kernel<U, 1><<<grid_for(n), kBlock, 0, stream>>>(p, n, bits);
   }
   TS_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
-void add_forward(Tensor out, Tensor a, Tensor b) {
+void add_forward(Tensor out, Tensor a, Tensor b, ops::Stream stream) {
   constexpr const char* kOp = "add_forward";
   expect_compute_dtype(out, kOp, "out");
   expect_tensor(a, out.dtype, out.shape, kOp, "a");
@@ -287,11 +286,11 @@ void add_forward(Tensor out, Tensor a, Tensor b) {
     args.in[0] = static_cast<const T*>(a.data);
     args.in[1] = static_cast<const T*>(b.data);
     args.out[0] = static_cast<T*>(out.data);
-    launch_map(args, out.numel(), AddOp{});
+    launch_map(args, out.numel(), AddOp{}, cuda_stream(stream));
   });
 }
 
-void add_inplace(Tensor dst, Tensor src) {
+void add_inplace(Tensor dst, Tensor src, ops::Stream stream) {
   constexpr const char* kOp = "add_inplace";
   expect_compute_dtype(dst, kOp, "dst");
   expect_tensor(src, dst.dtype, dst.shape, kOp, "src");
@@ -301,22 +300,22 @@ void add_inplace(Tensor dst, Tensor src) {
     args.in[0] = static_cast<const T*>(dst.data);
     args.in[1] = static_cast<const T*>(src.data);
     args.out[0] = static_cast<T*>(dst.data);
-    launch_map(args, dst.numel(), AddOp{});
+    launch_map(args, dst.numel(), AddOp{}, cuda_stream(stream));
   });
 }
 
-void scale_inplace(Tensor x, float s) {
+void scale_inplace(Tensor x, float s, ops::Stream stream) {
   constexpr const char* kOp = "scale_inplace";
   expect_compute_dtype(x, kOp, "x");
   dispatch_float(x, kOp, [&]<class T>() {
     MapArgs<T, 1, 1> args;
     args.in[0] = static_cast<const T*>(x.data);
     args.out[0] = static_cast<T*>(x.data);
-    launch_map(args, x.numel(), ScaleOp{s});
+    launch_map(args, x.numel(), ScaleOp{s}, cuda_stream(stream));
   });
 }
 
-void fill(Tensor x, float value) {
+void fill(Tensor x, float value, ops::Stream stream) {
   constexpr const char* kOp = "fill";
   TS_CHECK(!x.empty() && x.device == Device::cuda, "{}: x must be a cuda tensor, got {}", kOp,
            x.str());
@@ -327,13 +326,13 @@ void fill(Tensor x, float value) {
   uint32_t bits = 0;
   convert_buffer(&value, DType::f32, &bits, x.dtype, 1);
   switch (dtype_size(x.dtype)) {
-    case 4: launch_fill<uint32_t>(x, bits); break;
-    case 2: launch_fill<uint16_t>(x, static_cast<uint16_t>(bits)); break;
-    default: launch_fill<uint8_t>(x, static_cast<uint8_t>(bits)); break;
+    case 4: launch_fill<uint32_t>(x, bits, cuda_stream(stream)); break;
+    case 2: launch_fill<uint16_t>(x, static_cast<uint16_t>(bits), cuda_stream(stream)); break;
+    default: launch_fill<uint8_t>(x, static_cast<uint8_t>(bits), cuda_stream(stream)); break;
   }
 }
 
-void cast(Tensor dst, Tensor src) {
+void cast(Tensor dst, Tensor src, ops::Stream stream) {
   constexpr const char* kOp = "cast";
   TS_CHECK(!dst.empty() && dst.device == Device::cuda, "{}: dst must be a cuda tensor, got {}", kOp,
            dst.str());
@@ -348,16 +347,17 @@ void cast(Tensor dst, Tensor src) {
   TS_CHECK(!overlaps(dst, src), "{}: dst overlaps src without being the same tensor", kOp);
   if (dst.numel() == 0) return;
   if (dst.dtype == src.dtype) {
-    TS_CUDA_CHECK(
-        cudaMemcpyAsync(dst.data, src.data, dst.nbytes(), cudaMemcpyDeviceToDevice, stream()));
+    TS_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, dst.nbytes(), cudaMemcpyDeviceToDevice,
+                                  cuda_stream(stream)));
     return;
   }
   dispatch_castable(src.dtype, [&]<DType kSrc>() {
-    dispatch_castable(dst.dtype, [&]<DType kDst>() { launch_cast<kSrc, kDst>(dst, src); });
+    dispatch_castable(
+        dst.dtype, [&]<DType kDst>() { launch_cast<kSrc, kDst>(dst, src, cuda_stream(stream)); });
   });
 }
 
-double sum_squares(Tensor x) {
+double sum_squares(Tensor x, ops::Stream stream) {
   constexpr const char* kOp = "sum_squares";
   expect_compute_dtype(x, kOp, "x");
   const int64_t n = x.numel();
@@ -376,17 +376,19 @@ double sum_squares(Tensor x) {
     const auto* p = static_cast<const T*>(x.data);
     if (is_aligned(p)) {
       sum_squares_partial_kernel<T, kVecWidth<T>>
-          <<<num_blocks, kBlock, 0, stream()>>>(partial, p, n);
+          <<<num_blocks, kBlock, 0, cuda_stream(stream)>>>(partial, p, n);
     } else {
-      sum_squares_partial_kernel<T, 1><<<num_blocks, kBlock, 0, stream()>>>(partial, p, n);
+      sum_squares_partial_kernel<T, 1>
+          <<<num_blocks, kBlock, 0, cuda_stream(stream)>>>(partial, p, n);
     }
     TS_CUDA_CHECK_LAUNCH();
   });
-  sum_partials_kernel<<<1, kBlock, 0, stream()>>>(result, partial, num_blocks);
+  sum_partials_kernel<<<1, kBlock, 0, cuda_stream(stream)>>>(result, partial, num_blocks);
   TS_CUDA_CHECK_LAUNCH();
   double host = 0.0;
-  TS_CUDA_CHECK(cudaMemcpyAsync(&host, result, sizeof(double), cudaMemcpyDeviceToHost, stream()));
-  TS_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  TS_CUDA_CHECK(
+      cudaMemcpyAsync(&host, result, sizeof(double), cudaMemcpyDeviceToHost, cuda_stream(stream)));
+  TS_CUDA_CHECK(cudaStreamSynchronize(cuda_stream(stream)));
   return host;
 }
 

@@ -153,7 +153,7 @@ bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> te
 
 template <class T, int kWidth>
 void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
-                   int64_t vocab_start) {
+                   int64_t vocab_start, cudaStream_t stream) {
   const int64_t num_b = tokens.dim(0), num_t = tokens.dim(1), num_rows = tokens.numel();
   const int num_c = static_cast<int>(dwte.dim(1));
   const auto* d = static_cast<const T*>(dout.data);
@@ -170,22 +170,22 @@ void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, c
   size_t temp_bytes = 0;
   const auto* tok = static_cast<const int32_t*>(tokens.data);
   TS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, tok, sorted_tokens, rows,
-                                                sorted_rows, num_rows, 0, 32, stream()));
+                                                sorted_rows, num_rows, 0, 32, stream));
   TS_CHECK(3 * ids_bytes + temp_bytes <= ctx.workspace_bytes,
            "embedding_backward: {} tokens need {} bytes of workspace, have {}", num_rows,
            3 * ids_bytes + temp_bytes, ctx.workspace_bytes);
-  iota_kernel<<<ceil_div(num_rows, kBlock), kBlock, 0, stream()>>>(rows, num_rows);
+  iota_kernel<<<ceil_div(num_rows, kBlock), kBlock, 0, stream>>>(rows, num_rows);
   TS_CUDA_CHECK_LAUNCH();
   // Radix sort is stable: equal tokens keep position order, the order the sums are taken in.
   TS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, tok, sorted_tokens, rows,
-                                                sorted_rows, num_rows, 0, 32, stream()));
+                                                sorted_rows, num_rows, 0, 32, stream));
   embedding_backward_wte_kernel<T, kWidth>
-      <<<num_rows, kBlock, 0, stream()>>>(static_cast<T*>(dwte.data), d, sorted_tokens, sorted_rows,
-                                          num_rows, num_c, vocab_start, dwte.dim(0));
+      <<<num_rows, kBlock, 0, stream>>>(static_cast<T*>(dwte.data), d, sorted_tokens, sorted_rows,
+                                        num_rows, num_c, vocab_start, dwte.dim(0));
   TS_CUDA_CHECK_LAUNCH();
   if (!dwpe.empty()) {
     const int64_t work = num_t * (num_c / kWidth);
-    embedding_backward_wpe_kernel<T, kWidth><<<ceil_div(work, kBlock), kBlock, 0, stream()>>>(
+    embedding_backward_wpe_kernel<T, kWidth><<<ceil_div(work, kBlock), kBlock, 0, stream>>>(
         static_cast<T*>(dwpe.data), d, num_b, num_t, num_c);
     TS_CUDA_CHECK_LAUNCH();
   }
@@ -194,7 +194,7 @@ void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, c
 }  // namespace
 
 void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t vocab_start,
-                       int64_t vocab_total) {
+                       int64_t vocab_total, ops::Stream stream) {
   constexpr const char* kOp = "embedding_forward";
   vocab_total =
       check_embedding(out, tokens, wte, wpe, vocab_start, vocab_total, kOp, "out", "wte", "wpe");
@@ -205,7 +205,7 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
   dispatch_float(wte, kOp, [&]<class T>() {
     auto launch = [&]<int kWidth>() {
       embedding_forward_kernel<T, kWidth>
-          <<<grid_for(num_rows * (num_c / kWidth)), kBlock, 0, stream()>>>(
+          <<<grid_for(num_rows * (num_c / kWidth)), kBlock, 0, cuda_stream(stream)>>>(
               static_cast<T*>(out.data), static_cast<const int32_t*>(tokens.data),
               static_cast<const T*>(wte.data),
               wpe.empty() ? nullptr : static_cast<const T*>(wpe.data), num_rows, tokens.dim(1),
@@ -220,7 +220,7 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
 }
 
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
-                        int64_t vocab_total) {
+                        int64_t vocab_total, ops::Stream stream) {
   constexpr const char* kOp = "embedding_backward";
   check_embedding(dout, tokens, dwte, dwpe, vocab_start, vocab_total, kOp, "dout", "dwte", "dwpe");
   TS_CHECK(!overlaps(dwte, dwpe) && !overlaps(dwte, dout) && !overlaps(dwpe, dout),
@@ -230,9 +230,9 @@ void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, in
   if (tokens.numel() == 0 || dwte.dim(1) == 0) return;
   dispatch_float(dwte, kOp, [&]<class T>() {
     if (use_packs(dwte.dim(1), kVecWidth<T>, {&dwte, &dwpe, &dout}))
-      backward_impl<T, kVecWidth<T>>(dwte, dwpe, dout, tokens, vocab_start);
+      backward_impl<T, kVecWidth<T>>(dwte, dwpe, dout, tokens, vocab_start, cuda_stream(stream));
     else
-      backward_impl<T, 1>(dwte, dwpe, dout, tokens, vocab_start);
+      backward_impl<T, 1>(dwte, dwpe, dout, tokens, vocab_start, cuda_stream(stream));
   });
 }
 

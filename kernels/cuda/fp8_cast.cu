@@ -182,7 +182,8 @@ __global__ void __launch_bounds__(kThreads)
 bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <int kVec, bool kE4M3, bool kTranspose, class T, int kIn, int kOut, class Op>
-void launch_vec(const QuantizeArgs<T, kIn, kOut>& a, Op op, int64_t rows, int64_t cols) {
+void launch_vec(const QuantizeArgs<T, kIn, kOut>& a, Op op, int64_t rows, int64_t cols,
+                cudaStream_t stream) {
   const auto kernel = quantize_kernel<T, kVec, kIn, kOut, Op, kE4M3, kTranspose>;
   static const int per_sm = [&] {  // resident blocks per SM, once per instantiation
     int n = 0;
@@ -192,14 +193,15 @@ void launch_vec(const QuantizeArgs<T, kIn, kOut>& a, Op op, int64_t rows, int64_
   const int64_t tiles_c = (cols + kTile - 1) / kTile;
   const int64_t num_tiles = ((rows + kTile - 1) / kTile) * tiles_c;
   const int64_t blocks = std::min<int64_t>(num_tiles, int64_t(context().num_sms) * per_sm);
-  kernel<<<unsigned(blocks), kThreads, 0, stream()>>>(a, op, rows, cols, tiles_c, num_tiles);
+  kernel<<<unsigned(blocks), kThreads, 0, stream>>>(a, op, rows, cols, tiles_c, num_tiles);
   TS_CUDA_CHECK_LAUNCH();
 }
 
 // The widest kVec the shape and every pointer allow: each row of every input and output (and,
 // with the transpose, of every out_t) must start kVec-element aligned.
 template <bool kE4M3, bool kTranspose, class T, int kIn, int kOut, class Op>
-void launch_widest(const QuantizeArgs<T, kIn, kOut>& a, Op op, int64_t rows, int64_t cols) {
+void launch_widest(const QuantizeArgs<T, kIn, kOut>& a, Op op, int64_t rows, int64_t cols,
+                   cudaStream_t stream) {
   const auto fits = [&](int v) {
     bool ok = cols % v == 0 && (!kTranspose || rows % v == 0);
     for (int k = 0; k < kIn; ++k)
@@ -209,24 +211,24 @@ void launch_widest(const QuantizeArgs<T, kIn, kOut>& a, Op op, int64_t rows, int
     return ok;
   };
   if (fits(8))
-    launch_vec<8, kE4M3, kTranspose>(a, op, rows, cols);
+    launch_vec<8, kE4M3, kTranspose>(a, op, rows, cols, stream);
   else if (fits(4))
-    launch_vec<4, kE4M3, kTranspose>(a, op, rows, cols);
+    launch_vec<4, kE4M3, kTranspose>(a, op, rows, cols, stream);
   else
-    launch_vec<1, kE4M3, kTranspose>(a, op, rows, cols);
+    launch_vec<1, kE4M3, kTranspose>(a, op, rows, cols, stream);
 }
 
 template <class T, int kIn, int kOut, class Op>
 void launch(const QuantizeArgs<T, kIn, kOut>& a, Op op, bool e4m3, bool transpose, int64_t rows,
-            int64_t cols) {
+            int64_t cols, cudaStream_t stream) {
   if (e4m3 && transpose)
-    launch_widest<true, true>(a, op, rows, cols);
+    launch_widest<true, true>(a, op, rows, cols, stream);
   else if (e4m3)
-    launch_widest<true, false>(a, op, rows, cols);
+    launch_widest<true, false>(a, op, rows, cols, stream);
   else if (transpose)
-    launch_widest<false, true>(a, op, rows, cols);
+    launch_widest<false, true>(a, op, rows, cols, stream);
   else
-    launch_widest<false, false>(a, op, rows, cols);
+    launch_widest<false, false>(a, op, rows, cols, stream);
 }
 
 // Fills output o of `a` from a quantize operand set.
@@ -252,7 +254,8 @@ void dispatch_input(DType dtype, const char* op, F&& fn) {
 
 }  // namespace
 
-void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale) {
+void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale,
+                  ops::Stream stream) {
   const fp8::QuantizeDims d =
       fp8::check_quantize(out, out_t, amax, in, scale, Device::cuda, "fp8_quantize");
   if (d.rows == 0 || d.cols == 0) return;
@@ -260,13 +263,14 @@ void fp8_quantize(Tensor out, Tensor out_t, Tensor amax, Tensor in, Tensor scale
     QuantizeArgs<T, 1, 1> a{};
     a.in[0] = static_cast<const T*>(in.data);
     set_target(a, 0, out, out_t, amax, scale);
-    launch(a, IdentityOp{}, out.dtype == DType::e4m3, !out_t.empty(), d.rows, d.cols);
+    launch(a, IdentityOp{}, out.dtype == DType::e4m3, !out_t.empty(), d.rows, d.cols,
+           cuda_stream(stream));
   });
 }
 
 void swiglu_backward_fp8(Tensor dgate8, Tensor dgate8_t, Tensor dup8, Tensor dup8_t,
                          Tensor amax_gate, Tensor amax_up, Tensor dout, Tensor gate, Tensor up,
-                         Tensor scale_gate, Tensor scale_up) {
+                         Tensor scale_gate, Tensor scale_up, ops::Stream stream) {
   constexpr const char* kOp = "swiglu_backward_fp8";
   const fp8::QuantizeDims d =
       fp8::check_swiglu_backward(dgate8, dgate8_t, dup8, dup8_t, amax_gate, amax_up, dout, gate, up,
@@ -279,7 +283,8 @@ void swiglu_backward_fp8(Tensor dgate8, Tensor dgate8_t, Tensor dup8, Tensor dup
     a.in[2] = static_cast<const T*>(up.data);
     set_target(a, 0, dgate8, dgate8_t, amax_gate, scale_gate);
     set_target(a, 1, dup8, dup8_t, amax_up, scale_up);
-    launch(a, SwigluBackwardOp{}, dgate8.dtype == DType::e4m3, !dgate8_t.empty(), d.rows, d.cols);
+    launch(a, SwigluBackwardOp{}, dgate8.dtype == DType::e4m3, !dgate8_t.empty(), d.rows, d.cols,
+           cuda_stream(stream));
   });
 }
 

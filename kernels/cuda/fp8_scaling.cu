@@ -37,12 +37,12 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 void fp8_update_scales(Tensor amax_history, Tensor scale, Tensor scale_inv, Tensor amax,
-                       const ops::Fp8UpdateParams& params) {
+                       const ops::Fp8UpdateParams& params, ops::Stream stream) {
   const fp8::UpdateDims d = fp8::check_update(amax_history, scale, scale_inv, amax, params,
                                               Device::cuda, "fp8_update_scales");
   if (d.num_tensors == 0) return;
   const float pow2_margin = ldexpf(1.0f, params.margin);
-  update_scales_kernel<<<ceil_div(d.num_tensors, kThreads), kThreads, 0, stream()>>>(
+  update_scales_kernel<<<ceil_div(d.num_tensors, kThreads), kThreads, 0, cuda_stream(stream)>>>(
       amax_history.ptr<float>(), scale.ptr<float>(), scale_inv.ptr<float>(), amax.ptr<float>(),
       params.fp8_max.ptr<float>(), d.history_len, d.num_tensors,
       params.amax_compute == ops::Fp8AmaxCompute::max, pow2_margin);

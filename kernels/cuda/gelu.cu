@@ -30,7 +30,7 @@ struct GeluBackwardOp {
 
 }  // namespace
 
-void gelu_forward(Tensor out, Tensor inp) {
+void gelu_forward(Tensor out, Tensor inp, ops::Stream stream) {
   constexpr const char* kOp = "gelu_forward";
   expect_compute_dtype(inp, kOp, "inp");
   expect_tensor(out, inp.dtype, inp.shape, kOp, "out");
@@ -39,11 +39,11 @@ void gelu_forward(Tensor out, Tensor inp) {
     MapArgs<T, 1, 1> args;
     args.in[0] = static_cast<const T*>(inp.data);
     args.out[0] = static_cast<T*>(out.data);
-    launch_map(args, inp.numel(), GeluForwardOp{});
+    launch_map(args, inp.numel(), GeluForwardOp{}, cuda_stream(stream));
   });
 }
 
-void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
+void gelu_backward(Tensor dinp, Tensor dout, Tensor inp, ops::Stream stream) {
   constexpr const char* kOp = "gelu_backward";
   expect_compute_dtype(inp, kOp, "inp");
   expect_tensor(dout, inp.dtype, inp.shape, kOp, "dout");
@@ -56,7 +56,7 @@ void gelu_backward(Tensor dinp, Tensor dout, Tensor inp) {
     args.in[0] = static_cast<const T*>(dout.data);
     args.in[1] = static_cast<const T*>(inp.data);
     args.out[0] = static_cast<T*>(dinp.data);
-    launch_map(args, inp.numel(), GeluBackwardOp{});
+    launch_map(args, inp.numel(), GeluBackwardOp{}, cuda_stream(stream));
   });
 }
 

@@ -35,16 +35,17 @@ std::map<PlanKey, Plan> g_plans;
 // first FP8 GEMM of llama-1b fail with NOT_SUPPORTED on an H100 (cuBLAS 13) while the same GEMM
 // with scales allocated alone ran. Training passes aligned scales (Fp8ScalingState keeps aligned
 // copies); any other caller's unaligned scale is copied into a 16-byte slot of this buffer first,
-// on the compute stream: calls are enqueued under g_plan_mutex on that one stream, so a slot is
-// never rewritten before its GEMM has read it.
-std::map<int, float*> g_scale_slots;  // device -> 2 slots of 16 bytes
+// on the GEMM's stream. Slots are per (device, stream) and calls are enqueued under g_plan_mutex,
+// so on each stream a slot is never rewritten before the GEMM queued before it has read it.
+std::map<std::pair<int, void*>, float*> g_scale_slots;  // (device, stream) -> 2 slots of 16 bytes
 
-const void* aligned_scale(const Context& ctx, const void* scale, int slot) {
+const void* aligned_scale(const Context& ctx, const void* scale, int slot, ops::Stream stream) {
   if (reinterpret_cast<uintptr_t>(scale) % 16 == 0) return scale;
-  float*& slots = g_scale_slots[ctx.device];
+  float*& slots = g_scale_slots[{ctx.device, stream.handle}];
   if (!slots) TS_CUDA_CHECK(cudaMalloc(&slots, 2 * 16));
   float* dst = slots + 4 * slot;
-  TS_CUDA_CHECK(cudaMemcpyAsync(dst, scale, sizeof(float), cudaMemcpyDeviceToDevice, stream()));
+  TS_CUDA_CHECK(
+      cudaMemcpyAsync(dst, scale, sizeof(float), cudaMemcpyDeviceToDevice, cuda_stream(stream)));
   return dst;
 }
 
@@ -110,8 +111,8 @@ Plan make_plan(const fp8::GemmDims& d, const Tensor& c, const Tensor& a, const T
 
 }  // namespace
 
-void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv,
-              bool accumulate) {
+void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv, bool accumulate,
+              ops::Stream stream) {
   constexpr const char* kOp = "gemm_fp8";
   const fp8::GemmDims d = fp8::check_gemm(c, a, b, a_scale_inv, b_scale_inv, Device::cuda, kOp);
   if (d.m == 0 || d.n == 0) return;
@@ -124,7 +125,7 @@ void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_i
   TS_CHECK(align[0] >= 16 && align[1] >= 16 && align[2] >= 16,
            "{}: a, b and c must be 16-byte aligned, got {} {} {}", kOp, a.data, b.data, c.data);
   if (d.k == 0) {  // an empty sum: c = 0 (or unchanged), which cuBLASLt does not take as k = 0
-    if (!accumulate) TS_CUDA_CHECK(cudaMemsetAsync(c.data, 0, c.nbytes(), stream()));
+    if (!accumulate) TS_CUDA_CHECK(cudaMemsetAsync(c.data, 0, c.nbytes(), cuda_stream(stream)));
     return;
   }
   const Context& ctx = context();
@@ -140,14 +141,14 @@ void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_i
   const Plan& plan = it->second;
   // cuBLASLt A is our b, so A's scale is b's; both are device pointers read by the kernel.
   set_desc(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-           aligned_scale(ctx, b_scale_inv.data, 0));
+           aligned_scale(ctx, b_scale_inv.data, 0, stream));
   set_desc(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-           aligned_scale(ctx, a_scale_inv.data, 1));
+           aligned_scale(ctx, a_scale_inv.data, 1, stream));
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  const cublasStatus_t st =
-      cublasLtMatmul(reinterpret_cast<cublasLtHandle_t>(ctx.cublaslt), plan.desc, &alpha, b.data,
-                     plan.layout_a, a.data, plan.layout_b, &beta, c.data, plan.layout_c, c.data,
-                     plan.layout_c, &plan.algo, ctx.workspace, ctx.workspace_bytes, stream());
+  const cublasStatus_t st = cublasLtMatmul(
+      reinterpret_cast<cublasLtHandle_t>(ctx.cublaslt), plan.desc, &alpha, b.data, plan.layout_a,
+      a.data, plan.layout_b, &beta, c.data, plan.layout_c, c.data, plan.layout_c, &plan.algo,
+      ctx.workspace, ctx.workspace_bytes, cuda_stream(stream));
   if (st != CUBLAS_STATUS_SUCCESS)  // the whole call, so that a failure in a model is reproducible
     TS_SYSTEM_ERROR(
         "gemm_fp8: cublasLtMatmul failed (cuBLAS status {}) for c {} = a {} x b {}^T, "
@@ -155,11 +156,6 @@ void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_i
         "(CUBLASLT_LOG_LEVEL=2 prints cuBLASLt's reason)",
         int(st), c.str(), a.str(), b.str(), accumulate, align[0], align[1], align[2],
         a_scale_inv.data, b_scale_inv.data);
-}
-
-size_t gemm_fp8_plan_count() {
-  std::lock_guard<std::mutex> lock(g_plan_mutex);
-  return g_plans.size();
 }
 
 }  // namespace tessera::cuda

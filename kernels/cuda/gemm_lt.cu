@@ -76,8 +76,8 @@ __global__ void __launch_bounds__(256)
 
 // ---- cuBLASLt plans -----------------------------------------------------------------------
 // Key: device, m, n, k, trans_a, trans_b, dtype, epilogue, and the alignments of every pointer
-// (the heuristic's answer depends on them, bias and aux included).
-using PlanKey = std::array<int64_t, 13>;
+// (the heuristic's answer depends on them, bias included).
+using PlanKey = std::array<int64_t, 12>;
 
 struct Plan {
   bool found = false;  // false: cuBLASLt had no algorithm; callers fall back
@@ -115,11 +115,9 @@ void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
 void set_pointers(const Plan& plan, const LtGemm& g) {
   if (g.epilogue != GemmEpilogue::none)
     set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
-  if (g.epilogue == GemmEpilogue::gelu_aux_bias)
-    set_desc(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
 }
 
-Plan make_plan(const LtGemm& g, const int64_t (&align)[5]) {
+Plan make_plan(const LtGemm& g, const int64_t (&align)[4]) {
   Plan plan;
   const cudaDataType_t type = lt_type(g.dtype);
   // f32 compute for every dtype: CUBLAS_COMPUTE_32F never uses TF32 (parity with the CPU), and
@@ -131,10 +129,6 @@ Plan make_plan(const LtGemm& g, const int64_t (&align)[5]) {
   set_desc(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, op_b);
   cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
   if (g.epilogue == GemmEpilogue::bias) epi = CUBLASLT_EPILOGUE_BIAS;
-  if (g.epilogue == GemmEpilogue::gelu_aux_bias) {
-    epi = CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
-    set_desc(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, int64_t(g.n));
-  }
   set_desc(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, epi);
   set_pointers(plan, g);
   // Column-major views: our b is (N,K) col-major [ld N] or, transposed, (K,N) [ld K]; our a is
@@ -159,17 +153,13 @@ void check_lt_args(const LtGemm& g) {
   TS_CHECK(g.m >= 1 && g.n >= 1 && g.k >= 1 && g.alpha != 0.0f,
            "lt_gemm: needs m, n, k >= 1 and alpha != 0, got m={} n={} k={} alpha={}", g.m, g.n, g.k,
            g.alpha);
-  TS_CHECK(g.epilogue != GemmEpilogue::gelu_aux_bias || (g.alpha == 1.0f && g.beta == 0.0f),
-           "lt_gemm: the GELU epilogue needs alpha 1 and beta 0, got {} and {}", g.alpha, g.beta);
   TS_CHECK(g.epilogue == GemmEpilogue::none || g.bias != nullptr, "lt_gemm: epilogue without bias");
-  TS_CHECK(g.epilogue != GemmEpilogue::gelu_aux_bias || g.aux != nullptr,
-           "lt_gemm: GELU epilogue without aux");
 }
 
 // The cached plan for g; call with g_plan_mutex held.
 const Plan& find_plan(const LtGemm& g, int device) {
-  const int64_t align[5] = {alignment_of(g.a), alignment_of(g.b), alignment_of(g.c),
-                            alignment_of(g.bias), alignment_of(g.aux)};
+  const int64_t align[4] = {alignment_of(g.a), alignment_of(g.b), alignment_of(g.c),
+                            alignment_of(g.bias)};
   const PlanKey key{device,
                     g.m,
                     g.n,
@@ -181,8 +171,7 @@ const Plan& find_plan(const LtGemm& g, int device) {
                     align[0],
                     align[1],
                     align[2],
-                    align[3],
-                    align[4]};
+                    align[3]};
   auto it = g_plans.find(key);
   if (it == g_plans.end()) it = g_plans.emplace(key, make_plan(g, align)).first;
   return it->second;
@@ -190,14 +179,7 @@ const Plan& find_plan(const LtGemm& g, int device) {
 
 }  // namespace
 
-bool lt_gemm_available(const LtGemm& g) {
-  check_lt_args(g);
-  const int device = context().device;
-  std::lock_guard<std::mutex> lock(g_plan_mutex);
-  return find_plan(g, device).found;
-}
-
-bool lt_gemm(const LtGemm& g) {
+bool lt_gemm(const LtGemm& g, ops::Stream stream) {
   check_lt_args(g);
   const Context& ctx = context();
   std::lock_guard<std::mutex> lock(g_plan_mutex);
@@ -207,7 +189,7 @@ bool lt_gemm(const LtGemm& g) {
   TS_CUBLAS_CHECK(cublasLtMatmul(reinterpret_cast<cublasLtHandle_t>(ctx.cublaslt), plan.desc,
                                  &g.alpha, g.b, plan.layout_a, g.a, plan.layout_b, &g.beta, g.c,
                                  plan.layout_c, g.c, plan.layout_c, &plan.algo, ctx.workspace,
-                                 ctx.workspace_bytes, stream()));
+                                 ctx.workspace_bytes, cuda_stream(stream)));
   return true;
 }
 
@@ -216,7 +198,8 @@ size_t lt_gemm_plan_count() {
   return g_plans.size();
 }
 
-void gemm_simt(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta) {
+void gemm_simt(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta,
+               ops::Stream stream) {
   constexpr const char* kOp = "gemm_simt";
   for (const Tensor* t : {&c, &a, &b}) expect_cuda(*t, kOp);
   TS_CHECK(c.ndim() == 2 && a.ndim() == 2 && b.ndim() == 2, "{}: 2-D operands, got {} {} {}", kOp,
@@ -231,7 +214,7 @@ void gemm_simt(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float a
   const dim3 grid(ceil_div(n, kSimtTile), ceil_div(m, kSimtTile));
   TS_CHECK(grid.y <= 65535, "{}: M = {} too large for the fallback kernel", kOp, m);
   dispatch_float(c, kOp, [&]<class T>() {
-    gemm_simt_kernel<T><<<grid, 256, 0, stream()>>>(
+    gemm_simt_kernel<T><<<grid, 256, 0, cuda_stream(stream)>>>(
         static_cast<T*>(c.data), static_cast<const T*>(a.data), static_cast<const T*>(b.data), m, n,
         k, trans_a, trans_b, alpha, beta);
     TS_CUDA_CHECK_LAUNCH();

@@ -3,9 +3,9 @@
 // norm_common.cuh's (kHasMean), shared with RMSNorm: rows cached in registers with 16-byte packs
 // when C and the pointers allow, a streaming kernel for wider rows, dweight/dbias += through
 // per-block partial sums and a fixed-order column sum. This file checks arguments and picks the
-// layout; also the out-of-contract fused_residual_layernorm_forward (kernels/cuda/fused.h).
+// layout; also the contract's fused add_layernorm_forward (residual update + next norm in one
+// pass, bit for bit add_forward followed by layernorm_forward).
 #include "kernels/cuda/cuda_ops.h"
-#include "kernels/cuda/fused.h"
 #include "kernels/cuda/memory_bound.cuh"
 #include "kernels/cuda/norm_common.cuh"
 
@@ -19,23 +19,23 @@ constexpr int kForwardElems = 32;  // f32 values per thread cached for one row i
 
 template <class T, int kWidth>
 void forward_impl(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
-                  const Tensor& weight, const Tensor& bias, int64_t num_rows, int num_c,
-                  float eps) {
+                  const Tensor& weight, const Tensor& bias, int64_t num_rows, int num_c, float eps,
+                  cudaStream_t stream) {
   launch_norm_forward<T, kWidth, kForwardElems / kWidth, true>(
       static_cast<T*>(out.data), static_cast<float*>(mean.data), static_cast<float*>(rstd.data),
       static_cast<const T*>(inp.data), static_cast<const T*>(weight.data),
-      bias.empty() ? nullptr : static_cast<const T*>(bias.data), num_rows, num_c, eps);
+      bias.empty() ? nullptr : static_cast<const T*>(bias.data), num_rows, num_c, eps, stream);
 }
 
 template <class T, int kWidth>
 void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                    const Tensor& dout, const Tensor& inp, const Tensor& weight, const Tensor& mean,
-                   const Tensor& rstd, int64_t num_rows, int num_c) {
+                   const Tensor& rstd, int64_t num_rows, int num_c, cudaStream_t stream) {
   launch_norm_backward<T, kWidth, true>(
       static_cast<T*>(dweight.data), dbias.empty() ? nullptr : static_cast<T*>(dbias.data),
       static_cast<T*>(dinp.data), static_cast<const T*>(dout.data), static_cast<const T*>(inp.data),
       static_cast<const T*>(weight.data), static_cast<const float*>(mean.data),
-      static_cast<const float*>(rstd.data), num_rows, num_c);
+      static_cast<const float*>(rstd.data), num_rows, num_c, stream);
 }
 
 // The fused residual + LayerNorm: the register layouts take the kResidual kernel; rows too wide
@@ -43,12 +43,12 @@ void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dbia
 template <class T, int kWidth>
 void fused_impl(const Tensor& residual, const Tensor& out, const Tensor& mean, const Tensor& rstd,
                 const Tensor& a, const Tensor& b, const Tensor& weight, const Tensor& bias,
-                int64_t num_rows, int num_c, float eps) {
+                int64_t num_rows, int num_c, float eps, ops::Stream stream) {
   constexpr int kMaxChunks = kForwardElems / kWidth;
   auto launch = [&]<int kThreads, int kChunks>() {
     constexpr int kRowsPerBlock = kRowBlockThreads<kThreads> / kThreads;
     norm_forward_kernel<T, kWidth, kThreads, kChunks, true, true>
-        <<<ceil_div(num_rows, kRowsPerBlock), kRowBlockThreads<kThreads>, 0, stream()>>>(
+        <<<ceil_div(num_rows, kRowsPerBlock), kRowBlockThreads<kThreads>, 0, cuda_stream(stream)>>>(
             static_cast<T*>(out.data), static_cast<float*>(mean.data),
             static_cast<float*>(rstd.data), static_cast<const T*>(a.data),
             static_cast<const T*>(weight.data),
@@ -58,8 +58,8 @@ void fused_impl(const Tensor& residual, const Tensor& out, const Tensor& mean, c
   };
   const bool fits = dispatch_row_layout<kMaxChunks>(num_c / kWidth, launch);
   if (!fits) {
-    add_forward(residual, a, b);
-    layernorm_forward(out, mean, rstd, residual, weight, bias, eps);
+    add_forward(residual, a, b, stream);
+    layernorm_forward(out, mean, rstd, residual, weight, bias, eps, stream);
   }
 }
 
@@ -74,7 +74,7 @@ bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> te
 }  // namespace
 
 void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias,
-                       float eps) {
+                       float eps, ops::Stream stream) {
   constexpr const char* kOp = "layernorm_forward";
   expect_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
@@ -90,14 +90,16 @@ void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor 
   if (num_rows == 0 || num_c == 0) return;
   dispatch_float(inp, kOp, [&]<class T>() {
     if (use_packs(num_c, kVecWidth<T>, {&out, &inp, &weight, &bias}))
-      forward_impl<T, kVecWidth<T>>(out, mean, rstd, inp, weight, bias, num_rows, int(num_c), eps);
+      forward_impl<T, kVecWidth<T>>(out, mean, rstd, inp, weight, bias, num_rows, int(num_c), eps,
+                                    cuda_stream(stream));
     else
-      forward_impl<T, 1>(out, mean, rstd, inp, weight, bias, num_rows, int(num_c), eps);
+      forward_impl<T, 1>(out, mean, rstd, inp, weight, bias, num_rows, int(num_c), eps,
+                         cuda_stream(stream));
   });
 }
 
 void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                        Tensor weight, Tensor mean, Tensor rstd) {
+                        Tensor weight, Tensor mean, Tensor rstd, ops::Stream stream) {
   constexpr const char* kOp = "layernorm_backward";
   expect_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
@@ -117,16 +119,16 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
   dispatch_float(inp, kOp, [&]<class T>() {
     if (use_packs(num_c, kVecWidth<T>, {&dinp, &dout, &inp, &weight}))
       backward_impl<T, kVecWidth<T>>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows,
-                                     int(num_c));
+                                     int(num_c), cuda_stream(stream));
     else
-      backward_impl<T, 1>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows,
-                          int(num_c));
+      backward_impl<T, 1>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows, int(num_c),
+                          cuda_stream(stream));
   });
 }
 
-void fused_residual_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd,
-                                      Tensor a, Tensor b, Tensor weight, Tensor bias, float eps) {
-  constexpr const char* kOp = "fused_residual_layernorm_forward";
+void add_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a,
+                           Tensor b, Tensor weight, Tensor bias, float eps, ops::Stream stream) {
+  constexpr const char* kOp = "add_layernorm_forward";
   expect_compute_dtype(a, kOp, "a");
   TS_CHECK(a.ndim() >= 1, "{}: a must be (..., C), got {}", kOp, a.str());
   const int64_t num_c = a.dim(-1), num_rows = num_rows_of(a);
@@ -152,13 +154,14 @@ void fused_residual_layernorm_forward(Tensor residual, Tensor out, Tensor mean, 
   dispatch_float(a, kOp, [&]<class T>() {
     const bool ln_packs = use_packs(num_c, kVecWidth<T>, {&residual, &out, &weight, &bias});
     if (!ln_packs) {
-      fused_impl<T, 1>(residual, out, mean, rstd, a, b, weight, bias, num_rows, int(num_c), eps);
+      fused_impl<T, 1>(residual, out, mean, rstd, a, b, weight, bias, num_rows, int(num_c), eps,
+                       stream);
     } else if (use_packs(num_c, kVecWidth<T>, {&a, &b})) {
       fused_impl<T, kVecWidth<T>>(residual, out, mean, rstd, a, b, weight, bias, num_rows,
-                                  int(num_c), eps);
+                                  int(num_c), eps, stream);
     } else {
-      add_forward(residual, a, b);
-      layernorm_forward(out, mean, rstd, residual, weight, bias, eps);
+      add_forward(residual, a, b, stream);
+      layernorm_forward(out, mean, rstd, residual, weight, bias, eps, stream);
     }
   });
 }

@@ -1,5 +1,5 @@
-// CUDA gemm, matmul_forward and matmul_backward (kernels/ops.h) on cuBLASLt (gemm_lt.cu), plus
-// the fused fc+GELU of gemm_lt.h. Kernels at the top: c *= beta (alpha = 0 or K = 0, where a and
+// CUDA gemm, matmul_forward and matmul_backward (kernels/ops.h) on cuBLASLt (gemm_lt.cu). Kernels
+// at the top: c *= beta (alpha = 0 or K = 0, where a and
 // b must not be read), the bias add used when the cuBLASLt epilogue cannot be, and dbias as
 // deterministic column sums. Shapes: M rows (leading dims of inp flattened), K in, N out features.
 #include <algorithm>
@@ -98,18 +98,18 @@ void check_compute(const Tensor& t, const char* op, const char* name) {
 int64_t rows_of(const Tensor& t) { return t.ndim() == 0 ? 1 : t.numel() / t.dim(-1); }
 
 // c = beta * c (the whole product vanishes: alpha = 0 or K = 0).
-void scale_c(Tensor c, float beta) {
+void scale_c(Tensor c, float beta, ops::Stream stream) {
   if (beta == 1.0f || c.numel() == 0) return;
   dispatch_float(c, "gemm", [&]<class T>() {
-    scale_kernel<T>
-        <<<grid_for(c.numel()), 256, 0, stream()>>>(static_cast<T*>(c.data), c.numel(), beta);
+    scale_kernel<T><<<grid_for(c.numel()), 256, 0, cuda_stream(stream)>>>(static_cast<T*>(c.data),
+                                                                          c.numel(), beta);
     TS_CUDA_CHECK_LAUNCH();
   });
 }
 
-void add_bias(Tensor out, Tensor bias, int64_t m, int64_t n) {
+void add_bias(Tensor out, Tensor bias, int64_t m, int64_t n, ops::Stream stream) {
   dispatch_float(out, "matmul_forward", [&]<class T>() {
-    add_bias_kernel<T><<<grid_for(m * n), 256, 0, stream()>>>(
+    add_bias_kernel<T><<<grid_for(m * n), 256, 0, cuda_stream(stream)>>>(
         static_cast<T*>(out.data), static_cast<const T*>(bias.data), m, n);
     TS_CUDA_CHECK_LAUNCH();
   });
@@ -117,18 +117,18 @@ void add_bias(Tensor out, Tensor bias, int64_t m, int64_t n) {
 
 // The checked GEMM: cuBLASLt, or our FMA kernel where cuBLASLt has no algorithm.
 void run_gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta,
-              GemmDims d) {
+              GemmDims d, ops::Stream stream) {
   if (d.m == 0 || d.n == 0) return;
-  if (alpha == 0.0f || d.k == 0) return scale_c(c, beta);
+  if (alpha == 0.0f || d.k == 0) return scale_c(c, beta, stream);
   LtGemm g;
   g.m = d.m, g.n = d.n, g.k = d.k, g.trans_a = trans_a, g.trans_b = trans_b, g.dtype = c.dtype;
   g.a = a.data, g.b = b.data, g.c = c.data, g.alpha = alpha, g.beta = beta;
-  if (!lt_gemm(g)) gemm_simt(c, a, b, trans_a, trans_b, alpha, beta);
+  if (!lt_gemm(g, stream)) gemm_simt(c, a, b, trans_a, trans_b, alpha, beta, stream);
 }
 
 // dbias (N) += column sums of dout (M,N), through f32 partials in the context workspace (free
-// here: work on the stream is ordered, so cuBLASLt is done with it).
-void accumulate_column_sums(Tensor dbias, Tensor dout, int64_t m, int64_t n) {
+// here: the device's ops run one after another, so cuBLASLt is done with it).
+void accumulate_column_sums(Tensor dbias, Tensor dout, int64_t m, int64_t n, ops::Stream stream) {
   if (m == 0 || n == 0) return;
   const Context& ctx = context();
   const int64_t max_chunks = int64_t(ctx.workspace_bytes / (sizeof(float) * n));
@@ -139,11 +139,11 @@ void accumulate_column_sums(Tensor dbias, Tensor dout, int64_t m, int64_t n) {
   float* partial = static_cast<float*>(ctx.workspace);
   dispatch_float(dout, "matmul_backward", [&]<class T>() {
     const dim3 grid(ceil_div(n, kColsumWidth), static_cast<unsigned>(num_chunks));
-    colsum_partial_kernel<T><<<grid, dim3(kColsumWidth, kColsumLanes), 0, stream()>>>(
+    colsum_partial_kernel<T><<<grid, dim3(kColsumWidth, kColsumLanes), 0, cuda_stream(stream)>>>(
         partial, static_cast<const T*>(dout.data), m, n, rows_per_chunk);
     TS_CUDA_CHECK_LAUNCH();
-    colsum_final_kernel<T><<<ceil_div(n, 256), 256, 0, stream()>>>(static_cast<T*>(dbias.data),
-                                                                   partial, num_chunks, n);
+    colsum_final_kernel<T><<<ceil_div(n, 256), 256, 0, cuda_stream(stream)>>>(
+        static_cast<T*>(dbias.data), partial, num_chunks, n);
     TS_CUDA_CHECK_LAUNCH();
   });
 }
@@ -171,7 +171,8 @@ GemmDims check_linear(const Tensor& out, const Tensor& inp, const Tensor& weight
 
 }  // namespace
 
-void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta) {
+void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha, float beta,
+          ops::Stream stream) {
   constexpr const char* kOp = "gemm";
   check_compute(c, kOp, "c");
   check_float_arg(a, c.dtype, kOp, "a");
@@ -182,10 +183,10 @@ void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha,
   expect_shape(a, trans_a ? Shape{d.k, d.m} : Shape{d.m, d.k}, "gemm: a");
   expect_shape(b, trans_b ? Shape{d.n, d.k} : Shape{d.k, d.n}, "gemm: b");
   TS_CHECK(!overlap(c, a) && !overlap(c, b), "{}: c must not alias a or b", kOp);
-  run_gemm(c, a, b, trans_a, trans_b, alpha, beta, d);
+  run_gemm(c, a, b, trans_a, trans_b, alpha, beta, d, stream);
 }
 
-void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
+void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias, ops::Stream stream) {
   constexpr const char* kOp = "matmul_forward";
   const GemmDims d = check_linear(out, inp, weight, bias, kOp);
   for (const Tensor* t : {&inp, &weight, &bias})
@@ -197,15 +198,15 @@ void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
     g.m = d.m, g.n = d.n, g.k = d.k, g.trans_b = true, g.dtype = out.dtype;
     g.a = inp.data, g.b = weight.data, g.c = out.data;
     g.epilogue = GemmEpilogue::bias, g.bias = bias.data;
-    if (lt_gemm(g)) return;
+    if (lt_gemm(g, stream)) return;
   }
   // No bias, or the epilogue is unavailable: plain GEMM, then the bias as its own pass.
-  run_gemm(out_2d, inp_2d, weight, false, true, 1.0f, 0.0f, d);
-  if (!bias.empty()) add_bias(out_2d, bias, d.m, d.n);
+  run_gemm(out_2d, inp_2d, weight, false, true, 1.0f, 0.0f, d, stream);
+  if (!bias.empty()) add_bias(out_2d, bias, d.m, d.n, stream);
 }
 
 void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                     Tensor weight) {
+                     Tensor weight, ops::Stream stream) {
   constexpr const char* kOp = "matmul_backward";
   const GemmDims d = check_linear(dout, inp, weight, dbias, kOp);
   check_float_arg(dweight, dout.dtype, kOp, "dweight");
@@ -223,44 +224,10 @@ void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Ten
   const Tensor dout_2d = dout.view({d.m, d.n}), inp_2d = inp.view({d.m, d.k});
   // dinp (M,K) = dout (M,N) · weight (N,K); dweight (N,K) += dout^T (N,M) · inp (M,K).
   if (!dinp.empty())
-    run_gemm(dinp.view({d.m, d.k}), dout_2d, weight, false, false, 1.0f, 0.0f, {d.m, d.k, d.n});
-  run_gemm(dweight, dout_2d, inp_2d, true, false, 1.0f, 1.0f, {d.n, d.k, d.m});
-  if (!dbias.empty()) accumulate_column_sums(dbias, dout, d.m, d.n);
-}
-
-bool matmul_gelu_supported(Tensor out_pre, Tensor out_act, Tensor inp, Tensor weight, Tensor bias) {
-  constexpr const char* kOp = "matmul_gelu_forward";
-  TS_CHECK(!bias.empty(), "{}: needs a bias", kOp);
-  const GemmDims d = check_linear(out_pre, inp, weight, bias, kOp);
-  check_float_arg(out_act, out_pre.dtype, kOp, "out_act");
-  expect_shape(out_act, out_pre.shape, kOp);
-  if (d.m == 0 || d.n == 0 || d.k == 0 || d.n % 8 != 0) return false;
-  for (const Tensor* t : {&out_pre, &out_act, &inp, &weight, &bias})
-    if (!aligned16(*t)) return false;
-  LtGemm g;
-  g.m = d.m, g.n = d.n, g.k = d.k, g.trans_b = true, g.dtype = out_pre.dtype;
-  g.a = inp.data, g.b = weight.data, g.c = out_act.data;
-  g.epilogue = GemmEpilogue::gelu_aux_bias, g.bias = bias.data, g.aux = out_pre.data;
-  return lt_gemm_available(g);
-}
-
-void matmul_gelu_forward(Tensor out_pre, Tensor out_act, Tensor inp, Tensor weight, Tensor bias) {
-  constexpr const char* kOp = "matmul_gelu_forward";
-  TS_CHECK(matmul_gelu_supported(out_pre, out_act, inp, weight, bias),
-           "{}: cuBLASLt cannot run out {} = gelu(inp {} weight {}^T + bias): check "
-           "matmul_gelu_supported first and use matmul_forward + gelu_forward",
-           kOp, out_pre.str(), inp.str(), weight.str());
-  for (const Tensor* out : {&out_pre, &out_act})
-    for (const Tensor* input : {&inp, &weight, &bias})
-      TS_CHECK(!overlap(*out, *input), "{}: output {} overlaps input {}", kOp, out->str(),
-               input->str());
-  TS_CHECK(!overlap(out_pre, out_act), "{}: out_pre and out_act overlap", kOp);
-  const GemmDims d{rows_of(inp), weight.dim(0), weight.dim(1)};
-  LtGemm g;
-  g.m = d.m, g.n = d.n, g.k = d.k, g.trans_b = true, g.dtype = out_pre.dtype;
-  g.a = inp.data, g.b = weight.data, g.c = out_act.data;
-  g.epilogue = GemmEpilogue::gelu_aux_bias, g.bias = bias.data, g.aux = out_pre.data;
-  TS_CHECK(lt_gemm(g), "{}: the cuBLASLt plan vanished", kOp);
+    run_gemm(dinp.view({d.m, d.k}), dout_2d, weight, false, false, 1.0f, 0.0f, {d.m, d.k, d.n},
+             stream);
+  run_gemm(dweight, dout_2d, inp_2d, true, false, 1.0f, 1.0f, {d.n, d.k, d.m}, stream);
+  if (!dbias.empty()) accumulate_column_sums(dbias, dout, d.m, d.n, stream);
 }
 
 }  // namespace tessera::cuda

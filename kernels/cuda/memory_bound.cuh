@@ -143,9 +143,10 @@ __global__ void __launch_bounds__(1024)
 }
 
 template <class T>
-void launch_column_sum(T* dst, const float* partial, int num_partials, int num_c) {
+void launch_column_sum(T* dst, const float* partial, int num_partials, int num_c,
+                       cudaStream_t stream) {
   column_sum_kernel<T>
-      <<<ceil_div(num_c, 32), dim3(32, 32), 0, stream()>>>(dst, partial, num_partials, num_c);
+      <<<ceil_div(num_c, 32), dim3(32, 32), 0, stream>>>(dst, partial, num_partials, num_c);
   TS_CUDA_CHECK_LAUNCH();
 }
 
@@ -316,7 +317,8 @@ __global__ void __launch_bounds__(kBlock)
 
 // Launches map_kernel with 16-byte packs when every pointer allows it, else element by element.
 template <class T, int kNumIn, int kNumOut, class Op>
-void launch_map(const MapArgs<T, kNumIn, kNumOut>& a, int64_t n, const Op& op) {
+void launch_map(const MapArgs<T, kNumIn, kNumOut>& a, int64_t n, const Op& op,
+                cudaStream_t stream) {
   if (n == 0) return;
   bool aligned = true;
   for (int k = 0; k < kNumIn; ++k) aligned = aligned && is_aligned(a.in[k]);
@@ -324,9 +326,9 @@ void launch_map(const MapArgs<T, kNumIn, kNumOut>& a, int64_t n, const Op& op) {
   constexpr int kVec = kVecWidth<T>;
   if (aligned) {
     map_kernel<T, kVec, kNumIn, kNumOut, Op>
-        <<<grid_for(ceil_div(n, kVec)), kBlock, 0, stream()>>>(a, n, op);
+        <<<grid_for(ceil_div(n, kVec)), kBlock, 0, stream>>>(a, n, op);
   } else {
-    map_kernel<T, 1, kNumIn, kNumOut, Op><<<grid_for(n), kBlock, 0, stream()>>>(a, n, op);
+    map_kernel<T, 1, kNumIn, kNumOut, Op><<<grid_for(n), kBlock, 0, stream>>>(a, n, op);
   }
   TS_CUDA_CHECK_LAUNCH();
 }

@@ -170,17 +170,18 @@ __global__ void __launch_bounds__(kBlock)
 // kernel. mean and bias may be null (and are without kHasMean).
 template <class T, int kWidth, int kMaxChunks, bool kHasMean>
 void launch_norm_forward(T* out, float* mean, float* rstd, const T* inp, const T* weight,
-                         const T* bias, int64_t num_rows, int num_c, float eps) {
+                         const T* bias, int64_t num_rows, int num_c, float eps,
+                         cudaStream_t stream) {
   auto launch = [&]<int kThreads, int kChunks>() {
     constexpr int kRowsPerBlock = kRowBlockThreads<kThreads> / kThreads;
     norm_forward_kernel<T, kWidth, kThreads, kChunks, kHasMean>
-        <<<ceil_div(num_rows, kRowsPerBlock), kRowBlockThreads<kThreads>, 0, stream()>>>(
+        <<<ceil_div(num_rows, kRowsPerBlock), kRowBlockThreads<kThreads>, 0, stream>>>(
             out, mean, rstd, inp, weight, bias, num_rows, num_c, eps);
   };
   const bool fits = dispatch_row_layout<kMaxChunks>(num_c / kWidth, launch);
   if (!fits) {
     norm_forward_wide_kernel<T, kWidth, kHasMean>
-        <<<num_rows, kBlock, 0, stream()>>>(out, mean, rstd, inp, weight, bias, num_c, eps);
+        <<<num_rows, kBlock, 0, stream>>>(out, mean, rstd, inp, weight, bias, num_c, eps);
   }
   TS_CUDA_CHECK_LAUNCH();
 }
@@ -351,7 +352,7 @@ __global__ void __launch_bounds__(kBlock)
 template <class T, int kWidth, bool kHasMean>
 void launch_norm_backward(T* dweight, T* dbias, T* dinp, const T* dout, const T* inp,
                           const T* weight, const float* mean, const float* rstd, int64_t num_rows,
-                          int num_c) {
+                          int num_c, cudaStream_t stream) {
   constexpr int kNumSums = kNormNumSums<kHasMean>;
   auto* ws = static_cast<float*>(context().workspace);
   int num_partials = 0;
@@ -363,7 +364,7 @@ void launch_norm_backward(T* dweight, T* dbias, T* dinp, const T* dout, const T*
         resident_blocks_per_sm(kernel, kBackwardBlockThreads<kThreads>);
     num_partials = num_partial_blocks(ceil_div(num_rows, kRowsPerBlock), kNumSums * int64_t(num_c),
                                       blocks_per_sm);
-    kernel<<<num_partials, kBackwardBlockThreads<kThreads>, 0, stream()>>>(
+    kernel<<<num_partials, kBackwardBlockThreads<kThreads>, 0, stream>>>(
         dinp, ws, ws + int64_t(num_partials) * num_c, dout, inp, weight, mean, rstd, num_rows,
         num_c);
   };
@@ -372,16 +373,15 @@ void launch_norm_backward(T* dweight, T* dbias, T* dinp, const T* dout, const T*
     static const int blocks_per_sm =
         resident_blocks_per_sm(norm_backward_wide_kernel<T, kWidth, kHasMean>, kBlock);
     num_partials = num_partial_blocks(num_rows, kNumSums * int64_t(num_c), blocks_per_sm);
-    TS_CUDA_CHECK(
-        cudaMemsetAsync(ws, 0, sizeof(float) * kNumSums * num_partials * num_c, stream()));
+    TS_CUDA_CHECK(cudaMemsetAsync(ws, 0, sizeof(float) * kNumSums * num_partials * num_c, stream));
     norm_backward_wide_kernel<T, kWidth, kHasMean>
-        <<<num_partials, kBlock, 0, stream()>>>(dinp, ws, ws + int64_t(num_partials) * num_c, dout,
-                                                inp, weight, mean, rstd, num_rows, num_c);
+        <<<num_partials, kBlock, 0, stream>>>(dinp, ws, ws + int64_t(num_partials) * num_c, dout,
+                                              inp, weight, mean, rstd, num_rows, num_c);
   }
   TS_CUDA_CHECK_LAUNCH();
-  launch_column_sum(dweight, ws, num_partials, num_c);
+  launch_column_sum(dweight, ws, num_partials, num_c, stream);
   if (kHasMean && dbias != nullptr)
-    launch_column_sum(dbias, ws + int64_t(num_partials) * num_c, num_partials, num_c);
+    launch_column_sum(dbias, ws + int64_t(num_partials) * num_c, num_partials, num_c, stream);
 }
 
 }  // namespace tessera::cuda

@@ -20,21 +20,22 @@ constexpr int kForwardElems = 16;
 
 template <class T, int kWidth>
 void forward_impl(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& weight,
-                  int64_t num_rows, int num_c, float eps) {
+                  int64_t num_rows, int num_c, float eps, cudaStream_t stream) {
   launch_norm_forward<T, kWidth, kForwardElems / kWidth, false>(
       static_cast<T*>(out.data), nullptr, static_cast<float*>(rstd.data),
       static_cast<const T*>(inp.data), static_cast<const T*>(weight.data), nullptr, num_rows, num_c,
-      eps);
+      eps, stream);
 }
 
 template <class T, int kWidth>
 void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dout, const Tensor& inp,
-                   const Tensor& weight, const Tensor& rstd, int64_t num_rows, int num_c) {
+                   const Tensor& weight, const Tensor& rstd, int64_t num_rows, int num_c,
+                   cudaStream_t stream) {
   launch_norm_backward<T, kWidth, false>(
       static_cast<T*>(dweight.data), nullptr, static_cast<T*>(dinp.data),
       static_cast<const T*>(dout.data), static_cast<const T*>(inp.data),
       static_cast<const T*>(weight.data), nullptr, static_cast<const float*>(rstd.data), num_rows,
-      num_c);
+      num_c, stream);
 }
 
 // 16-byte packs when C divides into them and every row pointer is aligned; else scalars.
@@ -47,7 +48,8 @@ bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> te
 
 }  // namespace
 
-void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float eps) {
+void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float eps,
+                     ops::Stream stream) {
   constexpr const char* kOp = "rmsnorm_forward";
   expect_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
@@ -61,14 +63,15 @@ void rmsnorm_forward(Tensor out, Tensor rstd, Tensor inp, Tensor weight, float e
   if (num_rows == 0 || num_c == 0) return;
   dispatch_float(inp, kOp, [&]<class T>() {
     if (use_packs(num_c, kVecWidth<T>, {&out, &inp, &weight}))
-      forward_impl<T, kVecWidth<T>>(out, rstd, inp, weight, num_rows, int(num_c), eps);
+      forward_impl<T, kVecWidth<T>>(out, rstd, inp, weight, num_rows, int(num_c), eps,
+                                    cuda_stream(stream));
     else
-      forward_impl<T, 1>(out, rstd, inp, weight, num_rows, int(num_c), eps);
+      forward_impl<T, 1>(out, rstd, inp, weight, num_rows, int(num_c), eps, cuda_stream(stream));
   });
 }
 
 void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tensor weight,
-                      Tensor rstd) {
+                      Tensor rstd, ops::Stream stream) {
   constexpr const char* kOp = "rmsnorm_backward";
   expect_compute_dtype(inp, kOp, "inp");
   TS_CHECK(inp.ndim() >= 1, "{}: inp must be (..., C), got {}", kOp, inp.str());
@@ -84,9 +87,11 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
   if (num_rows == 0 || num_c == 0) return;
   dispatch_float(inp, kOp, [&]<class T>() {
     if (use_packs(num_c, kVecWidth<T>, {&dinp, &dout, &inp, &weight}))
-      backward_impl<T, kVecWidth<T>>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c));
+      backward_impl<T, kVecWidth<T>>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c),
+                                     cuda_stream(stream));
     else
-      backward_impl<T, 1>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c));
+      backward_impl<T, 1>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c),
+                          cuda_stream(stream));
   });
 }
 

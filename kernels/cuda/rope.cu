@@ -80,7 +80,8 @@ __global__ void __launch_bounds__(kBlock)
 // ---- launchers ------------------------------------------------------------------------------
 
 template <class T, int kWidth>
-void rotate(const Tensor& out, const Tensor& inp, float theta, int pos_offset, float sign) {
+void rotate(const Tensor& out, const Tensor& inp, float theta, int pos_offset, float sign,
+            cudaStream_t stream) {
   const int64_t num_b = inp.dim(0), num_t = inp.dim(1);
   const int num_h = static_cast<int>(inp.dim(2)), half = static_cast<int>(inp.dim(3) / 2);
   auto* table = static_cast<float2*>(context().workspace);
@@ -89,11 +90,11 @@ void rotate(const Tensor& out, const Tensor& inp, float theta, int pos_offset, f
   const int num_hg = (num_h + kHeadsPerThread - 1) / kHeadsPerThread;
   for (int64_t t_begin = 0; t_begin < num_t; t_begin += max_t) {
     const int64_t chunk_t = std::min(max_t, num_t - t_begin);
-    rope_table_kernel<<<ceil_div(chunk_t * half, kBlock), kBlock, 0, stream()>>>(
+    rope_table_kernel<<<ceil_div(chunk_t * half, kBlock), kBlock, 0, stream>>>(
         table, t_begin, chunk_t, half, 2 * half, double(theta), pos_offset, sign);
     TS_CUDA_CHECK_LAUNCH();
     const int64_t work = num_b * chunk_t * num_hg * (half / kWidth);
-    rope_apply_kernel<T, kWidth><<<ceil_div(work, kBlock), kBlock, 0, stream()>>>(
+    rope_apply_kernel<T, kWidth><<<ceil_div(work, kBlock), kBlock, 0, stream>>>(
         static_cast<T*>(out.data), static_cast<const T*>(inp.data), table, num_b, num_t, t_begin,
         chunk_t, num_h, half);
     TS_CUDA_CHECK_LAUNCH();
@@ -101,7 +102,7 @@ void rotate(const Tensor& out, const Tensor& inp, float theta, int pos_offset, f
 }
 
 void rope_apply(const Tensor& out, const Tensor& inp, float theta, int pos_offset, float sign,
-                const char* op, const char* out_name, const char* inp_name) {
+                const char* op, const char* out_name, const char* inp_name, cudaStream_t stream) {
   expect_compute_dtype(inp, op, inp_name);
   TS_CHECK(inp.ndim() == 4, "{}: {} must be (B, T, H, D), got {}", op, inp_name, inp.str());
   expect_tensor(out, inp.dtype, inp.shape, op, out_name);
@@ -117,21 +118,22 @@ void rope_apply(const Tensor& out, const Tensor& inp, float theta, int pos_offse
   dispatch_float(inp, op, [&]<class T>() {
     constexpr int kVec = kVecWidth<T>;
     if (half % kVec == 0 && is_aligned(inp.data) && is_aligned(out.data))
-      rotate<T, kVec>(out, inp, theta, pos_offset, sign);
+      rotate<T, kVec>(out, inp, theta, pos_offset, sign, stream);
     else
-      rotate<T, 1>(out, inp, theta, pos_offset, sign);
+      rotate<T, 1>(out, inp, theta, pos_offset, sign, stream);
   });
 }
 
 }  // namespace
 
-void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset) {
-  rope_apply(out, inp, theta, pos_offset, +1.0f, "rope_forward", "out", "inp");
+void rope_forward(Tensor out, Tensor inp, float theta, int pos_offset, ops::Stream stream) {
+  rope_apply(out, inp, theta, pos_offset, +1.0f, "rope_forward", "out", "inp", cuda_stream(stream));
 }
 
 // The Jacobian of a rotation is the rotation itself, so dinp = R(angle)^T dout = R(-angle) dout.
-void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset) {
-  rope_apply(dinp, dout, theta, pos_offset, -1.0f, "rope_backward", "dinp", "dout");
+void rope_backward(Tensor dinp, Tensor dout, float theta, int pos_offset, ops::Stream stream) {
+  rope_apply(dinp, dout, theta, pos_offset, -1.0f, "rope_backward", "dinp", "dout",
+             cuda_stream(stream));
 }
 
 }  // namespace tessera::cuda

@@ -19,7 +19,7 @@ void check_alias(const Tensor& out, const Tensor& in, const char* op, const char
 
 }  // namespace
 
-void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
+void swiglu_forward(Tensor out, Tensor gate, Tensor up, ops::Stream stream) {
   constexpr const char* kOp = "swiglu_forward";
   expect_compute_dtype(gate, kOp, "gate");
   expect_tensor(up, gate.dtype, gate.shape, kOp, "up");
@@ -31,11 +31,12 @@ void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
     args.in[0] = static_cast<const T*>(gate.data);
     args.in[1] = static_cast<const T*>(up.data);
     args.out[0] = static_cast<T*>(out.data);
-    launch_map(args, gate.numel(), SwigluForwardOp{});
+    launch_map(args, gate.numel(), SwigluForwardOp{}, cuda_stream(stream));
   });
 }
 
-void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up) {
+void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up,
+                     ops::Stream stream) {
   constexpr const char* kOp = "swiglu_backward";
   expect_compute_dtype(gate, kOp, "gate");
   expect_tensor(up, gate.dtype, gate.shape, kOp, "up");
@@ -56,7 +57,7 @@ void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor 
     args.in[2] = static_cast<const T*>(up.data);
     args.out[0] = static_cast<T*>(dgate.data);
     args.out[1] = static_cast<T*>(dup.data);
-    launch_map(args, gate.numel(), SwigluBackwardOp{});
+    launch_map(args, gate.numel(), SwigluBackwardOp{}, cuda_stream(stream));
   });
 }
 

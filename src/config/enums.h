@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/log.h"
+#include "kernels/op_types.h"
 
 namespace tessera {
 
@@ -98,10 +99,9 @@ TESSERA_ENUM_NAMES(DecayExempt, {DecayExempt::norms, "norms"}, {DecayExempt::bia
 enum class DeviceChoice { cpu, cuda, auto_ };
 TESSERA_ENUM_NAMES(DeviceChoice, {DeviceChoice::cpu, "cpu"}, {DeviceChoice::cuda, "cuda"},
                    {DeviceChoice::auto_, "auto"});
-// How attention runs on CUDA: cuDNN's fused SDPA or Tessera's own kernel.
-enum class AttentionChoice { cudnn, native };
-TESSERA_ENUM_NAMES(AttentionChoice, {AttentionChoice::cudnn, "cudnn"},
-                   {AttentionChoice::native, "native"});
+// How attention runs on CUDA (kernels/op_types.h): cuDNN's fused SDPA or Tessera's own kernel.
+TESSERA_ENUM_NAMES(ops::AttentionImpl, {ops::AttentionImpl::cudnn, "cudnn"},
+                   {ops::AttentionImpl::native, "native"});
 TESSERA_ENUM_NAMES(LogLevel, {LogLevel::debug, "debug"}, {LogLevel::info, "info"},
                    {LogLevel::warn, "warn"}, {LogLevel::error, "error"});
 

@@ -160,7 +160,7 @@ struct DataConfig {
   X(std::string, out_dir, "", config::required(config::kAny), "the run directory")                \
   X(DeviceChoice, device, DeviceChoice::auto_, config::kAny, "where to train; auto: cuda when a GPU is usable") \
   X(bool, recompute, false, config::kAny, "activation recomputation: keep only each block's input") \
-  X(AttentionChoice, attention, AttentionChoice::cudnn, config::kAny,                             \
+  X(ops::AttentionImpl, attention, ops::AttentionImpl::cudnn, config::kAny,                             \
     "attention kernel on CUDA: cuDNN's fused SDPA or Tessera's own")                             \
   X(int, sample_tokens, 64, config::kNonNegative, "tokens generated per sample at the end; 0: none") \
   X(int, num_samples, 2, config::kNonNegative, "samples printed at the end")                      \

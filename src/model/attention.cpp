@@ -98,7 +98,7 @@ void Attention::forward(const ParamStore& ps, AttentionActs& a, Tensor y, Tensor
     ops::rope_forward(a.k, a.k, rope_theta_, 0);
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
-  ops::attention_forward(a.out, a.lse, a.q, a.k, a.v, scale);
+  ops::attention_forward(a.out, a.lse, a.q, a.k, a.v, scale, impl_);
   wo_.forward(ps, y, token_rows(a.out));
   reduce_from_tp_region_forward(shard_, y);  // sum of the ranks' head groups
 }
@@ -109,7 +109,7 @@ void Attention::backward(ParamStore& ps, const AttentionActs& a, AttentionScratc
   reduce_from_tp_region_backward(shard_, dy);
   wo_.backward(ps, token_rows(s.d_out), dy, token_rows(a.out), false);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
-  ops::attention_backward(s.dq, s.dk, s.dv, s.d_out, a.q, a.k, a.v, a.out, a.lse, scale);
+  ops::attention_backward(s.dq, s.dk, s.dv, s.d_out, a.q, a.k, a.v, a.out, a.lse, scale, impl_);
   if (rope_) {
     ops::rope_backward(s.dq, s.dq, rope_theta_, 0);
     ops::rope_backward(s.dk, s.dk, rope_theta_, 0);

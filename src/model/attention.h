@@ -4,6 +4,7 @@
 // B*T.
 #pragma once
 #include "core/memory.h"
+#include "kernels/op_types.h"
 #include "model/linear.h"
 
 namespace tessera {
@@ -30,6 +31,7 @@ class Attention {
   // [tp_rank * Hq/tp, (tp_rank + 1) * Hq/tp) and the matching KV heads (GQA groups stay whole).
   void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
                const ModelShard& shard = {});
+  void set_impl(ops::AttentionImpl impl) { impl_ = impl; }
   // Activation sizes come from a LOCAL config (heads already divided by tp).
   static AttentionActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
   static AttentionScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int B,
@@ -52,6 +54,8 @@ class Attention {
   int q_norm_ = -1, k_norm_ = -1;                        // (D) weights, qk_norm only
   int num_heads_ = 0, num_kv_heads_ = 0, head_dim_ = 0;  // local head counts
   bool rope_ = false;
+  // How attention runs on CUDA; passed to every attention op (ExecOptions::attention).
+  ops::AttentionImpl impl_ = ops::AttentionImpl::cudnn;
   float rope_theta_ = 10000.0f;
   float norm_eps_ = 1e-6f;
 };

@@ -29,6 +29,7 @@ class Block {
   void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
                const ModelShard& shard = {});
   int first_param() const { return first_param_; }  // index of its first parameter
+  void set_attention_impl(ops::AttentionImpl impl) { attn_.set_impl(impl); }
   static BlockActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
   static BlockScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T);
 

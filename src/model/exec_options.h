@@ -1,11 +1,15 @@
 // ExecOptions: how a model runs, as opposed to what it is (ModelConfig). None of these change the
-// weights, so a resumed run may choose them differently (the gradients live within one step). The trainer derives them from the recipe
-// (train.recompute, parallel.recompute_stages, precision.high_precision).
+// weights, so a resumed run may choose them differently (the gradients live within one step). The
+// trainer derives them from the recipe (train.recompute, parallel.recompute_stages,
+// precision.high_precision).
 #pragma once
+#include "kernels/op_types.h"
 
 namespace tessera {
 
 struct ExecOptions {
+  // How attention runs on CUDA (train.attention); every attention op is given it.
+  ops::AttentionImpl attention = ops::AttentionImpl::cudnn;
   // Activation recomputation: keep only each block's input; backward re-runs the block.
   bool recompute = false;
   // precision.high_precision: [lm_head] under 16-bit compute: the LM head's GEMMs, logits and

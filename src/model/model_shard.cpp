@@ -1,8 +1,8 @@
 // ModelShard: the pipeline split of layers and the tensor-parallel conjugate mappings.
 #include "model/model_shard.h"
 
-#include "core/error.h"
 #include "config/model_config.h"
+#include "core/error.h"
 
 namespace tessera {
 

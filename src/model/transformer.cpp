@@ -52,9 +52,9 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
     // FP32 gradients take the head's f32 weight gradient directly; 16-bit ones need it formed
     // apart (head_dw32) and rounded (head_dw).
     if (head32)
-      total += al(N * C * 4) + al(V * C * 4) +
-               (training ? al(N * C * 4) + (exec.fp32_grads ? 0 : al(V * C * 4) + al(V * C * e))
-                         : 0);
+      total +=
+          al(N * C * 4) + al(V * C * 4) +
+          (training ? al(N * C * 4) + (exec.fp32_grads ? 0 : al(V * C * 4) + al(V * C * e)) : 0);
   }
   total += al(N * C * e);                                                        // d_resid
   if (sh.first_stage() && exec.fp32_embedding && e < 4) total += al(N * C * 4);  // embed32
@@ -117,6 +117,7 @@ Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Are
                          const ExecOptions& exec)
     : Transformer(DeclareOnly{}, cfg, shard) {
   exec_ = exec;
+  for (Block& b : blocks_) b.set_attention_impl(exec.attention);
   dtype_ = dtype;
   device_ = device;
   params_.allocate(dtype, device, arena, pad_multiple, with_master, exec.fp32_grads);
@@ -297,8 +298,7 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
                                a.head_w32);
         } else {
           zero_tensor(a.head_dw32);
-          ops::matmul_backward(Tensor(), a.head_dw32, Tensor(), a.logits, a.lnf_out32,
-                               a.head_w32);
+          ops::matmul_backward(Tensor(), a.head_dw32, Tensor(), a.logits, a.lnf_out32, a.head_w32);
           ops::cast(a.head_dw, a.head_dw32);
           ops::add_inplace(params_[head].grad, a.head_dw);
         }

@@ -52,14 +52,14 @@ class Activations {
   Tensor lnf_out, lnf_mean, lnf_rstd;  // (N,C), (N), (N)
   Tensor logits;  // (N,Vl); becomes dlogits in backward (f32 with fp32_lm_head)
   // fp32_lm_head only: FP32 copies of the head's input and weight, and FP32 gradients.
-  Tensor lnf_out32, head_w32;          // (N,C), (Vl,C)
+  Tensor lnf_out32, head_w32;  // (N,C), (Vl,C)
   // d_lnf32 (N,C); head_dw32 and head_dw (Vl,C) f32 and the model dtype, training with gradients
   // in the compute dtype only (FP32 gradients take the head's f32 product directly).
   Tensor d_lnf32, head_dw32, head_dw;
-  Tensor losses, lse;                  // (N), (N)
-  Tensor ce_stats;                     // (3,N) tp > 1: row max, then sum of exp and target logit
-  Tensor d_lnf;                        // (N,C)
-  Tensor d_resid;                      // (N,C)
+  Tensor losses, lse;  // (N), (N)
+  Tensor ce_stats;     // (3,N) tp > 1: row max, then sum of exp and target logit
+  Tensor d_lnf;        // (N,C)
+  Tensor d_resid;      // (N,C)
 };
 
 class Transformer {

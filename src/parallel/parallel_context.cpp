@@ -16,7 +16,7 @@
 #include "parallel/mpi_runtime.h"
 #include "parallel/self_communicator.h"
 #ifdef TESSERA_CUDA
-#include "kernels/cuda/context.h"
+#include "kernels/op_types.h"
 #include "parallel/nccl/nccl_communicator.h"
 #endif
 
@@ -136,9 +136,9 @@ ParallelContext::ParallelContext(ParallelSizes sizes, Device device, const std::
 
   if (device == Device::cuda) {
 #ifdef TESSERA_CUDA
-    // The compute stream of kernels/cuda (the legacy default stream): NCCL calls wait on it and
-    // waited handles order it after them.
-    const auto compute = reinterpret_cast<cudaStream_t>(cuda::context().stream);
+    // The compute stream: the default stream ops run on when given none (ops::Stream{}, the
+    // legacy default stream). NCCL calls wait on it and waited handles order it after them.
+    const auto compute = static_cast<cudaStream_t>(ops::Stream{}.handle);
     for (Group g : kGroups) {
       if (mpi_groups[idx(g)]) {
         impl_->dev[idx(g)] = std::make_unique<NcclCommunicator>(*mpi_groups[idx(g)], compute);

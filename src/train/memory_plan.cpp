@@ -53,7 +53,7 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
   if (in.device == Device::cuda)
     plan.workspace =
         ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp, r.model.num_kv_heads / par.tp,
-                                  r.model.resolved_head_dim(), in.dtype);
+                                  r.model.resolved_head_dim(), in.dtype, in.exec.attention);
   if (r.precision.compute == Compute::fp8) plan.fp8 = fp8_bytes(r, in.shard);
   return plan;
 }

@@ -63,6 +63,7 @@ std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
 
 ExecOptions exec_options(const Recipe& r, int pp_rank) {
   ExecOptions e;
+  e.attention = r.train.attention;
   e.recompute = stage_recomputes(r, pp_rank);
   e.fp32_lm_head = r.precision.keeps_high_precision(HighPrecisionLayer::lm_head);
   e.fp32_embedding = r.precision.keeps_high_precision(HighPrecisionLayer::embedding);
@@ -138,8 +139,6 @@ Run::Run(const Recipe& recipe)
   flush_micro_ = par.pp == 1 ? num_micro() : par.microbatches;
   const ExecOptions exec = exec_options(r, me.pp_rank);
 
-  if (device_ == Device::cuda)
-    ops::set_cuda_attention_impl(r.train.attention == AttentionChoice::native ? "native" : "cudnn");
   plan_ = plan_memory(r, {shard_, exec, dtype_, device_, schedule_, flush_micro_});
   check_plan_fits(plan_, device_, r.file);
   arena_ = Arena(device_, plan_.arena(), "device memory");
