@@ -8,9 +8,18 @@
 //   * backward OVERWRITES activation gradients (d<input>) and ACCUMULATES (+=) parameter
 //     gradients (dweight, dbias, dwte, ...), so gradient accumulation over micro-batches works.
 //   * An empty Tensor (data == nullptr) means "absent" (no bias, no learned positions, ...).
-//   * Float tensors of one call share one dtype: f32; bf16 on CUDA; f64 on the CPU (for the
-//     finite-difference tests). Saved statistics (mean, rstd, lse, losses, and the
-//     vocabulary-parallel row_max, sum_exp, target_logit) are f32, or f64 when the inputs are f64.
+//   * Float tensors of one call share one dtype: f32; bf16 or f16 (CUDA, and the CPU through
+//     kernels/cpu/narrow.h); f64 on the CPU (for the finite-difference tests). Saved statistics
+//     (mean, rstd, lse, losses, and the vocabulary-parallel row_max, sum_exp, target_logit) are
+//     f32, or f64 when the inputs are f64.
+//   * FP32 main gradients: a parameter gradient, i.e. an accumulated (+=) output -
+//     matmul_backward's dweight and dbias, gemm's c (a weight gradient: beta = 1),
+//     layernorm_backward's dweight and dbias (one dtype for both), rmsnorm_backward's dweight,
+//     embedding_backward's dwte and dwpe (one dtype for both), bias_grad's dbias, gemm_fp8's c -
+//     may be f32 while the activations and other inputs are bf16 or f16 (Megatron's main_grad
+//     with gradient-accumulation fusion). The op then accumulates in f32 straight into it: the
+//     result equals the f32 op on the exactly widened 16-bit inputs, never rounded to 16 bits.
+//     With 16-bit gradients the ops behave as before, bit for bit.
 //   * Norms, activations and matmul flatten all leading dims into rows: (B,T,C) is (B*T, C).
 //   * Aliasing: only where an op says "may alias" (exactly the same buffer); partial overlap and
 //     any other aliasing is rejected.

@@ -1,8 +1,9 @@
 // Declarations of the CUDA kernels (kernels/cuda/<op>.cu), same names and argument order as
 // kernels/ops.h, which documents each op, and as the CPU references in kernels/cpu/cpu_ops.h.
 // Float tensors are f32, bf16 or f16 (one dtype per call; 16-bit values are widened to f32,
-// computed on, and rounded once to nearest even on store, f16 overflowing to Inf); saved
-// statistics (mean, rstd, lse, losses) are always f32; accumulation is f32. Work is queued on
+// computed on, and rounded once to nearest even on store, f16 overflowing to Inf), except that
+// parameter gradients may be f32 beside 16-bit activations (kernels/ops.h); saved statistics
+// (mean, rstd, lse, losses) are always f32; accumulation is f32. Work is queued on
 // the stream each op takes last (kernels/op_types.h; {} = the legacy default stream); ops are
 // asynchronous unless they return a host value.
 #pragma once

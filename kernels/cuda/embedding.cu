@@ -56,6 +56,20 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// dst[0, kWidth) += acc in TW (the gradient's dtype: T, or float for an FP32 main gradient), in
+// 16-byte packs of TW: kWidth T values are one pack, kWidth floats beside 16-bit T are two.
+template <class TW, int kWidth>
+__device__ __forceinline__ void add_to_row(TW* dst, const float (&acc)[kWidth]) {
+  constexpr int kSub = kWidth * int(sizeof(TW)) > kPackBytes ? kVecWidth<TW> : kWidth;
+#pragma unroll
+  for (int s = 0; s < kWidth; s += kSub) {
+    Pack<TW, kSub> w = load_pack<TW, kSub>(dst + s);
+#pragma unroll
+    for (int k = 0; k < kSub; ++k) w.v[k] = from_f32<TW>(to_f32(w.v[k]) + acc[s + k]);
+    store_pack<TW, kSub>(dst + s, w);
+  }
+}
+
 __global__ void __launch_bounds__(kBlock) iota_kernel(int32_t* x, int64_t n) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) x[i] = static_cast<int32_t>(i);
@@ -64,9 +78,9 @@ __global__ void __launch_bounds__(kBlock) iota_kernel(int32_t* x, int64_t n) {
 // Block i handles the group of equal tokens that starts at sorted index i (other blocks exit):
 // dwte[token - vocab_start, :] += sum of dout[positions of the group, :], summed in position
 // order in f32. Groups of other shards' tokens (and of invalid ids) exit at once.
-template <class T, int kWidth>
+template <class T, class TW, int kWidth>
 __global__ void __launch_bounds__(kBlock)
-    embedding_backward_wte_kernel(T* dwte, const T* dout, const int32_t* sorted_tokens,
+    embedding_backward_wte_kernel(TW* dwte, const T* dout, const int32_t* sorted_tokens,
                                   const int32_t* sorted_rows, int64_t num_rows, int num_c,
                                   int64_t vocab_start, int64_t num_local) {
   const int64_t begin = blockIdx.x;
@@ -77,7 +91,7 @@ __global__ void __launch_bounds__(kBlock)
   int64_t end = begin + 1;
   while (end < num_rows && sorted_tokens[end] == token) ++end;
   const int packs_per_row = num_c / kWidth;
-  T* dw_row = dwte + local * num_c;
+  TW* dw_row = dwte + local * num_c;
   for (int p = threadIdx.x; p < packs_per_row; p += kBlock) {
     float acc[kWidth] = {};
 #pragma unroll 4
@@ -87,17 +101,15 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
       for (int k = 0; k < kWidth; ++k) acc[k] += to_f32(d.v[k]);
     }
-    Pack<T, kWidth> w = load_pack<T, kWidth>(dw_row + p * kWidth);
-#pragma unroll
-    for (int k = 0; k < kWidth; ++k) w.v[k] = from_f32<T>(to_f32(w.v[k]) + acc[k]);
-    store_pack<T, kWidth>(dw_row + p * kWidth, w);
+    add_to_row<TW, kWidth>(dw_row + p * kWidth, acc);
   }
 }
 
 // dwpe[t, :] += sum over b of dout[b, t, :], in batch order; one pack per item.
-template <class T, int kWidth>
+template <class T, class TW, int kWidth>
 __global__ void __launch_bounds__(kBlock)
-    embedding_backward_wpe_kernel(T* dwpe, const T* dout, int64_t num_b, int64_t num_t, int num_c) {
+    embedding_backward_wpe_kernel(TW* dwpe, const T* dout, int64_t num_b, int64_t num_t,
+                                  int num_c) {
   const int packs_per_row = num_c / kWidth;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= num_t * packs_per_row) return;
@@ -109,27 +121,28 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) acc[k] += to_f32(d.v[k]);
   }
-  Pack<T, kWidth> w = load_pack<T, kWidth>(dwpe + t * num_c + c);
-#pragma unroll
-  for (int k = 0; k < kWidth; ++k) w.v[k] = from_f32<T>(to_f32(w.v[k]) + acc[k]);
-  store_pack<T, kWidth>(dwpe + t * num_c + c, w);
+  add_to_row<TW, kWidth>(dwpe + t * num_c + c, acc);
 }
 
 // ---- launchers ------------------------------------------------------------------------------
 
-// Checks shared by forward and backward; `table` is wte or dwte, `pos` is wpe or dwpe. Returns
-// the size of the whole vocabulary (vocab_total, or Vl when it is -1).
+// Checks shared by forward and backward; `table` is wte or dwte, `pos` is wpe or dwpe, `acts` out
+// or dout. In the backward the gradients dwte and dwpe may be f32 beside 16-bit dout (FP32 main
+// gradients). Returns the size of the whole vocabulary (vocab_total, or Vl when it is -1).
 int64_t check_embedding(const Tensor& acts, const Tensor& tokens, const Tensor& table,
                         const Tensor& pos, int64_t vocab_start, int64_t vocab_total, const char* op,
-                        const char* acts_name, const char* table_name, const char* pos_name) {
+                        const char* acts_name, const char* table_name, const char* pos_name,
+                        bool backward) {
   expect_compute_dtype(table, op, table_name);
+  const DType acts_dtype = backward && table.dtype == DType::f32 ? acts.dtype : table.dtype;
+  if (backward) expect_compute_dtype(acts, op, acts_name);
   TS_CHECK(table.ndim() == 2, "{}: {} must be (V, C), got {}", op, table_name, table.str());
   TS_CHECK(!tokens.empty() && tokens.device == Device::cuda && tokens.dtype == DType::i32 &&
                tokens.ndim() == 2,
            "{}: tokens must be an i32 cuda tensor (B, T), got {}", op, tokens.str());
   const int64_t num_b = tokens.dim(0), num_t = tokens.dim(1), num_c = table.dim(1);
   TS_CHECK(num_c < (int64_t(1) << 30), "{}: C = {} is too large", op, num_c);
-  expect_tensor(acts, table.dtype, Shape{num_b, num_t, num_c}, op, acts_name);
+  expect_tensor(acts, acts_dtype, Shape{num_b, num_t, num_c}, op, acts_name);
   if (!pos.empty()) {
     TS_CHECK(pos.device == Device::cuda && pos.dtype == table.dtype && pos.ndim() == 2 &&
                  pos.dim(1) == num_c && pos.dim(0) >= num_t,
@@ -151,7 +164,8 @@ bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> te
   return true;
 }
 
-template <class T, int kWidth>
+// T: dout's type; TW: dwte's and dwpe's (T, or float for FP32 main gradients).
+template <class T, class TW, int kWidth>
 void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
                    int64_t vocab_start, cudaStream_t stream) {
   const int64_t num_b = tokens.dim(0), num_t = tokens.dim(1), num_rows = tokens.numel();
@@ -179,14 +193,14 @@ void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, c
   // Radix sort is stable: equal tokens keep position order, the order the sums are taken in.
   TS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, tok, sorted_tokens, rows,
                                                 sorted_rows, num_rows, 0, 32, stream));
-  embedding_backward_wte_kernel<T, kWidth>
-      <<<num_rows, kBlock, 0, stream>>>(static_cast<T*>(dwte.data), d, sorted_tokens, sorted_rows,
+  embedding_backward_wte_kernel<T, TW, kWidth>
+      <<<num_rows, kBlock, 0, stream>>>(static_cast<TW*>(dwte.data), d, sorted_tokens, sorted_rows,
                                         num_rows, num_c, vocab_start, dwte.dim(0));
   TS_CUDA_CHECK_LAUNCH();
   if (!dwpe.empty()) {
     const int64_t work = num_t * (num_c / kWidth);
-    embedding_backward_wpe_kernel<T, kWidth><<<ceil_div(work, kBlock), kBlock, 0, stream>>>(
-        static_cast<T*>(dwpe.data), d, num_b, num_t, num_c);
+    embedding_backward_wpe_kernel<T, TW, kWidth><<<ceil_div(work, kBlock), kBlock, 0, stream>>>(
+        static_cast<TW*>(dwpe.data), d, num_b, num_t, num_c);
     TS_CUDA_CHECK_LAUNCH();
   }
 }
@@ -196,8 +210,8 @@ void backward_impl(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, c
 void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_t vocab_start,
                        int64_t vocab_total, ops::Stream stream) {
   constexpr const char* kOp = "embedding_forward";
-  vocab_total =
-      check_embedding(out, tokens, wte, wpe, vocab_start, vocab_total, kOp, "out", "wte", "wpe");
+  vocab_total = check_embedding(out, tokens, wte, wpe, vocab_start, vocab_total, kOp, "out", "wte",
+                                "wpe", /*backward=*/false);
   TS_CHECK(!overlaps(out, wte) && !overlaps(out, wpe) && !overlaps(out, tokens),
            "{}: out must not alias an input", kOp);
   const int64_t num_rows = tokens.numel(), num_c = wte.dim(1);
@@ -222,17 +236,21 @@ void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe, int64_
 void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, int64_t vocab_start,
                         int64_t vocab_total, ops::Stream stream) {
   constexpr const char* kOp = "embedding_backward";
-  check_embedding(dout, tokens, dwte, dwpe, vocab_start, vocab_total, kOp, "dout", "dwte", "dwpe");
+  check_embedding(dout, tokens, dwte, dwpe, vocab_start, vocab_total, kOp, "dout", "dwte", "dwpe",
+                  /*backward=*/true);
   TS_CHECK(!overlaps(dwte, dwpe) && !overlaps(dwte, dout) && !overlaps(dwpe, dout),
            "{}: dwte, dwpe and dout must be distinct buffers", kOp);
   TS_CHECK(tokens.numel() < (int64_t(1) << 31), "{}: {} tokens are too many for one call", kOp,
            tokens.numel());
   if (tokens.numel() == 0 || dwte.dim(1) == 0) return;
-  dispatch_float(dwte, kOp, [&]<class T>() {
-    if (use_packs(dwte.dim(1), kVecWidth<T>, {&dwte, &dwpe, &dout}))
-      backward_impl<T, kVecWidth<T>>(dwte, dwpe, dout, tokens, vocab_start, cuda_stream(stream));
-    else
-      backward_impl<T, 1>(dwte, dwpe, dout, tokens, vocab_start, cuda_stream(stream));
+  dispatch_float(dout, kOp, [&]<class T>() {
+    dispatch_param_grad<T>(dwte, [&]<class TW>() {
+      if (use_packs(dwte.dim(1), kVecWidth<T>, {&dwte, &dwpe, &dout}))
+        backward_impl<T, TW, kVecWidth<T>>(dwte, dwpe, dout, tokens, vocab_start,
+                                           cuda_stream(stream));
+      else
+        backward_impl<T, TW, 1>(dwte, dwpe, dout, tokens, vocab_start, cuda_stream(stream));
+    });
   });
 }
 

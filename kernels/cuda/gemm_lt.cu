@@ -26,9 +26,10 @@ __device__ __forceinline__ float load_or_zero(const T* x, int64_t rows, int64_t 
   return r < rows && c < cols ? to_f32(x[r * cols + c]) : 0.0f;
 }
 
-template <class T>
+// T: a's and b's dtype; TC: c's (T, or f32 for an FP32 gradient of 16-bit operands).
+template <class T, class TC>
 __global__ void __launch_bounds__(256)
-    gemm_simt_kernel(T* c, const T* a, const T* b, int64_t m, int64_t n, int64_t k, bool trans_a,
+    gemm_simt_kernel(TC* c, const T* a, const T* b, int64_t m, int64_t n, int64_t k, bool trans_a,
                      bool trans_b, float alpha, float beta) {
   __shared__ float a_s[kSimtK][kSimtTile + 1];  // (K step, rows of c)
   __shared__ float b_s[kSimtK][kSimtTile + 1];  // (K step, columns of c)
@@ -67,17 +68,17 @@ __global__ void __launch_bounds__(256)
     for (int j = 0; j < 4; ++j) {
       const int64_t col = col0 + tx + 16 * j;
       if (col >= n) continue;
-      T* out = c + row * n + col;
+      TC* out = c + row * n + col;
       const float old = beta == 0.0f ? 0.0f : beta * to_f32(*out);  // beta = 0: c may hold NaN
-      *out = from_f32<T>(alpha * acc[i][j] + old);
+      *out = from_f32<TC>(alpha * acc[i][j] + old);
     }
   }
 }
 
 // ---- cuBLASLt plans -----------------------------------------------------------------------
-// Key: device, m, n, k, trans_a, trans_b, dtype, epilogue, and the alignments of every pointer
-// (the heuristic's answer depends on them, bias included).
-using PlanKey = std::array<int64_t, 12>;
+// Key: device, m, n, k, trans_a, trans_b, dtype, c_dtype, epilogue, and the alignments of every
+// pointer (the heuristic's answer depends on them, bias included).
+using PlanKey = std::array<int64_t, 13>;
 
 struct Plan {
   bool found = false;  // false: cuBLASLt had no algorithm; callers fall back
@@ -119,9 +120,10 @@ void set_pointers(const Plan& plan, const LtGemm& g) {
 
 Plan make_plan(const LtGemm& g, const int64_t (&align)[4]) {
   Plan plan;
-  const cudaDataType_t type = lt_type(g.dtype);
+  const cudaDataType_t type = lt_type(g.dtype), c_type = lt_type(g.c_dtype);
   // f32 compute for every dtype: CUBLAS_COMPUTE_32F never uses TF32 (parity with the CPU), and
-  // f16 products are accumulated in f32 (never CUBLAS_COMPUTE_16F), rounded once into c.
+  // f16 products are accumulated in f32 (never CUBLAS_COMPUTE_16F), rounded once into c; an f32 c
+  // beside bf16/f16 a and b (a supported cuBLASLt combination) is not rounded to 16 bits at all.
   TS_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t op_a = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt A = our b
   const cublasOperation_t op_b = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt B = our a
@@ -138,7 +140,7 @@ Plan make_plan(const LtGemm& g, const int64_t (&align)[4]) {
                             : cublasLtMatrixLayoutCreate(&plan.layout_a, type, n, k, int64_t(n)));
   TS_CUBLAS_CHECK(g.trans_a ? cublasLtMatrixLayoutCreate(&plan.layout_b, type, m, k, int64_t(m))
                             : cublasLtMatrixLayoutCreate(&plan.layout_b, type, k, m, int64_t(k)));
-  TS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.layout_c, type, n, m, int64_t(n)));
+  TS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.layout_c, c_type, n, m, int64_t(n)));
 
   plan.found =
       lt_best_algo(plan.desc, plan.layout_a, plan.layout_b, plan.layout_c, align, &plan.algo);
@@ -154,6 +156,9 @@ void check_lt_args(const LtGemm& g) {
            "lt_gemm: needs m, n, k >= 1 and alpha != 0, got m={} n={} k={} alpha={}", g.m, g.n, g.k,
            g.alpha);
   TS_CHECK(g.epilogue == GemmEpilogue::none || g.bias != nullptr, "lt_gemm: epilogue without bias");
+  TS_CHECK(g.c_dtype == g.dtype || (g.c_dtype == DType::f32 && g.epilogue == GemmEpilogue::none),
+           "lt_gemm: c is {} beside {} operands (c has their dtype, or is f32 without epilogue)",
+           dtype_name(g.c_dtype), dtype_name(g.dtype));
 }
 
 // The cached plan for g; call with g_plan_mutex held.
@@ -167,6 +172,7 @@ const Plan& find_plan(const LtGemm& g, int device) {
                     g.trans_a,
                     g.trans_b,
                     int64_t(g.dtype),
+                    int64_t(g.c_dtype),
                     int64_t(g.epilogue),
                     align[0],
                     align[1],
@@ -204,8 +210,9 @@ void gemm_simt(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float a
   for (const Tensor* t : {&c, &a, &b}) expect_cuda(*t, kOp);
   TS_CHECK(c.ndim() == 2 && a.ndim() == 2 && b.ndim() == 2, "{}: 2-D operands, got {} {} {}", kOp,
            c.str(), a.str(), b.str());
-  TS_CHECK(a.dtype == c.dtype && b.dtype == c.dtype, "{}: dtypes differ: c {}, a {}, b {}", kOp,
-           c.str(), a.str(), b.str());
+  TS_CHECK(a.dtype == b.dtype && (c.dtype == a.dtype || c.dtype == DType::f32),
+           "{}: dtypes differ: c {}, a {}, b {} (c may be f32 beside 16-bit a and b)", kOp, c.str(),
+           a.str(), b.str());
   const int64_t m = c.dim(0), n = c.dim(1), k = trans_a ? a.dim(0) : a.dim(1);
   expect_shape(a, trans_a ? Shape{k, m} : Shape{m, k}, kOp);
   expect_shape(b, trans_b ? Shape{n, k} : Shape{k, n}, kOp);
@@ -213,11 +220,17 @@ void gemm_simt(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float a
   TS_CHECK(alpha != 0.0f, "{}: alpha = 0 is handled by the caller (a and b must not be read)", kOp);
   const dim3 grid(ceil_div(n, kSimtTile), ceil_div(m, kSimtTile));
   TS_CHECK(grid.y <= 65535, "{}: M = {} too large for the fallback kernel", kOp, m);
-  dispatch_float(c, kOp, [&]<class T>() {
-    gemm_simt_kernel<T><<<grid, 256, 0, cuda_stream(stream)>>>(
-        static_cast<T*>(c.data), static_cast<const T*>(a.data), static_cast<const T*>(b.data), m, n,
-        k, trans_a, trans_b, alpha, beta);
-    TS_CUDA_CHECK_LAUNCH();
+  dispatch_float(a, kOp, [&]<class T>() {
+    const auto launch = [&]<class TC>() {
+      gemm_simt_kernel<T, TC><<<grid, 256, 0, cuda_stream(stream)>>>(
+          static_cast<TC*>(c.data), static_cast<const T*>(a.data), static_cast<const T*>(b.data), m,
+          n, k, trans_a, trans_b, alpha, beta);
+      TS_CUDA_CHECK_LAUNCH();
+    };
+    if (c.dtype == a.dtype)
+      launch.template operator()<T>();
+    else
+      launch.template operator()<float>();
   });
 }
 

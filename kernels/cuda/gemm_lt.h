@@ -15,14 +15,17 @@ enum class GemmEpilogue : int { none = 0, bias = 1 };
 
 // Row-major c (M,N) = alpha * op(a) · op(b) + beta * c, as ops::gemm, then the epilogue:
 //   bias:          c += bias (N) on every row.
-// a, b, c, bias share dtype (f32, bf16 or f16); accumulation is f32 (never TF32).
+// a, b and bias share dtype (f32, bf16 or f16); c has it too, or is f32 beside bf16/f16 a and b
+// (an FP32 weight gradient accumulated straight from 16-bit operands; no epilogue then).
+// Accumulation is f32 (never TF32).
 struct LtGemm {
   int64_t m = 0, n = 0, k = 0;
   bool trans_a = false, trans_b = false;
-  DType dtype = DType::f32;
-  const void* a = nullptr;  // (M,K), or (K,M) if trans_a
-  const void* b = nullptr;  // (K,N), or (N,K) if trans_b
-  void* c = nullptr;        // (M,N)
+  DType dtype = DType::f32;    // a, b, bias
+  DType c_dtype = DType::f32;  // c: dtype, or f32 (set both explicitly)
+  const void* a = nullptr;     // (M,K), or (K,M) if trans_a
+  const void* b = nullptr;     // (K,N), or (N,K) if trans_b
+  void* c = nullptr;           // (M,N)
   float alpha = 1.0f, beta = 0.0f;
   GemmEpilogue epilogue = GemmEpilogue::none;
   const void* bias = nullptr;  // (N)

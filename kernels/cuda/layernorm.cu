@@ -27,12 +27,13 @@ void forward_impl(const Tensor& out, const Tensor& mean, const Tensor& rstd, con
       bias.empty() ? nullptr : static_cast<const T*>(bias.data), num_rows, num_c, eps, stream);
 }
 
-template <class T, int kWidth>
+// TW: the dtype of dweight and dbias (T, or float for FP32 main gradients).
+template <class T, int kWidth, class TW>
 void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                    const Tensor& dout, const Tensor& inp, const Tensor& weight, const Tensor& mean,
                    const Tensor& rstd, int64_t num_rows, int num_c, cudaStream_t stream) {
   launch_norm_backward<T, kWidth, true>(
-      static_cast<T*>(dweight.data), dbias.empty() ? nullptr : static_cast<T*>(dbias.data),
+      static_cast<TW*>(dweight.data), dbias.empty() ? nullptr : static_cast<TW*>(dbias.data),
       static_cast<T*>(dinp.data), static_cast<const T*>(dout.data), static_cast<const T*>(inp.data),
       static_cast<const T*>(weight.data), static_cast<const float*>(mean.data),
       static_cast<const float*>(rstd.data), num_rows, num_c, stream);
@@ -107,8 +108,9 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
   expect_tensor(dinp, inp.dtype, inp.shape, kOp, "dinp");
   expect_tensor(dout, inp.dtype, inp.shape, kOp, "dout");
   expect_tensor(weight, inp.dtype, Shape{num_c}, kOp, "weight");
-  expect_tensor(dweight, inp.dtype, Shape{num_c}, kOp, "dweight");
-  if (!dbias.empty()) expect_tensor(dbias, inp.dtype, Shape{num_c}, kOp, "dbias");
+  // dweight and dbias: inp's dtype or f32 (FP32 main gradients), one dtype for both.
+  expect_param_grad(dweight, inp.dtype, Shape{num_c}, kOp, "dweight");
+  if (!dbias.empty()) expect_tensor(dbias, dweight.dtype, Shape{num_c}, kOp, "dbias");
   expect_tensor(mean, DType::f32, Shape{num_rows}, kOp, "mean");
   expect_tensor(rstd, DType::f32, Shape{num_rows}, kOp, "rstd");
   TS_CHECK(num_c <= (int64_t(1) << 30), "{}: C = {} is too large", kOp, num_c);
@@ -117,12 +119,14 @@ void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, 
   TS_CHECK(!overlaps(dweight, dbias), "{}: dweight and dbias must not alias", kOp);
   if (num_rows == 0 || num_c == 0) return;
   dispatch_float(inp, kOp, [&]<class T>() {
-    if (use_packs(num_c, kVecWidth<T>, {&dinp, &dout, &inp, &weight}))
-      backward_impl<T, kVecWidth<T>>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows,
-                                     int(num_c), cuda_stream(stream));
-    else
-      backward_impl<T, 1>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows, int(num_c),
-                          cuda_stream(stream));
+    dispatch_param_grad<T>(dweight, [&]<class TW>() {
+      if (use_packs(num_c, kVecWidth<T>, {&dinp, &dout, &inp, &weight}))
+        backward_impl<T, kVecWidth<T>, TW>(dinp, dweight, dbias, dout, inp, weight, mean, rstd,
+                                           num_rows, int(num_c), cuda_stream(stream));
+      else
+        backward_impl<T, 1, TW>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, num_rows,
+                                int(num_c), cuda_stream(stream));
+    });
   });
 }
 

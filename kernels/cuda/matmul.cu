@@ -55,7 +55,8 @@ __global__ void colsum_partial_kernel(float* partial, const T* dout, int64_t m, 
   }
 }
 
-// Stage 2: dbias[j] += sum of partial[chunk][j] over chunks, in chunk order.
+// Stage 2: dbias[j] += sum of partial[chunk][j] over chunks, in chunk order. dbias has dout's
+// dtype or is f32.
 template <class T>
 __global__ void colsum_final_kernel(T* dbias, const float* partial, int64_t num_chunks, int64_t n) {
   const int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -95,6 +96,14 @@ void check_compute(const Tensor& t, const char* op, const char* name) {
   check_float_arg(t, t.dtype, op, name);
 }
 
+// A parameter gradient (+=) beside operands of dtype `dtype`: that dtype, or f32 (kernels/ops.h).
+void check_param_grad(const Tensor& t, DType dtype, const char* op, const char* name) {
+  TS_CHECK(t.device == Device::cuda, "{}: {} must be on cuda, got {}", op, name, t.str());
+  TS_CHECK(t.dtype == dtype || t.dtype == DType::f32,
+           "{}: {} must be {} like the other operands, or f32, got {}", op, name, dtype_name(dtype),
+           t.str());
+}
+
 int64_t rows_of(const Tensor& t) { return t.ndim() == 0 ? 1 : t.numel() / t.dim(-1); }
 
 // c = beta * c (the whole product vanishes: alpha = 0 or K = 0).
@@ -121,7 +130,8 @@ void run_gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float al
   if (d.m == 0 || d.n == 0) return;
   if (alpha == 0.0f || d.k == 0) return scale_c(c, beta, stream);
   LtGemm g;
-  g.m = d.m, g.n = d.n, g.k = d.k, g.trans_a = trans_a, g.trans_b = trans_b, g.dtype = c.dtype;
+  g.m = d.m, g.n = d.n, g.k = d.k, g.trans_a = trans_a, g.trans_b = trans_b;
+  g.dtype = a.dtype, g.c_dtype = c.dtype;
   g.a = a.data, g.b = b.data, g.c = c.data, g.alpha = alpha, g.beta = beta;
   if (!lt_gemm(g, stream)) gemm_simt(c, a, b, trans_a, trans_b, alpha, beta, stream);
 }
@@ -142,9 +152,15 @@ void accumulate_column_sums(Tensor dbias, Tensor dout, int64_t m, int64_t n, ops
     colsum_partial_kernel<T><<<grid, dim3(kColsumWidth, kColsumLanes), 0, cuda_stream(stream)>>>(
         partial, static_cast<const T*>(dout.data), m, n, rows_per_chunk);
     TS_CUDA_CHECK_LAUNCH();
-    colsum_final_kernel<T><<<ceil_div(n, 256), 256, 0, cuda_stream(stream)>>>(
-        static_cast<T*>(dbias.data), partial, num_chunks, n);
-    TS_CUDA_CHECK_LAUNCH();
+    const auto final_sum = [&]<class TD>() {
+      colsum_final_kernel<TD><<<ceil_div(n, 256), 256, 0, cuda_stream(stream)>>>(
+          static_cast<TD*>(dbias.data), partial, num_chunks, n);
+      TS_CUDA_CHECK_LAUNCH();
+    };
+    if (dbias.dtype == dout.dtype)
+      final_sum.template operator()<T>();
+    else
+      final_sum.template operator()<float>();
   });
 }
 
@@ -175,8 +191,11 @@ void gemm(Tensor c, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha,
           ops::Stream stream) {
   constexpr const char* kOp = "gemm";
   check_compute(c, kOp, "c");
-  check_float_arg(a, c.dtype, kOp, "a");
-  check_float_arg(b, c.dtype, kOp, "b");
+  check_compute(a, kOp, "a");
+  check_float_arg(b, a.dtype, kOp, "b");
+  // c has the operands' dtype, or is f32 beside 16-bit a and b (an FP32 weight gradient).
+  TS_CHECK(c.dtype == a.dtype || (c.dtype == DType::f32 && a.dtype != DType::f32),
+           "{}: c {} beside a {}: c must be {} or f32", kOp, c.str(), a.str(), dtype_name(a.dtype));
   TS_CHECK(c.ndim() == 2 && a.ndim() == 2 && b.ndim() == 2,
            "{}: c, a and b must be 2-D, got c {}, a {}, b {}", kOp, c.str(), a.str(), b.str());
   GemmDims d{c.dim(0), c.dim(1), trans_a ? a.dim(0) : a.dim(1)};
@@ -195,7 +214,7 @@ void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias, ops::Str
   const Tensor out_2d = out.view({d.m, d.n}), inp_2d = inp.view({d.m, d.k});
   if (!bias.empty() && d.k > 0 && aligned16(bias)) {
     LtGemm g;
-    g.m = d.m, g.n = d.n, g.k = d.k, g.trans_b = true, g.dtype = out.dtype;
+    g.m = d.m, g.n = d.n, g.k = d.k, g.trans_b = true, g.dtype = g.c_dtype = out.dtype;
     g.a = inp.data, g.b = weight.data, g.c = out.data;
     g.epilogue = GemmEpilogue::bias, g.bias = bias.data;
     if (lt_gemm(g, stream)) return;
@@ -208,9 +227,14 @@ void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias, ops::Str
 void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                      Tensor weight, ops::Stream stream) {
   constexpr const char* kOp = "matmul_backward";
-  const GemmDims d = check_linear(dout, inp, weight, dbias, kOp);
-  check_float_arg(dweight, dout.dtype, kOp, "dweight");
+  const GemmDims d = check_linear(dout, inp, weight, Tensor(), kOp);
+  // dweight and dbias: dout's dtype, or f32 (FP32 main gradients accumulated in place).
+  check_param_grad(dweight, dout.dtype, kOp, "dweight");
   expect_shape(dweight, weight.shape, kOp);
+  if (!dbias.empty()) {
+    check_param_grad(dbias, dout.dtype, kOp, "dbias");
+    expect_shape(dbias, Shape{d.n}, kOp);
+  }
   if (!dinp.empty()) {
     check_float_arg(dinp, dout.dtype, kOp, "dinp");
     expect_shape(dinp, inp.shape, kOp);

@@ -247,6 +247,23 @@ inline void expect_tensor(const Tensor& t, DType dtype, const Shape& shape, cons
            shape.str());
 }
 
+// A parameter gradient (+=) of the given shape beside activations of dtype `dtype`: that dtype,
+// or f32 (an FP32 main gradient accumulated from 16-bit activations, kernels/ops.h).
+inline void expect_param_grad(const Tensor& t, DType dtype, const Shape& shape, const char* op,
+                              const char* name) {
+  expect_tensor(t, t.dtype == DType::f32 ? DType::f32 : dtype, shape, op, name);
+}
+
+// Runs f.template operator()<TW>() with TW = float for an f32 parameter gradient, else T (the
+// activations' type).
+template <class T, class F>
+void dispatch_param_grad(const Tensor& grad, F&& f) {
+  if (grad.dtype == DType::f32)
+    f.template operator()<float>();
+  else
+    f.template operator()<T>();
+}
+
 // The first float operand fixes the call's dtype: f32, bf16 or f16 on cuda.
 inline void expect_compute_dtype(const Tensor& t, const char* op, const char* name) {
   TS_CHECK(!t.empty(), "{}: {} is empty, but it is required", op, name);

@@ -349,8 +349,10 @@ __global__ void __launch_bounds__(kBlock)
 // Launches the backward (register layout when a row fits, else the streaming kernel), then the
 // fixed-order column sums into dweight and, when dbias is not null (kHasMean only), dbias. The
 // partial rows live in the context workspace: kNormNumSums (N_p, C) blocks, N_p = num_partials.
-template <class T, int kWidth, bool kHasMean>
-void launch_norm_backward(T* dweight, T* dbias, T* dinp, const T* dout, const T* inp,
+// TW, the parameter gradients' dtype, is T or float (FP32 main gradients beside 16-bit
+// activations): the f32 partial sums are added to them either way, rounded once to TW.
+template <class T, int kWidth, bool kHasMean, class TW>
+void launch_norm_backward(TW* dweight, TW* dbias, T* dinp, const T* dout, const T* inp,
                           const T* weight, const float* mean, const float* rstd, int64_t num_rows,
                           int num_c, cudaStream_t stream) {
   constexpr int kNumSums = kNormNumSums<kHasMean>;

@@ -27,12 +27,13 @@ void forward_impl(const Tensor& out, const Tensor& rstd, const Tensor& inp, cons
       eps, stream);
 }
 
-template <class T, int kWidth>
+// TW: dweight's dtype (T, or float for an FP32 main gradient).
+template <class T, int kWidth, class TW>
 void backward_impl(const Tensor& dinp, const Tensor& dweight, const Tensor& dout, const Tensor& inp,
                    const Tensor& weight, const Tensor& rstd, int64_t num_rows, int num_c,
                    cudaStream_t stream) {
   launch_norm_backward<T, kWidth, false>(
-      static_cast<T*>(dweight.data), nullptr, static_cast<T*>(dinp.data),
+      static_cast<TW*>(dweight.data), static_cast<TW*>(nullptr), static_cast<T*>(dinp.data),
       static_cast<const T*>(dout.data), static_cast<const T*>(inp.data),
       static_cast<const T*>(weight.data), nullptr, static_cast<const float*>(rstd.data), num_rows,
       num_c, stream);
@@ -79,19 +80,21 @@ void rmsnorm_backward(Tensor dinp, Tensor dweight, Tensor dout, Tensor inp, Tens
   expect_tensor(dinp, inp.dtype, inp.shape, kOp, "dinp");
   expect_tensor(dout, inp.dtype, inp.shape, kOp, "dout");
   expect_tensor(weight, inp.dtype, Shape{num_c}, kOp, "weight");
-  expect_tensor(dweight, inp.dtype, Shape{num_c}, kOp, "dweight");
+  expect_param_grad(dweight, inp.dtype, Shape{num_c}, kOp, "dweight");  // inp's dtype or f32
   expect_tensor(rstd, DType::f32, Shape{num_rows}, kOp, "rstd");
   TS_CHECK(num_c <= (int64_t(1) << 30), "{}: C = {} is too large", kOp, num_c);
   TS_CHECK(!overlaps(dinp, inp), "{}: dinp must not alias inp", kOp);
   TS_CHECK(!overlaps(dinp, dout), "{}: dinp must not alias dout", kOp);
   if (num_rows == 0 || num_c == 0) return;
   dispatch_float(inp, kOp, [&]<class T>() {
-    if (use_packs(num_c, kVecWidth<T>, {&dinp, &dout, &inp, &weight}))
-      backward_impl<T, kVecWidth<T>>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c),
-                                     cuda_stream(stream));
-    else
-      backward_impl<T, 1>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c),
-                          cuda_stream(stream));
+    dispatch_param_grad<T>(dweight, [&]<class TW>() {
+      if (use_packs(num_c, kVecWidth<T>, {&dinp, &dout, &inp, &weight}))
+        backward_impl<T, kVecWidth<T>, TW>(dinp, dweight, dout, inp, weight, rstd, num_rows,
+                                           int(num_c), cuda_stream(stream));
+      else
+        backward_impl<T, 1, TW>(dinp, dweight, dout, inp, weight, rstd, num_rows, int(num_c),
+                                cuda_stream(stream));
+    });
   });
 }
 

@@ -293,6 +293,23 @@ TEST(NarrowDtype, Embedding) {
   }
 }
 
+// FP32 main gradients beside 16-bit dout: dwte and dwpe f32, accumulated (twice) in f32, equal to
+// the f32 kernel on the widened dout; a vocabulary shard too.
+TEST(NarrowDtype, EmbeddingF32TableGradients) {
+  for (DType dt : kNarrowTypes) {
+    const int64_t num_c = 129;
+    const std::vector<Operand> specs{f32({4, num_c}), f32({5, num_c}), narrow({2, 3, num_c}),
+                                     ints({2, 3}, 0, 4)};
+    const OpFn backward = [](const auto& t) { ops::embedding_backward(t[0], t[1], t[2], t[3]); };
+    expect_contract("embedding_backward f32 dwte, dwpe", dt, specs, backward, 5);
+    expect_steps("embedding_backward f32 dwte, dwpe, twice", dt, specs, {backward, backward}, 6);
+    expect_contract(
+        "embedding_backward shard f32 dwte", dt,
+        {f32({4, num_c}), narrow({2, 3, num_c}), ints({2, 3}, 0, 9)},
+        [](const auto& t) { ops::embedding_backward(t[0], Tensor(), t[1], t[2], 2, 9); }, 7);
+  }
+}
+
 }  // namespace narrow_cases
 
 // ---- bounds and thread counts (tests/common/cpu_checks.h) ---------------------------------------
@@ -595,6 +612,49 @@ TEST_P(EmbeddingGpu, VocabShardOutOfRangeAndForeignTokens) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < c; ++k)
       EXPECT_EQ(dwte[r * c + k], r == 1 ? dout[2 * c + k] : 0.0f) << r << ", " << k;
+}
+
+// FP32 main gradients (kernels/ops.h): dwte and dwpe f32 beside bf16/f16 dout, pre-filled and
+// accumulated twice in f32 (two 16-byte f32 packs per 16-bit pack of dout on the vector path).
+// Reference: the CPU backward in f32 on the same rounded dout; bound: f32's.
+TS_GPU_PARITY_TEST(EmbeddingMainGrad, F32TableGradientsAccumulate, "embedding_backward") {
+  std::mt19937_64 rng(55);
+  for (DType dtype : {DType::bf16, DType::f16}) {
+    for (const EmbeddingCase& e : kCases) {
+      const int64_t n = e.b * e.t;
+      std::vector<int32_t> tokens(n);
+      std::uniform_int_distribution<int> pick(0, int(e.vocab) - 1);
+      for (auto& tok : tokens) tok = pick(rng);
+      if (n > 4) tokens[1] = tokens[4] = tokens[n - 1];
+      Tensor tok_host(tokens.data(), DType::i32, Device::cpu, Shape{e.b, e.t});
+      auto dout = testing::round_to(dtype, testing::random_vector(n * e.c, rng));
+      const auto dwte = testing::random_vector(e.vocab * e.c, rng);
+      const auto dwpe = testing::random_vector(e.max_t * e.c, rng);
+      const Shape acts{e.b, e.t, e.c}, table{e.vocab, e.c}, pos{e.max_t, e.c};
+      std::vector<float> dwte_ref = dwte, dwpe_ref = dwpe;
+      for (int rep = 0; rep < 2; ++rep)
+        cpu::embedding_backward(host(dwte_ref, table), e.with_wpe ? host(dwpe_ref, pos) : Tensor(),
+                                host(dout, acts), tok_host);
+      DeviceTensor gtok(DType::i32, {e.b, e.t}), gdout(dtype, acts), gdwte(DType::f32, table),
+          gdwpe(DType::f32, pos);
+      gtok.upload_i32(tokens);
+      gdout.upload(dout);
+      gdwte.upload(dwte);
+      gdwpe.upload(dwpe);
+      settle();
+      for (int rep = 0; rep < 2; ++rep)
+        ops::embedding_backward(gdwte, e.with_wpe ? gdwpe.t() : Tensor(), gdout, gtok);
+      const std::string what = std::string(dtype_name(dtype)) + " dout, f32 dwte " + acts.str() +
+                               " V=" + std::to_string(e.vocab);
+      EXPECT_LE(testing::rel_l2(gdwte.download(), dwte_ref), tolerance(DType::f32)) << what;
+      EXPECT_TRUE(gdwte.guards_intact()) << what;
+      if (e.with_wpe) {
+        EXPECT_LE(testing::rel_l2(gdwpe.download(), dwpe_ref), tolerance(DType::f32))
+            << "dwpe " << what;
+        EXPECT_TRUE(gdwpe.guards_intact()) << what;
+      }
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, EmbeddingGpu,

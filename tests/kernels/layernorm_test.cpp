@@ -268,6 +268,23 @@ TEST(NarrowDtype, AddLayerNormReadsTheRoundedResidual) {
   EXPECT_EQ(mean, 2.625f);
 }
 
+// FP32 main gradients beside 16-bit activations: dweight and dbias f32, accumulated (twice) in
+// f32, equal to the f32 kernel on the widened inputs.
+TEST(NarrowDtype, LayerNormF32ParameterGradients) {
+  for (DType dt : kNarrowTypes) {
+    const int64_t num_n = 3, num_c = 1025;
+    const std::vector<Operand> specs{
+        narrow({num_n, num_c}), f32({num_c}),    f32({num_c}), narrow({num_n, num_c}),
+        narrow({num_n, num_c}), narrow({num_c}), f32({num_n}), f32({num_n}, true)};
+    const OpFn backward = [](const auto& t) {
+      ops::layernorm_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]);
+    };
+    expect_contract("layernorm_backward f32 dweight, dbias", dt, specs, backward, 15);
+    expect_steps("layernorm_backward f32 dweight, dbias, twice", dt, specs, {backward, backward},
+                 16);
+  }
+}
+
 }  // namespace narrow_cases
 
 // ---- bounds and thread counts (tests/common/cpu_checks.h) ---------------------------------------
@@ -518,6 +535,48 @@ TEST_P(LayerNormGpu, FusedResidualLayerNormWithMisalignedInput) {
   expect_same_bits(res2, res1, "residual");
   expect_same_bits(out2, out1, "out");
   expect_same_bits(rstd2, rstd1, "rstd");
+}
+
+// FP32 main gradients (kernels/ops.h): dweight and dbias f32 beside bf16/f16 activations,
+// pre-filled and accumulated twice in f32, never rounded to 16 bits. Reference: the CPU backward
+// on the same rounded inputs, twice, in f32. Bound: f32's (row sums in f32 where the CPU uses
+// double), 100x below the 2^-9 / 2^-11 that rounding the gradient to 16 bits would cost.
+TS_GPU_PARITY_TEST(LayerNormMainGrad, F32ParameterGradientsAccumulate, "layernorm_backward") {
+  std::mt19937_64 rng(18);
+  for (DType dtype : {DType::bf16, DType::f16}) {
+    for (const NormShape& s : kShapes) {
+      const int64_t n = s.rows, c = s.cols;
+      auto x = testing::round_to(dtype, testing::random_vector(n * c, rng, 1.5f));
+      auto w = testing::round_to(dtype, testing::random_vector(c, rng));
+      auto d = testing::round_to(dtype, testing::random_vector(n * c, rng));
+      std::vector<float> scratch(n * c), mean(n), rstd(n);
+      cpu::layernorm_forward(host(scratch, {n, c}), host(mean, {n}), host(rstd, {n}),
+                             host(x, {n, c}), host(w, {c}), Tensor(), 1e-5f);
+      const auto dweight = testing::random_vector(c, rng), dbias = testing::random_vector(c, rng);
+      std::vector<float> dinp(n * c), dweight_ref = dweight, dbias_ref = dbias;
+      for (int rep = 0; rep < 2; ++rep)
+        cpu::layernorm_backward(host(dinp, {n, c}), host(dweight_ref, {c}), host(dbias_ref, {c}),
+                                host(d, {n, c}), host(x, {n, c}), host(w, {c}), host(mean, {n}),
+                                host(rstd, {n}));
+      DeviceTensor gx(dtype, {n, c}), gw(dtype, {c}), gd(dtype, {n, c}), gdinp(dtype, {n, c});
+      DeviceTensor gdw(DType::f32, {c}), gdb(DType::f32, {c}), gmean(DType::f32, {n}),
+          grstd(DType::f32, {n});
+      gx.upload(x);
+      gw.upload(w);
+      gd.upload(d);
+      gdw.upload(dweight);
+      gdb.upload(dbias);
+      gmean.upload(mean);
+      grstd.upload(rstd);
+      settle();
+      for (int rep = 0; rep < 2; ++rep)
+        ops::layernorm_backward(gdinp, gdw, gdb, gd, gx, gw, gmean, grstd);
+      const std::string what = label("layernorm_backward f32 dweight/dbias", dtype, s);
+      expect_close(gdinp, dinp, tolerance(dtype), what + " dinp");
+      expect_close(gdw, dweight_ref, tolerance(DType::f32), what + " dweight");
+      expect_close(gdb, dbias_ref, tolerance(DType::f32), what + " dbias");
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, LayerNormGpu,

@@ -305,6 +305,30 @@ TEST(NarrowDtype, Matmul) {
   }
 }
 
+// FP32 main gradients beside 16-bit operands, accumulated twice: dweight and dbias f32 (with and
+// without dinp), and the weight-gradient gemm (trans_a, beta = 1) into an f32 c.
+TEST(NarrowDtype, MatmulF32ParameterGradients) {
+  for (DType dt : kNarrowTypes) {
+    const int64_t num_m = 3, num_k = 1025, num_n = 17;
+    const std::vector<Operand> bwd{narrow({num_m, num_k}), f32({num_n, num_k}),
+                                   f32({num_n}),           narrow({num_m, num_n}),
+                                   narrow({num_m, num_k}), narrow({num_n, num_k})};
+    const OpFn backward = [](const auto& t) {
+      ops::matmul_backward(t[0], t[1], t[2], t[3], t[4], t[5]);
+    };
+    const OpFn no_dinp = [](const auto& t) {
+      ops::matmul_backward(Tensor(), t[1], t[2], t[3], t[4], t[5]);
+    };
+    expect_steps("matmul_backward f32 dweight, dbias, twice", dt, bwd, {backward, backward}, 45);
+    expect_steps("matmul_backward f32 dweight, dbias, no dinp, twice", dt, bwd, {no_dinp, no_dinp},
+                 46);
+    const OpFn wgrad = [](const auto& t) { ops::gemm(t[0], t[1], t[2], true, false, 1.0f, 1.0f); };
+    expect_steps("gemm dW += dout^T x into f32, twice", dt,
+                 {f32({num_n, num_k}), narrow({num_m, num_n}), narrow({num_m, num_k})},
+                 {wgrad, wgrad}, 47);
+  }
+}
+
 }  // namespace narrow_cases
 
 // ---- bounds and thread counts (tests/common/cpu_checks.h) ---------------------------------------
@@ -676,6 +700,87 @@ TS_GPU_PARITY_TEST(Matmul, BackwardParityAccumulates, "matmul_backward") {
       check_backward(dtype, l, true, true, rng);
       check_backward(dtype, l, false, false, rng);
     }
+}
+
+// FP32 main gradients (kernels/ops.h): dweight and dbias f32 beside bf16/f16 operands, pre-filled
+// and accumulated twice (cuBLASLt with an f32 C/D and 16-bit A/B, CUBLAS_COMPUTE_32F; dbias by the
+// column sums); dinp keeps the operands' dtype. Reference: the CPU in f32 on the same rounded
+// inputs, twice. Bound for the f32 gradients (not yet measured on a GPU): f32 sums of up to 4097
+// exact products, ~sqrt(M) 2^-24 = 4e-6 with round-to-nearest; 5e-5 also allows tensor-core
+// accumulation that truncates its alignment shifts, and still fails by 40x a gradient rounded to
+// bf16 (2^-9).
+constexpr double kBoundMainGrad = 5e-5;
+
+TS_GPU_PARITY_TEST(MatmulMainGrad, F32ParameterGradientsAccumulate, "matmul_backward") {
+  std::mt19937_64 rng(10);
+  for (DType dtype : {DType::bf16, DType::f16})
+    for (const Linear& l : kLinearShapes) {
+      const int64_t k = l.inp[-1];
+      const Shape so = with_last(l.inp, l.n), sw{l.n, k};
+      std::vector<float> inp = round_to(dtype, random_vector(l.inp.numel(), rng));
+      std::vector<float> w = round_to(dtype, random_vector(sw.numel(), rng, 0.1f));
+      std::vector<float> dout = round_to(dtype, random_vector(so.numel(), rng));
+      std::vector<float> dw = random_vector(sw.numel(), rng), dbias = random_vector(l.n, rng);
+      DeviceTensor g_inp(dtype, l.inp), g_w(dtype, sw), g_dout(dtype, so), g_dinp(dtype, l.inp),
+          g_dw(DType::f32, sw), g_db(DType::f32, {l.n});
+      g_inp.upload(inp);
+      g_w.upload(w);
+      g_dout.upload(dout);
+      g_dw.upload(dw);
+      g_db.upload(dbias);
+      for (int rep = 0; rep < 2; ++rep)
+        ops::matmul_backward(g_dinp, g_dw, g_db, g_dout, g_inp, g_w);
+      std::vector<float> dinp(l.inp.numel());
+      for (int rep = 0; rep < 2; ++rep)
+        cpu::matmul_backward(host(dinp, l.inp), host(dw, sw), host(dbias, {l.n}), host(dout, so),
+                             host(inp, l.inp), host(w, sw));
+      const std::string name = fmt::format("matmul_backward {} inp {} n{}, f32 dweight/dbias",
+                                           dtype_name(dtype), l.inp.str(), l.n);
+      expect_close(g_dinp.download(), dinp, dtype, name + " dinp");
+      expect_close_within(g_dw.download(), dw, kBoundMainGrad, name + " dweight");
+      expect_close_within(g_db.download(), dbias, kBoundMainGrad, name + " dbias");
+      EXPECT_TRUE(g_dinp.guards_intact() && g_dw.guards_intact() && g_db.guards_intact());
+    }
+}
+
+// gemm into an f32 c from bf16/f16 a and b (the weight-gradient GEMM of an FP32 main gradient,
+// dW (N,K) += dout^T (N,M) x (M,K), is trans_a with beta = 1), every transpose pair, beta 0 and 1,
+// on cuBLASLt and on the fallback kernel; bound as above.
+TS_GPU_PARITY_TEST(GemmMainGrad, F32OutputFromSixteenBitOperands, "gemm") {
+  std::mt19937_64 rng(11);
+  for (DType dtype : {DType::bf16, DType::f16})
+    for (const Dims& d : kGemmShapes)
+      for (int t = 0; t < 4; ++t)
+        for (float beta : {0.0f, 1.0f})
+          for (bool simt : {false, true}) {
+#ifndef TESSERA_CUDA
+            if (simt) continue;  // the fallback kernel is internal to CUDA builds
+#endif
+            const bool ta = t & 1, tb = t & 2;
+            const Shape sa = ta ? Shape{d.k, d.m} : Shape{d.m, d.k};
+            const Shape sb = tb ? Shape{d.n, d.k} : Shape{d.k, d.n};
+            const Shape sc{d.m, d.n};
+            std::vector<float> a = round_to(dtype, random_vector(sa.numel(), rng));
+            std::vector<float> b = round_to(dtype, random_vector(sb.numel(), rng));
+            std::vector<float> c = random_vector(sc.numel(), rng);  // f32: not rounded
+            DeviceTensor da(dtype, sa), db(dtype, sb), dc(DType::f32, sc);
+            da.upload(a);
+            db.upload(b);
+            if (beta != 0.0f) dc.upload(c);
+            if (simt) {
+#ifdef TESSERA_CUDA
+              cuda::gemm_simt(dc, da, db, ta, tb, 1.0f, beta);
+#endif
+            } else {
+              ops::gemm(dc, da, db, ta, tb, 1.0f, beta);
+            }
+            const std::vector<float> got = dc.download();
+            cpu::gemm_reference(host(c, sc), host(a, sa), host(b, sb), ta, tb, 1.0f, beta);
+            expect_close_within(
+                got, c, kBoundMainGrad,
+                gemm_name(simt ? "gemm_simt" : "gemm", dtype, d, ta, tb, 1.0f, beta) + " f32 c");
+            EXPECT_TRUE(dc.guards_intact());
+          }
 }
 
 TS_GPU_TEST(Matmul, DbiasIsDeterministic) {

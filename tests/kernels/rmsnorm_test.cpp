@@ -160,6 +160,22 @@ TEST(NarrowDtype, RmsNorm) {
   }
 }
 
+// FP32 main gradient beside 16-bit activations: dweight f32, accumulated (twice) in f32, equal to
+// the f32 kernel on the widened inputs.
+TEST(NarrowDtype, RmsNormF32WeightGradient) {
+  for (DType dt : kNarrowTypes) {
+    const int64_t num_n = 3, num_c = 1025;
+    const std::vector<Operand> specs{narrow({num_n, num_c}), f32({num_c}),
+                                     narrow({num_n, num_c}), narrow({num_n, num_c}),
+                                     narrow({num_c}),        f32({num_n}, true)};
+    const OpFn backward = [](const auto& t) {
+      ops::rmsnorm_backward(t[0], t[1], t[2], t[3], t[4], t[5]);
+    };
+    expect_contract("rmsnorm_backward f32 dweight", dt, specs, backward, 22);
+    expect_steps("rmsnorm_backward f32 dweight, twice", dt, specs, {backward, backward}, 23);
+  }
+}
+
 }  // namespace narrow_cases
 
 // ---- bounds and thread counts (tests/common/cpu_checks.h) ---------------------------------------
@@ -335,6 +351,40 @@ TEST_P(RmsNormGpu, RejectsAliasedGradient) {
   DeviceTensor x(dtype, {4, 8}), w(dtype, {8}), dw(dtype, {8}), rstd(DType::f32, {4});
   settle();
   EXPECT_THROW(ops::rmsnorm_backward(x, dw, x, x, w, rstd), Error);
+}
+
+// FP32 main gradient (kernels/ops.h): dweight f32 beside bf16/f16 activations, pre-filled and
+// accumulated twice in f32. Reference and bound as LayerNormMainGradGpu (layernorm_test.cpp).
+TS_GPU_PARITY_TEST(RmsNormMainGrad, F32WeightGradientAccumulates, "rmsnorm_backward") {
+  std::mt19937_64 rng(19);
+  for (DType dtype : {DType::bf16, DType::f16}) {
+    for (const NormShape& s : kShapes) {
+      const int64_t n = s.rows, c = s.cols;
+      auto x = testing::round_to(dtype, testing::random_vector(n * c, rng, 1.5f));
+      auto w = testing::round_to(dtype, testing::random_vector(c, rng));
+      auto d = testing::round_to(dtype, testing::random_vector(n * c, rng));
+      std::vector<float> scratch(n * c), rstd(n);
+      cpu::rmsnorm_forward(host(scratch, {n, c}), host(rstd, {n}), host(x, {n, c}), host(w, {c}),
+                           1e-6f);
+      const auto dweight = testing::random_vector(c, rng);
+      std::vector<float> dinp(n * c), dweight_ref = dweight;
+      for (int rep = 0; rep < 2; ++rep)
+        cpu::rmsnorm_backward(host(dinp, {n, c}), host(dweight_ref, {c}), host(d, {n, c}),
+                              host(x, {n, c}), host(w, {c}), host(rstd, {n}));
+      DeviceTensor gx(dtype, {n, c}), gw(dtype, {c}), gd(dtype, {n, c}), gdinp(dtype, {n, c});
+      DeviceTensor gdw(DType::f32, {c}), grstd(DType::f32, {n});
+      gx.upload(x);
+      gw.upload(w);
+      gd.upload(d);
+      gdw.upload(dweight);
+      grstd.upload(rstd);
+      settle();
+      for (int rep = 0; rep < 2; ++rep) ops::rmsnorm_backward(gdinp, gdw, gd, gx, gw, grstd);
+      expect_close(gdw, dweight_ref, tolerance(DType::f32),
+                   label("rmsnorm_backward f32 dweight", dtype, s));
+      EXPECT_TRUE(gdinp.guards_intact());
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, RmsNormGpu, ::testing::Values(DType::f32, DType::bf16, DType::f16),
