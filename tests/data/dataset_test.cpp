@@ -22,7 +22,7 @@ namespace {
 
 using testing::expect_user_error;
 using testing::ScratchDir;
-using testing::write_bytes;
+using testing::write_all;
 
 TokenSplit random_split(int64_t num_docs, int64_t vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);

@@ -18,7 +18,7 @@ namespace {
 
 using testing::expect_user_error;
 using testing::ScratchDir;
-using testing::write_bytes;
+using testing::write_all;
 
 std::string paragraphs(int num, uint32_t seed) {
   std::string s;

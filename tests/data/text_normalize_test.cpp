@@ -14,7 +14,7 @@ namespace {
 
 using testing::expect_user_error;
 using testing::ScratchDir;
-using testing::write_bytes;
+using testing::write_all;
 
 TEST(TextNormalize, CrlfAndLoneCrBecomeLf) {
   const NormalizedText t = normalize_text("a\r\nb\rc\r\r\nd\r", "x.txt");
