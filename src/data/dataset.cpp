@@ -13,12 +13,14 @@
 
 #include "core/error.h"
 #include "core/sha256.h"
-#include "data/h5_util.h"
 #include "data/tokenizer.h"
+#include "io/h5.h"
 
 namespace tessera {
 
 namespace {
+
+namespace h5 = io::h5;
 
 constexpr int64_t kChunkElements = int64_t{1} << 20;  // 1 Mi tokens: 2-4 MiB per chunk
 constexpr int64_t kMaxVocab = int64_t{1} << 32;       // ids are stored as uint32 at most
@@ -70,40 +72,53 @@ struct TempFileGuard {
   }
 };
 
-void write_split(const h5::Context& ctx, const h5::Handle& file, const std::string& name,
-                 const TokenSplit& split, int64_t vocab_size) {
+void write_split(const h5::Ctx& ctx, hid_t file, const std::string& name, const TokenSplit& split,
+                 int64_t vocab_size) {
   h5::Handle group = h5::create_group(ctx, file, name);
   const hid_t token_type = vocab_size <= 65536 ? H5T_STD_U16LE : H5T_STD_U32LE;
-  h5::write_1d(ctx, group, "tokens", token_type, H5T_NATIVE_UINT32, split.tokens.data(),
-               static_cast<int64_t>(split.tokens.size()), kChunkElements);
-  h5::write_1d(ctx, group, "doc_offsets", H5T_STD_I64LE, H5T_NATIVE_INT64, split.doc_offsets.data(),
-               static_cast<int64_t>(split.doc_offsets.size()), kChunkElements);
-  group.close(ctx, "H5Gclose(" + name + ")");
+  h5::Handle tokens = h5::create_growable_1d(ctx, group.id(), "tokens", token_type, kChunkElements);
+  h5::append_1d(ctx, tokens.id(), H5T_NATIVE_UINT32, split.tokens.data(),
+                static_cast<int64_t>(split.tokens.size()), "tokens");
+  tokens.close(ctx, "H5Dclose", "tokens");
+  h5::Handle offsets =
+      h5::create_growable_1d(ctx, group.id(), "doc_offsets", H5T_STD_I64LE, kChunkElements);
+  h5::append_1d(ctx, offsets.id(), H5T_NATIVE_INT64, split.doc_offsets.data(),
+                static_cast<int64_t>(split.doc_offsets.size()), "doc_offsets");
+  offsets.close(ctx, "H5Dclose", "doc_offsets");
+  group.close(ctx, "H5Gclose", name);
 }
 
-TokenSplit read_split(const h5::Context& ctx, const h5::Handle& file, const std::string& name,
-                      int64_t vocab_size) {
+template <class T>
+std::vector<T> read_whole_1d(const h5::Ctx& ctx, hid_t dset, hid_t mem_type,
+                             const std::string& name) {
+  const h5::IntegerInfo info = h5::integer_1d_info(ctx, dset, name);
+  std::vector<T> out(static_cast<size_t>(info.length));
+  h5::read_1d(ctx, dset, mem_type, 0, info.length, out.data(), name);
+  return out;
+}
+
+TokenSplit read_split(const h5::Ctx& ctx, hid_t file, const std::string& name, int64_t vocab_size) {
   // Open the group first: a nested path is only safe to probe once its parent exists.
   h5::open_group(ctx, file, name);
   const std::string tokens_name = "/" + name + "/tokens";
   const std::string offsets_name = "/" + name + "/doc_offsets";
   h5::Handle tokens = h5::open_dataset(ctx, file, tokens_name);
-  const h5::IntegerInfo info = h5::integer_1d_info(ctx, tokens, tokens_name);
+  const h5::IntegerInfo info = h5::integer_1d_info(ctx, tokens.id(), tokens_name);
   const size_t need_bytes = vocab_size <= 65536 ? 2 : 4;
   if (info.is_signed || (info.size_bytes != 2 && info.size_bytes != 4) ||
       info.size_bytes < need_bytes) {
     TS_USER_ERROR(
         "{}: dataset {} is a {}-bit {} integer; expected uint16 (vocab_size <= 65536) "
         "or uint32 (vocab_size here is {})",
-        ctx.file, tokens_name, info.size_bytes * 8, info.is_signed ? "signed" : "unsigned",
+        ctx.path, tokens_name, info.size_bytes * 8, info.is_signed ? "signed" : "unsigned",
         vocab_size);
   }
   TokenSplit split;
-  split.tokens = h5::read_1d_u32(ctx, tokens, tokens_name);
+  split.tokens = read_whole_1d<uint32_t>(ctx, tokens.id(), H5T_NATIVE_UINT32, tokens_name);
   h5::Handle offsets = h5::open_dataset(ctx, file, offsets_name);
-  split.doc_offsets = h5::read_1d_i64(ctx, offsets, offsets_name);
+  split.doc_offsets = read_whole_1d<int64_t>(ctx, offsets.id(), H5T_NATIVE_INT64, offsets_name);
   if (const std::string problem = split_problem(split, vocab_size); !problem.empty()) {
-    TS_USER_ERROR("{}: split '{}' is invalid: {}", ctx.file, name, problem);
+    TS_USER_ERROR("{}: split '{}' is invalid: {}", ctx.path, name, problem);
   }
   return split;
 }
@@ -121,28 +136,28 @@ void write_token_dataset(const std::string& path, const TokenDatasetMeta& meta,
 
   TempFileGuard tmp{fmt::format("{}.tmp-{}", path, static_cast<long>(::getpid()))};
   {
-    const h5::Context ctx{tmp.path, h5::Blame::system};
-    h5::Handle file = h5::create_file(ctx);
-    h5::write_attr_int64(ctx, file, "format_version", kTokenDatasetFormatVersion);
-    h5::write_attr_string(ctx, file, "tokenizer_json", meta.tokenizer_json);
-    h5::write_attr_string(ctx, file, "tokenizer_hash", meta.tokenizer_hash);
-    h5::write_attr_int64(ctx, file, "vocab_size", meta.vocab_size);
-    h5::write_attr_int64(ctx, file, "eot_id", meta.eot_id);
+    h5::File file = h5::File::create(tmp.path);
+    const h5::Ctx& ctx = file.ctx();
+    const hid_t root = file.id();
+    h5::write_attr_i64(ctx, root, "format_version", kTokenDatasetFormatVersion);
+    h5::write_attr_string(ctx, root, "tokenizer_json", meta.tokenizer_json, h5::StrType::vlen);
+    h5::write_attr_string(ctx, root, "tokenizer_hash", meta.tokenizer_hash, h5::StrType::vlen);
+    h5::write_attr_i64(ctx, root, "vocab_size", meta.vocab_size);
+    h5::write_attr_i64(ctx, root, "eot_id", meta.eot_id);
     std::vector<std::string> names, hashes;
     for (const auto& s : meta.sources) {
       names.push_back(s.name);
       hashes.push_back(s.sha256);
     }
-    h5::write_attr_strings(ctx, file, "source_files", names);
-    h5::write_attr_strings(ctx, file, "source_sha256", hashes);
-    h5::write_attr_double(ctx, file, "val_fraction", meta.val_fraction);
-    h5::write_attr_int64(ctx, file, "doc_chars", meta.doc_chars);
-    h5::write_attr_string(ctx, file, "split_rule", meta.split_rule);
-    h5::write_attr_string(ctx, file, "created_by", meta.created_by);
-    write_split(ctx, file, "train", train, meta.vocab_size);
-    write_split(ctx, file, "val", val, meta.vocab_size);
-    h5::flush_file(ctx, file);
-    file.close(ctx, "H5Fclose");
+    h5::write_attr_strings(ctx, root, "source_files", names);
+    h5::write_attr_strings(ctx, root, "source_sha256", hashes);
+    h5::write_attr_f64(ctx, root, "val_fraction", meta.val_fraction);
+    h5::write_attr_i64(ctx, root, "doc_chars", meta.doc_chars);
+    h5::write_attr_string(ctx, root, "split_rule", meta.split_rule, h5::StrType::vlen);
+    h5::write_attr_string(ctx, root, "created_by", meta.created_by, h5::StrType::vlen);
+    write_split(ctx, root, "train", train, meta.vocab_size);
+    write_split(ctx, root, "val", val, meta.vocab_size);
+    file.close();
   }
   fsync_path(tmp.path, /*is_dir=*/false);
   if (std::rename(tmp.path.c_str(), path.c_str()) != 0) {
@@ -154,11 +169,12 @@ void write_token_dataset(const std::string& path, const TokenDatasetMeta& meta,
 }
 
 TokenDataset TokenDataset::open(const std::string& path) {
-  const h5::Context ctx{path, h5::Blame::user_file};
-  h5::Handle file = h5::open_file_read(ctx);
+  const h5::File file = h5::File::open_read(path);
+  const h5::Ctx& ctx = file.ctx();
+  const hid_t root = file.id();
   TokenDataset ds;
   ds.path_ = path;
-  const int64_t version = h5::read_attr_int64(ctx, file, "format_version");
+  const int64_t version = h5::read_attr_i64(ctx, root, "format_version");
   if (version != kTokenDatasetFormatVersion) {
     TS_USER_ERROR(
         "{}: format_version is {}; this build reads token datasets of format_version {} "
@@ -166,16 +182,16 @@ TokenDataset TokenDataset::open(const std::string& path) {
         path, version, kTokenDatasetFormatVersion);
   }
   TokenDatasetMeta& m = ds.meta_;
-  m.tokenizer_json = h5::read_attr_string(ctx, file, "tokenizer_json");
-  m.tokenizer_hash = h5::read_attr_string(ctx, file, "tokenizer_hash");
-  m.vocab_size = h5::read_attr_int64(ctx, file, "vocab_size");
-  m.eot_id = h5::read_attr_int64(ctx, file, "eot_id");
-  const std::vector<std::string> names = h5::read_attr_strings(ctx, file, "source_files");
-  const std::vector<std::string> hashes = h5::read_attr_strings(ctx, file, "source_sha256");
-  m.val_fraction = h5::read_attr_double(ctx, file, "val_fraction");
-  m.doc_chars = h5::read_attr_int64(ctx, file, "doc_chars");
-  m.split_rule = h5::read_attr_string(ctx, file, "split_rule");
-  m.created_by = h5::read_attr_string(ctx, file, "created_by");
+  m.tokenizer_json = h5::read_attr_string(ctx, root, "tokenizer_json");
+  m.tokenizer_hash = h5::read_attr_string(ctx, root, "tokenizer_hash");
+  m.vocab_size = h5::read_attr_i64(ctx, root, "vocab_size");
+  m.eot_id = h5::read_attr_i64(ctx, root, "eot_id");
+  const std::vector<std::string> names = h5::read_attr_strings(ctx, root, "source_files");
+  const std::vector<std::string> hashes = h5::read_attr_strings(ctx, root, "source_sha256");
+  m.val_fraction = h5::read_attr_f64(ctx, root, "val_fraction");
+  m.doc_chars = h5::read_attr_i64(ctx, root, "doc_chars");
+  m.split_rule = h5::read_attr_string(ctx, root, "split_rule");
+  m.created_by = h5::read_attr_string(ctx, root, "created_by");
 
   if (m.vocab_size <= 0 || m.vocab_size > kMaxVocab) {
     TS_USER_ERROR("{}: attribute vocab_size is {}, expected 1..{}", path, m.vocab_size, kMaxVocab);
@@ -202,8 +218,8 @@ TokenDataset TokenDataset::open(const std::string& path) {
         "(the file is corrupt or was edited)",
         path, m.tokenizer_hash, actual);
   }
-  ds.train_ = read_split(ctx, file, "train", m.vocab_size);
-  ds.val_ = read_split(ctx, file, "val", m.vocab_size);
+  ds.train_ = read_split(ctx, root, "train", m.vocab_size);
+  ds.val_ = read_split(ctx, root, "val", m.vocab_size);
   return ds;
 }
 

@@ -13,7 +13,7 @@
 #include <random>
 
 #include "core/sha256.h"
-#include "data/h5_util.h"
+#include "io/h5.h"
 #include "tests/common/errors.h"
 #include "tests/common/files.h"
 
@@ -23,6 +23,7 @@ namespace {
 using testing::expect_user_error;
 using testing::ScratchDir;
 using testing::write_all;
+namespace h5 = io::h5;
 
 TokenSplit random_split(int64_t num_docs, int64_t vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -67,23 +68,22 @@ void expect_same(const TokenSplit& a, const TokenSplit& b) {
 }
 
 // Opens a written file read-write and lets `edit` change it (to fabricate bad files).
-void edit_file(const std::string& path,
-               const std::function<void(const h5::Context&, const h5::Handle&)>& edit) {
-  const h5::Context ctx{path, h5::Blame::system};
+void edit_file(const std::string& path, const std::function<void(const h5::Ctx&, hid_t)>& edit) {
+  const h5::Ctx ctx{path, h5::Blame::system};
   h5::Handle file(H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT), H5Fclose);
   ASSERT_TRUE(file.valid());
-  edit(ctx, file);
-  file.close(ctx, "close");
+  edit(ctx, file.id());
+  file.close(ctx, "H5Fclose");
 }
 
-void overwrite_element(const h5::Context& ctx, const h5::Handle& file, const std::string& dset_name,
-                       hsize_t index, int64_t value) {
+void overwrite_element(const h5::Ctx& ctx, hid_t file, const std::string& dset_name, hsize_t index,
+                       int64_t value) {
   h5::Handle dset = h5::open_dataset(ctx, file, dset_name);
-  h5::Handle space(H5Dget_space(dset.get()), H5Sclose);
-  ASSERT_GE(H5Sselect_elements(space.get(), H5S_SELECT_SET, 1, &index), 0);
+  h5::Handle space(H5Dget_space(dset.id()), H5Sclose);
+  ASSERT_GE(H5Sselect_elements(space.id(), H5S_SELECT_SET, 1, &index), 0);
   const hsize_t one = 1;
   h5::Handle mem(H5Screate_simple(1, &one, nullptr), H5Sclose);
-  ASSERT_GE(H5Dwrite(dset.get(), H5T_NATIVE_INT64, mem.get(), space.get(), H5P_DEFAULT, &value), 0);
+  ASSERT_GE(H5Dwrite(dset.id(), H5T_NATIVE_INT64, mem.id(), space.id(), H5P_DEFAULT, &value), 0);
 }
 
 TEST(TokenDataset, RoundTripUint16) {
@@ -167,10 +167,10 @@ TEST(TokenDataset, SameContentsGiveIdenticalBytes) {
   for (const char* obj : {"/", "/train", "/train/tokens", "/val/doc_offsets"}) {
 #if H5_VERSION_GE(1, 12, 0)
     H5O_info2_t info;
-    ASSERT_GE(H5Oget_info_by_name3(f.get(), obj, &info, H5O_INFO_TIME, H5P_DEFAULT), 0);
+    ASSERT_GE(H5Oget_info_by_name3(f.id(), obj, &info, H5O_INFO_TIME, H5P_DEFAULT), 0);
 #else
     H5O_info_t info;
-    ASSERT_GE(H5Oget_info_by_name2(f.get(), obj, &info, H5O_INFO_TIME, H5P_DEFAULT), 0);
+    ASSERT_GE(H5Oget_info_by_name2(f.id(), obj, &info, H5O_INFO_TIME, H5P_DEFAULT), 0);
 #endif
     EXPECT_EQ(info.mtime, 0) << obj;
     EXPECT_EQ(info.ctime, 0) << obj;
@@ -218,11 +218,11 @@ TEST(TokenDataset, CorruptedChunkIsAUserError) {
   hsize_t chunk_bytes = 0;
   {
     h5::Handle f(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-    h5::Handle d(H5Dopen2(f.get(), "/train/tokens", H5P_DEFAULT), H5Dclose);
-    h5::Handle space(H5Dget_space(d.get()), H5Sclose);
+    h5::Handle d(H5Dopen2(f.id(), "/train/tokens", H5P_DEFAULT), H5Dclose);
+    h5::Handle space(H5Dget_space(d.id()), H5Sclose);
     hsize_t offset[1];
     unsigned filter_mask = 0;
-    ASSERT_GE(H5Dget_chunk_info(d.get(), space.get(), 0, offset, &filter_mask, &addr, &chunk_bytes),
+    ASSERT_GE(H5Dget_chunk_info(d.id(), space.id(), 0, offset, &filter_mask, &addr, &chunk_bytes),
               0);
   }
   ASSERT_GT(chunk_bytes, 16u);
@@ -256,32 +256,31 @@ TEST(TokenDataset, InvalidContentsAreUserErrors) {
 
   fresh();
   edit_file(path, [](const auto& ctx, const auto& f) {
-    h5::write_attr_int64(ctx, f, "format_version", 7);
+    h5::write_attr_i64(ctx, f, "format_version", 7);
   });
   expect_user_error([&] { TokenDataset::open(path); }, {"bad.h5", "format_version is 7"});
 
   fresh();
   edit_file(path, [](const auto& ctx, const auto& f) {
-    h5::write_attr_string(ctx, f, "tokenizer_json", "{}");
+    h5::write_attr_string(ctx, f, "tokenizer_json", "{}", h5::StrType::vlen);
   });
   expect_user_error([&] { TokenDataset::open(path); }, {"bad.h5", "tokenizer_hash"});
 
   fresh();
-  edit_file(path,
-            [](const auto& ctx, const auto& f) { ASSERT_GE(H5Adelete(f.get(), "vocab_size"), 0); });
+  edit_file(path, [](const auto& ctx, const auto& f) { ASSERT_GE(H5Adelete(f, "vocab_size"), 0); });
   expect_user_error([&] { TokenDataset::open(path); },
                     {"bad.h5", "missing attribute 'vocab_size'"});
 
   fresh();
   edit_file(path, [](const auto& ctx, const auto& f) {
-    ASSERT_GE(H5Ldelete(f.get(), "/train/doc_offsets", H5P_DEFAULT), 0);
+    ASSERT_GE(H5Ldelete(f, "/train/doc_offsets", H5P_DEFAULT), 0);
   });
   expect_user_error([&] { TokenDataset::open(path); },
                     {"bad.h5", "missing dataset '/train/doc_offsets'"});
 
   fresh();
   edit_file(path, [](const auto& ctx, const auto& f) {
-    ASSERT_GE(H5Ldelete(f.get(), "/val", H5P_DEFAULT), 0);
+    ASSERT_GE(H5Ldelete(f, "/val", H5P_DEFAULT), 0);
   });
   expect_user_error([&] { TokenDataset::open(path); }, {"bad.h5", "missing group 'val'"});
 }
