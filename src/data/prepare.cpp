@@ -3,14 +3,12 @@
 
 #include <algorithm>
 #include <atomic>
-#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <exception>
 #include <filesystem>
 #include <map>
 #include <thread>
-#include <type_traits>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -132,84 +130,7 @@ void validate_options(const PrepareOptions& opt) {
   if (opt.num_threads < 0) TS_USER_ERROR("prepare: --threads {} is negative", opt.num_threads);
 }
 
-template <class T>
-T parse_number(const std::string& flag, const std::string& text) {
-  T value{};
-  const char* end = text.data() + text.size();
-  const auto [ptr, ec] = std::from_chars(text.data(), end, value);
-  if (text.empty() || ec != std::errc() || ptr != end ||
-      !std::isfinite(static_cast<double>(value))) {
-    TS_USER_ERROR("prepare: {} expects {}, got '{}'", flag,
-                  std::is_integral_v<T> ? "an integer" : "a number", text);
-  }
-  return value;
-}
-
 }  // namespace
-
-std::string prepare_usage() {
-  return "usage: tessera prepare (--tokenizer SPEC | --train-tokenizer N [--tokenizer-out PATH])\n"
-         "                       --out FILE [--val-fraction F] [--doc-chars N] [--threads N]\n"
-         "                       INPUTS...\n"
-         "  SPEC      gpt2, qwen3 or a path to a tokenizer.json\n"
-         "  INPUTS    .txt / .json files or directories holding them\n"
-         "  --train-tokenizer N   train an N-token BPE vocabulary on the train documents\n"
-         "  --tokenizer-out PATH  where it goes (default: tokenizer.json beside --out)\n"
-         "  --val-fraction F      share of documents held out for validation (default 0.05)\n"
-         "  --doc-chars N         target document size in bytes (default 8192)\n"
-         "  --threads N           encoding threads (default: all cores, at most 16)\n";
-}
-
-std::optional<PrepareOptions> parse_prepare_args(const std::vector<std::string>& args) {
-  PrepareOptions opt;
-  bool flags_done = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& arg = args[i];
-    if (flags_done || arg.empty() || arg[0] != '-' || arg == "-") {
-      opt.inputs.push_back(arg);
-      continue;
-    }
-    if (arg == "--") {
-      flags_done = true;
-      continue;
-    }
-    if (arg == "-h" || arg == "--help") return std::nullopt;
-    std::string flag = arg, value;
-    bool has_value = false;
-    if (const size_t eq = arg.find('='); eq != std::string::npos) {
-      flag = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-      has_value = true;
-    }
-    const auto take_value = [&]() -> std::string {
-      if (has_value) return value;
-      if (i + 1 >= args.size()) TS_USER_ERROR("prepare: {} needs a value", flag);
-      return args[++i];
-    };
-    if (flag == "--tokenizer") {
-      opt.tokenizer_spec = take_value();
-    } else if (flag == "--train-tokenizer") {
-      opt.train_vocab = parse_number<int>(flag, take_value());
-      if (opt.train_vocab <= 0) {
-        TS_USER_ERROR("prepare: --train-tokenizer must be positive, got {}", opt.train_vocab);
-      }
-    } else if (flag == "--tokenizer-out") {
-      opt.tokenizer_out = take_value();
-    } else if (flag == "--out") {
-      opt.out = take_value();
-    } else if (flag == "--val-fraction") {
-      opt.val_fraction = parse_number<float>(flag, take_value());
-    } else if (flag == "--doc-chars") {
-      opt.doc_chars = parse_number<int>(flag, take_value());
-    } else if (flag == "--threads") {
-      opt.num_threads = parse_number<int>(flag, take_value());
-    } else {
-      TS_USER_ERROR("prepare: unknown flag '{}'\n{}", flag, prepare_usage());
-    }
-  }
-  validate_options(opt);
-  return opt;
-}
 
 std::vector<std::string> list_source_files(const std::vector<std::string>& inputs) {
   std::vector<std::string> files;

@@ -21,7 +21,6 @@
 // order, in each split.
 #pragma once
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -50,16 +49,9 @@ struct PrepareSummary {
   double seconds = 0.0;
 };
 
-// Runs the whole pipeline and logs a summary. Bad options or inputs are user errors.
+// Runs the whole pipeline and logs a summary. Bad options or inputs are user errors. (The command
+// line that fills PrepareOptions is src/cli/cmd_prepare.cpp.)
 PrepareSummary prepare_dataset(const PrepareOptions& opt);
-
-// The command line of `tessera prepare` (args after the subcommand name):
-//   --tokenizer SPEC | --train-tokenizer N [--tokenizer-out PATH]  --out FILE
-//   [--val-fraction F] [--doc-chars N] [--threads N]  INPUTS...
-// "--flag value" and "--flag=value" both work; "--" ends the flags. nullopt means help was asked
-// for (-h/--help). Unknown flags, missing values, bad numbers and missing inputs are user errors.
-std::optional<PrepareOptions> parse_prepare_args(const std::vector<std::string>& args);
-std::string prepare_usage();
 
 // --- the pieces, exposed for tests --------------------------------------------------------------
 
