@@ -95,8 +95,10 @@ TEST(TokenDataset, RoundTripUint16) {
   EXPECT_EQ(stored_token_bytes(path), 2u);
 
   const TokenDataset ds = TokenDataset::open(path);
-  expect_same(ds.train(), train);
-  expect_same(ds.split("val"), val);
+  expect_same(ds.read_split("train"), train);
+  expect_same(ds.read_split("val"), val);
+  EXPECT_EQ(ds.num_tokens("train"), int64_t(train.tokens.size()));
+  EXPECT_EQ(ds.num_docs("val"), val.num_docs());
   EXPECT_EQ(ds.path(), path);
   EXPECT_EQ(ds.vocab_size(), 1000);
   EXPECT_EQ(ds.meta().eot_id, 999);
@@ -109,7 +111,7 @@ TEST(TokenDataset, RoundTripUint16) {
   EXPECT_EQ(ds.meta().doc_chars, 8192);
   EXPECT_EQ(ds.meta().split_rule, "test rule");
   EXPECT_EQ(ds.meta().created_by, "dataset_test");
-  expect_user_error([&] { ds.split("test"); }, {path, "'test'"});
+  expect_user_error([&] { ds.source("test"); }, {path, "'test'"});
 }
 
 TEST(TokenDataset, RoundTripUint32EmptyValAndLargeTokenizer) {
@@ -129,11 +131,64 @@ TEST(TokenDataset, RoundTripUint32EmptyValAndLargeTokenizer) {
   write_token_dataset(path, meta, train, val);
   EXPECT_EQ(stored_token_bytes(path), 4u);
   const TokenDataset ds = TokenDataset::open(path);
-  expect_same(ds.train(), train);
-  EXPECT_TRUE(ds.val().tokens.empty());
-  EXPECT_EQ(ds.val().num_docs(), 0);
+  expect_same(ds.read_split("train"), train);
+  EXPECT_TRUE(ds.read_split("val").tokens.empty());
+  EXPECT_EQ(ds.read_split("val").num_docs(), 0);
+  EXPECT_EQ(ds.num_docs("val"), 0);
   EXPECT_EQ(ds.tokenizer_json().size(), json.size());
   EXPECT_TRUE(ds.meta().sources.empty());
+}
+
+TEST(TokenDataset, StreamedWriterAndSourceReadsAcrossChunks) {
+  // Documents of awkward sizes streamed past several stored chunks; reads of any range (across
+  // chunk boundaries, at the end) give back exactly the ids written, in both stored dtypes.
+  ScratchDir dir;
+  for (const int64_t vocab : {int64_t(60000), int64_t(100000)}) {
+    const std::string path = dir.file("s" + std::to_string(vocab) + ".h5");
+    std::mt19937_64 rng{uint64_t(vocab)};
+    std::vector<uint32_t> all;
+    {
+      TokenDatasetWriter writer(path, vocab);
+      for (int d = 0; d < 40; ++d) {
+        std::vector<uint32_t> doc(size_t(rng() % 9000));
+        for (uint32_t& t : doc) t = uint32_t(rng() % uint64_t(vocab));
+        writer.add_document(Split::train, doc);
+        all.insert(all.end(), doc.begin(), doc.end());
+      }
+      writer.add_document(Split::val, std::vector<uint32_t>{uint32_t(vocab - 1)});
+      EXPECT_EQ(writer.num_tokens(Split::train), int64_t(all.size()));
+      EXPECT_EQ(writer.num_docs(Split::train), 40);
+      EXPECT_FALSE(std::filesystem::exists(path));  // nothing visible before commit
+      writer.commit(make_meta(vocab));
+    }
+    ASSERT_GT(all.size(), size_t(2 * kTokenChunkElements));
+    EXPECT_EQ(stored_token_bytes(path), vocab <= 65536 ? 2u : 4u);
+    const TokenDataset ds = TokenDataset::open(path);
+    const auto src = ds.source("train");
+    EXPECT_EQ(src->num_tokens(), int64_t(all.size()));
+    EXPECT_EQ(src->name(), path + " /train");
+    const int64_t n = int64_t(all.size());
+    for (const auto& [begin, len] :
+         std::vector<std::pair<int64_t, int64_t>>{{0, 1},
+                                                  {kTokenChunkElements - 3, 7},
+                                                  {n - 129, 129},
+                                                  {12345, 2 * kTokenChunkElements}}) {
+      std::vector<int32_t> got(static_cast<size_t>(len));
+      src->read(begin, len, got.data());
+      for (int64_t i = 0; i < len; ++i) ASSERT_EQ(uint32_t(got[size_t(i)]), all[size_t(begin + i)]);
+    }
+    EXPECT_EQ(ds.read_split("train").tokens, all);
+    EXPECT_EQ(ds.read_split("val").tokens, std::vector<uint32_t>{uint32_t(vocab - 1)});
+  }
+}
+
+TEST(TokenDataset, UncommittedWriterLeavesNothing) {
+  ScratchDir dir;
+  {
+    TokenDatasetWriter writer(dir.file("x.h5"), 100);
+    writer.add_document(Split::train, std::vector<uint32_t>{1, 2, 3});
+  }
+  EXPECT_TRUE(std::filesystem::is_empty(dir.path()));
 }
 
 TEST(TokenDataset, AtomicReplaceLeavesNoTemporary) {
@@ -142,7 +197,7 @@ TEST(TokenDataset, AtomicReplaceLeavesNoTemporary) {
   write_token_dataset(path, make_meta(50), random_split(3, 50, 4), random_split(1, 50, 5));
   const TokenSplit second = random_split(7, 50, 6);
   write_token_dataset(path, make_meta(50), second, random_split(1, 50, 7));
-  expect_same(TokenDataset::open(path).train(), second);
+  expect_same(TokenDataset::open(path).read_split("train"), second);
   int num_entries = 0;
   for (const auto& e : std::filesystem::directory_iterator(dir.path())) {
     EXPECT_EQ(e.path().filename(), "ds.h5");
@@ -230,7 +285,12 @@ TEST(TokenDataset, CorruptedChunkIsAUserError) {
   io.seekp(static_cast<std::streamoff>(addr + chunk_bytes / 2));
   io.write("\xDE\xAD\xBE\xEF\xDE\xAD\xBE\xEF", 8);
   io.close();
-  expect_user_error([&] { TokenDataset::open(path); }, {"rot.h5", "/train/tokens"});
+  // Opening reads no tokens; reading the damaged chunk fails its checksum, naming file and dataset.
+  const TokenDataset ds = TokenDataset::open(path);
+  std::vector<int32_t> window(64);
+  expect_user_error([&] { ds.source("train")->read(0, 64, window.data()); },
+                    {"rot.h5", "/train/tokens", "corrupt"});
+  expect_user_error([&] { ds.read_split("train"); }, {"rot.h5", "/train/tokens"});
 }
 
 TEST(TokenDataset, InvalidContentsAreUserErrors) {
@@ -245,14 +305,28 @@ TEST(TokenDataset, InvalidContentsAreUserErrors) {
   edit_file(path, [](const auto& ctx, const auto& f) {
     overwrite_element(ctx, f, "/val/tokens", 1, 1000);
   });
-  expect_user_error([&] { TokenDataset::open(path); },
-                    {"bad.h5", "'val'", "token id 1000 at index 1", "vocab_size 1000"});
+  // Ids are checked as they are read: by a window read and by a whole-split read.
+  std::vector<int32_t> ids(4);
+  expect_user_error([&] { TokenDataset::open(path).source("val")->read(0, 4, ids.data()); },
+                    {"bad.h5 /val", "token id 1000 at index 1", "vocab_size 1000"});
+  expect_user_error([&] { TokenDataset::open(path).read_split("val"); },
+                    {"bad.h5 /val", "token id 1000 at index 1", "vocab_size 1000"});
 
   fresh();
   edit_file(path, [](const auto& ctx, const auto& f) {
     overwrite_element(ctx, f, "/train/doc_offsets", 2, 0);
   });
-  expect_user_error([&] { TokenDataset::open(path); }, {"bad.h5", "doc_offsets decreases"});
+  expect_user_error([&] { TokenDataset::open(path).read_split("train"); },
+                    {"bad.h5", "doc_offsets decreases"});
+
+  fresh();  // the last offset is checked on open (two reads, whatever the split's size)
+  edit_file(path, [](const auto& ctx, const auto& f) {
+    const int64_t n = h5::dataset_dims(ctx, h5::open_dataset(ctx, f, "/train/doc_offsets").id(),
+                                       "doc_offsets")[0];
+    overwrite_element(ctx, f, "/train/doc_offsets", hsize_t(n - 1), 3);
+  });
+  expect_user_error([&] { TokenDataset::open(path); },
+                    {"bad.h5", "'train'", "doc_offsets runs from 0 to 3"});
 
   fresh();
   edit_file(path, [](const auto& ctx, const auto& f) {

@@ -162,7 +162,7 @@ TEST(Prepare, EndToEndWithATrainedTokenizer) {
     }
   }
   for (int s = 0; s < 2; ++s) {
-    const TokenSplit& split = s == 0 ? ds.train() : ds.val();
+    const TokenSplit split = ds.read_split(s == 0 ? "train" : "val");
     ASSERT_EQ(split.num_docs(), static_cast<int64_t>(expected[s].size())) << "split " << s;
     EXPECT_EQ(static_cast<int64_t>(split.tokens.size()), summary.num_tokens[s]);
     for (int64_t d = 0; d < split.num_docs(); ++d) {
@@ -173,7 +173,7 @@ TEST(Prepare, EndToEndWithATrainedTokenizer) {
       EXPECT_EQ(tok.decode(ids), expected[s][d]) << "split " << s << " doc " << d;
     }
   }
-  EXPECT_GT(ds.val().num_docs(), 0);
+  EXPECT_GT(ds.num_docs("val"), 0);
 
   // Same inputs with the saved tokenizer: the identical token stream.
   PrepareOptions again = opt;
@@ -182,8 +182,8 @@ TEST(Prepare, EndToEndWithATrainedTokenizer) {
   again.out = dir.file("out/again.h5");
   prepare_dataset(again);
   const TokenDataset ds2 = TokenDataset::open(again.out);
-  EXPECT_EQ(ds2.train().tokens, ds.train().tokens);
-  EXPECT_EQ(ds2.val().doc_offsets, ds.val().doc_offsets);
+  EXPECT_EQ(ds2.read_split("train").tokens, ds.read_split("train").tokens);
+  EXPECT_EQ(ds2.read_split("val").doc_offsets, ds.read_split("val").doc_offsets);
   EXPECT_EQ(ds2.tokenizer_hash(), ds.tokenizer_hash());
 }
 
