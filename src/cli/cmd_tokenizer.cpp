@@ -30,21 +30,23 @@ struct TrainArgs {
   std::vector<std::string> files;
 };
 
+// Files are read one at a time into pre-token counts: the corpus text is never held whole.
 int run_train(TrainArgs& a) {
   a.opt.pre = *parse_pre_tokenizer_name(a.pre);  // checked by the option's validator
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::string> texts;
+  PreTokenCounts counts(a.opt);
   size_t num_bytes = 0;
   for (const auto& path : a.files) {
-    texts.push_back(load_source_text(path).text);
-    num_bytes += texts.back().size();
+    const NormalizedText norm = load_source_text(path);
+    counts.add_text(norm.text);
+    num_bytes += norm.text.size();
   }
-  const Tokenizer tok = train_bpe(texts, a.opt);
+  const Tokenizer tok = train_bpe(counts, a.opt);
   tok.save_hf_json(a.out);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("trained a %d-token vocabulary on %zu files (%.1f MB) in %.1f s -> %s\nsha256 %s\n",
-              tok.vocab_size(), texts.size(), double(num_bytes) / 1e6, seconds, a.out.c_str(),
+              tok.vocab_size(), a.files.size(), double(num_bytes) / 1e6, seconds, a.out.c_str(),
               tok.hash().c_str());
   return 0;
 }
