@@ -25,8 +25,7 @@
 #include "core/log.h"
 #include "core/memory.h"
 #include "core/rng.h"
-#include "data/dataset.h"
-#include "data/loader.h"
+#include "data/data_blend.h"
 #include "data/tokenizer.h"
 #include "data/tokenizer_spec.h"
 #include "io/checkpoint.h"
@@ -130,15 +129,6 @@ void report_op_profile(const Recipe& r, double seconds, int64_t steps) {
 }
 
 // Uniform random token ids for data.path: mock, capped at 64M tokens (the loader wraps around).
-std::vector<uint32_t> mock_tokens(const Recipe& r, int64_t n, const char* stream) {
-  n = std::min<int64_t>(n, int64_t(1) << 26);
-  const CounterRng rng(r.train.seed, stream);
-  std::vector<uint32_t> out(n);
-#pragma omp parallel for schedule(static)  // each id depends on its index only
-  for (int64_t i = 0; i < n; ++i) out[i] = rng.bits(uint64_t(i)) % uint32_t(r.model.vocab_size);
-  return out;
-}
-
 // Everything the run keeps on its device, sized before anything is allocated, so a run that will
 // not fit stops with the numbers instead of failing halfway.
 struct MemoryPlan {
@@ -183,32 +173,24 @@ TrainSummary train(const Recipe& recipe_in) {
   const int64_t global_batch = r.global_batch();
   const int num_micro = r.micro_batches_per_step();  // per dp rank per step
 
-  // Data first: the tokenizer (and so the vocabulary) comes from the dataset. data.path: mock
-  // trains on uniform random tokens (benchmarks of models whose tokenizer does not ship here).
-  std::optional<TokenDataset> data;
+  // Data first: the tokenizer (and so the vocabulary) comes from the datasets (metadata only; the
+  // loaders read windows on demand). data.path: mock trains on uniform random tokens computed per
+  // index (benchmarks of models whose tokenizer does not ship here).
+  const bool mock = r.data.path == "mock";
+  if (mock && r.model.vocab_size <= 0)
+    TS_USER_ERROR("{}: data.path 'mock' needs an explicit model.vocab_size (got auto)", r.file);
+  const DataBlend data = open_data_blend({{r.data.path, 1.0}}, r.train.seed, r.model.vocab_size);
   std::optional<Tokenizer> tokenizer;
-  std::vector<uint32_t> mock_train, mock_val;
-  std::string tokenizer_hash = "mock";
-  if (r.data.path == "mock") {
-    if (r.model.vocab_size <= 0)
-      TS_USER_ERROR("{}: data.path 'mock' needs an explicit model.vocab_size (got auto)", r.file);
-    mock_train = mock_tokens(r, int64_t(r.train.steps) * global_batch * T + 1, "mock/train");
-    mock_val = mock_tokens(r, int64_t(r.train.eval_batches) * global_batch * T + 1, "mock/val");
+  if (mock) {
     r.train.sample_tokens = 0;  // nothing to decode with
-    finalize_model_vocab(r.model, r.model.vocab_size, r.file, par.tp);
   } else {
-    data = TokenDataset::open(r.data.path);
-    tokenizer = Tokenizer::from_hf_json(data->tokenizer_json(), r.data.path);
+    tokenizer = Tokenizer::from_hf_json(data.tokenizer_json, r.data.path);
     if (!r.data.tokenizer.empty())
-      data->check_tokenizer(load_tokenizer_spec(r.data.tokenizer),
-                            "data.tokenizer = " + r.data.tokenizer);
-    finalize_model_vocab(r.model, static_cast<int>(data->vocab_size()), r.file, par.tp);
-    tokenizer_hash = data->tokenizer_hash();
+      data.check_tokenizer_hash(load_tokenizer_spec(r.data.tokenizer).hash(),
+                                "data.tokenizer = " + r.data.tokenizer);
   }
-  const std::span<const uint32_t> train_tokens =
-      data ? std::span<const uint32_t>(data->train().tokens) : mock_train;
-  const std::span<const uint32_t> val_tokens =
-      data ? std::span<const uint32_t>(data->val().tokens) : mock_val;
+  finalize_model_vocab(r.model, static_cast<int>(data.vocab_size), r.file, par.tp);
+  const std::string& tokenizer_hash = data.tokenizer_hash;
 
   // The layout: checked against the model and the world before anything is allocated.
   const std::unique_ptr<ParallelContext> ctx = make_context(r, device);
@@ -311,12 +293,14 @@ TrainSummary train(const Recipe& recipe_in) {
                          r.optim.warmup_steps, r.train.steps, r.optim.decay_fraction};
   model.set_grad_ready_hook([&ddp](int idx) { ddp.grads_ready_from(idx); });
 
-  const Loader train_loader(train_tokens, T, global_batch, r.train.seed, me.dp_rank, par.dp,
-                            r.data.path + " /train");
-  // Evaluation batch i is the i-th run of G windows in order, split over dp ranks and micro-batches
+  const LoaderShape shape{T, global_batch, r.train.seed, me.dp_rank, par.dp};
+  const Loader train_loader(data.train, shape);
+  // Evaluation batch i is the i-th run of G eval samples, split over dp ranks and micro-batches
   // exactly like a training step, so every layout evaluates the same windows.
-  const Loader val_loader(val_tokens, T, global_batch, r.train.seed, me.dp_rank, par.dp,
-                          r.data.path + " /val");
+  const Loader val_loader(data.val, shape);
+  // Each pipeline stage reads only what it uses: the first the inputs, the last the targets.
+  const auto inputs_of = [&](Batch& b) { return shard.first_stage() ? b.inputs.data() : nullptr; };
+  const auto targets_of = [&](Batch& b) { return shard.last_stage() ? b.targets.data() : nullptr; };
 
   if (!model.params().has_master()) {
     // ZeRO-1 with 16-bit compute keeps the FP32 masters in the optimizer's shards: seed them with
@@ -366,8 +350,7 @@ TrainSummary train(const Recipe& recipe_in) {
   const auto run_eval = [&](int64_t step) {
     const int64_t nb = std::min<int64_t>(r.train.eval_batches, val_loader.num_eval_batches());
     const auto fill = [&](int m, Batch& batch) {
-      val_loader.fill_eval(m / num_micro, m % num_micro, B, batch.inputs.data(),
-                           batch.targets.data());
+      val_loader.fill_eval(m / num_micro, m % num_micro, B, inputs_of(batch), targets_of(batch));
     };
     if (fp8_linears) fp8_linears->set_recording(false);  // evaluation must not steer the scales
     const PipelineExecutor::Result res = pipe.eval(fill, static_cast<int>(nb * num_micro));
@@ -421,8 +404,7 @@ TrainSummary train(const Recipe& recipe_in) {
     const auto t_pipe = Clock::now();
     for (int flush = 0; flush < num_flushes; ++flush) {
       const auto fill = [&](int m, Batch& batch) {
-        train_loader.fill(step, flush * flush_micro + m, B, batch.inputs.data(),
-                          batch.targets.data());
+        train_loader.fill(step, flush * flush_micro + m, B, inputs_of(batch), targets_of(batch));
       };
       const bool last_flush = flush == num_flushes - 1;
       local_loss += pipe.train_step(fill, micro_scale * loss_scale,
