@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,12 +33,6 @@ constexpr size_t kShortValueChars = 72;
 // The generic HDF5 walk stops here (hard links can make cycles, and huge files are unreadable).
 constexpr int kMaxDepth = 32;
 constexpr int kMaxListedObjects = 5000;
-
-constexpr const char* kUsage =
-    "usage: tessera inspect PATH [--recipe] [--no-stats]\n"
-    "  PATH  a checkpoint (run dir, its checkpoints/ dir, or one step_<N> dir) or an HDF5 file\n"
-    "  --recipe    print the stored recipe in full\n"
-    "  --no-stats  skip reading tensors for mean/std/min/max\n";
 
 std::string shape_text(const std::vector<int64_t>& v) {
   std::string s = "(";
@@ -243,26 +238,15 @@ std::string latest_in(const std::string& ck_dir) {
   return "";
 }
 
-int run_inspect(const std::vector<std::string>& args) {
-  bool full_recipe = false, stats = true;
+struct InspectArgs {
   std::string path;
-  for (const std::string& a : args) {
-    if (a == "-h" || a == "--help") {
-      fmt::print("{}", kUsage);
-      return 0;
-    } else if (a == "--recipe") {
-      full_recipe = true;
-    } else if (a == "--no-stats") {
-      stats = false;
-    } else if (!a.empty() && a[0] == '-') {
-      TS_USER_ERROR("inspect: unknown option '{}'\n{}", a, kUsage);
-    } else if (path.empty()) {
-      path = a;
-    } else {
-      TS_USER_ERROR("inspect: one PATH expected, got '{}' and '{}'\n{}", path, a, kUsage);
-    }
-  }
-  if (path.empty()) TS_USER_ERROR("inspect: PATH is missing\n{}", kUsage);
+  bool full_recipe = false;
+  bool no_stats = false;
+};
+
+int run_inspect(const InspectArgs& args) {
+  const std::string& path = args.path;
+  const bool full_recipe = args.full_recipe, stats = !args.no_stats;
   std::error_code ec;
   if (!fs::exists(path, ec)) TS_USER_ERROR("inspect: path '{}' does not exist", path);
   if (!fs::is_directory(path, ec)) {
@@ -294,8 +278,20 @@ int run_inspect(const std::vector<std::string>& args) {
   return 0;
 }
 
+RunFn setup_inspect(CLI::App& sub) {
+  auto args = std::make_shared<InspectArgs>();
+  sub.add_option("PATH", args->path,
+                 "a run directory, its checkpoints/ directory or one step_<N> checkpoint (the "
+                 "latest complete checkpoint is shown), or any HDF5 file")
+      ->required();
+  sub.add_flag("--recipe", args->full_recipe, "print the recipe stored in the checkpoint in full");
+  sub.add_flag("--no-stats", args->no_stats,
+               "skip reading every float tensor for its mean, std, min and max");
+  return [args] { return run_inspect(*args); };
+}
+
 const Command kInspect("inspect", "show a checkpoint's tensors and metadata, or an HDF5 file",
-                       run_inspect);
+                       setup_inspect);
 
 }  // namespace
 }  // namespace tessera::cli

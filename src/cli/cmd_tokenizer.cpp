@@ -1,11 +1,11 @@
 // `tessera tokenizer train|encode|decode`: train a byte-level BPE vocabulary on text files, or try
-// a tokenizer on a string. The tokenizer itself is src/data/tokenizer.h; this file parses
-// arguments and prints. Bad arguments are user errors (exit status 2, via main()).
-#include <algorithm>
+// a tokenizer on a string. The tokenizer itself is src/data/tokenizer.h; this file declares the
+// command lines and prints. Bad arguments are user errors (exit status 2, via main()).
 #include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -18,175 +18,150 @@
 #include "data/tokenizer_spec.h"
 
 namespace tessera::cli {
-
 namespace {
 
-constexpr const char* kUsage =
-    "usage: tessera tokenizer <subcommand> ...\n"
-    "  train --vocab-size N --out tokenizer.json [--pre gpt2|qwen2] [--min-frequency K] FILES...\n"
-    "      train a byte-level BPE vocabulary of N tokens (256 bytes + merges + <|endoftext|>)\n"
-    "      on .txt files (UTF-8 or Latin-1, any line endings) or SOTU .json files\n"
-    "  encode --tokenizer SPEC [--no-special] TEXT     print the ids of TEXT ('-' reads stdin)\n"
-    "  decode --tokenizer SPEC IDS...                  print the text of the ids\n"
-    "SPEC: gpt2, qwen3 (read from data/raw/, see scripts/fetch-data.sh) or a tokenizer.json path\n";
+constexpr const char* kSpecHelp =
+    "the tokenizer: gpt2, qwen3 (read from data/raw/, see scripts/fetch-data.sh) or a "
+    "tokenizer.json path";
 
-// Flags of the form --name VALUE, in any order, with the positional arguments left over.
-struct Args {
-  std::vector<std::pair<std::string, std::string>> flags;
-  std::vector<std::string> positional;
-  std::vector<std::string> switches;
+struct TrainArgs {
+  BpeTrainOptions opt;
+  std::string out, pre = "gpt2";
+  std::vector<std::string> files;
 };
 
-Args parse(const std::vector<std::string>& args, size_t first,
-           const std::vector<std::string>& value_flags,
-           const std::vector<std::string>& switch_flags, const char* sub) {
-  Args out;
-  for (size_t i = first; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    const bool is_value = std::find(value_flags.begin(), value_flags.end(), a) != value_flags.end();
-    const bool is_switch =
-        std::find(switch_flags.begin(), switch_flags.end(), a) != switch_flags.end();
-    if (is_value) {
-      if (i + 1 >= args.size()) TS_USER_ERROR("tessera tokenizer {}: {} needs a value", sub, a);
-      out.flags.emplace_back(a, args[++i]);
-    } else if (is_switch) {
-      out.switches.push_back(a);
-    } else if (a.size() > 1 && a[0] == '-' && !(a[1] >= '0' && a[1] <= '9')) {
-      TS_USER_ERROR("tessera tokenizer {}: unknown option '{}'\n{}", sub, a, kUsage);
-    } else {
-      out.positional.push_back(a);
-    }
-  }
-  return out;
-}
-
-std::string flag(const Args& a, const std::string& name, const char* sub, bool required,
-                 const std::string& fallback = "") {
-  std::string value;
-  int seen = 0;
-  for (const auto& [k, v] : a.flags)
-    if (k == name) value = v, ++seen;
-  if (seen > 1) TS_USER_ERROR("tessera tokenizer {}: {} given {} times", sub, name, seen);
-  if (seen == 0 && required)
-    TS_USER_ERROR("tessera tokenizer {}: {} is required\n{}", sub, name, kUsage);
-  return seen ? value : fallback;
-}
-
-bool has_switch(const Args& a, const std::string& name) {
-  return std::find(a.switches.begin(), a.switches.end(), name) != a.switches.end();
-}
-
-int parse_int(const std::string& text, const std::string& what, const char* sub) {
-  size_t used = 0;
-  int value = 0;
-  try {
-    value = std::stoi(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != text.size() || text.empty())
-    TS_USER_ERROR("tessera tokenizer {}: {} '{}' is not an integer", sub, what, text);
-  return value;
-}
-
-int run_train(const std::vector<std::string>& args) {
-  const Args a = parse(args, 1, {"--vocab-size", "--out", "--pre", "--min-frequency"}, {}, "train");
-  BpeTrainOptions opt;
-  opt.vocab_size = parse_int(flag(a, "--vocab-size", "train", true), "--vocab-size", "train");
-  const std::string out = flag(a, "--out", "train", true);
-  const std::string pre = flag(a, "--pre", "train", false, "gpt2");
-  const auto parsed_pre = parse_pre_tokenizer_name(pre);
-  if (!parsed_pre) TS_USER_ERROR("tessera tokenizer train: --pre '{}' is not gpt2 or qwen2", pre);
-  opt.pre = *parsed_pre;
-  opt.min_frequency =
-      parse_int(flag(a, "--min-frequency", "train", false, "2"), "--min-frequency", "train");
-  if (a.positional.empty()) TS_USER_ERROR("tessera tokenizer train: no input files\n{}", kUsage);
-
+// Files are read one at a time into pre-token counts: the corpus text is never held whole.
+int run_train(TrainArgs& a) {
+  a.opt.pre = *parse_pre_tokenizer_name(a.pre);  // checked by the option's validator
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::string> texts;
+  PreTokenCounts counts(a.opt);
   size_t num_bytes = 0;
-  for (const auto& path : a.positional) {
-    texts.push_back(load_source_text(path).text);
-    num_bytes += texts.back().size();
+  for (const auto& path : a.files) {
+    const NormalizedText norm = load_source_text(path);
+    counts.add_text(norm.text);
+    num_bytes += norm.text.size();
   }
-  const Tokenizer tok = train_bpe(texts, opt);
-  tok.save_hf_json(out);
+  const Tokenizer tok = train_bpe(counts, a.opt);
+  tok.save_hf_json(a.out);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("trained a %d-token vocabulary on %zu files (%.1f MB) in %.1f s -> %s\nsha256 %s\n",
-              tok.vocab_size(), texts.size(), double(num_bytes) / 1e6, seconds, out.c_str(),
+              tok.vocab_size(), a.files.size(), double(num_bytes) / 1e6, seconds, a.out.c_str(),
               tok.hash().c_str());
   return 0;
 }
 
-int run_encode(const std::vector<std::string>& args) {
-  const Args a = parse(args, 1, {"--tokenizer"}, {"--no-special"}, "encode");
-  const std::string spec = flag(a, "--tokenizer", "encode", true);
-  if (a.positional.size() != 1)
-    TS_USER_ERROR("tessera tokenizer encode: give exactly one TEXT argument (got {}); quote it\n{}",
-                  a.positional.size(), kUsage);
-  std::string text = a.positional[0];
+RunFn setup_train(CLI::App& sub) {
+  auto a = std::make_shared<TrainArgs>();
+  sub.add_option("--vocab-size", a->opt.vocab_size,
+                 "vocabulary size: 256 bytes + merges + the special token <|endoftext|>")
+      ->type_name("N")
+      ->required()
+      ->check(integer_at_least(1));
+  sub.add_option("--out", a->out, "where tokenizer.json goes")->type_name("FILE")->required();
+  sub.add_option("--pre", a->pre, "pre-tokenizer regex family")
+      ->check(CLI::IsMember({"gpt2", "qwen2"}))
+      ->capture_default_str();
+  sub.add_option("--min-frequency", a->opt.min_frequency,
+                 "a pair must occur at least this often to be merged")
+      ->type_name("K")
+      ->check(integer_at_least(1))
+      ->capture_default_str();
+  sub.add_option("FILES", a->files,
+                 ".txt files (UTF-8 or Latin-1, any line endings) or SOTU .json files")
+      ->required();
+  return [a] { return run_train(*a); };
+}
+
+struct EncodeArgs {
+  std::string spec, text;
+  bool no_special = false;
+};
+
+int run_encode(const EncodeArgs& a) {
+  std::string text = a.text;
   if (text == "-") text.assign(std::istreambuf_iterator<char>(std::cin), {});
-  const Tokenizer tok = load_tokenizer_spec(spec);
-  const std::vector<int32_t> ids = tok.encode(text, !has_switch(a, "--no-special"));
+  const Tokenizer tok = load_tokenizer_spec(a.spec);
+  const std::vector<int32_t> ids = tok.encode(text, !a.no_special);
   std::string line;
-  for (size_t k = 0; k < ids.size(); ++k) {
-    if (k) line += ' ';
-    line += std::to_string(ids[k]);
-  }
+  for (size_t k = 0; k < ids.size(); ++k) line += (k ? " " : "") + std::to_string(ids[k]);
   std::printf("%s\n", line.c_str());
   return 0;
 }
 
-int run_decode(const std::vector<std::string>& args) {
-  const Args a = parse(args, 1, {"--tokenizer"}, {}, "decode");
-  const std::string spec = flag(a, "--tokenizer", "decode", true);
-  // Ids may come as separate arguments or as one argument separated by spaces or commas.
+RunFn setup_encode(CLI::App& sub) {
+  auto a = std::make_shared<EncodeArgs>();
+  sub.add_option("--tokenizer", a->spec, kSpecHelp)->type_name("SPEC")->required();
+  sub.add_flag("--no-special", a->no_special,
+               "encode special-token spellings such as <|endoftext|> as plain text");
+  sub.add_option("TEXT", a->text, "the text to encode, quoted ('-' reads stdin)")->required();
+  return [a] { return run_encode(*a); };
+}
+
+struct DecodeArgs {
+  std::string spec;
+  std::vector<std::string> ids;
+};
+
+// Ids may come as separate arguments or as one argument separated by spaces or commas.
+std::vector<int32_t> parse_ids(const std::vector<std::string>& args) {
   std::vector<int32_t> ids;
-  for (const auto& arg : a.positional) {
+  for (const auto& arg : args) {
     std::string cur;
     for (size_t k = 0; k <= arg.size(); ++k) {
       const char c = k < arg.size() ? arg[k] : ' ';
-      if (c == ' ' || c == ',') {
-        if (!cur.empty()) ids.push_back(parse_int(cur, "id", "decode"));
-        cur.clear();
-      } else {
+      if (c != ' ' && c != ',') {
         cur.push_back(c);
+        continue;
       }
+      if (cur.empty()) continue;
+      int32_t id = 0;
+      if (!CLI::detail::lexical_cast(cur, id))
+        TS_USER_ERROR("tessera tokenizer decode: IDS: '{}' is not an integer", cur);
+      ids.push_back(id);
+      cur.clear();
     }
   }
-  if (ids.empty()) TS_USER_ERROR("tessera tokenizer decode: no ids given\n{}", kUsage);
-  const Tokenizer tok = load_tokenizer_spec(spec);
+  if (ids.empty()) TS_USER_ERROR("tessera tokenizer decode: IDS: no ids given");
+  return ids;
+}
+
+int run_decode(const DecodeArgs& a) {
+  const std::vector<int32_t> ids = parse_ids(a.ids);
+  const Tokenizer tok = load_tokenizer_spec(a.spec);
   const std::string text = tok.decode(ids);
   std::fwrite(text.data(), 1, text.size(), stdout);
   std::fputc('\n', stdout);
   return 0;
 }
 
-int run_tokenizer(const std::vector<std::string>& args) {
-  if (args.empty()) {
-    std::fputs(kUsage, stderr);
-    return 2;
-  }
-  const std::string& sub = args[0];
-  if (sub == "-h" || sub == "--help") {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  for (const auto& arg : args)
-    if (arg == "-h" || arg == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-  if (sub == "train") return run_train(args);
-  if (sub == "encode") return run_encode(args);
-  if (sub == "decode") return run_decode(args);
-  TS_USER_ERROR("tessera tokenizer: unknown subcommand '{}'\n{}", sub, kUsage);
+RunFn setup_decode(CLI::App& sub) {
+  auto a = std::make_shared<DecodeArgs>();
+  sub.add_option("--tokenizer", a->spec, kSpecHelp)->type_name("SPEC")->required();
+  sub.add_option("IDS", a->ids, "token ids, as separate arguments or separated by commas")
+      ->required();
+  return [a] { return run_decode(*a); };
 }
 
-const Command kTokenizerCommand("tokenizer", "train a BPE vocabulary; encode or decode text",
-                                run_tokenizer);
+RunFn setup_tokenizer(CLI::App& sub) {
+  sub.require_subcommand(1);
+  const auto add = [&](const char* name, const char* summary, RunFn (*setup)(CLI::App&)) {
+    CLI::App* child = sub.add_subcommand(name, summary);
+    return std::make_pair(child, setup(*child));
+  };
+  auto subs = std::make_shared<std::vector<std::pair<CLI::App*, RunFn>>>();
+  subs->push_back(add("train", "train a byte-level BPE vocabulary on text files", setup_train));
+  subs->push_back(add("encode", "print the token ids of a text", setup_encode));
+  subs->push_back(add("decode", "print the text of token ids", setup_decode));
+  return [subs] {
+    for (const auto& [child, run] : *subs)
+      if (child->parsed()) return run();
+    TS_BUG("tessera tokenizer: no subcommand parsed");
+  };
+}
+
+const Command kTokenizer("tokenizer", "train a BPE vocabulary; encode or decode text",
+                         setup_tokenizer);
 
 }  // namespace
-
 }  // namespace tessera::cli

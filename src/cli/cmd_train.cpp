@@ -1,10 +1,10 @@
-// `tessera train RECIPE.yaml [--set section.key=value ...]`, under mpirun/srun or alone. MPI is
+// `tessera train RECIPE [--set section.key=value ...]`, under mpirun/srun or alone. MPI is
 // initialized only when a launcher started the process, so a plain serial run never needs it.
 #include <cstdio>
+#include <memory>
 #include <optional>
 
 #include "cli/command.h"
-#include "core/error.h"
 #include "core/log.h"
 #include "parallel/mpi_runtime.h"
 #include "train/trainer.h"
@@ -12,31 +12,15 @@
 namespace tessera::cli {
 namespace {
 
-int run_train(const std::vector<std::string>& args) {
+struct TrainArgs {
   std::string recipe_path;
   std::vector<std::string> overrides;
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--set") {
-      if (i + 1 >= args.size()) TS_USER_ERROR("--set needs section.key=value");
-      overrides.push_back(args[++i]);
-    } else if (args[i].rfind("--set=", 0) == 0) {
-      overrides.push_back(args[i].substr(6));
-    } else if (args[i] == "-h" || args[i] == "--help") {
-      std::printf("usage: tessera train RECIPE.yaml [--set section.key=value ...]\n");
-      return 0;
-    } else if (args[i].rfind("-", 0) == 0) {
-      TS_USER_ERROR("tessera train: unknown option '{}'", args[i]);
-    } else if (recipe_path.empty()) {
-      recipe_path = args[i];
-    } else {
-      TS_USER_ERROR("tessera train: unexpected argument '{}' (one recipe at a time)", args[i]);
-    }
-  }
-  if (recipe_path.empty())
-    TS_USER_ERROR("usage: tessera train RECIPE.yaml [--set section.key=value ...]");
+};
+
+int run_train(const TrainArgs& args) {
   std::optional<MpiRuntime> mpi;
   if (launched_by_mpi_launcher()) mpi.emplace(nullptr, nullptr);
-  const Recipe recipe = load_recipe(recipe_path, overrides);
+  const Recipe recipe = load_recipe(args.recipe_path, args.overrides);
   log_set_level(recipe.logging.level);
   const TrainSummary s = train(recipe);
   if (world_rank() == 0)
@@ -46,7 +30,19 @@ int run_train(const std::vector<std::string>& args) {
   return 0;
 }
 
-const Command kTrain("train", "train a model from a YAML recipe", run_train);
+RunFn setup_train(CLI::App& sub) {
+  auto args = std::make_shared<TrainArgs>();
+  sub.add_option("RECIPE", args->recipe_path, "the YAML recipe to train (see docs/RECIPES.md)")
+      ->required();
+  sub.add_option("--set", args->overrides,
+                 "override one recipe key (section.key=value), e.g. --set train.steps=100; "
+                 "repeatable, applied in order after the file")
+      ->type_name("KEY=VALUE")
+      ->allow_extra_args(false);
+  return [args] { return run_train(*args); };
+}
+
+const Command kTrain("train", "train a model from a YAML recipe", setup_train);
 
 }  // namespace
 }  // namespace tessera::cli

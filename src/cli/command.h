@@ -1,23 +1,32 @@
-// Registry of `tessera` subcommands. Each src/cli/cmd_<name>.cpp registers one command with a
-// static Command object; main() dispatches on argv[1].
+// Registry of `tessera` subcommands on CLI11. Each src/cli/cmd_<name>.cpp registers one command
+// with a static Command object whose setup function declares the command's options on its CLI11
+// subcommand (each with its meaning and default, which `--help` lists) and returns the function
+// that runs it with the parsed values. main() builds the app, parses and maps errors to exit codes.
 #pragma once
+#include <CLI/CLI.hpp>
 #include <functional>
 #include <string>
 #include <vector>
 
 namespace tessera::cli {
 
-using CommandFn = std::function<int(const std::vector<std::string>& args)>;
+using RunFn = std::function<int()>;
+// Declares options and positionals on `sub`; the returned function owns the parsed values.
+using SetupFn = std::function<RunFn(CLI::App& sub)>;
 
 struct Command {
-  Command(std::string name, std::string summary, CommandFn run);
+  Command(std::string name, std::string summary, SetupFn setup);
 };
 
 struct CommandInfo {
   std::string name;
   std::string summary;
-  CommandFn run;
+  SetupFn setup;
 };
 const std::vector<CommandInfo>& commands();
+
+// Validators whose failure messages name the value (CLI11 prefixes the option's name).
+CLI::Validator integer_at_least(long long min);  // an integer >= min
+CLI::Validator fraction_below_one();             // a number in [0, 1)
 
 }  // namespace tessera::cli

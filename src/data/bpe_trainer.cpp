@@ -59,17 +59,7 @@ class Trainer {
     }
   }
 
-  void count_words(const std::vector<std::string>& texts) {
-    std::unordered_map<std::string_view, int64_t> counts;
-    for (const auto& text : texts) {
-      split_on_specials(text, opt_.special_tokens, [&](std::string_view piece) {
-        for (size_t i = 0; i < piece.size();) {
-          const size_t j = next_pre_token_end(opt_.pre, piece, i);
-          ++counts[piece.substr(i, j - i)];
-          i = j;
-        }
-      });
-    }
+  void load_words(const PreTokenCounts::Map& counts) {
     // Words of one byte have no pairs and cannot change the merges.
     words_.reserve(counts.size());
     for (const auto& [w, n] : counts) {
@@ -235,10 +225,37 @@ void validate(const BpeTrainOptions& opt) {
 
 }  // namespace
 
-Tokenizer train_bpe(const std::vector<std::string>& texts, const BpeTrainOptions& opt) {
+PreTokenCounts::PreTokenCounts(const BpeTrainOptions& opt)
+    : specials_(opt.special_tokens), pre_(opt.pre) {}
+
+void PreTokenCounts::add_text(std::string_view text) {
+  split_on_specials(text, specials_, [&](std::string_view piece) {
+    for (size_t i = 0; i < piece.size();) {
+      const size_t j = next_pre_token_end(pre_, piece, i);
+      const std::string_view word = piece.substr(i, j - i);
+      auto it = counts_.find(word);
+      if (it == counts_.end()) it = counts_.emplace(std::string(word), 0).first;
+      ++it->second;
+      i = j;
+    }
+  });
+}
+
+void PreTokenCounts::merge(PreTokenCounts&& other) {
+  TS_CHECK(other.specials_ == specials_ && other.pre_ == pre_,
+           "merging pre-token counts made with different options");
+  if (counts_.empty()) {
+    counts_ = std::move(other.counts_);
+    return;
+  }
+  for (auto& [word, n] : other.counts_) counts_[word] += n;
+  other.counts_.clear();
+}
+
+Tokenizer train_bpe(const PreTokenCounts& counts, const BpeTrainOptions& opt) {
   validate(opt);
   Trainer trainer(opt);
-  trainer.count_words(texts);
+  trainer.load_words(counts.counts());
   trainer.run();
   Tokenizer tok = trainer.result();
   if (tok.vocab_size() < opt.vocab_size)
@@ -247,6 +264,12 @@ Tokenizer train_bpe(const std::vector<std::string>& texts, const BpeTrainOptions
         "times",
         tok.vocab_size(), opt.vocab_size, opt.min_frequency);
   return tok;
+}
+
+Tokenizer train_bpe(const std::vector<std::string>& texts, const BpeTrainOptions& opt) {
+  PreTokenCounts counts(opt);
+  for (const std::string& text : texts) counts.add_text(text);
+  return train_bpe(counts, opt);
 }
 
 }  // namespace tessera

@@ -11,7 +11,11 @@
 // right token bytes) is lexicographically smallest, comparing bytes as unsigned. The result depends
 // only on the multiset of texts, not on their order, thread count or hash-table layout.
 #pragma once
+#include <cstdint>
+#include <functional>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "data/tokenizer.h"
@@ -25,8 +29,33 @@ struct BpeTrainOptions {
   int min_frequency = 2;  // a pair must occur at least this often to be merged
 };
 
-// Texts are split on the special tokens first (a special token's spelling is never learned), then
-// pre-tokenized; merges never cross pre-token boundaries. No normalization is applied.
+// The pre-token counts BPE trains on, built text by text so a corpus can be streamed through:
+// memory grows with the number of distinct pre-tokens (the vocabulary of words), not with the
+// text. Texts are split on the special tokens first (a special token's spelling is never
+// learned), then pre-tokenized; merges never cross pre-token boundaries. No normalization.
+class PreTokenCounts {
+ public:
+  // Looked up by string_view, so counting copies each distinct pre-token once.
+  struct Hash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  using Map = std::unordered_map<std::string, int64_t, Hash, std::equal_to<>>;
+
+  explicit PreTokenCounts(const BpeTrainOptions& opt);
+  void add_text(std::string_view text);
+  void merge(PreTokenCounts&& other);  // adds other's counts (its options must be the same)
+  const Map& counts() const { return counts_; }
+
+ private:
+  std::vector<std::string> specials_;
+  PreTokenizer pre_;
+  Map counts_;
+};
+
+// Trains on counted pre-tokens; `counts` must have been made with the same options.
+Tokenizer train_bpe(const PreTokenCounts& counts, const BpeTrainOptions& opt);
+// Counts `texts` and trains on them.
 Tokenizer train_bpe(const std::vector<std::string>& texts, const BpeTrainOptions& opt);
 
 }  // namespace tessera

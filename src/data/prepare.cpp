@@ -2,15 +2,11 @@
 #include "data/prepare.h"
 
 #include <algorithm>
-#include <atomic>
-#include <charconv>
 #include <chrono>
 #include <cmath>
-#include <exception>
 #include <filesystem>
 #include <map>
 #include <thread>
-#include <type_traits>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -18,6 +14,8 @@
 #include "core/sha256.h"
 #include "data/bpe_trainer.h"
 #include "data/dataset.h"
+#include "data/ordered_pool.h"
+#include "data/progress.h"
 #include "data/text_normalize.h"
 #include "data/tokenizer.h"
 #include "data/tokenizer_spec.h"
@@ -31,8 +29,8 @@ namespace fs = std::filesystem;
 constexpr int kMaxThreads = 16;
 constexpr const char* kEotText = "<|endoftext|>";
 
-enum SplitIdx { kTrain = 0, kVal = 1 };
-constexpr const char* kSplitNames[2] = {"train", "val"};
+// Encoded files waiting for the writer, per thread: bounds memory to a few files per thread.
+constexpr int64_t kFilesAheadPerThread = 2;
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) {
@@ -41,57 +39,6 @@ double seconds_since(Clock::time_point t0) {
 
 bool has_source_extension(const fs::path& p) {
   return p.extension() == ".txt" || p.extension() == ".json";
-}
-
-struct Document {
-  std::string_view text;  // a view into its file's normalized text
-  int64_t chunk_idx = 0;
-  int file_idx = 0;
-};
-
-// Encodes every document with `tok` (documents are independent, so they are spread over threads)
-// and lays them out as dataset.h documents: tokens then the eot separator.
-TokenSplit encode_documents(const Tokenizer& tok, const std::vector<Document>& docs,
-                            int num_threads) {
-  std::vector<std::vector<int32_t>> ids(docs.size());
-  std::atomic<size_t> next{0};
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(num_threads));
-  const auto work = [&](int thread_idx) {
-    try {
-      for (size_t d = next++; d < docs.size(); d = next++) {
-        // allow_special = false: corpus text that happens to spell "<|endoftext|>" stays text.
-        ids[d] = tok.encode(docs[d].text, /*allow_special=*/false);
-      }
-    } catch (...) {
-      errors[static_cast<size_t>(thread_idx)] = std::current_exception();
-      next = docs.size();  // stop the others early
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int t = 1; t < num_threads; ++t) threads.emplace_back(work, t);
-  work(0);
-  for (auto& th : threads) th.join();
-  for (const auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
-
-  const int eot = tok.eot_id();
-  const int64_t vocab = tok.vocab_size();
-  TokenSplit split;
-  size_t total = 0;
-  for (const auto& v : ids) total += v.size() + (eot >= 0 ? 1 : 0);
-  split.tokens.reserve(total);
-  split.doc_offsets.reserve(docs.size() + 1);
-  split.doc_offsets.push_back(0);
-  for (const auto& v : ids) {
-    for (const int32_t id : v) {
-      TS_CHECK(id >= 0 && id < vocab, "tokenizer produced id {} outside [0, {})", id, vocab);
-      split.tokens.push_back(static_cast<uint32_t>(id));
-    }
-    if (eot >= 0) split.tokens.push_back(static_cast<uint32_t>(eot));
-    split.doc_offsets.push_back(static_cast<int64_t>(split.tokens.size()));
-  }
-  return split;
 }
 
 void make_parent_dirs(const std::string& path) {
@@ -132,84 +79,7 @@ void validate_options(const PrepareOptions& opt) {
   if (opt.num_threads < 0) TS_USER_ERROR("prepare: --threads {} is negative", opt.num_threads);
 }
 
-template <class T>
-T parse_number(const std::string& flag, const std::string& text) {
-  T value{};
-  const char* end = text.data() + text.size();
-  const auto [ptr, ec] = std::from_chars(text.data(), end, value);
-  if (text.empty() || ec != std::errc() || ptr != end ||
-      !std::isfinite(static_cast<double>(value))) {
-    TS_USER_ERROR("prepare: {} expects {}, got '{}'", flag,
-                  std::is_integral_v<T> ? "an integer" : "a number", text);
-  }
-  return value;
-}
-
 }  // namespace
-
-std::string prepare_usage() {
-  return "usage: tessera prepare (--tokenizer SPEC | --train-tokenizer N [--tokenizer-out PATH])\n"
-         "                       --out FILE [--val-fraction F] [--doc-chars N] [--threads N]\n"
-         "                       INPUTS...\n"
-         "  SPEC      gpt2, qwen3 or a path to a tokenizer.json\n"
-         "  INPUTS    .txt / .json files or directories holding them\n"
-         "  --train-tokenizer N   train an N-token BPE vocabulary on the train documents\n"
-         "  --tokenizer-out PATH  where it goes (default: tokenizer.json beside --out)\n"
-         "  --val-fraction F      share of documents held out for validation (default 0.05)\n"
-         "  --doc-chars N         target document size in bytes (default 8192)\n"
-         "  --threads N           encoding threads (default: all cores, at most 16)\n";
-}
-
-std::optional<PrepareOptions> parse_prepare_args(const std::vector<std::string>& args) {
-  PrepareOptions opt;
-  bool flags_done = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& arg = args[i];
-    if (flags_done || arg.empty() || arg[0] != '-' || arg == "-") {
-      opt.inputs.push_back(arg);
-      continue;
-    }
-    if (arg == "--") {
-      flags_done = true;
-      continue;
-    }
-    if (arg == "-h" || arg == "--help") return std::nullopt;
-    std::string flag = arg, value;
-    bool has_value = false;
-    if (const size_t eq = arg.find('='); eq != std::string::npos) {
-      flag = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-      has_value = true;
-    }
-    const auto take_value = [&]() -> std::string {
-      if (has_value) return value;
-      if (i + 1 >= args.size()) TS_USER_ERROR("prepare: {} needs a value", flag);
-      return args[++i];
-    };
-    if (flag == "--tokenizer") {
-      opt.tokenizer_spec = take_value();
-    } else if (flag == "--train-tokenizer") {
-      opt.train_vocab = parse_number<int>(flag, take_value());
-      if (opt.train_vocab <= 0) {
-        TS_USER_ERROR("prepare: --train-tokenizer must be positive, got {}", opt.train_vocab);
-      }
-    } else if (flag == "--tokenizer-out") {
-      opt.tokenizer_out = take_value();
-    } else if (flag == "--out") {
-      opt.out = take_value();
-    } else if (flag == "--val-fraction") {
-      opt.val_fraction = parse_number<float>(flag, take_value());
-    } else if (flag == "--doc-chars") {
-      opt.doc_chars = parse_number<int>(flag, take_value());
-    } else if (flag == "--threads") {
-      opt.num_threads = parse_number<int>(flag, take_value());
-    } else {
-      TS_USER_ERROR("prepare: unknown flag '{}'\n{}", flag, prepare_usage());
-    }
-  }
-  validate_options(opt);
-  return opt;
-}
 
 std::vector<std::string> list_source_files(const std::vector<std::string>& inputs) {
   std::vector<std::string> files;
@@ -317,90 +187,171 @@ bool chunk_is_val(std::string_view file_name, int64_t chunk_idx, double val_frac
   return rng.bits(static_cast<uint64_t>(chunk_idx)) % 1000u < threshold;
 }
 
-PrepareSummary prepare_dataset(const PrepareOptions& opt) {
-  validate_options(opt);
-  const auto t_start = Clock::now();
-  PrepareSummary summary;
+namespace {
 
-  // 1. Read, hash and normalize every source.
-  const std::vector<std::string> files = list_source_files(opt.inputs);
-  std::vector<std::string> texts(files.size());
-  std::vector<SourceFile> sources;
-  for (size_t f = 0; f < files.size(); ++f) {
-    const std::string bytes = read_file_bytes(files[f]);
-    NormalizedText norm = decode_source(bytes, files[f]);
-    if (norm.encoding == SourceEncoding::latin1) log_info("{}: read as Latin-1", files[f]);
-    if (norm.num_crlf + norm.num_lone_cr > 0) {
-      log_info("{}: {} CRLF and {} lone CR line endings turned into LF", files[f], norm.num_crlf,
-               norm.num_lone_cr);
-    }
-    sources.push_back({fs::path(files[f]).filename().string(), sha256_hex(bytes)});
-    summary.num_bytes += static_cast<int64_t>(norm.text.size());
-    texts[f] = std::move(norm.text);
+// Calls on_doc(split, text) for each document of one file's normalized text, in chunk order;
+// chunks of only whitespace are dropped (their index still counts).
+template <class F>
+void for_each_document(std::string_view text, std::string_view name, const PrepareOptions& opt,
+                       F&& on_doc) {
+  const std::vector<Chunk> chunks = chunk_text(text, opt.doc_chars);
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const std::string_view piece =
+        text.substr(size_t(chunks[i].begin), size_t(chunks[i].end - chunks[i].begin));
+    if (piece.find_first_not_of(" \t\n\v\f") == std::string_view::npos) continue;
+    on_doc(chunk_is_val(name, int64_t(i), opt.val_fraction) ? Split::val : Split::train, piece);
   }
-  summary.num_files = static_cast<int64_t>(files.size());
-  const double t_read = seconds_since(t_start);
+}
 
-  // 2. Documents and the split.
-  std::vector<Document> docs[2];
-  for (size_t f = 0; f < files.size(); ++f) {
-    const std::string_view text = texts[f];
-    const std::vector<Chunk> chunks = chunk_text(text, opt.doc_chars);
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      const std::string_view piece =
-          text.substr(static_cast<size_t>(chunks[i].begin),
-                      static_cast<size_t>(chunks[i].end - chunks[i].begin));
-      if (piece.find_first_not_of(" \t\n\v\f") == std::string_view::npos) continue;
-      const bool val = chunk_is_val(sources[f].name, static_cast<int64_t>(i), opt.val_fraction);
-      docs[val ? kVal : kTrain].push_back({piece, static_cast<int64_t>(i), static_cast<int>(f)});
-    }
-  }
-  if (docs[kTrain].empty()) {
-    TS_USER_ERROR("prepare: no train documents: the inputs hold no text outside the val split");
-  }
-  if (docs[kVal].empty() && opt.val_fraction > 0.0f) {
-    log_warn("prepare: val_fraction {} but no document landed in val (too little text?)",
-             opt.val_fraction);
-  }
+std::string base_name(const std::string& path) { return fs::path(path).filename().string(); }
 
-  // 3. The tokenizer: loaded, or trained on the train documents only (val stays unseen).
-  const auto t_tok = Clock::now();
-  Tokenizer tok;
-  if (opt.train_vocab > 0) {
-    summary.tokenizer_path = !opt.tokenizer_out.empty()
-                                 ? opt.tokenizer_out
-                                 : (fs::path(opt.out).parent_path() / "tokenizer.json").string();
-    make_parent_dirs(summary.tokenizer_path);
-    std::vector<std::string> train_texts;
-    train_texts.reserve(docs[kTrain].size());
-    for (const auto& d : docs[kTrain]) train_texts.emplace_back(d.text);
-    BpeTrainOptions bpe;
-    bpe.vocab_size = opt.train_vocab;
-    bpe.special_tokens = {kEotText};
-    bpe.pre = PreTokenizer::gpt2;
-    tok = train_bpe(train_texts, bpe);
-    tok.save_hf_json(summary.tokenizer_path);
-    log_info("prepare: trained a {}-token BPE vocabulary on {} train documents in {:.1f} s -> {}",
-             tok.vocab_size(), docs[kTrain].size(), seconds_since(t_tok), summary.tokenizer_path);
-  } else {
-    tok = load_tokenizer_spec(opt.tokenizer_spec);
-  }
-  const double t_tokenizer = seconds_since(t_tok);
-
-  // 4. Encode.
-  const auto t_enc = Clock::now();
+int thread_count(const PrepareOptions& opt) {
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int num_threads = opt.num_threads > 0 ? opt.num_threads : std::min(hw, kMaxThreads);
-  TokenSplit splits[2];
-  for (int s : {kTrain, kVal}) {
-    splits[s] = encode_documents(tok, docs[s], num_threads);
-    summary.num_docs[s] = static_cast<int64_t>(docs[s].size());
-    summary.num_tokens[s] = static_cast<int64_t>(splits[s].tokens.size());
-  }
-  const double t_encode = seconds_since(t_enc);
+  return opt.num_threads > 0 ? opt.num_threads : std::min(hw, kMaxThreads);
+}
 
-  // 5. Write.
-  const auto t_write = Clock::now();
+std::string rate_text(double bytes, Clock::time_point t0) {
+  return fmt::format("{:.1f} MB/s", bytes / 1e6 / std::max(seconds_since(t0), 1e-9));
+}
+
+// --- pass 1 (with --train-tokenizer): pre-token counts of the train documents -----------------
+
+struct CountedFile {
+  PreTokenCounts counts;
+  int64_t num_docs = 0, num_bytes = 0;
+};
+
+CountedFile count_file(const std::string& path, const PrepareOptions& opt,
+                       const BpeTrainOptions& bpe) {
+  CountedFile out{PreTokenCounts(bpe)};
+  const NormalizedText norm = load_source_text(path);
+  out.num_bytes = int64_t(norm.text.size());
+  for_each_document(norm.text, base_name(path), opt, [&](Split s, std::string_view doc) {
+    if (s != Split::train) return;  // val stays unseen by the tokenizer
+    out.counts.add_text(doc);
+    ++out.num_docs;
+  });
+  return out;
+}
+
+// Trains the BPE vocabulary on the train documents, streaming the files: what stays in memory is
+// the pre-token counts (they grow with the distinct words, not with the corpus) and the text of the
+// files being counted.
+Tokenizer train_tokenizer(const std::vector<std::string>& files, const PrepareOptions& opt,
+                          int num_threads, PrepareSummary* summary) {
+  const auto t0 = Clock::now();
+  BpeTrainOptions bpe;
+  bpe.vocab_size = opt.train_vocab;
+  bpe.special_tokens = {kEotText};
+  bpe.pre = PreTokenizer::gpt2;
+  PreTokenCounts counts(bpe);
+  int64_t num_docs = 0, num_bytes = 0;
+  ProgressLine progress = ProgressLine::for_stderr();
+  run_ordered<CountedFile>(
+      int64_t(files.size()), num_threads, kFilesAheadPerThread * num_threads,
+      [&](int64_t f) { return count_file(files[size_t(f)], opt, bpe); },
+      [&](int64_t f, CountedFile&& c) {
+        counts.merge(std::move(c.counts));
+        num_docs += c.num_docs;
+        num_bytes += c.num_bytes;
+        progress.update(fmt::format("prepare: counting pre-tokens {}/{} files | {:.1f} MB | {}",
+                                    f + 1, files.size(), num_bytes / 1e6, rate_text(num_bytes, t0)),
+                        f + 1 == int64_t(files.size()));
+      });
+  progress.finish();
+  if (num_docs == 0)
+    TS_USER_ERROR("prepare: no train documents: the inputs hold no text outside the val split");
+  summary->tokenizer_path = !opt.tokenizer_out.empty()
+                                ? opt.tokenizer_out
+                                : (fs::path(opt.out).parent_path() / "tokenizer.json").string();
+  make_parent_dirs(summary->tokenizer_path);
+  Tokenizer tok = train_bpe(counts, bpe);
+  tok.save_hf_json(summary->tokenizer_path);
+  log_info(
+      "prepare: trained a {}-token BPE vocabulary on {} train documents ({} distinct "
+      "pre-tokens) in {:.1f} s -> {}",
+      tok.vocab_size(), num_docs, counts.counts().size(), seconds_since(t0),
+      summary->tokenizer_path);
+  return tok;
+}
+
+// --- pass 2: encode files in parallel, write them in order --------------------------------------
+
+struct EncodedFile {
+  SourceFile source;
+  int64_t num_bytes = 0;           // normalized text
+  std::vector<std::string> notes;  // what decoding changed, logged in file order
+  std::vector<uint32_t> tokens[2];
+  std::vector<int64_t> doc_lengths[2];
+};
+
+EncodedFile encode_file(const std::string& path, const Tokenizer& tok, const PrepareOptions& opt) {
+  EncodedFile out;
+  const std::string bytes = read_file_bytes(path);
+  out.source = {base_name(path), sha256_hex(bytes)};
+  const NormalizedText norm = decode_source(bytes, path);
+  out.num_bytes = int64_t(norm.text.size());
+  if (norm.encoding == SourceEncoding::latin1) out.notes.push_back(path + ": read as Latin-1");
+  if (norm.num_crlf + norm.num_lone_cr > 0)
+    out.notes.push_back(fmt::format("{}: {} CRLF and {} lone CR line endings turned into LF", path,
+                                    norm.num_crlf, norm.num_lone_cr));
+  const int eot = tok.eot_id();
+  for_each_document(norm.text, out.source.name, opt, [&](Split s, std::string_view doc) {
+    // allow_special = false: corpus text that happens to spell "<|endoftext|>" stays text.
+    const std::vector<int32_t> ids = tok.encode(doc, /*allow_special=*/false);
+    std::vector<uint32_t>& dst = out.tokens[int(s)];
+    for (const int32_t id : ids) {
+      TS_CHECK(id >= 0, "tokenizer produced id {}", id);
+      dst.push_back(uint32_t(id));
+    }
+    if (eot >= 0) dst.push_back(uint32_t(eot));
+    out.doc_lengths[int(s)].push_back(int64_t(ids.size()) + (eot >= 0 ? 1 : 0));
+  });
+  return out;
+}
+
+// Appends one encoded file's documents to the dataset (files in order, documents in chunk order).
+void write_file(const EncodedFile& e, TokenDatasetWriter& writer) {
+  for (const Split s : kSplits) {
+    const std::span<const uint32_t> all(e.tokens[int(s)]);
+    size_t begin = 0;
+    for (const int64_t len : e.doc_lengths[int(s)]) {
+      writer.add_document(s, all.subspan(begin, size_t(len)));
+      begin += size_t(len);
+    }
+  }
+}
+
+std::vector<SourceFile> encode_all(const std::vector<std::string>& files, const Tokenizer& tok,
+                                   const PrepareOptions& opt, int num_threads,
+                                   TokenDatasetWriter& writer, PrepareSummary* summary) {
+  const auto t0 = Clock::now();
+  std::vector<SourceFile> sources;
+  ProgressLine progress = ProgressLine::for_stderr();
+  run_ordered<EncodedFile>(
+      int64_t(files.size()), num_threads, kFilesAheadPerThread * num_threads,
+      [&](int64_t f) { return encode_file(files[size_t(f)], tok, opt); },
+      [&](int64_t f, EncodedFile&& e) {
+        for (const std::string& note : e.notes) log_info("{}", note);
+        write_file(e, writer);
+        sources.push_back(e.source);
+        summary->num_bytes += e.num_bytes;
+        const int64_t tokens = writer.num_tokens(Split::train) + writer.num_tokens(Split::val);
+        progress.update(fmt::format("prepare: encoding {}/{} files | {:.2f} M tokens | {}", f + 1,
+                                    files.size(), tokens / 1e6, rate_text(summary->num_bytes, t0)),
+                        f + 1 == int64_t(files.size()));
+      });
+  progress.finish();
+  for (const Split s : kSplits) {
+    summary->num_docs[int(s)] = writer.num_docs(s);
+    summary->num_tokens[int(s)] = writer.num_tokens(s);
+  }
+  summary->encode_seconds = seconds_since(t0);
+  return sources;
+}
+
+TokenDatasetMeta dataset_meta(const Tokenizer& tok, const PrepareOptions& opt,
+                              std::vector<SourceFile> sources) {
   TokenDatasetMeta meta;
   meta.tokenizer_json = tok.to_hf_json();
   meta.tokenizer_hash = tok.hash();
@@ -408,7 +359,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
            "Tokenizer::hash() is not the sha256 of to_hf_json()");
   meta.vocab_size = tok.vocab_size();
   meta.eot_id = tok.eot_id();
-  meta.sources = sources;
+  meta.sources = std::move(sources);
   meta.val_fraction = opt.val_fraction;
   meta.doc_chars = opt.doc_chars;
   meta.split_rule = fmt::format(
@@ -416,26 +367,47 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
       "CounterRng(0, \"tessera/prepare/split/\" + f).bits(i) % 1000 < {}",
       std::lround(opt.val_fraction * 1000.0));
   meta.created_by = created_by_text(opt);
-  make_parent_dirs(opt.out);
-  write_token_dataset(opt.out, meta, splits[kTrain], splits[kVal]);
-  const double t_written = seconds_since(t_write);
+  return meta;
+}
 
-  summary.tokenizer_hash = meta.tokenizer_hash;
+}  // namespace
+
+PrepareSummary prepare_dataset(const PrepareOptions& opt) {
+  validate_options(opt);
+  const auto t_start = Clock::now();
+  PrepareSummary summary;
+  const std::vector<std::string> files = list_source_files(opt.inputs);
+  summary.num_files = int64_t(files.size());
+  const int num_threads = thread_count(opt);
+
+  // The tokenizer: trained on the train documents only (val stays unseen), or loaded.
+  const Tokenizer tok = opt.train_vocab > 0 ? train_tokenizer(files, opt, num_threads, &summary)
+                                            : load_tokenizer_spec(opt.tokenizer_spec);
+  summary.tokenizer_hash = tok.hash();
+  make_parent_dirs(opt.out);
+  TokenDatasetWriter writer(opt.out, tok.vocab_size());  // an error below removes its temp file
+  std::vector<SourceFile> sources = encode_all(files, tok, opt, num_threads, writer, &summary);
+  if (summary.num_docs[int(Split::train)] == 0)
+    TS_USER_ERROR("prepare: no train documents: the inputs hold no text outside the val split");
+  if (summary.num_docs[int(Split::val)] == 0 && opt.val_fraction > 0.0f)
+    log_warn("prepare: val_fraction {} but no document landed in val (too little text?)",
+             opt.val_fraction);
+  writer.commit(dataset_meta(tok, opt, std::move(sources)));
   summary.seconds = seconds_since(t_start);
-  log_info("prepare: {} files, {:.2f} MB of text read in {:.2f} s", summary.num_files,
-           summary.num_bytes / 1e6, t_read);
-  for (int s : {kTrain, kVal}) {
-    log_info("prepare: {:5s}: {} documents, {} tokens", kSplitNames[s], summary.num_docs[s],
-             summary.num_tokens[s]);
-  }
-  const int64_t total_tokens = summary.num_tokens[kTrain] + summary.num_tokens[kVal];
-  log_info("prepare: tokenizer {} (vocab {}, hash {}) ready in {:.2f} s",
-           opt.train_vocab > 0 ? summary.tokenizer_path : opt.tokenizer_spec, meta.vocab_size,
-           meta.tokenizer_hash.substr(0, 16), t_tokenizer);
-  log_info("prepare: encoded in {:.2f} s on {} threads ({:.2f} MB/s, {:.0f} tokens/s)", t_encode,
-           num_threads, summary.num_bytes / 1e6 / std::max(t_encode, 1e-9),
-           total_tokens / std::max(t_encode, 1e-9));
-  log_info("prepare: wrote {} in {:.2f} s; total {:.2f} s", opt.out, t_written, summary.seconds);
+
+  for (const Split s : kSplits)
+    log_info("prepare: {:5s}: {} documents, {} tokens", split_name(s), summary.num_docs[int(s)],
+             summary.num_tokens[int(s)]);
+  const int64_t total_tokens = summary.num_tokens[0] + summary.num_tokens[1];
+  log_info("prepare: {} files, {:.2f} MB of text, tokenizer {} (vocab {}, hash {})",
+           summary.num_files, summary.num_bytes / 1e6,
+           opt.train_vocab > 0 ? summary.tokenizer_path : opt.tokenizer_spec, tok.vocab_size(),
+           summary.tokenizer_hash.substr(0, 16));
+  log_info("prepare: encoded in {:.2f} s on {} threads ({:.2f} MB/s, {:.0f} tokens/s)",
+           summary.encode_seconds, num_threads,
+           summary.num_bytes / 1e6 / std::max(summary.encode_seconds, 1e-9),
+           total_tokens / std::max(summary.encode_seconds, 1e-9));
+  log_info("prepare: wrote {}; total {:.2f} s", opt.out, summary.seconds);
   return summary;
 }
 

@@ -19,9 +19,16 @@
 // which depends only on the file's base name, the chunk index and val_fraction (not on the other
 // inputs or their order) and spreads val across every book. Documents keep file order, then chunk
 // order, in each split.
+//
+// Streaming: files are read, cut and encoded by a pool of threads and written in file order as
+// they finish (tokens go to the HDF5 datasets a chunk at a time), so the output is the same for any
+// thread count and memory holds only the files in flight (at most 2 per thread: each file's text
+// and tokens), never the corpus or its token stream; a corpus may be larger than memory, one file
+// may not. With --train-tokenizer a first pass over the files counts the pre-tokens of the train
+// documents: memory then also holds those counts (one entry per distinct pre-token, which grows
+// with the vocabulary of words, not the corpus), never the text. Progress goes to stderr.
 #pragma once
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -37,7 +44,7 @@ struct PrepareOptions {
                                     // <directory of out>/tokenizer.json
   float val_fraction = 0.05f;       // in [0, 1), resolution 0.001
   int doc_chars = 8192;             // target document size in bytes
-  int num_threads = 0;              // encoding threads; 0 = hardware concurrency (at most 16)
+  int num_threads = 0;              // threads over files; 0 = hardware concurrency (at most 16)
 };
 
 struct PrepareSummary {
@@ -47,19 +54,13 @@ struct PrepareSummary {
   int64_t num_bytes = 0;           // normalized text bytes
   std::string tokenizer_hash;
   std::string tokenizer_path;  // the trained tokenizer.json, when one was trained
+  double encode_seconds = 0.0;
   double seconds = 0.0;
 };
 
-// Runs the whole pipeline and logs a summary. Bad options or inputs are user errors.
+// Runs the whole pipeline and logs a summary. Bad options or inputs are user errors. (The command
+// line that fills PrepareOptions is src/cli/cmd_prepare.cpp.)
 PrepareSummary prepare_dataset(const PrepareOptions& opt);
-
-// The command line of `tessera prepare` (args after the subcommand name):
-//   --tokenizer SPEC | --train-tokenizer N [--tokenizer-out PATH]  --out FILE
-//   [--val-fraction F] [--doc-chars N] [--threads N]  INPUTS...
-// "--flag value" and "--flag=value" both work; "--" ends the flags. nullopt means help was asked
-// for (-h/--help). Unknown flags, missing values, bad numbers and missing inputs are user errors.
-std::optional<PrepareOptions> parse_prepare_args(const std::vector<std::string>& args);
-std::string prepare_usage();
 
 // --- the pieces, exposed for tests --------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-// Corpus preparation: document chunking, the val assignment, input listing, argument parsing, and
+// Corpus preparation: document chunking, the val assignment, input listing, and
 // one small end-to-end run (a tiny trained BPE on synthetic files) whose documents decode back to
 // exactly the chunks the rules predict.
 #include "data/prepare.h"
@@ -118,38 +118,6 @@ TEST(Prepare, ListsSourcesSortedSkippingJsonTwins) {
   expect_user_error([&] { list_source_files({dir.file("empty")}); }, {"empty", "no .txt"});
 }
 
-TEST(Prepare, ParsesArguments) {
-  const auto opt =
-      parse_prepare_args({"--tokenizer", "gpt2", "--out=o/d.h5", "--val-fraction", "0.1",
-                          "--doc-chars=100", "--threads", "2", "in1", "--", "--in2"});
-  ASSERT_TRUE(opt.has_value());
-  EXPECT_EQ(opt->tokenizer_spec, "gpt2");
-  EXPECT_EQ(opt->out, "o/d.h5");
-  EXPECT_FLOAT_EQ(opt->val_fraction, 0.1f);
-  EXPECT_EQ(opt->doc_chars, 100);
-  EXPECT_EQ(opt->num_threads, 2);
-  EXPECT_EQ(opt->inputs, (std::vector<std::string>{"in1", "--in2"}));
-  EXPECT_FALSE(parse_prepare_args({"--out", "x", "--help"}).has_value());
-
-  const auto fails = [](std::vector<std::string> args, std::vector<std::string> fragments) {
-    expect_user_error([&] { parse_prepare_args(args); }, fragments);
-  };
-  fails({"--tokenizer", "gpt2", "--out", "d.h5", "--frobnicate", "in"},
-        {"unknown flag", "--frobnicate"});
-  fails({"--tokenizer", "gpt2", "--out", "d.h5", "--doc-chars", "12x", "in"},
-        {"--doc-chars", "'12x'"});
-  fails({"--tokenizer", "gpt2", "--out", "d.h5", "--val-fraction", "1.5", "in"},
-        {"--val-fraction", "1.5"});
-  fails({"--tokenizer", "gpt2", "--out", "d.h5"}, {"no inputs"});
-  fails({"--tokenizer", "gpt2", "in"}, {"--out"});
-  fails({"--tokenizer", "gpt2", "--train-tokenizer", "300", "--out", "d.h5", "in"},
-        {"exactly one"});
-  fails({"--train-tokenizer", "-3", "--out", "d.h5", "in"}, {"--train-tokenizer", "-3"});
-  fails({"--tokenizer", "gpt2", "--tokenizer-out", "t.json", "--out", "d.h5", "in"},
-        {"--tokenizer-out"});
-  fails({"--tokenizer", "gpt2", "in", "--out"}, {"--out needs a value"});
-}
-
 TEST(Prepare, EndToEndWithATrainedTokenizer) {
   ScratchDir dir;
   std::filesystem::create_directories(dir.path() / "corpus");
@@ -162,7 +130,7 @@ TEST(Prepare, EndToEndWithATrainedTokenizer) {
   write_all(dir.file("corpus/b.txt"), latin1);
   write_all(dir.file("corpus/c.txt"), crlf);
   write_all(dir.file("corpus/d.json"), R"({"text": "A speech, with no newline at all. )" +
-                                             std::string(2000, 'w') + " The end.\"}");
+                                           std::string(2000, 'w') + " The end.\"}");
 
   PrepareOptions opt;
   opt.inputs = {dir.file("corpus")};
@@ -194,7 +162,7 @@ TEST(Prepare, EndToEndWithATrainedTokenizer) {
     }
   }
   for (int s = 0; s < 2; ++s) {
-    const TokenSplit& split = s == 0 ? ds.train() : ds.val();
+    const TokenSplit split = ds.read_split(s == 0 ? "train" : "val");
     ASSERT_EQ(split.num_docs(), static_cast<int64_t>(expected[s].size())) << "split " << s;
     EXPECT_EQ(static_cast<int64_t>(split.tokens.size()), summary.num_tokens[s]);
     for (int64_t d = 0; d < split.num_docs(); ++d) {
@@ -205,7 +173,7 @@ TEST(Prepare, EndToEndWithATrainedTokenizer) {
       EXPECT_EQ(tok.decode(ids), expected[s][d]) << "split " << s << " doc " << d;
     }
   }
-  EXPECT_GT(ds.val().num_docs(), 0);
+  EXPECT_GT(ds.num_docs("val"), 0);
 
   // Same inputs with the saved tokenizer: the identical token stream.
   PrepareOptions again = opt;
@@ -214,8 +182,8 @@ TEST(Prepare, EndToEndWithATrainedTokenizer) {
   again.out = dir.file("out/again.h5");
   prepare_dataset(again);
   const TokenDataset ds2 = TokenDataset::open(again.out);
-  EXPECT_EQ(ds2.train().tokens, ds.train().tokens);
-  EXPECT_EQ(ds2.val().doc_offsets, ds.val().doc_offsets);
+  EXPECT_EQ(ds2.read_split("train").tokens, ds.read_split("train").tokens);
+  EXPECT_EQ(ds2.read_split("val").doc_offsets, ds.read_split("val").doc_offsets);
   EXPECT_EQ(ds2.tokenizer_hash(), ds.tokenizer_hash());
 }
 

@@ -16,10 +16,10 @@ namespace tessera {
 namespace {
 
 using nlohmann::json;
+using testing::expect_user_error;
 using testing::gpt2_tokenizer;
 using testing::qwen3_tokenizer;
 using testing::read_all;
-using testing::expect_user_error;
 using testing::ScratchDir;
 using testing::source_path;
 using testing::write_all;
@@ -27,7 +27,6 @@ using testing::write_all;
 std::string conformance_text() {
   return read_all(source_path("tests/fixtures/tokenizer/conformance.txt"));
 }
-
 
 TEST(TokenizerJson, Gpt2SurvivesSaveAndLoad) {
   const Tokenizer* tok = gpt2_tokenizer();

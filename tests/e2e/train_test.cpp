@@ -68,12 +68,13 @@ TEST(Train, ResumeIsBitwiseExact) {
 // (add-one smoothed): what a model that ignores context can reach.
 double unigram_baseline(const TokenDataset& d) {
   std::vector<double> counts(d.vocab_size(), 1.0);
-  for (uint32_t t : d.train().tokens) counts[t] += 1.0;
+  for (uint32_t t : d.read_split("train").tokens) counts[t] += 1.0;
   double total = 0.0;
   for (double c : counts) total += c;
   double nll = 0.0;
-  for (uint32_t t : d.val().tokens) nll -= std::log(counts[t] / total);
-  return nll / double(d.val().tokens.size());
+  const std::vector<uint32_t> val = d.read_split("val").tokens;
+  for (uint32_t t : val) nll -= std::log(counts[t] / total);
+  return nll / double(val.size());
 }
 
 TEST(Train, CiRecipeBeatsUnigramBaseline) {

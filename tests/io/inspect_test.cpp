@@ -144,7 +144,7 @@ TEST(Inspect, BadPathsExitWithStatusTwo) {
 
   r = run_inspect("");
   EXPECT_EQ(r.status, 2) << r.output;
-  EXPECT_TRUE(has(r.output, "PATH is missing")) << r.output;
+  EXPECT_TRUE(has(r.output, "PATH is required")) << r.output;  // CLI11's wording
 }
 
 }  // namespace
