@@ -6,13 +6,13 @@
 # shellcheck disable=SC2034  # run_rc, run_secs, MPI_ENV, MPIRUN are read by the callers
 
 # NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast must stay off on the project's shared hosts), and
-# ICU: the GPU image lacks it, so the Debian packages carried in .deps/debs (see
+# ICU and CLI11: the GPU image lacks them, so the Debian packages carried in .deps/debs (see
 # scripts/fetch-gpu-deps.sh) are unpacked under /tmp/icu and named to CMake and the loader.
 # Sets the array gpu_icu_args (CMake arguments; empty when the system has ICU).
 gpu_setup_env() {
   export NCCL_NVLS_ENABLE=0
   gpu_icu_args=()
-  [ -f /usr/include/unicode/uchar.h ] && return 0
+  [ -f /usr/include/unicode/uchar.h ] && [ -f /usr/include/CLI/CLI.hpp ] && return 0
   local icu_lib=/tmp/icu/usr/lib/x86_64-linux-gnu debs=(.deps/debs/*.deb)
   if [ ! -e "${debs[0]}" ]; then
     echo "gpu_common.sh: ICU is missing and .deps/debs holds no .deb: run scripts/fetch-gpu-deps.sh" \
@@ -24,7 +24,8 @@ gpu_setup_env() {
   for f in "${debs[@]}"; do dpkg -x "$f" /tmp/icu || return 1; done
   # The image's compiler leaves CMake's library architecture empty, so FindICU does not look in
   # the multiarch folder by itself: name it.
-  gpu_icu_args=(-DICU_ROOT=/tmp/icu/usr -DCMAKE_LIBRARY_PATH="$icu_lib")
+  gpu_icu_args=(-DICU_ROOT=/tmp/icu/usr -DCMAKE_LIBRARY_PATH="$icu_lib"
+                -DCLI11_DIR=/tmp/icu/usr/share/cmake/CLI11)
   export CMAKE_LIBRARY_PATH="$icu_lib"
   case ":${LD_LIBRARY_PATH:-}:" in
     *":$icu_lib:"*) ;;
