@@ -233,7 +233,7 @@ void read_value(const YamlField& f, DataSources& out, const Rule& r, Origins&) {
           "mappings, got {}",
           f.origin.str(), f.name, yaml_describe(f.value));
     const std::string path = yaml_read_string(f);
-    if (!path.empty()) out.push_back({path, 1.0});
+    if (!path.empty()) out.push_back({path, 1.0f});
     return;
   }
   for (size_t i = 0; i < f.value.size(); ++i) {

@@ -127,7 +127,7 @@ struct OptimConfig {
 // uniform random tokens) and its sampling weight.
 struct DataSource {
   std::string path;
-  double weight = 1.0;
+  float weight = 1.0f;  // relative
   bool operator==(const DataSource&) const = default;
 };
 using DataSources = std::vector<DataSource>;

@@ -31,11 +31,11 @@ std::string yaml_value(const std::vector<T>& v) {
 }
 // A single unweighted dataset is written as its path; a blend as a list of mappings.
 inline std::string yaml_value(const DataSources& v) {
-  if (v.size() == 1 && v[0].weight == 1.0) return yaml_quote(v[0].path);
+  if (v.size() == 1 && v[0].weight == 1.0f) return yaml_quote(v[0].path);
   std::string items;
   for (const DataSource& s : v)
     items += fmt::format("{}{{path: {}, weight: {}}}", items.empty() ? "" : ", ",
-                         yaml_quote(s.path), s.weight);
+                         yaml_quote(s.path), yaml_float_text(s.weight));
   return "[" + items + "]";
 }
 

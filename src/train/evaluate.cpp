@@ -7,13 +7,11 @@
 namespace tessera {
 
 EvalResult evaluate(Run& run) {
-  const int B = run.recipe().data.micro_batch, M = run.num_micro();
+  const int M = run.num_micro();
   const Loader& val = run.data().val();
   const int64_t num_batches =
       std::min<int64_t>(run.recipe().train.eval_batches, val.num_eval_batches());
-  const auto fill = [&](int m, Batch& batch) {
-    val.fill_eval(m / M, m % M, B, batch.inputs.data(), batch.targets.data());
-  };
+  const auto fill = [&](int m, Batch& batch) { run.data().fill_eval(m / M, m % M, batch); };
   if (run.fp8()) run.fp8()->set_recording(false);  // evaluation must not steer the scales
   const PipelineExecutor::Result res = run.pipe().eval(fill, static_cast<int>(num_batches * M));
   if (run.fp8()) run.fp8()->set_recording(true);

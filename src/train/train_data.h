@@ -1,43 +1,52 @@
-// TrainData: the tokens a run trains and evaluates on — the dataset (or mock tokens), its
-// tokenizer, and this rank's training and evaluation loaders. Opened before the model is sized
-// (the vocabulary comes from the dataset); the loaders follow once the dp rank is known.
+// TrainData: the tokens a run trains and evaluates on — the datasets of data.path (a blend, or
+// mock tokens), their shared tokenizer, and this rank's training and evaluation loaders. Opened
+// before the model is sized (the vocabulary comes from the datasets, metadata only); the loaders
+// follow once the dp rank is known and read windows on demand.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
-#include <vector>
 
 #include "config/recipe.h"
-#include "data/dataset.h"
+#include "data/data_blend.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
+#include "model/model_shard.h"
+#include "train/batch.h"
 
 namespace tessera {
 
 class TrainData {
  public:
   // Opens data.path and checks data.tokenizer against it; mock data draws uniform random tokens
-  // below model.vocab_size.
+  // below model.vocab_size, computed per index.
   explicit TrainData(const Recipe& r);
 
-  int vocab_size() const { return vocab_size_; }
-  const std::string& tokenizer_hash() const { return tokenizer_hash_; }
+  int vocab_size() const { return int(blend_.vocab_size); }
+  const std::string& tokenizer_hash() const { return blend_.tokenizer_hash; }
   const Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }
 
-  // Training and evaluation windows of dp rank `dp_rank` of `dp` (see data/loader.h),
-  // `global_batch` sequences of seq_len tokens per step.
-  void make_loaders(const Recipe& r, int dp_rank, int dp);
+  // Training and evaluation windows of dp rank `dp_rank` of `dp` (see data/loader.h). `shard`
+  // says what this rank's pipeline stage reads: inputs on the first stage, targets on the last,
+  // nothing in between.
+  void make_loaders(const Recipe& r, int dp_rank, int dp, const ModelShard& shard = {});
   const Loader& train() const { return *train_; }
   const Loader& val() const { return *val_; }
+  // Micro-batch `micro_idx` of step `step` / evaluation batch `batch_idx` into `batch`, only the
+  // parts this stage reads.
+  void fill_train(int64_t step, int micro_idx, Batch& batch) const;
+  void fill_eval(int64_t batch_idx, int micro_idx, Batch& batch) const;
 
  private:
-  std::optional<TokenDataset> dataset_;
+  int32_t* inputs(Batch& b) const { return reads_inputs_ ? b.inputs.data() : nullptr; }
+  int32_t* targets(Batch& b) const { return reads_targets_ ? b.targets.data() : nullptr; }
+
+  DataBlend blend_;
   std::optional<Tokenizer> tokenizer_;
-  std::vector<uint32_t> mock_train_, mock_val_;
-  std::string tokenizer_hash_ = "mock";
-  int vocab_size_ = 0;
   std::unique_ptr<Loader> train_, val_;
+  int micro_batch_ = 0;
+  bool reads_inputs_ = true, reads_targets_ = true;
 };
 
 }  // namespace tessera

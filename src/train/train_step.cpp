@@ -24,12 +24,10 @@ bool grads_overflowed(Run& run) {
 
 // Forward and backward of every micro-batch of this dp rank; returns the sum of their losses.
 double forward_backward(Run& run, int64_t step, float loss_scale) {
-  const int B = run.recipe().data.micro_batch;
   double loss_sum = 0.0;
   for (int flush = 0; flush < run.num_flushes(); ++flush) {
     const auto fill = [&](int m, Batch& batch) {
-      run.data().train().fill(step, flush * run.flush_micro() + m, B, batch.inputs.data(),
-                              batch.targets.data());
+      run.data().fill_train(step, flush * run.flush_micro() + m, batch);
     };
     // The data-parallel buckets launch during the step's last backward.
     const bool last = flush == run.num_flushes() - 1;

@@ -9,9 +9,9 @@
 #include <filesystem>
 #include <numeric>
 
+#include "config/recipe.h"
 #include "parallel/topology.h"
 #include "tests/config/recipe_test_util.h"
-#include "config/recipe.h"
 
 namespace tessera {
 namespace {

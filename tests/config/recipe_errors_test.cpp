@@ -2,8 +2,8 @@
 // file and line (or the `--set` override the value came from).
 #include <gtest/gtest.h>
 
-#include "tests/config/recipe_test_util.h"
 #include "config/recipe.h"
+#include "tests/config/recipe_test_util.h"
 
 namespace tessera {
 namespace {

@@ -60,7 +60,7 @@ TEST(RecipeFiles, CiTinyTakesItsVocabularyFromTheDataset) {
   EXPECT_EQ(r.model.family, ModelFamily::gpt2);
   EXPECT_EQ(r.model.vocab_size, 0);
   EXPECT_EQ(r.train.device, DeviceChoice::cpu);
-  EXPECT_EQ(r.data.path, (DataSources{{"data/gutenberg/gutenberg.h5", 1.0}}));
+  EXPECT_EQ(r.data.path, (DataSources{{"data/gutenberg/gutenberg.h5", 1.0f}}));
   finalize_model_vocab(r.model, 4096, r.file);
   EXPECT_EQ(r.model.padded_vocab_size, 4096);
   ModelConfig odd = load("ci-tiny.yaml").model;

@@ -3,8 +3,8 @@
 // recipe_to_yaml, take part in equality, and bad values name key, value and file:line.
 #include <gtest/gtest.h>
 
-#include "tests/config/recipe_test_util.h"
 #include "config/recipe.h"
+#include "tests/config/recipe_test_util.h"
 
 namespace tessera {
 namespace {

@@ -3,8 +3,8 @@
 // sub-section given with the wrong compute dtype, min/initial/max out of order).
 #include <gtest/gtest.h>
 
-#include "tests/config/recipe_test_util.h"
 #include "config/recipe.h"
+#include "tests/config/recipe_test_util.h"
 
 namespace tessera {
 namespace {
@@ -91,7 +91,8 @@ TEST(RecipePrecision, Fp8Section) {
 )"));
   EXPECT_EQ(r.precision.fp8, (Fp8Config{16, AmaxCompute::most_recent, 2}));
   EXPECT_EQ(r.precision.high_precision,
-            (std::vector<HighPrecisionLayer>{HighPrecisionLayer::lm_head, HighPrecisionLayer::embedding}));
+            (std::vector<HighPrecisionLayer>{HighPrecisionLayer::lm_head,
+                                             HighPrecisionLayer::embedding}));
   expect_round_trip(r);
 }
 

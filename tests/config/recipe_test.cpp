@@ -4,14 +4,15 @@
 
 #include <cstdint>
 
-#include "tests/config/recipe_test_util.h"
 #include "config/recipe.h"
+#include "tests/config/recipe_test_util.h"
 
 namespace tessera {
 namespace {
 
 using testing::expect_user_error;
 using testing::kBaseRecipe;
+using testing::kBaseRecipeBlend;
 
 Recipe parse_base(const std::vector<std::string>& overrides = {}) {
   return parse_recipe(kBaseRecipe, "t.yaml", overrides);
@@ -36,7 +37,7 @@ TEST(Recipe, MinimalRecipeFillsDefaults) {
   EXPECT_EQ(r.optim, OptimConfig{});
   EXPECT_EQ(r.checkpoint, CheckpointConfig{});
   EXPECT_EQ(r.logging, LoggingConfig{});
-  EXPECT_EQ(r.data.path, (DataSources{{"data/x.h5", 1.0}}));
+  EXPECT_EQ(r.data.path, (DataSources{{"data/x.h5", 1.0f}}));
   EXPECT_EQ(r.data.grad_accum, 1);
   EXPECT_EQ(r.train.steps, 10);
   EXPECT_EQ(r.train.device, DeviceChoice::auto_);
@@ -143,10 +144,10 @@ TEST(Recipe, RoundTripKeepsAutoVocab) {
 TEST(Recipe, ResolvedYamlListsEveryFieldInOrder) {
   const std::string yaml = recipe_to_yaml(parse_base());
   size_t last = 0;
-  for (const char* key : {"model:", "  family:", "  init_std:", "parallel:", "  zero:",
-                          "precision:", "  grad_reduce:", "optim:", "  grad_clip:", "data:",
-                          "train:", "  recompute:", "  attention:", "  sample_prompt:",
-                          "checkpoint:", "  resume:", "logging:", "  level:"}) {
+  for (const char* key :
+       {"model:", "  family:", "  init_std:", "parallel:", "  zero:", "precision:",
+        "  grad_reduce:", "optim:", "  grad_clip:", "data:", "train:", "  recompute:",
+        "  attention:", "  sample_prompt:", "checkpoint:", "  resume:", "logging:", "  level:"}) {
     const size_t at = yaml.find(key, last);
     ASSERT_NE(at, std::string::npos) << key << " missing or out of order in\n" << yaml;
     last = at;
@@ -177,6 +178,37 @@ TEST(Recipe, FinalizeVocabRejectsInconsistentSizes) {
   expect_user_error([&] { finalize_model_vocab(explicit_vocab.model, 101, "t.yaml"); },
                     {"t.yaml", "model.vocab_size = 100", "101"});
   expect_user_error([&] { finalize_model_vocab(small.model, 0, "t.yaml"); }, {"t.yaml", "0"});
+}
+
+}  // namespace
+}  // namespace tessera
+
+namespace tessera {
+namespace {
+
+TEST(Recipe, DataPathTakesABlend) {
+  const Recipe r = parse_recipe(kBaseRecipeBlend, "t.yaml");
+  ASSERT_EQ(r.data.path.size(), 2u);
+  EXPECT_EQ(r.data.path[0], (DataSource{"a.h5", 0.7f}));
+  EXPECT_EQ(r.data.path[1], (DataSource{"b.h5", 1.0f}));  // weight defaults to 1
+  EXPECT_FALSE(r.data.mock());
+  const std::string yaml = recipe_to_yaml(r);
+  EXPECT_NE(yaml.find("path: [{path: \"a.h5\", weight: 0.7}, {path: \"b.h5\", weight: 1}]"),
+            std::string::npos)
+      << yaml;
+  EXPECT_EQ(parse_recipe(yaml, r.file), r);
+  testing::expect_user_error(
+      [] { parse_recipe(kBaseRecipeBlend, "t.yaml", {"data.path=[{path: a.h5, weight: 0}]"}); },
+      {"data.path[0].weight", "'0'"});
+  testing::expect_user_error(
+      [] { parse_recipe(kBaseRecipeBlend, "t.yaml", {"data.path=[{weight: 2}]"}); },
+      {"data.path[0].path is required"});
+  testing::expect_user_error(
+      [] { parse_recipe(kBaseRecipeBlend, "t.yaml", {"data.path=[{path: a.h5, wieght: 2}]"}); },
+      {"data.path[0].wieght"});
+  testing::expect_user_error(
+      [] { parse_recipe(kBaseRecipeBlend, "t.yaml", {"data.path=[{path: mock}, {path: b.h5}]"}); },
+      {"'mock' cannot be part of a blend"});
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "data/dataset.h"
 #include "tests/common/cli.h"
@@ -92,6 +93,33 @@ TEST(Train, CiRecipeBeatsUnigramBaseline) {
   // a few hundred steps. A model that learned nothing beyond token frequencies fails this.
   std::printf("ci-tiny: val_loss %.4f, unigram baseline %.4f\n", val_loss, baseline);
   EXPECT_LT(val_loss, baseline - 1.0) << r.output;
+}
+
+}  // namespace
+}  // namespace tessera
+
+namespace tessera {
+namespace {
+
+// A blend in the recipe reaches the loader: two entries (here the CI set twice, so they share a
+// tokenizer) train and evaluate; the resolved recipe keeps the blend.
+TEST(Train, RecipeBlendTrains) {
+  const std::string dir = testing::fresh_dir("blend");
+  const std::string set = testing::ci_dataset();
+  const auto r = testing::run_cli(
+      "train recipes/ci-tiny.yaml --set train.steps=3 --set optim.warmup_steps=1"
+      " --set train.sample_tokens=0 --set train.eval_batches=1 --set checkpoint.save_final=false"
+      " --set 'data.path=[{path: " +
+      set + ", weight: 3}, {path: " + set +
+      "}]'"
+      " --set train.out_dir=" +
+      dir);
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::ifstream in(dir + "/recipe.yaml");
+  std::stringstream text;
+  text << in.rdbuf();
+  EXPECT_NE(text.str().find("weight: 3}"), std::string::npos) << text.str();
+  EXPECT_NE(r.output.find("val_loss"), std::string::npos) << r.output;
 }
 
 }  // namespace
