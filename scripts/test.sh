@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: install dependencies, fetch the pinned data, build
-# (CUDA code too when nvcc is present; GPU tests skip without a GPU), prepare the CI corpus, and
-# run ctest. Output ends with ctest's summary line.
+# (CUDA code too when nvcc is present; GPU tests skip without a GPU), prepare the CI corpus, run
+# the fast unit tests under AddressSanitizer + UBSan with -Werror (scripts/sanitize.sh, its own
+# build in build-asan/), then run ctest. Output ends with ctest's summary line.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -9,6 +10,7 @@ bash scripts/install-deps.sh
 bash scripts/fetch-data.sh
 bash scripts/build.sh
 bash scripts/prepare-data.sh
+bash scripts/sanitize.sh
 # ctest lists skipped tests (the GPU tests, without a GPU) after its summary; repeat the summary
 # line last so the output ends with it.
 set +e
