@@ -14,6 +14,7 @@ packages=(
   libicu-dev
   libopenblas-dev
   libbenchmark-dev
+  clang-format
   nodejs npm
 )
 

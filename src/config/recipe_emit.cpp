@@ -112,8 +112,7 @@ std::string recipe_to_yaml(const Recipe& r) {
 }
 
 std::string recipe_keys_markdown() {
-  std::string out =
-      "| key | type | range | default | meaning |\n| --- | --- | --- | --- | --- |\n";
+  std::string out = "| key | type | range | default | meaning |\n| --- | --- | --- | --- | --- |\n";
   const Recipe defaults;
   Recipe::visit(defaults, [&](const FieldInfo& fi, const auto& section, const auto&) {
     key_rows(section, std::string(fi.name) + ".", out);

@@ -33,8 +33,9 @@ struct DataParallelConfig {
   // 0: buckets are all-reduced and every rank keeps the full optimizer state.
   // 1: buckets are reduce-scattered; dp rank r owns chunk r of every bucket (optimizer state too).
   int zero_stage = 0;
-  // Target bucket size in bytes of gradient (the store's gradient dtype). Big enough that each collective runs
-  // near bandwidth, small enough that the first buckets start while backward is still running.
+  // Target bucket size in bytes of gradient (the store's gradient dtype). Big enough that each
+  // collective runs near bandwidth, small enough that the first buckets start while backward is
+  // still running.
   int64_t bucket_bytes = int64_t(25) << 20;
 };
 

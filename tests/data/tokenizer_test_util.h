@@ -1,5 +1,6 @@
 // Helpers for the tokenizer tests: paths of the reference tokenizer files under data/raw, loaded
-// once per process (the Qwen3 tokenizer.json is 11 MB). File helpers come from tests/common/files.h.
+// once per process (the Qwen3 tokenizer.json is 11 MB). File helpers come from
+// tests/common/files.h.
 #pragma once
 #include <gtest/gtest.h>
 

@@ -9,8 +9,8 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
-#include "tests/common/cli.h"
 #include "io/checkpoint.h"
+#include "tests/common/cli.h"
 
 namespace tessera {
 namespace {

@@ -21,12 +21,13 @@ inline ModelConfig config_for(const std::string& family) {
   return family == "gpt2" ? testing::tiny_gpt2() : testing::tiny_llama();
 }
 
-// <source>/tests/fixtures/golden/<family>/init : a Tessera checkpoint (step 0) of the initial weights plus
-// tensors golden.tokens / golden.targets (kSteps, B, T) i32.
+// <source>/tests/fixtures/golden/<family>/init : a Tessera checkpoint (step 0) of the initial
+// weights plus tensors golden.tokens / golden.targets (kSteps, B, T) i32.
 inline std::string init_dir(const std::string& source_dir, const std::string& family) {
   return source_dir + "/tests/fixtures/golden/" + family + "/init";
 }
-// <source>/tests/fixtures/golden/<family>/golden.h5 : PyTorch's outputs (written by make_golden.py).
+// <source>/tests/fixtures/golden/<family>/golden.h5 : PyTorch's outputs (written by
+// make_golden.py).
 inline std::string golden_file(const std::string& source_dir, const std::string& family) {
   return source_dir + "/tests/fixtures/golden/" + family + "/golden.h5";
 }

@@ -206,17 +206,22 @@ TEST(Fp8ScalingState, LoadRejectsMismatchedOrCorruptSnapshots) {
       },
       {"amax_history[0, 0]"});
   expect_user_error([&] { state.load(with([](auto& s) { s.scale[0] = 0.0f; })); }, {"scale[0]"});
-  expect_user_error([&] { state.load(with([](auto& s) { s.scale[1] = 2.0f; })); }, {"scale_inv[1]"});
+  expect_user_error([&] { state.load(with([](auto& s) { s.scale[1] = 2.0f; })); },
+                    {"scale_inv[1]"});
   // A failed load changes nothing.
   EXPECT_EQ(to_host(state.scales()), (std::vector<float>{1, 1}));
 }
 
 TEST(Fp8ScalingConfig, ValidationNamesTheField) {
   expect_user_error(
-      [] { validate_fp8_scaling_config(config(0, ops::Fp8AmaxCompute::max, 0), {"precision.fp8"}); },
+      [] {
+        validate_fp8_scaling_config(config(0, ops::Fp8AmaxCompute::max, 0), {"precision.fp8"});
+      },
       {"precision.fp8.amax_history_len"});
   expect_user_error(
-      [] { validate_fp8_scaling_config(config(4, ops::Fp8AmaxCompute::max, -1), {"precision.fp8"}); },
+      [] {
+        validate_fp8_scaling_config(config(4, ops::Fp8AmaxCompute::max, -1), {"precision.fp8"});
+      },
       {"precision.fp8.margin"});
 }
 

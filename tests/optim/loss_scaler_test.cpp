@@ -40,7 +40,6 @@ void run(LossScaler& s, const std::vector<bool>& found_inf) {
   for (bool inf : found_inf) s.update(inf);
 }
 
-
 TEST(LossScaler, StartsAtInitialWithHysteresisArmed) {
   const LossScaler s(small_config());
   EXPECT_EQ(s.scale(), 1024.0f);

@@ -145,8 +145,7 @@ void for_pipelines(Body body) {
   for (PipelineSchedule kind : {PipelineSchedule::gpipe, PipelineSchedule::one_f_one_b}) {
     for (int p = 2; p <= 5; ++p) {
       for (int M = 1; M <= 8; ++M) {
-        SCOPED_TRACE(testing::Message()
-                     << to_string(kind) << " p=" << p << " M=" << M);
+        SCOPED_TRACE(testing::Message() << to_string(kind) << " p=" << p << " M=" << M);
         body(kind, p, M);
       }
     }
