@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "cli/command.h"
+#include "core/error.h"
 #include "core/log.h"
 #include "parallel/mpi_runtime.h"
 #include "train/trainer.h"
@@ -17,10 +18,21 @@ struct TrainArgs {
   std::vector<std::string> overrides;
 };
 
+// A recipe error is the same on every rank (each parses the same file and overrides): rank 0
+// reports it once and ends the job (main.cpp); the other ranks wait to be ended with it.
+Recipe load_on_every_rank(const TrainArgs& args) {
+  try {
+    return load_recipe(args.recipe_path, args.overrides);
+  } catch (const Error& e) {
+    if (world_rank() > 0) await_job_end_by_rank0(e.exit_code());
+    throw;
+  }
+}
+
 int run_train(const TrainArgs& args) {
   std::optional<MpiRuntime> mpi;
   if (launched_by_mpi_launcher()) mpi.emplace(nullptr, nullptr);
-  const Recipe recipe = load_recipe(args.recipe_path, args.overrides);
+  const Recipe recipe = load_on_every_rank(args);
   log_set_level(recipe.logging.level);
   const TrainSummary s = train(recipe);
   if (world_rank() == 0)

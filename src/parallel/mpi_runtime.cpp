@@ -3,9 +3,11 @@
 #include "parallel/mpi_runtime.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <thread>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -124,6 +126,22 @@ void abort_job(int code) {
     std::_Exit(code);  // MPI_Abort does not return; this is for an MPI that does
   }
   std::exit(code);
+}
+
+void await_job_end_by_rank0(int code, double timeout_s) {
+  if (mpi_active() && world_size() > 1) {
+    MPI_Request request;
+    MPI_Ibarrier(MPI_COMM_WORLD, &request);  // rank 0 never joins: it aborts
+    const auto start = std::chrono::steady_clock::now();
+    int done = 0;
+    while (!done &&
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() <
+               timeout_s) {
+      MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  abort_job(code);
 }
 
 #ifndef TESSERA_CUDA

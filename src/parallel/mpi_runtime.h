@@ -52,6 +52,12 @@ int local_rank();
 // no peer waits forever in a collective), else std::exit(code). Flushes stdout/stderr first.
 [[noreturn]] void abort_job(int code);
 
+// For an error every rank meets in the same way (a bad recipe: each rank parses the same text),
+// which rank 0 reports and ends the job with: ranks > 0 call this instead of reporting, so the
+// message is printed once. Waits (MPI_Ibarrier, polled) for rank 0's abort to end this process;
+// if rank 0 has not ended the job after `timeout_s` seconds it ends it itself with `code`.
+[[noreturn]] void await_job_end_by_rank0(int code, double timeout_s = 60.0);
+
 // CUDA builds: cudaSetDevice(local_rank() % device count) and returns that device. Warns when
 // this rank must share its GPU with a lower local rank (NCCL refuses two ranks of one
 // communicator on one GPU, so such a layout fails later for groups joining them). User error when

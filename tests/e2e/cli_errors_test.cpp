@@ -36,6 +36,21 @@ TEST(CliErrors, UnknownKeyNamesKeyFileAndLine) {
   expect_user_error(run_cli("train " + path), {"train.stepz", "r.yaml", "17"});
 }
 
+// Every rank parses the same recipe and meets the same error: rank 0 prints it once and the job
+// ends with status 2 (the other ranks wait for its abort instead of printing it again).
+TEST(CliErrors, RecipeErrorUnderMpirunIsPrintedOnce) {
+  const std::string dir = testing::fresh_dir("unknown_key_mpi");
+  const std::string path = dir + "/r.yaml";
+  testing::write_file(path, recipe_text("x.h5", dir + "/run"));
+  const auto r = run_cli("train " + path + " --set train.stepz=3", testing::mpirun(3));
+  expect_user_error(r, {"train.stepz"});
+  size_t count = 0;
+  for (size_t at = r.output.find("unknown key"); at != std::string::npos;
+       at = r.output.find("unknown key", at + 1))
+    ++count;
+  EXPECT_EQ(count, 1u) << r.output;
+}
+
 TEST(CliErrors, WrongTypeNamesValue) {
   const std::string dir = testing::fresh_dir("wrong_type");
   const std::string path = dir + "/r.yaml";
