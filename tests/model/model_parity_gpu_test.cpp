@@ -89,8 +89,8 @@ TEST_P(ModelParityGpu, LossesTrackTheCpuReference) {
     std::printf(
         "%s %s: cpu %.6f -> %.6f | gpu fp32 %.6f -> %.6f | gpu bf16 %.6f -> %.6f | "
         "gpu fp16 %.6f -> %.6f\n",
-        GetParam(), impl, cpu[0], cpu[steps - 1], f32[0], f32[steps - 1], bf16[0], bf16[steps - 1],
-        f16[0], f16[steps - 1]);
+        GetParam(), to_string(impl), cpu[0], cpu[steps - 1], f32[0], f32[steps - 1], bf16[0],
+        bf16[steps - 1], f16[0], f16[steps - 1]);
   }
 }
 
