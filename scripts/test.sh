@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: install dependencies, fetch the pinned data, build
-# (CUDA code too when nvcc is present; GPU tests skip without a GPU), prepare the CI corpus, run
+# (CUDA code too when nvcc is present; GPU tests skip without a GPU; C++ warnings are errors here,
+# so code that only the CUDA build compiles is checked too), prepare the CI corpus, run
 # the fast unit tests under AddressSanitizer + UBSan with -Werror (scripts/sanitize.sh, its own
 # build in build-asan/), then run ctest. Output ends with ctest's summary line.
 set -euo pipefail
@@ -8,7 +9,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/install-deps.sh
 bash scripts/fetch-data.sh
-bash scripts/build.sh
+TESSERA_CMAKE_ARGS="-DTESSERA_WERROR=ON ${TESSERA_CMAKE_ARGS:-}" bash scripts/build.sh
 bash scripts/prepare-data.sh
 bash scripts/sanitize.sh
 # ctest lists skipped tests (the GPU tests, without a GPU) after its summary; repeat the summary

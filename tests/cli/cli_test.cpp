@@ -92,7 +92,7 @@ TEST(CliHelp, EveryCommandListsItsOptionsWithMeaningAndDefault) {
       {"inspect", {"PATH", "--recipe", "--no-stats"}},
   };
   for (const HelpCase& c : cases) {
-    for (const std::string& help : {"--help", "-h"}) {
+    for (const char* help : {"--help", "-h"}) {
       const CliResult r = run_cli(c.args + " " + help);
       EXPECT_EQ(r.status, 0) << c.args << ":\n" << r.output;
       EXPECT_TRUE(has(r.output, "Usage: tessera " + c.args)) << r.output;

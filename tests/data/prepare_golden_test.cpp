@@ -114,8 +114,9 @@ std::string dataset_bytes(hid_t file, const char* name) {
   const hid_t type = H5Dget_type(dset);
   const hid_t space = H5Dget_space(dset);
   std::string raw(H5Tget_size(type) * size_t(H5Sget_simple_extent_npoints(space)), '\0');
-  if (!raw.empty())
+  if (!raw.empty()) {
     EXPECT_GE(H5Dread(dset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw.data()), 0) << name;
+  }
   H5Sclose(space);
   H5Tclose(type);
   H5Dclose(dset);

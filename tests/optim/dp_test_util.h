@@ -37,7 +37,9 @@ inline std::vector<ParamSpec> synthetic_specs(int tp_rank, int tp_size, int pp_r
   };
   if (pp_rank == 0) add_wte(true);
   for (int l = 2 * pp_rank; l < 2 * pp_rank + 2; ++l) {
-    const std::string h = "h" + std::to_string(l) + ".";
+    // Appended, not "h" + std::string: g++ 12 -O3 warns falsely (-Wrestrict) on that form.
+    std::string h = "h";
+    h += std::to_string(l) + ".";
     add(h + "ln.weight", {6}, ParamClass::norm);
     add(h + "qk_norm.weight", {5}, ParamClass::norm, -1, /*tp_partial=*/true);
     add(h + "w1.weight", {13, 6}, ParamClass::weight, 0);

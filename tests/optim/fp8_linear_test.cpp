@@ -168,14 +168,15 @@ TEST(Fp8Linear, SharedInputGroupEqualsSeparateQuantization) {
     ParamStore ps;
     Linear lin[4];  // 0, 1, 2 read the same x; 3 is another group
     Fp8Linears fp8{Device::cpu, Fp8ScalingConfig{}};
+    // Appended, not "l" + std::string: g++ 12 -O3 warns falsely (-Wrestrict) on that form.
+    static std::string name(int i) { return std::string("l").append(std::to_string(i)); }
     explicit Layers(bool share) {
-      for (int i = 0; i < 4; ++i)
-        lin[i].declare(ps, "l" + std::to_string(i), K, N, /*with_bias=*/false, 0.02f);
+      for (int i = 0; i < 4; ++i) lin[i].declare(ps, name(i), K, N, /*with_bias=*/false, 0.02f);
       ps.allocate(DType::bf16, Device::cpu);
       for (int i = 0; i < 4; ++i) {
         from_f32(ps[lin[i].weight].value, uniform(N * K, -0.3f, 0.3f, 20 + i));
         lin[i].compute = &fp8;
-        lin[i].compute_slot = fp8.add("l" + std::to_string(i), N, K, share && (i == 1 || i == 2));
+        lin[i].compute_slot = fp8.add(name(i), N, K, share && (i == 1 || i == 2));
       }
       fp8.finalize();
     }
