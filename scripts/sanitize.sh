@@ -16,8 +16,10 @@ targets=(test_core test_config test_kernels test_model test_embedding_precision 
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 [ -f "$build/CMakeCache.txt" ] && gen=()
-# -O1 keeps the sanitized build quick to compile and the stack traces readable.
-cmake -S "$root" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" \
+# -O0 -g1: compiles about 2.5x faster than -O1 -g on 2 cores (CI's budget; the tests run a few
+# seconds longer) and still gives function names and lines in reports. Warnings that need the
+# optimizer (-Wmaybe-uninitialized) come from the main build, which is -O3 -Werror in CI.
+cmake -S "$root" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O0 -g1" \
   -DTESSERA_CUDA=OFF -DTESSERA_BENCH=OFF -DTESSERA_SANITIZE=ON -DTESSERA_WERROR=ON \
   ${TESSERA_CMAKE_ARGS:-} >/dev/null
 cmake --build "$build" -j "$jobs" --target "${targets[@]}"
