@@ -3,6 +3,7 @@
 // the public interface: callers include communicator.h.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "parallel/communicator.h"
 
@@ -19,6 +20,11 @@ void check_tensor(const Communicator& c, const Tensor& t, const char* op);
 bool check_reduce_scatter(const Communicator& c, const Tensor& out, const Tensor& in);
 // in (n) -> out (size*n). Returns true when in is exactly chunk rank() of out (in place).
 bool check_all_gather(const Communicator& c, const Tensor& out, const Tensor& in);
+// in (sum of send_counts) -> out (sum of recv_counts), one non-negative count per rank, no
+// overlap between in and out.
+void check_all_to_all_v(const Communicator& c, const Tensor& out,
+                        const std::vector<int64_t>& recv_counts, const Tensor& in,
+                        const std::vector<int64_t>& send_counts);
 // peer is inside the group and is not this rank; tag is in [0, 32767] (MPI's guaranteed range).
 void check_peer(const Communicator& c, int peer, int tag, const char* op);
 void check_root(const Communicator& c, int root);

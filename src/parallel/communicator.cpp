@@ -45,6 +45,20 @@ bool is_chunk(const Tensor& whole, const Tensor& part, int idx) {
   return addr(part.data) == addr(whole.data) + static_cast<uintptr_t>(idx) * part.nbytes();
 }
 
+void check_counts(const Communicator& c, const std::vector<int64_t>& counts, const Tensor& t,
+                  const char* which) {
+  TS_CHECK(int64_t(counts.size()) == c.size(),
+           "all_to_all_v on group '{}' (size {}): {} {} counts, expected one per rank", c.name(),
+           c.size(), counts.size(), which);
+  int64_t total = 0;
+  for (const int64_t n : counts) {
+    TS_CHECK(n >= 0, "all_to_all_v on group '{}': negative {} count {}", c.name(), which, n);
+    total += n;
+  }
+  TS_CHECK(total == t.numel(), "all_to_all_v on group '{}': {} counts sum to {}, tensor {}",
+           c.name(), which, total, t.str());
+}
+
 }  // namespace
 
 bool is_comm_dtype(DType t) {
@@ -86,6 +100,17 @@ bool check_all_gather(const Communicator& c, const Tensor& out, const Tensor& in
   TS_CHECK(in_place || !overlaps(out, in),
            "all_gather on group '{}': in overlaps out but is not its chunk {}", c.name(), c.rank());
   return in_place;
+}
+
+void check_all_to_all_v(const Communicator& c, const Tensor& out,
+                        const std::vector<int64_t>& recv_counts, const Tensor& in,
+                        const std::vector<int64_t>& send_counts) {
+  check_tensor(c, out, "all_to_all_v");
+  check_tensor(c, in, "all_to_all_v");
+  expect_same_dtype(out, in, "all_to_all_v");
+  check_counts(c, send_counts, in, "send");
+  check_counts(c, recv_counts, out, "receive");
+  TS_CHECK(!overlaps(out, in), "all_to_all_v on group '{}': in and out overlap", c.name());
 }
 
 void check_peer(const Communicator& c, int peer, int tag, const char* op) {

@@ -49,6 +49,14 @@ class Communicator {
   virtual CommHandle reduce_scatter_async(Tensor out, Tensor in, ReduceOp op) = 0;
   // in (n) -> out (size*n), chunk r = rank r's in. in may alias chunk rank() of out.
   virtual CommHandle all_gather_async(Tensor out, Tensor in) = 0;
+  // All-to-all with per-peer counts (MoE token dispatch and combine). `in` holds size() chunks
+  // in rank order, chunk p (send_counts[p] elements) going to rank p; `out` receives size()
+  // chunks in rank order, chunk p (recv_counts[p] elements) coming from rank p. Rank r's
+  // send_counts[p] must equal rank p's recv_counts[r] (callers exchange counts first); in and out
+  // are contiguous, do not overlap and hold exactly the sums. The same call with in/out and the
+  // counts swapped is its adjoint, which is how combine undoes dispatch and backward runs.
+  virtual CommHandle all_to_all_v_async(Tensor out, const std::vector<int64_t>& recv_counts,
+                                        Tensor in, const std::vector<int64_t>& send_counts) = 0;
   // peer is a rank inside this group.
   virtual CommHandle send_async(Tensor t, int peer, int tag) = 0;
   virtual CommHandle recv_async(Tensor t, int peer, int tag) = 0;
@@ -81,6 +89,10 @@ class Communicator {
     reduce_scatter_async(out, in, op)->wait();
   }
   void all_gather(Tensor out, Tensor in) { all_gather_async(out, in)->wait(); }
+  void all_to_all_v(Tensor out, const std::vector<int64_t>& recv_counts, Tensor in,
+                    const std::vector<int64_t>& send_counts) {
+    all_to_all_v_async(out, recv_counts, in, send_counts)->wait();
+  }
   void send(Tensor t, int peer, int tag) { send_async(t, peer, tag)->wait(); }
   void recv(Tensor t, int peer, int tag) { recv_async(t, peer, tag)->wait(); }
   // Host-side scalar reduction (one double); exact and cheap on MPI. NCCL implementations may

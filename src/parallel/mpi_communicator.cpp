@@ -8,6 +8,7 @@
 #include <cstring>
 #include <exception>
 #include <utility>
+#include <vector>
 
 #include "parallel/comm_util.h"
 #include "parallel/mpi_runtime.h"
@@ -82,6 +83,11 @@ class MpiRequest final : public CommRequest {
     recv_type_ = type;
     recv_count_ = count;
   }
+  // Arrays MPI reads until the operation completes (a non-blocking v-collective's counts).
+  void keep_until_done(std::vector<int> a, std::vector<int> b, std::vector<int> c,
+                       std::vector<int> d) {
+    kept_ = {std::move(a), std::move(b), std::move(c), std::move(d)};
+  }
   void move_after_wait(void* dst, const void* src, size_t bytes) {
     move_dst_ = dst;
     move_src_ = src;
@@ -117,7 +123,20 @@ class MpiRequest final : public CommRequest {
   void* move_dst_ = nullptr;
   const void* move_src_ = nullptr;
   size_t move_bytes_ = 0;
+  std::vector<std::vector<int>> kept_;
 };
+
+// Counts and their running offsets as MPI's ints; false when a count or the total does not fit.
+bool to_mpi_counts(const std::vector<int64_t>& counts, std::vector<int>& n, std::vector<int>& at) {
+  int64_t offset = 0;
+  for (const int64_t c : counts) {
+    if (offset > INT_MAX || c > INT_MAX - offset) return false;
+    n.push_back(int(c));
+    at.push_back(int(offset));
+    offset += c;
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -208,6 +227,24 @@ CommHandle MpiCommunicator::all_gather_async(Tensor out, Tensor in) {
                "all_gather of {} {} elements per rank on group '{}'", count, dtype_name(in.dtype),
                name_);
   return std::make_unique<MpiRequest>(request, "all_gather", name_, in);
+}
+
+CommHandle MpiCommunicator::all_to_all_v_async(Tensor out, const std::vector<int64_t>& recv_counts,
+                                               Tensor in, const std::vector<int64_t>& send_counts) {
+  comm_detail::check_all_to_all_v(*this, out, recv_counts, in, send_counts);
+  std::vector<int> sn, sat, rn, rat;
+  TS_CHECK(to_mpi_counts(send_counts, sn, sat) && to_mpi_counts(recv_counts, rn, rat),
+           "all_to_all_v on group '{}': {} / {} elements exceed MPI's int counts", name_,
+           in.numel(), out.numel());
+  const MPI_Datatype type = mpi_type(in.dtype);
+  MPI_Request request;
+  TS_MPI_CHECK(MPI_Ialltoallv(in.data, sn.data(), sat.data(), type, out.data, rn.data(), rat.data(),
+                              type, comm_, &request),
+               "all_to_all_v of {} -> {} {} elements on group '{}'", in.numel(), out.numel(),
+               dtype_name(in.dtype), name_);
+  auto handle = std::make_unique<MpiRequest>(request, "all_to_all_v", name_, in);
+  handle->keep_until_done(std::move(sn), std::move(sat), std::move(rn), std::move(rat));
+  return handle;
 }
 
 CommHandle MpiCommunicator::send_async(Tensor t, int peer, int tag) {

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "parallel/communicator.h"
 
@@ -30,6 +31,9 @@ class MpiCommunicator final : public Communicator {
   CommHandle all_reduce_async(Tensor t, ReduceOp op) override;
   CommHandle reduce_scatter_async(Tensor out, Tensor in, ReduceOp op) override;
   CommHandle all_gather_async(Tensor out, Tensor in) override;
+  // MPI_Ialltoallv: int counts and displacements, so each side holds at most INT_MAX elements.
+  CommHandle all_to_all_v_async(Tensor out, const std::vector<int64_t>& recv_counts, Tensor in,
+                                const std::vector<int64_t>& send_counts) override;
   CommHandle send_async(Tensor t, int peer, int tag) override;
   CommHandle recv_async(Tensor t, int peer, int tag) override;
   void broadcast(Tensor t, int root) override;

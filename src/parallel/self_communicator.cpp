@@ -30,6 +30,17 @@ CommHandle SelfCommunicator::all_gather_async(Tensor out, Tensor in) {
   return done();
 }
 
+CommHandle SelfCommunicator::all_to_all_v_async(Tensor out, const std::vector<int64_t>& recv_counts,
+                                                Tensor in,
+                                                const std::vector<int64_t>& send_counts) {
+  comm_detail::check_all_to_all_v(*this, out, recv_counts, in, send_counts);
+  TS_CHECK(in.numel() == out.numel(),
+           "all_to_all_v on group '{}' of size 1: sends {} elements to itself but receives {}",
+           name_, in.numel(), out.numel());
+  if (in.numel() > 0) copy_tensor(out, in);
+  return done();
+}
+
 CommHandle SelfCommunicator::send_async(Tensor t, int peer, int tag) {
   TS_BUG("send to rank {} on group '{}' of size 1: a one-rank group has no peer", peer, name_);
 }

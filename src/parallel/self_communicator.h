@@ -3,6 +3,7 @@
 // send or receive is a bug. Arguments are checked as strictly as the real implementations do.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "parallel/communicator.h"
 
@@ -20,6 +21,8 @@ class SelfCommunicator final : public Communicator {
   CommHandle all_reduce_async(Tensor t, ReduceOp op) override;
   CommHandle reduce_scatter_async(Tensor out, Tensor in, ReduceOp op) override;
   CommHandle all_gather_async(Tensor out, Tensor in) override;
+  CommHandle all_to_all_v_async(Tensor out, const std::vector<int64_t>& recv_counts, Tensor in,
+                                const std::vector<int64_t>& send_counts) override;
   CommHandle send_async(Tensor t, int peer, int tag) override;
   CommHandle recv_async(Tensor t, int peer, int tag) override;
   void broadcast(Tensor t, int root) override;

@@ -178,6 +178,10 @@ class RecordingCommunicator final : public Communicator {
   CommHandle all_gather_async(Tensor out, Tensor in) override {
     return record("all_gather", in, out);
   }
+  CommHandle all_to_all_v_async(Tensor out, const std::vector<int64_t>&, Tensor in,
+                                const std::vector<int64_t>&) override {
+    return record("all_to_all_v", in, out);
+  }
   CommHandle send_async(Tensor t, int, int) override { return record("send", t, {}); }
   CommHandle recv_async(Tensor t, int, int) override { return record("recv", t, {}); }
   void broadcast(Tensor t, int) override { record("broadcast", t, {}); }

@@ -57,6 +57,10 @@ class PeerMaxCommunicator final : public Communicator {
   }
   CommHandle reduce_scatter_async(Tensor, Tensor, ReduceOp) override { return unexpected(); }
   CommHandle all_gather_async(Tensor, Tensor) override { return unexpected(); }
+  CommHandle all_to_all_v_async(Tensor, const std::vector<int64_t>&, Tensor,
+                                const std::vector<int64_t>&) override {
+    return unexpected();
+  }
   CommHandle send_async(Tensor, int, int) override { return unexpected(); }
   CommHandle recv_async(Tensor, int, int) override { return unexpected(); }
   void broadcast(Tensor, int) override { unexpected(); }

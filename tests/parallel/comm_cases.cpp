@@ -380,6 +380,44 @@ void check_broadcast(Communicator& c, DType t, int64_t n, uint64_t seed) {
   }
 }
 
+void check_all_to_all_v(Communicator& c, DType t, int64_t max_count, uint64_t seed) {
+  SCOPED_TRACE(describe(c, "all_to_all_v", t, max_count));
+  const int size = c.size();
+  const int rank = c.rank();
+  // count(src, dst): what rank src sends to rank dst, known to every rank.
+  const auto count = [&](int src, int dst) {
+    return int64_t(draw(seed, src, dst) % uint64_t(max_count + 1));
+  };
+  std::vector<int64_t> send(size), recv(size);
+  int64_t n_send = 0, n_recv = 0;
+  for (int p = 0; p < size; ++p) {
+    n_send += send[p] = count(rank, p);
+    n_recv += recv[p] = count(p, rank);
+  }
+  // Rank src's input: its chunks for ranks 0, 1, ... in order; this rank expects, from each src,
+  // the piece of src's input at src's offset for this rank.
+  Bytes want;
+  for (int src = 0; src < size; ++src) {
+    int64_t at = 0;
+    for (int q = 0; q < rank; ++q) at += count(src, q);
+    const Bytes all = make_bits(t, seed + 1, src, at + count(src, rank));
+    want.insert(want.end(), all.begin() + dtype_storage_bytes(t, at), all.end());
+  }
+  const Bytes mine = make_bits(t, seed + 1, rank, n_send);
+  Staged in(c.device(), t, n_send), out(c.device(), t, n_recv), back(c.device(), t, n_send);
+  in.upload(mine);
+  out.upload(Bytes(dtype_storage_bytes(t, n_recv), 0xEE));
+  back.upload(Bytes(dtype_storage_bytes(t, n_send), 0xEE));
+  c.all_to_all_v_async(out.tensor(), recv, in.tensor(), send)->wait();
+  expect_bytes_equal(out.download(), want, dtype_size(t), "received");
+  c.all_to_all_v(back.tensor(), send, out.tensor(), recv);
+  expect_bytes_equal(back.download(), mine, dtype_size(t), "sent back by the adjoint");
+  expect_bytes_equal(in.download(), mine, dtype_size(t), "input after all_to_all_v");
+  EXPECT_TRUE(in.guards_intact());
+  EXPECT_TRUE(out.guards_intact());
+  EXPECT_TRUE(back.guards_intact());
+}
+
 void check_ring(Communicator& c, DType t, int64_t n, bool batched, uint64_t seed) {
   SCOPED_TRACE(describe(c, batched ? "ring (batch_p2p)" : "ring (send/recv)", t, n));
   const int size = c.size();

@@ -48,6 +48,10 @@ void check_reduce_scatter(Communicator& c, DType t, ReduceOp op, int64_t n, bool
                           uint64_t seed);
 void check_all_gather(Communicator& c, DType t, int64_t n, bool in_place, uint64_t seed);
 void check_broadcast(Communicator& c, DType t, int64_t n, uint64_t seed);
+// all_to_all_v with uneven per-pair counts in [0, max_count] (zeros included: some pairs send
+// nothing), bit-exact against the chunks every rank can compute, then the adjoint call (counts
+// swapped) on the result, which must give back the input exactly.
+void check_all_to_all_v(Communicator& c, DType t, int64_t max_count, uint64_t seed);
 // A ring shift repeated size() + 1 times with two alternating buffers: after step s rank r holds
 // rank (r - s) mod size's data. `batched` posts each step's send and receive with batch_p2p;
 // otherwise with send_async/recv_async, even group ranks sending first (needed on NCCL, where a

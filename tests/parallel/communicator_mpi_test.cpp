@@ -65,6 +65,16 @@ TEST_F(MpiComm, AllGatherSeparateAndInPlaceBitExact) {
   }
 }
 
+// Uneven counts with zeros (a rank may send nothing to a peer, or receive nothing at all), up
+// to 700 elements a pair, and the adjoint round trip.
+TEST_F(MpiComm, AllToAllVUnevenCountsAndAdjoint) {
+  uint64_t seed = 900;
+  for (DType t : kCommDTypes) {
+    check_all_to_all_v(world(), t, 3, ++seed);
+    check_all_to_all_v(world(), t, 700, ++seed);
+  }
+}
+
 TEST_F(MpiComm, BroadcastFromEveryRoot) {
   uint64_t seed = 500;
   for (DType t : kCommDTypes) check_broadcast(world(), t, 301, ++seed);

@@ -54,6 +54,9 @@ TEST(SelfCommunicator, CollectivesAreIdentityOrCopies) {
   c.broadcast(ta, 0);
   c.barrier();
   EXPECT_EQ(c.all_reduce_scalar(2.5, ReduceOp::sum), 2.5);
+  std::fill(b.begin(), b.end(), 0.0f);
+  c.all_to_all_v(tb, {3}, ta, {3});
+  EXPECT_EQ(b, a);
 }
 
 TEST(SelfCommunicator, PointToPointAndBadArgumentsAreBugs) {
@@ -72,6 +75,12 @@ TEST(SelfCommunicator, PointToPointAndBadArgumentsAreBugs) {
   expect_bug([&] { c.recv(t, 0, 0); }, "recv on a one-rank group");
   expect_bug([&] { c.broadcast(t, 1); }, "broadcast from root 1");
   expect_bug([&] { c.reduce_scatter(t.slice(0, 3), t, ReduceOp::sum); }, "reduce_scatter 4 -> 3");
+  std::vector<float> o(4);
+  const Tensor to(o.data(), DType::f32, Device::cpu, {4});
+  expect_bug([&] { c.all_to_all_v(to, {4}, t, {3}); }, "all_to_all_v counts that miss the input");
+  expect_bug([&] { c.all_to_all_v(to, {4, 0}, t, {4, 0}); }, "all_to_all_v with two counts");
+  expect_bug([&] { c.all_to_all_v(to.slice(0, 3), {3}, t, {4}); }, "all_to_all_v 4 -> 3");
+  expect_bug([&] { c.all_to_all_v(t, {4}, t, {4}); }, "all_to_all_v in place");
   std::vector<int8_t> bytes(4);
   expect_bug(
       [&] { c.all_reduce(Tensor(bytes.data(), DType::i8, Device::cpu, {4}), ReduceOp::sum); },

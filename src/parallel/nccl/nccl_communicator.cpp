@@ -183,6 +183,36 @@ CommHandle NcclCommunicator::all_gather_async(Tensor out, Tensor in) {
   return finish("all_gather");
 }
 
+CommHandle NcclCommunicator::all_to_all_v_async(Tensor out, const std::vector<int64_t>& recv_counts,
+                                                Tensor in,
+                                                const std::vector<int64_t>& send_counts) {
+  // Checks first: an error thrown inside a group would leave it open.
+  comm_detail::check_all_to_all_v(*this, out, recv_counts, in, send_counts);
+  const size_t elem = dtype_size(in.dtype);
+  const ncclDataType_t type = nccl_type(in.dtype);
+  order_after_compute();
+  TS_NCCL_CHECK(ncclGroupStart(), comm_, "starting all_to_all_v on group '{}'", name_);
+  int64_t sent = 0, received = 0;
+  for (int p = 0; p < size_; ++p) {
+    if (send_counts[p] > 0) {
+      TS_NCCL_CHECK(ncclSend(static_cast<char*>(in.data) + sent * elem, size_t(send_counts[p]),
+                             type, p, comm_, stream_),
+                    comm_, "all_to_all_v: send of {} elements to rank {} on group '{}'",
+                    send_counts[p], p, name_);
+    }
+    if (recv_counts[p] > 0) {
+      TS_NCCL_CHECK(ncclRecv(static_cast<char*>(out.data) + received * elem, size_t(recv_counts[p]),
+                             type, p, comm_, stream_),
+                    comm_, "all_to_all_v: receive of {} elements from rank {} on group '{}'",
+                    recv_counts[p], p, name_);
+    }
+    sent += send_counts[p];
+    received += recv_counts[p];
+  }
+  TS_NCCL_CHECK(ncclGroupEnd(), comm_, "ending all_to_all_v on group '{}'", name_);
+  return finish("all_to_all_v");
+}
+
 CommHandle NcclCommunicator::send_async(Tensor t, int peer, int tag) {
   comm_detail::check_tensor(*this, t, "send");
   comm_detail::check_peer(*this, peer, tag, "send");

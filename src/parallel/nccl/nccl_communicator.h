@@ -35,6 +35,10 @@ class NcclCommunicator final : public Communicator {
   CommHandle all_reduce_async(Tensor t, ReduceOp op) override;
   CommHandle reduce_scatter_async(Tensor out, Tensor in, ReduceOp op) override;
   CommHandle all_gather_async(Tensor out, Tensor in) override;
+  // One group of ncclSend/ncclRecv, a pair per peer with a nonzero count (NCCL's own alltoall
+  // pattern); the counts live on the host, so a caller with device-side counts copies them first.
+  CommHandle all_to_all_v_async(Tensor out, const std::vector<int64_t>& recv_counts, Tensor in,
+                                const std::vector<int64_t>& send_counts) override;
   // NCCL has no tags (checked for range only) and no message sizes: a receive whose size differs
   // from the matching send is undefined, so shapes must agree by construction.
   CommHandle send_async(Tensor t, int peer, int tag) override;
