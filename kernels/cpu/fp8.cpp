@@ -1,7 +1,8 @@
 // CPU references of the FP8 ops (kernels/ops_fp8.h): quantize (+ transpose, amax), the scaled
 // FP8 GEMM, and the delayed-scaling update. Quantize and update reproduce the CUDA kernels bit
 // for bit (same f32 operations, core/dtype.h's exact round-to-nearest-even conversions); the GEMM
-// sums in double, which the GPU's f32 tensor-core sums approach within the bound in its test.
+// sums in double (cpu::gemm on the decoded operands), which the GPU's f32 tensor-core sums approach
+// within the bound in its test.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -115,17 +116,23 @@ void gemm_fp8(Tensor c, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_i
   const auto* b8 = static_cast<const uint8_t*>(b.data);
   for (int64_t i = 0; i < m * k; ++i) av[i] = table_a[a8[i]];
   for (int64_t i = 0; i < n * k; ++i) bv[i] = table_b[b8[i]];
+  // acc (M,N) = av (M,K) bv (N,K)^T in double through cpu::gemm (BLAS dgemm when the build has
+  // it: 8x faster than a loop here, which made FP8 the slowest CPU precision in CI; the loop
+  // otherwise). The order of the double additions differs from a loop's; at 2^-53 per addition
+  // that cannot show after the rounding to f32 below except at a tie.
+  std::vector<double> acc(size_t(m * n));
+  gemm(Tensor(acc.data(), DType::f64, Device::cpu, {m, n}),
+       Tensor(av.data(), DType::f64, Device::cpu, {m, k}),
+       Tensor(bv.data(), DType::f64, Device::cpu, {n, k}), false, true, 1.0f, 0.0f);
   // sa * sb is exact in double (two 24-bit significands).
   const double scale = double(*a_scale_inv.ptr<float>()) * double(*b_scale_inv.ptr<float>());
   const bool is_bf16 = c.dtype == DType::bf16;
   auto* c32 = is_bf16 ? nullptr : static_cast<float*>(c.data);
   auto* c16 = is_bf16 ? static_cast<uint16_t*>(c.data) : nullptr;
-#pragma omp parallel for schedule(static) if (m * n * k > kMinParallelWork)
+#pragma omp parallel for schedule(static) if (m * n > kMinParallelWork)
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
-      double acc = 0.0;
-      for (int64_t p = 0; p < k; ++p) acc += av[i * k + p] * bv[j * k + p];
-      double v = acc * scale;
+      double v = acc[size_t(i * n + j)] * scale;
       if (accumulate) v += is_bf16 ? double(bf16_bits_to_f32(c16[i * n + j])) : c32[i * n + j];
       // Rounded to f32 (what the GPU epilogue holds), then to bf16 when c is bf16.
       const float v32 = static_cast<float>(v);
