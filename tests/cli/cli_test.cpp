@@ -4,8 +4,6 @@
 // (both "--flag value" and "--flag=value", "--" before inputs) reach the dataset it writes.
 #include <gtest/gtest.h>
 
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -19,22 +17,8 @@ namespace {
 
 using testing::CliResult;
 using testing::run_cli;
+using testing::run_cli_in;
 using testing::ScratchDir;
-
-// Runs the binary with `args` in directory `dir` (stdout and stderr together).
-CliResult run_in(const std::string& dir, const std::string& args) {
-  const std::string cmd =
-      "cd '" + dir + "' && '" + testing::tessera_binary() + "' " + args + " 2>&1";
-  CliResult r;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
 
 bool has(const std::string& text, const std::string& needle) {
   return text.find(needle) != std::string::npos;
@@ -161,11 +145,11 @@ TEST(CliPrepare, OptionsReachTheDataset) {
   testing::write_all(dir / "in1.txt", text);
   testing::write_all(dir / "--in2.txt", text + text);
   const CliResult tok =
-      run_in(dir.str(), "tokenizer train --vocab-size 300 --out tok.json in1.txt");
+      run_cli_in(dir.str(), "tokenizer train --vocab-size 300 --out tok.json in1.txt");
   ASSERT_EQ(tok.status, 0) << tok.output;
-  const CliResult r = run_in(dir.str(),
-                             "prepare --tokenizer tok.json --out=o/d.h5 --val-fraction 0.1 "
-                             "--doc-chars=100 --threads 2 -- in1.txt --in2.txt");
+  const CliResult r = run_cli_in(dir.str(),
+                                 "prepare --tokenizer tok.json --out=o/d.h5 --val-fraction 0.1 "
+                                 "--doc-chars=100 --threads 2 -- in1.txt --in2.txt");
   ASSERT_EQ(r.status, 0) << r.output;
   const TokenDataset ds = TokenDataset::open(dir / "o/d.h5");
   EXPECT_EQ(ds.meta().created_by,

@@ -18,10 +18,12 @@ struct CliResult {
 
 inline std::string tessera_binary() { return std::string(TESSERA_BINARY_DIR) + "/src/cli/tessera"; }
 
-// `launcher` (e.g. "mpirun -np 4 ") is put before the binary; empty runs it directly.
-inline CliResult run_cli(const std::string& args, const std::string& launcher = "") {
-  const std::string cmd = "cd '" + std::string(TESSERA_SOURCE_DIR) + "' && " + launcher + "'" +
-                          tessera_binary() + "' " + args + " 2>&1";
+// Runs the binary with `args` in directory `dir` (stdout and stderr together). `launcher` (e.g.
+// "mpirun -np 4 ") is put before the binary; empty runs it directly.
+inline CliResult run_cli_in(const std::string& dir, const std::string& args,
+                            const std::string& launcher = "") {
+  const std::string cmd =
+      "cd '" + dir + "' && " + launcher + "'" + tessera_binary() + "' " + args + " 2>&1";
   CliResult r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -31,6 +33,11 @@ inline CliResult run_cli(const std::string& args, const std::string& launcher = 
   const int st = pclose(p);
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return r;
+}
+
+// run_cli_in the source tree, where recipes/ and data/ are.
+inline CliResult run_cli(const std::string& args, const std::string& launcher = "") {
+  return run_cli_in(TESSERA_SOURCE_DIR, args, launcher);
 }
 
 #ifdef TESSERA_MPIEXEC
