@@ -10,9 +10,9 @@
 namespace tessera {
 namespace {
 
+using testing::base_recipe_blend;
 using testing::expect_user_error;
 using testing::kBaseRecipe;
-using testing::kBaseRecipeBlend;
 
 Recipe parse_base(const std::vector<std::string>& overrides = {}) {
   return parse_recipe(kBaseRecipe, "t.yaml", overrides);
@@ -187,7 +187,7 @@ namespace tessera {
 namespace {
 
 TEST(Recipe, DataPathTakesABlend) {
-  const Recipe r = parse_recipe(kBaseRecipeBlend, "t.yaml");
+  const Recipe r = parse_recipe(base_recipe_blend(), "t.yaml");
   ASSERT_EQ(r.data.path.size(), 2u);
   EXPECT_EQ(r.data.path[0], (DataSource{"a.h5", 0.7f}));
   EXPECT_EQ(r.data.path[1], (DataSource{"b.h5", 1.0f}));  // weight defaults to 1
@@ -198,16 +198,18 @@ TEST(Recipe, DataPathTakesABlend) {
       << yaml;
   EXPECT_EQ(parse_recipe(yaml, r.file), r);
   testing::expect_user_error(
-      [] { parse_recipe(kBaseRecipeBlend, "t.yaml", {"data.path=[{path: a.h5, weight: 0}]"}); },
+      [] { parse_recipe(base_recipe_blend(), "t.yaml", {"data.path=[{path: a.h5, weight: 0}]"}); },
       {"data.path[0].weight", "'0'"});
   testing::expect_user_error(
-      [] { parse_recipe(kBaseRecipeBlend, "t.yaml", {"data.path=[{weight: 2}]"}); },
+      [] { parse_recipe(base_recipe_blend(), "t.yaml", {"data.path=[{weight: 2}]"}); },
       {"data.path[0].path is required"});
   testing::expect_user_error(
-      [] { parse_recipe(kBaseRecipeBlend, "t.yaml", {"data.path=[{path: a.h5, wieght: 2}]"}); },
+      [] { parse_recipe(base_recipe_blend(), "t.yaml", {"data.path=[{path: a.h5, wieght: 2}]"}); },
       {"data.path[0].wieght"});
   testing::expect_user_error(
-      [] { parse_recipe(kBaseRecipeBlend, "t.yaml", {"data.path=[{path: mock}, {path: b.h5}]"}); },
+      [] {
+        parse_recipe(base_recipe_blend(), "t.yaml", {"data.path=[{path: mock}, {path: b.h5}]"});
+      },
       {"'mock' cannot be part of a blend"});
 }
 

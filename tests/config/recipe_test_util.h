@@ -27,21 +27,12 @@ train:
   out_dir: runs/t
 )";
 
-// kBaseRecipe with a blend of two datasets in data.path.
-inline const char* kBaseRecipeBlend = R"(model:
-  family: gpt2
-  vocab_size: 100
-  num_layers: 2
-  hidden: 32
-  num_heads: 4
-  max_seq_len: 16
-data:
-  path: [{path: a.h5, weight: 0.7}, {path: b.h5}]
-  seq_len: 16
-  micro_batch: 2
-train:
-  steps: 10
-  out_dir: runs/t
-)";
+// kBaseRecipe with a blend of two datasets in data.path (same line numbers).
+inline std::string base_recipe_blend() {
+  std::string text = kBaseRecipe;
+  const std::string from = "path: data/x.h5";
+  text.replace(text.find(from), from.size(), "path: [{path: a.h5, weight: 0.7}, {path: b.h5}]");
+  return text;
+}
 
 }  // namespace tessera::testing
