@@ -1,5 +1,5 @@
 // The registry behind tests/kernels/every_op_test.cpp: each finite-difference case and each GPU
-// parity case names, where it is defined, the ops of kernels/ops.h / ops_fp8.h it checks. The
+// parity case names, where it is defined, the ops of kernels/ops.h / ops_fp8.h / ops_moe.h it checks. The
 // every-op test (linked into the same executable) then demands such a case for every op. Part of
 // the shared test kit (tests/common).
 //
@@ -27,7 +27,7 @@ enum class OpCaseKind { finite_difference, gpu_parity };
 
 struct OpCase {
   OpCaseKind kind;
-  std::string op;    // an op name of kernels/ops.h or ops_fp8.h
+  std::string op;    // an op name of kernels/ops.h, ops_fp8.h or ops_moe.h
   std::string test;  // "Suite.Name" of the case that checks it
 };
 

@@ -1,5 +1,5 @@
 // The every-op test (ggml's test-backend-ops in spirit): every op declared in kernels/ops.h and
-// kernels/ops_fp8.h must have (a) a CPU reference, a function of its name defined in namespace
+// kernels/ops_fp8.h and kernels/ops_moe.h must have (a) a CPU reference, a function of its name defined in namespace
 // tessera::cpu in kernels/cpu/*.cpp; (b) a CUDA kernel, defined in namespace tessera::cuda in
 // kernels/cuda/*.cu; (c) a finite-difference case and (d) a GPU parity case, registered by the
 // cases of this executable (TS_FD_TEST, TS_GPU_PARITY_TEST*, tests/common/op_cases.h). The op list
@@ -167,10 +167,10 @@ std::set<std::string> functions_in(const std::string& dir, const std::string& ex
 
 // ---- the op list and its exemptions ---------------------------------------------------------
 
-// Every function of the op contract: namespace tessera::ops of kernels/ops.h and ops_fp8.h.
+// Every function of the op contract: namespace tessera::ops of kernels/ops.h, ops_fp8.h and ops_moe.h.
 std::set<std::string> declared_ops() {
   std::set<std::string> ops;
-  for (const char* header : {"kernels/ops.h", "kernels/ops_fp8.h"}) {
+  for (const char* header : {"kernels/ops.h", "kernels/ops_fp8.h", "kernels/ops_moe.h"}) {
     const auto found = namespace_functions(read_all(source_path(header)));
     if (auto it = found.find("tessera::ops"); it != found.end())
       ops.insert(it->second.begin(), it->second.end());
@@ -231,7 +231,7 @@ void expect_exemptions_current(const std::map<std::string, std::string>& exempt,
                                const std::string& what) {
   for (const auto& [op, why] : exempt) {
     EXPECT_TRUE(ops.count(op)) << "stale exemption from " << what << ": " << op
-                               << " is not declared in kernels/ops.h or ops_fp8.h";
+                               << " is not declared in kernels/ops.h, ops_fp8.h or ops_moe.h";
     EXPECT_FALSE(has.count(op)) << "stale exemption from " << what << ": " << op << " has one now ("
                                 << why << "); remove the exemption";
   }
