@@ -70,8 +70,8 @@ void moe_permute(Tensor xp /*(R,C)*/, Tensor x /*(N,C)*/, Tensor row_slot /*(R) 
                  Stream stream = {});
 // Its adjoint: dx[t] = Σ_j dxp[slot_row[t,j]] over the kept slots j of token t, in j order, summed
 // in f32 (f64 for f64); zero for a token with every slot dropped. dx is overwritten.
-void moe_permute_backward(Tensor dx /*(N,C)*/, Tensor dxp /*(R,C)*/,
-                          Tensor slot_row /*(N,K) i32*/, Stream stream = {});
+void moe_permute_backward(Tensor dx /*(N,C)*/, Tensor dxp /*(R,C)*/, Tensor slot_row /*(N,K) i32*/,
+                          Stream stream = {});
 
 // The combine: out[t] = Σ_j topk_w[t,j] * yp[slot_row[t,j]] over kept j, in j order, summed in f32
 // (f64 for f64); zero for a token with every slot dropped (it keeps only its residual). topk_w is

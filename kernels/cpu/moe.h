@@ -1,5 +1,6 @@
-// CPU references of the MoE op family (kernels/ops_moe.h documents each op): same names and argument
-// order as the CUDA versions in kernels/cuda/moe.h, without the stream. Plain loops, sums in double.
+// CPU references of the MoE op family (kernels/ops_moe.h documents each op): same names and
+// argument order as the CUDA versions in kernels/cuda/moe.h, without the stream. Plain loops, sums
+// in double.
 #pragma once
 #include <cstdint>
 
@@ -19,8 +20,7 @@ void moe_dispatch_plan(Tensor tokens_per_expert /*(E) i32*/, Tensor offsets /*(E
                        Tensor slot_row /*(N,K) i32*/, Tensor row_slot /*(R) i32*/,
                        Tensor topk_idx /*(N,K) i32*/, int64_t capacity);
 void moe_permute(Tensor xp /*(R,C)*/, Tensor x /*(N,C)*/, Tensor row_slot /*(R) i32*/, int topk);
-void moe_permute_backward(Tensor dx /*(N,C)*/, Tensor dxp /*(R,C)*/,
-                          Tensor slot_row /*(N,K) i32*/);
+void moe_permute_backward(Tensor dx /*(N,C)*/, Tensor dxp /*(R,C)*/, Tensor slot_row /*(N,K) i32*/);
 void moe_unpermute(Tensor out /*(N,C)*/, Tensor yp /*(R,C)*/, Tensor slot_row /*(N,K) i32*/,
                    Tensor topk_w /*(N,K)*/);
 void moe_unpermute_backward(Tensor dyp /*(R,C)*/, Tensor d_topk_w /*(N,K)*/, Tensor dout /*(N,C)*/,

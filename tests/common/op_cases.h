@@ -1,7 +1,7 @@
 // The registry behind tests/kernels/every_op_test.cpp: each finite-difference case and each GPU
-// parity case names, where it is defined, the ops of kernels/ops.h / ops_fp8.h / ops_moe.h it checks. The
-// every-op test (linked into the same executable) then demands such a case for every op. Part of
-// the shared test kit (tests/common).
+// parity case names, where it is defined, the ops of kernels/ops.h / ops_fp8.h / ops_moe.h it
+// checks. The every-op test (linked into the same executable) then demands such a case for every
+// op. Part of the shared test kit (tests/common).
 //
 //   TS_FD_TEST(Gelu, GradientMatchesFiniteDifferences, "gelu_forward", "gelu_backward") { ... }
 //       a CPU case (TEST) comparing a backward with central finite differences of its forward

@@ -1,11 +1,12 @@
-// The every-op test (ggml's test-backend-ops in spirit): every op declared in kernels/ops.h and
-// kernels/ops_fp8.h and kernels/ops_moe.h must have (a) a CPU reference, a function of its name defined in namespace
-// tessera::cpu in kernels/cpu/*.cpp; (b) a CUDA kernel, defined in namespace tessera::cuda in
-// kernels/cuda/*.cu; (c) a finite-difference case and (d) a GPU parity case, registered by the
-// cases of this executable (TS_FD_TEST, TS_GPU_PARITY_TEST*, tests/common/op_cases.h). The op list
-// is parsed from the headers at test time (TESSERA_SOURCE_DIR), so adding a declaration without
-// the rest fails CI, CPU-only builds included. Exemptions are explicit, commented, and checked for
-// staleness (each names a declared op that indeed lacks what it is exempted from).
+// The every-op test (ggml's test-backend-ops in spirit): every op declared in kernels/ops.h,
+// kernels/ops_fp8.h and kernels/ops_moe.h must have (a) a CPU reference, a function of its name
+// defined in namespace tessera::cpu in kernels/cpu/*.cpp; (b) a CUDA kernel, defined in namespace
+// tessera::cuda in kernels/cuda/*.cu; (c) a finite-difference case and (d) a GPU parity case,
+// registered by the cases of this executable (TS_FD_TEST, TS_GPU_PARITY_TEST*,
+// tests/common/op_cases.h). The op list is parsed from the headers at test time
+// (TESSERA_SOURCE_DIR), so adding a declaration without the rest fails CI, CPU-only builds
+// included. Exemptions are explicit, commented, and checked for staleness (each names a declared op
+// that indeed lacks what it is exempted from).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -167,7 +168,8 @@ std::set<std::string> functions_in(const std::string& dir, const std::string& ex
 
 // ---- the op list and its exemptions ---------------------------------------------------------
 
-// Every function of the op contract: namespace tessera::ops of kernels/ops.h, ops_fp8.h and ops_moe.h.
+// Every function of the op contract: namespace tessera::ops of kernels/ops.h, ops_fp8.h and
+// ops_moe.h.
 std::set<std::string> declared_ops() {
   std::set<std::string> ops;
   for (const char* header : {"kernels/ops.h", "kernels/ops_fp8.h", "kernels/ops_moe.h"}) {
