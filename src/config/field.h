@@ -57,6 +57,14 @@ constexpr Rule only_when(bool (*pred)(const void*), const char* doc) {
   return r;
 }
 
+// `r` that applies only when the section's moe.num_experts > 0 (config/moe_config.h).
+bool moe_enabled(const void* moe);
+constexpr Rule moe_rule(Rule r) {
+  r.when = moe_enabled;
+  r.when_doc = "moe.num_experts > 0";
+  return r;
+}
+
 // One field as a visitor sees it.
 struct FieldInfo {
   const char* name;

@@ -40,17 +40,29 @@ int64_t ModelConfig::num_params() const {
   layer += C * Hq * D + 2 * C * Hkv * D + Hq * D * C;  // q, k, v, o projections
   if (bias) layer += Hq * D + 2 * Hkv * D + C;
   if (qk_norm) layer += 2 * D;  // RMSNorm weights shared by heads
-  if (activation == ActivationKind::gelu) {
-    layer += C * F + F * C;  // fc (C, F), proj (F, C)
-    if (bias) layer += F + C;
-  } else {
-    layer += 2 * C * F + F * C;  // gate, up (C, F); down (F, C)
-    if (bias) layer += 2 * F + C;
+  const int mats = activation == ActivationKind::gelu ? 2 : 3;  // fc, proj | gate, up, down
+  const auto mlp = [&](int64_t width) {
+    return mats * C * width + (bias ? (mats - 1) * width + C : 0);
+  };
+  for (int l = 0; l < num_layers; ++l) {
+    total += layer;
+    if (!moe.is_moe_layer(l)) {
+      total += mlp(F);
+      continue;
+    }
+    const int64_t E = moe.num_experts;
+    total += E * C + E * mats * C * moe.ffn_hidden;  // router (E, C); experts (E, Fe, C) etc.
+    if (moe.shared_experts > 0) total += mlp(int64_t(moe.shared_experts) * moe.shared_ffn_hidden);
   }
-  total += int64_t(num_layers) * layer;
   total += norm_params;                  // final norm
   if (!tied_embeddings) total += V * C;  // LM head (C, V), no bias
   return total;
+}
+
+int64_t ModelConfig::num_active_params() const {
+  const int mats = activation == ActivationKind::gelu ? 2 : 3;
+  const int64_t idle = int64_t(moe.num_experts - moe.topk) * mats * hidden * moe.ffn_hidden;
+  return num_params() - int64_t(moe.num_moe_layers(num_layers)) * (moe.enabled() ? idle : 0);
 }
 
 }  // namespace tessera

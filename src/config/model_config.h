@@ -11,6 +11,7 @@
 
 #include "config/enums.h"
 #include "config/field.h"
+#include "config/moe_config.h"
 
 namespace tessera {
 
@@ -48,11 +49,17 @@ namespace tessera {
 
 struct ModelConfig {
   TESSERA_CONFIG_FIELDS(ModelConfig, TESSERA_MODEL_FIELDS)
+  // The recipe's `moe` section, copied here by parse_recipe (not a `model.*` key): MoE layers are
+  // part of the architecture. Dense (num_experts 0) unless set.
+  MoeConfig moe;
 
   int resolved_head_dim() const { return head_dim > 0 ? head_dim : hidden / num_heads; }
   // Total parameter count (tied embedding counted once; padded vocabulary rows included).
   // Matches the model's parameter list entry for entry; needs padded_vocab_size > 0.
   int64_t num_params() const;
+  // Parameters one token passes through: num_params() less the routed experts it is not sent to
+  // (E - K per MoE layer). What FLOPs and MFU count.
+  int64_t num_active_params() const;
 };
 
 // A config with `family`'s defaults in every switch (the parser starts from it).

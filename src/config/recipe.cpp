@@ -39,7 +39,7 @@ using config::FieldInfo;
 using config::Rule;
 
 // Sections the design reserves; refused until their features are built.
-const std::vector<std::string> kReservedSections = {"moe", "distill", "qat"};
+const std::vector<std::string> kReservedSections = {"distill", "qat"};
 // Keys that moved to another section: named in the error instead of "unknown key".
 const std::map<std::string, std::string> kMovedKeys = {{"model.recompute", "train.recompute"},
                                                        {"model.attention_impl", "train.attention"}};
@@ -192,19 +192,6 @@ void read_value(const YamlField& f, std::vector<E>& out, const Rule&, Origins&) 
   out.clear();
   for (const std::string& name : yaml_read_enum_list(f, enum_names<E>()))
     out.push_back(*enum_from_name<E>(name));
-}
-
-// `router` belongs to MoE layers: refused by name rather than as an unknown layer.
-void read_value(const YamlField& f, std::vector<HighPrecisionLayer>& out, const Rule& r,
-                Origins& o) {
-  if (f.value.IsSequence())
-    for (size_t i = 0; i < f.value.size(); ++i)
-      if (f.value[i].IsScalar() && f.value[i].Scalar() == "router")
-        TS_USER_ERROR(
-            "{}: {}[{}] = router: MoE is not built yet, so there is no router to keep "
-            "in high precision; valid layers: {}",
-            f.origin.str(), f.name, i, join_names(enum_names<HighPrecisionLayer>()));
-  read_value<HighPrecisionLayer>(f, out, r, o);
 }
 
 // A list (possibly empty) of integers in the rule's range; with `distinct`, a repeated value is an
@@ -474,6 +461,48 @@ void validate_data(const Recipe& r, const Origins& o) {
                   o.file(), o.where("data.path"));
 }
 
+// The moe section: derived widths, the router's FP32 in the precision list, and its checks
+// against the model and the layout. Copies the result into model.moe (what the model reads).
+void resolve_moe(Recipe& r, const Origins& o) {
+  MoeConfig& m = r.moe;
+  if (r.parallel.ep != 1)
+    TS_USER_ERROR(
+        "{}: {}: expert parallelism is not built yet (experts are replicated on every "
+        "rank); use 1",
+        o.file(), o.show("parallel.ep", r.parallel.ep));
+  if (m.enabled()) {
+    if (m.ffn_hidden == 0) m.ffn_hidden = r.model.ffn_hidden;
+    if (m.shared_ffn_hidden == 0) m.shared_ffn_hidden = m.ffn_hidden;
+    if (m.topk > m.num_experts)
+      TS_USER_ERROR("{}: {} is larger than {}", o.file(), o.show("moe.topk", m.topk),
+                    o.show("moe.num_experts", m.num_experts));
+    if (m.num_moe_layers(r.model.num_layers) == 0)
+      TS_USER_ERROR("{}: {} leaves no MoE layer among {}", o.file(),
+                    o.show("moe.first_dense_layers", m.first_dense_layers),
+                    o.show("model.num_layers", r.model.num_layers));
+    if (int64_t(m.shared_experts) * m.shared_ffn_hidden > std::numeric_limits<int>::max())
+      TS_USER_ERROR("{}: {} x {} overflows", o.file(),
+                    o.show("moe.shared_experts", m.shared_experts),
+                    o.show("moe.shared_ffn_hidden", m.shared_ffn_hidden));
+    if (m.shared_experts > 0 && int64_t(m.shared_experts) * m.shared_ffn_hidden % r.parallel.tp)
+      TS_USER_ERROR(
+          "{}: moe.shared_experts x moe.shared_ffn_hidden = {} is not divisible by {} (the "
+          "shared experts are split over tp like the dense MLP)",
+          o.file(), int64_t(m.shared_experts) * m.shared_ffn_hidden,
+          o.show("parallel.tp", r.parallel.tp));
+    // The router always runs in FP32 (Megatron's moe_router_dtype fp32); the resolved list says so.
+    PrecisionConfig& p = r.precision;
+    if (p.compute != Compute::fp32 && !p.keeps_high_precision(HighPrecisionLayer::router))
+      p.high_precision.push_back(HighPrecisionLayer::router);
+  } else if (r.precision.keeps_high_precision(HighPrecisionLayer::router)) {
+    TS_USER_ERROR(
+        "{}: {}: 'router' belongs to MoE layers, and this recipe has none (moe.num_experts "
+        "is 0)",
+        o.file(), o.show("precision.high_precision", shown(r.precision.high_precision)));
+  }
+  r.model.moe = m;
+}
+
 // Checks that span sections (single-field ranges were checked where each field was read).
 void validate_across(const Recipe& r, const Origins& o) {
   validate_data(r, o);
@@ -511,6 +540,7 @@ Recipe parse_recipe(const std::string& yaml_text, const std::string& file_name,
   resolve_model(r.model, origins, r.parallel.tp);
   resolve_batch(r);
   validate_across(r, origins);
+  resolve_moe(r, origins);
   return r;
 }
 

@@ -11,6 +11,7 @@
 #include "config/enums.h"
 #include "config/field.h"
 #include "config/model_config.h"
+#include "config/moe_config.h"
 
 namespace tessera {
 
@@ -19,6 +20,8 @@ namespace tessera {
   X(int, dp, 1, config::kPositive, "data-parallel replicas")                                      \
   X(int, tp, 1, config::kPositive, "tensor-parallel ranks (heads, FFN columns, vocabulary split)") \
   X(int, pp, 1, config::kPositive, "pipeline stages")                                             \
+  X(int, ep, 1, config::kPositive,                                                                \
+    "expert-parallel ranks carved out of dp (not built yet: must be 1)")                         \
   X(int, microbatches, 1, config::kPositive,                                                      \
     "micro-batches per pipeline flush (with pp 1 they accumulate like data.grad_accum)")         \
   X(PipelineSchedule, schedule, PipelineSchedule::gpipe, config::kAny, "pipeline schedule")       \
@@ -211,6 +214,7 @@ struct LoggingConfig {
 // clang-format off
 #define TESSERA_RECIPE_SECTIONS(X)                                                                \
   X(ModelConfig, model, {}, config::kAny, "the architecture")                                     \
+  X(MoeConfig, moe, {}, config::kAny, "Mixture-of-Experts layers (docs/MOE.md)")                  \
   X(ParallelConfig, parallel, {}, config::kAny, "the 3D-parallel layout")                         \
   X(PrecisionConfig, precision, {}, config::kAny, "the precision policy")                         \
   X(OptimConfig, optim, {}, config::kAny, "AdamW and the learning-rate schedule")                 \

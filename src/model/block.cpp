@@ -5,18 +5,23 @@
 
 namespace tessera {
 
-void Block::declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
+void Block::declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg, int layer,
                     const ModelShard& shard) {
   first_param_ = ps.size();
   ln1_.declare(ps, name + ".ln1", cfg.hidden, cfg.norm, cfg.bias, cfg.norm_eps, shard);
   attn_.declare(ps, name + ".attn", cfg, shard);
   ln2_.declare(ps, name + ".ln2", cfg.hidden, cfg.norm, cfg.bias, cfg.norm_eps, shard);
-  mlp_.declare(ps, name + ".mlp", cfg, shard);
+  is_moe_ = cfg.moe.is_moe_layer(layer);
+  if (is_moe_)
+    moe_.declare(ps, name + ".moe", cfg, shard);
+  else
+    mlp_.declare(ps, name + ".mlp", cfg, shard);
 }
 
 static DType stat_dtype(DType dt) { return dt == DType::f64 ? DType::f64 : DType::f32; }
 
-BlockActs Block::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T) {
+BlockActs Block::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T,
+                            FfnKinds kinds) {
   const int64_t N = int64_t(B) * T, C = cfg.hidden;
   BlockActs a;
   a.ln1_out = arena.alloc(dt, {N, C});
@@ -27,18 +32,21 @@ BlockActs Block::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int 
   a.ln2_out = arena.alloc(dt, {N, C});
   a.ln2_mean = arena.alloc(stat_dtype(dt), {N});
   a.ln2_rstd = arena.alloc(stat_dtype(dt), {N});
-  a.mlp = Mlp::alloc_acts(arena, cfg, dt, N);
+  if (kinds.dense) a.mlp = Mlp::alloc_acts(arena, cfg, dt, N);
+  if (kinds.moe) a.moe = Moe::alloc_acts(arena, cfg, dt, N);
   return a;
 }
 
-BlockScratch Block::alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T) {
+BlockScratch Block::alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt,
+                                  DType grad_dtype, int B, int T, FfnKinds kinds) {
   const int64_t N = int64_t(B) * T, C = cfg.hidden;
   BlockScratch s;
   s.branch = arena.alloc(dt, {N, C});
   s.d_norm = arena.alloc(dt, {N, C});
   s.d_tmp = arena.alloc(dt, {N, C});
   s.attn = Attention::alloc_scratch(arena, cfg, dt, B, T);
-  s.mlp = Mlp::alloc_scratch(arena, cfg, dt, N);
+  if (kinds.dense) s.mlp = Mlp::alloc_scratch(arena, cfg, dt, N);
+  if (kinds.moe) s.moe = Moe::alloc_scratch(arena, cfg, dt, grad_dtype, N);
   return s;
 }
 
@@ -47,14 +55,20 @@ void Block::forward(const ParamStore& ps, BlockActs& a, BlockScratch& s, Tensor 
   ln1_.forward(ps, a.ln1_out, a.ln1_mean, a.ln1_rstd, x_in);
   attn_.forward(ps, a.attn, s.branch, a.ln1_out);
   ln2_.forward_after_add(ps, a.resid_mid, a.ln2_out, a.ln2_mean, a.ln2_rstd, x_in, s.branch);
-  mlp_.forward(ps, a.mlp, s.branch, a.ln2_out);
+  if (is_moe_)
+    moe_.forward(ps, a.moe, s.moe, s.branch, a.ln2_out);
+  else
+    mlp_.forward(ps, a.mlp, s.branch, a.ln2_out);
   ops::add_forward(x_out, a.resid_mid, s.branch);
 }
 
-void Block::backward(ParamStore& ps, const BlockActs& a, BlockScratch& s, Tensor dx,
-                     Tensor x_in) const {
+void Block::backward(ParamStore& ps, const BlockActs& a, BlockScratch& s, Tensor dx, Tensor x_in,
+                     float loss_scale) const {
   // The residual add passes dx straight through; each branch adds its input gradient to it.
-  mlp_.backward(ps, a.mlp, s.mlp, s.d_norm, dx, a.ln2_out);
+  if (is_moe_)
+    moe_.backward(ps, a.moe, s.moe, s.d_norm, dx, a.ln2_out, loss_scale);
+  else
+    mlp_.backward(ps, a.mlp, s.mlp, s.d_norm, dx, a.ln2_out);
   ln2_.backward(ps, s.d_tmp, s.d_norm, a.resid_mid, a.ln2_mean, a.ln2_rstd);
   ops::add_inplace(dx, s.d_tmp);  // dx is now dL/d resid_mid
   attn_.backward(ps, a.attn, s.attn, s.d_norm, dx, a.ln1_out);

@@ -22,6 +22,8 @@ struct ExecOptions {
   // precision.grad_reduce: fp32 under 16-bit compute: parameter gradients are FP32 (accumulated
   // over micro-batches and reduced over dp in FP32); otherwise they have the compute dtype.
   bool fp32_grads = false;
+  // MoE statistics kept per block between resets: the micro-batches of one optimizer step.
+  int moe_stat_records = 1;
 };
 
 }  // namespace tessera

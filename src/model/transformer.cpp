@@ -3,6 +3,7 @@
 // block's input is kept; backward re-runs that block's forward into one shared activation set.
 #include "model/transformer.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "kernels/ops.h"
@@ -11,6 +12,22 @@ namespace tessera {
 
 static DType stat_dtype(DType dt) { return dt == DType::f64 ? DType::f64 : DType::f32; }
 
+// The feed-forward kind of local block l, and every kind on the stage (what recomputation's
+// shared set and the scratch must hold).
+static FfnKinds block_ffn_kind(const ModelConfig& cfg, const ModelShard& s, int l) {
+  const bool moe = cfg.moe.is_moe_layer(s.first_layer + l);
+  return FfnKinds{!moe, moe};
+}
+static FfnKinds stage_ffn_kinds(const ModelConfig& cfg, const ModelShard& s) {
+  FfnKinds k{false, false};
+  for (int l = 0; l < s.num_layers; ++l) {
+    const FfnKinds b = block_ffn_kind(cfg, s, l);
+    k.dense |= b.dense;
+    k.moe |= b.moe;
+  }
+  return k;
+}
+
 ModelConfig Transformer::local_config(const ModelConfig& cfg, const ModelShard& shard_in) {
   const ModelShard s = shard_in.resolved(cfg);
   ModelConfig l = cfg;
@@ -18,6 +35,10 @@ ModelConfig Transformer::local_config(const ModelConfig& cfg, const ModelShard& 
   l.num_heads = cfg.num_heads / s.tp_size;
   l.num_kv_heads = cfg.num_kv_heads / s.tp_size;
   l.ffn_hidden = cfg.ffn_hidden / s.tp_size;
+  if (cfg.moe.shared_experts > 0) {  // the shared experts as one MLP of this rank's width
+    l.moe.shared_ffn_hidden = cfg.moe.shared_experts * cfg.moe.shared_ffn_hidden / s.tp_size;
+    l.moe.shared_experts = 1;
+  }
   l.padded_vocab_size = cfg.padded_vocab_size / s.tp_size;
   l.num_layers = s.num_layers;
   return l;
@@ -36,14 +57,22 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   size_t attn = al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 + al(B * Hq * T * s);
   if (c.qk_norm)
     attn += al(N * Hq * D * e) + al(N * Hkv * D * e) + al(N * Hq * s) + al(N * Hkv * s);
-  size_t mlp = al(N * F * e) * (c.activation == ActivationKind::swiglu ? 3 : 2);
-  size_t block = al(N * C * e) * 3 + al(N * s) * 4 + attn + mlp;
-  size_t scratch = al(N * C * e) * 3 + al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 +
-                   (c.qk_norm ? al(N * Hq * D * e) + al(N * Hkv * D * e) : 0) +
-                   al(N * F * e) * (c.activation == ActivationKind::swiglu ? 3 : 2);
-  const int num_block_sets =
-      (training && !exec.recompute) ? c.num_layers : 1;  // as the constructor
-  size_t total = al(N * C * e) * (c.num_layers + 1) + block * num_block_sets + scratch;
+  const size_t mlp = al(N * F * e) * (c.activation == ActivationKind::swiglu ? 3 : 2);
+  const size_t block = al(N * C * e) * 3 + al(N * s) * 4 + attn;
+  const DType grad_dt = ParamStore::grad_dtype_for(dtype, exec.fp32_grads);
+  const auto ffn = [&](FfnKinds k) {
+    return (k.dense ? mlp : 0) + (k.moe ? Moe::acts_bytes(c, dtype, N) : 0);
+  };
+  const FfnKinds all = stage_ffn_kinds(cfg, sh);
+  size_t total = al(N * C * e) * (c.num_layers + 1);
+  if (training && !exec.recompute) {  // one set per block, as the constructor
+    for (int l = 0; l < c.num_layers; ++l) total += block + ffn(block_ffn_kind(cfg, sh, l));
+  } else {
+    total += block + ffn(all);
+  }
+  total += al(N * C * e) * 3 + al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 +
+           (c.qk_norm ? al(N * Hq * D * e) + al(N * Hkv * D * e) : 0) + (all.dense ? mlp : 0) +
+           (all.moe ? Moe::scratch_bytes(c, dtype, grad_dt, N) : 0);  // scratch
   if (sh.last_stage()) {
     const bool head32 = exec.fp32_lm_head && dtype != DType::f32 && dtype != DType::f64;
     total += al(N * C * e) + al(N * s) * 2 + al(N * V * (head32 ? 4 : e)) + al(N * s) * 2 +
@@ -77,9 +106,15 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
   for (int l = 0; l <= c.num_layers; ++l) resid.push_back(ar.alloc(dt, {N, c.hidden}));
   if (model.shard_.first_stage() && model.fp32_embedding())
     embed32 = ar.alloc(DType::f32, {N, c.hidden});
-  const int num_sets = (training && !recompute_) ? c.num_layers : 1;
-  for (int l = 0; l < num_sets; ++l) blocks.push_back(Block::alloc_acts(ar, c, dt, B, T));
-  scratch = Block::alloc_scratch(ar, c, dt, B, T);
+  const ModelShard& sh = model.shard_;
+  const FfnKinds all = stage_ffn_kinds(model.cfg_, sh);
+  if (training && !recompute_) {
+    for (int l = 0; l < c.num_layers; ++l)
+      blocks.push_back(Block::alloc_acts(ar, c, dt, B, T, block_ffn_kind(model.cfg_, sh, l)));
+  } else {
+    blocks.push_back(Block::alloc_acts(ar, c, dt, B, T, all));
+  }
+  scratch = Block::alloc_scratch(ar, c, dt, model.params().grad_dtype(), B, T, all);
   if (model.shard_.last_stage()) {
     lnf_out = ar.alloc(dt, {N, c.hidden});
     lnf_mean = ar.alloc(st, {N});
@@ -121,8 +156,73 @@ Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Are
   dtype_ = dtype;
   device_ = device;
   params_.allocate(dtype, device, arena, pad_multiple, with_master, exec.fp32_grads);
+  allocate_moe_records();
   TS_CHECK(!exec.fp32_embedding || with_master || dtype == DType::f32 || dtype == DType::f64,
            "fp32_embedding reads the FP32 master table, which this store does not keep");
+}
+
+void Transformer::allocate_moe_records() {
+  const int64_t cap = std::max(1, exec_.moe_stat_records);
+  const DType rt = dtype_ == DType::f64 ? DType::f64 : DType::f32;
+  const int64_t E = cfg_.moe.num_experts;
+  const size_t loss_bytes = Arena::aligned(size_t(cap) * 2 * dtype_size(rt));
+  const size_t count_bytes = Arena::aligned(size_t(cap * E) * 4);
+  size_t total = 0;
+  for (const Block& b : blocks_) total += b.is_moe() ? loss_bytes + count_bytes : 0;
+  if (total == 0) return;
+  moe_record_buf_ = Buffer(device_, total);
+  char* p = static_cast<char*>(moe_record_buf_.data());
+  for (const Block& b : blocks_) {
+    moe_loss_rec_.emplace_back();
+    moe_count_rec_.emplace_back();
+    if (!b.is_moe()) continue;
+    moe_loss_rec_.back() = Tensor(p, rt, device_, {cap, 2});
+    moe_count_rec_.back() = Tensor(p + loss_bytes, DType::i32, device_, {cap, E});
+    p += loss_bytes + count_bytes;
+  }
+}
+
+void Transformer::record_moe_stats(int l, const MoeActs& a) const {
+  const int64_t row = moe_records_ % moe_loss_rec_[l].dim(0);
+  copy_tensor(moe_loss_rec_[l].slice(row, row + 1).view({2}), a.loss);
+  copy_tensor(moe_count_rec_[l].slice(row, row + 1).view({cfg_.moe.num_experts}),
+              a.tokens_per_expert);
+  moe_tokens_ = a.topk_idx.dim(0);
+}
+
+std::vector<MoeLayerStats> Transformer::moe_stats() const {
+  std::vector<MoeLayerStats> out;
+  const int64_t cap = std::max(1, exec_.moe_stat_records);
+  const int64_t n = std::min(moe_records_, cap);
+  for (int l = 0; l < int(moe_loss_rec_.size()); ++l) {
+    if (moe_loss_rec_[l].empty()) continue;
+    MoeLayerStats st;
+    st.layer = shard_.first_layer + l;
+    st.num_experts = cfg_.moe.num_experts;
+    st.topk = cfg_.moe.topk;
+    st.tokens = moe_tokens_;
+    st.capacity = cfg_.moe.capacity(moe_tokens_);
+    const int64_t E = st.num_experts;
+    std::vector<double> losses(size_t(cap) * 2);
+    std::vector<int32_t> counts(size_t(cap * E));
+    const Tensor lr = moe_loss_rec_[l];
+    if (lr.dtype == DType::f64) {
+      copy_bytes(losses.data(), Device::cpu, lr.data, lr.device, lr.nbytes());
+    } else {
+      std::vector<float> f(size_t(cap) * 2);
+      copy_bytes(f.data(), Device::cpu, lr.data, lr.device, lr.nbytes());
+      for (size_t i = 0; i < f.size(); ++i) losses[i] = f[i];
+    }
+    const Tensor cr = moe_count_rec_[l];
+    copy_bytes(counts.data(), Device::cpu, cr.data, cr.device, cr.nbytes());
+    for (int64_t r = 0; r < n; ++r) {
+      st.aux.push_back(losses[size_t(r) * 2]);
+      st.z.push_back(losses[size_t(r) * 2 + 1]);
+      st.tokens_per_expert.emplace_back(counts.begin() + r * E, counts.begin() + (r + 1) * E);
+    }
+    out.push_back(std::move(st));
+  }
+  return out;
 }
 
 int64_t Transformer::local_num_params(const ModelConfig& cfg, const ModelShard& shard) {
@@ -168,7 +268,8 @@ void Transformer::declare_params() {
   }
   blocks_.resize(s.num_layers);
   for (int i = 0; i < s.num_layers; ++i)
-    blocks_[i].declare(params_, fmt::format("layers.{}", s.first_layer + i), cfg, s);
+    blocks_[i].declare(params_, fmt::format("layers.{}", s.first_layer + i), cfg,
+                       s.first_layer + i, s);
   if (s.last_stage()) {
     final_norm_first_ = params_.size();
     final_norm_.declare(params_, "final_norm", C, cfg.norm, cfg.bias, cfg.norm_eps, s);
@@ -225,7 +326,9 @@ void Transformer::forward_stage(Activations& a, Tensor tokens) const {
   for (int l = 0; l < local_.num_layers; ++l) {
     BlockActs& acts = a.blocks[a.blocks.size() == 1 ? 0 : l];
     blocks_[l].forward(params_, acts, a.scratch, a.resid[l + 1], a.resid[l]);
+    if (a.training_ && blocks_[l].is_moe()) record_moe_stats(l, acts.moe);
   }
+  if (a.training_ && moe_record_buf_.data() != nullptr) ++moe_records_;
   if (shard_.last_stage()) {
     final_norm_.forward(params_, a.lnf_out, a.lnf_mean, a.lnf_rstd, a.resid[local_.num_layers]);
     copy_to_tp_region_forward(shard_, a.lnf_out);  // every rank's vocabulary slice reads it
@@ -317,7 +420,7 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
       // the value it already holds (the ops are deterministic), which no later step reads.
       blocks_[l].forward(params_, acts, a.scratch, a.resid[l + 1], a.resid[l]);
     }
-    blocks_[l].backward(params_, acts, a.scratch, a.d_resid, a.resid[l]);
+    blocks_[l].backward(params_, acts, a.scratch, a.d_resid, a.resid[l], loss_scale);
     grads_ready(blocks_[l].first_param());
   }
   if (shard_.first_stage()) {

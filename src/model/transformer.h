@@ -20,6 +20,18 @@ namespace tessera {
 
 class Transformer;
 
+// The router's statistics of one MoE block over the training forwards since
+// Transformer::reset_moe_stats() (metrics.jsonl reports them per step).
+struct MoeLayerStats {
+  int layer = -1;        // global block index
+  int num_experts = 0;   // E
+  int topk = 0;          // K
+  int64_t tokens = 0;    // per micro-batch (N = B*T)
+  int64_t capacity = 0;  // slots per expert per micro-batch; 0: dropless
+  std::vector<double> aux, z;                           // per micro-batch, coefficients included
+  std::vector<std::vector<int32_t>> tokens_per_expert;  // per micro-batch, before dropping
+};
+
 // Everything forward saves for backward, plus backward's temporaries, for one (B, T) on one stage.
 class Activations {
  public:
@@ -40,6 +52,18 @@ class Activations {
 
  private:
   friend class Transformer;
+
+// The router's statistics of one MoE block over the training forwards since
+// Transformer::reset_moe_stats() (metrics.jsonl reports them per step).
+struct MoeLayerStats {
+  int layer = -1;        // global block index
+  int num_experts = 0;   // E
+  int topk = 0;          // K
+  int64_t tokens = 0;    // per micro-batch (N = B*T)
+  int64_t capacity = 0;  // slots per expert per micro-batch; 0: dropless
+  std::vector<double> aux, z;                           // per micro-batch, coefficients included
+  std::vector<std::vector<int32_t>> tokens_per_expert;  // per micro-batch, before dropping
+};
   int B_, T_;
   bool training_, recompute_;
   size_t bytes_ = 0;
@@ -119,6 +143,11 @@ class Transformer {
     for (Block& b : blocks_) b.for_each_linear(f);
   }
 
+  // MoE blocks of this stage: what their training forwards recorded since the last reset (the
+  // last ExecOptions::moe_stat_records micro-batches at most). Copies from the device.
+  std::vector<MoeLayerStats> moe_stats() const;
+  void reset_moe_stats() { moe_records_ = 0; }
+
   // The loss on the last stage: cross-entropy, weighted, plus any extra terms.
   Objective& objective() { return objective_; }
 
@@ -136,6 +165,8 @@ class Transformer {
   void grads_ready(int idx) const {
     if (grad_ready_) grad_ready_(idx);
   }
+  void allocate_moe_records();
+  void record_moe_stats(int l, const MoeActs& a) const;
 
   ModelConfig cfg_;    // the whole model
   ModelConfig local_;  // this rank's sizes
@@ -150,6 +181,12 @@ class Transformer {
   Norm final_norm_;
   std::function<void(int)> grad_ready_;
   Objective objective_;
+  // Per local MoE block (by local index; empty for dense blocks): (cap, 2) losses and (cap, E)
+  // counts, one row per training micro-batch, cap = exec_.moe_stat_records.
+  Buffer moe_record_buf_;
+  std::vector<Tensor> moe_loss_rec_, moe_count_rec_;
+  mutable int64_t moe_records_ = 0;
+  mutable int64_t moe_tokens_ = 0;
 };
 
 }  // namespace tessera

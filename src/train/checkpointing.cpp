@@ -146,6 +146,7 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
   ModelConfig a = saved.model, b = r.model;  // the padding may change
   a.padded_vocab_size = b.padded_vocab_size;
   a.vocab_pad_multiple = b.vocab_pad_multiple;
+  if (a.moe.same_architecture(b.moe)) a.moe = b.moe;  // losses and capacity may change
   if (!(a == b))
     TS_USER_ERROR(
         "checkpoint {} was saved with a different model section than recipe {}; resume "

@@ -50,8 +50,9 @@ namespace {
 
 // FLOPs per token for training: 6N (forward + backward of every weight) plus 12·L·h·s for the
 // attention scores and values (s = sequence length, h = hidden); N counts every parameter once.
+// Active parameters only: an MoE token passes through K of the E routed experts.
 double flops_per_token(const ModelConfig& m, int seq_len) {
-  return 6.0 * double(m.num_params()) + 12.0 * m.num_layers * double(m.hidden) * seq_len;
+  return 6.0 * double(m.num_active_params()) + 12.0 * m.num_layers * double(m.hidden) * seq_len;
 }
 constexpr double kPeakBf16Flops = 989e12;  // H100/H200 SXM dense BF16
 
@@ -95,6 +96,27 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
     rec["pipeline_s"] = s.pipeline_s;
     rec["pipeline_bubble"] = 1.0 - s.busy_s / s.pipeline_s;
   }
+  std::string moe;
+  if (!s.moe.empty()) {
+    double aux = 0.0, z = 0.0, dropped = 0.0;
+    nlohmann::json layers = nlohmann::json::array();
+    for (const MoeLayerMetrics& m : s.moe) {
+      aux += m.aux_loss;
+      z += m.z_loss;
+      dropped += m.dropped / double(s.moe.size());
+      layers.push_back({{"layer", m.layer},
+                        {"aux_loss", m.aux_loss},
+                        {"z_loss", m.z_loss},
+                        {"max_tokens", m.max_tokens},
+                        {"mean_tokens", m.mean_tokens},
+                        {"dropped", m.dropped}});
+    }
+    rec["moe_aux_loss"] = aux;  // summed over layers
+    rec["moe_z_loss"] = z;
+    rec["moe_dropped"] = dropped;  // mean over layers
+    rec["moe_layers"] = layers;
+    moe = fmt::format(" | aux {:.4f}", aux);
+  }
   std::string mfu;
   if (run_.device() == Device::cuda) {
     rec["mfu"] = step_flops_ / seconds / (kPeakBf16Flops * num_gpus);
@@ -111,8 +133,8 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
   const std::string scale =
       run_.scaler() ? fmt::format(" | scale {}{}", s.loss_scale, s.skipped ? " (skipped)" : "")
                     : std::string();
-  log_info("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f}{} | {:.0f} tok/s{} | eta {}",
-           done, r.train.steps, s.loss, s.lr, s.grad_norm, scale, tok_per_s, mfu,
+  log_info("step {:>5}/{} | loss {:.4f}{} | lr {:.2e} | norm {:.3f}{} | {:.0f} tok/s{} | eta {}",
+           done, r.train.steps, s.loss, moe, s.lr, s.grad_norm, scale, tok_per_s, mfu,
            format_duration(eta));
 }
 

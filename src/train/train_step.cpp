@@ -75,6 +75,7 @@ StepResult train_step(Run& run, int64_t step) {
   }
   // Delayed scaling: this step's amaxes, agreed over tp and dp, set the next step's scales.
   if (run.fp8()) run.fp8()->end_step(&run.ctx().comm(Group::tp), &run.ctx().comm(Group::dp));
+  if (r.model.moe.enabled()) res.moe = moe_step_metrics(run);
   ops::synchronize(run.device());
   return res;
 }

@@ -6,6 +6,9 @@
 #pragma once
 #include <cstdint>
 
+#include <vector>
+
+#include "train/moe_metrics.h"
 #include "train/run.h"
 
 namespace tessera {
@@ -18,6 +21,7 @@ struct StepResult {
   bool skipped = false;     // fp16: a gradient overflowed somewhere, nothing was updated
   double pipeline_s = 0.0;  // wall time of the forward/backward phase
   double busy_s = 0.0;      // stage compute time within it (measured with logging.profile_ops)
+  std::vector<MoeLayerMetrics> moe;  // MoE models: the router statistics of this step
 };
 
 // `step` is 0-based: the LR schedule's clock, and the loader's (seed, step, rank) -> batch key.

@@ -1,0 +1,87 @@
+// Mixture-of-Experts layer, in place of a block's MLP: an FP32 router (linear -> softmax -> top-k),
+// the dispatch plan (tokens sorted by expert, dropped past the capacity), routed expert FFNs as
+// grouped GEMMs, the weighted combine, optional shared experts, and the router's load-balancing
+// and z losses (their gradients enter in backward, scaled like the micro-batch's loss).
+// Shape letters: N rows (= B*T), C width, E experts, K top-k, R = N*K permuted rows, Fe expert FFN
+// width, Fs shared FFN width (all shared experts side by side, split over tp).
+#pragma once
+#include "config/model_config.h"
+#include "core/memory.h"
+#include "model/mlp.h"
+
+namespace tessera {
+
+// What forward keeps for backward (and for the step's MoE metrics).
+struct MoeActs {
+  Tensor x32;                // (N,C) f32 router input, under 16-bit compute only
+  Tensor logits, probs;      // (N,E) f32 (f64 for f64 models)
+  Tensor lse;                // (N)
+  Tensor topk_idx, topk_w;   // (N,K) i32, (N,K) f32
+  Tensor tokens_per_expert;  // (E) i32, before dropping
+  Tensor offsets;            // (E+1) i32 kept rows per expert, cumulative
+  Tensor slot_row;           // (N,K) i32 permuted row of each slot, -1 dropped
+  Tensor row_slot;           // (R) i32 slot of each permuted row, -1 unused
+  Tensor loss;               // (2) f32: aux, z (coefficients included)
+  Tensor xp;                 // (R,C) permuted input
+  Tensor h, up, act;         // (R,Fe) gate (gelu: fc) output, up output (swiglu), activation
+  Tensor yp;                 // (R,C) expert outputs
+  MlpActs shared;            // shared experts
+};
+
+// Backward's temporaries, shared by every MoE block of a stage.
+struct MoeScratch {
+  Tensor w32;                  // (E,C) f32 router weight, under 16-bit compute only
+  Tensor d_logits;             // (N,E) f32
+  Tensor d_topk_w;             // (N,K) f32
+  Tensor d_x32;                // (N,C) f32 router input gradient (16-bit compute)
+  Tensor d_dw32, d_dw;         // (E,C) f32 and the model dtype: 16-bit gradients only
+  Tensor d_yp, d_xp, d_xp2;    // (R,C)
+  Tensor d_act, d_h, d_up;     // (R,Fe)
+  Tensor d_x;                  // (N,C) a branch's input gradient before it is summed
+  Tensor y;                    // (N,C) shared experts' output
+  MlpScratch shared;
+};
+
+class Moe {
+ public:
+  // cfg is the whole model (cfg.moe set); shared experts are split over tp like the dense MLP,
+  // the router and routed experts are replicated (expert tensor parallelism is not built).
+  void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
+               const ModelShard& shard = {});
+  // Sizes from a LOCAL config (Transformer::local_config). grad_dtype: the parameter gradients'.
+  static MoeActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N);
+  static MoeScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, DType grad_dtype,
+                                  int64_t N);
+  static size_t acts_bytes(const ModelConfig& cfg, DType dt, int64_t N);
+  static size_t scratch_bytes(const ModelConfig& cfg, DType dt, DType grad_dtype, int64_t N);
+
+  void forward(const ParamStore& ps, MoeActs& a, MoeScratch& s, Tensor y /*(N,C)*/,
+               Tensor x /*(N,C)*/) const;
+  // dx (N,C) is overwritten. loss_scale multiplies the aux and z losses' gradients as it does the
+  // objective's (the micro-batch weight and any FP16 loss scale).
+  void backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor dx, Tensor dy, Tensor x,
+                float loss_scale) const;
+  template <class F>
+  void for_each_linear(F&& f) {
+    if (has_shared_) shared_.for_each_linear(f);
+  }
+  int num_experts() const { return cfg_.num_experts; }
+
+ private:
+  void route(const ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor x) const;
+  void experts_forward(const ParamStore& ps, const MoeActs& a) const;
+  void experts_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s) const;
+  void router_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor x,
+                       float loss_scale) const;
+
+  MoeConfig cfg_;
+  ActivationKind kind_ = ActivationKind::gelu;
+  int router_ = -1;                  // (E,C)
+  int w_in_ = -1, w_up_ = -1;        // (E,Fe,C) gelu: fc; swiglu: gate and up
+  int w_out_ = -1;                   // (E,C,Fe) gelu: proj; swiglu: down
+  bool has_shared_ = false;
+  Mlp shared_;
+  ModelShard shard_;
+};
+
+}  // namespace tessera
