@@ -77,7 +77,8 @@ TESSERA_ENUM_NAMES(Compute, {Compute::fp32, "fp32"}, {Compute::bf16, "bf16"},
 // Layers kept in FP32 under a narrower compute dtype.
 enum class HighPrecisionLayer { embedding, lm_head, router };
 TESSERA_ENUM_NAMES(HighPrecisionLayer, {HighPrecisionLayer::embedding, "embedding"},
-                   {HighPrecisionLayer::lm_head, "lm_head"}, {HighPrecisionLayer::router, "router"});
+                   {HighPrecisionLayer::lm_head, "lm_head"},
+                   {HighPrecisionLayer::router, "router"});
 // The dtype gradients accumulate over micro-batches and reduce over dp in.
 enum class GradReduce { fp32, compute };
 TESSERA_ENUM_NAMES(GradReduce, {GradReduce::fp32, "fp32"}, {GradReduce::compute, "compute"});

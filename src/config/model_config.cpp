@@ -39,7 +39,7 @@ int64_t ModelConfig::num_params() const {
   int64_t layer = 2 * norm_params;                     // attention norm + MLP norm
   layer += C * Hq * D + 2 * C * Hkv * D + Hq * D * C;  // q, k, v, o projections
   if (bias) layer += Hq * D + 2 * Hkv * D + C;
-  if (qk_norm) layer += 2 * D;  // RMSNorm weights shared by heads
+  if (qk_norm) layer += 2 * D;                                  // RMSNorm weights shared by heads
   const int mats = activation == ActivationKind::gelu ? 2 : 3;  // fc, proj | gate, up, down
   const auto mlp = [&](int64_t width) {
     return mats * C * width + (bias ? (mats - 1) * width + C : 0);

@@ -37,8 +37,8 @@ BlockActs Block::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int 
   return a;
 }
 
-BlockScratch Block::alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt,
-                                  DType grad_dtype, int B, int T, FfnKinds kinds) {
+BlockScratch Block::alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, DType grad_dtype,
+                                  int B, int T, FfnKinds kinds) {
   const int64_t N = int64_t(B) * T, C = cfg.hidden;
   BlockScratch s;
   s.branch = arena.alloc(dt, {N, C});

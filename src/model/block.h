@@ -13,8 +13,8 @@ struct BlockActs {
   AttentionActs attn;
   Tensor resid_mid;                    // (N,C) x + attention branch
   Tensor ln2_out, ln2_mean, ln2_rstd;  // (N,C), (N), (N)
-  MlpActs mlp;  // dense blocks
-  MoeActs moe;  // MoE blocks
+  MlpActs mlp;                         // dense blocks
+  MoeActs moe;                         // MoE blocks
 };
 
 // Temporaries shared by every block (forward branch output and backward gradients).

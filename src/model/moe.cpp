@@ -59,8 +59,7 @@ MoeActs make_acts(Alloc& ar, const ModelConfig& cfg, DType dt, int64_t N) {
 }
 
 template <class Alloc>
-MoeScratch make_scratch(Alloc& ar, const ModelConfig& cfg, DType dt, DType grad_dtype,
-                        int64_t N) {
+MoeScratch make_scratch(Alloc& ar, const ModelConfig& cfg, DType dt, DType grad_dtype, int64_t N) {
   const MoeConfig& m = cfg.moe;
   const int64_t C = cfg.hidden, E = m.num_experts, K = m.topk, R = N * K, Fe = m.ffn_hidden;
   const bool swiglu = cfg.activation == ActivationKind::swiglu;
@@ -131,8 +130,7 @@ void Moe::declare(ParamStore& ps, const std::string& name, const ModelConfig& cf
 
 MoeActs Moe::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N) {
   MoeActs a = make_acts(arena, cfg, dt, N);
-  if (cfg.moe.shared_experts > 0)
-    a.shared = Mlp::alloc_acts(arena, shared_config(cfg, 1), dt, N);
+  if (cfg.moe.shared_experts > 0) a.shared = Mlp::alloc_acts(arena, shared_config(cfg, 1), dt, N);
   return a;
 }
 
@@ -213,9 +211,9 @@ void Moe::experts_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s) cons
 void Moe::router_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor x,
                           float loss_scale) const {
   const int64_t N = x.dim(0);
-  ops::moe_router_backward(s.d_logits, s.d_topk_w, a.probs, a.lse, a.topk_idx,
-                           a.tokens_per_expert, aux_scale(cfg_, N) * loss_scale,
-                           z_scale(cfg_, N) * loss_scale, cfg_.norm_topk_prob);
+  ops::moe_router_backward(s.d_logits, s.d_topk_w, a.probs, a.lse, a.topk_idx, a.tokens_per_expert,
+                           aux_scale(cfg_, N) * loss_scale, z_scale(cfg_, N) * loss_scale,
+                           cfg_.norm_topk_prob);
   Tensor grad = ps[router_].grad;
   if (a.x32.empty()) {
     ops::gemm(s.d_x, s.d_logits, ps[router_].value, false, false, 1.0f, 0.0f);

@@ -30,15 +30,15 @@ struct MoeActs {
 
 // Backward's temporaries, shared by every MoE block of a stage.
 struct MoeScratch {
-  Tensor w32;                  // (E,C) f32 router weight, under 16-bit compute only
-  Tensor d_logits;             // (N,E) f32
-  Tensor d_topk_w;             // (N,K) f32
-  Tensor d_x32;                // (N,C) f32 router input gradient (16-bit compute)
-  Tensor d_dw32, d_dw;         // (E,C) f32 and the model dtype: 16-bit gradients only
-  Tensor d_yp, d_xp, d_xp2;    // (R,C)
-  Tensor d_act, d_h, d_up;     // (R,Fe)
-  Tensor d_x;                  // (N,C) a branch's input gradient before it is summed
-  Tensor y;                    // (N,C) shared experts' output
+  Tensor w32;                // (E,C) f32 router weight, under 16-bit compute only
+  Tensor d_logits;           // (N,E) f32
+  Tensor d_topk_w;           // (N,K) f32
+  Tensor d_x32;              // (N,C) f32 router input gradient (16-bit compute)
+  Tensor d_dw32, d_dw;       // (E,C) f32 and the model dtype: 16-bit gradients only
+  Tensor d_yp, d_xp, d_xp2;  // (R,C)
+  Tensor d_act, d_h, d_up;   // (R,Fe)
+  Tensor d_x;                // (N,C) a branch's input gradient before it is summed
+  Tensor y;                  // (N,C) shared experts' output
   MlpScratch shared;
 };
 
@@ -76,9 +76,9 @@ class Moe {
 
   MoeConfig cfg_;
   ActivationKind kind_ = ActivationKind::gelu;
-  int router_ = -1;                  // (E,C)
-  int w_in_ = -1, w_up_ = -1;        // (E,Fe,C) gelu: fc; swiglu: gate and up
-  int w_out_ = -1;                   // (E,C,Fe) gelu: proj; swiglu: down
+  int router_ = -1;            // (E,C)
+  int w_in_ = -1, w_up_ = -1;  // (E,Fe,C) gelu: fc; swiglu: gate and up
+  int w_out_ = -1;             // (E,C,Fe) gelu: proj; swiglu: down
   bool has_shared_ = false;
   Mlp shared_;
   ModelShard shard_;

@@ -268,8 +268,8 @@ void Transformer::declare_params() {
   }
   blocks_.resize(s.num_layers);
   for (int i = 0; i < s.num_layers; ++i)
-    blocks_[i].declare(params_, fmt::format("layers.{}", s.first_layer + i), cfg,
-                       s.first_layer + i, s);
+    blocks_[i].declare(params_, fmt::format("layers.{}", s.first_layer + i), cfg, s.first_layer + i,
+                       s);
   if (s.last_stage()) {
     final_norm_first_ = params_.size();
     final_norm_.declare(params_, "final_norm", C, cfg.norm, cfg.bias, cfg.norm_eps, s);

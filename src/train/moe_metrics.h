@@ -11,12 +11,12 @@ namespace tessera {
 class Run;
 
 struct MoeLayerMetrics {
-  int layer = -1;           // global block index
-  double aux_loss = 0.0;    // coefficient included, mean over micro-batches and dp replicas
-  double z_loss = 0.0;      // likewise
-  double max_tokens = 0.0;  // tokens routed to the busiest expert, mean over micro-batches
-  double mean_tokens = 0.0; // N K / E per micro-batch
-  double dropped = 0.0;     // dropped slots / routed slots (0 when dropless)
+  int layer = -1;            // global block index
+  double aux_loss = 0.0;     // coefficient included, mean over micro-batches and dp replicas
+  double z_loss = 0.0;       // likewise
+  double max_tokens = 0.0;   // tokens routed to the busiest expert, mean over micro-batches
+  double mean_tokens = 0.0;  // N K / E per micro-batch
+  double dropped = 0.0;      // dropped slots / routed slots (0 when dropless)
 };
 
 // One stage's records (Transformer::moe_stats) summarised; the dropped count is the brute-force

@@ -97,6 +97,40 @@ TEST(RecipeFiles, Qwen3_14b) {
   EXPECT_EQ(r.model.num_params(), 14'768'307'200);
 }
 
+TEST(RecipeFiles, CiTinyMoe) {
+  Recipe r = load("ci-tiny-moe.yaml");
+  EXPECT_EQ(r.moe.num_experts, 8);
+  EXPECT_EQ(r.moe.topk, 2);
+  EXPECT_EQ(r.moe.capacity_factor, 0.0f);
+  EXPECT_FALSE(r.moe.is_moe_layer(0));  // the dense first block
+  EXPECT_EQ(r.moe.num_moe_layers(r.model.num_layers), 3);
+  EXPECT_EQ(r.train.device, DeviceChoice::cpu);
+}
+
+TEST(RecipeFiles, Moe16xTop2) {
+  const Recipe r = load("moe-16x-top2.yaml");
+  EXPECT_EQ(r.moe.num_experts, 16);
+  EXPECT_EQ(r.moe.topk, 2);
+  EXPECT_EQ(r.model.num_params(), 2'368'244'736);
+  EXPECT_EQ(r.model.num_active_params(), 430'476'288);
+}
+
+// Qwen3-30B-A3B: 30.53B parameters, 3.35B active (Qwen's "30B-A3B").
+TEST(RecipeFiles, Qwen3_30bA3b) {
+  const Recipe r = load("qwen3-30b-a3b.yaml");
+  EXPECT_EQ(r.model.num_layers, 48);
+  EXPECT_EQ(r.model.hidden, 2048);
+  EXPECT_EQ(r.model.num_heads, 32);
+  EXPECT_EQ(r.model.num_kv_heads, 4);
+  EXPECT_EQ(r.moe.num_experts, 128);
+  EXPECT_EQ(r.moe.topk, 8);
+  EXPECT_EQ(r.moe.ffn_hidden, 768);
+  EXPECT_EQ(r.model.padded_vocab_size, 151936);
+  EXPECT_EQ(r.moe.num_moe_layers(48), 48);
+  EXPECT_EQ(r.model.num_params(), 30'532'122'624);
+  EXPECT_EQ(r.model.num_active_params(), 3'353'032'704);
+}
+
 TEST(RecipeFiles, LoadEqualsParseOfTheText) {
   const fs::path path = kRecipeDir / "gpt2-124m.yaml";
   std::ifstream in(path);

@@ -197,7 +197,8 @@ TEST(RecipePrecision, BadFp8Values) {
 
 TEST(RecipePrecision, BadHighPrecisionLists) {
   expect_error("  compute: bf16\n  high_precision: [embedding, router]\n",
-               {"t.yaml:17", "precision.high_precision[1] = router", "MoE is not built"});
+               {"t.yaml", "precision.high_precision = [embedding, router]",
+                "'router' belongs to MoE layers", "moe.num_experts is 0"});
   expect_error("  compute: bf16\n  high_precision: [attention]\n",
                {"t.yaml:17", "precision.high_precision[0]", "'attention'", "embedding", "lm_head"});
   expect_error("  compute: bf16\n  high_precision: [lm_head, lm_head]\n",
