@@ -225,6 +225,25 @@ std::vector<MoeLayerStats> Transformer::moe_stats() const {
   return out;
 }
 
+double Transformer::moe_losses(const Activations& a) const {
+  TS_CHECK(a.blocks.size() == blocks_.size(), "moe_losses needs one activation set per block");
+  double sum = 0.0;
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    if (!blocks_[l].is_moe()) continue;
+    const Tensor loss = a.blocks[l].moe.loss;
+    double v[2];
+    if (loss.dtype == DType::f64) {
+      copy_bytes(v, Device::cpu, loss.data, loss.device, sizeof v);
+    } else {
+      float f[2];
+      copy_bytes(f, Device::cpu, loss.data, loss.device, sizeof f);
+      v[0] = f[0], v[1] = f[1];
+    }
+    sum += v[0] + v[1];
+  }
+  return sum;
+}
+
 int64_t Transformer::local_num_params(const ModelConfig& cfg, const ModelShard& shard) {
   return Transformer(DeclareOnly{}, cfg, shard).params_.num_elements();
 }

@@ -146,6 +146,10 @@ class Transformer {
   // MoE blocks of this stage: what their training forwards recorded since the last reset (the
   // last ExecOptions::moe_stat_records micro-batches at most). Copies from the device.
   std::vector<MoeLayerStats> moe_stats() const;
+  // The MoE layers' aux + z losses of the last forward on `acts` (what their backward adds to the
+  // objective's gradient), summed; activations without recomputation only. Tests add it to the
+  // objective for finite differences.
+  double moe_losses(const Activations& acts) const;
   void reset_moe_stats() { moe_records_ = 0; }
 
   // The loss on the last stage: cross-entropy, weighted, plus any extra terms.

@@ -52,4 +52,32 @@ inline ModelConfig tiny_llama() {
   return c;
 }
 
+// MoE variants (moe section set): GELU experts with a tight capacity (some slots dropped) on
+// every block; SwiGLU experts with renormalised weights, a shared expert and a dense first block.
+// The losses' coefficients are large so their gradients are visible in finite differences.
+inline ModelConfig tiny_gpt2_moe() {
+  ModelConfig c = tiny_gpt2();
+  c.moe.num_experts = 4;
+  c.moe.topk = 2;
+  c.moe.ffn_hidden = 8;
+  c.moe.norm_topk_prob = false;
+  c.moe.capacity_factor = 1.0f;
+  c.moe.aux_loss_coef = 0.1f;
+  c.moe.z_loss_coef = 0.01f;
+  return c;
+}
+
+inline ModelConfig tiny_llama_moe() {
+  ModelConfig c = tiny_llama();
+  c.moe.num_experts = 4;
+  c.moe.topk = 2;
+  c.moe.ffn_hidden = 12;
+  c.moe.shared_experts = 1;
+  c.moe.shared_ffn_hidden = 8;
+  c.moe.first_dense_layers = 1;
+  c.moe.aux_loss_coef = 0.1f;
+  c.moe.z_loss_coef = 0.01f;
+  return c;
+}
+
 }  // namespace tessera::testing

@@ -1,6 +1,7 @@
-// Whole-model gradient checks in double precision for a tiny model of each family: every
-// parameter's analytic gradient against central finite differences of the mean loss; activation
-// recomputation gives bitwise-identical gradients; gradients accumulate across backward calls.
+// Whole-model gradient checks in double precision for a tiny model of each family, dense and MoE:
+// every parameter's analytic gradient against central finite differences of the mean loss (plus
+// the MoE layers' aux and z losses); activation recomputation gives bitwise-identical gradients;
+// gradients accumulate across backward calls.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -29,7 +30,10 @@ Batch make_batch(const ModelConfig& c, int B, int T, uint64_t seed) {
 class ModelGrad : public ::testing::TestWithParam<const char*> {
  protected:
   ModelConfig config() const {
-    return std::string(GetParam()) == "gpt2" ? testing::tiny_gpt2() : testing::tiny_llama();
+    const std::string name = GetParam();
+    if (name == "gpt2_moe") return testing::tiny_gpt2_moe();
+    if (name == "llama_moe") return testing::tiny_llama_moe();
+    return name == "gpt2" ? testing::tiny_gpt2() : testing::tiny_llama();
   }
 };
 
@@ -55,9 +59,9 @@ TEST_P(ModelGrad, EveryParameterMatchesFiniteDifferences) {
     for (int64_t i = 0; i < n; i += stride) {
       const double w0 = w[i], h = 1e-5;
       w[i] = w0 + h;
-      const double lp = model.forward(acts, batch.tokens, batch.targets);
+      const double lp = model.forward(acts, batch.tokens, batch.targets) + model.moe_losses(acts);
       w[i] = w0 - h;
-      const double lm = model.forward(acts, batch.tokens, batch.targets);
+      const double lm = model.forward(acts, batch.tokens, batch.targets) + model.moe_losses(acts);
       w[i] = w0;
       const double fd = (lp - lm) / (2 * h);
       const double bound = 1e-6 * std::max(std::fabs(fd), std::fabs(g[i])) + 1e-9;
@@ -113,7 +117,8 @@ TEST_P(ModelGrad, ParameterCountMatchesConfig) {
   EXPECT_EQ(model.params().num_elements(), cfg.num_params());
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, ModelGrad, ::testing::Values("gpt2", "llama"));
+INSTANTIATE_TEST_SUITE_P(Families, ModelGrad,
+                         ::testing::Values("gpt2", "llama", "gpt2_moe", "llama_moe"));
 
 }  // namespace
 }  // namespace tessera

@@ -1,0 +1,246 @@
+// MoE end to end through the `tessera` binary on the real (prepared) Gutenberg corpus, so routing
+// is not balanced by construction:
+//  * every (dp, tp, pp) layout of 2, 4 and 8 ranks, ZeRO-1 off and on, GPipe and 1F1B, dropless
+//    and with a capacity that drops tokens, equals one process (losses, evaluation, parameters);
+//  * resuming is bitwise, MoE metrics included;
+//  * the load-balancing loss spreads the load that a router without it concentrates;
+//  * metrics.jsonl carries the per-layer router statistics.
+// Micro-batches are one sequence in every layout, so each micro-batch's aux loss (a nonlinear
+// function of its tokens, as in Megatron) is computed over the same tokens everywhere.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "io/checkpoint.h"
+#include "tests/common/cli.h"
+
+namespace tessera {
+namespace {
+
+using testing::run_cli;
+
+struct Layout {
+  int dp = 1, tp = 1, pp = 1, zero = 0;
+  std::string schedule = "gpipe";
+  float capacity = 0.0f;  // moe.capacity_factor
+  std::string name() const {
+    return fmt::format("dp{}_tp{}_pp{}_zero{}_{}_cap{}", dp, tp, pp, zero, schedule,
+                       int(capacity * 100));
+  }
+};
+
+// ci-tiny-moe (4 blocks: dense, then 3 MoE of 8 experts top-2 with a shared expert) for 5 steps of
+// 16 sequences of 32 tokens, each micro-batch one sequence.
+std::string recipe_args(const Layout& l, const std::string& out_dir) {
+  const int microbatches = 2, accum = 16 / (l.dp * microbatches);
+  return fmt::format(
+      " --set data.seq_len=32 --set data.micro_batch=1 --set data.grad_accum={}"
+      " --set parallel.microbatches={} --set train.steps=5 --set train.eval_every=0"
+      " --set train.eval_batches=2 --set train.sample_tokens=0 --set optim.warmup_steps=2"
+      " --set optim.lr=3e-3 --set checkpoint.every=3 --set checkpoint.keep=5"
+      " --set logging.every=5 --set moe.capacity_factor={} --set parallel.dp={}"
+      " --set parallel.tp={} --set parallel.pp={} --set parallel.zero={}"
+      " --set parallel.schedule={} --set train.out_dir={}",
+      accum, microbatches, l.capacity, l.dp, l.tp, l.pp, l.zero, l.schedule, out_dir);
+}
+
+testing::CliResult train(const Layout& l, const std::string& out_dir,
+                         const std::string& extra = "") {
+  const int np = l.dp * l.tp * l.pp;
+  const std::string args = "train recipes/ci-tiny-moe.yaml" + recipe_args(l, out_dir) + extra;
+  return run_cli(args, np == 1 ? std::string() : testing::mpirun(np));
+}
+
+std::vector<nlohmann::json> read_metrics(const std::string& dir) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+struct RunResult {
+  std::map<int64_t, double> loss, aux;
+  double val_loss = NAN;
+  std::string dir;
+};
+
+RunResult read_run(const std::string& dir) {
+  RunResult out;
+  out.dir = dir;
+  for (const auto& j : read_metrics(dir)) {
+    if (j.contains("loss")) {
+      out.loss[j["step"].get<int64_t>()] = j["loss"].get<double>();
+      out.aux[j["step"].get<int64_t>()] = j["moe_aux_loss"].get<double>();
+    }
+    if (j.contains("val_loss")) out.val_loss = j["val_loss"].get<double>();
+  }
+  return out;
+}
+
+double rel(double a, double b) { return std::abs(a - b) / std::max(1e-12, std::abs(b)); }
+
+const RunResult& serial(float capacity) {
+  static std::map<float, RunResult> cache;
+  if (!cache.count(capacity)) {
+    Layout l;
+    l.capacity = capacity;
+    const std::string dir = testing::fresh_dir("moe-serial-" + l.name());
+    const auto r = train(l, dir);
+    EXPECT_EQ(r.status, 0) << r.output;
+    cache[capacity] = read_run(dir);
+  }
+  return cache[capacity];
+}
+
+// Every parameter of two final checkpoints: max |a - b| <= tol * max |b| per tensor.
+void expect_same_parameters(const std::string& a_dir, const std::string& b_dir, double tol) {
+  const auto a = io::CheckpointReader::open(io::latest_checkpoint(a_dir));
+  const auto b = io::CheckpointReader::open(io::latest_checkpoint(b_dir));
+  ASSERT_EQ(a.tensor_names(), b.tensor_names());
+  for (const std::string& name : b.tensor_names()) {
+    if (name.rfind("optim.", 0) == 0) continue;
+    const int64_t n = b.numel(name);
+    std::vector<float> x(n), y(n);
+    a.read_full(name, x.data());
+    b.read_full(name, y.data());
+    double diff = 0.0, scale = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      diff = std::max(diff, double(std::abs(x[i] - y[i])));
+      scale = std::max(scale, double(std::abs(y[i])));
+    }
+    EXPECT_LE(diff, tol * std::max(scale, 1e-3)) << name;
+  }
+}
+
+void PrintTo(const Layout& l, std::ostream* os) { *os << l.name(); }
+
+class MoeParallelEqualsSerial : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(MoeParallelEqualsSerial, LossesEvalAndParameters) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const Layout l = GetParam();
+  const RunResult& ref = serial(l.capacity);
+  ASSERT_EQ(ref.loss.size(), 5u);
+  const std::string dir = testing::fresh_dir("moe-parallel-" + l.name());
+  const auto r = train(l, dir);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const RunResult got = read_run(dir);
+  ASSERT_EQ(got.loss.size(), 5u) << r.output;
+  for (const auto& [step, loss] : ref.loss) {
+    EXPECT_LE(rel(got.loss.at(step), loss), 1e-5) << "step " << step;
+    EXPECT_LE(rel(got.aux.at(step), ref.aux.at(step)), 1e-5) << "aux loss, step " << step;
+  }
+  EXPECT_LE(rel(got.val_loss, ref.val_loss), 1e-5) << got.val_loss << " vs " << ref.val_loss;
+  expect_same_parameters(dir, ref.dir, 1e-3);  // tolerance: see parallel_train_test.cpp
+}
+
+std::vector<Layout> moe_layouts() {
+  std::vector<Layout> out;
+  for (float cap : {0.0f, 1.0f}) {
+    out.push_back({2, 1, 1, 0, "gpipe", cap});
+    out.push_back({1, 2, 1, 1, "gpipe", cap});
+    out.push_back({1, 1, 2, 0, "gpipe", cap});
+    out.push_back({2, 2, 1, 1, "gpipe", cap});
+    out.push_back({2, 1, 2, 1, "1f1b", cap});
+    out.push_back({2, 2, 2, 1, "gpipe", cap});
+  }
+  out.push_back({1, 1, 4, 0, "1f1b", 0.0f});
+  out.push_back({4, 2, 1, 0, "gpipe", 1.0f});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, MoeParallelEqualsSerial, ::testing::ValuesIn(moe_layouts()),
+                         [](const auto& info) { return info.param.name(); });
+
+// step -> the exact text of the values that must match bitwise (JSON prints doubles with
+// round-trip precision, so equal text means equal bits).
+std::map<int64_t, std::string> step_records(const std::string& dir) {
+  std::map<int64_t, std::string> out;
+  for (const auto& m : read_metrics(dir))
+    if (m.contains("loss"))
+      out[m["step"].get<int64_t>()] = m["loss"].dump() + " " + m["grad_norm"].dump() + " " +
+                                      m["moe_aux_loss"].dump() + " " + m["moe_layers"].dump();
+  return out;
+}
+
+TEST(MoeTrain, ResumeIsBitwiseExact) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  Layout l;
+  l.capacity = 1.0f;
+  const std::string dir = testing::fresh_dir("moe-resume");
+  const std::string six = " --set train.steps=6";
+  ASSERT_EQ(train(l, dir + "/full", six).status, 0);
+  const auto resumed = train(l, dir + "/resumed",
+                             six + " --set checkpoint.resume=" + dir + "/full/checkpoints/step_3");
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  const auto a = step_records(dir + "/full"), b = step_records(dir + "/resumed");
+  ASSERT_EQ(a.size(), 6u);
+  for (int64_t s = 4; s <= 6; ++s) EXPECT_EQ(b.at(s), a.at(s)) << "step " << s;
+}
+
+// The per-layer router statistics (moe_layers) of the last `n` steps: mean of max/mean tokens
+// per expert over the MoE layers.
+double late_imbalance(const std::string& dir, int n) {
+  const auto m = read_metrics(dir);
+  double sum = 0.0;
+  int count = 0;
+  for (const auto& j : m) {
+    if (!j.contains("moe_layers") || j["step"].get<int64_t>() <= int64_t(m.size()) - n) continue;
+    for (const auto& layer : j["moe_layers"]) {
+      sum += layer["max_tokens"].get<double>() / layer["mean_tokens"].get<double>();
+      ++count;
+    }
+  }
+  return count ? sum / count : NAN;
+}
+
+// Without the balancing loss the routers concentrate tokens on few experts; with it the load
+// spreads. Both runs see the same data and initialization.
+TEST(MoeTrain, LoadBalancingLossSpreadsTheLoad) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  Layout l;
+  const std::string dir = testing::fresh_dir("moe-balance");
+  const std::string common = " --set train.steps=60 --set optim.lr=1e-2 --set moe.z_loss_coef=0";
+  ASSERT_EQ(train(l, dir + "/off", common + " --set moe.aux_loss_coef=0").status, 0);
+  ASSERT_EQ(train(l, dir + "/on", common + " --set moe.aux_loss_coef=0.1").status, 0);
+  const double off = late_imbalance(dir + "/off", 10), on = late_imbalance(dir + "/on", 10);
+  EXPECT_GT(off, on * 1.25) << "max/mean tokens per expert without aux " << off << ", with " << on;
+  EXPECT_LT(on, 1.6) << "balanced routing keeps the busiest expert near the mean";
+}
+
+TEST(MoeTrain, MetricsCarryTheRouterStatistics) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  Layout l;
+  l.capacity = 0.5f;
+  const std::string dir = testing::fresh_dir("moe-metrics");
+  const auto r = train(l, dir, " --set train.steps=2");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto m = read_metrics(dir);
+  ASSERT_FALSE(m.empty());
+  const auto& j = m.front();
+  ASSERT_TRUE(j.contains("moe_layers")) << j.dump();
+  ASSERT_EQ(j["moe_layers"].size(), 3u);  // blocks 1, 2, 3
+  double aux = 0.0;
+  for (const auto& layer : j["moe_layers"]) {
+    aux += layer["aux_loss"].get<double>();
+    EXPECT_GT(layer["z_loss"].get<double>(), 0.0);
+    // 32 tokens x top-2 over 8 experts, capacity ceil(0.5 * 8) = 4 of the mean 8: half dropped at
+    // best, and the busiest expert holds at least the mean.
+    EXPECT_DOUBLE_EQ(layer["mean_tokens"].get<double>(), 8.0);
+    EXPECT_GE(layer["max_tokens"].get<double>(), 8.0);
+    EXPECT_GE(layer["dropped"].get<double>(), 0.5);
+    EXPECT_LT(layer["dropped"].get<double>(), 1.0);
+  }
+  EXPECT_NEAR(j["moe_aux_loss"].get<double>(), aux, 1e-12);
+  EXPECT_GT(aux, 0.0);
+  EXPECT_NE(r.output.find("| aux "), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace tessera
