@@ -48,8 +48,11 @@ std::vector<double> train_losses(const ModelConfig& cfg, const ExecOptions& exec
 class ModelParityGpu : public testing::GpuCaseP<const char*> {};
 
 TEST_P(ModelParityGpu, LossesTrackTheCpuReference) {
-  ModelConfig cfg =
-      std::string(GetParam()) == "gpt2" ? testing::tiny_gpt2() : testing::tiny_llama();
+  const std::string name = GetParam();
+  ModelConfig cfg = name == "gpt2"       ? testing::tiny_gpt2()
+                    : name == "llama"    ? testing::tiny_llama()
+                    : name == "gpt2_moe" ? testing::tiny_gpt2_moe()
+                                         : testing::tiny_llama_moe();
   cfg.init_std = 0.02f;
   cfg.max_seq_len = 64;
   cfg.head_dim =
@@ -94,7 +97,10 @@ TEST_P(ModelParityGpu, LossesTrackTheCpuReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, ModelParityGpu, ::testing::Values("gpt2", "llama"));
+// The MoE families run every MoE op on the GPU inside training (routing, dispatch with and
+// without dropping, grouped GEMMs, the router losses' gradients).
+INSTANTIATE_TEST_SUITE_P(Families, ModelParityGpu,
+                         ::testing::Values("gpt2", "llama", "gpt2_moe", "llama_moe"));
 
 }  // namespace
 }  // namespace tessera
