@@ -40,7 +40,17 @@ INSTANTIATE_TEST_SUITE_P(
                       std::vector<std::string>{"train.recompute=true"},
                       std::vector<std::string>{"precision.compute=bf16",
                                                "precision.high_precision=[lm_head, embedding]"},
-                      std::vector<std::string>{"data.grad_accum=3", "data.micro_batch=3"}));
+                      std::vector<std::string>{"data.grad_accum=3", "data.micro_batch=3"},
+                      // MoE: every block (GELU experts, dropping), and SwiGLU experts with a
+                      // shared expert and a dense first block, in bf16 with 16-bit gradients,
+                      // and under recomputation (one set holding both feed-forward kinds).
+                      std::vector<std::string>{"moe.num_experts=4", "moe.capacity_factor=1"},
+                      std::vector<std::string>{"model.family=llama", "model.ffn_hidden=48",
+                                               "moe.num_experts=4", "moe.shared_experts=1",
+                                               "moe.first_dense_layers=1", "precision.compute=bf16",
+                                               "precision.grad_reduce=compute"},
+                      std::vector<std::string>{"moe.num_experts=4", "moe.first_dense_layers=1",
+                                               "train.recompute=true", "precision.compute=bf16"}));
 
 TEST(MemoryPlan, Fp8CopiesLiveOutsideTheArena) {
   const testing::ScratchDir dir;
