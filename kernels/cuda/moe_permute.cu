@@ -23,8 +23,8 @@
 // (checked on the CPU); here such a slot is treated as routed nowhere (slot_row -1, not counted).
 //
 // Row moves: 16-byte packs when C and every row pointer allow, element by element otherwise;
-// sums in f32, over j in order (no atomics). moe_permute and the two combines are one thread per
-// (row, pack); moe_unpermute_backward is one warp per permuted row r, which writes dyp[r] and,
+// sums in f32, over j in order (no atomics). One warp per row: moe_permute per permuted row, the
+// two combines per token; moe_unpermute_backward per permuted row r, which writes dyp[r] and,
 // with a fixed-order warp reduction, d_topk_w of the slot row_slot[r] (slot_row and row_slot come
 // from one plan, so that covers every kept slot once); a second launch zeroes d_topk_w of the
 // dropped slots. An index outside its range (a caller bug, checked on the CPU) reads as unused.
@@ -203,53 +203,65 @@ __device__ __forceinline__ Pack<T, kWidth> zero_pack() {
   return z;
 }
 
-// xp[r] = x[row_slot[r] / K], zero for unused rows; one pack of kWidth columns per item.
+// Rows are handled one warp each (grid-stride over rows); lane l moves packs l, l + 32, ... of
+// the row. The row's index is one broadcast load, and no item index is divided by the row width.
+constexpr int kRowWarps = kBlock / 32;
+
+__device__ __forceinline__ int64_t first_warp_row() {
+  return int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+}
+__device__ __forceinline__ int64_t warp_row_stride() { return int64_t(gridDim.x) * kRowWarps; }
+
+// xp[r] = x[row_slot[r] / K], zero for unused rows.
 template <class T, int kWidth>
 __global__ void __launch_bounds__(kBlock)
     permute_kernel(T* xp, const T* x, const int32_t* row_slot, int64_t num_rows, int num_c,
                    int topk, int64_t num_slots) {
-  const int packs = num_c / kWidth;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < num_rows * packs;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / packs;
-    const int c = static_cast<int>(i % packs) * kWidth;
+  const int lane = threadIdx.x % 32, packs = num_c / kWidth;
+  for (int64_t r = first_warp_row(); r < num_rows; r += warp_row_stride()) {
     const int32_t s = row_slot[r];
-    const Pack<T, kWidth> v = s >= 0 && s < num_slots
-                                  ? load_pack<T, kWidth>(x + int64_t(s / topk) * num_c + c)
-                                  : zero_pack<T, kWidth>();
-    store_pack<T, kWidth>(xp + r * num_c + c, v);
+    T* dst = xp + r * num_c;
+    if (s < 0 || s >= num_slots) {
+      for (int p = lane; p < packs; p += 32)
+        store_pack<T, kWidth>(dst + p * kWidth, zero_pack<T, kWidth>());
+      continue;
+    }
+    const T* src = x + int64_t(s / topk) * num_c;
+#pragma unroll 4
+    for (int p = lane; p < packs; p += 32)
+      store_pack<T, kWidth>(dst + p * kWidth, load_pack<T, kWidth>(src + p * kWidth));
   }
 }
 
 // out[t] = sum over kept j of w[t,j] * rows[slot_row[t,j]] (w = 1 unless kWeighted), in j order in
-// f32; one pack per item. moe_permute_backward and moe_unpermute.
+// f32: moe_permute_backward and moe_unpermute, one warp per token.
 template <class T, int kWidth, bool kWeighted>
 __global__ void __launch_bounds__(kBlock)
     combine_kernel(T* out, const T* rows, const int32_t* slot_row, const float* topk_w,
                    int64_t num_t, int num_c, int topk, int64_t num_rows) {
-  const int packs = num_c / kWidth;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < num_t * packs;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / packs;
-    const int c = static_cast<int>(i % packs) * kWidth;
-    float acc[kWidth] = {};
-    for (int j = 0; j < topk; ++j) {
-      const int32_t r = slot_row[t * topk + j];
-      if (r < 0 || r >= num_rows) continue;
-      const Pack<T, kWidth> y = load_pack<T, kWidth>(rows + int64_t(r) * num_c + c);
-      if constexpr (kWeighted) {
-        const float w = topk_w[t * topk + j];
+  const int lane = threadIdx.x % 32, packs = num_c / kWidth;
+  for (int64_t t = first_warp_row(); t < num_t; t += warp_row_stride()) {
+    const int32_t* t_rows = slot_row + t * topk;
+    for (int p = lane; p < packs; p += 32) {
+      float acc[kWidth] = {};
+      for (int j = 0; j < topk; ++j) {
+        const int32_t r = t_rows[j];
+        if (r < 0 || r >= num_rows) continue;
+        const Pack<T, kWidth> y = load_pack<T, kWidth>(rows + int64_t(r) * num_c + p * kWidth);
+        if constexpr (kWeighted) {
+          const float w = topk_w[t * topk + j];
 #pragma unroll
-        for (int k = 0; k < kWidth; ++k) acc[k] += w * to_f32(y.v[k]);
-      } else {
+          for (int k = 0; k < kWidth; ++k) acc[k] += w * to_f32(y.v[k]);
+        } else {
 #pragma unroll
-        for (int k = 0; k < kWidth; ++k) acc[k] += to_f32(y.v[k]);
+          for (int k = 0; k < kWidth; ++k) acc[k] += to_f32(y.v[k]);
+        }
       }
-    }
-    Pack<T, kWidth> o;
+      Pack<T, kWidth> o;
 #pragma unroll
-    for (int k = 0; k < kWidth; ++k) o.v[k] = from_f32<T>(acc[k]);
-    store_pack<T, kWidth>(out + t * num_c + c, o);
+      for (int k = 0; k < kWidth; ++k) o.v[k] = from_f32<T>(acc[k]);
+      store_pack<T, kWidth>(out + t * num_c + p * kWidth, o);
+    }
   }
 }
 
@@ -261,10 +273,8 @@ __global__ void __launch_bounds__(kBlock)
     unpermute_backward_kernel(T* dyp, float* d_topk_w, const T* dout, const T* yp,
                               const int32_t* row_slot, const float* topk_w, int64_t num_rows,
                               int num_c, int topk, int64_t num_slots) {
-  constexpr int kWarps = kBlock / 32;
   const int lane = threadIdx.x % 32, packs = num_c / kWidth;
-  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < num_rows;
-       r += int64_t(gridDim.x) * kWarps) {
+  for (int64_t r = first_warp_row(); r < num_rows; r += warp_row_stride()) {
     const int32_t s = row_slot[r];
     T* dy_row = dyp + r * num_c;
     if (s < 0 || s >= num_slots) {  // the whole warp
@@ -337,6 +347,12 @@ bool use_packs(int64_t num_c, int width, std::initializer_list<const Tensor*> ro
   return true;
 }
 
+// Blocks for one warp per row: every row at once, up to 32 blocks (256 warps) per SM.
+int row_grid(int64_t rows) {
+  const int64_t cap = int64_t(std::max(context().num_sms, 1)) * 32;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, kRowWarps), cap)));
+}
+
 // Runs f.template operator()<kWidth>() with the pack width for T, or 1.
 template <class T, class F>
 void dispatch_width(int64_t num_c, std::initializer_list<const Tensor*> rows, F&& f) {
@@ -405,11 +421,10 @@ void moe_permute(Tensor xp, Tensor x, Tensor row_slot, int topk, ops::Stream str
   expect_index(row_slot, Shape{num_rows}, kOp, "row_slot");
   TS_CHECK(topk >= 1, "{}: topk must be >= 1, got {}", kOp, topk);
   TS_CHECK(!overlaps(xp, x), "{}: xp must not alias x", kOp);
-  const int64_t work = num_rows * num_c;
-  if (work == 0) return;
+  if (num_rows * num_c == 0) return;
   dispatch_float(x, kOp, [&]<class T>() {
     dispatch_width<T>(num_c, {&xp, &x}, [&]<int kWidth>() {
-      permute_kernel<T, kWidth><<<grid_for(work / kWidth), kBlock, 0, cuda_stream(stream)>>>(
+      permute_kernel<T, kWidth><<<row_grid(num_rows), kBlock, 0, cuda_stream(stream)>>>(
           static_cast<T*>(xp.data), static_cast<const T*>(x.data),
           static_cast<const int32_t*>(row_slot.data), num_rows, int(num_c), topk, num_t * topk);
       TS_CUDA_CHECK_LAUNCH();
@@ -426,11 +441,10 @@ void moe_permute_backward(Tensor dx, Tensor dxp, Tensor slot_row, ops::Stream st
   const int topk = static_cast<int>(slot_row.dim(1));
   expect_tensor(dx, dxp.dtype, Shape{num_t, num_c}, kOp, "dx");
   TS_CHECK(!overlaps(dx, dxp), "{}: dx must not alias dxp", kOp);
-  const int64_t work = num_t * num_c;
-  if (work == 0) return;
+  if (num_t * num_c == 0) return;
   dispatch_float(dxp, kOp, [&]<class T>() {
     dispatch_width<T>(num_c, {&dx, &dxp}, [&]<int kWidth>() {
-      combine_kernel<T, kWidth, false><<<grid_for(work / kWidth), kBlock, 0, cuda_stream(stream)>>>(
+      combine_kernel<T, kWidth, false><<<row_grid(num_t), kBlock, 0, cuda_stream(stream)>>>(
           static_cast<T*>(dx.data), static_cast<const T*>(dxp.data),
           static_cast<const int32_t*>(slot_row.data), nullptr, num_t, int(num_c), topk, num_rows);
       TS_CUDA_CHECK_LAUNCH();
@@ -448,11 +462,10 @@ void moe_unpermute(Tensor out, Tensor yp, Tensor slot_row, Tensor topk_w, ops::S
   expect_tensor(out, yp.dtype, Shape{num_t, num_c}, kOp, "out");
   expect_weights(topk_w, slot_row.shape, kOp, "topk_w");
   TS_CHECK(!overlaps(out, yp) && !overlaps(out, topk_w), "{}: out must not alias an input", kOp);
-  const int64_t work = num_t * num_c;
-  if (work == 0) return;
+  if (num_t * num_c == 0) return;
   dispatch_float(yp, kOp, [&]<class T>() {
     dispatch_width<T>(num_c, {&out, &yp}, [&]<int kWidth>() {
-      combine_kernel<T, kWidth, true><<<grid_for(work / kWidth), kBlock, 0, cuda_stream(stream)>>>(
+      combine_kernel<T, kWidth, true><<<row_grid(num_t), kBlock, 0, cuda_stream(stream)>>>(
           static_cast<T*>(out.data), static_cast<const T*>(yp.data),
           static_cast<const int32_t*>(slot_row.data), static_cast<const float*>(topk_w.data), num_t,
           int(num_c), topk, num_rows);
@@ -484,9 +497,7 @@ void moe_unpermute_backward(Tensor dyp, Tensor d_topk_w, Tensor dout, Tensor yp,
   if (num_rows > 0) {
     dispatch_float(yp, kOp, [&]<class T>() {
       dispatch_width<T>(num_c, {&dyp, &dout, &yp}, [&]<int kWidth>() {
-        const int64_t cap = int64_t(std::max(context().num_sms, 1)) * 16;
-        const int grid = static_cast<int>(std::min<int64_t>(ceil_div(num_rows, kBlock / 32), cap));
-        unpermute_backward_kernel<T, kWidth><<<grid, kBlock, 0, s>>>(
+        unpermute_backward_kernel<T, kWidth><<<row_grid(num_rows), kBlock, 0, s>>>(
             static_cast<T*>(dyp.data), dw, static_cast<const T*>(dout.data),
             static_cast<const T*>(yp.data), static_cast<const int32_t*>(row_slot.data),
             static_cast<const float*>(topk_w.data), num_rows, int(num_c), topk, num_slots);
