@@ -48,6 +48,58 @@ void moe_router_backward(Tensor d_logits, Tensor d_topk_w, Tensor probs, Tensor 
 // (end of router)
 
 // ---- dispatch plan, permute, unpermute ------------------------------------------------------
+// Rows (x, xp, yp, out and their gradients) go through NarrowScope; the i32 index tensors pass
+// through it untouched, and topk_w / d_topk_w are f32 by contract (f64 beside f64 rows): stat_in /
+// stat_out keep them unwidened and reject a 16-bit one, as the CUDA kernels do.
+
+void moe_dispatch_plan(Tensor tokens_per_expert, Tensor offsets, Tensor slot_row, Tensor row_slot,
+                       Tensor topk_idx, int64_t capacity, Stream stream) {
+  dispatch(
+      "moe_dispatch_plan", {&tokens_per_expert, &offsets, &slot_row, &row_slot, &topk_idx}, stream,
+      TS_ON_CUDA(cuda::moe_dispatch_plan(tokens_per_expert, offsets, slot_row, row_slot, topk_idx,
+                                         capacity, stream)),
+      [&] {
+        cpu::moe_dispatch_plan(tokens_per_expert, offsets, slot_row, row_slot, topk_idx, capacity);
+      });
+}
+
+void moe_permute(Tensor xp, Tensor x, Tensor row_slot, int topk, Stream stream) {
+  dispatch("moe_permute", {&xp, &x, &row_slot}, stream,
+           TS_ON_CUDA(cuda::moe_permute(xp, x, row_slot, topk, stream)), [&](cpu::NarrowScope& n) {
+             cpu::moe_permute(n.out(xp, "xp"), n.in(x, "x"), n.in(row_slot, "row_slot"), topk);
+           });
+}
+
+void moe_permute_backward(Tensor dx, Tensor dxp, Tensor slot_row, Stream stream) {
+  dispatch(
+      "moe_permute_backward", {&dx, &dxp, &slot_row}, stream,
+      TS_ON_CUDA(cuda::moe_permute_backward(dx, dxp, slot_row, stream)), [&](cpu::NarrowScope& n) {
+        cpu::moe_permute_backward(n.out(dx, "dx"), n.in(dxp, "dxp"), n.in(slot_row, "slot_row"));
+      });
+}
+
+void moe_unpermute(Tensor out, Tensor yp, Tensor slot_row, Tensor topk_w, Stream stream) {
+  dispatch("moe_unpermute", {&out, &yp, &slot_row, &topk_w}, stream,
+           TS_ON_CUDA(cuda::moe_unpermute(out, yp, slot_row, topk_w, stream)),
+           [&](cpu::NarrowScope& n) {
+             cpu::moe_unpermute(n.out(out, "out"), n.in(yp, "yp"), n.in(slot_row, "slot_row"),
+                                n.stat_in(topk_w, "topk_w"));
+           });
+}
+
+void moe_unpermute_backward(Tensor dyp, Tensor d_topk_w, Tensor dout, Tensor yp, Tensor slot_row,
+                            Tensor row_slot, Tensor topk_w, Stream stream) {
+  dispatch("moe_unpermute_backward", {&dyp, &d_topk_w, &dout, &yp, &slot_row, &row_slot, &topk_w},
+           stream,
+           TS_ON_CUDA(cuda::moe_unpermute_backward(dyp, d_topk_w, dout, yp, slot_row, row_slot,
+                                                   topk_w, stream)),
+           [&](cpu::NarrowScope& n) {
+             cpu::moe_unpermute_backward(n.out(dyp, "dyp"), n.stat_out(d_topk_w, "d_topk_w"),
+                                         n.in(dout, "dout"), n.in(yp, "yp"),
+                                         n.in(slot_row, "slot_row"), n.in(row_slot, "row_slot"),
+                                         n.stat_in(topk_w, "topk_w"));
+           });
+}
 
 // (end of permute)
 

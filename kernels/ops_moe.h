@@ -59,7 +59,8 @@ void moe_router_backward(Tensor d_logits /*(N,E)*/, Tensor d_topk_w /*(N,K)*/,
 //   slot_row[s] = offsets[e] + p(s) when kept, else -1;
 //   row_slot[r] = the slot placed in row r for r < offsets[E], else -1 (r < R).
 // R >= offsets[E] is required (R = N*K always suffices). Entries of topk_idx outside [0, E) are
-// a caller bug (checked on the CPU).
+// a caller bug (checked on the CPU; the GPU routes such a slot nowhere). The CUDA plan handles
+// E <= 12288.
 void moe_dispatch_plan(Tensor tokens_per_expert /*(E) i32*/, Tensor offsets /*(E+1) i32*/,
                        Tensor slot_row /*(N,K) i32*/, Tensor row_slot /*(R) i32*/,
                        Tensor topk_idx /*(N,K) i32*/, int64_t capacity, Stream stream = {});
@@ -80,7 +81,8 @@ void moe_unpermute(Tensor out /*(N,C)*/, Tensor yp /*(R,C)*/, Tensor slot_row /*
                    Tensor topk_w /*(N,K)*/, Stream stream = {});
 // Its backward (both overwritten): dyp[r] = topk_w[s] * dout[s/K] for s = row_slot[r] >= 0, zero
 // for unused rows; d_topk_w[t,j] = <dout[t], yp[slot_row[t,j]]> (summed in f32/f64), zero when
-// dropped.
+// dropped. slot_row and row_slot must come from one plan (inverse of each other on the kept
+// slots; checked on the CPU): the GPU computes both outputs in one pass over the rows.
 void moe_unpermute_backward(Tensor dyp /*(R,C)*/, Tensor d_topk_w /*(N,K)*/, Tensor dout /*(N,C)*/,
                             Tensor yp /*(R,C)*/, Tensor slot_row /*(N,K) i32*/,
                             Tensor row_slot /*(R) i32*/, Tensor topk_w /*(N,K)*/,
