@@ -415,7 +415,17 @@ std::vector<int32_t> download_i32(const DeviceTensor& t) {
   return v;
 }
 
-// The plan on the GPU, uploaded from a CPU routing; returns its four outputs downloaded.
+// Equal vectors, reporting the first difference (not the whole of two large vectors).
+template <class V>
+void expect_equal(const std::vector<V>& got, const std::vector<V>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  const auto diff = std::mismatch(got.begin(), got.end(), want.begin());
+  EXPECT_TRUE(diff.first == got.end()) << what << ": element " << (diff.first - got.begin())
+                                       << " is " << +*diff.first << ", expected " << +*diff.second;
+}
+
+// The plan on the GPU, uploaded from a CPU routing; returns its four outputs downloaded. The
+// outputs start as 0x7F7F7F7F, not the kit's 0xFF poison, which reads as a plausible -1.
 struct GpuPlan {
   std::vector<int32_t> tokens_per_expert, offsets, slot_row, row_slot;
 };
@@ -424,6 +434,8 @@ GpuPlan run_gpu_plan(const HostTensor& idx, int64_t num_e, int64_t capacity, int
   DeviceTensor g_off(DType::i32, {num_e + 1}), g_sr(DType::i32, idx.t.shape);
   DeviceTensor g_rs(DType::i32, {num_rows});
   g_idx.upload_i32(idx.i32);
+  for (DeviceTensor* out : {&g_tpe, &g_off, &g_sr, &g_rs})
+    out->upload_i32(std::vector<int32_t>(out->t().numel(), 0x7F7F7F7F));
   settle();
   ops::moe_dispatch_plan(g_tpe, g_off, g_sr, g_rs, g_idx, capacity);
   EXPECT_TRUE(g_tpe.guards_intact() && g_off.guards_intact() && g_sr.guards_intact() &&
@@ -456,10 +468,10 @@ TS_GPU_PARITY_TEST(MoeDispatchPlan, MatchesCpuExactly, "moe_dispatch_plan") {
                                " E=" + std::to_string(c.e) + " cap=" + std::to_string(capacity);
       const Plan want = make_plan(idx, c.e, capacity, num_rows);
       const GpuPlan got = run_gpu_plan(idx, c.e, capacity, num_rows);
-      EXPECT_EQ(got.tokens_per_expert, want.tokens_per_expert.i32) << what;
-      EXPECT_EQ(got.offsets, want.offsets.i32) << what;
-      EXPECT_EQ(got.slot_row, want.slot_row.i32) << what;
-      EXPECT_EQ(got.row_slot, want.row_slot.i32) << what;
+      expect_equal(got.tokens_per_expert, want.tokens_per_expert.i32, "tokens_per_expert " + what);
+      expect_equal(got.offsets, want.offsets.i32, "offsets " + what);
+      expect_equal(got.slot_row, want.slot_row.i32, "slot_row " + what);
+      expect_equal(got.row_slot, want.row_slot.i32, "row_slot " + what);
     }
   }
 }
@@ -561,8 +573,8 @@ TS_GPU_PARITY_TEST_P(MoePermuteGpu, RowsMatchCpu, "moe_permute", "moe_permute_ba
     ops::moe_permute_backward(g_dx, g_dxp, g_sr);
     ops::moe_unpermute(g_out, g_yp, g_sr, g_w);
     ops::moe_unpermute_backward(g_dyp, g_dw, g_dout, g_yp, g_sr, g_rs, g_w);
-    EXPECT_EQ(g_xp.download(), xp) << "moe_permute " << what;
-    EXPECT_EQ(g_dyp.download(), testing::round_to(dtype, dyp)) << "dyp " << what;
+    expect_equal(g_xp.download(), xp, "moe_permute " + what);
+    expect_equal(g_dyp.download(), testing::round_to(dtype, dyp), "dyp " + what);
     const double tol = sum_tolerance(dtype);
     expect_sums_close(g_dx.download(), dx, tol, "moe_permute_backward " + what);
     expect_sums_close(g_out.download(), out, tol, "moe_unpermute " + what);
@@ -573,9 +585,9 @@ TS_GPU_PARITY_TEST_P(MoePermuteGpu, RowsMatchCpu, "moe_permute", "moe_permute_ba
     ops::moe_permute_backward(g_dx, g_dxp, g_sr);
     ops::moe_unpermute(g_out, g_yp, g_sr, g_w);
     ops::moe_unpermute_backward(g_dyp, g_dw, g_dout, g_yp, g_sr, g_rs, g_w);
-    EXPECT_EQ(g_dx.download_bytes(), dx_first) << what;
-    EXPECT_EQ(g_out.download_bytes(), out_first) << what;
-    EXPECT_EQ(g_dw.download_bytes(), dw_first) << what;
+    expect_equal(g_dx.download_bytes(), dx_first, "rerun dx " + what);
+    expect_equal(g_out.download_bytes(), out_first, "rerun out " + what);
+    expect_equal(g_dw.download_bytes(), dw_first, "rerun d_topk_w " + what);
     for (const DeviceTensor* t : {&g_xp, &g_dx, &g_out, &g_dyp, &g_dw})
       EXPECT_TRUE(t->guards_intact()) << what;
   }
