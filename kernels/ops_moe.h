@@ -23,9 +23,13 @@ namespace tessera::ops {
 // Router math is f32 (f64 on the CPU for finite differences), whatever the compute dtype.
 // probs[t,:] = softmax(logits[t,:]); lse[t] = logsumexp(logits[t,:]);
 // topk_idx[t,:] = the K experts of largest probability, in descending order of probability, ties
-// broken towards the lower expert index (so CPU and GPU agree bit for bit on the choice);
-// topk_w[t,j] = probs[t, topk_idx[t,j]], divided by Σ_j of those when norm_topk_prob
-// (Qwen3/Mixtral renormalisation). 1 <= K <= E.
+// broken towards the lower expert index (so CPU and GPU agree bit for bit on the choice). The
+// choice is made on the logits (softmax is strictly increasing), which both backends read
+// identically, so it never depends on how a backend rounds probabilities: larger logit first,
+// equal logits (-0 == +0) by lower index, NaN logits last (a NaN logit makes its row's probs and
+// lse NaN; -inf logits are masked experts, probability 0);
+// topk_w[t,j] = probs[t, topk_idx[t,j]] (equal bit for bit), divided by Σ_j of those when
+// norm_topk_prob (Qwen3/Mixtral renormalisation). 1 <= K <= E.
 void moe_router_forward(Tensor probs /*(N,E)*/, Tensor lse /*(N)*/, Tensor topk_idx /*(N,K) i32*/,
                         Tensor topk_w /*(N,K)*/, Tensor logits /*(N,E)*/, bool norm_topk_prob,
                         Stream stream = {});
@@ -43,7 +47,12 @@ void moe_router_loss(Tensor loss /*(2) f32|f64*/, Tensor probs /*(N,E)*/, Tensor
 
 // d_logits (overwritten) = ∂/∂logits of
 //   Σ_{t,j} d_topk_w[t,j] * topk_w[t,j]  +  loss[0]  +  loss[1]
-// with topk_w, loss as defined above (the choice of experts is piecewise constant: no gradient).
+// with topk_w, loss as defined above (the choice of experts is piecewise constant: no gradient):
+//   d_logits[t,e] = p_e (dp_e - Σ_f p_f dp_f + 2 z_scale lse[t]),  p = probs[t,:],
+//   dp_e = aux_scale tokens_per_expert[e] + Σ_{j : topk_idx[t,j] = e} (d_topk_w[t,j] - ḡ) / S,
+// S = Σ_j p_{topk_idx[t,j]}, ḡ = Σ_j d_topk_w[t,j] topk_w[t,j] when norm_topk_prob, else S = 1,
+// ḡ = 0 (derived in kernels/cpu/moe_router.cpp). topk_idx outside [0, E) is a caller bug: checked
+// on the CPU, a NaN d_logits row on the GPU (no host synchronization).
 void moe_router_backward(Tensor d_logits /*(N,E)*/, Tensor d_topk_w /*(N,K)*/,
                          Tensor probs /*(N,E)*/, Tensor lse /*(N)*/, Tensor topk_idx /*(N,K)*/,
                          Tensor tokens_per_expert /*(E) i32*/, double aux_scale, double z_scale,

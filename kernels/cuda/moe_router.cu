@@ -1,15 +1,17 @@
 // CUDA MoE router (kernels/ops_moe.h), f32 throughout. Forward: one kernel, one warp per token:
 // softmax (max, then a sum of expf in f32), probs written once, then K rounds of a warp arg-max
 // over an integer key of the logits that encodes the CPU reference's order (larger logit first,
-// NaN last, ties to the lower index), so both backends choose the same experts bit for bit; each
-// lane keeps its best remaining expert, so a round is two warp reductions plus a rescan by the
-// winner's lane only. Backward: one kernel, one warp per token. Loss: two small deterministic
-// passes (a partition fixed by the sizes, per-block partials in double in the context workspace,
-// then one block adds them in order); no float atomics anywhere, so results repeat bit for bit.
-// Lane l handles experts e = l + 32 i: coalesced row accesses, cached in registers for E <= 1024,
-// re-read from memory for wider rows (same arithmetic). Shape letters: N tokens, E experts, K
-// top-k. topk_idx is not checked on the host (that would synchronize): in the backward an index
-// outside [0, E) makes its token's d_logits row NaN.
+// NaN last, ties to the lower index), so both backends choose the same experts bit for bit whatever
+// the rounding of the probabilities; topk_w is then read back from the probs written. Backward: one
+// kernel, one warp per token. Loss: two small deterministic passes (a partition fixed by the
+// sizes, per-block partials in double in the context workspace, then one block adds them in
+// order). No float atomics anywhere: results repeat bit for bit. Lane l handles experts
+// e = l + 32 i: coalesced row accesses, cached in registers for E <= 1024, re-read from memory for
+// wider rows (same arithmetic). Shape letters: N tokens, E experts, K top-k.
+// topk_idx is not checked on the host (that would synchronize): in the backward an index outside
+// [0, E) makes its token's d_logits row NaN.
+// Hazard: moe_router_loss uses the context workspace (kernels/cuda/context.h): it must not overlap
+// other users of it on another stream.
 #include <cstdint>
 #include <initializer_list>
 #include <utility>
@@ -46,8 +48,8 @@ __device__ __forceinline__ uint32_t warp_max_u32(uint32_t v) {
 
 // ---- the choice order as an integer -----------------------------------------------------------
 // order_key is increasing in the logit, equal for -0 and +0, and 0 for NaN (below every number's
-// key, which is at least order_key(-inf) = 0x007fffff). rank_key appends ~e, so that of two equal
-// logits the lower expert index has the larger key; 0 means "no expert".
+// key, which is at least order_key(-inf) = 0x007fffff). A rank key appends ~e, so that of two
+// equal logits the lower expert index has the larger key; rank key 0 means "no expert".
 
 __device__ __forceinline__ uint32_t order_key(float x) {
   uint32_t u = __float_as_uint(x);
@@ -56,26 +58,64 @@ __device__ __forceinline__ uint32_t order_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// The logit of a key (-0 comes back as +0, which gives the same probability; NaN as NaN).
+// The logit of a key: the logit itself, except that -0 comes back as +0 and any NaN as NaN, which
+// change no result of the forward (exp(+0 - m) = exp(-0 - m), fmaxf(m, +0) acts as fmaxf(m, -0)
+// on every later difference and sum).
 __device__ __forceinline__ float key_logit(uint32_t key) {
   if (key == 0u) return NAN;
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-__device__ __forceinline__ uint64_t rank_key(float x, int e) {
-  return (uint64_t(order_key(x)) << 32) | uint64_t(~uint32_t(e));
-}
-
-// probs[t,e] from the logit, the row max and the row's sum of exp: the one formula used for both
-// probs and topk_w, so topk_w equals probs[topk_idx] bit for bit without renormalisation.
-__device__ __forceinline__ float softmax_prob(float x, float row_max, float row_sum) {
-  return expf(x - row_max) / row_sum;
+__device__ __forceinline__ uint64_t rank_key(uint32_t key, int e) {
+  return (uint64_t(key) << 32) | uint64_t(~uint32_t(e));
 }
 
 // ---- a row as seen by one lane ----------------------------------------------------------------
+// Lane l handles the experts e = l + 32 i (i < kPerLane) of a row of width E: cached in registers
+// when kPerLane > 0 (E <= 32 kPerLane), else read from memory at each use (E > 1024).
 
-// The experts e = lane + 32 i of one row (width E) that a lane handles: cached in registers when
-// kPerLane > 0 (E <= 32 kPerLane), else read from memory at each use.
+// Order keys of the lane's logits (the forward's only copy of the row).
+template <int kPerLane>
+struct LaneKeys {
+  const float* row;
+  int width;
+  int lane;
+  uint32_t cache[kPerLane > 0 ? kPerLane : 1];
+
+  __device__ LaneKeys(const float* r, int w, int l) : row(r), width(w), lane(l) {
+    if constexpr (kPerLane > 0) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int e = lane + 32 * i;
+        cache[i] = e < width ? order_key(row[e]) : 0u;
+      }
+    }
+  }
+  // f(e, key) for each of the lane's experts, in increasing e.
+  template <class F>
+  __device__ __forceinline__ void for_each(F&& f) const {
+    if constexpr (kPerLane > 0) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int e = lane + 32 * i;
+        if (e < width) f(e, cache[i]);
+      }
+    } else {
+      for (int e = lane; e < width; e += 32) f(e, order_key(row[e]));
+    }
+  }
+  // The lane's largest rank key below `last`, or 0 when it has none left.
+  __device__ __forceinline__ uint64_t best_below(uint64_t last) const {
+    uint64_t best = 0;
+    for_each([&](int e, uint32_t key) {
+      const uint64_t k = rank_key(key, e);
+      if (k < last && k > best) best = k;
+    });
+    return best;
+  }
+};
+
+// The lane's probabilities (or any f32 row) in the backward.
 template <int kPerLane>
 struct LaneRow {
   const float* row;
@@ -128,6 +168,10 @@ void dispatch_lane_cache(int64_t num_experts, F&& f) {
 
 // ---- kernels ----------------------------------------------------------------------------------
 
+// One warp per token: softmax, probs written once, then K rounds of the choice. A round is two
+// warp reductions (the largest logit part of the lanes' best keys, then the largest index part
+// among the lanes holding that logit) and a rescan by the winner's lane alone; every other lane's
+// best is still the best it has left. The weights are read back from the probs just written.
 template <int kPerLane>
 __global__ void __launch_bounds__(kRouterThreads)
     moe_router_forward_kernel(float* probs, float* lse, int32_t* topk_idx, float* topk_w,
@@ -136,48 +180,41 @@ __global__ void __launch_bounds__(kRouterThreads)
   const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (t >= num_tokens) return;  // the whole warp
   const int lane = static_cast<int>(threadIdx.x % 32);
-  const LaneRow<kPerLane> x(logits + t * num_experts, num_experts, lane);
+  const LaneKeys<kPerLane> x(logits + t * num_experts, num_experts, lane);
 
   float m = -INFINITY;
-  x.for_each([&](int, float v) { m = fmaxf(m, v); });
+  x.for_each([&](int, uint32_t k) { m = fmaxf(m, key_logit(k)); });
   m = warp_max(m);
   float s = 0.0f;
-  x.for_each([&](int, float v) { s += expf(v - m); });
+  x.for_each([&](int, uint32_t k) { s += expf(key_logit(k) - m); });
   s = warp_sum(s);
   if (lane == 0) lse[t] = m + logf(s);
   float* p = probs + t * num_experts;
-  x.for_each([&](int e, float v) { p[e] = softmax_prob(v, m, s); });
+  x.for_each([&](int e, uint32_t k) { p[e] = expf(key_logit(k) - m) / s; });
 
-  // The lane's best expert ranking after `last` (a rank key), or 0 when it has none left.
-  auto best_after = [&](uint64_t last) {
-    uint64_t best = 0;
-    x.for_each([&](int e, float v) {
-      const uint64_t k = rank_key(v, e);
-      if (k < last && k > best) best = k;
-    });
-    return best;
-  };
-  uint64_t mine = best_after(~uint64_t(0));
   int32_t* idx_out = topk_idx + t * topk;
-  float* w_out = topk_w + t * topk;
-  float sum = 0.0f;  // the same in every lane: every lane adds the same weights in order
+  uint64_t mine = x.best_below(~uint64_t(0));
   for (int j = 0; j < topk; ++j) {
-    // The largest key over the lanes: its logit part, then the index part among the lanes that
-    // hold that logit (lanes that do not contribute 0, below every index part).
     const uint32_t hi = warp_max_u32(uint32_t(mine >> 32));
+    // Lanes whose best has another logit part offer 0, below every index part ~e.
     const uint32_t lo = warp_max_u32(uint32_t(mine >> 32) == hi ? uint32_t(mine) : 0u);
     const int e = static_cast<int>(~lo);
-    const float w = softmax_prob(key_logit(hi), m, s);
-    sum += w;
-    if (lane == (j & 31)) {
-      idx_out[j] = e;
-      w_out[j] = w;
-    }
-    if (lane == (e & 31)) mine = best_after((uint64_t(hi) << 32) | lo);  // the winner moves on
+    if (lane == (j & 31)) idx_out[j] = e;
+    if (lane == (e & 31)) mine = x.best_below((uint64_t(hi) << 32) | lo);  // the winner moves on
   }
+
+  // topk_w = probs[topk_idx] (bit for bit), each lane its own j = lane + 32 i: it wrote those
+  // indices itself, and __syncwarp orders the other lanes' probs stores before these loads.
+  __syncwarp();
+  float* w_out = topk_w + t * topk;
+  float sum = 0.0f;  // Σ_j topk_w[t,j] before renormalisation, in every lane
   if (norm_topk_prob) {
-    // Each lane divides the weights it stored itself (j & 31 == lane): no cross-lane traffic.
-    for (int j = lane; j < topk; j += 32) w_out[j] = w_out[j] / sum;
+    for (int j = lane; j < topk; j += 32) sum += p[idx_out[j]];
+    sum = warp_sum(sum);
+  }
+  for (int j = lane; j < topk; j += 32) {
+    const float w = p[idx_out[j]];
+    w_out[j] = norm_topk_prob ? w / sum : w;
   }
 }
 

@@ -80,6 +80,8 @@ TEST(MoeRouter, ForwardHandExample) {
         norm ? std::vector<double>{4.0 / 7, 3.0 / 7, 4.0 / 7, 3.0 / 7, 0.5, 0.5}
              : std::vector<double>{0.4, 0.3, 4.0 / 11, 3.0 / 11, 0.4, 0.4};
     for (int64_t i = 0; i < 6; ++i) EXPECT_NEAR(r.w.get(i), w[i], 1e-15) << i << " norm " << norm;
+    for (int64_t i = 0; i < 6 && !norm; ++i)  // the contract: equal bit for bit
+      EXPECT_EQ(r.w.get(i), r.probs.get(i / 2 * 4 + kHandIdx[i])) << i;
   }
 }
 
