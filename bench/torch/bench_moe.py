@@ -157,9 +157,10 @@ def run(args):
     fwd = model
     if args.mode == "compile":
         if args.compile_scope == "blocks":  # regional: each block compiled, the rest eager
+            from torch._dynamo import config as dynamo_config  # (binds no local `torch`)
             for name in ("cache_size_limit", "recompile_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
             for layer in model.layers:
                 layer.compile()
         else:
@@ -238,10 +239,13 @@ def main():
     except Exception as e:  # noqa: BLE001 - one JSON line whatever happens
         traceback.print_exc()
         oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        try:
+            peak = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        except Exception:  # noqa: BLE001
+            peak = None
         print(json.dumps({"peer": f"pytorch-{args.mode}", "recipe": args.recipe,
                           "error": ("OOM: " if oom else "") + f"{type(e).__name__}: {str(e)[:400]}",
-                          "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)
-                          if torch.cuda.is_available() else None}), flush=True)
+                          "peak_mem_gb": peak}), flush=True)
         sys.exit(1)
     print(json.dumps(rec), flush=True)
 

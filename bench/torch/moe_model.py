@@ -4,8 +4,8 @@ parameter names and weight layout as src/model/moe.cpp (see kernels/ops_moe.h fo
 
 MoE layer (N tokens, C width, E experts, K top-k, R = N*K rows, Fe expert width):
   router    logits = x W_r^T in FP32 (input and weight widened; W_r (E, C), no bias);
-            probs = softmax(logits); the K largest probs, descending; their weights renormalised to
-            sum 1 when norm_topk_prob
+            probs = softmax(logits); the K largest probs, descending, ties to the lower expert; their
+            weights renormalised to sum 1 when norm_topk_prob
   dispatch  the N*K slots (slot s = t*K + j) sorted stably by expert; dropless when
             capacity_factor is 0, else slots past ceil(cf * N * K / E) in their expert get weight 0
             (Tessera skips their rows; here they are computed and masked: same values and
@@ -189,8 +189,10 @@ class MoeLayer(nn.Module):
             logits = F.linear(x.float(), self.router.weight.float())
             lse = torch.logsumexp(logits, dim=-1)
             probs = torch.softmax(logits, dim=-1)
-            # torch.topk: descending; exact ties (measure zero with random data) may pick either.
-            topk_w, topk_idx = torch.topk(probs, m.topk, dim=-1)
+            # The K largest, descending, ties to the lower expert (a stable sort: torch.topk does
+            # not promise which of equal values it picks). (N, E) rows of E floats: cheap.
+            vals, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+            topk_w, topk_idx = vals[:, : m.topk], idx[:, : m.topk]
             if m.norm_topk_prob:
                 topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
         return logits, probs, lse, topk_idx, topk_w
