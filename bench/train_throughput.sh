@@ -36,7 +36,10 @@ print(json.dumps({"peer": "tessera", "recipe": sys.argv[2], "tokens_per_s": roun
                   "last_loss": round(recs[-1]["loss"], 4)}))
 PY
 [ "$peer" = 1 ] || exit 0
+# MoE recipes (a `moe:` section) race the MoE peer (bench/torch/bench_moe.py, same routing).
+peer_script=bench/torch/bench_train.py
+grep -q '^moe:' "$recipe" && peer_script=bench/torch/bench_moe.py
 for mode in eager compile; do
-  python3 bench/torch/bench_train.py "$recipe" --mode "$mode" --steps 20 --warmup 5 \
+  python3 "$peer_script" "$recipe" --mode "$mode" --steps 20 --warmup 5 \
     2> "$OUT/$name-torch-$mode.err" || { echo "torch $mode: FAILED"; tail -3 "$OUT/$name-torch-$mode.err"; }
 done
