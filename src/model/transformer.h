@@ -52,18 +52,6 @@ class Activations {
 
  private:
   friend class Transformer;
-
-  // The router's statistics of one MoE block over the training forwards since
-  // Transformer::reset_moe_stats() (metrics.jsonl reports them per step).
-  struct MoeLayerStats {
-    int layer = -1;              // global block index
-    int num_experts = 0;         // E
-    int topk = 0;                // K
-    int64_t tokens = 0;          // per micro-batch (N = B*T)
-    int64_t capacity = 0;        // slots per expert per micro-batch; 0: dropless
-    std::vector<double> aux, z;  // per micro-batch, coefficients included
-    std::vector<std::vector<int32_t>> tokens_per_expert;  // per micro-batch, before dropping
-  };
   int B_, T_;
   bool training_, recompute_;
   size_t bytes_ = 0;

@@ -15,12 +15,14 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
-#include "io/checkpoint.h"
 #include "tests/common/cli.h"
+#include "tests/common/runs.h"
 
 namespace tessera {
 namespace {
 
+using testing::expect_same_parameters;
+using testing::read_metrics;
 using testing::run_cli;
 
 struct Layout {
@@ -55,15 +57,6 @@ testing::CliResult train(const Layout& l, const std::string& out_dir,
   return run_cli(args, np == 1 ? std::string() : testing::mpirun(np));
 }
 
-std::vector<nlohmann::json> read_metrics(const std::string& dir) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(dir + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
-  return out;
-}
-
 struct RunResult {
   std::map<int64_t, double> loss, aux;
   double val_loss = NAN;
@@ -96,26 +89,6 @@ const RunResult& serial(float capacity) {
     cache[capacity] = read_run(dir);
   }
   return cache[capacity];
-}
-
-// Every parameter of two final checkpoints: max |a - b| <= tol * max |b| per tensor.
-void expect_same_parameters(const std::string& a_dir, const std::string& b_dir, double tol) {
-  const auto a = io::CheckpointReader::open(io::latest_checkpoint(a_dir));
-  const auto b = io::CheckpointReader::open(io::latest_checkpoint(b_dir));
-  ASSERT_EQ(a.tensor_names(), b.tensor_names());
-  for (const std::string& name : b.tensor_names()) {
-    if (name.rfind("optim.", 0) == 0) continue;
-    const int64_t n = b.numel(name);
-    std::vector<float> x(n), y(n);
-    a.read_full(name, x.data());
-    b.read_full(name, y.data());
-    double diff = 0.0, scale = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      diff = std::max(diff, double(std::abs(x[i] - y[i])));
-      scale = std::max(scale, double(std::abs(y[i])));
-    }
-    EXPECT_LE(diff, tol * std::max(scale, 1e-3)) << name;
-  }
 }
 
 void PrintTo(const Layout& l, std::ostream* os) { *os << l.name(); }

@@ -9,12 +9,13 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
-#include "io/checkpoint.h"
 #include "tests/common/cli.h"
+#include "tests/common/runs.h"
 
 namespace tessera {
 namespace {
 
+using testing::expect_same_parameters;
 using testing::run_cli;
 
 struct Layout {
@@ -88,26 +89,6 @@ const RunResult& serial(const std::string& family) {
     cache[family] = read_run(dir);
   }
   return cache[family];
-}
-
-// Every parameter of two final checkpoints: max |a - b| / max |b| per tensor.
-void expect_same_parameters(const std::string& a_dir, const std::string& b_dir, double tol) {
-  const auto a = io::CheckpointReader::open(io::latest_checkpoint(a_dir));
-  const auto b = io::CheckpointReader::open(io::latest_checkpoint(b_dir));
-  ASSERT_EQ(a.tensor_names(), b.tensor_names());
-  for (const std::string& name : b.tensor_names()) {
-    if (name.rfind("optim.", 0) == 0) continue;
-    const int64_t n = b.numel(name);
-    std::vector<float> x(n), y(n);
-    a.read_full(name, x.data());
-    b.read_full(name, y.data());
-    double diff = 0.0, scale = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      diff = std::max(diff, double(std::abs(x[i] - y[i])));
-      scale = std::max(scale, double(std::abs(y[i])));
-    }
-    EXPECT_LE(diff, tol * std::max(scale, 1e-3)) << name;
-  }
 }
 
 void PrintTo(const Layout& l, std::ostream* os) { *os << l.name(); }
