@@ -106,8 +106,9 @@ void moe_unpermute_backward(Tensor dyp /*(R,C)*/, Tensor d_topk_w /*(N,K)*/, Ten
 void grouped_gemm_forward(Tensor y /*(R,N')*/, Tensor x /*(R,K')*/, Tensor w /*(G,N',K')*/,
                           Tensor offsets /*(G+1) i32*/, Stream stream = {});
 // dx (overwritten; may be empty to skip) = dy[r] · w[g] per row (zero for rows >= offsets[G]);
-// dw[g] += dy_g^T · x_g over the group's rows (dw f32 or w's dtype: FP32 main gradients).
-void grouped_gemm_backward(Tensor dx /*(R,K') or empty*/, Tensor dw /*(G,N',K') +=*/,
+// dw[g] += dy_g^T · x_g over the group's rows (dw f32 or w's dtype: FP32 main gradients; may be
+// empty to skip).
+void grouped_gemm_backward(Tensor dx /*(R,K') or empty*/, Tensor dw /*(G,N',K') += or empty*/,
                            Tensor dy /*(R,N')*/, Tensor x /*(R,K')*/, Tensor w /*(G,N',K')*/,
                            Tensor offsets /*(G+1) i32*/, Stream stream = {});
 

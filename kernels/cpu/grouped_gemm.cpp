@@ -74,7 +74,7 @@ void grouped_gemm_backward(Tensor dx, Tensor dw, Tensor dy, Tensor x, Tensor w, 
   constexpr const char* kOp = "grouped_gemm_backward";
   const GroupedDims d = check_grouped(x, w, offsets, kOp);
   check_like(dy, x.dtype, Shape{d.rows, d.nn}, kOp, "dy");
-  check_like(dw, x.dtype, w.shape, kOp, "dw");
+  if (!dw.empty()) check_like(dw, x.dtype, w.shape, kOp, "dw");
   if (!dx.empty()) check_like(dx, x.dtype, x.shape, kOp, "dx");
   for (const Tensor* in : {&dy, &x, &w}) {
     TS_CHECK(!overlaps(dx, *in) && !overlaps(dw, *in), "{}: dx and dw must not alias dy, x or w",
@@ -88,7 +88,7 @@ void grouped_gemm_backward(Tensor dx, Tensor dw, Tensor dy, Tensor x, Tensor w, 
     const Tensor w_g = group_weight(w, g);
     // dx_g (M_g,K') = dy_g (M_g,N') · w[g] (N',K');  dw[g] (N',K') += dy_g^T · x_g
     if (!dx.empty()) gemm(dx.slice(off[g], off[g + 1]), dy_g, w_g, false, false, 1.0f, 0.0f);
-    gemm(group_weight(dw, g), dy_g, x_g, true, false, 1.0f, 1.0f);
+    if (!dw.empty()) gemm(group_weight(dw, g), dy_g, x_g, true, false, 1.0f, 1.0f);
   }
   if (!dx.empty()) zero_rows_from(dx, off[d.groups], kOp);
 }

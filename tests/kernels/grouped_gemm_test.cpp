@@ -184,6 +184,10 @@ TEST(GroupedGemm, BackwardAccumulatesDwAndOverwritesDx) {
   HostTensor dw_only(DType::f64, p.w.t.shape);
   cpu::grouped_gemm_backward(Tensor(), dw_only, p.dy, p.x, p.w, p.offsets);
   expect_identical(dw_only, dw1, "dw without dx");
+  // No dw: the same dx.
+  HostTensor dx_only = filled(DType::f64, {p.rows, p.kk}, kNaN);
+  ops::grouped_gemm_backward(dx_only, Tensor(), p.dy, p.x, p.w, p.offsets);
+  expect_identical(dx_only, dx1, "dx without dw");
 }
 
 TEST(GroupedGemm, RejectsBadOffsetsAndShapes) {
