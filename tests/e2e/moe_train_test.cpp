@@ -4,6 +4,7 @@
 //    and with a capacity that drops tokens, equals one process (losses, evaluation, parameters);
 //  * resuming is bitwise, MoE metrics included;
 //  * the load-balancing loss spreads the load that a router without it concentrates;
+//  * BF16, FP16 and FP8 track FP32;
 //  * metrics.jsonl carries the per-layer router statistics.
 // Micro-batches are one sequence in every layout, so each micro-batch's aux loss (a nonlinear
 // function of its tokens, as in Megatron) is computed over the same tokens everywhere.
@@ -190,6 +191,29 @@ TEST(MoeTrain, LoadBalancingLossSpreadsTheLoad) {
   const double off = late_imbalance(dir + "/off", 10), on = late_imbalance(dir + "/on", 10);
   EXPECT_GT(off, 3.5) << "without the balancing loss the routers collapse";
   EXPECT_GT(off, on * 1.3) << "max/mean tokens per expert without aux " << off << ", with " << on;
+}
+
+// BF16, FP16 (loss scaling) and FP8 (dense and shared-expert linears in FP8; routed experts in
+// the 16-bit activation dtype) train the MoE model and track FP32: the same first loss to 1e-2,
+// the third within 2%.
+TEST(MoeTrain, EveryPrecisionTracksFp32) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  Layout l;
+  l.capacity = 1.0f;
+  const std::string dir = testing::fresh_dir("moe-precision");
+  const std::string three = " --set train.steps=3";
+  ASSERT_EQ(train(l, dir + "/fp32", three).status, 0);
+  const RunResult ref = read_run(dir + "/fp32");
+  ASSERT_EQ(ref.loss.size(), 3u);
+  for (const char* p : {"bf16", "fp16", "fp8"}) {
+    const auto r = train(l, dir + "/" + p, three + " --set precision.compute=" + p);
+    ASSERT_EQ(r.status, 0) << p << "\n" << r.output;
+    const RunResult got = read_run(dir + "/" + p);
+    ASSERT_EQ(got.loss.size(), 3u) << p;
+    EXPECT_LE(rel(got.loss.at(1), ref.loss.at(1)), 1e-2) << p;
+    EXPECT_LE(rel(got.loss.at(3), ref.loss.at(3)), 2e-2) << p;
+    EXPECT_GT(got.aux.at(3), 0.0) << p;
+  }
 }
 
 TEST(MoeTrain, MetricsCarryTheRouterStatistics) {
