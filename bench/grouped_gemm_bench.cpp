@@ -226,7 +226,7 @@ void run(const Gemm& g, const char* routing, const std::vector<int32_t>& counts,
   const Pass passes[] = {
       {"forward", [&] { ops::grouped_gemm_forward(y.t, x.t, w.t, offsets.t); },
        [&] { ops::gemm(y.t, x.t, w0, false, true, 1.0f, 0.0f); }},
-      {"dgrad", [&] { ops::grouped_gemm_backward(dx.t, Tensor(), dy.t, x.t, w.t, offsets.t); },
+      {"dgrad", [&] { ops::grouped_gemm_backward(dx.t, dw.t, dy.t, x.t, w.t, offsets.t); },
        [&] { ops::gemm(dx.t, dy.t, w0, false, false, 1.0f, 0.0f); }},
       {"wgrad", [&] { ops::grouped_gemm_backward(Tensor(), dw.t, dy.t, x.t, w.t, offsets.t); },
        [&] { ops::gemm(dw0, dy.t, x.t, true, false, 1.0f, 1.0f); }},
