@@ -2,7 +2,7 @@
 // is not balanced by construction:
 //  * every (dp, tp, pp) layout of 2, 4 and 8 ranks, ZeRO-1 off and on, GPipe and 1F1B, dropless
 //    and with a capacity that drops tokens, equals one process (losses, evaluation, parameters);
-//  * resuming is bitwise, MoE metrics included;
+//  * resuming is bitwise, MoE metrics included, and checkpoints reshard across layouts;
 //  * the load-balancing loss spreads the load that a router without it concentrates;
 //  * BF16, FP16 and FP8 track FP32;
 //  * metrics.jsonl carries the per-layer router statistics.
@@ -131,6 +131,26 @@ std::vector<Layout> moe_layouts() {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, MoeParallelEqualsSerial, ::testing::ValuesIn(moe_layouts()),
                          [](const auto& info) { return info.param.name(); });
+
+// Saved at (dp 2, tp 2, pp 2) with ZeRO-1 and tokens dropped; resumed from step 3 in one process
+// and at (dp 1, tp 2, pp 1): the experts (stored whole, by global expert index) and their
+// optimizer state reshard, and steps 4 and 5 continue the saved run.
+TEST(MoeTrain, CheckpointsReshardAcrossLayouts) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const Layout saved{2, 2, 2, 1, "gpipe", 1.0f};
+  const std::string dir = testing::fresh_dir("moe-reshard");
+  const auto r = train(saved, dir + "/saved");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const RunResult a = read_run(dir + "/saved");
+  for (const Layout& l : {Layout{1, 1, 1, 0, "gpipe", 1.0f}, Layout{1, 2, 1, 1, "gpipe", 1.0f}}) {
+    SCOPED_TRACE(l.name());
+    const std::string out = dir + "/" + l.name();
+    const auto c = train(l, out, " --set checkpoint.resume=" + dir + "/saved/checkpoints/step_3");
+    ASSERT_EQ(c.status, 0) << c.output;
+    const RunResult got = read_run(out);
+    for (int64_t s : {4, 5}) EXPECT_LE(rel(got.loss.at(s), a.loss.at(s)), 1e-5) << "step " << s;
+  }
+}
 
 // step -> the exact text of the values that must match bitwise (JSON prints doubles with
 // round-trip precision, so equal text means equal bits).
