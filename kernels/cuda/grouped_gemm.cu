@@ -124,8 +124,15 @@ Dims check_operands(const Tensor& x, const Tensor& w, const Tensor& offsets, con
 
 // The wgmma kernel needs 16-bit operands, rows in whole 16-byte chunks (last dims multiples of
 // 8), 16-byte aligned bases and a CC 9.0 device running this build's sm_90a code (binaryVersion
-// 90; a plain sm_90 build would trap in it instead, see grouped_gemm_wgmma.cuh).
+// 90). A build without sm_90a code (TESSERA_HAVE_SM90A unset by kernels/CMakeLists.txt) never
+// picks it: there its body is a trap (grouped_gemm_wgmma.cuh).
+#ifdef TESSERA_HAVE_SM90A
+constexpr bool kHaveSm90a = true;
+#else
+constexpr bool kHaveSm90a = false;
+#endif
 bool use_wgmma(const Tensor& out, const Tensor& a, const Tensor& b) {
+  if (!kHaveSm90a) return false;
   if (a.dtype != DType::bf16 && a.dtype != DType::f16) return false;
   for (const Tensor* t : {&out, &a, &b})
     if (t->dim(t->ndim() - 1) % 8 != 0 || !is_aligned(t->data, 16)) return false;
