@@ -25,9 +25,13 @@ namespace tessera {
 namespace {
 
 constexpr std::array<Group, kNumGroups> kGroups = {Group::world, Group::tp,        Group::dp,
-                                                   Group::pp,    Group::embedding, Group::model};
+                                                   Group::pp,    Group::embedding, Group::model,
+                                                   Group::ep,    Group::expert_dp};
 
 int idx(Group g) { return static_cast<int>(g); }
+
+// With ep = 1 the expert-dp group is the dp group: its communicators serve both.
+bool aliases_dp(const Topology& t, Group g) { return g == Group::expert_dp && t.ep_size() == 1; }
 
 }  // namespace
 
@@ -39,6 +43,8 @@ const char* group_name(Group g) {
     case Group::pp: return "pp";
     case Group::embedding: return "embedding";
     case Group::model: return "model";
+    case Group::ep: return "ep";
+    case Group::expert_dp: return "expert_dp";
   }
   TS_BUG("unknown Group value {}", static_cast<int>(g));
 }
@@ -71,6 +77,8 @@ std::vector<int> group_ranks(const Topology& topology, Group g, int rank) {
       }
       return members;
     }
+    case Group::ep: return topology.ep_group(rank);
+    case Group::expert_dp: return topology.expert_dp_group(rank);
   }
   TS_BUG("unknown Group value {}", static_cast<int>(g));
 }
@@ -108,6 +116,7 @@ ParallelContext::ParallelContext(ParallelSizes sizes, Device device, const std::
 
   std::array<MpiCommunicator*, kNumGroups> mpi_groups{};
   for (Group g : kGroups) {
+    if (aliases_dp(topo, g)) continue;
     const std::vector<int> members = group_ranks(topo, g, rank);
     const auto it = std::find(members.begin(), members.end(), rank);
     TS_CHECK(it != members.end(), "rank {} missing from its {} group", rank, group_name(g));
@@ -140,6 +149,7 @@ ParallelContext::ParallelContext(ParallelSizes sizes, Device device, const std::
     // legacy default stream). NCCL calls wait on it and waited handles order it after them.
     const auto compute = static_cast<cudaStream_t>(ops::Stream{}.handle);
     for (Group g : kGroups) {
+      if (aliases_dp(topo, g)) continue;
       if (mpi_groups[idx(g)]) {
         impl_->dev[idx(g)] = std::make_unique<NcclCommunicator>(*mpi_groups[idx(g)], compute);
       } else {
@@ -148,8 +158,8 @@ ParallelContext::ParallelContext(ParallelSizes sizes, Device device, const std::
     }
 #endif
   }
-  log_debug("parallel context: rank {} of {}, tp {} dp {} pp {} (order {}), device {}", rank, world,
-            sizes.tp, sizes.dp, sizes.pp, order, device_name(device));
+  log_debug("parallel context: rank {} of {}, tp {} dp {} pp {} ep {} (order {}), device {}", rank,
+            world, sizes.tp, sizes.dp, sizes.pp, sizes.ep, order, device_name(device));
 }
 
 std::unique_ptr<ParallelContext> ParallelContext::single(Device device) {
@@ -173,10 +183,14 @@ RankCoord ParallelContext::coord() const { return impl_->topology.coord(impl_->r
 Device ParallelContext::device() const { return impl_->device; }
 
 Communicator& ParallelContext::comm(Group g) const {
+  if (aliases_dp(impl_->topology, g)) g = Group::dp;
   const auto& dev = impl_->dev[idx(g)];
   return dev ? *dev : *impl_->host[idx(g)];
 }
 
-Communicator& ParallelContext::host_comm(Group g) const { return *impl_->host[idx(g)]; }
+Communicator& ParallelContext::host_comm(Group g) const {
+  if (aliases_dp(impl_->topology, g)) g = Group::dp;
+  return *impl_->host[idx(g)];
+}
 
 }  // namespace tessera

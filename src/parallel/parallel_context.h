@@ -15,14 +15,18 @@ namespace tessera {
 // The groups a rank belongs to. `embedding` joins the first and last pipeline stage of one
 // pipeline (the two copies of a tied embedding); with pp == 1, and on the middle stages, it holds
 // the rank alone. `model` is every rank of one model replica (tp x pp: the ranks with the same dp
-// coordinate).
-enum class Group { world, tp, dp, pp, embedding, model };
-inline constexpr int kNumGroups = 6;
-const char* group_name(Group g);  // "world", "tp", "dp", "pp", "embedding", "model"
+// coordinate). `ep` shards experts (ep ranks of one dp group) and `expert_dp` replicates them
+// (the dp ranks at the same ep position); with ep = 1 they are the rank alone and its dp group
+// (the same communicator as dp, not a second one).
+enum class Group { world, tp, dp, pp, embedding, model, ep, expert_dp };
+inline constexpr int kNumGroups = 8;
+// "world", "tp", "dp", "pp", "embedding", "model", "ep", "expert_dp"
+const char* group_name(Group g);
 
 // The global ranks of `rank`'s group g, in group-rank order: tp/dp/pp as Topology::group (so a
 // rank's position is its coordinate on that axis), world 0..n-1, embedding {first stage, last
-// stage} of rank's pipeline, model ordered by tp_rank + tp * pp_rank. Pure (no MPI).
+// stage} of rank's pipeline, model ordered by tp_rank + tp * pp_rank, ep and expert_dp as
+// Topology::ep_group / expert_dp_group. Pure (no MPI).
 std::vector<int> group_ranks(const Topology& topology, Group g, int rank);
 
 class ParallelContext {

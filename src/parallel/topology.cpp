@@ -74,6 +74,9 @@ Topology::Topology(int world_size, ParallelSizes sizes, std::string order)
     TS_USER_ERROR("parallel layout: world size {} != dp {} x tp {} x pp {} = {}", world_size,
                   sizes.dp, sizes.tp, sizes.pp, product);
   }
+  ep_ = sizes.ep;
+  if (ep_ < 1 || sizes.dp % ep_ != 0)
+    TS_USER_ERROR("parallel layout: ep = {} must be >= 1 and divide dp = {}", ep_, sizes.dp);
   const std::array<Axis, kNumAxes> axes = parse_order(order_);
   int stride = 1;
   for (Axis axis : axes) {
@@ -134,6 +137,20 @@ int Topology::pipeline_next(int rank) const {
 
 int Topology::pipeline_prev(int rank) const {
   return is_first_stage(rank) ? -1 : rank - strides_[idx(Axis::pp)];
+}
+
+std::vector<int> Topology::ep_group(int rank) const {
+  const std::vector<int> dp = group(Axis::dp, rank);
+  const int first = axis_rank(Axis::dp, rank) / ep_ * ep_;
+  return std::vector<int>(dp.begin() + first, dp.begin() + first + ep_);
+}
+
+std::vector<int> Topology::expert_dp_group(int rank) const {
+  const std::vector<int> dp = group(Axis::dp, rank);
+  std::vector<int> out;
+  for (size_t d = size_t(axis_rank(Axis::dp, rank) % ep_); d < dp.size(); d += size_t(ep_))
+    out.push_back(dp[d]);
+  return out;
 }
 
 }  // namespace tessera

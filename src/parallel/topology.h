@@ -1,7 +1,8 @@
 // Rank topology: a pure function of (world size, tp/dp/pp sizes, axis order) mapping a global rank
 // to its (tp, dp, pp) coordinates and to the ranks it shares each parallel group with.
 // No MPI here: communicators are built from these groups elsewhere, so this file can be tested for
-// world sizes in the thousands in one process. Expert parallelism (ep) is not part of it yet.
+// world sizes in the thousands in one process. Expert parallelism is a split of the dp axis (see
+// ep_group and expert_dp_group), not an axis of its own.
 #pragma once
 #include <array>
 #include <string>
@@ -19,6 +20,7 @@ struct ParallelSizes {
   int tp = 1;
   int dp = 1;
   int pp = 1;
+  int ep = 1;  // expert-parallel ranks carved out of dp: divides dp
 };
 
 struct RankCoord {
@@ -67,6 +69,15 @@ class Topology {
   // Every group of `axis`, ordered by their smallest rank; each rank is in exactly one.
   std::vector<std::vector<int>> all_groups(Axis axis) const;
 
+  // Expert parallelism (Megatron-Core's layout): a dp group of size dp splits into dp / ep
+  // ep groups of ep consecutive dp coordinates, [k ep, (k+1) ep); the expert-data-parallel group
+  // of a rank is the dp ranks at its position in their ep groups (dp coordinate = its own mod ep).
+  // Experts are sharded over the first and replicated over the second. Both ordered by dp
+  // coordinate.
+  int ep_size() const { return ep_; }
+  std::vector<int> ep_group(int rank) const;
+  std::vector<int> expert_dp_group(int rank) const;
+
   // Neighbouring pipeline stage with the same tp and dp coordinates; -1 past either end.
   int pipeline_next(int rank) const;
   int pipeline_prev(int rank) const;
@@ -78,6 +89,7 @@ class Topology {
   void check_rank(int rank) const;
 
   int world_size_;
+  int ep_ = 1;
   std::string order_;
   std::array<int, kNumAxes> sizes_;    // indexed by Axis
   std::array<int, kNumAxes> strides_;  // indexed by Axis; the innermost axis has stride 1

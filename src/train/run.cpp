@@ -57,7 +57,7 @@ std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
     return ParallelContext::single(device);
   }
   validate_layout(r, world_size());
-  return std::make_unique<ParallelContext>(ParallelSizes{p.tp, p.dp, p.pp}, device,
+  return std::make_unique<ParallelContext>(ParallelSizes{p.tp, p.dp, p.pp, p.ep}, device,
                                            to_string(p.order));
 }
 

@@ -174,6 +174,7 @@ std::vector<int> expected_members(const Topology& topo, Group g, int rank) {
   const RankCoord me = topo.coord(rank);
   const int tp = topo.size(Axis::tp);
   const int pp = topo.size(Axis::pp);
+  const int ep = topo.ep_size();
   std::vector<std::pair<int, int>> keyed;  // (order key, rank)
   for (int q = 0; q < topo.world_size(); ++q) {
     const RankCoord c = topo.coord(q);
@@ -191,6 +192,14 @@ std::vector<int> expected_members(const Topology& topo, Group g, int rank) {
         break;
       case Group::model:
         if (c.dp_rank == me.dp_rank) keyed.push_back({c.tp_rank + tp * c.pp_rank, q});
+        break;
+      case Group::ep:  // the same block of ep dp coordinates
+        if (c.tp_rank == me.tp_rank && c.pp_rank == me.pp_rank && c.dp_rank / ep == me.dp_rank / ep)
+          keyed.push_back({c.dp_rank, q});
+        break;
+      case Group::expert_dp:  // the same position within such a block
+        if (c.tp_rank == me.tp_rank && c.pp_rank == me.pp_rank && c.dp_rank % ep == me.dp_rank % ep)
+          keyed.push_back({c.dp_rank, q});
         break;
     }
   }
@@ -460,12 +469,13 @@ void check_groups(const ParallelContext& ctx, bool device_comms) {
   const Topology& topo = ctx.topology();
   const int rank = ctx.rank();
   const int world = ctx.world_size();
-  SCOPED_TRACE(fmt::format("rank {} of {}, tp {} dp {} pp {}, order {}", rank, world,
+  SCOPED_TRACE(fmt::format("rank {} of {}, tp {} dp {} pp {} ep {}, order {}", rank, world,
                            topo.size(Axis::tp), topo.size(Axis::dp), topo.size(Axis::pp),
-                           topo.order()));
+                           topo.ep_size(), topo.order()));
   const RankCoord me = ctx.coord();
   EXPECT_EQ(me, topo.coord(rank));
-  for (Group g : {Group::world, Group::tp, Group::dp, Group::pp, Group::embedding, Group::model}) {
+  for (Group g : {Group::world, Group::tp, Group::dp, Group::pp, Group::embedding, Group::model,
+                  Group::ep, Group::expert_dp}) {
     SCOPED_TRACE(group_name(g));
     const std::vector<int> members = expected_members(topo, g, rank);
     EXPECT_EQ(group_ranks(topo, g, rank), members);
@@ -474,7 +484,9 @@ void check_groups(const ParallelContext& ctx, bool device_comms) {
         static_cast<int>(std::find(members.begin(), members.end(), rank) - members.begin());
     EXPECT_EQ(c.size(), static_cast<int>(members.size()));
     EXPECT_EQ(c.rank(), pos);
-    EXPECT_EQ(c.name(), group_name(g));
+    // With ep = 1 the expert-dp group is served by the dp communicator itself.
+    const bool alias = g == Group::expert_dp && topo.ep_size() == 1;
+    EXPECT_EQ(c.name(), group_name(alias ? Group::dp : g));
     EXPECT_EQ(c.device(), device_comms ? ctx.device() : Device::cpu);
     // Each rank writes its group position + 1 at its global index: the sum over the group is
     // then exactly the member list in group-rank order, and zero for every non-member.

@@ -168,7 +168,8 @@ TEST(MpiRuntimeHelpers, RanksAndLauncher) {
   EXPECT_EQ(error_rank(), size > 1 ? rank : -1);
 }
 
-// Every ordered (tp, dp, pp) with tp * dp * pp = world, under two axis orders.
+// Every ordered (tp, dp, pp) with tp * dp * pp = world and every ep dividing dp, under two axis
+// orders.
 TEST(MpiParallelContext, GroupsOfEveryLayout) {
   const int world = world_size();
   int num_layouts = 0;
@@ -176,13 +177,17 @@ TEST(MpiParallelContext, GroupsOfEveryLayout) {
     for (int tp = 1; tp <= world; ++tp) {
       for (int pp = 1; tp * pp <= world; ++pp) {
         if (world % (tp * pp) != 0) continue;
-        ParallelContext ctx(ParallelSizes{tp, world / (tp * pp), pp}, Device::cpu, order);
-        check_groups(ctx, /*device_comms=*/false);
-        for (Group g :
-             {Group::world, Group::tp, Group::dp, Group::pp, Group::embedding, Group::model}) {
-          EXPECT_EQ(&ctx.comm(g), &ctx.host_comm(g)) << "on the CPU comm() is the MPI group";
+        const int dp = world / (tp * pp);
+        for (int ep = 1; ep <= dp; ++ep) {  // every expert-parallel split of dp
+          if (dp % ep != 0) continue;
+          ParallelContext ctx(ParallelSizes{tp, dp, pp, ep}, Device::cpu, order);
+          check_groups(ctx, /*device_comms=*/false);
+          for (Group g : {Group::world, Group::tp, Group::dp, Group::pp, Group::embedding,
+                          Group::model, Group::ep, Group::expert_dp}) {
+            EXPECT_EQ(&ctx.comm(g), &ctx.host_comm(g)) << "on the CPU comm() is the MPI group";
+          }
+          ++num_layouts;
         }
-        ++num_layouts;
       }
     }
   }

@@ -260,6 +260,8 @@ TEST(Topology, BadLayoutsAreUserErrors) {
   EXPECT_NE(msg.find("tp = 0"), std::string::npos) << msg;
   msg = user_error_message([] { Topology(4, ParallelSizes{.tp = 4, .dp = 1, .pp = -1}); });
   EXPECT_NE(msg.find("pp = -1"), std::string::npos) << msg;
+  msg = user_error_message([] { Topology(6, ParallelSizes{.tp = 1, .dp = 6, .pp = 1, .ep = 4}); });
+  EXPECT_NE(msg.find("ep = 4 must be >= 1 and divide dp = 6"), std::string::npos) << msg;
 
   for (const std::string bad :
        {"tp-dp", "tp-tp-pp", "tp-dp-ep", "", "tp-dp-pp-", "tp,dp,pp", "tp-dp-pp-tp", "TP-DP-PP"}) {
@@ -267,6 +269,49 @@ TEST(Topology, BadLayoutsAreUserErrors) {
         user_error_message([&bad] { Topology(8, ParallelSizes{.tp = 2, .dp = 2, .pp = 2}, bad); });
     EXPECT_NE(msg.find("'" + bad + "'"), std::string::npos) << msg;
   }
+}
+
+// 16 ranks, tp 2, dp 4, pp 2 (the header's worked example) with ep 2: dp group {0,2,4,6} splits
+// into ep groups {0,2} {4,6} and expert-dp groups {0,4} {2,6}.
+TEST(Topology, ExpertParallelGroupsSplitDp) {
+  const Topology t(16, ParallelSizes{.tp = 2, .dp = 4, .pp = 2, .ep = 2});
+  EXPECT_EQ(t.ep_size(), 2);
+  EXPECT_EQ(t.ep_group(0), (std::vector<int>{0, 2}));
+  EXPECT_EQ(t.ep_group(6), (std::vector<int>{4, 6}));
+  EXPECT_EQ(t.expert_dp_group(2), (std::vector<int>{2, 6}));
+  EXPECT_EQ(t.expert_dp_group(4), (std::vector<int>{0, 4}));
+  EXPECT_EQ(t.ep_group(11), (std::vector<int>{9, 11}));  // tp 1, dp 1, pp 1
+  EXPECT_EQ(t.expert_dp_group(11), (std::vector<int>{11, 15}));
+}
+
+// Every rank of every layout up to 64 ranks with every ep dividing dp: the ep groups partition
+// each dp group into dp / ep blocks of ep, the expert-dp groups into ep strided sets of dp / ep,
+// and an ep group and an expert-dp group meet in exactly the rank itself.
+TEST(Topology, ExpertParallelGroupsPartitionEveryDpGroup) {
+  for (int world = 1; world <= 64; ++world)
+    for (int tp = 1; tp <= world; ++tp)
+      for (int pp = 1; tp * pp <= world; ++pp) {
+        if (world % (tp * pp) != 0) continue;
+        const int dp = world / (tp * pp);
+        for (int ep = 1; ep <= dp; ++ep) {
+          if (dp % ep != 0) continue;
+          const Topology t(world, ParallelSizes{.tp = tp, .dp = dp, .pp = pp, .ep = ep});
+          for (int r = 0; r < world; ++r) {
+            const std::vector<int> e = t.ep_group(r), x = t.expert_dp_group(r);
+            ASSERT_EQ(int(e.size()), ep);
+            ASSERT_EQ(int(x.size()), dp / ep);
+            const std::vector<int> d = t.group(Axis::dp, r);
+            for (int m : e) ASSERT_NE(std::find(d.begin(), d.end(), m), d.end());
+            for (int m : x) ASSERT_NE(std::find(d.begin(), d.end(), m), d.end());
+            std::vector<int> both;
+            for (int m : e)
+              if (std::find(x.begin(), x.end(), m) != x.end()) both.push_back(m);
+            ASSERT_EQ(both, std::vector<int>{r}) << "world " << world << " ep " << ep;
+            ASSERT_EQ(t.ep_group(e.back()), e);  // the same group seen from another member
+            ASSERT_EQ(t.expert_dp_group(x.back()), x);
+          }
+        }
+      }
 }
 
 TEST(Topology, OutOfRangeRankIsABug) {
