@@ -21,7 +21,7 @@ void Block::declare(ParamStore& ps, const std::string& name, const ModelConfig& 
 static DType stat_dtype(DType dt) { return dt == DType::f64 ? DType::f64 : DType::f32; }
 
 BlockActs Block::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T,
-                            FfnKinds kinds) {
+                            FfnKinds kinds, int ep) {
   const int64_t N = int64_t(B) * T, C = cfg.hidden;
   BlockActs a;
   a.ln1_out = arena.alloc(dt, {N, C});
@@ -33,12 +33,12 @@ BlockActs Block::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int 
   a.ln2_mean = arena.alloc(stat_dtype(dt), {N});
   a.ln2_rstd = arena.alloc(stat_dtype(dt), {N});
   if (kinds.dense) a.mlp = Mlp::alloc_acts(arena, cfg, dt, N);
-  if (kinds.moe) a.moe = Moe::alloc_acts(arena, cfg, dt, N);
+  if (kinds.moe) a.moe = Moe::alloc_acts(arena, cfg, dt, N, ep);
   return a;
 }
 
 BlockScratch Block::alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, DType grad_dtype,
-                                  int B, int T, FfnKinds kinds) {
+                                  int B, int T, FfnKinds kinds, int ep) {
   const int64_t N = int64_t(B) * T, C = cfg.hidden;
   BlockScratch s;
   s.branch = arena.alloc(dt, {N, C});
@@ -46,7 +46,7 @@ BlockScratch Block::alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt
   s.d_tmp = arena.alloc(dt, {N, C});
   s.attn = Attention::alloc_scratch(arena, cfg, dt, B, T);
   if (kinds.dense) s.mlp = Mlp::alloc_scratch(arena, cfg, dt, N);
-  if (kinds.moe) s.moe = Moe::alloc_scratch(arena, cfg, dt, grad_dtype, N);
+  if (kinds.moe) s.moe = Moe::alloc_scratch(arena, cfg, dt, grad_dtype, N, ep);
   return s;
 }
 

@@ -44,10 +44,12 @@ class Block {
   bool is_moe() const { return is_moe_; }
   const Moe& moe() const { return moe_; }
   void set_attention_impl(ops::AttentionImpl impl) { attn_.set_impl(impl); }
+  // ep: the expert-parallel size (the MoE layer's receive buffers grow with it).
   static BlockActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T,
-                              FfnKinds kinds = {});
+                              FfnKinds kinds = {}, int ep = 1);
   static BlockScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt,
-                                    DType grad_dtype, int B, int T, FfnKinds kinds = {});
+                                    DType grad_dtype, int B, int T, FfnKinds kinds = {},
+                                    int ep = 1);
 
   void forward(const ParamStore& ps, BlockActs& a, BlockScratch& s, Tensor x_out,
                Tensor x_in) const;

@@ -23,6 +23,13 @@ ModelShard ModelShard::resolved(const ModelConfig& cfg) const {
   TS_CHECK(s.tp_size == 1 || s.tp_comm != nullptr, "tp={} without a communicator", s.tp_size);
   TS_CHECK(s.tp_comm == nullptr || s.tp_comm->size() == s.tp_size, "tp comm size {} vs {}",
            s.tp_comm ? s.tp_comm->size() : 0, s.tp_size);
+  TS_CHECK(s.ep_size >= 1 && s.ep_rank >= 0 && s.ep_rank < s.ep_size, "ep {}/{}", s.ep_rank,
+           s.ep_size);
+  TS_CHECK(s.ep_size == 1 || (cfg.moe.enabled() && cfg.moe.num_experts % s.ep_size == 0),
+           "layout check let ep={} through for {} experts", s.ep_size, cfg.moe.num_experts);
+  TS_CHECK(s.ep_size == 1 || (s.ep_comm && s.ep_comm->size() == s.ep_size && s.ep_host_comm &&
+                              s.ep_host_comm->size() == s.ep_size),
+           "ep={} without ep communicators of that size", s.ep_size);
   return s;
 }
 

@@ -1,6 +1,7 @@
 // ModelShard: the slice of the model one rank holds — its tensor-parallel rank (which heads, FFN
-// columns and vocabulary rows) and its pipeline stage (which layers) — plus the tp communicator
-// the layers' conjugate collectives run on. The default is the whole model in one process.
+// columns and vocabulary rows), its pipeline stage (which layers) and its expert-parallel rank
+// (which routed experts) — plus the tp and ep communicators the layers' collectives run on. The
+// default is the whole model in one process.
 #pragma once
 #include <vector>
 
@@ -16,6 +17,13 @@ struct ModelShard {
   int first_layer = 0;              // global index of this stage's first layer
   int num_layers = -1;              // layers on this stage; -1: every layer (pp_size == 1)
   Communicator* tp_comm = nullptr;  // moves tensors on the model's device; needed when tp_size > 1
+  // Expert parallelism: this rank holds routed experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of every
+  // MoE layer and exchanges tokens with the ep group. Both communicators are needed when
+  // ep_size > 1: ep_comm moves the rows (device tensors), ep_host_comm the per-expert row counts
+  // (host memory).
+  int ep_size = 1, ep_rank = 0;
+  Communicator* ep_comm = nullptr;
+  Communicator* ep_host_comm = nullptr;
 
   bool first_stage() const { return pp_rank == 0; }
   bool last_stage() const { return pp_rank == pp_size - 1; }

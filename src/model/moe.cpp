@@ -1,7 +1,9 @@
 // Mixture-of-Experts layer forward/backward on the MoE ops (kernels/ops_moe.h).
 #include "model/moe.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kernels/ops.h"
 #include "kernels/ops_moe.h"
@@ -34,9 +36,10 @@ struct ByteCount {
 
 // One allocation sequence for both the arena and the byte count. `cfg` is local.
 template <class Alloc>
-MoeActs make_acts(Alloc& ar, const ModelConfig& cfg, DType dt, int64_t N) {
+MoeActs make_acts(Alloc& ar, const ModelConfig& cfg, DType dt, int64_t N, int ep) {
   const MoeConfig& m = cfg.moe;
   const int64_t C = cfg.hidden, E = m.num_experts, K = m.topk, R = N * K, Fe = m.ffn_hidden;
+  const int64_t Re = ep * R;
   const DType rt = router_dtype(dt);
   MoeActs a;
   if (narrow(dt)) a.x32 = ar.alloc(DType::f32, {N, C});
@@ -51,17 +54,25 @@ MoeActs make_acts(Alloc& ar, const ModelConfig& cfg, DType dt, int64_t N) {
   a.row_slot = ar.alloc(DType::i32, {R});
   a.loss = ar.alloc(rt, {2});
   a.xp = ar.alloc(dt, {R, C});
-  a.h = ar.alloc(dt, {R, Fe});
-  if (cfg.activation == ActivationKind::swiglu) a.up = ar.alloc(dt, {R, Fe});
-  a.act = ar.alloc(dt, {R, Fe});
+  a.h = ar.alloc(dt, {Re, Fe});
+  if (cfg.activation == ActivationKind::swiglu) a.up = ar.alloc(dt, {Re, Fe});
+  a.act = ar.alloc(dt, {Re, Fe});
   a.yp = ar.alloc(dt, {R, C});
+  if (ep > 1) {
+    a.xg = ar.alloc(dt, {Re, C});
+    a.ep_offsets = ar.alloc(DType::i32, {E / ep + 1});
+    a.ep_map = ar.alloc(DType::i32, {Re});
+    a.ep_inv = ar.alloc(DType::i32, {Re});
+  }
   return a;
 }
 
 template <class Alloc>
-MoeScratch make_scratch(Alloc& ar, const ModelConfig& cfg, DType dt, DType grad_dtype, int64_t N) {
+MoeScratch make_scratch(Alloc& ar, const ModelConfig& cfg, DType dt, DType grad_dtype, int64_t N,
+                        int ep) {
   const MoeConfig& m = cfg.moe;
   const int64_t C = cfg.hidden, E = m.num_experts, K = m.topk, R = N * K, Fe = m.ffn_hidden;
+  const int64_t Re = ep * R;
   const bool swiglu = cfg.activation == ActivationKind::swiglu;
   const DType rt = router_dtype(dt);
   MoeScratch s;
@@ -77,12 +88,16 @@ MoeScratch make_scratch(Alloc& ar, const ModelConfig& cfg, DType dt, DType grad_
   s.d_topk_w = ar.alloc(rt, {N, K});
   s.d_yp = ar.alloc(dt, {R, C});
   s.d_xp = ar.alloc(dt, {R, C});
-  if (swiglu) s.d_xp2 = ar.alloc(dt, {R, C});
-  s.d_act = ar.alloc(dt, {R, Fe});
-  s.d_h = ar.alloc(dt, {R, Fe});
-  if (swiglu) s.d_up = ar.alloc(dt, {R, Fe});
+  if (swiglu) s.d_xp2 = ar.alloc(dt, {Re, C});
+  s.d_act = ar.alloc(dt, {Re, Fe});
+  s.d_h = ar.alloc(dt, {Re, Fe});
+  if (swiglu) s.d_up = ar.alloc(dt, {Re, Fe});
   s.d_x = ar.alloc(dt, {N, C});
   if (m.shared_experts > 0) s.y = ar.alloc(dt, {N, C});
+  if (ep > 1) {
+    s.ep_a = ar.alloc(dt, {Re, C});
+    s.ep_b = ar.alloc(dt, {Re, C});
+  }
   return s;
 }
 
@@ -119,38 +134,51 @@ void Moe::declare(ParamStore& ps, const std::string& name, const ModelConfig& cf
     p.owner = shard.tp_rank == 0;
     return ps.add(std::move(p));
   };
+  // Routed experts over ep: this rank's El = E/ep experts, a slice along dim 0 of (E, ...).
+  const int64_t El = E / shard.ep_size;
+  const auto add_experts = [&](const std::string& n, int64_t rows, int64_t cols, float std) {
+    ParamSpec p{name + n, {El, rows, cols}, ParamClass::weight, InitKind::normal, std};
+    p.owner = shard.tp_rank == 0;
+    if (shard.ep_size > 1) {
+      p.global_shape = {E, rows, cols};
+      p.shard_dim = 0;
+      p.shard_offset = shard.ep_rank * El;
+      p.expert_parallel = true;
+    }
+    return ps.add(std::move(p));
+  };
   router_ = add(".router.weight", {E, C}, cfg.init_std);
   const bool gelu = kind_ == ActivationKind::gelu;
-  w_in_ = add(gelu ? ".experts.fc.weight" : ".experts.gate.weight", {E, Fe, C}, cfg.init_std);
-  if (!gelu) w_up_ = add(".experts.up.weight", {E, Fe, C}, cfg.init_std);
-  w_out_ = add(gelu ? ".experts.proj.weight" : ".experts.down.weight", {E, C, Fe}, proj_std);
+  w_in_ = add_experts(gelu ? ".experts.fc.weight" : ".experts.gate.weight", Fe, C, cfg.init_std);
+  if (!gelu) w_up_ = add_experts(".experts.up.weight", Fe, C, cfg.init_std);
+  w_out_ = add_experts(gelu ? ".experts.proj.weight" : ".experts.down.weight", C, Fe, proj_std);
   has_shared_ = cfg_.shared_experts > 0;
   if (has_shared_) shared_.declare(ps, name + ".shared", shared_config(cfg, 1), shard);
 }
 
-MoeActs Moe::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N) {
-  MoeActs a = make_acts(arena, cfg, dt, N);
+MoeActs Moe::alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N, int ep) {
+  MoeActs a = make_acts(arena, cfg, dt, N, ep);
   if (cfg.moe.shared_experts > 0) a.shared = Mlp::alloc_acts(arena, shared_config(cfg, 1), dt, N);
   return a;
 }
 
 MoeScratch Moe::alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, DType grad_dtype,
-                              int64_t N) {
-  MoeScratch s = make_scratch(arena, cfg, dt, grad_dtype, N);
+                              int64_t N, int ep) {
+  MoeScratch s = make_scratch(arena, cfg, dt, grad_dtype, N, ep);
   if (cfg.moe.shared_experts > 0)
     s.shared = Mlp::alloc_scratch(arena, shared_config(cfg, 1), dt, N);
   return s;
 }
 
-size_t Moe::acts_bytes(const ModelConfig& cfg, DType dt, int64_t N) {
+size_t Moe::acts_bytes(const ModelConfig& cfg, DType dt, int64_t N, int ep) {
   ByteCount count;
-  make_acts(count, cfg, dt, N);
+  make_acts(count, cfg, dt, N, ep);
   return count.bytes + shared_bytes(cfg, dt, N);
 }
 
-size_t Moe::scratch_bytes(const ModelConfig& cfg, DType dt, DType grad_dtype, int64_t N) {
+size_t Moe::scratch_bytes(const ModelConfig& cfg, DType dt, DType grad_dtype, int64_t N, int ep) {
   ByteCount count;
-  make_scratch(count, cfg, dt, grad_dtype, N);
+  make_scratch(count, cfg, dt, grad_dtype, N, ep);
   return count.bytes + shared_bytes(cfg, dt, N);
 }
 
@@ -171,21 +199,106 @@ void Moe::route(const ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor x)
                        z_scale(cfg_, N));
 }
 
-void Moe::experts_forward(const ParamStore& ps, const MoeActs& a) const {
-  ops::grouped_gemm_forward(a.h, a.xp, ps[w_in_].value, a.offsets);
+void Moe::experts_forward(const ParamStore& ps, const MoeActs& a, Tensor y, Tensor x,
+                          Tensor offsets) const {
+  const int64_t R = x.dim(0);
+  const Tensor h = a.h.slice(0, R), act = a.act.slice(0, R);
+  ops::grouped_gemm_forward(h, x, ps[w_in_].value, offsets);
   if (kind_ == ActivationKind::gelu) {
-    ops::gelu_forward(a.act, a.h);
+    ops::gelu_forward(act, h);
   } else {
-    ops::grouped_gemm_forward(a.up, a.xp, ps[w_up_].value, a.offsets);
-    ops::swiglu_forward(a.act, a.h, a.up);
+    const Tensor up = a.up.slice(0, R);
+    ops::grouped_gemm_forward(up, x, ps[w_up_].value, offsets);
+    ops::swiglu_forward(act, h, up);
   }
-  ops::grouped_gemm_forward(a.yp, a.act, ps[w_out_].value, a.offsets);
+  ops::grouped_gemm_forward(y, act, ps[w_out_].value, offsets);
+}
+
+namespace {
+
+int64_t sum(const std::vector<int64_t>& v) {
+  int64_t s = 0;
+  for (int64_t x : v) s += x;
+  return s;
+}
+std::vector<int64_t> times(const std::vector<int64_t>& v, int64_t c) {
+  std::vector<int64_t> out(v);
+  for (int64_t& x : out) x *= c;
+  return out;
+}
+void upload(Tensor dst, const std::vector<int32_t>& v) {
+  copy_bytes(dst.data, dst.device, v.data(), Device::cpu, v.size() * sizeof(int32_t));
+}
+
+// The regrouping of received rows. cnt_in[p*El + l] rows arrive from rank p for local expert l,
+// in (p, l) order; the grouped order is (l, p). map[g] = received row of grouped row g, inv its
+// inverse, both -1 past the received rows (Rv >= them); offsets (El+1) of the grouped rows.
+void ep_regroup(const std::vector<int32_t>& cnt_in, int P, int64_t El, int64_t Rv,
+                std::vector<int32_t>& map, std::vector<int32_t>& inv,
+                std::vector<int32_t>& offsets) {
+  std::vector<int64_t> start(cnt_in.size());  // received row of block (p, l)
+  int64_t r = 0;
+  for (size_t b = 0; b < cnt_in.size(); ++b) start[b] = r, r += cnt_in[b];
+  map.assign(Rv, -1);
+  inv.assign(Rv, -1);
+  offsets.assign(El + 1, 0);
+  int64_t g = 0;
+  for (int64_t l = 0; l < El; ++l) {
+    for (int p = 0; p < P; ++p) {
+      const int64_t b = p * El + l;
+      for (int64_t i = 0; i < cnt_in[b]; ++i, ++g) {
+        map[g] = int32_t(start[b] + i);
+        inv[start[b] + i] = int32_t(g);
+      }
+    }
+    offsets[l + 1] = int32_t(g);
+  }
+}
+
+}  // namespace
+
+// Dispatch to the expert owners and combine back (docs/MOE.md): the plan's offsets to the host
+// (the one synchronisation), per-expert counts exchanged, rows all-to-all'd, regrouped by local
+// expert, through the experts, ungrouped and all-to-all'd back into a.yp.
+void Moe::ep_forward(const ParamStore& ps, MoeActs& a, MoeScratch& s) const {
+  const int P = shard_.ep_size;
+  const int64_t E = cfg_.num_experts, El = E / P, C = a.xp.dim(1);
+  std::vector<int32_t> off(E + 1), cnt(E), cnt_in(E);
+  copy_bytes(off.data(), Device::cpu, a.offsets.data, a.offsets.device, off.size() * 4);
+  for (int64_t e = 0; e < E; ++e) cnt[e] = off[e + 1] - off[e];
+  const std::vector<int64_t> per_peer(P, El);
+  shard_.ep_host_comm->all_to_all_v(Tensor(cnt_in.data(), DType::i32, Device::cpu, {E}), per_peer,
+                                    Tensor(cnt.data(), DType::i32, Device::cpu, {E}), per_peer);
+  a.ep_send.assign(P, 0);
+  a.ep_recv.assign(P, 0);
+  for (int p = 0; p < P; ++p) {
+    a.ep_send[p] = off[(p + 1) * El] - off[p * El];
+    for (int64_t l = 0; l < El; ++l) a.ep_recv[p] += cnt_in[p * El + l];
+  }
+  const int64_t Rs = off[E], Rr = sum(a.ep_recv), Rv = std::max<int64_t>(Rr, 1);
+  std::vector<int32_t> map, inv, loff;
+  ep_regroup(cnt_in, P, El, Rv, map, inv, loff);
+  upload(a.ep_map, map);
+  upload(a.ep_inv, inv);
+  upload(a.ep_offsets, loff);
+  const Tensor xr = s.ep_a.slice(0, Rv), xg = a.xg.slice(0, Rv), yr = s.ep_b.slice(0, Rv);
+  shard_.ep_comm->all_to_all_v(xr.slice(0, Rr), times(a.ep_recv, C), a.xp.slice(0, Rs),
+                               times(a.ep_send, C));
+  ops::moe_permute(xg, xr, a.ep_map.slice(0, Rv), 1);
+  const Tensor yg = s.ep_a.slice(0, Rv);  // xr is spent
+  experts_forward(ps, a, yg, xg, a.ep_offsets);
+  ops::moe_permute(yr, yg, a.ep_inv.slice(0, Rv), 1);
+  shard_.ep_comm->all_to_all_v(a.yp.slice(0, Rs), times(a.ep_send, C), yr.slice(0, Rr),
+                               times(a.ep_recv, C));
 }
 
 void Moe::forward(const ParamStore& ps, MoeActs& a, MoeScratch& s, Tensor y, Tensor x) const {
   route(ps, a, s, x);
   ops::moe_permute(a.xp, x, a.row_slot, cfg_.topk);
-  experts_forward(ps, a);
+  if (shard_.ep_size > 1)
+    ep_forward(ps, a, s);
+  else
+    experts_forward(ps, a, a.yp, a.xp, a.offsets);
   ops::moe_unpermute(y, a.yp, a.slot_row, a.topk_w);
   if (has_shared_) {
     shared_.forward(ps, a.shared, s.y, x);  // all-reduced over tp inside
@@ -193,18 +306,39 @@ void Moe::forward(const ParamStore& ps, MoeActs& a, MoeScratch& s, Tensor y, Ten
   }
 }
 
-// d_yp -> d_xp through the experts (their weight gradients accumulate).
-void Moe::experts_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s) const {
-  ops::grouped_gemm_backward(s.d_act, ps[w_out_].grad, s.d_yp, a.act, ps[w_out_].value, a.offsets);
+// dy -> dx through the experts on rows grouped by `offsets` (their weight gradients accumulate).
+void Moe::experts_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor dx, Tensor dy,
+                           Tensor x, Tensor offsets) const {
+  const int64_t R = x.dim(0);
+  const Tensor h = a.h.slice(0, R), act = a.act.slice(0, R);
+  const Tensor d_act = s.d_act.slice(0, R), d_h = s.d_h.slice(0, R);
+  ops::grouped_gemm_backward(d_act, ps[w_out_].grad, dy, act, ps[w_out_].value, offsets);
   if (kind_ == ActivationKind::gelu) {
-    ops::gelu_backward(s.d_h, s.d_act, a.h);
-    ops::grouped_gemm_backward(s.d_xp, ps[w_in_].grad, s.d_h, a.xp, ps[w_in_].value, a.offsets);
+    ops::gelu_backward(d_h, d_act, h);
+    ops::grouped_gemm_backward(dx, ps[w_in_].grad, d_h, x, ps[w_in_].value, offsets);
     return;
   }
-  ops::swiglu_backward(s.d_h, s.d_up, s.d_act, a.h, a.up);
-  ops::grouped_gemm_backward(s.d_xp, ps[w_in_].grad, s.d_h, a.xp, ps[w_in_].value, a.offsets);
-  ops::grouped_gemm_backward(s.d_xp2, ps[w_up_].grad, s.d_up, a.xp, ps[w_up_].value, a.offsets);
-  ops::add_inplace(s.d_xp, s.d_xp2);
+  const Tensor d_up = s.d_up.slice(0, R), d_x2 = s.d_xp2.slice(0, R);
+  ops::swiglu_backward(d_h, d_up, d_act, h, a.up.slice(0, R));
+  ops::grouped_gemm_backward(dx, ps[w_in_].grad, d_h, x, ps[w_in_].value, offsets);
+  ops::grouped_gemm_backward(d_x2, ps[w_up_].grad, d_up, x, ps[w_up_].value, offsets);
+  ops::add_inplace(dx, d_x2);
+}
+
+// The adjoint of ep_forward, s.d_yp -> s.d_xp: the combine's all-to-all-v runs as a dispatch,
+// each regrouping gathers by the other map, the dispatch's runs as a combine.
+void Moe::ep_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s) const {
+  const int64_t C = a.xp.dim(1), Rs = sum(a.ep_send), Rr = sum(a.ep_recv);
+  const int64_t Rv = std::max<int64_t>(Rr, 1);
+  const Tensor d_yr = s.ep_a.slice(0, Rv), d_yg = s.ep_b.slice(0, Rv);
+  shard_.ep_comm->all_to_all_v(d_yr.slice(0, Rr), times(a.ep_recv, C), s.d_yp.slice(0, Rs),
+                               times(a.ep_send, C));
+  ops::moe_permute_backward(d_yg, d_yr, a.ep_map.slice(0, Rv).view({Rv, 1}));
+  const Tensor d_xg = s.ep_a.slice(0, Rv), d_xr = s.ep_b.slice(0, Rv);  // d_yr is spent
+  experts_backward(ps, a, s, d_xg, d_yg, a.xg.slice(0, Rv), a.ep_offsets);
+  ops::moe_permute_backward(d_xr, d_xg, a.ep_inv.slice(0, Rv).view({Rv, 1}));  // d_yg is spent
+  shard_.ep_comm->all_to_all_v(s.d_xp.slice(0, Rs), times(a.ep_send, C), d_xr.slice(0, Rr),
+                               times(a.ep_recv, C));
 }
 
 // d_topk_w and the losses -> d_logits -> dx += d_logits W, dW += d_logits^T x, all in FP32.
@@ -236,7 +370,10 @@ void Moe::router_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tenso
 void Moe::backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor dx, Tensor dy, Tensor x,
                    float loss_scale) const {
   ops::moe_unpermute_backward(s.d_yp, s.d_topk_w, dy, a.yp, a.slot_row, a.row_slot, a.topk_w);
-  experts_backward(ps, a, s);
+  if (shard_.ep_size > 1)
+    ep_backward(ps, a, s);
+  else
+    experts_backward(ps, a, s, s.d_xp, s.d_yp, a.xp, a.offsets);
   ops::moe_permute_backward(dx, s.d_xp, a.slot_row);
   router_backward(ps, a, s, x, loss_scale);  // leaves the router's input gradient in s.d_x
   ops::add_inplace(dx, s.d_x);

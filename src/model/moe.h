@@ -3,8 +3,13 @@
 // grouped GEMMs, the weighted combine, optional shared experts, and the router's load-balancing
 // and z losses (their gradients enter in backward, scaled like the micro-batch's loss).
 // Shape letters: N rows (= B*T), C width, E experts, K top-k, R = N*K permuted rows, Fe expert FFN
-// width, Fs shared FFN width (all shared experts side by side, split over tp).
+// width, Fs shared FFN width (all shared experts side by side, split over tp). Expert parallelism
+// (ep > 1): P = ep ranks, El = E/P local experts, Re = P*N*K rows on the expert side: the rows
+// this rank's experts receive from the whole ep group, sized for the worst case (every token of
+// every rank routed here; dropless). With ep = 1, Re = R.
 #pragma once
+#include <vector>
+
 #include "config/model_config.h"
 #include "core/memory.h"
 #include "model/mlp.h"
@@ -23,37 +28,49 @@ struct MoeActs {
   Tensor row_slot;           // (R) i32 slot of each permuted row, -1 unused
   Tensor loss;               // (2) f32: aux, z (coefficients included)
   Tensor xp;                 // (R,C) permuted input
-  Tensor h, up, act;         // (R,Fe) gate (gelu: fc) output, up output (swiglu), activation
+  Tensor h, up, act;         // (Re,Fe) gate (gelu: fc) output, up output (swiglu), activation
   Tensor yp;                 // (R,C) expert outputs
   MlpActs shared;            // shared experts
+  // ep > 1 only. Received rows come in (source rank, local expert) order; `ep_map` regroups them
+  // to (local expert, source rank) order, `ep_inv` back (both built on the host, -1 past Rr).
+  Tensor xg;                     // (Re,C) received input rows, grouped by local expert
+  Tensor ep_offsets;             // (El+1) i32 received rows per local expert, cumulative
+  Tensor ep_map, ep_inv;         // (Re) i32 grouped row -> received row, and its inverse
+  std::vector<int64_t> ep_send;  // (P) rows sent to each ep rank (the forward's dispatch)
+  std::vector<int64_t> ep_recv;  // (P) rows received from each ep rank
 };
 
 // Backward's temporaries, shared by every MoE block of a stage.
 struct MoeScratch {
-  Tensor w32;                // (E,C) f32 router weight, under 16-bit compute only
-  Tensor d_logits;           // (N,E) f32
-  Tensor d_topk_w;           // (N,K) f32
-  Tensor d_x32;              // (N,C) f32 router input gradient (16-bit compute)
-  Tensor d_dw32, d_dw;       // (E,C) f32 and the model dtype: 16-bit gradients only
-  Tensor d_yp, d_xp, d_xp2;  // (R,C)
-  Tensor d_act, d_h, d_up;   // (R,Fe)
-  Tensor d_x;                // (N,C) a branch's input gradient before it is summed
-  Tensor y;                  // (N,C) shared experts' output
+  Tensor w32;               // (E,C) f32 router weight, under 16-bit compute only
+  Tensor d_logits;          // (N,E) f32
+  Tensor d_topk_w;          // (N,K) f32
+  Tensor d_x32;             // (N,C) f32 router input gradient (16-bit compute)
+  Tensor d_dw32, d_dw;      // (E,C) f32 and the model dtype: 16-bit gradients only
+  Tensor d_yp, d_xp;        // (R,C)
+  Tensor d_xp2;             // (Re,C)
+  Tensor d_act, d_h, d_up;  // (Re,Fe)
+  Tensor ep_a, ep_b;        // (Re,C) ep > 1: received rows and their gradients, forward and back
+  Tensor d_x;               // (N,C) a branch's input gradient before it is summed
+  Tensor y;                 // (N,C) shared experts' output
   MlpScratch shared;
 };
 
 class Moe {
  public:
   // cfg is the whole model (cfg.moe set); shared experts are split over tp like the dense MLP,
-  // the router and routed experts are replicated (expert tensor parallelism is not built).
+  // the router and routed experts are replicated over tp (expert tensor parallelism is not
+  // built); routed experts are split over ep (shard.ep_size > 1), the router replicated.
   void declare(ParamStore& ps, const std::string& name, const ModelConfig& cfg,
                const ModelShard& shard = {});
-  // Sizes from a LOCAL config (Transformer::local_config). grad_dtype: the parameter gradients'.
-  static MoeActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N);
+  // Sizes from a LOCAL config (Transformer::local_config) and the ep size. grad_dtype: the
+  // parameter gradients'.
+  static MoeActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int64_t N, int ep);
   static MoeScratch alloc_scratch(Arena& arena, const ModelConfig& cfg, DType dt, DType grad_dtype,
-                                  int64_t N);
-  static size_t acts_bytes(const ModelConfig& cfg, DType dt, int64_t N);
-  static size_t scratch_bytes(const ModelConfig& cfg, DType dt, DType grad_dtype, int64_t N);
+                                  int64_t N, int ep);
+  static size_t acts_bytes(const ModelConfig& cfg, DType dt, int64_t N, int ep);
+  static size_t scratch_bytes(const ModelConfig& cfg, DType dt, DType grad_dtype, int64_t N,
+                              int ep);
 
   void forward(const ParamStore& ps, MoeActs& a, MoeScratch& s, Tensor y /*(N,C)*/,
                Tensor x /*(N,C)*/) const;
@@ -69,8 +86,14 @@ class Moe {
 
  private:
   void route(const ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor x) const;
-  void experts_forward(const ParamStore& ps, const MoeActs& a) const;
-  void experts_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s) const;
+  // The local experts on rows grouped by `offsets` (G+1); h/up/act and the scratch use x's rows.
+  void experts_forward(const ParamStore& ps, const MoeActs& a, Tensor y, Tensor x,
+                       Tensor offsets) const;
+  void experts_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor dx, Tensor dy,
+                        Tensor x, Tensor offsets) const;
+  // ep > 1: a.yp from a.xp through the experts of the whole ep group, and its adjoint.
+  void ep_forward(const ParamStore& ps, MoeActs& a, MoeScratch& s) const;
+  void ep_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s) const;
   void router_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor x,
                        float loss_scale) const;
 

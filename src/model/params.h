@@ -25,9 +25,9 @@ struct ParamSpec {
   float init_std = 0.02f;
 
   // Model parallelism. `shape` is what this rank holds; the full tensor is `global_shape` (empty:
-  // the same as shape), split over tensor-parallel ranks along `shard_dim` (-1: every tp rank holds
-  // all of it) from `shard_offset`. Initialization draws the full tensor's element indices, so a
-  // slice holds exactly the values the unsplit tensor would.
+  // the same as shape), split over tensor-parallel (or, for experts, expert-parallel) ranks along
+  // `shard_dim` (-1: every rank holds all of it) from `shard_offset`. Initialization draws the full
+  // tensor's element indices, so a slice holds exactly the values the unsplit tensor would.
   Shape global_shape;
   int shard_dim = -1;
   int64_t shard_offset = 0;
@@ -41,6 +41,10 @@ struct ParamSpec {
   // the tied embedding's copy on the last stage. Owners alone count it in the gradient norm and
   // write it to checkpoints, so no parameter is counted twice.
   bool owner = true;
+  // A routed expert's weights under expert parallelism (a slice along shard_dim 0 of the (E, ...)
+  // tensor, one per ep rank): every dp replica of this slice sits in the rank's expert_dp group,
+  // so its gradient must reduce over expert_dp, not dp (not wired into the reduction yet).
+  bool expert_parallel = false;
 
   Shape full_shape() const { return global_shape.ndim > 0 ? global_shape : shape; }
   bool tp_sharded() const { return shard_dim >= 0; }

@@ -61,7 +61,7 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   const size_t block = al(N * C * e) * 3 + al(N * s) * 4 + attn;
   const DType grad_dt = ParamStore::grad_dtype_for(dtype, exec.fp32_grads);
   const auto ffn = [&](FfnKinds k) {
-    return (k.dense ? mlp : 0) + (k.moe ? Moe::acts_bytes(c, dtype, N) : 0);
+    return (k.dense ? mlp : 0) + (k.moe ? Moe::acts_bytes(c, dtype, N, sh.ep_size) : 0);
   };
   const FfnKinds all = stage_ffn_kinds(cfg, sh);
   size_t total = al(N * C * e) * (c.num_layers + 1);
@@ -72,7 +72,7 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   }
   total += al(N * C * e) * 3 + al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 +
            (c.qk_norm ? al(N * Hq * D * e) + al(N * Hkv * D * e) : 0) + (all.dense ? mlp : 0) +
-           (all.moe ? Moe::scratch_bytes(c, dtype, grad_dt, N) : 0);  // scratch
+           (all.moe ? Moe::scratch_bytes(c, dtype, grad_dt, N, sh.ep_size) : 0);  // scratch
   if (sh.last_stage()) {
     const bool head32 = exec.fp32_lm_head && dtype != DType::f32 && dtype != DType::f64;
     total += al(N * C * e) + al(N * s) * 2 + al(N * V * (head32 ? 4 : e)) + al(N * s) * 2 +
@@ -110,11 +110,12 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
   const FfnKinds all = stage_ffn_kinds(model.cfg_, sh);
   if (training && !recompute_) {
     for (int l = 0; l < c.num_layers; ++l)
-      blocks.push_back(Block::alloc_acts(ar, c, dt, B, T, block_ffn_kind(model.cfg_, sh, l)));
+      blocks.push_back(
+          Block::alloc_acts(ar, c, dt, B, T, block_ffn_kind(model.cfg_, sh, l), sh.ep_size));
   } else {
-    blocks.push_back(Block::alloc_acts(ar, c, dt, B, T, all));
+    blocks.push_back(Block::alloc_acts(ar, c, dt, B, T, all, sh.ep_size));
   }
-  scratch = Block::alloc_scratch(ar, c, dt, model.params().grad_dtype(), B, T, all);
+  scratch = Block::alloc_scratch(ar, c, dt, model.params().grad_dtype(), B, T, all, sh.ep_size);
   if (model.shard_.last_stage()) {
     lnf_out = ar.alloc(dt, {N, c.hidden});
     lnf_mean = ar.alloc(st, {N});
