@@ -305,7 +305,7 @@ void Transformer::declare_params() {
       lm_head_ = params_.add(std::move(copy));
     }
   }
-  if (s.tp_size == 1 && s.pp_size == 1)
+  if (s.tp_size == 1 && s.pp_size == 1 && s.ep_size == 1)
     TS_CHECK(params_.num_elements() == cfg.num_params(), "parameter count {} vs config {}",
              params_.num_elements(), cfg.num_params());
 }
