@@ -58,8 +58,13 @@ Tokens rank_tokens(const ModelConfig& cfg, int rank) {
 }
 
 // One forward and backward (loss scale 1) from zeroed gradients; returns the loss.
+// The activation plan (the ep receive buffers included) is exact: the arena ends full.
 double run(Transformer& model, Tokens& t) {
-  Activations acts(model, kB, kT, true);
+  const size_t bytes = Activations::bytes_needed(model.config(), model.dtype(), kB, kT, true,
+                                                 model.shard(), model.exec());
+  Arena arena(Device::cpu, bytes, "activations");
+  Activations acts(model, kB, kT, true, &arena);
+  EXPECT_EQ(arena.used(), bytes);
   model.params().zero_grad();
   const double loss = model.forward(acts, t.in(), t.tg());
   model.backward(acts, t.in(), t.tg(), 1.0f);
