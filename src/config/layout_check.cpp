@@ -27,6 +27,7 @@ void check_sizes(const Recipe& r, const ShowField& show) {
   for (const auto& [key, value] : {std::pair<const char*, int>{"parallel.dp", p.dp},
                                    {"parallel.tp", p.tp},
                                    {"parallel.pp", p.pp},
+                                   {"parallel.ep", p.ep},
                                    {"data.grad_accum", r.data.grad_accum}}) {
     if (value < 1)
       TS_USER_ERROR("{}: {} must be >= 1", r.file, show(key, fmt::format("{}", value)));
@@ -132,6 +133,25 @@ void check_pipeline_split(const Recipe& r, const ShowField& show) {
   }
 }
 
+// Expert parallelism: a split of the dp ranks (Megatron-Core's layout), over the routed experts.
+void check_expert_split(const Recipe& r, const ShowField& show) {
+  const int ep = r.parallel.ep, dp = r.parallel.dp, experts = r.moe.num_experts;
+  if (ep == 1) return;
+  const std::string given = show("parallel.ep", fmt::format("{}", ep));
+  if (dp % ep != 0)
+    TS_USER_ERROR(
+        "{}: {} does not divide {} (expert-parallel groups are carved out of the "
+        "data-parallel ranks; attention stays replicated over dp)",
+        r.file, given, show("parallel.dp", fmt::format("{}", dp)));
+  if (experts == 0)
+    TS_USER_ERROR("{}: {} needs a mixture-of-experts model (set moe.num_experts)", r.file, given);
+  if (experts % ep != 0)
+    TS_USER_ERROR(
+        "{}: {} does not divide {} (every expert-parallel rank holds the same number "
+        "of routed experts)",
+        r.file, given, show("moe.num_experts", fmt::format("{}", experts)));
+}
+
 }  // namespace
 
 void check_layout_fields(const Recipe& r, const ShowField& show) {
@@ -139,6 +159,7 @@ void check_layout_fields(const Recipe& r, const ShowField& show) {
   check_global_batch(r, show);
   check_tensor_split(r, show);
   check_pipeline_split(r, show);
+  check_expert_split(r, show);
 }
 
 void validate_layout(const Recipe& r, int world_size) {

@@ -22,7 +22,8 @@ using ShowField = std::function<std::string(const std::string& key, const std::s
 //   i.e. > 0) divisible by parallel.tp; model.num_layers >= parallel.pp; parallel.stage_layers
 //   empty or pp entries >= 1 summing to num_layers; parallel.recompute_stages distinct, in [0, pp);
 //   the global batch (< 2^31 sequences) and, when data.global_batch is given, divisible by
-//   dp * grad_accum * microbatches and equal to micro_batch times that.
+//   dp * grad_accum * microbatches and equal to micro_batch times that; parallel.ep >= 1, and when
+//   > 1 it divides parallel.dp and moe.num_experts (which must be > 0).
 void check_layout_fields(const Recipe& r, const ShowField& show);
 
 // Called by the trainer before allocating anything, after finalize_model_vocab (so the padded

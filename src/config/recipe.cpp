@@ -465,11 +465,6 @@ void validate_data(const Recipe& r, const Origins& o) {
 // against the model and the layout. Copies the result into model.moe (what the model reads).
 void resolve_moe(Recipe& r, const Origins& o) {
   MoeConfig& m = r.moe;
-  if (r.parallel.ep != 1)
-    TS_USER_ERROR(
-        "{}: {}: expert parallelism is not built yet (experts are replicated on every "
-        "rank); use 1",
-        o.file(), o.show("parallel.ep", r.parallel.ep));
   if (m.enabled()) {
     if (m.ffn_hidden == 0) m.ffn_hidden = r.model.ffn_hidden;
     if (m.shared_ffn_hidden == 0) m.shared_ffn_hidden = m.ffn_hidden;

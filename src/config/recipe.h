@@ -21,7 +21,7 @@ namespace tessera {
   X(int, tp, 1, config::kPositive, "tensor-parallel ranks (heads, FFN columns, vocabulary split)") \
   X(int, pp, 1, config::kPositive, "pipeline stages")                                             \
   X(int, ep, 1, config::kPositive,                                                                \
-    "expert-parallel ranks carved out of dp (not built yet: must be 1)")                         \
+    "expert-parallel ranks carved out of dp; divides dp and moe.num_experts")                         \
   X(int, microbatches, 1, config::kPositive,                                                      \
     "micro-batches per pipeline flush (with pp 1 they accumulate like data.grad_accum)")         \
   X(PipelineSchedule, schedule, PipelineSchedule::gpipe, config::kAny, "pipeline schedule")       \

@@ -51,6 +51,18 @@ ModelShard ModelShard::make(const ModelConfig& cfg, int tp_size, int tp_rank, in
   return s.resolved(cfg);
 }
 
+ModelShard ModelShard::with_ep(int dp_size, Communicator* ep, Communicator* ep_host) const {
+  ModelShard s = *this;
+  s.ep_size = ep ? ep->size() : 1;
+  s.ep_rank = ep ? ep->rank() : 0;
+  if (s.ep_size > 1) {
+    s.ep_comm = ep;
+    s.ep_host_comm = ep_host;
+    s.expert_align = dp_size;
+  }
+  return s;
+}
+
 void copy_to_tp_region_forward(const ModelShard&, Tensor) {}
 void copy_to_tp_region_backward(const ModelShard& s, Tensor dx) {
   if (s.tp_size > 1) s.tp_comm->all_reduce(dx, ReduceOp::sum);

@@ -24,6 +24,9 @@ struct ModelShard {
   int ep_size = 1, ep_rank = 0;
   Communicator* ep_comm = nullptr;
   Communicator* ep_host_comm = nullptr;
+  // Under ep > 1, the flat-buffer alignment of each run of expert parameters (ParamStore::
+  // align_expert_runs): the dp size, so that gradient buckets never mix dense and expert elements.
+  int64_t expert_align = 1;
 
   bool first_stage() const { return pp_rank == 0; }
   bool last_stage() const { return pp_rank == pp_size - 1; }
@@ -34,6 +37,9 @@ struct ModelShard {
   // resolve_stage_layers). Returns this stage's shard for (tp_rank, pp_rank).
   static ModelShard make(const ModelConfig& cfg, int tp_size, int tp_rank, int pp_size, int pp_rank,
                          const std::vector<int>& stage_layers, Communicator* tp_comm);
+  // This shard with expert parallelism over `ep` (its rank's ep communicators: ep_size ranks) and
+  // expert parameter runs aligned to dp_size elements.
+  ModelShard with_ep(int dp_size, Communicator* ep, Communicator* ep_host) const;
 };
 
 // Megatron's conjugate mappings around a column-parallel -> row-parallel pair, as explicit

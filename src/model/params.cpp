@@ -22,12 +22,20 @@ int ParamStore::add(ParamSpec spec) {
   TS_CHECK(values_ == nullptr, "parameter {} registered after allocation", spec.name);
   for (const Param& p : params_)
     TS_CHECK(p.spec.name != spec.name, "duplicate parameter {}", spec.name);
+  if (!params_.empty() && params_.back().spec.expert_parallel != spec.expert_parallel)
+    num_elements_ = padded(num_elements_, expert_align_);
   Param p;
   p.offset = static_cast<size_t>(num_elements_);
   num_elements_ += spec.shape.numel();
   p.spec = std::move(spec);
   params_.push_back(std::move(p));
   return size() - 1;
+}
+
+void ParamStore::align_expert_runs(int64_t multiple) {
+  TS_CHECK(params_.empty() && multiple >= 1, "align_expert_runs({}) after {} parameters", multiple,
+           size());
+  expert_align_ = multiple;
 }
 
 // Master weights are f32 whatever the compute dtype (f64 stays f64: the CPU reference tests).

@@ -43,7 +43,8 @@ struct ParamSpec {
   bool owner = true;
   // A routed expert's weights under expert parallelism (a slice along shard_dim 0 of the (E, ...)
   // tensor, one per ep rank): every dp replica of this slice sits in the rank's expert_dp group,
-  // so its gradient must reduce over expert_dp, not dp (not wired into the reduction yet).
+  // so its gradient reduces over expert_dp, not dp (BucketLayout keeps such parameters in buckets
+  // of their own).
   bool expert_parallel = false;
 
   Shape full_shape() const { return global_shape.ndim > 0 ? global_shape : shape; }
@@ -65,6 +66,11 @@ class ParamStore {
   ParamStore() = default;
   // Registers a parameter; returns its index. All registration precedes allocate().
   int add(ParamSpec spec);
+  // Before the first add(): a parameter whose expert_parallel flag differs from the previous
+  // one's starts at a multiple of `multiple` elements (the gap stays zero and belongs to no
+  // parameter). With multiple = dp, gradient buckets can be cut exactly where the parameters that
+  // reduce over dp meet those that reduce over expert_dp (data_parallel.h).
+  void align_expert_runs(int64_t multiple);
   // Carves values, grads and (for 16-bit compute, when with_master) masters from `arena`, or from
   // buffers it owns when arena is null. The flat buffers are padded with zeros to a multiple of
   // pad_multiple elements (data-parallel buckets split evenly over dp ranks). With fp32_grads and
@@ -100,7 +106,9 @@ class ParamStore {
   const Param& operator[](int idx) const { return params_[idx]; }
   const Param& find(const std::string& name) const;  // bug if absent
   int size() const { return static_cast<int>(params_.size()); }
-  int64_t num_elements() const { return num_elements_; }            // sum of the parameters' sizes
+  // End of the last parameter in the flat buffers: the sum of the parameters' sizes plus any
+  // align_expert_runs gaps.
+  int64_t num_elements() const { return num_elements_; }
   int64_t padded_num_elements() const { return padded_elements_; }  // length of the flat buffers
   const std::vector<Param>& all() const { return params_; }
   std::vector<Param>& all() { return params_; }
@@ -117,6 +125,7 @@ class ParamStore {
   std::vector<Param> params_;
   int64_t num_elements_ = 0;
   int64_t padded_elements_ = 0;
+  int64_t expert_align_ = 1;
   DType dtype_ = DType::f32;
   DType grad_dtype_ = DType::f32;
   DType master_dtype_ = DType::f32;

@@ -262,6 +262,7 @@ size_t Transformer::param_bytes(const ModelConfig& cfg, const ModelShard& shard,
 void Transformer::declare_params() {
   const ModelConfig& cfg = cfg_;
   const ModelShard& s = shard_;
+  if (s.ep_size > 1) params_.align_expert_runs(s.expert_align);
   const int V = cfg.padded_vocab_size, C = cfg.hidden, Vl = V / s.tp_size;
   TS_CHECK(V >= cfg.vocab_size && cfg.vocab_size > 0, "vocab {} padded {}", cfg.vocab_size, V);
   // Vocabulary-parallel table: this tp rank holds rows [tp_rank * Vl, (tp_rank + 1) * Vl).

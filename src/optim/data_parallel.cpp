@@ -20,9 +20,10 @@ Tensor flat_grad(const Param& p) { return p.grad.view({p.grad.numel()}); }
 
 }  // namespace
 
-BucketLayout::BucketLayout(const ParamStore& params, int dp_size, int64_t bucket_numel)
-    : dp_size_(dp_size) {
-  TS_CHECK(dp_size >= 1, "dp size {}", dp_size);
+BucketLayout::BucketLayout(const ParamStore& params, int dp_size, int64_t bucket_numel, int ep_size)
+    : dp_size_(dp_size), ep_size_(ep_size) {
+  TS_CHECK(dp_size >= 1 && ep_size >= 1 && dp_size % ep_size == 0, "dp size {}, ep size {}",
+           dp_size, ep_size);
   padded_numel_ = ParamStore::padded(params.num_elements(), dp_size);
   const int64_t target = std::max<int64_t>(bucket_numel, 1);
   const auto round_up = [&](int64_t x) { return ParamStore::padded(x, dp_size); };
@@ -40,6 +41,13 @@ BucketLayout::BucketLayout(const ParamStore& params, int dp_size, int64_t bucket
   for (int i = params.size() - 1; i >= 0; --i) {
     const Param& p = params[i];
     const int64_t off = static_cast<int64_t>(p.offset);
+    if (i + 1 < params.size() && params[i + 1].spec.expert_parallel != p.spec.expert_parallel) {
+      const int64_t start = static_cast<int64_t>(params[i + 1].offset);
+      TS_CHECK(start % dp_size == 0, "{} starts a run of {} parameters at {}, not a multiple of dp",
+               params[i + 1].spec.name, params[i + 1].spec.expert_parallel ? "expert" : "dense",
+               start);
+      close(start);  // the kinds reduce over different groups
+    }
     if (p.spec.embedding_group) {
       close(round_up(off + param_numel(p)));  // nothing after the embedding waits for it
       close(round_down(off));                 // the whole embedding in one bucket
@@ -49,29 +57,30 @@ BucketLayout::BucketLayout(const ParamStore& params, int dp_size, int64_t bucket
   }
   close(0);
 
-  // Shard offsets, the parameters each bucket overlaps, and whether it holds an embedding.
-  int64_t shard = 0;
-  for (GradBucket& b : buckets_) {
-    b.shard_offset = shard;
-    shard += b.numel() / dp_size;
+  // The parameters each bucket overlaps, whether it holds an embedding or experts, and where its
+  // chunk sits in a rank's shard.
+  for (int bi = 0; bi < static_cast<int>(buckets_.size()); ++bi) {
+    GradBucket& b = buckets_[bi];
     b.first_param = params.size();
     b.end_param = 0;
     for (int i = 0; i < params.size(); ++i) {
       const int64_t off = static_cast<int64_t>(params[i].offset), n = param_numel(params[i]);
       if (n == 0 || off + n <= b.begin || off >= b.end) continue;
+      TS_CHECK(b.end_param == 0 || b.expert == params[i].spec.expert_parallel,
+               "bucket [{}, {}) mixes expert and dense parameters", b.begin, b.end);
       b.first_param = std::min(b.first_param, i);
       b.end_param = std::max(b.end_param, i + 1);
       b.held = b.held || params[i].spec.embedding_group;
+      b.expert = params[i].spec.expert_parallel;
     }
     if (b.first_param > b.end_param) b.first_param = b.end_param;  // padding only
+    b.shard_offset = shard_numel_;
+    shard_numel_ += chunk_numel(bi);
   }
-  TS_CHECK(shard == shard_numel(), "bucket chunks cover {} of {} shard elements", shard,
-           shard_numel());
 }
 
-int64_t BucketLayout::chunk_begin(int b, int dp_rank) const {
-  const GradBucket& bk = buckets_.at(b);
-  return bk.begin + dp_rank * (bk.numel() / dp_size_);
+int64_t BucketLayout::chunk_begin(int b, int rank) const {
+  return buckets_.at(b).begin + rank * chunk_numel(b);
 }
 
 std::vector<ShardPiece> BucketLayout::shard_pieces(const ParamStore& params, int dp_rank) const {
@@ -80,8 +89,9 @@ std::vector<ShardPiece> BucketLayout::shard_pieces(const ParamStore& params, int
   // Buckets run from the end of the buffer down; walk them backwards for increasing flat order.
   for (int b = static_cast<int>(buckets_.size()) - 1; b >= 0; --b) {
     const GradBucket& bk = buckets_[b];
-    const int64_t begin = chunk_begin(b, dp_rank);
-    const int64_t end = std::min(chunk_end(b, dp_rank), params.num_elements());
+    const int r = group_rank(b, dp_rank);
+    const int64_t begin = chunk_begin(b, r);
+    const int64_t end = std::min(chunk_end(b, r), params.num_elements());
     for (int i = bk.first_param; i < bk.end_param; ++i) {
       const int64_t off = static_cast<int64_t>(params[i].offset);
       const int64_t lo = std::max(begin, off), hi = std::min(end, off + param_numel(params[i]));
@@ -98,12 +108,24 @@ DistributedDataParallel::DistributedDataParallel(ParamStore& params,
       groups_(groups),
       cfg_(cfg),
       layout_(params, groups.dp ? groups.dp->size() : 1,
-              cfg.bucket_bytes / static_cast<int64_t>(dtype_size(params.grad_dtype()))),
+              cfg.bucket_bytes / static_cast<int64_t>(dtype_size(params.grad_dtype())),
+              groups.dp ? groups.ep_size() : 1),
       ready_offset_(std::numeric_limits<int64_t>::max()) {
   TS_CHECK(groups.dp && groups.tp && groups.embedding && groups.dp_host && groups.model_host,
            "every data-parallel communicator must be given");
   TS_CHECK(groups.dp_host->size() == groups.dp->size(), "host dp group of {} ranks, device {}",
            groups.dp_host->size(), groups.dp->size());
+  if (!groups_.expert_dp) {
+    groups_.expert_dp = groups.dp;
+    groups_.expert_dp_host = groups.dp_host;
+  }
+  const int ep = groups_.ep_size();
+  TS_CHECK(groups_.expert_dp->size() * ep == groups.dp->size() && groups_.expert_dp_host &&
+               groups_.expert_dp_host->size() == groups_.expert_dp->size() &&
+               groups_.expert_dp->rank() == groups.dp->rank() / ep &&
+               (ep == 1 || (groups_.ep_host && groups_.ep_host->size() == ep)),
+           "expert groups: expert_dp {} of {}, dp {} of {}, ep {}", groups_.expert_dp->rank(),
+           groups_.expert_dp->size(), groups.dp->rank(), groups.dp->size(), ep);
   TS_CHECK(cfg.zero_stage == 0 || cfg.zero_stage == 1, "zero_stage {}", cfg.zero_stage);
   TS_CHECK(params.padded_num_elements() == layout_.padded_numel(),
            "parameters padded to {} elements; dp {} needs {} (allocate with pad_multiple = dp)",
@@ -137,15 +159,15 @@ void DistributedDataParallel::launch(int b) {
     tp_summed_[i] = true;
   }
   launched_[b] = true;
-  Communicator& dp = *groups_.dp;
-  if (dp.size() == 1) return;
+  Communicator& group = bucket_group(b);
+  if (group.size() == 1) return;
   const Tensor grads = params_.flat_grads().slice(bk.begin, bk.end);  // (bucket numel)
   if (cfg_.zero_stage == 0) {
-    pending_.push_back(dp.all_reduce_async(grads, ReduceOp::sum));
+    pending_.push_back(group.all_reduce_async(grads, ReduceOp::sum));
   } else {
-    const int64_t chunk = bk.numel() / dp.size();
-    const Tensor mine = grads.slice(dp.rank() * chunk, (dp.rank() + 1) * chunk);
-    pending_.push_back(dp.reduce_scatter_async(mine, grads, ReduceOp::sum));
+    const int64_t chunk = layout_.chunk_numel(b);
+    const Tensor mine = grads.slice(group.rank() * chunk, (group.rank() + 1) * chunk);
+    pending_.push_back(group.reduce_scatter_async(mine, grads, ReduceOp::sum));
   }
 }
 

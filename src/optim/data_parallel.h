@@ -16,17 +16,30 @@ namespace tessera {
 
 // The communicators gradient synchronisation and the distributed optimizer use. Passed in, so
 // tests can substitute recording or in-process fakes; from() takes them from a ParallelContext.
+// Expert parallelism (ep = dp.size / expert_dp.size > 1): the buckets of expert_parallel
+// parameters reduce over expert_dp, the dp ranks holding the same experts. Without it the three
+// expert groups may be left null (expert_dp is then dp, and ep the rank alone).
 struct DataParallelGroups {
   Communicator* dp = nullptr;          // device tensors: gradient buckets, parameter all-gathers
   Communicator* tp = nullptr;          // tp_partial_grad sums
   Communicator* embedding = nullptr;   // tied-embedding sums (first and last pipeline stage)
   Communicator* dp_host = nullptr;     // host memory: grad-norm partials, checkpoint gathers
   Communicator* model_host = nullptr;  // host memory, tp x pp ranks of one replica: grad norm
+  Communicator* expert_dp = nullptr;   // device tensors: expert buckets and all-gathers
+  Communicator* expert_dp_host = nullptr;  // host memory: expert checkpoint gathers
+  Communicator* ep_host = nullptr;         // host memory: expert grad-norm partials (ZeRO-0)
 
   static DataParallelGroups from(const ParallelContext& ctx) {
-    return {&ctx.comm(Group::dp), &ctx.comm(Group::tp), &ctx.comm(Group::embedding),
-            &ctx.host_comm(Group::dp), &ctx.host_comm(Group::model)};
+    return {&ctx.comm(Group::dp),
+            &ctx.comm(Group::tp),
+            &ctx.comm(Group::embedding),
+            &ctx.host_comm(Group::dp),
+            &ctx.host_comm(Group::model),
+            &ctx.comm(Group::expert_dp),
+            &ctx.host_comm(Group::expert_dp),
+            &ctx.host_comm(Group::ep)};
   }
+  int ep_size() const { return expert_dp ? dp->size() / expert_dp->size() : 1; }
 };
 
 struct DataParallelConfig {
@@ -39,13 +52,15 @@ struct DataParallelConfig {
   int64_t bucket_bytes = int64_t(25) << 20;
 };
 
-// One bucket: [begin, end) of the flat buffers, both multiples of dp, so each dp rank's chunk is
-// (end - begin) / dp elements.
+// One bucket: [begin, end) of the flat buffers, both multiples of dp. It reduces over its group:
+// dp, or expert_dp when it holds expert_parallel parameters (a bucket never holds both kinds);
+// each rank of that group owns a chunk of numel / group size elements under ZeRO-1.
 struct GradBucket {
   int64_t begin = 0, end = 0;
   int64_t shard_offset = 0;  // where this bucket's chunk starts in a rank's ZeRO-1 shard buffers
   int first_param = 0, end_param = 0;  // the parameters [first_param, end_param) overlap it
-  bool held = false;  // overlaps an embedding_group parameter: launched in finish()
+  bool held = false;    // overlaps an embedding_group parameter: launched in finish()
+  bool expert = false;  // holds expert_parallel parameters: reduces over expert_dp
   int64_t numel() const { return end - begin; }
 };
 
@@ -69,18 +84,30 @@ struct ShardPiece {
 // always around an embedding_group parameter (its start rounded down, its end rounded up), so the
 // tied embedding sits in one held bucket that delays nothing else. Rounding an ordinary start UP
 // means a bucket's elements are all final as soon as the parameter at its boundary is; the < dp
-// elements of that parameter below the boundary join the next bucket.
+// elements of that parameter below the boundary join the next bucket. Under ep > 1 a bucket is
+// also closed where expert and dense parameters meet (the store aligns those starts to dp:
+// ParamStore::align_expert_runs).
 class BucketLayout {
  public:
-  BucketLayout(const ParamStore& params, int dp_size, int64_t bucket_numel);
+  // ep divides dp; expert buckets split over the dp / ep ranks of expert_dp.
+  BucketLayout(const ParamStore& params, int dp_size, int64_t bucket_numel, int ep_size = 1);
 
   int dp_size() const { return dp_size_; }
-  int64_t padded_numel() const { return padded_numel_; }            // num_elements padded to dp
-  int64_t shard_numel() const { return padded_numel_ / dp_size_; }  // one rank's ZeRO-1 share
+  int ep_size() const { return ep_size_; }
+  int64_t padded_numel() const { return padded_numel_; }  // num_elements padded to dp
+  int64_t shard_numel() const { return shard_numel_; }    // one rank's ZeRO-1 share
   const std::vector<GradBucket>& buckets() const { return buckets_; }
-  // Chunk of bucket b that dp rank r owns under ZeRO-1: [begin, end) of the flat buffers.
-  int64_t chunk_begin(int b, int dp_rank) const;
-  int64_t chunk_end(int b, int dp_rank) const { return chunk_begin(b, dp_rank + 1); }
+  // The ranks bucket b reduces over (dp, or expert_dp's dp / ep), and the rank within them of the
+  // rank at dp coordinate dp_rank (expert_dp: dp_rank / ep, as Topology::expert_dp_group).
+  int group_size(int b) const { return buckets_.at(b).expert ? dp_size_ / ep_size_ : dp_size_; }
+  int group_rank(int b, int dp_rank) const {
+    return buckets_.at(b).expert ? dp_rank / ep_size_ : dp_rank;
+  }
+  int64_t chunk_numel(int b) const { return buckets_.at(b).numel() / group_size(b); }
+  // Chunk of bucket b that rank `rank` of the bucket's group owns under ZeRO-1: [begin, end) of
+  // the flat buffers.
+  int64_t chunk_begin(int b, int rank) const;
+  int64_t chunk_end(int b, int rank) const { return chunk_begin(b, rank + 1); }
 
   // The pieces dp rank `dp_rank` updates under ZeRO-1: its chunk of every bucket cut at parameter
   // boundaries (padding belongs to no piece), in increasing flat order; state offsets index the
@@ -88,8 +115,8 @@ class BucketLayout {
   std::vector<ShardPiece> shard_pieces(const ParamStore& params, int dp_rank) const;
 
  private:
-  int dp_size_;
-  int64_t padded_numel_;
+  int dp_size_, ep_size_;
+  int64_t padded_numel_, shard_numel_ = 0;
   std::vector<GradBucket> buckets_;
 };
 
@@ -120,6 +147,10 @@ class DistributedDataParallel {
   const DataParallelConfig& config() const { return cfg_; }
   int dp_rank() const { return groups_.dp->rank(); }
   int zero_stage() const { return cfg_.zero_stage; }
+  // The device communicator bucket b reduces and gathers over: dp, or expert_dp.
+  Communicator& bucket_group(int b) const {
+    return layout_.buckets().at(b).expert ? *groups_.expert_dp : *groups_.dp;
+  }
 
  private:
   void launch(int bucket_idx);

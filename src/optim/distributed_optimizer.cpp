@@ -88,11 +88,9 @@ DistributedOptimizer::DistributedOptimizer(ParamStore& params, const Distributed
   if (!master_shard_.empty()) {
     const Tensor values = params.flat_values();
     for (int b = 0; b < static_cast<int>(layout.buckets().size()); ++b) {
-      const GradBucket& bk = layout.buckets()[b];
-      const int64_t chunk = bk.numel() / layout.dp_size(),
-                    begin = layout.chunk_begin(b, ddp.dp_rank());
-      ops::cast(master_shard_.slice(bk.shard_offset, bk.shard_offset + chunk),
-                values.slice(begin, begin + chunk));
+      const int64_t chunk = layout.chunk_numel(b), off = layout.buckets()[b].shard_offset;
+      const int64_t begin = layout.chunk_begin(b, layout.group_rank(b, ddp.dp_rank()));
+      ops::cast(master_shard_.slice(off, off + chunk), values.slice(begin, begin + chunk));
     }
   }
 }
@@ -120,61 +118,74 @@ void DistributedOptimizer::step(ParamStore& params, float lr, float grad_scale) 
   // ZeRO-1: round this rank's chunks to the compute dtype, then every rank gathers every chunk.
   const BucketLayout& layout = ddp_.layout();
   const Tensor values = params.flat_values();
-  Communicator& dp = *ddp_.groups().dp;
   std::vector<CommHandle> gathers;
   for (int b = 0; b < static_cast<int>(layout.buckets().size()); ++b) {
     const GradBucket& bk = layout.buckets()[b];
-    const int64_t chunk = bk.numel() / layout.dp_size(), begin = layout.chunk_begin(b, dp.rank());
+    Communicator& group = ddp_.bucket_group(b);  // dp, or expert_dp for expert buckets
+    const int64_t chunk = layout.chunk_numel(b), begin = layout.chunk_begin(b, group.rank());
     const Tensor mine = values.slice(begin, begin + chunk);
     if (!master_shard_.empty())
       ops::cast(mine, master_shard_.slice(bk.shard_offset, bk.shard_offset + chunk));
-    if (dp.size() > 1) gathers.push_back(dp.all_gather_async(values.slice(bk.begin, bk.end), mine));
+    if (group.size() > 1)
+      gathers.push_back(group.all_gather_async(values.slice(bk.begin, bk.end), mine));
   }
   for (CommHandle& h : gathers) h->wait();
 }
 
 double DistributedOptimizer::global_grad_norm(const ParamStore& params) const {
   // Owner pieces are adjacent in flat order more often than not: one sum_squares per run.
+  // Dense and expert squares apart: under ZeRO-0 every dp rank holds every dense gradient but only
+  // its ep rank's experts, so the expert part alone is summed over ep.
   const Tensor grads = params.flat_grads();
-  double local = 0.0;
+  double local[2] = {0.0, 0.0};  // dense, expert
   int64_t run_begin = 0, run_end = 0;
+  bool run_expert = false;
   const auto flush = [&] {
-    if (run_end > run_begin) local += ops::sum_squares(grads.slice(run_begin, run_end));
+    if (run_end > run_begin) local[run_expert] += ops::sum_squares(grads.slice(run_begin, run_end));
   };
   for (const ShardPiece& piece : pieces_) {
-    if (!params[piece.param_idx].spec.owner) continue;
-    if (piece.flat_begin == run_end && run_end > run_begin) {
+    const ParamSpec& spec = params[piece.param_idx].spec;
+    if (!spec.owner) continue;
+    if (piece.flat_begin == run_end && run_end > run_begin && spec.expert_parallel == run_expert) {
       run_end = piece.flat_end;
     } else {
       flush();
       run_begin = piece.flat_begin;
       run_end = piece.flat_end;
+      run_expert = spec.expert_parallel;
     }
   }
   flush();
   const DataParallelGroups& g = ddp_.groups();
-  if (ddp_.zero_stage() == 1 && g.dp_host->size() > 1)
-    local = g.dp_host->all_reduce_scalar(local, ReduceOp::sum);
-  if (g.model_host->size() > 1) local = g.model_host->all_reduce_scalar(local, ReduceOp::sum);
-  return std::sqrt(local);
+  double sum = local[0] + local[1];
+  if (ddp_.zero_stage() == 1 && g.dp_host->size() > 1) {
+    // Chunks are disjoint over expert_dp and experts over ep: every element counted once over dp.
+    sum = g.dp_host->all_reduce_scalar(sum, ReduceOp::sum);
+  } else if (ddp_.zero_stage() == 0 && g.ep_size() > 1) {
+    sum = local[0] + g.ep_host->all_reduce_scalar(local[1], ReduceOp::sum);
+  }
+  if (g.model_host->size() > 1) sum = g.model_host->all_reduce_scalar(sum, ReduceOp::sum);
+  return std::sqrt(sum);
 }
 
 void DistributedOptimizer::gather_state(const ParamStore& params, HostOptimizerState* out) const {
   const BucketLayout& layout = ddp_.layout();
-  Communicator& dp = *ddp_.groups().dp_host;
-  const bool root = dp.rank() == 0;
+  const DataParallelGroups& g = ddp_.groups();
+  // Dense buckets gather on dp rank 0, expert buckets on expert_dp rank 0 (dp ranks 0 .. ep-1);
+  // dp rank 0 is both.
+  const bool root = g.expert_dp_host->rank() == 0;
   const DType sdt = m_.dtype;
   const Device dev = params.device();
   if (root) out->allocate(sdt, layout.padded_numel());
-  if (ddp_.zero_stage() == 0) {  // every rank holds everything; the root copies its own
+  if (ddp_.zero_stage() == 0) {  // every rank holds all it updates; the roots copy their own
     if (!root) return;
     copy_bytes(out->m.data(), Device::cpu, m_.data, dev, m_.nbytes());
     copy_bytes(out->v.data(), Device::cpu, v_.data, dev, v_.nbytes());
     copy_bytes(out->master.data(), Device::cpu, params.flat_master().data, dev, m_.nbytes());
     return;
   }
-  // ZeRO-1: stage the shards on the host; the root receives every other rank's and places chunk b
-  // of rank q at chunk_begin(b, q).
+  // ZeRO-1: stage the shards on the host; each group's root receives every other member's and
+  // places chunk b of member q at chunk_begin(b, q).
   const int64_t shard = layout.shard_numel();
   const size_t shard_bytes = dtype_storage_bytes(sdt, shard);
   std::vector<const Tensor*> sources = {&m_, &v_};
@@ -185,24 +196,37 @@ void DistributedOptimizer::gather_state(const ParamStore& params, HostOptimizerS
     if (shard_bytes > 0) copy_bytes(staged.back().data(), Device::cpu, t->data, dev, shard_bytes);
   }
   const auto host = [&](const Buffer& b) { return Tensor(b.data(), sdt, Device::cpu, {shard}); };
-  if (!root) {
-    for (size_t k = 0; k < staged.size(); ++k) dp.send(host(staged[k]), 0, static_cast<int>(k));
-    return;
-  }
   Buffer* targets[] = {&out->m, &out->v, &out->master};
-  for (int q = 0; q < dp.size(); ++q) {
-    for (size_t k = 0; k < staged.size(); ++k) {
-      if (q > 0) dp.recv(host(staged[k]), q, static_cast<int>(k));
-      for (int b = 0; b < static_cast<int>(layout.buckets().size()); ++b) {
-        const GradBucket& bk = layout.buckets()[b];
-        std::memcpy(byte_ptr(*targets[k], sdt, layout.chunk_begin(b, q)),
-                    byte_ptr(staged[k], sdt, bk.shard_offset),
-                    dtype_storage_bytes(sdt, bk.numel() / layout.dp_size()));
+  const int num_buckets = static_cast<int>(layout.buckets().size());
+  const auto gather = [&](Communicator& group, bool expert) {
+    bool any = false;
+    for (const GradBucket& bk : layout.buckets()) any = any || bk.expert == expert;
+    if (!any) return;
+    if (group.rank() != 0) {
+      for (size_t k = 0; k < staged.size(); ++k)
+        group.send(host(staged[k]), 0, static_cast<int>(k));
+      return;
+    }
+    for (int q = 0; q < group.size(); ++q) {
+      for (size_t k = 0; k < staged.size(); ++k) {
+        if (q > 0) group.recv(host(staged[k]), q, static_cast<int>(k));
+        for (int b = 0; b < num_buckets; ++b) {
+          if (layout.buckets()[b].expert != expert) continue;
+          std::memcpy(byte_ptr(*targets[k], sdt, layout.chunk_begin(b, q)),
+                      byte_ptr(staged[k], sdt, layout.buckets()[b].shard_offset),
+                      dtype_storage_bytes(sdt, layout.chunk_numel(b)));
+        }
       }
     }
-  }
+  };
+  // Every dense transfer completes before any expert one starts: no rank waits in both at once.
+  gather(*g.dp_host, /*expert=*/false);
+  if (shard_bytes > 0 && g.ep_size() > 1)  // the dense gather may have overwritten the staging
+    for (size_t k = 0; k < staged.size(); ++k)
+      copy_bytes(staged[k].data(), Device::cpu, sources[k]->data, dev, shard_bytes);
+  gather(*g.expert_dp_host, /*expert=*/true);
   // f32 compute: the values are the masters, and after a step every rank holds all of them.
-  if (master_shard_.empty())
+  if (master_shard_.empty() && root)
     copy_bytes(out->master.data(), Device::cpu, params.flat_values().data, dev,
                dtype_storage_bytes(sdt, layout.padded_numel()));
 }
@@ -225,8 +249,8 @@ void DistributedOptimizer::load_state(ParamStore& params, const HostOptimizerSta
   const int dp_rank = ddp_.dp_rank();
   for (int b = 0; b < static_cast<int>(layout.buckets().size()); ++b) {
     const GradBucket& bk = layout.buckets()[b];
-    const int64_t begin = layout.chunk_begin(b, dp_rank);
-    const size_t bytes = dtype_storage_bytes(sdt, bk.numel() / layout.dp_size());
+    const int64_t begin = layout.chunk_begin(b, layout.group_rank(b, dp_rank));
+    const size_t bytes = dtype_storage_bytes(sdt, layout.chunk_numel(b));
     const size_t dst_off = dtype_storage_bytes(sdt, bk.shard_offset);
     copy_bytes(static_cast<char*>(m_.data) + dst_off, dev, byte_ptr(state.m, sdt, begin),
                Device::cpu, bytes);

@@ -48,13 +48,15 @@ class DistributedOptimizer {
 
   // L2 norm of the step's gradient over the whole model, the same on every rank and for every
   // layout: each rank sums the squares it is responsible for (owner parameters; under ZeRO-1 only
-  // their pieces in its chunks), then the partial sums are added over dp (ZeRO-1) and over the
-  // replica's tp x pp ranks. Collective over those host groups.
+  // their pieces in its chunks), then the partial sums are added over dp (ZeRO-1; ZeRO-0: the
+  // expert squares over ep) and over the replica's tp x pp ranks. Collective over those groups.
   double global_grad_norm(const ParamStore& params) const;
 
-  // Checkpoints. gather_state: collective over the dp group; fills `out` on dp rank 0 only (other
-  // ranks leave it untouched). load_state: every dp rank passes the full state (read by the
-  // caller); each keeps what it updates and rewrites the values from the masters.
+  // Checkpoints. gather_state: collective over the dp group; fills `out` on expert_dp rank 0 only
+  // (other ranks leave it untouched): its dense parameters are valid on dp rank 0, its expert
+  // parameters (this ep rank's experts) on every expert_dp rank 0, i.e. dp ranks 0 .. ep-1.
+  // load_state: every dp rank passes the full state of its parameters (read by the caller); each
+  // keeps what it updates and rewrites the values from the masters.
   void gather_state(const ParamStore& params, HostOptimizerState* out) const;
   void load_state(ParamStore& params, const HostOptimizerState& state);
 

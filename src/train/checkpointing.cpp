@@ -70,12 +70,14 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
                      const std::string& tokenizer_hash) {
   const ParamStore& ps = model.params();
   HostOptimizerState state;
-  opt.gather_state(ps, &state);  // collective over dp; filled on dp rank 0
+  opt.gather_state(ps, &state);  // collective over dp; filled on dp ranks 0 .. ep-1
   io::CheckpointWriter w(r.train.out_dir, step, ctx.rank(), ctx.world_size());
-  if (ctx.coord().dp_rank == 0) {
-    // Replica 0 writes; within it each tensor slice has exactly one owner.
+  const int dp_rank = ctx.coord().dp_rank;
+  if (dp_rank < r.parallel.ep) {
+    // Replica 0 writes the dense parameters, replica 0 of each ep rank's experts (dp ranks
+    // 0 .. ep-1) its experts; within them each tensor slice has exactly one owner.
     for (const Param& p : ps.all()) {
-      if (!p.spec.owner) continue;
+      if (!p.spec.owner || (dp_rank > 0 && !p.spec.expert_parallel)) continue;
       const SliceBox b = box_of(p.spec);
       const auto add = [&](const std::string& name, const Tensor& t) {
         const std::vector<char> host = host_bytes(t);
@@ -108,6 +110,7 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
     w.set_meta("layout", nlohmann::json{{"dp", r.parallel.dp},
                                         {"tp", r.parallel.tp},
                                         {"pp", r.parallel.pp},
+                                        {"ep", r.parallel.ep},
                                         {"zero", r.parallel.zero}}
                              .dump());
     w.set_meta("rng", nlohmann::json{{"seed", r.train.seed}, {"kind", "philox4x32-10"}}.dump());

@@ -1,7 +1,8 @@
 // Trainer checkpoints under any parallel layout: each rank writes the parameters it owns (tp
-// slices, its stage's layers; data-parallel replica 0 only) with global names, shapes and offsets,
-// plus their FP32 masters and AdamW moments gathered over dp; loading reads each rank's slice of
-// whatever layout wrote the checkpoint.
+// slices, its stage's layers, its ep rank's experts; data-parallel replica 0 only, for experts
+// replica 0 of the expert_dp group) with global names, shapes and offsets — routed experts as
+// (E, ...) tensors by global expert index — plus their FP32 masters and AdamW moments gathered
+// over dp; loading reads each rank's slice of whatever layout wrote the checkpoint.
 #pragma once
 #include <cstdint>
 #include <string>

@@ -61,9 +61,9 @@ void print_samples(Run& run) {
   const Recipe& r = run.recipe();
   const Tokenizer* tokenizer = run.data().tokenizer();
   if (!tokenizer || r.train.sample_tokens == 0 || r.train.num_samples == 0 || !run.rank0()) return;
-  if (r.parallel.tp > 1 || r.parallel.pp > 1) {
-    log_info("samples skipped: generation needs tp = pp = 1 (this run has tp {} pp {})",
-             r.parallel.tp, r.parallel.pp);
+  if (r.parallel.tp > 1 || r.parallel.pp > 1 || r.parallel.ep > 1) {
+    log_info("samples skipped: generation needs tp = pp = ep = 1 (this run has tp {} pp {} ep {})",
+             r.parallel.tp, r.parallel.pp, r.parallel.ep);
     return;
   }
   if (run.fp8()) run.fp8()->set_recording(false);

@@ -17,7 +17,7 @@ std::vector<int32_t> generate(const Transformer& model, Activations& acts,
                               uint64_t seed, int32_t stop_token);
 
 // The end-of-training samples (train.num_samples of train.sample_tokens tokens after
-// train.sample_prompt), logged by rank 0. Needs the whole model in one process: under tp or pp
+// train.sample_prompt), logged by rank 0. Needs the whole model in one process: under tp, pp or ep
 // they are skipped with a log line (generation under model parallelism belongs to the inference
 // engine), and mock data has no tokenizer to decode with.
 void print_samples(Run& run);

@@ -46,8 +46,8 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
   const int64_t bucket_numel =
       std::max<int64_t>(1, par.bucket_bytes() / int64_t(dtype_size(grad_dtype)));
   plan.optimizer = DistributedOptimizer::bytes_for(
-      BucketLayout(Transformer::declared_params(r.model, in.shard), par.dp, bucket_numel), in.dtype,
-      par.zero);
+      BucketLayout(Transformer::declared_params(r.model, in.shard), par.dp, bucket_numel, par.ep),
+      in.dtype, par.zero);
   plan.train_acts = PipelineExecutor::bytes_needed(r.model, in.shard, in.dtype, in.schedule,
                                                    in.flush_micro, B, T, in.device, in.exec);
   if (in.device == Device::cuda)

@@ -102,9 +102,9 @@ void record_recipe(const Recipe& r, const ParallelContext& ctx) {
   const ParallelConfig& p = r.parallel;
   log_info("resolved recipe ({}):\n{}", r.file, resolved);
   log_info(
-      "layout: world {} = dp {} x tp {} x pp {} (order {}), zero {}, schedule {}, {} "
+      "layout: world {} = dp {} x tp {} x pp {} (order {}), ep {}, zero {}, schedule {}, {} "
       "micro-batches of {} per dp rank per step, global batch {} sequences, stages {}",
-      ctx.world_size(), p.dp, p.tp, p.pp, to_string(p.order), p.zero,
+      ctx.world_size(), p.dp, p.tp, p.pp, to_string(p.order), p.ep, p.zero,
       p.pp > 1 ? to_string(p.schedule) : "none", r.micro_batches_per_step(), r.data.micro_batch,
       r.global_batch(), fmt::join(resolve_stage_layers(r), "/"));
 }
@@ -134,7 +134,8 @@ Run::Run(const Recipe& recipe)
   ctx_ = make_context(r, device_);
   const RankCoord me = ctx_->coord();
   shard_ = ModelShard::make(r.model, par.tp, me.tp_rank, par.pp, me.pp_rank,
-                            resolve_stage_layers(r), &ctx_->comm(Group::tp));
+                            resolve_stage_layers(r), &ctx_->comm(Group::tp))
+               .with_ep(par.dp, &ctx_->comm(Group::ep), &ctx_->host_comm(Group::ep));
   // One stage: plain accumulation with one live activation set.
   schedule_ = par.pp == 1 ? PipelineSchedule::one_f_one_b : par.schedule;
   flush_micro_ = par.pp == 1 ? num_micro() : par.microbatches;

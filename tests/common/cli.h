@@ -3,6 +3,8 @@
 #pragma once
 #include <sys/wait.h>
 
+#include <gtest/gtest.h>
+
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -57,6 +59,13 @@ inline std::string fresh_dir(const std::string& name) {
   std::filesystem::remove_all(d);
   std::filesystem::create_directories(d);
   return d.string();
+}
+
+// A fresh directory private to the running test: ctest runs the cases of one binary concurrently,
+// each in its own process, so a reference run that several cases need is made by each of them.
+inline std::string fresh_dir_for_this_test(const std::string& name) {
+  return fresh_dir(name + "-for-" +
+                   ::testing::UnitTest::GetInstance()->current_test_info()->name());
 }
 
 inline void write_file(const std::string& path, const std::string& text) {

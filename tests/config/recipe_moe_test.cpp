@@ -104,9 +104,16 @@ TEST(RecipeMoe, SharedExpertsSplitOverTp) {
                    {"moe.shared_experts x moe.shared_ffn_hidden = 63", "parallel.tp = 2"}, tp);
 }
 
-TEST(RecipeMoe, ExpertParallelismIsNotBuiltYet) {
-  expect_moe_error("  num_experts: 4\n", {"t.yaml", "parallel.ep = 2", "not built yet"},
-                   "parallel:\n  dp: 2\n  ep: 2\n");
+TEST(RecipeMoe, ExpertParallelismDividesDpAndTheExperts) {
+  const Recipe r = parse_moe("  num_experts: 4\n", "parallel:\n  dp: 4\n  ep: 2\n");
+  EXPECT_EQ(r.parallel.ep, 2);
+  expect_moe_error("  num_experts: 4\n", {"t.yaml", "parallel.ep = 4", "parallel.dp = 2"},
+                   "parallel:\n  dp: 2\n  ep: 4\n");
+  expect_moe_error("  num_experts: 6\n", {"parallel.ep = 4", "moe.num_experts = 6"},
+                   "parallel:\n  dp: 4\n  ep: 4\n");
+  expect_user_error(
+      [] { parse_recipe(std::string(kBaseRecipe) + "parallel:\n  dp: 2\n  ep: 2\n", "t.yaml"); },
+      {"t.yaml", "parallel.ep = 2", "mixture-of-experts"});
 }
 
 TEST(RecipeMoe, ParamCountsCountExpertsAndActiveOnes) {

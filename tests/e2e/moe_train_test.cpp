@@ -1,6 +1,7 @@
 // MoE end to end through the `tessera` binary on the real (prepared) Gutenberg corpus, so routing
 // is not balanced by construction:
-//  * layouts of 2, 4 and 8 ranks over dp, tp and pp, ZeRO-1 off and on, GPipe and 1F1B, dropless
+//  * layouts of 2, 4 and 8 ranks over dp, tp, pp and ep, ZeRO-1 off and on, GPipe and 1F1B,
+//  dropless
 //    and with a capacity that drops tokens, equal one process (losses, evaluation, parameters);
 //  * resuming is bitwise, MoE metrics included, and checkpoints reshard across layouts;
 //  * the load-balancing loss spreads the load that a router without it concentrates;
@@ -30,8 +31,9 @@ struct Layout {
   int dp = 1, tp = 1, pp = 1, zero = 0;
   std::string schedule = "gpipe";
   float capacity = 0.0f;  // moe.capacity_factor
+  int ep = 1;             // expert-parallel ranks out of dp
   std::string name() const {
-    return fmt::format("dp{}_tp{}_pp{}_zero{}_{}_cap{}", dp, tp, pp, zero, schedule,
+    return fmt::format("dp{}_ep{}_tp{}_pp{}_zero{}_{}_cap{}", dp, ep, tp, pp, zero, schedule,
                        int(capacity * 100));
   }
 };
@@ -46,9 +48,9 @@ std::string recipe_args(const Layout& l, const std::string& out_dir) {
       " --set train.eval_batches=2 --set train.sample_tokens=0 --set optim.warmup_steps=2"
       " --set optim.lr=3e-3 --set checkpoint.every=3 --set checkpoint.keep=5"
       " --set logging.every=5 --set moe.capacity_factor={} --set parallel.dp={}"
-      " --set parallel.tp={} --set parallel.pp={} --set parallel.zero={}"
+      " --set parallel.tp={} --set parallel.pp={} --set parallel.zero={} --set parallel.ep={}"
       " --set parallel.schedule={} --set train.out_dir={}",
-      accum, microbatches, l.capacity, l.dp, l.tp, l.pp, l.zero, l.schedule, out_dir);
+      accum, microbatches, l.capacity, l.dp, l.tp, l.pp, l.zero, l.ep, l.schedule, out_dir);
 }
 
 testing::CliResult train(const Layout& l, const std::string& out_dir,
@@ -84,7 +86,7 @@ const RunResult& serial(float capacity) {
   if (!cache.count(capacity)) {
     Layout l;
     l.capacity = capacity;
-    const std::string dir = testing::fresh_dir("moe-serial-" + l.name());
+    const std::string dir = testing::fresh_dir_for_this_test("moe-serial-" + l.name());
     const auto r = train(l, dir);
     EXPECT_EQ(r.status, 0) << r.output;
     cache[capacity] = read_run(dir);
@@ -114,28 +116,33 @@ TEST_P(MoeParallelEqualsSerial, LossesEvalAndParameters) {
   expect_same_parameters(dir, ref.dir, 1e-3);  // tolerance: see parallel_train_test.cpp
 }
 
-// Each parallel dimension alone and together, both schedules, dropless and dropping (eight
-// layouts: each costs CI 10-60 s on two cores).
+// Each parallel dimension alone and together, both schedules, dropless and dropping, expert
+// parallelism (ep 2 and 4) alone and with dp, tp, pp and ZeRO-1 (ten layouts: each costs CI
+// 10-60 s on two cores). The dropless ep layouts equal the serial run, so dropless with ep equals
+// dropless without.
 std::vector<Layout> moe_layouts() {
-  return {{2, 1, 1, 0, "gpipe", 0.0f}, {1, 2, 1, 1, "gpipe", 0.0f}, {1, 1, 2, 0, "gpipe", 0.0f},
-          {2, 2, 2, 1, "gpipe", 0.0f}, {2, 1, 2, 1, "1f1b", 1.0f},  {2, 2, 1, 1, "gpipe", 1.0f},
-          {1, 1, 4, 0, "1f1b", 1.0f},  {4, 1, 1, 1, "gpipe", 1.0f}};
+  return {{2, 1, 1, 0, "gpipe", 0.0f},    {1, 2, 1, 1, "gpipe", 0.0f},
+          {1, 1, 2, 0, "gpipe", 0.0f},    {2, 2, 1, 1, "gpipe", 1.0f},
+          {1, 1, 4, 0, "1f1b", 1.0f},     {2, 1, 1, 0, "gpipe", 0.0f, 2},
+          {4, 1, 1, 0, "gpipe", 0.0f, 4}, {4, 1, 1, 1, "gpipe", 1.0f, 2},
+          {2, 1, 2, 1, "1f1b", 1.0f, 2},  {2, 2, 2, 1, "gpipe", 0.0f, 2}};
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, MoeParallelEqualsSerial, ::testing::ValuesIn(moe_layouts()),
                          [](const auto& info) { return info.param.name(); });
 
-// Saved at (dp 2, pp 2) with ZeRO-1 and tokens dropped; resumed from step 3 in one process and at
-// (dp 1, tp 2, pp 1): the experts (stored whole, by global expert index) and their optimizer
-// state reshard, and steps 4 and 5 continue the saved run.
+// Saved at (dp 2, ep 2, pp 2) with ZeRO-1 and tokens dropped; resumed from step 3 in one
+// process, at (dp 1, tp 2) and at (dp 4, ep 4): the experts (stored by global expert index) and
+// their optimizer state reshard across ep, tp, pp and dp, and steps 4 and 5 continue the saved run.
 TEST(MoeTrain, CheckpointsReshardAcrossLayouts) {
   ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
-  const Layout saved{2, 1, 2, 1, "gpipe", 1.0f};
+  const Layout saved{2, 1, 2, 1, "gpipe", 1.0f, 2};
   const std::string dir = testing::fresh_dir("moe-reshard");
   const auto r = train(saved, dir + "/saved");
   ASSERT_EQ(r.status, 0) << r.output;
   const RunResult a = read_run(dir + "/saved");
-  for (const Layout& l : {Layout{1, 1, 1, 0, "gpipe", 1.0f}, Layout{1, 2, 1, 1, "gpipe", 1.0f}}) {
+  for (const Layout& l : {Layout{1, 1, 1, 0, "gpipe", 1.0f}, Layout{1, 2, 1, 1, "gpipe", 1.0f},
+                          Layout{4, 1, 1, 1, "gpipe", 1.0f, 4}}) {
     SCOPED_TRACE(l.name());
     const std::string out = dir + "/" + l.name();
     const auto c = train(l, out, " --set checkpoint.resume=" + dir + "/saved/checkpoints/step_3");

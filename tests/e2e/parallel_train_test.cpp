@@ -83,7 +83,7 @@ const RunResult& serial(const std::string& family) {
   static std::map<std::string, RunResult> cache;
   if (!cache.count(family)) {
     Layout l{1, 1, 1, 0, family};
-    const std::string dir = testing::fresh_dir("parallel-serial-" + family);
+    const std::string dir = testing::fresh_dir_for_this_test("parallel-serial-" + family);
     const auto r = train(l, dir);
     EXPECT_EQ(r.status, 0) << r.output;
     cache[family] = read_run(dir);

@@ -148,6 +148,94 @@ TEST(BucketLayout, BigBucketsGiveOneBucketPlusTheEmbedding) {
   EXPECT_TRUE(layout.buckets()[1].held);
 }
 
+// ---- expert parallelism ----------------------------------------------------------------------
+
+// The synthetic model with a routed-expert tensor after each block's w1 and one at the very end
+// (slices of (E, 7, 3) along dim 0, two experts per ep rank), registered with expert runs aligned
+// to dp.
+ParamStore with_experts(int dp) {
+  ParamStore store;
+  store.align_expert_runs(dp);
+  const auto expert = [](const std::string& name) {
+    ParamSpec s{name, {2, 7, 3}, ParamClass::weight, InitKind::normal, 0.5f};
+    s.shard_dim = 0;
+    s.expert_parallel = true;
+    return s;
+  };
+  for (const ParamSpec& spec : synthetic_specs(0, 1, 0, 1)) {
+    store.add(spec);
+    if (spec.name.ends_with("w1.bias")) store.add(expert(spec.name + ".experts"));
+  }
+  store.add(expert("last.experts"));
+  return store;
+}
+
+struct ExpertCase {
+  int dp, ep;
+  int64_t bucket_numel;
+};
+
+class ExpertBucketTest : public ::testing::TestWithParam<ExpertCase> {};
+
+// Expert buckets hold only experts and split over the dp / ep ranks of expert_dp; dense ones split
+// over dp. Over the ranks of one expert_dp group (the dp ranks at the same ep position) every
+// expert element is updated exactly once, and over all dp ranks every dense element.
+TEST_P(ExpertBucketTest, KindsNeverMixAndEachGroupShardsItsKindOnce) {
+  const ExpertCase c = GetParam();
+  const ParamStore store = with_experts(c.dp);
+  const BucketLayout layout(store, c.dp, c.bucket_numel, c.ep);
+  const auto& buckets = layout.buckets();
+  int64_t shard = 0;
+  int experts = 0;
+  for (int b = 0; b < static_cast<int>(buckets.size()); ++b) {
+    const GradBucket& bk = buckets[b];
+    EXPECT_EQ(bk.begin % c.dp, 0);
+    EXPECT_EQ(layout.group_size(b), bk.expert ? c.dp / c.ep : c.dp);
+    EXPECT_EQ(bk.shard_offset, shard);
+    shard += layout.chunk_numel(b);
+    experts += bk.expert;
+    for (int i = bk.first_param; i < bk.end_param; ++i) {
+      const Param& p = store[i];
+      const int64_t off = static_cast<int64_t>(p.offset);
+      if (off < bk.end && off + numel_of(p) > bk.begin) {
+        EXPECT_EQ(p.spec.expert_parallel, bk.expert) << p.spec.name << " in bucket " << b;
+      }
+    }
+  }
+  EXPECT_EQ(shard, layout.shard_numel());
+  EXPECT_GE(experts, 3);
+  for (int e = 0; e < c.ep; ++e) {
+    std::vector<int> covered(store.num_elements(), 0);
+    for (int d = 0; d < c.dp; ++d) {
+      const bool same_experts = d % c.ep == e;
+      for (const ShardPiece& pc : layout.shard_pieces(store, d))
+        if (same_experts || !store[pc.param_idx].spec.expert_parallel)
+          for (int64_t i = pc.flat_begin; i < pc.flat_end; ++i) covered[i] += 1;
+    }
+    for (const Param& p : store.all())
+      for (int64_t i = 0; i < numel_of(p); ++i)
+        ASSERT_EQ(covered[p.offset + i], 1) << p.spec.name << " element " << i << " ep " << e;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, ExpertBucketTest,
+                         ::testing::Values(ExpertCase{2, 2, 1}, ExpertCase{4, 2, 40},
+                                           ExpertCase{4, 4, 17}, ExpertCase{6, 3, 1000000},
+                                           ExpertCase{8, 2, 40}, ExpertCase{4, 1, 40}),
+                         [](const auto& info) {
+                           return "dp" + std::to_string(info.param.dp) + "_ep" +
+                                  std::to_string(info.param.ep) + "_bucket" +
+                                  std::to_string(info.param.bucket_numel);
+                         });
+
+TEST(ParamStore, ExpertRunsStartAtTheAlignment) {
+  const ParamStore store = with_experts(8);
+  for (int i = 1; i < store.size(); ++i)
+    if (store[i].spec.expert_parallel != store[i - 1].spec.expert_parallel) {
+      EXPECT_EQ(store[i].offset % 8, 0u) << store[i].spec.name;
+    }
+}
+
 // ---- launch order through recording fakes -------------------------------------------------
 
 struct CommEvent {
