@@ -20,17 +20,20 @@ ModelShard ModelShard::resolved(const ModelConfig& cfg) const {
                cfg.ffn_hidden % s.tp_size == 0 && cfg.padded_vocab_size % s.tp_size == 0,
            "layout check let tp={} through for heads {} kv {} ffn {} vocab {}", s.tp_size,
            cfg.num_heads, cfg.num_kv_heads, cfg.ffn_hidden, cfg.padded_vocab_size);
-  TS_CHECK(s.tp_size == 1 || s.tp_comm != nullptr, "tp={} without a communicator", s.tp_size);
-  TS_CHECK(s.tp_comm == nullptr || s.tp_comm->size() == s.tp_size, "tp comm size {} vs {}",
-           s.tp_comm ? s.tp_comm->size() : 0, s.tp_size);
   TS_CHECK(s.ep_size >= 1 && s.ep_rank >= 0 && s.ep_rank < s.ep_size, "ep {}/{}", s.ep_rank,
            s.ep_size);
   TS_CHECK(s.ep_size == 1 || (cfg.moe.enabled() && cfg.moe.num_experts % s.ep_size == 0),
            "layout check let ep={} through for {} experts", s.ep_size, cfg.moe.num_experts);
-  TS_CHECK(s.ep_size == 1 || (s.ep_comm && s.ep_comm->size() == s.ep_size && s.ep_host_comm &&
-                              s.ep_host_comm->size() == s.ep_size),
-           "ep={} without ep communicators of that size", s.ep_size);
   return s;
+}
+
+void ModelShard::check_comms() const {
+  TS_CHECK(tp_size == 1 || tp_comm != nullptr, "tp={} without a communicator", tp_size);
+  TS_CHECK(tp_comm == nullptr || tp_comm->size() == tp_size, "tp comm size {} vs {}",
+           tp_comm ? tp_comm->size() : 0, tp_size);
+  TS_CHECK(ep_size == 1 || (ep_comm && ep_comm->size() == ep_size && ep_host_comm &&
+                            ep_host_comm->size() == ep_size),
+           "ep={} without ep communicators of that size", ep_size);
 }
 
 ModelShard ModelShard::make(const ModelConfig& cfg, int tp_size, int tp_rank, int pp_size,
@@ -52,14 +55,19 @@ ModelShard ModelShard::make(const ModelConfig& cfg, int tp_size, int tp_rank, in
 }
 
 ModelShard ModelShard::with_ep(int dp_size, Communicator* ep, Communicator* ep_host) const {
-  ModelShard s = *this;
-  s.ep_size = ep ? ep->size() : 1;
-  s.ep_rank = ep ? ep->rank() : 0;
+  ModelShard s = with_ep_size(dp_size, ep ? ep->size() : 1, ep ? ep->rank() : 0);
   if (s.ep_size > 1) {
     s.ep_comm = ep;
     s.ep_host_comm = ep_host;
-    s.expert_align = dp_size;
   }
+  return s;
+}
+
+ModelShard ModelShard::with_ep_size(int dp_size, int ep_size, int ep_rank) const {
+  ModelShard s = *this;
+  s.ep_size = ep_size;
+  s.ep_rank = ep_rank;
+  s.expert_align = ep_size > 1 ? dp_size : 1;
   return s;
 }
 

@@ -31,8 +31,10 @@ struct ModelShard {
   bool first_stage() const { return pp_rank == 0; }
   bool last_stage() const { return pp_rank == pp_size - 1; }
   // Checks the shard against the config (bug: the recipe's layout check runs first) and fills
-  // num_layers = -1 in.
+  // num_layers = -1 in. Communicators are not needed (declaring shapes and planning memory run
+  // without them); check_comms() checks them where the model runs.
   ModelShard resolved(const ModelConfig& cfg) const;
+  void check_comms() const;
   // The pipeline split: stage_layers[s] layers on stage s, one entry per stage (the recipe's
   // resolve_stage_layers). Returns this stage's shard for (tp_rank, pp_rank).
   static ModelShard make(const ModelConfig& cfg, int tp_size, int tp_rank, int pp_size, int pp_rank,
@@ -40,6 +42,8 @@ struct ModelShard {
   // This shard with expert parallelism over `ep` (its rank's ep communicators: ep_size ranks) and
   // expert parameter runs aligned to dp_size elements.
   ModelShard with_ep(int dp_size, Communicator* ep, Communicator* ep_host) const;
+  // The same without communicators, for planning: ep rank ep_rank of ep_size.
+  ModelShard with_ep_size(int dp_size, int ep_size, int ep_rank) const;
 };
 
 // Megatron's conjugate mappings around a column-parallel -> row-parallel pair, as explicit

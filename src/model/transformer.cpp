@@ -152,6 +152,7 @@ Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Are
                          const ModelShard& shard, int64_t pad_multiple, bool with_master,
                          const ExecOptions& exec)
     : Transformer(DeclareOnly{}, cfg, shard) {
+  shard_.check_comms();
   exec_ = exec;
   for (Block& b : blocks_) b.set_attention_impl(exec.attention);
   dtype_ = dtype;

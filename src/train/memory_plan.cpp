@@ -4,12 +4,14 @@
 
 #include <algorithm>
 
+#include "config/layout_check.h"
 #include "core/error.h"
 #include "core/memory.h"
 #include "kernels/ops.h"
 #include "model/transformer.h"
 #include "optim/distributed_optimizer.h"
 #include "train/pipeline_executor.h"
+#include "train/run_options.h"
 
 namespace tessera {
 
@@ -56,6 +58,35 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
                                   r.model.resolved_head_dim(), in.dtype, in.exec.attention);
   if (r.precision.compute == Compute::fp8) plan.fp8 = fp8_bytes(r, in.shard);
   return plan;
+}
+
+PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device) {
+  return {shard,
+          exec_options(r, shard.pp_rank),
+          compute_dtype(r.precision.compute),
+          device,
+          run_schedule(r),
+          run_flush_micro(r)};
+}
+
+std::vector<StagePlan> plan_stages(const Recipe& r, Device device) {
+  const ParallelConfig& par = r.parallel;
+  validate_layout(r, par.dp * par.tp * par.pp);
+  const std::vector<int> layers = resolve_stage_layers(r);
+  std::vector<StagePlan> out;
+  for (int s = 0; s < par.pp; ++s) {
+    const ModelShard shard = ModelShard::make(r.model, par.tp, 0, par.pp, s, layers, nullptr)
+                                 .with_ep_size(par.dp, par.ep, 0);
+    StagePlan st;
+    st.stage = s;
+    st.first_layer = shard.first_layer;
+    st.num_layers = shard.num_layers;
+    const ParamStore declared = Transformer::declared_params(r.model, shard);
+    for (const Param& p : declared.all()) st.params_held += p.spec.shape.numel();
+    st.plan = plan_memory(r, plan_inputs(r, shard, device));
+    out.push_back(st);
+  }
+  return out;
 }
 
 void check_plan_fits(const MemoryPlan& plan, Device device, const std::string& recipe_file) {

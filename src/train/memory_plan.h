@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "config/recipe.h"
 #include "core/dtype.h"
@@ -37,6 +38,21 @@ struct PlanInputs {
 };
 
 MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in);
+
+// What Run plans with for the rank holding `shard` (run_options.h): its stage's execution options,
+// the compute dtype, the schedule and the flush size.
+PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device);
+
+// From the recipe alone (no ranks, communicators or allocation; the recipe's vocabulary must be
+// known): the plan of every pipeline stage's first rank (tp 0, ep 0; every tp and ep rank of a
+// stage holds the same number of bytes). On a machine without a GPU the CUDA workspace, which
+// cuDNN sizes on the device, is 0.
+struct StagePlan {
+  int stage = 0, first_layer = 0, num_layers = 0;
+  int64_t params_held = 0;  // parameters this rank holds
+  MemoryPlan plan;
+};
+std::vector<StagePlan> plan_stages(const Recipe& r, Device device);
 
 // A user error naming every part of the plan when it exceeds the device's free memory (CUDA
 // only; the CPU has no such check).

@@ -13,6 +13,7 @@
 #include "io/checkpoint.h"
 #include "kernels/ops.h"
 #include "parallel/mpi_runtime.h"
+#include "train/run_options.h"
 
 namespace tessera {
 
@@ -36,19 +37,6 @@ Device resolve_device(const Recipe& r) {
   return cuda_available() ? Device::cuda : Device::cpu;  // cuda, or auto
 }
 
-// The storage and compute dtype of parameters and activations. Masters and optimizer state are
-// FP32 whatever this is. The CPU backend rounds every 16-bit result exactly as the GPU does, so
-// bf16 and fp16 runs are testable without a GPU.
-DType compute_dtype(Compute c) {
-  switch (c) {
-    case Compute::fp32: return DType::f32;
-    case Compute::fp16: return DType::f16;
-    case Compute::bf16:
-    case Compute::fp8: return DType::bf16;  // fp8: FP8 GEMMs in the block linears, bf16 else
-  }
-  TS_BUG("unknown compute dtype {}", int(c));
-}
-
 // The parallel context of this process: MPI's world when a launcher started us, else one rank.
 std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
   const ParallelConfig& p = r.parallel;
@@ -59,17 +47,6 @@ std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
   validate_layout(r, world_size());
   return std::make_unique<ParallelContext>(ParallelSizes{p.tp, p.dp, p.pp, p.ep}, device,
                                            to_string(p.order));
-}
-
-ExecOptions exec_options(const Recipe& r, int pp_rank) {
-  ExecOptions e;
-  e.attention = r.train.attention;
-  e.recompute = stage_recomputes(r, pp_rank);
-  e.fp32_lm_head = r.precision.keeps_high_precision(HighPrecisionLayer::lm_head);
-  e.fp32_embedding = r.precision.keeps_high_precision(HighPrecisionLayer::embedding);
-  e.fp32_grads = r.precision.grad_reduce == GradReduce::fp32;
-  e.moe_stat_records = r.micro_batches_per_step();
-  return e;
 }
 
 Fp8ScalingConfig fp8_scaling_config(const Fp8Config& c) {
@@ -136,12 +113,11 @@ Run::Run(const Recipe& recipe)
   shard_ = ModelShard::make(r.model, par.tp, me.tp_rank, par.pp, me.pp_rank,
                             resolve_stage_layers(r), &ctx_->comm(Group::tp))
                .with_ep(par.dp, &ctx_->comm(Group::ep), &ctx_->host_comm(Group::ep));
-  // One stage: plain accumulation with one live activation set.
-  schedule_ = par.pp == 1 ? PipelineSchedule::one_f_one_b : par.schedule;
-  flush_micro_ = par.pp == 1 ? num_micro() : par.microbatches;
+  schedule_ = run_schedule(r);
+  flush_micro_ = run_flush_micro(r);
   const ExecOptions exec = exec_options(r, me.pp_rank);
 
-  plan_ = plan_memory(r, {shard_, exec, dtype_, device_, schedule_, flush_micro_});
+  plan_ = plan_memory(r, plan_inputs(r, shard_, device_));
   check_plan_fits(plan_, device_, r.file);
   arena_ = Arena(device_, plan_.arena(), "device memory");
   if (plan_.workspace > 0)

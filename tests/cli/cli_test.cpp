@@ -57,7 +57,7 @@ struct HelpCase {
 TEST(CliHelp, TopLevelListsEveryCommand) {
   const CliResult r = run_cli("--help");
   EXPECT_EQ(r.status, 0) << r.output;
-  for (const char* c : {"train", "prepare", "tokenizer", "inspect", "Exit status"})
+  for (const char* c : {"train", "plan", "prepare", "tokenizer", "inspect", "Exit status"})
     EXPECT_TRUE(has(r.output, c)) << c << " missing in:\n" << r.output;
   EXPECT_TRUE(undescribed_entries(r.output).empty()) << r.output;
 }
@@ -65,6 +65,7 @@ TEST(CliHelp, TopLevelListsEveryCommand) {
 TEST(CliHelp, EveryCommandListsItsOptionsWithMeaningAndDefault) {
   const std::vector<HelpCase> cases = {
       {"train", {"RECIPE", "--set", "KEY=VALUE"}},
+      {"plan", {"RECIPE", "--set", "--gpu-gb", "=80"}},
       {"prepare",
        {"INPUTS", "--tokenizer", "--train-tokenizer", "--tokenizer-out", "--out", "--val-fraction",
         "=0.05", "--doc-chars", "=8192", "--threads"}},
@@ -127,6 +128,9 @@ TEST(CliErrors, BadArgumentsNameTheOptionAndValueWithStatusTwo) {
       {"tokenizer decode --tokenizer gpt2 1,x", {"IDS", "'x'", "not an integer"}},
       {"inspect a.h5 b.h5", {"b.h5"}},
       {"inspect --frob a.h5", {"--frob"}},
+      {"plan", {"RECIPE", "required"}},
+      {"plan recipes/qwen3-30b-a3b.yaml --gpu-gb -1", {"--gpu-gb", "-1"}},
+      {"plan recipes/qwen3-30b-a3b.yaml --set parallel.ep=3", {"parallel.ep = 3", "parallel.dp"}},
   };
   for (const ErrorCase& c : cases) {
     const CliResult r = run_cli(c.args);
@@ -135,6 +139,18 @@ TEST(CliErrors, BadArgumentsNameTheOptionAndValueWithStatusTwo) {
       EXPECT_TRUE(has(r.output, n)) << "tessera " << c.args << " does not name " << n << ":\n"
                                     << r.output;
   }
+}
+
+// `tessera plan` on Qwen3-30B-A3B: one line per pipeline stage, and the verdict.
+TEST(CliPlan, PrintsEveryStageOfTheLayout) {
+  const CliResult r = run_cli(
+      "plan recipes/qwen3-30b-a3b.yaml --set parallel.pp=4 --set parallel.ep=8 --gpu-gb 80");
+  ASSERT_EQ(r.status, 0) << r.output;
+  for (const char* s : {"30.532B parameters (3.353B active)", "dp 8 x tp 1 x pp 4, ep 8",
+                        "\n0      0-11", "\n3      36-47", "fits"})
+    EXPECT_TRUE(has(r.output, s)) << s << " missing in:\n" << r.output;
+  const CliResult small = run_cli("plan recipes/qwen3-30b-a3b.yaml --set parallel.pp=4 --gpu-gb 1");
+  EXPECT_TRUE(has(small.output, "does NOT fit in 1 GB")) << small.output;
 }
 
 TEST(CliPrepare, OptionsReachTheDataset) {

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include "config/recipe.h"
 #include "tests/common/files.h"
 #include "tests/train/train_test_util.h"
 #include "train/run.h"
@@ -66,6 +67,50 @@ TEST(MemoryPlan, MoreMicroBatchesPerFlushDoNotGrowOneStage) {
   const tessera::Run a(testing::tiny_recipe(dir.str(), {"data.grad_accum=1"}));
   const tessera::Run b(testing::tiny_recipe(dir.str(), {"data.grad_accum=4"}));
   EXPECT_EQ(a.plan().train_acts, b.plan().train_acts);
+}
+
+// `tessera plan` plans from the recipe alone what Run plans for its rank.
+TEST(PlanStages, EqualWhatTheRunPlans) {
+  for (const std::vector<std::string>& o :
+       {std::vector<std::string>{},
+        std::vector<std::string>{"moe.num_experts=4", "precision.compute=bf16",
+                                 "parallel.zero=1"}}) {
+    const testing::ScratchDir dir;
+    const tessera::Run run(testing::tiny_recipe(dir.str(), o));
+    const std::vector<StagePlan> stages = plan_stages(run.recipe(), Device::cpu);
+    ASSERT_EQ(stages.size(), 1u);
+    const MemoryPlan& a = stages[0].plan;
+    const MemoryPlan& b = run.plan();
+    EXPECT_EQ(a.params, b.params);
+    EXPECT_EQ(a.optimizer, b.optimizer);
+    EXPECT_EQ(a.train_acts, b.train_acts);
+    EXPECT_EQ(a.workspace, b.workspace);
+    EXPECT_EQ(stages[0].params_held, run.recipe().model.num_params());
+  }
+}
+
+// Qwen3-30B-A3B per layout: expert parallelism divides each stage's routed experts (48 layers x
+// 128 experts x 3 x 2048 x 768 in all) by ep, and ZeRO-1 the optimizer state by dp (dense) and
+// dp / ep (experts).
+TEST(PlanStages, Qwen3_30bA3bPerLayout) {
+  const auto plan = [](std::vector<std::string> o) {
+    Recipe r = load_recipe(testing::source_path("recipes/qwen3-30b-a3b.yaml"), o);
+    finalize_model_vocab(r.model, r.model.vocab_size, r.file, r.parallel.tp);
+    return plan_stages(r, Device::cuda);
+  };
+  const int64_t experts_per_layer = int64_t(128) * 3 * 2048 * 768;
+  const auto ep1 = plan({"parallel.dp=8", "parallel.ep=1", "parallel.pp=4"});
+  const auto ep8 = plan({"parallel.dp=8", "parallel.ep=8", "parallel.pp=4"});
+  ASSERT_EQ(ep1.size(), 4u);
+  ASSERT_EQ(ep8.size(), 4u);
+  int64_t held = 0;
+  for (int s = 0; s < 4; ++s) {
+    EXPECT_EQ(ep8[s].num_layers, 12);
+    EXPECT_EQ(ep1[s].params_held - ep8[s].params_held, 12 * experts_per_layer / 8 * 7);
+    EXPECT_LT(ep8[s].plan.params, ep1[s].plan.params / 4);
+    held += ep1[s].params_held;
+  }
+  EXPECT_EQ(held, 30'532'122'624);  // every parameter on exactly one stage
 }
 
 }  // namespace

@@ -1,0 +1,38 @@
+// Recipe -> per-rank run settings (see run_options.h).
+#include "train/run_options.h"
+
+#include "config/layout_check.h"
+#include "core/error.h"
+
+namespace tessera {
+
+DType compute_dtype(Compute c) {
+  switch (c) {
+    case Compute::fp32: return DType::f32;
+    case Compute::fp16: return DType::f16;
+    case Compute::bf16:
+    case Compute::fp8: return DType::bf16;  // fp8: FP8 GEMMs in the block linears, bf16 else
+  }
+  TS_BUG("unknown compute dtype {}", int(c));
+}
+
+ExecOptions exec_options(const Recipe& r, int pp_rank) {
+  ExecOptions e;
+  e.attention = r.train.attention;
+  e.recompute = stage_recomputes(r, pp_rank);
+  e.fp32_lm_head = r.precision.keeps_high_precision(HighPrecisionLayer::lm_head);
+  e.fp32_embedding = r.precision.keeps_high_precision(HighPrecisionLayer::embedding);
+  e.fp32_grads = r.precision.grad_reduce == GradReduce::fp32;
+  e.moe_stat_records = r.micro_batches_per_step();
+  return e;
+}
+
+PipelineSchedule run_schedule(const Recipe& r) {
+  return r.parallel.pp == 1 ? PipelineSchedule::one_f_one_b : r.parallel.schedule;
+}
+
+int run_flush_micro(const Recipe& r) {
+  return r.parallel.pp == 1 ? r.micro_batches_per_step() : r.parallel.microbatches;
+}
+
+}  // namespace tessera
