@@ -340,6 +340,11 @@ std::vector<Case> parity_cases() {
       {draw_counts(16, small, rng), 3, 1, 13},
       {{1000}, 0, 13, 72},
       {draw_counts(3, all, rng), 1, 72, 13},
+      // The TMA kernel's boundaries: groups of exactly one k-block, one row past it and one row
+      // short (wgrad's last k-block holds the next group's rows, zeroed in shared memory), N' and
+      // K' multiples of 8 but not of 64 (boxes partly past w[g] and x, zero-filled), R < 128.
+      {{64, 65, 0, 1, 63}, 2, 136, 264},
+      {{65, 64}, 0, 264, 136},
   };
 }
 

@@ -1,0 +1,273 @@
+// The grouped GEMM's warp-specialised Hopper kernel (sm_90a): the tiles, swizzled layouts and
+// wgmma m64n256k16 of grouped_gemm_wgmma.cuh, fed by the bulk tensor copy engine (TMA) from a
+// producer warp instead of cp.async from the MMA threads. 384 threads: warpgroup 0 produces (one
+// warp issues the copies of each k-block into a 4-deep ring, each stage guarded by a "full" and an
+// "empty" mbarrier), warpgroups 1 and 2 consume (64 rows each
+// of the 128 x 256 tile) and never wait on a block-wide barrier: the copies of the next k-blocks
+// and tiles run while they compute and store. No setmaxnreg: the consumers fit the 168 registers
+// that 384 threads leave each (128 accumulators, no spills), so moving registers buys nothing.
+// Included by grouped_gemm.cu only.
+//
+// Tensor maps are built on the host over the whole base tensors (x, dy (R, ·) and w (G, N', K')),
+// so the copy engine zero-fills only at those tensors' edges:
+//  - forward / dgrad: a tile's A box may reach rows of the next group (or unused rows, even NaN):
+//    each output row depends on its own A row only, and the epilogue stores rows inside the group;
+//    w[g] is addressed as a 3-d tensor, so w[g+1] never enters a box of w[g].
+//  - wgrad: k runs over the group's rows, so a k-block's rows past the group are another group's
+//    (or past R, zero-filled). Tiles start at the group's first row, so only a tile's last k-block
+//    can hold such rows; the consumers zero them in both operands in shared memory before its MMAs.
+#pragma once
+#include <cuda.h>  // CUtensorMap (the type only; maps are encoded through the runtime's entry point)
+
+#include <cstdint>
+
+#include "kernels/cuda/grouped_gemm_wgmma.cuh"
+
+namespace tessera::cuda::grouped {
+
+constexpr int kWsThreads = 384;      // producer warpgroup + two consumer warpgroups
+constexpr int kWsStages = 4;         // ring depth (4 x 48 KB)
+constexpr int kWsConsumerWarps = 8;  // arrivals that free a stage
+constexpr int kWsBarBytes = 2 * kWsStages * 8;
+constexpr int kWsSmemBytes = kWsStages * kWgStageBytes + kWsBarBytes + 1024;  // + 1024 alignment
+constexpr int kWsChunkBytes = 64 * kWgRowBytes;  // a 64 x 64 box, one 128-byte swizzle row per line
+
+#ifdef TS_GROUPED_WGMMA
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Returns once the phase of parity `parity` has completed (a fresh barrier counts its phase
+// "before 0", parity 1, as completed: the producer's first pass over the ring does not wait).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+
+// One box of a tensor map into shared memory, completing `bytes` on the mbarrier.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// The two consumer warpgroups alone (barrier 0 is __syncthreads').
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+
+// The copies of one k-block of tile t into a stage: A (128 MN x 64 k) then B (256 MN x 64 k).
+// K-major operands are one box (64 k x rows), MN-major ones a box of 64 MN x 64 k per 8 KB chunk.
+// Coordinates are innermost first; w (forward B, dgrad B) is (G, N', K') with g outermost.
+template <Pass P>
+__device__ __forceinline__ void ws_issue_loads(uint32_t sa, uint32_t bar, const CUtensorMap* ma,
+                                               const CUtensorMap* mb, const Tile& t, int kb) {
+  const int k = int(t.k0) + kb * kWgBK, am = int(t.a_mn0), bm = int(t.b_mn0);
+  const uint32_t sb = sa + kWgAStage;
+  if constexpr (P == Pass::forward) {
+    tma_load_2d(sa, ma, bar, k, am);           // x (R, K')
+    tma_load_3d(sb, mb, bar, k, bm, t.group);  // w[g] (N', K')
+  } else if constexpr (P == Pass::dgrad) {
+    tma_load_2d(sa, ma, bar, k, am);  // dy (R, N')
+#pragma unroll
+    for (int c = 0; c < kWgBN / 64; ++c)  // w[g] read along K' (MN), N' is k
+      tma_load_3d(sb + c * kWsChunkBytes, mb, bar, bm + 64 * c, k, t.group);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kWgBM / 64; ++c)  // dy (R, N'): N' is MN, rows are k
+      tma_load_2d(sa + c * kWsChunkBytes, ma, bar, am + 64 * c, k);
+#pragma unroll
+    for (int c = 0; c < kWgBN / 64; ++c)  // x (R, K'): K' is MN, rows are k
+      tma_load_2d(sb + c * kWsChunkBytes, mb, bar, bm + 64 * c, k);
+  }
+}
+
+// wgrad's last k-block of a tile: rows [valid, 64) are past the group. Zero them in the stage's
+// six 64 x 64 chunks (A: 2, B: 4; a row is 128 contiguous bytes, the swizzle only permutes its
+// 16-byte pieces), 16 bytes per store over the 256 consumer threads, then make the stores visible
+// to wgmma (async proxy) and to the other consumer warpgroup.
+__device__ __forceinline__ void ws_zero_tail_rows(uint32_t stage, int valid) {
+  const int per_chunk = (64 - valid) * 8;
+  for (int i = int(threadIdx.x) - 128; i < 6 * per_chunk; i += 256) {
+    const int c = i / per_chunk, r = valid + (i % per_chunk) / 8, j = i % 8;
+    const uint32_t addr = stage + c * kWsChunkBytes + r * kWgRowBytes + j * 16;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+  }
+  fence_proxy_async();
+  consumers_sync();
+}
+
+// Epilogue of a consumer warpgroup, as wg_store_tile; for an accumulated f32 C (wgrad into f32
+// main gradients) the old values of 8 column groups are loaded before any is stored, so each
+// thread keeps 16 loads in flight instead of one.
+template <class OutT, bool kAccumulate>
+__device__ __forceinline__ void ws_store_tile(OutT* c, int64_t ldc, const Tile& t, int wg,
+                                              const float (&d)[128]) {
+  if constexpr (!(kAccumulate && std::is_same_v<OutT, float>)) {
+    wg_store_tile<OutT, kAccumulate>(c, ldc, t, wg, d);
+  } else {
+    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+    const int64_t row0 = t.a_mn0 + wg * 64 + warp * 16 + (lane >> 2);
+    const int64_t col0 = t.b_mn0 + 2 * (lane & 3);
+    bool row_ok[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_ok[h] = row0 + 8 * h < t.a_limit;
+    float* base = c + t.c_off + row0 * ldc + col0;
+#pragma unroll
+    for (int jb = 0; jb < 32; jb += 8) {
+      float2 old[8][2];
+#pragma unroll
+      for (int j = jb; j < jb + 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const bool ok = row_ok[h] && col0 + 8 * j < t.b_limit;
+          old[j - jb][h] = ok ? *reinterpret_cast<const float2*>(base + 8 * h * ldc + 8 * j)
+                              : make_float2(0.0f, 0.0f);
+        }
+#pragma unroll
+      for (int j = jb; j < jb + 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (!row_ok[h] || col0 + 8 * j >= t.b_limit) continue;
+          *reinterpret_cast<float2*>(base + 8 * h * ldc + 8 * j) = make_float2(
+              old[j - jb][h].x + d[4 * j + 2 * h], old[j - jb][h].y + d[4 * j + 2 * h + 1]);
+        }
+    }
+  }
+}
+
+#endif  // TS_GROUPED_WGMMA
+
+// The kernel. Stage s of the ring: A at smem + s * 48 KB, B 16 KB later; full[s] completes when
+// its copies have landed (one arrival with the byte count, then the bytes), empty[s] when the 8
+// consumer warps have retired the wgmma that read it. Step i (a k-block of some tile, the same
+// sequence in producer and consumers: grouped_gemm.cuh's cursor) uses stage i % 4 in round i / 4.
+// Each output element is written by one thread after a k loop in a fixed order: deterministic.
+template <class T, class OutT, Pass P>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    grouped_ws_kernel(const __grid_constant__ CUtensorMap map_a,
+                      const __grid_constant__ CUtensorMap map_b, const Args args) {
+#ifdef TS_GROUPED_WGMMA
+  using Cur = Cursor<P, kWgBM, kWgBN, kWgBK>;
+  constexpr bool kAK = a_k_major(P), kBK = b_k_major(P);
+  extern __shared__ __align__(1024) unsigned char ws_smem[];
+  const uint32_t smem = (wg_smem_u32(ws_smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
+  const uint32_t full0 = smem + kWsStages * kWgStageBytes, empty0 = full0 + kWsStages * 8;
+  const int wg = threadIdx.x / 128, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kWsStages; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, kWsConsumerWarps);
+    }
+    mbar_init_fence();
+    tma_prefetch_map(&map_a);
+    tma_prefetch_map(&map_b);
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // producer: one warp walks the tiles and issues the copies
+    if (threadIdx.x >= 32) return;
+    Cur cur;
+    cur.start(args);
+    for (int step = 0; cur.valid; ++step) {
+      const int stage = step % kWsStages;
+      mbar_wait(empty0 + 8 * stage, ((step / kWsStages) & 1) ^ 1);
+      if (lane == 0) {
+        const uint32_t full = full0 + 8 * stage;
+        mbar_arrive_expect_tx(full, kWgStageBytes);
+        ws_issue_loads<P>(smem + stage * kWgStageBytes, full, &map_a, &map_b, cur.tile, cur.kb);
+      }
+      __syncwarp();
+      cur.advance(args);
+    }
+  } else {  // consumers: warpgroup cw owns rows [64 cw, 64 cw + 64) of each tile
+    const int cw = wg - 1;
+    OutT* c = static_cast<OutT*>(args.c);
+    Cur cur;
+    cur.start(args);
+    float d[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+    int held = -1;  // the stage read by the wgmma still in flight, freed once it retires
+    for (int step = 0; cur.valid; ++step) {
+      const int stage = step % kWsStages;
+      const uint32_t sa = smem + stage * kWgStageBytes, sb = sa + kWgAStage;
+      mbar_wait(full0 + 8 * stage, (step / kWsStages) & 1);
+      if constexpr (P == Pass::wgrad) {
+        const int64_t valid = cur.tile.k_limit - (cur.tile.k0 + int64_t(cur.kb) * kWgBK);
+        if (valid < kWgBK) ws_zero_tail_rows(sa, int(valid));
+      }
+#pragma unroll
+      for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int k16 = 0; k16 < kWgBK / 16; ++k16) {
+        const uint64_t da =
+            kAK ? wg_desc(sa + cw * 64 * kWgRowBytes + k16 * 32, 16, 1024)
+                : wg_desc(sa + cw * kWgChunkBytes + k16 * 2048, kWgChunkBytes, 1024);
+        const uint64_t db =
+            kBK ? wg_desc(sb + k16 * 32, 16, 1024) : wg_desc(sb + k16 * 2048, kWgChunkBytes, 1024);
+        wgmma_256<T, kAK ? 0 : 1, kBK ? 0 : 1>(d, da, db, cur.kb > 0 || k16 > 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
+      if (cur.kb + 1 == cur.tile.num_kb) {
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
+        if (lane == 0) {
+          if (held >= 0) mbar_arrive(empty0 + 8 * held);
+          mbar_arrive(empty0 + 8 * stage);
+        }
+        held = -1;
+        ws_store_tile<OutT, P == Pass::wgrad>(c, args.ldc, cur.tile, cw, d);
+        cur.next_tile(args);
+      } else {
+        wgmma_wait<1>();  // the previous k-block's wgmma has retired: its stage is free
+#pragma unroll
+        for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
+        if (lane == 0 && held >= 0) mbar_arrive(empty0 + 8 * held);
+        held = stage;
+        ++cur.kb;
+      }
+    }
+    wgmma_wait<0>();
+  }
+#else
+  __trap();  // built without sm_90a: the launcher never picks this kernel on such a build
+#endif
+}
+
+}  // namespace tessera::cuda::grouped
