@@ -28,8 +28,14 @@ namespace tessera::cuda::grouped {
 constexpr int kWsThreads = 384;      // producer warpgroup + two consumer warpgroups
 constexpr int kWsStages = 4;         // ring depth (4 x 48 KB)
 constexpr int kWsConsumerWarps = 8;  // arrivals that free a stage
-constexpr int kWsBarBytes = 2 * kWsStages * 8;
-constexpr int kWsSmemBytes = kWsStages * kWgStageBytes + kWsBarBytes + 1024;  // + 1024 alignment
+constexpr int kWsBarBytes = 128;     // 2 x kWsStages mbarriers of 8 bytes, padded
+constexpr int kWsEpiCols = 32;       // the epilogue stages 64 rows x 32 columns per warpgroup
+constexpr int kWsEpiLd =
+    kWsEpiCols + 8;  // f32 row stride: + 8 words keep the accesses conflict-free
+constexpr int kWsEpiBytes = 64 * kWsEpiLd * 4;  // 10 KB per consumer warpgroup
+constexpr int kWsSmemBytes =
+    kWsStages * kWgStageBytes + kWsBarBytes + 2 * kWsEpiBytes + 1024;  // + 1024 alignment
+static_assert(2 * kWsStages * 8 <= kWsBarBytes);
 constexpr int kWsChunkBytes = 64 * kWgRowBytes;  // a 64 x 64 box, one 128-byte swizzle row per line
 
 #ifdef TS_GROUPED_WGMMA
@@ -82,9 +88,42 @@ __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
+// Registers move from the producer warpgroup to the consumers ((56 + 2 x 224) x 128 <=
+// 64K); ptxas allocates each branch within its new limit.
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
 // The two consumer warpgroups alone (barrier 0 is __syncthreads').
 __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+
+// Four consecutive elements of C (16-byte aligned for f32, 8-byte for 16-bit types) as f32.
+template <class OutT>
+__device__ __forceinline__ float4 load4(const OutT* p) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    return *reinterpret_cast<const float4*>(p);
+  } else {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const OutT* e = reinterpret_cast<const OutT*>(&raw);
+    return make_float4(to_f32(e[0]), to_f32(e[1]), to_f32(e[2]), to_f32(e[3]));
+  }
+}
+template <class OutT>
+__device__ __forceinline__ void store4(OutT* p, float4 v) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    *reinterpret_cast<float4*>(p) = v;
+  } else {
+    OutT e[4] = {from_f32<OutT>(v.x), from_f32<OutT>(v.y), from_f32<OutT>(v.z),
+                 from_f32<OutT>(v.w)};
+    *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(e);
+  }
 }
 
 // The copies of one k-block of tile t into a stage: A (128 MN x 64 k) then B (256 MN x 64 k).
@@ -128,42 +167,70 @@ __device__ __forceinline__ void ws_zero_tail_rows(uint32_t stage, int valid) {
   consumers_sync();
 }
 
-// Epilogue of a consumer warpgroup, as wg_store_tile; for an accumulated f32 C (wgrad into f32
-// main gradients) the old values of 8 column groups are loaded before any is stored, so each
-// thread keeps 16 loads in flight instead of one.
+// Bytes [addr, addr + bytes) into L2 (wgrad: the dw tile the epilogue will read, fetched while
+// the tile's k-blocks run, so its read-modify-write finds the old values in L2, not in DRAM).
+__device__ __forceinline__ void prefetch_l2(const void* addr, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(addr), "r"(bytes) : "memory");
+}
+
+// The producer warp's prefetch of a wgrad tile's rows of C (each row's columns are contiguous,
+// 16-byte aligned and a multiple of 16 bytes: N', K' multiples of 8), one row per lane at a time.
+template <class OutT>
+__device__ __forceinline__ void ws_prefetch_c(const OutT* c, int64_t ldc, const Tile& t) {
+  const int64_t rows = std::min<int64_t>(kWgBM, t.a_limit - t.a_mn0);
+  const uint32_t bytes = uint32_t(std::min<int64_t>(kWgBN, t.b_limit - t.b_mn0) * sizeof(OutT));
+  for (int64_t r = threadIdx.x & 31; r < rows; r += 32)
+    prefetch_l2(c + t.c_off + (t.a_mn0 + r) * ldc + t.b_mn0, bytes);
+}
+
+// Epilogue of consumer warpgroup cw (rows 64 cw .. of the tile) through its 64 x 32 f32 staging
+// area in shared memory, eight column chunks in turn: the wgmma fragments go in (warp w, lane l
+// holds rows 16w + l/4 (+8), columns 8j + 2(l%4) (+1)), then each thread moves 16-byte rows pieces
+// out, so a warp writes (and, accumulating, reads) four whole 128-byte row segments of C per
+// access instead of 8-byte pieces of eight rows. Columns come in fours inside N' or K' (multiples
+// of 8), so a piece is stored whole or not at all; rows past the tile's group are not stored.
 template <class OutT, bool kAccumulate>
-__device__ __forceinline__ void ws_store_tile(OutT* c, int64_t ldc, const Tile& t, int wg,
-                                              const float (&d)[128]) {
-  if constexpr (!(kAccumulate && std::is_same_v<OutT, float>)) {
-    wg_store_tile<OutT, kAccumulate>(c, ldc, t, wg, d);
-  } else {
-    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-    const int64_t row0 = t.a_mn0 + wg * 64 + warp * 16 + (lane >> 2);
-    const int64_t col0 = t.b_mn0 + 2 * (lane & 3);
-    bool row_ok[2];
+__device__ __forceinline__ void ws_store_tile(OutT* c, int64_t ldc, const Tile& t, int cw,
+                                              const float (&d)[128], uint32_t stage) {
+  const int tid = threadIdx.x & 127, lane = threadIdx.x & 31, warp = tid >> 5;
+  const uint32_t frag = stage + ((warp * 16 + (lane >> 2)) * kWsEpiLd + 2 * (lane & 3)) * 4;
+  const uint32_t piece = stage + ((tid >> 3) * kWsEpiLd + 4 * (tid & 7)) * 4;
+  const int64_t row0 = t.a_mn0 + cw * 64 + (tid >> 3), col0 = t.b_mn0 + 4 * (tid & 7);
+  const auto sync_wg = [cw] { asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory"); };
 #pragma unroll
-    for (int h = 0; h < 2; ++h) row_ok[h] = row0 + 8 * h < t.a_limit;
-    float* base = c + t.c_off + row0 * ldc + col0;
+  for (int chunk = 0; chunk < kWgBN / kWsEpiCols; ++chunk) {
 #pragma unroll
-    for (int jb = 0; jb < 32; jb += 8) {
-      float2 old[8][2];
+    for (int jj = 0; jj < kWsEpiCols / 8; ++jj)
 #pragma unroll
-      for (int j = jb; j < jb + 8; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const int i = 4 * (chunk * kWsEpiCols / 8 + jj) + 2 * h;
+        asm volatile(
+            "st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(frag + (8 * h * kWsEpiLd + 8 * jj) * 4),
+            "f"(d[i]), "f"(d[i + 1])
+            : "memory");
+      }
+    sync_wg();
+    const int64_t col = col0 + chunk * kWsEpiCols;
+    float4 old[4];  // accumulating: the four loads of C in flight together
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool ok = row_ok[h] && col0 + 8 * j < t.b_limit;
-          old[j - jb][h] = ok ? *reinterpret_cast<const float2*>(base + 8 * h * ldc + 8 * j)
-                              : make_float2(0.0f, 0.0f);
-        }
-#pragma unroll
-      for (int j = jb; j < jb + 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (!row_ok[h] || col0 + 8 * j >= t.b_limit) continue;
-          *reinterpret_cast<float2*>(base + 8 * h * ldc + 8 * j) = make_float2(
-              old[j - jb][h].x + d[4 * j + 2 * h], old[j - jb][h].y + d[4 * j + 2 * h + 1]);
-        }
+    for (int p = 0; p < 4; ++p) {  // rows tid/8 + 16 p of the warpgroup's 64
+      old[p] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (kAccumulate && row0 + 16 * p < t.a_limit && col < t.b_limit)
+        old[p] = load4(c + t.c_off + (row0 + 16 * p) * ldc + col);
     }
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      float4 v;
+      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                   : "r"(piece + p * 16 * kWsEpiLd * 4)
+                   : "memory");
+      if (row0 + 16 * p >= t.a_limit || col >= t.b_limit) continue;
+      if constexpr (kAccumulate)
+        v = make_float4(v.x + old[p].x, v.y + old[p].y, v.z + old[p].z, v.w + old[p].w);
+      store4(c + t.c_off + (row0 + 16 * p) * ldc + col, v);
+    }
+    sync_wg();  // the staging area is rewritten by the next chunk
   }
 }
 
@@ -184,6 +251,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   extern __shared__ __align__(1024) unsigned char ws_smem[];
   const uint32_t smem = (wg_smem_u32(ws_smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
   const uint32_t full0 = smem + kWsStages * kWgStageBytes, empty0 = full0 + kWsStages * 8;
+  const uint32_t epi0 = full0 + kWsBarBytes;  // the consumers' staging areas
   const int wg = threadIdx.x / 128, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kWsStages; ++s) {
@@ -197,6 +265,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   __syncthreads();
 
   if (wg == 0) {  // producer: one warp walks the tiles and issues the copies
+    setmaxnreg_dec<56>();
     if (threadIdx.x >= 32) return;
     Cur cur;
     cur.start(args);
@@ -208,10 +277,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         mbar_arrive_expect_tx(full, kWgStageBytes);
         ws_issue_loads<P>(smem + stage * kWgStageBytes, full, &map_a, &map_b, cur.tile, cur.kb);
       }
+      if constexpr (P == Pass::wgrad) {
+        if (cur.kb == 0) ws_prefetch_c(static_cast<const OutT*>(args.c), args.ldc, cur.tile);
+      }
       __syncwarp();
       cur.advance(args);
     }
   } else {  // consumers: warpgroup cw owns rows [64 cw, 64 cw + 64) of each tile
+    setmaxnreg_inc<224>();
     const int cw = wg - 1;
     OutT* c = static_cast<OutT*>(args.c);
     Cur cur;
@@ -252,7 +325,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           mbar_arrive(empty0 + 8 * stage);
         }
         held = -1;
-        ws_store_tile<OutT, P == Pass::wgrad>(c, args.ldc, cur.tile, cw, d);
+        ws_store_tile<OutT, P == Pass::wgrad>(c, args.ldc, cur.tile, cw, d,
+                                              epi0 + cw * kWsEpiBytes);
         cur.next_tile(args);
       } else {
         wgmma_wait<1>();  // the previous k-block's wgmma has retired: its stage is free
