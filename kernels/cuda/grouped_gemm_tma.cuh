@@ -183,22 +183,61 @@ __device__ __forceinline__ void ws_prefetch_c(const OutT* c, int64_t ldc, const 
     prefetch_l2(c + t.c_off + (t.a_mn0 + r) * ldc + t.b_mn0, bytes);
 }
 
+// The epilogue's view of one consumer thread: it moves 16-byte pieces (4 columns) of rows
+// tid/8 + 16 p (p < 4) of its warpgroup's 64, columns 4 (tid % 8) of each 32-column chunk.
+struct EpiThread {
+  int64_t row0, col0;  // C coordinates of piece p = 0 of chunk 0
+  __device__ EpiThread(const Tile& t, int cw) {
+    const int tid = threadIdx.x & 127;
+    row0 = t.a_mn0 + cw * 64 + (tid >> 3);
+    col0 = t.b_mn0 + 4 * (tid & 7);
+  }
+  __device__ bool inside(const Tile& t, int chunk, int p) const {
+    return row0 + 16 * p < t.a_limit && col0 + chunk * kWsEpiCols < t.b_limit;
+  }
+  __device__ int64_t offset(const Tile& t, int64_t ldc, int chunk, int p) const {
+    return t.c_off + (row0 + 16 * p) * ldc + col0 + chunk * kWsEpiCols;
+  }
+};
+
+// Accumulating epilogues read C first. The chunks go in rounds of kWsEpiRound, and a round's
+// 16 loads are issued together (round 0 by the caller before the tile's last wgmma retires), so
+// a tile waits for two load latencies instead of eight.
+constexpr int kWsEpiRound = 4;
+template <class OutT>
+__device__ __forceinline__ void ws_load_round(const OutT* c, int64_t ldc, const Tile& t,
+                                              const EpiThread& e, int round,
+                                              float4 (&old)[kWsEpiRound][4]) {
+#pragma unroll
+  for (int q = 0; q < kWsEpiRound; ++q)
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int chunk = round * kWsEpiRound + q;
+      old[q][p] = e.inside(t, chunk, p) ? load4(c + e.offset(t, ldc, chunk, p))
+                                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
 // Epilogue of consumer warpgroup cw (rows 64 cw .. of the tile) through its 64 x 32 f32 staging
 // area in shared memory, eight column chunks in turn: the wgmma fragments go in (warp w, lane l
-// holds rows 16w + l/4 (+8), columns 8j + 2(l%4) (+1)), then each thread moves 16-byte rows pieces
+// holds rows 16w + l/4 (+8), columns 8j + 2(l%4) (+1)), then each thread moves 16-byte row pieces
 // out, so a warp writes (and, accumulating, reads) four whole 128-byte row segments of C per
 // access instead of 8-byte pieces of eight rows. Columns come in fours inside N' or K' (multiples
 // of 8), so a piece is stored whole or not at all; rows past the tile's group are not stored.
+// Accumulating, `old` holds round 0's values of C on entry.
 template <class OutT, bool kAccumulate>
 __device__ __forceinline__ void ws_store_tile(OutT* c, int64_t ldc, const Tile& t, int cw,
-                                              const float (&d)[128], uint32_t stage) {
+                                              const float (&d)[128], uint32_t stage,
+                                              float4 (&old)[kWsEpiRound][4]) {
   const int tid = threadIdx.x & 127, lane = threadIdx.x & 31, warp = tid >> 5;
   const uint32_t frag = stage + ((warp * 16 + (lane >> 2)) * kWsEpiLd + 2 * (lane & 3)) * 4;
   const uint32_t piece = stage + ((tid >> 3) * kWsEpiLd + 4 * (tid & 7)) * 4;
-  const int64_t row0 = t.a_mn0 + cw * 64 + (tid >> 3), col0 = t.b_mn0 + 4 * (tid & 7);
+  const EpiThread e(t, cw);
   const auto sync_wg = [cw] { asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory"); };
 #pragma unroll
   for (int chunk = 0; chunk < kWgBN / kWsEpiCols; ++chunk) {
+    const int q = chunk % kWsEpiRound;
+    if (kAccumulate && chunk > 0 && q == 0) ws_load_round(c, ldc, t, e, chunk / kWsEpiRound, old);
 #pragma unroll
     for (int jj = 0; jj < kWsEpiCols / 8; ++jj)
 #pragma unroll
@@ -210,14 +249,6 @@ __device__ __forceinline__ void ws_store_tile(OutT* c, int64_t ldc, const Tile& 
             : "memory");
       }
     sync_wg();
-    const int64_t col = col0 + chunk * kWsEpiCols;
-    float4 old[4];  // accumulating: the four loads of C in flight together
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {  // rows tid/8 + 16 p of the warpgroup's 64
-      old[p] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (kAccumulate && row0 + 16 * p < t.a_limit && col < t.b_limit)
-        old[p] = load4(c + t.c_off + (row0 + 16 * p) * ldc + col);
-    }
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       float4 v;
@@ -225,10 +256,12 @@ __device__ __forceinline__ void ws_store_tile(OutT* c, int64_t ldc, const Tile& 
                    : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
                    : "r"(piece + p * 16 * kWsEpiLd * 4)
                    : "memory");
-      if (row0 + 16 * p >= t.a_limit || col >= t.b_limit) continue;
-      if constexpr (kAccumulate)
-        v = make_float4(v.x + old[p].x, v.y + old[p].y, v.z + old[p].z, v.w + old[p].w);
-      store4(c + t.c_off + (row0 + 16 * p) * ldc + col, v);
+      if (!e.inside(t, chunk, p)) continue;
+      if constexpr (kAccumulate) {
+        const float4 o = old[q][p];
+        v = make_float4(v.x + o.x, v.y + o.y, v.z + o.z, v.w + o.w);
+      }
+      store4(c + e.offset(t, ldc, chunk, p), v);
     }
     sync_wg();  // the staging area is rewritten by the next chunk
   }
@@ -317,6 +350,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
       for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
       if (cur.kb + 1 == cur.tile.num_kb) {
+        float4 old[kWsEpiRound][4];
+        if constexpr (P == Pass::wgrad)  // dw's first values, loaded while the last MMAs run
+          ws_load_round(static_cast<const OutT*>(c), args.ldc, cur.tile, EpiThread(cur.tile, cw), 0,
+                        old);
         wgmma_wait<0>();
 #pragma unroll
         for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
@@ -325,8 +362,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           mbar_arrive(empty0 + 8 * stage);
         }
         held = -1;
-        ws_store_tile<OutT, P == Pass::wgrad>(c, args.ldc, cur.tile, cw, d,
-                                              epi0 + cw * kWsEpiBytes);
+        ws_store_tile<OutT, P == Pass::wgrad>(c, args.ldc, cur.tile, cw, d, epi0 + cw * kWsEpiBytes,
+                                              old);
         cur.next_tile(args);
       } else {
         wgmma_wait<1>();  // the previous k-block's wgmma has retired: its stage is free
