@@ -1,10 +1,11 @@
 // CUDA grouped GEMM (kernels/ops_moe.h): forward y = x·w[g]^T, dgrad dx = dy·w[g], wgrad
 // dw[g] += dy_g^T·x_g over the row ranges of device-resident offsets. 16-bit operands with N', K'
-// multiples of 8 and 16-byte aligned bases run the sm_90a wgmma kernel (grouped_gemm_wgmma.cuh);
-// everything else (f32, odd sizes, misaligned views, other GPUs) runs the generic kernel here, f32
-// FMA on 64 x 64 tiles. Both are persistent grids scheduled on the device (grouped_gemm.cuh): no
-// host synchronization, no copy of the offsets. Deterministic: every output element has one
-// writer, which reduces its K (or its group's rows) in a fixed order; no atomics.
+// multiples of 8 and 16-byte aligned bases run the sm_90a warp-specialised TMA + wgmma kernel
+// (grouped_gemm_tma.cuh; the earlier cp.async kernel of grouped_gemm_wgmma.cuh stays selectable for
+// comparisons); everything else (f32, odd sizes, misaligned views, other GPUs) runs the generic
+// kernel here, f32 FMA on 64 x 64 tiles. All are persistent grids scheduled on the device
+// (grouped_gemm.cuh): no host synchronization, no copy of the offsets. Deterministic: every output
+// element has one writer, which reduces its K (or its group's rows) in a fixed order; no atomics.
 // Shape letters: R rows, G groups, N' out features (nn), K' in features (kk).
 #include <cuda.h>
 #include <cudaTypedefs.h>

@@ -5,7 +5,9 @@
 // empty-dx skip, offset and shape checks, bf16/f16 against the f32 kernel rounded once (dw 16-bit
 // and f32), bounds. GPU parity: random offsets over G = 1..128 with empty, tiny and large groups,
 // aligned shapes (the tensor-core path) and odd ones (the generic path), f32/bf16/f16, dw f32 and
-// in w's dtype accumulated twice, NaN in unused rows, determinism, misaligned views.
+// in w's dtype accumulated twice, NaN in unused rows, determinism, misaligned views, and the TMA
+// kernel's boundaries (groups ending one row before, at and after a 64-row k-block; N', K' not
+// multiples of the 64-wide boxes).
 // Shape letters: R rows, G groups, N' out features (nn), K' in features (kk).
 #include <algorithm>
 #include <cmath>
