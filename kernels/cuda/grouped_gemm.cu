@@ -1,18 +1,24 @@
 // CUDA grouped GEMM (kernels/ops_moe.h): forward y = x·w[g]^T, dgrad dx = dy·w[g], wgrad
 // dw[g] += dy_g^T·x_g over the row ranges of device-resident offsets. 16-bit operands with N', K'
-// multiples of 8 and 16-byte aligned bases run the sm_90a wgmma kernel (grouped_gemm_wgmma.cuh);
-// everything else (f32, odd sizes, misaligned views, other GPUs) runs the generic kernel here, f32
-// FMA on 64 x 64 tiles. Both are persistent grids scheduled on the device (grouped_gemm.cuh): no
-// host synchronization, no copy of the offsets. Deterministic: every output element has one
-// writer, which reduces its K (or its group's rows) in a fixed order; no atomics.
+// multiples of 8 and 16-byte aligned bases run the sm_90a warp-specialised TMA + wgmma kernel
+// (grouped_gemm_tma.cuh; the earlier cp.async kernel of grouped_gemm_wgmma.cuh stays selectable for
+// comparisons); everything else (f32, odd sizes, misaligned views, other GPUs) runs the generic
+// kernel here, f32 FMA on 64 x 64 tiles. All are persistent grids scheduled on the device
+// (grouped_gemm.cuh): no host synchronization, no copy of the offsets. Deterministic: every output
+// element has one writer, which reduces its K (or its group's rows) in a fixed order; no atomics.
 // Shape letters: R rows, G groups, N' out features (nn), K' in features (kk).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/grouped_gemm.cuh"
 #include "kernels/cuda/grouped_gemm.h"
+#include "kernels/cuda/grouped_gemm_tma.cuh"
 #include "kernels/cuda/grouped_gemm_wgmma.cuh"
 #include "kernels/cuda/memory_bound.cuh"
 #include "kernels/cuda/moe.h"
@@ -160,18 +166,97 @@ int64_t plan_tiles(Args& args, int bm, int bn) {
   }
 }
 
+// ---- tensor maps (the TMA kernel) -------------------------------------------------------------
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    TS_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                   cudaEnableDefault, &status));
+    TS_CHECK(status == cudaDriverEntryPointSuccess && p != nullptr,
+             "grouped GEMM: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A map over a contiguous 16-bit tensor of `rank` dims (innermost first) read in boxes of
+// box0 x box1 (x 1): 128-byte swizzle (box0 = 64 elements = one swizzle row), zero fill outside.
+template <class T>
+CUtensorMap tensor_map(const void* base, int rank, const uint64_t* dims, uint32_t box0,
+                       uint32_t box1) {
+  cuuint64_t gdim[3], gstride[2];
+  for (int i = 0; i < rank; ++i) gdim[i] = dims[i];
+  gstride[0] = dims[0] * sizeof(T);  // bytes between consecutive indices of dim 1, then dim 2
+  if (rank == 3) gstride[1] = gstride[0] * dims[1];
+  const cuuint32_t box[3] = {box0, box1, 1}, elem_stride[3] = {1, 1, 1};
+  CUtensorMap map;
+  const CUresult r =
+      encode_fn()(&map,
+                  std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                   : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                  cuuint32_t(rank), const_cast<void*>(base), gdim, gstride, box, elem_stride,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TS_CHECK(r == CUDA_SUCCESS, "grouped GEMM: cuTensorMapEncodeTiled failed ({})", int(r));
+  return map;
+}
+
+// The maps of pass P (see grouped_gemm_tma.cuh): K-major operands in boxes of 64 k x rows,
+// MN-major ones in 64 x 64 boxes; w as (G, N', K').
+template <class T, Pass P>
+void pass_maps(const Args& args, const Dims& d, CUtensorMap& ma, CUtensorMap& mb) {
+  const uint64_t rows = uint64_t(d.rows), nn = uint64_t(d.nn), kk = uint64_t(d.kk);
+  const uint64_t w_dims[3] = {kk, nn, uint64_t(d.groups)};
+  if constexpr (P == Pass::forward) {
+    const uint64_t x_dims[2] = {kk, rows};
+    ma = tensor_map<T>(args.a, 2, x_dims, 64, grouped::kWgBM);
+    mb = tensor_map<T>(args.b, 3, w_dims, 64, grouped::kWgBN);
+  } else if constexpr (P == Pass::dgrad) {
+    const uint64_t dy_dims[2] = {nn, rows};
+    ma = tensor_map<T>(args.a, 2, dy_dims, 64, grouped::kWgBM);
+    mb = tensor_map<T>(args.b, 3, w_dims, 64, 64);
+  } else {
+    const uint64_t dy_dims[2] = {nn, rows}, x_dims[2] = {kk, rows};
+    ma = tensor_map<T>(args.a, 2, dy_dims, 64, 64);
+    mb = tensor_map<T>(args.b, 2, x_dims, 64, 64);
+  }
+}
+
+// TESSERA_GROUPED_GEMM_V1=1 picks the earlier cp.async kernel (grouped_gemm_wgmma.cuh) for
+// side-by-side benchmarks; the TMA kernel is the default.
+bool use_v1_kernel() {
+  static const bool v1 = [] {
+    const char* e = std::getenv("TESSERA_GROUPED_GEMM_V1");
+    return e != nullptr && e[0] == '1';
+  }();
+  return v1;
+}
+
 template <class T, class OutT, Pass P>
-void launch_pass(Args args, bool wgmma, cudaStream_t stream) {
+void launch_pass(Args args, const Dims& d, bool wgmma, cudaStream_t stream) {
   const int64_t num_sms = std::max(context().num_sms, 1);
   if constexpr (!std::is_same_v<T, float>) {
     if (wgmma) {
       const int64_t tiles = plan_tiles<P>(args, grouped::kWgBM, grouped::kWgBN);
       if (tiles == 0) return;
-      const auto kernel = grouped::grouped_wgmma_kernel<T, OutT, P>;
-      TS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         grouped::kWgSmemBytes));
-      kernel<<<int(std::min(tiles, num_sms)), grouped::kWgThreads, grouped::kWgSmemBytes, stream>>>(
-          args);
+      const int grid = int(std::min(tiles, num_sms));
+      if (use_v1_kernel()) {
+        const auto kernel = grouped::grouped_wgmma_kernel<T, OutT, P>;
+        TS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           grouped::kWgSmemBytes));
+        kernel<<<grid, grouped::kWgThreads, grouped::kWgSmemBytes, stream>>>(args);
+      } else {
+        if (d.rows == 0) return;  // every group is empty (and a tensor map needs a row)
+        CUtensorMap ma, mb;
+        pass_maps<T, P>(args, d, ma, mb);
+        const auto kernel = grouped::grouped_ws_kernel<T, OutT, P>;
+        TS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           grouped::kWsSmemBytes));
+        kernel<<<grid, grouped::kWsThreads, grouped::kWsSmemBytes, stream>>>(ma, mb, args);
+      }
       TS_CUDA_CHECK_LAUNCH();
       return;
     }
@@ -226,7 +311,7 @@ void forward(Tensor y, Tensor x, Tensor w, Tensor offsets, bool allow_wgmma, ops
   const bool wgmma = allow_wgmma && use_wgmma(y, x, w);
   dispatch_float(x, kOp, [&]<class T>() {
     zero_unused_rows<T>(y, offsets, d.groups, s);
-    launch_pass<T, T, Pass::forward>(args, wgmma, s);
+    launch_pass<T, T, Pass::forward>(args, d, wgmma, s);
   });
 }
 
@@ -258,7 +343,7 @@ void backward(Tensor dx, Tensor dw, Tensor dy, Tensor x, Tensor w, Tensor offset
         args.n_size = d.kk;
         args.k_size = d.nn;
         zero_unused_rows<T>(dx, offsets, d.groups, s);
-        launch_pass<T, T, Pass::dgrad>(args, allow_wgmma && use_wgmma(dx, dy, w), s);
+        launch_pass<T, T, Pass::dgrad>(args, d, allow_wgmma && use_wgmma(dx, dy, w), s);
       }
     }
     if (dw.empty() || dw.numel() == 0) return;
@@ -274,7 +359,7 @@ void backward(Tensor dx, Tensor dw, Tensor dy, Tensor x, Tensor w, Tensor offset
     args.n_size = d.kk;
     const bool wgmma = allow_wgmma && use_wgmma(dw, dy, x);
     dispatch_param_grad<T>(dw,
-                           [&]<class TW>() { launch_pass<T, TW, Pass::wgrad>(args, wgmma, s); });
+                           [&]<class TW>() { launch_pass<T, TW, Pass::wgrad>(args, d, wgmma, s); });
   });
 }
 

@@ -44,6 +44,7 @@ struct Tile {
   int64_t k0 = 0, k_limit = 0;
   int64_t b_off = 0;  // B's group offset in elements (w[g])
   int64_t c_off = 0;  // C's group offset in elements (dw[g])
+  int group = 0;      // g (the TMA kernel addresses w[g] by coordinate)
   int num_kb = 0;
 };
 
@@ -111,6 +112,7 @@ __device__ bool decode_tile(const Args& a, int64_t t, GroupWalk<BM>& walk, Tile&
     if (!walk.seek(a, t, g, local)) return false;
   }
   group_rows(a, g, lo, hi);
+  tile.group = g;
   const int64_t mt = local / a.n_tiles, nt = local % a.n_tiles;
   tile.b_mn0 = nt * BN;
   tile.b_limit = a.n_size;

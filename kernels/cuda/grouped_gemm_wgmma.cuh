@@ -1,9 +1,11 @@
-// The grouped GEMM's Hopper kernel (sm_90a): bf16/f16 operands through wgmma (m64n256k16, f32
-// accumulators in registers), 128 x 256 output tiles, k-blocks of 64 staged through a 4-deep ring
-// of shared memory filled by cp.async in the 128-byte swizzled layout wgmma reads. A persistent
-// grid: each block walks its tiles (grouped_gemm.cuh's scheduler, offsets read on the device) as
-// one flat sequence of k-blocks, so the loads of the next tile overlap the last MMAs and the
-// epilogue of the current one. Included by grouped_gemm.cu only.
+// The grouped GEMM's first Hopper kernel (sm_90a), now behind the TMA kernel of
+// grouped_gemm_tma.cuh, which reuses its constants, wgmma wrappers and layouts; the launcher runs
+// this one only when TESSERA_GROUPED_GEMM_V1=1 (side-by-side benchmarks). bf16/f16 operands through
+// wgmma (m64n256k16, f32 accumulators in registers), 128 x 256 output tiles, k-blocks of 64 staged
+// through a 4-deep ring of shared memory filled by cp.async in the 128-byte swizzled layout wgmma
+// reads. A persistent grid: each block walks its tiles (grouped_gemm.cuh's scheduler, offsets read
+// on the device) as one flat sequence of k-blocks, so the loads of the next tile overlap the last
+// MMAs and the epilogue of the current one. Included by grouped_gemm.cu only.
 //
 // Requirements checked by the launcher: 16-bit operands, N' and K' multiples of 8 and 16-byte
 // aligned bases (every 8-element chunk of a row is one aligned 16-byte copy, wholly inside or

@@ -5,7 +5,9 @@
 // empty-dx skip, offset and shape checks, bf16/f16 against the f32 kernel rounded once (dw 16-bit
 // and f32), bounds. GPU parity: random offsets over G = 1..128 with empty, tiny and large groups,
 // aligned shapes (the tensor-core path) and odd ones (the generic path), f32/bf16/f16, dw f32 and
-// in w's dtype accumulated twice, NaN in unused rows, determinism, misaligned views.
+// in w's dtype accumulated twice, NaN in unused rows, determinism, misaligned views, and the TMA
+// kernel's boundaries (groups ending one row before, at and after a 64-row k-block; N', K' not
+// multiples of the 64-wide boxes).
 // Shape letters: R rows, G groups, N' out features (nn), K' in features (kk).
 #include <algorithm>
 #include <cmath>
@@ -340,6 +342,11 @@ std::vector<Case> parity_cases() {
       {draw_counts(16, small, rng), 3, 1, 13},
       {{1000}, 0, 13, 72},
       {draw_counts(3, all, rng), 1, 72, 13},
+      // The TMA kernel's boundaries: groups of exactly one k-block, one row past it and one row
+      // short (wgrad's last k-block holds the next group's rows, zeroed in shared memory), N' and
+      // K' multiples of 8 but not of 64 (boxes partly past w[g] and x, zero-filled), R < 128.
+      {{64, 65, 0, 1, 63}, 2, 136, 264},
+      {{65, 64}, 0, 264, 136},
   };
 }
 
