@@ -28,10 +28,13 @@ struct AdamWStep {
   float grad_scale = 1.0f;    // multiplies the gradient first (clipping, loss-scale unscaling)
 };
 
-// One tensor's share of a multi-tensor AdamW step (kernels/ops.h adamw_update_multi).
+// One tensor's share of a multi-tensor AdamW step (kernels/ops.h adamw_update_multi). `value`,
+// when not empty, is the 16-bit copy of param that forward reads: it receives the updated param
+// rounded to its dtype.
 struct AdamWTensors {
   Tensor param, grad, m, v;
   AdamWStep step;
+  Tensor value;
 };
 
 }  // namespace tessera::ops

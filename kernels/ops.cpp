@@ -382,8 +382,10 @@ void adamw_update_multi(std::span<const AdamWTensors> entries, Stream stream) {
   if (entries.empty()) return;
   dispatch("adamw_update_multi", entries[0].param.device, stream,
            TS_ON_CUDA(cuda::adamw_update_multi(entries, stream)), [&] {
-             for (const AdamWTensors& e : entries)
+             for (const AdamWTensors& e : entries) {
                cpu_adamw_update(e.param, e.grad, e.m, e.v, e.step);
+               if (!e.value.empty()) cast(e.value, e.param);
+             }
            });
 }
 

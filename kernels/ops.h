@@ -204,7 +204,10 @@ void add_layernorm_forward(Tensor residual /*(N,C)*/, Tensor out /*(N,C)*/, Tens
                            Tensor rstd /*(N)*/, Tensor a /*(N,C)*/, Tensor b /*(N,C)*/,
                            Tensor weight /*(C)*/, Tensor bias /*(C) or empty*/, float eps,
                            Stream stream = {});
-// adamw_update on every entry (entries must not share memory), in few launches on CUDA.
+// adamw_update on every entry (entries must not share memory), then cast(value, param) for each
+// entry with a value (bf16 or f16, param's shape; all entries of a call have one or none, of one
+// dtype), in few launches on CUDA: the rounded copy is written while the master is in registers,
+// instead of a second pass that reads every master again.
 void adamw_update_multi(std::span<const AdamWTensors> entries, Stream stream = {});
 
 }  // namespace tessera::ops

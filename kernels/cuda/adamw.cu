@@ -7,6 +7,7 @@
 // results are bitwise equal to the CPU's. param, m, v f32; grad f32, bf16 or f16 (an f16 grad
 // may hold Inf/NaN after loss-scale overflow: the caller skips such steps, we compute them as is).
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
@@ -65,11 +66,15 @@ __device__ __forceinline__ void adamw_element(float& param, float grad, float& m
   v = v_new;
 }
 
+// V is the dtype of the 16-bit value copy written beside the master; float means none.
+template <class V>
+constexpr bool kHasValue = !std::is_same_v<V, float>;
+
 // Elements [begin, end) of one tensor, kWidth at a time from `first` with stride `stride`
 // (in packs), plus the (end - begin) % kWidth tail elements on the first threads.
-template <class G, int kWidth>
+template <class G, class V, int kWidth>
 __device__ __forceinline__ void adamw_range(float* param, const G* grad, float* m, float* v,
-                                            int64_t begin, int64_t end, int64_t first,
+                                            V* value, int64_t begin, int64_t end, int64_t first,
                                             int64_t stride, const AdamWScalars& k) {
   const int64_t num_packs = (end - begin) / kWidth;
   for (int64_t i = first; i < num_packs; i += stride) {
@@ -83,16 +88,26 @@ __device__ __forceinline__ void adamw_range(float* param, const G* grad, float* 
     store_pack<float, kWidth>(param + e, p);
     store_pack<float, kWidth>(m + e, mm);
     store_pack<float, kWidth>(v + e, vv);
+    if constexpr (kHasValue<V>) {
+      Pack<V, kWidth> out;
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) out.v[j] = from_f32<V>(p.v[j]);
+      store_pack<V, kWidth>(value + e, out);
+    }
   }
   const int64_t tail = begin + num_packs * kWidth + first;
-  if (kWidth > 1 && tail < end) adamw_element(param[tail], to_f32(grad[tail]), m[tail], v[tail], k);
+  if (kWidth > 1 && tail < end) {
+    adamw_element(param[tail], to_f32(grad[tail]), m[tail], v[tail], k);
+    if constexpr (kHasValue<V>) value[tail] = from_f32<V>(param[tail]);
+  }
 }
 
 template <class G, int kWidth>
 __global__ void __launch_bounds__(kBlock)
     adamw_kernel(float* param, const G* grad, float* m, float* v, int64_t n, AdamWScalars k) {
-  adamw_range<G, kWidth>(param, grad, m, v, 0, n, int64_t(blockIdx.x) * blockDim.x + threadIdx.x,
-                         int64_t(gridDim.x) * blockDim.x, k);
+  adamw_range<G, float, kWidth>(param, grad, m, v, nullptr, 0, n,
+                                int64_t(blockIdx.x) * blockDim.x + threadIdx.x,
+                                int64_t(gridDim.x) * blockDim.x, k);
 }
 
 // Multi-tensor launch: the descriptors travel as kernel parameters (under the classic 4 KB).
@@ -104,6 +119,7 @@ struct MultiTensor {
   const void* grad;
   float* m;
   float* v;
+  void* value;  // the 16-bit copy, or null
   int64_t n;
   int64_t block_begin;  // first block of this tensor in the launch
   AdamWScalars k;
@@ -114,7 +130,7 @@ struct MultiArgs {
 };
 static_assert(sizeof(MultiArgs) <= 4000, "kernel parameters must stay under 4 KB");
 
-template <class G>
+template <class G, class V>
 __global__ void __launch_bounds__(kBlock) adamw_multi_kernel(MultiArgs a) {
   int idx = 0;  // the tensor that owns this block (uniform across the block)
   while (idx + 1 < a.num_tensors && a.t[idx + 1].block_begin <= blockIdx.x) ++idx;
@@ -122,15 +138,18 @@ __global__ void __launch_bounds__(kBlock) adamw_multi_kernel(MultiArgs a) {
   const int64_t begin = (blockIdx.x - t.block_begin) * kChunkElems;
   const int64_t end = std::min(t.n, begin + kChunkElems);
   const G* grad = static_cast<const G*>(t.grad);
+  V* value = static_cast<V*>(t.value);
   constexpr int kWidth = 4;
   const bool packs = reinterpret_cast<uintptr_t>(t.param) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(t.m) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(t.v) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(grad) % (sizeof(G) * kWidth) == 0;
+                     reinterpret_cast<uintptr_t>(grad) % (sizeof(G) * kWidth) == 0 &&
+                     reinterpret_cast<uintptr_t>(value) % (sizeof(V) * kWidth) == 0;
   if (packs)
-    adamw_range<G, kWidth>(t.param, grad, t.m, t.v, begin, end, threadIdx.x, blockDim.x, t.k);
+    adamw_range<G, V, kWidth>(t.param, grad, t.m, t.v, value, begin, end, threadIdx.x, blockDim.x,
+                              t.k);
   else
-    adamw_range<G, 1>(t.param, grad, t.m, t.v, begin, end, threadIdx.x, blockDim.x, t.k);
+    adamw_range<G, V, 1>(t.param, grad, t.m, t.v, value, begin, end, threadIdx.x, blockDim.x, t.k);
 }
 
 // ---- launchers ------------------------------------------------------------------------------
@@ -148,6 +167,22 @@ void check_tensors(const Tensor& param, const Tensor& grad, const Tensor& m, con
   TS_CHECK(!overlaps(param, grad) && !overlaps(param, m) && !overlaps(param, v) &&
                !overlaps(grad, m) && !overlaps(grad, v) && !overlaps(m, v),
            "{}: param, grad, m and v must be distinct buffers", op);
+}
+
+// Every entry has a value or none; values are bf16 or f16 (one dtype per call), shaped like param,
+// on the device, apart from the other buffers.
+void check_value(const ops::AdamWTensors& e, const Tensor& first, const char* op) {
+  TS_CHECK(e.value.empty() == first.empty(), "{}: either every entry has a value or none", op);
+  if (e.value.empty()) return;
+  TS_CHECK(e.value.device == Device::cuda &&
+               (e.value.dtype == DType::bf16 || e.value.dtype == DType::f16) &&
+               e.value.dtype == first.dtype && e.value.shape == e.param.shape,
+           "{}: value must be a bf16 or f16 cuda tensor of param's shape, one dtype per call; "
+           "got {} for param {}",
+           op, e.value.str(), e.param.str());
+  TS_CHECK(!overlaps(e.value, e.param) && !overlaps(e.value, e.grad) && !overlaps(e.value, e.m) &&
+               !overlaps(e.value, e.v),
+           "{}: value must not share memory with param, grad, m or v", op);
 }
 
 }  // namespace
@@ -179,16 +214,26 @@ void adamw_update_multi(std::span<const ops::AdamWTensors> entries, ops::Stream 
   constexpr const char* kOp = "adamw_update_multi";
   if (entries.empty()) return;
   const DType grad_dtype = entries[0].grad.dtype;
+  const Tensor& value0 = entries[0].value;
   for (const ops::AdamWTensors& e : entries) {
     check_tensors(e.param, e.grad, e.m, e.v, kOp);
     check_step(e.step, kOp);
     TS_CHECK(e.grad.dtype == grad_dtype, "{}: grads of one call share a dtype: {} and {}", kOp,
              dtype_name(grad_dtype), e.grad.str());
+    check_value(e, value0, kOp);
   }
   auto launch = [&](MultiArgs& args, int64_t num_blocks) {
     if (args.num_tensors == 0) return;
     dispatch_float(entries[0].grad, kOp, [&]<class G>() {
-      adamw_multi_kernel<G><<<num_blocks, kBlock, 0, cuda_stream(stream)>>>(args);
+      const auto run = [&]<class V>() {
+        adamw_multi_kernel<G, V><<<num_blocks, kBlock, 0, cuda_stream(stream)>>>(args);
+      };
+      if (value0.empty())
+        run.template operator()<float>();
+      else if (value0.dtype == DType::bf16)
+        run.template operator()<__nv_bfloat16>();
+      else
+        run.template operator()<__half>();
       TS_CUDA_CHECK_LAUNCH();
     });
     args.num_tensors = 0;
@@ -208,6 +253,7 @@ void adamw_update_multi(std::span<const ops::AdamWTensors> entries, ops::Stream 
                                              e.grad.data,
                                              static_cast<float*>(e.m.data),
                                              static_cast<float*>(e.v.data),
+                                             e.value.data,
                                              n,
                                              num_blocks,
                                              make_scalars(e.step)};

@@ -63,14 +63,16 @@ void AdamW::step(ParamStore& params, float lr, float grad_scale) {
   ++step_;
   std::vector<ops::AdamWTensors> entries;
   entries.reserve(params.size());
+  // 16-bit compute: the update also writes the rounded values (refresh_values in the same pass).
+  const bool values = params.has_separate_master();
   for (Param& p : params.all()) {
     const int64_t begin = static_cast<int64_t>(p.offset), end = begin + p.value.numel();
     entries.push_back({p.master.view({p.master.numel()}), p.grad.view({p.grad.numel()}),
                        m_view_.slice(begin, end), v_view_.slice(begin, end),
-                       adamw_step_for(cfg_, p.spec, lr, grad_scale, step_)});
+                       adamw_step_for(cfg_, p.spec, lr, grad_scale, step_),
+                       values ? p.value.view({p.value.numel()}) : Tensor()});
   }
   ops::adamw_update_multi(entries);
-  params.refresh_values();
 }
 
 double grad_norm(const ParamStore& params) {

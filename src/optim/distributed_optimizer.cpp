@@ -103,29 +103,28 @@ Tensor DistributedOptimizer::master_of(const ParamStore& params, const ShardPiec
 
 void DistributedOptimizer::step(ParamStore& params, float lr, float grad_scale) {
   ++step_;
-  const Tensor grads = params.flat_grads();
+  const Tensor grads = params.flat_grads(), values = params.flat_values();
+  // 16-bit compute: the update also writes the rounded values of what it updates (ZeRO-0: every
+  // parameter, as refresh_values would; ZeRO-1: this rank's pieces), in the same pass.
+  const bool write_values = params.has_separate_master() || !master_shard_.empty();
   std::vector<ops::AdamWTensors> entries;
   entries.reserve(pieces_.size());
   for (const ShardPiece& piece : pieces_)
     entries.push_back({master_of(params, piece), grads.slice(piece.flat_begin, piece.flat_end),
                        state(m_, piece), state(v_, piece),
-                       adamw_step_for(cfg_, params[piece.param_idx].spec, lr, grad_scale, step_)});
+                       adamw_step_for(cfg_, params[piece.param_idx].spec, lr, grad_scale, step_),
+                       write_values ? values.slice(piece.flat_begin, piece.flat_end) : Tensor()});
   if (!entries.empty()) ops::adamw_update_multi(entries);
-  if (ddp_.zero_stage() == 0) {
-    params.refresh_values();
-    return;
-  }
-  // ZeRO-1: round this rank's chunks to the compute dtype, then every rank gathers every chunk.
+  if (ddp_.zero_stage() == 0) return;
+  // ZeRO-1: every rank gathers every chunk (this rank's were rounded by the update; the padding
+  // in them is zero in both buffers).
   const BucketLayout& layout = ddp_.layout();
-  const Tensor values = params.flat_values();
   std::vector<CommHandle> gathers;
   for (int b = 0; b < static_cast<int>(layout.buckets().size()); ++b) {
     const GradBucket& bk = layout.buckets()[b];
     Communicator& group = ddp_.bucket_group(b);  // dp, or expert_dp for expert buckets
     const int64_t chunk = layout.chunk_numel(b), begin = layout.chunk_begin(b, group.rank());
     const Tensor mine = values.slice(begin, begin + chunk);
-    if (!master_shard_.empty())
-      ops::cast(mine, master_shard_.slice(bk.shard_offset, bk.shard_offset + chunk));
     if (group.size() > 1)
       gathers.push_back(group.all_gather_async(values.slice(bk.begin, bk.end), mine));
   }

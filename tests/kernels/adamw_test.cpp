@@ -344,9 +344,11 @@ TS_GPU_PARITY_TEST_P(AdamWGpu, StepsMatchCpuBitwise, "adamw_update") {
 
 // Over 40 tensors (more than one launch's descriptors), assorted sizes including empty and
 // misaligned ones, each with its own learning rate and decay: the multi-tensor update equals
-// the single-tensor op on each, bit for bit.
+// the single-tensor op on each, bit for bit, and the 16-bit values it writes equal ops::cast of
+// the updated masters (bf16 values with f32 and bf16 gradients, f16 with f16).
 TS_GPU_PARITY_TEST_P(AdamWGpu, MultiTensorMatchesSingleTensor, "adamw_update_multi") {
   const DType grad_dtype = GetParam();
+  const DType value_dtype = grad_dtype == DType::f16 ? DType::f16 : DType::bf16;
   std::mt19937_64 rng(62);
   std::uniform_int_distribution<int64_t> size(0, 20000);
   constexpr int kTensors = 45;
@@ -360,7 +362,7 @@ TS_GPU_PARITY_TEST_P(AdamWGpu, MultiTensorMatchesSingleTensor, "adamw_update_mul
     return tensors.back().get();
   };
   struct Set {
-    Tensor p, g, m, v;
+    Tensor p, g, m, v, value;
   };
   std::vector<Set> single, multi;
   std::vector<ops::AdamWTensors> entries;
@@ -380,17 +382,28 @@ TS_GPU_PARITY_TEST_P(AdamWGpu, MultiTensorMatchesSingleTensor, "adamw_update_mul
       };
       sets->push_back(
           {view(make(DType::f32, n, p), DType::f32), view(make(grad_dtype, n, g), grad_dtype),
-           view(make(DType::f32, n, m), DType::f32), view(make(DType::f32, n, v), DType::f32)});
+           view(make(DType::f32, n, m), DType::f32), view(make(DType::f32, n, v), DType::f32),
+           view(make(value_dtype, n, std::vector<float>(n + 1, 0.0f)), value_dtype)});
     }
     auto s = step_config(5, i % 2 ? 0.1f : 0.0f, 0.75f / loss_scale(grad_dtype));
     s.lr = 1e-3f * float(1 + i % 4);
-    entries.push_back({multi.back().p, multi.back().g, multi.back().m, multi.back().v, s});
+    entries.push_back(
+        {multi.back().p, multi.back().g, multi.back().m, multi.back().v, s, multi.back().value});
   }
   settle();
-  for (int i = 0; i < kTensors; ++i)
+  for (int i = 0; i < kTensors; ++i) {
     ops::adamw_update(single[i].p, single[i].g, single[i].m, single[i].v, entries[i].step);
+    if (sizes[i] > 0) ops::cast(single[i].value, single[i].p);
+  }
   ops::adamw_update_multi(entries);
   settle();
+  for (int i = 0; i < kTensors; ++i) {
+    const Tensor a = single[i].value, b = multi[i].value;
+    std::vector<uint16_t> x(a.numel()), y(b.numel());
+    copy_bytes(x.data(), Device::cpu, a.data, Device::cuda, a.nbytes());
+    copy_bytes(y.data(), Device::cpu, b.data, Device::cuda, b.nbytes());
+    EXPECT_EQ(y, x) << "values of tensor " << i << " (n=" << sizes[i] << ")";
+  }
   for (int i = 0; i < kTensors; ++i) {
     for (auto member : {&Set::p, &Set::m, &Set::v}) {
       const Tensor a = single[i].*member, b = multi[i].*member;
