@@ -55,13 +55,7 @@ int run_plan(const PlanArgs& args) {
 
 RunFn setup_plan(CLI::App& sub) {
   auto args = std::make_shared<PlanArgs>();
-  sub.add_option("RECIPE", args->recipe_path, "the YAML recipe to plan (see docs/RECIPES.md)")
-      ->required();
-  sub.add_option("--set", args->overrides,
-                 "override one recipe key (section.key=value), e.g. --set parallel.ep=8; "
-                 "repeatable, applied in order after the file")
-      ->type_name("KEY=VALUE")
-      ->allow_extra_args(false);
+  add_recipe_options(sub, args->recipe_path, args->overrides, "plan");
   sub.add_option("--gpu-gb", args->gpu_gb, "device memory per GPU to compare with, in GB")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

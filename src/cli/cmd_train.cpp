@@ -44,13 +44,7 @@ int run_train(const TrainArgs& args) {
 
 RunFn setup_train(CLI::App& sub) {
   auto args = std::make_shared<TrainArgs>();
-  sub.add_option("RECIPE", args->recipe_path, "the YAML recipe to train (see docs/RECIPES.md)")
-      ->required();
-  sub.add_option("--set", args->overrides,
-                 "override one recipe key (section.key=value), e.g. --set train.steps=100; "
-                 "repeatable, applied in order after the file")
-      ->type_name("KEY=VALUE")
-      ->allow_extra_args(false);
+  add_recipe_options(sub, args->recipe_path, args->overrides, "train");
   return [args] { return run_train(*args); };
 }
 

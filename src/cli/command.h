@@ -25,6 +25,11 @@ struct CommandInfo {
 };
 const std::vector<CommandInfo>& commands();
 
+// The RECIPE positional and the repeatable --set KEY=VALUE overrides of commands that read a
+// recipe (train, plan); `verb` completes "the YAML recipe to ...".
+void add_recipe_options(CLI::App& sub, std::string& recipe_path,
+                        std::vector<std::string>& overrides, const std::string& verb);
+
 // Validators whose failure messages name the value (CLI11 prefixes the option's name).
 CLI::Validator integer_at_least(long long min);  // an integer >= min
 CLI::Validator fraction_below_one();             // a number in [0, 1)

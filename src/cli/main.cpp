@@ -24,6 +24,17 @@ Command::Command(std::string name, std::string summary, SetupFn setup) {
 }
 const std::vector<CommandInfo>& commands() { return registry(); }
 
+void add_recipe_options(CLI::App& sub, std::string& recipe_path,
+                        std::vector<std::string>& overrides, const std::string& verb) {
+  sub.add_option("RECIPE", recipe_path, "the YAML recipe to " + verb + " (see docs/RECIPES.md)")
+      ->required();
+  sub.add_option("--set", overrides,
+                 "override one recipe key (section.key=value), e.g. --set train.steps=100; "
+                 "repeatable, applied in order after the file")
+      ->type_name("KEY=VALUE")
+      ->allow_extra_args(false);
+}
+
 CLI::Validator integer_at_least(long long min) {
   return CLI::Validator(
       [min](std::string& text) -> std::string {
