@@ -45,7 +45,7 @@ ModelConfig Transformer::local_config(const ModelConfig& cfg, const ModelShard& 
 }
 
 size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int T, bool training,
-                                 const ModelShard& shard, const ExecOptions& exec) {
+                                 const ModelShard& shard, const ExecOptions& exec, bool shares) {
   // Must mirror the allocations in Activations' constructor (an overrun is caught by the arena).
   const ModelShard sh = shard.resolved(cfg);
   const ModelConfig c = Transformer::local_config(cfg, sh);
@@ -67,12 +67,13 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   size_t total = al(N * C * e) * (c.num_layers + 1);
   if (training && !exec.recompute) {  // one set per block, as the constructor
     for (int l = 0; l < c.num_layers; ++l) total += block + ffn(block_ffn_kind(cfg, sh, l));
-  } else {
+  } else if (!(shares && training)) {  // a sharing training set uses the owner's recompute set
     total += block + ffn(all);
   }
-  total += al(N * C * e) * 3 + al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 +
-           (c.qk_norm ? al(N * Hq * D * e) + al(N * Hkv * D * e) : 0) + (all.dense ? mlp : 0) +
-           (all.moe ? Moe::scratch_bytes(c, dtype, grad_dt, N, sh.ep_size) : 0);  // scratch
+  if (!shares)
+    total += al(N * C * e) * 3 + al(N * Hq * D * e) * 2 + al(N * Hkv * D * e) * 2 +
+             (c.qk_norm ? al(N * Hq * D * e) + al(N * Hkv * D * e) : 0) + (all.dense ? mlp : 0) +
+             (all.moe ? Moe::scratch_bytes(c, dtype, grad_dt, N, sh.ep_size) : 0);  // scratch
   if (sh.last_stage()) {
     const bool head32 = exec.fp32_lm_head && dtype != DType::f32 && dtype != DType::f64;
     total += al(N * C * e) + al(N * s) * 2 + al(N * V * (head32 ? 4 : e)) + al(N * s) * 2 +
@@ -90,14 +91,17 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   return total;
 }
 
-Activations::Activations(const Transformer& model, int B, int T, bool training, Arena* arena)
+Activations::Activations(const Transformer& model, int B, int T, bool training, Arena* arena,
+                         Activations* share)
     : B_(B), T_(T), training_(training), recompute_(model.exec_.recompute) {
+  TS_CHECK(!share || (share->B_ == B && share->T_ == T && share->set_owner_ == share),
+           "activations shared with a set of another shape, or one that shares itself");
   const ModelConfig& c = model.local_;
   TS_CHECK(T <= c.max_seq_len, "sequence {} longer than max_seq_len {}", T, c.max_seq_len);
   const DType dt = model.dtype();
   const DType st = stat_dtype(dt);
   const int64_t N = int64_t(B) * T;
-  bytes_ = bytes_needed(model.cfg_, dt, B, T, training, model.shard_, model.exec_);
+  bytes_ = bytes_needed(model.cfg_, dt, B, T, training, model.shard_, model.exec_, share);
   if (!arena) {
     own_ = Arena(model.device(), bytes_, "activations");
     arena = &own_;
@@ -112,10 +116,16 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
     for (int l = 0; l < c.num_layers; ++l)
       blocks.push_back(
           Block::alloc_acts(ar, c, dt, B, T, block_ffn_kind(model.cfg_, sh, l), sh.ep_size));
+  } else if (share && training) {  // the owner's recomputation set
+    TS_CHECK(share->training_ && share->blocks.size() == 1, "sharing a set without recomputation");
+    blocks = share->blocks;
+    set_owner_ = share;
   } else {
     blocks.push_back(Block::alloc_acts(ar, c, dt, B, T, all, sh.ep_size));
   }
-  scratch = Block::alloc_scratch(ar, c, dt, model.params().grad_dtype(), B, T, all, sh.ep_size);
+  scratch =
+      share ? share->scratch
+            : Block::alloc_scratch(ar, c, dt, model.params().grad_dtype(), B, T, all, sh.ep_size);
   if (model.shard_.last_stage()) {
     lnf_out = ar.alloc(dt, {N, c.hidden});
     lnf_mean = ar.alloc(st, {N});
@@ -351,6 +361,7 @@ void Transformer::forward_stage(Activations& a, Tensor tokens) const {
     if (a.training_ && blocks_[l].is_moe()) record_moe_stats(l, acts.moe);
   }
   if (a.training_ && moe_record_buf_.data() != nullptr) ++moe_records_;
+  if (a.recompute_) a.set_owner_->last_block_of_ = &a;
   if (shard_.last_stage()) {
     final_norm_.forward(params_, a.lnf_out, a.lnf_mean, a.lnf_rstd, a.resid[local_.num_layers]);
     copy_to_tp_region_forward(shard_, a.lnf_out);  // every rank's vocabulary slice reads it
@@ -434,12 +445,15 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
     }
     grads_ready(final_norm_first_);
   }
+  // The recomputation set still holds this micro-batch's last block unless another forward
+  // (of a micro-batch sharing the set) ran since.
+  const bool last_block_kept = a.set_owner_->last_block_of_ == &a;
+  a.set_owner_->last_block_of_ = nullptr;
   for (int l = L - 1; l >= 0; --l) {
     BlockActs& acts = a.blocks[a.blocks.size() == 1 ? 0 : l];
-    if (a.recompute_ && l != L - 1) {
-      // Re-run this block's forward into the shared set (each micro-batch has its own set, so the
-      // last block's activations are still those of this forward). It rewrites resid[l+1] with
-      // the value it already holds (the ops are deterministic), which no later step reads.
+    if (a.recompute_ && (l != L - 1 || !last_block_kept)) {
+      // Re-run this block's forward into the recomputation set. It rewrites resid[l+1] with the
+      // value it already holds (the ops are deterministic), which no later step reads.
       blocks_[l].forward(params_, acts, a.scratch, a.resid[l + 1], a.resid[l]);
     }
     blocks_[l].backward(params_, acts, a.scratch, a.d_resid, a.resid[l], loss_scale);

@@ -33,12 +33,19 @@ struct MoeLayerStats {
 };
 
 // Everything forward saves for backward, plus backward's temporaries, for one (B, T) on one stage.
+// Several sets that never run at the same time (the pipeline's live micro-batches, evaluation)
+// share one set's scratch and, when recomputing, its one block set: `share` names that set (same
+// model, B and T), which must outlive this one; bytes_needed(shares = true) leaves them out.
 class Activations {
  public:
   // Tensors come from `arena` when given (bytes_needed()), else from an arena of its own.
-  Activations(const Transformer& model, int B, int T, bool training, Arena* arena = nullptr);
+  Activations(const Transformer& model, int B, int T, bool training, Arena* arena = nullptr,
+              Activations* share = nullptr);
+  Activations(const Activations&) = delete;  // others may point at it (share)
+  Activations& operator=(const Activations&) = delete;
   static size_t bytes_needed(const ModelConfig& cfg, DType dtype, int B, int T, bool training,
-                             const ModelShard& shard = {}, const ExecOptions& exec = {});
+                             const ModelShard& shard = {}, const ExecOptions& exec = {},
+                             bool shares = false);
   int B() const { return B_; }
   int T() const { return T_; }
   size_t bytes() const { return bytes_; }
@@ -60,6 +67,10 @@ class Activations {
   Tensor embed32;                 // (N,C) f32, first stage with fp32_embedding: the FP32 lookup
   std::vector<BlockActs> blocks;  // L sets, or 1 shared set when recomputing
   BlockScratch scratch;
+  // The set whose recomputation set this one uses (itself unless shared), and, on that set, which
+  // set's forward last wrote the LAST block into it (backward may then skip recomputing it).
+  Activations* set_owner_ = this;
+  const Activations* last_block_of_ = nullptr;
   // Last stage only:
   Tensor lnf_out, lnf_mean, lnf_rstd;  // (N,C), (N), (N)
   Tensor logits;  // (N,Vl); becomes dlogits in backward (f32 with fp32_lm_head)

@@ -27,10 +27,11 @@ size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& 
                                       const ExecOptions& exec) {
   const ModelShard s = shard.resolved(cfg);
   const int live = peak_live_microbatches(kind, s.pp_rank, s.pp_size, M);
-  size_t total = 0;
-  total += live * (Activations::bytes_needed(cfg, dtype, B, T, true, s, exec) +
-                   Batch::bytes_needed(B, T, device));
-  total += Activations::bytes_needed(cfg, dtype, B, T, false, s, exec) +
+  // The first training set owns the scratch (and the recomputation set); the others share them.
+  size_t total = Activations::bytes_needed(cfg, dtype, B, T, true, s, exec);
+  total += (live - 1) * Activations::bytes_needed(cfg, dtype, B, T, true, s, exec, true);
+  total += live * Batch::bytes_needed(B, T, device);
+  total += Activations::bytes_needed(cfg, dtype, B, T, false, s, exec, true) +
            Batch::bytes_needed(B, T, device);
   if (s.pp_size > 1)
     total += 8 * Arena::aligned(dtype_storage_bytes(dtype, int64_t(B) * T * cfg.hidden));
@@ -54,12 +55,17 @@ PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, Pi
   trace_ = trace && trace[0] == '1';
   const int live = peak_live_microbatches(kind, stage_, num_stages_, num_microbatches);
   train_slots_.resize(live);
+  // One stage op runs at a time: every set shares the first one's scratch and, when
+  // recomputing, its block set (Activations' `share`).
+  Activations* first = nullptr;
   for (Slot& s : train_slots_) {
-    s.acts = std::make_unique<Activations>(model, B, T, /*training=*/true, &arena);
+    s.acts = std::make_unique<Activations>(model, B, T, /*training=*/true, &arena, first);
     s.batch = std::make_unique<Batch>(B, T, model.device(), arena);
+    if (!first) first = s.acts.get();
   }
   eval_slots_.resize(1);
-  eval_slots_[0].acts = std::make_unique<Activations>(model, B, T, /*training=*/false, &arena);
+  eval_slots_[0].acts =
+      std::make_unique<Activations>(model, B, T, /*training=*/false, &arena, first);
   eval_slots_[0].batch = std::make_unique<Batch>(B, T, model.device(), arena);
   if (num_stages_ > 1) {
     const int64_t N = int64_t(B) * T, C = model.config().hidden;

@@ -2,7 +2,9 @@
 // last stage's loss and every stage's parameter gradients equal the serial run of the whole model
 // over the same micro-batches bit for bit (activations and their gradients cross stages as exact
 // copies; each stage accumulates its micro-batches in the serial order), except the tied
-// embedding, whose two copies' gradients sum to the serial one; evaluation too.
+// embedding, whose two copies' gradients sum to the serial one; evaluation too. With and without
+// recomputation: the live micro-batches share one recomputation set and one scratch, and the
+// executor's arena holds exactly what bytes_needed plans.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -21,7 +23,8 @@ using testing::fill_microbatch;
 
 constexpr int kB = 2, kT = 8, kM = 4;
 
-class PipelineStages : public ::testing::TestWithParam<std::tuple<const char*, PipelineSchedule>> {
+class PipelineStages
+    : public ::testing::TestWithParam<std::tuple<const char*, PipelineSchedule, bool>> {
  protected:
   static void SetUpTestSuite() {
     ctx_ = new ParallelContext(ParallelSizes{1, 1, world_size()}, Device::cpu);
@@ -43,6 +46,11 @@ class PipelineStages : public ::testing::TestWithParam<std::tuple<const char*, P
     for (int s = 0; s < cfg.num_layers % pp; ++s) ++counts[s];
     return ModelShard::make(cfg, 1, 0, pp, ctx_->comm(Group::pp).rank(), counts, nullptr);
   }
+  static ExecOptions exec() {
+    ExecOptions e;
+    e.recompute = std::get<2>(GetParam());
+    return e;
+  }
   static double sum_over_ranks(double x) {
     return ctx_->host_comm(Group::world).all_reduce_scalar(x, ReduceOp::sum);
   }
@@ -54,12 +62,14 @@ TEST_P(PipelineStages, TrainStepEqualsTheSerialModel) {
   const ModelConfig cfg = config();
   const PipelineSchedule kind = std::get<1>(GetParam());
   const ModelShard shard = stage_shard(cfg);
-  Transformer model(cfg, DType::f32, Device::cpu, nullptr, shard);
+  Transformer model(cfg, DType::f32, Device::cpu, nullptr, shard, 1, true, exec());
   model.init_weights(5);
-  Arena arena(Device::cpu,
-              PipelineExecutor::bytes_needed(cfg, shard, DType::f32, kind, kM, kB, kT, Device::cpu),
-              "executor");
+  Arena arena(
+      Device::cpu,
+      PipelineExecutor::bytes_needed(cfg, shard, DType::f32, kind, kM, kB, kT, Device::cpu, exec()),
+      "executor");
   PipelineExecutor pipe(model, ctx_->comm(Group::pp), kind, kM, kB, kT, arena);
+  EXPECT_EQ(arena.used(), arena.capacity()) << "bytes_needed plans more than the executor takes";
   const float scale = 1.0f / kM;
   const auto fill = [&](int m, Batch& b) { fill_microbatch(cfg, m, b); };
   model.params().zero_grad();
@@ -92,12 +102,14 @@ TEST_P(PipelineStages, EvalEqualsTheSerialModel) {
   const ModelConfig cfg = config();
   const PipelineSchedule kind = std::get<1>(GetParam());
   const ModelShard shard = stage_shard(cfg);
-  Transformer model(cfg, DType::f32, Device::cpu, nullptr, shard);
+  Transformer model(cfg, DType::f32, Device::cpu, nullptr, shard, 1, true, exec());
   model.init_weights(5);
-  Arena arena(Device::cpu,
-              PipelineExecutor::bytes_needed(cfg, shard, DType::f32, kind, kM, kB, kT, Device::cpu),
-              "executor");
+  Arena arena(
+      Device::cpu,
+      PipelineExecutor::bytes_needed(cfg, shard, DType::f32, kind, kM, kB, kT, Device::cpu, exec()),
+      "executor");
   PipelineExecutor pipe(model, ctx_->comm(Group::pp), kind, kM, kB, kT, arena);
+  EXPECT_EQ(arena.used(), arena.capacity()) << "bytes_needed plans more than the executor takes";
   const PipelineExecutor::Result res =
       pipe.eval([&](int m, Batch& b) { fill_microbatch(cfg, m, b); }, kM);
 
@@ -117,11 +129,13 @@ TEST_P(PipelineStages, EvalEqualsTheSerialModel) {
 INSTANTIATE_TEST_SUITE_P(Schedules, PipelineStages,
                          ::testing::Combine(::testing::Values("gpt2", "llama"),
                                             ::testing::Values(PipelineSchedule::gpipe,
-                                                              PipelineSchedule::one_f_one_b)),
+                                                              PipelineSchedule::one_f_one_b),
+                                            ::testing::Bool()),
                          [](const auto& info) {
                            return std::string(std::get<0>(info.param)) + "_" +
                                   (std::get<1>(info.param) == PipelineSchedule::gpipe ? "gpipe"
-                                                                                      : "1f1b");
+                                                                                      : "1f1b") +
+                                  (std::get<2>(info.param) ? "_recompute" : "");
                          });
 
 }  // namespace
