@@ -131,9 +131,21 @@ std::vector<Layout> moe_layouts() {
 INSTANTIATE_TEST_SUITE_P(Layouts, MoeParallelEqualsSerial, ::testing::ValuesIn(moe_layouts()),
                          [](const auto& info) { return info.param.name(); });
 
+// step -> the exact text of the values that must match bitwise (JSON prints doubles with
+// round-trip precision, so equal text means equal bits).
+std::map<int64_t, std::string> step_records(const std::string& dir) {
+  std::map<int64_t, std::string> out;
+  for (const auto& m : read_metrics(dir))
+    if (m.contains("loss"))
+      out[m["step"].get<int64_t>()] = m["loss"].dump() + " " + m["grad_norm"].dump() + " " +
+                                      m["moe_aux_loss"].dump() + " " + m["moe_layers"].dump();
+  return out;
+}
+
 // Saved at (dp 2, ep 2, pp 2) with ZeRO-1 and tokens dropped; resumed from step 3 in one
 // process, at (dp 1, tp 2) and at (dp 4, ep 4): the experts (stored by global expert index) and
-// their optimizer state reshard across ep, tp, pp and dp, and steps 4 and 5 continue the saved run.
+// their optimizer state reshard across ep, tp, pp and dp, and steps 4 and 5 continue the saved run;
+// resumed at the saved layout, they repeat it bit for bit.
 TEST(MoeTrain, CheckpointsReshardAcrossLayouts) {
   ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
   const Layout saved{2, 1, 2, 1, "gpipe", 1.0f, 2};
@@ -150,17 +162,12 @@ TEST(MoeTrain, CheckpointsReshardAcrossLayouts) {
     const RunResult got = read_run(out);
     for (int64_t s : {4, 5}) EXPECT_LE(rel(got.loss.at(s), a.loss.at(s)), 1e-5) << "step " << s;
   }
-}
-
-// step -> the exact text of the values that must match bitwise (JSON prints doubles with
-// round-trip precision, so equal text means equal bits).
-std::map<int64_t, std::string> step_records(const std::string& dir) {
-  std::map<int64_t, std::string> out;
-  for (const auto& m : read_metrics(dir))
-    if (m.contains("loss"))
-      out[m["step"].get<int64_t>()] = m["loss"].dump() + " " + m["grad_norm"].dump() + " " +
-                                      m["moe_aux_loss"].dump() + " " + m["moe_layers"].dump();
-  return out;
+  const std::string same = dir + "/same";
+  const auto c =
+      train(saved, same, " --set checkpoint.resume=" + dir + "/saved/checkpoints/step_3");
+  ASSERT_EQ(c.status, 0) << c.output;
+  const auto want = step_records(dir + "/saved"), got = step_records(same);
+  for (int64_t s : {4, 5}) EXPECT_EQ(got.at(s), want.at(s)) << "step " << s;
 }
 
 TEST(MoeTrain, ResumeIsBitwiseExact) {
