@@ -123,29 +123,26 @@ void check_model(const ModelConfig& cfg, Communicator& world, const ModelShard& 
   EXPECT_EQ(experts, per_layer * cfg.moe.num_moe_layers(cfg.num_layers));
 }
 
-TEST_F(MoeEp, Gpt2DroplessMatchesSerial) {
-  ModelConfig cfg = testing::tiny_gpt2_moe();
-  cfg.moe.capacity_factor = 0.0f;
+struct EpCase {
+  const char* name;
+  bool llama;      // SwiGLU experts and a shared expert; else GELU experts
+  float capacity;  // 0: dropless
+};
+
+class MoeEpCases : public MoeEp, public ::testing::WithParamInterface<EpCase> {};
+
+TEST_P(MoeEpCases, MatchesSerial) {
+  ModelConfig cfg = GetParam().llama ? testing::tiny_llama_moe() : testing::tiny_gpt2_moe();
+  cfg.moe.capacity_factor = GetParam().capacity;  // > 0 drops slots
   check_model(cfg, ctx_->host_comm(Group::world), ep_shard());
 }
 
-TEST_F(MoeEp, Gpt2WithCapacityMatchesSerial) {
-  ModelConfig cfg = testing::tiny_gpt2_moe();
-  cfg.moe.capacity_factor = 0.5f;  // drops slots
-  check_model(cfg, ctx_->host_comm(Group::world), ep_shard());
-}
-
-TEST_F(MoeEp, LlamaSharedExpertMatchesSerial) {
-  ModelConfig cfg = testing::tiny_llama_moe();
-  cfg.moe.capacity_factor = 0.0f;
-  check_model(cfg, ctx_->host_comm(Group::world), ep_shard());
-}
-
-TEST_F(MoeEp, LlamaWithCapacityMatchesSerial) {
-  ModelConfig cfg = testing::tiny_llama_moe();
-  cfg.moe.capacity_factor = 0.75f;
-  check_model(cfg, ctx_->host_comm(Group::world), ep_shard());
-}
+INSTANTIATE_TEST_SUITE_P(Models, MoeEpCases,
+                         ::testing::Values(EpCase{"gpt2_dropless", false, 0.0f},
+                                           EpCase{"gpt2_capacity", false, 0.5f},
+                                           EpCase{"llama_shared_dropless", true, 0.0f},
+                                           EpCase{"llama_shared_capacity", true, 0.75f}),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
 }  // namespace tessera
