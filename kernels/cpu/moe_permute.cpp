@@ -3,6 +3,7 @@
 // Shapes: N tokens, K slots per token (slot s = t*K + j), E experts, R rows of the permuted
 // buffer, C model width. Sums in double, in j order; each output row has one writer.
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/cpu_common.h"
@@ -39,6 +40,32 @@ void check_entries(const Tensor& idx, int64_t limit, const char* op, const char*
   for (int64_t i = 0; i < idx.numel(); ++i)
     TS_CHECK(v[i] >= -1 && v[i] < limit, "{}: {}[{}] = {} is neither -1 nor in [0, {} = {})", op,
              name, i, v[i], limit_name, limit);
+}
+
+// slot_row (N, K) i32 on the host; returns {N, K}.
+std::pair<int64_t, int64_t> check_slot_row(const Tensor& slot_row, const char* op) {
+  check_host(slot_row, op, "slot_row");
+  TS_CHECK(slot_row.ndim() == 2, "{}: slot_row must be (N, K), got {}", op, slot_row.str());
+  check_index(slot_row, slot_row.shape, op, "slot_row");
+  return {slot_row.dim(0), slot_row.dim(1)};
+}
+
+// out[t] = sum over t's kept slots j of w[t, j] * rows[slot_row[t, j]] (w null: weight 1), summed
+// in double in j order: moe_unpermute, and moe_permute_backward with unit weights.
+template <class T>
+void combine_rows(T* out, const T* rows, const int32_t* sr, const T* w, int64_t num_t, int64_t topk,
+                  int64_t num_c) {
+#pragma omp parallel for schedule(static) if (num_t * topk * num_c > kMinParallelWork)
+  for (int64_t t = 0; t < num_t; ++t) {
+    for (int64_t c = 0; c < num_c; ++c) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < topk; ++j) {
+        const int32_t r = sr[t * topk + j];
+        if (r >= 0) acc += (w ? double(w[t * topk + j]) : 1.0) * double(rows[r * num_c + c]);
+      }
+      out[t * num_c + c] = T(acc);
+    }
+  }
 }
 
 // slot_row and row_slot of one plan: inverse of each other on the kept slots.
@@ -134,29 +161,14 @@ void moe_permute_backward(Tensor dx, Tensor dxp, Tensor slot_row) {
   constexpr const char* kOp = "moe_permute_backward";
   check_first_rows(dxp, kOp, "dxp");
   const int64_t num_rows = dxp.dim(0), num_c = dxp.dim(1);
-  check_host(slot_row, kOp, "slot_row");
-  TS_CHECK(slot_row.ndim() == 2, "{}: slot_row must be (N, K), got {}", kOp, slot_row.str());
-  const int64_t num_t = slot_row.dim(0), topk = slot_row.dim(1);
-  check_index(slot_row, slot_row.shape, kOp, "slot_row");
+  const auto [num_t, topk] = check_slot_row(slot_row, kOp);
   check_rows(dx, dxp.dtype, num_t, num_c, kOp, "dx");
   TS_CHECK(!overlaps(dx, dxp), "{}: dx must not alias dxp", kOp);
   check_entries(slot_row, num_rows, kOp, "slot_row", "R");
   const int32_t* sr = slot_row.ptr<int32_t>();
   dispatch_float(dxp.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
-    const T* src = dxp.ptr<T>();
-    T* dst = dx.ptr<T>();
-#pragma omp parallel for schedule(static) if (num_t * topk * num_c > kMinParallelWork)
-    for (int64_t t = 0; t < num_t; ++t) {
-      for (int64_t c = 0; c < num_c; ++c) {
-        double acc = 0.0;
-        for (int64_t j = 0; j < topk; ++j) {
-          const int32_t r = sr[t * topk + j];
-          if (r >= 0) acc += double(src[r * num_c + c]);
-        }
-        dst[t * num_c + c] = T(acc);
-      }
-    }
+    combine_rows<T>(dx.ptr<T>(), dxp.ptr<T>(), sr, nullptr, num_t, topk, num_c);
   });
 }
 
@@ -164,10 +176,7 @@ void moe_unpermute(Tensor out, Tensor yp, Tensor slot_row, Tensor topk_w) {
   constexpr const char* kOp = "moe_unpermute";
   check_first_rows(yp, kOp, "yp");
   const int64_t num_rows = yp.dim(0), num_c = yp.dim(1);
-  check_host(slot_row, kOp, "slot_row");
-  TS_CHECK(slot_row.ndim() == 2, "{}: slot_row must be (N, K), got {}", kOp, slot_row.str());
-  const int64_t num_t = slot_row.dim(0), topk = slot_row.dim(1);
-  check_index(slot_row, slot_row.shape, kOp, "slot_row");
+  const auto [num_t, topk] = check_slot_row(slot_row, kOp);
   check_rows(out, yp.dtype, num_t, num_c, kOp, "out");
   check_like(topk_w, yp.dtype, slot_row.shape, kOp, "topk_w");
   TS_CHECK(!overlaps(out, yp) && !overlaps(out, topk_w), "{}: out must not alias an input", kOp);
@@ -175,20 +184,7 @@ void moe_unpermute(Tensor out, Tensor yp, Tensor slot_row, Tensor topk_w) {
   const int32_t* sr = slot_row.ptr<int32_t>();
   dispatch_float(yp.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
-    const T* src = yp.ptr<T>();
-    const T* w = topk_w.ptr<T>();
-    T* dst = out.ptr<T>();
-#pragma omp parallel for schedule(static) if (num_t * topk * num_c > kMinParallelWork)
-    for (int64_t t = 0; t < num_t; ++t) {
-      for (int64_t c = 0; c < num_c; ++c) {
-        double acc = 0.0;
-        for (int64_t j = 0; j < topk; ++j) {
-          const int32_t r = sr[t * topk + j];
-          if (r >= 0) acc += double(w[t * topk + j]) * double(src[r * num_c + c]);
-        }
-        dst[t * num_c + c] = T(acc);
-      }
-    }
+    combine_rows<T>(out.ptr<T>(), yp.ptr<T>(), sr, topk_w.ptr<T>(), num_t, topk, num_c);
   });
 }
 
@@ -197,10 +193,7 @@ void moe_unpermute_backward(Tensor dyp, Tensor d_topk_w, Tensor dout, Tensor yp,
   constexpr const char* kOp = "moe_unpermute_backward";
   check_first_rows(yp, kOp, "yp");
   const int64_t num_rows = yp.dim(0), num_c = yp.dim(1);
-  check_host(slot_row, kOp, "slot_row");
-  TS_CHECK(slot_row.ndim() == 2, "{}: slot_row must be (N, K), got {}", kOp, slot_row.str());
-  const int64_t num_t = slot_row.dim(0), topk = slot_row.dim(1);
-  check_index(slot_row, slot_row.shape, kOp, "slot_row");
+  const auto [num_t, topk] = check_slot_row(slot_row, kOp);
   check_index(row_slot, Shape{num_rows}, kOp, "row_slot");
   check_rows(dyp, yp.dtype, num_rows, num_c, kOp, "dyp");
   check_rows(dout, yp.dtype, num_t, num_c, kOp, "dout");
