@@ -337,15 +337,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
       for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
       wgmma_fence();
-#pragma unroll
-      for (int k16 = 0; k16 < kWgBK / 16; ++k16) {
-        const uint64_t da =
-            kAK ? wg_desc(sa + cw * 64 * kWgRowBytes + k16 * 32, 16, 1024)
-                : wg_desc(sa + cw * kWgChunkBytes + k16 * 2048, kWgChunkBytes, 1024);
-        const uint64_t db =
-            kBK ? wg_desc(sb + k16 * 32, 16, 1024) : wg_desc(sb + k16 * 2048, kWgChunkBytes, 1024);
-        wgmma_256<T, kAK ? 0 : 1, kBK ? 0 : 1>(d, da, db, cur.kb > 0 || k16 > 0);
-      }
+      wg_mma_kblock<T, kAK, kBK>(d, sa, sb, cw, cur.kb == 0);
       wgmma_commit();
 #pragma unroll
       for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);

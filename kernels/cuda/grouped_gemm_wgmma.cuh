@@ -125,6 +125,23 @@ __device__ __forceinline__ void wgmma_wait() {
 // it, a read for the epilogue could be scheduled before wgmma_wait.
 __device__ __forceinline__ void wg_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
+// One k-block of a 128 x 256 tile for warpgroup `wg` (its 64 rows of A, all 256 columns of B),
+// four m64n256k16 steps on the stage at sa/sb; accumulates into d unless this is the tile's first
+// k-block. A k16 step is 32 bytes along a K-major row, or 16 rows (2048 bytes) of an MN-major
+// chunk.
+template <class T, bool kAK, bool kBK>
+__device__ __forceinline__ void wg_mma_kblock(float (&d)[128], uint32_t sa, uint32_t sb, int wg,
+                                              bool first_kb) {
+#pragma unroll
+  for (int k16 = 0; k16 < kWgBK / 16; ++k16) {
+    const uint64_t da = kAK ? wg_desc(sa + wg * 64 * kWgRowBytes + k16 * 32, 16, 1024)
+                            : wg_desc(sa + wg * kWgChunkBytes + k16 * 2048, kWgChunkBytes, 1024);
+    const uint64_t db =
+        kBK ? wg_desc(sb + k16 * 32, 16, 1024) : wg_desc(sb + k16 * 2048, kWgChunkBytes, 1024);
+    wgmma_256<T, kAK ? 0 : 1, kBK ? 0 : 1>(d, da, db, !first_kb || k16 > 0);
+  }
+}
+
 // Shared memory written by cp.async (the generic proxy) and read next by wgmma (the async proxy).
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -259,16 +276,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_wgmma_kernel(const Args
 #pragma unroll
     for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
     wgmma_fence();
-#pragma unroll
-    for (int k16 = 0; k16 < kWgBK / 16; ++k16) {
-      // A: this warpgroup's 64 rows; B: all 256 columns. A k16 step is 32 bytes along a K-major
-      // row, or 16 rows (2048 bytes) of an MN-major chunk.
-      const uint64_t da = kAK ? wg_desc(sa + wg * 64 * kWgRowBytes + k16 * 32, 16, 1024)
-                              : wg_desc(sa + wg * kWgChunkBytes + k16 * 2048, kWgChunkBytes, 1024);
-      const uint64_t db =
-          kBK ? wg_desc(sb + k16 * 32, 16, 1024) : wg_desc(sb + k16 * 2048, kWgChunkBytes, 1024);
-      wgmma_256<T, kAK ? 0 : 1, kBK ? 0 : 1>(d, da, db, comp.kb > 0 || k16 > 0);
-    }
+    wg_mma_kblock<T, kAK, kBK>(d, sa, sb, wg, comp.kb == 0);
     wgmma_commit();
 #pragma unroll
     for (int i = 0; i < 128; ++i) wg_fence_operand(d[i]);
