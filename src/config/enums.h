@@ -96,6 +96,17 @@ enum class DecayExempt { norms, biases, embeddings };
 TESSERA_ENUM_NAMES(DecayExempt, {DecayExempt::norms, "norms"}, {DecayExempt::biases, "biases"},
                    {DecayExempt::embeddings, "embeddings"});
 
+// ---- distill -----------------------------------------------------------------------------------
+// The dtype the frozen teacher holds its weights and runs its forward in.
+enum class TeacherPrecision { bf16, fp8, fp32 };
+TESSERA_ENUM_NAMES(TeacherPrecision, {TeacherPrecision::bf16, "bf16"},
+                   {TeacherPrecision::fp8, "fp8"}, {TeacherPrecision::fp32, "fp32"});
+// How a curriculum phase's values are reached from the previous phase's: at once, or along a
+// linear or cosine ramp over the phase's first ramp_steps steps.
+enum class CurriculumRamp { none, linear, cosine };
+TESSERA_ENUM_NAMES(CurriculumRamp, {CurriculumRamp::none, "none"},
+                   {CurriculumRamp::linear, "linear"}, {CurriculumRamp::cosine, "cosine"});
+
 // ---- train / logging ---------------------------------------------------------------------------
 enum class DeviceChoice { cpu, cuda, auto_ };
 TESSERA_ENUM_NAMES(DeviceChoice, {DeviceChoice::cpu, "cpu"}, {DeviceChoice::cuda, "cuda"},

@@ -35,6 +35,7 @@ inline constexpr Rule kNonNegative{kNonNegativeInt, kNonNegativeReal};
 inline constexpr Rule kUnitOpen{kAnyInt, RealRange{0.0, true, 1.0, true}};       // (0, 1)
 inline constexpr Rule kUnitHalfOpen{kAnyInt, RealRange{0.0, false, 1.0, true}};  // [0, 1)
 inline constexpr Rule kUnitOpenLow{kAnyInt, RealRange{0.0, true, 1.0, false}};   // (0, 1]
+inline constexpr Rule kUnitClosed{kAnyInt, RealRange{0.0, false, 1.0, false}};   // [0, 1]
 inline constexpr Rule kAboveOne{
     kAnyInt, RealRange{1.0, true, std::numeric_limits<double>::infinity(), false}};  // > 1
 constexpr Rule int_range(int64_t lo, int64_t hi) { return Rule{IntRange{lo, hi}, kAnyReal}; }
@@ -62,6 +63,14 @@ bool moe_enabled(const void* moe);
 constexpr Rule moe_rule(Rule r) {
   r.when = moe_enabled;
   r.when_doc = "moe.num_experts > 0";
+  return r;
+}
+
+// `r` that applies only when the section's distill.teacher is set (config/distill_config.h).
+bool distill_enabled(const void* distill);
+constexpr Rule distill_rule(Rule r) {
+  r.when = distill_enabled;
+  r.when_doc = "distill.teacher is set";
   return r;
 }
 

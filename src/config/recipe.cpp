@@ -39,7 +39,7 @@ using config::FieldInfo;
 using config::Rule;
 
 // Sections the design reserves; refused until their features are built.
-const std::vector<std::string> kReservedSections = {"distill", "qat"};
+const std::vector<std::string> kReservedSections = {"qat"};
 // Keys that moved to another section: named in the error instead of "unknown key".
 const std::map<std::string, std::string> kMovedKeys = {{"model.recompute", "train.recompute"},
                                                        {"model.attention_impl", "train.attention"}};
@@ -177,7 +177,10 @@ void read_value(const YamlField& f, uint64_t& out, const Rule&, Origins&) {
   out = yaml_read_uint64(f);
 }
 void read_value(const YamlField& f, float& out, const Rule& r, Origins&) {
-  out = yaml_read_float(f, r.reals);
+  if (r.auto_word && f.value.IsScalar() && f.value.Tag() == "?" && f.value.Scalar() == r.auto_word)
+    out = 0.0f;
+  else
+    out = yaml_read_float(f, r.reals);
 }
 void read_value(const YamlField& f, bool& out, const Rule&, Origins&) { out = yaml_read_bool(f); }
 void read_value(const YamlField& f, std::string& out, const Rule&, Origins&) {
@@ -259,6 +262,30 @@ void read_value(const YamlField& f, S& out, const Rule&, Origins& o) {
     for (YamlEntry& e : entries) e.origin = f.origin;
   out = S{};
   read_section(entries, f.name, out, o);
+}
+
+// A list of mappings (distill.curriculum), each read like a sub-section named "key[i]".
+template <class S>
+requires requires(S s) {
+  S::visit(s, [](const FieldInfo&, auto&, auto&) {});
+}
+void read_value(const YamlField& f, std::vector<S>& out, const Rule&, Origins& o) {
+  if (!f.value.IsSequence() || f.value.size() == 0)
+    TS_USER_ERROR("{}: {}: expected a non-empty list of mappings (e.g. [{{alpha: 0.5}}]), got {}",
+                  f.origin.str(), f.name, yaml_describe(f.value));
+  out.clear();
+  for (size_t i = 0; i < f.value.size(); ++i) {
+    const std::string item = fmt::format("{}[{}]", f.name, i);
+    if (!f.value[i].IsMap())
+      TS_USER_ERROR("{}: {}: expected a mapping, got {}", f.origin.str(), item,
+                    yaml_describe(f.value[i]));
+    std::vector<YamlEntry> entries = yaml_map_entries(f.value[i], f.origin.file, item);
+    if (!f.origin.override_text.empty())
+      for (YamlEntry& e : entries) e.origin = f.origin;
+    S s{};
+    read_section(entries, item, s, o);
+    out.push_back(s);
+  }
 }
 
 // ---- sections ----------------------------------------------------------------------------------
@@ -518,6 +545,55 @@ void validate_across(const Recipe& r, const Origins& o) {
                   o.show("train.steps", r.train.steps));
 }
 
+// The distill section: an FP8 teacher and distillation under pp are not built; the curriculum's
+// phases must end in order, inside the run, each ramp inside its phase.
+void validate_distill(const Recipe& r, const Origins& o) {
+  const DistillConfig& d = r.distill;
+  if (!d.enabled()) return;
+  if (d.teacher_precision == TeacherPrecision::fp8)
+    TS_USER_ERROR("{}: {}: an FP8 teacher is not built yet; use bf16 or fp32", o.file(),
+                  o.show("distill.teacher_precision", to_string(d.teacher_precision)));
+  if (r.parallel.pp > 1)
+    TS_USER_ERROR(
+        "{}: distill.teacher with {}: distillation under pipeline parallelism is not built yet; "
+        "use tp and dp",
+        o.file(), o.show("parallel.pp", r.parallel.pp));
+  const int64_t steps = r.train.steps;
+  const std::vector<int64_t> ends = curriculum_ends(d, steps);
+  int64_t start = 0;
+  for (size_t i = 0; i < d.curriculum.size(); ++i) {
+    const CurriculumPhase& p = d.curriculum[i];
+    const std::string key = fmt::format("distill.curriculum[{}]", i);
+    const bool last = i + 1 == d.curriculum.size();
+    const bool has_step = p.end_step > 0, has_fraction = p.end_fraction > 0.0f;
+    if (has_step && has_fraction)
+      TS_USER_ERROR("{}: {} and {}: give one end for a phase", o.file(),
+                    o.show(key + ".end_step", p.end_step),
+                    o.show(key + ".end_fraction", p.end_fraction));
+    if (!last && !has_step && !has_fraction)
+      TS_USER_ERROR("{}: {} needs end_step or end_fraction (only the last phase may run to the end)",
+                    o.file(), key);
+    if (ends[i] <= start || ends[i] > steps)
+      TS_USER_ERROR(
+          "{}: {} ends at step {} ({}): phases must end in order, after step {} and by {}", o.file(),
+          key, ends[i], o.where(key + (has_step ? ".end_step" : ".end_fraction")), start,
+          o.show("train.steps", r.train.steps));
+    if (p.ramp != CurriculumRamp::none) {
+      if (i == 0)
+        TS_USER_ERROR("{}: {}: the first phase has no previous values to ramp from", o.file(),
+                      o.show(key + ".ramp", to_string(p.ramp)));
+      if (p.ramp_steps < 1 || p.ramp_steps > ends[i] - start)
+        TS_USER_ERROR("{}: {}: a {} ramp needs 1 to {} steps (the phase's length)", o.file(),
+                      o.show(key + ".ramp_steps", p.ramp_steps), to_string(p.ramp),
+                      ends[i] - start);
+    } else if (p.ramp_steps > 0) {
+      TS_USER_ERROR("{}: {} with {}: choose ramp linear or cosine", o.file(),
+                    o.show(key + ".ramp_steps", p.ramp_steps), o.show(key + ".ramp", "none"));
+    }
+    start = ends[i];
+  }
+}
+
 }  // namespace
 
 Recipe parse_recipe(const std::string& yaml_text, const std::string& file_name,
@@ -535,6 +611,7 @@ Recipe parse_recipe(const std::string& yaml_text, const std::string& file_name,
   resolve_model(r.model, origins, r.parallel.tp);
   resolve_batch(r);
   validate_across(r, origins);
+  validate_distill(r, origins);
   resolve_moe(r, origins);
   return r;
 }

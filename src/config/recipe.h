@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "config/enums.h"
+#include "config/distill_config.h"
 #include "config/field.h"
 #include "config/model_config.h"
 #include "config/moe_config.h"
@@ -221,7 +222,8 @@ struct LoggingConfig {
   X(DataConfig, data, {}, config::kAny, "data and batch")                                         \
   X(TrainConfig, train, {}, config::kAny, "the run")                                              \
   X(CheckpointConfig, checkpoint, {}, config::kAny, "checkpoints and resume")                     \
-  X(LoggingConfig, logging, {}, config::kAny, "progress and profiling")
+  X(LoggingConfig, logging, {}, config::kAny, "progress and profiling")                           \
+  X(DistillConfig, distill, {}, config::kAny, "knowledge distillation from a teacher checkpoint")
 // clang-format on
 
 struct Recipe {

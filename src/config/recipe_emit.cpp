@@ -92,10 +92,19 @@ void key_rows(const S& defaults, const std::string& prefix, std::string& out) {
           def = fi.rule.auto_word;
         else if (value < fi.rule.ints.lo)
           def = "derived";
+      } else if constexpr (std::is_same_v<T, float>) {
+        if (fi.rule.auto_word && value == 0.0f) def = fi.rule.auto_word;
       }
-      out += fmt::format("| `{}` | {} | {} | `{}` | {} |\n", key,
+      const std::string when =
+          fi.rule.when_doc ? fmt::format(" (only when {})", fi.rule.when_doc) : std::string();
+      out += fmt::format("| `{}` | {} | {} | `{}` | {}{} |\n", key,
                          config::type_name(static_cast<const T*>(nullptr)), bounds<T>(fi.rule), def,
-                         fi.doc);
+                         fi.doc, when);
+      // A list of mappings: each item's keys as key[].name.
+      if constexpr (requires { typename T::value_type; }) {
+        using Item = typename T::value_type;
+        if constexpr (Section<Item>) key_rows(Item{}, key + "[].", out);
+      }
     }
   });
 }

@@ -23,6 +23,27 @@ template <NamedEnum E>
 std::string yaml_value(E v) {
   return to_string(v);
 }
+// A sub-section as a flow mapping of the fields that differ from their defaults (an item of
+// distill.curriculum: {end_fraction: 0.5, alpha: 0.7}); parsing fills the rest back in.
+template <class S>
+requires requires(const S& s) {
+  S::visit(s, [](const FieldInfo&, const auto&, const auto&) {});
+}
+std::string yaml_value(const S& section) {
+  std::vector<std::string> given;
+  const S defaults{};
+  S::visit(defaults, [&](const FieldInfo&, const auto& def, const auto&) {
+    given.push_back(yaml_value(def));
+  });
+  std::string items;
+  size_t i = 0;
+  S::visit(section, [&](const FieldInfo& fi, const auto& value, const auto&) {
+    const std::string text = yaml_value(value);
+    if (text != given[i++])
+      items += fmt::format("{}{}: {}", items.empty() ? "" : ", ", fi.name, text);
+  });
+  return "{" + items + "}";
+}
 template <class T>
 std::string yaml_value(const std::vector<T>& v) {
   std::string items;
@@ -51,6 +72,13 @@ std::string type_name(const E*) {
   std::string names;
   for (const std::string& n : enum_names<E>()) names += (names.empty() ? "" : " \\| ") + n;
   return names;
+}
+template <class S>
+requires requires(const S& s) {
+  S::visit(s, [](const FieldInfo&, const auto&, const auto&) {});
+}
+std::string type_name(const S*) {
+  return "mapping";
 }
 template <class T>
 std::string type_name(const std::vector<T>*) {

@@ -24,6 +24,11 @@ struct ExecOptions {
   bool fp32_grads = false;
   // MoE statistics kept per block between resets: the micro-batches of one optimizer step.
   int moe_stat_records = 1;
+  // Forward only (a distillation teacher): the parameters keep no gradients; backward is a bug.
+  bool frozen = false;
+  // Distillation: the last stage's training activation sets hold the teacher's logits (N, Vl)
+  // and the KD loss's statistics, and the scratch its gradient (model/distill_loss.h).
+  bool distill = false;
 };
 
 }  // namespace tessera

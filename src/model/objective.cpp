@@ -32,8 +32,8 @@ void cross_entropy_rows(const LossInputs& in, const CrossEntropyBuffers& ce) {
   ops::cross_entropy_shard_finish(ce.losses, ce.lse, row_max, sum_exp, target_logit, in.targets);
 }
 
-// Mean of the per-row losses over valid targets, summed in double on the host (N values: cheap,
-// deterministic).
+}  // namespace
+
 double mean_loss(const Tensor& losses, int64_t num_valid) {
   const int64_t N = losses.numel();
   std::vector<double> host(N);
@@ -50,7 +50,6 @@ double mean_loss(const Tensor& losses, int64_t num_valid) {
   return num_valid > 0 ? sum / double(num_valid) : 0.0;
 }
 
-}  // namespace
 
 LossValues Objective::forward(const LossInputs& in, const CrossEntropyBuffers& ce) const {
   cross_entropy_rows(in, ce);
@@ -58,9 +57,10 @@ LossValues Objective::forward(const LossInputs& in, const CrossEntropyBuffers& c
   v.ce = mean_loss(ce.losses, in.num_valid);
   v.total = double(ce_weight_) * v.ce;
   for (const auto& t : terms_) {
-    const double x = t->forward(in);
-    v.terms.emplace_back(t->name(), x);
-    v.total += x;
+    const float w = t->weight();
+    const double x = w != 0.0f ? t->forward(in) : 0.0;
+    v.terms.push_back({t->name(), x, w});
+    v.total += double(w) * x;
   }
   return v;
 }
@@ -68,7 +68,8 @@ LossValues Objective::forward(const LossInputs& in, const CrossEntropyBuffers& c
 void Objective::backward(const LossInputs& in, const CrossEntropyBuffers& ce,
                          float loss_scale) const {
   std::vector<Tensor> extra;
-  for (const auto& t : terms_) extra.push_back(t->backward(in, loss_scale));
+  for (const auto& t : terms_)
+    if (t->weight() != 0.0f) extra.push_back(t->backward(in, loss_scale));
   // d(loss_scale * ce_weight * mean) / d loss_n = loss_scale * ce_weight / valid.
   ops::cross_entropy_backward(in.logits, in.logits, ce.lse, in.targets, in.vocab_size,
                               loss_scale * ce_weight_ / float(in.num_valid), in.vocab_start);

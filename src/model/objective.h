@@ -14,6 +14,15 @@
 
 namespace tessera {
 
+// Distillation's tensors for one micro-batch (model/distill_loss.h), kept in its activation set.
+struct DistillBuffers {
+  Tensor teacher_logits;  // (N, Vl): the teacher's logits over the same columns
+  Tensor losses;          // (N) f32: per-row T^2 KL
+  Tensor lse;             // (2, N) f32: tempered log-sum-exp of the student and the teacher
+  Tensor stats;           // (5, N) f32 under tp > 1: two row maxima, then three sums
+  Tensor grad;            // (N, Vl): the term's gradient (scratch shared by the sets)
+};
+
 // What a loss term reads: this rank's logits slice and the targets (-1: ignored).
 struct LossInputs {
   Tensor logits;   // (N, Vl), columns [vocab_start, vocab_start + Vl) of the padded vocabulary
@@ -22,24 +31,36 @@ struct LossInputs {
   int vocab_size = 0;                 // real vocabulary; columns past it are padding
   int64_t vocab_start = 0;            // tp rank * Vl
   const ModelShard* shard = nullptr;  // tp_comm reduces over the vocabulary slices
+  DistillBuffers distill;             // empty unless ExecOptions::distill
 };
 
+// An extra term of the objective. A term whose weight is 0 is not evaluated at all (its value
+// reads 0 and it adds no gradient), so a zero-weight term leaves training bit for bit as without
+// it.
 class LossTerm {
  public:
   virtual ~LossTerm() = default;
   virtual const char* name() const = 0;
-  // The weighted term for this micro-batch (a mean over its valid targets).
+  virtual float weight() const = 0;
+  // The unweighted term for this micro-batch (a mean over its valid targets).
   virtual double forward(const LossInputs& in) = 0;
-  // scale * d(weighted term)/d(logits) in a (N, Vl) tensor of the logits' dtype that the term
+  // scale * weight * d(term)/d(logits) in a (N, Vl) tensor of the logits' dtype that the term
   // owns; called before the cross-entropy overwrites the logits.
   virtual Tensor backward(const LossInputs& in, float scale) = 0;
 };
 
+// One extra term's value (unweighted) and the weight it entered the total with.
+struct LossPart {
+  std::string name;
+  double value = 0.0;
+  float weight = 0.0f;
+};
+
 // The value of each part of the objective for one micro-batch.
 struct LossValues {
-  double total = 0.0;  // ce_weight * ce + the extra terms
+  double total = 0.0;  // ce_weight * ce + sum of weight * term
   double ce = 0.0;     // unweighted cross-entropy (mean over valid targets)
-  std::vector<std::pair<std::string, double>> terms;  // the extra terms, weighted
+  std::vector<LossPart> terms;
 };
 
 // Statistics the vocabulary-parallel cross-entropy keeps between forward and backward.
@@ -47,6 +68,10 @@ struct CrossEntropyBuffers {
   Tensor losses, lse;  // (N), (N) f32 (f64 for f64 logits)
   Tensor stats;        // (3, N) under tp > 1: row max, sum of exp, target logit
 };
+
+// Mean of per-row losses (N) f32/f64 over num_valid targets (ignored rows hold 0), summed in
+// double on the host: N values, cheap and deterministic.
+double mean_loss(const Tensor& losses, int64_t num_valid);
 
 class Objective {
  public:

@@ -41,15 +41,17 @@ void ParamStore::align_expert_runs(int64_t multiple) {
 // Master weights are f32 whatever the compute dtype (f64 stays f64: the CPU reference tests).
 static DType master_dtype_for(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
 
-size_t ParamStore::bytes_for(int64_t n, DType dtype, bool with_master, bool fp32_grads) {
+size_t ParamStore::bytes_for(int64_t n, DType dtype, bool with_master, bool fp32_grads,
+                             bool with_grads) {
   const DType mdt = master_dtype_for(dtype);
   return Arena::aligned(dtype_storage_bytes(dtype, n)) +
-         Arena::aligned(dtype_storage_bytes(grad_dtype_for(dtype, fp32_grads), n)) +
+         (with_grads ? Arena::aligned(dtype_storage_bytes(grad_dtype_for(dtype, fp32_grads), n))
+                     : 0) +
          (with_master && mdt != dtype ? Arena::aligned(dtype_storage_bytes(mdt, n)) : 0);
 }
 
 void ParamStore::allocate(DType dtype, Device device, Arena* arena, int64_t pad_multiple,
-                          bool with_master, bool fp32_grads) {
+                          bool with_master, bool fp32_grads, bool with_grads) {
   TS_CHECK(pad_multiple >= 1, "pad_multiple {}", pad_multiple);
   dtype_ = dtype;
   grad_dtype_ = grad_dtype_for(dtype, fp32_grads);
@@ -60,11 +62,13 @@ void ParamStore::allocate(DType dtype, Device device, Arena* arena, int64_t pad_
   const size_t master_bytes = dtype_storage_bytes(master_dtype_, padded_elements_);
   Arena own;
   if (!arena) {
-    own = Arena(device, bytes_needed(dtype, pad_multiple, with_master, fp32_grads), "parameters");
+    own = Arena(device, bytes_needed(dtype, pad_multiple, with_master, fp32_grads, with_grads),
+                "parameters");
     arena = &own;
   }
   values_ = arena->alloc_bytes(bytes);
-  grads_ = arena->alloc_bytes(dtype_storage_bytes(grad_dtype_, padded_elements_));
+  grads_ =
+      with_grads ? arena->alloc_bytes(dtype_storage_bytes(grad_dtype_, padded_elements_)) : nullptr;
   if (master_dtype_ == dtype)
     master_ = values_;  // f32 compute: the values are the masters
   else
@@ -73,7 +77,7 @@ void ParamStore::allocate(DType dtype, Device device, Arena* arena, int64_t pad_
   for (Param& p : params_) {
     const int64_t off = static_cast<int64_t>(p.offset), end = off + p.spec.shape.numel();
     p.value = flat_values().slice(off, end).view(p.spec.shape);
-    p.grad = flat_grads().slice(off, end).view(p.spec.shape);
+    p.grad = has_grads() ? flat_grads().slice(off, end).view(p.spec.shape) : Tensor();
     p.master = has_master() ? flat_master().slice(off, end).view(p.spec.shape) : Tensor();
   }
   if (padded_elements_ > 0) zero_tensor(flat_values());  // the padding stays zero
@@ -137,7 +141,7 @@ void ParamStore::refresh_values() {
 }
 
 void ParamStore::zero_grad() {
-  if (padded_elements_ > 0) zero_tensor(flat_grads());
+  if (padded_elements_ > 0 && has_grads()) zero_tensor(flat_grads());
 }
 
 const Param& ParamStore::find(const std::string& name) const {
@@ -150,6 +154,7 @@ Tensor ParamStore::flat_values() const {
   return Tensor(values_, dtype_, device_, {padded_elements_});
 }
 Tensor ParamStore::flat_grads() const {
+  if (!grads_) return Tensor();
   return Tensor(grads_, grad_dtype_, device_, {padded_elements_});
 }
 Tensor ParamStore::flat_master() const {

@@ -54,7 +54,7 @@ struct ParamSpec {
 struct Param {
   ParamSpec spec;
   Tensor value;       // compute dtype, on the model's device: what forward/backward read
-  Tensor grad;        // same dtype and shape; accumulated by backward
+  Tensor grad;        // same shape, grad_dtype(); accumulated by backward (empty when frozen)
   Tensor master;      // f32 master weights the optimizer updates; the same memory as value when the
                       // compute dtype is f32 (or f64 in tests), a separate copy otherwise; empty
                       // when the store keeps no masters (ZeRO-1 keeps its shard in the optimizer)
@@ -77,14 +77,16 @@ class ParamStore {
   // 16-bit values the gradients are f32 (grad_dtype_for): they accumulate micro-batches and
   // reduce over dp in FP32 (Megatron's main_grad, the weight-gradient GEMMs accumulating straight
   // into it); otherwise they have the values' dtype. bytes_needed() is what allocate() takes.
+  // with_grads = false (a frozen model: a distillation teacher) keeps no gradients at all.
   void allocate(DType dtype, Device device, Arena* arena = nullptr, int64_t pad_multiple = 1,
-                bool with_master = true, bool fp32_grads = false);
+                bool with_master = true, bool fp32_grads = false, bool with_grads = true);
   size_t bytes_needed(DType dtype, int64_t pad_multiple = 1, bool with_master = true,
-                      bool fp32_grads = false) const {
-    return bytes_for(padded(num_elements_, pad_multiple), dtype, with_master, fp32_grads);
+                      bool fp32_grads = false, bool with_grads = true) const {
+    return bytes_for(padded(num_elements_, pad_multiple), dtype, with_master, fp32_grads,
+                     with_grads);
   }
   static size_t bytes_for(int64_t num_elements, DType dtype, bool with_master = true,
-                          bool fp32_grads = false);
+                          bool fp32_grads = false, bool with_grads = true);
   static DType grad_dtype_for(DType dtype, bool fp32_grads) {
     return fp32_grads && (dtype == DType::bf16 || dtype == DType::f16) ? DType::f32 : dtype;
   }
@@ -114,7 +116,8 @@ class ParamStore {
   std::vector<Param>& all() { return params_; }
 
   Tensor flat_values() const;  // (padded_num_elements)
-  Tensor flat_grads() const;   // (padded_num_elements)
+  Tensor flat_grads() const;   // (padded_num_elements); empty without gradients
+  bool has_grads() const { return grads_ != nullptr; }
   Tensor flat_master() const;  // (padded_num_elements) f32 (f64 in tests); empty without masters
   DType master_dtype() const { return master_dtype_; }
   DType dtype() const { return dtype_; }

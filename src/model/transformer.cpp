@@ -79,6 +79,11 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
     total += al(N * C * e) + al(N * s) * 2 + al(N * V * (head32 ? 4 : e)) + al(N * s) * 2 +
              al(N * C * e);
     if (sh.tp_size > 1) total += al(3 * N * s);
+    if (training && exec.distill) {  // teacher logits and KD statistics; the gradient is scratch
+      const size_t le = head32 ? 4 : e;
+      total += al(N * V * le) + al(N * s) + al(2 * N * s) + (sh.tp_size > 1 ? al(5 * N * s) : 0) +
+               (shares ? 0 : al(N * V * le));
+    }
     // FP32 gradients take the head's f32 weight gradient directly; 16-bit ones need it formed
     // apart (head_dw32) and rounded (head_dw).
     if (head32)
@@ -144,6 +149,14 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
     losses = ar.alloc(st, {N});
     lse = ar.alloc(st, {N});
     if (model.shard_.tp_size > 1) ce_stats = ar.alloc(st, {3, N});
+    if (training && model.exec_.distill) {
+      DistillBuffers& d = distill;
+      d.teacher_logits = ar.alloc(logits.dtype, {N, c.padded_vocab_size});
+      d.losses = ar.alloc(st, {N});
+      d.lse = ar.alloc(st, {2, N});
+      if (model.shard_.tp_size > 1) d.stats = ar.alloc(st, {5, N});
+      d.grad = share ? share->distill.grad : ar.alloc(logits.dtype, {N, c.padded_vocab_size});
+    }
     d_lnf = ar.alloc(dt, {N, c.hidden});
   }
   d_resid = ar.alloc(dt, {N, c.hidden});
@@ -167,7 +180,7 @@ Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Are
   for (Block& b : blocks_) b.set_attention_impl(exec.attention);
   dtype_ = dtype;
   device_ = device;
-  params_.allocate(dtype, device, arena, pad_multiple, with_master, exec.fp32_grads);
+  params_.allocate(dtype, device, arena, pad_multiple, with_master, exec.fp32_grads, !exec.frozen);
   allocate_moe_records();
   TS_CHECK(!exec.fp32_embedding || with_master || dtype == DType::f32 || dtype == DType::f64,
            "fp32_embedding reads the FP32 master table, which this store does not keep");
@@ -265,9 +278,10 @@ ParamStore Transformer::declared_params(const ModelConfig& cfg, const ModelShard
 }
 
 size_t Transformer::param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
-                                int64_t pad_multiple, bool with_master, bool fp32_grads) {
+                                int64_t pad_multiple, bool with_master, bool fp32_grads,
+                                bool with_grads) {
   const int64_t n = ParamStore::padded(local_num_params(cfg, shard), pad_multiple);
-  return ParamStore::bytes_for(n, dtype, with_master, fp32_grads);
+  return ParamStore::bytes_for(n, dtype, with_master, fp32_grads, with_grads);
 }
 
 void Transformer::declare_params() {
@@ -385,6 +399,7 @@ LossInputs Transformer::loss_inputs(const Activations& a, Tensor targets) const 
   in.vocab_size = cfg_.vocab_size;
   in.vocab_start = int64_t(shard_.tp_rank) * local_.padded_vocab_size;
   in.shard = &shard_;
+  in.distill = a.distill;
   return in;
 }
 
@@ -405,6 +420,7 @@ void Transformer::backward(Activations& a, Tensor tokens, Tensor targets, float 
 
 void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, float loss_scale) {
   TS_CHECK(a.training_, "backward on activations allocated for inference");
+  TS_CHECK(!exec_.frozen, "backward through a frozen model");
   const int L = local_.num_layers;
   if (shard_.last_stage()) {
     const LossInputs in = loss_inputs(a, targets);

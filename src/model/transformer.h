@@ -56,6 +56,9 @@ class Activations {
   Tensor stage_input() const { return resid.front(); }
   Tensor stage_output() const { return resid.back(); }
   Tensor stage_grad() const { return d_resid; }
+  // Distillation (ExecOptions::distill, last stage, training): where the teacher's logits (N, Vl)
+  // for this micro-batch go before loss_forward; empty otherwise.
+  Tensor teacher_logits() const { return distill.teacher_logits; }
 
  private:
   friend class Transformer;
@@ -81,6 +84,7 @@ class Activations {
   Tensor d_lnf32, head_dw32, head_dw;
   Tensor losses, lse;  // (N), (N)
   Tensor ce_stats;     // (3,N) tp > 1: row max, then sum of exp and target logit
+  DistillBuffers distill;  // ExecOptions::distill, training: the KD term's tensors
   Tensor d_lnf;        // (N,C)
   Tensor d_resid;      // (N,C)
 };
@@ -94,7 +98,7 @@ class Transformer {
               const ExecOptions& exec = {});
   static size_t param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
                             int64_t pad_multiple = 1, bool with_master = true,
-                            bool fp32_grads = false);
+                            bool fp32_grads = false, bool with_grads = true);
   static int64_t local_num_params(const ModelConfig& cfg, const ModelShard& shard);
   // This rank's parameters declared (names, shapes, offsets) but not allocated: enough to plan
   // memory and data-parallel buckets before anything is allocated.

@@ -5,6 +5,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "core/log.h"
@@ -64,6 +65,36 @@ void load_fp8_state(const io::CheckpointReader& ck, const std::string& dir, Fp8L
 }
 
 }  // namespace
+
+void read_param_slice(const io::CheckpointReader& ck, const std::string& name,
+                      const ParamSpec& spec, int vocab_size, DType dtype, void* dst) {
+  const std::string& dir = ck.path();
+  const SliceBox want = box_of(spec);
+  if (!ck.has_tensor(name)) TS_USER_ERROR("checkpoint {} has no tensor '{}'", dir, name);
+  if (ck.dtype(name) != dtype)
+    TS_USER_ERROR("checkpoint {}: tensor '{}' is {}, expected {}", dir, name,
+                  dtype_name(ck.dtype(name)), dtype_name(dtype));
+  const std::vector<int64_t>& gs = ck.global_shape(name);
+  // Vocabulary tables may differ in padding rows only (padding rounds up to tp): those rows
+  // never reach a loss or an output, so they are read where both have them and zero otherwise.
+  const bool vocab_table = gs.size() == 2 && want.global_shape.size() == 2 &&
+                           gs[1] == want.global_shape[1] &&
+                           std::min(gs[0], want.global_shape[0]) >= vocab_size &&
+                           (spec.name == "embed.wte" || spec.name == "lm_head.weight");
+  if (gs != want.global_shape && !vocab_table)
+    TS_USER_ERROR("checkpoint {}: tensor '{}' has global shape [{}], this model needs [{}]", dir,
+                  name, fmt::join(gs, ", "), fmt::join(want.global_shape, ", "));
+  std::vector<int64_t> shape = want.shape;
+  if (vocab_table) {
+    shape[0] =
+        std::max<int64_t>(0, std::min(want.offset[0] + want.shape[0], gs[0]) - want.offset[0]);
+    // Rows past what the checkpoint holds read as zero.
+    const int64_t row_bytes = int64_t(dtype_size(dtype)) * want.shape[1];
+    std::memset(static_cast<char*>(dst) + shape[0] * row_bytes, 0,
+                size_t((want.shape[0] - shape[0]) * row_bytes));
+  }
+  if (shape[0] > 0) ck.read_slice(name, want.offset, shape, dst);
+}
 
 void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
                      const DistributedOptimizer& opt, PrecisionState prec, int64_t step,
@@ -164,33 +195,11 @@ int64_t load_checkpoint(const std::string& dir, const Recipe& r, Transformer& mo
   HostOptimizerState state;
   state.allocate(ps.master_dtype(), ps.padded_num_elements());
   for (const Param& p : ps.all()) {
-    const SliceBox want = box_of(p.spec);
     const std::pair<std::string, Tensor> parts[] = {{p.spec.name, state.master_of(p)},
                                                     {"optim.m." + p.spec.name, state.m_of(p)},
                                                     {"optim.v." + p.spec.name, state.v_of(p)}};
-    for (const auto& [name, dst] : parts) {
-      if (!ck.has_tensor(name)) TS_USER_ERROR("checkpoint {} has no tensor '{}'", dir, name);
-      if (ck.dtype(name) != ps.master_dtype())
-        TS_USER_ERROR("checkpoint {}: tensor '{}' is {}, expected {}", dir, name,
-                      dtype_name(ck.dtype(name)), dtype_name(ps.master_dtype()));
-      const std::vector<int64_t>& gs = ck.global_shape(name);
-      // Vocabulary tables may differ in padding rows only (padding rounds up to tp): those rows
-      // never reach a loss or an output, so they are read where both have them and zero
-      // otherwise.
-      const bool vocab_table = gs.size() == 2 && want.global_shape.size() == 2 &&
-                               gs[1] == want.global_shape[1] &&
-                               std::min(gs[0], want.global_shape[0]) >= r.model.vocab_size &&
-                               (p.spec.name == "embed.wte" || p.spec.name == "lm_head.weight");
-      if (gs != want.global_shape && !vocab_table)
-        TS_USER_ERROR("checkpoint {}: tensor '{}' has global shape [{}], this model needs [{}]",
-                      dir, name, fmt::join(gs, ", "), fmt::join(want.global_shape, ", "));
-      std::vector<int64_t> shape = want.shape;
-      if (vocab_table)
-        shape[0] =
-            std::max<int64_t>(0, std::min(want.offset[0] + want.shape[0], gs[0]) - want.offset[0]);
-      if (shape[0] > 0)  // dst starts zeroed (HostOptimizerState::allocate), rows past shape stay 0
-        ck.read_slice(name, want.offset, shape, dst.data);
-    }
+    for (const auto& [name, dst] : parts)
+      read_param_slice(ck, name, p.spec, r.model.vocab_size, ps.master_dtype(), dst.data);
   }
   opt.load_state(ps, state);
   opt.set_step_count(std::stoll(ck.meta("optimizer_step")));

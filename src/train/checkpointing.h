@@ -8,6 +8,7 @@
 #include <string>
 
 #include "config/recipe.h"
+#include "io/checkpoint.h"
 #include "model/transformer.h"
 #include "optim/distributed_optimizer.h"
 #include "optim/fp8_linear.h"
@@ -23,6 +24,13 @@ struct PrecisionState {
   LossScaler* scaler = nullptr;
   Fp8Linears* fp8 = nullptr;
 };
+
+// Reads the slice of checkpoint tensor `name` that parameter `spec` holds on this rank, into
+// `dst` (host memory, spec.shape elements of `dtype`, which the tensor must have), from whatever
+// layout wrote it. The embedding and head tables may differ from the checkpoint's in padding rows
+// only (rows at and past vocab_size): rows it lacks read as zero.
+void read_param_slice(const io::CheckpointReader& ck, const std::string& name,
+                      const ParamSpec& spec, int vocab_size, DType dtype, void* dst);
 
 void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
                      const DistributedOptimizer& opt, PrecisionState prec, int64_t step,

@@ -12,6 +12,7 @@
 #include "optim/distributed_optimizer.h"
 #include "train/pipeline_executor.h"
 #include "train/run_options.h"
+#include "train/teacher.h"
 
 namespace tessera {
 
@@ -57,16 +58,28 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
         ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp, r.model.num_kv_heads / par.tp,
                                   r.model.resolved_head_dim(), in.dtype, in.exec.attention);
   if (r.precision.compute == Compute::fp8) plan.fp8 = fp8_bytes(r, in.shard);
+  if (in.teacher) {
+    const TeacherSpec& t = *in.teacher;
+    plan.teacher = Teacher::bytes_needed(t, in.shard, B, T, in.exec.attention);
+    if (in.device == Device::cuda)  // one workspace serves both models
+      plan.workspace = std::max(
+          plan.workspace,
+          ops::cuda_workspace_bytes(B, T, t.model.num_heads / par.tp,
+                                    t.model.num_kv_heads / par.tp, t.model.resolved_head_dim(),
+                                    t.dtype, in.exec.attention));
+  }
   return plan;
 }
 
-PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device) {
+PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device,
+                       std::optional<TeacherSpec> teacher) {
   return {shard,
           exec_options(r, shard.pp_rank),
           compute_dtype(r.precision.compute),
           device,
           run_schedule(r),
-          run_flush_micro(r)};
+          run_flush_micro(r),
+          std::move(teacher)};
 }
 
 std::vector<StagePlan> plan_stages(const Recipe& r, Device device) {
@@ -83,7 +96,10 @@ std::vector<StagePlan> plan_stages(const Recipe& r, Device device) {
     st.num_layers = shard.num_layers;
     const ParamStore declared = Transformer::declared_params(r.model, shard);
     for (const Param& p : declared.all()) st.params_held += p.spec.shape.numel();
-    st.plan = plan_memory(r, plan_inputs(r, shard, device));
+    // The teacher's tokenizer is not checked here (that needs the dataset): Run checks it.
+    std::optional<TeacherSpec> teacher;
+    if (r.distill.enabled()) teacher = read_teacher_spec(r, "");
+    st.plan = plan_memory(r, plan_inputs(r, shard, device, std::move(teacher)));
     out.push_back(st);
   }
   return out;
@@ -95,12 +111,12 @@ void check_plan_fits(const MemoryPlan& plan, Device device, const std::string& r
   TS_USER_ERROR(
       "{}: this run needs {:.2f} GB of GPU memory per rank (parameters {:.2f}, "
       "optimizer {:.2f}, activations and pipeline buffers {:.2f}, workspace {:.2f}, "
-      "fp8 copies {:.2f}) but {:.2f} GB of {:.2f} are free; lower data.micro_batch or "
-      "data.seq_len, set train.recompute: true, or spread the model with parallel.tp "
-      "/ parallel.pp",
+      "fp8 copies {:.2f}, distillation teacher {:.2f}) but {:.2f} GB of {:.2f} are free; lower "
+      "data.micro_batch or data.seq_len, set train.recompute: true, or spread the model with "
+      "parallel.tp / parallel.pp",
       recipe_file, plan.total() / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
-      plan.train_acts / 1e9, plan.workspace / 1e9, plan.fp8 / 1e9, free_bytes / 1e9,
-      total_bytes / 1e9);
+      plan.train_acts / 1e9, plan.workspace / 1e9, plan.fp8 / 1e9, plan.teacher / 1e9,
+      free_bytes / 1e9, total_bytes / 1e9);
 }
 
 }  // namespace tessera

@@ -3,6 +3,7 @@
 // numbers instead of failing halfway, and one arena of exactly plan.arena() bytes serves the run.
 #pragma once
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "model/exec_options.h"
 #include "model/model_shard.h"
 #include "parallel/pipeline_schedule.h"
+#include "train/teacher.h"
 
 namespace tessera {
 
@@ -22,9 +24,11 @@ struct MemoryPlan {
   size_t train_acts = 0;  // the pipeline executor's activation sets, batches and p2p buffers
   size_t workspace = 0;   // GEMM + attention scratch of the CUDA backend
   size_t fp8 = 0;         // outside the arena: FP8 weight copies (W, W^T), scratch, saved x^T
+  size_t teacher = 0;     // outside the arena: the distillation teacher's own arena (weights and
+                          // one forward), freed once the curriculum no longer needs it
 
-  size_t arena() const;  // what the arena holds: everything but fp8
-  size_t total() const { return arena() + fp8; }
+  size_t arena() const;  // what the arena holds: everything but fp8 and the teacher
+  size_t total() const { return arena() + fp8 + teacher; }
 };
 
 // What the plan needs to know about the run besides the recipe.
@@ -34,14 +38,16 @@ struct PlanInputs {
   DType dtype = DType::f32;
   Device device = Device::cpu;
   PipelineSchedule schedule = PipelineSchedule::one_f_one_b;
-  int flush_micro = 1;  // micro-batches per pipeline flush
+  int flush_micro = 1;                 // micro-batches per pipeline flush
+  std::optional<TeacherSpec> teacher;  // distillation's teacher (distill.teacher)
 };
 
 MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in);
 
 // What Run plans with for the rank holding `shard` (run_options.h): its stage's execution options,
 // the compute dtype, the schedule and the flush size.
-PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device);
+PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device,
+                       std::optional<TeacherSpec> teacher = std::nullopt);
 
 // From the recipe alone (no ranks, communicators or allocation; the recipe's vocabulary must be
 // known): the plan of every pipeline stage's first rank (tp 0, ep 0; every tp and ep rank of a

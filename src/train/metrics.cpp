@@ -117,6 +117,15 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
     rec["moe_layers"] = layers;
     moe = fmt::format(" | aux {:.4f}", aux);
   }
+  std::string kd;
+  if (s.distill) {
+    rec["alpha"] = s.kd_weights.alpha;
+    rec["temperature"] = s.kd_weights.temperature;
+    rec["kd_loss"] = s.kd_loss;
+    rec["ce_loss"] = s.ce_loss;
+    kd = fmt::format(" | ce {:.4f} kd {:.4f} (alpha {:.2f}, T {:.2f})", s.ce_loss, s.kd_loss,
+                     s.kd_weights.alpha, s.kd_weights.temperature);
+  }
   std::string mfu;
   if (run_.device() == Device::cuda) {
     rec["mfu"] = step_flops_ / seconds / (kPeakBf16Flops * num_gpus);
@@ -133,8 +142,8 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
   const std::string scale =
       run_.scaler() ? fmt::format(" | scale {}{}", s.loss_scale, s.skipped ? " (skipped)" : "")
                     : std::string();
-  log_info("step {:>5}/{} | loss {:.4f}{} | lr {:.2e} | norm {:.3f}{} | {:.0f} tok/s{} | eta {}",
-           done, r.train.steps, s.loss, moe, s.lr, s.grad_norm, scale, tok_per_s, mfu,
+  log_info("step {:>5}/{} | loss {:.4f}{}{} | lr {:.2e} | norm {:.3f}{} | {:.0f} tok/s{} | eta {}",
+           done, r.train.steps, s.loss, kd, moe, s.lr, s.grad_norm, scale, tok_per_s, mfu,
            format_duration(eta));
 }
 

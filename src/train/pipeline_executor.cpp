@@ -20,6 +20,17 @@ int tag_of(PipeOp op, int m) {
   const bool grad = op == PipeOp::send_backward || op == PipeOp::recv_backward;
   return 2 * m + (grad ? 1 : 0);
 }
+// Adds a micro-batch's objective parts to the running sums.
+void add_parts(LossValues& sum, const LossValues& v) {
+  sum.total += v.total;
+  sum.ce += v.ce;
+  if (sum.terms.empty()) sum.terms = std::vector<LossPart>(v.terms.size());
+  for (size_t i = 0; i < v.terms.size(); ++i) {
+    sum.terms[i].name = v.terms[i].name;
+    sum.terms[i].value += v.terms[i].value;
+    sum.terms[i].weight = v.terms[i].weight;
+  }
+}
 }  // namespace
 
 size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
@@ -200,11 +211,13 @@ PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& ac
       s.batch->upload();
       model_.forward_stage(*s.acts, s.batch->tokens);
       if (last) {
+        if (training && teacher_) teacher_(s.batch->tokens, s.acts->teacher_logits());
         const LossValues loss = model_.loss_forward(*s.acts, s.batch->labels);
         const int64_t valid = s.batch->num_valid();
         // Training reports the whole objective; evaluation the cross-entropy, token-weighted.
         res.loss_sum += training ? loss.total : loss.ce * double(valid);
         res.valid += valid;
+        if (training) add_parts(res.parts, loss);
         if (!training) release_slot(a.microbatch);
       }
     } else {  // backward

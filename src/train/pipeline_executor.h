@@ -17,6 +17,8 @@ class PipelineExecutor {
  public:
   // Fills micro-batch m (host vectors of `batch`); the executor uploads it.
   using FillFn = std::function<void(int m, Batch& batch)>;
+  // Distillation: writes the teacher's logits (N, Vl) for tokens (B, T) into `out`.
+  using TeacherFn = std::function<void(Tensor tokens, Tensor out)>;
 
   // pp_comm: this rank's pipeline group (its rank is the stage). Training activation sets are
   // sized by the schedule's peak live micro-batches; everything comes from `arena`.
@@ -30,7 +32,13 @@ class PipelineExecutor {
     double loss_sum = 0.0;  // last stage: sum over micro-batches of their mean loss (train) or
                             // of loss * valid tokens (eval); other stages 0
     int64_t valid = 0;      // last stage: valid target tokens seen
+    // Training, last stage: the sums over micro-batches of the objective's parts (the
+    // cross-entropy and each extra term, unweighted).
+    LossValues parts;
   };
+  // Distillation: the teacher to run beside each training forward on the last stage (the
+  // activation set's teacher_logits); empty: none (evaluation never runs it).
+  void set_teacher(TeacherFn fn) { teacher_ = std::move(fn); }
   // One step's forwards and backwards. Each micro-batch's loss is scaled by loss_scale in
   // backward. before_last_backward runs just before the step's final backward on this stage (the
   // data-parallel buckets are launched during it).
@@ -87,6 +95,7 @@ class PipelineExecutor {
   std::vector<Slot> eval_slots_;        // one: evaluation frees a set as soon as its output is sent
   std::vector<Slot>* slots_ = nullptr;  // the set in use
   P2PBuffers send_fwd_, recv_fwd_, send_bwd_, recv_bwd_;
+  TeacherFn teacher_;
 };
 
 }  // namespace tessera

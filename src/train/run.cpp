@@ -117,7 +117,9 @@ Run::Run(const Recipe& recipe)
   flush_micro_ = run_flush_micro(r);
   const ExecOptions exec = exec_options(r, me.pp_rank);
 
-  plan_ = plan_memory(r, plan_inputs(r, shard_, device_));
+  std::optional<TeacherSpec> teacher;
+  if (r.distill.enabled()) teacher = read_teacher_spec(r, data_.tokenizer_hash());
+  plan_ = plan_memory(r, plan_inputs(r, shard_, device_, teacher));
   check_plan_fits(plan_, device_, r.file);
   arena_ = Arena(device_, plan_.arena(), "device memory");
   if (plan_.workspace > 0)
@@ -151,6 +153,19 @@ Run::Run(const Recipe& recipe)
         load_checkpoint(resume, r, *model_, *opt_, precision_state(), data_.tokenizer_hash());
     if (rank0()) log_info("resumed from {} at step {}", resume, start_step_);
   }
+  if (teacher) {
+    auto kd = std::make_unique<DistillLoss>(r.distill.reverse_kl);
+    kd_ = kd.get();
+    model_->objective().add_term(std::move(kd));
+    // A run resumed after the soft-label phases never loads the teacher.
+    if (teacher_needed_from(r.distill, start_step_, r.train.steps)) {
+      teacher_ = std::make_unique<Teacher>(*teacher, shard_, device_, r.data.micro_batch,
+                                           r.data.seq_len, r.train.attention);
+      if (rank0())
+        log_info("distillation: teacher {} ({} parameters, {}), {:.2f} GB per rank", teacher->dir,
+                 teacher->model.num_params(), dtype_name(teacher->dtype), teacher_->bytes() / 1e9);
+    }
+  }
   pipe_ =
       std::make_unique<PipelineExecutor>(*model_, ctx_->comm(Group::pp), schedule_, flush_micro_,
                                          r.data.micro_batch, r.data.seq_len, arena_);
@@ -167,6 +182,12 @@ Run::Run(const Recipe& recipe)
 double Run::replica_sum(double x) {
   const bool reports = shard_.last_stage() && ctx_->coord().tp_rank == 0;
   return ctx_->host_comm(Group::world).all_reduce_scalar(reports ? x : 0.0, ReduceOp::sum);
+}
+
+void Run::free_teacher() {
+  if (!teacher_) return;
+  teacher_.reset();
+  if (rank0()) log_info("distillation: the curriculum no longer needs the teacher; freed it");
 }
 
 void Run::save(int64_t step) {

@@ -1,7 +1,7 @@
 // Run: everything a training job builds once from its recipe — device and compute dtype, the
 // parallel context, the data, the memory plan and its arena, this rank's model shard and its
 // linear computation (FP8 under compute: fp8), data-parallel buckets, the optimizer, the LR
-// schedule, the loss scaler and the pipeline executor. train_step (train_step.h), evaluation,
+// schedule, the loss scaler, the pipeline executor and, when distilling, the teacher. train_step (train_step.h), evaluation,
 // checkpoints and the loop (trainer.h) take a Run; none of them builds anything.
 #pragma once
 #include <cstdint>
@@ -10,6 +10,7 @@
 
 #include "config/recipe.h"
 #include "core/memory.h"
+#include "model/distill_loss.h"
 #include "model/transformer.h"
 #include "optim/distributed_optimizer.h"
 #include "optim/fp8_linear.h"
@@ -19,6 +20,7 @@
 #include "train/checkpointing.h"
 #include "train/memory_plan.h"
 #include "train/pipeline_executor.h"
+#include "train/teacher.h"
 #include "train/train_data.h"
 
 namespace tessera {
@@ -48,6 +50,11 @@ class Run {
   const MemoryPlan& plan() const { return plan_; }
   const Arena& arena() const { return arena_; }
   int64_t start_step() const { return start_step_; }  // 0, or the resumed checkpoint's step
+  // Distillation (distill.teacher): the KD term of the objective, and the teacher while the
+  // curriculum still needs it (null otherwise); free_teacher() returns its memory for good.
+  DistillLoss* kd_loss() { return kd_; }
+  Teacher* teacher() { return teacher_.get(); }
+  void free_teacher();
 
   // Micro-batches per dp rank per step, run as num_flushes() pipeline flushes of flush_micro().
   int num_micro() const { return recipe_.micro_batches_per_step(); }
@@ -76,6 +83,8 @@ class Run {
   LrSchedule lr_;
   std::optional<LossScaler> scaler_;
   std::unique_ptr<PipelineExecutor> pipe_;
+  DistillLoss* kd_ = nullptr;  // owned by the model's objective
+  std::unique_ptr<Teacher> teacher_;
   int64_t start_step_ = 0;
 };
 

@@ -24,6 +24,7 @@ ExecOptions exec_options(const Recipe& r, int pp_rank) {
   e.fp32_embedding = r.precision.keeps_high_precision(HighPrecisionLayer::embedding);
   e.fp32_grads = r.precision.grad_reduce == GradReduce::fp32;
   e.moe_stat_records = r.micro_batches_per_step();
+  e.distill = r.distill.enabled();
   return e;
 }
 

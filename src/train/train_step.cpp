@@ -7,6 +7,7 @@
 
 #include "core/fault_inject.h"
 #include "kernels/ops.h"
+#include "train/distill.h"
 
 namespace tessera {
 
@@ -22,23 +23,38 @@ bool grads_overflowed(Run& run) {
              .all_reduce_scalar(std::isfinite(local) ? 0.0 : 1.0, ReduceOp::max) > 0.0;
 }
 
-// Forward and backward of every micro-batch of this dp rank; returns the sum of their losses.
-double forward_backward(Run& run, int64_t step, float loss_scale) {
-  double loss_sum = 0.0;
+// Forward and backward of every micro-batch of this dp rank; returns the sums of their losses
+// (total, cross-entropy and each extra term; last stage only).
+LossValues forward_backward(Run& run, int64_t step, float loss_scale) {
+  LossValues sum;
   for (int flush = 0; flush < run.num_flushes(); ++flush) {
     const auto fill = [&](int m, Batch& batch) {
       run.data().fill_train(step, flush * run.flush_micro() + m, batch);
     };
     // The data-parallel buckets launch during the step's last backward.
     const bool last = flush == run.num_flushes() - 1;
-    loss_sum += run.pipe()
-                    .train_step(fill, loss_scale,
-                                [&] {
-                                  if (last) run.ddp().begin_last_microbatch();
-                                })
-                    .loss_sum;
+    const PipelineExecutor::Result res = run.pipe().train_step(fill, loss_scale, [&] {
+      if (last) run.ddp().begin_last_microbatch();
+    });
+    sum.total += res.loss_sum;
+    sum.ce += res.parts.ce;
+    if (sum.terms.empty()) sum.terms = res.parts.terms;
+    else
+      for (size_t i = 0; i < sum.terms.size(); ++i) sum.terms[i].value += res.parts.terms[i].value;
   }
-  return loss_sum;
+  return sum;
+}
+
+// Distillation's step metrics: the curriculum's values and the mean cross-entropy and KD loss.
+void record_distill(Run& run, const DistillWeights& w, const LossValues& sum, StepResult& res) {
+  const double n = double(run.num_micro()) * run.recipe().parallel.dp;
+  res.distill = true;
+  res.kd_weights = w;
+  res.ce_loss = run.replica_sum(sum.ce) / n;
+  double kd = 0.0;
+  for (const LossPart& t : sum.terms)
+    if (t.name == std::string("kd")) kd = t.value;
+  res.kd_loss = run.replica_sum(kd) / n;
 }
 
 }  // namespace
@@ -51,16 +67,18 @@ StepResult train_step(Run& run, int64_t step) {
   fault_point(run.ctx().rank(), "train_step", step + 1);
 
   run.model().params().zero_grad();
+  const DistillWeights kd = begin_distill_step(run, step);
   const auto t0 = std::chrono::steady_clock::now();
   const float micro_scale = 1.0f / float(int64_t(run.num_micro()) * r.parallel.dp);
-  const double loss_sum = forward_backward(run, step, micro_scale * res.loss_scale);
+  const LossValues losses = forward_backward(run, step, micro_scale * res.loss_scale);
   res.pipeline_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   run.ddp().finish();
   res.busy_s = run.pipe().take_busy_seconds();
   if (fault_requested(run.ctx().rank(), "inf_grad", step + 1))  // tests: one rank overflows
     ops::fill(run.model().params().flat_grads().slice(0, 1),
               std::numeric_limits<float>::infinity());
-  res.loss = run.replica_sum(loss_sum / run.num_micro()) / r.parallel.dp;
+  res.loss = run.replica_sum(losses.total / run.num_micro()) / r.parallel.dp;
+  if (run.kd_loss()) record_distill(run, kd, losses, res);
 
   // Every rank passes the same flag, so every scaler takes the same decision.
   if (run.scaler()) res.skipped = run.scaler()->update(grads_overflowed(run));

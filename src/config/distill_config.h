@@ -1,0 +1,77 @@
+// DistillConfig (the recipe's `distill` section): knowledge distillation from a frozen teacher
+// checkpoint into the student the rest of the recipe describes, and its curriculum — phases of the
+// soft-label weight alpha (loss = alpha KD + (1 - alpha) CE) and the temperature, evaluated per
+// step by curriculum_at(). An empty teacher (the default) means no distillation; every other key
+// then is an error.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "config/enums.h"
+#include "config/field.h"
+
+namespace tessera {
+
+// clang-format off
+#define TESSERA_CURRICULUM_PHASE_FIELDS(X)                                                        \
+  X(int, end_step, 0, config::kNonNegative,                                                       \
+    "the step this phase ends at (exclusive); give it or end_fraction, except in the last phase") \
+  X(float, end_fraction, 0.0f, config::kUnitClosed,                                               \
+    "the phase's end as a fraction of train.steps (rounded to a step)")                          \
+  X(float, alpha, 1.0f, config::kUnitClosed,                                                      \
+    "soft-label weight: loss = alpha KD + (1 - alpha) CE")                                       \
+  X(float, temperature, 0.0f, config::or_auto(config::kPositive),                                 \
+    "softmax temperature of both distributions; auto: distill.temperature")                      \
+  X(CurriculumRamp, ramp, CurriculumRamp::none, config::kAny,                                     \
+    "how alpha and temperature move from the previous phase's values")                           \
+  X(int, ramp_steps, 0, config::kNonNegative,                                                     \
+    "the ramp's length in steps from the phase's start (linear or cosine)")
+// clang-format on
+
+// One phase of a curriculum: its values hold from its start (the previous phase's end, or step 0)
+// to its end, after a ramp from the previous phase's values when one is asked for.
+struct CurriculumPhase {
+  TESSERA_CONFIG_FIELDS(CurriculumPhase, TESSERA_CURRICULUM_PHASE_FIELDS)
+};
+using Curriculum = std::vector<CurriculumPhase>;
+
+// The seed article's curriculum: soft labels only for the first third of training, then a 70/30
+// mix of soft and hard labels, then hard labels only (alpha 1.0 -> 0.7 -> 0.0).
+Curriculum default_curriculum();
+
+// clang-format off
+#define TESSERA_DISTILL_FIELDS(X)                                                                 \
+  X(std::string, teacher, "", config::kAny,                                                       \
+    "the teacher: a Tessera checkpoint step directory, or a run directory (its latest checkpoint); empty: no distillation") \
+  X(TeacherPrecision, teacher_precision, TeacherPrecision::bf16, config::distill_rule(config::kAny), \
+    "dtype of the teacher's weights and forward (no gradients, no optimizer state)")           \
+  X(float, temperature, 2.0f, config::distill_rule(config::kPositive),                            \
+    "softmax temperature of phases that give none (the KD term is scaled by T^2)")              \
+  X(bool, reverse_kl, false, config::distill_rule(config::kAny),                                  \
+    "KL(student || teacher) instead of the forward KL(teacher || student)")                      \
+  X(Curriculum, curriculum, default_curriculum(), config::distill_rule(config::kAny),             \
+    "phases of alpha and temperature, in order; default: alpha 1.0, 0.7, 0.0 over thirds of train.steps")
+// clang-format on
+
+struct DistillConfig {
+  TESSERA_CONFIG_FIELDS(DistillConfig, TESSERA_DISTILL_FIELDS)
+  bool enabled() const { return !teacher.empty(); }
+};
+
+// The curriculum's values for one step.
+struct DistillWeights {
+  float alpha = 0.0f;        // KD weight; CE gets 1 - alpha
+  float temperature = 1.0f;  // T
+  bool operator==(const DistillWeights&) const = default;
+};
+
+// Where each phase ends, in steps (end_fraction resolved against total_steps; a last phase that
+// gives no end runs to total_steps).
+std::vector<int64_t> curriculum_ends(const DistillConfig& d, int64_t total_steps);
+// The values for 0-based `step` of a run of total_steps: the first phase whose end is after
+// `step`, or the last phase past every end; within a ramp, interpolated from the previous phase.
+DistillWeights curriculum_at(const DistillConfig& d, int64_t step, int64_t total_steps);
+// True while some step from `step` on has alpha > 0 (once false, the teacher can be freed).
+bool teacher_needed_from(const DistillConfig& d, int64_t step, int64_t total_steps);
+
+}  // namespace tessera

@@ -1,0 +1,25 @@
+// begin_distill_step: the curriculum applied to one step (see distill.h).
+#include "train/distill.h"
+
+namespace tessera {
+
+DistillWeights begin_distill_step(Run& run, int64_t step) {
+  const Recipe& r = run.recipe();
+  if (!run.kd_loss()) return {};
+  if (!teacher_needed_from(r.distill, step, r.train.steps)) run.free_teacher();
+  const DistillWeights w = curriculum_at(r.distill, step, r.train.steps);
+  // A step with alpha 0 runs neither the teacher nor the KD term: plain cross-entropy, bit for
+  // bit (the objective skips zero-weight terms).
+  run.kd_loss()->set(w.alpha, w.temperature);
+  run.model().objective().set_ce_weight(1.0f - w.alpha);
+  Teacher* teacher = w.alpha > 0.0f ? run.teacher() : nullptr;
+  TS_CHECK(w.alpha == 0.0f || teacher, "step {}: alpha {} but the teacher was freed", step + 1,
+           w.alpha);
+  if (teacher)
+    run.pipe().set_teacher([teacher](Tensor tokens, Tensor out) { teacher->forward(tokens, out); });
+  else
+    run.pipe().set_teacher({});
+  return w;
+}
+
+}  // namespace tessera

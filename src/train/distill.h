@@ -1,0 +1,16 @@
+// Distillation's part of a training step: the curriculum's alpha and temperature for the step set
+// on the objective (cross-entropy weight 1 - alpha, the KD term alpha at T), and the teacher
+// handed to the pipeline for the steps whose alpha > 0. The teacher is freed for good before the
+// first step from which no later step needs it.
+#pragma once
+#include <cstdint>
+
+#include "config/distill_config.h"
+#include "train/run.h"
+
+namespace tessera {
+
+// No-op without distill (returns alpha 0). `step` is 0-based.
+DistillWeights begin_distill_step(Run& run, int64_t step);
+
+}  // namespace tessera

@@ -1,0 +1,137 @@
+// The distillation teacher: its spec from the checkpoint (with the checks against the student),
+// its shard, arena and weights, and its forward.
+#include "train/teacher.h"
+
+#include <filesystem>
+#include <vector>
+
+#include "io/checkpoint.h"
+#include "kernels/ops.h"
+#include "train/checkpointing.h"
+
+namespace tessera {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// A complete step directory as given, or a run directory's latest checkpoint.
+std::string resolve_teacher_dir(const Recipe& r) {
+  const std::string& given = r.distill.teacher;
+  if (io::is_complete_checkpoint(given)) return given;
+  std::error_code ec;
+  const std::string latest = fs::is_directory(given, ec) ? io::latest_checkpoint(given) : "";
+  if (latest.empty())
+    TS_USER_ERROR(
+        "{}: distill.teacher = '{}' is neither a complete checkpoint step directory nor a run "
+        "directory holding one; train the teacher first (tessera train TEACHER_RECIPE) and name "
+        "its run or one of its runs/<name>/checkpoints/step_<N>",
+        r.file, given);
+  return latest;
+}
+
+// The student's tp must split the teacher's heads and FFN as it splits its own.
+void check_teacher_split(const Recipe& r, const TeacherSpec& t) {
+  const ModelConfig& m = t.model;
+  const int tp = r.parallel.tp;
+  const auto need = [&](int64_t value, const char* what) {
+    if (value % tp != 0)
+      TS_USER_ERROR(
+          "{}: distill.teacher {} has {} = {}, which parallel.tp = {} does not divide (the "
+          "teacher is split over the student's tp group)",
+          r.file, t.dir, what, value, tp);
+  };
+  need(m.num_heads, "model.num_heads");
+  need(m.num_kv_heads, "model.num_kv_heads");
+  need(m.ffn_hidden, "model.ffn_hidden");
+  if (m.moe.enabled() && m.moe.shared_experts > 0)
+    need(int64_t(m.moe.shared_experts) * m.moe.shared_ffn_hidden,
+         "moe.shared_experts x moe.shared_ffn_hidden");
+  if (m.moe.enabled() && r.parallel.ep > 1)
+    TS_USER_ERROR(
+        "{}: distill.teacher {} is an MoE model and parallel.ep = {}: an MoE teacher under "
+        "expert parallelism is not built yet; use ep 1",
+        r.file, t.dir, r.parallel.ep);
+}
+
+ExecOptions teacher_exec(ops::AttentionImpl attention) {
+  ExecOptions exec;
+  exec.attention = attention;
+  exec.frozen = true;
+  return exec;
+}
+
+}  // namespace
+
+TeacherSpec read_teacher_spec(const Recipe& r, const std::string& tokenizer_hash) {
+  TeacherSpec t;
+  t.dir = resolve_teacher_dir(r);
+  const io::CheckpointReader ck = io::CheckpointReader::open(t.dir);
+  t.model = parse_recipe(ck.meta("recipe"), t.dir + "/recipe").model;
+  if (!tokenizer_hash.empty() && ck.has_meta("tokenizer_hash") &&
+      ck.meta("tokenizer_hash") != tokenizer_hash)
+    TS_USER_ERROR(
+        "{}: distill.teacher {} was trained with tokenizer {}, but the student's data "
+        "(data.path) uses tokenizer {}; teacher and student must share one tokenizer",
+        r.file, t.dir, ck.meta("tokenizer_hash"), tokenizer_hash);
+  if (t.model.vocab_size != r.model.vocab_size)
+    TS_USER_ERROR(
+        "{}: distill.teacher {} has model.vocab_size = {}, the student {}; teacher and student "
+        "must share one vocabulary",
+        r.file, t.dir, t.model.vocab_size, r.model.vocab_size);
+  if (t.model.max_seq_len < r.data.seq_len)
+    TS_USER_ERROR("{}: distill.teacher {} has model.max_seq_len = {}, shorter than data.seq_len = {}",
+                  r.file, t.dir, t.model.max_seq_len, r.data.seq_len);
+  // Padding rows never reach a loss: the teacher takes the student's, so both split the
+  // vocabulary into the same column slices under tp.
+  t.model.padded_vocab_size = r.model.padded_vocab_size;
+  t.model.vocab_pad_multiple = r.model.vocab_pad_multiple;
+  check_teacher_split(r, t);
+  t.dtype = r.distill.teacher_precision == TeacherPrecision::fp32 ? DType::f32 : DType::bf16;
+  return t;
+}
+
+ModelShard teacher_shard(const TeacherSpec& t, const ModelShard& student) {
+  return ModelShard::make(t.model, student.tp_size, student.tp_rank, 1, 0, {t.model.num_layers},
+                          student.tp_comm);
+}
+
+size_t Teacher::bytes_needed(const TeacherSpec& t, const ModelShard& student, int B, int T,
+                             ops::AttentionImpl attention) {
+  const ModelShard s = teacher_shard(t, student);
+  const ExecOptions exec = teacher_exec(attention);
+  return Transformer::param_bytes(t.model, s, t.dtype, 1, /*with_master=*/false,
+                                  /*fp32_grads=*/false, /*with_grads=*/false) +
+         Activations::bytes_needed(t.model, t.dtype, B, T, /*training=*/false, s, exec);
+}
+
+Teacher::Teacher(const TeacherSpec& t, const ModelShard& student, Device device, int B, int T,
+                 ops::AttentionImpl attention) {
+  const ExecOptions exec = teacher_exec(attention);
+  const ModelShard shard = teacher_shard(t, student);
+  arena_ = Arena(device, bytes_needed(t, student, B, T, attention), "teacher");
+  model_ = std::make_unique<Transformer>(t.model, t.dtype, device, &arena_, shard, 1,
+                                         /*with_master=*/false, exec);
+  // Each rank reads its slices (FP32 masters) and rounds them to the teacher's dtype.
+  const io::CheckpointReader ck = io::CheckpointReader::open(t.dir);
+  for (const Param& p : model_->params().all()) {
+    const int64_t n = p.spec.shape.numel();
+    std::vector<float> master(n);
+    read_param_slice(ck, p.spec.name, p.spec, t.model.vocab_size, DType::f32, master.data());
+    std::vector<char> value(dtype_storage_bytes(t.dtype, n));
+    convert_buffer(master.data(), DType::f32, value.data(), t.dtype, n);
+    copy_bytes(p.value.data, device, value.data(), Device::cpu, value.size());
+  }
+  acts_ = std::make_unique<Activations>(*model_, B, T, /*training=*/false, &arena_);
+}
+
+void Teacher::forward(Tensor tokens, Tensor out) {
+  model_->forward_stage(*acts_, tokens);
+  const Tensor logits = model_->logits(*acts_);
+  if (logits.dtype == out.dtype)
+    copy_tensor(out, logits);
+  else
+    ops::cast(out, logits);
+}
+
+}  // namespace tessera
