@@ -148,18 +148,22 @@ struct KdOnline {
   }
 };
 
-// lse_s, lse_t and the KL of a row from its maxima and sums (natural units: m, cross as ops.h
-// defines them). The KL is written as the maxima's difference plus the log of the sums' ratio, so
-// two large lse values are never subtracted (as the CPU reference does).
+// lse_s, lse_t and the KL of a row from its maxima and sums. The KL is written as the maxima's
+// difference plus the log of the sums' ratio, so two large lse values are never subtracted (as
+// the CPU reference does). The maxima and the cross term are in units of `unit` (ln 2 for the
+// log2 domain of the forward kernel, 1 for the natural units of ops.h); they are converted after
+// the maxima are subtracted, so a row whose terms cancel exactly (one column, or student ==
+// teacher) gets exactly KL = 0.
 struct KdRow {
   float lse_s, lse_t, kl;
 };
 __device__ __forceinline__ KdRow finish_row(float ms, float ss, float mt, float st, float cross,
-                                            bool reverse) {
+                                            bool reverse, float unit) {
   KdRow r;
-  r.lse_s = ms + logf(ss);
-  r.lse_t = mt + logf(st);
-  r.kl = reverse ? cross / ss + (mt - ms) + logf(st / ss) : cross / st + (ms - mt) + logf(ss / st);
+  r.lse_s = ms * unit + logf(ss);
+  r.lse_t = mt * unit + logf(st);
+  r.kl = reverse ? cross / ss * unit + (mt - ms) * unit + logf(st / ss)
+                 : cross / st * unit + (ms - mt) * unit + logf(ss / st);
   return r;
 }
 
@@ -207,8 +211,7 @@ __global__ void __launch_bounds__(kRowThreads, kMinRowBlocks)
     total.merge(warp);
   }
   // Back to natural units: u = a ln(2).
-  const KdRow r = finish_row(total.ms * kLn2, total.ss, total.mt * kLn2, total.st,
-                             total.cross * kLn2, kReverse);
+  const KdRow r = finish_row(total.ms, total.ss, total.mt, total.st, total.cross, kReverse, kLn2);
   store_row(losses, lse, row, num_rows, r, targets[row] < 0, temperature);
 }
 
@@ -370,7 +373,7 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < num_rows;
        n += int64_t(gridDim.x) * blockDim.x) {
     const KdRow r = finish_row(row_max[n], sums[n], row_max[num_rows + n], sums[num_rows + n],
-                               sums[2 * num_rows + n], reverse);
+                               sums[2 * num_rows + n], reverse, 1.0f);
     store_row(losses, lse, n, num_rows, r, targets[n] < 0, temperature);
   }
 }
