@@ -49,6 +49,14 @@ void check_bias_dtype(const Tensor& matrix, const Tensor& vector, const char* op
            "{}: {} is {}, expected {} or f32", op, name, vector.str(), dtype_name(matrix.dtype));
 }
 
+// Two float operands of one call share a dtype. Checked before NarrowScope, which widens a bf16
+// and an f16 operand alike to f32 and would hide a mismatch from the kernel's own check.
+void check_same_dtype(const Tensor& first, const Tensor& other, const char* op, const char* name) {
+  TS_CHECK(first.empty() || other.empty() || other.dtype == first.dtype,
+           "{}: {} is {}, expected {} (float tensors of one call share a dtype)", op, name,
+           other.str(), dtype_name(first.dtype));
+}
+
 // param, m, v are normally the f32 master copy and state and grad f32/bf16/f16; any of them may
 // be bf16/f16 here (read exactly, updated in f32, rounded once).
 void cpu_adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s) {
@@ -356,6 +364,75 @@ void cross_entropy_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tenso
            [&] {
              cpu::cross_entropy_shard_finish(losses, lse, row_max, sum_exp, target_logit, targets);
            });
+}
+
+void kd_loss_forward(Tensor losses, Tensor lse, Tensor student, Tensor teacher, Tensor targets,
+                     int vocab_size, float temperature, bool reverse, Stream stream) {
+  constexpr const char* kOp = "kd_loss_forward";
+  dispatch(kOp, {&losses, &lse, &student, &teacher, &targets}, stream,
+           TS_ON_CUDA(cuda::kd_loss_forward(losses, lse, student, teacher, targets, vocab_size,
+                                            temperature, reverse, stream)),
+           [&](cpu::NarrowScope& n) {
+             check_same_dtype(student, teacher, kOp, "teacher");
+             cpu::kd_loss_forward(n.stat_out(losses, "losses"), n.stat_out(lse, "lse"),
+                                  n.in(student, "student"), n.in(teacher, "teacher"),
+                                  n.in(targets, "targets"), vocab_size, temperature, reverse);
+           });
+}
+
+void kd_loss_backward(Tensor dstudent, Tensor student, Tensor teacher, Tensor lse, Tensor losses,
+                      Tensor targets, int vocab_size, float temperature, bool reverse, float dloss,
+                      int64_t vocab_start, Stream stream) {
+  constexpr const char* kOp = "kd_loss_backward";
+  dispatch(kOp, {&dstudent, &student, &teacher, &lse, &losses, &targets}, stream,
+           TS_ON_CUDA(cuda::kd_loss_backward(dstudent, student, teacher, lse, losses, targets,
+                                             vocab_size, temperature, reverse, dloss, vocab_start,
+                                             stream)),
+           [&](cpu::NarrowScope& n) {
+             check_same_dtype(student, teacher, kOp, "teacher");
+             check_same_dtype(student, dstudent, kOp, "dstudent");
+             cpu::kd_loss_backward(n.out(dstudent, "dstudent"), n.in(student, "student"),
+                                   n.in(teacher, "teacher"), n.stat_in(lse, "lse"),
+                                   n.stat_in(losses, "losses"), n.in(targets, "targets"),
+                                   vocab_size, temperature, reverse, dloss, vocab_start);
+           });
+}
+
+void kd_shard_max(Tensor row_max, Tensor student, Tensor teacher, int64_t vocab_start,
+                  int vocab_size, float temperature, Stream stream) {
+  constexpr const char* kOp = "kd_shard_max";
+  dispatch(kOp, {&row_max, &student, &teacher}, stream,
+           TS_ON_CUDA(cuda::kd_shard_max(row_max, student, teacher, vocab_start, vocab_size,
+                                         temperature, stream)),
+           [&](cpu::NarrowScope& n) {
+             check_same_dtype(student, teacher, kOp, "teacher");
+             cpu::kd_shard_max(n.stat_out(row_max, "row_max"), n.in(student, "student"),
+                               n.in(teacher, "teacher"), vocab_start, vocab_size, temperature);
+           });
+}
+
+void kd_shard_sums(Tensor sums, Tensor student, Tensor teacher, Tensor row_max, int64_t vocab_start,
+                   int vocab_size, float temperature, bool reverse, Stream stream) {
+  constexpr const char* kOp = "kd_shard_sums";
+  dispatch(kOp, {&sums, &student, &teacher, &row_max}, stream,
+           TS_ON_CUDA(cuda::kd_shard_sums(sums, student, teacher, row_max, vocab_start, vocab_size,
+                                          temperature, reverse, stream)),
+           [&](cpu::NarrowScope& n) {
+             check_same_dtype(student, teacher, kOp, "teacher");
+             cpu::kd_shard_sums(n.stat_out(sums, "sums"), n.in(student, "student"),
+                                n.in(teacher, "teacher"), n.stat_in(row_max, "row_max"),
+                                vocab_start, vocab_size, temperature, reverse);
+           });
+}
+
+void kd_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tensor sums, Tensor targets,
+                     float temperature, bool reverse, Stream stream) {
+  // Statistics only (f32, or f64 in f64 tests): nothing to widen.
+  dispatch(
+      "kd_shard_finish", {&losses, &lse, &row_max, &sums, &targets}, stream,
+      TS_ON_CUDA(
+          cuda::kd_shard_finish(losses, lse, row_max, sums, targets, temperature, reverse, stream)),
+      [&] { cpu::kd_shard_finish(losses, lse, row_max, sums, targets, temperature, reverse); });
 }
 
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s,

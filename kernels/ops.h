@@ -189,6 +189,60 @@ void cross_entropy_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(N)*/, Tenso
                                 Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
                                 Tensor targets /*(N) i32*/, Stream stream = {});
 
+// ---- knowledge distillation: KL divergence between tempered softmaxes --------------------------
+// Student logits zs and teacher logits zt, both (N,V) of one dtype, at temperature T > 0 (finite):
+// us = zs / T, ut = zt / T, ps = softmax(us), pt = softmax(ut) over the real columns
+// [0, vocab_size) only (padding columns never enter a softmax and get zero gradient). Per row n:
+//   forward KL (reverse = false): loss = T^2 KL(pt || ps)
+//                                      = T^2 (sum_j pt_j (ut_j - us_j) - lse_t + lse_s)
+//   reverse KL (reverse = true):  loss = T^2 KL(ps || pt)
+//                                      = T^2 (sum_j ps_j (us_j - ut_j) - lse_s + lse_t)
+// with lse_s = logsumexp(us), lse_t = logsumexp(ut) (of the TEMPERED logits). T^2 keeps the
+// gradient's scale independent of T (Hinton et al.). Only the sign of targets[n] matters: a row
+// with a negative target is ignored (loss 0, zero gradient, lse still written), so the
+// cross-entropy targets can be passed as they are. No gradient flows to the teacher.
+// losses (N) and lse (2,N) (row 0 the student's lse_s, row 1 the teacher's lse_t) are f32, or
+// f64 when the logits are f64.
+void kd_loss_forward(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor student /*(N,V)*/,
+                     Tensor teacher /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size,
+                     float temperature, bool reverse, Stream stream = {});
+// dstudent = dloss * d loss_n / d zs on valid rows and real columns, 0 elsewhere:
+//   forward KL: T (ps_j - pt_j);   reverse KL: T ps_j ((us_j - lse_s) - (ut_j - lse_t) - KL_n)
+// with KL_n = losses[n] / T^2 (the reverse gradient needs the forward's losses). dstudent may
+// alias student (computed in place), nothing else. Vocabulary-parallel: student and teacher
+// (N,Vl) are columns [vocab_start, vocab_start + Vl) of the padded vocabulary, and lse and losses
+// are the global ones (from kd_shard_finish); columns with vocab_start + j >= vocab_size are
+// padding (0).
+void kd_loss_backward(Tensor dstudent /*(N,Vl)*/, Tensor student /*(N,Vl)*/,
+                      Tensor teacher /*(N,Vl)*/, Tensor lse /*(2,N)*/, Tensor losses /*(N)*/,
+                      Tensor targets /*(N) i32*/, int vocab_size, float temperature, bool reverse,
+                      float dloss, int64_t vocab_start = 0, Stream stream = {});
+
+// ---- vocabulary-parallel knowledge distillation (as cross_entropy_shard_*) --------------------
+// Each tp rank holds student and teacher (N,Vl) = columns [vocab_start, vocab_start + Vl) of the
+// padded vocabulary. The caller runs
+//   kd_shard_max -> all-reduce(max) of row_max over tp -> kd_shard_sums with the global maxima ->
+//   all-reduce(sum) of sums over tp -> kd_shard_finish,
+// which yields kd_loss_forward's losses and lse (up to the rounding of the sums and their order),
+// then kd_loss_backward with vocab_start. Statistics are f32, or f64 when the logits are f64.
+// row_max (2,N): row 0 the max of us, row 1 the max of ut over this shard's real columns; -inf
+// when the shard has none.
+void kd_shard_max(Tensor row_max /*(2,N)*/, Tensor student /*(N,Vl)*/, Tensor teacher /*(N,Vl)*/,
+                  int64_t vocab_start, int vocab_size, float temperature, Stream stream = {});
+// sums (3,N) over this shard's real columns, with the GLOBAL maxima ms = row_max[0], mt =
+// row_max[1]: row 0 sum_j exp(us_j - ms), row 1 sum_j exp(ut_j - mt), row 2 the cross term
+//   forward KL: sum_j exp(ut_j - mt) (ut_j - us_j)
+//   reverse KL: sum_j exp(us_j - ms) (us_j - ut_j)
+void kd_shard_sums(Tensor sums /*(3,N)*/, Tensor student /*(N,Vl)*/, Tensor teacher /*(N,Vl)*/,
+                   Tensor row_max /*(2,N)*/, int64_t vocab_start, int vocab_size, float temperature,
+                   bool reverse, Stream stream = {});
+// From the reduced maxima and sums: lse = max + log(sum) per row of row_max; KL = cross / sum_t +
+// lse_s - lse_t (forward; reverse: cross / sum_s + lse_t - lse_s), computed as the maxima's
+// difference plus the log of the sums' ratio; losses = T^2 KL, 0 on ignored rows (lse still set).
+void kd_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor row_max /*(2,N)*/,
+                     Tensor sums /*(3,N)*/, Tensor targets /*(N) i32*/, float temperature,
+                     bool reverse, Stream stream = {});
+
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).

@@ -114,6 +114,29 @@ void cross_entropy_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(N)*/, Tenso
                                 Tensor sum_exp /*(N)*/, Tensor target_logit /*(N)*/,
                                 Tensor targets /*(N) i32*/);
 
+// ---- knowledge distillation: T^2 KL between tempered softmaxes (kernels/ops.h) -------------
+// reverse = false: T^2 KL(teacher || student); true: T^2 KL(student || teacher), over the real
+// columns [0, vocab_size); rows with a negative target are ignored. lse (2,N): student, teacher.
+// Statistics are f32, or f64 when the logits are f64.
+void kd_loss_forward(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor student /*(N,V)*/,
+                     Tensor teacher /*(N,V)*/, Tensor targets /*(N) i32*/, int vocab_size,
+                     float temperature, bool reverse);
+// dstudent may alias student (computed in place). With vocab_start, student and teacher are
+// columns [vocab_start, vocab_start + Vl) of the vocabulary and lse and losses the global ones.
+void kd_loss_backward(Tensor dstudent /*(N,Vl)*/, Tensor student /*(N,Vl)*/,
+                      Tensor teacher /*(N,Vl)*/, Tensor lse /*(2,N)*/, Tensor losses /*(N)*/,
+                      Tensor targets /*(N) i32*/, int vocab_size, float temperature, bool reverse,
+                      float dloss, int64_t vocab_start = 0);
+// ---- vocabulary-parallel knowledge distillation pieces (kernels/ops.h has the recipe) -------
+void kd_shard_max(Tensor row_max /*(2,N)*/, Tensor student /*(N,Vl)*/, Tensor teacher /*(N,Vl)*/,
+                  int64_t vocab_start, int vocab_size, float temperature);
+void kd_shard_sums(Tensor sums /*(3,N)*/, Tensor student /*(N,Vl)*/, Tensor teacher /*(N,Vl)*/,
+                   Tensor row_max /*(2,N)*/, int64_t vocab_start, int vocab_size, float temperature,
+                   bool reverse);
+void kd_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor row_max /*(2,N)*/,
+                     Tensor sums /*(3,N)*/, Tensor targets /*(N) i32*/, float temperature,
+                     bool reverse);
+
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
