@@ -51,11 +51,13 @@ double mean_loss(const Tensor& losses, int64_t num_valid) {
 }
 
 
-LossValues Objective::forward(const LossInputs& in, const CrossEntropyBuffers& ce) const {
+LossValues Objective::forward(const LossInputs& in, const CrossEntropyBuffers& ce,
+                             bool with_terms) const {
   cross_entropy_rows(in, ce);
   LossValues v;
   v.ce = mean_loss(ce.losses, in.num_valid);
   v.total = double(ce_weight_) * v.ce;
+  if (!with_terms) return v;
   for (const auto& t : terms_) {
     const float w = t->weight();
     const double x = w != 0.0f ? t->forward(in) : 0.0;

@@ -80,7 +80,10 @@ class Objective {
   void add_term(std::unique_ptr<LossTerm> term) { terms_.push_back(std::move(term)); }
   bool has_terms() const { return !terms_.empty(); }
 
-  LossValues forward(const LossInputs& in, const CrossEntropyBuffers& ce) const;
+  // Evaluation (with_terms = false) computes the cross-entropy alone: the extra terms need what
+  // only training keeps (a teacher's logits).
+  LossValues forward(const LossInputs& in, const CrossEntropyBuffers& ce,
+                     bool with_terms = true) const;
   // Leaves loss_scale * d(objective)/d(logits) in place of the logits.
   void backward(const LossInputs& in, const CrossEntropyBuffers& ce, float loss_scale) const;
 

@@ -404,7 +404,7 @@ LossInputs Transformer::loss_inputs(const Activations& a, Tensor targets) const 
 }
 
 LossValues Transformer::loss_forward(Activations& a, Tensor targets) const {
-  return objective_.forward(loss_inputs(a, targets), {a.losses, a.lse, a.ce_stats});
+  return objective_.forward(loss_inputs(a, targets), {a.losses, a.lse, a.ce_stats}, a.training_);
 }
 
 double Transformer::forward(Activations& a, Tensor tokens, Tensor targets) const {

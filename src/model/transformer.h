@@ -128,7 +128,8 @@ class Transformer {
 
   // Pipeline pieces. forward_stage: the first stage embeds `tokens`, the others read
   // acts.stage_input(); the last stage also computes the logits. loss_forward (last stage):
-  // the objective's values for this micro-batch (each a mean over valid targets). backward_stage:
+  // the objective's values for this micro-batch (each a mean over valid targets; activations
+  // allocated for inference give the cross-entropy alone). backward_stage:
   // the last stage starts from the loss (targets, loss_scale); the others from acts.stage_grad();
   // the first stage ends in the embedding, the others leave d(input) in acts.stage_grad().
   void forward_stage(Activations& acts, Tensor tokens) const;

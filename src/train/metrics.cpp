@@ -121,10 +121,13 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
   if (s.distill) {
     rec["alpha"] = s.kd_weights.alpha;
     rec["temperature"] = s.kd_weights.temperature;
-    rec["kd_loss"] = s.kd_loss;
+    // A step with alpha 0 runs no teacher: its KD loss is not known.
+    rec["kd_loss"] = s.kd_weights.alpha > 0.0f ? nlohmann::json(s.kd_loss) : nlohmann::json();
     rec["ce_loss"] = s.ce_loss;
-    kd = fmt::format(" | ce {:.4f} kd {:.4f} (alpha {:.2f}, T {:.2f})", s.ce_loss, s.kd_loss,
-                     s.kd_weights.alpha, s.kd_weights.temperature);
+    kd = s.kd_weights.alpha > 0.0f
+             ? fmt::format(" | ce {:.4f} kd {:.4f} (alpha {:.2f}, T {:.2f})", s.ce_loss,
+                           s.kd_loss, s.kd_weights.alpha, s.kd_weights.temperature)
+             : std::string(" | alpha 0: no teacher");
   }
   std::string mfu;
   if (run_.device() == Device::cuda) {

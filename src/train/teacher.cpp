@@ -123,6 +123,8 @@ Teacher::Teacher(const TeacherSpec& t, const ModelShard& student, Device device,
     copy_bytes(p.value.data, device, value.data(), Device::cpu, value.size());
   }
   acts_ = std::make_unique<Activations>(*model_, B, T, /*training=*/false, &arena_);
+  TS_CHECK(arena_.used() == arena_.capacity(), "the teacher's plan reserved {} bytes, it took {}",
+           arena_.capacity(), arena_.used());
 }
 
 void Teacher::forward(Tensor tokens, Tensor out) {

@@ -1,6 +1,7 @@
 // The memory plan is exact: a Run's arena holds precisely plan.arena() bytes once everything is
 // built, and training steps allocate nothing more (the peak stays there), for both families,
-// 16-bit compute, ZeRO-1, recomputation, the FP32 head and embedding, and several micro-batches.
+// 16-bit compute, ZeRO-1, recomputation, the FP32 head and embedding, several micro-batches and
+// distillation (the teacher in an arena of its own).
 #include "train/memory_plan.h"
 
 #include <gtest/gtest.h>
@@ -59,6 +60,35 @@ TEST(MemoryPlan, Fp8CopiesLiveOutsideTheArena) {
   EXPECT_GT(run.plan().fp8, 0u);
   EXPECT_EQ(run.plan().total(), run.plan().arena() + run.plan().fp8);
   EXPECT_EQ(run.arena().used(), run.plan().arena());
+}
+
+// Distillation: the student's sets hold the teacher's logits and the KD buffers (in the plan's
+// arena, exactly), and the teacher's weights and forward sit in an arena of their own of exactly
+// plan.teacher bytes (a wider llama teacher in bf16 beside an fp32 gpt2 student, and in fp32).
+TEST(MemoryPlan, DistillationTeacherAndKdBuffersArePlanned) {
+  const testing::ScratchDir dir;
+  const std::string teacher_dir = dir.str() + "/teacher";
+  {
+    tessera::Run teacher(testing::tiny_recipe(
+        teacher_dir, {"model.family=llama", "model.hidden=48", "model.ffn_hidden=64",
+                      "model.num_layers=3", "model.num_kv_heads=2"}));
+    teacher.save(1);
+  }
+  for (const char* precision : {"bf16", "fp32"}) {
+    SCOPED_TRACE(precision);
+    tessera::Run run(testing::tiny_recipe(
+        dir.str() + "/student", {"distill.teacher=" + teacher_dir,
+                                 std::string("distill.teacher_precision=") + precision,
+                                 "distill.curriculum=[{alpha: 0.5}]"}));
+    const MemoryPlan& plan = run.plan();
+    ASSERT_NE(run.teacher(), nullptr);
+    EXPECT_EQ(run.teacher()->bytes(), plan.teacher);
+    EXPECT_EQ(plan.total(), plan.arena() + plan.teacher);
+    EXPECT_EQ(run.arena().used(), plan.arena());
+    const StepResult s = train_step(run, 0);
+    EXPECT_GT(s.kd_loss, 0.0);
+    EXPECT_EQ(run.arena().peak(), plan.arena()) << "a step allocated from the arena";
+  }
 }
 
 TEST(MemoryPlan, MoreMicroBatchesPerFlushDoNotGrowOneStage) {

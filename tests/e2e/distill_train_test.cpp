@@ -1,0 +1,233 @@
+// Knowledge distillation end to end through the `tessera` binary on the prepared Gutenberg corpus:
+// a ci-tiny teacher trained by each test, distilled into the ci-tiny-distill student.
+//  * alpha 0 is plain cross-entropy training bit for bit (no teacher runs, no KD term);
+//  * the seed curriculum logs alpha, temperature, kd_loss and ce_loss per step, the loss is
+//    alpha kd + (1 - alpha) ce, KD pulls the student toward the teacher, and the teacher is freed
+//    when no later step needs it;
+//  * resuming in the middle of a ramp is bitwise;
+//  * dp 2, tp 2 and dp 2 x tp 2 equal one process (forward and reverse KL);
+//  * MoE teachers and MoE students, BF16, and the errors for a bad teacher.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "tests/common/cli.h"
+#include "tests/common/runs.h"
+
+namespace tessera {
+namespace {
+
+using testing::read_metrics;
+using testing::run_cli;
+
+// Short runs: 32-token sequences, 4 per step; no samples, a small final evaluation.
+constexpr const char* kShort =
+    " --set data.seq_len=32 --set train.eval_every=0 --set train.eval_batches=2"
+    " --set train.sample_tokens=0 --set optim.warmup_steps=2 --set logging.every=1";
+
+// A ci-tiny teacher trained for 20 steps (its run directory), private to the running test.
+std::string train_teacher(const std::string& recipe = "recipes/ci-tiny.yaml",
+                          const std::string& extra = "") {
+  const std::string dir = testing::fresh_dir_for_this_test("distill-teacher");
+  const auto r = run_cli(fmt::format("train {}{} --set data.micro_batch=8 --set train.steps=20 "
+                                     "--set train.out_dir={}{}",
+                                     recipe, kShort, dir, extra));
+  EXPECT_EQ(r.status, 0) << r.output;
+  return dir;
+}
+
+struct Layout {
+  int dp = 1, tp = 1;
+  bool reverse = false;
+  std::string name() const { return fmt::format("dp{}_tp{}{}", dp, tp, reverse ? "_reverse" : ""); }
+};
+void PrintTo(const Layout& l, std::ostream* os) { *os << l.name(); }
+
+// The student: 4 sequences per step as micro-batches of one, `steps` steps.
+testing::CliResult train_student(const std::string& teacher, const std::string& out_dir,
+                                 const std::string& extra = "", const Layout& l = {},
+                                 int steps = 9) {
+  const int np = l.dp * l.tp;
+  const std::string args = fmt::format(
+      "train recipes/ci-tiny-distill.yaml{} --set data.micro_batch=1 --set data.grad_accum={}"
+      " --set train.steps={} --set parallel.dp={} --set parallel.tp={}"
+      " --set distill.reverse_kl={} --set distill.teacher={} --set train.out_dir={}{}",
+      kShort, 4 / l.dp, steps, l.dp, l.tp, l.reverse ? "true" : "false", teacher, out_dir, extra);
+  return run_cli(args, np == 1 ? std::string() : testing::mpirun(np));
+}
+
+double rel(double a, double b) { return std::abs(a - b) / std::max(1e-12, std::abs(b)); }
+
+// step -> the exact text of what must match bitwise (JSON prints doubles with round-trip
+// precision, so equal text means equal bits).
+std::map<int64_t, std::string> step_records(const std::string& dir) {
+  std::map<int64_t, std::string> out;
+  for (const auto& m : read_metrics(dir))
+    if (m.contains("loss")) {
+      std::string t = m["loss"].dump() + " " + m["grad_norm"].dump();
+      for (const char* k : {"alpha", "temperature", "kd_loss", "ce_loss"})
+        if (m.contains(k)) t += " " + m[k].dump();
+      out[m["step"].get<int64_t>()] = t;
+    }
+  return out;
+}
+
+TEST(DistillTrain, AlphaZeroIsPlainCrossEntropyBitForBit) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const std::string teacher = train_teacher();
+  const std::string dir = testing::fresh_dir("distill-alpha0");
+  const auto a = train_student(teacher, dir + "/alpha0", " --set 'distill.curriculum=[{alpha: 0}]'");
+  ASSERT_EQ(a.status, 0) << a.output;
+  // The student's recipe without its distill section: ci-tiny at the student's shape and rates.
+  const auto b = run_cli(fmt::format(
+      "train recipes/ci-tiny.yaml{} --set data.micro_batch=1 --set data.grad_accum=4"
+      " --set train.steps=9 --set model.num_layers=2 --set model.hidden=64"
+      " --set model.num_heads=2 --set optim.lr=3.0e-3 --set optim.min_lr=3.0e-4"
+      " --set train.out_dir={}/plain",
+      kShort, dir));
+  ASSERT_EQ(b.status, 0) << b.output;
+  auto plain = step_records(dir + "/plain"), kd = step_records(dir + "/alpha0");
+  ASSERT_EQ(plain.size(), 9u);
+  for (auto& [step, text] : plain) {
+    EXPECT_EQ(kd.at(step).substr(0, text.size()), text) << "step " << step;
+  }
+  testing::expect_same_parameters(dir + "/alpha0", dir + "/plain", 0.0);
+  EXPECT_EQ(a.output.find("distillation: teacher"), std::string::npos) << "teacher loaded";
+}
+
+TEST(DistillTrain, SeedCurriculumLogsItsPhasesAndFreesTheTeacher) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const std::string teacher = train_teacher();
+  const std::string dir = testing::fresh_dir("distill-seed");
+  const auto r = train_student(teacher, dir);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("distillation: teacher " + teacher + "/checkpoints/step_20"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("no longer needs the teacher; freed it"), std::string::npos);
+  std::vector<nlohmann::json> steps;
+  for (const auto& m : read_metrics(dir))
+    if (m.contains("loss")) steps.push_back(m);
+  ASSERT_EQ(steps.size(), 9u);
+  const double alphas[] = {1.0, 1.0, 1.0, 0.7, 0.7, 0.7, 0.0, 0.0, 0.0};
+  for (int i = 0; i < 9; ++i) {
+    const auto& m = steps[i];
+    SCOPED_TRACE(m.dump());
+    EXPECT_FLOAT_EQ(m["alpha"].get<float>(), float(alphas[i]));
+    EXPECT_EQ(m["temperature"].get<double>(), 2.0);
+    const double ce = m["ce_loss"].get<double>();
+    if (alphas[i] == 0.0) {
+      EXPECT_TRUE(m["kd_loss"].is_null());
+      EXPECT_EQ(m["loss"].get<double>(), ce);
+    } else {
+      const double kd = m["kd_loss"].get<double>(), a = m["alpha"].get<float>();
+      EXPECT_GT(kd, 0.0);
+      EXPECT_LE(rel(m["loss"].get<double>(), a * kd + (1.0 - a) * ce), 1e-6);
+    }
+  }
+  // Soft labels only: the student's KL to the teacher falls step by step.
+  EXPECT_LT(steps[2]["kd_loss"].get<double>(), steps[1]["kd_loss"].get<double>());
+  EXPECT_LT(steps[1]["kd_loss"].get<double>(), steps[0]["kd_loss"].get<double>());
+}
+
+TEST(DistillTrain, ResumeInsideARampIsBitwise) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const std::string teacher = train_teacher();
+  const std::string dir = testing::fresh_dir("distill-resume");
+  const std::string ramp =
+      " --set 'distill.curriculum=[{end_step: 3, alpha: 1, temperature: 1},"
+      "{alpha: 0.2, temperature: 3, ramp: cosine, ramp_steps: 4}]' --set checkpoint.every=4"
+      " --set checkpoint.keep=3";
+  ASSERT_EQ(train_student(teacher, dir + "/full", ramp, {}, 7).status, 0);
+  const auto resumed = train_student(
+      teacher, dir + "/resumed", ramp + " --set checkpoint.resume=" + dir + "/full/checkpoints/step_4",
+      {}, 7);
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  const auto a = step_records(dir + "/full"), b = step_records(dir + "/resumed");
+  ASSERT_EQ(a.size(), 7u);
+  for (int64_t s = 5; s <= 7; ++s) EXPECT_EQ(b.at(s), a.at(s)) << "step " << s;
+  // Step 5 is inside the ramp: alpha and temperature between the phases'.
+  const auto m = read_metrics(dir + "/full");
+  EXPECT_GT(m[4]["temperature"].get<double>(), 1.0);
+  EXPECT_LT(m[4]["temperature"].get<double>(), 3.0);
+}
+
+class DistillParallelEqualsSerial : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(DistillParallelEqualsSerial, LossesKdEvalAndParameters) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const Layout l = GetParam();
+  const std::string teacher = train_teacher();
+  const std::string dir = testing::fresh_dir_for_this_test("distill-parallel");
+  const std::string curriculum =
+      " --set 'distill.curriculum=[{end_step: 3, alpha: 1}, {alpha: 0.5}]'";
+  Layout serial;
+  serial.reverse = l.reverse;
+  const auto a = train_student(teacher, dir + "/serial", curriculum, serial, 5);
+  ASSERT_EQ(a.status, 0) << a.output;
+  const auto b = train_student(teacher, dir + "/parallel", curriculum, l, 5);
+  ASSERT_EQ(b.status, 0) << b.output;
+  const auto ref = read_metrics(dir + "/serial"), got = read_metrics(dir + "/parallel");
+  ASSERT_EQ(ref.size(), got.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    SCOPED_TRACE(got[i].dump());
+    for (const char* k : {"loss", "kd_loss", "ce_loss", "val_loss"})
+      if (ref[i].contains(k))
+        EXPECT_LE(rel(got[i][k].get<double>(), ref[i][k].get<double>()), 1e-5) << k;
+  }
+  testing::expect_same_parameters(dir + "/parallel", dir + "/serial", 1e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, DistillParallelEqualsSerial,
+                         ::testing::Values(Layout{2, 1}, Layout{1, 2}, Layout{2, 2},
+                                           Layout{1, 2, true}),
+                         [](const auto& info) { return info.param.name(); });
+
+// An MoE teacher (ci-tiny-moe) into the dense student, and the dense teacher into an MoE student;
+// then BF16 teacher and student.
+TEST(DistillTrain, MoeTeachersMoeStudentsAndBf16) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const std::string dir = testing::fresh_dir("distill-kinds");
+  const std::string soft = " --set 'distill.curriculum=[{alpha: 1}]'";
+  const std::string moe_teacher = train_teacher("recipes/ci-tiny-moe.yaml");
+  const auto a = train_student(moe_teacher, dir + "/moe-teacher", soft, {}, 3);
+  ASSERT_EQ(a.status, 0) << a.output;
+  const std::string teacher = train_teacher();
+  const auto b = run_cli(fmt::format(
+      "train recipes/ci-tiny-moe.yaml{} --set data.micro_batch=4 --set train.steps=3"
+      " --set distill.teacher={} --set distill.teacher_precision=fp32 --set train.out_dir={}{}",
+      kShort, teacher, dir + "/moe-student", soft));
+  ASSERT_EQ(b.status, 0) << b.output;
+  const auto c = train_student(teacher, dir + "/bf16",
+                               " --set precision.compute=bf16 --set distill.teacher_precision=bf16" +
+                                   soft,
+                               {}, 3);
+  ASSERT_EQ(c.status, 0) << c.output;
+  for (const std::string run : {"/moe-teacher", "/moe-student", "/bf16"}) {
+    const auto m = read_metrics(dir + run);
+    ASSERT_GE(m.size(), 3u) << run;
+    EXPECT_LT(m[2]["kd_loss"].get<double>(), m[0]["kd_loss"].get<double>()) << run;
+  }
+}
+
+TEST(DistillTrain, BadTeachersAreUserErrors) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const std::string dir = testing::fresh_dir("distill-errors");
+  const auto missing = train_student(dir + "/nothing-here", dir + "/a");
+  EXPECT_EQ(missing.status, 2) << missing.output;
+  EXPECT_NE(missing.output.find("distill.teacher = '" + dir + "/nothing-here'"), std::string::npos)
+      << missing.output;
+  // A teacher of another tokenizer (random tokens over 100 ids).
+  const std::string other = train_teacher(
+      "recipes/ci-tiny.yaml", " --set data.path=mock --set model.vocab_size=100");
+  const auto tok = train_student(other, dir + "/b");
+  EXPECT_EQ(tok.status, 2) << tok.output;
+  EXPECT_NE(tok.output.find("was trained with tokenizer mock"), std::string::npos) << tok.output;
+  EXPECT_NE(tok.output.find("must share one tokenizer"), std::string::npos) << tok.output;
+}
+
+}  // namespace
+}  // namespace tessera
