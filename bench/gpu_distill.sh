@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The distillation benchmark in one GPU-machine call (from the repo root): build, the KD-loss GPU
+# parity cases, then recipes/gutenberg-teacher.yaml trained on the Gutenberg corpus and
+# recipes/gutenberg-student.yaml (7.6x smaller) trained three ways at equal tokens: CE only
+# (alpha 0), constant alpha 0.5, and the seed curriculum (1.0 -> 0.7 -> 0.0). Prints the teacher's
+# and each student's validation loss, the share of the CE-student-to-teacher gap the curriculum
+# closes, the tokens it needs to reach the CE student's final loss, and the step time with the
+# online teacher against the plain step. Metrics under $OUT; a short table last.
+# Usage: bash bench/gpu_distill.sh [STEPS]   (default: the recipes' 800)
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root" || exit 1
+OUT="${OUT:-/tmp/tessera-out}"
+mkdir -p "$OUT"
+steps="${1:-800}"
+# shellcheck source=bench/gpu_common.sh
+source bench/gpu_common.sh
+gpu_setup_env || exit 1
+gpu_build 16 "tessera test_kernels" || exit 1
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+bin=build-gpu/src/cli/tessera
+runs=/tmp/tessera-distill
+rm -rf "$runs"
+
+echo "== KD loss GPU parity"
+build-gpu/tests/kernels/test_kernels --gtest_filter='*KdLoss*' > "$OUT/kd_parity.log" 2>&1
+echo "kd parity rc $?: $(grep -cE '^\[       OK' "$OUT/kd_parity.log") ok, $(grep -cE '^\[  FAILED' "$OUT/kd_parity.log") failed lines"
+grep -E "^\[  FAILED|Failure" "$OUT/kd_parity.log" | head -10
+
+common=(--set train.steps="$steps" --set train.eval_every=50 --set train.sample_tokens=0)
+echo "== teacher"
+"$bin" train recipes/gutenberg-teacher.yaml "${common[@]}" --set train.out_dir="$runs/teacher" \
+  > "$OUT/teacher.log" 2>&1 || { echo "teacher FAILED"; tail -5 "$OUT/teacher.log"; exit 1; }
+cp "$runs/teacher/metrics.jsonl" "$OUT/teacher.jsonl"
+for s in ce:'[{alpha: 0}]' const:'[{alpha: 0.5}]' seed:''; do
+  name="${s%%:*}"; curriculum="${s#*:}"
+  extra=(--set distill.teacher="$runs/teacher" --set train.out_dir="$runs/$name")
+  [ -n "$curriculum" ] && extra+=(--set "distill.curriculum=$curriculum")
+  echo "== student $name"
+  "$bin" train recipes/gutenberg-student.yaml "${common[@]}" "${extra[@]}" > "$OUT/$name.log" 2>&1 \
+    || { echo "student $name FAILED"; tail -5 "$OUT/$name.log"; }
+  cp "$runs/$name/metrics.jsonl" "$OUT/$name.jsonl"
+done
+python3 bench/distill_summary.py "$OUT"
