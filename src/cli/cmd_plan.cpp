@@ -43,8 +43,8 @@ int run_plan(const PlanArgs& args) {
     all_fit = all_fit && fits;
     const std::string layers =
         std::to_string(s.first_layer) + "-" + std::to_string(s.first_layer + s.num_layers - 1);
-    std::printf("%-6d %-9s %11.3fB %10.2f %10.2f %12.2f %10.2f %8.2f %8.2f %9.2f  %s\n",
-                s.stage, layers.c_str(), s.params_held / 1e9, gb(m.params), gb(m.optimizer),
+    std::printf("%-6d %-9s %11.3fB %10.2f %10.2f %12.2f %10.2f %8.2f %8.2f %9.2f  %s\n", s.stage,
+                layers.c_str(), s.params_held / 1e9, gb(m.params), gb(m.optimizer),
                 gb(m.train_acts), gb(m.workspace), gb(m.fp8), gb(m.teacher), gb(m.total()),
                 fits ? "yes" : "NO");
   }

@@ -571,12 +571,13 @@ void validate_distill(const Recipe& r, const Origins& o) {
                     o.show(key + ".end_step", p.end_step),
                     o.show(key + ".end_fraction", p.end_fraction));
     if (!last && !has_step && !has_fraction)
-      TS_USER_ERROR("{}: {} needs end_step or end_fraction (only the last phase may run to the end)",
-                    o.file(), key);
+      TS_USER_ERROR(
+          "{}: {} needs end_step or end_fraction (only the last phase may run to the end)",
+          o.file(), key);
     if (ends[i] <= start || ends[i] > steps)
       TS_USER_ERROR(
-          "{}: {} ends at step {} ({}): phases must end in order, after step {} and by {}", o.file(),
-          key, ends[i], o.where(key + (has_step ? ".end_step" : ".end_fraction")), start,
+          "{}: {} ends at step {} ({}): phases must end in order, after step {} and by {}",
+          o.file(), key, ends[i], o.where(key + (has_step ? ".end_step" : ".end_fraction")), start,
           o.show("train.steps", r.train.steps));
     if (p.ramp != CurriculumRamp::none) {
       if (i == 0)

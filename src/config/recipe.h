@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "config/enums.h"
 #include "config/distill_config.h"
+#include "config/enums.h"
 #include "config/field.h"
 #include "config/model_config.h"
 #include "config/moe_config.h"

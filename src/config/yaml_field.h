@@ -77,9 +77,7 @@ template <class S>
 requires requires(const S& s) {
   S::visit(s, [](const FieldInfo&, const auto&, const auto&) {});
 }
-std::string type_name(const S*) {
-  return "mapping";
-}
+std::string type_name(const S*) { return "mapping"; }
 template <class T>
 std::string type_name(const std::vector<T>*) {
   return "list of " + type_name(static_cast<const T*>(nullptr));

@@ -31,8 +31,8 @@ double DistillLoss::forward(const LossInputs& in) {
 Tensor DistillLoss::backward(const LossInputs& in, float scale) {
   const DistillBuffers& d = in.distill;
   ops::kd_loss_backward(d.grad, in.logits, d.teacher_logits, d.lse, d.losses, in.targets,
-                        in.vocab_size, temperature_, reverse_,
-                        scale * alpha_ / float(in.num_valid), in.vocab_start);
+                        in.vocab_size, temperature_, reverse_, scale * alpha_ / float(in.num_valid),
+                        in.vocab_start);
   return d.grad;
 }
 

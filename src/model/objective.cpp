@@ -50,9 +50,8 @@ double mean_loss(const Tensor& losses, int64_t num_valid) {
   return num_valid > 0 ? sum / double(num_valid) : 0.0;
 }
 
-
 LossValues Objective::forward(const LossInputs& in, const CrossEntropyBuffers& ce,
-                             bool with_terms) const {
+                              bool with_terms) const {
   cross_entropy_rows(in, ce);
   LossValues v;
   v.ce = mean_loss(ce.losses, in.num_valid);

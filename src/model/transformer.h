@@ -82,11 +82,11 @@ class Activations {
   // d_lnf32 (N,C); head_dw32 and head_dw (Vl,C) f32 and the model dtype, training with gradients
   // in the compute dtype only (FP32 gradients take the head's f32 product directly).
   Tensor d_lnf32, head_dw32, head_dw;
-  Tensor losses, lse;  // (N), (N)
-  Tensor ce_stats;     // (3,N) tp > 1: row max, then sum of exp and target logit
+  Tensor losses, lse;      // (N), (N)
+  Tensor ce_stats;         // (3,N) tp > 1: row max, then sum of exp and target logit
   DistillBuffers distill;  // ExecOptions::distill, training: the KD term's tensors
-  Tensor d_lnf;        // (N,C)
-  Tensor d_resid;      // (N,C)
+  Tensor d_lnf;            // (N,C)
+  Tensor d_resid;          // (N,C)
 };
 
 class Transformer {

@@ -64,9 +64,8 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
     if (in.device == Device::cuda)  // one workspace serves both models
       plan.workspace = std::max(
           plan.workspace,
-          ops::cuda_workspace_bytes(B, T, t.model.num_heads / par.tp,
-                                    t.model.num_kv_heads / par.tp, t.model.resolved_head_dim(),
-                                    t.dtype, in.exec.attention));
+          ops::cuda_workspace_bytes(B, T, t.model.num_heads / par.tp, t.model.num_kv_heads / par.tp,
+                                    t.model.resolved_head_dim(), t.dtype, in.exec.attention));
   }
   return plan;
 }

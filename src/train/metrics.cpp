@@ -125,8 +125,8 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
     rec["kd_loss"] = s.kd_weights.alpha > 0.0f ? nlohmann::json(s.kd_loss) : nlohmann::json();
     rec["ce_loss"] = s.ce_loss;
     kd = s.kd_weights.alpha > 0.0f
-             ? fmt::format(" | ce {:.4f} kd {:.4f} (alpha {:.2f}, T {:.2f})", s.ce_loss,
-                           s.kd_loss, s.kd_weights.alpha, s.kd_weights.temperature)
+             ? fmt::format(" | ce {:.4f} kd {:.4f} (alpha {:.2f}, T {:.2f})", s.ce_loss, s.kd_loss,
+                           s.kd_weights.alpha, s.kd_weights.temperature)
              : std::string(" | alpha 0: no teacher");
   }
   std::string mfu;

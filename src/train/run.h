@@ -1,8 +1,9 @@
 // Run: everything a training job builds once from its recipe — device and compute dtype, the
 // parallel context, the data, the memory plan and its arena, this rank's model shard and its
 // linear computation (FP8 under compute: fp8), data-parallel buckets, the optimizer, the LR
-// schedule, the loss scaler, the pipeline executor and, when distilling, the teacher. train_step (train_step.h), evaluation,
-// checkpoints and the loop (trainer.h) take a Run; none of them builds anything.
+// schedule, the loss scaler, the pipeline executor and, when distilling, the teacher. train_step
+// (train_step.h), evaluation, checkpoints and the loop (trainer.h) take a Run; none of them builds
+// anything.
 #pragma once
 #include <cstdint>
 #include <memory>

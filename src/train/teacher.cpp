@@ -80,8 +80,9 @@ TeacherSpec read_teacher_spec(const Recipe& r, const std::string& tokenizer_hash
         "must share one vocabulary",
         r.file, t.dir, t.model.vocab_size, r.model.vocab_size);
   if (t.model.max_seq_len < r.data.seq_len)
-    TS_USER_ERROR("{}: distill.teacher {} has model.max_seq_len = {}, shorter than data.seq_len = {}",
-                  r.file, t.dir, t.model.max_seq_len, r.data.seq_len);
+    TS_USER_ERROR(
+        "{}: distill.teacher {} has model.max_seq_len = {}, shorter than data.seq_len = {}", r.file,
+        t.dir, t.model.max_seq_len, r.data.seq_len);
   // Padding rows never reach a loss: the teacher takes the student's, so both split the
   // vocabulary into the same column slices under tp.
   t.model.padded_vocab_size = r.model.padded_vocab_size;

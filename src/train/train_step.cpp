@@ -38,7 +38,8 @@ LossValues forward_backward(Run& run, int64_t step, float loss_scale) {
     });
     sum.total += res.loss_sum;
     sum.ce += res.parts.ce;
-    if (sum.terms.empty()) sum.terms = res.parts.terms;
+    if (sum.terms.empty())
+      sum.terms = res.parts.terms;
     else
       for (size_t i = 0; i < sum.terms.size(); ++i) sum.terms[i].value += res.parts.terms[i].value;
   }

@@ -32,9 +32,10 @@ constexpr const char* kShort =
 std::string train_teacher(const std::string& recipe = "recipes/ci-tiny.yaml",
                           const std::string& extra = "") {
   const std::string dir = testing::fresh_dir_for_this_test("distill-teacher");
-  const auto r = run_cli(fmt::format("train {}{} --set data.micro_batch=8 --set train.steps=20 "
-                                     "--set train.out_dir={}{}",
-                                     recipe, kShort, dir, extra));
+  const auto r =
+      run_cli(fmt::format("train {}{} --set data.micro_batch=8 --set train.steps=20 "
+                          "--set train.out_dir={}{}",
+                          recipe, kShort, dir, extra));
   EXPECT_EQ(r.status, 0) << r.output;
   return dir;
 }
@@ -79,15 +80,16 @@ TEST(DistillTrain, AlphaZeroIsPlainCrossEntropyBitForBit) {
   ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
   const std::string teacher = train_teacher();
   const std::string dir = testing::fresh_dir("distill-alpha0");
-  const auto a = train_student(teacher, dir + "/alpha0", " --set 'distill.curriculum=[{alpha: 0}]'");
+  const auto a =
+      train_student(teacher, dir + "/alpha0", " --set 'distill.curriculum=[{alpha: 0}]'");
   ASSERT_EQ(a.status, 0) << a.output;
   // The student's recipe without its distill section: ci-tiny at the student's shape and rates.
-  const auto b = run_cli(fmt::format(
-      "train recipes/ci-tiny.yaml{} --set data.micro_batch=1 --set data.grad_accum=4"
-      " --set train.steps=9 --set model.num_layers=2 --set model.hidden=64"
-      " --set model.num_heads=2 --set optim.lr=3.0e-3 --set optim.min_lr=3.0e-4"
-      " --set train.out_dir={}/plain",
-      kShort, dir));
+  const auto b = run_cli(
+      fmt::format("train recipes/ci-tiny.yaml{} --set data.micro_batch=1 --set data.grad_accum=4"
+                  " --set train.steps=9 --set model.num_layers=2 --set model.hidden=64"
+                  " --set model.num_heads=2 --set optim.lr=3.0e-3 --set optim.min_lr=3.0e-4"
+                  " --set train.out_dir={}/plain",
+                  kShort, dir));
   ASSERT_EQ(b.status, 0) << b.output;
   auto plain = step_records(dir + "/plain"), kd = step_records(dir + "/alpha0");
   ASSERT_EQ(plain.size(), 9u);
@@ -142,9 +144,9 @@ TEST(DistillTrain, ResumeInsideARampIsBitwise) {
       "{alpha: 0.2, temperature: 3, ramp: cosine, ramp_steps: 4}]' --set checkpoint.every=4"
       " --set checkpoint.keep=3";
   ASSERT_EQ(train_student(teacher, dir + "/full", ramp, {}, 7).status, 0);
-  const auto resumed = train_student(
-      teacher, dir + "/resumed", ramp + " --set checkpoint.resume=" + dir + "/full/checkpoints/step_4",
-      {}, 7);
+  const auto resumed =
+      train_student(teacher, dir + "/resumed",
+                    ramp + " --set checkpoint.resume=" + dir + "/full/checkpoints/step_4", {}, 7);
   ASSERT_EQ(resumed.status, 0) << resumed.output;
   const auto a = step_records(dir + "/full"), b = step_records(dir + "/resumed");
   ASSERT_EQ(a.size(), 7u);
@@ -201,10 +203,9 @@ TEST(DistillTrain, MoeTeachersMoeStudentsAndBf16) {
       " --set distill.teacher={} --set distill.teacher_precision=fp32 --set train.out_dir={}{}",
       kShort, teacher, dir + "/moe-student", soft));
   ASSERT_EQ(b.status, 0) << b.output;
-  const auto c = train_student(teacher, dir + "/bf16",
-                               " --set precision.compute=bf16 --set distill.teacher_precision=bf16" +
-                                   soft,
-                               {}, 3);
+  const auto c = train_student(
+      teacher, dir + "/bf16",
+      " --set precision.compute=bf16 --set distill.teacher_precision=bf16" + soft, {}, 3);
   ASSERT_EQ(c.status, 0) << c.output;
   for (const std::string run : {"/moe-teacher", "/moe-student", "/bf16"}) {
     const auto m = read_metrics(dir + run);
@@ -221,8 +222,8 @@ TEST(DistillTrain, BadTeachersAreUserErrors) {
   EXPECT_NE(missing.output.find("distill.teacher = '" + dir + "/nothing-here'"), std::string::npos)
       << missing.output;
   // A teacher of another tokenizer (random tokens over 100 ids).
-  const std::string other = train_teacher(
-      "recipes/ci-tiny.yaml", " --set data.path=mock --set model.vocab_size=100");
+  const std::string other =
+      train_teacher("recipes/ci-tiny.yaml", " --set data.path=mock --set model.vocab_size=100");
   const auto tok = train_student(other, dir + "/b");
   EXPECT_EQ(tok.status, 2) << tok.output;
   EXPECT_NE(tok.output.find("was trained with tokenizer mock"), std::string::npos) << tok.output;

@@ -77,9 +77,9 @@ TEST(MemoryPlan, DistillationTeacherAndKdBuffersArePlanned) {
   for (const char* precision : {"bf16", "fp32"}) {
     SCOPED_TRACE(precision);
     tessera::Run run(testing::tiny_recipe(
-        dir.str() + "/student", {"distill.teacher=" + teacher_dir,
-                                 std::string("distill.teacher_precision=") + precision,
-                                 "distill.curriculum=[{alpha: 0.5}]"}));
+        dir.str() + "/student",
+        {"distill.teacher=" + teacher_dir, std::string("distill.teacher_precision=") + precision,
+         "distill.curriculum=[{alpha: 0.5}]"}));
     const MemoryPlan& plan = run.plan();
     ASSERT_NE(run.teacher(), nullptr);
     EXPECT_EQ(run.teacher()->bytes(), plan.teacher);
