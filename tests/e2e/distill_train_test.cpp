@@ -104,7 +104,7 @@ TEST(DistillTrain, SeedCurriculumLogsItsPhasesAndFreesTheTeacher) {
   ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
   const std::string teacher = train_teacher();
   const std::string dir = testing::fresh_dir("distill-seed");
-  const auto r = train_student(teacher, dir);
+  const auto r = train_student(teacher, dir, " --set checkpoint.every=6 --set checkpoint.keep=2");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("distillation: teacher " + teacher + "/checkpoints/step_20"),
             std::string::npos)
@@ -133,6 +133,13 @@ TEST(DistillTrain, SeedCurriculumLogsItsPhasesAndFreesTheTeacher) {
   // Soft labels only: the student's KL to the teacher falls step by step.
   EXPECT_LT(steps[2]["kd_loss"].get<double>(), steps[1]["kd_loss"].get<double>());
   EXPECT_LT(steps[1]["kd_loss"].get<double>(), steps[0]["kd_loss"].get<double>());
+  // Resumed after the soft phases (step 6): the teacher is never loaded, and the steps repeat.
+  const auto resumed = train_student(teacher, dir + "-resumed",
+                                     " --set checkpoint.resume=" + dir + "/checkpoints/step_6");
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_EQ(resumed.output.find("distillation: teacher"), std::string::npos) << resumed.output;
+  const auto a = step_records(dir), b = step_records(again);
+  for (int64_t s = 7; s <= 9; ++s) EXPECT_EQ(b.at(s), a.at(s)) << "step " << s;
 }
 
 TEST(DistillTrain, ResumeInsideARampIsBitwise) {
@@ -228,6 +235,25 @@ TEST(DistillTrain, BadTeachersAreUserErrors) {
   EXPECT_EQ(tok.status, 2) << tok.output;
   EXPECT_NE(tok.output.find("was trained with tokenizer mock"), std::string::npos) << tok.output;
   EXPECT_NE(tok.output.find("must share one tokenizer"), std::string::npos) << tok.output;
+  // A teacher with one head, shorter sequences: tp 2 cannot split it, and 64-token sequences do
+  // not fit it.
+  const std::string narrow =
+      train_teacher("recipes/ci-tiny.yaml", " --set model.num_heads=1 --set model.max_seq_len=32");
+  const auto split = run_cli(
+      fmt::format(
+          "train recipes/ci-tiny-distill.yaml{} --set parallel.tp=2 --set distill.teacher={}"
+          " --set train.out_dir={}/c",
+          kShort, narrow, dir),
+      testing::mpirun(2));
+  EXPECT_EQ(split.status, 2) << split.output;
+  EXPECT_NE(split.output.find("model.num_heads = 1, which parallel.tp = 2 does not divide"),
+            std::string::npos)
+      << split.output;
+  const auto longer = train_student(narrow, dir + "/d", " --set data.seq_len=64");
+  EXPECT_EQ(longer.status, 2) << longer.output;
+  EXPECT_NE(longer.output.find("model.max_seq_len = 32, shorter than data.seq_len = 64"),
+            std::string::npos)
+      << longer.output;
 }
 
 }  // namespace
