@@ -134,8 +134,9 @@ TEST(DistillTrain, SeedCurriculumLogsItsPhasesAndFreesTheTeacher) {
   EXPECT_LT(steps[2]["kd_loss"].get<double>(), steps[1]["kd_loss"].get<double>());
   EXPECT_LT(steps[1]["kd_loss"].get<double>(), steps[0]["kd_loss"].get<double>());
   // Resumed after the soft phases (step 6): the teacher is never loaded, and the steps repeat.
-  const auto resumed = train_student(teacher, dir + "-resumed",
-                                     " --set checkpoint.resume=" + dir + "/checkpoints/step_6");
+  const std::string again = testing::fresh_dir("distill-seed-resumed");
+  const auto resumed =
+      train_student(teacher, again, " --set checkpoint.resume=" + dir + "/checkpoints/step_6");
   ASSERT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_EQ(resumed.output.find("distillation: teacher"), std::string::npos) << resumed.output;
   const auto a = step_records(dir), b = step_records(again);
@@ -184,8 +185,9 @@ TEST_P(DistillParallelEqualsSerial, LossesKdEvalAndParameters) {
   for (size_t i = 0; i < ref.size(); ++i) {
     SCOPED_TRACE(got[i].dump());
     for (const char* k : {"loss", "kd_loss", "ce_loss", "val_loss"})
-      if (ref[i].contains(k))
+      if (ref[i].contains(k)) {
         EXPECT_LE(rel(got[i][k].get<double>(), ref[i][k].get<double>()), 1e-5) << k;
+      }
   }
   testing::expect_same_parameters(dir + "/parallel", dir + "/serial", 1e-3);
 }
