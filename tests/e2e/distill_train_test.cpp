@@ -68,9 +68,9 @@ std::map<int64_t, std::string> step_records(const std::string& dir) {
   std::map<int64_t, std::string> out;
   for (const auto& m : read_metrics(dir))
     if (m.contains("loss")) {
-      std::string t = m["loss"].dump() + " " + m["grad_norm"].dump();
+      std::string t = fmt::format("{} {}", m["loss"].dump(), m["grad_norm"].dump());
       for (const char* k : {"alpha", "temperature", "kd_loss", "ce_loss"})
-        if (m.contains(k)) t += " " + m[k].dump();
+        if (m.contains(k)) t += fmt::format(" {}", m[k].dump());
       out[m["step"].get<int64_t>()] = t;
     }
   return out;
