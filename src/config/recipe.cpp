@@ -545,7 +545,7 @@ void validate_across(const Recipe& r, const Origins& o) {
                   o.show("train.steps", r.train.steps));
 }
 
-// The distill section: an FP8 teacher and distillation under pp are not built; the curriculum's
+// The distill section: an FP8 teacher is not built; the curriculum's
 // phases must end in order, inside the run, each ramp inside its phase.
 void validate_distill(const Recipe& r, const Origins& o) {
   const DistillConfig& d = r.distill;
@@ -553,11 +553,6 @@ void validate_distill(const Recipe& r, const Origins& o) {
   if (d.teacher_precision == TeacherPrecision::fp8)
     TS_USER_ERROR("{}: {}: an FP8 teacher is not built yet; use bf16 or fp32", o.file(),
                   o.show("distill.teacher_precision", to_string(d.teacher_precision)));
-  if (r.parallel.pp > 1)
-    TS_USER_ERROR(
-        "{}: distill.teacher with {}: distillation under pipeline parallelism is not built yet; "
-        "use tp and dp",
-        o.file(), o.show("parallel.pp", r.parallel.pp));
   const int64_t steps = r.train.steps;
   const std::vector<int64_t> ends = curriculum_ends(d, steps);
   int64_t start = 0;

@@ -15,10 +15,7 @@ DistillWeights begin_distill_step(Run& run, int64_t step) {
   Teacher* teacher = w.alpha > 0.0f ? run.teacher() : nullptr;
   TS_CHECK(w.alpha == 0.0f || teacher, "step {}: alpha {} but the teacher was freed", step + 1,
            w.alpha);
-  if (teacher)
-    run.pipe().set_teacher([teacher](Tensor tokens, Tensor out) { teacher->forward(tokens, out); });
-  else
-    run.pipe().set_teacher({});
+  run.pipe().set_teacher(teacher);
   return w;
 }
 

@@ -51,8 +51,9 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
   plan.optimizer = DistributedOptimizer::bytes_for(
       BucketLayout(Transformer::declared_params(r.model, in.shard), par.dp, bucket_numel, par.ep),
       in.dtype, par.zero);
-  plan.train_acts = PipelineExecutor::bytes_needed(r.model, in.shard, in.dtype, in.schedule,
-                                                   in.flush_micro, B, T, in.device, in.exec);
+  plan.train_acts =
+      PipelineExecutor::bytes_needed(r.model, in.shard, in.dtype, in.schedule, in.flush_micro, B, T,
+                                     in.device, in.exec, teacher_dims(in.teacher));
   if (in.device == Device::cuda)
     plan.workspace =
         ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp, r.model.num_kv_heads / par.tp,

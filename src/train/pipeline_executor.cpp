@@ -20,6 +20,8 @@ int tag_of(PipeOp op, int m) {
   const bool grad = op == PipeOp::send_backward || op == PipeOp::recv_backward;
   return 2 * m + (grad ? 1 : 0);
 }
+// The teacher's activation of micro-batch m: above the student's tags and the handshake's.
+int teacher_tag(int num_micro, int m) { return 2 * num_micro + 1 + m; }
 // Adds a micro-batch's objective parts to the running sums.
 void add_parts(LossValues& sum, const LossValues& v) {
   sum.total += v.total;
@@ -35,7 +37,7 @@ void add_parts(LossValues& sum, const LossValues& v) {
 
 size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
                                       PipelineSchedule kind, int M, int B, int T, Device device,
-                                      const ExecOptions& exec) {
+                                      const ExecOptions& exec, TeacherDims teacher) {
   const ModelShard s = shard.resolved(cfg);
   const int live = peak_live_microbatches(kind, s.pp_rank, s.pp_size, M);
   // The first training set owns the scratch (and the recomputation set); the others share them.
@@ -46,11 +48,17 @@ size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& 
            Batch::bytes_needed(B, T, device);
   if (s.pp_size > 1)
     total += 8 * Arena::aligned(dtype_storage_bytes(dtype, int64_t(B) * T * cfg.hidden));
+  if (s.pp_size > 1 && teacher.hidden > 0) {
+    const size_t row =
+        Arena::aligned(dtype_storage_bytes(teacher.dtype, int64_t(B) * T * teacher.hidden));
+    total += 4 * row + (s.first_stage() ? 0 : live * row);
+  }
   return total;
 }
 
 PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, PipelineSchedule kind,
-                                   int num_microbatches, int B, int T, Arena& arena)
+                                   int num_microbatches, int B, int T, Arena& arena,
+                                   TeacherDims teacher)
     : model_(model),
       comm_(pp_comm),
       kind_(kind),
@@ -82,6 +90,12 @@ PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, Pi
     const int64_t N = int64_t(B) * T, C = model.config().hidden;
     for (P2PBuffers* p : {&send_fwd_, &recv_fwd_, &send_bwd_, &recv_bwd_})
       for (Tensor& t : p->buf) t = arena.alloc(model.dtype(), {N, C});
+    if (teacher.hidden > 0) {
+      for (P2PBuffers* p : {&send_teacher_, &recv_teacher_})
+        for (Tensor& t : p->buf) t = arena.alloc(teacher.dtype, {N, teacher.hidden});
+      if (stage_ > 0)
+        for (Slot& s : train_slots_) s.teacher_in = arena.alloc(teacher.dtype, {N, teacher.hidden});
+    }
     connect_neighbours();
   }
 }
@@ -132,6 +146,8 @@ void PipelineExecutor::post_p2p(const std::vector<PipeAction>& group) {
   std::vector<Communicator::P2POp> ops;
   std::vector<std::pair<PipeAction, int>> recvs;   // action, index into ops
   std::vector<std::pair<CommHandle*, int>> sends;  // where each send's handle goes, op index
+  std::vector<std::pair<int, int>> teacher_recvs;  // micro-batch, index into ops
+  const bool with_teacher = training_ && teacher_;
   for (const PipeAction& a : group) {
     const int b = a.microbatch % 2;
     switch (a.op) {
@@ -146,6 +162,11 @@ void PipelineExecutor::post_p2p(const std::vector<PipeAction>& group) {
         sends.push_back({&p.inflight[b], int(ops.size())});
         ops.push_back({true, p.buf[b], a.op == PipeOp::send_forward ? stage_ + 1 : stage_ - 1,
                        tag_of(a.op, a.microbatch)});
+        if (with_teacher && a.op == PipeOp::send_forward) {  // filled by run_teacher
+          sends.push_back({&send_teacher_.inflight[b], int(ops.size())});
+          ops.push_back(
+              {true, send_teacher_.buf[b], stage_ + 1, teacher_tag(num_micro_, a.microbatch)});
+        }
         // A micro-batch's activation set is free once its last product on this stage is copied
         // out: its input gradient in training, its output in evaluation. Freeing it here lets a
         // receive in the same group reuse it.
@@ -160,6 +181,11 @@ void PipelineExecutor::post_p2p(const std::vector<PipeAction>& group) {
         recvs.push_back({a, int(ops.size())});
         ops.push_back({false, p.buf[b], a.op == PipeOp::recv_forward ? stage_ - 1 : stage_ + 1,
                        tag_of(a.op, a.microbatch)});
+        if (with_teacher && a.op == PipeOp::recv_forward) {
+          teacher_recvs.push_back({a.microbatch, int(ops.size())});
+          ops.push_back(
+              {false, recv_teacher_.buf[b], stage_ - 1, teacher_tag(num_micro_, a.microbatch)});
+        }
         break;
       }
       default: TS_BUG("post_p2p given a compute action");
@@ -176,6 +202,27 @@ void PipelineExecutor::post_p2p(const std::vector<PipeAction>& group) {
       copy_tensor(slot_of(a.microbatch).acts->stage_grad(), ops[idx].tensor);
     }
   }
+  for (auto& [m, idx] : teacher_recvs) {
+    handles[idx]->wait();
+    copy_tensor(slot_of(m).teacher_in, ops[idx].tensor);
+  }
+}
+
+void PipelineExecutor::run_teacher(int m, Slot& s) {
+  teacher_->forward(s.batch->tokens, s.teacher_in);
+  if (stage_ == num_stages_ - 1) {
+    const Tensor logits = teacher_->logits(), out = s.acts->teacher_logits();
+    if (logits.dtype == out.dtype)
+      copy_tensor(out, logits);
+    else
+      ops::cast(out, logits);
+    return;
+  }
+  P2PBuffers& p = send_teacher_;
+  const int b = m % 2;
+  if (p.inflight[b]) p.inflight[b]->wait();  // the send of micro-batch m - 2 used it
+  p.inflight[b].reset();
+  copy_tensor(p.buf[b], teacher_->output());
 }
 
 PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& actions,
@@ -210,8 +257,8 @@ PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& ac
       fill(a.microbatch, *s.batch);
       s.batch->upload();
       model_.forward_stage(*s.acts, s.batch->tokens);
+      if (training && teacher_) run_teacher(a.microbatch, s);
       if (last) {
-        if (training && teacher_) teacher_(s.batch->tokens, s.acts->teacher_logits());
         const LossValues loss = model_.loss_forward(*s.acts, s.batch->labels);
         const int64_t valid = s.batch->num_valid();
         // Training reports the whole objective; evaluation the cross-entropy, token-weighted.
@@ -245,7 +292,7 @@ PipelineExecutor::Result PipelineExecutor::train_step(
 }
 
 void PipelineExecutor::drain_sends() {
-  for (P2PBuffers* p : {&send_fwd_, &send_bwd_})
+  for (P2PBuffers* p : {&send_fwd_, &send_bwd_, &send_teacher_})
     for (CommHandle& h : p->inflight)
       if (h) {
         h->wait();

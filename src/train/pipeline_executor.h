@@ -10,6 +10,7 @@
 #include "parallel/communicator.h"
 #include "parallel/pipeline_schedule.h"
 #include "train/batch.h"
+#include "train/teacher.h"
 
 namespace tessera {
 
@@ -17,16 +18,16 @@ class PipelineExecutor {
  public:
   // Fills micro-batch m (host vectors of `batch`); the executor uploads it.
   using FillFn = std::function<void(int m, Batch& batch)>;
-  // Distillation: writes the teacher's logits (N, Vl) for tokens (B, T) into `out`.
-  using TeacherFn = std::function<void(Tensor tokens, Tensor out)>;
 
   // pp_comm: this rank's pipeline group (its rank is the stage). Training activation sets are
-  // sized by the schedule's peak live micro-batches; everything comes from `arena`.
+  // sized by the schedule's peak live micro-batches; everything comes from `arena`. teacher:
+  // distillation's teacher activations between stages (each live set on stages > 0 keeps its
+  // micro-batch's teacher input; two send and two receive buffers).
   PipelineExecutor(Transformer& model, Communicator& pp_comm, PipelineSchedule kind,
-                   int num_microbatches, int B, int T, Arena& arena);
+                   int num_microbatches, int B, int T, Arena& arena, TeacherDims teacher = {});
   static size_t bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
                              PipelineSchedule kind, int num_microbatches, int B, int T,
-                             Device device, const ExecOptions& exec = {});
+                             Device device, const ExecOptions& exec = {}, TeacherDims teacher = {});
 
   struct Result {
     double loss_sum = 0.0;  // last stage: sum over micro-batches of their mean loss (train) or
@@ -36,9 +37,10 @@ class PipelineExecutor {
     // cross-entropy and each extra term, unweighted).
     LossValues parts;
   };
-  // Distillation: the teacher to run beside each training forward on the last stage (the
-  // activation set's teacher_logits); empty: none (evaluation never runs it).
-  void set_teacher(TeacherFn fn) { teacher_ = std::move(fn); }
+  // Distillation: the teacher whose stage forward runs beside each training forward (its
+  // activations travel with the student's; on the last stage its logits go to the activation
+  // set's teacher_logits); null: none. Evaluation never runs it.
+  void set_teacher(Teacher* teacher) { teacher_ = teacher; }
   // One step's forwards and backwards. Each micro-batch's loss is scaled by loss_scale in
   // backward. before_last_backward runs just before the step's final backward on this stage (the
   // data-parallel buckets are launched during it).
@@ -63,6 +65,7 @@ class PipelineExecutor {
   struct Slot {
     std::unique_ptr<Activations> acts;
     std::unique_ptr<Batch> batch;
+    Tensor teacher_in;  // (N, teacher hidden): distilling, stages > 0
     int microbatch = -1;
   };
   // p2p: two alternating buffers per direction and side; a send stays in flight until its buffer
@@ -82,6 +85,9 @@ class PipelineExecutor {
   // Posts a run of consecutive p2p actions as one group (Megatron's batched isend/irecv), then
   // waits for its receives and copies them into the micro-batches' activations.
   void post_p2p(const std::vector<PipeAction>& group);
+  // The teacher's stage forward for micro-batch m: its output into the send buffer, or on the
+  // last stage its logits into the activation set.
+  void run_teacher(int m, Slot& s);
 
   Transformer& model_;
   Communicator& comm_;
@@ -95,7 +101,8 @@ class PipelineExecutor {
   std::vector<Slot> eval_slots_;        // one: evaluation frees a set as soon as its output is sent
   std::vector<Slot>* slots_ = nullptr;  // the set in use
   P2PBuffers send_fwd_, recv_fwd_, send_bwd_, recv_bwd_;
-  TeacherFn teacher_;
+  P2PBuffers send_teacher_, recv_teacher_;  // distilling under pp: the teacher's activations
+  Teacher* teacher_ = nullptr;
 };
 
 }  // namespace tessera

@@ -166,10 +166,12 @@ Run::Run(const Recipe& recipe)
                  teacher->model.num_params(), dtype_name(teacher->dtype), teacher_->bytes() / 1e9);
     }
   }
-  pipe_ =
-      std::make_unique<PipelineExecutor>(*model_, ctx_->comm(Group::pp), schedule_, flush_micro_,
-                                         r.data.micro_batch, r.data.seq_len, arena_);
+  pipe_ = std::make_unique<PipelineExecutor>(*model_, ctx_->comm(Group::pp), schedule_,
+                                             flush_micro_, r.data.micro_batch, r.data.seq_len,
+                                             arena_, teacher_dims(teacher));
   pipe_->set_measure_busy(r.logging.profile_ops && par.pp > 1);
+  TS_CHECK(arena_.used() == arena_.capacity(), "the memory plan reserved {} bytes, the run took {}",
+           arena_.capacity(), arena_.used());
   if (rank0())
     log_info(
         "model: {} parameters ({}), {} on {}, this rank holds {} and reserved {:.2f} GB "

@@ -47,6 +47,11 @@ void check_teacher_split(const Recipe& r, const TeacherSpec& t) {
   if (m.moe.enabled() && m.moe.shared_experts > 0)
     need(int64_t(m.moe.shared_experts) * m.moe.shared_ffn_hidden,
          "moe.shared_experts x moe.shared_ffn_hidden");
+  if (m.num_layers < r.parallel.pp)
+    TS_USER_ERROR(
+        "{}: distill.teacher {} has model.num_layers = {}, fewer than the parallel.pp = {} "
+        "stages it is split over",
+        r.file, t.dir, m.num_layers, r.parallel.pp);
   if (m.moe.enabled() && r.parallel.ep > 1)
     TS_USER_ERROR(
         "{}: distill.teacher {} is an MoE model and parallel.ep = {}: an MoE teacher under "
@@ -92,8 +97,15 @@ TeacherSpec read_teacher_spec(const Recipe& r, const std::string& tokenizer_hash
   return t;
 }
 
+std::vector<int> teacher_stage_layers(const TeacherSpec& t, int pp) {
+  std::vector<int> counts(pp, t.model.num_layers / pp);
+  for (int s = 0; s < t.model.num_layers % pp; ++s) ++counts[s];
+  return counts;
+}
+
 ModelShard teacher_shard(const TeacherSpec& t, const ModelShard& student) {
-  return ModelShard::make(t.model, student.tp_size, student.tp_rank, 1, 0, {t.model.num_layers},
+  return ModelShard::make(t.model, student.tp_size, student.tp_rank, student.pp_size,
+                          student.pp_rank, teacher_stage_layers(t, student.pp_size),
                           student.tp_comm);
 }
 
@@ -128,13 +140,9 @@ Teacher::Teacher(const TeacherSpec& t, const ModelShard& student, Device device,
            arena_.capacity(), arena_.used());
 }
 
-void Teacher::forward(Tensor tokens, Tensor out) {
+void Teacher::forward(Tensor tokens, Tensor input) {
+  if (!model_->shard().first_stage()) copy_tensor(acts_->stage_input(), input);
   model_->forward_stage(*acts_, tokens);
-  const Tensor logits = model_->logits(*acts_);
-  if (logits.dtype == out.dtype)
-    copy_tensor(out, logits);
-  else
-    ops::cast(out, logits);
 }
 
 }  // namespace tessera

@@ -1,13 +1,16 @@
 // Teacher: the frozen model of a distillation (the recipe's distill.teacher), read from a Tessera
 // checkpoint of any family and size, dense or MoE. It holds its weights in
 // distill.teacher_precision with no gradients, masters or optimizer state, split over the
-// student's tensor-parallel group like the student (its own layers, on the one pipeline stage),
-// replicated over dp; it runs forward only, one micro-batch at a time, and writes its logits
-// where the student's KD loss reads them. Its memory is an arena of its own, planned with the
-// student's (MemoryPlan::teacher), so it can be freed when the curriculum no longer needs it.
+// student's tensor-parallel group and pipeline stages like the student (its own layers, evenly
+// over the stages), replicated over dp; it runs forward only, one micro-batch at a time, beside
+// the student's forward on each stage, and its logits reach the student's KD loss on the last. Its
+// memory is an arena of its own, planned with the student's (MemoryPlan::teacher), so it can be
+// freed when the curriculum no longer needs it.
 #pragma once
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "config/recipe.h"
 #include "core/memory.h"
@@ -28,8 +31,22 @@ struct TeacherSpec {
 // failure is a user error naming distill.teacher, the checkpoint and the recipe.
 TeacherSpec read_teacher_spec(const Recipe& student, const std::string& tokenizer_hash);
 
-// The teacher's shard on a rank whose student shard is `student` (same tp rank; every layer).
+// The teacher's pipeline split: its layers spread evenly over the student's pp stages (the first
+// stages take one more when pp does not divide them), so its memory follows the student's.
+std::vector<int> teacher_stage_layers(const TeacherSpec& t, int pp);
+// The teacher's shard on a rank whose student shard is `student`: the same tp rank and pipeline
+// stage, this stage's share of the teacher's layers.
 ModelShard teacher_shard(const TeacherSpec& t, const ModelShard& student);
+
+// What travels between pipeline stages for the teacher: its residual stream (N, hidden) in its
+// dtype. hidden 0: no teacher.
+struct TeacherDims {
+  int hidden = 0;
+  DType dtype = DType::f32;
+};
+inline TeacherDims teacher_dims(const std::optional<TeacherSpec>& t) {
+  return t ? TeacherDims{t->model.hidden, t->dtype} : TeacherDims{};
+}
 
 class Teacher {
  public:
@@ -42,9 +59,12 @@ class Teacher {
   Teacher(const Teacher&) = delete;
   Teacher& operator=(const Teacher&) = delete;
 
-  // Runs the teacher on tokens (B, T) and writes its logits (B*T, Vl) into `out`, rounded to
-  // out's dtype.
-  void forward(Tensor tokens, Tensor out);
+  // This stage's forward for one micro-batch: the first stage embeds tokens (B, T), the others
+  // start from `input` (B*T, hidden), the previous stage's output(). Then output() holds this
+  // stage's output (not the last stage) and, on the last stage, logits() the teacher's logits.
+  void forward(Tensor tokens, Tensor input);
+  Tensor output() const { return acts_->stage_output(); }   // (B*T, hidden)
+  Tensor logits() const { return model_->logits(*acts_); }  // (B*T, Vl), last stage
   const Transformer& model() const { return *model_; }
   size_t bytes() const { return arena_.capacity(); }
 

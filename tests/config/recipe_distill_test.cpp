@@ -167,8 +167,6 @@ TEST(RecipeDistill, Errors) {
       {"distill.curriculum[1].ramp_steps = 6", "1 to 5 steps"});
   expect_distill_error("  teacher: t\n  curriculum: [{end_step: 5}, {alpha: 0, ramp_steps: 3}]\n",
                        {"ramp_steps = 3", "choose ramp linear or cosine"});
-  expect_distill_error("  teacher: t\n", {"parallel.pp = 2", "not built yet"},
-                       "parallel:\n  pp: 2\n");
 }
 
 }  // namespace

@@ -5,7 +5,8 @@
 //    alpha kd + (1 - alpha) ce, KD pulls the student toward the teacher, and the teacher is freed
 //    when no later step needs it;
 //  * resuming in the middle of a ramp is bitwise;
-//  * dp 2, tp 2 and dp 2 x tp 2 equal one process (forward and reverse KL);
+//  * dp, tp and pp (GPipe and 1F1B) layouts and a dp x tp x pp mix equal one process (forward
+//    and reverse KL);
 //  * MoE teachers and MoE students, BF16, and the errors for a bad teacher.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -41,22 +42,27 @@ std::string train_teacher(const std::string& recipe = "recipes/ci-tiny.yaml",
 }
 
 struct Layout {
-  int dp = 1, tp = 1;
+  int dp = 1, tp = 1, pp = 1;
+  std::string schedule = "gpipe";
   bool reverse = false;
-  std::string name() const { return fmt::format("dp{}_tp{}{}", dp, tp, reverse ? "_reverse" : ""); }
+  std::string name() const {
+    return fmt::format("dp{}_tp{}_pp{}_{}{}", dp, tp, pp, schedule, reverse ? "_reverse" : "");
+  }
 };
 void PrintTo(const Layout& l, std::ostream* os) { *os << l.name(); }
 
-// The student: 4 sequences per step as micro-batches of one, `steps` steps.
+// The student: 4 sequences per step as micro-batches of one (flushes of two), `steps` steps.
 testing::CliResult train_student(const std::string& teacher, const std::string& out_dir,
                                  const std::string& extra = "", const Layout& l = {},
                                  int steps = 9) {
-  const int np = l.dp * l.tp;
+  const int np = l.dp * l.tp * l.pp;
   const std::string args = fmt::format(
       "train recipes/ci-tiny-distill.yaml{} --set data.micro_batch=1 --set data.grad_accum={}"
-      " --set train.steps={} --set parallel.dp={} --set parallel.tp={}"
+      " --set parallel.microbatches=2 --set train.steps={} --set parallel.dp={}"
+      " --set parallel.tp={} --set parallel.pp={} --set parallel.schedule={}"
       " --set distill.reverse_kl={} --set distill.teacher={} --set train.out_dir={}{}",
-      kShort, 4 / l.dp, steps, l.dp, l.tp, l.reverse ? "true" : "false", teacher, out_dir, extra);
+      kShort, 2 / l.dp, steps, l.dp, l.tp, l.pp, l.schedule, l.reverse ? "true" : "false", teacher,
+      out_dir, extra);
   return run_cli(args, np == 1 ? std::string() : testing::mpirun(np));
 }
 
@@ -194,7 +200,9 @@ TEST_P(DistillParallelEqualsSerial, LossesKdEvalAndParameters) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, DistillParallelEqualsSerial,
                          ::testing::Values(Layout{2, 1}, Layout{1, 2}, Layout{2, 2},
-                                           Layout{1, 2, true}),
+                                           Layout{1, 2, 1, "gpipe", true}, Layout{1, 1, 2},
+                                           Layout{1, 1, 2, "1f1b", true}, Layout{2, 1, 2, "1f1b"},
+                                           Layout{2, 2, 2}),
                          [](const auto& info) { return info.param.name(); });
 
 // An MoE teacher (ci-tiny-moe) into the dense student, and the dense teacher into an MoE student;
