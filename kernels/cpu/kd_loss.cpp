@@ -113,18 +113,19 @@ void store_row(const Tensor& losses, const Tensor& lse, int64_t n, int64_t num_r
   store_stat(losses, n, ignored ? 0.0 : temperature * temperature * r.kl);
 }
 
-template <class T>
-void forward_impl(const Tensor& losses, const Tensor& lse, const T* student, const T* teacher,
-                  const int32_t* targets, int64_t num_rows, int64_t width, int vocab_size,
-                  double temperature, bool reverse) {
-#pragma omp parallel for schedule(static) if (num_rows * vocab_size > kMinParallelWork)
-  for (int64_t n = 0; n < num_rows; ++n) {
-    const T* zs = student + n * width;
-    const T* zt = teacher + n * width;
-    const RowMax m = max_of_row(zs, zt, vocab_size, temperature);
-    const RowSums r = sums_of_row(zs, zt, vocab_size, m, temperature, reverse);
-    store_row(losses, lse, n, num_rows, finish_row(m, r, reverse), targets[n] < 0, temperature);
-  }
+// Runs f(n, zs, zt) for every row n of student and teacher (N, V), with zs and zt that row's
+// logits (const T*, T the logits' type), rows in parallel when `work` elements are enough.
+template <class F>
+void for_each_row_pair(const Tensor& student, const Tensor& teacher, int64_t work, const char* op,
+                       F&& f) {
+  const int64_t num_rows = student.dim(0), width = student.dim(1);
+  dispatch_float(student.dtype, op, [&](auto zero) {
+    using T = decltype(zero);
+    const T* zs = student.ptr<T>();
+    const T* zt = teacher.ptr<T>();
+#pragma omp parallel for schedule(static) if (work > kMinParallelWork)
+    for (int64_t n = 0; n < num_rows; ++n) f(n, zs + n * width, zt + n * width);
+  });
 }
 
 // dstudent (N, Vl) may be the same buffer as student: each element is read before it is written.
@@ -166,11 +167,13 @@ void kd_loss_forward(Tensor losses, Tensor lse, Tensor student, Tensor teacher, 
   check_stat_shape(losses, student.dtype, Shape{num_rows}, kOp, "losses");
   check_stat_shape(lse, student.dtype, Shape{2, num_rows}, kOp, "lse");
   TS_CHECK(!overlaps(losses, lse), "{}: losses and lse overlap", kOp);
-  dispatch_float(student.dtype, kOp, [&](auto zero) {
-    using T = decltype(zero);
-    forward_impl(losses, lse, student.ptr<T>(), teacher.ptr<T>(), targets.ptr<int32_t>(), num_rows,
-                 student.dim(1), vocab_size, temperature, reverse);
-  });
+  const int32_t* tgt = targets.ptr<int32_t>();
+  for_each_row_pair(
+      student, teacher, num_rows * vocab_size, kOp, [&](int64_t n, const auto* zs, const auto* zt) {
+        const RowMax m = max_of_row(zs, zt, vocab_size, temperature);
+        const RowSums r = sums_of_row(zs, zt, vocab_size, m, temperature, reverse);
+        store_row(losses, lse, n, num_rows, finish_row(m, r, reverse), tgt[n] < 0, temperature);
+      });
 }
 
 void kd_loss_backward(Tensor dstudent, Tensor student, Tensor teacher, Tensor lse, Tensor losses,
@@ -205,18 +208,13 @@ void kd_shard_max(Tensor row_max, Tensor student, Tensor teacher, int64_t vocab_
   const int64_t num_rows = check_logits(student, teacher, vocab_size, vocab_start, true, kOp);
   check_temperature(temperature, kOp);
   check_stat_shape(row_max, student.dtype, Shape{2, num_rows}, kOp, "row_max");
-  const int64_t width = student.dim(1), num_real = num_real_columns(vocab_start, width, vocab_size);
-  dispatch_float(student.dtype, kOp, [&](auto zero) {
-    using T = decltype(zero);
-    const T* zs = student.ptr<T>();
-    const T* zt = teacher.ptr<T>();
-#pragma omp parallel for schedule(static) if (num_rows * num_real > kMinParallelWork)
-    for (int64_t n = 0; n < num_rows; ++n) {
-      const RowMax m = max_of_row(zs + n * width, zt + n * width, num_real, temperature);
-      store_stat(row_max, n, m.s);
-      store_stat(row_max, num_rows + n, m.t);
-    }
-  });
+  const int64_t num_real = num_real_columns(vocab_start, student.dim(1), vocab_size);
+  for_each_row_pair(student, teacher, num_rows * num_real, kOp,
+                    [&](int64_t n, const auto* zs, const auto* zt) {
+                      const RowMax m = max_of_row(zs, zt, num_real, temperature);
+                      store_stat(row_max, n, m.s);
+                      store_stat(row_max, num_rows + n, m.t);
+                    });
 }
 
 void kd_shard_sums(Tensor sums, Tensor student, Tensor teacher, Tensor row_max, int64_t vocab_start,
@@ -227,21 +225,15 @@ void kd_shard_sums(Tensor sums, Tensor student, Tensor teacher, Tensor row_max, 
   check_stat_shape(row_max, student.dtype, Shape{2, num_rows}, kOp, "row_max");
   check_stat_shape(sums, student.dtype, Shape{3, num_rows}, kOp, "sums");
   TS_CHECK(!overlaps(sums, row_max), "{}: sums and row_max overlap", kOp);
-  const int64_t width = student.dim(1), num_real = num_real_columns(vocab_start, width, vocab_size);
-  dispatch_float(student.dtype, kOp, [&](auto zero) {
-    using T = decltype(zero);
-    const T* zs = student.ptr<T>();
-    const T* zt = teacher.ptr<T>();
-#pragma omp parallel for schedule(static) if (num_rows * num_real > kMinParallelWork)
-    for (int64_t n = 0; n < num_rows; ++n) {
-      const RowMax m{load_stat(row_max, n), load_stat(row_max, num_rows + n)};
-      const RowSums r =
-          sums_of_row(zs + n * width, zt + n * width, num_real, m, temperature, reverse);
-      store_stat(sums, n, r.s);
-      store_stat(sums, num_rows + n, r.t);
-      store_stat(sums, 2 * num_rows + n, r.cross);
-    }
-  });
+  const int64_t num_real = num_real_columns(vocab_start, student.dim(1), vocab_size);
+  for_each_row_pair(student, teacher, num_rows * num_real, kOp,
+                    [&](int64_t n, const auto* zs, const auto* zt) {
+                      const RowMax m{load_stat(row_max, n), load_stat(row_max, num_rows + n)};
+                      const RowSums r = sums_of_row(zs, zt, num_real, m, temperature, reverse);
+                      store_stat(sums, n, r.s);
+                      store_stat(sums, num_rows + n, r.t);
+                      store_stat(sums, 2 * num_rows + n, r.cross);
+                    });
 }
 
 void kd_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tensor sums, Tensor targets,

@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/memory_bound.cuh"
+#include "kernels/cuda/softmax_rows.cuh"
 
 namespace tessera::cuda {
 
@@ -25,16 +26,6 @@ constexpr int kUnroll = 4;        // packs loaded before the first is used
 // stay NaN so they reach the loss.
 __device__ __forceinline__ float exp_below(float a, float b) {
   return a == -INFINITY ? 0.0f : __expf(a - b);
-}
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-// 2^x by the special-function unit (one instruction; relative error ~2^-22, results below
-// 2^-126 flushed to zero, which no sum here can notice). 2^-inf = 0 and 2^NaN = NaN.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Running (max, sum of exp(x - max)) of the values seen so far.
@@ -53,59 +44,40 @@ struct OnlineSum {
   }
 };
 
-// Elements of a row before the first 16-byte boundary (the row's scalar head).
-template <class T>
-__device__ __forceinline__ int head_elems(const T* row, int64_t width) {
-  const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(row) % kPackBytes);
-  return static_cast<int>(
-      std::min<int64_t>(width, ((kPackBytes - misalign) % kPackBytes) / int(sizeof(T))));
-}
-
 // ---- kernels ---------------------------------------------------------------------------------
 
 template <class T>
 __global__ void __launch_bounds__(kRowThreads)
     cross_entropy_forward_kernel(float* losses, float* lse, const T* logits, const int32_t* targets,
                                  int64_t width, int vocab_size) {
-  constexpr int kVec = kVecWidth<T>;
   __shared__ float smem_m[kRowThreads / 32], smem_s[kRowThreads / 32];
   const int64_t row = blockIdx.x;
   const T* x = logits + row * width;
-  const int head = head_elems(x, vocab_size);
-  const int num_packs = (vocab_size - head) / kVec;
-  const T* body = x + head;
 
   OnlineSum acc;
-  for (int c = threadIdx.x; c < head; c += kRowThreads) acc.add(to_f32(x[c]));
-  for (int p0 = threadIdx.x; p0 < num_packs; p0 += kUnroll * kRowThreads) {
-    Pack<T, kVec> v[kUnroll];
+  for_each_in_rows<kRowThreads, kUnroll>(
+      vocab_size,
+      [&]<int kN>(const T(&v)[kN]) {
+        if constexpr (kN == 1) {  // the scalar head and tail
+          acc.add(to_f32(v[0]));
+        } else {
+          float pack_max = -INFINITY;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = p0 + u * kRowThreads;
-      if (p < num_packs) v[u] = load_pack<T, kVec>(body + int64_t(p) * kVec);
-    }
+          for (int j = 0; j < kN; ++j) pack_max = fmaxf(pack_max, to_f32(v[j]));
+          const float nm = fmaxf(acc.m, pack_max);
+          // exp(x - nm) = 2^(x log2e - nm log2e), one FFMA and one ex2 per element. While every
+          // value so far is -inf (nm = -inf) the base is 0, so each term is 2^-inf = 0, not NaN.
+          const float base = nm == -INFINITY ? 0.0f : nm * kLog2e;
+          float sum = 0.0f;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (p0 + u * kRowThreads < num_packs) {
-        float pack_max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) pack_max = fmaxf(pack_max, to_f32(v[u].v[j]));
-        const float nm = fmaxf(acc.m, pack_max);
-        // exp(x - nm) = 2^(x log2e - nm log2e), one FFMA and one ex2 per element. While every
-        // value so far is -inf (nm = -inf) the base is 0, so each term is 2^-inf = 0, not NaN.
-        const float base = nm == -INFINITY ? 0.0f : nm * kLog2e;
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) sum += fast_exp2(fmaf(to_f32(v[u].v[j]), kLog2e, -base));
-        acc.s = acc.s * fast_exp2(fmaf(acc.m, kLog2e, -base)) + sum;
-        acc.m = nm;
-      }
-    }
-  }
-  for (int c = head + num_packs * kVec + threadIdx.x; c < vocab_size; c += kRowThreads)
-    acc.add(to_f32(x[c]));
+          for (int j = 0; j < kN; ++j) sum += fast_exp2(fmaf(to_f32(v[j]), kLog2e, -base));
+          acc.s = acc.s * fast_exp2(fmaf(acc.m, kLog2e, -base)) + sum;
+          acc.m = nm;
+        }
+      },
+      x);
 
-    // Merge the threads' partial sums in a fixed order: butterfly in each warp, then warp order.
+  // Merge the threads' partial sums in a fixed order: butterfly in each warp, then warp order.
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, acc.m, offset);
@@ -165,25 +137,16 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int c = threadIdx.x; c < head; c += kRowThreads)
       dx[c] = from_f32<T>(grad(to_f32(x[c]), c));
   }
-  for (int p0 = threadIdx.x; p0 < num_packs; p0 += kUnroll * kRowThreads) {
-    Pack<T, kVec> v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = p0 + u * kRowThreads;
-      if (p < num_packs) v[u] = load_pack<T, kVec>(x + head + int64_t(p) * kVec);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = p0 + u * kRowThreads;
-      if (p < num_packs) {
-        const int64_t c0 = head + int64_t(p) * kVec;
+  for_each_pack<kRowThreads, kUnroll>(
+      num_packs,
+      [&](int64_t c, const T(&v)[kVec]) {
+        const int64_t c0 = head + c;
         Pack<T, kVec> out;
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) out.v[j] = from_f32<T>(grad(to_f32(v[u].v[j]), c0 + j));
+        for (int j = 0; j < kVec; ++j) out.v[j] = from_f32<T>(grad(to_f32(v[j]), c0 + j));
         store_pack<T, kVec>(dx + c0, out);
-      }
-    }
-  }
+      },
+      x + head);
   for (int64_t c = tail_begin + threadIdx.x; c < width; c += kRowThreads)
     dx[c] = from_f32<T>(grad(to_f32(x[c]), c));
 }
@@ -195,27 +158,13 @@ __global__ void __launch_bounds__(kRowThreads)
 // thread, then a scalar tail.
 template <class T, class F>
 __device__ __forceinline__ void for_each_in_row(const T* x, int count, F&& f) {
-  constexpr int kVec = kVecWidth<T>;
-  const int head = head_elems(x, count);
-  const int num_packs = (count - head) / kVec;
-  const T* body = x + head;
-  for (int c = threadIdx.x; c < head; c += kRowThreads) f(to_f32(x[c]));
-  for (int p0 = threadIdx.x; p0 < num_packs; p0 += kUnroll * kRowThreads) {
-    Pack<T, kVec> v[kUnroll];
+  for_each_in_rows<kRowThreads, kUnroll>(
+      count,
+      [&]<int kN>(const T(&v)[kN]) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = p0 + u * kRowThreads;
-      if (p < num_packs) v[u] = load_pack<T, kVec>(body + int64_t(p) * kVec);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (p0 + u * kRowThreads < num_packs) {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) f(to_f32(v[u].v[j]));
-      }
-    }
-  }
-  for (int c = head + num_packs * kVec + threadIdx.x; c < count; c += kRowThreads) f(to_f32(x[c]));
+        for (int j = 0; j < kN; ++j) f(to_f32(v[j]));
+      },
+      x);
 }
 
 // Max over the kRowThreads threads of the block, valid in thread 0. fmaxf skips NaN, like the
@@ -309,11 +258,6 @@ int64_t check_ce_args(const Tensor& logits, const Tensor& targets, int vocab_siz
   const int64_t num_rows = check_logits(logits, vocab_size, vocab_start, sharded, op);
   expect_tensor(targets, DType::i32, Shape{num_rows}, op, "targets");
   return num_rows;
-}
-
-// Real (non-padding) columns of a shard `width` wide that starts at global column vocab_start.
-int num_real_columns(int64_t vocab_start, int64_t width, int vocab_size) {
-  return static_cast<int>(std::clamp<int64_t>(int64_t(vocab_size) - vocab_start, 0, width));
 }
 
 }  // namespace

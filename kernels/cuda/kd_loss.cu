@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/memory_bound.cuh"
+#include "kernels/cuda/softmax_rows.cuh"
 
 namespace tessera::cuda {
 
@@ -27,61 +28,14 @@ constexpr int kUnroll = 2;  // packs of each row loaded before the first is used
 // keeps two blocks, 32 warps, per SM instead.
 constexpr int kForwardUnroll = 1;
 constexpr int kMinRowBlocks = 2;
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// 2^x by the special-function unit (one instruction; relative error ~2^-22, results below
-// 2^-126 flushed to zero, which no sum here can notice). 2^-inf = 0 and 2^NaN = NaN.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Elements of a row before the first 16-byte boundary (the row's scalar head).
-template <class T>
-__device__ __forceinline__ int head_elems(const T* row, int64_t width) {
-  const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(row) % kPackBytes);
-  return static_cast<int>(
-      std::min<int64_t>(width, ((kPackBytes - misalign) % kPackBytes) / int(sizeof(T))));
-}
-
-// Walks the first `count` columns of a student row and a teacher row together: f(xs, xt) gets
-// kN consecutive columns of each, as stored (the caller widens them, so a pack stays 16 bytes of
-// registers rather than kN floats), with kN = the 16-byte pack width for the body (kUnroll packs
-// of each row in flight per thread, kUnroll unless given) and kN = 1 for the scalar head and tail.
-// When the two rows sit differently against the 16-byte grid, every column is a scalar one.
+// Walks the first `count` columns of a student row and a teacher row together
+// (for_each_in_rows): f(xs, xt) gets kN consecutive columns of each, as stored, kPacks packs of
+// each row in flight per thread.
 template <class T, int kPacks = kUnroll, class F>
 __device__ __forceinline__ void for_each_column_pair(const T* zs, const T* zt, int count, F&& f) {
-  constexpr int kVec = kVecWidth<T>;
-  const int head_s = head_elems(zs, count);
-  const int head = head_s == head_elems(zt, count) ? head_s : count;
-  const int num_packs = (count - head) / kVec;
-  for (int c = threadIdx.x; c < head; c += kRowThreads) {
-    const T xs[1] = {zs[c]}, xt[1] = {zt[c]};
-    f(xs, xt);
-  }
-  const T* body_s = zs + head;
-  const T* body_t = zt + head;
-  for (int p0 = threadIdx.x; p0 < num_packs; p0 += kPacks * kRowThreads) {
-    Pack<T, kVec> vs[kPacks], vt[kPacks];
-#pragma unroll
-    for (int u = 0; u < kPacks; ++u) {
-      const int p = p0 + u * kRowThreads;
-      if (p < num_packs) {
-        vs[u] = load_pack<T, kVec>(body_s + int64_t(p) * kVec);
-        vt[u] = load_pack<T, kVec>(body_t + int64_t(p) * kVec);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kPacks; ++u) {
-      if (p0 + u * kRowThreads < num_packs) f(vs[u].v, vt[u].v);
-    }
-  }
-  for (int c = head + num_packs * kVec + threadIdx.x; c < count; c += kRowThreads) {
-    const T xs[1] = {zs[c]}, xt[1] = {zt[c]};
-    f(xs, xt);
-  }
+  for_each_in_rows<kRowThreads, kPacks>(count, f, zs, zt);
 }
 
 // ---- the unsharded forward ------------------------------------------------------------------
@@ -272,29 +226,17 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int c = threadIdx.x; c < head; c += kRowThreads)
       dzs[c] = from_f32<T>(grad_at(to_f32(zs[c]), to_f32(zt[c]), c));
   }
-  for (int p0 = threadIdx.x; p0 < num_packs; p0 += kUnroll * kRowThreads) {
-    Pack<T, kVec> vs[kUnroll], vt[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = p0 + u * kRowThreads;
-      if (p < num_packs) {
-        vs[u] = load_pack<T, kVec>(zs + head + int64_t(p) * kVec);
-        vt[u] = load_pack<T, kVec>(zt + head + int64_t(p) * kVec);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = p0 + u * kRowThreads;
-      if (p < num_packs) {
-        const int64_t c0 = head + int64_t(p) * kVec;
+  for_each_pack<kRowThreads, kUnroll>(
+      num_packs,
+      [&](int64_t c, const T(&xs)[kVec], const T(&xt)[kVec]) {
+        const int64_t c0 = head + c;
         Pack<T, kVec> out;
 #pragma unroll
         for (int j = 0; j < kVec; ++j)
-          out.v[j] = from_f32<T>(grad_at(to_f32(vs[u].v[j]), to_f32(vt[u].v[j]), c0 + j));
+          out.v[j] = from_f32<T>(grad_at(to_f32(xs[j]), to_f32(xt[j]), c0 + j));
         store_pack<T, kVec>(dzs + c0, out);
-      }
-    }
-  }
+      },
+      zs + head, zt + head);
   for (int64_t c = tail_begin + threadIdx.x; c < width; c += kRowThreads)
     dzs[c] = from_f32<T>(grad_at(to_f32(zs[c]), to_f32(zt[c]), c));
 }
@@ -402,11 +344,6 @@ int64_t check_logits(const Tensor& student, const Tensor& teacher, int vocab_siz
   TS_CHECK(width < (int64_t(1) << 31), "{}: V = {} columns is too many for one row", op, width);
   check_temperature(temperature, op);
   return num_rows;
-}
-
-// Real (non-padding) columns of a shard `width` wide that starts at global column vocab_start.
-int num_real_columns(int64_t vocab_start, int64_t width, int vocab_size) {
-  return static_cast<int>(std::clamp<int64_t>(int64_t(vocab_size) - vocab_start, 0, width));
 }
 
 // Runs f.template operator()<kReverse>() with the compile-time reverse flag.

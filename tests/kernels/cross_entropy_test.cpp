@@ -29,16 +29,14 @@
 #include "tests/common/narrow.h"
 #include "tests/common/op_cases.h"
 #include "tests/common/tensors.h"
+#include "tests/kernels/vocab_shard_cases.h"
 
 namespace tessera::testing {
 namespace {
 
 // ---- CPU reference -----------------------------------------------------------------------------
 
-constexpr int64_t kRows = 7;        // N
-constexpr int64_t kWidth = 13;      // V
-constexpr int kVocabSize = 11;      // columns 11 and 12 are padding
-constexpr int64_t kIgnoredRow = 3;  // its target is -1
+// kRows x kWidth logits, kVocabSize real columns, kIgnoredRow: tests/kernels/vocab_shard_cases.h.
 constexpr double kPadValue = 40.0;  // would dominate the softmax if padding leaked into it
 
 // Random logits (N, V) with large padding columns, and targets (N) with one ignored row.
@@ -95,9 +93,7 @@ TS_FD_TEST(CrossEntropy, BackwardMatchesFiniteDifferences, "cross_entropy_forwar
   CeOutputs probe(DType::f64);
   auto loss = [&] {
     probe.forward(in.logits, in.targets);
-    double total = 0.0;
-    for (int64_t n = 0; n < kRows; ++n) total += double(dloss) * probe.losses.get(n);
-    return total;
+    return weighted_total(probe.losses, dloss);
   };
   // Every element, padding and the ignored row included (there the difference is exactly 0, so a
   // nonzero analytic value fails with relative error 1). Elsewhere: h = 1e-5 gives truncation
@@ -230,34 +226,11 @@ TEST(CrossEntropy, RejectsBadArguments) {
 
 // ---- CPU reference, vocabulary-parallel pieces -------------------------------------------------
 
+// ShardCase, kCases, slice_columns: tests/kernels/vocab_shard_cases.h.
 namespace shard_cases {
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kPadValue = 40.0;  // would dominate the softmax if padding leaked into it
-
-struct ShardCase {
-  int64_t rows, shard_width;  // N, Vl
-  int tp;
-  int vocab_size;  // real columns of the whole V = tp * Vl
-  int64_t width() const { return tp * shard_width; }
-  int64_t start(int rank) const { return rank * shard_width; }
-  std::string str() const {
-    return "N=" + std::to_string(rows) + " Vl=" + std::to_string(shard_width) +
-           " tp=" + std::to_string(tp) + " vocab=" + std::to_string(vocab_size);
-  }
-};
-const ShardCase kCases[] = {
-    {5, 7, 1, 7},     // tp = 1, no padding
-    {6, 7, 1, 5},     // tp = 1, padded
-    {6, 8, 2, 16},    // even split, no padding
-    {7, 7, 2, 13},    // last shard: 6 of 7 columns real
-    {5, 5, 3, 11},    // last shard: 1 real column
-    {6, 3, 4, 9},     // last shard: no real column
-    {4, 1, 4, 2},     // Vl = 1, two shards of padding only
-    {9, 33, 4, 129},  // Vl = 33 is no multiple of a vector width; last shard 30 real
-    {1, 13, 3, 30},   // N = 1
-};
 
 // Logits (N, V) with large padding columns; targets (N) with row 1 ignored and targets on the
 // first and last real column, so the first and last shard holding real columns own one each.
@@ -274,16 +247,6 @@ struct Inputs {
     if (c.rows > 3) targets.set(3, 0);
   }
 };
-
-// Columns [begin, begin + width) of a (N, V) tensor, as a (N, width) tensor.
-HostTensor slice_columns(const HostTensor& full, int64_t begin, int64_t width) {
-  const int64_t rows = full.t.dim(0), full_width = full.t.dim(1);
-  HostTensor out(full.t.dtype, {rows, width});
-  for (int64_t n = 0; n < rows; ++n)
-    for (int64_t j = 0; j < width; ++j)
-      out.set(n * width + j, full.get(n * full_width + begin + j));
-  return out;
-}
 
 struct Stats {
   HostTensor row_max, sum_exp, target_logit, losses, lse;  // each (N)
@@ -338,16 +301,9 @@ TEST(CrossEntropyShard, CombinedShardsMatchUnshardedForward) {
       HostTensor losses(dtype, {c.rows}), lse(dtype, {c.rows});
       cpu::cross_entropy_forward(losses, lse, in.logits, in.targets, c.vocab_size);
       const Stats s = sharded_forward(in.logits, in.targets, c, dtype);
-      const double tol = forward_tolerance(dtype);
-      double worst = 0.0;
-      for (int64_t n = 0; n < c.rows; ++n) {
-        for (const auto& [got, want] : {std::pair{&s.lse, &lse}, std::pair{&s.losses, &losses}}) {
-          const double err =
-              std::fabs(got->get(n) - want->get(n)) / std::max(1.0, std::fabs(want->get(n)));
-          worst = std::max(worst, std::isnan(err) ? kInf : err);
-        }
-      }
-      EXPECT_LE(worst, tol);
+      EXPECT_LE(
+          std::max(max_floored_rel_error(s.lse, lse), max_floored_rel_error(s.losses, losses)),
+          forward_tolerance(dtype));
       if (c.rows > 1) {
         EXPECT_EQ(s.losses.get(1), 0.0) << "ignored row";
       }
@@ -406,15 +362,10 @@ TS_FD_TEST(CrossEntropyShard, BackwardMatchesFiniteDifferencesOfCombinedLoss,
       HostTensor dshard(DType::f64, shard.t.shape);
       cpu::cross_entropy_backward(dshard, shard, s.lse, in.targets, c.vocab_size, dloss,
                                   c.start(r));
-      for (int64_t n = 0; n < c.rows; ++n)
-        for (int64_t j = 0; j < c.shard_width; ++j)
-          analytic.set(n * c.width() + c.start(r) + j, dshard.get(n * c.shard_width + j));
+      place_columns(analytic, dshard, c.start(r));
     }
     auto loss = [&] {
-      const Stats probe = sharded_forward(in.logits, in.targets, c, DType::f64);
-      double total = 0.0;
-      for (int64_t n = 0; n < c.rows; ++n) total += double(dloss) * probe.losses.get(n);
-      return total;
+      return weighted_total(sharded_forward(in.logits, in.targets, c, DType::f64).losses, dloss);
     };
     expect_grad_matches(in.logits, analytic, loss, 1e-6, "sharded dlogits", 1e-5, 1 << 20, 1e-3);
   }
@@ -694,11 +645,7 @@ TS_GPU_PARITY_TEST_P(CrossEntropyGpu, ForwardAndBackwardMatchCpu, "cross_entropy
     EXPECT_LE(testing::rel_l2(got_lse, lse), kLossTolerance) << "lse " << what;
     testing::expect_same_nonfinite(got_losses, losses, "losses");
     testing::expect_same_nonfinite(got_lse, lse, "lse");
-    for (int64_t i = 0; i < n; ++i) {
-      if (targets[i] < 0) {
-        EXPECT_EQ(got_losses[i], 0.0f) << "ignored row " << i;
-      }
-    }
+    testing::expect_ignored_rows_zero(got_losses, targets, what);
     EXPECT_TRUE(glosses.guards_intact() && glse.guards_intact()) << what;
 
     // The backward uses the CPU's lse, so the comparison isolates the gradient kernel.
@@ -709,14 +656,7 @@ TS_GPU_PARITY_TEST_P(CrossEntropyGpu, ForwardAndBackwardMatchCpu, "cross_entropy
     EXPECT_LE(testing::rel_l2(got, dlogits), grad_tolerance(dtype)) << "dlogits " << what;
     testing::expect_same_nonfinite(got, dlogits, "dlogits");
     EXPECT_TRUE(gdlogits.guards_intact()) << what;
-    for (int64_t i = 0; i < n; ++i) {  // padding columns and ignored rows are exactly zero
-      for (int64_t col = 0; col < v; ++col) {
-        if ((targets[i] < 0 || col >= c.vocab_size) && got[i * v + col] != 0.0f) {
-          ADD_FAILURE() << what << ": dlogits[" << i << ", " << col << "] = " << got[i * v + col];
-          break;
-        }
-      }
-    }
+    testing::expect_zero_outside_real(got, targets, v, c.vocab_size, "dlogits", what);
 
     // In place: the gradient overwrites the logits.
     ops::cross_entropy_backward(glogits, glogits, glse, gtargets, c.vocab_size, dloss);
@@ -795,6 +735,7 @@ namespace {
 
 using testing::DeviceTensor;
 using testing::host;
+using testing::host_i32;
 using testing::settle;
 
 // row_max and target_logit copy an input value: exact. sum_exp: f32 sums of up to 38k fast
@@ -807,10 +748,6 @@ double grad_tolerance(DType dtype) {
   return kBound[testing::dtype_index(dtype)];
 }
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-Tensor host_i32(std::vector<int32_t>& v, Shape s) {
-  return Tensor(v.data(), DType::i32, Device::cpu, s);
-}
 
 // Equal element for element, NaN matching NaN.
 void expect_same_values(const std::vector<float>& got, const std::vector<float>& want,
@@ -923,11 +860,7 @@ TS_GPU_PARITY_TEST_P(CrossEntropyShardGpu, PiecesMatchCpu, "cross_entropy_shard_
     EXPECT_LE(testing::rel_l2(got_lse, lse), 1e-6) << "lse " << what;
     EXPECT_LE(testing::rel_l2(got_losses, losses), 1e-6) << "losses " << what;
     testing::expect_same_nonfinite(got_losses, losses, "losses");
-    for (int64_t i = 0; i < n; ++i) {
-      if (targets[i] < 0) {
-        EXPECT_EQ(got_losses[i], 0.0f) << "ignored row " << i;
-      }
-    }
+    testing::expect_ignored_rows_zero(got_losses, targets, what);
     EXPECT_TRUE(glosses.guards_intact() && glse.guards_intact()) << what;
 
     glse.upload(lse);
@@ -938,14 +871,7 @@ TS_GPU_PARITY_TEST_P(CrossEntropyShardGpu, PiecesMatchCpu, "cross_entropy_shard_
     EXPECT_LE(testing::rel_l2(got, dlogits), grad_tolerance(dtype)) << "dlogits " << what;
     testing::expect_same_nonfinite(got, dlogits, "dlogits");
     EXPECT_TRUE(gdlogits.guards_intact()) << what;
-    for (int64_t i = 0; i < n; ++i) {  // padding columns and ignored rows are exactly zero
-      for (int64_t col = 0; col < v; ++col) {
-        if ((targets[i] < 0 || col >= num_real) && got[i * v + col] != 0.0f) {
-          ADD_FAILURE() << what << ": dlogits[" << i << ", " << col << "] = " << got[i * v + col];
-          break;
-        }
-      }
-    }
+    testing::expect_zero_outside_real(got, targets, v, num_real, "dlogits", what);
     ops::cross_entropy_backward(glogits, glogits, glse, gtargets, c.vocab_size, dloss,
                                 c.vocab_start);
     got = glogits.download();
@@ -983,11 +909,8 @@ TEST_P(CrossEntropyShardGpu, ProtocolMatchesUnshardedCpu) {
 
     std::vector<std::unique_ptr<DeviceTensor>> shards;
     for (int r = 0; r < s.tp; ++r) {
-      std::vector<float> part(n * v);
-      for (int64_t i = 0; i < n; ++i)
-        std::copy_n(logits.begin() + i * full_v + r * v, v, part.begin() + i * v);
       shards.push_back(std::make_unique<DeviceTensor>(dtype, Shape{n, v}));
-      shards.back()->upload(part);
+      shards.back()->upload(testing::columns_of(logits, n, full_v, r * v, v));
     }
     DeviceTensor gtargets(DType::i32, {n}), gmax(DType::f32, {n}), gsum(DType::f32, {n});
     DeviceTensor gtl(DType::f32, {n}), glosses(DType::f32, {n}), glse(DType::f32, {n});
@@ -1020,9 +943,7 @@ TEST_P(CrossEntropyShardGpu, ProtocolMatchesUnshardedCpu) {
       ops::cross_entropy_backward(*shards[r], *shards[r], glse, gtargets, s.vocab_size, 0.5f,
                                   r * v);
       const auto got = shards[r]->download();
-      std::vector<float> want(n * v);
-      for (int64_t i = 0; i < n; ++i)
-        std::copy_n(dlogits.begin() + i * full_v + r * v, v, want.begin() + i * v);
+      const std::vector<float> want = testing::columns_of(dlogits, n, full_v, r * v, v);
       EXPECT_LE(testing::rel_l2(got, want), grad_tolerance(dtype)) << "rank " << r << " " << what;
       EXPECT_TRUE(shards[r]->guards_intact()) << what;
     }

@@ -30,16 +30,14 @@
 #include "tests/common/narrow.h"
 #include "tests/common/op_cases.h"
 #include "tests/common/tensors.h"
+#include "tests/kernels/vocab_shard_cases.h"
 
 namespace tessera::testing {
 namespace {
 
 // ---- CPU reference -----------------------------------------------------------------------------
 
-constexpr int64_t kRows = 7;        // N
-constexpr int64_t kWidth = 13;      // V
-constexpr int kVocabSize = 11;      // columns 11 and 12 are padding
-constexpr int64_t kIgnoredRow = 3;  // its target is -1
+// kRows x kWidth logits, kVocabSize real columns, kIgnoredRow: tests/kernels/vocab_shard_cases.h.
 // Padding values that would dominate either softmax if padding leaked into it.
 constexpr double kStudentPad = 40.0, kTeacherPad = -35.0;
 constexpr float kTemperatures[] = {0.5f, 1.0f, 4.0f};
@@ -159,9 +157,7 @@ TS_FD_TEST(KdLoss, BackwardMatchesFiniteDifferences, "kd_loss_forward", "kd_loss
       KdOutputs probe(DType::f64);
       auto loss = [&] {
         probe.forward(in, temperature, reverse);
-        double total = 0.0;
-        for (int64_t n = 0; n < kRows; ++n) total += double(dloss) * probe.losses.get(n);
-        return total;
+        return weighted_total(probe.losses, dloss);
       };
       // Every element, padding and the ignored row included (there the difference is exactly 0,
       // so a nonzero analytic value fails with relative error 1). Elsewhere: h = 1e-5 gives
@@ -362,43 +358,9 @@ TEST(KdLoss, RejectsBadArguments) {
 
 // ---- CPU reference, vocabulary-parallel pieces -------------------------------------------------
 
+// ShardCase, kCases, slice_columns: tests/kernels/vocab_shard_cases.h.
 namespace shard_cases {
 namespace {
-
-constexpr double kInf = std::numeric_limits<double>::infinity();
-
-struct ShardCase {
-  int64_t rows, shard_width;  // N, Vl
-  int tp;
-  int vocab_size;  // real columns of the whole V = tp * Vl
-  int64_t width() const { return tp * shard_width; }
-  int64_t start(int rank) const { return rank * shard_width; }
-  std::string str() const {
-    return "N=" + std::to_string(rows) + " Vl=" + std::to_string(shard_width) +
-           " tp=" + std::to_string(tp) + " vocab=" + std::to_string(vocab_size);
-  }
-};
-const ShardCase kCases[] = {
-    {5, 7, 1, 7},     // tp = 1, no padding
-    {6, 7, 1, 5},     // tp = 1, padded
-    {6, 8, 2, 16},    // even split, no padding
-    {7, 7, 2, 13},    // last shard: 6 of 7 columns real
-    {5, 5, 3, 11},    // last shard: 1 real column
-    {6, 3, 4, 9},     // last shard: no real column
-    {4, 1, 4, 2},     // Vl = 1, two shards of padding only
-    {9, 33, 4, 129},  // Vl = 33 is no multiple of a vector width; last shard 30 real
-    {1, 13, 3, 30},   // N = 1
-};
-
-// Columns [begin, begin + width) of a (N, V) tensor, as a (N, width) tensor.
-HostTensor slice_columns(const HostTensor& full, int64_t begin, int64_t width) {
-  const int64_t rows = full.t.dim(0), full_width = full.t.dim(1);
-  HostTensor out(full.t.dtype, {rows, width});
-  for (int64_t n = 0; n < rows; ++n)
-    for (int64_t j = 0; j < width; ++j)
-      out.set(n * width + j, full.get(n * full_width + begin + j));
-  return out;
-}
 
 KdInputs make_inputs(DType dtype, const ShardCase& c, std::mt19937_64& rng) {
   KdInputs in(dtype, rng, c.rows, c.width(), c.vocab_size);
@@ -462,16 +424,9 @@ TEST(KdShard, CombinedShardsMatchUnshardedForward) {
           KdOutputs want(dtype, c.rows);
           want.forward(in, temperature, reverse, c.vocab_size);
           const Stats s = sharded_forward(in, c, dtype, temperature, reverse);
-          double worst = 0.0;
-          for (const auto& [got, ref] :
-               {std::pair{&s.lse, &want.lse}, std::pair{&s.losses, &want.losses}}) {
-            for (int64_t i = 0; i < got->size(); ++i) {
-              const double err =
-                  std::fabs(got->get(i) - ref->get(i)) / std::max(1.0, std::fabs(ref->get(i)));
-              worst = std::max(worst, std::isnan(err) ? kInf : err);
-            }
-          }
-          EXPECT_LE(worst, forward_tolerance(dtype));
+          EXPECT_LE(std::max(max_floored_rel_error(s.lse, want.lse),
+                             max_floored_rel_error(s.losses, want.losses)),
+                    forward_tolerance(dtype));
           if (c.rows > 1) {
             EXPECT_EQ(s.losses.get(1), 0.0) << "ignored row";
           }
@@ -536,15 +491,11 @@ TS_FD_TEST(KdShard, BackwardMatchesFiniteDifferencesOfCombinedLoss, "kd_shard_ma
           HostTensor dshard(DType::f64, student.t.shape);
           cpu::kd_loss_backward(dshard, student, teacher, s.lse, s.losses, in.targets, c.vocab_size,
                                 temperature, reverse, dloss, c.start(r));
-          for (int64_t n = 0; n < c.rows; ++n)
-            for (int64_t j = 0; j < c.shard_width; ++j)
-              analytic.set(n * c.width() + c.start(r) + j, dshard.get(n * c.shard_width + j));
+          place_columns(analytic, dshard, c.start(r));
         }
         auto loss = [&] {
-          const Stats probe = sharded_forward(in, c, DType::f64, temperature, reverse);
-          double total = 0.0;
-          for (int64_t n = 0; n < c.rows; ++n) total += double(dloss) * probe.losses.get(n);
-          return total;
+          return weighted_total(sharded_forward(in, c, DType::f64, temperature, reverse).losses,
+                                dloss);
         };
         expect_grad_matches(in.student, analytic, loss, 1e-5, "sharded dstudent", 1e-5, 1 << 20,
                             1e-3);
@@ -759,6 +710,7 @@ namespace {
 
 using testing::DeviceTensor;
 using testing::host;
+using testing::host_i32;
 using testing::settle;
 
 // Losses and lse: f32 online sums of up to 50k fast exponentials (~2 ulp each) against double;
@@ -771,10 +723,6 @@ constexpr double kLossTolerance = 2e-5;
 double grad_tolerance(DType dtype) {
   constexpr double kBound[3] = {2e-5, 4e-3, 1e-3};  // f32, bf16, f16
   return kBound[testing::dtype_index(dtype)];
-}
-
-Tensor host_i32(std::vector<int32_t>& v, Shape s) {
-  return Tensor(v.data(), DType::i32, Device::cpu, s);
 }
 
 struct KdCase {
@@ -828,11 +776,7 @@ TS_GPU_PARITY_TEST_P(KdLossGpu, ForwardAndBackwardMatchCpu, "kd_loss_forward", "
       EXPECT_LE(testing::rel_l2(got_losses, losses), kLossTolerance) << "losses " << what;
       EXPECT_LE(testing::rel_l2(got_lse, lse), kLossTolerance) << "lse " << what;
       testing::expect_same_nonfinite(got_losses, losses, "losses");
-      for (int64_t i = 0; i < n; ++i) {
-        if (targets[i] < 0) {
-          EXPECT_EQ(got_losses[i], 0.0f) << "ignored row " << i;
-        }
-      }
+      testing::expect_ignored_rows_zero(got_losses, targets, what);
       EXPECT_TRUE(glosses.guards_intact() && glse.guards_intact()) << what;
 
       // The backward uses the CPU's statistics, so the comparison isolates the gradient kernel.
@@ -845,15 +789,7 @@ TS_GPU_PARITY_TEST_P(KdLossGpu, ForwardAndBackwardMatchCpu, "kd_loss_forward", "
       EXPECT_LE(testing::rel_l2(got, dstudent), grad_tolerance(dtype)) << "dstudent " << what;
       testing::expect_same_nonfinite(got, dstudent, "dstudent");
       EXPECT_TRUE(gdstudent.guards_intact()) << what;
-      for (int64_t i = 0; i < n; ++i) {  // padding columns and ignored rows are exactly zero
-        for (int64_t col = 0; col < v; ++col) {
-          if ((targets[i] < 0 || col >= c.vocab_size) && got[i * v + col] != 0.0f) {
-            ADD_FAILURE() << what << ": dstudent[" << i << ", " << col
-                          << "] = " << got[i * v + col];
-            break;
-          }
-        }
-      }
+      testing::expect_zero_outside_real(got, targets, v, c.vocab_size, "dstudent", what);
       // In place: the gradient overwrites the student logits.
       ops::kd_loss_backward(gstudent, gstudent, gteacher, glse, glosses, gtargets, c.vocab_size,
                             c.temperature, reverse, dloss);
@@ -971,11 +907,8 @@ TS_GPU_PARITY_TEST_P(KdLossGpu, ShardProtocolMatchesUnshardedCpu, "kd_shard_max"
       std::vector<std::unique_ptr<DeviceTensor>> gs, gt;
       std::vector<std::vector<float>> hs, ht;
       for (int r = 0; r < s.tp; ++r) {
-        std::vector<float> ps(n * v), pt(n * v);
-        for (int64_t i = 0; i < n; ++i) {
-          std::copy_n(student.begin() + i * full_v + r * v, v, ps.begin() + i * v);
-          std::copy_n(teacher.begin() + i * full_v + r * v, v, pt.begin() + i * v);
-        }
+        std::vector<float> ps = testing::columns_of(student, n, full_v, r * v, v);
+        std::vector<float> pt = testing::columns_of(teacher, n, full_v, r * v, v);
         gs.push_back(std::make_unique<DeviceTensor>(dtype, Shape{n, v}));
         gt.push_back(std::make_unique<DeviceTensor>(dtype, Shape{n, v}));
         gs.back()->upload(ps);
@@ -1021,11 +954,7 @@ TS_GPU_PARITY_TEST_P(KdLossGpu, ShardProtocolMatchesUnshardedCpu, "kd_shard_max"
       const auto got_losses = glosses.download(), got_lse = glse.download();
       EXPECT_LE(testing::rel_l2(got_losses, losses), kLossTolerance) << "losses " << what;
       EXPECT_LE(testing::rel_l2(got_lse, lse), kLossTolerance) << "lse " << what;
-      for (int64_t i = 0; i < n; ++i) {
-        if (targets[i] < 0) {
-          EXPECT_EQ(got_losses[i], 0.0f) << "ignored row " << i << " " << what;
-        }
-      }
+      testing::expect_ignored_rows_zero(got_losses, targets, what);
       EXPECT_TRUE(glosses.guards_intact() && glse.guards_intact() && gmax.guards_intact() &&
                   gsums.guards_intact())
           << what;
@@ -1034,9 +963,7 @@ TS_GPU_PARITY_TEST_P(KdLossGpu, ShardProtocolMatchesUnshardedCpu, "kd_shard_max"
         ops::kd_loss_backward(*gs[r], *gs[r], *gt[r], glse, glosses, gtargets, s.vocab_size, temp,
                               reverse, 0.5f, r * v);
         const auto got = gs[r]->download();
-        std::vector<float> want(n * v);
-        for (int64_t i = 0; i < n; ++i)
-          std::copy_n(dstudent.begin() + i * full_v + r * v, v, want.begin() + i * v);
+        const std::vector<float> want = testing::columns_of(dstudent, n, full_v, r * v, v);
         if (r * v >= s.vocab_size) {  // padding only: exact zeros
           for (float g : got) EXPECT_EQ(g, 0.0f) << "rank " << r << " " << what;
         } else {
