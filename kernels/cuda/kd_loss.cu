@@ -116,8 +116,12 @@ __device__ __forceinline__ KdRow finish_row(float ms, float ss, float mt, float 
   KdRow r;
   r.lse_s = ms * unit + logf(ss);
   r.lse_t = mt * unit + logf(st);
-  r.kl = reverse ? cross / ss * unit + (mt - ms) * unit + logf(st / ss)
-                 : cross / st * unit + (ms - mt) * unit + logf(ss / st);
+  // The terms in the maxima's units are summed before the conversion (an FMA of each with `unit`
+  // would leave a rounding residue where they cancel), and equal sums give log 1 = 0 without a
+  // division that may round x / x.
+  const float log_ratio = ss == st ? 0.0f : logf(ss / st);
+  r.kl = reverse ? (cross / ss + (mt - ms)) * unit - log_ratio
+                 : (cross / st + (ms - mt)) * unit + log_ratio;
   return r;
 }
 
@@ -179,7 +183,8 @@ struct KdGrad {
   __device__ __forceinline__ float operator()(float zs, float zt) const {
     const float us = zs * inv_t, ut = zt * inv_t;
     const float ps = fast_exp2((us - lse_s) * kLog2e);
-    if constexpr (kReverse) return scale * ps * ((us - ut) - shift);
+    // zs - zt first: one rounding of the logits' difference instead of two of the tempered values.
+    if constexpr (kReverse) return scale * ps * ((zs - zt) * inv_t - shift);
     return scale * (ps - fast_exp2((ut - lse_t) * kLog2e));
   }
 };
