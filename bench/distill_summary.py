@@ -1,5 +1,6 @@
-"""The distillation benchmark's table (bench/gpu_distill.sh): reads teacher.jsonl, ce.jsonl,
-const.jsonl and seed.jsonl from the directory given and prints each run's final validation loss,
+"""The distillation benchmark's table (bench/gpu_distill.sh): reads the metrics.jsonl of the runs
+teacher, ce, const and seed under the directory given, writes every record tagged with its run
+to the file given second (the curves for the plot), and prints each run's final validation loss,
 the share of the CE student's gap to the teacher that the curriculum closes, the tokens the
 curriculum needs to reach the CE student's final validation loss, and the median step time with
 the teacher (constant alpha) over the plain step (CE only)."""
@@ -16,8 +17,13 @@ def load(path):
     return steps, evals
 
 
-def main(d):
-    runs = {n: load(f"{d}/{n}.jsonl") for n in ("teacher", "ce", "const", "seed")}
+def main(d, curves):
+    names = ("teacher", "ce", "const", "seed")
+    runs = {n: load(f"{d}/{n}/metrics.jsonl") for n in names}
+    with open(curves, "w") as out:
+        for n in names:
+            for r in runs[n][0] + runs[n][1]:
+                out.write(json.dumps({"run": n, **r}) + "\n")
     tokens_per_step = runs["ce"][0][0]["tokens"] / runs["ce"][0][0]["step"]
     final = {n: r[1][-1]["val_loss"] for n, r in runs.items()}
     for n in runs:
@@ -42,4 +48,4 @@ def main(d):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

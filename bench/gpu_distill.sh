@@ -5,7 +5,8 @@
 # (alpha 0), constant alpha 0.5, and the seed curriculum (1.0 -> 0.7 -> 0.0). Prints the teacher's
 # and each student's validation loss, the share of the CE-student-to-teacher gap the curriculum
 # closes, the tokens it needs to reach the CE student's final loss, and the step time with the
-# online teacher against the plain step. Metrics under $OUT; a short table last.
+# online teacher against the plain step. Every curve in $OUT/distill_curves.jsonl (one record per
+# line, tagged with its run), every log in $OUT/distill_runs.log; a short table last.
 # Usage: bash bench/gpu_distill.sh [STEPS]   (default: the recipes' 800)
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,17 +29,17 @@ echo "kd parity rc $?: $(grep -cE '^\[       OK' "$OUT/kd_parity.log") ok, $(gre
 grep -E "^\[  FAILED|Failure" "$OUT/kd_parity.log" | head -10
 
 common=(--set train.steps="$steps" --set train.eval_every=50 --set train.sample_tokens=0)
+# Few files come back from the GPU machine: one log for every run, one file of every curve.
+log="$OUT/distill_runs.log"
 echo "== teacher"
 "$bin" train recipes/gutenberg-teacher.yaml "${common[@]}" --set train.out_dir="$runs/teacher" \
-  > "$OUT/teacher.log" 2>&1 || { echo "teacher FAILED"; tail -5 "$OUT/teacher.log"; exit 1; }
-cp "$runs/teacher/metrics.jsonl" "$OUT/teacher.jsonl"
+  >> "$log" 2>&1 || { echo "teacher FAILED"; tail -5 "$log"; exit 1; }
 for s in ce:'[{alpha: 0}]' const:'[{alpha: 0.5}]' seed:''; do
   name="${s%%:*}"; curriculum="${s#*:}"
   extra=(--set distill.teacher="$runs/teacher" --set train.out_dir="$runs/$name")
   [ -n "$curriculum" ] && extra+=(--set "distill.curriculum=$curriculum")
   echo "== student $name"
-  "$bin" train recipes/gutenberg-student.yaml "${common[@]}" "${extra[@]}" > "$OUT/$name.log" 2>&1 \
-    || { echo "student $name FAILED"; tail -5 "$OUT/$name.log"; }
-  cp "$runs/$name/metrics.jsonl" "$OUT/$name.jsonl"
+  "$bin" train recipes/gutenberg-student.yaml "${common[@]}" "${extra[@]}" >> "$log" 2>&1 \
+    || { echo "student $name FAILED"; tail -5 "$log"; }
 done
-python3 bench/distill_summary.py "$OUT"
+python3 bench/distill_summary.py "$runs" "$OUT/distill_curves.jsonl"
