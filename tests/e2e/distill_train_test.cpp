@@ -29,10 +29,13 @@ constexpr const char* kShort =
     " --set data.seq_len=32 --set train.eval_every=0 --set train.eval_batches=2"
     " --set train.sample_tokens=0 --set optim.warmup_steps=2 --set logging.every=1";
 
-// A ci-tiny teacher trained for 20 steps (its run directory), private to the running test.
+// A ci-tiny teacher trained for 20 steps (its run directory), private to the running test and
+// to this call.
 std::string train_teacher(const std::string& recipe = "recipes/ci-tiny.yaml",
                           const std::string& extra = "") {
-  const std::string dir = testing::fresh_dir_for_this_test("distill-teacher");
+  static int count = 0;  // several teachers in one test each get a directory
+  const std::string dir =
+      testing::fresh_dir_for_this_test(fmt::format("distill-teacher-{}", count++));
   const auto r =
       run_cli(fmt::format("train {}{} --set data.micro_batch=8 --set train.steps=20 "
                           "--set train.out_dir={}{}",
@@ -206,7 +209,7 @@ INSTANTIATE_TEST_SUITE_P(Layouts, DistillParallelEqualsSerial,
                          [](const auto& info) { return info.param.name(); });
 
 // An MoE teacher (ci-tiny-moe) into the dense student, and the dense teacher into an MoE student;
-// then BF16 teacher and student.
+// then BF16 teacher and student; an MoE teacher under ep is an error.
 TEST(DistillTrain, MoeTeachersMoeStudentsAndBf16) {
   ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
   const std::string dir = testing::fresh_dir("distill-kinds");
@@ -224,6 +227,16 @@ TEST(DistillTrain, MoeTeachersMoeStudentsAndBf16) {
       teacher, dir + "/bf16",
       " --set precision.compute=bf16 --set distill.teacher_precision=bf16" + soft, {}, 3);
   ASSERT_EQ(c.status, 0) << c.output;
+  // An MoE teacher under expert parallelism is not built: a clear error.
+  const auto ep = run_cli(fmt::format("train recipes/ci-tiny-moe.yaml{} --set data.micro_batch=4"
+                                      " --set train.steps=3 --set parallel.dp=2 --set parallel.ep=2"
+                                      " --set distill.teacher={} --set train.out_dir={}",
+                                      kShort, moe_teacher, dir + "/ep"),
+                          testing::mpirun(2));
+  EXPECT_EQ(ep.status, 2) << ep.output;
+  EXPECT_NE(ep.output.find("an MoE teacher under expert parallelism is not built yet"),
+            std::string::npos)
+      << ep.output;
   for (const std::string run : {"/moe-teacher", "/moe-student", "/bf16"}) {
     const auto m = read_metrics(dir + run);
     ASSERT_GE(m.size(), 3u) << run;
