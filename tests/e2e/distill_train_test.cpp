@@ -201,10 +201,11 @@ TEST_P(DistillParallelEqualsSerial, LossesKdEvalAndParameters) {
   testing::expect_same_parameters(dir + "/parallel", dir + "/serial", 1e-3);
 }
 
+// dp, tp (reverse KL), pp with each schedule, and all three at once (forward KL under tp); each
+// costs CI 15-30 s on two cores.
 INSTANTIATE_TEST_SUITE_P(Layouts, DistillParallelEqualsSerial,
-                         ::testing::Values(Layout{2, 1}, Layout{1, 2}, Layout{2, 2},
-                                           Layout{1, 2, 1, "gpipe", true}, Layout{1, 1, 2},
-                                           Layout{1, 1, 2, "1f1b", true}, Layout{2, 1, 2, "1f1b"},
+                         ::testing::Values(Layout{2, 1}, Layout{1, 2, 1, "gpipe", true},
+                                           Layout{1, 1, 2}, Layout{1, 1, 2, "1f1b", true},
                                            Layout{2, 2, 2}),
                          [](const auto& info) { return info.param.name(); });
 
