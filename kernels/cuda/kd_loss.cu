@@ -176,16 +176,17 @@ __global__ void __launch_bounds__(kRowThreads, kMinRowBlocks)
 // ---- the backward ---------------------------------------------------------------------------
 
 // d loss / d zs for one column (ops.h), times dloss: forward KL T (ps - pt), reverse KL
-// T ps ((us - ut) - shift) with shift = lse_s - lse_t + KL.
+// T ps ((us - lse_s) - (ut - lse_t) - KL). The log-probabilities are formed first: where ps is
+// large, us - lse_s is a difference of close numbers (exact), while (us - ut) - (lse_s - lse_t)
+// would subtract two lse-sized values (~|z| / T) and lose their rounding to the small result.
 template <bool kReverse>
 struct KdGrad {
-  float inv_t, lse_s, lse_t, shift, scale;  // scale = dloss T
+  float inv_t, lse_s, lse_t, kl, scale;  // scale = dloss T
   __device__ __forceinline__ float operator()(float zs, float zt) const {
-    const float us = zs * inv_t, ut = zt * inv_t;
-    const float ps = fast_exp2((us - lse_s) * kLog2e);
-    // zs - zt first: one rounding of the logits' difference instead of two of the tempered values.
-    if constexpr (kReverse) return scale * ps * ((zs - zt) * inv_t - shift);
-    return scale * (ps - fast_exp2((ut - lse_t) * kLog2e));
+    const float log_ps = zs * inv_t - lse_s, log_pt = zt * inv_t - lse_t;
+    const float ps = fast_exp2(log_ps * kLog2e);
+    if constexpr (kReverse) return scale * ps * ((log_ps - log_pt) - kl);
+    return scale * (ps - fast_exp2(log_pt * kLog2e));
   }
 };
 
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kRowThreads)
   grad.inv_t = 1.0f / temperature;
   grad.lse_s = lse[row];
   grad.lse_t = lse[num_rows + row];
-  grad.shift = grad.lse_s - grad.lse_t + losses[row] * (grad.inv_t * grad.inv_t);
+  grad.kl = losses[row] * (grad.inv_t * grad.inv_t);
   grad.scale = dloss * temperature;
   auto grad_at = [&](float xs, float xt, int64_t c) { return c < num_real ? grad(xs, xt) : 0.0f; };
 
