@@ -84,9 +84,11 @@ struct KdOnline {
     const float base_s = nms == -INFINITY ? 0.0f : nms, base_t = nmt == -INFINITY ? 0.0f : nmt;
     const float rs = fast_exp2(ms - base_s), ors = fast_exp2(o.ms - base_s);
     const float rt = fast_exp2(mt - base_t), ort = fast_exp2(o.mt - base_t);
-    ss = ss * rs + o.ss * ors;
-    st = st * rt + o.st * ort;
-    cross = kReverse ? cross * rs + o.cross * ors : cross * rt + o.cross * ort;
+    // Explicit FMAs of one form: a contraction the compiler chose per expression could round the
+    // student's and the teacher's sums differently where their values are equal.
+    ss = fmaf(ss, rs, o.ss * ors);
+    st = fmaf(st, rt, o.st * ort);
+    cross = kReverse ? fmaf(cross, rs, o.cross * ors) : fmaf(cross, rt, o.cross * ort);
     ms = nms;
     mt = nmt;
   }
