@@ -50,6 +50,17 @@ double mean_loss(const Tensor& losses, int64_t num_valid) {
   return num_valid > 0 ? sum / double(num_valid) : 0.0;
 }
 
+void add_losses(LossValues& sum, const LossValues& v) {
+  sum.total += v.total;
+  sum.ce += v.ce;
+  if (sum.terms.empty()) sum.terms.resize(v.terms.size());
+  for (size_t i = 0; i < v.terms.size(); ++i) {
+    sum.terms[i].name = v.terms[i].name;
+    sum.terms[i].value += v.terms[i].value;
+    sum.terms[i].weight = v.terms[i].weight;
+  }
+}
+
 LossValues Objective::forward(const LossInputs& in, const CrossEntropyBuffers& ce,
                               bool with_terms) const {
   cross_entropy_rows(in, ce);

@@ -69,6 +69,10 @@ struct CrossEntropyBuffers {
   Tensor stats;        // (3, N) under tp > 1: row max, sum of exp, target logit
 };
 
+// Adds `v` (a micro-batch's values, or a sum of them) to the running sums `sum`: total, ce and
+// each term's value, matched by position (the same objective gives the same terms).
+void add_losses(LossValues& sum, const LossValues& v);
+
 // Mean of per-row losses (N) f32/f64 over num_valid targets (ignored rows hold 0), summed in
 // double on the host: N values, cheap and deterministic.
 double mean_loss(const Tensor& losses, int64_t num_valid);

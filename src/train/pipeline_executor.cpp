@@ -22,17 +22,6 @@ int tag_of(PipeOp op, int m) {
 }
 // The teacher's activation of micro-batch m: above the student's tags and the handshake's.
 int teacher_tag(int num_micro, int m) { return 2 * num_micro + 1 + m; }
-// Adds a micro-batch's objective parts to the running sums.
-void add_parts(LossValues& sum, const LossValues& v) {
-  sum.total += v.total;
-  sum.ce += v.ce;
-  if (sum.terms.empty()) sum.terms = std::vector<LossPart>(v.terms.size());
-  for (size_t i = 0; i < v.terms.size(); ++i) {
-    sum.terms[i].name = v.terms[i].name;
-    sum.terms[i].value += v.terms[i].value;
-    sum.terms[i].weight = v.terms[i].weight;
-  }
-}
 }  // namespace
 
 size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
@@ -264,7 +253,7 @@ PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& ac
         // Training reports the whole objective; evaluation the cross-entropy, token-weighted.
         res.loss_sum += training ? loss.total : loss.ce * double(valid);
         res.valid += valid;
-        if (training) add_parts(res.parts, loss);
+        if (training) add_losses(res.parts, loss);
         if (!training) release_slot(a.microbatch);
       }
     } else {  // backward

@@ -36,12 +36,7 @@ LossValues forward_backward(Run& run, int64_t step, float loss_scale) {
     const PipelineExecutor::Result res = run.pipe().train_step(fill, loss_scale, [&] {
       if (last) run.ddp().begin_last_microbatch();
     });
-    sum.total += res.loss_sum;
-    sum.ce += res.parts.ce;
-    if (sum.terms.empty())
-      sum.terms = res.parts.terms;
-    else
-      for (size_t i = 0; i < sum.terms.size(); ++i) sum.terms[i].value += res.parts.terms[i].value;
+    add_losses(sum, res.parts);  // its total is res.loss_sum
   }
   return sum;
 }
