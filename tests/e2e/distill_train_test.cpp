@@ -54,18 +54,20 @@ struct Layout {
 };
 void PrintTo(const Layout& l, std::ostream* os) { *os << l.name(); }
 
-// The student: 4 sequences per step as micro-batches of one (flushes of two), `steps` steps.
+// The student: 4 sequences per step as micro-batches of one (flushes of two), `steps` steps;
+// under dp > 1 with ZeRO-1 (which shards the student's optimizer state, not the teacher).
 testing::CliResult train_student(const std::string& teacher, const std::string& out_dir,
                                  const std::string& extra = "", const Layout& l = {},
                                  int steps = 9) {
   const int np = l.dp * l.tp * l.pp;
   const std::string args = fmt::format(
       "train recipes/ci-tiny-distill.yaml{} --set data.micro_batch=1 --set data.grad_accum={}"
-      " --set parallel.microbatches=2 --set train.steps={} --set parallel.dp={}"
+      " --set parallel.microbatches=2 --set train.steps={} --set parallel.dp={} --set "
+      "parallel.zero={}"
       " --set parallel.tp={} --set parallel.pp={} --set parallel.schedule={}"
       " --set distill.reverse_kl={} --set distill.teacher={} --set train.out_dir={}{}",
-      kShort, 2 / l.dp, steps, l.dp, l.tp, l.pp, l.schedule, l.reverse ? "true" : "false", teacher,
-      out_dir, extra);
+      kShort, 2 / l.dp, steps, l.dp, l.dp > 1 ? 1 : 0, l.tp, l.pp, l.schedule,
+      l.reverse ? "true" : "false", teacher, out_dir, extra);
   return run_cli(args, np == 1 ? std::string() : testing::mpirun(np));
 }
 
