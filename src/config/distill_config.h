@@ -1,8 +1,9 @@
 // DistillConfig (the recipe's `distill` section): knowledge distillation from a frozen teacher
 // checkpoint into the student the rest of the recipe describes, and its curriculum — phases of the
 // soft-label weight alpha (loss = alpha KD + (1 - alpha) CE) and the temperature, evaluated per
-// step by curriculum_at(). An empty teacher (the default) means no distillation; every other key
-// then is an error.
+// step by curriculum_at(). The teacher is a checkpoint run online (distill.teacher) or a top-k
+// cache of its logits (distill.teacher_cache, data/teacher_cache.h); neither (the default) means
+// no distillation, and every other key then is an error.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -42,9 +43,11 @@ Curriculum default_curriculum();
 // clang-format off
 #define TESSERA_DISTILL_FIELDS(X)                                                                 \
   X(std::string, teacher, "", config::kAny,                                                       \
-    "the teacher: a Tessera checkpoint step directory, or a run directory (its latest checkpoint); empty: no distillation") \
+    "the online teacher: a Tessera checkpoint step directory, or a run directory (its latest checkpoint)") \
+  X(std::string, teacher_cache, "", config::kAny,                                                 \
+    "the offline teacher instead: a top-k cache file written by tessera distill-cache (sparse KD, no teacher in memory)") \
   X(TeacherPrecision, teacher_precision, TeacherPrecision::bf16, config::distill_rule(config::kAny), \
-    "dtype of the teacher's weights and forward (no gradients, no optimizer state)")           \
+    "dtype of the online teacher's weights and forward (no gradients, no optimizer state)")    \
   X(float, temperature, 2.0f, config::distill_rule(config::kPositive),                            \
     "softmax temperature of phases that give none (the KD term is scaled by T^2)")              \
   X(bool, reverse_kl, false, config::distill_rule(config::kAny),                                  \
@@ -55,7 +58,8 @@ Curriculum default_curriculum();
 
 struct DistillConfig {
   TESSERA_CONFIG_FIELDS(DistillConfig, TESSERA_DISTILL_FIELDS)
-  bool enabled() const { return !teacher.empty(); }
+  bool enabled() const { return !teacher.empty() || !teacher_cache.empty(); }
+  bool online() const { return !teacher.empty(); }  // a teacher model runs beside the student
 };
 
 // The curriculum's values for one step.

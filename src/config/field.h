@@ -70,7 +70,7 @@ constexpr Rule moe_rule(Rule r) {
 bool distill_enabled(const void* distill);
 constexpr Rule distill_rule(Rule r) {
   r.when = distill_enabled;
-  r.when_doc = "distill.teacher is set";
+  r.when_doc = "distill.teacher or distill.teacher_cache is set";
   return r;
 }
 

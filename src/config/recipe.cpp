@@ -545,11 +545,15 @@ void validate_across(const Recipe& r, const Origins& o) {
                   o.show("train.steps", r.train.steps));
 }
 
-// The distill section: an FP8 teacher is not built; the curriculum's
+// The distill section: one teacher, online or cached; an FP8 teacher is not built; the curriculum's
 // phases must end in order, inside the run, each ramp inside its phase.
 void validate_distill(const Recipe& r, const Origins& o) {
   const DistillConfig& d = r.distill;
   if (!d.enabled()) return;
+  if (d.online() && !d.teacher_cache.empty())
+    TS_USER_ERROR("{}: {} and {}: give one teacher, online or cached", o.file(),
+                  o.show("distill.teacher", d.teacher),
+                  o.show("distill.teacher_cache", d.teacher_cache));
   if (d.teacher_precision == TeacherPrecision::fp8)
     TS_USER_ERROR("{}: {}: an FP8 teacher is not built yet; use bf16 or fp32", o.file(),
                   o.show("distill.teacher_precision", to_string(d.teacher_precision)));

@@ -380,6 +380,18 @@ TokenSplit TokenDataset::read_split(std::string_view split) const {
   return out;
 }
 
+std::string TokenDataset::content_key() const {
+  std::string text = fmt::format("tessera token dataset v{}\ntokenizer {}\n",
+                                 kTokenDatasetFormatVersion, meta_.tokenizer_hash);
+  for (const SourceFile& f : meta_.sources) text += fmt::format("source {} {}\n", f.name, f.sha256);
+  text += fmt::format("val_fraction {}\ndoc_chars {}\nsplit_rule {}\n", meta_.val_fraction,
+                      meta_.doc_chars, meta_.split_rule);
+  for (const Split s : kSplits)
+    text += fmt::format("{} {} tokens {} docs\n", split_name(s), splits_[int(s)].num_tokens,
+                        splits_[int(s)].num_docs);
+  return sha256_hex(text);
+}
+
 void TokenDataset::check_tokenizer(const Tokenizer& tokenizer,
                                    std::string_view tokenizer_source) const {
   check_tokenizer_hash(tokenizer.hash(), tokenizer_source);

@@ -135,6 +135,12 @@ class TokenDataset {
   // The whole split in memory, its ids and doc_offsets checked (tools and tests).
   TokenSplit read_split(std::string_view split) const;
 
+  // A key for the split's tokens without reading them: sha256 hex of what determines them (the
+  // tokenizer hash, each source file's name and sha256, val_fraction, doc_chars, split_rule, and
+  // both splits' token and document counts). Files derived from the dataset (a teacher cache)
+  // record it to be matched back.
+  std::string content_key() const;
+
   // User error unless `tokenizer` is the one this dataset was made with; the message names both
   // hashes, the dataset file and `tokenizer_source` (e.g. the recipe's tokenizer spec).
   void check_tokenizer(const Tokenizer& tokenizer, std::string_view tokenizer_source) const;

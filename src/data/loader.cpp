@@ -108,6 +108,15 @@ void Loader::fill(int64_t step, int micro_idx, int micro_batch, int32_t* inputs,
   }
 }
 
+std::vector<Loader::Window> Loader::micro_windows(int64_t step, int micro_idx,
+                                                  int micro_batch) const {
+  TS_CHECK(step >= 0, "step {}", step);
+  const int64_t first = step * shape_.global_batch + first_sample(micro_idx, micro_batch);
+  std::vector<Window> out(static_cast<size_t>(micro_batch));
+  for (int b = 0; b < micro_batch; ++b) out[size_t(b)] = window_of(first + b);
+  return out;
+}
+
 int Loader::fill_eval(int64_t batch_idx, int micro_idx, int micro_batch, int32_t* inputs,
                       int32_t* targets) const {
   TS_CHECK(batch_idx >= 0, "eval batch {}", batch_idx);

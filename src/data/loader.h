@@ -67,6 +67,9 @@ class Loader {
     int64_t window = 0;
   };
   Window window_of(int64_t global_index) const;
+  // The windows of the rows of micro-batch `micro_idx` of this rank at optimizer step `step`, in
+  // row order (what fill() reads).
+  std::vector<Window> micro_windows(int64_t step, int micro_idx, int micro_batch) const;
 
   // Fills micro-batch `micro_idx` of this rank for optimizer step `step`: inputs (B, T) and
   // targets (B, T), row-major, with B = micro_batch. Either pointer may be null, and only what is

@@ -390,6 +390,23 @@ Handle create_dataset(const Ctx& ctx, hid_t loc, const std::string& name, hid_t 
                 H5Dclose);
 }
 
+Handle create_chunked(const Ctx& ctx, hid_t loc, const std::string& name, hid_t file_type,
+                      const std::vector<int64_t>& dims, const std::vector<int64_t>& chunk) {
+  TS_CHECK(chunk.size() == dims.size() && !dims.empty(), "create_chunked({}): chunk rank", name);
+  for (size_t i = 0; i < dims.size(); ++i)
+    TS_CHECK(chunk[i] >= 1 && chunk[i] <= std::max<int64_t>(dims[i], 1),
+             "create_chunked({}): chunk dim {} is {} of {}", name, i, chunk[i], dims[i]);
+  Handle space = scalar_or_simple_space(ctx, dims, name);
+  Handle dcpl = untimed_dcpl(ctx, name);
+  const std::vector<hsize_t> h = to_hsize(chunk);
+  check(H5Pset_chunk(dcpl.id(), int(h.size()), h.data()), ctx, "H5Pset_chunk", name);
+  check(H5Pset_fletcher32(dcpl.id()), ctx, "H5Pset_fletcher32", name);
+  return Handle(check_id(H5Dcreate2(loc, name.c_str(), file_type, space.id(), H5P_DEFAULT,
+                                    dcpl.id(), H5P_DEFAULT),
+                         ctx, "H5Dcreate2", name),
+                H5Dclose);
+}
+
 Handle open_dataset(const Ctx& ctx, hid_t loc, const std::string& name, size_t cache_bytes) {
   if (!link_exists(ctx, loc, name)) fail_content(ctx, fmt::format("missing dataset '{}'", name));
   Handle dapl = make_plist(ctx, H5P_DATASET_ACCESS, "H5Pcreate(H5P_DATASET_ACCESS)");
@@ -412,6 +429,21 @@ std::vector<int64_t> dataset_dims(const Ctx& ctx, hid_t dset, const std::string&
 void write_dataset(const Ctx& ctx, hid_t dset, hid_t mem_type, const void* data,
                    const std::string& name) {
   check(H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), ctx, "H5Dwrite", name);
+}
+
+void write_box(const Ctx& ctx, hid_t dset, hid_t mem_type, const std::vector<int64_t>& file_offset,
+               const std::vector<int64_t>& count, const void* mem, const std::string& name) {
+  TS_CHECK(file_offset.size() == count.size() && !count.empty(), "write_box rank for {}", name);
+  for (int64_t c : count)
+    if (c == 0) return;
+  Handle fspace(check_id(H5Dget_space(dset), ctx, "H5Dget_space", name), H5Sclose);
+  const std::vector<hsize_t> fstart = to_hsize(file_offset), hcount = to_hsize(count);
+  check(H5Sselect_hyperslab(fspace.id(), H5S_SELECT_SET, fstart.data(), nullptr, hcount.data(),
+                            nullptr),
+        ctx, "H5Sselect_hyperslab", name);
+  Handle mspace = scalar_or_simple_space(ctx, count, name);
+  check(H5Dwrite(dset, mem_type, mspace.id(), fspace.id(), H5P_DEFAULT, mem), ctx, "H5Dwrite",
+        name);
 }
 
 void read_box(const Ctx& ctx, hid_t dset, hid_t mem_type, const std::vector<int64_t>& file_offset,

@@ -99,12 +99,20 @@ ObjectKind object_kind(const Ctx& ctx, hid_t loc, const std::string& name);
 // loading.
 Handle create_dataset(const Ctx& ctx, hid_t loc, const std::string& name, hid_t file_type,
                       const std::vector<int64_t>& dims, size_t elem_bytes, bool checksum);
+// A dataset of fixed shape `dims` stored in chunks of shape `chunk` (same rank, each 1..dims[i]),
+// Fletcher-32 checksummed, for data written and read a box at a time (see write_box).
+Handle create_chunked(const Ctx& ctx, hid_t loc, const std::string& name, hid_t file_type,
+                      const std::vector<int64_t>& dims, const std::vector<int64_t>& chunk);
 // `cache_bytes` > 0 sets the dataset's chunk cache (HDF5's default is 1 MiB), e.g. to keep the
 // chunks of a token stream that random window reads revisit.
 Handle open_dataset(const Ctx& ctx, hid_t loc, const std::string& name, size_t cache_bytes = 0);
 std::vector<int64_t> dataset_dims(const Ctx& ctx, hid_t dset, const std::string& name);
 void write_dataset(const Ctx& ctx, hid_t dset, hid_t mem_type, const void* data,
                    const std::string& name);
+// Writes the contiguous row-major buffer `mem` (shape `count`) to the file box
+// [file_offset, file_offset + count) of `dset`.
+void write_box(const Ctx& ctx, hid_t dset, hid_t mem_type, const std::vector<int64_t>& file_offset,
+               const std::vector<int64_t>& count, const void* mem, const std::string& name);
 // Reads the file box [file_offset, file_offset + count) of `dset` into the box at `mem_offset`
 // of a row-major buffer of shape `mem_dims`. All vectors have the dataset's rank.
 void read_box(const Ctx& ctx, hid_t dset, hid_t mem_type, const std::vector<int64_t>& file_offset,

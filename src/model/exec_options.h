@@ -29,6 +29,11 @@ struct ExecOptions {
   // Distillation: the last stage's training activation sets hold the teacher's logits (N, Vl)
   // and the KD loss's statistics, and the scratch its gradient (model/distill_loss.h).
   bool distill = false;
+  // Distillation from a teacher cache (distill.teacher_cache): the KD loss reads the teacher's
+  // top distill_top_k logits and ids per position and its lse at distill_num_temps temperatures
+  // (the batch's cached rows) instead of its logits. 0: an online teacher.
+  int distill_top_k = 0;
+  int distill_num_temps = 0;
 };
 
 }  // namespace tessera

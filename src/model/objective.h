@@ -16,11 +16,20 @@ namespace tessera {
 
 // Distillation's tensors for one micro-batch (model/distill_loss.h), kept in its activation set.
 struct DistillBuffers {
-  Tensor teacher_logits;  // (N, Vl): the teacher's logits over the same columns
+  Tensor teacher_logits;  // (N, Vl): the teacher's logits over the same columns (online)
   Tensor losses;          // (N) f32: per-row T^2 KL
   Tensor lse;             // (2, N) f32: tempered log-sum-exp of the student and the teacher
   Tensor stats;           // (5, N) f32 under tp > 1: two row maxima, then three sums
   Tensor grad;            // (N, Vl): the term's gradient (scratch shared by the sets)
+  // From a teacher cache instead of teacher_logits (ExecOptions::distill_top_k = K): views of the
+  // batch's cached rows (train/batch.h), and the sparse KD's statistics (ops.h kd_sparse_*).
+  Tensor topk_logits;   // (N, K) f32
+  Tensor topk_ids;      // (N, K) i32
+  Tensor teacher_lse;   // (nT, 2, N) f32
+  Tensor sparse_stats;  // (3, N)
+  Tensor sparse_max;    // (N) under tp > 1
+  Tensor sparse_sums;   // (2 + K, N) under tp > 1
+  bool sparse() const { return !sparse_stats.empty(); }
 };
 
 // What a loss term reads: this rank's logits slice and the targets (-1: ignored).

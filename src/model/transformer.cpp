@@ -81,8 +81,12 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
     if (sh.tp_size > 1) total += al(3 * N * s);
     if (training && exec.distill) {  // teacher logits and KD statistics; the gradient is scratch
       const size_t le = head32 ? 4 : e;
-      total += al(N * V * le) + al(N * s) + al(2 * N * s) + (sh.tp_size > 1 ? al(5 * N * s) : 0) +
-               (shares ? 0 : al(N * V * le));
+      const int64_t K = exec.distill_top_k;
+      if (K > 0)  // the cached rows live in the batch
+        total += al(N * s) + al(3 * N * s) + (sh.tp_size > 1 ? al(N * s) + al((2 + K) * N * s) : 0);
+      else
+        total += al(N * V * le) + al(N * s) + al(2 * N * s) + (sh.tp_size > 1 ? al(5 * N * s) : 0);
+      total += shares ? 0 : al(N * V * le);
     }
     // FP32 gradients take the head's f32 weight gradient directly; 16-bit ones need it formed
     // apart (head_dw32) and rounded (head_dw).
@@ -151,10 +155,18 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
     if (model.shard_.tp_size > 1) ce_stats = ar.alloc(st, {3, N});
     if (training && model.exec_.distill) {
       DistillBuffers& d = distill;
-      d.teacher_logits = ar.alloc(logits.dtype, {N, c.padded_vocab_size});
+      const bool tp = model.shard_.tp_size > 1;
+      const int64_t K = model.exec_.distill_top_k;
       d.losses = ar.alloc(st, {N});
-      d.lse = ar.alloc(st, {2, N});
-      if (model.shard_.tp_size > 1) d.stats = ar.alloc(st, {5, N});
+      if (K > 0) {
+        d.sparse_stats = ar.alloc(st, {3, N});
+        if (tp) d.sparse_max = ar.alloc(st, {N});
+        if (tp) d.sparse_sums = ar.alloc(st, {2 + K, N});
+      } else {
+        d.teacher_logits = ar.alloc(logits.dtype, {N, c.padded_vocab_size});
+        d.lse = ar.alloc(st, {2, N});
+        if (tp) d.stats = ar.alloc(st, {5, N});
+      }
       d.grad = share ? share->distill.grad : ar.alloc(logits.dtype, {N, c.padded_vocab_size});
     }
     d_lnf = ar.alloc(dt, {N, c.hidden});

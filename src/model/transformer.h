@@ -59,6 +59,14 @@ class Activations {
   // Distillation (ExecOptions::distill, last stage, training): where the teacher's logits (N, Vl)
   // for this micro-batch go before loss_forward; empty otherwise.
   Tensor teacher_logits() const { return distill.teacher_logits; }
+  // From a teacher cache (ExecOptions::distill_top_k > 0): the loss reads the teacher's rows from
+  // these tensors — the batch's cached rows, bound once: top-k logits and ids (N, K) and the lse
+  // (nT, 2, N).
+  void bind_teacher_rows(Tensor topk_logits, Tensor topk_ids, Tensor teacher_lse) {
+    distill.topk_logits = topk_logits;
+    distill.topk_ids = topk_ids;
+    distill.teacher_lse = teacher_lse;
+  }
 
  private:
   friend class Transformer;

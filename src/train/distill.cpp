@@ -12,9 +12,11 @@ DistillWeights begin_distill_step(Run& run, int64_t step) {
   // bit (the objective skips zero-weight terms).
   run.kd_loss()->set(w.alpha, w.temperature);
   run.model().objective().set_ce_weight(1.0f - w.alpha);
-  Teacher* teacher = w.alpha > 0.0f ? run.teacher() : nullptr;
-  TS_CHECK(w.alpha == 0.0f || teacher, "step {}: alpha {} but the teacher was freed", step + 1,
-           w.alpha);
+  // From a teacher cache the batches bring the teacher's rows: no model runs.
+  const bool cached = run.data().teacher_cache() != nullptr;
+  Teacher* teacher = w.alpha > 0.0f && !cached ? run.teacher() : nullptr;
+  TS_CHECK(w.alpha == 0.0f || cached || teacher, "step {}: alpha {} but the teacher was freed",
+           step + 1, w.alpha);
   run.pipe().set_teacher(teacher);
   return w;
 }

@@ -72,9 +72,9 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
 }
 
 PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device,
-                       std::optional<TeacherSpec> teacher) {
+                       std::optional<TeacherSpec> teacher, const TeacherCacheMeta* cache) {
   return {shard,
-          exec_options(r, shard.pp_rank),
+          exec_options(r, shard.pp_rank, cache),
           compute_dtype(r.precision.compute),
           device,
           run_schedule(r),
@@ -86,6 +86,9 @@ std::vector<StagePlan> plan_stages(const Recipe& r, Device device) {
   const ParallelConfig& par = r.parallel;
   validate_layout(r, par.dp * par.tp * par.pp);
   const std::vector<int> layers = resolve_stage_layers(r);
+  // The teacher cache's rows are sized from its header (the dataset check is Run's).
+  std::optional<TeacherCacheMeta> cache;
+  if (!r.distill.teacher_cache.empty()) cache = TeacherCache::open(r.distill.teacher_cache).meta();
   std::vector<StagePlan> out;
   for (int s = 0; s < par.pp; ++s) {
     const ModelShard shard = ModelShard::make(r.model, par.tp, 0, par.pp, s, layers, nullptr)
@@ -98,8 +101,9 @@ std::vector<StagePlan> plan_stages(const Recipe& r, Device device) {
     for (const Param& p : declared.all()) st.params_held += p.spec.shape.numel();
     // The teacher's tokenizer is not checked here (that needs the dataset): Run checks it.
     std::optional<TeacherSpec> teacher;
-    if (r.distill.enabled()) teacher = read_teacher_spec(r, "");
-    st.plan = plan_memory(r, plan_inputs(r, shard, device, std::move(teacher)));
+    if (r.distill.online()) teacher = read_teacher_spec(r, "");
+    st.plan = plan_memory(r, plan_inputs(r, shard, device, std::move(teacher),
+                                         cache ? &*cache : nullptr));
     out.push_back(st);
   }
   return out;

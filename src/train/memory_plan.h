@@ -13,6 +13,7 @@
 #include "model/exec_options.h"
 #include "model/model_shard.h"
 #include "parallel/pipeline_schedule.h"
+#include "data/teacher_cache.h"
 #include "train/teacher.h"
 
 namespace tessera {
@@ -41,13 +42,15 @@ struct PlanInputs {
   int flush_micro = 1;                 // micro-batches per pipeline flush
   std::optional<TeacherSpec> teacher;  // distillation's teacher (distill.teacher)
 };
+// (PlanInputs::exec carries the teacher cache's row shape, distill.teacher_cache.)
 
 MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in);
 
 // What Run plans with for the rank holding `shard` (run_options.h): its stage's execution options,
 // the compute dtype, the schedule and the flush size.
 PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device,
-                       std::optional<TeacherSpec> teacher = std::nullopt);
+                       std::optional<TeacherSpec> teacher = std::nullopt,
+                       const TeacherCacheMeta* cache = nullptr);
 
 // From the recipe alone (no ranks, communicators or allocation; the recipe's vocabulary must be
 // known): the plan of every pipeline stage's first rank (tp 0, ep 0; every tp and ep rank of a

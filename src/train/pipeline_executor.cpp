@@ -22,6 +22,12 @@ int tag_of(PipeOp op, int m) {
 }
 // The teacher's activation of micro-batch m: above the student's tags and the handshake's.
 int teacher_tag(int num_micro, int m) { return 2 * num_micro + 1 + m; }
+// The teacher cache's rows travel with the last stage's training batches.
+CachedRowsDims cached_rows(const ModelShard& s, const ExecOptions& exec) {
+  if (!s.last_stage() || exec.distill_top_k == 0) return {};
+  return {exec.distill_top_k, exec.distill_num_temps};
+}
+
 }  // namespace
 
 size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
@@ -32,7 +38,7 @@ size_t PipelineExecutor::bytes_needed(const ModelConfig& cfg, const ModelShard& 
   // The first training set owns the scratch (and the recomputation set); the others share them.
   size_t total = Activations::bytes_needed(cfg, dtype, B, T, true, s, exec);
   total += (live - 1) * Activations::bytes_needed(cfg, dtype, B, T, true, s, exec, true);
-  total += live * Batch::bytes_needed(B, T, device);
+  total += live * Batch::bytes_needed(B, T, device, cached_rows(s, exec));
   total += Activations::bytes_needed(cfg, dtype, B, T, false, s, exec, true) +
            Batch::bytes_needed(B, T, device);
   if (s.pp_size > 1)
@@ -68,7 +74,10 @@ PipelineExecutor::PipelineExecutor(Transformer& model, Communicator& pp_comm, Pi
   Activations* first = nullptr;
   for (Slot& s : train_slots_) {
     s.acts = std::make_unique<Activations>(model, B, T, /*training=*/true, &arena, first);
-    s.batch = std::make_unique<Batch>(B, T, model.device(), arena);
+    s.batch = std::make_unique<Batch>(B, T, model.device(), arena,
+                                      cached_rows(model.shard(), model.exec()));
+    if (s.batch->has_teacher_rows())  // the KD loss reads the set's batch's rows
+      s.acts->bind_teacher_rows(s.batch->topk_logits, s.batch->topk_ids, s.batch->teacher_lse);
     if (!first) first = s.acts.get();
   }
   eval_slots_.resize(1);

@@ -115,11 +115,12 @@ Run::Run(const Recipe& recipe)
                .with_ep(par.dp, &ctx_->comm(Group::ep), &ctx_->host_comm(Group::ep));
   schedule_ = run_schedule(r);
   flush_micro_ = run_flush_micro(r);
-  const ExecOptions exec = exec_options(r, me.pp_rank);
+  const TeacherCache* cache = data_.teacher_cache();
+  const ExecOptions exec = exec_options(r, me.pp_rank, cache ? &cache->meta() : nullptr);
 
   std::optional<TeacherSpec> teacher;
-  if (r.distill.enabled()) teacher = read_teacher_spec(r, data_.tokenizer_hash());
-  plan_ = plan_memory(r, plan_inputs(r, shard_, device_, teacher));
+  if (r.distill.online()) teacher = read_teacher_spec(r, data_.tokenizer_hash());
+  plan_ = plan_memory(r, plan_inputs(r, shard_, device_, teacher, cache ? &cache->meta() : nullptr));
   check_plan_fits(plan_, device_, r.file);
   arena_ = Arena(device_, plan_.arena(), "device memory");
   if (plan_.workspace > 0)
@@ -153,10 +154,16 @@ Run::Run(const Recipe& recipe)
         load_checkpoint(resume, r, *model_, *opt_, precision_state(), data_.tokenizer_hash());
     if (rank0()) log_info("resumed from {} at step {}", resume, start_step_);
   }
-  if (teacher) {
-    auto kd = std::make_unique<DistillLoss>(r.distill.reverse_kl);
+  if (r.distill.enabled()) {
+    auto kd = std::make_unique<DistillLoss>(
+        r.distill.reverse_kl, cache ? cache->meta().temperatures : std::vector<float>{});
     kd_ = kd.get();
     model_->objective().add_term(std::move(kd));
+    if (cache && rank0())
+      log_info("distillation: teacher cache {} (top {} of teacher {})", cache->path(),
+               cache->meta().top_k, cache->meta().teacher);
+  }
+  if (teacher) {
     // A run resumed after the soft-label phases never loads the teacher.
     if (teacher_needed_from(r.distill, start_step_, r.train.steps)) {
       teacher_ = std::make_unique<Teacher>(*teacher, shard_, device_, r.data.micro_batch,

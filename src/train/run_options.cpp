@@ -16,7 +16,7 @@ DType compute_dtype(Compute c) {
   TS_BUG("unknown compute dtype {}", int(c));
 }
 
-ExecOptions exec_options(const Recipe& r, int pp_rank) {
+ExecOptions exec_options(const Recipe& r, int pp_rank, const TeacherCacheMeta* cache) {
   ExecOptions e;
   e.attention = r.train.attention;
   e.recompute = stage_recomputes(r, pp_rank);
@@ -25,6 +25,10 @@ ExecOptions exec_options(const Recipe& r, int pp_rank) {
   e.fp32_grads = r.precision.grad_reduce == GradReduce::fp32;
   e.moe_stat_records = r.micro_batches_per_step();
   e.distill = r.distill.enabled();
+  if (cache) {
+    e.distill_top_k = cache->top_k;
+    e.distill_num_temps = int(cache->temperatures.size());
+  }
   return e;
 }
 

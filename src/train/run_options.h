@@ -4,6 +4,7 @@
 #pragma once
 #include "config/recipe.h"
 #include "core/dtype.h"
+#include "data/teacher_cache.h"
 #include "model/exec_options.h"
 #include "parallel/pipeline_schedule.h"
 
@@ -14,8 +15,9 @@ namespace tessera {
 // bf16 and fp16 runs are testable without a GPU.
 DType compute_dtype(Compute c);
 
-// Recomputation and the FP32 layers of pipeline stage pp_rank, the gradient dtype, attention.
-ExecOptions exec_options(const Recipe& r, int pp_rank);
+// Recomputation and the FP32 layers of pipeline stage pp_rank, the gradient dtype, attention,
+// and the shape of the teacher cache's rows when distilling from one (distill.teacher_cache).
+ExecOptions exec_options(const Recipe& r, int pp_rank, const TeacherCacheMeta* cache = nullptr);
 
 // One stage: plain accumulation (1F1B order, one live activation set) over every micro-batch of
 // the step; several: the recipe's schedule over parallel.microbatches per flush.

@@ -15,18 +15,18 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// A complete step directory as given, or a run directory's latest checkpoint.
-std::string resolve_teacher_dir(const Recipe& r) {
-  const std::string& given = r.distill.teacher;
+// A complete step directory as given, or a run directory's latest checkpoint; `who` names the
+// setting in the error ("<recipe>: distill.teacher").
+std::string resolve_teacher_dir(const std::string& given, const std::string& who) {
   if (io::is_complete_checkpoint(given)) return given;
   std::error_code ec;
   const std::string latest = fs::is_directory(given, ec) ? io::latest_checkpoint(given) : "";
   if (latest.empty())
     TS_USER_ERROR(
-        "{}: distill.teacher = '{}' is neither a complete checkpoint step directory nor a run "
-        "directory holding one; train the teacher first (tessera train TEACHER_RECIPE) and name "
-        "its run or one of its runs/<name>/checkpoints/step_<N>",
-        r.file, given);
+        "{} = '{}' is neither a complete checkpoint step directory nor a run directory holding "
+        "one; train the teacher first (tessera train TEACHER_RECIPE) and name its run or one of "
+        "its runs/<name>/checkpoints/step_<N>",
+        who, given);
   return latest;
 }
 
@@ -70,7 +70,7 @@ ExecOptions teacher_exec(ops::AttentionImpl attention) {
 
 TeacherSpec read_teacher_spec(const Recipe& r, const std::string& tokenizer_hash) {
   TeacherSpec t;
-  t.dir = resolve_teacher_dir(r);
+  t.dir = resolve_teacher_dir(r.distill.teacher, r.file + ": distill.teacher");
   const io::CheckpointReader ck = io::CheckpointReader::open(t.dir);
   t.model = parse_recipe(ck.meta("recipe"), t.dir + "/recipe").model;
   if (!tokenizer_hash.empty() && ck.has_meta("tokenizer_hash") &&
@@ -94,6 +94,19 @@ TeacherSpec read_teacher_spec(const Recipe& r, const std::string& tokenizer_hash
   t.model.vocab_pad_multiple = r.model.vocab_pad_multiple;
   check_teacher_split(r, t);
   t.dtype = r.distill.teacher_precision == TeacherPrecision::fp32 ? DType::f32 : DType::bf16;
+  return t;
+}
+
+TeacherSpec read_teacher_checkpoint(const std::string& given, const std::string& tokenizer_hash,
+                                    DType dtype, const std::string& who) {
+  TeacherSpec t;
+  t.dir = resolve_teacher_dir(given, who);
+  const io::CheckpointReader ck = io::CheckpointReader::open(t.dir);
+  t.model = parse_recipe(ck.meta("recipe"), t.dir + "/recipe").model;
+  if (ck.has_meta("tokenizer_hash") && ck.meta("tokenizer_hash") != tokenizer_hash)
+    TS_USER_ERROR("{} = {} was trained with tokenizer {}, the data has tokenizer {}", who, t.dir,
+                  ck.meta("tokenizer_hash"), tokenizer_hash);
+  t.dtype = dtype;
   return t;
 }
 

@@ -31,6 +31,12 @@ struct TeacherSpec {
 // failure is a user error naming distill.teacher, the checkpoint and the recipe.
 TeacherSpec read_teacher_spec(const Recipe& student, const std::string& tokenizer_hash);
 
+// A teacher checkpoint on its own, whole (tp 1, pp 1) with its own vocabulary padding, in
+// `dtype` (`tessera distill-cache`): `given` is a step or run directory, checked against the
+// data's tokenizer; `who` names the setting in errors.
+TeacherSpec read_teacher_checkpoint(const std::string& given, const std::string& tokenizer_hash,
+                                    DType dtype, const std::string& who);
+
 // The teacher's pipeline split: its layers spread evenly over the student's pp stages (the first
 // stages take one more when pp does not divide them), so its memory follows the student's.
 std::vector<int> teacher_stage_layers(const TeacherSpec& t, int pp);

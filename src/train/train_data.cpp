@@ -1,7 +1,10 @@
 // TrainData: the blend (or mock tokens), the tokenizer check, and the per-rank loaders.
 #include "train/train_data.h"
 
+#include <fmt/ranges.h>
+
 #include "core/error.h"
+#include "data/dataset.h"
 #include "data/tokenizer_spec.h"
 
 namespace tessera {
@@ -14,10 +17,34 @@ std::vector<DataPathWeight> paths_of(const DataConfig& d) {
   return out;
 }
 
+// distill.teacher_cache: one token dataset, the cache made for it at data.seq_len, and every
+// temperature a step with alpha > 0 uses among the cached ones.
+TeacherCache open_teacher_cache(const Recipe& r) {
+  const std::string& path = r.distill.teacher_cache;
+  const std::string who = fmt::format("{}: distill.teacher_cache", r.file);
+  if (r.data.mock() || r.data.path.size() != 1)
+    TS_USER_ERROR("{} = {} needs data.path to be one token dataset (the cache is of its windows)",
+                  who, path);
+  TeacherCache cache = TeacherCache::open(path);
+  cache.check_dataset(TokenDataset::open(r.data.path[0].path), r.data.seq_len, who);
+  for (int64_t step = 0; step < r.train.steps; ++step) {
+    const DistillWeights w = curriculum_at(r.distill, step, r.train.steps);
+    if (w.alpha > 0.0f && cache.temperature_index(w.temperature) < 0)
+      TS_USER_ERROR(
+          "{} = {}: step {} distils at temperature {}, which the cache lacks (it holds the lse "
+          "at {}); rebuild it with tessera distill-cache --temperature for each, or change the "
+          "curriculum (a ramp between temperatures needs every step's value)",
+          who, path, step + 1, w.temperature, fmt::join(cache.meta().temperatures, ", "));
+  }
+  return cache;
+}
+
 }  // namespace
 
 TrainData::TrainData(const Recipe& r)
-    : blend_(open_data_blend(paths_of(r.data), r.train.seed, r.model.vocab_size)) {
+    : blend_(open_data_blend(paths_of(r.data), r.train.seed, r.model.vocab_size)),
+      recipe_file_(r.file) {
+  if (!r.distill.teacher_cache.empty()) cache_.emplace(open_teacher_cache(r));
   if (r.data.mock()) return;  // no tokenizer to decode with
   tokenizer_ = Tokenizer::from_hf_json(blend_.tokenizer_json, r.data.path[0].path);
   if (!r.data.tokenizer.empty())
@@ -38,6 +65,12 @@ void TrainData::make_loaders(const Recipe& r, int dp_rank, int dp, const ModelSh
 
 void TrainData::fill_train(int64_t step, int micro_idx, Batch& batch) const {
   train_->fill(step, micro_idx, micro_batch_, inputs(batch), targets(batch));
+  if (!batch.has_teacher_rows()) return;
+  TS_CHECK(cache_, "a batch with room for teacher rows but no teacher cache");
+  const std::vector<Loader::Window> windows = train_->micro_windows(step, micro_idx, micro_batch_);
+  const std::string context = fmt::format("{}: step {}", recipe_file_, step + 1);
+  for (int b = 0; b < micro_batch_; ++b)
+    cache_->read(windows[size_t(b)].window, b, micro_batch_, batch.teacher, context);
 }
 
 void TrainData::fill_eval(int64_t batch_idx, int micro_idx, Batch& batch) const {

@@ -1,7 +1,9 @@
 // TrainData: the tokens a run trains and evaluates on — the datasets of data.path (a blend, or
 // mock tokens), their shared tokenizer, and this rank's training and evaluation loaders. Opened
 // before the model is sized (the vocabulary comes from the datasets, metadata only); the loaders
-// follow once the dp rank is known and read windows on demand.
+// follow once the dp rank is known and read windows on demand. When distilling from a teacher cache
+// (distill.teacher_cache), the last stage's training batches also carry the cache's rows of their
+// windows.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -11,6 +13,7 @@
 #include "config/recipe.h"
 #include "data/data_blend.h"
 #include "data/loader.h"
+#include "data/teacher_cache.h"
 #include "data/tokenizer.h"
 #include "model/model_shard.h"
 #include "train/batch.h"
@@ -26,6 +29,9 @@ class TrainData {
   int vocab_size() const { return int(blend_.vocab_size); }
   const std::string& tokenizer_hash() const { return blend_.tokenizer_hash; }
   const Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }
+  // distill.teacher_cache, opened and checked against the dataset and the curriculum; null
+  // without one.
+  const TeacherCache* teacher_cache() const { return cache_ ? &*cache_ : nullptr; }
 
   // Training and evaluation windows of dp rank `dp_rank` of `dp` (see data/loader.h). `shard`
   // says what this rank's pipeline stage reads: inputs on the first stage, targets on the last,
@@ -34,7 +40,7 @@ class TrainData {
   const Loader& train() const { return *train_; }
   const Loader& val() const { return *val_; }
   // Micro-batch `micro_idx` of step `step` / evaluation batch `batch_idx` into `batch`, only the
-  // parts this stage reads.
+  // parts this stage reads (and the cached teacher rows when the batch has room for them).
   void fill_train(int64_t step, int micro_idx, Batch& batch) const;
   void fill_eval(int64_t batch_idx, int micro_idx, Batch& batch) const;
 
@@ -44,6 +50,8 @@ class TrainData {
 
   DataBlend blend_;
   std::optional<Tokenizer> tokenizer_;
+  std::optional<TeacherCache> cache_;
+  std::string recipe_file_;
   std::unique_ptr<Loader> train_, val_;
   int micro_batch_ = 0;
   bool reads_inputs_ = true, reads_targets_ = true;
