@@ -243,25 +243,6 @@ void kd_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor row_max
                      Tensor sums /*(3,N)*/, Tensor targets /*(N) i32*/, float temperature,
                      bool reverse, Stream stream = {});
 
-// TEMP(teacher-cache): declarations until branch sparse-kd lands
-void kd_sparse_forward(Tensor losses, Tensor stats, Tensor student, Tensor topk_logits,
-                       Tensor topk_ids, Tensor teacher_lse, Tensor targets, int vocab_size,
-                       float temperature, bool reverse, Stream stream = {});
-void kd_sparse_backward(Tensor dstudent, Tensor student, Tensor topk_logits, Tensor topk_ids,
-                        Tensor teacher_lse, Tensor stats, Tensor losses, Tensor targets,
-                        int vocab_size, float temperature, bool reverse, float dloss,
-                        int64_t vocab_start = 0, Stream stream = {});
-void kd_sparse_shard_max(Tensor row_max, Tensor student, int64_t vocab_start, int vocab_size,
-                         float temperature, Stream stream = {});
-void kd_sparse_shard_sums(Tensor sums, Tensor student, Tensor topk_ids, Tensor row_max,
-                          int64_t vocab_start, int vocab_size, float temperature,
-                          Stream stream = {});
-void kd_sparse_shard_finish(Tensor losses, Tensor stats, Tensor row_max, Tensor sums,
-                            Tensor topk_logits, Tensor teacher_lse, Tensor targets,
-                            float temperature, bool reverse, Stream stream = {});
-void topk_logits(Tensor values, Tensor ids, Tensor lse, Tensor logits, int vocab_size,
-                 std::span<const float> temperatures, Stream stream = {});
-
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
