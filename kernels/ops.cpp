@@ -435,6 +435,93 @@ void kd_shard_finish(Tensor losses, Tensor lse, Tensor row_max, Tensor sums, Ten
       [&] { cpu::kd_shard_finish(losses, lse, row_max, sums, targets, temperature, reverse); });
 }
 
+void kd_sparse_forward(Tensor losses, Tensor stats, Tensor student, Tensor topk_logits,
+                       Tensor topk_ids, Tensor teacher_lse, Tensor targets, int vocab_size,
+                       float temperature, bool reverse, Stream stream) {
+  dispatch(
+      "kd_sparse_forward",
+      {&losses, &stats, &student, &topk_logits, &topk_ids, &teacher_lse, &targets}, stream,
+      TS_ON_CUDA(cuda::kd_sparse_forward(losses, stats, student, topk_logits, topk_ids, teacher_lse,
+                                         targets, vocab_size, temperature, reverse, stream)),
+      [&](cpu::NarrowScope& n) {
+        cpu::kd_sparse_forward(n.stat_out(losses, "losses"), n.stat_out(stats, "stats"),
+                               n.in(student, "student"), n.stat_in(topk_logits, "topk_logits"),
+                               n.in(topk_ids, "topk_ids"), n.stat_in(teacher_lse, "teacher_lse"),
+                               n.in(targets, "targets"), vocab_size, temperature, reverse);
+      });
+}
+
+void kd_sparse_backward(Tensor dstudent, Tensor student, Tensor topk_logits, Tensor topk_ids,
+                        Tensor teacher_lse, Tensor stats, Tensor losses, Tensor targets,
+                        int vocab_size, float temperature, bool reverse, float dloss,
+                        int64_t vocab_start, Stream stream) {
+  constexpr const char* kOp = "kd_sparse_backward";
+  dispatch(
+      kOp, {&dstudent, &student, &topk_logits, &topk_ids, &teacher_lse, &stats, &losses, &targets},
+      stream,
+      TS_ON_CUDA(cuda::kd_sparse_backward(dstudent, student, topk_logits, topk_ids, teacher_lse,
+                                          stats, losses, targets, vocab_size, temperature, reverse,
+                                          dloss, vocab_start, stream)),
+      [&](cpu::NarrowScope& n) {
+        check_same_dtype(student, dstudent, kOp, "dstudent");
+        cpu::kd_sparse_backward(n.out(dstudent, "dstudent"), n.in(student, "student"),
+                                n.stat_in(topk_logits, "topk_logits"), n.in(topk_ids, "topk_ids"),
+                                n.stat_in(teacher_lse, "teacher_lse"), n.stat_in(stats, "stats"),
+                                n.stat_in(losses, "losses"), n.in(targets, "targets"), vocab_size,
+                                temperature, reverse, dloss, vocab_start);
+      });
+}
+
+void kd_sparse_shard_max(Tensor row_max, Tensor student, int64_t vocab_start, int vocab_size,
+                         float temperature, Stream stream) {
+  dispatch("kd_sparse_shard_max", {&row_max, &student}, stream,
+           TS_ON_CUDA(cuda::kd_sparse_shard_max(row_max, student, vocab_start, vocab_size,
+                                                temperature, stream)),
+           [&](cpu::NarrowScope& n) {
+             cpu::kd_sparse_shard_max(n.stat_out(row_max, "row_max"), n.in(student, "student"),
+                                      vocab_start, vocab_size, temperature);
+           });
+}
+
+void kd_sparse_shard_sums(Tensor sums, Tensor student, Tensor topk_ids, Tensor row_max,
+                          int64_t vocab_start, int vocab_size, float temperature, Stream stream) {
+  dispatch("kd_sparse_shard_sums", {&sums, &student, &topk_ids, &row_max}, stream,
+           TS_ON_CUDA(cuda::kd_sparse_shard_sums(sums, student, topk_ids, row_max, vocab_start,
+                                                 vocab_size, temperature, stream)),
+           [&](cpu::NarrowScope& n) {
+             cpu::kd_sparse_shard_sums(n.stat_out(sums, "sums"), n.in(student, "student"),
+                                       n.in(topk_ids, "topk_ids"), n.stat_in(row_max, "row_max"),
+                                       vocab_start, vocab_size, temperature);
+           });
+}
+
+void kd_sparse_shard_finish(Tensor losses, Tensor stats, Tensor row_max, Tensor sums,
+                            Tensor topk_logits, Tensor teacher_lse, Tensor targets,
+                            float temperature, bool reverse, Stream stream) {
+  // Statistics and teacher values only (f32, or f64 in f64 tests): nothing to widen.
+  dispatch(
+      "kd_sparse_shard_finish",
+      {&losses, &stats, &row_max, &sums, &topk_logits, &teacher_lse, &targets}, stream,
+      TS_ON_CUDA(cuda::kd_sparse_shard_finish(losses, stats, row_max, sums, topk_logits,
+                                              teacher_lse, targets, temperature, reverse, stream)),
+      [&] {
+        cpu::kd_sparse_shard_finish(losses, stats, row_max, sums, topk_logits, teacher_lse, targets,
+                                    temperature, reverse);
+      });
+}
+
+void topk_logits(Tensor values, Tensor ids, Tensor lse, Tensor logits, int vocab_size,
+                 std::span<const float> temperatures, Stream stream) {
+  dispatch(
+      "topk_logits", {&values, &ids, &lse, &logits}, stream,
+      TS_ON_CUDA(cuda::topk_logits(values, ids, lse, logits, vocab_size, temperatures, stream)),
+      [&](cpu::NarrowScope& n) {
+        // bf16/f16 logits widen exactly, so the order and the copied values are unchanged.
+        cpu::topk_logits(n.stat_out(values, "values"), n.out(ids, "ids"), n.stat_out(lse, "lse"),
+                         n.in(logits, "logits"), vocab_size, temperatures);
+      });
+}
+
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s,
                   Stream stream) {
   dispatch("adamw_update", {&param, &grad, &m, &v}, stream,

@@ -29,7 +29,8 @@
 //     explicitly; nothing about how ops run is a global setting.
 // Shape letters: B batch, T time (sequence), C channels (model width), N rows (= B*T),
 //   V vocabulary (padded), Vl one tp rank's slice of V (vocabulary-parallel ops), Hq query heads,
-//   Hkv key/value heads, D head dim, F FFN width, M, K generic GEMM sizes.
+//   Hkv key/value heads, D head dim, F FFN width, M, K generic GEMM sizes (K also the teacher
+//   entries per row of the sparse KD ops and topk_logits), nT temperatures.
 #pragma once
 #include <span>
 
@@ -242,6 +243,91 @@ void kd_shard_sums(Tensor sums /*(3,N)*/, Tensor student /*(N,Vl)*/, Tensor teac
 void kd_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor row_max /*(2,N)*/,
                      Tensor sums /*(3,N)*/, Tensor targets /*(N) i32*/, float temperature,
                      bool reverse, Stream stream = {});
+
+// ---- sparse (top-K) knowledge distillation: the teacher given by its K largest logits ---------
+// K: teacher entries per row (1 <= K <= vocab_size). Per row n the teacher is given by its K
+// largest raw logits zt_i = topk_logits[n,i] (NOT divided by T), their distinct vocabulary ids
+// topk_ids[n,i] < vocab_size, and teacher_lse (2,N) at this temperature: row 0 lse_t = log sum_j
+// exp(zt_j / T) over all real columns, row 1 tail_lse_t = the same over the tail (the real columns
+// that are not among the K ids); tail_lse_t = -inf means the tail is empty (K = vocab_size), and
+// only then. The distributions live on K + 1 buckets, the K ids and the tail:
+//   teacher  log pt_i = zt_i / T - lse_t,          log pt_tail = tail_lse_t - lse_t (exact);
+//   student  log qs_i = us_{id_i} - lse_s,         qs_tail = sum over the tail of exp(us_j - lse_s)
+// with us = zs / T and lse_s = logsumexp(us) over the real columns [0, vocab_size) of the student
+// logits (padding never enters). qs_tail is summed over the tail columns themselves (never 1 -
+// sum qs_i, which cancels), relative to the row's maximum: log qs_tail is floored at
+// log(2^-126) = -87.34 (a tail holding less of the student's mass reads as that much), so a tail
+// that underflows gives neither an infinite loss nor NaN gradients. Per valid row, with 0 log 0 = 0
+// (an empty tail adds nothing):
+//   forward KL (reverse = false): loss = T^2 [sum_i pt_i (log pt_i - log qs_i)
+//                                              + pt_tail (log pt_tail - log qs_tail)]
+//   reverse KL (reverse = true):  loss = T^2 [sum_i qs_i (log qs_i - log pt_i)
+//                                              + qs_tail (log qs_tail - log pt_tail)]
+// With K = vocab_size this is kd_loss_forward on the full teacher logits. As there, only the sign
+// of targets[n] matters: a negative target ignores the row (loss 0, zero gradient, stats still
+// written). losses (N) and stats (3,N) are f32, or f64 when the student logits are f64 (then
+// topk_logits and teacher_lse may be f64 too; otherwise they are f32). stats rows: 0 lse_s,
+// 1 log qs_tail (floored as above; -inf when the tail is empty), 2 the row's KL divergence itself
+// (loss / T^2, also on ignored rows). Ids must be distinct and in [0, vocab_size): the CPU checks
+// them; CUDA never reads or writes out of bounds for a bad id, but its results are then undefined.
+void kd_sparse_forward(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tensor student /*(N,V)*/,
+                       Tensor topk_logits /*(N,K) f32*/, Tensor topk_ids /*(N,K) i32*/,
+                       Tensor teacher_lse /*(2,N) f32*/, Tensor targets /*(N) i32*/, int vocab_size,
+                       float temperature, bool reverse, Stream stream = {});
+// dstudent = dloss * d loss_n / d zs on valid rows and real columns, 0 elsewhere:
+//   forward KL: T (qs_j - pt_i) at j = id_i;  T qs_j (1 - pt_tail / qs_tail) at a tail column
+//               (the ratio formed in log space, with the floored log qs_tail);
+//   reverse KL: T qs_j (g_b(j) - KL_n), g_i = log qs_i - log pt_i at j = id_i,
+//               g_tail = log qs_tail - log pt_tail at a tail column, KL_n = losses[n] / T^2.
+// dstudent may alias student (computed in place), nothing else. Vocabulary-parallel: student
+// (N,Vl) is columns [vocab_start, vocab_start + Vl) of the padded vocabulary, stats and losses the
+// global ones (kd_sparse_shard_finish); ids outside the shard are skipped; columns with
+// vocab_start + j >= vocab_size are padding (0).
+void kd_sparse_backward(Tensor dstudent /*(N,Vl)*/, Tensor student /*(N,Vl)*/,
+                        Tensor topk_logits /*(N,K)*/, Tensor topk_ids /*(N,K) i32*/,
+                        Tensor teacher_lse /*(2,N)*/, Tensor stats /*(3,N)*/, Tensor losses /*(N)*/,
+                        Tensor targets /*(N) i32*/, int vocab_size, float temperature, bool reverse,
+                        float dloss, int64_t vocab_start = 0, Stream stream = {});
+
+// ---- vocabulary-parallel sparse knowledge distillation (as kd_shard_*) -------------------------
+// Each tp rank holds student (N,Vl) = columns [vocab_start, vocab_start + Vl) of the padded
+// vocabulary; every rank holds the whole topk_logits, topk_ids and teacher_lse. The caller runs
+//   kd_sparse_shard_max -> all-reduce(max) of row_max over tp -> kd_sparse_shard_sums with the
+//   global maxima -> all-reduce(sum) of sums over tp -> kd_sparse_shard_finish,
+// which yields kd_sparse_forward's losses and stats (up to the rounding of the sums and their
+// order), then kd_sparse_backward with vocab_start. Statistics are f32, or f64 when the student
+// logits are f64.
+// row_max[n] = the max of us over this shard's real columns; -inf when the shard has none.
+void kd_sparse_shard_max(Tensor row_max /*(N)*/, Tensor student /*(N,Vl)*/, int64_t vocab_start,
+                         int vocab_size, float temperature, Stream stream = {});
+// sums (2+K,N) over this shard's real columns, with the GLOBAL max m = row_max[n]: row 0
+// sum_j exp(us_j - m) over all of them, row 1 the same over those in the tail (not among the ids),
+// row 2+i the tempered student logit us at id_i when id_i falls in this shard, else 0 (each id lies
+// in exactly one shard, so the all-reduce(sum) assembles them exactly).
+void kd_sparse_shard_sums(Tensor sums /*(2+K,N)*/, Tensor student /*(N,Vl)*/,
+                          Tensor topk_ids /*(N,K) i32*/, Tensor row_max /*(N)*/,
+                          int64_t vocab_start, int vocab_size, float temperature,
+                          Stream stream = {});
+// From the reduced max and sums and the teacher: lse_s = m + log(sums[0]), log qs_tail =
+// log(sums[1] / sums[0]) (floored), log qs_i = sums[2+i] - lse_s; then losses and stats as
+// kd_sparse_forward writes them.
+void kd_sparse_shard_finish(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tensor row_max /*(N)*/,
+                            Tensor sums /*(2+K,N)*/, Tensor topk_logits /*(N,K)*/,
+                            Tensor teacher_lse /*(2,N)*/, Tensor targets /*(N) i32*/,
+                            float temperature, bool reverse, Stream stream = {});
+
+// ---- per-row top-K of logits with tempered log-sum-exps (the distillation teacher cache) ------
+// Per row of logits (N,V) over the real columns [0, vocab_size): the K largest values in
+// descending order (ties: the lower id first; NaN ranks above +inf, -0 ties with +0) as f32 and
+// their ids, and for each temperature t in `temperatures` (nT >= 1, each positive and finite) the
+// tempered log-sum-exp log sum_j exp(z_j / t) over all real columns (lse[t][0][n]) and over the
+// other real columns (lse[t][1][n]; -inf when K = vocab_size, or when all of them are -inf).
+// Values are exact copies of the logits (converted to f32; f64 logits may give f64 values and
+// lse). 1 <= K <= vocab_size; CUDA takes K <= 1024 and nT <= 16. Logits f32, bf16 or f16 (f64 on
+// the CPU). The ids, and hence the values, agree exactly between the CPU and CUDA.
+void topk_logits(Tensor values /*(N,K) f32*/, Tensor ids /*(N,K) i32*/, Tensor lse /*(nT,2,N) f32*/,
+                 Tensor logits /*(N,V)*/, int vocab_size, std::span<const float> temperatures,
+                 Stream stream = {});
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),

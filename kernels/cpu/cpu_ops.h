@@ -4,6 +4,8 @@
 // in double; results do not depend on thread count. Call through tessera::ops in model code. The
 // fused sequences of ops.h have no function here: kernels/ops.cpp runs their steps on the CPU.
 #pragma once
+#include <span>
+
 #include "core/tensor.h"
 #include "kernels/op_types.h"
 
@@ -136,6 +138,38 @@ void kd_shard_sums(Tensor sums /*(3,N)*/, Tensor student /*(N,Vl)*/, Tensor teac
 void kd_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor row_max /*(2,N)*/,
                      Tensor sums /*(3,N)*/, Tensor targets /*(N) i32*/, float temperature,
                      bool reverse);
+
+// ---- sparse (top-K) knowledge distillation (kernels/ops.h has the definitions) ---------------
+// The teacher as its K largest logits (N,K), their ids (N,K) i32 and lse (2,N) at temperature T;
+// stats (3,N): lse_s, log qs_tail, KL. Statistics and teacher inputs are f32, or f64 when the
+// student logits are f64. The CPU checks that the ids of a row are distinct and < vocab_size.
+void kd_sparse_forward(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tensor student /*(N,V)*/,
+                       Tensor topk_logits /*(N,K)*/, Tensor topk_ids /*(N,K) i32*/,
+                       Tensor teacher_lse /*(2,N)*/, Tensor targets /*(N) i32*/, int vocab_size,
+                       float temperature, bool reverse);
+// dstudent may alias student (computed in place). With vocab_start, student is columns
+// [vocab_start, vocab_start + Vl) of the vocabulary and stats and losses the global ones.
+void kd_sparse_backward(Tensor dstudent /*(N,Vl)*/, Tensor student /*(N,Vl)*/,
+                        Tensor topk_logits /*(N,K)*/, Tensor topk_ids /*(N,K) i32*/,
+                        Tensor teacher_lse /*(2,N)*/, Tensor stats /*(3,N)*/, Tensor losses /*(N)*/,
+                        Tensor targets /*(N) i32*/, int vocab_size, float temperature, bool reverse,
+                        float dloss, int64_t vocab_start = 0);
+// ---- vocabulary-parallel sparse knowledge distillation pieces (kernels/ops.h has the recipe) --
+void kd_sparse_shard_max(Tensor row_max /*(N)*/, Tensor student /*(N,Vl)*/, int64_t vocab_start,
+                         int vocab_size, float temperature);
+void kd_sparse_shard_sums(Tensor sums /*(2+K,N)*/, Tensor student /*(N,Vl)*/,
+                          Tensor topk_ids /*(N,K) i32*/, Tensor row_max /*(N)*/,
+                          int64_t vocab_start, int vocab_size, float temperature);
+void kd_sparse_shard_finish(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tensor row_max /*(N)*/,
+                            Tensor sums /*(2+K,N)*/, Tensor topk_logits /*(N,K)*/,
+                            Tensor teacher_lse /*(2,N)*/, Tensor targets /*(N) i32*/,
+                            float temperature, bool reverse);
+
+// ---- per-row top-K of logits with tempered log-sum-exps (kernels/ops.h) ----------------------
+// Any 1 <= K <= vocab_size and any number of temperatures; values and lse f32, or f64 beside f64
+// logits.
+void topk_logits(Tensor values /*(N,K)*/, Tensor ids /*(N,K) i32*/, Tensor lse /*(nT,2,N)*/,
+                 Tensor logits /*(N,V)*/, int vocab_size, std::span<const float> temperatures);
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),

@@ -154,6 +154,36 @@ void kd_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor row_max
                      Tensor sums /*(3,N)*/, Tensor targets /*(N) i32*/, float temperature,
                      bool reverse, ops::Stream stream = {});
 
+// ---- sparse (top-K) knowledge distillation (kernels/ops.h has the definitions) ---------------
+// topk_logits and teacher_lse f32; K <= 8192 (the backward keeps K floats of
+// each row in shared memory). Statistics f32.
+void kd_sparse_forward(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tensor student /*(N,V)*/,
+                       Tensor topk_logits /*(N,K)*/, Tensor topk_ids /*(N,K) i32*/,
+                       Tensor teacher_lse /*(2,N)*/, Tensor targets /*(N) i32*/, int vocab_size,
+                       float temperature, bool reverse, ops::Stream stream = {});
+void kd_sparse_backward(Tensor dstudent /*(N,Vl)*/, Tensor student /*(N,Vl)*/,
+                        Tensor topk_logits /*(N,K)*/, Tensor topk_ids /*(N,K) i32*/,
+                        Tensor teacher_lse /*(2,N)*/, Tensor stats /*(3,N)*/, Tensor losses /*(N)*/,
+                        Tensor targets /*(N) i32*/, int vocab_size, float temperature, bool reverse,
+                        float dloss, int64_t vocab_start = 0, ops::Stream stream = {});
+void kd_sparse_shard_max(Tensor row_max /*(N)*/, Tensor student /*(N,Vl)*/, int64_t vocab_start,
+                         int vocab_size, float temperature, ops::Stream stream = {});
+void kd_sparse_shard_sums(Tensor sums /*(2+K,N)*/, Tensor student /*(N,Vl)*/,
+                          Tensor topk_ids /*(N,K) i32*/, Tensor row_max /*(N)*/,
+                          int64_t vocab_start, int vocab_size, float temperature,
+                          ops::Stream stream = {});
+void kd_sparse_shard_finish(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tensor row_max /*(N)*/,
+                            Tensor sums /*(2+K,N)*/, Tensor topk_logits /*(N,K)*/,
+                            Tensor teacher_lse /*(2,N)*/, Tensor targets /*(N) i32*/,
+                            float temperature, bool reverse, ops::Stream stream = {});
+
+// ---- per-row top-K of logits with tempered log-sum-exps (kernels/ops.h) ----------------------
+// One block per row (radix select, then a bitonic sort of the K + 1 selected); K <= 1024 and at
+// most 16 temperatures.
+void topk_logits(Tensor values /*(N,K) f32*/, Tensor ids /*(N,K) i32*/, Tensor lse /*(nT,2,N) f32*/,
+                 Tensor logits /*(N,V)*/, int vocab_size, std::span<const float> temperatures,
+                 ops::Stream stream = {});
+
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),
 // with g = grad * grad_scale, mhat = m / (1 - b1^step), vhat = v / (1 - b2^step).
