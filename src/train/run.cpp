@@ -160,7 +160,7 @@ Run::Run(const Recipe& recipe)
     kd_ = kd.get();
     model_->objective().add_term(std::move(kd));
     if (cache && rank0())
-      log_info("distillation: teacher cache {} (top {} of teacher {})", cache->path(),
+      log_info("distillation: from the teacher cache {} (top {} of teacher {})", cache->path(),
                cache->meta().top_k, cache->meta().teacher);
   }
   if (teacher) {
