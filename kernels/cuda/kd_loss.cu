@@ -7,7 +7,17 @@
 // when student and teacher (and dstudent) sit differently against the 16-byte grid. The
 // vocabulary-parallel pieces (shard max, shard sums: one block per row over the shard's real
 // columns; finish: elementwise) follow the same layout. Statistics are f32; all reductions
-// combine in a fixed order, so results repeat bit for bit.
+// combine in a fixed order, so results repeat bit for bit. The reverse-KL gradient forms its
+// bracket in f64 (KdGrad).
+//
+// Student == teacher gives exactly zero loss and gradient by construction. A plain `a * b - c`
+// (PTX mul.f32 + sub.f32, which ptxas may contract into one FFMA) is not used where the student's
+// and the teacher's values meet: with as = zs s and at = zt s, as - at could become
+// fma(zs, s, -at), which leaves at's rounding error (~1e-7 |at|) instead of 0, and the cross term
+// and the loss came out ~1e-9 rather than 0. The cross terms take the difference of the raw
+// logits, (zs - zt) s (exactly 0 when they are equal), and the expressions that must agree for
+// the student and the teacher (exponents, lse, log-probabilities) are written with explicit
+// __fmaf_rn / fmaf, which are never contracted or reassociated.
 // Shape letters: N rows, V padded vocabulary width (>= vocab_size), Vl shard width.
 #include <cmath>
 
@@ -65,11 +75,16 @@ struct KdOnline {
     float sum_s = 0.0f, sum_t = 0.0f, c = 0.0f;
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
-      const float as = to_f32(zs[j]) * scale, at = to_f32(zt[j]) * scale;
-      const float es = fast_exp2(as - base_s), et = fast_exp2(at - base_t);
+      const float xs = to_f32(zs[j]), xt = to_f32(zt[j]);
+      // One explicit FMA each (a - base = x scale - base), so the student's and the teacher's
+      // exponents are one expression; the cross term weighs (xs - xt) scale, exactly 0 where
+      // the logits are equal (as - at of two rounded products could be contracted; file comment).
+      const float es = fast_exp2(__fmaf_rn(xs, scale, -base_s));
+      const float et = fast_exp2(__fmaf_rn(xt, scale, -base_t));
       sum_s += es;
       sum_t += et;
-      c = kReverse ? fmaf(es, as - at, c) : fmaf(et, at - as, c);
+      c = kReverse ? fmaf(es, __fmul_rn(xs - xt, scale), c)
+                   : fmaf(et, __fmul_rn(xt - xs, scale), c);
     }
     const float rs = fast_exp2(ms - base_s), rt = fast_exp2(mt - base_t);
     ss = fmaf(ss, rs, sum_s);
@@ -116,8 +131,8 @@ struct KdRow {
 __device__ __forceinline__ KdRow finish_row(float ms, float ss, float mt, float st, float cross,
                                             bool reverse, float unit) {
   KdRow r;
-  r.lse_s = ms * unit + logf(ss);
-  r.lse_t = mt * unit + logf(st);
+  r.lse_s = __fmaf_rn(ms, unit, logf(ss));  // one expression for both (file comment)
+  r.lse_t = __fmaf_rn(mt, unit, logf(st));
   // The terms in the maxima's units are summed before the conversion (an FMA of each with `unit`
   // would leave a rounding residue where they cancel), and equal sums give log 1 = 0 without a
   // division that may round x / x.
@@ -178,17 +193,29 @@ __global__ void __launch_bounds__(kRowThreads, kMinRowBlocks)
 // ---- the backward ---------------------------------------------------------------------------
 
 // d loss / d zs for one column (ops.h), times dloss: forward KL T (ps - pt), reverse KL
-// T ps ((us - lse_s) - (ut - lse_t) - KL). The log-probabilities are formed first: where ps is
-// large, us - lse_s is a difference of close numbers (exact), while (us - ut) - (lse_s - lse_t)
-// would subtract two lse-sized values (~|z| / T) and lose their rounding to the small result.
+// T ps ((us - ut) - shift) with shift = lse_s - lse_t + KL per row. The reverse bracket is formed
+// in f64, as the CPU reference does: where ps is large the bracket is a small difference of
+// lse-sized values (|u| up to ~|z| / T, e.g. 100 or more). In f32 each of us - lse_s,
+// ut - lse_t and KL carries an absolute rounding of ~2^-24 |u| (6e-6 at 100), while the
+// bracket of the dominant column of a peaked row (ps ~ 1) is only sum_k ps_k (...) ~ 1e-3 or
+// less, so f32 lost the gradient's leading digits (rel L2 1.4e-4 against the f64 reference at
+// scale 20, T = 0.5). In f64, (zs - zt) / T - shift is accurate to ~1e-14 absolute; the kernel
+// is memory bound and the f64 work per element (two conversions, a subtraction, one DFMA and a
+// conversion back) stays below H100's FP64 and conversion throughput. ps needs only a small
+// relative error (~1e-6, as in the forward KL) and stays f32. Both forms give exactly 0 where
+// zs == zt and the row's statistics are those of equal logits (lse_s == lse_t, KL = 0): the
+// log-probabilities are one explicit FMA each, and the bracket is 0 inv_t - 0.
 template <bool kReverse>
 struct KdGrad {
-  float inv_t, lse_s, lse_t, kl, scale;  // scale = dloss T
+  float inv_t, lse_s, lse_t, scale;  // scale = dloss T
+  double inv_t_f64, shift;           // 1 / T and lse_s - lse_t + KL, KL = loss / T^2 (reverse)
   __device__ __forceinline__ float operator()(float zs, float zt) const {
-    const float log_ps = zs * inv_t - lse_s, log_pt = zt * inv_t - lse_t;
-    const float ps = fast_exp2(log_ps * kLog2e);
-    if constexpr (kReverse) return scale * ps * ((log_ps - log_pt) - kl);
-    return scale * (ps - fast_exp2(log_pt * kLog2e));
+    const float ps = fast_exp2(__fmaf_rn(zs, inv_t, -lse_s) * kLog2e);
+    if constexpr (kReverse) {
+      const double bracket = __fma_rn(double(zs) - double(zt), inv_t_f64, -shift);
+      return scale * ps * static_cast<float>(bracket);
+    }
+    return scale * (ps - fast_exp2(__fmaf_rn(zt, inv_t, -lse_t) * kLog2e));
   }
 };
 
@@ -226,8 +253,11 @@ __global__ void __launch_bounds__(kRowThreads)
   grad.inv_t = 1.0f / temperature;
   grad.lse_s = lse[row];
   grad.lse_t = lse[num_rows + row];
-  grad.kl = losses[row] * (grad.inv_t * grad.inv_t);
   grad.scale = dloss * temperature;
+  // As the CPU reference: (lse_s - lse_t) + loss / T^2 in f64, from the f32 statistics.
+  const double t = temperature;
+  grad.inv_t_f64 = 1.0 / t;
+  grad.shift = (double(grad.lse_s) - double(grad.lse_t)) + double(losses[row]) / (t * t);
   auto grad_at = [&](float xs, float xt, int64_t c) { return c < num_real ? grad(xs, xt) : 0.0f; };
 
   if (packs_ok) {
@@ -289,8 +319,9 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // sums = (sum exp(us - ms), sum exp(ut - mt), cross term) over the real columns with the GLOBAL
-// maxima, summed per thread, then in a fixed order across the block. The exact difference u - m
-// keeps large logits accurate (a single FFMA would round m log2(e) first).
+// maxima, summed per thread, then in a fixed order across the block. u - m is one FMA,
+// z inv_t - m, before the scaling by log2(e): large logits stay accurate (folding log2(e) into
+// the FMA would round m log2(e) first). The cross term weighs (zs - zt) / T (file comment).
 template <class T, bool kReverse>
 __global__ void __launch_bounds__(kRowThreads)
     kd_shard_sums_kernel(float* sums, const T* student, const T* teacher, const float* row_max,
@@ -303,12 +334,13 @@ __global__ void __launch_bounds__(kRowThreads)
                        [&]<int kN>(const T(&zs)[kN], const T(&zt)[kN]) {
 #pragma unroll
                          for (int j = 0; j < kN; ++j) {
-                           const float us = to_f32(zs[j]) * inv_t, ut = to_f32(zt[j]) * inv_t;
-                           const float es = fast_exp2((us - ms) * kLog2e);
-                           const float et = fast_exp2((ut - mt) * kLog2e);
+                           const float xs = to_f32(zs[j]), xt = to_f32(zt[j]);
+                           const float es = fast_exp2(__fmaf_rn(xs, inv_t, -ms) * kLog2e);
+                           const float et = fast_exp2(__fmaf_rn(xt, inv_t, -mt) * kLog2e);
                            s[0] += es;
                            s[1] += et;
-                           s[2] = kReverse ? fmaf(es, us - ut, s[2]) : fmaf(et, ut - us, s[2]);
+                           s[2] = kReverse ? fmaf(es, __fmul_rn(xs - xt, inv_t), s[2])
+                                           : fmaf(et, __fmul_rn(xt - xs, inv_t), s[2]);
                          }
                        });
   row_sum<kRowThreads, 3>(s, smem);
