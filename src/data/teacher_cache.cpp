@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -16,6 +17,9 @@
 namespace tessera {
 
 namespace h5 = io::h5;
+
+// read() copies stored little-endian chunks as they are.
+static_assert(std::endian::native == std::endian::little, "teacher cache reads need little-endian");
 
 namespace {
 
@@ -98,10 +102,14 @@ TeacherCacheWriter::TeacherCacheWriter(const std::string& path, const TeacherCac
   h5::write_dataset(ctx, t.id(), H5T_NATIVE_FLOAT, meta.temperatures.data(), "temperatures");
   t.close(ctx, "H5Dclose", "temperatures");
   const std::vector<int64_t> rd = rows_dims(meta, W), ld = lse_dims(meta, W);
+  // Raw chunks (no checksum): training reads each window's chunk whole, at random, with
+  // read_chunk; the cache is derived data that distill-cache rebuilds.
   logits_ = h5::create_chunked(ctx, file_.id(), "topk_logits", H5T_IEEE_F32LE, rd,
-                               {1, rd[1], rd[2]});
-  ids_ = h5::create_chunked(ctx, file_.id(), "topk_ids", H5T_STD_I32LE, rd, {1, rd[1], rd[2]});
-  lse_ = h5::create_chunked(ctx, file_.id(), "lse", H5T_IEEE_F32LE, ld, {ld[0], 2, 1, ld[3]});
+                               {1, rd[1], rd[2]}, false);
+  ids_ = h5::create_chunked(ctx, file_.id(), "topk_ids", H5T_STD_I32LE, rd, {1, rd[1], rd[2]},
+                            false);
+  lse_ = h5::create_chunked(ctx, file_.id(), "lse", H5T_IEEE_F32LE, ld, {ld[0], 2, 1, ld[3]},
+                            false);
 }
 
 TeacherCacheWriter::~TeacherCacheWriter() = default;
@@ -231,12 +239,15 @@ void TeacherCache::read(int64_t window, int b, int B, TeacherRows& rows,
         m.dataset_windows);
   const int64_t row = it - windows_.begin(), T = m.seq_len, K = m.top_k, nt = nT(m);
   const h5::Ctx& ctx = file_.ctx();
-  h5::read_box(ctx, logits_.id(), H5T_NATIVE_FLOAT, {row, 0, 0}, {1, T, K},
-               rows.topk_logits.data(), {B, T, K}, {b, 0, 0}, "topk_logits");
-  h5::read_box(ctx, ids_.id(), H5T_NATIVE_INT32, {row, 0, 0}, {1, T, K}, rows.topk_ids.data(),
-               {B, T, K}, {b, 0, 0}, "topk_ids");
-  h5::read_box(ctx, lse_.id(), H5T_NATIVE_FLOAT, {0, 0, row, 0}, {nt, 2, 1, T}, rows.lse.data(),
-               {nt, 2, B, T}, {0, 0, b, 0}, "lse");
+  const size_t TK = size_t(T * K);
+  h5::read_chunk(ctx, logits_.id(), {row, 0, 0}, rows.topk_logits.data() + b * TK, 4 * TK,
+                 "topk_logits");
+  h5::read_chunk(ctx, ids_.id(), {row, 0, 0}, rows.topk_ids.data() + b * TK, 4 * TK, "topk_ids");
+  // The chunk is (nT, 2, 1, T); the rows (nT, 2, B, T).
+  std::vector<float> lse(size_t(nt * 2 * T));
+  h5::read_chunk(ctx, lse_.id(), {0, 0, row, 0}, lse.data(), 4 * lse.size(), "lse");
+  for (int64_t i = 0; i < nt * 2; ++i)
+    std::copy_n(lse.begin() + i * T, T, rows.lse.begin() + (i * B + b) * T);
 }
 
 }  // namespace tessera

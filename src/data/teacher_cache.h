@@ -16,7 +16,8 @@
 //                                  -inf when K = vocab_size)
 //   /temperatures (nT) f32         increasing
 //   Position p of window w is the teacher's prediction of token w*T + p + 1 (the target).
-//   The three row datasets are chunked one window per chunk, Fletcher-32 checksummed.
+//   The three row datasets are chunked one window per chunk, stored raw (no checksum: training
+//   reads whole chunks with H5Dread_chunk, the fast path; the cache is rebuildable derived data).
 //   Root attributes: format_version, top_k, seq_len, vocab_size, dataset_windows (the dataset's
 //   train windows at T), tokenizer_hash, dataset_key (TokenDataset::content_key), dataset (its
 //   path when written), teacher (the checkpoint step directory), teacher_precision, created_by.

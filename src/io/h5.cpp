@@ -391,7 +391,8 @@ Handle create_dataset(const Ctx& ctx, hid_t loc, const std::string& name, hid_t 
 }
 
 Handle create_chunked(const Ctx& ctx, hid_t loc, const std::string& name, hid_t file_type,
-                      const std::vector<int64_t>& dims, const std::vector<int64_t>& chunk) {
+                      const std::vector<int64_t>& dims, const std::vector<int64_t>& chunk,
+                      bool checksum) {
   TS_CHECK(chunk.size() == dims.size() && !dims.empty(), "create_chunked({}): chunk rank", name);
   for (size_t i = 0; i < dims.size(); ++i)
     TS_CHECK(chunk[i] >= 1 && chunk[i] <= std::max<int64_t>(dims[i], 1),
@@ -400,11 +401,24 @@ Handle create_chunked(const Ctx& ctx, hid_t loc, const std::string& name, hid_t 
   Handle dcpl = untimed_dcpl(ctx, name);
   const std::vector<hsize_t> h = to_hsize(chunk);
   check(H5Pset_chunk(dcpl.id(), int(h.size()), h.data()), ctx, "H5Pset_chunk", name);
-  check(H5Pset_fletcher32(dcpl.id()), ctx, "H5Pset_fletcher32", name);
+  if (checksum) check(H5Pset_fletcher32(dcpl.id()), ctx, "H5Pset_fletcher32", name);
   return Handle(check_id(H5Dcreate2(loc, name.c_str(), file_type, space.id(), H5P_DEFAULT,
                                     dcpl.id(), H5P_DEFAULT),
                          ctx, "H5Dcreate2", name),
                 H5Dclose);
+}
+
+void read_chunk(const Ctx& ctx, hid_t dset, const std::vector<int64_t>& offset, void* out,
+                size_t bytes, const std::string& name) {
+  const std::vector<hsize_t> at = to_hsize(offset);
+  hsize_t stored = 0;
+  check(H5Dget_chunk_storage_size(dset, at.data(), &stored), ctx, "H5Dget_chunk_storage_size",
+        name);
+  if (stored != bytes)
+    fail_content(ctx, fmt::format("'{}': a chunk of {} bytes where {} were expected", name, stored,
+                                  bytes));
+  uint32_t filters = 0;
+  check(H5Dread_chunk(dset, H5P_DEFAULT, at.data(), &filters, out), ctx, "H5Dread_chunk", name);
 }
 
 Handle open_dataset(const Ctx& ctx, hid_t loc, const std::string& name, size_t cache_bytes) {

@@ -100,9 +100,16 @@ ObjectKind object_kind(const Ctx& ctx, hid_t loc, const std::string& name);
 Handle create_dataset(const Ctx& ctx, hid_t loc, const std::string& name, hid_t file_type,
                       const std::vector<int64_t>& dims, size_t elem_bytes, bool checksum);
 // A dataset of fixed shape `dims` stored in chunks of shape `chunk` (same rank, each 1..dims[i]),
-// Fletcher-32 checksummed, for data written and read a box at a time (see write_box).
+// for data written a box at a time (write_box); with `checksum` each chunk is Fletcher-32
+// checksummed, without it chunks are stored raw and can be read whole by read_chunk.
 Handle create_chunked(const Ctx& ctx, hid_t loc, const std::string& name, hid_t file_type,
-                      const std::vector<int64_t>& dims, const std::vector<int64_t>& chunk);
+                      const std::vector<int64_t>& dims, const std::vector<int64_t>& chunk,
+                      bool checksum);
+// The stored bytes of the chunk at element `offset` of an unfiltered chunked dataset, exactly
+// `bytes` of them, in the file's byte order (H5Dread_chunk: no selection, no conversion — the
+// fast path for reading whole chunks at random).
+void read_chunk(const Ctx& ctx, hid_t dset, const std::vector<int64_t>& offset, void* out,
+                size_t bytes, const std::string& name);
 // `cache_bytes` > 0 sets the dataset's chunk cache (HDF5's default is 1 MiB), e.g. to keep the
 // chunks of a token stream that random window reads revisit.
 Handle open_dataset(const Ctx& ctx, hid_t loc, const std::string& name, size_t cache_bytes = 0);

@@ -43,7 +43,9 @@ TeacherCache open_teacher_cache(const Recipe& r) {
 
 TrainData::TrainData(const Recipe& r)
     : blend_(open_data_blend(paths_of(r.data), r.train.seed, r.model.vocab_size)),
-      recipe_file_(r.file) {
+      recipe_file_(r.file),
+      distill_(r.distill),
+      steps_(r.train.steps) {
   if (!r.distill.teacher_cache.empty()) cache_.emplace(open_teacher_cache(r));
   if (r.data.mock()) return;  // no tokenizer to decode with
   tokenizer_ = Tokenizer::from_hf_json(blend_.tokenizer_json, r.data.path[0].path);
@@ -65,12 +67,40 @@ void TrainData::make_loaders(const Recipe& r, int dp_rank, int dp, const ModelSh
 
 void TrainData::fill_train(int64_t step, int micro_idx, Batch& batch) const {
   train_->fill(step, micro_idx, micro_batch_, inputs(batch), targets(batch));
-  if (!batch.has_teacher_rows()) return;
+  // Steps without KD read no rows (a cache made for the run lacks their windows).
+  if (!batch.has_teacher_rows() || !needs_teacher_rows(step)) return;
   TS_CHECK(cache_, "a batch with room for teacher rows but no teacher cache");
+  if (next_.done.valid()) next_.done.get();  // a read error surfaces here, for its micro-batch
+  if (next_.step == step && next_.micro == micro_idx) {
+    // On the CPU the batch's tensors view its vectors: copy; elsewhere upload() copies anyway.
+    if (batch.topk_ids.data == batch.teacher.topk_ids.data())
+      batch.teacher = next_.rows;
+    else
+      std::swap(batch.teacher, next_.rows);
+  } else {
+    read_teacher_rows(step, micro_idx, batch.teacher);
+  }
+  const bool last_micro = int64_t(micro_idx + 1) * micro_batch_ >= train_->local_batch();
+  next_.step = last_micro ? step + 1 : step;
+  next_.micro = last_micro ? 0 : micro_idx + 1;
+  if (!needs_teacher_rows(next_.step)) return;
+  next_.rows.topk_logits.resize(batch.teacher.topk_logits.size());
+  next_.rows.topk_ids.resize(batch.teacher.topk_ids.size());
+  next_.rows.lse.resize(batch.teacher.lse.size());
+  next_.done = std::async(std::launch::async, [this] {
+    read_teacher_rows(next_.step, next_.micro, next_.rows);
+  });
+}
+
+bool TrainData::needs_teacher_rows(int64_t step) const {
+  return step < steps_ && curriculum_at(distill_, step, steps_).alpha > 0.0f;
+}
+
+void TrainData::read_teacher_rows(int64_t step, int micro_idx, TeacherRows& rows) const {
   const std::vector<Loader::Window> windows = train_->micro_windows(step, micro_idx, micro_batch_);
   const std::string context = fmt::format("{}: step {}", recipe_file_, step + 1);
   for (int b = 0; b < micro_batch_; ++b)
-    cache_->read(windows[size_t(b)].window, b, micro_batch_, batch.teacher, context);
+    cache_->read(windows[size_t(b)].window, b, micro_batch_, rows, context);
 }
 
 void TrainData::fill_eval(int64_t batch_idx, int micro_idx, Batch& batch) const {

@@ -6,6 +6,7 @@
 // windows.
 #pragma once
 #include <cstdint>
+#include <future>
 #include <memory>
 #include <optional>
 #include <string>
@@ -50,11 +51,24 @@ class TrainData {
 
   DataBlend blend_;
   std::optional<Tokenizer> tokenizer_;
-  std::optional<TeacherCache> cache_;
+  // The teacher rows of the next micro-batch, read on a worker thread while the device runs this
+  // one (the cache's only reader then; fill_train waits for it before anything else reads).
+  struct Prefetch {
+    int64_t step = -1;
+    int micro = -1;
+    TeacherRows rows;
+    std::future<void> done;
+  };
+  void read_teacher_rows(int64_t step, int micro_idx, TeacherRows& rows) const;
+  bool needs_teacher_rows(int64_t step) const;  // a step of the run with alpha > 0
   std::string recipe_file_;
+  DistillConfig distill_;
+  int64_t steps_ = 0;
+  std::optional<TeacherCache> cache_;
   std::unique_ptr<Loader> train_, val_;
   int micro_batch_ = 0;
   bool reads_inputs_ = true, reads_targets_ = true;
+  mutable Prefetch next_;  // last: destroyed (its read awaited) before what the read uses
 };
 
 }  // namespace tessera
