@@ -270,6 +270,7 @@ void kd_shard_finish(Tensor losses /*(N)*/, Tensor lse /*(2,N)*/, Tensor row_max
 // 1 log qs_tail (floored as above; -inf when the tail is empty), 2 the row's KL divergence itself
 // (loss / T^2, also on ignored rows). Ids must be distinct and in [0, vocab_size): the CPU checks
 // them; CUDA never reads or writes out of bounds for a bad id, but its results are then undefined.
+// CUDA takes K <= 8192 (the backward holds K floats of a row in shared memory).
 void kd_sparse_forward(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tensor student /*(N,V)*/,
                        Tensor topk_logits /*(N,K) f32*/, Tensor topk_ids /*(N,K) i32*/,
                        Tensor teacher_lse /*(2,N) f32*/, Tensor targets /*(N) i32*/, int vocab_size,

@@ -216,6 +216,9 @@ const std::map<std::string, std::string> kNoFiniteDifferences = {
      "equal bit for bit to swiglu_backward (FD-checked) followed by fp8_quantize"},
     {"gemm_fp8", "no backward op: FP8 gradients are gemm_fp8 calls; fp8 operands are quantized"},
     {"fp8_update_scales", "a scaling-state update, not differentiated"},
+    {"topk_logits",
+     "a selection (the ids are piecewise constant) and log-sum-exps of the teacher, which is not "
+     "differentiated; checked against a full sort in topk_logits_test.cpp"},
     {"moe_dispatch_plan",
      "an index computation (integer routing plan): nothing to differentiate; its hand-computed "
      "and brute-force cases are in moe_permute_test.cpp"},
