@@ -66,6 +66,29 @@ void device_free(Device d, void* p) {
 #endif
 }
 
+HostPin::HostPin(void* ptr, size_t bytes) {
+  if (ptr == nullptr || bytes == 0 || !cuda_available()) return;
+#ifdef TESSERA_CUDA
+  CORE_CUDA_CHECK(cudaHostRegister(ptr, bytes, cudaHostRegisterDefault));
+  ptr_ = ptr;
+#endif
+}
+
+HostPin::~HostPin() {
+#ifdef TESSERA_CUDA
+  if (ptr_) cudaHostUnregister(ptr_);  // a failure here cannot be reported; the memory stays
+#endif
+}
+
+HostPin& HostPin::operator=(HostPin&& o) noexcept {
+  if (this != &o) {
+    HostPin gone(std::move(*this));
+    ptr_ = o.ptr_;
+    o.ptr_ = nullptr;
+  }
+  return *this;
+}
+
 void copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes) {
   if (bytes == 0) return;
   TS_CHECK(dst != nullptr && src != nullptr, "copy_bytes of {} bytes with a null pointer", bytes);

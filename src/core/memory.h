@@ -23,6 +23,23 @@ bool cuda_available();  // false when built without CUDA or no device is visible
 // Free and total bytes of the current CUDA device; false (and nothing written) for the CPU.
 bool device_memory_info(Device d, size_t* free_bytes, size_t* total_bytes);
 
+// Page-locks host memory [ptr, ptr + bytes) while it lives (cudaHostRegister), so copies between
+// it and a device run at full DMA speed; a no-op without a usable CUDA device. The memory must
+// outlive the pin and must not move (move-only).
+class HostPin {
+ public:
+  HostPin() = default;
+  HostPin(void* ptr, size_t bytes);
+  ~HostPin();
+  HostPin(HostPin&& o) noexcept : ptr_(o.ptr_) { o.ptr_ = nullptr; }
+  HostPin& operator=(HostPin&& o) noexcept;
+  HostPin(const HostPin&) = delete;
+  HostPin& operator=(const HostPin&) = delete;
+
+ private:
+  void* ptr_ = nullptr;  // registered; null: nothing pinned
+};
+
 // Owning allocation of one block on one device (move-only).
 class Buffer {
  public:

@@ -20,14 +20,13 @@ struct CachedRowsDims {
 struct Batch {
   std::vector<int32_t> inputs, targets;  // (B, T) host
   Tensor tokens, labels;                 // (B, T) i32 on the model's device
-  TeacherRows teacher;                   // host rows (empty without a cache)
-  Tensor topk_logits, topk_ids;          // (B*T, K) f32 / i32 on the device
+  Tensor topk_logits, topk_ids;          // (B*T, K) f32 / i32 on the device (cache only)
   Tensor teacher_lse;                    // (nT, 2, B*T) f32 on the device
 
   Batch(int B, int T, Device device, Arena& arena, CachedRowsDims cache = {})
       : inputs(size_t(B) * T), targets(size_t(B) * T) {
     const int64_t N = int64_t(B) * T, K = cache.top_k, nT = cache.num_temps;
-    if (K > 0) {
+    if (K > 0 && device == Device::cpu) {  // the tensors view host rows of the batch's own
       teacher.topk_logits.resize(size_t(N * K));
       teacher.topk_ids.resize(size_t(N * K));
       teacher.lse.resize(size_t(nT * 2 * N));
@@ -60,24 +59,38 @@ struct Batch {
       bytes += 2 * Arena::aligned(4 * N * cache.top_k) + Arena::aligned(4 * 2 * N * cache.num_temps);
     return bytes;
   }
-  bool has_teacher_rows() const { return !teacher.topk_ids.empty(); }
+  bool has_teacher_rows() const { return !topk_ids.empty(); }
+  // The teacher rows of this micro-batch (sized for it), held by the caller until upload(): on
+  // the CPU copied into the batch (its tensors are views, read later by the loss), on a device
+  // uploaded from `rows` directly.
+  void stage(const TeacherRows& rows) {
+    if (topk_ids.device == Device::cpu)
+      teacher = rows;
+    else
+      staged_ = &rows;
+  }
   void upload() {
     if (tokens.data == inputs.data()) return;
     copy_bytes(tokens.data, tokens.device, inputs.data(), Device::cpu, tokens.nbytes());
     copy_bytes(labels.data, labels.device, targets.data(), Device::cpu, labels.nbytes());
-    if (!has_teacher_rows()) return;
-    copy_bytes(topk_logits.data, topk_logits.device, teacher.topk_logits.data(), Device::cpu,
+    if (!staged_) return;
+    copy_bytes(topk_logits.data, topk_logits.device, staged_->topk_logits.data(), Device::cpu,
                topk_logits.nbytes());
-    copy_bytes(topk_ids.data, topk_ids.device, teacher.topk_ids.data(), Device::cpu,
+    copy_bytes(topk_ids.data, topk_ids.device, staged_->topk_ids.data(), Device::cpu,
                topk_ids.nbytes());
-    copy_bytes(teacher_lse.data, teacher_lse.device, teacher.lse.data(), Device::cpu,
+    copy_bytes(teacher_lse.data, teacher_lse.device, staged_->lse.data(), Device::cpu,
                teacher_lse.nbytes());
+    staged_ = nullptr;
   }
   int64_t num_valid() const {
     int64_t n = 0;
     for (int32_t t : targets) n += t >= 0;
     return n;
   }
+
+ private:
+  TeacherRows teacher;                   // CPU: the rows the tensors view
+  const TeacherRows* staged_ = nullptr;  // a device batch: rows to upload next
 };
 
 }  // namespace tessera

@@ -144,7 +144,7 @@ Run::Run(const Recipe& recipe)
   lr_ = LrSchedule{r.optim.schedule,     r.optim.lr,    r.optim.min_lr,
                    r.optim.warmup_steps, r.train.steps, r.optim.decay_fraction};
   model_->set_grad_ready_hook([this](int idx) { ddp_->grads_ready_from(idx); });
-  data_.make_loaders(r, me.dp_rank, par.dp, shard_);
+  data_.make_loaders(r, me.dp_rank, par.dp, shard_, device_);
   seed_sharded_masters(*model_, *opt_, r.train.seed);
   if (dtype_ == DType::f16) scaler_.emplace(r.precision.loss_scale);
 

@@ -54,7 +54,8 @@ TrainData::TrainData(const Recipe& r)
                                 "data.tokenizer = " + r.data.tokenizer);
 }
 
-void TrainData::make_loaders(const Recipe& r, int dp_rank, int dp, const ModelShard& shard) {
+void TrainData::make_loaders(const Recipe& r, int dp_rank, int dp, const ModelShard& shard,
+                             Device device) {
   const LoaderShape shape{r.data.seq_len, r.global_batch(), r.train.seed, dp_rank, dp};
   train_ = std::make_unique<Loader>(blend_.train, shape);
   // Evaluation batch i is the i-th run of G eval samples, split over dp ranks and micro-batches
@@ -63,32 +64,41 @@ void TrainData::make_loaders(const Recipe& r, int dp_rank, int dp, const ModelSh
   micro_batch_ = r.data.micro_batch;
   reads_inputs_ = shard.first_stage();
   reads_targets_ = shard.last_stage();
+  if (!cache_ || !reads_targets_) return;
+  for (Staging& st : staging_) {
+    TeacherCache::resize(st.rows, cache_->meta(), micro_batch_);
+    if (device != Device::cuda) continue;
+    for (auto* v : {&st.rows.topk_logits, &st.rows.lse})
+      st.pins.emplace_back(v->data(), v->size() * sizeof(float));
+    st.pins.emplace_back(st.rows.topk_ids.data(), st.rows.topk_ids.size() * sizeof(int32_t));
+  }
 }
 
 void TrainData::fill_train(int64_t step, int micro_idx, Batch& batch) const {
   train_->fill(step, micro_idx, micro_batch_, inputs(batch), targets(batch));
   // Steps without KD read no rows (a cache made for the run lacks their windows).
-  if (!batch.has_teacher_rows() || !needs_teacher_rows(step)) return;
+  if (batch.has_teacher_rows() && needs_teacher_rows(step))
+    stage_teacher_rows(step, micro_idx, batch);
+}
+
+void TrainData::stage_teacher_rows(int64_t step, int micro_idx, Batch& batch) const {
   TS_CHECK(cache_, "a batch with room for teacher rows but no teacher cache");
   if (next_.done.valid()) next_.done.get();  // a read error surfaces here, for its micro-batch
-  if (next_.step == step && next_.micro == micro_idx) {
-    // On the CPU the batch's tensors view its vectors: copy; elsewhere upload() copies anyway.
-    if (batch.topk_ids.data == batch.teacher.topk_ids.data())
-      batch.teacher = next_.rows;
-    else
-      std::swap(batch.teacher, next_.rows);
-  } else {
-    read_teacher_rows(step, micro_idx, batch.teacher);
+  int buf = next_.buf;
+  if (next_.step != step || next_.micro != micro_idx) {  // not prefetched: read it now
+    buf = 1 - next_.buf;
+    read_teacher_rows(step, micro_idx, staging_[buf].rows);
   }
+  batch.stage(staging_[buf].rows);
+  // The next micro-batch's rows into the other buffer (this one is uploaded before the next
+  // fill_train: the executor fills and uploads each micro-batch back to back).
   const bool last_micro = int64_t(micro_idx + 1) * micro_batch_ >= train_->local_batch();
   next_.step = last_micro ? step + 1 : step;
   next_.micro = last_micro ? 0 : micro_idx + 1;
+  next_.buf = 1 - buf;
   if (!needs_teacher_rows(next_.step)) return;
-  next_.rows.topk_logits.resize(batch.teacher.topk_logits.size());
-  next_.rows.topk_ids.resize(batch.teacher.topk_ids.size());
-  next_.rows.lse.resize(batch.teacher.lse.size());
   next_.done = std::async(std::launch::async, [this] {
-    read_teacher_rows(next_.step, next_.micro, next_.rows);
+    read_teacher_rows(next_.step, next_.micro, staging_[next_.buf].rows);
   });
 }
 

@@ -37,7 +37,9 @@ class TrainData {
   // Training and evaluation windows of dp rank `dp_rank` of `dp` (see data/loader.h). `shard`
   // says what this rank's pipeline stage reads: inputs on the first stage, targets on the last,
   // nothing in between.
-  void make_loaders(const Recipe& r, int dp_rank, int dp, const ModelShard& shard = {});
+  // `device`: where the batches go (a teacher cache's staging rows are page-locked for CUDA).
+  void make_loaders(const Recipe& r, int dp_rank, int dp, const ModelShard& shard = {},
+                    Device device = Device::cpu);
   const Loader& train() const { return *train_; }
   const Loader& val() const { return *val_; }
   // Micro-batch `micro_idx` of step `step` / evaluation batch `batch_idx` into `batch`, only the
@@ -51,16 +53,22 @@ class TrainData {
 
   DataBlend blend_;
   std::optional<Tokenizer> tokenizer_;
-  // The teacher rows of the next micro-batch, read on a worker thread while the device runs this
-  // one (the cache's only reader then; fill_train waits for it before anything else reads).
+  // Teacher rows are read into two staging buffers in turn: the next micro-batch's on a worker
+  // thread while the device runs this one (the cache's only reader then; fill_train waits for it
+  // before anything else reads), page-locked on CUDA so the upload is one fast DMA.
+  struct Staging {
+    TeacherRows rows;
+    std::vector<HostPin> pins;
+  };
   struct Prefetch {
     int64_t step = -1;
     int micro = -1;
-    TeacherRows rows;
+    int buf = 0;  // the staging buffer it fills
     std::future<void> done;
   };
   void read_teacher_rows(int64_t step, int micro_idx, TeacherRows& rows) const;
   bool needs_teacher_rows(int64_t step) const;  // a step of the run with alpha > 0
+  void stage_teacher_rows(int64_t step, int micro_idx, Batch& batch) const;
   std::string recipe_file_;
   DistillConfig distill_;
   int64_t steps_ = 0;
@@ -68,6 +76,7 @@ class TrainData {
   std::unique_ptr<Loader> train_, val_;
   int micro_batch_ = 0;
   bool reads_inputs_ = true, reads_targets_ = true;
+  mutable Staging staging_[2];
   mutable Prefetch next_;  // last: destroyed (its read awaited) before what the read uses
 };
 
