@@ -15,6 +15,7 @@ packages=(
   libopenblas-dev
   libbenchmark-dev
   clang-format
+  gnuplot-nox                      # bench/distill_plot.sh
   nodejs npm
 )
 
