@@ -415,20 +415,20 @@ LossInputs Transformer::loss_inputs(const Activations& a, Tensor targets) const 
   return in;
 }
 
-double Transformer::hidden_forward(Activations& a, Tensor targets,
+double Transformer::hidden_forward(Activations& a, std::span<const int32_t> targets,
                                    std::span<const Tensor> teachers) const {
   TS_CHECK(a.training_ && a.hidden_diff.size() == hidden_.local().size(),
            "hidden-state loss on activations without its buffers ({} of {} pairs)",
            a.hidden_diff.size(), hidden_.local().size());
-  expect_shape(targets, {a.B_, a.T_}, "targets");
-  std::vector<int32_t> host(targets.numel());
-  copy_bytes(host.data(), Device::cpu, targets.data, targets.device, targets.nbytes());
+  TS_CHECK(int64_t(targets.size()) == int64_t(a.B_) * a.T_, "{} targets for ({}, {})",
+           targets.size(), a.B_, a.T_);
   int64_t valid = 0;
-  for (int32_t t : host) valid += t >= 0;
+  for (int32_t t : targets) valid += t >= 0;
   std::vector<Tensor> students;
   for (const HiddenLoss::Local& l : hidden_.local()) students.push_back(a.resid[l.state]);
-  const double v = hidden_.forward(params_, students, teachers, a.hidden_diff, host, valid);
+  const double v = hidden_.forward(params_, students, teachers, a.hidden_diff, targets, valid);
   a.hidden_ready_ = true;
+  a.hidden_valid_ = valid;
   return v;
 }
 
@@ -459,10 +459,9 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
   if (hidden_.active()) {
     TS_CHECK(a.hidden_ready_, "hidden-state backward without hidden_forward on these activations");
     a.hidden_ready_ = false;
-    const int64_t valid = count_valid(targets);
-    if (valid > 0) {  // otherwise the term was 0, with no gradient
+    if (a.hidden_valid_ > 0) {  // otherwise the term was 0, with no gradient
       for (const HiddenLoss::Local& l : hidden_.local()) students.push_back(a.resid[l.state]);
-      hidden_.backward_params(params_, students, a.hidden_diff, valid, loss_scale);
+      hidden_.backward_params(params_, students, a.hidden_diff, a.hidden_valid_, loss_scale);
       if (hidden_.first_param() >= 0) grads_ready(hidden_.first_param());
       hidden = true;
     }

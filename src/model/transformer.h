@@ -92,9 +92,11 @@ class Activations {
   Tensor d_lnf;            // (N,C)
   Tensor d_resid;          // (N,C)
   // Training with hidden-state pairs on this stage: per pair (N,Ct), P h_s - h_t from
-  // hidden_forward until backward_stage turns it into its gradient; hidden_ready_ between them.
+  // hidden_forward until backward_stage turns it into its gradient; hidden_ready_ between them,
+  // with the micro-batch's valid targets.
   std::vector<Tensor> hidden_diff;
   bool hidden_ready_ = false;
+  int64_t hidden_valid_ = 0;
 };
 
 class Transformer {
@@ -175,9 +177,11 @@ class Transformer {
   HiddenLoss& hidden_loss() { return hidden_; }
   const HiddenLoss& hidden_loss() const { return hidden_; }
   // Training, after forward_stage, while hidden_loss().active(): this stage's part of the term
-  // (unweighted) for the micro-batch; teachers[k] (N,Ct) is the teacher's state of
-  // hidden_loss().local()[k]. The following backward_stage on `acts` adds its gradient.
-  double hidden_forward(Activations& acts, Tensor targets, std::span<const Tensor> teachers) const;
+  // (unweighted) for the micro-batch; targets (B*T) on the host (no device round trip on stages
+  // without the loss), teachers[k] (N,Ct) the teacher's state of hidden_loss().local()[k]. The
+  // following backward_stage on `acts` adds its gradient.
+  double hidden_forward(Activations& acts, std::span<const int32_t> targets,
+                        std::span<const Tensor> teachers) const;
 
   Tensor logits(const Activations& acts) const { return acts.logits; }  // (B*T, Vl)
   int64_t count_valid(Tensor targets) const;

@@ -217,7 +217,7 @@ double PipelineExecutor::run_teacher(int m, Slot& s) {
   std::vector<Tensor> states;
   for (const HiddenLoss::Local& l : model_.hidden_loss().local())
     states.push_back(teacher_->hidden_state(l.pair.teacher));
-  return model_.hidden_forward(*s.acts, s.batch->labels, states);
+  return model_.hidden_forward(*s.acts, s.batch->targets, states);
 }
 
 PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& actions,

@@ -110,7 +110,7 @@ double total_loss(Transformer& m, Activations& a, const Inputs& in, float beta) 
   double hidden = 0.0;
   if (m.hidden_loss().active()) {
     std::vector<Tensor> teachers(in.teachers.begin(), in.teachers.end());
-    hidden = m.hidden_forward(a, in.targets, teachers);
+    hidden = m.hidden_forward(a, in.targets.i32, teachers);
   }
   return m.loss_forward(a, in.targets).total + double(beta) * hidden;
 }
