@@ -1,6 +1,7 @@
 // Knowledge distillation end to end through the `tessera` binary on the prepared Gutenberg corpus:
 // a ci-tiny teacher trained by each test, distilled into the ci-tiny-distill student.
-//  * alpha 0 is plain cross-entropy training bit for bit (no teacher runs, no KD term);
+//  * alpha 0 (and beta 0, with hidden-state pairs) is plain cross-entropy training bit for bit (no
+//    teacher runs, no KD or hidden-state term);
 //  * the seed curriculum logs alpha, temperature, kd_loss and ce_loss per step, the loss is
 //    alpha kd + (1 - alpha) ce, KD pulls the student toward the teacher, and the teacher is freed
 //    when no later step needs it;
@@ -120,6 +121,16 @@ TEST(DistillTrain, AlphaZeroIsPlainCrossEntropyBitForBit) {
   }
   testing::expect_same_parameters(dir + "/alpha0", dir + "/plain", 0.0);
   EXPECT_EQ(a.output.find("distillation: teacher"), std::string::npos) << "teacher loaded";
+  // With hidden-state pairs at beta 0 too, their projections exist but nothing else runs.
+  const auto c = train_student(
+      teacher, dir + "/beta0",
+      std::string(" --set 'distill.curriculum=[{alpha: 0, hidden_weight: 0}]'") + kHiddenPairs);
+  ASSERT_EQ(c.status, 0) << c.output;
+  EXPECT_EQ(c.output.find("distillation: teacher"), std::string::npos) << "teacher loaded";
+  const auto beta0 = step_records(dir + "/beta0");
+  for (auto& [step, text] : plain) {
+    EXPECT_EQ(beta0.at(step).substr(0, text.size()), text) << "step " << step;
+  }
 }
 
 TEST(DistillTrain, SeedCurriculumLogsItsPhasesAndFreesTheTeacher) {
