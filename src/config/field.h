@@ -15,10 +15,11 @@ namespace tessera::config {
 
 // What a field's value must be. `ints` bounds integers (and each item of an integer list),
 // `reals` bounds floats; `required`: the recipe must give the field (its default is only a
-// placeholder); `auto_word`: that plain word also reads, as 0 ("auto": derived later);
-// `distinct`: a list may not repeat an item; `when`: the field applies only when this returns
-// true for the section it is in (`when_doc` says when, e.g. "precision.compute is fp16") — given
-// otherwise it is an error, and the emitter leaves it out.
+// placeholder); `auto_word`: that plain word also reads, as `auto_value` (0 unless a field needs
+// 0 as a value of its own; "auto": derived later); `distinct`: a list may not repeat an item;
+// `allow_empty`: a list of mappings may be empty (one must have an item otherwise); `when`: the
+// field applies only when this returns true for the section it is in (`when_doc` says when, e.g.
+// "precision.compute is fp16") — given otherwise it is an error, and the emitter leaves it out.
 struct Rule {
   IntRange ints = kAnyInt;
   RealRange reals = kAnyReal;
@@ -27,6 +28,8 @@ struct Rule {
   bool distinct = false;
   bool (*when)(const void* section) = nullptr;
   const char* when_doc = nullptr;
+  double auto_value = 0.0;
+  bool allow_empty = false;
 };
 
 inline constexpr Rule kAny{};
@@ -43,8 +46,13 @@ constexpr Rule required(Rule r) {
   r.required = true;
   return r;
 }
-constexpr Rule or_auto(Rule r) {
+constexpr Rule or_auto(Rule r, double auto_value = 0.0) {
   r.auto_word = "auto";
+  r.auto_value = auto_value;
+  return r;
+}
+constexpr Rule allow_empty(Rule r) {
+  r.allow_empty = true;
   return r;
 }
 constexpr Rule distinct(Rule r) {

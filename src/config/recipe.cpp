@@ -171,14 +171,15 @@ void read_section(const std::vector<YamlEntry>& entries, const std::string& pref
                   Origins& o);
 
 void read_value(const YamlField& f, int& out, const Rule& r, Origins&) {
-  out = r.auto_word ? yaml_read_int_or_word(f, r.ints, r.auto_word, 0) : yaml_read_int(f, r.ints);
+  out = r.auto_word ? yaml_read_int_or_word(f, r.ints, r.auto_word, int(r.auto_value))
+                    : yaml_read_int(f, r.ints);
 }
 void read_value(const YamlField& f, uint64_t& out, const Rule&, Origins&) {
   out = yaml_read_uint64(f);
 }
 void read_value(const YamlField& f, float& out, const Rule& r, Origins&) {
   if (r.auto_word && f.value.IsScalar() && f.value.Tag() == "?" && f.value.Scalar() == r.auto_word)
-    out = 0.0f;
+    out = float(r.auto_value);
   else
     out = yaml_read_float(f, r.reals);
 }
@@ -264,13 +265,17 @@ void read_value(const YamlField& f, S& out, const Rule&, Origins& o) {
   read_section(entries, f.name, out, o);
 }
 
-// A list of mappings (distill.curriculum), each read like a sub-section named "key[i]".
+// A list of mappings (distill.curriculum), each read like a sub-section named "key[i]"; empty only
+// under Rule::allow_empty (distill.hidden_pairs).
 template <class S>
 requires requires(S s) {
   S::visit(s, [](const FieldInfo&, auto&, auto&) {});
 }
-void read_value(const YamlField& f, std::vector<S>& out, const Rule&, Origins& o) {
-  if (!f.value.IsSequence() || f.value.size() == 0)
+void read_value(const YamlField& f, std::vector<S>& out, const Rule& r, Origins& o) {
+  if (r.allow_empty && !f.value.IsSequence())
+    TS_USER_ERROR("{}: {}: expected a list of mappings, got {}", f.origin.str(), f.name,
+                  yaml_describe(f.value));
+  if (!r.allow_empty && (!f.value.IsSequence() || f.value.size() == 0))
     TS_USER_ERROR("{}: {}: expected a non-empty list of mappings (e.g. [{{alpha: 0.5}}]), got {}",
                   f.origin.str(), f.name, yaml_describe(f.value));
   out.clear();
@@ -545,8 +550,11 @@ void validate_across(const Recipe& r, const Origins& o) {
                   o.show("train.steps", r.train.steps));
 }
 
-// The distill section: one teacher, online or cached; an FP8 teacher is not built; the curriculum's
-// phases must end in order, inside the run, each ramp inside its phase.
+// The distill section: one teacher, online or cached; an FP8 teacher is not built; the
+// curriculum's phases must end in order, inside the run, each ramp inside its phase; hidden-state
+// pairs need the online teacher and name student blocks that exist, once each (the teacher's side
+// is checked against its checkpoint: train/teacher.cpp), and phases give hidden_weight only when
+// there are pairs.
 void validate_distill(const Recipe& r, const Origins& o) {
   const DistillConfig& d = r.distill;
   if (!d.enabled()) return;
@@ -554,6 +562,12 @@ void validate_distill(const Recipe& r, const Origins& o) {
     TS_USER_ERROR("{}: {} and {}: give one teacher, online or cached", o.file(),
                   o.show("distill.teacher", d.teacher),
                   o.show("distill.teacher_cache", d.teacher_cache));
+  if (!d.online() && !d.hidden_pairs.empty())
+    TS_USER_ERROR(
+        "{}: distill.hidden_pairs ({}) with {}: the hidden-state loss needs the online teacher "
+        "(a cache holds its logits only); give distill.teacher instead",
+        o.file(), o.where("distill.hidden_pairs"),
+        o.show("distill.teacher_cache", d.teacher_cache));
   if (d.teacher_precision == TeacherPrecision::fp8)
     TS_USER_ERROR("{}: {}: an FP8 teacher is not built yet; use bf16 or fp32", o.file(),
                   o.show("distill.teacher_precision", to_string(d.teacher_precision)));
@@ -590,7 +604,24 @@ void validate_distill(const Recipe& r, const Origins& o) {
       TS_USER_ERROR("{}: {} with {}: choose ramp linear or cosine", o.file(),
                     o.show(key + ".ramp_steps", p.ramp_steps), o.show(key + ".ramp", "none"));
     }
+    if (d.hidden_pairs.empty() && o.given(key + ".hidden_weight"))
+      TS_USER_ERROR(
+          "{}: {} is given ({}) but distill.hidden_pairs is empty: there is no hidden-state loss "
+          "to weigh; remove it or give distill.hidden_pairs",
+          o.file(), key + ".hidden_weight", o.where(key + ".hidden_weight"));
     start = ends[i];
+  }
+  for (size_t i = 0; i < d.hidden_pairs.size(); ++i) {
+    const DistillHiddenPair& p = d.hidden_pairs[i];
+    const std::string key = fmt::format("distill.hidden_pairs[{}]", i);
+    if (p.student > r.model.num_layers)
+      TS_USER_ERROR("{}: {} is past the student's last block ({})", o.file(),
+                    o.show(key + ".student", p.student),
+                    o.show("model.num_layers", r.model.num_layers));
+    for (size_t j = 0; j < i; ++j)
+      if (d.hidden_pairs[j] == p)
+        TS_USER_ERROR("{}: {} ({}) repeats distill.hidden_pairs[{}] = {}", o.file(), key,
+                      o.where(key + ".student"), j, shown(p));
   }
 }
 

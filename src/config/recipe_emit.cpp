@@ -37,9 +37,10 @@ void emit(const S& section, const std::string& indent, std::string& out) {
       emit(value, indent + "  ", out);
     } else if constexpr (std::is_same_v<T, int>) {
       // Sizes the recipe may leave to be derived print as the word that asks for that.
-      out += fmt::format(
-          "{}{}: {}\n", indent, fi.name,
-          fi.rule.auto_word && value == 0 ? fi.rule.auto_word : config::yaml_value(value));
+      out += fmt::format("{}{}: {}\n", indent, fi.name,
+                         fi.rule.auto_word && value == int(fi.rule.auto_value)
+                             ? fi.rule.auto_word
+                             : config::yaml_value(value));
     } else {
       out += fmt::format("{}{}: {}\n", indent, fi.name, config::yaml_value(value));
     }
@@ -88,12 +89,12 @@ void key_rows(const S& defaults, const std::string& prefix, std::string& out) {
         def = "required";
       } else if constexpr (std::is_same_v<T, int>) {
         // A default outside the field's own range is a placeholder for a derived value.
-        if (fi.rule.auto_word && value == 0)
+        if (fi.rule.auto_word && value == int(fi.rule.auto_value))
           def = fi.rule.auto_word;
         else if (value < fi.rule.ints.lo)
           def = "derived";
       } else if constexpr (std::is_same_v<T, float>) {
-        if (fi.rule.auto_word && value == 0.0f) def = fi.rule.auto_word;
+        if (fi.rule.auto_word && value == float(fi.rule.auto_value)) def = fi.rule.auto_word;
       }
       const std::string when =
           fi.rule.when_doc ? fmt::format(" (only when {})", fi.rule.when_doc) : std::string();

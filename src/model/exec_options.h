@@ -1,11 +1,24 @@
 // ExecOptions: how a model runs, as opposed to what it is (ModelConfig). None of these change the
-// weights, so a resumed run may choose them differently (the gradients live within one step). The
-// trainer derives them from the recipe (train.recompute, parallel.recompute_stages,
-// precision.high_precision).
+// weights, so a resumed run may choose them differently (the gradients live within one step) —
+// except hidden_pairs, whose projections are parameters of the training run (kept in its
+// checkpoints, not part of the model's architecture). The trainer derives them from the recipe
+// (train.recompute, parallel.recompute_stages, precision.high_precision, distill).
 #pragma once
+#include <vector>
+
 #include "kernels/op_types.h"
 
 namespace tessera {
+
+// One pair of distillation's hidden-state loss (model/hidden_loss.h; the recipe's
+// distill.hidden_pairs): the student's residual stream after its first `student` blocks against
+// the teacher's after its first `teacher` blocks, the latter teacher_hidden wide.
+struct HiddenPair {
+  int student = 0;         // 1 .. the student's num_layers
+  int teacher = 0;         // 1 .. the teacher's num_layers
+  int teacher_hidden = 0;  // the teacher's width (Ct); the student's is its own model.hidden (C)
+  bool operator==(const HiddenPair&) const = default;
+};
 
 struct ExecOptions {
   // How attention runs on CUDA (train.attention); every attention op is given it.
@@ -34,6 +47,10 @@ struct ExecOptions {
   // (the batch's cached rows) instead of its logits. 0: an online teacher.
   int distill_top_k = 0;
   int distill_num_temps = 0;
+  // Distillation's hidden-state loss: every pair of the run (each stage uses those whose student
+  // block it holds, declares their projections after its other parameters, and keeps one (N, Ct)
+  // difference per pair in each training activation set). Empty: none.
+  std::vector<HiddenPair> hidden_pairs;
 };
 
 }  // namespace tessera

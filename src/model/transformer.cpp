@@ -97,6 +97,9 @@ size_t Activations::bytes_needed(const ModelConfig& cfg, DType dtype, int B, int
   }
   total += al(N * C * e);                                                        // d_resid
   if (sh.first_stage() && exec.fp32_embedding && e < 4) total += al(N * C * 4);  // embed32
+  if (training)  // hidden_diff: one (N, Ct) per hidden-state pair of this stage
+    for (const HiddenLoss::Local& l : HiddenLoss::on_stage(exec.hidden_pairs, sh))
+      total += al(N * l.pair.teacher_hidden * e);
   return total;
 }
 
@@ -172,21 +175,26 @@ Activations::Activations(const Transformer& model, int B, int T, bool training, 
     d_lnf = ar.alloc(dt, {N, c.hidden});
   }
   d_resid = ar.alloc(dt, {N, c.hidden});
+  if (training)
+    for (const HiddenLoss::Local& l : model.hidden_.local())
+      hidden_diff.push_back(ar.alloc(dt, {N, l.pair.teacher_hidden}));
 }
 
-Transformer::Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& shard)
+Transformer::Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& shard,
+                         const std::vector<HiddenPair>& hidden_pairs)
     : cfg_(cfg),
       local_(local_config(cfg, shard)),
       shard_(shard.resolved(cfg)),
       dtype_(DType::f32),
       device_(Device::cpu) {
+  exec_.hidden_pairs = hidden_pairs;
   declare_params();
 }
 
 Transformer::Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena,
                          const ModelShard& shard, int64_t pad_multiple, bool with_master,
                          const ExecOptions& exec)
-    : Transformer(DeclareOnly{}, cfg, shard) {
+    : Transformer(DeclareOnly{}, cfg, shard, exec.hidden_pairs) {
   shard_.check_comms();
   exec_ = exec;
   for (Block& b : blocks_) b.set_attention_impl(exec.attention);
@@ -281,18 +289,20 @@ double Transformer::moe_losses(const Activations& a) const {
   return sum;
 }
 
-int64_t Transformer::local_num_params(const ModelConfig& cfg, const ModelShard& shard) {
-  return Transformer(DeclareOnly{}, cfg, shard).params_.num_elements();
+int64_t Transformer::local_num_params(const ModelConfig& cfg, const ModelShard& shard,
+                                      const std::vector<HiddenPair>& hidden_pairs) {
+  return Transformer(DeclareOnly{}, cfg, shard, hidden_pairs).params_.num_elements();
 }
 
-ParamStore Transformer::declared_params(const ModelConfig& cfg, const ModelShard& shard) {
-  return std::move(Transformer(DeclareOnly{}, cfg, shard).params_);
+ParamStore Transformer::declared_params(const ModelConfig& cfg, const ModelShard& shard,
+                                        const std::vector<HiddenPair>& hidden_pairs) {
+  return std::move(Transformer(DeclareOnly{}, cfg, shard, hidden_pairs).params_);
 }
 
 size_t Transformer::param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
                                 int64_t pad_multiple, bool with_master, bool fp32_grads,
-                                bool with_grads) {
-  const int64_t n = ParamStore::padded(local_num_params(cfg, shard), pad_multiple);
+                                bool with_grads, const std::vector<HiddenPair>& hidden_pairs) {
+  const int64_t n = ParamStore::padded(local_num_params(cfg, shard, hidden_pairs), pad_multiple);
   return ParamStore::bytes_for(n, dtype, with_master, fp32_grads, with_grads);
 }
 
@@ -346,6 +356,8 @@ void Transformer::declare_params() {
   if (s.tp_size == 1 && s.pp_size == 1 && s.ep_size == 1)
     TS_CHECK(params_.num_elements() == cfg.num_params(), "parameter count {} vs config {}",
              params_.num_elements(), cfg.num_params());
+  // Distillation's projections come last: backward completes their gradients first.
+  hidden_.declare(params_, exec_.hidden_pairs, C, s);
 }
 
 Tensor Transformer::head_weight() const { return params_[head_grad_param()].value; }
@@ -415,6 +427,23 @@ LossInputs Transformer::loss_inputs(const Activations& a, Tensor targets) const 
   return in;
 }
 
+double Transformer::hidden_forward(Activations& a, std::span<const int32_t> targets,
+                                   std::span<const Tensor> teachers) const {
+  TS_CHECK(a.training_ && a.hidden_diff.size() == hidden_.local().size(),
+           "hidden-state loss on activations without its buffers ({} of {} pairs)",
+           a.hidden_diff.size(), hidden_.local().size());
+  TS_CHECK(int64_t(targets.size()) == int64_t(a.B_) * a.T_, "{} targets for ({}, {})",
+           targets.size(), a.B_, a.T_);
+  int64_t valid = 0;
+  for (int32_t t : targets) valid += t >= 0;
+  std::vector<Tensor> students;
+  for (const HiddenLoss::Local& l : hidden_.local()) students.push_back(a.resid[l.state]);
+  const double v = hidden_.forward(params_, students, teachers, a.hidden_diff, targets, valid);
+  a.hidden_ready_ = true;
+  a.hidden_valid_ = valid;
+  return v;
+}
+
 LossValues Transformer::loss_forward(Activations& a, Tensor targets) const {
   return objective_.forward(loss_inputs(a, targets), {a.losses, a.lse, a.ce_stats}, a.training_);
 }
@@ -434,6 +463,28 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
   TS_CHECK(a.training_, "backward on activations allocated for inference");
   TS_CHECK(!exec_.frozen, "backward through a frozen model");
   const int L = local_.num_layers;
+  // Distillation's hidden-state term: its gradient does not depend on the chain below the loss,
+  // so the projections' gradients are formed first (their buckets may launch at once), and each
+  // pair's gradient w.r.t. its student state joins d_resid where the backward reaches that state.
+  bool hidden = false;
+  std::vector<Tensor> students;
+  if (hidden_.active()) {
+    TS_CHECK(a.hidden_ready_, "hidden-state backward without hidden_forward on these activations");
+    a.hidden_ready_ = false;
+    if (a.hidden_valid_ > 0) {  // otherwise the term was 0, with no gradient
+      for (const HiddenLoss::Local& l : hidden_.local()) students.push_back(a.resid[l.state]);
+      hidden_.backward_params(params_, students, a.hidden_diff, a.hidden_valid_, loss_scale);
+      if (hidden_.first_param() >= 0) grads_ready(hidden_.first_param());
+      hidden = true;
+    }
+  }
+  // d_resid holds d(loss)/d(residual stream after `state` of the stage's blocks).
+  const auto add_hidden_grads = [&](int state) {
+    if (!hidden) return;
+    for (size_t k = 0; k < hidden_.local().size(); ++k)
+      if (hidden_.local()[k].state == state)
+        hidden_.add_state_grad(params_, int(k), a.d_resid, a.hidden_diff[k]);
+  };
   if (shard_.last_stage()) {
     const LossInputs in = loss_inputs(a, targets);
     if (in.num_valid == 0) {
@@ -477,6 +528,7 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
   // (of a micro-batch sharing the set) ran since.
   const bool last_block_kept = a.set_owner_->last_block_of_ == &a;
   a.set_owner_->last_block_of_ = nullptr;
+  add_hidden_grads(L);
   for (int l = L - 1; l >= 0; --l) {
     BlockActs& acts = a.blocks[a.blocks.size() == 1 ? 0 : l];
     if (a.recompute_ && (l != L - 1 || !last_block_kept)) {
@@ -486,6 +538,7 @@ void Transformer::backward_stage(Activations& a, Tensor tokens, Tensor targets, 
     }
     blocks_[l].backward(params_, acts, a.scratch, a.d_resid, a.resid[l], loss_scale);
     grads_ready(blocks_[l].first_param());
+    add_hidden_grads(l);
   }
   if (shard_.first_stage()) {
     Tensor wpe_grad = wpe_ >= 0 ? params_[wpe_].grad : Tensor();

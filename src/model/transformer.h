@@ -14,6 +14,7 @@
 #include "core/memory.h"
 #include "model/block.h"
 #include "model/exec_options.h"
+#include "model/hidden_loss.h"
 #include "model/objective.h"
 
 namespace tessera {
@@ -56,6 +57,9 @@ class Activations {
   Tensor stage_input() const { return resid.front(); }
   Tensor stage_output() const { return resid.back(); }
   Tensor stage_grad() const { return d_resid; }
+  // The residual stream (N,C) after the first n of this stage's blocks (0: its input), as the
+  // last forward left it (a distillation teacher's hidden states).
+  Tensor residual(int n) const { return resid[n]; }
   // Distillation (ExecOptions::distill, last stage, training): where the teacher's logits (N, Vl)
   // for this micro-batch go before loss_forward; empty otherwise.
   Tensor teacher_logits() const { return distill.teacher_logits; }
@@ -95,6 +99,12 @@ class Activations {
   DistillBuffers distill;  // ExecOptions::distill, training: the KD term's tensors
   Tensor d_lnf;            // (N,C)
   Tensor d_resid;          // (N,C)
+  // Training with hidden-state pairs on this stage: per pair (N,Ct), P h_s - h_t from
+  // hidden_forward until backward_stage turns it into its gradient; hidden_ready_ between them,
+  // with the micro-batch's valid targets.
+  std::vector<Tensor> hidden_diff;
+  bool hidden_ready_ = false;
+  int64_t hidden_valid_ = 0;
 };
 
 class Transformer {
@@ -104,13 +114,17 @@ class Transformer {
   Transformer(const ModelConfig& cfg, DType dtype, Device device, Arena* arena = nullptr,
               const ModelShard& shard = {}, int64_t pad_multiple = 1, bool with_master = true,
               const ExecOptions& exec = {});
+  // hidden_pairs: ExecOptions::hidden_pairs (their projections are parameters of the stage).
   static size_t param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
                             int64_t pad_multiple = 1, bool with_master = true,
-                            bool fp32_grads = false, bool with_grads = true);
-  static int64_t local_num_params(const ModelConfig& cfg, const ModelShard& shard);
+                            bool fp32_grads = false, bool with_grads = true,
+                            const std::vector<HiddenPair>& hidden_pairs = {});
+  static int64_t local_num_params(const ModelConfig& cfg, const ModelShard& shard,
+                                  const std::vector<HiddenPair>& hidden_pairs = {});
   // This rank's parameters declared (names, shapes, offsets) but not allocated: enough to plan
   // memory and data-parallel buckets before anything is allocated.
-  static ParamStore declared_params(const ModelConfig& cfg, const ModelShard& shard);
+  static ParamStore declared_params(const ModelConfig& cfg, const ModelShard& shard,
+                                    const std::vector<HiddenPair>& hidden_pairs = {});
   // The sizes one rank computes with: heads, KV heads, FFN width and vocabulary divided by tp,
   // the stage's layer count. Names and initialization still use the whole config.
   static ModelConfig local_config(const ModelConfig& cfg, const ModelShard& shard);
@@ -167,13 +181,24 @@ class Transformer {
   // The loss on the last stage: cross-entropy, weighted, plus any extra terms.
   Objective& objective() { return objective_; }
 
+  // Distillation's hidden-state term (ExecOptions::hidden_pairs): this stage's pairs and beta.
+  HiddenLoss& hidden_loss() { return hidden_; }
+  const HiddenLoss& hidden_loss() const { return hidden_; }
+  // Training, after forward_stage, while hidden_loss().active(): this stage's part of the term
+  // (unweighted) for the micro-batch; targets (B*T) on the host (no device round trip on stages
+  // without the loss), teachers[k] (N,Ct) the teacher's state of hidden_loss().local()[k]. The
+  // following backward_stage on `acts` adds its gradient.
+  double hidden_forward(Activations& acts, std::span<const int32_t> targets,
+                        std::span<const Tensor> teachers) const;
+
   Tensor logits(const Activations& acts) const { return acts.logits; }  // (B*T, Vl)
   int64_t count_valid(Tensor targets) const;
 
  private:
   friend class Activations;
   struct DeclareOnly {};
-  Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& shard);  // no allocation
+  Transformer(DeclareOnly, const ModelConfig& cfg, const ModelShard& shard,
+              const std::vector<HiddenPair>& hidden_pairs = {});  // no allocation
   void declare_params();
   Tensor head_weight() const;
   LossInputs loss_inputs(const Activations& a, Tensor targets) const;
@@ -197,6 +222,7 @@ class Transformer {
   Norm final_norm_;
   std::function<void(int)> grad_ready_;
   Objective objective_;
+  HiddenLoss hidden_;
   // Per local MoE block (by local index; empty for dense blocks): (cap, 2) losses and (cap, E)
   // counts, one row per training micro-batch, cap = exec_.moe_stat_records.
   Buffer moe_record_buf_;

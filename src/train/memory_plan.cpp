@@ -42,14 +42,16 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
   const ParallelConfig& par = r.parallel;
   const int B = r.data.micro_batch, T = r.data.seq_len;
   MemoryPlan plan;
+  // The parameters include distillation's hidden-state projections (in.exec.hidden_pairs).
   plan.params = Transformer::param_bytes(r.model, in.shard, in.dtype, par.dp, par.zero == 0,
-                                         in.exec.fp32_grads);
+                                         in.exec.fp32_grads, true, in.exec.hidden_pairs);
   // The bucket layout only needs the parameters' shapes and the gradients' dtype.
   const DType grad_dtype = ParamStore::grad_dtype_for(in.dtype, in.exec.fp32_grads);
   const int64_t bucket_numel =
       std::max<int64_t>(1, par.bucket_bytes() / int64_t(dtype_size(grad_dtype)));
   plan.optimizer = DistributedOptimizer::bytes_for(
-      BucketLayout(Transformer::declared_params(r.model, in.shard), par.dp, bucket_numel, par.ep),
+      BucketLayout(Transformer::declared_params(r.model, in.shard, in.exec.hidden_pairs), par.dp,
+                   bucket_numel, par.ep),
       in.dtype, par.zero);
   plan.train_acts =
       PipelineExecutor::bytes_needed(r.model, in.shard, in.dtype, in.schedule, in.flush_micro, B, T,
@@ -73,13 +75,15 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
 
 PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device,
                        std::optional<TeacherSpec> teacher, const TeacherCacheMeta* cache) {
-  return {shard,
-          exec_options(r, shard.pp_rank, cache),
-          compute_dtype(r.precision.compute),
-          device,
-          run_schedule(r),
-          run_flush_micro(r),
-          std::move(teacher)};
+  PlanInputs in{shard,
+                exec_options(r, shard.pp_rank, cache),
+                compute_dtype(r.precision.compute),
+                device,
+                run_schedule(r),
+                run_flush_micro(r),
+                std::move(teacher)};
+  if (in.teacher) in.exec.hidden_pairs = in.teacher->hidden_pairs;  // with the teacher's width
+  return in;
 }
 
 std::vector<StagePlan> plan_stages(const Recipe& r, Device device) {
@@ -97,13 +101,14 @@ std::vector<StagePlan> plan_stages(const Recipe& r, Device device) {
     st.stage = s;
     st.first_layer = shard.first_layer;
     st.num_layers = shard.num_layers;
-    const ParamStore declared = Transformer::declared_params(r.model, shard);
-    for (const Param& p : declared.all()) st.params_held += p.spec.shape.numel();
     // The teacher's tokenizer is not checked here (that needs the dataset): Run checks it.
     std::optional<TeacherSpec> teacher;
     if (r.distill.online()) teacher = read_teacher_spec(r, "");
-    st.plan = plan_memory(r, plan_inputs(r, shard, device, std::move(teacher),
-                                         cache ? &*cache : nullptr));
+    const PlanInputs in =
+        plan_inputs(r, shard, device, std::move(teacher), cache ? &*cache : nullptr);
+    const ParamStore declared = Transformer::declared_params(r.model, shard, in.exec.hidden_pairs);
+    for (const Param& p : declared.all()) st.params_held += p.spec.shape.numel();
+    st.plan = plan_memory(r, in);
     out.push_back(st);
   }
   return out;

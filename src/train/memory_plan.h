@@ -46,8 +46,8 @@ struct PlanInputs {
 
 MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in);
 
-// What Run plans with for the rank holding `shard` (run_options.h): its stage's execution options,
-// the compute dtype, the schedule and the flush size.
+// What Run plans with for the rank holding `shard` (run_options.h): its stage's execution options
+// (with the teacher's hidden-state pairs), the compute dtype, the schedule and the flush size.
 PlanInputs plan_inputs(const Recipe& r, const ModelShard& shard, Device device,
                        std::optional<TeacherSpec> teacher = std::nullopt,
                        const TeacherCacheMeta* cache = nullptr);

@@ -124,10 +124,16 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
     // A step with alpha 0 runs no teacher: its KD loss is not known.
     rec["kd_loss"] = s.kd_weights.alpha > 0.0f ? nlohmann::json(s.kd_loss) : nlohmann::json();
     rec["ce_loss"] = s.ce_loss;
+    // Likewise the hidden-state loss at beta 0 (always, without distill.hidden_pairs).
+    const float beta = s.kd_weights.hidden_weight;
+    rec["hidden_weight"] = beta;
+    rec["hidden_loss"] = beta > 0.0f ? nlohmann::json(s.hidden_loss) : nlohmann::json();
     kd = s.kd_weights.alpha > 0.0f
              ? fmt::format(" | ce {:.4f} kd {:.4f} (alpha {:.2f}, T {:.2f})", s.ce_loss, s.kd_loss,
                            s.kd_weights.alpha, s.kd_weights.temperature)
-             : std::string(" | alpha 0: no teacher");
+         : beta > 0.0f ? fmt::format(" | ce {:.4f} (alpha 0)", s.ce_loss)
+                       : std::string(" | alpha 0: no teacher");
+    if (beta > 0.0f) kd += fmt::format(" | hidden {:.4f} (beta {:.2f})", s.hidden_loss, beta);
   }
   std::string mfu;
   if (run_.device() == Device::cuda) {

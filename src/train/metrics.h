@@ -34,8 +34,9 @@ class MetricsWriter {
 
 // The run's records: per step {step, loss, lr, grad_norm, tokens_per_s, tokens, step_s, mem_gb,
 // and per configuration loss_scale/skipped (fp16), pipeline_* (pp > 1 with profile_ops), mfu and
-// device_used_gb (CUDA)}; per evaluation {step, val_loss, val_ppl, val_tokens, and under fp16
-// the overflow rate since the previous evaluation}.
+// device_used_gb (CUDA), alpha, temperature, hidden_weight, ce_loss, kd_loss and hidden_loss
+// (distilling; a term's loss is null when its weight is 0)}; per evaluation {step, val_loss,
+// val_ppl, val_tokens, and under fp16 the overflow rate since the previous evaluation}.
 class RunMetrics {
  public:
   explicit RunMetrics(Run& run);

@@ -206,7 +206,7 @@ void PipelineExecutor::post_p2p(const std::vector<PipeAction>& group) {
   }
 }
 
-void PipelineExecutor::run_teacher(int m, Slot& s) {
+double PipelineExecutor::run_teacher(int m, Slot& s) {
   teacher_->forward(s.batch->tokens, s.teacher_in);
   if (stage_ == num_stages_ - 1) {
     const Tensor logits = teacher_->logits(), out = s.acts->teacher_logits();
@@ -214,13 +214,19 @@ void PipelineExecutor::run_teacher(int m, Slot& s) {
       copy_tensor(out, logits);
     else
       ops::cast(out, logits);
-    return;
+  } else {
+    P2PBuffers& p = send_teacher_;
+    const int b = m % 2;
+    if (p.inflight[b]) p.inflight[b]->wait();  // the send of micro-batch m - 2 used it
+    p.inflight[b].reset();
+    copy_tensor(p.buf[b], teacher_->output());
   }
-  P2PBuffers& p = send_teacher_;
-  const int b = m % 2;
-  if (p.inflight[b]) p.inflight[b]->wait();  // the send of micro-batch m - 2 used it
-  p.inflight[b].reset();
-  copy_tensor(p.buf[b], teacher_->output());
+  if (!model_.hidden_loss().active()) return 0.0;
+  // The teacher's states of this stage's pairs, read before its next forward overwrites them.
+  std::vector<Tensor> states;
+  for (const HiddenLoss::Local& l : model_.hidden_loss().local())
+    states.push_back(teacher_->hidden_state(l.pair.teacher));
+  return model_.hidden_forward(*s.acts, s.batch->targets, states);
 }
 
 PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& actions,
@@ -255,7 +261,9 @@ PipelineExecutor::Result PipelineExecutor::run(const std::vector<PipeAction>& ac
       fill(a.microbatch, *s.batch);
       s.batch->upload();
       model_.forward_stage(*s.acts, s.batch->tokens);
-      if (training && teacher_) run_teacher(a.microbatch, s);
+      TS_CHECK(!training || teacher_ || !model_.hidden_loss().active(),
+               "the hidden-state term is active without a teacher");
+      if (training && teacher_) res.hidden_sum += run_teacher(a.microbatch, s);
       if (last) {
         const LossValues loss = model_.loss_forward(*s.acts, s.batch->labels);
         const int64_t valid = s.batch->num_valid();

@@ -36,10 +36,14 @@ class PipelineExecutor {
     // Training, last stage: the sums over micro-batches of the objective's parts (the
     // cross-entropy and each extra term, unweighted).
     LossValues parts;
+    // Training with distillation's hidden-state term active, any stage: the sum over
+    // micro-batches of this stage's part of it (unweighted; Transformer::hidden_forward).
+    double hidden_sum = 0.0;
   };
   // Distillation: the teacher whose stage forward runs beside each training forward (its
   // activations travel with the student's; on the last stage its logits go to the activation
-  // set's teacher_logits); null: none. Evaluation never runs it.
+  // set's teacher_logits; its hidden states meet the student's in the model's hidden-state term
+  // when that is active); null: none. Evaluation never runs it.
   void set_teacher(Teacher* teacher) { teacher_ = teacher; }
   // One step's forwards and backwards. Each micro-batch's loss is scaled by loss_scale in
   // backward. before_last_backward runs just before the step's final backward on this stage (the
@@ -86,8 +90,9 @@ class PipelineExecutor {
   // waits for its receives and copies them into the micro-batches' activations.
   void post_p2p(const std::vector<PipeAction>& group);
   // The teacher's stage forward for micro-batch m: its output into the send buffer, or on the
-  // last stage its logits into the activation set.
-  void run_teacher(int m, Slot& s);
+  // last stage its logits into the activation set; then, when the hidden-state term is active,
+  // this stage's part of it (returned; 0 otherwise).
+  double run_teacher(int m, Slot& s);
 
   Transformer& model_;
   Communicator& comm_;

@@ -116,11 +116,13 @@ Run::Run(const Recipe& recipe)
   schedule_ = run_schedule(r);
   flush_micro_ = run_flush_micro(r);
   const TeacherCache* cache = data_.teacher_cache();
-  const ExecOptions exec = exec_options(r, me.pp_rank, cache ? &cache->meta() : nullptr);
 
   std::optional<TeacherSpec> teacher;
   if (r.distill.online()) teacher = read_teacher_spec(r, data_.tokenizer_hash());
-  plan_ = plan_memory(r, plan_inputs(r, shard_, device_, teacher, cache ? &cache->meta() : nullptr));
+  const PlanInputs plan_in =
+      plan_inputs(r, shard_, device_, teacher, cache ? &cache->meta() : nullptr);
+  const ExecOptions& exec = plan_in.exec;  // the model runs as planned
+  plan_ = plan_memory(r, plan_in);
   check_plan_fits(plan_, device_, r.file);
   arena_ = Arena(device_, plan_.arena(), "device memory");
   if (plan_.workspace > 0)
@@ -172,6 +174,16 @@ Run::Run(const Recipe& recipe)
         log_info("distillation: teacher {} ({} parameters, {}), {:.2f} GB per rank", teacher->dir,
                  teacher->model.num_params(), dtype_name(teacher->dtype), teacher_->bytes() / 1e9);
     }
+    if (rank0() && !teacher->hidden_pairs.empty()) {
+      std::string pairs;
+      for (const HiddenPair& p : teacher->hidden_pairs)
+        pairs += fmt::format("{}{} -> {}", pairs.empty() ? "" : ", ", p.student, p.teacher);
+      log_info(
+          "distillation: hidden-state loss over {} pair(s) (student blocks -> teacher blocks: "
+          "{}), widths {} and {}{}",
+          teacher->hidden_pairs.size(), pairs, r.model.hidden, teacher->model.hidden,
+          r.model.hidden == teacher->model.hidden ? "" : " (learned projections)");
+    }
   }
   pipe_ = std::make_unique<PipelineExecutor>(*model_, ctx_->comm(Group::pp), schedule_,
                                              flush_micro_, r.data.micro_batch, r.data.seq_len,
@@ -190,6 +202,11 @@ Run::Run(const Recipe& recipe)
 
 double Run::replica_sum(double x) {
   const bool reports = shard_.last_stage() && ctx_->coord().tp_rank == 0;
+  return ctx_->host_comm(Group::world).all_reduce_scalar(reports ? x : 0.0, ReduceOp::sum);
+}
+
+double Run::stage_sum(double x) {
+  const bool reports = ctx_->coord().tp_rank == 0;
   return ctx_->host_comm(Group::world).all_reduce_scalar(reports ? x : 0.0, ReduceOp::sum);
 }
 

@@ -64,6 +64,9 @@ class Run {
   // The sum over the job of one value per dp replica (from its last stage, tp rank 0); the same
   // on every rank.
   double replica_sum(double x);
+  // The same with one value per dp replica and pipeline stage (tp rank 0 of each stage): a term
+  // each stage computes its part of (distillation's hidden-state loss).
+  double stage_sum(double x);
   void save(int64_t step);
 
  private:

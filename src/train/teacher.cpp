@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <vector>
 
+#include "config/layout_check.h"
 #include "io/checkpoint.h"
 #include "kernels/ops.h"
 #include "train/checkpointing.h"
@@ -59,6 +60,52 @@ void check_teacher_split(const Recipe& r, const TeacherSpec& t) {
         r.file, t.dir, r.parallel.ep);
 }
 
+// The pipeline stage holding global block `block` (0-based) of a split, and that stage's first
+// block.
+struct StageOf {
+  int stage = 0, first = 0, count = 0;
+};
+StageOf stage_of(const std::vector<int>& stage_layers, int block) {
+  StageOf s;
+  for (; s.stage < int(stage_layers.size()); ++s.stage) {
+    s.count = stage_layers[s.stage];
+    if (block < s.first + s.count) return s;
+    s.first += s.count;
+  }
+  TS_BUG("block {} past a split of {} stages", block, stage_layers.size());
+}
+
+// Each hidden-state pair names a teacher block the teacher has, on the pipeline stage of its
+// student block (the teacher's state must be where the student's is); returns the pairs with the
+// teacher's width.
+std::vector<HiddenPair> resolve_hidden_pairs(const Recipe& r, const TeacherSpec& t) {
+  const std::vector<int> student_split = resolve_stage_layers(r);
+  const std::vector<int> teacher_split = teacher_stage_layers(t, r.parallel.pp);
+  std::vector<HiddenPair> out;
+  for (size_t i = 0; i < r.distill.hidden_pairs.size(); ++i) {
+    const DistillHiddenPair& p = r.distill.hidden_pairs[i];
+    if (p.teacher > t.model.num_layers)
+      TS_USER_ERROR(
+          "{}: distill.hidden_pairs[{}].teacher = {}: more than the teacher's {} blocks "
+          "(distill.teacher {} has model.num_layers = {})",
+          r.file, i, p.teacher, t.model.num_layers, t.dir, t.model.num_layers);
+    const StageOf s = stage_of(student_split, p.student - 1);
+    const StageOf u = stage_of(teacher_split, p.teacher - 1);
+    if (s.stage != u.stage)
+      TS_USER_ERROR(
+          "{}: distill.hidden_pairs[{}] = {{student: {}, teacher: {}}}: under parallel.pp = {} "
+          "the student's block {} is on pipeline stage {} (its blocks {}..{}) and the teacher's "
+          "block {} on stage {} (its blocks {}..{}); a pair's two blocks must share a stage (the "
+          "teacher's {} blocks are split evenly over the stages, the student's by "
+          "parallel.stage_layers); choose another pair or another split",
+          r.file, i, p.student, p.teacher, r.parallel.pp, p.student, s.stage, s.first + 1,
+          s.first + s.count, p.teacher, u.stage, u.first + 1, u.first + u.count,
+          t.model.num_layers);
+    out.push_back(HiddenPair{p.student, p.teacher, t.model.hidden});
+  }
+  return out;
+}
+
 ExecOptions teacher_exec(ops::AttentionImpl attention) {
   ExecOptions exec;
   exec.attention = attention;
@@ -94,6 +141,7 @@ TeacherSpec read_teacher_spec(const Recipe& r, const std::string& tokenizer_hash
   t.model.vocab_pad_multiple = r.model.vocab_pad_multiple;
   check_teacher_split(r, t);
   t.dtype = r.distill.teacher_precision == TeacherPrecision::fp32 ? DType::f32 : DType::bf16;
+  t.hidden_pairs = resolve_hidden_pairs(r, t);
   return t;
 }
 
@@ -151,6 +199,15 @@ Teacher::Teacher(const TeacherSpec& t, const ModelShard& student, Device device,
   acts_ = std::make_unique<Activations>(*model_, B, T, /*training=*/false, &arena_);
   TS_CHECK(arena_.used() == arena_.capacity(), "the teacher's plan reserved {} bytes, it took {}",
            arena_.capacity(), arena_.used());
+}
+
+Tensor Teacher::hidden_state(int blocks) const {
+  const ModelShard& s = model_->shard();
+  const int local = blocks - s.first_layer;
+  TS_CHECK(local >= 1 && local <= s.num_layers,
+           "the teacher's state after {} blocks is not on stage {} (blocks {}..{})", blocks,
+           s.pp_rank, s.first_layer + 1, s.first_layer + s.num_layers);
+  return acts_->residual(local);
 }
 
 void Teacher::forward(Tensor tokens, Tensor input) {

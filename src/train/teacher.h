@@ -23,12 +23,15 @@ struct TeacherSpec {
   std::string dir;    // the checkpoint step directory
   ModelConfig model;  // its model section, padded to the student's vocabulary
   DType dtype = DType::bf16;
+  // distill.hidden_pairs with the teacher's width: the student's ExecOptions::hidden_pairs.
+  std::vector<HiddenPair> hidden_pairs;
 };
 
 // Reads distill.teacher (a step directory, or a run directory: its latest checkpoint) and checks
 // it against the student: the same tokenizer (by the stored hash; skipped when tokenizer_hash is
-// empty, as in `tessera plan`) and vocabulary, and a model the student's tp splits. Every
-// failure is a user error naming distill.teacher, the checkpoint and the recipe.
+// empty, as in `tessera plan`) and vocabulary, a model the student's tp splits, and hidden-state
+// pairs naming teacher blocks it has, each on its student block's pipeline stage. Every failure
+// is a user error naming distill.teacher (or the pair), the checkpoint and the recipe.
 TeacherSpec read_teacher_spec(const Recipe& student, const std::string& tokenizer_hash);
 
 // A teacher checkpoint on its own, whole (tp 1, pp 1) with its own vocabulary padding, in
@@ -71,6 +74,9 @@ class Teacher {
   void forward(Tensor tokens, Tensor input);
   Tensor output() const { return acts_->stage_output(); }   // (B*T, hidden)
   Tensor logits() const { return model_->logits(*acts_); }  // (B*T, Vl), last stage
+  // (B*T, hidden): its residual stream after its first `blocks` blocks (global count), which
+  // must end on this stage, from the last forward.
+  Tensor hidden_state(int blocks) const;
   const Transformer& model() const { return *model_; }
   size_t bytes() const { return arena_.capacity(); }
 

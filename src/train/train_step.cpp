@@ -24,8 +24,9 @@ bool grads_overflowed(Run& run) {
 }
 
 // Forward and backward of every micro-batch of this dp rank; returns the sums of their losses
-// (total, cross-entropy and each extra term; last stage only).
-LossValues forward_backward(Run& run, int64_t step, float loss_scale) {
+// (total, cross-entropy and each extra term; last stage only) and adds this stage's part of the
+// hidden-state term's to *hidden_sum.
+LossValues forward_backward(Run& run, int64_t step, float loss_scale, double* hidden_sum) {
   LossValues sum;
   for (int flush = 0; flush < run.num_flushes(); ++flush) {
     const auto fill = [&](int m, Batch& batch) {
@@ -37,12 +38,15 @@ LossValues forward_backward(Run& run, int64_t step, float loss_scale) {
       if (last) run.ddp().begin_last_microbatch();
     });
     add_losses(sum, res.parts);  // its total is res.loss_sum
+    *hidden_sum += res.hidden_sum;
   }
   return sum;
 }
 
-// Distillation's step metrics: the curriculum's values and the mean cross-entropy and KD loss.
-void record_distill(Run& run, const DistillWeights& w, const LossValues& sum, StepResult& res) {
+// Distillation's step metrics: the curriculum's values and the mean cross-entropy, KD and
+// hidden-state losses (the last summed over the stages that hold its pairs).
+void record_distill(Run& run, const DistillWeights& w, const LossValues& sum, double hidden_sum,
+                    StepResult& res) {
   const double n = double(run.num_micro()) * run.recipe().parallel.dp;
   res.distill = true;
   res.kd_weights = w;
@@ -51,6 +55,11 @@ void record_distill(Run& run, const DistillWeights& w, const LossValues& sum, St
   for (const LossPart& t : sum.terms)
     if (t.name == std::string("kd")) kd = t.value;
   res.kd_loss = run.replica_sum(kd) / n;
+  // beta 0 evaluates nothing: the loss is the objective's alone, bit for bit.
+  if (w.hidden_weight != 0.0f) {
+    res.hidden_loss = run.stage_sum(hidden_sum) / n;
+    res.loss += double(w.hidden_weight) * res.hidden_loss;
+  }
 }
 
 }  // namespace
@@ -66,7 +75,8 @@ StepResult train_step(Run& run, int64_t step) {
   const DistillWeights kd = begin_distill_step(run, step);
   const auto t0 = std::chrono::steady_clock::now();
   const float micro_scale = 1.0f / float(int64_t(run.num_micro()) * r.parallel.dp);
-  const LossValues losses = forward_backward(run, step, micro_scale * res.loss_scale);
+  double hidden_sum = 0.0;
+  const LossValues losses = forward_backward(run, step, micro_scale * res.loss_scale, &hidden_sum);
   res.pipeline_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   run.ddp().finish();
   res.busy_s = run.pipe().take_busy_seconds();
@@ -74,7 +84,7 @@ StepResult train_step(Run& run, int64_t step) {
     ops::fill(run.model().params().flat_grads().slice(0, 1),
               std::numeric_limits<float>::infinity());
   res.loss = run.replica_sum(losses.total / run.num_micro()) / r.parallel.dp;
-  if (run.kd_loss()) record_distill(run, kd, losses, res);
+  if (run.kd_loss()) record_distill(run, kd, losses, hidden_sum, res);
 
   // Every rank passes the same flag, so every scaler takes the same decision.
   if (run.scaler()) res.skipped = run.scaler()->update(grads_overflowed(run));

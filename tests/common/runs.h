@@ -25,8 +25,9 @@ inline std::vector<nlohmann::json> read_metrics(const std::string& dir) {
 }
 
 // Every parameter (optimizer state aside) of the latest checkpoints of two runs:
-// max |a - b| <= tol * max |b| per tensor (floored at 1e-3 for near-zero tensors).
-inline void expect_same_parameters(const std::string& a_dir, const std::string& b_dir, double tol) {
+// max |a - b| <= tol * max |b| per tensor, max |b| floored at `floor` for near-zero tensors.
+inline void expect_same_parameters(const std::string& a_dir, const std::string& b_dir, double tol,
+                                   double floor = 1e-3) {
   const auto a = io::CheckpointReader::open(io::latest_checkpoint(a_dir));
   const auto b = io::CheckpointReader::open(io::latest_checkpoint(b_dir));
   ASSERT_EQ(a.tensor_names(), b.tensor_names());
@@ -41,7 +42,7 @@ inline void expect_same_parameters(const std::string& a_dir, const std::string& 
       diff = std::max(diff, double(std::abs(x[i] - y[i])));
       scale = std::max(scale, double(std::abs(y[i])));
     }
-    EXPECT_LE(diff, tol * std::max(scale, 1e-3)) << name;
+    EXPECT_LE(diff, tol * std::max(scale, floor)) << name;
   }
 }
 

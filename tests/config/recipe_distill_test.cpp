@@ -1,6 +1,7 @@
 // The `distill` section and its curriculum: defaults (the seed's three phases), parsing of phase
 // lists with their origins, the resolved YAML round trip, the values at and around phase
-// boundaries and along linear and cosine ramps, when the teacher is still needed, and the errors.
+// boundaries and along linear and cosine ramps, when the teacher is still needed, the hidden-state
+// pairs and their weight beta (auto, explicit 0, ramps), and the errors.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -22,7 +23,7 @@ void expect_distill_error(const std::string& distill, const std::vector<std::str
 
 DistillConfig with_phases(const Curriculum& c) {
   DistillConfig d;
-  d.teacher = "t";
+  d.teacher = std::string("t");  // not = "t": GCC 12 warns falsely (-Wrestrict) on that here
   d.curriculum = c;
   return d;
 }
@@ -141,11 +142,129 @@ TEST(Curriculum, TeacherNeededWhileSomeLaterStepHasAlpha) {
   EXPECT_FALSE(teacher_needed_from(DistillConfig{}, 0, 9));  // no teacher at all
 }
 
+TEST(RecipeDistill, HiddenPairsAndTheirWeightParseAndRoundTrip) {
+  // Without pairs: beta is 0 in every phase, and the resolved YAML lists no hidden_weight.
+  const Recipe none = parse_distill("  teacher: runs/teacher\n");
+  EXPECT_TRUE(none.distill.hidden_pairs.empty());
+  EXPECT_FALSE(none.distill.has_hidden_loss());
+  EXPECT_EQ(curriculum_at(none.distill, 0, 10).hidden_weight, 0.0f);
+  const std::string none_yaml = recipe_to_yaml(none);
+  EXPECT_NE(none_yaml.find("  hidden_pairs: []\n"), std::string::npos) << none_yaml;
+  EXPECT_EQ(none_yaml.find("hidden_weight"), std::string::npos) << none_yaml;
+  EXPECT_EQ(parse_recipe(none_yaml, "t.yaml"), none);
+
+  const Recipe r = parse_distill(
+      "  teacher: runs/teacher\n"
+      "  hidden_pairs: [{student: 1, teacher: 2}, {student: 2, teacher: 4}]\n"
+      "  hidden_weight: 0.5\n"
+      "  curriculum:\n"
+      "    - {end_step: 4, alpha: 1}\n"
+      "    - {end_step: 8, alpha: 0.5, hidden_weight: 2}\n"
+      "    - {alpha: 0, hidden_weight: 0, ramp: linear, ramp_steps: 2}\n");
+  const DistillConfig& d = r.distill;
+  ASSERT_EQ(d.hidden_pairs.size(), 2u);
+  EXPECT_EQ(d.hidden_pairs[1].student, 2);
+  EXPECT_EQ(d.hidden_pairs[1].teacher, 4);
+  EXPECT_TRUE(d.has_hidden_loss());
+  EXPECT_EQ(d.curriculum[0].hidden_weight, -1.0f);  // auto: distill.hidden_weight
+  EXPECT_EQ(curriculum_at(d, 0, 10), (DistillWeights{1.0f, 2.0f, 0.5f}));
+  EXPECT_EQ(curriculum_at(d, 4, 10), (DistillWeights{0.5f, 2.0f, 2.0f}));
+  // The last phase ramps alpha and beta down together; an explicit 0 is not auto.
+  EXPECT_EQ(curriculum_at(d, 8, 10), (DistillWeights{0.5f, 2.0f, 2.0f}));
+  EXPECT_EQ(curriculum_at(d, 9, 10), (DistillWeights{0.25f, 2.0f, 1.0f}));
+  EXPECT_EQ(curriculum_at(d, 10, 10), (DistillWeights{0.0f, 2.0f, 0.0f}));
+  const std::string yaml = recipe_to_yaml(r);
+  EXPECT_NE(yaml.find("hidden_pairs: [{student: 1, teacher: 2}, {student: 2, teacher: 4}]"),
+            std::string::npos)
+      << yaml;
+  EXPECT_NE(yaml.find("{alpha: 0, ramp: linear, ramp_steps: 2, hidden_weight: 0}"),
+            std::string::npos)
+      << yaml;
+  EXPECT_EQ(parse_recipe(yaml, "t.yaml"), r);
+  // `auto` reads as the default, and an override replaces the pair list.
+  const Recipe o = parse_recipe(std::string(kBaseRecipe) + "distill:\n  teacher: x\n", "t.yaml",
+                                {"distill.hidden_pairs=[{student: 2, teacher: 1}]",
+                                 "distill.curriculum=[{alpha: 0.5, hidden_weight: auto}]"});
+  ASSERT_EQ(o.distill.hidden_pairs.size(), 1u);
+  EXPECT_EQ(curriculum_at(o.distill, 3, 10), (DistillWeights{0.5f, 2.0f, 1.0f}));
+}
+
+TEST(Curriculum, TeacherNeededWhileSomeLaterStepHasAlphaOrBeta) {
+  CurriculumPhase soft, hard;
+  soft.end_step = 4;
+  soft.alpha = 1.0f;
+  hard.alpha = 0.0f;
+  DistillConfig d = with_phases({soft, hard});
+  EXPECT_FALSE(teacher_needed_from(d, 4, 9));
+  // With hidden pairs, the hard phase's auto beta (distill.hidden_weight 1) keeps the teacher...
+  d.hidden_pairs.push_back(DistillHiddenPair{2, 4});
+  EXPECT_TRUE(teacher_needed_from(d, 4, 9));
+  EXPECT_TRUE(teacher_needed_from(d, 8, 9));
+  // ... a beta of 0 there frees it, after a ramp down has run its course.
+  d.curriculum[1].hidden_weight = 0.0f;
+  EXPECT_FALSE(teacher_needed_from(d, 4, 9));
+  d.curriculum[1].ramp = CurriculumRamp::cosine;
+  d.curriculum[1].ramp_steps = 3;
+  EXPECT_TRUE(teacher_needed_from(d, 6, 9));
+  EXPECT_FALSE(teacher_needed_from(d, 7, 9));
+  // distill.hidden_weight 0 makes auto phases 0 too.
+  d.curriculum[1] = hard;
+  d.hidden_weight = 0.0f;
+  EXPECT_FALSE(teacher_needed_from(d, 4, 9));
+  // A phase with alpha 0 and beta > 0 needs it (hidden loss alone).
+  CurriculumPhase hidden_only;
+  hidden_only.alpha = 0.0f;
+  hidden_only.hidden_weight = 0.3f;
+  EXPECT_FALSE(teacher_needed_from(with_phases({hidden_only}), 0, 9));  // no pairs: beta 0
+  DistillConfig h = with_phases({hidden_only});
+  h.hidden_pairs.push_back(DistillHiddenPair{1, 1});
+  EXPECT_TRUE(teacher_needed_from(h, 0, 9));
+  EXPECT_EQ(curriculum_at(h, 5, 9), (DistillWeights{0.0f, 2.0f, 0.3f}));
+}
+
+TEST(RecipeDistill, HiddenPairErrors) {
+  expect_distill_error("  teacher: t\n  hidden_pairs: [{student: 3, teacher: 1}]\n",
+                       {"t.yaml", "distill.hidden_pairs[0].student = 3",
+                        "past the student's last block", "model.num_layers = 2 (line 4)"});
+  expect_distill_error("  teacher: t\n  hidden_pairs: [{student: 0, teacher: 1}]\n",
+                       {"distill.hidden_pairs[0].student", "0"});
+  expect_distill_error("  teacher: t\n  hidden_pairs: [{student: 1}]\n",
+                       {"distill.hidden_pairs[0].teacher is required"});
+  expect_distill_error("  teacher: t\n  hidden_pairs: [{student: 1, teacher: 2, layer: 3}]\n",
+                       {"distill.hidden_pairs[0].layer"});
+  expect_distill_error("  teacher: t\n  hidden_pairs: {student: 1, teacher: 2}\n",
+                       {"distill.hidden_pairs", "expected a list of mappings"});
+  expect_distill_error(
+      "  teacher: t\n  hidden_pairs: [{student: 1, teacher: 2}, {student: 2, teacher: 2}, "
+      "{student: 1, teacher: 2}]\n",
+      {"distill.hidden_pairs[2]", "repeats distill.hidden_pairs[0] = {student: 1, teacher: 2}"});
+  expect_distill_error(
+      "  teacher: t\n  hidden_pairs: [{student: 1, teacher: 2}]\n  hidden_weight: -1\n",
+      {"distill.hidden_weight", "-1"});
+  expect_distill_error(
+      "  teacher: t\n  hidden_pairs: [{student: 1, teacher: 2}]\n  curriculum: [{hidden_weight: "
+      "-0.5}]\n",
+      {"distill.curriculum[0].hidden_weight", "-0.5"});
+  // Weights of a loss that is not there.
+  expect_distill_error("  teacher: t\n  hidden_weight: 2\n",
+                       {"distill.hidden_weight is given", "distill.hidden_pairs = []",
+                        "only when distill.hidden_pairs is given"});
+  expect_distill_error(
+      "  teacher: t\n  curriculum: [{end_step: 5}, {alpha: 0, hidden_weight: 0}]\n",
+      {"distill.curriculum[1].hidden_weight is given", "hidden_pairs is empty"});
+  expect_distill_error("  hidden_pairs: [{student: 1, teacher: 2}]\n",
+                       {"distill.hidden_pairs", "only when distill.teacher or distill.teacher_cache is set"});
+}
+
 TEST(RecipeDistill, Errors) {
   expect_distill_error("  teacher: t\n  teacher_precision: fp8\n",
                        {"t.yaml", "distill.teacher_precision = fp8", "not built yet"});
   expect_distill_error("  temperature: 3\n",
-                       {"distill.temperature", "only when distill.teacher is set"});
+                       {"distill.temperature", "only when distill.teacher or distill.teacher_cache is set"});
+  expect_distill_error("  teacher: t\n  teacher_cache: c.h5\n",
+                       {"distill.teacher = t", "distill.teacher_cache = c.h5", "give one teacher"});
+  expect_distill_error("  teacher_cache: c.h5\n  hidden_pairs: [{student: 1, teacher: 1}]\n",
+                       {"distill.hidden_pairs", "needs the online teacher"});
   expect_distill_error("  teacher: t\n  curriculum: []\n",
                        {"distill.curriculum", "non-empty list"});
   expect_distill_error("  teacher: t\n  curriculum: [{alpha: 1.5}]\n",

@@ -1,7 +1,9 @@
 // Whole-model GPU parity: a tiny model of each family trains 10 AdamW steps on the GPU and on the
 // CPU reference from the same initial weights and batches; losses must agree (FP32: tightly; BF16
 // and FP16: within the error that 16-bit storage of weights and activations explains). FP16 runs
-// with a static loss scale, unscaled in the optimizer, as FP16 training does.
+// with a static loss scale, unscaled in the optimizer, as FP16 training does. The same with
+// distillation's hidden-state term (model/hidden_loss.h, composed of existing ops) against fixed
+// teacher states.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -46,6 +48,7 @@ std::vector<double> train_losses(const ModelConfig& cfg, const ExecOptions& exec
 }
 
 class ModelParityGpu : public testing::GpuCaseP<const char*> {};
+using HiddenLossParityGpu = testing::GpuCase;
 
 TEST_P(ModelParityGpu, LossesTrackTheCpuReference) {
   const std::string name = GetParam();
@@ -95,6 +98,76 @@ TEST_P(ModelParityGpu, LossesTrackTheCpuReference) {
         GetParam(), to_string(impl), cpu[0], cpu[steps - 1], f32[0], f32[steps - 1], bf16[0],
         bf16[steps - 1], f16[0], f16[steps - 1]);
   }
+}
+
+// CE + beta * hidden per step of 10 AdamW steps, the hidden-state term against fixed random
+// teacher states (f32, rounded to the compute dtype by the term) for two pairs: after block 1
+// through a learned 64 -> 96 projection, after block 2 without one. One ignored target per step.
+std::vector<double> hidden_losses(const ModelConfig& cfg, DType dtype, Device device,
+                                  const std::vector<int32_t>& tokens, std::vector<int32_t> targets,
+                                  int steps, int B, int T) {
+  ExecOptions exec;
+  exec.attention = ops::AttentionImpl::native;
+  exec.hidden_pairs = {{1, 3, 96}, {2, 1, cfg.hidden}};
+  const int64_t N = int64_t(B) * T;
+  Transformer model(cfg, dtype, device, nullptr, {}, 1, true, exec);
+  model.init_weights(42);
+  model.hidden_loss().set_weight(0.5f);
+  AdamW opt(model.params(), AdamWConfig{});
+  Activations acts(model, B, T, true);
+  Buffer tok_buf(device, sizeof(int32_t) * N), tgt_buf(device, sizeof(int32_t) * N);
+  Tensor tok(tok_buf.data(), DType::i32, device, {B, T}),
+      tgt(tgt_buf.data(), DType::i32, device, {B, T});
+  std::mt19937_64 rng(11);
+  std::vector<Buffer> teacher_bufs;
+  std::vector<Tensor> teachers;
+  for (const HiddenPair& p : exec.hidden_pairs) {
+    std::vector<float> h = testing::random_vector(N * p.teacher_hidden, rng);
+    teacher_bufs.emplace_back(device, sizeof(float) * h.size());
+    teachers.emplace_back(teacher_bufs.back().data(), DType::f32, device,
+                          Shape{N, p.teacher_hidden});
+    copy_bytes(teachers.back().data, device, h.data(), Device::cpu, sizeof(float) * h.size());
+  }
+  std::vector<double> losses;
+  for (int s = 0; s < steps; ++s) {
+    const size_t off = size_t(s) * N, bytes = sizeof(int32_t) * N;
+    targets[off + size_t(s) % N] = -1;
+    copy_bytes(tok.data, device, tokens.data() + off, Device::cpu, bytes);
+    copy_bytes(tgt.data, device, targets.data() + off, Device::cpu, bytes);
+    model.params().zero_grad();
+    model.forward_stage(acts, tok);
+    const double hidden = model.hidden_forward(
+        acts, std::span<const int32_t>(targets.data() + off, size_t(N)), teachers);
+    losses.push_back(model.loss_forward(acts, tgt).total + 0.5 * hidden);
+    model.backward_stage(acts, tok, tgt, 1.0f);
+    opt.step(model.params(), 3e-3f, clip_factor(grad_norm(model.params()), 1.0f));
+  }
+  ops::synchronize(device);
+  return losses;
+}
+
+TEST_F(HiddenLossParityGpu, LossesTrackTheCpuReference) {
+  ModelConfig cfg = testing::tiny_gpt2();
+  cfg.init_std = 0.02f;
+  cfg.max_seq_len = 64;
+  cfg.hidden = 64;
+  const int B = 3, T = 37, steps = 10;
+  std::mt19937_64 rng(7);
+  std::uniform_int_distribution<int> tok(0, cfg.vocab_size - 1);
+  std::vector<int32_t> tokens(size_t(steps) * B * T), targets(tokens.size());
+  for (auto& t : tokens) t = tok(rng);
+  for (auto& t : targets) t = tok(rng);
+  const auto cpu = hidden_losses(cfg, DType::f32, Device::cpu, tokens, targets, steps, B, T);
+  const auto f32 = hidden_losses(cfg, DType::f32, Device::cuda, tokens, targets, steps, B, T);
+  const auto bf16 = hidden_losses(cfg, DType::bf16, Device::cuda, tokens, targets, steps, B, T);
+  for (int s = 0; s < steps; ++s) {
+    // The bounds of LossesTrackTheCpuReference: the term adds GEMMs and elementwise passes of
+    // the same kinds, so the same rounding arguments hold.
+    EXPECT_NEAR(f32[s], cpu[s], 1e-5 * cpu[s]) << "fp32 step " << s;
+    EXPECT_NEAR(bf16[s], cpu[s], 0.02 * cpu[s]) << "bf16 step " << s;
+  }
+  std::printf("hidden: cpu %.6f -> %.6f | gpu fp32 %.6f -> %.6f | gpu bf16 %.6f -> %.6f\n", cpu[0],
+              cpu[steps - 1], f32[0], f32[steps - 1], bf16[0], bf16[steps - 1]);
 }
 
 // The MoE families run every MoE op on the GPU inside training (routing, dispatch with and

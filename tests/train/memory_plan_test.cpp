@@ -1,7 +1,8 @@
 // The memory plan is exact: a Run's arena holds precisely plan.arena() bytes once everything is
 // built, and training steps allocate nothing more (the peak stays there), for both families,
 // 16-bit compute, ZeRO-1, recomputation, the FP32 head and embedding, several micro-batches and
-// distillation (the teacher in an arena of its own).
+// distillation (the teacher in an arena of its own; the hidden-state term's projections and
+// differences in the student's).
 #include "train/memory_plan.h"
 
 #include <gtest/gtest.h>
@@ -65,6 +66,8 @@ TEST(MemoryPlan, Fp8CopiesLiveOutsideTheArena) {
 // Distillation: the student's sets hold the teacher's logits and the KD buffers (in the plan's
 // arena, exactly), and the teacher's weights and forward sit in an arena of their own of exactly
 // plan.teacher bytes (a wider llama teacher in bf16 beside an fp32 gpt2 student, and in fp32).
+// With hidden-state pairs (student 32 wide, teacher 48: both projected; with and without ZeRO-1)
+// the projections are parameters and each set keeps one (N, 48) difference per pair.
 TEST(MemoryPlan, DistillationTeacherAndKdBuffersArePlanned) {
   const testing::ScratchDir dir;
   const std::string teacher_dir = dir.str() + "/teacher";
@@ -88,6 +91,35 @@ TEST(MemoryPlan, DistillationTeacherAndKdBuffersArePlanned) {
     const StepResult s = train_step(run, 0);
     EXPECT_GT(s.kd_loss, 0.0);
     EXPECT_EQ(run.arena().peak(), plan.arena()) << "a step allocated from the arena";
+  }
+  size_t without = 0;
+  for (const char* pairs : {"[]", "[{student: 1, teacher: 3}, {student: 2, teacher: 1}]"}) {
+    for (const char* zero : {"0", "1"}) {
+      SCOPED_TRACE(std::string(pairs) + " zero " + zero);
+      tessera::Run run(testing::tiny_recipe(
+          dir.str() + "/hidden",
+          {"distill.teacher=" + teacher_dir, "distill.curriculum=[{alpha: 0.5}]",
+           std::string("distill.hidden_pairs=") + pairs, "precision.compute=bf16",
+           std::string("parallel.zero=") + zero}));
+      const MemoryPlan& plan = run.plan();
+      EXPECT_EQ(run.arena().used(), plan.arena());
+      const StepResult s = train_step(run, 0);
+      EXPECT_EQ(run.arena().peak(), plan.arena()) << "a step allocated from the arena";
+      if (std::string(pairs) == "[]") {
+        if (std::string(zero) == "0") without = plan.arena();
+        EXPECT_EQ(s.hidden_loss, 0.0);
+        continue;
+      }
+      EXPECT_GT(s.hidden_loss, 0.0);
+      // Two (48, 32) projections and their gradients (and, under zero 0, masters).
+      if (std::string(zero) == "0") {
+        EXPECT_GT(plan.arena(), without + 2 * 48 * 32 * 2 * 2);
+      }
+      const std::vector<StagePlan> stages = plan_stages(run.recipe(), Device::cpu);
+      EXPECT_EQ(stages[0].plan.params, plan.params);
+      EXPECT_EQ(stages[0].plan.train_acts, plan.train_acts);
+      EXPECT_EQ(stages[0].params_held, run.recipe().model.num_params() + 2 * 48 * 32);
+    }
   }
 }
 
