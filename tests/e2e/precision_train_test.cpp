@@ -208,10 +208,10 @@ TEST(Precision, Fp16Bf16AndFp8TrackTheirReferenceOnTheCiRecipe) {
   for (const char* p : {"fp32", "bf16", "fp16", "fp8"}) {
     const std::string dir = testing::fresh_dir(std::string("precision-") + p);
     const auto r = run_cli(fmt::format(
-        "train recipes/ci-tiny.yaml --set data.path={} --set train.steps=60"
-        " --set train.eval_every=0 --set train.eval_batches=8 --set train.sample_tokens=0"
-        " --set checkpoint.every=0 --set checkpoint.save_final=false --set logging.every=20"
-        " --set precision.compute={} --set train.out_dir={}",
+        "train recipes/ci-tiny.yaml --set data.path={} --set train.steps=30"
+        " --set optim.warmup_steps=10 --set train.eval_every=0 --set train.eval_batches=8"
+        " --set train.sample_tokens=0 --set checkpoint.every=0 --set checkpoint.save_final=false"
+        " --set logging.every=10 --set precision.compute={} --set train.out_dir={}",
         testing::ci_dataset(), p, dir));
     ASSERT_EQ(r.status, 0) << r.output;
     runs[p] = read_metrics(dir);
@@ -226,7 +226,7 @@ TEST(Precision, Fp16Bf16AndFp8TrackTheirReferenceOnTheCiRecipe) {
     EXPECT_LE(worst, 0.01) << p << ": worst per-step relative loss difference " << worst;
     const double val = std::abs(m.val_loss - ref.val_loss) / ref.val_loss;
     EXPECT_LE(val, 0.005) << p << ": validation " << m.val_loss << " vs fp32 " << ref.val_loss;
-    std::printf("%s vs fp32 over 60 steps: worst step %.2e, validation %.2e (%.4f vs %.4f)\n", p,
+    std::printf("%s vs fp32 over 30 steps: worst step %.2e, validation %.2e (%.4f vs %.4f)\n", p,
                 worst, val, m.val_loss, ref.val_loss);
   }
   for (const auto& [step, rec] : runs["fp16"].steps) EXPECT_EQ(rec.skipped, 0) << "step " << step;
@@ -238,7 +238,7 @@ TEST(Precision, Fp16Bf16AndFp8TrackTheirReferenceOnTheCiRecipe) {
   for (const auto& [step, rec] : b16.steps)
     worst = std::max(worst, std::abs(f8.steps.at(step).loss - rec.loss) / rec.loss);
   const double val = std::abs(f8.val_loss - b16.val_loss) / b16.val_loss;
-  std::printf("fp8 vs bf16 over 60 steps: worst step %.2e, validation %.2e (%.4f vs %.4f)\n", worst,
+  std::printf("fp8 vs bf16 over 30 steps: worst step %.2e, validation %.2e (%.4f vs %.4f)\n", worst,
               val, f8.val_loss, b16.val_loss);
   EXPECT_LE(worst, kFp8StepBound) << "fp8: worst per-step relative loss difference to bf16";
   EXPECT_LE(val, kFp8ValBound) << "fp8: validation " << f8.val_loss << " vs bf16 " << b16.val_loss;
