@@ -9,7 +9,7 @@
 # gap the curricula close, the tokens they need to reach the CE student's final loss, and the step
 # time with the online teacher and with the cache against the plain step. Every curve in
 # $OUT/distill_curves.jsonl (one record per line, tagged with its run), every log in
-# $OUT/distill_runs.log; a short table last.
+# $OUT/distill_runs.log; a short table last, then the PyTorch peer's (bench/torch/distill.py).
 # Usage: bash bench/gpu_distill.sh [STEPS [TEACHER_STEPS]]   (default: the recipes' 800, 1600)
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,3 +59,11 @@ for s in ce:'[{alpha: 0}]' const:'[{alpha: 0.5}]' seed:'' offline:''; do
     || { echo "student $name FAILED"; tail -5 "$log"; }
 done
 python3 bench/distill_summary.py "$runs" "$OUT/distill_curves.jsonl"
+# The PyTorch peer (bench/torch/distill.py): the same plain and online-teacher steps, eager and
+# torch.compile, for its step-time ratio beside Tessera's.
+if python3 -c "import torch" > /dev/null 2>&1; then
+  echo "== PyTorch peer"
+  timeout -k 10 150 python3 bench/torch/distill.py > "$OUT/torch_distill.log" 2>&1 \
+    || echo "torch peer rc $? (see torch_distill.log)"
+  grep -E '^torch-' "$OUT/torch_distill.log"
+fi
