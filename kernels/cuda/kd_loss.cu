@@ -10,14 +10,22 @@
 // combine in a fixed order, so results repeat bit for bit. The reverse-KL gradient forms its
 // bracket in f64 (KdGrad).
 //
-// Student == teacher gives exactly zero loss and gradient by construction. A plain `a * b - c`
-// (PTX mul.f32 + sub.f32, which ptxas may contract into one FFMA) is not used where the student's
-// and the teacher's values meet: with as = zs s and at = zt s, as - at could become
-// fma(zs, s, -at), which leaves at's rounding error (~1e-7 |at|) instead of 0, and the cross term
-// and the loss came out ~1e-9 rather than 0. The cross terms take the difference of the raw
-// logits, (zs - zt) s (exactly 0 when they are equal), and the expressions that must agree for
-// the student and the teacher (exponents, lse, log-probabilities) are written with explicit
-// __fmaf_rn / fmaf, which are never contracted or reassociated.
+// Two rows give exactly zero loss by construction: student == teacher, and a one-column vocabulary
+// (both softmaxes are that column). Each side's tempered logit a = z s is rounded once, with an
+// explicit __fmul_rn, and everything that must cancel is a difference of these same rounded
+// values, with explicit __fsub_rn: the exponents a - max, the cross term's weights as - at, and
+// the maxima's difference ms - mt in finish_row (the max of the raw logits times s is the largest
+// of the rounded products: rounding is monotonic). The intrinsics are never contracted or
+// reassociated; a plain `a * b - c` may become one FFMA, which leaves a product's rounding error
+// where the two sides should cancel. Equal logits then give bitwise equal statistics and a zero
+// cross term. A one-column row has a - max = 0 (2^0 = 1: ss = st = 1, log ratio 0) and
+// cross / st + (ms - mt) = (at - as) + (as - at) = 0 exactly. The FMA forms used before,
+// fma(z, s, -max) for the exponent and (zt - zs) s for the weights, broke the second: the first
+// is the rounding error of z s (not 0), and the second is not the negation of round(zs s) -
+// round(zt s), so a one-column row of 16-bit logits lost ~1e-7 |a| (losses ~1e-8 instead of 0).
+// The price is one rounding of a (2^-24 |a| absolute) in each exponent and weight, random per
+// column; for |a| <= 200 that is under 1.2e-5 absolute, far inside the losses' 2e-5 relative
+// parity bound for KL values of O(1) or more (the form this kernel had before the FMAs).
 // Shape letters: N rows, V padded vocabulary width (>= vocab_size), Vl shard width.
 #include <cmath>
 
@@ -69,22 +77,20 @@ struct KdOnline {
       pack_ms = fmaxf(pack_ms, to_f32(zs[j]));
       pack_mt = fmaxf(pack_mt, to_f32(zt[j]));
     }
-    const float nms = fmaxf(ms, pack_ms * scale), nmt = fmaxf(mt, pack_mt * scale);
+    const float nms = fmaxf(ms, __fmul_rn(pack_ms, scale));
+    const float nmt = fmaxf(mt, __fmul_rn(pack_mt, scale));
     // While every value so far is -inf the base is 0, so each term is 2^-inf = 0, not NaN.
     const float base_s = nms == -INFINITY ? 0.0f : nms, base_t = nmt == -INFINITY ? 0.0f : nmt;
     float sum_s = 0.0f, sum_t = 0.0f, c = 0.0f;
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
-      const float xs = to_f32(zs[j]), xt = to_f32(zt[j]);
-      // One explicit FMA each (a - base = x scale - base), so the student's and the teacher's
-      // exponents are one expression; the cross term weighs (xs - xt) scale, exactly 0 where
-      // the logits are equal (as - at of two rounded products could be contracted; file comment).
-      const float es = fast_exp2(__fmaf_rn(xs, scale, -base_s));
-      const float et = fast_exp2(__fmaf_rn(xt, scale, -base_t));
+      // a rounded once per side; exponents and weights are differences of it (file comment).
+      const float as = __fmul_rn(to_f32(zs[j]), scale), at = __fmul_rn(to_f32(zt[j]), scale);
+      const float es = fast_exp2(__fsub_rn(as, base_s));
+      const float et = fast_exp2(__fsub_rn(at, base_t));
       sum_s += es;
       sum_t += et;
-      c = kReverse ? fmaf(es, __fmul_rn(xs - xt, scale), c)
-                   : fmaf(et, __fmul_rn(xt - xs, scale), c);
+      c = kReverse ? fmaf(es, __fsub_rn(as, at), c) : fmaf(et, __fsub_rn(at, as), c);
     }
     const float rs = fast_exp2(ms - base_s), rt = fast_exp2(mt - base_t);
     ss = fmaf(ss, rs, sum_s);
@@ -314,14 +320,15 @@ __global__ void __launch_bounds__(kRowThreads)
     ms = fmaxf(ms, smem[0][w]);
     mt = fmaxf(mt, smem[1][w]);
   }
-  row_max[row] = ms * inv_t;
-  row_max[num_rows + row] = mt * inv_t;
+  row_max[row] = __fmul_rn(ms, inv_t);  // the largest of the products us (kd_shard_sums_kernel)
+  row_max[num_rows + row] = __fmul_rn(mt, inv_t);
 }
 
 // sums = (sum exp(us - ms), sum exp(ut - mt), cross term) over the real columns with the GLOBAL
-// maxima, summed per thread, then in a fixed order across the block. u - m is one FMA,
-// z inv_t - m, before the scaling by log2(e): large logits stay accurate (folding log2(e) into
-// the FMA would round m log2(e) first). The cross term weighs (zs - zt) / T (file comment).
+// maxima, summed per thread, then in a fixed order across the block. As in the forward kernel
+// (file comment), u = z inv_t is rounded once per side (the maxima are the largest of these
+// products) and the exponents u - m and the cross term's weights us - ut are differences of it,
+// so student == teacher and a one-column vocabulary give exactly KL = 0 in kd_shard_finish.
 template <class T, bool kReverse>
 __global__ void __launch_bounds__(kRowThreads)
     kd_shard_sums_kernel(float* sums, const T* student, const T* teacher, const float* row_max,
@@ -334,13 +341,14 @@ __global__ void __launch_bounds__(kRowThreads)
                        [&]<int kN>(const T(&zs)[kN], const T(&zt)[kN]) {
 #pragma unroll
                          for (int j = 0; j < kN; ++j) {
-                           const float xs = to_f32(zs[j]), xt = to_f32(zt[j]);
-                           const float es = fast_exp2(__fmaf_rn(xs, inv_t, -ms) * kLog2e);
-                           const float et = fast_exp2(__fmaf_rn(xt, inv_t, -mt) * kLog2e);
+                           const float us = __fmul_rn(to_f32(zs[j]), inv_t);
+                           const float ut = __fmul_rn(to_f32(zt[j]), inv_t);
+                           const float es = fast_exp2(__fsub_rn(us, ms) * kLog2e);
+                           const float et = fast_exp2(__fsub_rn(ut, mt) * kLog2e);
                            s[0] += es;
                            s[1] += et;
-                           s[2] = kReverse ? fmaf(es, __fmul_rn(xs - xt, inv_t), s[2])
-                                           : fmaf(et, __fmul_rn(xt - xs, inv_t), s[2]);
+                           s[2] = kReverse ? fmaf(es, __fsub_rn(us, ut), s[2])
+                                           : fmaf(et, __fsub_rn(ut, us), s[2]);
                          }
                        });
   row_sum<kRowThreads, 3>(s, smem);

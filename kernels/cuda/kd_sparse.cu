@@ -5,6 +5,16 @@
 // The forward reads the row once (online max and two sums in f32); the backward writes dstudent
 // in one pass (in place if asked), then overwrites the id columns with gradients computed from
 // the logits before the pass. Shard pieces as in kd_loss.cu; all reductions in a fixed order.
+//
+// A one-column vocabulary (K = vocab_size = 1) gives exactly KL = 0, as the CPU reference does.
+// The student's tempered logit us = z inv_t is rounded once, with an explicit __fmul_rn (never
+// contracted), everywhere: in the row's max m, in the exponents us - m (explicit __fsub_rn) and
+// at the ids. The max column then has us - m = 0 (2^0 = 1), the one-column row has lse_s =
+// m + log 1 = us and log qs = us - lse_s = 0; the teacher's log pt = ut - lse_t is 0 likewise
+// where lse_t comes from topk_logits (its lse of one column is the same product). The online
+// statistics are kept in natural units for this: a max in the log2 domain, a = z log2(e) / T,
+// gave lse_s = a_max ln(2) + log(sum), which is not the id's us (off by ~1e-7 |us|), and an
+// exponent contracted to fma(z, s, -max) left the product's rounding error instead of 0.
 // Shape letters: N rows, V padded vocabulary width (>= vocab_size), Vl shard width, K ids per row.
 #include <cmath>
 
@@ -18,7 +28,6 @@ namespace {
 
 constexpr int kRowThreads = 512;  // threads per row (one block per row)
 constexpr int kWarps = kRowThreads / 32;
-constexpr float kLn2 = 0.6931471805599453f;
 // Columns whose id marks one bitmask holds (2 KiB, one word per thread); longer rows are walked
 // in chunks of this many columns, the mask rebuilt for each.
 constexpr int kMaskColumns = 32 * kRowThreads;
@@ -114,7 +123,7 @@ __device__ __forceinline__ float kl_term(float log_p, float log_q) {
 
 // The KL term of id i: us the tempered student logit at the id, ut = zt / T the teacher's.
 __device__ __forceinline__ float id_term(const SparseRow& r, float us, float ut, bool reverse) {
-  const float log_q = us - r.lse_s, log_p = ut - r.lse_t;
+  const float log_q = __fsub_rn(us, r.lse_s), log_p = __fsub_rn(ut, r.lse_t);
   return reverse ? kl_term(log_q, log_p) : kl_term(log_p, log_q);
 }
 
@@ -134,28 +143,29 @@ __device__ __forceinline__ void store_row(float* losses, float* stats, int64_t r
 
 // ---- the unsharded forward --------------------------------------------------------------------
 
-// Running statistics of a row in the log2 domain, a = z log2(e) / T: the max and the sums of
-// 2^(a - max) over all columns and over the tail columns.
+// Running statistics of a row in natural units, u = z / T: the max of u and the sums of
+// exp(u - max) over all columns and over the tail columns (u rounded once: file comment).
 struct SparseOnline {
   float m = -INFINITY, all = 0.0f, tail = 0.0f;
 
-  // kN more columns starting at local column c of the current chunk (mask: its ids).
+  // kN more columns starting at local column c of the current chunk (mask: its ids). The max of
+  // the raw logits times inv_t is the largest of the products (rounding is monotonic).
   template <class T, int kN>
-  __device__ __forceinline__ void add(const T (&z)[kN], int c, const uint32_t* mask, float scale) {
+  __device__ __forceinline__ void add(const T (&z)[kN], int c, const uint32_t* mask, float inv_t) {
     float pack_max = to_f32(z[0]);
 #pragma unroll
     for (int j = 1; j < kN; ++j) pack_max = fmaxf(pack_max, to_f32(z[j]));
-    const float nm = fmaxf(m, pack_max * scale);
+    const float nm = fmaxf(m, __fmul_rn(pack_max, inv_t));
     // While every value so far is -inf the base is 0, so each term is 2^-inf = 0, not NaN.
     const float base = nm == -INFINITY ? 0.0f : nm;
     float sum_all = 0.0f, sum_tail = 0.0f;
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
-      const float e = fast_exp2(to_f32(z[j]) * scale - base);
+      const float e = fast_exp2(__fsub_rn(__fmul_rn(to_f32(z[j]), inv_t), base) * kLog2e);
       sum_all += e;
       if (!is_marked(mask, c + j)) sum_tail += e;
     }
-    const float r = fast_exp2(m - base);
+    const float r = fast_exp2((m - base) * kLog2e);
     all = fmaf(all, r, sum_all);
     tail = fmaf(tail, r, sum_tail);
     m = nm;
@@ -164,7 +174,7 @@ struct SparseOnline {
   __device__ __forceinline__ void merge(const SparseOnline& o) {
     const float nm = fmaxf(m, o.m);
     const float base = nm == -INFINITY ? 0.0f : nm;
-    const float r = fast_exp2(m - base), ro = fast_exp2(o.m - base);
+    const float r = fast_exp2((m - base) * kLog2e), ro = fast_exp2((o.m - base) * kLog2e);
     all = fmaf(all, r, o.all * ro);
     tail = fmaf(tail, r, o.tail * ro);
     m = nm;
@@ -193,11 +203,11 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t row = blockIdx.x;
   const T* zs = student + row * width;
   const int32_t* ids = topk_ids + row * k;
-  const float scale = kLog2e / temperature;  // z -> a = u log2(e)
+  const float inv_t = 1.0f / temperature;
   SparseOnline acc;
   for_each_chunk(mask, ids, k, 0, vocab_size, [&](int begin, int end) {
     for_each_column(zs, begin, end,
-                    [&]<int kN>(int c, const T(&z)[kN]) { acc.add(z, c - begin, mask, scale); });
+                    [&]<int kN>(int c, const T(&z)[kN]) { acc.add(z, c - begin, mask, inv_t); });
   });
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) acc.merge(acc.shfl_xor(offset));
@@ -216,19 +226,19 @@ __global__ void __launch_bounds__(kRowThreads)
       warp.tail = smem[2][w];
       total.merge(warp);
     }
-    row_stats[0] = total.m * kLn2;  // back to natural units: u = a ln(2)
+    row_stats[0] = total.m;
     row_stats[1] = total.all;
     row_stats[2] = total.tail;
   }
   __syncthreads();
   const SparseRow r = make_row(row_stats[0], row_stats[1], row_stats[2], teacher_lse[row],
                                teacher_lse[num_rows + row]);
-  const float inv_t = 1.0f / temperature;
   float term[1] = {0.0f};
   for (int i = threadIdx.x; i < k; i += kRowThreads) {
     const int32_t id = ids[i];
     if (id < 0 || id >= vocab_size) continue;  // a broken precondition: never read out of bounds
-    term[0] += id_term(r, to_f32(zs[id]) * inv_t, topk_logits[row * k + i] * inv_t, kReverse);
+    term[0] += id_term(r, __fmul_rn(to_f32(zs[id]), inv_t),
+                       __fmul_rn(topk_logits[row * k + i], inv_t), kReverse);
   }
   __shared__ float term_smem[kWarps];
   row_sum<kRowThreads, 1>(term, term_smem);
@@ -243,22 +253,31 @@ __global__ void __launch_bounds__(kRowThreads)
 // d loss / d zs (ops.h), times dloss, for a tail column (tail) and for id i (id):
 //   forward KL: T (qs - pt_i);  T qs (1 - pt_tail / qs_tail), the ratio as exp of a log ratio;
 //   reverse KL: T qs ((log qs - log pt) - KL), log pt = log pt_tail at a tail column.
+// As in kd_loss.cu, the reverse brackets are formed in f64, as the CPU reference does: the
+// bracket at an id, (zs - zt) / T - (lse_s - lse_t + KL), is a small difference of lse-sized
+// values where qs is large, and the tail's, (log qs_tail - log pt_tail) - KL, one per row, can
+// cancel too (f32 left ~2^-24 |lse| absolute in each term). The per-row constants (the shift,
+// the tail bracket, the forward log ratio) are formed in f64 from the f32 statistics and rounded
+// once. log qs = zs / T - lse_s is one explicit FMA; qs stays f32 (~2e-6 relative).
 template <bool kReverse>
 struct SparseGrad {
-  float inv_t, lse_s, lse_t, kl, scale;  // scale = dloss T
-  float log_ratio;                       // log(pt_tail / qs_tail); -inf with an empty tail
-  float g_tail;                          // log qs_tail - log pt_tail; 0 with an empty tail
+  float inv_t, lse_s, lse_t, scale;  // scale = dloss T
+  float log_ratio;                   // forward: log(pt_tail / qs_tail); -inf with an empty tail
+  float tail_bracket;                // reverse: g_tail - KL, g_tail = 0 with an empty tail
+  double inv_t_f64, shift;           // reverse: 1 / T and lse_s - lse_t + KL
   __device__ __forceinline__ float tail(float zs) const {
-    const float log_q = zs * inv_t - lse_s;
+    const float log_q = __fmaf_rn(zs, inv_t, -lse_s);
     const float q = fast_exp2(log_q * kLog2e);
-    if constexpr (kReverse) return scale * q * (g_tail - kl);
+    if constexpr (kReverse) return scale * q * tail_bracket;
     return scale * (q - fast_exp2((log_q + log_ratio) * kLog2e));
   }
   __device__ __forceinline__ float id(float zs, float zt) const {
-    const float log_q = zs * inv_t - lse_s, log_p = zt * inv_t - lse_t;
-    const float q = fast_exp2(log_q * kLog2e);
-    if constexpr (kReverse) return scale * q * ((log_q - log_p) - kl);
-    return scale * (q - fast_exp2(log_p * kLog2e));
+    const float q = fast_exp2(__fmaf_rn(zs, inv_t, -lse_s) * kLog2e);
+    if constexpr (kReverse) {
+      const double bracket = __fma_rn(double(zs) - double(zt), inv_t_f64, -shift);
+      return scale * q * static_cast<float>(bracket);
+    }
+    return scale * (q - fast_exp2(__fmaf_rn(zt, inv_t, -lse_t) * kLog2e));
   }
 };
 
@@ -303,11 +322,16 @@ __global__ void __launch_bounds__(kRowThreads)
   grad.lse_t = teacher_lse[row];
   const float tail_lse_t = teacher_lse[num_rows + row];
   const bool tail_empty = tail_lse_t == -INFINITY;
-  const float log_pt_tail = tail_lse_t - grad.lse_t;
-  grad.log_ratio = tail_empty ? -INFINITY : log_pt_tail - log_qs_tail;
-  grad.g_tail = tail_empty ? 0.0f : log_qs_tail - log_pt_tail;
-  grad.kl = losses[row] * (grad.inv_t * grad.inv_t);
   grad.scale = dloss * temperature;
+  // The per-row constants in f64 from the f32 statistics, as the CPU reference forms them.
+  const double t = temperature;
+  const double kl = double(losses[row]) / (t * t);
+  const double log_pt_tail = double(tail_lse_t) - double(grad.lse_t);
+  const double g_tail = tail_empty ? 0.0 : double(log_qs_tail) - log_pt_tail;
+  grad.log_ratio = tail_empty ? -INFINITY : static_cast<float>(log_pt_tail - double(log_qs_tail));
+  grad.tail_bracket = static_cast<float>(g_tail - kl);
+  grad.inv_t_f64 = 1.0 / t;
+  grad.shift = (double(grad.lse_s) - double(grad.lse_t)) + kl;
 
   // (1)
   for (int i = threadIdx.x; i < k; i += kRowThreads) {
@@ -365,12 +389,12 @@ __global__ void __launch_bounds__(kRowThreads)
   __syncthreads();
   if (threadIdx.x != 0) return;
   for (int w = 0; w < kWarps; ++w) m = fmaxf(m, smem[w]);
-  row_max[row] = m * inv_t;
+  row_max[row] = __fmul_rn(m, inv_t);  // the largest of the products us (file comment)
 }
 
 // sums rows 0 and 1: exp(us - m) over the real columns and over the tail columns, with the
-// GLOBAL max m (the exact difference us - m keeps large logits accurate); rows 2 + i: us at id_i
-// when it falls in this shard, else 0.
+// GLOBAL max m; rows 2 + i: us at id_i when it falls in this shard, else 0. us = z inv_t is
+// rounded once, as in the forward kernel (file comment).
 template <class T>
 __global__ void __launch_bounds__(kRowThreads)
     kd_sparse_shard_sums_kernel(float* sums, const T* student, const int32_t* topk_ids,
@@ -387,7 +411,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for_each_column(zs, begin, end, [&]<int kN>(int c, const T(&z)[kN]) {
 #pragma unroll
       for (int j = 0; j < kN; ++j) {
-        const float e = fast_exp2((to_f32(z[j]) * inv_t - m) * kLog2e);
+        const float e = fast_exp2(__fsub_rn(__fmul_rn(to_f32(z[j]), inv_t), m) * kLog2e);
         s[0] += e;
         if (!is_marked(mask, c - begin + j)) s[1] += e;
       }
@@ -400,7 +424,8 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   for (int i = threadIdx.x; i < k; i += kRowThreads) {
     const int64_t c = int64_t(ids[i]) - vocab_start;
-    sums[(2 + int64_t(i)) * num_rows + row] = c >= 0 && c < num_real ? to_f32(zs[c]) * inv_t : 0.0f;
+    sums[(2 + int64_t(i)) * num_rows + row] =
+        c >= 0 && c < num_real ? __fmul_rn(to_f32(zs[c]), inv_t) : 0.0f;
   }
 }
 
@@ -420,8 +445,8 @@ __global__ void __launch_bounds__(kBlock)
   const float inv_t = 1.0f / temperature;
   float term = 0.0f;
   for (int i = lane; i < k; i += 32)
-    term += id_term(r, sums[(2 + int64_t(i)) * num_rows + row], topk_logits[row * k + i] * inv_t,
-                    kReverse);
+    term += id_term(r, sums[(2 + int64_t(i)) * num_rows + row],
+                    __fmul_rn(topk_logits[row * k + i], inv_t), kReverse);
   term = warp_sum(term);
   if (lane == 0)
     store_row(losses, stats, row, num_rows, r, term + tail_term(r, kReverse), targets[row] < 0,
