@@ -36,7 +36,8 @@ RunFn setup_distill_cache(CLI::App& sub) {
   sub.add_option("--teacher", o.teacher,
                  "the teacher: a checkpoint step directory, or a run directory (its latest)")
       ->required();
-  sub.add_option("--data", o.data, "the token dataset (tessera prepare) whose train windows to cache")
+  sub.add_option("--data", o.data,
+                 "the token dataset (tessera prepare) whose train windows to cache")
       ->required();
   sub.add_option("--top-k", o.top_k, "logits kept per position (the rest is one tail bucket)")
       ->required()

@@ -97,8 +97,8 @@ TeacherCacheWriter::TeacherCacheWriter(const std::string& path, const TeacherCac
   h5::Handle w = h5::create_dataset(ctx, file_.id(), "windows", H5T_STD_I64LE, {W}, 8, true);
   h5::write_dataset(ctx, w.id(), H5T_NATIVE_INT64, windows.data(), "windows");
   w.close(ctx, "H5Dclose", "windows");
-  h5::Handle t = h5::create_dataset(ctx, file_.id(), "temperatures", H5T_IEEE_F32LE,
-                                    {nT(meta)}, 4, false);
+  h5::Handle t =
+      h5::create_dataset(ctx, file_.id(), "temperatures", H5T_IEEE_F32LE, {nT(meta)}, 4, false);
   h5::write_dataset(ctx, t.id(), H5T_NATIVE_FLOAT, meta.temperatures.data(), "temperatures");
   t.close(ctx, "H5Dclose", "temperatures");
   const std::vector<int64_t> rd = rows_dims(meta, W), ld = lse_dims(meta, W);
@@ -106,10 +106,10 @@ TeacherCacheWriter::TeacherCacheWriter(const std::string& path, const TeacherCac
   // read_chunk; the cache is derived data that distill-cache rebuilds.
   logits_ = h5::create_chunked(ctx, file_.id(), "topk_logits", H5T_IEEE_F32LE, rd,
                                {1, rd[1], rd[2]}, false);
-  ids_ = h5::create_chunked(ctx, file_.id(), "topk_ids", H5T_STD_I32LE, rd, {1, rd[1], rd[2]},
-                            false);
-  lse_ = h5::create_chunked(ctx, file_.id(), "lse", H5T_IEEE_F32LE, ld, {ld[0], 2, 1, ld[3]},
-                            false);
+  ids_ =
+      h5::create_chunked(ctx, file_.id(), "topk_ids", H5T_STD_I32LE, rd, {1, rd[1], rd[2]}, false);
+  lse_ =
+      h5::create_chunked(ctx, file_.id(), "lse", H5T_IEEE_F32LE, ld, {ld[0], 2, 1, ld[3]}, false);
 }
 
 TeacherCacheWriter::~TeacherCacheWriter() = default;
@@ -124,12 +124,12 @@ void TeacherCacheWriter::write(int64_t count, const TeacherRows& rows) {
                int64_t(rows.lse.size()) == nT(m) * 2 * count * m.seq_len,
            "teacher cache {}: rows sized for another batch", path_);
   const h5::Ctx& ctx = file_.ctx();
-  h5::write_box(ctx, logits_.id(), H5T_NATIVE_FLOAT, {written_, 0, 0},
-                {count, m.seq_len, m.top_k}, rows.topk_logits.data(), "topk_logits");
+  h5::write_box(ctx, logits_.id(), H5T_NATIVE_FLOAT, {written_, 0, 0}, {count, m.seq_len, m.top_k},
+                rows.topk_logits.data(), "topk_logits");
   h5::write_box(ctx, ids_.id(), H5T_NATIVE_INT32, {written_, 0, 0}, {count, m.seq_len, m.top_k},
                 rows.topk_ids.data(), "topk_ids");
-  h5::write_box(ctx, lse_.id(), H5T_NATIVE_FLOAT, {0, 0, written_, 0},
-                {nT(m), 2, count, m.seq_len}, rows.lse.data(), "lse");
+  h5::write_box(ctx, lse_.id(), H5T_NATIVE_FLOAT, {0, 0, written_, 0}, {nT(m), 2, count, m.seq_len},
+                rows.lse.data(), "lse");
   written_ += count;
 }
 
@@ -173,8 +173,8 @@ TeacherCache TeacherCache::open(const std::string& path) {
   if (!std::is_sorted(ws.begin(), ws.end()) ||
       std::adjacent_find(ws.begin(), ws.end()) != ws.end() || ws.front() < 0 ||
       ws.back() >= m.dataset_windows)
-    h5::fail_content(ctx, fmt::format("'windows' is not an increasing list in [0, {})",
-                                      m.dataset_windows));
+    h5::fail_content(
+        ctx, fmt::format("'windows' is not an increasing list in [0, {})", m.dataset_windows));
   const int64_t W = c.num_windows();
   const auto open_checked = [&](const char* name, const std::vector<int64_t>& want) {
     h5::Handle d = h5::open_dataset(ctx, c.file_.id(), name);
@@ -209,8 +209,8 @@ void TeacherCache::check_dataset(const TokenDataset& dataset, int seq_len,
     mismatch(fmt::format("it holds windows of seq_len {}, the run reads {}", m.seq_len, seq_len));
   const int64_t windows = (dataset.num_tokens("train") - 1) / seq_len;
   if (m.dataset_windows != windows)
-    mismatch(fmt::format("it counts {} train windows, the dataset has {}", m.dataset_windows,
-                         windows));
+    mismatch(
+        fmt::format("it counts {} train windows, the dataset has {}", m.dataset_windows, windows));
 }
 
 int TeacherCache::temperature_index(float temperature) const {

@@ -415,8 +415,8 @@ void read_chunk(const Ctx& ctx, hid_t dset, const std::vector<int64_t>& offset, 
   check(H5Dget_chunk_storage_size(dset, at.data(), &stored), ctx, "H5Dget_chunk_storage_size",
         name);
   if (stored != bytes)
-    fail_content(ctx, fmt::format("'{}': a chunk of {} bytes where {} were expected", name, stored,
-                                  bytes));
+    fail_content(
+        ctx, fmt::format("'{}': a chunk of {} bytes where {} were expected", name, stored, bytes));
   uint32_t filters = 0;
   check(H5Dread_chunk(dset, H5P_DEFAULT, at.data(), &filters, out), ctx, "H5Dread_chunk", name);
 }

@@ -56,7 +56,8 @@ struct Batch {
     const size_t N = size_t(B) * T;
     size_t bytes = 2 * Arena::aligned(sizeof(int32_t) * N);
     if (cache.top_k > 0)
-      bytes += 2 * Arena::aligned(4 * N * cache.top_k) + Arena::aligned(4 * 2 * N * cache.num_temps);
+      bytes +=
+          2 * Arena::aligned(4 * N * cache.top_k) + Arena::aligned(4 * 2 * N * cache.num_temps);
     return bytes;
   }
   bool has_teacher_rows() const { return !topk_ids.empty(); }

@@ -73,8 +73,7 @@ void plan_from_recipe(const DistillCacheOptions& o, const TokenDataset& data, Ca
   if (o.temperatures.empty()) p.temperatures.assign(temps.begin(), temps.end());
 }
 
-CachePlan plan_cache(const DistillCacheOptions& o, const TokenDataset& data,
-                     const TeacherSpec& t) {
+CachePlan plan_cache(const DistillCacheOptions& o, const TokenDataset& data, const TeacherSpec& t) {
   CachePlan p;
   p.precision = o.precision;
   p.temperatures = o.temperatures;
@@ -137,10 +136,10 @@ void write_teacher_cache(const DistillCacheOptions& o) {
   Teacher teacher(t, ModelShard{}, device, B, T, ops::AttentionImpl::cudnn);
   const ModelConfig& m = t.model;
   const size_t workspace =
-      device == Device::cuda ? ops::cuda_workspace_bytes(B, T, m.num_heads, m.num_kv_heads,
-                                                         m.resolved_head_dim(), t.dtype,
-                                                         ops::AttentionImpl::cudnn)
-                             : 0;
+      device == Device::cuda
+          ? ops::cuda_workspace_bytes(B, T, m.num_heads, m.num_kv_heads, m.resolved_head_dim(),
+                                      t.dtype, ops::AttentionImpl::cudnn)
+          : 0;
   Arena arena(device,
               2 * Arena::aligned(size_t(N) * K * 4) + Arena::aligned(size_t(N) * 4) +
                   Arena::aligned(size_t(nT * 2 * N) * 4) + Arena::aligned(workspace),

@@ -16,11 +16,11 @@ struct DistillCacheOptions {
   std::string data;     // the token dataset (its train split's windows)
   std::string out;      // the cache file to write (atomically)
   int top_k = 32;
-  int seq_len = 0;                        // 0: the teacher's max_seq_len (or windows_of's)
-  std::vector<float> temperatures;        // empty: {1, 2} (or windows_of's curriculum's)
+  int seq_len = 0;                  // 0: the teacher's max_seq_len (or windows_of's)
+  std::vector<float> temperatures;  // empty: {1, 2} (or windows_of's curriculum's)
   TeacherPrecision precision = TeacherPrecision::bf16;
-  bool precision_given = false;           // else windows_of's distill.teacher_precision
-  int micro_batch = 8;                    // windows per teacher forward
+  bool precision_given = false;  // else windows_of's distill.teacher_precision
+  int micro_batch = 8;           // windows per teacher forward
   DeviceChoice device = DeviceChoice::auto_;
   // A student recipe (with its --set overrides): only the windows its run trains on, at its
   // data.seq_len and the temperatures its curriculum distils at. Empty: every window.

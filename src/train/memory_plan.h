@@ -10,10 +10,10 @@
 #include "config/recipe.h"
 #include "core/dtype.h"
 #include "core/tensor.h"
+#include "data/teacher_cache.h"
 #include "model/exec_options.h"
 #include "model/model_shard.h"
 #include "parallel/pipeline_schedule.h"
-#include "data/teacher_cache.h"
 #include "train/teacher.h"
 
 namespace tessera {

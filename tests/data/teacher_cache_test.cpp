@@ -88,8 +88,8 @@ std::string write_cache(const testing::ScratchDir& dir, const TeacherCacheMeta& 
   const std::string path = dir / "cache.h5";
   TeacherCacheWriter w(path, m, windows);
   // Two batches of uneven size.
-  const std::vector<int64_t> a(windows.begin(), windows.begin() + 2), b(windows.begin() + 2,
-                                                                         windows.end());
+  const std::vector<int64_t> a(windows.begin(), windows.begin() + 2),
+      b(windows.begin() + 2, windows.end());
   w.write(2, rows_for(a, 2));
   w.write(int64_t(b.size()), rows_for(b, 2));
   w.commit();

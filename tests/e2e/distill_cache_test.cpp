@@ -41,10 +41,10 @@ const Fixture& fixture() {
     Fixture x;
     x.dir = testing::fresh_dir("distill-cache");
     x.teacher = x.dir + "/teacher";
-    const auto t = run_cli(fmt::format(
-        "train recipes/ci-tiny.yaml{} --set data.micro_batch=8 --set train.steps=20 "
-        "--set train.out_dir={}",
-        kShort, x.teacher));
+    const auto t = run_cli(
+        fmt::format("train recipes/ci-tiny.yaml{} --set data.micro_batch=8 --set train.steps=20 "
+                    "--set train.out_dir={}",
+                    kShort, x.teacher));
     EXPECT_EQ(t.status, 0) << t.output;
     for (int k : {4096, 32}) {
       const auto c = run_cli(fmt::format(
@@ -59,8 +59,8 @@ const Fixture& fixture() {
 }
 
 // A student run: online (cache empty) or from `cache`, under tp x pp.
-testing::CliResult student(const std::string& out, const std::string& cache, int tp = 1,
-                           int pp = 1, const std::string& extra = "") {
+testing::CliResult student(const std::string& out, const std::string& cache, int tp = 1, int pp = 1,
+                           const std::string& extra = "") {
   const Fixture& f = fixture();
   const std::string teacher = cache.empty()
                                   ? " --set distill.teacher=" + f.teacher
@@ -147,10 +147,10 @@ TEST(DistillCache, MismatchesAreUserErrors) {
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.extra);
-    const auto r = run_cli(fmt::format(
-        "train recipes/ci-tiny-distill.yaml{}{} --set distill.teacher= "
-        "--set distill.teacher_cache={} --set train.out_dir={}/bad{}",
-        kShort, kStudent, cache, f.dir, c.extra));
+    const auto r =
+        run_cli(fmt::format("train recipes/ci-tiny-distill.yaml{}{} --set distill.teacher= "
+                            "--set distill.teacher_cache={} --set train.out_dir={}/bad{}",
+                            kShort, kStudent, cache, f.dir, c.extra));
     EXPECT_EQ(r.status, 2) << r.output;
     EXPECT_NE(r.output.find(c.fragment), std::string::npos) << r.output;
   }
