@@ -111,7 +111,7 @@ __device__ __forceinline__ SparseRow make_row(float m, float sum_all, float sum_
   r.tail_empty = tail_lse_t == -INFINITY;
   // A NaN sum stays NaN (the comparison is false); an underflowed one (log 0 = -inf) is floored.
   const double log_tail = log(double(sum_tail)) - log(double(sum_all));
-  r.log_qs_tail = r.tail_empty           ? -INFINITY
+  r.log_qs_tail = r.tail_empty               ? -INFINITY
                   : log_tail < kLogTailFloor ? double(kLogTailFloor)
                                              : log_tail;
   r.lse_t = lse_t;

@@ -52,7 +52,8 @@ RunFn setup_distill_cache(CLI::App& sub) {
                  "--windows-of's curriculum distils at, else 1 and 2")
       ->check(CLI::PositiveNumber);
   sub.add_option("--precision", a->precision,
-                 "the teacher's dtype: bf16 or fp32; default: --windows-of's "
+                 "the teacher's precision: bf16, fp32 or fp8 (FP8 block linears, bf16 "
+                 "elsewhere); default: --windows-of's "
                  "distill.teacher_precision, else bf16")
       ->check(CLI::IsMember({"bf16", "fp32", "fp8"}));
   sub.add_option("--micro-batch", o.micro_batch, "windows per teacher forward")

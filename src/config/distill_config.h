@@ -75,7 +75,7 @@ Curriculum default_curriculum();
   X(std::string, teacher_cache, "", config::kAny,                                                 \
     "the offline teacher instead: a top-k cache file written by tessera distill-cache (sparse KD, no teacher in memory)") \
   X(TeacherPrecision, teacher_precision, TeacherPrecision::bf16, config::distill_rule(config::kAny), \
-    "dtype of the online teacher's weights and forward (no gradients, no optimizer state)")    \
+    "dtype of the online teacher's weights and forward (no gradients, no optimizer state); fp8: bf16 with FP8 block-linear GEMMs, scaled as precision.fp8") \
   X(float, temperature, 2.0f, config::distill_rule(config::kPositive),                            \
     "softmax temperature of phases that give none (the KD term is scaled by T^2)")              \
   X(bool, reverse_kl, false, config::distill_rule(config::kAny),                                  \

@@ -550,7 +550,7 @@ void validate_across(const Recipe& r, const Origins& o) {
                   o.show("train.steps", r.train.steps));
 }
 
-// The distill section: one teacher, online or cached; an FP8 teacher is not built; the
+// The distill section: one teacher, online or cached; the
 // curriculum's phases must end in order, inside the run, each ramp inside its phase; hidden-state
 // pairs need the online teacher and name student blocks that exist, once each (the teacher's side
 // is checked against its checkpoint: train/teacher.cpp), and phases give hidden_weight only when
@@ -568,9 +568,6 @@ void validate_distill(const Recipe& r, const Origins& o) {
         "(a cache holds its logits only); give distill.teacher instead",
         o.file(), o.where("distill.hidden_pairs"),
         o.show("distill.teacher_cache", d.teacher_cache));
-  if (d.teacher_precision == TeacherPrecision::fp8)
-    TS_USER_ERROR("{}: {}: an FP8 teacher is not built yet; use bf16 or fp32", o.file(),
-                  o.show("distill.teacher_precision", to_string(d.teacher_precision)));
   const int64_t steps = r.train.steps;
   const std::vector<int64_t> ends = curriculum_ends(d, steps);
   int64_t start = 0;

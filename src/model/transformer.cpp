@@ -299,6 +299,17 @@ ParamStore Transformer::declared_params(const ModelConfig& cfg, const ModelShard
   return std::move(Transformer(DeclareOnly{}, cfg, shard, hidden_pairs).params_);
 }
 
+std::vector<Transformer::LinearDecl> Transformer::declared_linears(const ModelConfig& cfg,
+                                                                   const ModelShard& shard) {
+  Transformer m(DeclareOnly{}, cfg, shard);
+  std::vector<LinearDecl> out;
+  m.for_each_linear([&](const Linear& l) {
+    out.push_back({m.params_[l.weight].spec.name, l.out_features, l.in_features,
+                   l.shares_input_with_previous});
+  });
+  return out;
+}
+
 size_t Transformer::param_bytes(const ModelConfig& cfg, const ModelShard& shard, DType dtype,
                                 int64_t pad_multiple, bool with_master, bool fp32_grads,
                                 bool with_grads, const std::vector<HiddenPair>& hidden_pairs) {

@@ -125,6 +125,14 @@ class Transformer {
   // memory and data-parallel buckets before anything is allocated.
   static ParamStore declared_params(const ModelConfig& cfg, const ModelShard& shard,
                                     const std::vector<HiddenPair>& hidden_pairs = {});
+  // The linears for_each_linear visits on this rank, declared but not allocated: their weights'
+  // names and local shapes, for planning what a LinearCompute keeps per linear (FP8 copies).
+  struct LinearDecl {
+    std::string name;  // the weight's parameter name
+    int64_t out_features = 0, in_features = 0;
+    bool shares_input_with_previous = false;
+  };
+  static std::vector<LinearDecl> declared_linears(const ModelConfig& cfg, const ModelShard& shard);
   // The sizes one rank computes with: heads, KV heads, FFN width and vocabulary divided by tp,
   // the stage's layer count. Names and initialization still use the whole config.
   static ModelConfig local_config(const ModelConfig& cfg, const ModelShard& shard);

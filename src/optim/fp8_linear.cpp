@@ -1,6 +1,9 @@
 // Fp8Linears: slot bookkeeping, the FP8 weight copies (quantized once per optimizer step, reused
-// by every micro-batch), scratch for quantized activations and gradients, and the three GEMMs.
+// by every micro-batch; a frozen model's once at attach), scratch for quantized activations and
+// gradients, and the three GEMMs.
 #include "optim/fp8_linear.h"
+
+#include <algorithm>
 
 #include "core/error.h"
 #include "kernels/ops.h"
@@ -23,6 +26,89 @@ Fp8Linears::Fp8Linears(Device device, const Fp8ScalingConfig& cfg) : device_(dev
 }
 
 Fp8Linears::~Fp8Linears() = default;
+
+size_t Fp8Linears::FrozenSizes::total() const {
+  return Arena::aligned(state) + Arena::aligned(weights) + Arena::aligned(x8) +
+         Arena::aligned(discard);
+}
+
+Fp8Linears::FrozenSizes Fp8Linears::frozen_sizes(int64_t max_rows) const {
+  FrozenSizes z;
+  z.state = Fp8ScalingState::bytes_for(3 * int64_t(layers_.size()), cfg_);
+  int64_t max_k = 0;
+  for (const Layer& l : layers_) {
+    z.weights += aligned(size_t(l.out_features * l.in_features));  // W8 only: no backward
+    max_k = std::max<int64_t>(max_k, l.in_features);
+  }
+  z.x8 = aligned(dtype_storage_bytes(DType::e4m3, max_rows * max_k));
+  z.discard = kAlign;
+  return z;
+}
+
+size_t Fp8Linears::frozen_bytes(const ModelConfig& model, const ModelShard& shard, int64_t max_rows,
+                                const Fp8ScalingConfig& cfg) {
+  Fp8Linears plan(Device::cpu, cfg);  // registers only: nothing allocated
+  for (const Transformer::LinearDecl& l : Transformer::declared_linears(model, shard))
+    plan.add(l.name, l.out_features, l.in_features, l.shares_input_with_previous);
+  return plan.frozen_sizes(max_rows).total();
+}
+
+void Fp8Linears::attach_frozen(Transformer& model, int64_t max_rows, Arena& arena,
+                               Communicator* tp) {
+  TS_CHECK(!state_, "Fp8Linears::attach_frozen after finalize");
+  TS_CHECK(model.dtype() == DType::bf16, "a frozen FP8 model is bf16 outside its GEMMs, not {}",
+           dtype_name(model.dtype()));
+  std::vector<const Linear*> linears;
+  model.for_each_linear([&](Linear& l) {
+    l.compute = this;
+    l.compute_slot = add(model.params()[l.weight].spec.name, l.out_features, l.in_features,
+                         l.shares_input_with_previous);
+    linears.push_back(&l);
+  });
+  frozen_ = true;
+  const FrozenSizes z = frozen_sizes(max_rows);
+  std::vector<DType> formats;
+  size_t offset = 0;
+  for (Layer& l : layers_) {
+    formats.insert(formats.end(), {DType::e4m3, DType::e4m3, DType::e5m2});
+    l.weight_offset = offset;
+    offset += aligned(size_t(l.out_features * l.in_features));
+  }
+  state_ = std::make_unique<Fp8ScalingState>(device_, formats, cfg_, &arena);
+  weights_base_ = static_cast<char*>(arena.alloc_bytes(z.weights));
+  scratch_.resize(kNumScratch);
+  scratch_[kX8].data = arena.alloc_bytes(z.x8);
+  scratch_[kX8].size = z.x8;
+  discard_amax_ = Tensor(arena.alloc_bytes(z.discard), DType::f32, device_, Shape{1});
+  saved_x_t_.resize(layers_.size());
+  // Each weight's amax (a quantization with scale 1 whose codes are overwritten below), agreed
+  // over tp; update() turns it into the scale (the inputs' amaxes are 0: their scales stay 1);
+  // then the copy the forwards read, its amax not recorded again.
+  for (size_t s = 0; s < linears.size(); ++s) {
+    const int w = state_index(int(s), kW);
+    ops::fp8_quantize(weight8(int(s), false), Tensor(), state_->amax(w),
+                      model.params()[linears[s]->weight].value, state_->scale(w));
+  }
+  state_->reduce_amax(tp);
+  state_->update();
+  for (size_t s = 0; s < linears.size(); ++s) {
+    const int w = state_index(int(s), kW);
+    ops::fp8_quantize(weight8(int(s), false), Tensor(), discard_amax_,
+                      model.params()[linears[s]->weight].value, state_->scale(w));
+    layers_[s].weights_fresh = true;
+  }
+}
+
+void Fp8Linears::end_forward(Communicator* tp) {
+  TS_CHECK(frozen_, "Fp8Linears::end_forward is for a frozen model; training ends with end_step");
+  state_->reduce_amax(tp);
+  state_->update();
+  x_copy_ = {};
+}
+
+void Fp8Linears::check_not_frozen(const char* what) const {
+  TS_CHECK(!frozen_, "Fp8Linears::{} on a frozen model (forward only)", what);
+}
 
 void Fp8Linears::attach(Transformer& model) {
   if (model.dtype() != DType::bf16)
@@ -74,8 +160,8 @@ void Fp8Linears::quantize_x_forward(int slot, Tensor inp) {
   const bool reuse =
       owner != slot && x_copy_.owner == owner && x_copy_.data == inp.data && x_copy_.rows == M;
   if (reuse) return;
-  // Only training forwards are followed by a backward; evaluation keeps no x^T.
-  quantize_x(slot, inp, recording_ ? saved_x_t(owner, M) : Tensor());
+  // Only training forwards are followed by a backward; evaluation and a frozen model keep no x^T.
+  quantize_x(slot, inp, recording_ && !frozen_ ? saved_x_t(owner, M) : Tensor());
 }
 
 Tensor Fp8Linears::x8_t_for_backward(int slot, Tensor inp) {
@@ -108,26 +194,37 @@ void Fp8Linears::finalize() {
   }
   state_ = std::make_unique<Fp8ScalingState>(device_, formats, cfg_);
   weights_ = Buffer(device_, std::max<size_t>(bytes, kAlign));
+  weights_base_ = static_cast<char*>(weights_.data());
   discard_ = Buffer(device_, kAlign);
+  discard_amax_ = Tensor(discard_.data(), DType::f32, device_, Shape{1});
   scratch_.resize(kNumScratch);
   saved_x_t_.resize(layers_.size());
 }
 
 Tensor Fp8Linears::amax_for(int index) {
   if (recording_) return state_->amax(index);
-  return Tensor(discard_.data(), DType::f32, device_, Shape{1});
+  return discard_amax_;
 }
 
 Tensor Fp8Linears::scratch(int idx, DType dtype, Shape shape) {
   const size_t need = aligned(dtype_storage_bytes(dtype, shape.numel()));
-  Buffer& b = scratch_[idx];
-  if (b.size() < need) b = Buffer(device_, need);  // grows once, at the first (largest) use
-  return Tensor(b.data(), dtype, device_, shape);
+  Scratch& b = scratch_[idx];
+  if (b.size < need) {  // grows once, at the first (largest) use
+    TS_CHECK(!frozen_,
+             "a frozen model's FP8 scratch {} holds {} bytes, {} asked: more rows than "
+             "attach_frozen planned",
+             idx, b.size, need);
+    b.owned = Buffer(device_, need);
+    b.data = b.owned.data();
+    b.size = need;
+  }
+  return Tensor(b.data, dtype, device_, shape);
 }
 
 Tensor Fp8Linears::weight8(int slot, bool transposed) {
   const Layer& l = layers_[slot];
-  char* base = static_cast<char*>(weights_.data()) + l.weight_offset;
+  char* base = weights_base_ + l.weight_offset;
+  if (transposed) check_not_frozen("weight8(transposed)");
   if (!transposed) return Tensor(base, DType::e4m3, device_, Shape{l.out_features, l.in_features});
   return Tensor(base + aligned(size_t(l.out_features * l.in_features)), DType::e4m3, device_,
                 Shape{l.in_features, l.out_features});
@@ -171,6 +268,7 @@ Fp8Linears::DyOperands Fp8Linears::dout_operands(int slot, Tensor dout, bool wit
 
 bool Fp8Linears::swiglu_backward(const Linear& gate, const Linear& up, Tensor dgate, Tensor dup,
                                  Tensor dout, Tensor h, Tensor u) {
+  check_not_frozen("swiglu_backward");
   if (!recording_ || gate.bias >= 0 || up.bias >= 0 || gate.compute_slot < 0 || up.compute_slot < 0)
     return false;
   const int64_t N = gate.out_features, M = dout.numel() / N;
@@ -194,6 +292,7 @@ bool Fp8Linears::swiglu_backward(const Linear& gate, const Linear& up, Tensor dg
 
 void Fp8Linears::backward(const Linear& l, ParamStore& ps, Tensor dinp, Tensor dout, Tensor inp,
                           bool accumulate_dinp) {
+  check_not_frozen("backward");
   const int s = l.compute_slot;
   const int64_t M = dout.numel() / l.out_features;
   const DyOperands dy = dout_operands(s, dout, true);
@@ -213,6 +312,7 @@ void Fp8Linears::backward(const Linear& l, ParamStore& ps, Tensor dinp, Tensor d
 
 void Fp8Linears::backward_input(const Linear& l, const ParamStore& ps, Tensor dinp, Tensor dout,
                                 bool accumulate_dinp) {
+  check_not_frozen("backward_input");
   const int s = l.compute_slot;
   const int64_t M = dout.numel() / l.out_features;
   const DyOperands dy = dout_operands(s, dout, false);
@@ -227,6 +327,7 @@ void Fp8Linears::backward_weight(const Linear& l, ParamStore& ps, Tensor dout, T
 }
 
 void Fp8Linears::end_step(Communicator* tp, Communicator* dp) {
+  check_not_frozen("end_step");  // would mark the weights stale: a frozen model keeps them
   state_->reduce_amax(tp);
   state_->reduce_amax(dp);
   state_->update();

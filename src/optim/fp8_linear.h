@@ -1,7 +1,8 @@
 // FP8 linear layers (precision.compute: fp8): the hybrid recipe, E4M3 for weights and
 // activations and E5M2 for gradients, with per-tensor delayed scaling (optim/fp8_scaling.h) and
 // the scaled FP8 GEMMs of kernels/ops_fp8.h. Parameters, gradients and everything outside the
-// linear layers stay in the model's dtype (BF16); only the GEMM operands are FP8.
+// linear layers stay in the model's dtype (BF16); only the GEMM operands are FP8. Also serves a
+// frozen model (a distillation teacher: forward only, weights quantized once, attach_frozen).
 // Shape letters: M rows (= B*T), K in features, N out features.
 #pragma once
 #include <memory>
@@ -16,6 +17,8 @@ namespace tessera {
 
 class Communicator;
 class Transformer;
+struct ModelConfig;
+struct ModelShard;
 
 // Every FP8 linear of one model: three scaled tensors each (input x, weight w, output gradient
 // dy), the FP8 weight copies, and the scratch the quantized activations and gradients pass
@@ -30,6 +33,22 @@ class Fp8Linears final : public LinearCompute {
 
   // Registers every linear of `model` (its dtype must be bf16) and finalizes: the usual setup.
   void attach(Transformer& model);
+
+  // A frozen model instead (a distillation teacher: forward only, its weights never change; bf16
+  // dtype): registers every linear of `model`, carves everything from `arena` (exactly
+  // frozen_bytes() of it: the state, W8 without W8^T, one x8 scratch of `max_rows` rows, no saved
+  // x^T), and quantizes each weight once, with the per-tensor scale of its own amax (agreed over
+  // `tp`, so every tp layout quantizes as one process would). Its forwards record the inputs'
+  // amaxes like training ones; end_forward() rolls them into the scales. It has no backward.
+  void attach_frozen(Transformer& model, int64_t max_rows, Arena& arena, Communicator* tp);
+  static size_t frozen_bytes(const ModelConfig& model, const ModelShard& shard, int64_t max_rows,
+                             const Fp8ScalingConfig& cfg);
+  // After every forward of a frozen model (it has no optimizer step to end): the inputs' amaxes
+  // max-reduced over `tp` (as end_step does), then the history and the scales updated. The
+  // weights' scales stay those of attach_frozen: their amaxes are never recorded again, and
+  // fp8_update_scales keeps a scale whose history holds only that same amax or zeros.
+  void end_forward(Communicator* tp);
+  bool frozen() const { return frozen_; }
 
   // Registers a linear before finalize(); returns its slot. shares_input_with_previous: the
   // linear reads the x of the slot added just before it (same rows, called right after it), so
@@ -111,7 +130,8 @@ class Fp8Linears final : public LinearCompute {
   };
   // State entry `index`'s recording amax, or a discard slot in evaluation.
   Tensor amax_for(int index);
-  Tensor scratch(int idx, DType dtype, Shape shape);  // grows on demand; 16-byte aligned
+  // Grows on demand (a frozen model's is carved once: more rows are a bug); 16-byte aligned.
+  Tensor scratch(int idx, DType dtype, Shape shape);
   void quantize_weight(const Linear& l, const ParamStore& ps, int slot);
   Tensor weight8(int slot, bool transposed);
   // dy8 (and dy8^T) for a backward of `slot`: the fused ones when swiglu_backward made them for
@@ -128,17 +148,34 @@ class Fp8Linears final : public LinearCompute {
   Tensor x8_t_for_backward(int slot, Tensor inp);
   Tensor saved_x_t(int owner, int64_t rows);  // the owner's (K,rows) buffer, grown on demand
   int x_state(int slot) const;
+  // What attach_frozen carves from its arena, each piece Arena-aligned.
+  struct FrozenSizes {
+    size_t state = 0, weights = 0, x8 = 0, discard = 0;
+    size_t total() const;
+  };
+  FrozenSizes frozen_sizes(int64_t max_rows) const;
+  void check_not_frozen(const char* what) const;
+
+  // A scratch buffer: its own allocation, or (frozen) a fixed piece of the model's arena.
+  struct Scratch {
+    Buffer owned;
+    void* data = nullptr;
+    size_t size = 0;
+  };
 
   Device device_;
   Fp8ScalingConfig cfg_;
   std::vector<Layer> layers_;
   std::unique_ptr<Fp8ScalingState> state_;
-  Buffer weights_;                  // W8 (N,K) then W8^T (K,N) per layer
+  Buffer weights_;                  // W8 (N,K) then W8^T (K,N) per layer (frozen: W8 only)
+  char* weights_base_ = nullptr;    // weights_'s data, or the frozen model's arena piece
   Buffer discard_;                  // (1) f32 amax sink for evaluation
-  std::vector<Buffer> scratch_;     // x8, dy8, dy8^T
+  Tensor discard_amax_;             // (1) f32: discard_'s, or the frozen model's arena piece
+  std::vector<Scratch> scratch_;    // x8, dy8, dy8^T
   std::vector<SavedXT> saved_x_t_;  // by slot; only group owners' are used
   FusedDy fused_[2];                // gate's and up's, from swiglu_backward
   bool recording_ = true;
+  bool frozen_ = false;  // attach_frozen: forward only, weights quantized once, memory in an arena
   XCopy x_copy_;
 };
 

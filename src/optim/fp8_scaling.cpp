@@ -21,15 +21,25 @@ void validate_fp8_scaling_config(const Fp8ScalingConfig& cfg, const char* where)
                   static_cast<int>(cfg.amax_compute));
 }
 
+namespace {
+// One block, in order: history (L*n), scale, scale_inv, amax, fp8_max (n each), and the aligned
+// scale_inv copies (4n; len * n + 4n is rounded up to a multiple of 4 floats first).
+int64_t aligned_copies_at(int64_t n, int64_t len) { return (len * n + 4 * n + 3) / 4 * 4; }
+int64_t block_floats(int64_t n, int64_t len) { return aligned_copies_at(n, len) + 4 * n; }
+}  // namespace
+
+size_t Fp8ScalingState::bytes_for(int64_t num_tensors, const Fp8ScalingConfig& cfg) {
+  return size_t(std::max<int64_t>(block_floats(num_tensors, cfg.amax_history_len), 1)) *
+         sizeof(float);
+}
+
 Fp8ScalingState::Fp8ScalingState(Device device, std::vector<DType> formats,
-                                 const Fp8ScalingConfig& cfg)
-    : cfg_(cfg), formats_(std::move(formats)) {
+                                 const Fp8ScalingConfig& cfg, Arena* arena)
+    : cfg_(cfg), formats_(std::move(formats)), device_(device) {
   validate_fp8_scaling_config(cfg_, "fp8 scaling");
   const int64_t n = num_tensors(), len = cfg_.amax_history_len;
-  // One block, in order: history (L*n), scale, scale_inv, amax, fp8_max (n each), and the
-  // aligned scale_inv copies (4n; len * n + 4n is rounded up to a multiple of 4 floats first).
-  const int64_t aligned_at = (len * n + 4 * n + 3) / 4 * 4;
-  const int64_t total = aligned_at + 4 * n;
+  const int64_t aligned_at = aligned_copies_at(n, len);
+  const int64_t total = block_floats(n, len);
   std::vector<float> host(total, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
     TS_CHECK(formats_[j] == DType::e4m3 || formats_[j] == DType::e5m2,
@@ -39,8 +49,14 @@ Fp8ScalingState::Fp8ScalingState(Device device, std::vector<DType> formats,
     host[len * n + n + j] = 1.0f;  // scale_inv
     host[len * n + 4 * n - n + j] = ops::fp8_max_of(formats_[j]);
   }
-  buffer_ = Buffer(device, std::max<int64_t>(total, 1) * sizeof(float));
-  auto* base = static_cast<float*>(buffer_.data());
+  if (arena != nullptr) {
+    TS_CHECK(arena->device() == device, "Fp8ScalingState on {} carved from an arena on {}",
+             device_name(device), device_name(arena->device()));
+  } else {
+    buffer_ = Buffer(device, bytes_for(n, cfg_));
+  }
+  auto* base = static_cast<float*>(arena != nullptr ? arena->alloc_bytes(bytes_for(n, cfg_))
+                                                    : buffer_.data());
   history_ = Tensor(base, DType::f32, device, {len, n});
   scale_ = Tensor(base + len * n, DType::f32, device, {n});
   scale_inv_ = Tensor(base + len * n + n, DType::f32, device, {n});

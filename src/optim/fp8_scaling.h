@@ -28,13 +28,16 @@ void validate_fp8_scaling_config(const Fp8ScalingConfig& cfg, const char* where)
 class Fp8ScalingState {
  public:
   // One scaled tensor per entry of `formats` (e4m3 or e5m2 each). Starts with an all-zero
-  // history and amax, scale = scale_inv = 1.
-  Fp8ScalingState(Device device, std::vector<DType> formats, const Fp8ScalingConfig& cfg);
+  // history and amax, scale = scale_inv = 1. Its buffers are an allocation of its own, or, given
+  // `arena`, bytes_for(formats.size(), cfg) bytes carved from it (a frozen model's arena).
+  Fp8ScalingState(Device device, std::vector<DType> formats, const Fp8ScalingConfig& cfg,
+                  Arena* arena = nullptr);
+  static size_t bytes_for(int64_t num_tensors, const Fp8ScalingConfig& cfg);
 
   int64_t num_tensors() const { return static_cast<int64_t>(formats_.size()); }
   const std::vector<DType>& formats() const { return formats_; }
   const Fp8ScalingConfig& config() const { return cfg_; }
-  Device device() const { return buffer_.device(); }
+  Device device() const { return device_; }
 
   // (1) f32 views of tensor i's entries, for the ops: amax is what fp8_quantize accumulates into
   // this step, scale what it multiplies by, scale_inv what gemm_fp8 multiplies by.
@@ -78,7 +81,8 @@ class Fp8ScalingState {
  private:
   Fp8ScalingConfig cfg_;
   std::vector<DType> formats_;
-  Buffer buffer_;
+  Device device_;
+  Buffer buffer_;             // empty when carved from an arena
   Tensor history_;            // (L, n) f32
   Tensor scale_;              // (n) f32
   Tensor scale_inv_;          // (n) f32

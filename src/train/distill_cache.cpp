@@ -14,6 +14,7 @@
 #include "data/teacher_cache.h"
 #include "kernels/ops.h"
 #include "parallel/mpi_runtime.h"
+#include "train/run_options.h"
 #include "train/teacher.h"
 
 namespace tessera {
@@ -21,12 +22,6 @@ namespace tessera {
 namespace {
 
 constexpr const char* kWho = "tessera distill-cache";
-
-DType teacher_dtype(TeacherPrecision p) {
-  if (p == TeacherPrecision::fp8)
-    TS_USER_ERROR("{}: --precision fp8: an FP8 teacher is not built yet; use bf16 or fp32", kWho);
-  return p == TeacherPrecision::fp32 ? DType::f32 : DType::bf16;
-}
 
 Device cache_device(DeviceChoice c) {
   if (c == DeviceChoice::cpu) return Device::cpu;
@@ -41,6 +36,9 @@ struct CachePlan {
   int seq_len = 0;
   std::vector<float> temperatures;
   TeacherPrecision precision = TeacherPrecision::bf16;
+  // An FP8 teacher's delayed scaling: --windows-of's precision.fp8, else its defaults
+  // (TransformerEngine's DelayedScaling ones).
+  Fp8ScalingConfig fp8_scaling;
 };
 
 // The windows a student recipe's run trains on, and its seq_len, temperatures and precision.
@@ -55,6 +53,7 @@ void plan_from_recipe(const DistillCacheOptions& o, const TokenDataset& data, Ca
                   r.file, r.data.seq_len);
   p.seq_len = r.data.seq_len;
   if (!o.precision_given) p.precision = r.distill.teacher_precision;
+  p.fp8_scaling = fp8_scaling_config(r.precision.fp8);
   const DataBlend blend = open_data_blend({{r.data.path[0].path, 1.0}}, r.train.seed);
   const Loader loader(blend.train, {r.data.seq_len, r.global_batch(), r.train.seed, 0, 1});
   std::set<int64_t> windows;
@@ -111,7 +110,10 @@ void write_teacher_cache(const DistillCacheOptions& o) {
     TS_USER_ERROR("{}: --teacher {} has model.vocab_size {}, --data {} has {}", kWho, t.dir,
                   t.model.vocab_size, o.data, data.vocab_size());
   const CachePlan p = plan_cache(o, data, t);
-  t.dtype = teacher_dtype(p.precision);
+  // As the online teacher's (read_teacher_spec): FP8 is bf16 with FP8 block linears.
+  t.dtype = p.precision == TeacherPrecision::fp32 ? DType::f32 : DType::bf16;
+  t.fp8 = p.precision == TeacherPrecision::fp8;
+  t.fp8_scaling = p.fp8_scaling;
   const Device device = cache_device(o.device);
   const int B = o.micro_batch, T = p.seq_len, K = o.top_k, V = t.model.vocab_size;
   const int64_t N = int64_t(B) * T, nT = int64_t(p.temperatures.size());
@@ -130,8 +132,8 @@ void write_teacher_cache(const DistillCacheOptions& o) {
   meta.created_by = "tessera distill-cache";
   const int64_t W = int64_t(p.windows.size());
   log_info("{}: teacher {} ({} parameters, {}) over {} of {} windows of {} tokens, top {}, on {}",
-           kWho, t.dir, t.model.num_params(), dtype_name(t.dtype), W, meta.dataset_windows, T, K,
-           device_name(device));
+           kWho, t.dir, t.model.num_params(), teacher_precision_name(t), W, meta.dataset_windows, T,
+           K, device_name(device));
 
   Teacher teacher(t, ModelShard{}, device, B, T, ops::AttentionImpl::cudnn);
   const ModelConfig& m = t.model;

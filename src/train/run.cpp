@@ -49,15 +49,6 @@ std::unique_ptr<ParallelContext> make_context(const Recipe& r, Device device) {
                                            to_string(p.order));
 }
 
-Fp8ScalingConfig fp8_scaling_config(const Fp8Config& c) {
-  Fp8ScalingConfig f;
-  f.amax_history_len = c.amax_history_len;
-  f.amax_compute = c.amax_compute == AmaxCompute::most_recent ? ops::Fp8AmaxCompute::most_recent
-                                                              : ops::Fp8AmaxCompute::max;
-  f.margin = c.margin;
-  return f;
-}
-
 AdamWConfig adamw_config(const OptimConfig& o) {
   AdamWConfig a;
   a.beta1 = o.beta1;
@@ -172,7 +163,8 @@ Run::Run(const Recipe& recipe)
                                            r.data.seq_len, r.train.attention);
       if (rank0())
         log_info("distillation: teacher {} ({} parameters, {}), {:.2f} GB per rank", teacher->dir,
-                 teacher->model.num_params(), dtype_name(teacher->dtype), teacher_->bytes() / 1e9);
+                 teacher->model.num_params(), teacher_precision_name(*teacher),
+                 teacher_->bytes() / 1e9);
     }
     if (rank0() && !teacher->hidden_pairs.empty()) {
       std::string pairs;

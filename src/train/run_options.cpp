@@ -16,6 +16,15 @@ DType compute_dtype(Compute c) {
   TS_BUG("unknown compute dtype {}", int(c));
 }
 
+Fp8ScalingConfig fp8_scaling_config(const Fp8Config& c) {
+  Fp8ScalingConfig f;
+  f.amax_history_len = c.amax_history_len;
+  f.amax_compute = c.amax_compute == AmaxCompute::most_recent ? ops::Fp8AmaxCompute::most_recent
+                                                              : ops::Fp8AmaxCompute::max;
+  f.margin = c.margin;
+  return f;
+}
+
 ExecOptions exec_options(const Recipe& r, int pp_rank, const TeacherCacheMeta* cache) {
   ExecOptions e;
   e.attention = r.train.attention;

@@ -6,6 +6,7 @@
 #include "core/dtype.h"
 #include "data/teacher_cache.h"
 #include "model/exec_options.h"
+#include "optim/fp8_scaling.h"
 #include "parallel/pipeline_schedule.h"
 
 namespace tessera {
@@ -14,6 +15,10 @@ namespace tessera {
 // FP32 whatever this is. The CPU backend rounds every 16-bit result exactly as the GPU does, so
 // bf16 and fp16 runs are testable without a GPU.
 DType compute_dtype(Compute c);
+
+// precision.fp8 as the FP8 state takes it (the student's FP8 linears, and an FP8 teacher's: its
+// defaults, TransformerEngine's DelayedScaling ones, unless precision.compute is fp8).
+Fp8ScalingConfig fp8_scaling_config(const Fp8Config& c);
 
 // Recomputation and the FP32 layers of pipeline stage pp_rank, the gradient dtype, attention,
 // and the shape of the teacher cache's rows when distilling from one (distill.teacher_cache).

@@ -9,6 +9,7 @@
 #include "io/checkpoint.h"
 #include "kernels/ops.h"
 #include "train/checkpointing.h"
+#include "train/run_options.h"
 
 namespace tessera {
 
@@ -141,6 +142,8 @@ TeacherSpec read_teacher_spec(const Recipe& r, const std::string& tokenizer_hash
   t.model.vocab_pad_multiple = r.model.vocab_pad_multiple;
   check_teacher_split(r, t);
   t.dtype = r.distill.teacher_precision == TeacherPrecision::fp32 ? DType::f32 : DType::bf16;
+  t.fp8 = r.distill.teacher_precision == TeacherPrecision::fp8;
+  t.fp8_scaling = fp8_scaling_config(r.precision.fp8);
   t.hidden_pairs = resolve_hidden_pairs(r, t);
   return t;
 }
@@ -156,6 +159,10 @@ TeacherSpec read_teacher_checkpoint(const std::string& given, const std::string&
                   ck.meta("tokenizer_hash"), tokenizer_hash);
   t.dtype = dtype;
   return t;
+}
+
+std::string teacher_precision_name(const TeacherSpec& t) {
+  return t.fp8 ? "fp8" : std::string(dtype_name(t.dtype));
 }
 
 std::vector<int> teacher_stage_layers(const TeacherSpec& t, int pp) {
@@ -174,9 +181,11 @@ size_t Teacher::bytes_needed(const TeacherSpec& t, const ModelShard& student, in
                              ops::AttentionImpl attention) {
   const ModelShard s = teacher_shard(t, student);
   const ExecOptions exec = teacher_exec(attention);
+  const size_t fp8 =
+      t.fp8 ? Fp8Linears::frozen_bytes(t.model, s, int64_t(B) * T, t.fp8_scaling) : 0;
   return Transformer::param_bytes(t.model, s, t.dtype, 1, /*with_master=*/false,
                                   /*fp32_grads=*/false, /*with_grads=*/false) +
-         Activations::bytes_needed(t.model, t.dtype, B, T, /*training=*/false, s, exec);
+         Activations::bytes_needed(t.model, t.dtype, B, T, /*training=*/false, s, exec) + fp8;
 }
 
 Teacher::Teacher(const TeacherSpec& t, const ModelShard& student, Device device, int B, int T,
@@ -197,6 +206,10 @@ Teacher::Teacher(const TeacherSpec& t, const ModelShard& student, Device device,
     copy_bytes(p.value.data, device, value.data(), Device::cpu, value.size());
   }
   acts_ = std::make_unique<Activations>(*model_, B, T, /*training=*/false, &arena_);
+  if (t.fp8) {  // after the weights are loaded: they are quantized once, here
+    fp8_ = std::make_unique<Fp8Linears>(device, t.fp8_scaling);
+    fp8_->attach_frozen(*model_, int64_t(B) * T, arena_, shard.tp_comm);
+  }
   TS_CHECK(arena_.used() == arena_.capacity(), "the teacher's plan reserved {} bytes, it took {}",
            arena_.capacity(), arena_.used());
 }
@@ -213,6 +226,7 @@ Tensor Teacher::hidden_state(int blocks) const {
 void Teacher::forward(Tensor tokens, Tensor input) {
   if (!model_->shard().first_stage()) copy_tensor(acts_->stage_input(), input);
   model_->forward_stage(*acts_, tokens);
+  if (fp8_) fp8_->end_forward(model_->shard().tp_comm);
 }
 
 }  // namespace tessera

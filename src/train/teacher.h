@@ -5,7 +5,8 @@
 // over the stages), replicated over dp; it runs forward only, one micro-batch at a time, beside
 // the student's forward on each stage, and its logits reach the student's KD loss on the last. Its
 // memory is an arena of its own, planned with the student's (MemoryPlan::teacher), so it can be
-// freed when the curriculum no longer needs it.
+// freed when the curriculum no longer needs it. An FP8 teacher is bf16 with its block linears as
+// FP8 GEMMs (Fp8Linears::attach_frozen: weights quantized once, its state and copies in the arena).
 #pragma once
 #include <memory>
 #include <optional>
@@ -15,14 +16,19 @@
 #include "config/recipe.h"
 #include "core/memory.h"
 #include "model/transformer.h"
+#include "optim/fp8_linear.h"
 
 namespace tessera {
 
 // What the teacher is, from its checkpoint alone (nothing allocated).
 struct TeacherSpec {
-  std::string dir;    // the checkpoint step directory
-  ModelConfig model;  // its model section, padded to the student's vocabulary
-  DType dtype = DType::bf16;
+  std::string dir;            // the checkpoint step directory
+  ModelConfig model;          // its model section, padded to the student's vocabulary
+  DType dtype = DType::bf16;  // of its weights and activations (bf16 when fp8)
+  // distill.teacher_precision fp8: the block linears run as FP8 GEMMs with these scaling knobs
+  // (precision.fp8), everything else in bf16, as precision.compute: fp8 does for a student.
+  bool fp8 = false;
+  Fp8ScalingConfig fp8_scaling;
   // distill.hidden_pairs with the teacher's width: the student's ExecOptions::hidden_pairs.
   std::vector<HiddenPair> hidden_pairs;
 };
@@ -39,6 +45,9 @@ TeacherSpec read_teacher_spec(const Recipe& student, const std::string& tokenize
 // data's tokenizer; `who` names the setting in errors.
 TeacherSpec read_teacher_checkpoint(const std::string& given, const std::string& tokenizer_hash,
                                     DType dtype, const std::string& who);
+
+// "bf16", "fp32" or "fp8" (its distill.teacher_precision), for logs.
+std::string teacher_precision_name(const TeacherSpec& t);
 
 // The teacher's pipeline split: its layers spread evenly over the student's pp stages (the first
 // stages take one more when pp does not divide them), so its memory follows the student's.
@@ -59,7 +68,8 @@ inline TeacherDims teacher_dims(const std::optional<TeacherSpec>& t) {
 
 class Teacher {
  public:
-  // Bytes of its arena: the weights and one forward's activations at (B, T).
+  // Bytes of its arena: the weights and one forward's activations at (B, T) (FP8: also its
+  // scaling state, the FP8 weight copies and the quantized input scratch).
   static size_t bytes_needed(const TeacherSpec& t, const ModelShard& student, int B, int T,
                              ops::AttentionImpl attention);
   // Allocates, loads the weights (each rank its tp slice, from any layout that saved them).
@@ -71,6 +81,7 @@ class Teacher {
   // This stage's forward for one micro-batch: the first stage embeds tokens (B, T), the others
   // start from `input` (B*T, hidden), the previous stage's output(). Then output() holds this
   // stage's output (not the last stage) and, on the last stage, logits() the teacher's logits.
+  // FP8: the forward's input amaxes then update the scales (agreed over tp: a collective).
   void forward(Tensor tokens, Tensor input);
   Tensor output() const { return acts_->stage_output(); }   // (B*T, hidden)
   Tensor logits() const { return model_->logits(*acts_); }  // (B*T, Vl), last stage
@@ -79,11 +90,13 @@ class Teacher {
   Tensor hidden_state(int blocks) const;
   const Transformer& model() const { return *model_; }
   size_t bytes() const { return arena_.capacity(); }
+  const Fp8Linears* fp8() const { return fp8_.get(); }  // null unless an FP8 teacher
 
  private:
   Arena arena_;
   std::unique_ptr<Transformer> model_;
   std::unique_ptr<Activations> acts_;
+  std::unique_ptr<Fp8Linears> fp8_;  // its memory is arena_'s
 };
 
 }  // namespace tessera

@@ -6,6 +6,7 @@
 //    data-processing inequality; equal at step 1, where both students are the same), and the
 //    student's validation loss stays within 3% of the online student's after 5 steps;
 //  * tp 2 x pp 2 from the cache equals one process;
+//  * an FP8 teacher's cache (--precision fp8) gives a first step's KD within 3% of the FP32 one's;
 //  * a cache of another seq_len, a temperature it lacks and a window it lacks are user errors.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -130,6 +131,33 @@ TEST(DistillCache, Top32IsALowerBoundAndTrainsClose) {
     EXPECT_LE(rel(par[i]["loss"].get<double>(), off[i]["loss"].get<double>()), 1e-5);
     EXPECT_LE(rel(par[i]["kd_loss"].get<double>(), off[i]["kd_loss"].get<double>()), 1e-5);
   }
+}
+
+// The same teacher in FP8 (its block linears FP8 GEMMs, the online FP8 teacher's code): its top 32
+// make a first step (the same student, one step is enough) whose KD is within 3% of the FP32
+// cache's (the logits differ by E4M3's rounding, ~2%: tests/train/teacher_test.cpp).
+TEST(DistillCache, Fp8TeacherCacheIsCloseToTheFp32One) {
+  ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
+  const Fixture& f = fixture();
+  const auto c = run_cli(fmt::format(
+      "distill-cache --teacher {} --data {} --top-k 32 --out {}/k32-fp8.h5 --precision fp8 "
+      "--device cpu --windows-of recipes/ci-tiny-distill.yaml{}{}",
+      f.teacher, testing::ci_dataset(), f.dir, kShort, kStudent));
+  ASSERT_EQ(c.status, 0) << c.output;
+  EXPECT_NE(c.output.find("parameters, fp8)"), std::string::npos) << c.output;
+  for (const char* k : {"k32", "k32-fp8"}) {
+    const auto r = student(fmt::format("{}/first-{}", f.dir, k), fmt::format("{}/{}.h5", f.dir, k),
+                           1, 1, " --set train.steps=1 --set optim.warmup_steps=0");
+    ASSERT_EQ(r.status, 0) << r.output;
+  }
+  const auto ref = steps_of(f.dir + "/first-k32"), got = steps_of(f.dir + "/first-k32-fp8");
+  ASSERT_EQ(ref.size(), 1u);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_LE(rel(got[0]["kd_loss"].get<double>(), ref[0]["kd_loss"].get<double>()), 0.03)
+      << got[0].dump() << "\n"
+      << ref[0].dump();
+  EXPECT_NE(got[0]["kd_loss"].get<double>(), ref[0]["kd_loss"].get<double>());
+  EXPECT_EQ(got[0]["ce_loss"].get<double>(), ref[0]["ce_loss"].get<double>());
 }
 
 TEST(DistillCache, MismatchesAreUserErrors) {

@@ -11,7 +11,8 @@
 //    beta is bitwise;
 //  * dp, tp and pp (GPipe and 1F1B) layouts and a dp x tp x pp mix equal one process (forward
 //    and reverse KL; the first three with hidden-state pairs);
-//  * MoE teachers and MoE students, BF16, and the errors for a bad teacher or hidden pair.
+//  * MoE teachers and MoE students, BF16, an FP8 teacher (its first step's KD within 3% of the
+//    BF16 teacher's), and the errors for a bad teacher or hidden pair.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -296,8 +297,9 @@ INSTANTIATE_TEST_SUITE_P(Layouts, DistillParallelEqualsSerial,
                          [](const auto& info) { return info.param.name(); });
 
 // An MoE teacher (ci-tiny-moe) into the dense student, and the dense teacher into an MoE student;
-// then BF16 teacher and student; an MoE teacher under ep is an error.
-TEST(DistillTrain, MoeTeachersMoeStudentsAndBf16) {
+// then BF16 teacher and student, and the same student with an FP8 teacher; an MoE teacher under ep
+// is an error.
+TEST(DistillTrain, MoeTeachersMoeStudentsBf16AndFp8Teachers) {
   ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
   const std::string dir = testing::fresh_dir("distill-kinds");
   const std::string soft = " --set 'distill.curriculum=[{alpha: 1}]'";
@@ -314,6 +316,13 @@ TEST(DistillTrain, MoeTeachersMoeStudentsAndBf16) {
       teacher, dir + "/bf16",
       " --set precision.compute=bf16 --set distill.teacher_precision=bf16" + soft, {}, 3);
   ASSERT_EQ(c.status, 0) << c.output;
+  // The FP8 teacher: the same student and data, so the first step's KD differs from the BF16
+  // teacher's only by the teacher's E4M3 rounding (its logits ~2% apart, tests/train/teacher_test).
+  const auto d = train_student(
+      teacher, dir + "/fp8-teacher",
+      " --set precision.compute=bf16 --set distill.teacher_precision=fp8" + soft, {}, 3);
+  ASSERT_EQ(d.status, 0) << d.output;
+  EXPECT_NE(d.output.find("parameters, fp8)"), std::string::npos) << d.output;
   // An MoE teacher under expert parallelism is not built: a clear error.
   const auto ep = run_cli(fmt::format("train recipes/ci-tiny-moe.yaml{} --set data.micro_batch=4"
                                       " --set train.steps=3 --set parallel.dp=2 --set parallel.ep=2"
@@ -324,11 +333,14 @@ TEST(DistillTrain, MoeTeachersMoeStudentsAndBf16) {
   EXPECT_NE(ep.output.find("an MoE teacher under expert parallelism is not built yet"),
             std::string::npos)
       << ep.output;
-  for (const std::string run : {"/moe-teacher", "/moe-student", "/bf16"}) {
+  for (const std::string run : {"/moe-teacher", "/moe-student", "/bf16", "/fp8-teacher"}) {
     const auto m = read_metrics(dir + run);
     ASSERT_GE(m.size(), 3u) << run;
     EXPECT_LT(m[2]["kd_loss"].get<double>(), m[0]["kd_loss"].get<double>()) << run;
   }
+  const double kd_bf16 = read_metrics(dir + "/bf16")[0]["kd_loss"].get<double>();
+  const double kd_fp8 = read_metrics(dir + "/fp8-teacher")[0]["kd_loss"].get<double>();
+  EXPECT_LE(rel(kd_fp8, kd_bf16), 0.03) << kd_fp8 << " vs " << kd_bf16;
 }
 
 TEST(DistillTrain, BadTeachersAreUserErrors) {

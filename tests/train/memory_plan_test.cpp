@@ -65,7 +65,8 @@ TEST(MemoryPlan, Fp8CopiesLiveOutsideTheArena) {
 
 // Distillation: the student's sets hold the teacher's logits and the KD buffers (in the plan's
 // arena, exactly), and the teacher's weights and forward sit in an arena of their own of exactly
-// plan.teacher bytes (a wider llama teacher in bf16 beside an fp32 gpt2 student, and in fp32).
+// plan.teacher bytes (a wider llama teacher in bf16 beside an fp32 gpt2 student, in fp32, and in
+// fp8, whose scaling state, weight copies and input scratch are in that arena too).
 // With hidden-state pairs (student 32 wide, teacher 48: both projected; with and without ZeRO-1)
 // the projections are parameters and each set keeps one (N, 48) difference per pair.
 TEST(MemoryPlan, DistillationTeacherAndKdBuffersArePlanned) {
@@ -77,7 +78,7 @@ TEST(MemoryPlan, DistillationTeacherAndKdBuffersArePlanned) {
                       "model.num_layers=3", "model.num_kv_heads=2"}));
     teacher.save(1);
   }
-  for (const char* precision : {"bf16", "fp32"}) {
+  for (const char* precision : {"bf16", "fp32", "fp8"}) {
     SCOPED_TRACE(precision);
     tessera::Run run(testing::tiny_recipe(
         dir.str() + "/student",
