@@ -231,15 +231,8 @@ const char* split_name(Split split) { return split == Split::train ? "train" : "
 
 // --- writer -------------------------------------------------------------------------------------
 
-TokenDatasetWriter::TempFile::~TempFile() {
-  if (!committed) ::unlink(path.c_str());
-}
-
 TokenDatasetWriter::TokenDatasetWriter(const std::string& path, int64_t vocab_size)
-    : temp_{fmt::format("{}.tmp-{}", path, static_cast<long>(::getpid()))},
-      path_(path),
-      vocab_size_(vocab_size),
-      file_(h5::File::create(temp_.path)) {
+    : temp_(path), path_(path), vocab_size_(vocab_size), file_(h5::File::create(temp_.path)) {
   TS_CHECK(vocab_size > 0 && vocab_size <= kMaxVocab, "vocab_size {}", vocab_size);
   const h5::Ctx& ctx = file_.ctx();
   for (const Split s : kSplits) {

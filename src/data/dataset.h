@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "data/token_source.h"
+#include "io/fs_util.h"
 #include "io/h5.h"
 
 namespace tessera {
@@ -96,11 +97,7 @@ class TokenDatasetWriter {
   };
   void flush(Stream& s, bool all);
 
-  struct TempFile {  // first member: destroyed last, after the HDF5 handles are closed
-    std::string path;
-    bool committed = false;
-    ~TempFile();
-  } temp_;
+  io::TempPath temp_;  // first member: destroyed last, after the HDF5 handles are closed
   std::string path_;
   int64_t vocab_size_;
   io::h5::File file_;

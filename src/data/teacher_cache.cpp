@@ -73,13 +73,9 @@ std::vector<int64_t> lse_dims(const TeacherCacheMeta& m, int64_t W) {
 
 // --- writer -------------------------------------------------------------------------------------
 
-TeacherCacheWriter::TempFile::~TempFile() {
-  if (!committed) ::unlink(path.c_str());
-}
-
 TeacherCacheWriter::TeacherCacheWriter(const std::string& path, const TeacherCacheMeta& meta,
                                        std::vector<int64_t> windows)
-    : temp_{fmt::format("{}.tmp-{}", path, static_cast<long>(::getpid()))},
+    : temp_(path),
       path_(path),
       meta_(meta),
       num_windows_(int64_t(windows.size())),

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "io/fs_util.h"
 #include "io/h5.h"
 
 namespace tessera {
@@ -68,11 +69,7 @@ class TeacherCacheWriter {
   void commit();  // needs every window written
 
  private:
-  struct TempFile {  // first member: destroyed last, after the HDF5 handles are closed
-    std::string path;
-    bool committed = false;
-    ~TempFile();
-  } temp_;
+  io::TempPath temp_;  // first member: destroyed last, after the HDF5 handles are closed
   std::string path_;
   TeacherCacheMeta meta_;
   int64_t num_windows_ = 0, written_ = 0;

@@ -97,6 +97,13 @@ void remove_tree(const std::string& path) {
   if (ec) TS_SYSTEM_ERROR("remove_all({}): {}", path, ec.message());
 }
 
+TempPath::TempPath(const std::string& final_path)
+    : path(final_path + ".tmp-" + std::to_string(static_cast<long>(::getpid()))) {}
+
+TempPath::~TempPath() {
+  if (!committed) ::unlink(path.c_str());
+}
+
 void write_file_synced(const std::string& path, const std::string& text) {
   int fd = -1;
   do {

@@ -31,6 +31,18 @@ void make_dirs(const std::string& path);
 // Removes a file or a directory tree; no error if it does not exist.
 void remove_tree(const std::string& path);
 
+// The temporary file of an atomic write of `final_path`: "<final_path>.tmp-<pid>", removed when
+// this is destroyed unless `committed` (the writer fsyncs it, renames it over the final path and
+// sets committed). Declare it before the handles that write it, so it is destroyed after them.
+struct TempPath {
+  explicit TempPath(const std::string& final_path);
+  ~TempPath();
+  TempPath(const TempPath&) = delete;
+  TempPath& operator=(const TempPath&) = delete;
+  std::string path;
+  bool committed = false;
+};
+
 // Writes `text` to `path` (truncating) and fsyncs the file.
 void write_file_synced(const std::string& path, const std::string& text);
 

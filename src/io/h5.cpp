@@ -445,16 +445,27 @@ void write_dataset(const Ctx& ctx, hid_t dset, hid_t mem_type, const void* data,
   check(H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), ctx, "H5Dwrite", name);
 }
 
+namespace {
+
+// `dset`'s file space with the box [offset, offset + count) selected.
+Handle file_box(const Ctx& ctx, hid_t dset, const std::vector<int64_t>& offset,
+                const std::vector<int64_t>& count, const std::string& name) {
+  Handle fspace(check_id(H5Dget_space(dset), ctx, "H5Dget_space", name), H5Sclose);
+  const std::vector<hsize_t> fstart = to_hsize(offset), hcount = to_hsize(count);
+  check(H5Sselect_hyperslab(fspace.id(), H5S_SELECT_SET, fstart.data(), nullptr, hcount.data(),
+                            nullptr),
+        ctx, "H5Sselect_hyperslab", name);
+  return fspace;
+}
+
+}  // namespace
+
 void write_box(const Ctx& ctx, hid_t dset, hid_t mem_type, const std::vector<int64_t>& file_offset,
                const std::vector<int64_t>& count, const void* mem, const std::string& name) {
   TS_CHECK(file_offset.size() == count.size() && !count.empty(), "write_box rank for {}", name);
   for (int64_t c : count)
     if (c == 0) return;
-  Handle fspace(check_id(H5Dget_space(dset), ctx, "H5Dget_space", name), H5Sclose);
-  const std::vector<hsize_t> fstart = to_hsize(file_offset), hcount = to_hsize(count);
-  check(H5Sselect_hyperslab(fspace.id(), H5S_SELECT_SET, fstart.data(), nullptr, hcount.data(),
-                            nullptr),
-        ctx, "H5Sselect_hyperslab", name);
+  const Handle fspace = file_box(ctx, dset, file_offset, count, name);
   Handle mspace = scalar_or_simple_space(ctx, count, name);
   check(H5Dwrite(dset, mem_type, mspace.id(), fspace.id(), H5P_DEFAULT, mem), ctx, "H5Dwrite",
         name);
@@ -472,13 +483,9 @@ void read_box(const Ctx& ctx, hid_t dset, hid_t mem_type, const std::vector<int6
   }
   for (int64_t c : count)
     if (c == 0) return;
-  Handle fspace(check_id(H5Dget_space(dset), ctx, "H5Dget_space", name), H5Sclose);
-  const std::vector<hsize_t> fstart = to_hsize(file_offset), hcount = to_hsize(count);
-  check(H5Sselect_hyperslab(fspace.id(), H5S_SELECT_SET, fstart.data(), nullptr, hcount.data(),
-                            nullptr),
-        ctx, "H5Sselect_hyperslab", name);
+  const Handle fspace = file_box(ctx, dset, file_offset, count, name);
   Handle mspace = scalar_or_simple_space(ctx, mem_dims, name);
-  const std::vector<hsize_t> mstart = to_hsize(mem_offset);
+  const std::vector<hsize_t> mstart = to_hsize(mem_offset), hcount = to_hsize(count);
   check(H5Sselect_hyperslab(mspace.id(), H5S_SELECT_SET, mstart.data(), nullptr, hcount.data(),
                             nullptr),
         ctx, "H5Sselect_hyperslab", name);
