@@ -11,6 +11,8 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -36,11 +38,12 @@ struct Fixture {
 };
 
 // One teacher (ci-tiny, 20 steps) and its full and top-32 caches of the student's windows, shared
-// by the tests of this file.
+// by the tests of one process. ctest runs each case in a process of its own, concurrently: the
+// directory is the process's, so no case removes another's files.
 const Fixture& fixture() {
   static const Fixture f = [] {
     Fixture x;
-    x.dir = testing::fresh_dir("distill-cache");
+    x.dir = testing::fresh_dir(fmt::format("distill-cache-{}", static_cast<long>(::getpid())));
     x.teacher = x.dir + "/teacher";
     const auto t = run_cli(
         fmt::format("train recipes/ci-tiny.yaml{} --set data.micro_batch=8 --set train.steps=20 "
