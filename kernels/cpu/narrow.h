@@ -23,6 +23,7 @@ namespace tessera::cpu {
 class NarrowScope {
  public:
   explicit NarrowScope(const char* op) : op_(op) {}
+  ~NarrowScope();  // hands the scratch copies back to this thread's pool
   NarrowScope(const NarrowScope&) = delete;
   NarrowScope& operator=(const NarrowScope&) = delete;
 
@@ -46,7 +47,8 @@ class NarrowScope {
     bool written = false;
     bool narrow = false;               // bf16/f16: has a scratch copy
     bool filled = false;               // scratch holds the widened contents of orig
-    std::unique_ptr<float[]> scratch;  // numel f32 values when narrow
+    std::unique_ptr<float[]> scratch;  // >= numel f32 values when narrow (from the pool)
+    size_t capacity = 0;               // of scratch
   };
 
   Tensor add(const Tensor& t, const char* name, bool written, bool read);

@@ -415,6 +415,37 @@ TEST(ConvertBuffer, FloatPathsAgreeWithScalarConversions) {
   for (int64_t i = 0; i < n; ++i) ASSERT_TRUE(same_float(back[i], f16_bits_to_f32(h16[i])));
 }
 
+// The fast widenings (bf16/f16 -> f32) and the fast f32 -> bf16 rounding give the bits of the
+// general path, which reads every element as a double (an f64 source always takes it): on every
+// 16-bit pattern, NaNs included, and on sampled f32 patterns with their NaNs.
+TEST(ConvertBuffer, FastPathsEqualTheGeneralPath) {
+  std::vector<uint16_t> all(65536);
+  for (uint32_t b = 0; b < 65536; ++b) all[b] = static_cast<uint16_t>(b);
+  for (DType t : {DType::bf16, DType::f16}) {
+    std::vector<float> fast(65536);
+    std::vector<double> wide(65536);
+    convert_buffer(all.data(), t, fast.data(), DType::f32, 65536);
+    convert_buffer(all.data(), t, wide.data(), DType::f64, 65536);
+    std::vector<float> general(65536);
+    for (int i = 0; i < 65536; ++i) general[i] = static_cast<float>(wide[i]);
+    for (int i = 0; i < 65536; ++i)
+      ASSERT_EQ(std::bit_cast<uint32_t>(fast[i]), std::bit_cast<uint32_t>(general[i]))
+          << dtype_name(t) << " pattern " << i;
+  }
+  std::mt19937 gen(7);
+  std::vector<float> src(1 << 16);
+  for (float& v : src) v = std::bit_cast<float>(static_cast<uint32_t>(gen()));
+  src[0] = std::bit_cast<float>(0x7F800001u);  // a signalling NaN
+  src[1] = std::bit_cast<float>(0xFFC00000u);
+  src[2] = std::bit_cast<float>(0x7F7FFFFFu);  // rounds up to Inf
+  const int64_t n = static_cast<int64_t>(src.size());
+  std::vector<double> wide(src.begin(), src.end());
+  std::vector<uint16_t> fast(n), general(n);
+  convert_buffer(src.data(), DType::f32, fast.data(), DType::bf16, n);
+  convert_buffer(wide.data(), DType::f64, general.data(), DType::bf16, n);
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(fast[i], general[i]) << "f32 bits " << i;
+}
+
 TEST(ConvertBuffer, IntegersRoundToEvenAndSaturate) {
   const float src[] = {2.5f,  3.5f,   -2.5f,   -0.5f,
                        1.49f, 200.0f, -300.0f, std::numeric_limits<float>::quiet_NaN()};
