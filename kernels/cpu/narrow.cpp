@@ -49,8 +49,8 @@ class ScratchPool {
   void give(std::unique_ptr<float[]> buf, size_t capacity) {
     free_.emplace_back(capacity, std::move(buf));
     if (free_.size() <= kMaxPooled) return;
-    auto smallest = std::min_element(free_.begin(), free_.end(),
-                                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    auto smallest = std::min_element(
+        free_.begin(), free_.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     free_.erase(smallest);
   }
 
