@@ -318,14 +318,15 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
 }
 
 void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
-                            int vocab_size, float dloss, int64_t vocab_start, Stream stream) {
-  dispatch("cross_entropy_backward", {&dlogits, &logits, &lse, &targets}, stream,
+                            int vocab_size, float dloss, int64_t vocab_start, Tensor addend,
+                            Stream stream) {
+  dispatch("cross_entropy_backward", {&dlogits, &logits, &lse, &targets, &addend}, stream,
            TS_ON_CUDA(cuda::cross_entropy_backward(dlogits, logits, lse, targets, vocab_size, dloss,
-                                                   vocab_start, stream)),
+                                                   vocab_start, addend, stream)),
            [&](cpu::NarrowScope& n) {
              cpu::cross_entropy_backward(n.out(dlogits, "dlogits"), n.in(logits, "logits"),
                                          n.stat_in(lse, "lse"), n.in(targets, "targets"),
-                                         vocab_size, dloss, vocab_start);
+                                         vocab_size, dloss, vocab_start, n.in(addend, "addend"));
            });
 }
 

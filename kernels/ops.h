@@ -162,9 +162,12 @@ void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
 // [vocab_start, vocab_start + Vl) of the padded vocabulary and lse is the global one (from
 // cross_entropy_shard_finish); the one-hot sits at column y - vocab_start when inside the shard,
 // and columns with vocab_start + j >= vocab_size are padding (0).
+// addend (N,Vl) of the logits' dtype, when given, is added to every element before the one
+// rounding to the dtype: the objective's other terms' gradients (a distillation KL) join the
+// cross-entropy's in this pass instead of a pass of their own. It must not alias dlogits.
 void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/, Tensor lse /*(N)*/,
                             Tensor targets /*(N) i32*/, int vocab_size, float dloss,
-                            int64_t vocab_start = 0, Stream stream = {});
+                            int64_t vocab_start = 0, Tensor addend = {}, Stream stream = {});
 
 // ---- vocabulary-parallel cross-entropy (Megatron's vocab_parallel_cross_entropy) ------------
 // Each tp rank holds logits (N,Vl) = columns [vocab_start, vocab_start + Vl) of the padded

@@ -68,22 +68,25 @@ void forward_impl(const Tensor& losses, const Tensor& lse, const T* logits, cons
 template <class T>
 void backward_impl(T* dlogits, const T* logits, const Tensor& lse, const int32_t* targets,
                    int64_t num_rows, int64_t width, int64_t num_real, int64_t vocab_start,
-                   double dloss) {
+                   double dloss, const T* addend) {
 #pragma omp parallel for schedule(static) if (num_rows * width > kMinParallelWork)
   for (int64_t n = 0; n < num_rows; ++n) {
     const T* row = logits + n * width;
     T* drow = dlogits + n * width;
     if (targets[n] < 0) {
       std::fill(drow, drow + width, T(0));
-      continue;
+    } else {
+      const int64_t y = int64_t(targets[n]) - vocab_start;  // local column; may lie outside
+      const double row_lse = load_stat(lse, n);
+      for (int64_t c = 0; c < num_real; ++c) {
+        const double p = std::exp(double(row[c]) - row_lse);
+        drow[c] = T(dloss * (p - (c == y ? 1.0 : 0.0)));
+      }
+      std::fill(drow + num_real, drow + width, T(0));  // padding columns
     }
-    const int64_t y = int64_t(targets[n]) - vocab_start;  // local column; may lie outside
-    const double row_lse = load_stat(lse, n);
-    for (int64_t c = 0; c < num_real; ++c) {
-      const double p = std::exp(double(row[c]) - row_lse);
-      drow[c] = T(dloss * (p - (c == y ? 1.0 : 0.0)));
-    }
-    std::fill(drow + num_real, drow + width, T(0));  // padding columns
+    // The cross-entropy's gradient as the op without an addend gives it, plus the addend.
+    if (addend != nullptr)
+      for (int64_t c = 0; c < width; ++c) drow[c] += addend[n * width + c];
   }
 }
 
@@ -148,11 +151,16 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
            "{}: dlogits partially overlaps logits; only exact aliasing (in place) is supported",
            kOp);
   TS_CHECK(!overlaps(dlogits, lse), "{}: dlogits overlaps lse", kOp);
+  if (!addend.empty()) {
+    check_like(addend, logits.dtype, logits.shape, kOp, "addend");
+    TS_CHECK(!overlaps(addend, dlogits), "{}: addend overlaps dlogits", kOp);
+  }
   const int64_t width = logits.dim(1);
   dispatch_float(logits.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
     backward_impl(dlogits.ptr<T>(), logits.ptr<T>(), lse, targets.ptr<int32_t>(), num_rows, width,
-                  num_real_columns(vocab_start, width, vocab_size), vocab_start, dloss);
+                  num_real_columns(vocab_start, width, vocab_size), vocab_start, dloss,
+                  addend.empty() ? nullptr : addend.ptr<T>());
   });
 }
 

@@ -112,20 +112,26 @@ template <class T>
 __global__ void __launch_bounds__(kRowThreads)
     cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
                                   const int32_t* targets, int64_t width, int vocab_size,
-                                  int64_t vocab_start, int64_t num_real, float dloss) {
+                                  int64_t vocab_start, int64_t num_real, float dloss,
+                                  const T* addend) {
   constexpr int kVec = kVecWidth<T>;
   const int64_t row = blockIdx.x;
   const T* x = logits + row * width;
   T* dx = dlogits + row * width;
+  const T* add = addend == nullptr ? nullptr : addend + row * width;
   const int32_t y = targets[row];
   // Ignored rows get zeros everywhere; rows with an invalid target get NaN (see the header).
   const bool ignored = y < 0, invalid = y >= vocab_size;
   const int64_t local_y = int64_t(y) - vocab_start;
   const float row_lse = lse[row];
-  auto grad = [&](float v, int64_t c) {
+  auto ce = [&](float v, int64_t c) {
     if (ignored) return 0.0f;
     if (invalid) return NAN;
     return ce_grad(v, c, local_y, num_real, row_lse, dloss);
+  };
+  // The addend joins in f32, before the one rounding to T.
+  auto grad = [&](float v, int64_t c) {
+    return add == nullptr ? ce(v, c) : ce(v, c) + to_f32(add[c]);
   };
   // dx and x have the same misalignment (same row offset, both tensors 2-byte aligned or not).
   const int head = head_elems(dx, width);
@@ -142,8 +148,15 @@ __global__ void __launch_bounds__(kRowThreads)
       [&](int64_t c, const T(&v)[kVec]) {
         const int64_t c0 = head + c;
         Pack<T, kVec> out;
+        if (add == nullptr) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) out.v[j] = from_f32<T>(grad(to_f32(v[j]), c0 + j));
+          for (int j = 0; j < kVec; ++j) out.v[j] = from_f32<T>(ce(to_f32(v[j]), c0 + j));
+        } else {
+          const Pack<T, kVec> a = load_pack<T, kVec>(add + c0);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j)
+            out.v[j] = from_f32<T>(ce(to_f32(v[j]), c0 + j) + to_f32(a.v[j]));
+        }
         store_pack<T, kVec>(dx + c0, out);
       },
       x + head);
@@ -282,7 +295,8 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
 }
 
 void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
-                            int vocab_size, float dloss, int64_t vocab_start, ops::Stream stream) {
+                            int vocab_size, float dloss, int64_t vocab_start, Tensor addend,
+                            ops::Stream stream) {
   constexpr const char* kOp = "cross_entropy_backward";
   const int64_t num_rows = check_ce_args(logits, targets, vocab_size, vocab_start, true, kOp);
   expect_tensor(lse, DType::f32, Shape{num_rows}, kOp, "lse");
@@ -292,13 +306,18 @@ void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor ta
            kOp);
   TS_CHECK(!overlaps(dlogits, lse), "{}: dlogits overlaps lse", kOp);
   TS_CHECK(!overlaps(dlogits, targets), "{}: dlogits overlaps targets", kOp);
+  if (!addend.empty()) {
+    expect_tensor(addend, logits.dtype, logits.shape, kOp, "addend");
+    TS_CHECK(!overlaps(addend, dlogits), "{}: addend overlaps dlogits", kOp);
+  }
   if (num_rows == 0) return;
   const int64_t width = logits.dim(1);
   dispatch_float(logits, kOp, [&]<class T>() {
     cross_entropy_backward_kernel<T><<<num_rows, kRowThreads, 0, cuda_stream(stream)>>>(
         static_cast<T*>(dlogits.data), static_cast<const T*>(logits.data),
         static_cast<const float*>(lse.data), static_cast<const int32_t*>(targets.data), width,
-        vocab_size, vocab_start, num_real_columns(vocab_start, width, vocab_size), dloss);
+        vocab_size, vocab_start, num_real_columns(vocab_start, width, vocab_size), dloss,
+        addend.empty() ? nullptr : static_cast<const T*>(addend.data));
     TS_CUDA_CHECK_LAUNCH();
   });
 }

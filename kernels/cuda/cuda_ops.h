@@ -117,7 +117,7 @@ void cross_entropy_forward(Tensor losses /*(N) f32*/, Tensor lse /*(N) f32*/,
 // [vocab_start, vocab_start + Vl) of the vocabulary and lse is the global one.
 void cross_entropy_backward(Tensor dlogits /*(N,Vl)*/, Tensor logits /*(N,Vl)*/, Tensor lse /*(N)*/,
                             Tensor targets /*(N) i32*/, int vocab_size, float dloss,
-                            int64_t vocab_start = 0, ops::Stream stream = {});
+                            int64_t vocab_start = 0, Tensor addend = {}, ops::Stream stream = {});
 
 // ---- vocabulary-parallel cross-entropy pieces (kernels/ops.h has the recipe) ----------------
 // Statistics are f32.

@@ -26,28 +26,34 @@ namespace tessera::cuda {
 
 namespace {
 
-constexpr int kRowThreads = 512;  // threads per row (one block per row)
+// Threads per row (one block per row): 512 for wide rows; 128 for rows of at most kNarrowWidth
+// columns, where 512 threads would hold one pack each and the block's barriers and its row
+// constants would set the pace (a 4096-column bf16 row: 112 us for 8192 rows with 512, H100).
+constexpr int kRowThreads = 512;
+constexpr int kNarrowRowThreads = 128;
+constexpr int64_t kNarrowWidth = 8192;
 constexpr int kWarps = kRowThreads / 32;
-// Columns whose id marks one bitmask holds (2 KiB, one word per thread); longer rows are walked
-// in chunks of this many columns, the mask rebuilt for each.
-constexpr int kMaskColumns = 32 * kRowThreads;
+// Columns whose id marks one bitmask holds (one word per thread); longer rows are walked in
+// chunks of this many columns, the mask rebuilt for each.
+template <int kThreads>
+constexpr int kMaskColumns = 32 * kThreads;
 // The most ids per row: the backward keeps one float per id in shared memory (32 KiB).
 constexpr int kMaxSparseK = 8192;
 // The floor of log qs_tail (kernels/ops.h): log(2^-126).
 constexpr float kLogTailFloor = -87.33654475f;
-static_assert(kMaskColumns % 32 == 0 && kMaskColumns / 32 == kRowThreads, "one word per thread");
 
 // ---- the bitmask of a row's ids -----------------------------------------------------------------
 
 // Marks, in mask, the ids of a row that fall in the shard's columns [begin, end) (local columns,
 // the shard starting at global column vocab_start). All threads of the block must call it; the
 // mask is complete on return. Ids outside the window (other shards, or bad ids) are skipped.
+template <int kThreads>
 __device__ __forceinline__ void mark_chunk(uint32_t* mask, const int32_t* ids, int k,
                                            int64_t vocab_start, int begin, int end) {
   __syncthreads();  // the previous chunk's readers are done with mask
   mask[threadIdx.x] = 0u;
   __syncthreads();
-  for (int i = threadIdx.x; i < k; i += kRowThreads) {
+  for (int i = threadIdx.x; i < k; i += kThreads) {
     const int64_t c = int64_t(ids[i]) - vocab_start - begin;
     if (c >= 0 && c < end - begin) atomicOr(&mask[c / 32], 1u << (c % 32));
   }
@@ -60,20 +66,20 @@ __device__ __forceinline__ bool is_marked(const uint32_t* mask, int c) {
 
 // Walks the local columns [begin, end) of one row: f(c, x) gets kN consecutive columns starting
 // at local column c, as stored: 16-byte packs in the body, scalars in the head and tail.
-template <class T, class F>
+template <int kThreads, class T, class F>
 __device__ __forceinline__ void for_each_column(const T* row, int begin, int end, F&& f) {
   constexpr int kVec = kVecWidth<T>;
   const T* first = row + begin;
   const int count = end - begin;
   const int head = head_elems(first, count);
   const int num_packs = (count - head) / kVec;
-  for (int c = threadIdx.x; c < head; c += kRowThreads) {
+  for (int c = threadIdx.x; c < head; c += kThreads) {
     const T x[1] = {first[c]};
     f(begin + c, x);
   }
-  for_each_pack<kRowThreads, 1>(
+  for_each_pack<kThreads, 1>(
       num_packs, [&](int64_t c, const T(&x)[kVec]) { f(begin + head + int(c), x); }, first + head);
-  for (int c = head + num_packs * kVec + threadIdx.x; c < count; c += kRowThreads) {
+  for (int c = head + num_packs * kVec + threadIdx.x; c < count; c += kThreads) {
     const T x[1] = {first[c]};
     f(begin + c, x);
   }
@@ -81,12 +87,12 @@ __device__ __forceinline__ void for_each_column(const T* row, int begin, int end
 
 // Runs walk(begin, end) for the chunks of a row's num_real real columns, with mask holding the
 // chunk's ids. All threads of the block must call it.
-template <class F>
+template <int kThreads, class F>
 __device__ __forceinline__ void for_each_chunk(uint32_t* mask, const int32_t* ids, int k,
                                                int64_t vocab_start, int num_real, F&& walk) {
-  for (int begin = 0; begin < num_real; begin += kMaskColumns) {
-    const int end = min(num_real, begin + kMaskColumns);
-    mark_chunk(mask, ids, k, vocab_start, begin, end);
+  for (int begin = 0; begin < num_real; begin += kMaskColumns<kThreads>) {
+    const int end = min(num_real, begin + kMaskColumns<kThreads>);
+    mark_chunk<kThreads>(mask, ids, k, vocab_start, begin, end);
     walk(begin, end);
   }
 }
@@ -196,23 +202,25 @@ struct SparseOnline {
 
 // One block per row: online statistics per thread over the chunks of the row, merged in a fixed
 // order (butterfly in each warp, then warp order), then the K ids' terms summed across the block.
-template <class T, bool kReverse>
-__global__ void __launch_bounds__(kRowThreads)
+template <class T, bool kReverse, int kThreads>
+__global__ void __launch_bounds__(kThreads)
     kd_sparse_forward_kernel(float* losses, float* stats, const T* student,
                              const float* topk_logits, const int32_t* topk_ids,
                              const float* teacher_lse, const int32_t* targets, int64_t num_rows,
                              int64_t width, int vocab_size, int k, float temperature) {
-  __shared__ uint32_t mask[kRowThreads];
-  __shared__ float smem[3][kWarps];
+  constexpr int kBlockWarps = kThreads / 32;
+  __shared__ uint32_t mask[kThreads];
+  __shared__ float smem[3][kBlockWarps];
   __shared__ float row_stats[3];
   const int64_t row = blockIdx.x;
   const T* zs = student + row * width;
   const int32_t* ids = topk_ids + row * k;
   const float inv_t = 1.0f / temperature;
   SparseOnline acc;
-  for_each_chunk(mask, ids, k, 0, vocab_size, [&](int begin, int end) {
-    for_each_column(zs, begin, end,
-                    [&]<int kN>(int c, const T(&z)[kN]) { acc.add(z, c - begin, mask, inv_t); });
+  for_each_chunk<kThreads>(mask, ids, k, 0, vocab_size, [&](int begin, int end) {
+    for_each_column<kThreads>(zs, begin, end, [&]<int kN>(int c, const T(&z)[kN]) {
+      acc.add(z, c - begin, mask, inv_t);
+    });
   });
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) acc.merge(acc.shfl_xor(offset));
@@ -224,7 +232,7 @@ __global__ void __launch_bounds__(kRowThreads)
   __syncthreads();
   if (threadIdx.x == 0) {
     SparseOnline total;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kBlockWarps; ++w) {
       SparseOnline warp;
       warp.m = smem[0][w];
       warp.all = smem[1][w];
@@ -239,14 +247,14 @@ __global__ void __launch_bounds__(kRowThreads)
   const SparseRow r = make_row(row_stats[0], row_stats[1], row_stats[2], teacher_lse[row],
                                teacher_lse[num_rows + row]);
   float term[1] = {0.0f};
-  for (int i = threadIdx.x; i < k; i += kRowThreads) {
+  for (int i = threadIdx.x; i < k; i += kThreads) {
     const int32_t id = ids[i];
     if (id < 0 || id >= vocab_size) continue;  // a broken precondition: never read out of bounds
     term[0] += id_term(r, __fmul_rn(to_f32(zs[id]), inv_t),
                        __fmul_rn(topk_logits[row * k + i], inv_t), kReverse);
   }
-  __shared__ float term_smem[kWarps];
-  row_sum<kRowThreads, 1>(term, term_smem);
+  __shared__ float term_smem[kBlockWarps];
+  row_sum<kThreads, 1>(term, term_smem);
   if (threadIdx.x == 0) {
     store_row(losses, stats, row, num_rows, r, term[0] + tail_term(r, kReverse), targets[row] < 0,
               temperature);
@@ -291,8 +299,8 @@ struct SparseGrad {
 // before it is written by the same thread, so dstudent may be student; (3) the id columns
 // overwritten with (1). The barriers order (1) before (2) overwrites an id's logit and (2)
 // before (3). Ignored rows are written with zeros without reading the logits.
-template <class T, bool kReverse>
-__global__ void __launch_bounds__(kRowThreads)
+template <class T, bool kReverse, int kThreads>
+__global__ void __launch_bounds__(kThreads)
     kd_sparse_backward_kernel(T* dstudent, const T* student, const float* topk_logits,
                               const int32_t* topk_ids, const float* teacher_lse, const float* stats,
                               const float* losses, const int32_t* targets, int64_t num_rows,
@@ -313,11 +321,10 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
     for (int j = 0; j < kVec; ++j) zero.v[j] = from_f32<T>(0.0f);
     if (packs_ok)
-      for (int c = threadIdx.x; c < head; c += kRowThreads) dzs[c] = from_f32<T>(0.0f);
-    for (int p = threadIdx.x; p < num_packs; p += kRowThreads)
+      for (int c = threadIdx.x; c < head; c += kThreads) dzs[c] = from_f32<T>(0.0f);
+    for (int p = threadIdx.x; p < num_packs; p += kThreads)
       store_pack<T, kVec>(dzs + head + int64_t(p) * kVec, zero);
-    for (int64_t c = tail_begin + threadIdx.x; c < width; c += kRowThreads)
-      dzs[c] = from_f32<T>(0.0f);
+    for (int64_t c = tail_begin + threadIdx.x; c < width; c += kThreads) dzs[c] = from_f32<T>(0.0f);
     return;
   }
   SparseGrad<kReverse> grad;
@@ -339,7 +346,7 @@ __global__ void __launch_bounds__(kRowThreads)
   grad.shift = (double(grad.lse_s) - double(grad.lse_t)) + kl;
 
   // (1)
-  for (int i = threadIdx.x; i < k; i += kRowThreads) {
+  for (int i = threadIdx.x; i < k; i += kThreads) {
     const int64_t c = int64_t(ids[i]) - vocab_start;
     if (c >= 0 && c < num_real) id_grads[i] = grad.id(to_f32(zs[c]), topk_logits[row * k + i]);
   }
@@ -347,10 +354,10 @@ __global__ void __launch_bounds__(kRowThreads)
   // (2)
   auto tail_at = [&](float x, int64_t c) { return c < num_real ? grad.tail(x) : 0.0f; };
   if (packs_ok) {
-    for (int c = threadIdx.x; c < head; c += kRowThreads)
+    for (int c = threadIdx.x; c < head; c += kThreads)
       dzs[c] = from_f32<T>(tail_at(to_f32(zs[c]), c));
   }
-  for_each_pack<kRowThreads, 2>(
+  for_each_pack<kThreads, 2>(
       num_packs,
       [&](int64_t c, const T(&x)[kVec]) {
         const int64_t c0 = head + c;
@@ -360,11 +367,11 @@ __global__ void __launch_bounds__(kRowThreads)
         store_pack<T, kVec>(dzs + c0, out);
       },
       zs + head);
-  for (int64_t c = tail_begin + threadIdx.x; c < width; c += kRowThreads)
+  for (int64_t c = tail_begin + threadIdx.x; c < width; c += kThreads)
     dzs[c] = from_f32<T>(tail_at(to_f32(zs[c]), c));
   __syncthreads();
   // (3)
-  for (int i = threadIdx.x; i < k; i += kRowThreads) {
+  for (int i = threadIdx.x; i < k; i += kThreads) {
     const int64_t c = int64_t(ids[i]) - vocab_start;
     if (c >= 0 && c < num_real) dzs[c] = from_f32<T>(id_grads[i]);
   }
@@ -412,8 +419,8 @@ __global__ void __launch_bounds__(kRowThreads)
   const int32_t* ids = topk_ids + row * k;
   const float m = row_max[row];
   float s[2] = {0.0f, 0.0f};
-  for_each_chunk(mask, ids, k, vocab_start, num_real, [&](int begin, int end) {
-    for_each_column(zs, begin, end, [&]<int kN>(int c, const T(&z)[kN]) {
+  for_each_chunk<kRowThreads>(mask, ids, k, vocab_start, num_real, [&](int begin, int end) {
+    for_each_column<kRowThreads>(zs, begin, end, [&]<int kN>(int c, const T(&z)[kN]) {
 #pragma unroll
       for (int j = 0; j < kN; ++j) {
         const float e = fast_exp2(__fsub_rn(__fmul_rn(to_f32(z[j]), inv_t), m) * kLog2e);
@@ -504,6 +511,15 @@ void dispatch_reverse(bool reverse, F&& f) {
     f.template operator()<false>();
 }
 
+// Runs f.template operator()<kThreads>() with the row's thread count (kRowThreads above).
+template <class F>
+void dispatch_row_threads(int64_t width, F&& f) {
+  if (width <= kNarrowWidth)
+    f.template operator()<kNarrowRowThreads>();
+  else
+    f.template operator()<kRowThreads>();
+}
+
 template <class T>
 const T* cptr(const Tensor& t) {
   return static_cast<const T*>(t.data);
@@ -529,11 +545,14 @@ void kd_sparse_forward(Tensor losses, Tensor stats, Tensor student, Tensor topk_
   if (num_rows == 0) return;
   dispatch_float(student, kOp, [&]<class T>() {
     dispatch_reverse(reverse, [&]<bool kReverse>() {
-      kd_sparse_forward_kernel<T, kReverse><<<num_rows, kRowThreads, 0, cuda_stream(stream)>>>(
-          static_cast<float*>(losses.data), static_cast<float*>(stats.data), cptr<T>(student),
-          cptr<float>(topk_logits), cptr<int32_t>(topk_ids), cptr<float>(teacher_lse),
-          cptr<int32_t>(targets), num_rows, student.dim(1), vocab_size, k, temperature);
-      TS_CUDA_CHECK_LAUNCH();
+      dispatch_row_threads(student.dim(1), [&]<int kThreads>() {
+        kd_sparse_forward_kernel<T, kReverse, kThreads>
+            <<<num_rows, kThreads, 0, cuda_stream(stream)>>>(
+                static_cast<float*>(losses.data), static_cast<float*>(stats.data), cptr<T>(student),
+                cptr<float>(topk_logits), cptr<int32_t>(topk_ids), cptr<float>(teacher_lse),
+                cptr<int32_t>(targets), num_rows, student.dim(1), vocab_size, k, temperature);
+        TS_CUDA_CHECK_LAUNCH();
+      });
     });
   });
 }
@@ -564,13 +583,15 @@ void kd_sparse_backward(Tensor dstudent, Tensor student, Tensor topk_logits, Ten
   const size_t smem_bytes = size_t(k) * sizeof(float);  // <= 32 KiB: no opt-in needed
   dispatch_float(student, kOp, [&]<class T>() {
     dispatch_reverse(reverse, [&]<bool kReverse>() {
-      kd_sparse_backward_kernel<T, kReverse>
-          <<<num_rows, kRowThreads, smem_bytes, cuda_stream(stream)>>>(
-              static_cast<T*>(dstudent.data), cptr<T>(student), cptr<float>(topk_logits),
-              cptr<int32_t>(topk_ids), cptr<float>(teacher_lse), cptr<float>(stats),
-              cptr<float>(losses), cptr<int32_t>(targets), num_rows, width, vocab_start,
-              num_real_columns(vocab_start, width, vocab_size), k, temperature, dloss);
-      TS_CUDA_CHECK_LAUNCH();
+      dispatch_row_threads(width, [&]<int kThreads>() {
+        kd_sparse_backward_kernel<T, kReverse, kThreads>
+            <<<num_rows, kThreads, smem_bytes, cuda_stream(stream)>>>(
+                static_cast<T*>(dstudent.data), cptr<T>(student), cptr<float>(topk_logits),
+                cptr<int32_t>(topk_ids), cptr<float>(teacher_lse), cptr<float>(stats),
+                cptr<float>(losses), cptr<int32_t>(targets), num_rows, width, vocab_start,
+                num_real_columns(vocab_start, width, vocab_size), k, temperature, dloss);
+        TS_CUDA_CHECK_LAUNCH();
+      });
     });
   });
 }

@@ -79,13 +79,20 @@ LossValues Objective::forward(const LossInputs& in, const CrossEntropyBuffers& c
 
 void Objective::backward(const LossInputs& in, const CrossEntropyBuffers& ce,
                          float loss_scale) const {
-  std::vector<Tensor> extra;
-  for (const auto& t : terms_)
-    if (t->weight() != 0.0f) extra.push_back(t->backward(in, loss_scale));
+  // The terms' gradients, summed into the first one's tensor, join the cross-entropy's in its
+  // backward pass (its addend), so the logits are written once.
+  Tensor extra;
+  for (const auto& t : terms_) {
+    if (t->weight() == 0.0f) continue;
+    const Tensor d = t->backward(in, loss_scale);
+    if (extra.empty())
+      extra = d;
+    else
+      ops::add_inplace(extra, d);
+  }
   // d(loss_scale * ce_weight * mean) / d loss_n = loss_scale * ce_weight / valid.
   ops::cross_entropy_backward(in.logits, in.logits, ce.lse, in.targets, in.vocab_size,
-                              loss_scale * ce_weight_ / float(in.num_valid), in.vocab_start);
-  for (const Tensor& d : extra) ops::add_inplace(in.logits, d);
+                              loss_scale * ce_weight_ / float(in.num_valid), in.vocab_start, extra);
 }
 
 }  // namespace tessera

@@ -202,6 +202,24 @@ TEST(CrossEntropy, F64LogitsAcceptF32Statistics) {
   EXPECT_LE(max_abs_diff(mixed.lse, exact.lse), 2e-6);
 }
 
+// The addend is added to the gradient the op gives without one, on every column of every row
+// (the ignored row and the padding columns included); it must not alias dlogits.
+TEST(CrossEntropy, AddendJoinsTheGradient) {
+  std::mt19937_64 rng(9);
+  CeInputs in(DType::f32, rng);
+  CeOutputs out(DType::f32);
+  out.forward(in.logits, in.targets);
+  const HostTensor addend = randn(DType::f32, {kRows, kWidth}, rng, 0.1);
+  HostTensor plain(DType::f32, {kRows, kWidth}), with(DType::f32, {kRows, kWidth});
+  cpu::cross_entropy_backward(plain, in.logits, out.lse, in.targets, kVocabSize, 0.5f);
+  cpu::cross_entropy_backward(with, in.logits, out.lse, in.targets, kVocabSize, 0.5f, 0, addend);
+  for (int64_t i = 0; i < kRows * kWidth; ++i)
+    ASSERT_EQ(with.get(i), double(float(plain.get(i)) + float(addend.get(i)))) << i;
+  EXPECT_THROW(
+      cpu::cross_entropy_backward(with, in.logits, out.lse, in.targets, kVocabSize, 0.5f, 0, with),
+      Error);
+}
+
 TEST(CrossEntropy, RejectsBadArguments) {
   std::mt19937_64 rng(38);
   CeInputs in(DType::f64, rng);
@@ -664,6 +682,22 @@ TS_GPU_PARITY_TEST_P(CrossEntropyGpu, ForwardAndBackwardMatchCpu, "cross_entropy
     EXPECT_LE(testing::rel_l2(got, dlogits), grad_tolerance(dtype)) << "in place " << what;
     testing::expect_same_nonfinite(got, dlogits, "dlogits in place");
     EXPECT_TRUE(glogits.guards_intact()) << what;
+
+    // In place with an addend (the distillation term's gradient), against the CPU's.
+    const auto addend = testing::round_to(dtype, testing::random_vector(n * v, rng, 1e-3f));
+    std::vector<float> dsum(n * v);
+    cpu::cross_entropy_backward(host(dsum, {n, v}), host(logits, {n, v}), host(lse, {n}), tgt_host,
+                                c.vocab_size, dloss, 0,
+                                host(const_cast<std::vector<float>&>(addend), {n, v}));
+    DeviceTensor gaddend(dtype, {n, v});
+    gaddend.upload(addend);
+    glogits.upload(logits);
+    settle();
+    ops::cross_entropy_backward(glogits, glogits, glse, gtargets, c.vocab_size, dloss, 0, gaddend);
+    got = glogits.download();
+    EXPECT_LE(testing::rel_l2(got, dsum), grad_tolerance(dtype)) << "with addend " << what;
+    testing::expect_same_nonfinite(got, dsum, "dlogits with addend");
+    EXPECT_TRUE(glogits.guards_intact() && gaddend.guards_intact()) << what;
   }
 }
 
