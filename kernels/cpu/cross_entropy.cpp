@@ -141,7 +141,7 @@ void cross_entropy_forward(Tensor losses, Tensor lse, Tensor logits, Tensor targ
 }
 
 void cross_entropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
-                            int vocab_size, float dloss, int64_t vocab_start) {
+                            int vocab_size, float dloss, int64_t vocab_start, Tensor addend) {
   constexpr const char* kOp = "cross_entropy_backward";
   const int64_t num_rows = check_logits(logits, vocab_size, vocab_start, true, kOp);
   check_targets(targets, num_rows, vocab_size, kOp);
