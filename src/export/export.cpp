@@ -20,6 +20,9 @@ std::string names_text(const std::vector<ExportQuant>& qs) {
   return s;
 }
 
+// The GGUF writer (gguf_writer.h) is not part of this build yet.
+constexpr bool kGgufBuilt = false;
+
 bool is_int(ExportQuant q) { return q == ExportQuant::int8 || q == ExportQuant::int4; }
 bool is_gguf_block(ExportQuant q) { return q == ExportQuant::q8_0 || q == ExportQuant::q4_0; }
 
@@ -63,6 +66,8 @@ void check_export_options(const ExportOptions& o) {
     TS_USER_ERROR("export: --quant {} is not available for --format {} (it takes {})",
                   to_string(o.quant), to_string(o.format), names_text(ok));
   check_group_size(o);
+  if (o.format == ExportFormat::gguf && !kGgufBuilt)
+    TS_USER_ERROR("export: gguf export not built in this build (--format gguf)");
   if (o.out.empty()) TS_USER_ERROR("export: --out is empty");
   std::error_code ec;
   if (fs::symlink_status(o.out, ec).type() != fs::file_type::not_found && !o.force)

@@ -58,6 +58,9 @@ std::string eot_text(const ExportModel& m, int* id) {
   return tok.decode(ids);
 }
 
+// A float as the shortest decimal that reads back as it (0.02, not 0.019999999552965164).
+double json_float(float x) { return std::stod(fmt::format("{}", x)); }
+
 nlohmann::json id_or_null(int id) { return id < 0 ? nlohmann::json(nullptr) : nlohmann::json(id); }
 
 // Appends (rows, cols) transposed: GPT-2's Conv1D stores (in, out).
@@ -199,7 +202,7 @@ nlohmann::json hf_config(const ExportModel& m, HfArch a, const std::string& torc
   j["tie_word_embeddings"] = c.tied_embeddings;
   j["bos_token_id"] = id_or_null(eot);
   j["eos_token_id"] = id_or_null(eot);
-  j["initializer_range"] = c.init_std;
+  j["initializer_range"] = json_float(c.init_std);
   j["use_cache"] = true;
   if (a == HfArch::gpt2) {
     j["model_type"] = "gpt2";
@@ -209,7 +212,7 @@ nlohmann::json hf_config(const ExportModel& m, HfArch a, const std::string& torc
     j["n_head"] = c.num_heads;
     j["n_inner"] = c.ffn_hidden;
     j["activation_function"] = "gelu_new";  // the tanh approximation Tessera computes
-    j["layer_norm_epsilon"] = c.norm_eps;
+    j["layer_norm_epsilon"] = json_float(c.norm_eps);
     j["resid_pdrop"] = j["embd_pdrop"] = j["attn_pdrop"] = 0.0;
     j["scale_attn_weights"] = true;
     return j;
@@ -222,8 +225,8 @@ nlohmann::json hf_config(const ExportModel& m, HfArch a, const std::string& torc
   j["num_key_value_heads"] = c.num_kv_heads;
   j["head_dim"] = c.resolved_head_dim();
   j["max_position_embeddings"] = c.max_seq_len;
-  j["rms_norm_eps"] = c.norm_eps;
-  j["rope_theta"] = c.rope_theta;
+  j["rms_norm_eps"] = json_float(c.norm_eps);
+  j["rope_theta"] = json_float(c.rope_theta);
   j["rope_scaling"] = nullptr;
   j["hidden_act"] = "silu";
   j["attention_bias"] = c.bias;
@@ -245,7 +248,7 @@ nlohmann::json hf_config(const ExportModel& m, HfArch a, const std::string& torc
     for (int i = 0; i < c.num_layers; ++i)
       if (!e.is_moe_layer(i)) dense.push_back(i);
     j["mlp_only_layers"] = dense;
-    j["router_aux_loss_coef"] = e.aux_loss_coef;
+    j["router_aux_loss_coef"] = json_float(e.aux_loss_coef);
     j["output_router_logits"] = false;
   }
   return j;

@@ -40,6 +40,11 @@ DType float_dtype_of(const ExportModel& m, ExportQuant q) {
   TS_BUG("compute {}", int(m.recipe.precision.compute));
 }
 
+// The format's names of the float types (fixed here, whatever core/dtype.h prints).
+std::string float_name(DType d) {
+  return d == DType::f32 ? "f32" : d == DType::f16 ? "f16" : "bf16";
+}
+
 void write_array(const h5::Ctx& ctx, hid_t loc, const std::string& name, hid_t file_type,
                  hid_t mem_type, size_t elem_bytes, const std::vector<int64_t>& dims,
                  const void* data) {
@@ -58,7 +63,7 @@ void write_float_tensor(const h5::Ctx& ctx, hid_t group, const std::string& name
     write_array(ctx, group, name, H5T_STD_U16LE, H5T_NATIVE_UINT16, 2, t.shape, bits.data());
   }
   h5::Handle d = h5::open_dataset(ctx, group, name);
-  h5::write_attr_string(ctx, d.id(), "dtype", std::string(dtype_name(dt)));
+  h5::write_attr_string(ctx, d.id(), "dtype", float_name(dt));
 }
 
 void write_quantized(const h5::Ctx& ctx, hid_t tensors, const std::string& name,
@@ -95,7 +100,7 @@ void write_file(const ExportModel& m, const ExportOptions& o, const std::string&
   h5::write_attr_string(ctx, f.id(), "tessera_format", kTesseraExportTag);
   h5::write_attr_i64(ctx, f.id(), "format_version", kTesseraExportVersion);
   h5::write_attr_string(ctx, f.id(), "quant", to_string(o.quant));
-  h5::write_attr_string(ctx, f.id(), "float_dtype", std::string(dtype_name(fdt)));
+  h5::write_attr_string(ctx, f.id(), "float_dtype", float_name(fdt));
   h5::write_attr_string(ctx, f.id(), "source_checkpoint", m.checkpoint_dir, h5::StrType::vlen);
   h5::write_attr_i64(ctx, f.id(), "step", m.step);
   h5::write_attr_string(ctx, f.id(), "tokenizer_hash", m.tokenizer_hash);
