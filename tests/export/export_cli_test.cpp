@@ -122,14 +122,18 @@ TEST(ExportCli, BadRequestsExitTwoNamingTheThing) {
   for (const auto& e : std::filesystem::directory_iterator(dir))
     EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
 
-  // A flipped byte inside a tensor's data fails its checksum.
+  // Corrupt checkpoints: bytes flipped all through the shard (tensor data fails its checksum,
+  // metadata fails to parse), then the shard cut short.
   const std::string shard = step + "/shard_0_of_1.h5";
-  std::string bytes = testing::read_all(shard);
-  const size_t at = bytes.size() / 2;
-  bytes[at] = char(bytes[at] ^ 0x5A);
+  const std::string good = testing::read_all(shard);
+  std::string bytes = good;
+  for (size_t at = bytes.size() / 3; at < bytes.size(); at += 997) bytes[at] = char(bytes[at] ^ 0x5A);
   testing::write_all(shard, bytes);
   expect_2("run --format tessera --quant int8 --out corrupt.h5", {"shard_0_of_1.h5"});
+  testing::write_all(shard, good.substr(0, good.size() / 2));
+  expect_2("run --format safetensors --quant f32 --out corrupt", {"shard_0_of_1.h5"});
   EXPECT_FALSE(std::filesystem::exists(dir + "/corrupt.h5"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/corrupt"));
 
   const auto help = run_cli("export --help");
   EXPECT_EQ(help.status, 0);
