@@ -267,8 +267,8 @@ void print_tessera_export(const std::string& path) {
   fmt::print("{:<{}}  {:<12} {:<18} {:>12}\n", "name", width, "storage", "shape", "bytes");
   for (const std::string& n : names) {
     const exporting::TesseraExportTensor& t = e.tensors.at(n);
-    const std::string kind =
-        t.quantized ? fmt::format("int{} g{}", int(t.bits), t.group) : std::string(dtype_name(t.dtype));
+    const std::string kind = t.quantized ? fmt::format("int{} g{}", int(t.bits), t.group)
+                                         : std::string(dtype_name(t.dtype));
     fmt::print("{:<{}}  {:<12} {:<18} {:>12}\n", n, width, kind, shape_text(t.shape),
                t.stored_bytes);
   }
@@ -330,9 +330,9 @@ RunFn setup_inspect(CLI::App& sub) {
   return [args] { return run_inspect(*args); };
 }
 
-const Command kInspect("inspect",
-                       "show a checkpoint's tensors and metadata, a Tessera export, or an HDF5 file",
-                       setup_inspect);
+const Command kInspect(
+    "inspect", "show a checkpoint's tensors and metadata, a Tessera export, or an HDF5 file",
+    setup_inspect);
 
 }  // namespace
 }  // namespace tessera::cli

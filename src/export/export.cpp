@@ -50,12 +50,9 @@ void check_group_size(const ExportOptions& o) {
 std::vector<ExportQuant> accepted_quants(ExportFormat format) {
   using Q = ExportQuant;
   switch (format) {
-    case ExportFormat::tessera:
-      return {Q::f32, Q::f16, Q::bf16, Q::int8, Q::int4};
-    case ExportFormat::gguf:
-      return {Q::f32, Q::f16, Q::bf16, Q::q8_0, Q::q4_0};
-    case ExportFormat::safetensors:
-      return {Q::f32, Q::f16, Q::bf16};
+    case ExportFormat::tessera: return {Q::f32, Q::f16, Q::bf16, Q::int8, Q::int4};
+    case ExportFormat::gguf: return {Q::f32, Q::f16, Q::bf16, Q::q8_0, Q::q4_0};
+    case ExportFormat::safetensors: return {Q::f32, Q::f16, Q::bf16};
   }
   TS_BUG("export format {}", int(format));
 }
@@ -85,12 +82,8 @@ void check_export_options(const ExportOptions& o) {
 void export_model(const ExportModel& m, const ExportOptions& o) {
   check_export_options(o);
   switch (o.format) {
-    case ExportFormat::tessera:
-      write_tessera_export(m, o);
-      return;
-    case ExportFormat::safetensors:
-      write_safetensors_dir(m, o);
-      return;
+    case ExportFormat::tessera: write_tessera_export(m, o); return;
+    case ExportFormat::safetensors: write_safetensors_dir(m, o); return;
     case ExportFormat::gguf:
       TS_USER_ERROR("export: gguf export not built in this build (--format gguf, output {})",
                     o.out);

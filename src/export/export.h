@@ -35,9 +35,10 @@ void check_export_options(const ExportOptions& o);
 // Writes `m` as `o` asks (check_export_options first).
 void export_model(const ExportModel& m, const ExportOptions& o);
 
-// Writes one file atomically: `write(tmp)` fills a temporary beside `out`, which is then fsynced and
-// renamed over `out` (and the directory fsynced). The temporary is removed if `write` throws.
-void write_file_atomically(const std::string& out, const std::function<void(const std::string&)>& write);
+// Writes one file atomically: `write(tmp)` fills a temporary beside `out`, which is then fsynced
+// and renamed over `out` (and the directory fsynced). The temporary is removed if `write` throws.
+void write_file_atomically(const std::string& out,
+                           const std::function<void(const std::string&)>& write);
 
 }  // namespace tessera::exporting
 

@@ -90,11 +90,12 @@ ExportTensor read_tensor(const io::CheckpointReader& ck, const ParamSpec& spec, 
   const std::vector<int64_t>& gs = ck.global_shape(name);
   const bool vocab_table = name == "embed.wte" || name == "lm_head.weight";
   if (vocab_table) t.shape[0] = vocab_rows;
-  const bool fits = vocab_table ? gs.size() == 2 && gs[1] == t.shape[1] && gs[0] >= vocab_rows
-                                : gs == t.shape;
+  const bool fits =
+      vocab_table ? gs.size() == 2 && gs[1] == t.shape[1] && gs[0] >= vocab_rows : gs == t.shape;
   if (!fits)
-    TS_USER_ERROR("export: checkpoint {}: tensor '{}' has shape [{}], its recipe's model needs [{}]",
-                  ck.path(), name, fmt::join(gs, ", "), fmt::join(t.shape, ", "));
+    TS_USER_ERROR(
+        "export: checkpoint {}: tensor '{}' has shape [{}], its recipe's model needs [{}]",
+        ck.path(), name, fmt::join(gs, ", "), fmt::join(t.shape, ", "));
   const DType dt = ck.dtype(name);
   if (!dtype_is_float(dt))
     TS_USER_ERROR("export: checkpoint {}: parameter '{}' is {}, not a float type", ck.path(), name,

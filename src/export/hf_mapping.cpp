@@ -132,8 +132,8 @@ std::vector<HfTensor> llama_tensors(const ExportModel& m) {
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string ts = fmt::format("layers.{}.", i), hf = fmt::format("model.layers.{}.", i);
     copy(hf + "input_layernorm.weight", ts + "ln1.weight");
-    for (const auto& [t, h] : {std::pair{"wq", "q_proj"}, {"wk", "k_proj"}, {"wv", "v_proj"},
-                               {"wo", "o_proj"}})
+    for (const auto& [t, h] :
+         {std::pair{"wq", "q_proj"}, {"wk", "k_proj"}, {"wv", "v_proj"}, {"wo", "o_proj"}})
       linear(hf + "self_attn." + h, ts + "attn." + t);
     if (c.qk_norm) {
       copy(hf + "self_attn.q_norm.weight", ts + "attn.q_norm.weight");
@@ -150,9 +150,10 @@ std::vector<HfTensor> llama_tensors(const ExportModel& m) {
       const ExportTensor& t = m.at(ts + "moe.experts." + p + ".weight");  // (E, out, in)
       const int64_t per = t.shape[1] * t.shape[2];
       for (int64_t e = 0; e < t.shape[0]; ++e)
-        out.push_back({fmt::format("{}mlp.experts.{}.{}_proj.weight", hf, e, p),
-                       {t.shape[1], t.shape[2]},
-                       std::vector<float>(t.data.begin() + e * per, t.data.begin() + (e + 1) * per)});
+        out.push_back(
+            {fmt::format("{}mlp.experts.{}.{}_proj.weight", hf, e, p),
+             {t.shape[1], t.shape[2]},
+             std::vector<float>(t.data.begin() + e * per, t.data.begin() + (e + 1) * per)});
     }
   }
   copy("model.norm.weight", "final_norm.weight");
@@ -164,14 +165,10 @@ std::vector<HfTensor> llama_tensors(const ExportModel& m) {
 
 const char* hf_class_name(HfArch a) {
   switch (a) {
-    case HfArch::gpt2:
-      return "GPT2LMHeadModel";
-    case HfArch::llama:
-      return "LlamaForCausalLM";
-    case HfArch::qwen3:
-      return "Qwen3ForCausalLM";
-    case HfArch::qwen3_moe:
-      return "Qwen3MoeForCausalLM";
+    case HfArch::gpt2: return "GPT2LMHeadModel";
+    case HfArch::llama: return "LlamaForCausalLM";
+    case HfArch::qwen3: return "Qwen3ForCausalLM";
+    case HfArch::qwen3_moe: return "Qwen3MoeForCausalLM";
   }
   TS_BUG("HF architecture {}", int(a));
 }

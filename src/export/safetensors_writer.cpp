@@ -17,27 +17,19 @@ namespace fs = std::filesystem;
 
 const char* st_dtype(DType d) {
   switch (d) {
-    case DType::f32:
-      return "F32";
-    case DType::f16:
-      return "F16";
-    case DType::bf16:
-      return "BF16";
-    default:
-      TS_BUG("safetensors dtype {}", dtype_name(d));
+    case DType::f32: return "F32";
+    case DType::f16: return "F16";
+    case DType::bf16: return "BF16";
+    default: TS_BUG("safetensors dtype {}", dtype_name(d));
   }
 }
 
 DType dtype_of(ExportQuant q) {
   switch (q) {
-    case ExportQuant::f32:
-      return DType::f32;
-    case ExportQuant::f16:
-      return DType::f16;
-    case ExportQuant::bf16:
-      return DType::bf16;
-    default:
-      TS_BUG("safetensors quant {}", to_string(q));
+    case ExportQuant::f32: return DType::f32;
+    case ExportQuant::f16: return DType::f16;
+    case ExportQuant::bf16: return DType::bf16;
+    default: TS_BUG("safetensors quant {}", to_string(q));
   }
 }
 
@@ -71,9 +63,8 @@ void write_safetensors_file(const std::string& path, const std::vector<HfTensor>
   for (const HfTensor& t : tensors) {
     const int64_t bytes = int64_t(t.data.size()) * elem;
     TS_CHECK(!header.contains(t.name), "safetensors: tensor '{}' twice", t.name);
-    header[t.name] = {{"dtype", st_dtype(dtype)},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + bytes}}};
+    header[t.name] = {
+        {"dtype", st_dtype(dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
   if (!metadata.empty()) header["__metadata__"] = metadata;

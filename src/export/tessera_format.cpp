@@ -19,23 +19,16 @@ namespace h5 = io::h5;
 // int8/int4 the precision the model computed in (bf16 under bf16 and fp8 compute).
 DType float_dtype_of(const ExportModel& m, ExportQuant q) {
   switch (q) {
-    case ExportQuant::f16:
-      return DType::f16;
-    case ExportQuant::bf16:
-      return DType::bf16;
-    case ExportQuant::f32:
-      return DType::f32;
-    default:
-      break;
+    case ExportQuant::f16: return DType::f16;
+    case ExportQuant::bf16: return DType::bf16;
+    case ExportQuant::f32: return DType::f32;
+    default: break;
   }
   switch (m.recipe.precision.compute) {
-    case Compute::fp16:
-      return DType::f16;
+    case Compute::fp16: return DType::f16;
     case Compute::bf16:
-    case Compute::fp8:
-      return DType::bf16;
-    case Compute::fp32:
-      return DType::f32;
+    case Compute::fp8: return DType::bf16;
+    case Compute::fp32: return DType::f32;
   }
   TS_BUG("compute {}", int(m.recipe.precision.compute));
 }
@@ -160,8 +153,8 @@ std::vector<T> read_2d(const h5::Ctx& ctx, hid_t group, const std::string& name,
                        const std::vector<int64_t>& want, const std::string& tensor) {
   h5::Handle d = h5::open_dataset(ctx, group, name);
   if (h5::dataset_dims(ctx, d.id(), name) != want)
-    h5::fail_content(ctx, fmt::format("tensor '{}': {} is not ({})", tensor, name,
-                                      fmt::join(want, ", ")));
+    h5::fail_content(
+        ctx, fmt::format("tensor '{}': {} is not ({})", tensor, name, fmt::join(want, ", ")));
   std::vector<T> out(size_t(product(want)));
   h5::read_box(ctx, d.id(), mem_type, {0, 0}, want, out.data(), want, {0, 0}, name);
   return out;
@@ -181,10 +174,10 @@ TesseraExportTensor read_quantized(const h5::Ctx& ctx, hid_t tensors, const std:
                     t.rows * t.cols == product(t.shape) && t.group > 0 && t.cols % t.group == 0 &&
                     (bits == 8 || t.cols % 2 == 0);
   if (!sane)
-    h5::fail_content(ctx, fmt::format("quantized tensor '{}' has inconsistent attributes (bits "
-                                      "{}, shape ({}), rows {}, cols {}, group_size {})",
-                                      name, bits, fmt::join(t.shape, ", "), t.rows, t.cols,
-                                      t.group));
+    h5::fail_content(ctx,
+                     fmt::format("quantized tensor '{}' has inconsistent attributes (bits "
+                                 "{}, shape ({}), rows {}, cols {}, group_size {})",
+                                 name, bits, fmt::join(t.shape, ", "), t.rows, t.cols, t.group));
   t.bits = bits == 8 ? quant::IntBits::int8 : quant::IntBits::int4;
   const int64_t code_cols = bits == 8 ? t.cols : t.cols / 2;
   const std::vector<int64_t> scale_dims{t.rows, t.cols / t.group};

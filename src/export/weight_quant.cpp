@@ -40,8 +40,8 @@ int64_t resolve_group_size(const ExportModel& m, quant::IntBits bits, int64_t re
       log_warn(
           "export: checkpoint {} trained with QAT at group size {}; --group-size {} gives other "
           "integers than the training forward used",
-          m.checkpoint_dir, qat.group_size == 0 ? std::string("per channel")
-                                                : std::to_string(qat.group_size),
+          m.checkpoint_dir,
+          qat.group_size == 0 ? std::string("per channel") : std::to_string(qat.group_size),
           requested);
     return requested;
   }

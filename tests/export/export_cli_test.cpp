@@ -54,7 +54,8 @@ TEST(ExportCli, OneModelSavedUnderAnyLayoutExportsByteIdenticalFiles) {
     const auto r = run_cli_in(dir,
                               train_args(l.dp, l.tp, l.pp, l.zero) +
                                   " --set train.steps=3 --set optim.lr=1e-30"
-                                  " --set checkpoint.resume=" + step2,
+                                  " --set checkpoint.resume=" +
+                                  step2,
                               launcher(l.dp * l.tp * l.pp));
     ASSERT_EQ(r.status, 0) << r.output;
     // The premise: the parameters are the original's, bit for bit.
@@ -111,7 +112,8 @@ TEST(ExportCli, BadRequestsExitTwoNamingTheThing) {
   testing::write_all(dir + "/m.h5", "old");
   expect_2("run --format tessera --quant int8 --out m.h5", {"m.h5", "--force"});
   EXPECT_EQ(testing::read_all(dir + "/m.h5"), "old");
-  const auto forced = run_cli_in(dir, "export run --format tessera --quant int8 --out m.h5 --force");
+  const auto forced =
+      run_cli_in(dir, "export run --format tessera --quant int8 --out m.h5 --force");
   EXPECT_EQ(forced.status, 0) << forced.output;
   EXPECT_GT(testing::read_all(dir + "/m.h5").size(), 1000u);
   std::filesystem::create_directories(dir + "/hf");
@@ -127,7 +129,8 @@ TEST(ExportCli, BadRequestsExitTwoNamingTheThing) {
   const std::string shard = step + "/shard_0_of_1.h5";
   const std::string good = testing::read_all(shard);
   std::string bytes = good;
-  for (size_t at = bytes.size() / 3; at < bytes.size(); at += 997) bytes[at] = char(bytes[at] ^ 0x5A);
+  for (size_t at = bytes.size() / 3; at < bytes.size(); at += 997)
+    bytes[at] = char(bytes[at] ^ 0x5A);
   testing::write_all(shard, bytes);
   expect_2("run --format tessera --quant int8 --out corrupt.h5", {"shard_0_of_1.h5"});
   testing::write_all(shard, good.substr(0, good.size() / 2));

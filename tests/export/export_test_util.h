@@ -27,10 +27,11 @@ inline const TokenDataset& ci_tokens() {
 // top-level YAML (e.g. a moe section). Vocabulary: the CI tokenizer's 4096, padded to 4160.
 inline Recipe export_recipe(const std::string& model_yaml, const std::string& extra = "",
                             const std::string& compute = "fp32") {
-  const std::string text = "model:\n  vocab_size: 4096\n  vocab_pad_multiple: 64\n  padded_vocab_size: 4160\n" +
-                           model_yaml + extra + "precision:\n  compute: " + compute +
-                           "\ndata:\n  path: " + ci_dataset() +
-                           "\n  seq_len: 8\n  micro_batch: 1\ntrain:\n  steps: 1\n  out_dir: unused\n";
+  const std::string text =
+      "model:\n  vocab_size: 4096\n  vocab_pad_multiple: 64\n  padded_vocab_size: 4160\n" +
+      model_yaml + extra + "precision:\n  compute: " + compute +
+      "\ndata:\n  path: " + ci_dataset() +
+      "\n  seq_len: 8\n  micro_batch: 1\ntrain:\n  steps: 1\n  out_dir: unused\n";
   return parse_recipe(text, "export-test-recipe");
 }
 
@@ -50,8 +51,8 @@ struct SyntheticOptions {
 
 // Every tensor the trainer would save for `r` (parameters at full padded shape, optim moments),
 // with values drawn from `seed`; by name.
-inline std::map<std::string, std::vector<float>> synthetic_values(const Recipe& r, uint64_t seed,
-                                                                  std::map<std::string, std::vector<int64_t>>* shapes) {
+inline std::map<std::string, std::vector<float>> synthetic_values(
+    const Recipe& r, uint64_t seed, std::map<std::string, std::vector<int64_t>>* shapes) {
   std::mt19937_64 gen(seed);
   std::normal_distribution<float> normal(0.0f, 0.05f);
   std::map<std::string, std::vector<float>> out;
@@ -61,7 +62,8 @@ inline std::map<std::string, std::vector<float>> synthetic_values(const Recipe& 
     std::vector<int64_t> dims(s.dims.begin(), s.dims.begin() + s.ndim);
     int64_t n = 1;
     for (int64_t d : dims) n *= d;
-    for (const std::string& prefix : {std::string(), std::string("optim.m."), std::string("optim.v.")}) {
+    for (const std::string& prefix :
+         {std::string(), std::string("optim.m."), std::string("optim.v.")}) {
       std::vector<float> v(static_cast<size_t>(n));
       for (float& x : v) x = normal(gen);
       out[prefix + p.spec.name] = std::move(v);
@@ -99,7 +101,8 @@ inline std::string write_synthetic_checkpoint(const std::string& root, const Rec
   const TokenDataset& ds = ci_tokens();
   writers[0]->set_meta("recipe", recipe_to_yaml(r));
   writers[0]->set_meta("step", std::to_string(o.step));
-  writers[0]->set_meta("tokenizer_hash", o.tokenizer_hash.empty() ? ds.tokenizer_hash() : o.tokenizer_hash);
+  writers[0]->set_meta("tokenizer_hash",
+                       o.tokenizer_hash.empty() ? ds.tokenizer_hash() : o.tokenizer_hash);
   if (o.tokenizer_json) writers[0]->set_meta("tokenizer_json", ds.tokenizer_json());
   for (auto& w : writers) w->write_shard();
   return writers[0]->finalize(0);

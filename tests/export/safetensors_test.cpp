@@ -96,8 +96,8 @@ std::vector<float> transposed(const ExportTensor& t) {
 
 TEST(Safetensors, Gpt2IsGPT2LMHeadModelWithConv1DLayouts) {
   ScratchDir dir;
-  const ExportModel m = load_export_model(
-      testing::write_synthetic_checkpoint(dir / "run", testing::export_recipe(testing::kGpt2Model)));
+  const ExportModel m = load_export_model(testing::write_synthetic_checkpoint(
+      dir / "run", testing::export_recipe(testing::kGpt2Model)));
   export_model(m, st_options(ExportQuant::f32, dir / "hf"));
   const Parsed p = parse_safetensors(dir / "hf/model.safetensors");
   EXPECT_EQ(p.header["__metadata__"]["format"], "pt");
@@ -118,7 +118,8 @@ TEST(Safetensors, Gpt2IsGPT2LMHeadModelWithConv1DLayouts) {
     const std::vector<float>& cb = p.values.at("transformer.h.1.attn.c_attn.bias");
     EXPECT_TRUE(std::equal(b.data.begin(), b.data.end(), cb.begin() + part * 64));
   }
-  EXPECT_EQ(p.values.at("transformer.h.0.mlp.c_fc.weight"), transposed(m.at("layers.0.mlp.fc.weight")));
+  EXPECT_EQ(p.values.at("transformer.h.0.mlp.c_fc.weight"),
+            transposed(m.at("layers.0.mlp.fc.weight")));
   EXPECT_EQ(p.shapes.at("transformer.h.0.mlp.c_fc.weight"), (std::vector<int64_t>{64, 256}));
   EXPECT_EQ(p.values.at("transformer.h.0.mlp.c_proj.weight"),
             transposed(m.at("layers.0.mlp.proj.weight")));
@@ -140,8 +141,8 @@ TEST(Safetensors, Gpt2IsGPT2LMHeadModelWithConv1DLayouts) {
 
 TEST(Safetensors, LlamaWithQkNormIsQwen3AndValuesRoundToTheDtype) {
   ScratchDir dir;
-  const ExportModel m = load_export_model(
-      testing::write_synthetic_checkpoint(dir / "run", testing::export_recipe(testing::kLlamaModel)));
+  const ExportModel m = load_export_model(testing::write_synthetic_checkpoint(
+      dir / "run", testing::export_recipe(testing::kLlamaModel)));
   export_model(m, st_options(ExportQuant::bf16, dir / "hf"));
   const Parsed p = parse_safetensors(dir / "hf/model.safetensors");
   EXPECT_EQ(p.header["model.layers.0.self_attn.k_proj.weight"]["dtype"], "BF16");
@@ -201,7 +202,8 @@ TEST(Safetensors, LlamaWithoutQkNormIsLlamaForCausalLM) {
 TEST(Safetensors, MoeIsQwen3MoeWithOneTensorPerExpert) {
   ScratchDir dir;
   const Recipe r = testing::export_recipe(
-      testing::kLlamaModel, "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n  first_dense_layers: 1\n");
+      testing::kLlamaModel,
+      "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n  first_dense_layers: 1\n");
   const ExportModel m = load_export_model(testing::write_synthetic_checkpoint(dir / "run", r));
   export_model(m, st_options(ExportQuant::f32, dir / "hf"));
   const Parsed p = parse_safetensors(dir / "hf/model.safetensors");

@@ -80,15 +80,14 @@ TEST(TesseraFormat, RoundTripGivesTheCodesAndScalesOfQuantizeRows) {
     EXPECT_EQ(e.step, 5);
     EXPECT_EQ(e.model, r.model);
     EXPECT_EQ(e.tokenizer_json, m.tokenizer_json);
-    expect_round_trip(m, e, c.bits,
-                      c.bits == quant::IntBits::int4 && c.group == 0 ? 32 : c.group);
+    expect_round_trip(m, e, c.bits, c.bits == quant::IntBits::int4 && c.group == 0 ? 32 : c.group);
   }
 }
 
 TEST(TesseraFormat, Int4CodesArePackedLowNibbleFirst) {
   ScratchDir dir;
-  const ExportModel m = load_export_model(
-      testing::write_synthetic_checkpoint(dir / "run", testing::export_recipe(testing::kGpt2Model)));
+  const ExportModel m = load_export_model(testing::write_synthetic_checkpoint(
+      dir / "run", testing::export_recipe(testing::kGpt2Model)));
   const std::string out = dir / "m.h5";
   export_model(m, int_options(ExportQuant::int4, 32, out));
   const std::string name = "layers.0.mlp.fc.weight";
@@ -109,8 +108,8 @@ TEST(TesseraFormat, Int4CodesArePackedLowNibbleFirst) {
 
 TEST(TesseraFormat, FloatExportsHoldTheRoundedValues) {
   ScratchDir dir;
-  const ExportModel m = load_export_model(
-      testing::write_synthetic_checkpoint(dir / "run", testing::export_recipe(testing::kGpt2Model)));
+  const ExportModel m = load_export_model(testing::write_synthetic_checkpoint(
+      dir / "run", testing::export_recipe(testing::kGpt2Model)));
   for (ExportQuant q : {ExportQuant::f16, ExportQuant::bf16}) {
     const std::string out = dir / fmt::format("m-{}.h5", to_string(q));
     export_model(m, int_options(q, 0, out));
@@ -119,7 +118,8 @@ TEST(TesseraFormat, FloatExportsHoldTheRoundedValues) {
       const TesseraExportTensor& got = e.tensors.at(name);
       ASSERT_FALSE(got.quantized) << name;
       for (size_t i = 0; i < t.data.size(); ++i)
-        ASSERT_EQ(got.values[i], q == ExportQuant::f16 ? round_f16(t.data[i]) : round_bf16(t.data[i]))
+        ASSERT_EQ(got.values[i],
+                  q == ExportQuant::f16 ? round_f16(t.data[i]) : round_bf16(t.data[i]))
             << name << "[" << i << "]";
     }
   }
@@ -127,8 +127,8 @@ TEST(TesseraFormat, FloatExportsHoldTheRoundedValues) {
 
 TEST(TesseraFormat, RoutedExpertsAreQuantizedAsRowsOfAllExperts) {
   ScratchDir dir;
-  const Recipe r = testing::export_recipe(
-      testing::kLlamaModel, "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n");
+  const Recipe r = testing::export_recipe(testing::kLlamaModel,
+                                          "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n");
   const ExportModel m = load_export_model(testing::write_synthetic_checkpoint(dir / "run", r));
   const std::string out = dir / "m.h5";
   export_model(m, int_options(ExportQuant::int4, 32, out));
@@ -144,8 +144,8 @@ TEST(TesseraFormat, RoutedExpertsAreQuantizedAsRowsOfAllExperts) {
 TEST(TesseraFormat, AGroupThatDoesNotDivideIsAUserError) {
   ScratchDir dir;
   // ffn_hidden 96: the down projection has 96 input columns, which 64 does not divide.
-  const ExportModel m = load_export_model(
-      testing::write_synthetic_checkpoint(dir / "run", testing::export_recipe(testing::kLlamaModel)));
+  const ExportModel m = load_export_model(testing::write_synthetic_checkpoint(
+      dir / "run", testing::export_recipe(testing::kLlamaModel)));
   testing::expect_user_error(
       [&] { export_model(m, int_options(ExportQuant::int8, 64, dir / "m.h5")); },
       {"--group-size 64", "96", "mlp.down.weight"});
