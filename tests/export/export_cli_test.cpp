@@ -1,7 +1,8 @@
 // `tessera export` end to end: one model trained under tp2 x pp2, saved again unchanged under
 // other layouts (dp2 with ZeRO-1, one process), exports to byte-identical files from each; and
 // the command's errors — unknown format, a type the format does not take, an existing output
-// without --force, a corrupt checkpoint — exit with status 2 naming the thing.
+// without --force, a corrupt checkpoint — exit with status 2 naming the thing; `tessera inspect`
+// summarises an export.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -142,6 +143,19 @@ TEST(ExportCli, BadRequestsExitTwoNamingTheThing) {
   EXPECT_EQ(help.status, 0);
   for (const char* opt : {"--format", "--quant", "--group-size", "--out", "--force", "CKPT"})
     EXPECT_NE(help.output.find(opt), std::string::npos) << opt;
+}
+
+TEST(ExportCli, InspectSummarisesATesseraExport) {
+  const std::string dir = testing::fresh_dir("export-cli-inspect");
+  testing::write_synthetic_checkpoint(dir + "/run", testing::export_recipe(testing::kLlamaModel));
+  const auto e = run_cli_in(dir, "export run --format tessera --quant int4 --out m.h5");
+  ASSERT_EQ(e.status, 0) << e.output;
+  const auto r = run_cli_in(dir, "inspect m.h5");
+  ASSERT_EQ(r.status, 0) << r.output;
+  for (const char* want : {"Tessera export m.h5", "quant int4", "post-training round-to-nearest",
+                           "family: llama", "layers.1.attn.wq.weight", "int4 g32", "(128, 64)",
+                           "lm_head.weight", "run/checkpoints/step_5"})
+    EXPECT_NE(r.output.find(want), std::string::npos) << want << "\n" << r.output;
 }
 
 }  // namespace
