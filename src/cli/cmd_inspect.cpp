@@ -4,6 +4,8 @@
 // listed generically: groups, datasets with type and shape, attributes. For checkpoints: step,
 // shards, each tensor's dtype, global shape, element count and, for float tensors, statistics
 // computed by reading it in blocks; then metadata with short values (--recipe prints it in full).
+// A Tessera export (tessera export --format tessera) gets a summary: its source, numeric types,
+// model config and each tensor's storage.
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -16,6 +18,7 @@
 #include "cli/command.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "export/tessera_format.h"
 #include "io/checkpoint.h"
 #include "io/fs_util.h"
 #include "io/h5.h"
@@ -238,6 +241,39 @@ std::string latest_in(const std::string& ck_dir) {
   return "";
 }
 
+void print_tessera_export(const std::string& path) {
+  const exporting::TesseraExport e = exporting::read_tessera_export(path, /*with_data=*/false);
+  fmt::print("Tessera export {} ({} bytes), format_version {}\n", path, fs::file_size(path),
+             e.format_version);
+  fmt::print("from checkpoint {} (step {}), trained in {}\n", e.source_checkpoint, e.step,
+             e.trained_compute);
+  fmt::print("quant {}, float tensors {}, {}\n", e.quant, e.float_dtype,
+             e.qat ? "integers as trained with QAT"
+                   : (e.quant == "int8" || e.quant == "int4" ? "post-training round-to-nearest"
+                                                             : "no integer weights"));
+  fmt::print("tokenizer sha256 {} ({} bytes of tokenizer.json)\n\n", e.tokenizer_hash,
+             e.tokenizer_json.size());
+  fmt::print("model config:\n{}\n", e.model_config_yaml);
+  std::vector<std::string> names;
+  size_t width = 4;
+  int64_t total = 0;
+  for (const auto& [name, t] : e.tensors) {
+    names.push_back(name);
+    width = std::max(width, name.size());
+    total += t.stored_bytes;
+  }
+  std::sort(names.begin(), names.end(), natural_less);
+  fmt::print("{} tensor(s), {} bytes of data\n", names.size(), total);
+  fmt::print("{:<{}}  {:<12} {:<18} {:>12}\n", "name", width, "storage", "shape", "bytes");
+  for (const std::string& n : names) {
+    const exporting::TesseraExportTensor& t = e.tensors.at(n);
+    const std::string kind = t.quantized ? fmt::format("int{} g{}", int(t.bits), t.group)
+                                         : std::string(dtype_name(t.dtype));
+    fmt::print("{:<{}}  {:<12} {:<18} {:>12}\n", n, width, kind, shape_text(t.shape),
+               t.stored_bytes);
+  }
+}
+
 struct InspectArgs {
   std::string path;
   bool full_recipe = false;
@@ -251,7 +287,10 @@ int run_inspect(const InspectArgs& args) {
   if (!fs::exists(path, ec)) TS_USER_ERROR("inspect: path '{}' does not exist", path);
   if (!fs::is_directory(path, ec)) {
     if (full_recipe) TS_USER_ERROR("inspect: --recipe needs a checkpoint, and {} is a file", path);
-    print_h5_file(path);
+    if (exporting::is_tessera_export(path))
+      print_tessera_export(path);
+    else
+      print_h5_file(path);
     return 0;
   }
   if (io::is_complete_checkpoint(path)) {
@@ -282,7 +321,8 @@ RunFn setup_inspect(CLI::App& sub) {
   auto args = std::make_shared<InspectArgs>();
   sub.add_option("PATH", args->path,
                  "a run directory, its checkpoints/ directory or one step_<N> checkpoint (the "
-                 "latest complete checkpoint is shown), or any HDF5 file")
+                 "latest complete checkpoint is shown), a Tessera export (tessera export), or any "
+                 "HDF5 file")
       ->required();
   sub.add_flag("--recipe", args->full_recipe, "print the recipe stored in the checkpoint in full");
   sub.add_flag("--no-stats", args->no_stats,
@@ -290,8 +330,9 @@ RunFn setup_inspect(CLI::App& sub) {
   return [args] { return run_inspect(*args); };
 }
 
-const Command kInspect("inspect", "show a checkpoint's tensors and metadata, or an HDF5 file",
-                       setup_inspect);
+const Command kInspect(
+    "inspect", "show a checkpoint's tensors and metadata, a Tessera export, or an HDF5 file",
+    setup_inspect);
 
 }  // namespace
 }  // namespace tessera::cli

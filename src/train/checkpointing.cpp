@@ -98,7 +98,7 @@ void read_param_slice(const io::CheckpointReader& ck, const std::string& name,
 
 void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
                      const DistributedOptimizer& opt, PrecisionState prec, int64_t step,
-                     const std::string& tokenizer_hash) {
+                     const std::string& tokenizer_hash, const std::string& tokenizer_json) {
   const ParamStore& ps = model.params();
   HostOptimizerState state;
   opt.gather_state(ps, &state);  // collective over dp; filled on dp ranks 0 .. ep-1
@@ -150,6 +150,7 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
                                         {"samples_consumed", step * r.global_batch()}}
                              .dump());
     w.set_meta("tokenizer_hash", tokenizer_hash);
+    if (!tokenizer_json.empty()) w.set_meta("tokenizer_json", tokenizer_json);
     if (const LossScaler* scaler = prec.scaler) {
       // Every rank's scaler holds the same state (it only sees job-wide flags).
       const LossScaler::State st = scaler->state();

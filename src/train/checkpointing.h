@@ -32,9 +32,11 @@ struct PrecisionState {
 void read_param_slice(const io::CheckpointReader& ck, const std::string& name,
                       const ParamSpec& spec, int vocab_size, DType dtype, void* dst);
 
+// The data's tokenizer is stored whole (meta tokenizer_json, "" for mock data) beside its hash, so
+// an exported model carries the tokenizer it was trained with (src/export).
 void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transformer& model,
                      const DistributedOptimizer& opt, PrecisionState prec, int64_t step,
-                     const std::string& tokenizer_hash);
+                     const std::string& tokenizer_hash, const std::string& tokenizer_json);
 
 // Every rank reads its slices (parameters, masters, moments) from `dir`; returns the step to
 // continue from. Architecture and tokenizer must match; the layout may differ.

@@ -209,7 +209,8 @@ void Run::free_teacher() {
 }
 
 void Run::save(int64_t step) {
-  save_checkpoint(recipe_, *ctx_, *model_, *opt_, precision_state(), step, data_.tokenizer_hash());
+  save_checkpoint(recipe_, *ctx_, *model_, *opt_, precision_state(), step, data_.tokenizer_hash(),
+                  data_.tokenizer_json());
 }
 
 }  // namespace tessera

@@ -29,6 +29,7 @@ class TrainData {
 
   int vocab_size() const { return int(blend_.vocab_size); }
   const std::string& tokenizer_hash() const { return blend_.tokenizer_hash; }
+  const std::string& tokenizer_json() const { return blend_.tokenizer_json; }  // "" for mock
   const Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }
   // distill.teacher_cache, opened and checked against the dataset and the curriculum; null
   // without one.
