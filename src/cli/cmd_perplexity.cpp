@@ -71,7 +71,8 @@ int run_perplexity(const PerplexityArgs& a) {
     const nlohmann::json j = {{"perplexity", r.perplexity()},     {"nll_sum", r.nll_sum},
                               {"tokens_scored", r.tokens_scored}, {"ctx", ref.ctx()},
                               {"quant", a.quant},                 {"text_ids", ids},
-                              {"prompt_ids", prompt_ids},         {"generated", generated}};
+                              {"prompt_ids", prompt_ids},         {"generated", generated},
+                              {"nll", r.nll},                     {"top1", r.top1}};
     io::TempPath tmp(a.json_out);
     io::write_file_synced(tmp.path, j.dump() + "\n");
     io::rename_path(tmp.path, a.json_out);
@@ -109,7 +110,8 @@ RunFn setup_perplexity(CLI::App& sub) {
       ->check(integer_at_least(1));
   sub.add_option("--json", a->json_out,
                  "also write the results as JSON: perplexity, nll_sum, tokens_scored, ctx, "
-                 "quant, text_ids, prompt_ids, generated");
+                 "quant, text_ids, prompt_ids, generated, and per scored position nll and top1 "
+                 "(the argmax)");
   return [a] { return run_perplexity(*a); };
 }
 

@@ -2,6 +2,7 @@
 // Transformer loaded with them, windowed perplexity in double, greedy generation, .npy output.
 #include "export/reference_eval.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -126,11 +127,14 @@ PerplexityResult ReferenceModel::perplexity(const std::vector<int32_t>& tokens,
     const float* logits = static_cast<const float*>(model_->logits(*acts_).data);  // (ctx, V)
     for (int t = 0; t + 1 < n; ++t) {
       const float* row = logits + int64_t(t) * V;
-      double mx = row[0];
-      for (int64_t v = 1; v < V; ++v) mx = std::max(mx, double(row[v]));
+      const int64_t best = std::max_element(row, row + V) - row;
+      const double mx = row[best];
       double sum = 0.0;
       for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
-      r.nll_sum += std::log(sum) + mx - double(row[window[t + 1]]);
+      const double nll = std::log(sum) + mx - double(row[window[t + 1]]);
+      r.nll_sum += nll;
+      r.nll.push_back(float(nll));
+      r.top1.push_back(int32_t(best));
       ++r.tokens_scored;
       if (logits_out) logits_out->insert(logits_out->end(), row, row + V);
     }

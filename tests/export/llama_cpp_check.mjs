@@ -5,10 +5,11 @@
 // exactly as Tessera's `tessera perplexity` scores it (export/reference_eval.h).
 //
 //   node llama_cpp_check.mjs NODE_LLAMA_CPP_DIR INPUT.json
-// INPUT: {"model": "x.gguf", "threads": 2,
+// INPUT: {"models": ["x.gguf", ...], "threads": 2,  -> {"results": [one object per model]}
 //         "tokenize": ["text", ...],                 -> "tokenized": [[ids], ...]
 //         "prompt_ids": [...], "generate": 32,       -> "generated": [ids]
-//         "text_ids": [...], "ctx": 128}             -> "perplexity", "nll_sum", "tokens_scored"
+//         "text_ids": [...], "ctx": 128}             -> "perplexity", "nll_sum", "tokens_scored",
+//                                                       per scored position "nll" and "top1"
 // Probabilities come from controlledEvaluate (generateNext.probabilities at temperature 0: the
 // softmax of the whole logit row, in f32).
 import path from "node:path";
@@ -35,63 +36,72 @@ const llama = await getLlama({
     log.push({level, message: message.trimEnd()});
   },
 });
-const model = await llama.loadModel({modelPath: input.model, gpuLayers: 0});
-const loadWarnings = log.filter((l) => l.level === LlamaLogLevel.warn || l.level === LlamaLogLevel.error)
-                        .map((l) => l.message)
-                        .filter((m) => m.trim().length > 0);
-const out = {load_warnings: loadWarnings, description: model.typeDescription};
+// One model: load (its warnings are the log lines logged while loading), tokenize, generate, score.
+async function check(modelPath) {
+  const firstLine = log.length;
+  const model = await llama.loadModel({modelPath, gpuLayers: 0});
+  const out = {
+    model: modelPath,
+    description: model.typeDescription,
+    load_warnings: log.slice(firstLine)
+        .filter((l) => l.level === LlamaLogLevel.warn || l.level === LlamaLogLevel.error)
+        .map((l) => l.message)
+        .filter((m) => m.trim().length > 0),
+  };
+  out.tokenized = (input.tokenize ?? []).map((text) => Array.from(model.tokenize(text, false)));
 
-out.tokenized = (input.tokenize ?? []).map((text) => Array.from(model.tokenize(text, false)));
+  const ctxLen = input.ctx ?? model.trainContextSize;
+  const context = await model.createContext({
+    contextSize: ctxLen,
+    batchSize: ctxLen,
+    sequences: 1,
+    threads: input.threads ?? 2,
+  });
+  const sequence = context.getSequence();
 
-const ctxLen = input.ctx ?? model.trainContextSize;
-const context = await model.createContext({
-  contextSize: ctxLen,
-  batchSize: ctxLen,
-  sequences: 1,
-  threads: input.threads ?? 2,
-});
-const sequence = context.getSequence();
-
-if (input.prompt_ids && input.generate) {
-  const generated = [];
-  for await (const token of sequence.evaluate(input.prompt_ids, {temperature: 0, yieldEogToken: true})) {
-    generated.push(token);
-    if (generated.length >= input.generate) break;
-  }
-  out.generated = generated;
-}
-
-if (input.text_ids) {
-  const ids = input.text_ids;
-  let nllSum = 0;
-  let scored = 0;
-  let zeroProbability = 0;
-  for (let start = 0; start + 1 < ids.length; start += ctxLen) {
-    const window = ids.slice(start, start + ctxLen);
-    if (window.length < 2) break;
-    await sequence.clearHistory();
-    const items = window.map((t, i) => (i + 1 < window.length
-        ? [t, {generateNext: {probabilities: true, options: {temperature: 0}}}]
-        : t));
-    const results = await sequence.controlledEvaluate(items);
-    for (let i = 0; i + 1 < window.length; i++) {
-      const p = results[i]?.next?.probabilities?.get(window[i + 1]) ?? 0;
-      if (!(p > 0)) {
-        zeroProbability++;
-        continue;
-      }
-      nllSum -= Math.log(p);
-      scored++;
+  if (input.prompt_ids && input.generate) {
+    const generated = [];
+    for await (const token of sequence.evaluate(input.prompt_ids, {temperature: 0, yieldEogToken: true})) {
+      generated.push(token);
+      if (generated.length >= input.generate) break;
     }
+    out.generated = generated;
   }
-  out.nll_sum = nllSum;
-  out.tokens_scored = scored;
-  out.zero_probability = zeroProbability;
-  out.perplexity = Math.exp(nllSum / scored);
+
+  if (input.text_ids) {
+    const ids = input.text_ids;
+    const nll = [];
+    const top1 = [];
+    for (let start = 0; start + 1 < ids.length; start += ctxLen) {
+      const window = ids.slice(start, start + ctxLen);
+      if (window.length < 2) break;
+      await sequence.clearHistory();
+      const items = window.map((t, i) => (i + 1 < window.length
+          ? [t, {generateNext: {probabilities: true, options: {temperature: 0}}}]
+          : t));
+      const results = await sequence.controlledEvaluate(items);
+      for (let i = 0; i + 1 < window.length; i++) {
+        const probabilities = results[i]?.next?.probabilities;
+        const p = probabilities?.get(window[i + 1]) ?? 0;
+        nll.push(p > 0 ? -Math.log(p) : null);
+        top1.push(probabilities ? probabilities.keys().next().value : null);  // sorted: highest first
+      }
+    }
+    const finite = nll.filter((x) => x !== null);
+    const nllSum = finite.reduce((a, b) => a + b, 0);
+    out.nll = nll;
+    out.top1 = top1;
+    out.nll_sum = nllSum;
+    out.tokens_scored = finite.length;
+    out.zero_probability = nll.length - finite.length;
+    out.perplexity = Math.exp(nllSum / finite.length);
+  }
+  await context.dispose();
+  await model.dispose();
+  return out;
 }
 
-await context.dispose();
-await model.dispose();
+const results = [];
+for (const modelPath of input.models) results.push(await check(modelPath));
 await llama.dispose();
-out.log_lines = log.length;
-console.log(JSON.stringify(out));
+console.log(JSON.stringify({results, log_lines: log.length}));
