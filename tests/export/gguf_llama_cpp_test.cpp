@@ -12,6 +12,8 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -32,8 +34,26 @@ constexpr const char* kPrompt = "Once upon a time, the old man said that";
 constexpr int kGenerate = 32;
 constexpr int kCtx = 64;  // the training length and the scoring window
 
-std::string heldout_text() {
+std::string sotu_text() {
   return std::string(TESSERA_SOURCE_DIR) + "/data/raw/sotu/data/1790_george_washington_n.txt";
+}
+
+// The held-out text: the first ~4000 bytes of that address, to the end of a sentence (about 1000
+// tokens: llama.cpp's probabilities reach JavaScript as a map of the whole vocabulary per
+// position, ~8 ms each, so the text is kept short).
+const std::string& heldout_text() {
+  static const std::string path = [] {
+    const std::string dir = std::string(TESSERA_BINARY_DIR) + "/test-runs";
+    std::filesystem::create_directories(dir);
+    std::ifstream in(sotu_text());
+    std::string text((std::istreambuf_iterator<char>(in)), {});
+    text.resize(text.rfind('.', 4000) + 1);
+    const std::string p = dir + "/gguf-heldout.txt", tmp = p + fmt::format(".tmp-{}", ::getpid());
+    std::ofstream(tmp) << text;
+    std::filesystem::rename(tmp, p);  // atomic: concurrent cases write the same text
+    return p;
+  }();
+  return path;
 }
 
 std::string llama_cpp_dir() {
@@ -71,7 +91,7 @@ std::string llama_cpp_missing() {
     if (!why.empty()) GTEST_SKIP() << "llama.cpp unavailable: " << why;           \
     ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset()))                   \
         << "run scripts/prepare-data.sh";                                         \
-    ASSERT_TRUE(std::filesystem::exists(heldout_text())) << "run scripts/fetch-data.sh"; \
+    ASSERT_TRUE(std::filesystem::exists(sotu_text())) << "run scripts/fetch-data.sh";    \
   } while (0)
 
 // A short ci-tiny run: 6 steps of 8 x 64 tokens from init_std 0.2. Tens of steps of this tiny
