@@ -6,9 +6,10 @@
 //    text (a State of the Union address: not in the training corpus) is within 1% of
 //    `tessera perplexity --quant <type>` (the same dequantized weights) for F16 and Q8_0 and
 //    within 2% for Q4_0 (llama.cpp rounds activations to 8 bits in quantized matmuls);
-//  * a llama-family model (GQA, untied head) as `llama` and one with QK-norm, a tied head and
-//    head_dim != hidden / heads as `qwen3`, F16: greedy and perplexity match, which is what
-//    proves llama's Q/K row permutation and both architectures' names and hyperparameters.
+//  * a llama-family model (GQA, untied head) as `llama`, one with QK-norm, a tied head and
+//    head_dim != hidden / heads as `qwen3`, F16, and ci-tiny-moe (every block MoE, top-8 of 8)
+//    as `qwen3moe`, F32: greedy, top-1 and perplexity match, which is what proves llama's Q/K row
+//    permutation and the architectures' names and hyperparameters.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -98,13 +99,14 @@ std::string llama_cpp_missing() {
 // model reach the unigram phase, where every greedy step picks the most frequent token (so a
 // greedy comparison would be vacuous); from a wider initialization six steps leave predictions
 // that vary with the context, with near-ties that any difference in the computation would flip.
-std::string train(const std::string& dir, const std::string& extra) {
+std::string train(const std::string& dir, const std::string& extra,
+                  const std::string& recipe = "recipes/ci-tiny.yaml") {
   const auto r = run_cli(fmt::format(
-      "train recipes/ci-tiny.yaml --set train.steps=6 --set data.micro_batch=8 "
+      "train {} --set train.steps=6 --set data.micro_batch=8 "
       "--set data.seq_len={} --set model.init_std=0.2 --set optim.lr=1e-3 "
       "--set optim.warmup_steps=1 --set train.eval_every=0 --set train.sample_tokens=0 "
       "--set logging.every=10 --set checkpoint.every=0 --set train.out_dir={}{}",
-      kCtx, dir, extra));
+      recipe, kCtx, dir, extra));
   EXPECT_EQ(r.status, 0) << r.output;
   return dir;
 }
@@ -240,6 +242,22 @@ TEST(GgufLlamaCpp, Qwen3ArchitectureF16) {
                          " --set model.family=llama --set model.ffn_hidden=256"
                          " --set model.num_kv_heads=2 --set model.qk_norm=true"
                          " --set model.head_dim=48 --set model.tied_embeddings=true"));
+}
+
+// ci-tiny-moe (QK-norm, 8 experts) with every block MoE, no shared expert and top-8 routing, as
+// qwen3moe F32: the expert tensors' names and layout and the router. With top-2 routing llama.cpp
+// and Tessera disagree at a few percent of positions, even in F32 (docs/EXPORT.md, "Known
+// differences"): not yet explained, so not asserted here.
+TEST(GgufLlamaCpp, Qwen3MoeAllExpertsF32) {
+  SKIP_WITHOUT_LLAMA_CPP();
+  const std::string ckpt = train(testing::fresh_dir("gguf-qwen3moe"),
+                                 " --set moe.shared_experts=0 --set moe.first_dense_layers=0"
+                                 " --set moe.topk=8",
+                                 "recipes/ci-tiny-moe.yaml");
+  auto r = compare(ckpt, {exporting::GgufType::f32})[exporting::GgufType::f32];
+  EXPECT_TRUE(r.greedy_equal);
+  EXPECT_GE(r.top1_agreement, 0.99);
+  EXPECT_LE(rel(r.llama_ppl, r.tessera_ppl), 0.01);
 }
 
 }  // namespace
