@@ -62,17 +62,22 @@ int run_perplexity(const PerplexityArgs& a) {
     prompt_ids = tok.encode(a.prompt);
     if (prompt_ids.empty()) TS_USER_ERROR("--generate needs a non-empty --prompt");
     if (int(prompt_ids.size()) + a.generate > ref.ctx())
-      TS_USER_ERROR("--prompt ({} tokens) + --generate {} exceed the window {}",
-                    prompt_ids.size(), a.generate, ref.ctx());
+      TS_USER_ERROR("--prompt ({} tokens) + --generate {} exceed the window {}", prompt_ids.size(),
+                    a.generate, ref.ctx());
     generated = ref.greedy(prompt_ids, a.generate);
     fmt::print("greedy: {}\n", fmt::join(generated, " "));
   }
   if (!a.json_out.empty()) {
-    const nlohmann::json j = {{"perplexity", r.perplexity()},     {"nll_sum", r.nll_sum},
-                              {"tokens_scored", r.tokens_scored}, {"ctx", ref.ctx()},
-                              {"quant", a.quant},                 {"text_ids", ids},
-                              {"prompt_ids", prompt_ids},         {"generated", generated},
-                              {"nll", r.nll},                     {"top1", r.top1}};
+    const nlohmann::json j = {{"perplexity", r.perplexity()},
+                              {"nll_sum", r.nll_sum},
+                              {"tokens_scored", r.tokens_scored},
+                              {"ctx", ref.ctx()},
+                              {"quant", a.quant},
+                              {"text_ids", ids},
+                              {"prompt_ids", prompt_ids},
+                              {"generated", generated},
+                              {"nll", r.nll},
+                              {"top1", r.top1}};
     io::TempPath tmp(a.json_out);
     io::write_file_synced(tmp.path, j.dump() + "\n");
     io::rename_path(tmp.path, a.json_out);
@@ -85,8 +90,9 @@ RunFn setup_perplexity(CLI::App& sub) {
   auto a = std::make_shared<PerplexityArgs>();
   sub.add_option("MODEL", a->model, "a checkpoint step directory, or a run directory (its latest)")
       ->required();
-  sub.add_option("--text", a->text_path, "the text file to score (tokenized by the model's "
-                                         "tokenizer)")
+  sub.add_option("--text", a->text_path,
+                 "the text file to score (tokenized by the model's "
+                 "tokenizer)")
       ->required();
   sub.add_option("--quant", a->quant,
                  "the weights evaluated: f32 (the checkpoint's), f16/bf16/q8_0/q4_0 (exactly "

@@ -19,9 +19,9 @@ enum class PreTokenizer {
           // ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 };
 
-// The vocabulary as model files list it (GGUF's tokenizer.ggml.*, tokenizer.json's model): one entry
-// per id 0..vocab_size()-1, tokens in the byte-level alphabet (added tokens as their content),
-// merges in rank order as "left right" in the byte-level alphabet.
+// The vocabulary as model files list it (GGUF's tokenizer.ggml.*, tokenizer.json's model): one
+// entry per id 0..vocab_size()-1, tokens in the byte-level alphabet (added tokens as their
+// content), merges in rank order as "left right" in the byte-level alphabet.
 struct TokenizerVocabulary {
   enum class Kind { normal, special, added, unused };  // unused: an id no token has (a hole)
   PreTokenizer pre = PreTokenizer::gpt2;

@@ -30,9 +30,10 @@ std::string resolve_step_dir(const std::string& dir) {
   if (io::is_complete_checkpoint(dir)) return dir;
   const std::string latest = io::latest_checkpoint(dir);
   if (latest.empty())
-    TS_USER_ERROR("{}: not a complete checkpoint (step directory with COMPLETE) nor a run "
-                  "directory holding one under checkpoints/",
-                  dir);
+    TS_USER_ERROR(
+        "{}: not a complete checkpoint (step directory with COMPLETE) nor a run "
+        "directory holding one under checkpoints/",
+        dir);
   return latest;
 }
 

@@ -25,7 +25,6 @@ std::vector<uint8_t> pack_q4_0(const int8_t* codes, const uint16_t* scales, int6
                                int64_t cols);
 
 // The values a reader of the tensor gets back (GGML's dequantization), (R, K) f32.
-std::vector<float> unpack_gguf_rows(GgmlType type, const uint8_t* data, int64_t rows,
-                                    int64_t cols);
+std::vector<float> unpack_gguf_rows(GgmlType type, const uint8_t* data, int64_t rows, int64_t cols);
 
 }  // namespace tessera::exporting

@@ -138,9 +138,8 @@ void write_scalar(Sink& s, GgufValueType type, const GgufValue& v, size_t idx) {
     case GgufValueType::f64: return s.pod<double>(as_f());
     case GgufValueType::boolean: return s.pod<uint8_t>(std::get<bool>(v.value) ? 1 : 0);
     case GgufValueType::string:
-      return s.str(v.type == GgufValueType::array
-                       ? std::get<std::vector<std::string>>(v.value)[idx]
-                       : std::get<std::string>(v.value));
+      return s.str(v.type == GgufValueType::array ? std::get<std::vector<std::string>>(v.value)[idx]
+                                                  : std::get<std::string>(v.value));
     case GgufValueType::array: break;
   }
   TS_BUG("GGUF value type {} as a scalar", uint32_t(type));

@@ -59,9 +59,7 @@ struct GgufValue {
   static GgufValue u32(uint32_t v) { return {GgufValueType::u32, GgufValueType::u32, uint64_t(v)}; }
   static GgufValue i32(int32_t v) { return {GgufValueType::i32, GgufValueType::i32, int64_t(v)}; }
   static GgufValue f32(float v) { return {GgufValueType::f32, GgufValueType::f32, double(v)}; }
-  static GgufValue boolean(bool v) {
-    return {GgufValueType::boolean, GgufValueType::boolean, v};
-  }
+  static GgufValue boolean(bool v) { return {GgufValueType::boolean, GgufValueType::boolean, v}; }
   static GgufValue string(std::string v) {
     return {GgufValueType::string, GgufValueType::string, std::move(v)};
   }

@@ -51,10 +51,12 @@ void check_moe(const ModelConfig& cfg, const std::string& where) {
   const MoeConfig& m = cfg.moe;
   const auto no = [&](bool bad, const std::string& what) {
     if (bad)
-      TS_USER_ERROR("{}: {} cannot be exported to GGUF: llama.cpp's MoE architectures (qwen3moe, "
-                    "llama) have {}",
-                    where, what, "every block MoE, no shared experts, SwiGLU experts and "
-                    "renormalized top-k weights");
+      TS_USER_ERROR(
+          "{}: {} cannot be exported to GGUF: llama.cpp's MoE architectures (qwen3moe, "
+          "llama) have {}",
+          where, what,
+          "every block MoE, no shared experts, SwiGLU experts and "
+          "renormalized top-k weights");
   };
   no(m.shared_experts > 0, fmt::format("moe.shared_experts = {}", m.shared_experts));
   no(m.first_dense_layers > 0, fmt::format("moe.first_dense_layers = {}", m.first_dense_layers));
@@ -73,12 +75,12 @@ GgufArch gguf_arch_for(const ModelConfig& cfg, const std::string& where) {
     require(where, a, "activation", std::string(to_string(cfg.activation)), std::string("gelu"));
     require(where, a, "bias", cfg.bias, true);
     require(where, a, "qk_norm", cfg.qk_norm, false);
-    require(where, a, "num_heads * head_dim", cfg.num_heads * cfg.resolved_head_dim(),
-            cfg.hidden);
+    require(where, a, "num_heads * head_dim", cfg.num_heads * cfg.resolved_head_dim(), cfg.hidden);
     if (cfg.moe.enabled())
-      TS_USER_ERROR("{}: a gpt2-family MoE model cannot be exported to GGUF: llama.cpp's gpt2 "
-                    "architecture has no experts",
-                    where);
+      TS_USER_ERROR(
+          "{}: a gpt2-family MoE model cannot be exported to GGUF: llama.cpp's gpt2 "
+          "architecture has no experts",
+          where);
     return GgufArch::gpt2;
   }
   const char* a = cfg.qk_norm ? "qwen3" : "llama";
@@ -225,8 +227,8 @@ void plan_gpt2_attention(Planner& p, const std::string& src, const std::string& 
   p.add(dst + ".attn_output.bias", src + ".attn.wo.bias");
 }
 
-void plan_llama_attention(Planner& p, const ModelConfig& cfg, GgufArch arch,
-                          const std::string& src, const std::string& dst) {
+void plan_llama_attention(Planner& p, const ModelConfig& cfg, GgufArch arch, const std::string& src,
+                          const std::string& dst) {
   const int64_t D = cfg.resolved_head_dim();
   const auto qk = [&](const char* w, const char* name, int64_t heads) {
     const ExportTensor& t = p.take(fmt::format("{}.attn.{}.weight", src, w));
@@ -234,8 +236,8 @@ void plan_llama_attention(Planner& p, const ModelConfig& cfg, GgufArch arch,
                  ? std::make_shared<const std::vector<float>>(
                        interleave_rope_rows(t.data, heads, D, t.shape[1]))
                  : std::shared_ptr<const std::vector<float>>(std::shared_ptr<void>(), &t.data);
-    p.add_values(fmt::format("{}.{}.weight", dst, name),
-                 fmt::format("{}.attn.{}.weight", src, w), t.shape, v);
+    p.add_values(fmt::format("{}.{}.weight", dst, name), fmt::format("{}.attn.{}.weight", src, w),
+                 t.shape, v);
   };
   qk("wq", "attn_q", cfg.num_heads);
   qk("wk", "attn_k", cfg.num_kv_heads > 0 ? cfg.num_kv_heads : cfg.num_heads);
@@ -354,8 +356,7 @@ void set_tokenizer(GgufBuilder& b, const ExportModel& m, const std::string& wher
   b.set("tokenizer.ggml.model", GgufValue::string("gpt2"));
   // llama.cpp's pre-tokenizer names for the two regexes (llama-vocab.cpp: "gpt-2" -> GPT2,
   // "qwen2" -> QWEN2).
-  b.set("tokenizer.ggml.pre",
-        GgufValue::string(v.pre == PreTokenizer::gpt2 ? "gpt-2" : "qwen2"));
+  b.set("tokenizer.ggml.pre", GgufValue::string(v.pre == PreTokenizer::gpt2 ? "gpt-2" : "qwen2"));
   b.set("tokenizer.ggml.tokens", GgufValue::strings(std::move(v.tokens)));
   b.set("tokenizer.ggml.token_type", GgufValue::i32s(std::move(types)));
   b.set("tokenizer.ggml.merges", GgufValue::strings(std::move(v.merges)));

@@ -103,8 +103,10 @@ ReferenceModel::ReferenceModel(const ExportModel& m, WeightQuant quant, int grou
   for (Param& p : model_->params().all()) {
     const auto it = weights.find(p.spec.name);
     TS_CHECK(it != weights.end(), "{}: no tensor {} in the export model", where, p.spec.name);
-    TS_CHECK(int64_t(it->second.data.size()) == p.spec.shape.numel(), "{}: {} has {} values, the "
-             "model {}", where, p.spec.name, it->second.data.size(), p.spec.shape.numel());
+    TS_CHECK(int64_t(it->second.data.size()) == p.spec.shape.numel(),
+             "{}: {} has {} values, the "
+             "model {}",
+             where, p.spec.name, it->second.data.size(), p.spec.shape.numel());
     std::memcpy(p.value.data, it->second.data.data(), it->second.data.size() * sizeof(float));
   }
   acts_ = std::make_unique<Activations>(*model_, 1, ctx_, /*training=*/false);

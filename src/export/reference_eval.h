@@ -38,8 +38,8 @@ std::map<std::string, ExportTensor> reference_weights(const ExportModel& m, Weig
 struct PerplexityResult {
   int64_t tokens_scored = 0;  // P: every position but the first of each window
   double nll_sum = 0.0;       // sum of -log p(token) in nats, accumulated in double
-  std::vector<float> nll;      // (P) each position's -log p(token)
-  std::vector<int32_t> top1;   // (P) each position's argmax (the greedy choice)
+  std::vector<float> nll;     // (P) each position's -log p(token)
+  std::vector<int32_t> top1;  // (P) each position's argmax (the greedy choice)
   double perplexity() const;  // exp(nll_sum / tokens_scored)
 };
 

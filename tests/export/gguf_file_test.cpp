@@ -41,10 +41,10 @@ GgufBuilder sample_builder() {
   b.set("a.ints", GgufValue::i32s({1, -2, 3}));
   b.set("a.floats", GgufValue::f32s({0.5, -1.5}));
   b.set("a.u32", GgufValue::u32(5));  // replaced in place: the key keeps its position
-  b.add_tensor(bytes_tensor("v", {3}, GgmlType::f32, 1));           // 12 bytes
-  b.add_tensor(bytes_tensor("m", {7, 5}, GgmlType::f16, 50));       // 70 bytes
-  b.add_tensor(bytes_tensor("q", {64, 2}, GgmlType::q8_0, 100));    // 4 blocks: 136 bytes
-  b.add_tensor(bytes_tensor("e", {32, 3, 2}, GgmlType::q4_0, 200)); // 6 blocks: 108 bytes
+  b.add_tensor(bytes_tensor("v", {3}, GgmlType::f32, 1));            // 12 bytes
+  b.add_tensor(bytes_tensor("m", {7, 5}, GgmlType::f16, 50));        // 70 bytes
+  b.add_tensor(bytes_tensor("q", {64, 2}, GgmlType::q8_0, 100));     // 4 blocks: 136 bytes
+  b.add_tensor(bytes_tensor("e", {32, 3, 2}, GgmlType::q4_0, 200));  // 6 blocks: 108 bytes
   return b;
 }
 
@@ -55,9 +55,9 @@ TEST(GgufFile, ParsesBackHeaderKeysTensorsAndData) {
   const auto g = testing::parse_gguf_file(path);
   EXPECT_EQ(g.bytes.substr(0, 4), "GGUF");
   EXPECT_EQ(g.version, 3u);
-  EXPECT_EQ(g.key_order, (std::vector<std::string>{"general.architecture", "a.u32", "a.i32",
-                                                   "a.f32", "a.bool", "a.strings", "a.ints",
-                                                   "a.floats"}));
+  EXPECT_EQ(g.key_order,
+            (std::vector<std::string>{"general.architecture", "a.u32", "a.i32", "a.f32", "a.bool",
+                                      "a.strings", "a.ints", "a.floats"}));
   EXPECT_EQ(g.kv.at("a.u32").type, 4u);
   EXPECT_EQ(g.kv.at("a.u32").u(), 5u);
   EXPECT_EQ(g.kv.at("a.i32").type, 5u);
@@ -113,8 +113,9 @@ TEST(GgufFile, WritesAtomically) {
   sample_builder().write(path);
   const std::string before = testing::parse_gguf_file(path).bytes;
   GgufBuilder bad = sample_builder();
-  bad.add_tensor(GgufTensor{"boom", {4}, GgmlType::f32,
-                            []() -> std::vector<uint8_t> { throw std::runtime_error("boom"); }});
+  bad.add_tensor(GgufTensor{"boom", {4}, GgmlType::f32, []() -> std::vector<uint8_t> {
+                              throw std::runtime_error("boom");
+                            }});
   EXPECT_THROW(bad.write(path), std::runtime_error);
   EXPECT_EQ(testing::parse_gguf_file(path).bytes, before) << "the old file is intact";
   GgufBuilder wrong = sample_builder();
@@ -139,11 +140,11 @@ TEST(GgufBlocks, Q8_0BlockByHand) {
   const auto b = pack_gguf_rows(GgmlType::q8_0, ramp().data(), 1, 32);
   ASSERT_EQ(b.size(), 34u);
   EXPECT_EQ(u16_at(b, 0), f32_to_f16_bits(16.0f / 127.0f));
-  EXPECT_EQ(int8_t(b[2 + 0]), -127);   // x = -16
-  EXPECT_EQ(int8_t(b[2 + 16]), 0);     // x = 0
-  EXPECT_EQ(int8_t(b[2 + 20]), 32);    // x = 4: 31.75
-  EXPECT_EQ(int8_t(b[2 + 31]), 119);   // x = 15: 119.06
-  EXPECT_EQ(int8_t(b[2 + 15]), -8);    // x = -1: -7.94
+  EXPECT_EQ(int8_t(b[2 + 0]), -127);  // x = -16
+  EXPECT_EQ(int8_t(b[2 + 16]), 0);    // x = 0
+  EXPECT_EQ(int8_t(b[2 + 20]), 32);   // x = 4: 31.75
+  EXPECT_EQ(int8_t(b[2 + 31]), 119);  // x = 15: 119.06
+  EXPECT_EQ(int8_t(b[2 + 15]), -8);   // x = -1: -7.94
 }
 
 TEST(GgufBlocks, Q4_0BlockByHand) {

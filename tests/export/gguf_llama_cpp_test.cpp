@@ -81,18 +81,16 @@ std::string llama_cpp_missing() {
   if (status != 0 || v.empty()) return "node is not installed";
   if (std::atoi(v.c_str()) < 20) return "node " + v + " is older than node-llama-cpp's >= 20";
   const std::string entry = llama_cpp_dir() + "/node_modules/node-llama-cpp/dist/index.js";
-  if (!std::filesystem::exists(entry))
-    return entry + " is absent (run scripts/fetch-llama-cpp.sh)";
+  if (!std::filesystem::exists(entry)) return entry + " is absent (run scripts/fetch-llama-cpp.sh)";
   return "";
 }
 
-#define SKIP_WITHOUT_LLAMA_CPP()                                                  \
-  do {                                                                            \
-    const std::string why = llama_cpp_missing();                                  \
-    if (!why.empty()) GTEST_SKIP() << "llama.cpp unavailable: " << why;           \
-    ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset()))                   \
-        << "run scripts/prepare-data.sh";                                         \
-    ASSERT_TRUE(std::filesystem::exists(sotu_text())) << "run scripts/fetch-data.sh";    \
+#define SKIP_WITHOUT_LLAMA_CPP()                                                                  \
+  do {                                                                                            \
+    const std::string why = llama_cpp_missing();                                                  \
+    if (!why.empty()) GTEST_SKIP() << "llama.cpp unavailable: " << why;                           \
+    ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh"; \
+    ASSERT_TRUE(std::filesystem::exists(sotu_text())) << "run scripts/fetch-data.sh";             \
   } while (0)
 
 // A short ci-tiny run: 6 steps of 8 x 64 tokens from init_std 0.2. Tens of steps of this tiny
@@ -101,12 +99,12 @@ std::string llama_cpp_missing() {
 // that vary with the context, with near-ties that any difference in the computation would flip.
 std::string train(const std::string& dir, const std::string& extra,
                   const std::string& recipe = "recipes/ci-tiny.yaml") {
-  const auto r = run_cli(fmt::format(
-      "train {} --set train.steps=6 --set data.micro_batch=8 "
-      "--set data.seq_len={} --set model.init_std=0.2 --set optim.lr=1e-3 "
-      "--set optim.warmup_steps=1 --set train.eval_every=0 --set train.sample_tokens=0 "
-      "--set logging.every=10 --set checkpoint.every=0 --set train.out_dir={}{}",
-      recipe, kCtx, dir, extra));
+  const auto r = run_cli(
+      fmt::format("train {} --set train.steps=6 --set data.micro_batch=8 "
+                  "--set data.seq_len={} --set model.init_std=0.2 --set optim.lr=1e-3 "
+                  "--set optim.warmup_steps=1 --set train.eval_every=0 --set train.sample_tokens=0 "
+                  "--set logging.every=10 --set checkpoint.every=0 --set train.out_dir={}{}",
+                  recipe, kCtx, dir, extra));
   EXPECT_EQ(r.status, 0) << r.output;
   return dir;
 }
@@ -135,10 +133,10 @@ json llama_cpp_side(const std::vector<std::string>& ggufs, const json& tessera,
   const std::string input_path = dir + "/llama-input.json";
   std::ofstream(input_path) << input.dump();
   int status = 0;
-  const std::string out = shell_output(
-      fmt::format("node '{}/tests/export/llama_cpp_check.mjs' '{}' '{}' 2>&1", TESSERA_SOURCE_DIR,
-                  llama_cpp_dir(), input_path),
-      &status);
+  const std::string out =
+      shell_output(fmt::format("node '{}/tests/export/llama_cpp_check.mjs' '{}' '{}' 2>&1",
+                               TESSERA_SOURCE_DIR, llama_cpp_dir(), input_path),
+                   &status);
   EXPECT_EQ(status, 0) << out;
   const size_t line = out.rfind("\n{");
   return json::parse(line == std::string::npos ? out : out.substr(line + 1))["results"];
@@ -192,12 +190,13 @@ std::map<exporting::GgufType, Compared> compare(const std::string& ckpt,
             std::max(c.max_nll_diff, std::abs(ln[k].get<double>() - tn[k].get<double>()));
     }
     c.top1_agreement = double(agree) / double(tn.size());
-    std::printf("[gguf %s] %s: perplexity Tessera %.3f, llama.cpp %.3f (%+.3f%%) over %lld "
-                "tokens; top-1 agreement %.2f%%, max |dNLL| %.4f nats; greedy %s\n",
-                l["description"].get<std::string>().c_str(), name.c_str(), c.tessera_ppl,
-                c.llama_ppl, 100.0 * (c.llama_ppl - c.tessera_ppl) / c.tessera_ppl,
-                (long long)t["tokens_scored"].get<int64_t>(), 100.0 * c.top1_agreement,
-                c.max_nll_diff, c.greedy_equal ? "equal" : "differs");
+    std::printf(
+        "[gguf %s] %s: perplexity Tessera %.3f, llama.cpp %.3f (%+.3f%%) over %lld "
+        "tokens; top-1 agreement %.2f%%, max |dNLL| %.4f nats; greedy %s\n",
+        l["description"].get<std::string>().c_str(), name.c_str(), c.tessera_ppl, c.llama_ppl,
+        100.0 * (c.llama_ppl - c.tessera_ppl) / c.tessera_ppl,
+        (long long)t["tokens_scored"].get<int64_t>(), 100.0 * c.top1_agreement, c.max_nll_diff,
+        c.greedy_equal ? "equal" : "differs");
     if (!c.greedy_equal)
       std::printf("  Tessera   %s\n  llama.cpp %s\n", t["generated"].dump().c_str(),
                   l["generated"].dump().c_str());

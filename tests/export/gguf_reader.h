@@ -90,7 +90,7 @@ class GgufCursor {
 
 // One scalar of gguf_type `t` as a double or string (integers fit a double in tests' ranges).
 inline std::variant<double, std::string, uint64_t, int64_t> gguf_read_scalar(GgufCursor& c,
-                                                                          uint32_t t) {
+                                                                             uint32_t t) {
   switch (t) {
     case 0: return uint64_t(c.pod<uint8_t>());
     case 1: return int64_t(c.pod<int8_t>());
@@ -134,7 +134,7 @@ inline GgufParsed parse_gguf_file(const std::string& path) {
         std::vector<double> v(n);
         for (auto& x : v) {
           const auto s = gguf_read_scalar(c, kv.elem_type);
-          x = std::holds_alternative<double>(s)     ? std::get<double>(s)
+          x = std::holds_alternative<double>(s)    ? std::get<double>(s)
               : std::holds_alternative<int64_t>(s) ? double(std::get<int64_t>(s))
                                                    : double(std::get<uint64_t>(s));
         }

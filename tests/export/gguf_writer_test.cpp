@@ -121,7 +121,7 @@ TEST(GgufWriter, Gpt2NamesDimsAndMetadata) {
   EXPECT_EQ(g.kv.at("tokenizer.ggml.merges").strings(), v.merges);
   const auto& types = g.kv.at("tokenizer.ggml.token_type").numbers();
   const int eot = tiny_tokenizer(PreTokenizer::gpt2).eot_id();
-  EXPECT_EQ(types[eot], 3.0);  // control
+  EXPECT_EQ(types[eot], 3.0);                   // control
   EXPECT_EQ(types[int(v.tokens.size())], 5.0);  // a row beyond the tokenizer: unused
   EXPECT_EQ(types[0], 1.0);
   EXPECT_EQ(g.kv.at("tokenizer.ggml.eos_token_id").u(), uint64_t(eot));
@@ -161,10 +161,9 @@ TEST(GgufWriter, LlamaPermutesQueryAndKeyRowsForInterleavedRope) {
   EXPECT_TRUE(g.has_tensor("output.weight"));
   EXPECT_FALSE(g.has_tensor("blk.0.attn_q_norm.weight"));
   const int64_t C = 64, D = 8;
-  for (const auto& [name, src, heads] : {std::tuple{"blk.0.attn_q.weight", "layers.0.attn.wq.weight",
-                                                    4},
-                                         std::tuple{"blk.0.attn_k.weight", "layers.0.attn.wk.weight",
-                                                    2}}) {
+  for (const auto& [name, src, heads] :
+       {std::tuple{"blk.0.attn_q.weight", "layers.0.attn.wq.weight", 4},
+        std::tuple{"blk.0.attn_k.weight", "layers.0.attn.wk.weight", 2}}) {
     SCOPED_TRACE(name);
     const auto out = file_values(g, name);
     const auto& in = m.at(src).data;
@@ -210,9 +209,8 @@ TEST(GgufWriter, QuantizedFilesQuantizeBlockLinearsOnly) {
     EXPECT_EQ(g.tensor("blk.0.attn_norm.weight").type, uint32_t(GgmlType::f32));
     // What `tessera perplexity --quant` evaluates is what the file holds (the Q/K permutation
     // moves whole rows, so it commutes with row-wise quantization).
-    const auto ref = reference_weights(m, type == GgufType::q8_0 ? WeightQuant::q8_0
-                                                                  : WeightQuant::q4_0,
-                                       0, "test");
+    const auto ref = reference_weights(
+        m, type == GgufType::q8_0 ? WeightQuant::q8_0 : WeightQuant::q4_0, 0, "test");
     EXPECT_EQ(file_values(g, "blk.1.ffn_up.weight"), ref.at("layers.1.mlp.up.weight").data);
     EXPECT_EQ(file_values(g, "blk.1.ffn_down.weight"), ref.at("layers.1.mlp.down.weight").data);
     EXPECT_EQ(file_values(g, "token_embd.weight"), ref.at("embed.wte").data);
