@@ -16,7 +16,7 @@ packages=(
   libbenchmark-dev
   clang-format
   gnuplot-nox                      # bench/distill_plot.sh
-  nodejs npm
+  nodejs npm                       # npm fetches the corpus; node >= 20 runs llama.cpp (tests/export)
 )
 
 missing=()
@@ -30,8 +30,19 @@ if command -v npm >/dev/null 2>&1; then
 fi
 read -r -a missing <<<"${missing[*]}"
 
+# node-llama-cpp (scripts/fetch-llama-cpp.sh) needs Node.js >= 20; Debian 12's nodejs is 18, so
+# such a machine needs a newer node (e.g. NodeSource's package) for the GGUF checks, which
+# otherwise report themselves skipped.
+node_too_old() {
+  command -v node >/dev/null 2>&1 &&
+    [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all packages present"
+  if node_too_old; then
+    echo "install-deps: warning: node $(node --version) < 20: llama.cpp checks will be skipped"
+  fi
   exit 0
 fi
 SUDO=""
@@ -39,3 +50,6 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 echo "install-deps: installing ${missing[*]}"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+if node_too_old; then
+  echo "install-deps: warning: node $(node --version) < 20: llama.cpp checks will be skipped"
+fi

@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/sha256.h"
+#include "data/byte_level.h"
 #include "data/pretokenizer.h"
 #include "data/tokenizer_impl.h"
 
@@ -266,6 +267,31 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
     out += m.id_bytes[id];
   }
   return out;
+}
+
+TokenizerVocabulary Tokenizer::vocabulary() const {
+  const Impl& m = checked(impl_);
+  TokenizerVocabulary v;
+  v.pre = m.spec.pre;
+  v.nfc = m.spec.nfc;
+  v.ignore_merges = m.spec.ignore_merges;
+  v.tokens.resize(m.num_ids);
+  v.kinds.assign(m.num_ids, TokenizerVocabulary::Kind::unused);
+  for (int32_t id = 0; id < m.num_ids; ++id) v.tokens[id] = fmt::format("[PAD{}]", id);
+  for (const auto& [bytes, id] : m.spec.vocab) {
+    v.tokens[id] = bytes_to_byte_level(bytes);
+    v.kinds[id] = TokenizerVocabulary::Kind::normal;
+  }
+  // An added token may also be a vocabulary entry (GPT-2's <|endoftext|>): the added form wins.
+  for (const AddedToken& a : m.spec.added) {
+    v.tokens[a.id] = a.content;
+    v.kinds[a.id] =
+        a.special ? TokenizerVocabulary::Kind::special : TokenizerVocabulary::Kind::added;
+  }
+  v.merges.reserve(m.spec.merges.size());
+  for (const auto& [left, right] : m.spec.merges)
+    v.merges.push_back(bytes_to_byte_level(left) + " " + bytes_to_byte_level(right));
+  return v;
 }
 
 int Tokenizer::vocab_size() const { return checked(impl_).num_ids; }

@@ -19,6 +19,19 @@ enum class PreTokenizer {
           // ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 };
 
+// The vocabulary as model files list it (GGUF's tokenizer.ggml.*, tokenizer.json's model): one
+// entry per id 0..vocab_size()-1, tokens in the byte-level alphabet (added tokens as their
+// content), merges in rank order as "left right" in the byte-level alphabet.
+struct TokenizerVocabulary {
+  enum class Kind { normal, special, added, unused };  // unused: an id no token has (a hole)
+  PreTokenizer pre = PreTokenizer::gpt2;
+  bool nfc = false;            // text is NFC-normalized before pre-tokenization
+  bool ignore_merges = false;  // a pre-token found whole in the vocabulary skips the merges
+  std::vector<std::string> tokens;
+  std::vector<Kind> kinds;
+  std::vector<std::string> merges;
+};
+
 class Tokenizer {
  public:
   static Tokenizer load_gpt2(const std::string& encoder_json_path,
@@ -32,6 +45,7 @@ class Tokenizer {
 
   int vocab_size() const;  // max id + 1 (special tokens included)
   int eot_id() const;      // document separator ("<|endoftext|>" or the configured one), or -1
+  TokenizerVocabulary vocabulary() const;
   std::string to_hf_json() const;  // canonical tokenizer.json text (byte-level BPE model)
   void save_hf_json(const std::string& path) const;
   std::string hash() const;  // sha256 hex of to_hf_json(): identifies the tokenizer in datasets

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "export/gguf_writer.h"
 #include "export/safetensors_writer.h"
 #include "export/tessera_format.h"
 #include "io/fs_util.h"
@@ -20,8 +21,17 @@ std::string names_text(const std::vector<ExportQuant>& qs) {
   return s;
 }
 
-// The GGUF writer (gguf_writer.h) is not part of this build yet.
-constexpr bool kGgufBuilt = false;
+// check_export_options admits only these for gguf.
+GgufType gguf_type(ExportQuant q) {
+  switch (q) {
+    case ExportQuant::f32: return GgufType::f32;
+    case ExportQuant::f16: return GgufType::f16;
+    case ExportQuant::bf16: return GgufType::bf16;
+    case ExportQuant::q8_0: return GgufType::q8_0;
+    case ExportQuant::q4_0: return GgufType::q4_0;
+    default: TS_BUG("--quant {} reached the gguf writer", to_string(q));
+  }
+}
 
 bool is_int(ExportQuant q) { return q == ExportQuant::int8 || q == ExportQuant::int4; }
 bool is_gguf_block(ExportQuant q) { return q == ExportQuant::q8_0 || q == ExportQuant::q4_0; }
@@ -63,8 +73,6 @@ void check_export_options(const ExportOptions& o) {
     TS_USER_ERROR("export: --quant {} is not available for --format {} (it takes {})",
                   to_string(o.quant), to_string(o.format), names_text(ok));
   check_group_size(o);
-  if (o.format == ExportFormat::gguf && !kGgufBuilt)
-    TS_USER_ERROR("export: gguf export not built in this build (--format gguf)");
   if (o.out.empty()) TS_USER_ERROR("export: --out is empty");
   std::error_code ec;
   if (fs::symlink_status(o.out, ec).type() != fs::file_type::not_found && !o.force)
@@ -84,9 +92,7 @@ void export_model(const ExportModel& m, const ExportOptions& o) {
   switch (o.format) {
     case ExportFormat::tessera: write_tessera_export(m, o); return;
     case ExportFormat::safetensors: write_safetensors_dir(m, o); return;
-    case ExportFormat::gguf:
-      TS_USER_ERROR("export: gguf export not built in this build (--format gguf, output {})",
-                    o.out);
+    case ExportFormat::gguf: write_gguf(m, gguf_type(o.quant), o.out); return;
   }
   TS_BUG("export format {}", int(o.format));
 }

@@ -66,16 +66,19 @@ QuantizedWeight quantize_weight(const ExportModel& m, const std::string& name, q
     TS_USER_ERROR(
         "export: --group-size {} does not divide the {} input features of '{}' (checkpoint {})",
         q.group, q.cols, name, m.checkpoint_dir);
-  // QAT fake-quantized the weight the forward read: the master rounded to the compute dtype.
   std::vector<float> w = t.data;
-  const QatSettings qat = qat_settings(m.recipe);
-  const Compute compute = m.recipe.precision.compute;
-  if (qat.enabled && (compute == Compute::bf16 || compute == Compute::fp16))
-    for (float& x : w) x = compute == Compute::bf16 ? round_bf16(x) : round_f16(x);
+  round_as_qat_forward(m.recipe, w);
   q.codes.resize(size_t(q.rows * q.cols));
   q.scales.resize(size_t(q.rows * (q.cols / q.group)));
   quant::quantize_rows(w.data(), q.rows, q.cols, bits, q.group, q.codes.data(), q.scales.data());
   return q;
+}
+
+void round_as_qat_forward(const Recipe& r, std::vector<float>& w) {
+  // QAT fake-quantized the weight the forward read: the master rounded to the compute dtype.
+  const Compute compute = r.precision.compute;
+  if (!qat_settings(r).enabled || (compute != Compute::bf16 && compute != Compute::fp16)) return;
+  for (float& x : w) x = compute == Compute::bf16 ? round_bf16(x) : round_f16(x);
 }
 
 }  // namespace tessera::exporting

@@ -49,4 +49,9 @@ int64_t resolve_group_size(const ExportModel& m, quant::IntBits bits, int64_t re
 QuantizedWeight quantize_weight(const ExportModel& m, const std::string& name, quant::IntBits bits,
                                 int64_t group);
 
+// For a QAT checkpoint trained in bf16/f16, rounds w (f32 master values) to the compute dtype, as
+// the training forward did before fake quantization; otherwise leaves w alone. Every quantizer of
+// the exporters (Tessera format, GGUF blocks, tessera perplexity) applies it first.
+void round_as_qat_forward(const Recipe& r, std::vector<float>& w);
+
 }  // namespace tessera::exporting
