@@ -22,7 +22,7 @@ set(TESSERA_TEST_ENV "OMP_WAIT_POLICY=PASSIVE")
 # tessera_test(<name> SOURCES ... DEPS ... [LABELS ...] [COST c]): one GoogleTest executable,
 # each test a ctest case. COST (seconds, roughly) makes `ctest -j` start long tests first.
 function(tessera_test name)
-  cmake_parse_arguments(ARG "" "COST" "SOURCES;DEPS;LABELS" ${ARGN})
+  cmake_parse_arguments(ARG "" "COST" "SOURCES;DEPS;LABELS;PROPERTIES" ${ARGN})
   if(NOT ARG_COST)
     set(ARG_COST 0)
   endif()
@@ -31,7 +31,8 @@ function(tessera_test name)
   target_compile_definitions(${name} PRIVATE
     TESSERA_SOURCE_DIR="${PROJECT_SOURCE_DIR}" TESSERA_BINARY_DIR="${PROJECT_BINARY_DIR}")
   gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES LABELS "${ARG_LABELS}"
-    COST ${ARG_COST} ENVIRONMENT ${TESSERA_TEST_ENV} WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+    COST ${ARG_COST} ENVIRONMENT ${TESSERA_TEST_ENV} ${ARG_PROPERTIES}
+    WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
 endfunction()
 
 # tessera_mpi_test(<name> SOURCES ... [DEPS ...] NP n1 [n2 ...] [LABELS ...] [TIMEOUT s]):

@@ -61,6 +61,13 @@ inline std::string fresh_dir(const std::string& name) {
   return d.string();
 }
 
+// The run of recipes/ci-tiny.yaml as the main job trains it (600 steps), made by
+// Train.CiRecipeBeatsUnigramBaseline (tests/e2e): the CI-trained model that later tests export.
+// ctest orders them through the fixture ci_tiny_model.
+inline std::string ci_trained_run() {
+  return (std::filesystem::path(TESSERA_BINARY_DIR) / "test-runs" / "ci_tiny").string();
+}
+
 // A fresh directory private to the running test: ctest runs the cases of one binary concurrently,
 // each in its own process, so a reference run that several cases need is made by each of them.
 inline std::string fresh_dir_for_this_test(const std::string& name) {

@@ -80,7 +80,7 @@ double unigram_baseline(const TokenDataset& d) {
 
 TEST(Train, CiRecipeBeatsUnigramBaseline) {
   ASSERT_TRUE(std::filesystem::exists(testing::ci_dataset())) << "run scripts/prepare-data.sh";
-  const std::string dir = testing::fresh_dir("ci_tiny");
+  const std::string dir = testing::fresh_dir("ci_tiny");  // testing::ci_trained_run()
   const auto r = run_cli("train recipes/ci-tiny.yaml --set train.out_dir=" + dir);
   ASSERT_EQ(r.status, 0) << r.output;
   const TokenDataset data = TokenDataset::open(testing::ci_dataset());

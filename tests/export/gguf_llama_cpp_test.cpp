@@ -1,6 +1,6 @@
 // GGUF export checked by llama.cpp itself (node-llama-cpp 3.21.1's prebuilt CPU build, fetched by
 // scripts/fetch-llama-cpp.sh; without Node.js >= 20 or the fetched package every case SKIPS):
-//  * ci-tiny (gpt2) trained briefly, exported as F16, Q8_0 and Q4_0: each file loads with no
+//  * the CI-trained ci-tiny (gpt2), exported as F16, Q8_0 and Q4_0: each file loads with no
 //    warning in llama.cpp's log; llama.cpp tokenizes the prompt and the held-out text into
 //    Tessera's ids; greedy 32 tokens equal Tessera's for F16; llama.cpp's perplexity on held-out
 //    text (a State of the Union address: not in the training corpus) is within 1% of
@@ -93,10 +93,11 @@ std::string llama_cpp_missing() {
     ASSERT_TRUE(std::filesystem::exists(sotu_text())) << "run scripts/fetch-data.sh";             \
   } while (0)
 
-// A short ci-tiny run: 6 steps of 8 x 64 tokens from init_std 0.2. Tens of steps of this tiny
-// model reach the unigram phase, where every greedy step picks the most frequent token (so a
-// greedy comparison would be vacuous); from a wider initialization six steps leave predictions
-// that vary with the context, with near-ties that any difference in the computation would flip.
+// A short run for the architecture cases: 6 steps of 8 x 64 tokens from init_std 0.2. Tens of
+// steps of these tiny models reach the unigram phase, where every greedy step picks the most
+// frequent token (so a greedy comparison would be vacuous); from a wider initialization six steps
+// leave predictions that vary with the context, with near-ties that any difference in the
+// computation would flip.
 std::string train(const std::string& dir, const std::string& extra,
                   const std::string& recipe = "recipes/ci-tiny.yaml") {
   const auto r = run_cli(
@@ -205,10 +206,14 @@ std::map<exporting::GgufType, Compared> compare(const std::string& ckpt,
   return out;
 }
 
+// The CI-trained model: recipes/ci-tiny.yaml's 600 steps, trained by tests/e2e (fixture
+// ci_tiny_model).
 TEST(GgufLlamaCpp, Gpt2F16Q8Q4LoadGenerateAndScore) {
   SKIP_WITHOUT_LLAMA_CPP();
   using exporting::GgufType;
-  const std::string ckpt = train(testing::fresh_dir("gguf-gpt2"), "");
+  const std::string ckpt = testing::ci_trained_run();
+  ASSERT_TRUE(std::filesystem::exists(ckpt + "/checkpoints"))
+      << ckpt << ": no CI-trained model (ctest runs Train.CiRecipeBeatsUnigramBaseline first)";
   auto r = compare(ckpt, {GgufType::f16, GgufType::q8_0, GgufType::q4_0});
   EXPECT_TRUE(r[GgufType::f16].greedy_equal);
   EXPECT_GE(r[GgufType::f16].top1_agreement, 0.99);
