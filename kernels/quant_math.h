@@ -2,7 +2,7 @@
 // ops (QAT: kernels/cpu and kernels/cuda) and the exporters (src/export): a group's scale, and each
 // element's integer code. They are GGML's reference rules, so a group of 32 is a GGUF block.
 //
-//   int8 (GGUF Q8_0 when the group is 32):  d = amax / 127          q = roundf(x * (1 / d))  in [-127, 127]
+//   int8 (GGUF Q8_0 when the group is 32):  d = amax / 127    q = roundf(x * (1 / d))  in +-127
 //   int4 (GGUF Q4_0 when the group is 32):  d = m / -8, where m is the group's element of largest
 //        |x| (the first one on ties)        q = min(15, trunc(x * (1 / d) + 8.5)) - 8   in [-8, 7]
 //

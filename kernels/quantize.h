@@ -1,5 +1,6 @@
-// Row-wise integer quantization of a weight matrix on the host, by the rules of kernels/quant_math.h:
-// the codes and FP16 scales that QAT's fake quantization stands for and that the exporters write.
+// Row-wise integer quantization of a weight matrix on the host, by the rules of
+// kernels/quant_math.h: the codes and FP16 scales that QAT's fake quantization stands for and that
+// the exporters write.
 // Shape letters: R rows (output features), K columns (input features), G = K / group.
 #pragma once
 #include <cstdint>
