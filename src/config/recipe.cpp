@@ -646,9 +646,10 @@ void resolve_qat(Recipe& r, const Origins& o) {
         "to FP8 instead; train QAT with compute bf16, fp16 or fp32",
         o.file(), weights, o.show("precision.compute", to_string(r.precision.compute)));
   if (q.layers.empty())
-    TS_USER_ERROR("{}: qat.layers ({}) is empty: name the linears to quantize or set qat.weights "
-                  "none",
-                  o.file(), o.where("qat.layers"));
+    TS_USER_ERROR(
+        "{}: qat.layers ({}) is empty: name the linears to quantize or set qat.weights "
+        "none",
+        o.file(), o.where("qat.layers"));
   for (QatLayer l : q.layers)
     if (l == QatLayer::lm_head || l == QatLayer::embedding)
       TS_USER_ERROR(
