@@ -50,7 +50,9 @@ struct QatConfig {
   // Whether step (0-based) trains against quantized weights.
   bool active_at(int64_t step) const { return enabled() && step >= start_step; }
   // The group the ops take for a linear with `in_features` input columns (per channel: all).
-  int64_t group_for(int64_t in_features) const { return group_size == 0 ? in_features : group_size; }
+  int64_t group_for(int64_t in_features) const {
+    return group_size == 0 ? in_features : group_size;
+  }
 };
 
 }  // namespace tessera
