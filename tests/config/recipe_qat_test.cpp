@@ -80,9 +80,10 @@ TEST(RecipeQat, Errors) {
   expect_qat_error("  weights: int8\n  layers: []\n", {"t.yaml", "qat.layers", "is empty"});
   expect_qat_error("  weights: int8\n  start_step: 10\n",
                    {"t.yaml", "qat.start_step = 10 (line 17)", "train.steps = 10", "never begin"});
-  expect_qat_error("  weights: int4\n", {"t.yaml", "qat.weights = int4", "precision.compute = fp8",
-                                         "compute bf16, fp16 or fp32"},
-                   "precision:\n  compute: fp8\n");
+  expect_qat_error(
+      "  weights: int4\n",
+      {"t.yaml", "qat.weights = int4", "precision.compute = fp8", "compute bf16, fp16 or fp32"},
+      "precision:\n  compute: fp8\n");
   expect_qat_error("  weights: int8\n  activations: int4\n", {"qat.activations", "'int4'"});
 }
 
