@@ -1,7 +1,7 @@
 // Quantization-aware training end to end through the `tessera` binary on the CPU (ci-tiny on the
 // prepared corpus, or the parallel tests' tiny model on mock tokens; seconds per run):
-//  * int8 (per channel, W8A8) and int4 (groups of 32) runs train, and their losses are not the
-//    plain run's;
+//  * int8 (per channel, W8A8), int4 (groups of 32) and int4 under BF16 compute train, and their
+//    losses are not the plain run's;
 //  * before qat.start_step the run is the plain run bit for bit, metrics say when QAT is on, and
 //    resuming from a checkpoint before the start step crosses it bitwise;
 //  * dp 2 (ZeRO-1) and tp 2 (row-parallel per-channel scales and per-token inputs max-reduced
@@ -79,9 +79,10 @@ TEST(QatTrain, Int8AndInt4RunsTrainAndDifferFromThePlainRun) {
   const auto plain = run_cli(corpus_args(dir + "/plain"));
   ASSERT_EQ(plain.status, 0) << plain.output;
   const auto p = losses(dir + "/plain");
-  for (const char* q : {kInt8, kInt4}) {
+  const std::string int4_bf16 = std::string(kInt4) + " --set precision.compute=bf16";
+  for (const char* q : {kInt8, kInt4, int4_bf16.c_str()}) {
     SCOPED_TRACE(q);
-    const std::string out = dir + (q == kInt8 ? "/int8" : "/int4");
+    const std::string out = dir + (q == kInt8 ? "/int8" : q == kInt4 ? "/int4" : "/int4-bf16");
     const auto r = run_cli(corpus_args(out) + q);
     ASSERT_EQ(r.status, 0) << r.output;
     EXPECT_NE(r.output.find("qat: "), std::string::npos) << r.output;
