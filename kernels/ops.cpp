@@ -523,6 +523,25 @@ void topk_logits(Tensor values, Tensor ids, Tensor lse, Tensor logits, int vocab
       });
 }
 
+void fake_quantize(Tensor out, Tensor in, quant::IntBits bits, int64_t group, Tensor row_amax,
+                   Stream stream) {
+  constexpr const char* kOp = "fake_quantize";
+  dispatch(kOp, {&out, &in, &row_amax}, stream,
+           TS_ON_CUDA(cuda::fake_quantize(out, in, bits, group, row_amax, stream)),
+           [&](cpu::NarrowScope& n) {
+             // Checked before widening: a bf16 out beside an f16 in would pass as f32 and f32.
+             check_same_dtype(in, out, kOp, "out");
+             // bf16/f16 widen exactly; the f32 value q * d is rounded once to out's dtype.
+             cpu::fake_quantize(n.out(out, "out"), n.in(in, "in"), bits, group,
+                                n.stat_in(row_amax, "row_amax"));
+           });
+}
+
+void row_absmax(Tensor amax, Tensor in, Stream stream) {
+  dispatch("row_absmax", {&amax, &in}, stream, TS_ON_CUDA(cuda::row_absmax(amax, in, stream)),
+           [&](cpu::NarrowScope& n) { cpu::row_absmax(n.stat_out(amax, "amax"), n.in(in, "in")); });
+}
+
 void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWStep& s,
                   Stream stream) {
   dispatch("adamw_update", {&param, &grad, &m, &v}, stream,

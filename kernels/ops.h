@@ -36,6 +36,7 @@
 
 #include "core/tensor.h"
 #include "kernels/op_types.h"
+#include "kernels/quantize.h"
 
 namespace tessera::ops {
 
@@ -332,6 +333,28 @@ void kd_sparse_shard_finish(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tenso
 void topk_logits(Tensor values /*(N,K) f32*/, Tensor ids /*(N,K) i32*/, Tensor lse /*(nT,2,N) f32*/,
                  Tensor logits /*(N,V)*/, int vocab_size, std::span<const float> temperatures,
                  Stream stream = {});
+
+// ---- fake quantization for quantization-aware training (QAT) ---------------------------------
+// out = dequant(quant(in)) row by row, by the rules of kernels/quant_math.h (GGML's Q8_0 / Q4_0
+// generalised to any group): each row of in (R,K) in groups of `group` consecutive columns
+// (group == K: one group per row, i.e. per output channel of a weight or per token of an
+// activation; 1 <= group, K % group == 0); per group the f32 scale d (int8: amax / 127; int4: the
+// signed element of largest |x|, the first on ties, / -8), the codes from the f32 d, and each
+// value q * float(fp16(d)) computed in f32 and written in out's dtype (a bf16/f16 out rounds it
+// to nearest even once; f64 on the CPU holds it exactly). bf16/f16/f64 inputs are converted to
+// f32 first (exact for bf16/f16), so the codes and fp16 scales are those kernels/quantize.h gives
+// for the f32 values of `in`. row_amax (R) f32, when given (int8 and group == K only), replaces
+// each row's own max |x|: a row-parallel layer under tp passes the max over its tp ranks
+// (row_absmax, then an all-reduce(max)), so every rank quantizes with the scale of the whole row.
+// A group of zeros gives zeros (int4: -0, as its scale is -0). Inputs must be finite (the
+// result of a NaN or Inf is unspecified). out may alias in exactly. CPU and CUDA agree bit for bit.
+// Gradient: QAT uses the straight-through estimator, so there is no backward op (the gradient
+// with respect to in is the gradient with respect to out; optim/qat_linear.h).
+void fake_quantize(Tensor out /*(R,K)*/, Tensor in /*(R,K)*/, quant::IntBits bits, int64_t group,
+                   Tensor row_amax /*(R) f32 or empty*/ = {}, Stream stream = {});
+// amax[r] = max over k of |in[r,k]| (NaN ignored; 0 for a row of zeros), in f32: fake_quantize's
+// int8 row scale before the all-reduce(max) over tp.
+void row_absmax(Tensor amax /*(R) f32*/, Tensor in /*(R,K)*/, Stream stream = {});
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),

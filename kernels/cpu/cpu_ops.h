@@ -8,6 +8,7 @@
 
 #include "core/tensor.h"
 #include "kernels/op_types.h"
+#include "kernels/quantize.h"
 
 namespace tessera::cpu {
 using ops::AdamWStep;
@@ -170,6 +171,12 @@ void kd_sparse_shard_finish(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tenso
 // logits.
 void topk_logits(Tensor values /*(N,K)*/, Tensor ids /*(N,K) i32*/, Tensor lse /*(nT,2,N)*/,
                  Tensor logits /*(N,V)*/, int vocab_size, std::span<const float> temperatures);
+
+// ---- fake quantization (kernels/ops.h): through quant::quantize_rows on f32 rows -------------
+// in and out f32 or f64 (bf16/f16 arrive widened through kernels/cpu/narrow.h).
+void fake_quantize(Tensor out /*(R,K)*/, Tensor in /*(R,K)*/, quant::IntBits bits, int64_t group,
+                   Tensor row_amax /*(R) f32 or empty*/ = {});
+void row_absmax(Tensor amax /*(R) f32*/, Tensor in /*(R,K)*/);
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),

@@ -11,6 +11,7 @@
 
 #include "core/tensor.h"
 #include "kernels/op_types.h"
+#include "kernels/quantize.h"
 
 namespace tessera::cuda {
 using ops::AdamWStep;
@@ -183,6 +184,11 @@ void kd_sparse_shard_finish(Tensor losses /*(N)*/, Tensor stats /*(3,N)*/, Tenso
 void topk_logits(Tensor values /*(N,K) f32*/, Tensor ids /*(N,K) i32*/, Tensor lse /*(nT,2,N) f32*/,
                  Tensor logits /*(N,V)*/, int vocab_size, std::span<const float> temperatures,
                  ops::Stream stream = {});
+
+// ---- fake quantization (kernels/ops.h; kernels/cuda/fake_quant.cu): one warp per group -------
+void fake_quantize(Tensor out /*(R,K)*/, Tensor in /*(R,K)*/, quant::IntBits bits, int64_t group,
+                   Tensor row_amax /*(R) f32 or empty*/ = {}, ops::Stream stream = {});
+void row_absmax(Tensor amax /*(R) f32*/, Tensor in /*(R,K)*/, ops::Stream stream = {});
 
 // ---- AdamW (decoupled weight decay; Loshchilov & Hutter) ------------------------------------
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p),

@@ -33,9 +33,9 @@ int run_plan(const PlanArgs& args) {
       r.file.c_str(), r.model.num_params() / 1e9, r.model.num_active_params() / 1e9, p.dp, p.tp,
       p.pp, p.ep, p.zero, to_string(r.precision.compute), r.data.micro_batch, r.data.seq_len);
   std::printf("GB per rank (1e9 bytes); every tp and ep rank of a stage holds the same:\n");
-  std::printf("%-6s %-9s %12s %10s %10s %12s %10s %8s %8s %9s  %s\n", "stage", "layers",
+  std::printf("%-6s %-9s %12s %10s %10s %12s %10s %8s %8s %8s %9s  %s\n", "stage", "layers",
               "params held", "parameters", "optimizer", "activations", "workspace", "fp8",
-              "teacher", "total", "fits?");
+              "teacher", "qat", "total", "fits?");
   bool all_fit = true;
   for (const StagePlan& s : stages) {
     const MemoryPlan& m = s.plan;
@@ -43,10 +43,10 @@ int run_plan(const PlanArgs& args) {
     all_fit = all_fit && fits;
     const std::string layers =
         std::to_string(s.first_layer) + "-" + std::to_string(s.first_layer + s.num_layers - 1);
-    std::printf("%-6d %-9s %11.3fB %10.2f %10.2f %12.2f %10.2f %8.2f %8.2f %9.2f  %s\n", s.stage,
-                layers.c_str(), s.params_held / 1e9, gb(m.params), gb(m.optimizer),
-                gb(m.train_acts), gb(m.workspace), gb(m.fp8), gb(m.teacher), gb(m.total()),
-                fits ? "yes" : "NO");
+    std::printf("%-6d %-9s %11.3fB %10.2f %10.2f %12.2f %10.2f %8.2f %8.2f %8.2f %9.2f  %s\n",
+                s.stage, layers.c_str(), s.params_held / 1e9, gb(m.params), gb(m.optimizer),
+                gb(m.train_acts), gb(m.workspace), gb(m.fp8), gb(m.teacher), gb(m.qat),
+                gb(m.total()), fits ? "yes" : "NO");
   }
   std::printf("%s %.0f GB per GPU%s\n", all_fit ? "fits in" : "does NOT fit in", args.gpu_gb,
               stages.front().plan.workspace == 0 && !cuda_available()

@@ -107,6 +107,20 @@ enum class CurriculumRamp { none, linear, cosine };
 TESSERA_ENUM_NAMES(CurriculumRamp, {CurriculumRamp::none, "none"},
                    {CurriculumRamp::linear, "linear"}, {CurriculumRamp::cosine, "cosine"});
 
+// ---- qat ---------------------------------------------------------------------------------------
+// The integer format fake quantization trains against (kernels/quant_math.h); none: QAT off.
+enum class QatBits { none, int8, int4 };
+TESSERA_ENUM_NAMES(QatBits, {QatBits::none, "none"}, {QatBits::int8, "int8"},
+                   {QatBits::int4, "int4"});
+enum class QatActivations { none, int8 };
+TESSERA_ENUM_NAMES(QatActivations, {QatActivations::none, "none"}, {QatActivations::int8, "int8"});
+// Which linears QAT fake-quantizes: attention (q, k, v, o), the dense MLP, the routed experts
+// (grouped GEMMs), the shared experts, and, opt-in, the LM head and the embedding (not built).
+enum class QatLayer { attention, mlp, experts, shared_experts, lm_head, embedding };
+TESSERA_ENUM_NAMES(QatLayer, {QatLayer::attention, "attention"}, {QatLayer::mlp, "mlp"},
+                   {QatLayer::experts, "experts"}, {QatLayer::shared_experts, "shared_experts"},
+                   {QatLayer::lm_head, "lm_head"}, {QatLayer::embedding, "embedding"});
+
 // ---- train / logging ---------------------------------------------------------------------------
 enum class DeviceChoice { cpu, cuda, auto_ };
 TESSERA_ENUM_NAMES(DeviceChoice, {DeviceChoice::cpu, "cpu"}, {DeviceChoice::cuda, "cuda"},

@@ -38,8 +38,8 @@ namespace {
 using config::FieldInfo;
 using config::Rule;
 
-// Sections the design reserves; refused until their features are built.
-const std::vector<std::string> kReservedSections = {"qat"};
+// Sections the design reserves; refused until their features are built (none at present).
+const std::vector<std::string> kReservedSections = {};
 // Keys that moved to another section: named in the error instead of "unknown key".
 const std::map<std::string, std::string> kMovedKeys = {{"model.recompute", "train.recompute"},
                                                        {"model.attention_impl", "train.attention"}};
@@ -622,6 +622,45 @@ void validate_distill(const Recipe& r, const Origins& o) {
   }
 }
 
+// The qat section: group_size auto resolved (int4 32, int8 0), its value among those the formats
+// take, no FP8 compute, the layers that are built, and a start inside the run. The local K of each
+// linear against the group is checked where the layers are known (optim/qat_linear.cpp).
+void resolve_qat(Recipe& r, const Origins& o) {
+  QatConfig& q = r.qat;
+  if (!q.enabled()) return;
+  const std::string weights = o.show("qat.weights", to_string(q.weights));
+  if (q.group_size < 0) q.group_size = q.weights == QatBits::int4 ? 32 : 0;
+  if (q.group_size != 0 && q.group_size != 32 && q.group_size != 64 && q.group_size != 128)
+    TS_USER_ERROR(
+        "{}: {}: expected 32, 64 or 128 input columns per scale, or 0 (int8 only) for one scale "
+        "per output channel",
+        o.file(), o.show("qat.group_size", q.group_size));
+  if (q.group_size == 0 && q.weights == QatBits::int4)
+    TS_USER_ERROR(
+        "{}: {} with {}: int4 needs groups of 32, 64 or 128 (one scale per output channel is "
+        "int8 only)",
+        o.file(), o.show("qat.group_size", q.group_size), weights);
+  if (r.precision.compute == Compute::fp8)
+    TS_USER_ERROR(
+        "{}: {} with {}: QAT fake-quantizes the weights of 16/32-bit GEMMs, FP8 quantizes them "
+        "to FP8 instead; train QAT with compute bf16, fp16 or fp32",
+        o.file(), weights, o.show("precision.compute", to_string(r.precision.compute)));
+  if (q.layers.empty())
+    TS_USER_ERROR(
+        "{}: qat.layers ({}) is empty: name the linears to quantize or set qat.weights "
+        "none",
+        o.file(), o.where("qat.layers"));
+  for (QatLayer l : q.layers)
+    if (l == QatLayer::lm_head || l == QatLayer::embedding)
+      TS_USER_ERROR(
+          "{}: qat.layers ({}) names '{}': fake quantization of the LM head and the embedding is "
+          "not built yet (QAT covers the block linears and the experts)",
+          o.file(), o.where("qat.layers"), to_string(l));
+  if (q.start_step >= r.train.steps)
+    TS_USER_ERROR("{}: {} is not before {}: QAT would never begin", o.file(),
+                  o.show("qat.start_step", q.start_step), o.show("train.steps", r.train.steps));
+}
+
 }  // namespace
 
 Recipe parse_recipe(const std::string& yaml_text, const std::string& file_name,
@@ -641,6 +680,7 @@ Recipe parse_recipe(const std::string& yaml_text, const std::string& file_name,
   validate_across(r, origins);
   validate_distill(r, origins);
   resolve_moe(r, origins);
+  resolve_qat(r, origins);
   return r;
 }
 

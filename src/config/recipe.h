@@ -13,6 +13,7 @@
 #include "config/field.h"
 #include "config/model_config.h"
 #include "config/moe_config.h"
+#include "config/qat_config.h"
 
 namespace tessera {
 
@@ -223,7 +224,8 @@ struct LoggingConfig {
   X(TrainConfig, train, {}, config::kAny, "the run")                                              \
   X(CheckpointConfig, checkpoint, {}, config::kAny, "checkpoints and resume")                     \
   X(LoggingConfig, logging, {}, config::kAny, "progress and profiling")                           \
-  X(DistillConfig, distill, {}, config::kAny, "knowledge distillation from a teacher checkpoint")
+  X(DistillConfig, distill, {}, config::kAny, "knowledge distillation from a teacher checkpoint") \
+  X(QatConfig, qat, {}, config::kAny, "quantization-aware training (docs/QAT.md)")
 // clang-format on
 
 struct Recipe {

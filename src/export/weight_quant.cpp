@@ -11,9 +11,12 @@
 namespace tessera::exporting {
 
 QatSettings qat_settings(const Recipe& r) {
-  // Recipe has no `qat:` section in this build: every checkpoint is exported post-training.
-  (void)r;
-  return QatSettings{};
+  QatSettings q;
+  q.enabled = r.qat.enabled();
+  if (!q.enabled) return q;
+  q.bits = r.qat.weights == QatBits::int4 ? quant::IntBits::int4 : quant::IntBits::int8;
+  q.group_size = r.qat.group_size;  // resolved at parse time: int4 32, int8 0 unless given
+  return q;
 }
 
 std::vector<std::string> quantized_weight_names(const ExportModel& m) {

@@ -12,8 +12,7 @@
 
 namespace tessera::exporting {
 
-// The recipe's QAT settings as the exporter needs them. The `qat:` recipe section is built on
-// another branch; until it is merged into Recipe, qat_settings() reads none (enabled = false).
+// The recipe's QAT settings (Recipe::qat) as the exporter needs them.
 struct QatSettings {
   bool enabled = false;
   quant::IntBits bits = quant::IntBits::int8;

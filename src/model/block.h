@@ -43,6 +43,7 @@ class Block {
   int first_param() const { return first_param_; }  // index of its first parameter
   bool is_moe() const { return is_moe_; }
   const Moe& moe() const { return moe_; }
+  Moe& moe() { return moe_; }
   void set_attention_impl(ops::AttentionImpl impl) { attn_.set_impl(impl); }
   // ep: the expert-parallel size (the MoE layer's receive buffers grow with it).
   static BlockActs alloc_acts(Arena& arena, const ModelConfig& cfg, DType dt, int B, int T,

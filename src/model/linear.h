@@ -15,8 +15,9 @@ namespace tessera {
 struct Linear;
 
 // Another way to compute a linear layer's GEMMs: FP8 with delayed scaling (optim/fp8_linear.h)
-// under precision.compute: fp8. The precision policy lives in src/optim; layers only call
-// through this interface, so the model does not depend on it.
+// under precision.compute: fp8, or QAT's fake-quantized weights and inputs (optim/qat_linear.h).
+// The precision policy lives in src/optim; layers only call through this interface, so the model
+// does not depend on it.
 class LinearCompute {
  public:
   virtual ~LinearCompute() = default;

@@ -203,15 +203,17 @@ void Moe::experts_forward(const ParamStore& ps, const MoeActs& a, Tensor y, Tens
                           Tensor offsets) const {
   const int64_t R = x.dim(0);
   const Tensor h = a.h.slice(0, R), act = a.act.slice(0, R);
-  ops::grouped_gemm_forward(h, x, ps[w_in_].value, offsets);
+  if (expert_compute_) expert_compute_->expert_input(x);  // in place: backward's dW reads it so
+  ops::grouped_gemm_forward(h, x, expert_weight(ps, w_in_), offsets);
   if (kind_ == ActivationKind::gelu) {
     ops::gelu_forward(act, h);
   } else {
     const Tensor up = a.up.slice(0, R);
-    ops::grouped_gemm_forward(up, x, ps[w_up_].value, offsets);
+    ops::grouped_gemm_forward(up, x, expert_weight(ps, w_up_), offsets);
     ops::swiglu_forward(act, h, up);
   }
-  ops::grouped_gemm_forward(y, act, ps[w_out_].value, offsets);
+  if (expert_compute_) expert_compute_->expert_input(act);
+  ops::grouped_gemm_forward(y, act, expert_weight(ps, w_out_), offsets);
 }
 
 namespace {
@@ -312,16 +314,18 @@ void Moe::experts_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tens
   const int64_t R = x.dim(0);
   const Tensor h = a.h.slice(0, R), act = a.act.slice(0, R);
   const Tensor d_act = s.d_act.slice(0, R), d_h = s.d_h.slice(0, R);
-  ops::grouped_gemm_backward(d_act, ps[w_out_].grad, dy, act, ps[w_out_].value, offsets);
+  // With an ExpertCompute, x and act are its transformed rows (the forward changed them in place)
+  // and the weights its copies: the gradients pass straight through to the stored weights.
+  ops::grouped_gemm_backward(d_act, ps[w_out_].grad, dy, act, expert_weight(ps, w_out_), offsets);
   if (kind_ == ActivationKind::gelu) {
     ops::gelu_backward(d_h, d_act, h);
-    ops::grouped_gemm_backward(dx, ps[w_in_].grad, d_h, x, ps[w_in_].value, offsets);
+    ops::grouped_gemm_backward(dx, ps[w_in_].grad, d_h, x, expert_weight(ps, w_in_), offsets);
     return;
   }
   const Tensor d_up = s.d_up.slice(0, R), d_x2 = s.d_xp2.slice(0, R);
   ops::swiglu_backward(d_h, d_up, d_act, h, a.up.slice(0, R));
-  ops::grouped_gemm_backward(dx, ps[w_in_].grad, d_h, x, ps[w_in_].value, offsets);
-  ops::grouped_gemm_backward(d_x2, ps[w_up_].grad, d_up, x, ps[w_up_].value, offsets);
+  ops::grouped_gemm_backward(dx, ps[w_in_].grad, d_h, x, expert_weight(ps, w_in_), offsets);
+  ops::grouped_gemm_backward(d_x2, ps[w_up_].grad, d_up, x, expert_weight(ps, w_up_), offsets);
   ops::add_inplace(dx, d_x2);
 }
 

@@ -56,6 +56,20 @@ struct MoeScratch {
   MlpScratch shared;
 };
 
+// Another way to run the routed experts' grouped GEMMs: QAT's fake quantization
+// (optim/qat_linear.h). The model only calls through this interface, as Linear does LinearCompute.
+class ExpertCompute {
+ public:
+  virtual ~ExpertCompute() = default;
+  // What the grouped GEMMs read in place of ps[param].value (same shape and dtype): in the forward
+  // and for the input gradient. The weight gradient still accumulates into ps[param].grad.
+  virtual Tensor expert_weight(const ParamStore& ps, int param) = 0;
+  // Transforms x (R,K), the rows a grouped GEMM is about to read, in place. Nothing else reads
+  // them afterwards but that GEMM and its weight gradient (the activations' own backward reads h
+  // and up, never the activation).
+  virtual void expert_input(Tensor x) = 0;
+};
+
 class Moe {
  public:
   // cfg is the whole model (cfg.moe set); shared experts are split over tp like the dense MLP,
@@ -83,6 +97,14 @@ class Moe {
     if (has_shared_) shared_.for_each_linear(f);
   }
   int num_experts() const { return cfg_.num_experts; }
+  // The routed experts' weights (El, Fe, C) and (El, C, Fe), as parameter indices.
+  template <class F>
+  void for_each_expert_weight(F&& f) const {
+    f(w_in_);
+    if (w_up_ >= 0) f(w_up_);
+    f(w_out_);
+  }
+  void set_expert_compute(ExpertCompute* c) { expert_compute_ = c; }
 
  private:
   void route(const ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor x) const;
@@ -91,6 +113,9 @@ class Moe {
                        Tensor offsets) const;
   void experts_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s, Tensor dx, Tensor dy,
                         Tensor x, Tensor offsets) const;
+  Tensor expert_weight(const ParamStore& ps, int param) const {
+    return expert_compute_ ? expert_compute_->expert_weight(ps, param) : ps[param].value;
+  }
   // ep > 1: a.yp from a.xp through the experts of the whole ep group, and its adjoint.
   void ep_forward(const ParamStore& ps, MoeActs& a, MoeScratch& s) const;
   void ep_backward(ParamStore& ps, const MoeActs& a, MoeScratch& s) const;
@@ -105,6 +130,7 @@ class Moe {
   bool has_shared_ = false;
   Mlp shared_;
   ModelShard shard_;
+  ExpertCompute* expert_compute_ = nullptr;  // null: the weights as stored, the inputs as they are
 };
 
 }  // namespace tessera

@@ -177,6 +177,13 @@ class Transformer {
     for (Block& b : blocks_) b.for_each_linear(f);
   }
 
+  // Every MoE layer of this stage, in order (QAT attaches to their routed experts).
+  template <class F>
+  void for_each_moe(F&& f) {
+    for (Block& b : blocks_)
+      if (b.is_moe()) f(b.moe());
+  }
+
   // MoE blocks of this stage: what their training forwards recorded since the last reset (the
   // last ExecOptions::moe_stat_records micro-batches at most). Copies from the device.
   std::vector<MoeLayerStats> moe_stats() const;

@@ -32,6 +32,20 @@ size_t fp8_bytes(const Recipe& r, const ModelShard& shard) {
          size_t(rows) * size_t(3 * width + local.num_layers * saved_width);
 }
 
+// An upper bound for QAT (optim/qat_linear.h): a copy of every local parameter in the compute
+// dtype (the quantized weights are a subset), an (M, widest K) input scratch and its row amaxes.
+size_t qat_bytes(const Recipe& r, const ModelShard& shard, DType dtype) {
+  const ModelConfig local = Transformer::local_config(r.model, shard);
+  const int64_t rows = int64_t(r.data.micro_batch) * r.data.seq_len;
+  int64_t width = std::max<int64_t>(
+      {local.hidden, int64_t(local.num_heads) * local.resolved_head_dim(), local.ffn_hidden});
+  if (r.moe.enabled())
+    width = std::max<int64_t>(width, int64_t(r.moe.shared_experts) * r.moe.shared_ffn_hidden);
+  return dtype_size(dtype) * (size_t(Transformer::local_num_params(r.model, shard)) +
+                              size_t(rows) * size_t(width)) +
+         4 * size_t(rows);
+}
+
 }  // namespace
 
 size_t MemoryPlan::arena() const {
@@ -61,6 +75,7 @@ MemoryPlan plan_memory(const Recipe& r, const PlanInputs& in) {
         ops::cuda_workspace_bytes(B, T, r.model.num_heads / par.tp, r.model.num_kv_heads / par.tp,
                                   r.model.resolved_head_dim(), in.dtype, in.exec.attention);
   if (r.precision.compute == Compute::fp8) plan.fp8 = fp8_bytes(r, in.shard);
+  if (r.qat.enabled()) plan.qat = qat_bytes(r, in.shard, in.dtype);
   if (in.teacher) {
     const TeacherSpec& t = *in.teacher;
     plan.teacher = Teacher::bytes_needed(t, in.shard, B, T, in.exec.attention);
@@ -120,12 +135,13 @@ void check_plan_fits(const MemoryPlan& plan, Device device, const std::string& r
   TS_USER_ERROR(
       "{}: this run needs {:.2f} GB of GPU memory per rank (parameters {:.2f}, "
       "optimizer {:.2f}, activations and pipeline buffers {:.2f}, workspace {:.2f}, "
-      "fp8 copies {:.2f}, distillation teacher {:.2f}) but {:.2f} GB of {:.2f} are free; lower "
+      "fp8 copies {:.2f}, distillation teacher {:.2f}, qat copies {:.2f}) but {:.2f} GB of {:.2f} "
+      "are free; lower "
       "data.micro_batch or data.seq_len, set train.recompute: true, or spread the model with "
       "parallel.tp / parallel.pp",
       recipe_file, plan.total() / 1e9, plan.params / 1e9, plan.optimizer / 1e9,
       plan.train_acts / 1e9, plan.workspace / 1e9, plan.fp8 / 1e9, plan.teacher / 1e9,
-      free_bytes / 1e9, total_bytes / 1e9);
+      plan.qat / 1e9, free_bytes / 1e9, total_bytes / 1e9);
 }
 
 }  // namespace tessera

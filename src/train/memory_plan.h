@@ -27,9 +27,10 @@ struct MemoryPlan {
   size_t fp8 = 0;         // outside the arena: FP8 weight copies (W, W^T), scratch, saved x^T
   size_t teacher = 0;     // outside the arena: the distillation teacher's own arena (weights and
                           // one forward), freed once the curriculum no longer needs it
+  size_t qat = 0;         // outside the arena: QAT's fake-quantized weight copies and input scratch
 
-  size_t arena() const;  // what the arena holds: everything but fp8 and the teacher
-  size_t total() const { return arena() + fp8 + teacher; }
+  size_t arena() const;  // what the arena holds: everything but fp8, the teacher and qat
+  size_t total() const { return arena() + fp8 + teacher + qat; }
 };
 
 // What the plan needs to know about the run besides the recipe.

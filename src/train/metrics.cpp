@@ -84,6 +84,7 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
                         {"step_s", seconds},
                         {"mem_gb", run_.arena().peak() / 1e9}};
   if (num_gpus > 1) rec["tokens_per_s_per_rank"] = tok_per_s / num_gpus;
+  if (r.qat.enabled()) rec["qat"] = s.qat;
   if (run_.scaler()) {
     rec["loss_scale"] = s.loss_scale;  // the scale this step's backward used
     rec["skipped"] = s.skipped ? 1 : 0;

@@ -127,6 +127,10 @@ Run::Run(const Recipe& recipe)
     fp8_ = std::make_unique<Fp8Linears>(device_, fp8_scaling_config(r.precision.fp8));
     fp8_->attach(*model_);
   }
+  if (r.qat.enabled()) {  // the recipe parser refused qat with fp8
+    qat_ = std::make_unique<QatLinears>(r.qat, device_, r.file);
+    qat_->attach(*model_);
+  }
   DataParallelConfig dcfg;
   dcfg.zero_stage = par.zero;
   dcfg.bucket_bytes = par.bucket_bytes();
@@ -146,6 +150,13 @@ Run::Run(const Recipe& recipe)
     start_step_ =
         load_checkpoint(resume, r, *model_, *opt_, precision_state(), data_.tokenizer_hash());
     if (rank0()) log_info("resumed from {} at step {}", resume, start_step_);
+  }
+  if (qat_) {
+    qat_->set_active(r.qat.active_at(start_step_));  // what an evaluation before any step sees
+    if (rank0())
+      log_info("qat: {} weights (group {}), {} activations, {} quantized tensors, from step {}",
+               to_string(r.qat.weights), r.qat.group_size, to_string(r.qat.activations),
+               qat_->num_layers(), r.qat.start_step);
   }
   if (r.distill.enabled()) {
     auto kd = std::make_unique<DistillLoss>(

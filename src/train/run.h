@@ -1,9 +1,9 @@
 // Run: everything a training job builds once from its recipe — device and compute dtype, the
 // parallel context, the data, the memory plan and its arena, this rank's model shard and its
-// linear computation (FP8 under compute: fp8), data-parallel buckets, the optimizer, the LR
-// schedule, the loss scaler, the pipeline executor and, when distilling, the teacher. train_step
-// (train_step.h), evaluation, checkpoints and the loop (trainer.h) take a Run; none of them builds
-// anything.
+// linear computation (FP8 under compute: fp8, QAT's fake quantization under qat:), data-parallel
+// buckets, the optimizer, the LR schedule, the loss scaler, the pipeline executor and, when
+// distilling, the teacher. train_step (train_step.h), evaluation, checkpoints and the loop
+// (trainer.h) take a Run; none of them builds anything.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -17,6 +17,7 @@
 #include "optim/fp8_linear.h"
 #include "optim/loss_scaler.h"
 #include "optim/lr_schedule.h"
+#include "optim/qat_linear.h"
 #include "parallel/parallel_context.h"
 #include "train/checkpointing.h"
 #include "train/memory_plan.h"
@@ -47,6 +48,7 @@ class Run {
   const LrSchedule& lr() const { return lr_; }
   LossScaler* scaler() { return scaler_ ? &*scaler_ : nullptr; }
   Fp8Linears* fp8() { return fp8_.get(); }
+  QatLinears* qat() { return qat_.get(); }  // null unless qat.weights is int8 or int4
   PrecisionState precision_state() { return {scaler(), fp8()}; }
   const MemoryPlan& plan() const { return plan_; }
   const Arena& arena() const { return arena_; }
@@ -82,6 +84,7 @@ class Run {
   Arena arena_;
   std::unique_ptr<Transformer> model_;
   std::unique_ptr<Fp8Linears> fp8_;
+  std::unique_ptr<QatLinears> qat_;
   std::unique_ptr<DistributedDataParallel> ddp_;
   std::unique_ptr<DistributedOptimizer> opt_;
   LrSchedule lr_;

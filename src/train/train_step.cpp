@@ -72,6 +72,10 @@ StepResult train_step(Run& run, int64_t step) {
   fault_point(run.ctx().rank(), "train_step", step + 1);
 
   run.model().params().zero_grad();
+  // QAT trains against fake-quantized weights from qat.start_step on; before, every GEMM is the
+  // model's own (bit for bit the run without qat).
+  if (run.qat()) run.qat()->set_active(r.qat.active_at(step));
+  res.qat = run.qat() && run.qat()->active();
   const DistillWeights kd = begin_distill_step(run, step);
   const auto t0 = std::chrono::steady_clock::now();
   const float micro_scale = 1.0f / float(int64_t(run.num_micro()) * r.parallel.dp);
@@ -99,6 +103,7 @@ StepResult train_step(Run& run, int64_t step) {
   }
   // Delayed scaling: this step's amaxes, agreed over tp and dp, set the next step's scales.
   if (run.fp8()) run.fp8()->end_step(&run.ctx().comm(Group::tp), &run.ctx().comm(Group::dp));
+  if (run.qat()) run.qat()->invalidate();  // the weights moved: re-quantize them once, on next use
   if (r.model.moe.enabled()) res.moe = moe_step_metrics(run);
   ops::synchronize(run.device());
   return res;

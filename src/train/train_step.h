@@ -30,6 +30,7 @@ struct StepResult {
   bool distill = false;
   DistillWeights kd_weights;
   double ce_loss = 0.0, kd_loss = 0.0, hidden_loss = 0.0;
+  bool qat = false;  // this step's GEMMs read fake-quantized weights (qat.start_step reached)
 };
 
 // `step` is 0-based: the LR schedule's clock, and the loader's (seed, step, rank) -> batch key.

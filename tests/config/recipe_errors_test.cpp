@@ -48,13 +48,10 @@ TEST(RecipeErrors, UnknownKeyNamesKeyFileLineAndValidKeys) {
   EXPECT_EQ(msg.find("did you mean"), std::string::npos) << msg;
 }
 
-TEST(RecipeErrors, UnknownAndReservedSections) {
+TEST(RecipeErrors, UnknownSections) {
   expect_parse_error(std::string(kBaseRecipe) + "trian:\n  steps: 3\n",
                      {"t.yaml:15", "unknown section 'trian'", "did you mean 'train'",
                       "valid sections", "checkpoint"});
-  expect_parse_error(std::string(kBaseRecipe) + "qat: {}\n",
-                     {"t.yaml:15", "section 'qat' is not built yet"});
-  expect_parse_error(std::string(kBaseRecipe) + "qat:\n", {"section 'qat' is not built yet"});
 }
 
 TEST(RecipeErrors, WrongTypesNameKeyValueTypeAndLine) {
@@ -179,7 +176,7 @@ TEST(RecipeErrors, OverridesNameTheOverride) {
   expect_override_error("train.steps=abc", {"--set train.steps=abc", "train.steps", "'abc'"});
   expect_override_error("train.steps=[1,2]", {"--set train.steps=[1,2]", "a list"});
   expect_override_error("trian.steps=5", {"--set trian.steps=5", "unknown section 'trian'"});
-  expect_override_error("qat.bits=8", {"--set qat.bits=8", "not built yet"});
+  expect_override_error("qat.bits=8", {"--set qat.bits=8", "unknown key 'qat.bits'"});
   expect_override_error("train.steps", {"--set train.steps", "section.key=value"});
   expect_override_error("steps=5", {"--set steps=5", "section.key=value"});
   expect_override_error("train.a.b=5", {"--set train.a.b=5", "section.key=value"});

@@ -8,7 +8,13 @@
 
 #include <filesystem>
 
+#include "core/dtype.h"
+#include "export/export_model.h"
+#include "export/tessera_format.h"
+#include "export/weight_quant.h"
 #include "io/checkpoint.h"
+#include "kernels/ops.h"
+#include "kernels/quantize.h"
 #include "tests/common/cli.h"
 #include "tests/common/files.h"
 #include "tests/export/export_test_util.h"
@@ -156,6 +162,43 @@ TEST(ExportCli, InspectSummarisesATesseraExport) {
                            "family: llama", "layers.1.attn.wq.weight", "int4 g32", "(128, 64)",
                            "lm_head.weight", "run/checkpoints/step_5"})
     EXPECT_NE(r.output.find(want), std::string::npos) << want << "\n" << r.output;
+}
+
+// A QAT checkpoint (int4 in groups of 32, bf16 compute) exports the integers its forward trained
+// against: each weight read back from the Tessera file, dequantized, is bit for bit what
+// ops::fake_quantize makes of the weight the forward read (the bf16 copy of the master); and
+// `tessera perplexity --quant int4` scores those same weights as the GGUF Q4_0 export's.
+TEST(ExportCli, QatCheckpointExportsTheIntegersItsForwardUsed) {
+  const std::string dir = testing::fresh_dir("export-cli-qat");
+  const auto t = run_cli_in(dir, train_args(1, 1, 1, 0) +
+                                     " --set train.steps=2 --set precision.compute=bf16"
+                                     " --set qat.weights=int4 --set qat.group_size=32");
+  ASSERT_EQ(t.status, 0) << t.output;
+  const auto e = run_cli_in(dir, "export run --format tessera --quant int4 --out m.h5");
+  ASSERT_EQ(e.status, 0) << e.output;
+  const exporting::ExportModel m = exporting::load_export_model(dir + "/run");
+  const exporting::TesseraExport x = exporting::read_tessera_export(dir + "/m.h5");
+  EXPECT_TRUE(x.qat);
+  const std::vector<std::string> names = exporting::quantized_weight_names(m);
+  ASSERT_FALSE(names.empty());
+  for (const std::string& name : names) {
+    SCOPED_TRACE(name);
+    const exporting::TesseraExportTensor& q = x.tensors.at(name);
+    ASSERT_TRUE(q.quantized);
+    EXPECT_EQ(q.group, 32);
+    EXPECT_EQ(q.bits, quant::IntBits::int4);
+    const std::vector<float>& master = m.at(name).data;
+    std::vector<uint16_t> w(master.size()), forward(master.size());
+    for (size_t i = 0; i < master.size(); ++i) w[i] = f32_to_bf16_bits(master[i]);
+    ops::fake_quantize(Tensor(forward.data(), DType::bf16, Device::cpu, {q.rows, q.cols}),
+                       Tensor(w.data(), DType::bf16, Device::cpu, {q.rows, q.cols}),
+                       quant::IntBits::int4, 32);
+    std::vector<float> deployed(master.size());
+    quant::dequantize_rows(q.codes.data(), q.scales.data(), q.rows, q.cols, q.group,
+                           deployed.data());
+    for (size_t i = 0; i < master.size(); ++i)
+      ASSERT_EQ(forward[i], f32_to_bf16_bits(deployed[i])) << "element " << i;
+  }
 }
 
 }  // namespace

@@ -212,6 +212,10 @@ const std::map<std::string, std::string> kNoFiniteDifferences = {
     {"add_layernorm_forward",
      "equal bit for bit to add_forward + layernorm_forward, whose gradients are checked"},
     {"fp8_quantize", "quantization: piecewise constant, no useful derivative"},
+    {"fake_quantize",
+     "quantization: piecewise constant; QAT's straight-through gradient is the identity (no op), "
+     "its contract and the QAT linear's gradients are tested in tests/optim/qat_linear_test.cpp"},
+    {"row_absmax", "a scale statistic for fake_quantize, not differentiated"},
     {"swiglu_backward_fp8",
      "equal bit for bit to swiglu_backward (FD-checked) followed by fp8_quantize"},
     {"gemm_fp8", "no backward op: FP8 gradients are gemm_fp8 calls; fp8 operands are quantized"},
