@@ -7,6 +7,7 @@
 
 #include "kernels/cpu/cpu_common.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/fake_quant_checks.h"
 #include "kernels/quant_math.h"
 
 namespace tessera::cpu {
@@ -27,20 +28,14 @@ void fake_quantize(Tensor out, Tensor in, quant::IntBits bits, int64_t group, Te
   constexpr const char* kOp = "fake_quantize";
   check_compute_dtype(in, kOp, "in");
   check_like(out, in.dtype, in.shape, kOp, "out");
-  TS_CHECK(in.ndim() >= 1, "{}: in {} needs a last dim", kOp, in.str());
   TS_CHECK(!overlaps(out, in) || out.data == in.data, "{}: out partially overlaps in", kOp);
-  const int64_t cols = in.dim(-1), rows = cols == 0 ? 0 : in.numel() / cols;
-  TS_CHECK(bits == quant::IntBits::int8 || bits == quant::IntBits::int4, "{}: bits {}", kOp,
-           int(bits));
-  TS_CHECK(group >= 1 && cols % group == 0, "{}: group {} does not divide K = {}", kOp, group,
-           cols);
+  const quant::FakeQuantDims dims =
+      quant::check_fake_quantize(in, bits, group, !row_amax.empty(), kOp);
+  const int64_t rows = dims.rows, cols = dims.cols;
   if (!row_amax.empty()) {
     check_host(row_amax, kOp, "row_amax");
     TS_CHECK(row_amax.dtype == DType::f32 && row_amax.shape == Shape{rows},
              "{}: row_amax is {}, expected ({}) f32", kOp, row_amax.str(), rows);
-    TS_CHECK(bits == quant::IntBits::int8 && group == cols,
-             "{}: row_amax is for int8 with one group per row (group {} of K = {})", kOp, group,
-             cols);
   }
   const int64_t groups = cols / std::max<int64_t>(group, 1);
   dispatch_float(in.dtype, kOp, [&](auto zero) {

@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/memory_bound.cuh"
+#include "kernels/fake_quant_checks.h"
 #include "kernels/quant_math.h"
 
 namespace tessera::cuda {
@@ -98,20 +99,12 @@ void fake_quantize(Tensor out, Tensor in, quant::IntBits bits, int64_t group, Te
   constexpr const char* kOp = "fake_quantize";
   expect_compute_dtype(in, kOp, "in");
   expect_tensor(out, in.dtype, in.shape, kOp, "out");
-  TS_CHECK(in.ndim() >= 1, "{}: in {} needs a last dim", kOp, in.str());
   TS_CHECK(!overlaps(out, in) || out.data == in.data, "{}: out partially overlaps in", kOp);
-  const int64_t cols = in.dim(-1), rows = cols == 0 ? 0 : in.numel() / cols;
-  TS_CHECK(bits == quant::IntBits::int8 || bits == quant::IntBits::int4, "{}: bits {}", kOp,
-           int(bits));
-  TS_CHECK(group >= 1 && cols % group == 0, "{}: group {} does not divide K = {}", kOp, group,
-           cols);
+  const quant::FakeQuantDims dims =
+      quant::check_fake_quantize(in, bits, group, !row_amax.empty(), kOp);
+  const int64_t rows = dims.rows, cols = dims.cols;
   TS_CHECK(group < kNoIndex, "{}: group {} too large", kOp, group);
-  if (!row_amax.empty()) {
-    expect_tensor(row_amax, DType::f32, Shape{rows}, kOp, "row_amax");
-    TS_CHECK(bits == quant::IntBits::int8 && group == cols,
-             "{}: row_amax is for int8 with one group per row (group {} of K = {})", kOp, group,
-             cols);
-  }
+  if (!row_amax.empty()) expect_tensor(row_amax, DType::f32, Shape{rows}, kOp, "row_amax");
   const int64_t warps = rows * (cols / group);
   if (warps == 0) return;
   dispatch_float(in, kOp, [&]<class T>() {
