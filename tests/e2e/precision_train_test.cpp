@@ -351,10 +351,11 @@ TEST(Fp8, ResumeRestoresTheScalingStateBitwise) {
 
 // precision.high_precision: [LAYER] under 16-bit compute, including tp 2: the run tracks FP32
 // like BF16 does (rounding noise, 1% per step), and it is not the plain BF16 run (the flag acts).
+// Directories are private to the calling test: ctest runs the lm_head and embedding cases at once.
 void expect_high_precision_layer_acts(const std::string& layer) {
-  const std::string ref_dir = testing::fresh_dir("high-fp32");
+  const std::string ref_dir = testing::fresh_dir_for_this_test("high-fp32");
   ASSERT_EQ(run_cli(tiny_args(ref_dir, 5)).status, 0);
-  const std::string b16_dir = testing::fresh_dir("high-bf16");
+  const std::string b16_dir = testing::fresh_dir_for_this_test("high-bf16");
   ASSERT_EQ(run_cli(tiny_args(b16_dir, 5) + " --set precision.compute=bf16").status, 0);
   const Metrics ref = read_metrics(ref_dir), b16 = read_metrics(b16_dir);
   struct Case {
@@ -363,7 +364,7 @@ void expect_high_precision_layer_acts(const std::string& layer) {
   };
   for (const Case& c :
        {Case{"bf16", 1}, Case{"fp16", 1}, Case{"fp8", 1}, Case{"bf16 --set parallel.tp=2", 2}}) {
-    const std::string dir = testing::fresh_dir("high-" + layer);
+    const std::string dir = testing::fresh_dir_for_this_test("high-" + layer);
     const auto r = run_cli(tiny_args(dir, 5) + " --set precision.compute=" + c.args +
                                " --set 'precision.high_precision=[" + layer + "]'",
                            c.np > 1 ? testing::mpirun(c.np) : std::string());
