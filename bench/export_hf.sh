@@ -25,10 +25,8 @@ WORK="${EXPORT_WORK:-/tmp/tessera-export}"
 MODELS="${MODELS:-gpt2 llama qwen3}"
 PY="${PYTHON:-python3}"
 BIN="${TESSERA_BIN:-build-gpu/src/cli/tessera}"
-if [ -z "${TESSERA_BIN:-}" ]; then
-  gpu_setup_env || exit 1
-  gpu_build 16 tessera || exit 1
-fi
+gpu_setup_env || exit 1  # also with TESSERA_BIN: the binary loads the carried ICU
+[ -n "${TESSERA_BIN:-}" ] || gpu_build 16 tessera || exit 1
 rm -rf "$WORK"
 mkdir -p "$WORK"
 log="$OUT/export_hf.log"

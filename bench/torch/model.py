@@ -29,9 +29,10 @@ class Config:
         self.ffn_hidden = d["ffn_hidden"]
         self.max_seq_len = d["max_seq_len"]
         self.norm = d["norm"]
-        self.norm_eps = d["norm_eps"]
+        # float(): a recipe's YAML writes 1e-05, which YAML 1.1 (PyYAML) reads as a string.
+        self.norm_eps = float(d["norm_eps"])
         self.position = d["position"]
-        self.rope_theta = d["rope_theta"]
+        self.rope_theta = float(d["rope_theta"])
         self.activation = d["activation"]
         self.bias = d["bias"]
         self.tied_embeddings = d["tied_embeddings"]
