@@ -1,7 +1,8 @@
 // Causal grouped-query attention, CPU reference: one query row at a time, O(T) scratch per row,
-// everything accumulated in double. Backward recomputes the probabilities from the saved lse
-// (flash-attention style) instead of storing the (T, T) matrix. lse is f32, or f64 when the op
-// computes in f64 (an f32 lse would limit f64 finite-difference tests to ~1e-7).
+// everything accumulated in double, exponentials by fast_exp. Backward recomputes the
+// probabilities from the saved lse (flash-attention style) instead of storing the (T, T) matrix.
+// lse is f32, or f64 when the op computes in f64 (an f32 lse would limit f64 finite-difference
+// tests to ~1e-7).
 // Shape letters: B batch, T time, Hq query heads, Hkv key/value heads, D head dim,
 // G = Hq / Hkv query heads per key/value head; query head h reads key/value head h / G.
 #include <algorithm>
@@ -11,6 +12,7 @@
 
 #include "kernels/cpu/cpu_common.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/fast_math.h"
 
 namespace tessera::cpu {
 namespace {
@@ -66,7 +68,7 @@ void forward_impl(T* out, const Tensor& lse, const T* q, const T* k, const T* v,
 #pragma omp parallel for schedule(static) if (d.work() > kMinParallelWork)
   for (int64_t bh = 0; bh < num_rows; ++bh) {
     const int64_t b = bh / d.num_hq, h = bh % d.num_hq, kv_h = h / d.group();
-    std::vector<double> scores(d.num_t);  // (T) scaled scores of one query row
+    std::vector<double> scores(d.num_t);  // (T) scaled scores of one query row, then exp(s - max)
     std::vector<double> acc(d.head_dim);  // (D)
     for (int64_t t = 0; t < d.num_t; ++t) {
       const T* q_t = q + d.q_row(b, t, h);
@@ -77,10 +79,11 @@ void forward_impl(T* out, const Tensor& lse, const T* q, const T* k, const T* v,
       }
       // Subtracting the max keeps exp() in range; a NaN score poisons sum, lse and out of this
       // row only.
+      for (int64_t j = 0; j <= t; ++j) scores[j] = fast_exp(scores[j] - max_score);  // vectorizes
       double sum = 0.0;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t j = 0; j <= t; ++j) {
-        const double p = std::exp(scores[j] - max_score);
+        const double p = scores[j];
         sum += p;
         const T* v_j = v + d.kv_row(b, j, kv_h);
         for (int64_t i = 0; i < d.head_dim; ++i) acc[i] += p * double(v_j[i]);
@@ -116,7 +119,8 @@ void backward_impl(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k, c
         const double row_lse = load_stat(lse, d.lse_idx(b, h, t));
         const double drow = dot(do_t, out + d.q_row(b, t, h), d.head_dim);
         for (int64_t j = 0; j <= t; ++j)
-          probs[j] = std::exp(scale * dot(q_t, k + d.kv_row(b, j, kv_h), d.head_dim) - row_lse);
+          probs[j] = scale * dot(q_t, k + d.kv_row(b, j, kv_h), d.head_dim) - row_lse;
+        for (int64_t j = 0; j <= t; ++j) probs[j] = fast_exp(probs[j]);  // vectorizes
         std::fill(dq_acc.begin(), dq_acc.end(), 0.0);
         for (int64_t j = 0; j <= t; ++j) {
           const T* k_j = k + d.kv_row(b, j, kv_h);

@@ -1,4 +1,5 @@
-// Softmax cross-entropy over a padded vocabulary, CPU reference, one row at a time in double.
+// Softmax cross-entropy over a padded vocabulary, CPU reference, one row at a time in double; the
+// exponentials through fast_exp (kernels/cpu/fast_math.h), whose loops vectorize.
 // Only columns [0, vocab_size) enter the softmax; padding columns get zero gradient. Rows with a
 // negative target are ignored: loss 0 and zero gradient, but lse is still the row's log-sum-exp.
 // losses and lse are f32, or f64 when the logits are f64 (exact finite-difference tests).
@@ -11,9 +12,25 @@
 
 #include "kernels/cpu/cpu_common.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/fast_math.h"
 
 namespace tessera::cpu {
 namespace {
+
+// sum over c < n of exp(row[c] - shift), added in column order in double. The exponentials are
+// taken a block at a time into scratch (that loop vectorizes; the ordered sum would not).
+template <class T>
+double sum_exp_shifted(const T* row, int64_t n, double shift) {
+  constexpr int64_t kBlock = 256;
+  double e[kBlock];
+  double sum = 0.0;
+  for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - c0);
+    for (int64_t i = 0; i < len; ++i) e[i] = fast_exp(double(row[c0 + i]) - shift);
+    for (int64_t i = 0; i < len; ++i) sum += e[i];
+  }
+  return sum;
+}
 
 // targets (N) i32 in host memory; every target a real class (< vocab_size) or negative (ignored).
 // Checked here, before any parallel loop: an exception cannot leave an OpenMP region.
@@ -55,9 +72,7 @@ void forward_impl(const Tensor& losses, const Tensor& lse, const T* logits, cons
     // The max is subtracted so exp() cannot overflow; a NaN logit makes this row's sum NaN.
     double max_logit = -std::numeric_limits<double>::infinity();
     for (int c = 0; c < vocab_size; ++c) max_logit = std::max(max_logit, double(row[c]));
-    double sum = 0.0;
-    for (int c = 0; c < vocab_size; ++c) sum += std::exp(double(row[c]) - max_logit);
-    const double row_lse = max_logit + std::log(sum);
+    const double row_lse = max_logit + std::log(sum_exp_shifted(row, vocab_size, max_logit));
     store_stat(lse, n, row_lse);
     store_stat(losses, n, targets[n] < 0 ? 0.0 : row_lse - double(row[targets[n]]));
   }
@@ -78,10 +93,12 @@ void backward_impl(T* dlogits, const T* logits, const Tensor& lse, const int32_t
     } else {
       const int64_t y = int64_t(targets[n]) - vocab_start;  // local column; may lie outside
       const double row_lse = load_stat(lse, n);
-      for (int64_t c = 0; c < num_real; ++c) {
-        const double p = std::exp(double(row[c]) - row_lse);
-        drow[c] = T(dloss * (p - (c == y ? 1.0 : 0.0)));
-      }
+      const bool y_here = y >= 0 && y < num_real;
+      // The target's probability first: in place, row[y] is overwritten by the loop.
+      const double p_y = y_here ? fast_exp(double(row[y]) - row_lse) : 0.0;
+      for (int64_t c = 0; c < num_real; ++c)  // no branch in the loop: it vectorizes
+        drow[c] = T(dloss * fast_exp(double(row[c]) - row_lse));
+      if (y_here) drow[y] = T(dloss * (p_y - 1.0));
       std::fill(drow + num_real, drow + width, T(0));  // padding columns
     }
     // The cross-entropy's gradient as the op without an addend gives it, plus the addend.
@@ -113,9 +130,7 @@ void shard_sums_impl(const Tensor& sum_exp, const Tensor& target_logit, const T*
   for (int64_t n = 0; n < num_rows; ++n) {
     const T* row = logits + n * width;
     const double m = load_stat(row_max, n);
-    double sum = 0.0;
-    for (int64_t c = 0; c < num_real; ++c) sum += std::exp(double(row[c]) - m);
-    store_stat(sum_exp, n, sum);
+    store_stat(sum_exp, n, sum_exp_shifted(row, num_real, m));
     // Targets are < vocab_size (checked), so a local column inside the shard is a real one.
     const int64_t y = int64_t(targets[n]) - vocab_start;
     const bool here = targets[n] >= 0 && y >= 0 && y < width;

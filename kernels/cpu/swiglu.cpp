@@ -5,12 +5,13 @@
 
 #include "kernels/cpu/cpu_common.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/fast_math.h"
 
 namespace tessera::cpu {
 
 namespace {
 // exp(-x) overflows to Inf for x < -709, giving sigmoid 0 and silu -0: the right limits.
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + fast_exp(-x)); }
 }  // namespace
 
 void swiglu_forward(Tensor out, Tensor gate, Tensor up) {
