@@ -39,6 +39,30 @@ double dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
+// One kv head's (T, D) rows of k or v (B, T, Hkv, D) as a (D, T) matrix of doubles.
+template <class T>
+void transpose_head(std::vector<double>& dst, const T* src, const AttnDims& d, int64_t b,
+                    int64_t kv_h) {
+  dst.resize(d.head_dim * d.num_t);
+  for (int64_t j = 0; j < d.num_t; ++j) {
+    const T* row = src + d.kv_row(b, j, kv_h);
+    for (int64_t i = 0; i < d.head_dim; ++i) dst[i * d.num_t + j] = double(row[i]);
+  }
+}
+
+// out[j] = dot(a, row j) for j < n, rows given transposed (bT is (D, T)): each sum takes the same
+// products in the same order as dot(), so the doubles are dot()'s, but the loop over j vectorizes.
+template <class T>
+void dots_transposed(double* out, const T* a, const std::vector<double>& bT, const AttnDims& d,
+                     int64_t n) {
+  std::fill(out, out + n, 0.0);
+  for (int64_t i = 0; i < d.head_dim; ++i) {
+    const double ai = double(a[i]);
+    const double* row = bT.data() + i * d.num_t;
+    for (int64_t j = 0; j < n; ++j) out[j] += ai * row[j];
+  }
+}
+
 // Checks the operands both passes share and returns the sizes.
 AttnDims check_attention_args(const Tensor& out, const Tensor& lse, const Tensor& q,
                               const Tensor& k, const Tensor& v, const char* op) {
@@ -70,11 +94,14 @@ void forward_impl(T* out, const Tensor& lse, const T* q, const T* k, const T* v,
     const int64_t b = bh / d.num_hq, h = bh % d.num_hq, kv_h = h / d.group();
     std::vector<double> scores(d.num_t);  // (T) scaled scores of one query row, then exp(s - max)
     std::vector<double> acc(d.head_dim);  // (D)
+    std::vector<double> k_t;              // (D, T) this head's keys, transposed
+    transpose_head(k_t, k, d, b, kv_h);
     for (int64_t t = 0; t < d.num_t; ++t) {
       const T* q_t = q + d.q_row(b, t, h);
+      dots_transposed(scores.data(), q_t, k_t, d, t + 1);  // causal: keys 0..t only
       double max_score = -std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j <= t; ++j) {  // causal: keys 0..t only
-        scores[j] = scale * dot(q_t, k + d.kv_row(b, j, kv_h), d.head_dim);
+      for (int64_t j = 0; j <= t; ++j) {
+        scores[j] *= scale;
         max_score = std::max(max_score, scores[j]);
       }
       // Subtracting the max keeps exp() in range; a NaN score poisons sum, lse and out of this
@@ -112,20 +139,23 @@ void backward_impl(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k, c
     std::vector<double> dv_acc(d.num_t * d.head_dim, 0.0);  // (T, D)
     std::vector<double> probs(d.num_t);                     // (T) one row of P
     std::vector<double> dq_acc(d.head_dim);                 // (D)
+    std::vector<double> dpv(d.num_t);                       // (T) dO V^T of one row
+    std::vector<double> k_t, v_t;                           // (D, T) this head's k and v
+    transpose_head(k_t, k, d, b, kv_h);
+    transpose_head(v_t, v, d, b, kv_h);
     for (int64_t h = kv_h * d.group(); h < (kv_h + 1) * d.group(); ++h) {
       for (int64_t t = 0; t < d.num_t; ++t) {
         const T* q_t = q + d.q_row(b, t, h);
         const T* do_t = dout + d.q_row(b, t, h);
         const double row_lse = load_stat(lse, d.lse_idx(b, h, t));
         const double drow = dot(do_t, out + d.q_row(b, t, h), d.head_dim);
-        for (int64_t j = 0; j <= t; ++j)
-          probs[j] = scale * dot(q_t, k + d.kv_row(b, j, kv_h), d.head_dim) - row_lse;
-        for (int64_t j = 0; j <= t; ++j) probs[j] = fast_exp(probs[j]);  // vectorizes
+        dots_transposed(probs.data(), q_t, k_t, d, t + 1);
+        for (int64_t j = 0; j <= t; ++j) probs[j] = fast_exp(scale * probs[j] - row_lse);
+        dots_transposed(dpv.data(), do_t, v_t, d, t + 1);
         std::fill(dq_acc.begin(), dq_acc.end(), 0.0);
         for (int64_t j = 0; j <= t; ++j) {
           const T* k_j = k + d.kv_row(b, j, kv_h);
-          const T* v_j = v + d.kv_row(b, j, kv_h);
-          const double ds = probs[j] * (dot(do_t, v_j, d.head_dim) - drow);
+          const double ds = probs[j] * (dpv[j] - drow);
           double* dk_j = dk_acc.data() + j * d.head_dim;
           double* dv_j = dv_acc.data() + j * d.head_dim;
           for (int64_t i = 0; i < d.head_dim; ++i) {
