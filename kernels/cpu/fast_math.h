@@ -20,7 +20,7 @@ namespace tessera::cpu {
 inline double fast_exp(double x) {
   constexpr double kLog2e = 1.4426950408889634074;
   constexpr double kLn2Hi = 6.93145751953125e-1, kLn2Lo = 1.42860682030941723212e-6;
-  constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  constexpr double kRound = 6755399441055744.0;       // 1.5 * 2^52: adding it rounds to an integer
   constexpr int64_t kRoundBits = 0x4338000000000000;  // its bits; the integer sits in the low bits
   constexpr double kMin = -708.0, kMax = 709.0;       // n in [-1021, 1023]: 2^n is normal
   const double xs = x == x ? x : 0.0;                 // NaN: any finite value (the result is x)
@@ -32,7 +32,9 @@ inline double fast_exp(double x) {
   const double p = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr +
                         9.99999999999999999910e-1);
   const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
-                    2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
+                    2.27265548208155028766e-1) *
+                       rr +
+                   2.00000000000000000009e0;
   const double er = 1.0 + 2.0 * (p / (q - p));
   int64_t t_bits;
   std::memcpy(&t_bits, &t, sizeof t_bits);

@@ -29,8 +29,8 @@ std::vector<double> fast_exp_all(const std::vector<double>& x) {
 TEST(FastExp, WithinTwoUlpOfLibmOverEachRange) {
   std::mt19937_64 rng(7);
   // Softmax / cross-entropy arguments (<= 0), GELU and SiLU gates, the whole domain.
-  const double ranges[][2] = {{-1e-6, 1e-6}, {-1.0, 1.0}, {-30.0, 0.0}, {-88.0, 88.0},
-                              {-708.0, 709.0}};
+  const double ranges[][2] = {
+      {-1e-6, 1e-6}, {-1.0, 1.0}, {-30.0, 0.0}, {-88.0, 88.0}, {-708.0, 709.0}};
   for (const auto& r : ranges) {
     std::uniform_real_distribution<double> u(r[0], r[1]);
     std::vector<double> x(100001);  // odd: the vector loop's scalar tail runs too
