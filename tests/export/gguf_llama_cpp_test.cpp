@@ -147,10 +147,24 @@ double rel(double a, double b) { return std::abs(a - b) / std::abs(b); }
 
 struct Compared {
   double tessera_ppl = 0, llama_ppl = 0;
-  double top1_agreement = 0;  // fraction of scored positions with the same argmax
-  double max_nll_diff = 0;    // largest |nll_llama - nll_tessera| over positions, nats
+  double top1_agreement = 0;    // fraction of scored positions with the same argmax
+  double max_nll_diff = 0;      // largest |nll_llama - nll_tessera| over positions, nats
+  int64_t positions_apart = 0;  // positions whose NLLs differ by more than kApart nats
   bool greedy_equal = false;
 };
+
+constexpr double kApart = 0.1;
+
+// Positions where two evaluations' per-position NLLs (JSON arrays; null: not scored) differ by
+// more than kApart nats.
+int64_t positions_apart(const json& a, const json& b) {
+  int64_t n = 0;
+  for (size_t k = 0; k < a.size() && k < b.size(); ++k)
+    if (!a[k].is_null() && !b[k].is_null() &&
+        std::abs(a[k].get<double>() - b[k].get<double>()) > kApart)
+      ++n;
+  return n;
+}
 
 // Exports `ckpt` as each type; Tessera (`tessera perplexity --quant <type>`) and llama.cpp score
 // the same ids. Checks loading and tokenization for every type; returns the comparison per type.
@@ -191,6 +205,7 @@ std::map<exporting::GgufType, Compared> compare(const std::string& ckpt,
             std::max(c.max_nll_diff, std::abs(ln[k].get<double>() - tn[k].get<double>()));
     }
     c.top1_agreement = double(agree) / double(tn.size());
+    c.positions_apart = positions_apart(ln, tn);
     std::printf(
         "[gguf %s] %s: perplexity Tessera %.3f, llama.cpp %.3f (%+.3f%%) over %lld "
         "tokens; top-1 agreement %.2f%%, max |dNLL| %.4f nats; greedy %s\n",
@@ -249,9 +264,7 @@ TEST(GgufLlamaCpp, Qwen3ArchitectureF16) {
 }
 
 // ci-tiny-moe (QK-norm, 8 experts) with every block MoE, no shared expert and top-8 routing, as
-// qwen3moe F32: the expert tensors' names and layout and the router. With top-2 routing llama.cpp
-// and Tessera disagree at a few percent of positions, even in F32 (docs/EXPORT.md, "Known
-// differences"): not yet explained, so not asserted here.
+// qwen3moe F32: the expert tensors' names and layout and the router. (Top-2: the next case.)
 TEST(GgufLlamaCpp, Qwen3MoeAllExpertsF32) {
   SKIP_WITHOUT_LLAMA_CPP();
   const std::string ckpt = train(testing::fresh_dir("gguf-qwen3moe"),
@@ -261,6 +274,32 @@ TEST(GgufLlamaCpp, Qwen3MoeAllExpertsF32) {
   auto r = compare(ckpt, {exporting::GgufType::f32})[exporting::GgufType::f32];
   EXPECT_TRUE(r.greedy_equal);
   EXPECT_GE(r.top1_agreement, 0.99);
+  EXPECT_LE(rel(r.llama_ppl, r.tessera_ppl), 0.01);
+}
+
+// The same with ci-tiny-moe's top-2 routing. The choice of experts is discontinuous: a token whose
+// second and third router logits nearly tie changes experts under any small perturbation, and
+// this barely trained model has such tokens. llama.cpp perturbs by about F16's rounding (it keeps
+// K and V in F16), so it is held to what the same size of perturbation does inside Tessera: the
+// F32 file in llama.cpp may differ from Tessera's F32 forward at no more positions (|dNLL| > 0.1
+// nats) than Tessera's forward with the F16 file's weights does. A wrong expert, router row or
+// weight would move nearly every position. Measured 2026-12-07: 0 positions apart at top-8,
+// 45 of 1068 between Tessera F32 and F16 at top-2 (docs/EXPORT.md).
+TEST(GgufLlamaCpp, Qwen3MoeTop2DiffersOnlyAsRoutingFlipsDo) {
+  SKIP_WITHOUT_LLAMA_CPP();
+  const std::string ckpt = train(testing::fresh_dir("gguf-qwen3moe-top2"),
+                                 " --set moe.shared_experts=0 --set moe.first_dense_layers=0"
+                                 " --set moe.topk=2",
+                                 "recipes/ci-tiny-moe.yaml");
+  auto r = compare(ckpt, {exporting::GgufType::f32})[exporting::GgufType::f32];
+  const json t32 = tessera_side(ckpt, "f32", ckpt + "/tessera-f32-again.json");
+  const json t16 = tessera_side(ckpt, "f16", ckpt + "/tessera-f16.json");
+  const int64_t inside = positions_apart(t32["nll"], t16["nll"]);
+  std::printf(
+      "top-2: llama.cpp vs Tessera F32 apart at %lld positions; Tessera F32 vs F16 at %lld\n",
+      (long long)r.positions_apart, (long long)inside);
+  EXPECT_GT(inside, 0) << "no routing flip under F16 rounding: the comparison says nothing";
+  EXPECT_LE(r.positions_apart, inside);
   EXPECT_LE(rel(r.llama_ppl, r.tessera_ppl), 0.01);
 }
 
