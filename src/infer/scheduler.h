@@ -152,6 +152,8 @@ class Scheduler {
   const RequestInfo& info(RequestId id) const;  // any request ever added
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
+  const std::deque<RequestId>& waiting() const { return waiting_; }   // admission order
+  const std::vector<RequestId>& running() const { return running_; }  // oldest first
   bool has_unfinished() const { return !waiting_.empty() || !running_.empty(); }
   const SchedulerConfig& config() const { return config_; }
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <random>
 #include <set>
@@ -295,6 +296,7 @@ TEST(Scheduler, PreemptsNewestAndRecomputes) {
   // can_admit looks at free blocks only as requests are admitted one by one in a step.
   StepPlan p = step(s, kv);
   ASSERT_EQ(p.chunks.size(), 3u);
+  s.add_request(4, 4, 12);  // 3 blocks free: waits, behind which request 3 must be put back
   bool preempted = false;
   int64_t gen_at_preemption = 0;
   for (int i = 0; i < 20 && !preempted; ++i) {
@@ -308,6 +310,7 @@ TEST(Scheduler, PreemptsNewestAndRecomputes) {
       EXPECT_EQ(s.info(3).num_computed, 0);
       EXPECT_EQ(s.info(3).num_preemptions, 1);
       EXPECT_FALSE(kv.contains(3));
+      EXPECT_EQ(s.waiting(), (std::deque<RequestId>{3, 4}));
       gen_at_preemption = s.info(3).num_generated;
       EXPECT_GT(gen_at_preemption, 0);  // kept
     }
@@ -331,7 +334,8 @@ TEST(Scheduler, PreemptsNewestAndRecomputes) {
     ASSERT_LT(++num_steps, 100);
   }
   EXPECT_TRUE(recomputed);
-  for (RequestId id : {1, 2, 3}) {
+  EXPECT_EQ(s.info(4).num_preemptions, 0);
+  for (RequestId id : {1, 2, 3, 4}) {
     EXPECT_EQ(s.info(id).finish_reason, FinishReason::length);
     EXPECT_EQ(s.info(id).num_generated, 12);
   }
