@@ -78,8 +78,11 @@ std::string prometheus_value(double v) {
   if (std::isnan(v)) return "NaN";
   if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
   char buf[64];
-  // Shortest representation that parses back to the same double (e.g. 0.1, 3, 1e-09).
-  auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), v);
+  // Shortest representation that parses back to the same double (e.g. 0.1, 1e-09). Whole numbers
+  // below 1e15 (counts, token totals) stay in plain digits: the shortest form of 800000 is 8e+05.
+  const bool whole = v == std::trunc(v) && std::fabs(v) < 1e15;
+  auto [end, ec] = whole ? std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::fixed)
+                         : std::to_chars(buf, buf + sizeof(buf), v);
   if (ec != std::errc()) TS_BUG("to_chars failed for a finite double");
   return std::string(buf, end);
 }
