@@ -263,14 +263,21 @@ TEST(GgufLlamaCpp, Qwen3ArchitectureF16) {
                          " --set model.head_dim=48 --set model.tied_embeddings=true"));
 }
 
+// ci-tiny-moe as llama.cpp's qwen3moe computes it: every block MoE, no shared expert, top-`topk`
+// routing; trained into a fresh directory `name`.
+std::string train_qwen3moe(const std::string& name, int topk) {
+  return train(testing::fresh_dir(name),
+               fmt::format(" --set moe.shared_experts=0 --set moe.first_dense_layers=0"
+                           " --set moe.topk={}",
+                           topk),
+               "recipes/ci-tiny-moe.yaml");
+}
+
 // ci-tiny-moe (QK-norm, 8 experts) with every block MoE, no shared expert and top-8 routing, as
 // qwen3moe F32: the expert tensors' names and layout and the router. (Top-2: the next case.)
 TEST(GgufLlamaCpp, Qwen3MoeAllExpertsF32) {
   SKIP_WITHOUT_LLAMA_CPP();
-  const std::string ckpt = train(testing::fresh_dir("gguf-qwen3moe"),
-                                 " --set moe.shared_experts=0 --set moe.first_dense_layers=0"
-                                 " --set moe.topk=8",
-                                 "recipes/ci-tiny-moe.yaml");
+  const std::string ckpt = train_qwen3moe("gguf-qwen3moe", 8);
   auto r = compare(ckpt, {exporting::GgufType::f32})[exporting::GgufType::f32];
   EXPECT_TRUE(r.greedy_equal);
   EXPECT_GE(r.top1_agreement, 0.99);
@@ -287,12 +294,10 @@ TEST(GgufLlamaCpp, Qwen3MoeAllExpertsF32) {
 // 45 of 1068 between Tessera F32 and F16 at top-2 (docs/EXPORT.md).
 TEST(GgufLlamaCpp, Qwen3MoeTop2DiffersOnlyAsRoutingFlipsDo) {
   SKIP_WITHOUT_LLAMA_CPP();
-  const std::string ckpt = train(testing::fresh_dir("gguf-qwen3moe-top2"),
-                                 " --set moe.shared_experts=0 --set moe.first_dense_layers=0"
-                                 " --set moe.topk=2",
-                                 "recipes/ci-tiny-moe.yaml");
+  const std::string ckpt = train_qwen3moe("gguf-qwen3moe-top2", 2);
   auto r = compare(ckpt, {exporting::GgufType::f32})[exporting::GgufType::f32];
-  const json t32 = tessera_side(ckpt, "f32", ckpt + "/tessera-f32-again.json");
+  std::ifstream t32_in(ckpt + "/tessera-f32.json");  // written by compare()
+  const json t32 = json::parse(t32_in);
   const json t16 = tessera_side(ckpt, "f16", ckpt + "/tessera-f16.json");
   const int64_t inside = positions_apart(t32["nll"], t16["nll"]);
   std::printf(
