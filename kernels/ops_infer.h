@@ -1,9 +1,9 @@
-// The inference engine's op family (issue 16): weight-only quantized linears, the paged KV cache
+// The inference engine's op family (issue 16): its linear (weight-only INT8/INT4 or float), the paged KV cache
 // (write, block copy, attention) and rotary embedding at per-row positions. Same rules as
 // kernels/ops.h (dispatch on the device of the first non-empty tensor; outputs overwritten;
 // trailing Stream; 16-bit tensors on the CPU through kernels/cpu/narrow.h). CPU references in
-// kernels/cpu/wq_linear.cpp, paged_attention.cpp, rope.cpp (rope_rows_forward); CUDA in
-// kernels/cuda/wq_linear.cu, paged_attention.cu, rope.cu. No op here synchronizes with the host.
+// kernels/cpu/infer_linear.cpp, paged_attention.cpp, rope.cpp (rope_rows_forward); CUDA in
+// kernels/cuda/infer_linear.cu, paged_attention.cu, rope.cu. No op here synchronizes with the host.
 //
 // Batch invariance (the engine's promise that a request's output is the same alone and in any
 // batch rests on it): every op computes each output row from that row's own inputs, in a
@@ -21,27 +21,31 @@
 
 namespace tessera::ops {
 
-// ---- weight-only quantized linear ---------------------------------------------------------
-// A weight (N,K) stored as the Tessera export stores it (src/export/tessera_format.h): integer
-// codes with one FP16 scale per `group` consecutive input columns of each row; the weight is
-// quant::dequant(code, scale) (kernels/quant_math.h), exactly, in f32.
-//   codes   int8: (N,K) i8 in [-127, 127];  int4: (N,K) i4 (packed, two per byte: element 2j of a
+// ---- the engine's linear: weight-only quantized or float, batch-invariant ----------------------
+// A weight (N,K) either stored as the Tessera export stores quantized weights
+// (src/export/tessera_format.h): integer codes with one FP16 scale per `group` consecutive input
+// columns of each row, the weight being quant::dequant(code, scale) (kernels/quant_math.h),
+// exactly, in f32 -
+//   w       int8: (N,K) i8 in [-127, 127];  int4: (N,K) i4 (packed, two per byte: element 2j of a
 //           row in the low nibble, 2j+1 in the high one; two's complement, -8..7)
 //   scales  (N,G) f16;  group >= 1 divides K (int4: group even)
-struct QuantizedWeight {
-  Tensor codes;
+// - or a float weight: w (N,K) f32, bf16 or f16 (the activations' dtype), scales empty, group 0.
+struct InferWeight {
+  Tensor w;
   Tensor scales;
   int64_t group = 0;
-  int64_t out_features() const { return codes.shape[0]; }
-  int64_t in_features() const { return codes.shape[1]; }
+  bool quantized() const { return scales.data != nullptr; }
+  int64_t out_features() const { return w.shape[0]; }
+  int64_t in_features() const { return w.shape[1]; }
 };
 
-// out (M,N) = inp (M,K) · dequant(w)^T + bias (N). Products and sums in f32 (the CPU reference in
-// double, rounded once per output), rounded once to out's dtype. inp, out and bias share one
-// float dtype (f32, bf16, f16; f64 on the CPU). M >= 1: the CUDA backend takes a GEMV path for
-// small M (decode, M <= 8) and a tiled GEMM path beyond; both are batch-invariant (above).
-void wq_linear_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, const QuantizedWeight& w,
-                       Tensor bias /*(N) or empty*/, Stream stream = {});
+// out (M,N) = inp (M,K) · w^T + bias (N). Products and sums in f32 (the CPU reference in double,
+// rounded once per output), rounded once to out's dtype. inp, out and bias share one float dtype
+// (f32, bf16, f16; f64 on the CPU). M >= 1. On CUDA one kernel family serves decode (M of 1-8,
+// a GEMV reading each weight once per step) and prefill (larger M) with the same per-output
+// summation order, so it is batch-invariant (above); cuBLAS, which picks algorithms by M, is not.
+void infer_linear_forward(Tensor out /*(M,N)*/, Tensor inp /*(M,K)*/, const InferWeight& w,
+                          Tensor bias /*(N) or empty*/, Stream stream = {});
 
 // ---- paged KV cache -----------------------------------------------------------------------
 // One layer's cache: k_cache, v_cache (NB, BS, Hkv, D) of one float dtype. A token's K/V row lives
