@@ -1,9 +1,12 @@
-// The inference engine's op family (issue 16): its linear (weight-only INT8/INT4 or float), the paged KV cache
-// (write, block copy, attention) and rotary embedding at per-row positions. Same rules as
+// The inference engine's op family (issue 16): its linear (weight-only INT8/INT4 or float), the
+// paged KV cache (write, block copy, attention) and rotary embedding at per-row positions. Same
+// rules as
 // kernels/ops.h (dispatch on the device of the first non-empty tensor; outputs overwritten;
 // trailing Stream; 16-bit tensors on the CPU through kernels/cpu/narrow.h). CPU references in
-// kernels/cpu/infer_linear.cpp, paged_attention.cpp, rope.cpp (rope_rows_forward); CUDA in
-// kernels/cuda/infer_linear.cu, paged_attention.cu, rope.cu. No op here synchronizes with the host.
+// kernels/cpu/infer_linear.cpp, kv_cache.cpp, paged_attention.cpp, rope.cpp (rope_rows_forward),
+// declared in kernels/cpu/infer.h; CUDA in kernels/cuda/infer_linear.cu, kv_cache.cu,
+// paged_attention.cu, rope.cu, declared in kernels/cuda/infer.h. No op here synchronizes with the
+// host or allocates memory.
 //
 // Batch invariance (the engine's promise that a request's output is the same alone and in any
 // batch rests on it): every op computes each output row from that row's own inputs, in a
@@ -72,20 +75,33 @@ void kv_cache_copy_blocks(Tensor k_cache, Tensor v_cache, Tensor copies /*(P,2) 
 // h / (Hq / Hkv). out[m,h] = sum_p softmax_p(scale * q[m,h] · k_p) v_p, softmax and sums in f32 (the
 // CPU reference in double), rounded once to out's dtype. A row with pos[m] < 0 is padding: out
 // zero. max_context bounds pos[m] + 1 over all rows (the host knows it; the CUDA launch is sized by
-// it); a larger pos is a caller bug (checked on the CPU, a NaN row on the GPU). Covers decode (one
-// row per sequence) and prefill chunks (consecutive positions of one sequence) alike. CUDA splits
-// a row's context into fixed-length partitions (flash-decoding) combined in a fixed order, so the
-// split depends on the row's own length only.
+// it); a larger pos, a seq outside [0, S) or a block id outside [0, NB) is a caller bug (checked
+// on the CPU, a NaN row on the GPU, which never reads out of bounds). Covers decode (one row per
+// sequence) and prefill chunks (consecutive positions of one sequence) alike. D <= 256 on CUDA.
+// CUDA splits a row's context into partitions of kPagedAttentionPartition positions
+// (flash-decoding: more blocks in flight for one long sequence), each giving a running max, sum
+// and unnormalized output, combined in partition order; partition p covers positions
+// [p * kPagedAttentionPartition, ...) whatever the other rows, so the split depends on the row's
+// own length only.
+// scratch: device memory for those partials, at least paged_attention_scratch_bytes(M, Hq, D,
+// max_context) bytes (any dtype; 0 bytes, i.e. an empty tensor is fine, when max_context fits one
+// partition). An explicit operand because ops allocate nothing and the shared CUDA workspace is
+// the GEMMs'; the CPU ignores it.
+constexpr int kPagedAttentionPartition = 256;
+int64_t paged_attention_scratch_bytes(int64_t num_rows, int64_t num_hq, int64_t head_dim,
+                                      int64_t max_context);
 void paged_attention_forward(Tensor out /*(M,Hq,D)*/, Tensor q /*(M,Hq,D)*/,
                              Tensor k_cache /*(NB,BS,Hkv,D)*/, Tensor v_cache /*(NB,BS,Hkv,D)*/,
                              Tensor block_tables /*(S,MB) i32*/, Tensor seq /*(M) i32*/,
                              Tensor pos /*(M) i32*/, float scale, int max_context,
+                             Tensor scratch /*paged_attention_scratch_bytes or empty*/,
                              Stream stream = {});
 
 // ---- rotary embedding at per-row positions ------------------------------------------------
 // rope_forward (kernels/ops.h) with each row's own position: row m is rotated by the angles of
-// position pos[m] (>= 0). Equals rope_forward on (1,1,H,D) with pos_offset = pos[m], bit for bit
-// on the CPU. out may alias inp.
+// position pos[m]. Equals rope_forward on (1,1,H,D) with pos_offset = pos[m], bit for bit (on the
+// CPU, and on CUDA against CUDA's rope_forward). A row with pos[m] < 0 is padding: copied
+// unchanged. out may alias inp.
 void rope_rows_forward(Tensor out /*(M,H,D)*/, Tensor inp /*(M,H,D)*/, Tensor pos /*(M) i32*/,
                        float theta, Stream stream = {});
 
