@@ -55,7 +55,8 @@ Engine::Engine(std::shared_ptr<EngineModel> model, const EngineOptions& options)
   shape.validate();
   const int64_t table_width = shape.blocks_for_tokens(max_context_);
   const SchedulerConfig& sc = options_.scheduler;
-  model_->reserve(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_num_seqs, table_width);
+  model_->reserve(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_num_seqs, table_width,
+                  max_context_);
   int64_t budget = options.kv_cache_bytes;
   if (budget <= 0) {
     size_t free_bytes = 0, total = 0;
@@ -175,7 +176,9 @@ std::vector<EngineEvent> Engine::step() {
                                         r.params.stop_token_ids.end(),
                                         token) != r.params.stop_token_ids.end();
       if (!stop_token) r.text += token_text(tokenizer_, token);
-      const StopCheck stop = check_stop(r.params, generated, r.text);
+      StopCheck stop = check_stop(r.params, generated, r.text);
+      // Reaching max_tokens is the scheduler's to see (FinishReason::length), not a stop.
+      if (stop.reason == StopReason::max_tokens) stop = StopCheck{};
       if (stop.stop) keep_of[ch.id] = stop.keep_chars;
       EngineEvent e;
       e.id = ch.id;

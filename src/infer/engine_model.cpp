@@ -19,6 +19,7 @@ struct EngineModel::Scratch {
   Tensor idx;                              // i32: the step's index tensors, packed (below)
   Tensor x, x_mid, h, branch, add;         // (M,C)
   Tensor q_raw, q, k_raw, k, v, att;       // (M,Hq*D) / (M,Hkv*D)
+  Tensor attn_scratch;                     // paged attention's partials (f32 words)
   Tensor mean, rstd, q_rstd, k_rstd;       // (M), (M), (M*Hq), (M*Hkv) f32
   Tensor f1, f2, f3;                       // (M*K or M, Fmax)
   Tensor x32, r_logits, probs, lse;        // MoE: (M,C) f32, (M,E), (M,E), (M) f32
@@ -53,9 +54,11 @@ KvCacheArena EngineModel::make_kv_cache(int64_t num_blocks, int64_t block_size) 
 }
 
 void EngineModel::reserve(int64_t max_rows, int64_t max_logit_rows, int64_t max_seqs,
-                          int64_t max_table_width) {
-  TS_CHECK(max_rows > 0 && max_logit_rows > 0 && max_seqs > 0 && max_table_width > 0,
-           "reserve({}, {}, {}, {})", max_rows, max_logit_rows, max_seqs, max_table_width);
+                          int64_t max_table_width, int64_t max_context) {
+  TS_CHECK(max_rows > 0 && max_logit_rows > 0 && max_seqs > 0 && max_table_width > 0 &&
+               max_context > 0,
+           "reserve({}, {}, {}, {}, {})", max_rows, max_logit_rows, max_seqs, max_table_width,
+           max_context);
   const ModelConfig& c = cfg_;
   const int64_t M = max_rows, R = max_logit_rows, C = c.hidden, V = c.vocab_size;
   const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, D = c.resolved_head_dim();
@@ -78,6 +81,8 @@ void EngineModel::reserve(int64_t max_rows, int64_t max_logit_rows, int64_t max_
     s.k = alloc(dt, Shape{M, Hkv * D});
     s.v = alloc(dt, Shape{M, Hkv * D});
     s.att = alloc(dt, Shape{M, Hq * D});
+    const int64_t words = (ops::paged_attention_scratch_bytes(M, Hq, D, max_context) + 3) / 4;
+    if (words > 0) s.attn_scratch = alloc(f32, Shape{words});
     if (c.qk_norm) {
       s.q_raw = alloc(dt, Shape{M, Hq * D});
       s.k_raw = alloc(dt, Shape{M, Hkv * D});
@@ -215,7 +220,7 @@ void EngineModel::layer_forward(const EngineLayer& layer, int l, Scratch& s,
   ops::kv_cache_write(kv.k[size_t(l)], kv.v[size_t(l)], k3, v3, s.slots);
   ops::paged_attention_forward(att.view({M, Hq, D}), q3, kv.k[size_t(l)], kv.v[size_t(l)],
                                s.tables, s.seq, s.positions, 1.0f / std::sqrt(float(D)),
-                               s.max_context);
+                               s.max_context, s.attn_scratch);
   linear(layer.wo, branch, att);
   if (c.norm == NormKind::layernorm) {
     ops::add_layernorm_forward(x_mid, h, mean, rstd, x, branch, layer.ln2.weight, layer.ln2.bias,

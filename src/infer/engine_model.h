@@ -92,9 +92,9 @@ class EngineModel {
   KvCacheArena make_kv_cache(int64_t num_blocks, int64_t block_size) const;
 
   // Scratch for steps of up to max_rows rows, max_logit_rows logit rows, max_seqs table rows of
-  // max_table_width blocks. Allocated once; forward never allocates.
+  // max_table_width blocks, positions below max_context. Allocated once; forward never allocates.
   void reserve(int64_t max_rows, int64_t max_logit_rows, int64_t max_seqs,
-               int64_t max_table_width);
+               int64_t max_table_width, int64_t max_context);
   size_t workspace_bytes() const { return work_.capacity(); }
 
   // Runs one step: writes every row's K/V into `kv` at its slot, and returns the logits of

@@ -180,7 +180,7 @@ std::unique_ptr<EngineModel> EngineModel::load(const std::string& path,
   m->options_ = options;
   m->source_ = path;
   std::map<std::string, TesseraExportTensor> tensors;
-  if (exporting::is_tessera_export(path)) {
+  if (std::filesystem::is_regular_file(path) && exporting::is_tessera_export(path)) {
     exporting::TesseraExport e = exporting::read_tessera_export(path);
     m->cfg_ = e.model;
     m->tokenizer_json_ = std::move(e.tokenizer_json);

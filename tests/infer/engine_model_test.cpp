@@ -34,9 +34,9 @@ const char* kMoe = "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n  share
                    "  first_dense_layers: 1\n";
 
 std::vector<int32_t> random_tokens(int n, uint64_t seed) {
-  std::mt19937 gen(uint32_t(seed));
+  std::mt19937 gen{uint32_t(seed)};
   std::uniform_int_distribution<int32_t> id(0, 4095);
-  std::vector<int32_t> t(size_t(n));
+  std::vector<int32_t> t(static_cast<size_t>(n));
   for (int32_t& x : t) x = id(gen);
   return t;
 }
@@ -52,7 +52,7 @@ std::vector<float> engine_logits(EngineModel& m, const std::vector<int32_t>& tok
   std::iota(table.begin(), table.end(), 0);
   std::shuffle(table.begin(), table.end(), std::mt19937(3));
   table.resize(size_t(blocks));
-  m.reserve(T, T, 1, blocks);
+  m.reserve(T, T, 1, blocks, T);
   std::vector<float> out;
   int start = 0;
   for (int n : chunks) {
@@ -115,7 +115,7 @@ TEST_P(EngineModelParity, LogitsEqualTheTrainingForwardInOneStepAndInChunks) {
   ASSERT_EQ(e->vocab_size(), 4096);
   EXPECT_LE(max_rel_diff(engine_logits(*e, tokens, {40}, 16), want, n), 1e-5);
   // Prefill in uneven chunks, then one-token decodes, over blocks of 3 tokens.
-  EXPECT_LE(max_rel_diff(engine_logits(*e, tokens, {7, 1, 13, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+  EXPECT_LE(max_rel_diff(engine_logits(*e, tokens, {7, 1, 13, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
                                        3),
                          want, n),
             1e-5);
