@@ -2,9 +2,9 @@
 # One call on the GPU machine: configure + build with CUDA (sm_90a), run the GPU tests, run the
 # benchmarks, print a short table last; full logs go to $OUT. Usage (from the repo root):
 #   bash bench/gpu.sh [--targets "t1 t2"] [--tests REGEX] [--bench "cmd; cmd"] [--no-tests]
-# ICU is not in the GPU image: when missing, the Debian packages carried in .deps/debs (see
-# scripts/fetch-gpu-deps.sh) are unpacked under /tmp/icu (bench/gpu_common.sh, shared with
-# bench/gpu_parallel.sh).
+# ICU, CLI11 and cpp-httplib are not in the GPU image: when missing, the Debian packages carried
+# in .deps/debs (see scripts/fetch-gpu-deps.sh) are unpacked under /tmp/icu (bench/gpu_common.sh,
+# shared with bench/gpu_parallel.sh).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 1

@@ -6,13 +6,14 @@
 # shellcheck disable=SC2034  # run_rc, run_secs, MPI_ENV, MPIRUN are read by the callers
 
 # NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast must stay off on the project's shared hosts), and
-# ICU and CLI11: the GPU image lacks them, so the Debian packages carried in .deps/debs (see
-# scripts/fetch-gpu-deps.sh) are unpacked under /tmp/icu and named to CMake and the loader.
-# Sets the array gpu_icu_args (CMake arguments; empty when the system has ICU).
+# ICU, CLI11 and cpp-httplib: the GPU image lacks them, so the Debian packages carried in
+# .deps/debs (see scripts/fetch-gpu-deps.sh) are unpacked under /tmp/icu and named to CMake and
+# the loader. Sets the array gpu_icu_args (CMake arguments; empty when the system has all three).
 gpu_setup_env() {
   export NCCL_NVLS_ENABLE=0
   gpu_icu_args=()
-  [ -f /usr/include/unicode/uchar.h ] && [ -f /usr/include/CLI/CLI.hpp ] && return 0
+  [ -f /usr/include/unicode/uchar.h ] && [ -f /usr/include/CLI/CLI.hpp ] &&
+    [ -f /usr/include/httplib.h ] && return 0
   local icu_lib=/tmp/icu/usr/lib/x86_64-linux-gnu debs=(.deps/debs/*.deb)
   if [ ! -e "${debs[0]}" ]; then
     echo "gpu_common.sh: ICU is missing and .deps/debs holds no .deb: run scripts/fetch-gpu-deps.sh" \
@@ -21,16 +22,33 @@ gpu_setup_env() {
   fi
   mkdir -p /tmp/icu
   local f
-  for f in "${debs[@]}"; do dpkg -x "$f" /tmp/icu || return 1; done
+  for f in "${debs[@]}"; do
+    gpu_image_has "$f" && continue
+    dpkg -x "$f" /tmp/icu || return 1
+  done
   # The image's compiler leaves CMake's library architecture empty, so FindICU does not look in
-  # the multiarch folder by itself: name it.
+  # the multiarch folder by itself: name it. httplib_ROOT: cmake/Findhttplib.cmake looks there
+  # first for cpp-httplib and for the OpenSSL, zlib and Brotli headers its header includes.
   gpu_icu_args=(-DICU_ROOT=/tmp/icu/usr -DCMAKE_LIBRARY_PATH="$icu_lib"
-                -DCLI11_DIR=/tmp/icu/usr/share/cmake/CLI11)
+                -DCLI11_DIR=/tmp/icu/usr/share/cmake/CLI11 -Dhttplib_ROOT=/tmp/icu/usr)
   export CMAKE_LIBRARY_PATH="$icu_lib"
   case ":${LD_LIBRARY_PATH:-}:" in
     *":$icu_lib:"*) ;;
     *) export LD_LIBRARY_PATH="$icu_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
   esac
+}
+
+# gpu_image_has DEB: whether the image already has that package: installed by dpkg, or (a runtime
+# library packaged under another name, e.g. Ubuntu's libssl3t64) every soname file it holds
+# (lib*.so.N) at the same path. Unpacking such a package anyway would put a second copy of the
+# image's own library (OpenSSL) first on LD_LIBRARY_PATH, ahead of it for every program.
+gpu_image_has() {
+  local deb=$1 pkg sonames s
+  pkg=$(dpkg-deb -f "$deb" Package) || return 1
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" && return 0
+  sonames=$(dpkg-deb -c "$deb" | awk '{print substr($6, 2)}' | grep -E '/lib[^/]*\.so\.[0-9]+$')
+  [ -n "$sonames" ] || return 1
+  for s in $sonames; do [ -e "$s" ] || return 1; done
 }
 
 # gpu_build JOBS [TARGETS]: configure build-gpu (Release, sm_90a, Ninja, CUDA on) and build

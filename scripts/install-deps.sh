@@ -12,6 +12,7 @@ packages=(
   libgtest-dev
   libfmt-dev nlohmann-json3-dev libcli11-dev
   libicu-dev
+  libcpp-httplib-dev               # logging.prometheus_port's /metrics endpoint (src/http)
   libopenblas-dev
   libbenchmark-dev
   clang-format

@@ -194,7 +194,9 @@ struct CheckpointConfig {
   X(int, every, 1, config::kPositive, "progress line every N steps")                               \
   X(LogLevel, level, LogLevel::info, config::kAny, "log level")                                   \
   X(bool, profile_ops, false, config::kAny,                                                       \
-    "time every op after 3 warm-up steps; per-op table at the end and <out_dir>/op_profile.json")
+    "time every op after 3 warm-up steps; per-op table at the end and <out_dir>/op_profile.json") \
+  X(int, prometheus_port, 0, config::int_range(0, 65535),                                         \
+    "rank 0 serves Prometheus metrics (GET /metrics) on this TCP port, all interfaces; 0: off")
 // clang-format on
 
 struct LoggingConfig {

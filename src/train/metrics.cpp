@@ -58,8 +58,9 @@ constexpr double kPeakBf16Flops = 989e12;  // H100/H200 SXM dense BF16
 
 }  // namespace
 
-RunMetrics::RunMetrics(Run& run)
+RunMetrics::RunMetrics(Run& run, TrainExporter* exporter)
     : run_(run),
+      exporter_(exporter),
       start_(std::chrono::steady_clock::now()),
       step_flops_(flops_per_token(run.recipe().model, run.recipe().data.seq_len) *
                   double(run.recipe().tokens_per_step())) {
@@ -137,14 +138,21 @@ void RunMetrics::record_step(int64_t done, const StepResult& s, double seconds) 
     if (beta > 0.0f) kd += fmt::format(" | hidden {:.4f} (beta {:.2f})", s.hidden_loss, beta);
   }
   std::string mfu;
+  StepSample sample{
+      done, s.loss, tok_per_s, r.tokens_per_step(), seconds, double(run_.arena().peak())};
+  if (run_.scaler()) sample.loss_scale = s.loss_scale;
   if (run_.device() == Device::cuda) {
-    rec["mfu"] = step_flops_ / seconds / (kPeakBf16Flops * num_gpus);
-    mfu = fmt::format(" | mfu {:.1f}%", 100.0 * rec["mfu"].get<double>());
+    sample.mfu = step_flops_ / seconds / (kPeakBf16Flops * num_gpus);
+    rec["mfu"] = *sample.mfu;
+    mfu = fmt::format(" | mfu {:.1f}%", 100.0 * *sample.mfu);
     size_t free_bytes = 0, total_bytes = 0;
-    if (device_memory_info(run_.device(), &free_bytes, &total_bytes))
-      rec["device_used_gb"] = (total_bytes - free_bytes) / 1e9;
+    if (device_memory_info(run_.device(), &free_bytes, &total_bytes)) {
+      sample.device_used_bytes = double(total_bytes - free_bytes);
+      rec["device_used_gb"] = *sample.device_used_bytes / 1e9;
+    }
   }
   writer_->write(rec);
+  if (exporter_) exporter_->record_step(sample);
   if (done % r.logging.every != 0 && done != r.train.steps) return;
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "train/evaluate.h"
+#include "train/prometheus_exporter.h"
 #include "train/run.h"
 #include "train/train_step.h"
 
@@ -39,7 +40,8 @@ class MetricsWriter {
 // val_ppl, val_tokens, and under fp16 the overflow rate since the previous evaluation}.
 class RunMetrics {
  public:
-  explicit RunMetrics(Run& run);
+  // `exporter` (rank 0 with logging.prometheus_port, else null) gets every step's values too.
+  explicit RunMetrics(Run& run, TrainExporter* exporter = nullptr);
   // `done` = steps completed (the 1-based step just taken); `seconds` its wall time.
   void record_step(int64_t done, const StepResult& s, double seconds);
   void record_eval(int64_t step, const EvalResult& e);
@@ -47,6 +49,7 @@ class RunMetrics {
  private:
   Run& run_;
   std::optional<MetricsWriter> writer_;  // rank 0
+  TrainExporter* exporter_;
   std::chrono::steady_clock::time_point start_;
   double step_flops_;
   int64_t window_steps_ = 0, window_skipped_ = 0;  // fp16: steps since the last evaluation

@@ -7,8 +7,10 @@
 #include "train/trainer.h"
 
 #include <chrono>
+#include <optional>
 
 #include "core/log.h"
+#include "parallel/mpi_runtime.h"
 #include "train/evaluate.h"
 #include "train/generate.h"
 #include "train/metrics.h"
@@ -24,9 +26,13 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 TrainSummary train(const Recipe& recipe) {
+  // Rank 0 binds the metrics port before building the Run (minutes for a large model): a port in
+  // use stops the job at once.
+  std::optional<TrainExporter> exporter;
+  if (recipe.logging.prometheus_port > 0 && world_rank() == 0) exporter.emplace(recipe);
   Run run(recipe);
   const Recipe& r = run.recipe();
-  RunMetrics metrics(run);
+  RunMetrics metrics(run, exporter ? &*exporter : nullptr);
   OpProfile profile(run);
   TrainSummary summary;
   summary.first_step = run.start_step();

@@ -185,6 +185,19 @@ TEST(RecipeErrors, OverridesNameTheOverride) {
                         {"model.num_heads = 4 (line 6)", "model.num_kv_heads = 3 (--set "});
 }
 
+TEST(RecipeErrors, PrometheusPortOutOfRange) {
+  expect_parse_error(std::string(kBaseRecipe) + "logging:\n  prometheus_port: 70000\n",
+                     {"t.yaml:16", "logging.prometheus_port", "'70000'", "[0, 65535]"});
+  expect_parse_error(std::string(kBaseRecipe) + "logging:\n  prometheus_port: -1\n",
+                     {"t.yaml:16", "logging.prometheus_port", "'-1'", "[0, 65535]"});
+  expect_override_error("logging.prometheus_port=65536",
+                        {"--set logging.prometheus_port=65536", "'65536'", "[0, 65535]"});
+  EXPECT_EQ(parse_recipe(kBaseRecipe, "t.yaml").logging.prometheus_port, 0);  // off by default
+  EXPECT_EQ(parse_recipe(kBaseRecipe, "t.yaml", {"logging.prometheus_port=65535"})
+                .logging.prometheus_port,
+            65535);
+}
+
 TEST(RecipeErrors, MissingFileNamesThePath) {
   expect_user_error([] { load_recipe("/nonexistent/dir/recipe.yaml"); },
                     {"/nonexistent/dir/recipe.yaml"});
