@@ -37,13 +37,14 @@ struct GenerateArgs {
 int run_requests(const GenerateArgs& a) {
   std::ifstream in(a.requests);
   if (!in) TS_USER_ERROR("--requests {}: cannot read the file", a.requests);
+  const SamplingParams defaults = sampling_params(a.sampling);  // checked before the model loads
   Engine engine(load_engine_model(a.engine, a.model), engine_options(a.engine));
   serve::ServedModel served;
   served.name = a.model;
   served.tokenizer = &engine.tokenizer();
   served.vocab_size = engine.model().vocab_size();
   served.max_context = engine.max_context();
-  served.defaults = sampling_params(a.sampling);
+  served.defaults = defaults;
   served.check_model = false;
   std::vector<serve::CompletionRequest> reqs;
   std::string line;
@@ -96,10 +97,10 @@ int run_generate(const GenerateArgs& a) {
   if (prompt == "-")
     prompt.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
   if (prompt.empty()) TS_USER_ERROR("--prompt: empty (give text, or - to read stdin)");
+  const SamplingParams base = sampling_params(a.sampling);  // checked before the model loads
   const auto t_load = std::chrono::steady_clock::now();
   Engine engine(load_engine_model(a.engine, a.model), engine_options(a.engine));
   const std::vector<int32_t> ids = engine.tokenizer().encode(prompt);
-  const SamplingParams base = sampling_params(a.sampling);
   std::map<RequestId, int> index;
   for (int i = 0; i < a.n; ++i) {
     SamplingParams p = base;

@@ -30,6 +30,7 @@ int run_serve(const ServeArgs& a) {
   sigaddset(&stop, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
 
+  const SamplingParams defaults = sampling_params(a.sampling);  // checked before the model loads
   auto engine = std::make_unique<Engine>(load_engine_model(a.engine, a.model),
                                          engine_options(a.engine));
   serve::ServedModel served;
@@ -37,7 +38,7 @@ int run_serve(const ServeArgs& a) {
   served.tokenizer = &engine->tokenizer();
   served.vocab_size = engine->model().vocab_size();
   served.max_context = engine->max_context();
-  served.defaults = sampling_params(a.sampling);
+  served.defaults = defaults;
   const std::string weights = engine->model().weight_format();
   const std::string device(device_name(engine->model().device()));
   const int64_t blocks = engine->kv_blocks_total();

@@ -11,6 +11,7 @@
 #include "data/dataset.h"
 #include "tests/common/cli.h"
 #include "tests/common/files.h"
+#include "tests/export/export_test_util.h"
 
 namespace tessera {
 namespace {
@@ -75,6 +76,14 @@ TEST(CliHelp, EveryCommandListsItsOptionsWithMeaningAndDefault) {
       {"tokenizer encode", {"TEXT", "--tokenizer", "--no-special"}},
       {"tokenizer decode", {"IDS", "--tokenizer"}},
       {"inspect", {"PATH", "--recipe", "--no-stats"}},
+      {"generate",
+       {"MODEL", "--prompt", "--requests", "--out", "--n", "--device", "=auto", "--dtype",
+        "--kv-cache-gb", "--block-size", "=16", "--max-context", "--max-num-seqs", "=64",
+        "--max-batched-tokens", "=2048", "--ignore-eos", "--max-tokens", "=128", "--temperature",
+        "=0.8", "--top-k", "=40", "--top-p", "=0.95", "--min-p", "=0.05", "--repetition-penalty",
+        "--seed", "--stop", "--stop-token-id"}},
+      {"serve", {"MODEL", "--port", "=8000", "--host", "=127.0.0.1", "--served-model-name",
+                 "--workers", "=128", "--kv-cache-gb", "--max-tokens", "--temperature"}},
   };
   for (const HelpCase& c : cases) {
     for (const char* help : {"--help", "-h"}) {
@@ -131,6 +140,15 @@ TEST(CliErrors, BadArgumentsNameTheOptionAndValueWithStatusTwo) {
       {"plan", {"RECIPE", "required"}},
       {"plan recipes/qwen3-30b-a3b.yaml --gpu-gb -1", {"--gpu-gb", "-1"}},
       {"plan recipes/qwen3-30b-a3b.yaml --set parallel.ep=3", {"parallel.ep = 3", "parallel.dp"}},
+      {"generate m.h5", {"--prompt", "--requests"}},
+      {"generate m.h5 --prompt x --requests r.jsonl", {"--prompt", "--requests"}},
+      {"generate m.h5 --prompt x --max-tokens 0", {"--max-tokens", "0"}},
+      {"generate m.h5 --prompt x --device gpu", {"--device", "gpu"}},
+      {"generate /nonexistent/m.h5 --prompt x --device cpu", {"/nonexistent/m.h5"}},
+      {"generate m.h5 --prompt x --temperature -1", {"temperature", "-1"}},
+      {"generate m.h5 --prompt x --top-p 0", {"top_p", "0"}},
+      {"serve m.h5 --port 70000", {"--port", "70000"}},
+      {"serve", {"MODEL", "required"}},
   };
   for (const ErrorCase& c : cases) {
     const CliResult r = run_cli(c.args);
@@ -151,6 +169,36 @@ TEST(CliPlan, PrintsEveryStageOfTheLayout) {
     EXPECT_TRUE(has(r.output, s)) << s << " missing in:\n" << r.output;
   const CliResult small = run_cli("plan recipes/qwen3-30b-a3b.yaml --set parallel.pp=4 --gpu-gb 1");
   EXPECT_TRUE(has(small.output, "does NOT fit in 1 GB")) << small.output;
+}
+
+// generate on a synthetic checkpoint: the prompt from stdin, the text on stdout, the rate on
+// stderr; --requests writes one result per request, in order; a bad request line names the line.
+TEST(CliGenerate, StreamsTheCompletionAndRunsRequestFiles) {
+  ScratchDir dir;
+  const Recipe r = testing::export_recipe(
+      "  family: llama\n  num_layers: 2\n  hidden: 64\n  num_heads: 4\n  num_kv_heads: 2\n"
+      "  ffn_hidden: 96\n  max_seq_len: 64\n");
+  const std::string ckpt = testing::write_synthetic_checkpoint(dir / "run", r);
+  const CliResult g = run_cli("generate " + ckpt + " --device cpu --prompt - --max-tokens 12 " +
+                                  "--ignore-eos --temperature 0",
+                              "echo 'It was a dark night' | ");
+  ASSERT_EQ(g.status, 0) << g.output;
+  EXPECT_TRUE(has(g.output, "generate: 6 prompt tokens, 12 generated in")) << g.output;
+  EXPECT_TRUE(has(g.output, "tokens/s")) << g.output;
+  testing::write_all(dir / "req.jsonl",
+                     "{\"prompt\": \"It was\", \"max_tokens\": 3, \"temperature\": 0}\n\n"
+                     "{\"prompt\": [1, 2, 3], \"max_tokens\": 5, \"seed\": 4}\n");
+  const CliResult b = run_cli("generate " + ckpt + " --device cpu --ignore-eos --requests " +
+                              (dir / "req.jsonl") + " --out " + (dir / "out.jsonl"));
+  ASSERT_EQ(b.status, 0) << b.output;
+  const std::string out = testing::read_all(dir / "out.jsonl");
+  EXPECT_TRUE(has(out, "\"index\":0,") && has(out, "\"index\":1,")) << out;
+  EXPECT_TRUE(has(out, "\"completion_tokens\":3") && has(out, "\"completion_tokens\":5")) << out;
+  testing::write_all(dir / "bad.jsonl", "{\"prompt\": \"x\", \"max_tokens\": 2}\n{\"prompt\": \"x\", \"n\": 2}\n");
+  const CliResult bad =
+      run_cli("generate " + ckpt + " --device cpu --requests " + (dir / "bad.jsonl"));
+  EXPECT_EQ(bad.status, 2) << bad.output;
+  EXPECT_TRUE(has(bad.output, "bad.jsonl: line 2: 'n' must be 1")) << bad.output;
 }
 
 TEST(CliPrepare, OptionsReachTheDataset) {
