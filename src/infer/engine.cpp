@@ -40,7 +40,8 @@ std::string token_text(const Tokenizer& tok, int32_t token) {
 Engine::Engine(std::shared_ptr<EngineModel> model, const EngineOptions& options)
     : model_(std::move(model)), options_(options) {
   const ModelConfig& c = model_->config();
-  tokenizer_ = Tokenizer::from_hf_json(model_->tokenizer_json(), model_->source());
+  has_tokenizer_ = !model_->tokenizer_json().empty();  // synthetic models have none
+  if (has_tokenizer_) tokenizer_ = Tokenizer::from_hf_json(model_->tokenizer_json(), model_->source());
   options_.scheduler.validate();
   max_context_ = options.max_context > 0 ? options.max_context : c.max_seq_len;
   if (max_context_ > c.max_seq_len)
@@ -87,7 +88,9 @@ RequestId Engine::add_request(std::vector<int32_t> prompt, const SamplingParams&
   r.num_prompt = int64_t(prompt.size());
   r.ids = std::move(prompt);
   r.params = params;
-  const int32_t eot = tokenizer_.eot_id();
+  if (!has_tokenizer_ && !params.stop_strings.empty())
+    TS_USER_ERROR("stop: stop strings need a tokenizer, and {} has none", model_->source());
+  const int32_t eot = has_tokenizer_ ? tokenizer_.eot_id() : -1;
   if (!options_.ignore_eos && eot >= 0 && eot < V) r.params.stop_token_ids.push_back(eot);
   scheduler_->add_request(id, r.num_prompt, r.params);
   requests_.emplace(id, std::move(r));
@@ -175,7 +178,7 @@ std::vector<EngineEvent> Engine::step() {
       const bool stop_token = std::find(r.params.stop_token_ids.begin(),
                                         r.params.stop_token_ids.end(),
                                         token) != r.params.stop_token_ids.end();
-      if (!stop_token) r.text += token_text(tokenizer_, token);
+      if (!stop_token && has_tokenizer_) r.text += token_text(tokenizer_, token);
       StopCheck stop = check_stop(r.params, generated, r.text);
       // Reaching max_tokens is the scheduler's to see (FinishReason::length), not a stop.
       if (stop.reason == StopReason::max_tokens) stop = StopCheck{};

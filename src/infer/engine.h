@@ -54,6 +54,8 @@ class Engine {
   bool has_unfinished() const { return scheduler_->has_unfinished() || !pending_.empty(); }
 
   const EngineModel& model() const { return *model_; }
+  // The model's tokenizer; a synthetic model has none (events then carry no text).
+  bool has_tokenizer() const { return has_tokenizer_; }
   const Tokenizer& tokenizer() const { return tokenizer_; }
   int64_t max_context() const { return max_context_; }
   int64_t num_running() const { return scheduler_->num_running(); }
@@ -78,6 +80,7 @@ class Engine {
   std::shared_ptr<EngineModel> model_;
   EngineOptions options_;
   Tokenizer tokenizer_;
+  bool has_tokenizer_ = false;
   int64_t max_context_ = 0;
   KvCacheArena kv_;
   std::unique_ptr<KvCacheManager> kv_manager_;

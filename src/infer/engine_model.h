@@ -71,12 +71,26 @@ struct EngineModelOptions {
   DType dtype = DType::f32;  // activations, float weights and the KV cache: f32, bf16 or f16
 };
 
+// Random weights for benchmarks (speed does not depend on the values): N(0, std) linears and
+// embeddings, unit norms; `format` float (the engine's dtype), int8 or int4, quantized as an
+// export would (group 0: per output channel).
+struct SyntheticWeights {
+  std::string format = "float";
+  int64_t group = 0;
+  uint64_t seed = 1;
+  float std = 0.02f;
+};
+
 class EngineModel {
  public:
   // `path`: a Tessera export file (tessera export --format tessera) or a training run / checkpoint
   // step directory (any dp/tp/pp/ep layout, merged). User errors name the path.
   static std::unique_ptr<EngineModel> load(const std::string& path,
                                            const EngineModelOptions& options);
+  // A model of `config`'s shape with random weights, made and placed one tensor at a time (a
+  // Llama-3-8B never exists whole in host memory). It has no tokenizer.
+  static std::unique_ptr<EngineModel> synthetic(const ModelConfig& config, const SyntheticWeights& w,
+                                                const EngineModelOptions& options);
   ~EngineModel();
 
   const ModelConfig& config() const { return cfg_; }

@@ -1,7 +1,11 @@
 // EngineModel::load: the weights of a Tessera export (quantized linears kept as codes and FP16
 // scales, float tensors converted to the engine's dtype) or of a training checkpoint (f32, any
-// layout merged by exporting::load_export_model), placed on the engine's device.
+// layout merged by exporting::load_export_model), placed on the engine's device; and
+// EngineModel::synthetic, random weights of any shape made one tensor at a time (benchmarks).
 #include <filesystem>
+#include <functional>
+#include <random>
+#include <set>
 
 #include <fmt/format.h>
 
@@ -9,26 +13,33 @@
 #include "export/export_model.h"
 #include "export/tessera_format.h"
 #include "infer/engine_model.h"
+#include "kernels/quantize.h"
+#include "model/transformer.h"
 
 namespace tessera {
 
 using exporting::TesseraExportTensor;
 
-// Builds an EngineModel's tensors from a name -> host tensor map (a Tessera export's, or a
-// checkpoint's widened to that form).
+// Where the host tensors come from, one at a time (each is taken once and may then be freed).
+struct TensorSource {
+  std::function<bool(const std::string&)> has;
+  std::function<TesseraExportTensor(const std::string&)> take;
+};
+
+// Builds an EngineModel's tensors from a source of host tensors (a Tessera export's, a
+// checkpoint's widened to that form, or random ones).
 struct EngineModelLoader {
   EngineModel& m;
-  std::map<std::string, TesseraExportTensor>& tensors;
+  TensorSource source;
   std::string where;
 
-  const TesseraExportTensor& get(const std::string& name) const {
-    const auto it = tensors.find(name);
-    if (it == tensors.end())
+  TesseraExportTensor get(const std::string& name) const {
+    if (!source.has(name))
       TS_USER_ERROR("{}: the model has no tensor '{}' (config {} layers, family {})", where, name,
                     m.cfg_.num_layers, int(m.cfg_.family));
-    return it->second;
+    return source.take(name);
   }
-  bool has(const std::string& name) const { return tensors.count(name) != 0; }
+  bool has(const std::string& name) const { return source.has(name); }
 
   // Copies `bytes` host bytes into a fresh buffer on the engine's device.
   void* place(const void* host, size_t bytes) {
@@ -41,9 +52,12 @@ struct EngineModelLoader {
 
   // A float tensor in `dtype` (the engine's, or f32 for routers).
   Tensor floats(const std::string& name, DType dtype) {
-    const TesseraExportTensor& t = get(name);
+    const TesseraExportTensor t = get(name);
     if (t.quantized) TS_USER_ERROR("{}: '{}' is quantized where a float tensor is expected", where,
                                    name);
+    return place_floats(t, dtype);
+  }
+  Tensor place_floats(const TesseraExportTensor& t, DType dtype) {
     Shape shape;
     for (int64_t d : t.shape) shape.dims[shape.ndim++] = d;
     const int64_t n = shape.numel();
@@ -57,12 +71,12 @@ struct EngineModelLoader {
 
   // A linear's weight (out, in), or for routed experts (E, out, in) one InferWeight per expert.
   std::vector<ops::InferWeight> weights(const std::string& name, DType float_dtype) {
-    const TesseraExportTensor& t = get(name);
+    const TesseraExportTensor t = get(name);
     const int64_t experts = t.shape.size() == 3 ? t.shape[0] : 1;
     const int64_t out = t.shape[t.shape.size() - 2], in = t.shape.back();
     std::vector<ops::InferWeight> ws(size_t(experts), ops::InferWeight{});
     if (!t.quantized) {
-      const Tensor all = floats(name, float_dtype).view({experts * out, in});
+      const Tensor all = place_floats(t, float_dtype).view({experts * out, in});
       for (int64_t e = 0; e < experts; ++e) ws[e].w = all.slice(e * out, (e + 1) * out);
       return ws;
     }
@@ -179,14 +193,14 @@ std::unique_ptr<EngineModel> EngineModel::load(const std::string& path,
   std::unique_ptr<EngineModel> m(new EngineModel());
   m->options_ = options;
   m->source_ = path;
-  std::map<std::string, TesseraExportTensor> tensors;
+  auto tensors = std::make_shared<std::map<std::string, TesseraExportTensor>>();
   if (std::filesystem::is_regular_file(path) && exporting::is_tessera_export(path)) {
     exporting::TesseraExport e = exporting::read_tessera_export(path);
     m->cfg_ = e.model;
     m->tokenizer_json_ = std::move(e.tokenizer_json);
     m->weight_format_ = e.quant;
-    tensors = std::move(e.tensors);
-    for (const auto& [name, t] : tensors)
+    *tensors = std::move(e.tensors);
+    for (const auto& [name, t] : *tensors)
       if (t.quantized) {
         m->weight_format_ = t.group == t.cols ? e.quant : fmt::format("{}-g{}", e.quant, t.group);
         break;
@@ -197,13 +211,75 @@ std::unique_ptr<EngineModel> EngineModel::load(const std::string& path,
     m->tokenizer_json_ = std::move(e.tokenizer_json);
     m->weight_format_ = "f32 (checkpoint)";
     for (auto& [name, t] : e.tensors) {
-      TesseraExportTensor& x = tensors[name];
+      TesseraExportTensor& x = (*tensors)[name];
       x.shape = t.shape;
       x.values = std::move(t.data);
     }
   }
   m->cfg_.padded_vocab_size = m->cfg_.vocab_size;  // exported tables have no padding rows
-  EngineModelLoader{*m, tensors, path}.all();
+  const TensorSource source{
+      [tensors](const std::string& n) { return tensors->count(n) != 0; },
+      [tensors](const std::string& n) {  // moved out: the host copy is freed once placed
+        TesseraExportTensor t = std::move(tensors->at(n));
+        tensors->erase(n);
+        return t;
+      }};
+  EngineModelLoader{*m, source, path}.all();
+  return m;
+}
+
+std::unique_ptr<EngineModel> EngineModel::synthetic(const ModelConfig& config,
+                                                    const SyntheticWeights& w,
+                                                    const EngineModelOptions& options) {
+  std::unique_ptr<EngineModel> m(new EngineModel());
+  m->options_ = options;
+  m->cfg_ = config;
+  m->cfg_.padded_vocab_size = config.vocab_size;
+  m->source_ = "synthetic";
+  const bool quantized = w.format == "int8" || w.format == "int4";
+  if (!quantized && w.format != "float")
+    TS_USER_ERROR("synthetic weights: format '{}' is not float, int8 or int4", w.format);
+  m->weight_format_ = quantized && w.group > 0 ? fmt::format("{}-g{}", w.format, w.group)
+                                               : quantized ? w.format : "float";
+  // Every parameter of the model by name and shape; the block linears are the ones an int8/int4
+  // export quantizes (as exporting::quantized_weight_names: not the router).
+  auto shapes = std::make_shared<std::map<std::string, std::vector<int64_t>>>();
+  const ParamStore declared = Transformer::declared_params(m->cfg_, ModelShard{});
+  for (const Param& p : declared.all()) {
+    const Shape s = p.spec.full_shape();
+    (*shapes)[p.spec.name] = std::vector<int64_t>(s.dims.begin(), s.dims.begin() + s.ndim);
+  }
+  auto linears = std::make_shared<std::set<std::string>>();
+  for (const Transformer::LinearDecl& l : Transformer::declared_linears(m->cfg_, ModelShard{}))
+    if (l.name.find(".router.") == std::string::npos) linears->insert(l.name);
+  for (const auto& [name, shape] : *shapes)
+    if (name.find(".experts.") != std::string::npos && shape.size() == 3) linears->insert(name);
+  const auto take = [shapes, linears, w, quantized](const std::string& name) {
+    TesseraExportTensor t;
+    t.shape = shapes->at(name);
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    std::mt19937_64 gen(w.seed ^ std::hash<std::string>{}(name));
+    std::normal_distribution<float> normal(0.0f, w.std);
+    t.values.resize(size_t(n));
+    const bool norm = name.find("norm") != std::string::npos || name.find(".ln") != std::string::npos;
+    for (float& x : t.values) x = norm ? 1.0f : normal(gen);
+    if (!quantized || !linears->count(name)) return t;
+    t.quantized = true;
+    t.bits = w.format == "int8" ? quant::IntBits::int8 : quant::IntBits::int4;
+    t.cols = t.shape.back();
+    t.rows = n / t.cols;
+    t.group = w.group > 0 ? w.group : t.cols;
+    t.codes.resize(size_t(n));
+    t.scales.resize(size_t(t.rows * (t.cols / t.group)));
+    quant::quantize_rows(t.values.data(), t.rows, t.cols, t.bits, t.group, t.codes.data(),
+                         t.scales.data());
+    t.values.clear();
+    return t;
+  };
+  const TensorSource source{[shapes](const std::string& n) { return shapes->count(n) != 0; },
+                            take};
+  EngineModelLoader{*m, source, "synthetic model"}.all();
   return m;
 }
 

@@ -14,8 +14,7 @@
 #include "export/reference_eval.h"
 #include "infer/engine_model.h"
 #include "tests/common/errors.h"
-#include "tests/common/files.h"
-#include "tests/export/export_test_util.h"
+#include "tests/infer/engine_test_util.h"
 
 namespace tessera {
 namespace {
@@ -23,6 +22,9 @@ namespace {
 using exporting::ExportModel;
 using exporting::ReferenceModel;
 using exporting::WeightQuant;
+using testing::engine_logits;
+using testing::max_rel_diff;
+using testing::random_tokens;
 using testing::ScratchDir;
 
 const char* kGpt2 =
@@ -33,48 +35,6 @@ const char* kQwen3 =
 const char* kMoe = "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n  shared_experts: 1\n"
                    "  first_dense_layers: 1\n";
 
-std::vector<int32_t> random_tokens(int n, uint64_t seed) {
-  std::mt19937 gen{uint32_t(seed)};
-  std::uniform_int_distribution<int32_t> id(0, 4095);
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (int32_t& x : t) x = id(gen);
-  return t;
-}
-
-// The logits of every position of `tokens` from the engine, run as consecutive chunks of the
-// given sizes over a cache of block_size blocks whose table is a shuffled set of blocks.
-std::vector<float> engine_logits(EngineModel& m, const std::vector<int32_t>& tokens,
-                                 const std::vector<int>& chunks, int block_size) {
-  const int T = int(tokens.size());
-  const int blocks = (T + block_size - 1) / block_size;
-  KvCacheArena kv = m.make_kv_cache(blocks + 5, block_size);
-  std::vector<int32_t> table(size_t(blocks + 5));
-  std::iota(table.begin(), table.end(), 0);
-  std::shuffle(table.begin(), table.end(), std::mt19937(3));
-  table.resize(size_t(blocks));
-  m.reserve(T, T, 1, blocks, T);
-  std::vector<float> out;
-  int start = 0;
-  for (int n : chunks) {
-    StepRows rows;
-    rows.table_width = blocks;
-    rows.block_tables = table;
-    rows.max_context = T;
-    for (int p = start; p < start + n; ++p) {
-      rows.tokens.push_back(tokens[size_t(p)]);
-      rows.positions.push_back(p);
-      rows.slots.push_back(table[size_t(p / block_size)] * block_size + p % block_size);
-      rows.seq.push_back(0);
-      rows.logit_rows.push_back(p - start);
-    }
-    const std::vector<float>& l = m.forward(rows, kv);
-    out.insert(out.end(), l.begin(), l.end());
-    start += n;
-  }
-  EXPECT_EQ(start, T);
-  return out;
-}
-
 // The reference's logits of positions 0..T-2 (those perplexity scores), (T-1, V).
 std::vector<float> reference_logits(const ExportModel& m, WeightQuant q, int group,
                                     const std::vector<int32_t>& tokens) {
@@ -82,16 +42,6 @@ std::vector<float> reference_logits(const ExportModel& m, WeightQuant q, int gro
   std::vector<float> logits;
   ref.perplexity(tokens, &logits);
   return logits;
-}
-
-// Max |a - b| over the first rows * V entries, relative to the largest |b|.
-double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b, size_t n) {
-  double diff = 0.0, scale = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return diff / std::max(scale, 1e-30);
 }
 
 struct Family {

@@ -10,91 +10,24 @@
 
 #include "infer/engine.h"
 #include "tests/common/errors.h"
-#include "tests/common/files.h"
-#include "tests/export/export_test_util.h"
+#include "tests/infer/engine_test_util.h"
 
 namespace tessera {
 namespace {
 
 using testing::ScratchDir;
 
-const char* kQwen3 =
-    "  family: llama\n  num_layers: 2\n  hidden: 64\n  num_heads: 4\n  num_kv_heads: 2\n"
-    "  head_dim: 32\n  ffn_hidden: 96\n  max_seq_len: 96\n  qk_norm: true\n";
-const char* kGpt2 =
-    "  family: gpt2\n  num_layers: 2\n  hidden: 64\n  num_heads: 4\n  max_seq_len: 96\n";
-const char* kMoe = "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n";
-
-std::shared_ptr<EngineModel> synthetic_model(const ScratchDir& dir, const char* model,
-                                             const char* extra = "") {
-  const Recipe r = testing::export_recipe(model, extra);
-  return std::shared_ptr<EngineModel>(
-      EngineModel::load(testing::write_synthetic_checkpoint(dir / "run", r), {}));
-}
-
-std::vector<int32_t> random_tokens(int n, std::mt19937& gen) {
-  std::uniform_int_distribution<int32_t> id(0, 4094);  // 4095 is the end-of-text token
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (int32_t& x : t) x = id(gen);
-  return t;
-}
-
-struct Output {
-  std::vector<int32_t> tokens;
-  std::string text;
-  FinishReason reason = FinishReason::none;
-};
-
-// Steps until every request has finished; each request's tokens, text and finish reason.
-std::map<RequestId, Output> run_all(Engine& e) {
-  std::map<RequestId, Output> out;
-  for (int guard = 0; e.has_unfinished(); ++guard) {
-    EXPECT_LT(guard, 10000) << "the engine does not finish";
-    if (guard >= 10000) break;
-    for (const EngineEvent& ev : e.step()) {
-      Output& o = out[ev.id];
-      if (ev.token >= 0) o.tokens.push_back(ev.token);
-      o.text += ev.text;
-      if (ev.finished) o.reason = ev.reason;
-    }
-  }
-  return out;
-}
-
-SamplingParams greedy(int max_tokens) {
-  SamplingParams p;
-  p.temperature = 0.0f;
-  p.max_tokens = max_tokens;
-  return p;
-}
-
-SamplingParams sampled(int max_tokens, uint64_t seed) {
-  SamplingParams p;
-  p.temperature = 0.9f;
-  p.top_p = 0.9f;
-  p.top_k = 50;
-  p.seed = seed;
-  p.max_tokens = max_tokens;
-  return p;
-}
-
-EngineOptions small_options(int64_t block_size, int64_t kv_blocks, int64_t token_budget) {
-  EngineOptions o;
-  o.block_size = block_size;
-  // 2 layers x 2 KV heads x 32 dims x K and V x 4 bytes per token.
-  o.kv_cache_bytes = kv_blocks * block_size * 2 * 2 * 32 * 2 * 4;
-  o.scheduler.max_num_seqs = 32;
-  o.scheduler.max_num_batched_tokens = token_budget;
-  o.ignore_eos = true;  // random weights may well pick the end-of-text token
-  return o;
-}
-
-std::vector<int32_t> alone(const std::shared_ptr<EngineModel>& m, const std::vector<int32_t>& p,
-                           const SamplingParams& params) {
-  Engine e(m, small_options(16, 64, 256));
-  const RequestId id = e.add_request(p, params);
-  return run_all(e)[id].tokens;
-}
+const char* kQwen3 = testing::kEngineQwen3;
+const char* kGpt2 = testing::kEngineGpt2;
+const char* kMoe = testing::kEngineMoe;
+using testing::alone;
+using testing::greedy;
+using testing::Output;
+using testing::random_tokens;
+using testing::run_all;
+using testing::sampled;
+using testing::small_options;
+using testing::synthetic_model;
 
 class EngineBatch : public ::testing::TestWithParam<const char*> {};
 
