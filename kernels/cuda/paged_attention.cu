@@ -43,8 +43,7 @@ __device__ __forceinline__ int row_context(const PagedArgs& a, int64_t m, bool* 
   const int p = a.pos[m];
   if (p < 0) return 0;
   const int s = a.seq[m];
-  *bad = p >= a.max_context || s < 0 || s >= a.num_seq ||
-         int64_t(p) / a.block_size >= a.max_blocks;
+  *bad = p >= a.max_context || s < 0 || s >= a.num_seq || int64_t(p) / a.block_size >= a.max_blocks;
   return p + 1;
 }
 
@@ -317,8 +316,8 @@ void paged_attention_forward(Tensor out, Tensor q, Tensor k_cache, Tensor v_cach
   expect_tensor(v_cache, q.dtype, k_cache.shape, kOp, "v_cache");
   const int64_t num_m = q.dim(0), num_hq = q.dim(1), head_dim = q.dim(2);
   const int64_t num_hkv = k_cache.dim(2);
-  TS_CHECK(num_hkv >= 1 && num_hq % num_hkv == 0, "{}: Hq = {} is not a multiple of Hkv = {}",
-           kOp, num_hq, num_hkv);
+  TS_CHECK(num_hkv >= 1 && num_hq % num_hkv == 0, "{}: Hq = {} is not a multiple of Hkv = {}", kOp,
+           num_hq, num_hkv);
   TS_CHECK(head_dim >= 1 && head_dim <= kMaxHeadDim, "{}: head dim {} is outside [1, {}] on cuda",
            kOp, head_dim, kMaxHeadDim);
   TS_CHECK(block_tables.ndim() == 2, "{}: block_tables must be (S,MB), got {}", kOp,
@@ -363,8 +362,7 @@ void paged_attention_forward(Tensor out, Tensor q, Tensor k_cache, Tensor v_cach
     launch_partitions<T>(a, num_m, packed, s);
     if (need > 0) {
       const size_t smem = size_t(a.max_parts) * sizeof(float);
-      TS_CHECK(smem <= 48 * 1024, "{}: max_context {} too long for one combine", kOp,
-               max_context);
+      TS_CHECK(smem <= 48 * 1024, "{}: max_context {} too long for one combine", kOp, max_context);
       paged_attention_combine_kernel<T>
           <<<dim3(static_cast<unsigned>(num_m), static_cast<unsigned>(num_hq)), kThreadsPA, smem,
              s>>>(a);

@@ -4,10 +4,10 @@
 // defined in namespace tessera::cuda in kernels/cuda/*.cu; (c) a finite-difference case and (d) a
 // GPU parity case, registered by the cases of this executable (TS_FD_TEST, TS_GPU_PARITY_TEST*,
 // tests/common/op_cases.h). The inference ops (ops_infer.h) are forward-only: exempt from (c),
-// they must have (e) a CPU value case (TS_CPU_VALUE_TEST) instead. The op list is parsed from the headers at test time
-// (TESSERA_SOURCE_DIR), so adding a declaration without the rest fails CI, CPU-only builds
-// included. Exemptions are explicit, commented, and checked for staleness (each names a declared op
-// that indeed lacks what it is exempted from).
+// they must have (e) a CPU value case (TS_CPU_VALUE_TEST) instead. The op list is parsed from the
+// headers at test time (TESSERA_SOURCE_DIR), so adding a declaration without the rest fails CI,
+// CPU-only builds included. Exemptions are explicit, commented, and checked for staleness (each
+// names a declared op that indeed lacks what it is exempted from).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -264,8 +264,9 @@ void expect_exemptions_current(const std::map<std::string, std::string>& exempt,
                                const std::set<std::string>& ops, const std::set<std::string>& has,
                                const std::string& what) {
   for (const auto& [op, why] : exempt) {
-    EXPECT_TRUE(ops.count(op)) << "stale exemption from " << what << ": " << op
-                               << " is not declared in kernels/ops.h, ops_fp8.h, ops_moe.h or ops_infer.h";
+    EXPECT_TRUE(ops.count(op))
+        << "stale exemption from " << what << ": " << op
+        << " is not declared in kernels/ops.h, ops_fp8.h, ops_moe.h or ops_infer.h";
     EXPECT_FALSE(has.count(op)) << "stale exemption from " << what << ": " << op << " has one now ("
                                 << why << "); remove the exemption";
   }

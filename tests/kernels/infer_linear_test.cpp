@@ -92,7 +92,8 @@ std::vector<float> naive_linear(const std::vector<float>& x, const HostWeight& w
   for (int64_t r = 0; r < m; ++r)
     for (int64_t c = 0; c < w.n; ++c) {
       double acc = 0.0;
-      for (int64_t i = 0; i < w.k; ++i) acc += double(x[r * w.k + i]) * double(w.values[c * w.k + i]);
+      for (int64_t i = 0; i < w.k; ++i)
+        acc += double(x[r * w.k + i]) * double(w.values[c * w.k + i]);
       out[r * w.n + c] = float(acc + (bias.empty() ? 0.0 : double(bias[c])));
     }
   return out;
@@ -106,8 +107,8 @@ struct LinearShape {
 
 TS_CPU_VALUE_TEST(InferLinear, MatchesDequantizedDoubleMatmul, "infer_linear_forward") {
   std::mt19937_64 rng(1);
-  const LinearShape shapes[] = {{1, 1, 64, 64},   {3, 5, 96, 32},   {7, 17, 200, 40},
-                                {1, 33, 128, 128}, {5, 9, 258, 2},  {2, 3, 192, 64},
+  const LinearShape shapes[] = {{1, 1, 64, 64},    {3, 5, 96, 32}, {7, 17, 200, 40},
+                                {1, 33, 128, 128}, {5, 9, 258, 2}, {2, 3, 192, 64},
                                 {9, 1, 100, 100},  {4, 6, 160, 32}};
   for (WFormat format : {WFormat::int8, WFormat::int4, WFormat::dense})
     for (const LinearShape& s : shapes)

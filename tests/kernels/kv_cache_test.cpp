@@ -30,7 +30,8 @@ TS_CPU_VALUE_TEST(KvCache, WriteScattersRowsToSlots, "kv_cache_write") {
   std::mt19937_64 rng(1);
   for (int64_t bs : {1, 3, 16}) {
     const int64_t nb = 5, hkv = 2, d = 6, row = hkv * d;
-    HostTensor kc = randn(DType::f32, {nb, bs, hkv, d}, rng), vc = randn(DType::f32, kc.t.shape, rng);
+    HostTensor kc = randn(DType::f32, {nb, bs, hkv, d}, rng),
+               vc = randn(DType::f32, kc.t.shape, rng);
     const HostTensor k0 = kc, v0 = vc;
     const int64_t slots_total = nb * bs;
     const std::vector<int32_t> slots = {int32_t(slots_total - 1), -1, 0, int32_t(bs), -7};
@@ -138,11 +139,11 @@ TS_GPU_PARITY_TEST_P(KvCacheGpu, WriteAndCopyMatchCpu, "kv_cache_write", "kv_cac
       cpu::kv_cache_write(testing::host(kc, cache_shape), testing::host(vc, cache_shape),
                           testing::host(k, row_shape), testing::host(v, row_shape),
                           Tensor(slots.data(), DType::i32, Device::cpu, {m}));
-      cpu::kv_cache_copy_blocks(testing::host(kc, cache_shape), testing::host(vc, cache_shape),
-                                Tensor(const_cast<int32_t*>(copies.data()), DType::i32,
-                                       Device::cpu, {3, 2}));
-      const std::string what = std::string(dtype_name(dtype)) + " D " + std::to_string(d) +
-                               " BS " + std::to_string(bs);
+      cpu::kv_cache_copy_blocks(
+          testing::host(kc, cache_shape), testing::host(vc, cache_shape),
+          Tensor(const_cast<int32_t*>(copies.data()), DType::i32, Device::cpu, {3, 2}));
+      const std::string what =
+          std::string(dtype_name(dtype)) + " D " + std::to_string(d) + " BS " + std::to_string(bs);
       EXPECT_EQ(gkc.download(), kc) << what;
       EXPECT_EQ(gvc.download(), vc) << what;
       EXPECT_TRUE(gkc.guards_intact() && gvc.guards_intact()) << what;

@@ -34,10 +34,10 @@ namespace {
 // non-contiguous set of blocks; rows (seq, pos) to attend from. Blocks no sequence owns hold NaN.
 struct Paged {
   int64_t hq, hkv, d, bs, nb, mb;
-  std::vector<int32_t> lengths;     // (S) tokens cached per sequence
-  std::vector<int32_t> table;       // (S, MB), -1 past a sequence's blocks
-  std::vector<int32_t> seq, pos;    // (M)
-  std::vector<float> q, kc, vc;     // (M,Hq,D), (NB,BS,Hkv,D) x 2
+  std::vector<int32_t> lengths;   // (S) tokens cached per sequence
+  std::vector<int32_t> table;     // (S, MB), -1 past a sequence's blocks
+  std::vector<int32_t> seq, pos;  // (M)
+  std::vector<float> q, kc, vc;   // (M,Hq,D), (NB,BS,Hkv,D) x 2
   int max_context = 1;
 
   int64_t m() const { return int64_t(seq.size()); }
@@ -330,10 +330,10 @@ TS_GPU_PARITY_TEST_P(PagedAttentionGpu, MatchesCpu, "paged_attention_forward") {
   const DType dtype = GetParam();
   std::mt19937_64 rng(61);
   const GpuPagedCase cases[] = {
-      {8, 8, 64, 16, {200, 1, 77}, true},    {32, 8, 128, 16, {1100, 513, 256, 257}, true},
-      {4, 1, 32, 3, {90, 31}, false},         {6, 2, 80, 1, {300, 5}, true},
-      {12, 1, 96, 16, {520}, true},           {2, 2, 256, 16, {600, 40}, true},
-      {4, 2, 33, 3, {70, 9}, false},          {8, 2, 128, 16, {700}, false},
+      {8, 8, 64, 16, {200, 1, 77}, true}, {32, 8, 128, 16, {1100, 513, 256, 257}, true},
+      {4, 1, 32, 3, {90, 31}, false},     {6, 2, 80, 1, {300, 5}, true},
+      {12, 1, 96, 16, {520}, true},       {2, 2, 256, 16, {600, 40}, true},
+      {4, 2, 33, 3, {70, 9}, false},      {8, 2, 128, 16, {700}, false},
   };
   for (const GpuPagedCase& c : cases) {
     Paged p = testing::make_paged(c.hq, c.hkv, c.d, c.bs, c.lengths, c.decode, rng);

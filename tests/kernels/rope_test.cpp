@@ -211,8 +211,8 @@ TS_CPU_VALUE_TEST(RopeRows, EqualsRopeForwardAtEachRowsPosition, "rope_rows_forw
         cpu::rope_forward(want, row, 500000.0f, positions[i]);
       else
         want = row;  // padding: copied
-      expect_identical_no_nan(got, want, std::string(dtype_name(dtype)) + " row " +
-                                             std::to_string(i));
+      expect_identical_no_nan(got, want,
+                              std::string(dtype_name(dtype)) + " row " + std::to_string(i));
     }
     HostTensor in_place = x;
     cpu::rope_rows_forward(in_place, in_place, pos, 500000.0f);
@@ -399,8 +399,8 @@ TS_GPU_PARITY_TEST_P(RopeRowsGpu, MatchesCpuAndRopeForward, "rope_rows_forward")
   struct RowsCase {
     int64_t m, h, d;
   };
-  for (const RowsCase& c : {RowsCase{1, 32, 128}, RowsCase{9, 5, 6}, RowsCase{300, 8, 64},
-                            RowsCase{3, 2, 4100}}) {
+  for (const RowsCase& c :
+       {RowsCase{1, 32, 128}, RowsCase{9, 5, 6}, RowsCase{300, 8, 64}, RowsCase{3, 2, 4100}}) {
     const Shape shape{c.m, c.h, c.d};
     const int64_t n = shape.numel();
     const auto x = testing::round_to(dtype, testing::random_vector(n, rng));
