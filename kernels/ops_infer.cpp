@@ -17,21 +17,20 @@ void infer_linear_forward(Tensor out, Tensor inp, const InferWeight& w, Tensor b
                           Stream stream) {
   constexpr const char* kOp = "infer_linear_forward";
   Tensor weight = w.w;
-  dispatch(kOp, {&out, &inp, &weight, &bias}, stream,
-           TS_ON_CUDA(cuda::infer_linear_forward(out, inp, w, bias, stream)),
-           [&](cpu::NarrowScope& n) {
-             // Checked before widening, which would make a bf16 and an f16 operand alike.
-             for (const Tensor* t : {&out, &bias})
-               TS_CHECK(t->empty() || t->dtype == inp.dtype, "{}: {} beside inp {}", kOp, t->str(),
-                        inp.str());
-             TS_CHECK(w.quantized() || w.w.dtype == inp.dtype,
-                      "{}: float weight {} beside inp {}: they share one dtype", kOp, w.w.str(),
-                      inp.str());
-             InferWeight wide = w;
-             if (!w.quantized()) wide.w = n.in(w.w, "w");
-             cpu::infer_linear_forward(n.out(out, "out"), n.in(inp, "inp"), wide,
-                                       n.in(bias, "bias"));
-           });
+  dispatch(
+      kOp, {&out, &inp, &weight, &bias}, stream,
+      TS_ON_CUDA(cuda::infer_linear_forward(out, inp, w, bias, stream)), [&](cpu::NarrowScope& n) {
+        // Checked before widening, which would make a bf16 and an f16 operand alike.
+        for (const Tensor* t : {&out, &bias})
+          TS_CHECK(t->empty() || t->dtype == inp.dtype, "{}: {} beside inp {}", kOp, t->str(),
+                   inp.str());
+        TS_CHECK(w.quantized() || w.w.dtype == inp.dtype,
+                 "{}: float weight {} beside inp {}: they share one dtype", kOp, w.w.str(),
+                 inp.str());
+        InferWeight wide = w;
+        if (!w.quantized()) wide.w = n.in(w.w, "w");
+        cpu::infer_linear_forward(n.out(out, "out"), n.in(inp, "inp"), wide, n.in(bias, "bias"));
+      });
 }
 
 void kv_cache_write(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, Tensor slots,
@@ -49,7 +48,8 @@ void kv_cache_copy_blocks(Tensor k_cache, Tensor v_cache, Tensor copies, Stream 
 
 int64_t paged_attention_scratch_bytes(int64_t num_rows, int64_t num_hq, int64_t head_dim,
                                       int64_t max_context) {
-  const int64_t partitions = (max_context + kPagedAttentionPartition - 1) / kPagedAttentionPartition;
+  const int64_t partitions =
+      (max_context + kPagedAttentionPartition - 1) / kPagedAttentionPartition;
   if (partitions <= 1) return 0;
   // Per (row, query head, partition): the unnormalized output (D f32), then its max and sum.
   return num_rows * num_hq * partitions * (head_dim + 2) * int64_t(sizeof(float));
@@ -66,9 +66,9 @@ void paged_attention_forward(Tensor out, Tensor q, Tensor k_cache, Tensor v_cach
              for (const Tensor* t : {&out, &k_cache, &v_cache})
                TS_CHECK(t->dtype == q.dtype, "{}: {} beside q {}: all float operands share a dtype",
                         kOp, t->str(), q.str());
-             cpu::paged_attention_forward(n.out(out, "out"), n.in(q, "q"),
-                                          n.in(k_cache, "k_cache"), n.in(v_cache, "v_cache"),
-                                          block_tables, seq, pos, scale, max_context);
+             cpu::paged_attention_forward(n.out(out, "out"), n.in(q, "q"), n.in(k_cache, "k_cache"),
+                                          n.in(v_cache, "v_cache"), block_tables, seq, pos, scale,
+                                          max_context);
            });
 }
 

@@ -72,8 +72,8 @@ void kv_cache_copy_blocks(Tensor k_cache, Tensor v_cache, Tensor copies /*(P,2) 
 // belongs to table row seq[m] at position pos[m] and attends to that sequence's positions
 // 0..pos[m], whose K/V sit at slot block_tables[seq[m], p / BS] * BS + p % BS (already written,
 // this step's tokens included: kv_cache_write runs first). Query head h uses KV head
-// h / (Hq / Hkv). out[m,h] = sum_p softmax_p(scale * q[m,h] · k_p) v_p, softmax and sums in f32 (the
-// CPU reference in double), rounded once to out's dtype. A row with pos[m] < 0 is padding: out
+// h / (Hq / Hkv). out[m,h] = sum_p softmax_p(scale * q[m,h] · k_p) v_p, softmax and sums in f32
+// (the CPU reference in double), rounded once to out's dtype. A row with pos[m] < 0 is padding: out
 // zero. max_context bounds pos[m] + 1 over all rows (the host knows it; the CUDA launch is sized by
 // it); a larger pos, a seq outside [0, S) or a block id outside [0, NB) is a caller bug (checked
 // on the CPU, a NaN row on the GPU, which never reads out of bounds). Covers decode (one row per

@@ -40,8 +40,8 @@ void infer_linear_forward(Tensor out, Tensor inp, const ops::InferWeight& w, Ten
            inp.str());
   const int64_t num_m = inp.dim(0), num_k = inp.dim(1);
   check_host(w.w, kOp, "w.w");
-  TS_CHECK(w.w.ndim() == 2 && w.w.dim(1) == num_k, "{}: w.w is {}, expected (N,{})", kOp,
-           w.w.str(), num_k);
+  TS_CHECK(w.w.ndim() == 2 && w.w.dim(1) == num_k, "{}: w.w is {}, expected (N,{})", kOp, w.w.str(),
+           num_k);
   const int64_t num_n = w.w.dim(0);
   check_like(out, inp.dtype, {num_m, num_n}, kOp, "out");
   if (!bias.empty()) check_like(bias, inp.dtype, {num_n}, kOp, "bias");

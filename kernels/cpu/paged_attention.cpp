@@ -25,10 +25,10 @@ void paged_attention_forward(Tensor out, Tensor q, Tensor k_cache, Tensor v_cach
   check_like(v_cache, q.dtype, k_cache.shape, kOp, "v_cache");
   const int64_t num_m = q.dim(0), num_hq = q.dim(1), head_dim = q.dim(2);
   const int64_t num_blocks = k_cache.dim(0), block_size = k_cache.dim(1), num_hkv = k_cache.dim(2);
-  TS_CHECK(num_hkv >= 1 && num_hq % num_hkv == 0, "{}: Hq = {} is not a multiple of Hkv = {}",
-           kOp, num_hq, num_hkv);
-  for (const auto& [t, name] : {std::pair{&block_tables, "block_tables"}, std::pair{&seq, "seq"},
-                                std::pair{&pos, "pos"}}) {
+  TS_CHECK(num_hkv >= 1 && num_hq % num_hkv == 0, "{}: Hq = {} is not a multiple of Hkv = {}", kOp,
+           num_hq, num_hkv);
+  for (const auto& [t, name] :
+       {std::pair{&block_tables, "block_tables"}, std::pair{&seq, "seq"}, std::pair{&pos, "pos"}}) {
     check_host(*t, kOp, name);
     TS_CHECK(t->dtype == DType::i32, "{}: {} must be i32, got {}", kOp, name, t->str());
   }
@@ -71,8 +71,8 @@ void paged_attention_forward(Tensor out, Tensor q, Tensor k_cache, Tensor v_cach
       const int64_t context = int64_t(pos_of[m]) + 1;
       std::vector<int64_t> slot(context);  // (context) cache row of each position
       for (int64_t p = 0; p < context; ++p)
-        slot[p] = int64_t(table[seq_of[m] * max_blocks + p / block_size]) * block_size +
-                  p % block_size;
+        slot[p] =
+            int64_t(table[seq_of[m] * max_blocks + p / block_size]) * block_size + p % block_size;
       std::vector<double> weight(context), acc(head_dim);
       for (int64_t h = 0; h < num_hq; ++h) {
         const T* qh = q.ptr<T>() + (m * num_hq + h) * head_dim;

@@ -56,7 +56,7 @@ void rotate(T* out, const T* inp, int64_t num_b, int64_t num_t, int64_t num_h, i
   const int64_t half = head_dim / 2;
   const std::vector<double> inv_freq = inverse_frequencies(head_dim, theta);  // (D/2)
 
-    // Parallel over t: every output element is written by exactly one thread, no reductions.
+  // Parallel over t: every output element is written by exactly one thread, no reductions.
 #pragma omp parallel for schedule(static) if (num_b * num_t * num_h * head_dim > kMinParallelWork)
   for (int64_t t = 0; t < num_t; ++t) {
     std::vector<double> cos_t(half), sin_t(half);  // (D/2) for this position

@@ -27,13 +27,18 @@ enum class WKind { f32, bf16, f16, i8, i4 };
 // Elements per 16-byte chunk, and chunks per lane per K tile (bounds the registers that hold the
 // tile's weight chunks, issued before the activations are staged so both loads overlap).
 template <WKind W>
-constexpr int kElems = W == WKind::f32 ? 4 : W == WKind::i8 ? 16 : W == WKind::i4 ? 32 : 8;
+constexpr int kElems = W == WKind::f32  ? 4
+                       : W == WKind::i8 ? 16
+                       : W == WKind::i4 ? 32
+                                        : 8;
 template <WKind W>
-constexpr int kChunksPerLane = W == WKind::i4 ? 2 : W == WKind::i8 ? 4 : 8;
+constexpr int kChunksPerLane = W == WKind::i4   ? 2
+                               : W == WKind::i8 ? 4
+                                                : 8;
 template <WKind W>
 constexpr int kTileChunks = 32 * kChunksPerLane<W>;
 template <WKind W>
-constexpr int kTileK = kTileChunks<W> * kElems<W>;  // 2048, or 1024 for f32
+constexpr int kTileK = kTileChunks<W>* kElems<W>;  // 2048, or 1024 for f32
 
 struct LinearArgs {
   const unsigned char* w;  // (N, row_bytes)
@@ -212,8 +217,7 @@ void launch(const LinearArgs& a, cudaStream_t stream) {
 // once there are enough rows to fill the GPU four times over with them.
 template <WKind W, class TA>
 void launch(const LinearArgs& a, cudaStream_t stream) {
-  const bool two_per_warp =
-      a.num_n >= int64_t(4) * std::max(context().num_sms, 1) * kWarps * 2;
+  const bool two_per_warp = a.num_n >= int64_t(4) * std::max(context().num_sms, 1) * kWarps * 2;
   if (a.num_m == 1)
     two_per_warp ? launch<W, TA, 1, 2>(a, stream) : launch<W, TA, 1, 1>(a, stream);
   else
@@ -230,8 +234,8 @@ void infer_linear_forward(Tensor out, Tensor inp, const ops::InferWeight& w, Ten
            inp.str());
   const int64_t num_m = inp.dim(0), num_k = inp.dim(1);
   expect_cuda(w.w, "infer_linear_forward: w.w");
-  TS_CHECK(w.w.ndim() == 2 && w.w.dim(1) == num_k, "{}: w.w is {}, expected (N,{})", kOp,
-           w.w.str(), num_k);
+  TS_CHECK(w.w.ndim() == 2 && w.w.dim(1) == num_k, "{}: w.w is {}, expected (N,{})", kOp, w.w.str(),
+           num_k);
   const int64_t num_n = w.w.dim(0);
   expect_tensor(out, inp.dtype, {num_m, num_n}, kOp, "out");
   if (!bias.empty()) expect_tensor(bias, inp.dtype, {num_n}, kOp, "bias");

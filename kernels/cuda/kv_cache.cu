@@ -95,9 +95,9 @@ void kv_cache_write(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, Tensor s
   dispatch_unit(row_bytes, {k_cache.data, v_cache.data, k.data, v.data}, [&]<class U>() {
     const int64_t units = int64_t(row_bytes / sizeof(U));
     kv_write_kernel<U><<<grid_for(num_m * units), kBlock, 0, cuda_stream(stream)>>>(
-        static_cast<U*>(k_cache.data), static_cast<U*>(v_cache.data),
-        static_cast<const U*>(k.data), static_cast<const U*>(v.data),
-        static_cast<const int32_t*>(slots.data), num_m, units, num_slots);
+        static_cast<U*>(k_cache.data), static_cast<U*>(v_cache.data), static_cast<const U*>(k.data),
+        static_cast<const U*>(v.data), static_cast<const int32_t*>(slots.data), num_m, units,
+        num_slots);
     TS_CUDA_CHECK_LAUNCH();
   });
 }

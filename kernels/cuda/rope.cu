@@ -41,8 +41,7 @@ __global__ void __launch_bounds__(kBlock)
   if (idx >= num_t * half) return;
   const int64_t tt = idx / half;
   const int i = static_cast<int>(idx % half);
-  table[idx] =
-      rope_cos_sin(double(t_begin + tt) + double(pos_offset), i, head_dim, theta, sign);
+  table[idx] = rope_cos_sin(double(t_begin + tt) + double(pos_offset), i, head_dim, theta, sign);
 }
 
 // out[..., i] = x1 cos - x2 sin, out[..., i + D/2] = x2 cos + x1 sin (x1 = inp[i], x2 =

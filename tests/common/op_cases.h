@@ -6,6 +6,9 @@
 //   TS_FD_TEST(Gelu, GradientMatchesFiniteDifferences, "gelu_forward", "gelu_backward") { ... }
 //       a CPU case (TEST) comparing a backward with central finite differences of its forward
 //       (TS_FD_TEST_P: the same for a value-parameterized suite);
+//   TS_CPU_VALUE_TEST(InferLinear, Name, "infer_linear_forward") { ... }
+//       a CPU case (TEST) comparing a forward-only op (no backward: kernels/ops_infer.h) with an
+//       independent computation of its values;
 //   TS_GPU_PARITY_TEST(Gelu, ForwardAndBackward, "gelu_forward", "gelu_backward") { ... }
 //       a GPU case (TEST_F of GpuCase, suite GeluGpu) comparing CUDA with the CPU reference;
 //   TS_GPU_PARITY_TEST_P(GeluGpu, Name, "gelu_forward") { ... }
@@ -23,11 +26,11 @@
 
 namespace tessera::testing {
 
-enum class OpCaseKind { finite_difference, gpu_parity };
+enum class OpCaseKind { finite_difference, cpu_value, gpu_parity };
 
 struct OpCase {
   OpCaseKind kind;
-  std::string op;    // an op name of kernels/ops.h, ops_fp8.h or ops_moe.h
+  std::string op;    // an op name of kernels/ops.h, ops_fp8.h, ops_moe.h or ops_infer.h
   std::string test;  // "Suite.Name" of the case that checks it
 };
 
@@ -54,6 +57,10 @@ inline bool register_op_cases(OpCaseKind kind, const char* test,
 #define TS_FD_TEST_P(Suite, Name, ...)                               \
   TS_OP_CASE_REGISTER_(finite_difference, Suite, Name, __VA_ARGS__); \
   TEST_P(Suite, Name)
+
+#define TS_CPU_VALUE_TEST(Suite, Name, ...)                  \
+  TS_OP_CASE_REGISTER_(cpu_value, Suite, Name, __VA_ARGS__); \
+  TEST(Suite, Name)
 
 #define TS_GPU_PARITY_TEST(Suite, Name, ...)                       \
   TS_OP_CASE_REGISTER_(gpu_parity, Suite##Gpu, Name, __VA_ARGS__); \

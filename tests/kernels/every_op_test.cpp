@@ -1,17 +1,19 @@
 // The every-op test (ggml's test-backend-ops in spirit): every op declared in kernels/ops.h,
-// kernels/ops_fp8.h and kernels/ops_moe.h must have (a) a CPU reference, a function of its name
-// defined in namespace tessera::cpu in kernels/cpu/*.cpp; (b) a CUDA kernel, defined in namespace
-// tessera::cuda in kernels/cuda/*.cu; (c) a finite-difference case and (d) a GPU parity case,
-// registered by the cases of this executable (TS_FD_TEST, TS_GPU_PARITY_TEST*,
-// tests/common/op_cases.h). The op list is parsed from the headers at test time
-// (TESSERA_SOURCE_DIR), so adding a declaration without the rest fails CI, CPU-only builds
-// included. Exemptions are explicit, commented, and checked for staleness (each names a declared op
-// that indeed lacks what it is exempted from).
+// kernels/ops_fp8.h, kernels/ops_moe.h and kernels/ops_infer.h must have (a) a CPU reference, a
+// function of its name defined in namespace tessera::cpu in kernels/cpu/*.cpp; (b) a CUDA kernel,
+// defined in namespace tessera::cuda in kernels/cuda/*.cu; (c) a finite-difference case and (d) a
+// GPU parity case, registered by the cases of this executable (TS_FD_TEST, TS_GPU_PARITY_TEST*,
+// tests/common/op_cases.h). The inference ops (ops_infer.h) are forward-only: exempt from (c),
+// they must have (e) a CPU value case (TS_CPU_VALUE_TEST) instead. The op list is parsed from the
+// headers at test time (TESSERA_SOURCE_DIR), so adding a declaration without the rest fails CI,
+// CPU-only builds included. Exemptions are explicit, commented, and checked for staleness (each
+// names a declared op that indeed lacks what it is exempted from).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cctype>
 #include <filesystem>
+#include <initializer_list>
 #include <map>
 #include <set>
 #include <string>
@@ -168,17 +170,25 @@ std::set<std::string> functions_in(const std::string& dir, const std::string& ex
 
 // ---- the op list and its exemptions ---------------------------------------------------------
 
-// Every function of the op contract: namespace tessera::ops of kernels/ops.h, ops_fp8.h and
-// ops_moe.h.
-std::set<std::string> declared_ops() {
+// Functions of namespace tessera::ops declared in `headers`.
+std::set<std::string> ops_of(std::initializer_list<const char*> headers) {
   std::set<std::string> ops;
-  for (const char* header : {"kernels/ops.h", "kernels/ops_fp8.h", "kernels/ops_moe.h"}) {
+  for (const char* header : headers) {
     const auto found = namespace_functions(read_all(source_path(header)));
     if (auto it = found.find("tessera::ops"); it != found.end())
       ops.insert(it->second.begin(), it->second.end());
   }
   return ops;
 }
+
+// Every function of the op contract: namespace tessera::ops of kernels/ops.h, ops_fp8.h,
+// ops_moe.h and ops_infer.h.
+std::set<std::string> declared_ops() {
+  return ops_of({"kernels/ops.h", "kernels/ops_fp8.h", "kernels/ops_moe.h", "kernels/ops_infer.h"});
+}
+
+// The inference engine's ops (forward-only, no backward to difference against).
+std::set<std::string> inference_ops() { return ops_of({"kernels/ops_infer.h"}); }
 
 // Backend services and pure host logic declared beside the ops: no kernel, nothing to
 // differentiate or compare, so none of (a) to (d) applies.
@@ -187,6 +197,7 @@ const std::map<std::string, std::string> kNotKernels = {
     {"cuda_workspace_bytes", "sizes scratch memory on the host"},
     {"use_cuda_workspace", "hands the backend its scratch memory"},
     {"fp8_max_of", "a constant per fp8 format, computed on the host"},
+    {"paged_attention_scratch_bytes", "sizes paged attention's scratch on the host"},
 };
 
 // (a) Ops without a function in kernels/cpu: the fused sequences, which the CPU runs as their
@@ -226,6 +237,17 @@ const std::map<std::string, std::string> kNoFiniteDifferences = {
     {"moe_dispatch_plan",
      "an index computation (integer routing plan): nothing to differentiate; its hand-computed "
      "and brute-force cases are in moe_permute_test.cpp"},
+    // The inference ops: forward-only (the engine never differentiates); each has CPU value cases
+    // against an independent computation instead (HasACpuValueCase below).
+    {"infer_linear_forward", "forward-only inference op; CPU value cases in infer_linear_test"},
+    {"kv_cache_write", "a copy into cache slots, forward-only; CPU value cases in kv_cache_test"},
+    {"kv_cache_copy_blocks", "a block copy, forward-only; CPU value cases in kv_cache_test"},
+    {"paged_attention_forward",
+     "forward-only inference op; CPU value cases (dense causal attention over the gathered "
+     "cache) in paged_attention_test"},
+    {"rope_rows_forward",
+     "forward-only inference op (rope_forward's gradient is FD-checked); CPU value cases in "
+     "rope_test"},
 };
 
 // (d) Ops without a GPU parity case: none.
@@ -242,8 +264,9 @@ void expect_exemptions_current(const std::map<std::string, std::string>& exempt,
                                const std::set<std::string>& ops, const std::set<std::string>& has,
                                const std::string& what) {
   for (const auto& [op, why] : exempt) {
-    EXPECT_TRUE(ops.count(op)) << "stale exemption from " << what << ": " << op
-                               << " is not declared in kernels/ops.h, ops_fp8.h or ops_moe.h";
+    EXPECT_TRUE(ops.count(op))
+        << "stale exemption from " << what << ": " << op
+        << " is not declared in kernels/ops.h, ops_fp8.h, ops_moe.h or ops_infer.h";
     EXPECT_FALSE(has.count(op)) << "stale exemption from " << what << ": " << op << " has one now ("
                                 << why << "); remove the exemption";
   }
@@ -313,6 +336,19 @@ TEST(EveryOp, HasAFiniteDifferenceCase) {
 TEST(EveryOp, HasAGpuParityCase) {
   expect_every_op_has(declared_ops(), registered(OpCaseKind::gpu_parity), kNoGpuParity,
                       "GPU parity case (TS_GPU_PARITY_TEST)");
+}
+
+TEST(EveryOp, InferenceOpsHaveACpuValueCase) {
+  const std::set<std::string> ops = inference_ops();
+  EXPECT_TRUE(ops.count("infer_linear_forward") && ops.count("paged_attention_forward"));
+  const std::set<std::string> has = registered(OpCaseKind::cpu_value);
+  for (const std::string& op : ops)
+    if (!kNotKernels.count(op)) {
+      EXPECT_TRUE(has.count(op)) << "inference op " << op << " has no CPU value case "
+                                 << "(TS_CPU_VALUE_TEST)";
+      EXPECT_TRUE(kNoFiniteDifferences.count(op))
+          << "inference op " << op << " is forward-only: exempt it from finite differences";
+    }
 }
 
 TEST(EveryOp, RegisteredCasesNameDeclaredOps) {

@@ -4,7 +4,10 @@
 // in-place use, finite differences, f32 vs f64, rejected arguments; bf16/f16 against the f32
 // kernel rounded once; bounds and thread counts. GPU parity: f32, bf16, f16, in place, a cos/sin
 // table larger than the workspace (chunked), rejected shapes.
-// Shape letters: B batch, T time, H heads, D head dim.
+// rope_rows_forward (kernels/ops_infer.h): CPU bit for bit equal to rope_forward at each row's
+// position, padding rows copied, in place, bf16/f16 rounded once; GPU against the CPU and bit for
+// bit against CUDA's rope_forward.
+// Shape letters: B batch, T time, H heads, D head dim, M rows.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -20,7 +23,9 @@
 #include "core/dtype.h"
 #include "core/memory.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/infer.h"
 #include "kernels/ops.h"
+#include "kernels/ops_infer.h"
 #include "tests/common/cpu_checks.h"
 #include "tests/common/gpu.h"
 #include "tests/common/narrow.h"
@@ -185,6 +190,55 @@ TEST(Rope, RejectsBadArguments) {
   EXPECT_THROW(cpu::rope_forward(shifted, x, 10000.0f, 0), Error);
 }
 
+// ---- rope_rows_forward (per-row positions) ---------------------------------------------------
+
+TS_CPU_VALUE_TEST(RopeRows, EqualsRopeForwardAtEachRowsPosition, "rope_rows_forward") {
+  for (DType dtype : {DType::f32, DType::f64}) {
+    std::mt19937_64 rng(8);
+    const int64_t m = 6, h = 3, d = 10;
+    const std::vector<int> positions = {0, 7, -1, 100000, 3, 7};
+    HostTensor x = randn(dtype, {m, h, d}, rng), out(dtype, {m, h, d});
+    HostTensor pos(DType::i32, {m});
+    for (int64_t i = 0; i < m; ++i) pos.set(i, positions[i]);
+    cpu::rope_rows_forward(out, x, pos, 500000.0f);
+    for (int64_t i = 0; i < m; ++i) {
+      HostTensor row(dtype, {1, 1, h, d}), want(dtype, {1, 1, h, d}), got(dtype, {1, 1, h, d});
+      for (int64_t j = 0; j < h * d; ++j) {
+        row.set(j, x.get(i * h * d + j));
+        got.set(j, out.get(i * h * d + j));
+      }
+      if (positions[i] >= 0)
+        cpu::rope_forward(want, row, 500000.0f, positions[i]);
+      else
+        want = row;  // padding: copied
+      expect_identical_no_nan(got, want,
+                              std::string(dtype_name(dtype)) + " row " + std::to_string(i));
+    }
+    HostTensor in_place = x;
+    cpu::rope_rows_forward(in_place, in_place, pos, 500000.0f);
+    expect_identical_no_nan(in_place, out, "in place");
+  }
+}
+
+TEST(RopeRows, RejectsBadArguments) {
+  HostTensor x(DType::f32, {2, 1, 4}), odd(DType::f32, {2, 1, 5}), pos(DType::i32, {2});
+  HostTensor short_pos(DType::i32, {1}), f_pos(DType::f32, {2}), out4(DType::f32, {1, 2, 1, 4});
+  EXPECT_THROW(cpu::rope_rows_forward(odd, odd, pos, 10000.0f), Error);
+  EXPECT_THROW(cpu::rope_rows_forward(x, x, short_pos, 10000.0f), Error);
+  EXPECT_THROW(cpu::rope_rows_forward(x, x, f_pos, 10000.0f), Error);
+  EXPECT_THROW(cpu::rope_rows_forward(out4, out4, pos, 10000.0f), Error);
+  EXPECT_THROW(cpu::rope_rows_forward(x, x, pos, 0.0f), Error);
+}
+
+TEST(RopeRows, IsThreadCountIndependent) {
+  std::mt19937_64 rng(99);
+  const HostTensor x = randn(DType::f32, {300, 8, 64}, rng);
+  const HostTensor pos = randint({300}, -1, 5000, rng);
+  HostTensor out(DType::f32, {300, 8, 64});
+  expect_thread_independent("rope_rows_forward", {&out},
+                            [&] { cpu::rope_rows_forward(out, x, pos, 10000.0f); });
+}
+
 // ---- bf16/f16 on the CPU: the f32 kernel rounded once (tests/common/narrow.h) ------------------
 
 namespace narrow_cases {
@@ -205,6 +259,12 @@ TEST(NarrowDtype, Rope) {
     expect_contract(
         "rope_backward in place", dt, {narrow(s)},
         [](const auto& t) { ops::rope_backward(t[0], t[0], 500000.0f, 0); }, 53);
+    expect_contract(
+        "rope_rows_forward", dt, {narrow({7, 3, 8}), narrow({7, 3, 8}, 4.0), ints({7}, -1, 9000)},
+        [](const auto& t) { ops::rope_rows_forward(t[0], t[1], t[2], 10000.0f); }, 54);
+    expect_contract(
+        "rope_rows_forward in place", dt, {narrow({7, 3, 8}), ints({7}, -1, 9000)},
+        [](const auto& t) { ops::rope_rows_forward(t[0], t[0], t[1], 10000.0f); }, 55);
   }
 }
 
@@ -328,6 +388,58 @@ TEST_P(RopeGpu, RejectsOddHeadDimAndPartialOverlap) {
                  Shape{1, 2, 1, 4});
   EXPECT_THROW(ops::rope_forward(b, a, 10000.0f, 0), Error);
 }
+
+// rope_rows: the CPU within tolerance(dtype), and bit for bit CUDA's rope_forward on (1,1,H,D)
+// at the row's position (both kernels form angles and rotations with the same functions).
+class RopeRowsGpu : public testing::GpuCaseP<DType> {};
+
+TS_GPU_PARITY_TEST_P(RopeRowsGpu, MatchesCpuAndRopeForward, "rope_rows_forward") {
+  const DType dtype = GetParam();
+  std::mt19937_64 rng(33);
+  struct RowsCase {
+    int64_t m, h, d;
+  };
+  for (const RowsCase& c :
+       {RowsCase{1, 32, 128}, RowsCase{9, 5, 6}, RowsCase{300, 8, 64}, RowsCase{3, 2, 4100}}) {
+    const Shape shape{c.m, c.h, c.d};
+    const int64_t n = shape.numel();
+    const auto x = testing::round_to(dtype, testing::random_vector(n, rng));
+    std::vector<int32_t> pos(c.m);
+    for (auto& p : pos) p = std::uniform_int_distribution<int32_t>(-1, 200000)(rng);
+    pos[0] = 0;
+    if (c.m > 2) pos[2] = -1;
+    std::vector<float> want(n);
+    cpu::rope_rows_forward(host(want, shape), host(const_cast<std::vector<float>&>(x), shape),
+                           Tensor(pos.data(), DType::i32, Device::cpu, {c.m}), 500000.0f);
+    DeviceTensor gx(dtype, shape), gout(dtype, shape), gpos(DType::i32, {c.m});
+    gx.upload(x);
+    gpos.upload_i32(pos);
+    settle();
+    ops::rope_rows_forward(gout, gx, gpos, 500000.0f);
+    const std::string what = std::string(dtype_name(dtype)) + " " + shape.str();
+    EXPECT_LE(testing::rel_l2(gout.download(), want), tolerance(dtype)) << what;
+    EXPECT_TRUE(gout.guards_intact()) << what;
+    const auto rows = gout.download_bytes();
+    const size_t row_bytes = rows.size() / c.m;
+    for (int64_t r : {int64_t(0), c.m / 2, c.m - 1}) {
+      if (pos[r] < 0) continue;
+      DeviceTensor one(dtype, {1, 1, c.h, c.d});
+      const Tensor in_row(static_cast<char*>(gx.t().data) + r * row_bytes, dtype, Device::cuda,
+                          Shape{1, 1, c.h, c.d});
+      ops::rope_forward(one, in_row, 500000.0f, pos[r]);
+      const auto got = one.download_bytes();
+      EXPECT_TRUE(std::equal(got.begin(), got.end(), rows.begin() + r * row_bytes))
+          << what << " row " << r << " differs from rope_forward at " << pos[r];
+    }
+    ops::rope_rows_forward(gx, gx, gpos, 500000.0f);  // in place
+    const auto in_place = gx.download_bytes();
+    EXPECT_TRUE(std::equal(in_place.begin(), in_place.end(), rows.begin())) << what;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, RopeRowsGpu,
+                         ::testing::Values(DType::f32, DType::bf16, DType::f16),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, RopeGpu, ::testing::Values(DType::f32, DType::bf16, DType::f16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
