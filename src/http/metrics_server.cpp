@@ -43,9 +43,11 @@ std::optional<std::string> MetricsServer::start(const std::string& host, int por
   TS_CHECK(port >= 0 && port <= 65535, "port {}", port);
   started_ = true;
   errno = 0;
-  const int bound = port == 0                           ? server_->bind_to_any_port(host)
-                    : server_->bind_to_port(host, port) ? port
-                                                        : -1;
+  int bound = -1;
+  if (port == 0)
+    bound = server_->bind_to_any_port(host);
+  else if (server_->bind_to_port(host, port))
+    bound = port;
   if (bound < 0) {
     // The failed bind()'s errno (closing its socket keeps it); a host that does not resolve
     // leaves it 0.
