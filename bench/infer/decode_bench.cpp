@@ -102,19 +102,21 @@ int run(const Args& a) {
              a.weights, model->weight_format(), a.device, a.batch, a.prompt, a.tokens);
   fmt::print("  weights {:.3f} GB, KV read per step {:.3f} GB (mean context {:.0f})\n",
              model->weight_bytes() / 1e9, a.batch * ctx * kv_token / 1e9, ctx);
-  fmt::print("  prefill {:.2f} ms; decode step median {:.3f} ms, p10 {:.3f}, p90 {:.3f}: "
-             "{:.1f} tokens/s\n",
-             step_s[0] * 1e3, med * 1e3, decode[decode.size() / 10] * 1e3,
-             decode[decode.size() * 9 / 10] * 1e3, a.batch / med);
+  fmt::print(
+      "  prefill {:.2f} ms; decode step median {:.3f} ms, p10 {:.3f}, p90 {:.3f}: "
+      "{:.1f} tokens/s\n",
+      step_s[0] * 1e3, med * 1e3, decode[decode.size() / 10] * 1e3,
+      decode[decode.size() * 9 / 10] * 1e3, a.batch / med);
   if (a.bandwidth_gbs > 0) {
     const double roof = bytes / (a.bandwidth_gbs * 1e9);
     fmt::print("  roofline {:.3f} ms/step at {:.0f} GB/s: {:.1f} tokens/s; achieved {:.1f}%\n",
                roof * 1e3, a.bandwidth_gbs, a.batch / roof, 100.0 * roof / med);
   }
-  fmt::print("RESULT shape={} weights={} batch={} tokens_per_s={:.2f} step_ms={:.4f} "
-             "roofline_fraction={:.4f}\n",
-             a.shape, a.weights, a.batch, a.batch / med, med * 1e3,
-             a.bandwidth_gbs > 0 ? bytes / (a.bandwidth_gbs * 1e9) / med : 0.0);
+  fmt::print(
+      "RESULT shape={} weights={} batch={} tokens_per_s={:.2f} step_ms={:.4f} "
+      "roofline_fraction={:.4f}\n",
+      a.shape, a.weights, a.batch, a.batch / med, med * 1e3,
+      a.bandwidth_gbs > 0 ? bytes / (a.bandwidth_gbs * 1e9) / med : 0.0);
   return 0;
 }
 

@@ -3,8 +3,8 @@
 // as token-id prompts at a Poisson rate (or all at once), streamed; measures output tokens/s,
 // requests/s, time to first token, inter-token latency and end-to-end latency (p50/p99).
 // bench/gpu_infer.sh runs it at increasing rates; it runs against a CPU server as well.
-#include <CLI/CLI.hpp>
 #include <httplib.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -100,8 +100,11 @@ int run(const Args& a) {
     std::vector<int> ids(static_cast<size_t>(p));
     for (int& x : ids) x = token(gen);
     prompt_total += p;
-    bodies.push_back({{"model", a.model}, {"prompt", ids}, {"max_tokens", o},
-                      {"temperature", 0.0}, {"stream", true},
+    bodies.push_back({{"model", a.model},
+                      {"prompt", ids},
+                      {"max_tokens", o},
+                      {"temperature", 0.0},
+                      {"stream", true},
                       {"stream_options", {{"include_usage", true}}}});
     arrivals.push_back(t);
     if (a.rate > 0) t += gap(gen);
@@ -127,20 +130,22 @@ int run(const Args& a) {
     e2e.push_back(s.e2e);
     itl.insert(itl.end(), s.itl.begin(), s.itl.end());
   }
-  fmt::print("serve_load: {} requests ({} ok), rate {}, {} prompt tokens, {} output tokens in "
-             "{:.2f} s\n",
-             a.requests, ok, a.rate > 0 ? fmt::format("{:.2f}/s", a.rate) : "all at once",
-             prompt_total, out_tokens, wall);
-  fmt::print("  output {:.1f} tokens/s, {:.2f} requests/s; TTFT p50 {:.1f} ms p99 {:.1f} ms; "
-             "ITL p50 {:.2f} ms p99 {:.2f} ms; latency p50 {:.2f} s p99 {:.2f} s\n",
-             out_tokens / wall, ok / wall, percentile(ttft, 0.5) * 1e3,
-             percentile(ttft, 0.99) * 1e3, percentile(itl, 0.5) * 1e3,
-             percentile(itl, 0.99) * 1e3, percentile(e2e, 0.5), percentile(e2e, 0.99));
-  fmt::print("RESULT rate={} ok={} output_tokens_per_s={:.2f} ttft_p50_ms={:.2f} "
-             "ttft_p99_ms={:.2f} itl_p50_ms={:.3f} itl_p99_ms={:.3f}\n",
-             a.rate, ok, out_tokens / wall, percentile(ttft, 0.5) * 1e3,
-             percentile(ttft, 0.99) * 1e3, percentile(itl, 0.5) * 1e3,
-             percentile(itl, 0.99) * 1e3);
+  fmt::print(
+      "serve_load: {} requests ({} ok), rate {}, {} prompt tokens, {} output tokens in "
+      "{:.2f} s\n",
+      a.requests, ok, a.rate > 0 ? fmt::format("{:.2f}/s", a.rate) : "all at once", prompt_total,
+      out_tokens, wall);
+  fmt::print(
+      "  output {:.1f} tokens/s, {:.2f} requests/s; TTFT p50 {:.1f} ms p99 {:.1f} ms; "
+      "ITL p50 {:.2f} ms p99 {:.2f} ms; latency p50 {:.2f} s p99 {:.2f} s\n",
+      out_tokens / wall, ok / wall, percentile(ttft, 0.5) * 1e3, percentile(ttft, 0.99) * 1e3,
+      percentile(itl, 0.5) * 1e3, percentile(itl, 0.99) * 1e3, percentile(e2e, 0.5),
+      percentile(e2e, 0.99));
+  fmt::print(
+      "RESULT rate={} ok={} output_tokens_per_s={:.2f} ttft_p50_ms={:.2f} "
+      "ttft_p99_ms={:.2f} itl_p50_ms={:.3f} itl_p99_ms={:.3f}\n",
+      a.rate, ok, out_tokens / wall, percentile(ttft, 0.5) * 1e3, percentile(ttft, 0.99) * 1e3,
+      percentile(itl, 0.5) * 1e3, percentile(itl, 0.99) * 1e3);
   return ok == a.requests ? 0 : 1;
 }
 

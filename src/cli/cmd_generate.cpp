@@ -144,8 +144,8 @@ int run_generate(const GenerateArgs& a) {
              "generate: {} prompt tokens, {} generated in {:.3f} s ({:.1f} tokens/s; first token "
              "after {:.3f} s, then {:.1f} tokens/s), weights {} on {}, load {:.2f} s\n",
              ids.size(), generated, total, total > 0 ? double(generated) / total : 0.0, ttft,
-             decode > 0 ? double(generated - a.n) / decode : 0.0,
-             engine.model().weight_format(), device_name(engine.model().device()),
+             decode > 0 ? double(generated - a.n) / decode : 0.0, engine.model().weight_format(),
+             device_name(engine.model().device()),
              std::chrono::duration<double>(t0 - t_load).count());
   return 0;
 }

@@ -31,8 +31,8 @@ int run_serve(const ServeArgs& a) {
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
 
   const SamplingParams defaults = sampling_params(a.sampling);  // checked before the model loads
-  auto engine = std::make_unique<Engine>(load_engine_model(a.engine, a.model),
-                                         engine_options(a.engine));
+  auto engine =
+      std::make_unique<Engine>(load_engine_model(a.engine, a.model), engine_options(a.engine));
   serve::ServedModel served;
   served.name = a.name.empty() ? a.model : a.name;
   served.tokenizer = &engine->tokenizer();
@@ -47,10 +47,11 @@ int run_serve(const ServeArgs& a) {
   serve::ApiServer server(service, served, metrics, a.workers);
   if (const auto err = server.start(a.host, a.port))
     TS_USER_ERROR("--port {}: cannot listen on {}:{}: {}", a.port, a.host, a.port, *err);
-  fmt::print("serving {} as '{}' ({} weights on {}, {} KV blocks of {} tokens, context {}) on "
-             "http://{}:{}\n",
-             a.model, served.name, weights, device, blocks, a.engine.block_size,
-             served.max_context, a.host, server.port());
+  fmt::print(
+      "serving {} as '{}' ({} weights on {}, {} KV blocks of {} tokens, context {}) on "
+      "http://{}:{}\n",
+      a.model, served.name, weights, device, blocks, a.engine.block_size, served.max_context,
+      a.host, server.port());
   std::fflush(stdout);
   int sig = 0;
   sigwait(&stop, &sig);

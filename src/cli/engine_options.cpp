@@ -54,8 +54,8 @@ void add_sampling_options(CLI::App& sub, SamplingArgs& a) {
 
 std::shared_ptr<EngineModel> load_engine_model(const EngineArgs& a, const std::string& path) {
   EngineModelOptions o;
-  o.device = a.device == "cuda" || (a.device == "auto" && cuda_available()) ? Device::cuda
-                                                                            : Device::cpu;
+  o.device =
+      a.device == "cuda" || (a.device == "auto" && cuda_available()) ? Device::cuda : Device::cpu;
   if (o.device == Device::cuda && !cuda_available())
     TS_USER_ERROR("--device cuda: no GPU is visible (or this build has no CUDA backend)");
   if (a.dtype == "auto")

@@ -41,7 +41,8 @@ Engine::Engine(std::shared_ptr<EngineModel> model, const EngineOptions& options)
     : model_(std::move(model)), options_(options) {
   const ModelConfig& c = model_->config();
   has_tokenizer_ = !model_->tokenizer_json().empty();  // synthetic models have none
-  if (has_tokenizer_) tokenizer_ = Tokenizer::from_hf_json(model_->tokenizer_json(), model_->source());
+  if (has_tokenizer_)
+    tokenizer_ = Tokenizer::from_hf_json(model_->tokenizer_json(), model_->source());
   options_.scheduler.validate();
   max_context_ = options.max_context > 0 ? options.max_context : c.max_seq_len;
   if (max_context_ > c.max_seq_len)
@@ -61,7 +62,8 @@ Engine::Engine(std::shared_ptr<EngineModel> model, const EngineOptions& options)
   int64_t budget = options.kv_cache_bytes;
   if (budget <= 0) {
     size_t free_bytes = 0, total = 0;
-    if (model_->device() == Device::cpu || !device_memory_info(model_->device(), &free_bytes, &total))
+    if (model_->device() == Device::cpu ||
+        !device_memory_info(model_->device(), &free_bytes, &total))
       budget = kCpuDefaultKvBytes;
     else
       budget = int64_t(double(free_bytes) * 0.9);
@@ -80,9 +82,10 @@ RequestId Engine::add_request(std::vector<int32_t> prompt, const SamplingParams&
     if (t < 0 || t >= V) TS_USER_ERROR("prompt: token id {} outside the vocabulary [0, {})", t, V);
   const int64_t need = int64_t(prompt.size()) + params.max_tokens;
   if (need > max_context_)
-    TS_USER_ERROR("prompt of {} tokens + max_tokens {} = {} is longer than the context of {} "
-                  "tokens",
-                  prompt.size(), params.max_tokens, need, max_context_);
+    TS_USER_ERROR(
+        "prompt of {} tokens + max_tokens {} = {} is longer than the context of {} "
+        "tokens",
+        prompt.size(), params.max_tokens, need, max_context_);
   const RequestId id = next_id_++;
   Request r;
   r.num_prompt = int64_t(prompt.size());
@@ -145,8 +148,8 @@ std::vector<EngineEvent> Engine::step() {
     StepRows rows;
     rows.max_context = int(max_context_);
     for (const ScheduledChunk& ch : plan.chunks)
-      rows.table_width = std::max<int64_t>(rows.table_width,
-                                           int64_t(kv_manager_->block_table(ch.id).size()));
+      rows.table_width =
+          std::max<int64_t>(rows.table_width, int64_t(kv_manager_->block_table(ch.id).size()));
     const int64_t BS = kv_manager_->block_size();
     for (size_t s = 0; s < plan.chunks.size(); ++s) {
       const ScheduledChunk& ch = plan.chunks[s];
@@ -175,9 +178,9 @@ std::vector<EngineEvent> Engine::step() {
       r.ids.push_back(token);
       const std::span<const int32_t> generated(r.ids.data() + r.num_prompt,
                                                r.ids.size() - size_t(r.num_prompt));
-      const bool stop_token = std::find(r.params.stop_token_ids.begin(),
-                                        r.params.stop_token_ids.end(),
-                                        token) != r.params.stop_token_ids.end();
+      const bool stop_token =
+          std::find(r.params.stop_token_ids.begin(), r.params.stop_token_ids.end(), token) !=
+          r.params.stop_token_ids.end();
       if (!stop_token && has_tokenizer_) r.text += token_text(tokenizer_, token);
       StopCheck stop = check_stop(r.params, generated, r.text);
       // Reaching max_tokens is the scheduler's to see (FinishReason::length), not a stop.

@@ -21,20 +21,20 @@ struct EngineOptions {
   // KV cache budget in bytes; 0: CPU 1 GiB, GPU 90% of the device memory free after the weights
   // and the workspace.
   int64_t kv_cache_bytes = 0;
-  int64_t block_size = 16;     // tokens per KV block
-  int64_t max_context = 0;     // tokens per sequence (prompt + generated); 0: the model's max
-  SchedulerConfig scheduler;   // max_num_seqs, max_num_batched_tokens, chunked prefill
-  bool ignore_eos = false;     // true: the tokenizer's end-of-text token does not stop generation
+  int64_t block_size = 16;    // tokens per KV block
+  int64_t max_context = 0;    // tokens per sequence (prompt + generated); 0: the model's max
+  SchedulerConfig scheduler;  // max_num_seqs, max_num_batched_tokens, chunked prefill
+  bool ignore_eos = false;    // true: the tokenizer's end-of-text token does not stop generation
 };
 
 // What one step did for one request.
 struct EngineEvent {
   RequestId id = -1;
-  int32_t token = -1;          // the token sampled this step, or -1 (finished without one)
-  std::string text;            // the text this step releases (may be empty)
+  int32_t token = -1;  // the token sampled this step, or -1 (finished without one)
+  std::string text;    // the text this step releases (may be empty)
   bool finished = false;
   FinishReason reason = FinishReason::none;
-  std::string error;           // FinishReason::error: why
+  std::string error;  // FinishReason::error: why
   int64_t num_prompt = 0, num_generated = 0;
 };
 
@@ -62,16 +62,16 @@ class Engine {
   int64_t num_waiting() const { return scheduler_->num_waiting(); }
   int64_t kv_blocks_total() const { return kv_manager_->pool().num_blocks(); }
   int64_t kv_blocks_used() const { return kv_manager_->pool().num_used(); }
-  int64_t last_batch_rows() const { return last_rows_; }      // tokens of the last step
-  int64_t last_batch_seqs() const { return last_seqs_; }      // requests of the last step
-  int64_t num_preemptions() const { return preemptions_; }    // since construction
+  int64_t last_batch_rows() const { return last_rows_; }    // tokens of the last step
+  int64_t last_batch_seqs() const { return last_seqs_; }    // requests of the last step
+  int64_t num_preemptions() const { return preemptions_; }  // since construction
 
  private:
   struct Request {
     std::vector<int32_t> ids;  // prompt then generated tokens
     int64_t num_prompt = 0;
     SamplingParams params;
-    std::string text;    // decoded generated tokens (stop tokens excluded)
+    std::string text;     // decoded generated tokens (stop tokens excluded)
     size_t released = 0;  // bytes of text already returned
   };
   // Text of `r` that can be returned now (complete UTF-8, no possible start of a stop string).

@@ -16,17 +16,17 @@ namespace tessera {
 // A step's activations, for up to M rows (slices [0, M) are used each step).
 struct EngineModel::Scratch {
   int64_t max_rows = 0, max_logit_rows = 0, max_seqs = 0, max_width = 0;
-  Tensor idx;                              // i32: the step's index tensors, packed (below)
-  Tensor x, x_mid, h, branch, add;         // (M,C)
-  Tensor q_raw, q, k_raw, k, v, att;       // (M,Hq*D) / (M,Hkv*D)
-  Tensor attn_scratch;                     // paged attention's partials (f32 words)
-  Tensor mean, rstd, q_rstd, k_rstd;       // (M), (M), (M*Hq), (M*Hkv) f32
-  Tensor f1, f2, f3;                       // (M*K or M, Fmax)
-  Tensor x32, r_logits, probs, lse;        // MoE: (M,C) f32, (M,E), (M,E), (M) f32
-  Tensor topk_idx, topk_w, tpe, offsets;   // (M,K) i32, (M,K) f32, (E) i32, (E+1) i32
-  Tensor slot_row, row_slot, xp, yp;       // (M,K) i32, (M*K) i32, (M*K,C), (M*K,C)
-  Tensor xr, hr, r_mean, r_rstd;           // (R,C), (R,C), (R), (R)
-  Tensor logits, logits32;                 // (R,V) dtype, (R,V) f32
+  Tensor idx;                             // i32: the step's index tensors, packed (below)
+  Tensor x, x_mid, h, branch, add;        // (M,C)
+  Tensor q_raw, q, k_raw, k, v, att;      // (M,Hq*D) / (M,Hkv*D)
+  Tensor attn_scratch;                    // paged attention's partials (f32 words)
+  Tensor mean, rstd, q_rstd, k_rstd;      // (M), (M), (M*Hq), (M*Hkv) f32
+  Tensor f1, f2, f3;                      // (M*K or M, Fmax)
+  Tensor x32, r_logits, probs, lse;       // MoE: (M,C) f32, (M,E), (M,E), (M) f32
+  Tensor topk_idx, topk_w, tpe, offsets;  // (M,K) i32, (M,K) f32, (E) i32, (E+1) i32
+  Tensor slot_row, row_slot, xp, yp;      // (M,K) i32, (M*K) i32, (M*K,C), (M*K,C)
+  Tensor xr, hr, r_mean, r_rstd;          // (R,C), (R,C), (R), (R)
+  Tensor logits, logits32;                // (R,V) dtype, (R,V) f32
   // This step's views of idx.
   int64_t M = 0, R = 0;
   Tensor tokens, positions, slots, seq, tables, logit_rows;
@@ -55,17 +55,18 @@ KvCacheArena EngineModel::make_kv_cache(int64_t num_blocks, int64_t block_size) 
 
 void EngineModel::reserve(int64_t max_rows, int64_t max_logit_rows, int64_t max_seqs,
                           int64_t max_table_width, int64_t max_context) {
-  TS_CHECK(max_rows > 0 && max_logit_rows > 0 && max_seqs > 0 && max_table_width > 0 &&
-               max_context > 0,
-           "reserve({}, {}, {}, {}, {})", max_rows, max_logit_rows, max_seqs, max_table_width,
-           max_context);
+  TS_CHECK(
+      max_rows > 0 && max_logit_rows > 0 && max_seqs > 0 && max_table_width > 0 && max_context > 0,
+      "reserve({}, {}, {}, {}, {})", max_rows, max_logit_rows, max_seqs, max_table_width,
+      max_context);
   const ModelConfig& c = cfg_;
   const int64_t M = max_rows, R = max_logit_rows, C = c.hidden, V = c.vocab_size;
   const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, D = c.resolved_head_dim();
   const bool moe = c.moe.enabled();
   const int64_t E = c.moe.num_experts, K = moe ? c.moe.topk : 1;
   int64_t F = c.ffn_hidden;
-  if (moe) F = std::max<int64_t>({F, c.moe.ffn_hidden, c.moe.shared_experts * c.moe.shared_ffn_hidden});
+  if (moe)
+    F = std::max<int64_t>({F, c.moe.ffn_hidden, c.moe.shared_experts * c.moe.shared_ffn_hidden});
   const int64_t ffn_rows = moe ? M * K : M;
   const DType dt = options_.dtype, f32 = DType::f32, i32 = DType::i32;
   const int64_t num_idx = 4 * M + max_seqs * max_table_width + R;
@@ -209,8 +210,8 @@ void EngineModel::layer_forward(const EngineLayer& layer, int l, Scratch& s,
   if (qk_norm) {
     ops::rmsnorm_forward(q.view({M * Hq, D}), s.q_rstd.slice(0, M * Hq), q_lin.view({M * Hq, D}),
                          layer.q_norm, c.norm_eps);
-    ops::rmsnorm_forward(k.view({M * Hkv, D}), s.k_rstd.slice(0, M * Hkv),
-                         k_lin.view({M * Hkv, D}), layer.k_norm, c.norm_eps);
+    ops::rmsnorm_forward(k.view({M * Hkv, D}), s.k_rstd.slice(0, M * Hkv), k_lin.view({M * Hkv, D}),
+                         layer.k_norm, c.norm_eps);
   }
   const Tensor q3 = q.view({M, Hq, D}), k3 = k.view({M, Hkv, D}), v3 = v.view({M, Hkv, D});
   if (c.position == PositionKind::rope) {
@@ -218,9 +219,9 @@ void EngineModel::layer_forward(const EngineLayer& layer, int l, Scratch& s,
     ops::rope_rows_forward(k3, k3, s.positions, c.rope_theta);
   }
   ops::kv_cache_write(kv.k[size_t(l)], kv.v[size_t(l)], k3, v3, s.slots);
-  ops::paged_attention_forward(att.view({M, Hq, D}), q3, kv.k[size_t(l)], kv.v[size_t(l)],
-                               s.tables, s.seq, s.positions, 1.0f / std::sqrt(float(D)),
-                               s.max_context, s.attn_scratch);
+  ops::paged_attention_forward(att.view({M, Hq, D}), q3, kv.k[size_t(l)], kv.v[size_t(l)], s.tables,
+                               s.seq, s.positions, 1.0f / std::sqrt(float(D)), s.max_context,
+                               s.attn_scratch);
   linear(layer.wo, branch, att);
   if (c.norm == NormKind::layernorm) {
     ops::add_layernorm_forward(x_mid, h, mean, rstd, x, branch, layer.ln2.weight, layer.ln2.bias,

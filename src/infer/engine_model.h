@@ -39,10 +39,10 @@ struct EngineLayer {
   EngineLinear wq, wk, wv, wo;
   Tensor q_norm, k_norm;  // (D) QK-norm weights, or empty
   bool is_moe = false;
-  EngineFfn mlp;                    // dense blocks
-  ops::InferWeight router;          // MoE: (E, C) f32, computed in f32
-  std::vector<EngineFfn> experts;   // MoE: E routed experts (slices of the stored (E, out, in))
-  EngineFfn shared;                 // MoE with shared experts (width 0 if none)
+  EngineFfn mlp;                   // dense blocks
+  ops::InferWeight router;         // MoE: (E, C) f32, computed in f32
+  std::vector<EngineFfn> experts;  // MoE: E routed experts (slices of the stored (E, out, in))
+  EngineFfn shared;                // MoE with shared experts (width 0 if none)
 };
 
 // The K/V cache of every layer: (NB, BS, Hkv, D) each, in the model's dtype, allocated once.
@@ -89,7 +89,8 @@ class EngineModel {
                                            const EngineModelOptions& options);
   // A model of `config`'s shape with random weights, made and placed one tensor at a time (a
   // Llama-3-8B never exists whole in host memory). It has no tokenizer.
-  static std::unique_ptr<EngineModel> synthetic(const ModelConfig& config, const SyntheticWeights& w,
+  static std::unique_ptr<EngineModel> synthetic(const ModelConfig& config,
+                                                const SyntheticWeights& w,
                                                 const EngineModelOptions& options);
   ~EngineModel();
 
@@ -99,7 +100,7 @@ class EngineModel {
   const std::string& tokenizer_json() const { return tokenizer_json_; }
   const std::string& source() const { return source_; }
   const std::string& weight_format() const { return weight_format_; }  // "int4-g32", "bf16", ...
-  int64_t weight_bytes() const { return weight_bytes_; }                // as held on the device
+  int64_t weight_bytes() const { return weight_bytes_; }               // as held on the device
   int64_t vocab_size() const { return cfg_.vocab_size; }
 
   // A cache of num_blocks blocks of block_size tokens for this model.
@@ -107,8 +108,8 @@ class EngineModel {
 
   // Scratch for steps of up to max_rows rows, max_logit_rows logit rows, max_seqs table rows of
   // max_table_width blocks, positions below max_context. Allocated once; forward never allocates.
-  void reserve(int64_t max_rows, int64_t max_logit_rows, int64_t max_seqs,
-               int64_t max_table_width, int64_t max_context);
+  void reserve(int64_t max_rows, int64_t max_logit_rows, int64_t max_seqs, int64_t max_table_width,
+               int64_t max_context);
   size_t workspace_bytes() const { return work_.capacity(); }
 
   // Runs one step: writes every row's K/V into `kv` at its slot, and returns the logits of

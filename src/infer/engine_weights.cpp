@@ -53,8 +53,8 @@ struct EngineModelLoader {
   // A float tensor in `dtype` (the engine's, or f32 for routers).
   Tensor floats(const std::string& name, DType dtype) {
     const TesseraExportTensor t = get(name);
-    if (t.quantized) TS_USER_ERROR("{}: '{}' is quantized where a float tensor is expected", where,
-                                   name);
+    if (t.quantized)
+      TS_USER_ERROR("{}: '{}' is quantized where a float tensor is expected", where, name);
     return place_floats(t, dtype);
   }
   Tensor place_floats(const TesseraExportTensor& t, DType dtype) {
@@ -91,8 +91,8 @@ struct EngineModelLoader {
       pack_int4(t.codes.data(), rows * in, packed.data());
       codes = Tensor(place(packed.data(), packed.size()), code_type, m.options_.device, {rows, in});
     } else {
-      codes = Tensor(place(t.codes.data(), t.codes.size()), code_type, m.options_.device,
-                     {rows, in});
+      codes =
+          Tensor(place(t.codes.data(), t.codes.size()), code_type, m.options_.device, {rows, in});
     }
     scales = Tensor(place(t.scales.data(), t.scales.size() * 2), DType::f16, m.options_.device,
                     {rows, groups});
@@ -131,10 +131,10 @@ struct EngineModelLoader {
     const MoeConfig& moe = m.cfg_.moe;
     layer.router = weights(name + ".router.weight", DType::f32).front();
     const bool gelu = m.cfg_.activation == ActivationKind::gelu;
-    const auto in = weights(name + (gelu ? ".experts.fc.weight" : ".experts.gate.weight"),
-                            m.options_.dtype);
-    const auto out = weights(name + (gelu ? ".experts.proj.weight" : ".experts.down.weight"),
-                             m.options_.dtype);
+    const auto in =
+        weights(name + (gelu ? ".experts.fc.weight" : ".experts.gate.weight"), m.options_.dtype);
+    const auto out =
+        weights(name + (gelu ? ".experts.proj.weight" : ".experts.down.weight"), m.options_.dtype);
     std::vector<ops::InferWeight> up;
     if (!gelu) up = weights(name + ".experts.up.weight", m.options_.dtype);
     layer.experts.resize(in.size());
@@ -240,7 +240,8 @@ std::unique_ptr<EngineModel> EngineModel::synthetic(const ModelConfig& config,
   if (!quantized && w.format != "float")
     TS_USER_ERROR("synthetic weights: format '{}' is not float, int8 or int4", w.format);
   m->weight_format_ = quantized && w.group > 0 ? fmt::format("{}-g{}", w.format, w.group)
-                                               : quantized ? w.format : "float";
+                      : quantized              ? w.format
+                                               : "float";
   // Every parameter of the model by name and shape; the block linears are the ones an int8/int4
   // export quantizes (as exporting::quantized_weight_names: not the router).
   auto shapes = std::make_shared<std::map<std::string, std::vector<int64_t>>>();
@@ -262,7 +263,8 @@ std::unique_ptr<EngineModel> EngineModel::synthetic(const ModelConfig& config,
     std::mt19937_64 gen(w.seed ^ std::hash<std::string>{}(name));
     std::normal_distribution<float> normal(0.0f, w.std);
     t.values.resize(size_t(n));
-    const bool norm = name.find("norm") != std::string::npos || name.find(".ln") != std::string::npos;
+    const bool norm =
+        name.find("norm") != std::string::npos || name.find(".ln") != std::string::npos;
     for (float& x : t.values) x = norm ? 1.0f : normal(gen);
     if (!quantized || !linears->count(name)) return t;
     t.quantized = true;
@@ -277,8 +279,7 @@ std::unique_ptr<EngineModel> EngineModel::synthetic(const ModelConfig& config,
     t.values.clear();
     return t;
   };
-  const TensorSource source{[shapes](const std::string& n) { return shapes->count(n) != 0; },
-                            take};
+  const TensorSource source{[shapes](const std::string& n) { return shapes->count(n) != 0; }, take};
   EngineModelLoader{*m, source, "synthetic model"}.all();
   return m;
 }

@@ -80,74 +80,74 @@ void ApiServer::add_routes() {
     }
   });
 
-  s.Post("/v1/completions", [this, count, fail](const httplib::Request& req,
-                                                 httplib::Response& res) {
-    const char* route = "/v1/completions";
-    CompletionRequest r;
-    try {
-      r = parse_completion_request(req.body, model_);
-    } catch (const ApiError& e) {
-      fail(res, route, e);
-      return;
-    }
-    const CompletionUsage start{int64_t(r.prompt_ids.size()), 0};
-    const std::shared_ptr<RequestStream> stream = service_.submit(r.prompt_ids, r.params);
-    const std::string id = next_id();
-    const int64_t created = unix_now();
-    if (!r.stream) {
-      std::string text;
-      EngineEvent last;
-      int64_t generated = 0;
-      while (!last.finished) {
-        for (EngineEvent& e : stream->wait(kPoll)) {
-          text += e.text;
-          generated += e.token >= 0 ? 1 : 0;
-          if (e.finished) last = std::move(e);
+  s.Post(
+      "/v1/completions", [this, count, fail](const httplib::Request& req, httplib::Response& res) {
+        const char* route = "/v1/completions";
+        CompletionRequest r;
+        try {
+          r = parse_completion_request(req.body, model_);
+        } catch (const ApiError& e) {
+          fail(res, route, e);
+          return;
         }
-      }
-      if (last.reason == FinishReason::error) {
-        fail(res, route, engine_error(last));
-        return;
-      }
-      res.set_content(completion_json(id, created, model_.name, text, last.reason,
-                                      {start.prompt_tokens, generated}),
-                      kJson);
-      count(route, 200);
-      return;
-    }
-    count(route, 200);
-    // Events are relayed as they come; the provider runs on this handler's thread until done.
-    auto generated = std::make_shared<int64_t>(0);
-    const bool usage = r.include_usage;
-    res.set_chunked_content_provider(
-        "text/event-stream",
-        [this, stream, id, created, usage, start, generated](size_t, httplib::DataSink& sink) {
-          for (const EngineEvent& e : stream->wait(kPoll)) {
-            *generated += e.token >= 0 ? 1 : 0;
-            std::string out;
-            if (e.finished && e.reason == FinishReason::error) {
-              out = error_event(engine_error(e));
-            } else {
-              if (!e.text.empty() || e.finished)
-                out = completion_chunk_event(id, created, model_.name, e.text,
-                                             e.finished ? e.reason : FinishReason::none);
-              if (e.finished && usage)
-                out += usage_chunk_event(id, created, model_.name,
-                                         {start.prompt_tokens, *generated});
-            }
-            if (e.finished) out += kDoneEvent;
-            if (!out.empty() && !sink.write(out.data(), out.size())) return false;
-            if (e.finished) {
-              sink.done();
-              return true;
+        const CompletionUsage start{int64_t(r.prompt_ids.size()), 0};
+        const std::shared_ptr<RequestStream> stream = service_.submit(r.prompt_ids, r.params);
+        const std::string id = next_id();
+        const int64_t created = unix_now();
+        if (!r.stream) {
+          std::string text;
+          EngineEvent last;
+          int64_t generated = 0;
+          while (!last.finished) {
+            for (EngineEvent& e : stream->wait(kPoll)) {
+              text += e.text;
+              generated += e.token >= 0 ? 1 : 0;
+              if (e.finished) last = std::move(e);
             }
           }
-          return sink.is_writable();  // false: the client is gone (the releaser cancels)
-        },
-        [this, stream](bool success) {
-          if (!success || !stream->done()) service_.cancel(stream);
-        });
-  });
+          if (last.reason == FinishReason::error) {
+            fail(res, route, engine_error(last));
+            return;
+          }
+          res.set_content(completion_json(id, created, model_.name, text, last.reason,
+                                          {start.prompt_tokens, generated}),
+                          kJson);
+          count(route, 200);
+          return;
+        }
+        count(route, 200);
+        // Events are relayed as they come; the provider runs on this handler's thread until done.
+        auto generated = std::make_shared<int64_t>(0);
+        const bool usage = r.include_usage;
+        res.set_chunked_content_provider(
+            "text/event-stream",
+            [this, stream, id, created, usage, start, generated](size_t, httplib::DataSink& sink) {
+              for (const EngineEvent& e : stream->wait(kPoll)) {
+                *generated += e.token >= 0 ? 1 : 0;
+                std::string out;
+                if (e.finished && e.reason == FinishReason::error) {
+                  out = error_event(engine_error(e));
+                } else {
+                  if (!e.text.empty() || e.finished)
+                    out = completion_chunk_event(id, created, model_.name, e.text,
+                                                 e.finished ? e.reason : FinishReason::none);
+                  if (e.finished && usage)
+                    out += usage_chunk_event(id, created, model_.name,
+                                             {start.prompt_tokens, *generated});
+                }
+                if (e.finished) out += kDoneEvent;
+                if (!out.empty() && !sink.write(out.data(), out.size())) return false;
+                if (e.finished) {
+                  sink.done();
+                  return true;
+                }
+              }
+              return sink.is_writable();  // false: the client is gone (the releaser cancels)
+            },
+            [this, stream](bool success) {
+              if (!success || !stream->done()) service_.cancel(stream);
+            });
+      });
 }
 
 }  // namespace tessera::serve

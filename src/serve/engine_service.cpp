@@ -34,8 +34,7 @@ void RequestStream::push(EngineEvent e) {
 EngineService::EngineService(std::unique_ptr<Engine> engine, MetricsRegistry& m)
     : engine_(std::move(engine)),
       prompt_tokens_(m.add_counter("tessera_prompt_tokens_total", "prompt tokens admitted").get()),
-      generated_tokens_(
-          m.add_counter("tessera_generation_tokens_total", "tokens generated").get()),
+      generated_tokens_(m.add_counter("tessera_generation_tokens_total", "tokens generated").get()),
       finished_(m.add_counter("tessera_request_finished_total",
                               "requests finished, by reason (stop, length, cancelled, error)",
                               {"reason"})),
@@ -57,8 +56,7 @@ EngineService::EngineService(std::unique_ptr<Engine> engine, MetricsRegistry& m)
       waiting_(m.add_gauge("tessera_requests_waiting", "requests queued for admission").get()),
       kv_used_(m.add_gauge("tessera_kv_cache_blocks_used", "KV cache blocks in use").get()),
       kv_free_(m.add_gauge("tessera_kv_cache_blocks_free", "KV cache blocks free").get()),
-      batch_size_(
-          m.add_gauge("tessera_batch_size", "requests in the last engine step").get()),
+      batch_size_(m.add_gauge("tessera_batch_size", "requests in the last engine step").get()),
       thread_([this] { run(); }) {}
 
 EngineService::~EngineService() {

@@ -75,8 +75,8 @@ std::vector<int32_t> prompt_ids(const json& j, const ServedModel& m) {
         bad("prompt", "must be a string, an array of one string, or an array of token ids");
       const int64_t id = t.get<int64_t>();
       if (id < 0 || id >= m.vocab_size)
-        bad("prompt", fmt::format("token id {} is outside the vocabulary [0, {})", id,
-                                  m.vocab_size));
+        bad("prompt",
+            fmt::format("token id {} is outside the vocabulary [0, {})", id, m.vocab_size));
       ids.push_back(int32_t(id));
     }
   } else {
@@ -108,8 +108,9 @@ CompletionRequest parse_completion_request(const std::string& body, const Served
   if (!model && m.check_model) bad("model", "is required");
   if (model && !model->is_string()) bad("model", "must be a string");
   if (model && model->get<std::string>() != m.name)
-    throw ApiError(404, fmt::format("the model '{}' does not exist (this server serves '{}')",
-                                    model->get<std::string>(), m.name),
+    throw ApiError(404,
+                   fmt::format("the model '{}' does not exist (this server serves '{}')",
+                               model->get<std::string>(), m.name),
                    "model", "not_found_error");
   check_neutral(j);
   CompletionRequest r;
@@ -130,8 +131,8 @@ CompletionRequest parse_completion_request(const std::string& body, const Served
     p.stop_token_ids.clear();
     for (const json& t : *ids) {
       if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= m.vocab_size)
-        bad("stop_token_ids", fmt::format("holds {}, not a token id in [0, {})", t.dump(),
-                                          m.vocab_size));
+        bad("stop_token_ids",
+            fmt::format("holds {}, not a token id in [0, {})", t.dump(), m.vocab_size));
       p.stop_token_ids.push_back(t.get<int32_t>());
     }
   }
@@ -202,9 +203,8 @@ std::string completion_json(const std::string& id, int64_t created, const std::s
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-std::string completion_chunk_event(const std::string& id, int64_t created,
-                                   const std::string& model, const std::string& text,
-                                   FinishReason reason) {
+std::string completion_chunk_event(const std::string& id, int64_t created, const std::string& model,
+                                   const std::string& text, FinishReason reason) {
   json j = envelope(id, created, model);
   j["choices"] = json::array({{{"index", 0},
                                {"text", text},

@@ -18,7 +18,9 @@ class ApiError : public std::runtime_error {
  public:
   ApiError(int status, std::string message, std::string param = {},
            std::string type = "invalid_request_error")
-      : std::runtime_error(message), status_(status), param_(std::move(param)),
+      : std::runtime_error(message),
+        status_(status),
+        param_(std::move(param)),
         type_(std::move(type)) {}
   int status() const { return status_; }
   const std::string& param() const { return param_; }
@@ -31,12 +33,12 @@ class ApiError : public std::runtime_error {
 
 // What the parser needs to know about the served model.
 struct ServedModel {
-  std::string name;             // the id clients pass as "model"
+  std::string name;  // the id clients pass as "model"
   const Tokenizer* tokenizer = nullptr;
   int64_t vocab_size = 0;
-  int64_t max_context = 0;      // prompt + max_tokens at most
-  SamplingParams defaults;      // fields the request leaves out
-  bool check_model = true;      // false: "model" is not looked at (tessera generate --requests)
+  int64_t max_context = 0;  // prompt + max_tokens at most
+  SamplingParams defaults;  // fields the request leaves out
+  bool check_model = true;  // false: "model" is not looked at (tessera generate --requests)
 };
 
 struct CompletionRequest {
@@ -71,9 +73,8 @@ std::string completion_json(const std::string& id, int64_t created, const std::s
                             const std::string& text, FinishReason reason,
                             const CompletionUsage& usage);
 // One server-sent event of a streamed response: "data: {...}\n\n". `reason` none: a text chunk.
-std::string completion_chunk_event(const std::string& id, int64_t created,
-                                   const std::string& model, const std::string& text,
-                                   FinishReason reason);
+std::string completion_chunk_event(const std::string& id, int64_t created, const std::string& model,
+                                   const std::string& text, FinishReason reason);
 std::string usage_chunk_event(const std::string& id, int64_t created, const std::string& model,
                               const CompletionUsage& usage);
 constexpr const char* kDoneEvent = "data: [DONE]\n\n";

@@ -77,13 +77,40 @@ TEST(CliHelp, EveryCommandListsItsOptionsWithMeaningAndDefault) {
       {"tokenizer decode", {"IDS", "--tokenizer"}},
       {"inspect", {"PATH", "--recipe", "--no-stats"}},
       {"generate",
-       {"MODEL", "--prompt", "--requests", "--out", "--n", "--device", "=auto", "--dtype",
-        "--kv-cache-gb", "--block-size", "=16", "--max-context", "--max-num-seqs", "=64",
-        "--max-batched-tokens", "=2048", "--ignore-eos", "--max-tokens", "=128", "--temperature",
-        "=0.8", "--top-k", "=40", "--top-p", "=0.95", "--min-p", "=0.05", "--repetition-penalty",
-        "--seed", "--stop", "--stop-token-id"}},
-      {"serve", {"MODEL", "--port", "=8000", "--host", "=127.0.0.1", "--served-model-name",
-                 "--workers", "=128", "--kv-cache-gb", "--max-tokens", "--temperature"}},
+       {"MODEL",
+        "--prompt",
+        "--requests",
+        "--out",
+        "--n",
+        "--device",
+        "=auto",
+        "--dtype",
+        "--kv-cache-gb",
+        "--block-size",
+        "=16",
+        "--max-context",
+        "--max-num-seqs",
+        "=64",
+        "--max-batched-tokens",
+        "=2048",
+        "--ignore-eos",
+        "--max-tokens",
+        "=128",
+        "--temperature",
+        "=0.8",
+        "--top-k",
+        "=40",
+        "--top-p",
+        "=0.95",
+        "--min-p",
+        "=0.05",
+        "--repetition-penalty",
+        "--seed",
+        "--stop",
+        "--stop-token-id"}},
+      {"serve",
+       {"MODEL", "--port", "=8000", "--host", "=127.0.0.1", "--served-model-name", "--workers",
+        "=128", "--kv-cache-gb", "--max-tokens", "--temperature"}},
   };
   for (const HelpCase& c : cases) {
     for (const char* help : {"--help", "-h"}) {
@@ -194,7 +221,8 @@ TEST(CliGenerate, StreamsTheCompletionAndRunsRequestFiles) {
   const std::string out = testing::read_all(dir / "out.jsonl");
   EXPECT_TRUE(has(out, "\"index\":0,") && has(out, "\"index\":1,")) << out;
   EXPECT_TRUE(has(out, "\"completion_tokens\":3") && has(out, "\"completion_tokens\":5")) << out;
-  testing::write_all(dir / "bad.jsonl", "{\"prompt\": \"x\", \"max_tokens\": 2}\n{\"prompt\": \"x\", \"n\": 2}\n");
+  testing::write_all(dir / "bad.jsonl",
+                     "{\"prompt\": \"x\", \"max_tokens\": 2}\n{\"prompt\": \"x\", \"n\": 2}\n");
   const CliResult bad =
       run_cli("generate " + ckpt + " --device cpu --requests " + (dir / "bad.jsonl"));
   EXPECT_EQ(bad.status, 2) << bad.output;

@@ -41,12 +41,12 @@ TEST_P(EngineModelGpu, LogitsMatchTheCpuEngine) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Families, EngineModelGpu,
-    ::testing::Values(GpuFamily{"gpt2", testing::kEngineGpt2, ""},
-                      GpuFamily{"qwen3", testing::kEngineQwen3, ""},
-                      GpuFamily{"qwen3_moe", testing::kEngineQwen3, testing::kEngineMoe}),
-    [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Families, EngineModelGpu,
+                         ::testing::Values(GpuFamily{"gpt2", testing::kEngineGpt2, ""},
+                                           GpuFamily{"qwen3", testing::kEngineQwen3, ""},
+                                           GpuFamily{"qwen3_moe", testing::kEngineQwen3,
+                                                     testing::kEngineMoe}),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 TS_GPU_TEST(EngineQuantized, Int4ExportMatchesTheCpuEngine) {
   ScratchDir dir;

@@ -32,8 +32,9 @@ const char* kGpt2 =
 const char* kQwen3 =
     "  family: llama\n  num_layers: 2\n  hidden: 64\n  num_heads: 4\n  num_kv_heads: 2\n"
     "  head_dim: 32\n  ffn_hidden: 96\n  max_seq_len: 48\n  qk_norm: true\n";
-const char* kMoe = "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n  shared_experts: 1\n"
-                   "  first_dense_layers: 1\n";
+const char* kMoe =
+    "moe:\n  num_experts: 4\n  topk: 2\n  ffn_hidden: 32\n  shared_experts: 1\n"
+    "  first_dense_layers: 1\n";
 
 // The reference's logits of positions 0..T-2 (those perplexity scores), (T-1, V).
 std::vector<float> reference_logits(const ExportModel& m, WeightQuant q, int group,
@@ -65,8 +66,7 @@ TEST_P(EngineModelParity, LogitsEqualTheTrainingForwardInOneStepAndInChunks) {
   ASSERT_EQ(e->vocab_size(), 4096);
   EXPECT_LE(max_rel_diff(engine_logits(*e, tokens, {40}, 16), want, n), 1e-5);
   // Prefill in uneven chunks, then one-token decodes, over blocks of 3 tokens.
-  EXPECT_LE(max_rel_diff(engine_logits(*e, tokens, {7, 1, 13, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
-                                       3),
+  EXPECT_LE(max_rel_diff(engine_logits(*e, tokens, {7, 1, 13, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, 3),
                          want, n),
             1e-5);
 }
@@ -93,8 +93,8 @@ TEST_P(EngineModelQuantized, LogitsEqualTheFakeQuantizedForward) {
   ScratchDir dir;
   const QuantCase q = GetParam();
   const Recipe r = testing::export_recipe(kQwen3, q.extra);
-  const ExportModel m = exporting::load_export_model(
-      testing::write_synthetic_checkpoint(dir / "run", r));
+  const ExportModel m =
+      exporting::load_export_model(testing::write_synthetic_checkpoint(dir / "run", r));
   exporting::ExportOptions o;
   o.format = exporting::ExportFormat::tessera;
   o.quant = q.quant;
@@ -108,13 +108,14 @@ TEST_P(EngineModelQuantized, LogitsEqualTheFakeQuantizedForward) {
   EXPECT_LE(max_rel_diff(engine_logits(*e, tokens, {20, 1, 1, 11}, 4), want, want.size()), 1e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Quants, EngineModelQuantized,
-    ::testing::Values(
-        QuantCase{"int8", exporting::ExportQuant::int8, WeightQuant::int8, 0, ""},
-        QuantCase{"int4_g32", exporting::ExportQuant::int4, WeightQuant::int4, 32, ""},
-        QuantCase{"int4_g32_moe", exporting::ExportQuant::int4, WeightQuant::int4, 32, kMoe}),
-    [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Quants, EngineModelQuantized,
+                         ::testing::Values(QuantCase{"int8", exporting::ExportQuant::int8,
+                                                     WeightQuant::int8, 0, ""},
+                                           QuantCase{"int4_g32", exporting::ExportQuant::int4,
+                                                     WeightQuant::int4, 32, ""},
+                                           QuantCase{"int4_g32_moe", exporting::ExportQuant::int4,
+                                                     WeightQuant::int4, 32, kMoe}),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 TEST(EngineModelLoad, MissingPathIsAUserErrorNamingIt) {
   testing::expect_user_error([] { EngineModel::load("/nonexistent/model.h5", {}); },

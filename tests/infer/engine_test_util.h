@@ -40,7 +40,7 @@ inline std::vector<int32_t> random_tokens(int n, uint64_t seed) {
 // The logits of every position of `tokens` from the engine, run as consecutive chunks of the
 // given sizes over a cache of block_size blocks whose table is a shuffled set of blocks.
 inline std::vector<float> engine_logits(EngineModel& m, const std::vector<int32_t>& tokens,
-                                 const std::vector<int>& chunks, int block_size) {
+                                        const std::vector<int>& chunks, int block_size) {
   const int T = int(tokens.size());
   const int blocks = (T + block_size - 1) / block_size;
   KvCacheArena kv = m.make_kv_cache(blocks + 5, block_size);
@@ -135,8 +135,7 @@ inline SamplingParams sampled(int max_tokens, uint64_t seed) {
   return p;
 }
 
-inline EngineOptions small_options(int64_t block_size, int64_t kv_blocks,
-                                   int64_t token_budget) {
+inline EngineOptions small_options(int64_t block_size, int64_t kv_blocks, int64_t token_budget) {
   EngineOptions o;
   o.block_size = block_size;
   // 2 layers x 2 KV heads x 32 dims x K and V x 4 bytes per token.

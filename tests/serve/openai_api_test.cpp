@@ -58,8 +58,8 @@ TEST(OpenAiApi, DefaultsFillWhatTheRequestLeavesOutAndTokenPromptsPassThrough) {
   EXPECT_FLOAT_EQ(r.params.temperature, 0.7f);
   EXPECT_EQ(r.params.top_k, 0);
   EXPECT_FALSE(r.stream);
-  const CompletionRequest one = parse_completion_request(
-      R"({"model": "tiny", "prompt": ["Hello"], "stop": "x"})", served());
+  const CompletionRequest one =
+      parse_completion_request(R"({"model": "tiny", "prompt": ["Hello"], "stop": "x"})", served());
   EXPECT_EQ(one.prompt_ids, ci_tokenizer().encode("Hello"));
   EXPECT_EQ(one.params.stop_strings, std::vector<std::string>{"x"});
 }
@@ -99,8 +99,7 @@ TEST(OpenAiApi, MalformedRequestsAreRefusedWithTheirStatusNamingTheField) {
       {R"({"model": "tiny", "prompt": "x", "top_p": 1.5})", 400, "'top_p'"},
       {R"({"model": "tiny", "prompt": "x", "top_k": -2})", 400, "'top_k'"},
       {R"({"model": "tiny", "prompt": "x", "min_p": 2})", 400, "'min_p'"},
-      {R"({"model": "tiny", "prompt": "x", "repetition_penalty": 0})", 400,
-       "'repetition_penalty'"},
+      {R"({"model": "tiny", "prompt": "x", "repetition_penalty": 0})", 400, "'repetition_penalty'"},
       {R"({"model": "tiny", "prompt": "x", "seed": -3})", 400, "'seed' must be in"},
       {R"({"model": "tiny", "prompt": "x", "stop": 5})", 400, "'stop' must be"},
       {R"({"model": "tiny", "prompt": "x", "stop": ["ok", ""]})", 400, "'stop' must hold"},

@@ -165,8 +165,8 @@ const char* kPrompts[] = {
 TEST(ServeCli, SixtyFourClientsGetWhatGenerateGivesAndBadRequestsGet4xx) {
   const std::string dir = testing::fresh_dir("serve-cli");
   const std::string model = dir + "/model.h5";
-  const testing::CliResult ex = testing::run_cli(
-      "export '" + testing::ci_trained_run() + "' --format tessera --quant int8 --out " + model);
+  const testing::CliResult ex = testing::run_cli("export '" + testing::ci_trained_run() +
+                                                 "' --format tessera --quant int8 --out " + model);
   ASSERT_EQ(ex.status, 0) << ex.output;
   ServerProcess server({"serve", model, "--port", "0", "--device", "cpu", "--served-model-name",
                         "ci-tiny", "--max-num-seqs", "16", "--max-batched-tokens", "256",
@@ -189,7 +189,10 @@ TEST(ServeCli, SixtyFourClientsGetWhatGenerateGivesAndBadRequestsGet4xx) {
     bodies.push_back(b);
   }
   const std::vector<std::string> malformed = {
-      "{", "[]", R"({"model": "nope", "prompt": "x"})", R"({"model": "ci-tiny"})",
+      "{",
+      "[]",
+      R"({"model": "nope", "prompt": "x"})",
+      R"({"model": "ci-tiny"})",
       R"({"model": "ci-tiny", "prompt": "x", "max_tokens": -1})",
       R"({"model": "ci-tiny", "prompt": "x", "max_tokens": 1000})",
       R"({"model": "ci-tiny", "prompt": [1, 99999]})",
