@@ -12,6 +12,7 @@
 
 #include "export/export.h"
 #include "export/reference_eval.h"
+#include "export/weight_quant.h"
 #include "infer/engine_model.h"
 #include "tests/common/errors.h"
 #include "tests/infer/engine_test_util.h"
@@ -83,16 +84,18 @@ struct QuantCase {
   WeightQuant ref;
   int group;
   const char* extra;
+  const char* compute = "fp32";  // the recipe's: a QAT run in bf16 rounds its masters first
 };
 
 class EngineModelQuantized : public ::testing::TestWithParam<QuantCase> {};
 
 // The engine running a quantized export equals the reference forward on the same weights
-// dequantized: the integer codes and FP16 scales are used exactly.
+// dequantized: the integer codes and FP16 scales are used exactly. For a QAT checkpoint (trained
+// in bf16) that reference is the fake-quantized forward QAT trained with.
 TEST_P(EngineModelQuantized, LogitsEqualTheFakeQuantizedForward) {
   ScratchDir dir;
   const QuantCase q = GetParam();
-  const Recipe r = testing::export_recipe(kQwen3, q.extra);
+  const Recipe r = testing::export_recipe(kQwen3, q.extra, q.compute);
   const ExportModel m =
       exporting::load_export_model(testing::write_synthetic_checkpoint(dir / "run", r));
   exporting::ExportOptions o;
@@ -101,21 +104,29 @@ TEST_P(EngineModelQuantized, LogitsEqualTheFakeQuantizedForward) {
   o.group_size = q.group;
   o.out = dir / "model.h5";
   exporting::export_model(m, o);
+  // The export keeps the float tensors (embeddings, norms, router) in the trained compute dtype:
+  // the reference takes them so rounded too.
+  ExportModel ref = m;
+  if (std::string(q.compute) == "bf16")
+    for (auto& [name, t] : ref.tensors)
+      if (!exporting::is_quantized_weight(m, name))
+        for (float& x : t.data) x = round_bf16(x);
   const std::vector<int32_t> tokens = random_tokens(33, 5);
-  const std::vector<float> want = reference_logits(m, q.ref, q.group, tokens);
+  const std::vector<float> want = reference_logits(ref, q.ref, q.group, tokens);
   std::unique_ptr<EngineModel> e = EngineModel::load(o.out, {});
   EXPECT_EQ(e->weight_format(), std::string(q.name).substr(0, 4) == "int8" ? "int8" : "int4-g32");
   EXPECT_LE(max_rel_diff(engine_logits(*e, tokens, {20, 1, 1, 11}, 4), want, want.size()), 1e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(Quants, EngineModelQuantized,
-                         ::testing::Values(QuantCase{"int8", exporting::ExportQuant::int8,
-                                                     WeightQuant::int8, 0, ""},
-                                           QuantCase{"int4_g32", exporting::ExportQuant::int4,
-                                                     WeightQuant::int4, 32, ""},
-                                           QuantCase{"int4_g32_moe", exporting::ExportQuant::int4,
-                                                     WeightQuant::int4, 32, kMoe}),
-                         [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(
+    Quants, EngineModelQuantized,
+    ::testing::Values(
+        QuantCase{"int8", exporting::ExportQuant::int8, WeightQuant::int8, 0, ""},
+        QuantCase{"int4_g32", exporting::ExportQuant::int4, WeightQuant::int4, 32, ""},
+        QuantCase{"int4_g32_moe", exporting::ExportQuant::int4, WeightQuant::int4, 32, kMoe},
+        QuantCase{"int4_g32_qat_bf16", exporting::ExportQuant::int4, WeightQuant::int4, 32,
+                  "qat:\n  weights: int4\n  group_size: 32\n", "bf16"}),
+    [](const auto& info) { return std::string(info.param.name); });
 
 TEST(EngineModelLoad, MissingPathIsAUserErrorNamingIt) {
   testing::expect_user_error([] { EngineModel::load("/nonexistent/model.h5", {}); },
