@@ -10,7 +10,8 @@
 #   serve   a llama-1b-shaped model (one training step on the carried corpus: random weights,
 #           the corpus's 4,096-token vocabulary) exported BF16 and INT8, served, and loaded by
 #           serve_load with $REQUESTS ShareGPT-like requests at each rate in $RATES: output
-#           tokens/s, TTFT and ITL p50/p99.
+#           tokens/s, TTFT and ITL p50/p99; beside the static-batch PyTorch peer
+#           (bench/torch/serve_static.py: same load, batches of 32, bf16).
 # Prints a table last; logs in $OUT. Usage: bash bench/gpu_infer.sh [tests|decode|serve|all]
 # (default all: tests + decode of llama-1b; llama3-8b's decode and the serve stage each take a
 # call of their own). Knobs: SHAPES ("llama-1b"), WEIGHTS ("bf16 int8 int4-g32 int4-g128"),
@@ -118,6 +119,19 @@ print(f"| {q} | {r} | {int(g('ok'))} | {g('output_tokens_per_s'):.0f} | "
 PY
     done
     kill "$pid"; wait "$pid"
+  done
+  [ "$TORCH" = 1 ] || return 0
+  for r in $RATES; do  # the static-batch PyTorch peer, same load and shape, bf16
+    res=$(timeout 900 python3 bench/torch/serve_static.py --rate "$r" --requests "$REQUESTS" \
+            --vocab 4096 --max-context 2048 2>&1 | tee -a "$OUT/serve_torch.log" | grep '^RESULT')
+    python3 - "torch-static-bf16" "$r" "$res" <<'PY' | tee -a "$table"
+import re, sys
+q, r, res = sys.argv[1:]
+f = dict(re.findall(r"(\w+)=([0-9.]+)", res))
+g = lambda k: float(f.get(k, 0))
+print(f"| {q} | {r} | {int(g('ok'))} | {g('output_tokens_per_s'):.0f} | "
+      f"{g('ttft_p50_ms'):.0f} / {g('ttft_p99_ms'):.0f} | {g('itl_p50_ms'):.1f} / {g('itl_p99_ms'):.1f} |")
+PY
   done
 }
 

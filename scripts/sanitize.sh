@@ -9,10 +9,11 @@ jobs="${TESSERA_JOBS:-$(nproc)}"
 build="$root/build-asan"
 # The labelled unit tests: core, config, kernels (CPU), model, train, optim, parallel, infer and
 # http (no MPI, no GPU, no end-to-end runs through the binary).
-labels="core|config|kernels|model|train|optim|parallel|infer|http"
+labels="core|config|kernels|model|train|optim|parallel|infer|http|serve"
 targets=(test_core test_config test_kernels test_model test_embedding_precision test_golden
          test_train_units test_data_parallel test_loss_scaler test_fp8_scaling test_fp8_linear
-         test_topology test_pipeline_schedule test_self_communicator test_infer test_http)
+         test_topology test_pipeline_schedule test_self_communicator test_infer test_http
+         test_serve)
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 [ -f "$build/CMakeCache.txt" ] && gen=()

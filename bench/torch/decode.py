@@ -127,10 +127,12 @@ class Llama(torch.nn.Module):
         causal = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device))
         self.register_buffer("causal", causal)
 
-    def forward(self, tokens, pos):  # tokens (B, T), pos (T)
+    def forward(self, tokens, pos, key_valid=None):  # tokens (B, T), pos (T), key_valid (B, L)
         x = self.embed(tokens)
         cos, sin = self.cos[pos][None, :, None, :], self.sin[pos][None, :, None, :]
         mask = self.causal[pos][None, None]
+        if key_valid is not None:  # left-padded static batches: padding keys are masked out
+            mask = mask & key_valid[:, None, None, :]
         for blk in self.blocks:
             x = blk(x, pos, cos, sin, mask)
         x = self.norm(x)
