@@ -86,6 +86,18 @@ PY
   done
 }
 
+# serve_row LABEL RATE RESULT_LINE: one row of the serving table from a RESULT line.
+serve_row() {
+  python3 - "$@" <<'PY' | tee -a "$table"
+import re, sys
+q, r, res = sys.argv[1:]
+f = dict(re.findall(r"(\w+)=([0-9.]+)", res))
+g = lambda k: float(f.get(k, 0))
+print(f"| {q} | {r} | {int(g('ok'))} | {g('output_tokens_per_s'):.0f} | "
+      f"{g('ttft_p50_ms'):.0f} / {g('ttft_p99_ms'):.0f} | {g('itl_p50_ms'):.1f} / {g('itl_p99_ms'):.1f} |")
+PY
+}
+
 run_serve() {
   local work=/tmp/tessera-serve bin=build-gpu/src/cli/tessera
   rm -rf "$work" && mkdir -p "$work"
@@ -109,14 +121,7 @@ run_serve() {
     for r in $RATES; do
       res=$(build-gpu/bench/infer/serve_load --port "$port" --model m --requests "$REQUESTS" \
               --rate "$r" --vocab 4096 --max-context 2048 2>&1 | tee -a "$OUT/serve_load.log" | grep '^RESULT')
-      python3 - "$q" "$r" "$res" <<'PY' | tee -a "$table"
-import re, sys
-q, r, res = sys.argv[1:]
-f = dict(re.findall(r"(\w+)=([0-9.]+)", res))
-g = lambda k: float(f.get(k, 0))
-print(f"| {q} | {r} | {int(g('ok'))} | {g('output_tokens_per_s'):.0f} | "
-      f"{g('ttft_p50_ms'):.0f} / {g('ttft_p99_ms'):.0f} | {g('itl_p50_ms'):.1f} / {g('itl_p99_ms'):.1f} |")
-PY
+      serve_row "$q" "$r" "$res"
     done
     kill "$pid"; wait "$pid"
   done
@@ -124,14 +129,7 @@ PY
   for r in $RATES; do  # the static-batch PyTorch peer, same load and shape, bf16
     res=$(timeout 900 python3 bench/torch/serve_static.py --rate "$r" --requests "$REQUESTS" \
             --vocab 4096 --max-context 2048 2>&1 | tee -a "$OUT/serve_torch.log" | grep '^RESULT')
-    python3 - "torch-static-bf16" "$r" "$res" <<'PY' | tee -a "$table"
-import re, sys
-q, r, res = sys.argv[1:]
-f = dict(re.findall(r"(\w+)=([0-9.]+)", res))
-g = lambda k: float(f.get(k, 0))
-print(f"| {q} | {r} | {int(g('ok'))} | {g('output_tokens_per_s'):.0f} | "
-      f"{g('ttft_p50_ms'):.0f} / {g('ttft_p99_ms'):.0f} | {g('itl_p50_ms'):.1f} / {g('itl_p99_ms'):.1f} |")
-PY
+    serve_row torch-static-bf16 "$r" "$res"
   done
 }
 

@@ -17,6 +17,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "serve/sse_reader.h"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -44,19 +46,16 @@ Sample one(const Args& a, const json& body) {
   const auto t0 = Clock::now();
   auto last = t0;
   bool first = true;
-  std::string buffer;
+  tessera::serve::SseReader sse;
   httplib::Request req;
   req.method = "POST";
   req.path = "/v1/completions";
   req.body = body.dump();
   req.set_header("Content-Type", "application/json");
   req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
-    buffer.append(data, n);
-    for (size_t end; (end = buffer.find("\n\n")) != std::string::npos;) {
-      const std::string ev = buffer.substr(0, end);
-      buffer.erase(0, end + 2);
-      if (ev.rfind("data: ", 0) != 0 || ev == "data: [DONE]") continue;
-      const json j = json::parse(ev.substr(6), nullptr, false);
+    for (const std::string& payload : sse.feed(data, n)) {
+      if (payload == "[DONE]") continue;
+      const json j = json::parse(payload, nullptr, false);
       if (j.is_discarded() || j.contains("error")) return false;
       if (j.contains("usage") && j["usage"].is_object())
         s.output_tokens = j["usage"]["completion_tokens"].get<int64_t>();

@@ -5,6 +5,7 @@
 
 #include "kernels/cpu/cpu_common.h"
 #include "kernels/cpu/infer.h"
+#include "kernels/infer_checks.h"
 #include "kernels/quant_math.h"
 
 namespace tessera::cpu {
@@ -40,27 +41,12 @@ void infer_linear_forward(Tensor out, Tensor inp, const ops::InferWeight& w, Ten
            inp.str());
   const int64_t num_m = inp.dim(0), num_k = inp.dim(1);
   check_host(w.w, kOp, "w.w");
-  TS_CHECK(w.w.ndim() == 2 && w.w.dim(1) == num_k, "{}: w.w is {}, expected (N,{})", kOp, w.w.str(),
-           num_k);
-  const int64_t num_n = w.w.dim(0);
+  if (w.quantized()) check_host(w.scales, kOp, "w.scales");
+  const int64_t num_n = ops::check_infer_weight(w, num_k, inp.dtype, kOp);
   check_like(out, inp.dtype, {num_m, num_n}, kOp, "out");
   if (!bias.empty()) check_like(bias, inp.dtype, {num_n}, kOp, "bias");
   TS_CHECK(!overlaps(out, inp) && !overlaps(out, w.w) && !overlaps(out, bias),
            "{}: out overlaps an input", kOp);
-  if (w.quantized()) {
-    TS_CHECK(w.w.dtype == DType::i8 || w.w.dtype == DType::i4,
-             "{}: a quantized weight has i8 or i4 codes, got {}", kOp, w.w.str());
-    TS_CHECK(w.group >= 1 && num_k % w.group == 0, "{}: group {} must divide K = {}", kOp, w.group,
-             num_k);
-    TS_CHECK(w.w.dtype == DType::i8 || w.group % 2 == 0, "{}: int4 needs an even group, got {}",
-             kOp, w.group);
-    check_host(w.scales, kOp, "w.scales");
-    TS_CHECK(w.scales.dtype == DType::f16, "{}: scales are f16, got {}", kOp, w.scales.str());
-    check_shape(w.scales, {num_n, num_k / w.group}, kOp, "w.scales");
-  } else {
-    check_float(w.w, inp.dtype, kOp, "w.w");
-    TS_CHECK(w.group == 0, "{}: a float weight has group 0, got {}", kOp, w.group);
-  }
   dispatch_float(inp.dtype, kOp, [&](auto zero) {
     using T = decltype(zero);
     const T* x = inp.ptr<T>();

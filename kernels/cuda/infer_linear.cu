@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/infer.h"
 #include "kernels/cuda/memory_bound.cuh"
+#include "kernels/infer_checks.h"
 #include "kernels/quant_math.h"
 
 namespace tessera::cuda {
@@ -234,9 +235,7 @@ void infer_linear_forward(Tensor out, Tensor inp, const ops::InferWeight& w, Ten
            inp.str());
   const int64_t num_m = inp.dim(0), num_k = inp.dim(1);
   expect_cuda(w.w, "infer_linear_forward: w.w");
-  TS_CHECK(w.w.ndim() == 2 && w.w.dim(1) == num_k, "{}: w.w is {}, expected (N,{})", kOp, w.w.str(),
-           num_k);
-  const int64_t num_n = w.w.dim(0);
+  const int64_t num_n = ops::check_infer_weight(w, num_k, inp.dtype, kOp);
   expect_tensor(out, inp.dtype, {num_m, num_n}, kOp, "out");
   if (!bias.empty()) expect_tensor(bias, inp.dtype, {num_n}, kOp, "bias");
   TS_CHECK(!overlaps(out, inp) && !overlaps(out, w.w) && !overlaps(out, bias),
@@ -251,19 +250,9 @@ void infer_linear_forward(Tensor out, Tensor inp, const ops::InferWeight& w, Ten
   a.row_bytes = int64_t(dtype_storage_bytes(w.w.dtype, num_k));
   a.vector_loads = a.row_bytes % 16 == 0 && is_aligned(w.w.data);
   if (w.quantized()) {
-    TS_CHECK(w.w.dtype == DType::i8 || w.w.dtype == DType::i4,
-             "{}: a quantized weight has i8 or i4 codes, got {}", kOp, w.w.str());
-    TS_CHECK(w.group >= 1 && num_k % w.group == 0, "{}: group {} must divide K = {}", kOp, w.group,
-             num_k);
-    TS_CHECK(w.w.dtype == DType::i8 || w.group % 2 == 0, "{}: int4 needs an even group, got {}",
-             kOp, w.group);
-    expect_tensor(w.scales, DType::f16, {num_n, num_k / w.group}, kOp, "w.scales");
     a.scales = static_cast<const uint16_t*>(w.scales.data);
     a.group = w.group, a.num_groups = num_k / w.group;
     a.chunk_scale = w.group % (w.w.dtype == DType::i8 ? kElems<WKind::i8> : kElems<WKind::i4>) == 0;
-  } else {
-    expect_tensor(w.w, inp.dtype, {num_n, num_k}, kOp, "w.w");
-    TS_CHECK(w.group == 0, "{}: a float weight has group 0, got {}", kOp, w.group);
   }
   if (num_n == 0) return;
   const cudaStream_t s = cuda_stream(stream);

@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "serve/sse_reader.h"
 #include "tests/common/cli.h"
 #include "tests/common/files.h"
 
@@ -113,7 +114,7 @@ Result complete(int port, const json& body, bool cancel) {
     }
     return r;
   }
-  std::string buffer;
+  serve::SseReader sse;
   bool done = false;
   httplib::Request req;
   req.method = "POST";
@@ -121,13 +122,7 @@ Result complete(int port, const json& body, bool cancel) {
   req.body = body.dump();
   req.set_header("Content-Type", "application/json");
   req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
-    buffer.append(data, n);
-    size_t end;
-    while ((end = buffer.find("\n\n")) != std::string::npos) {
-      const std::string event = buffer.substr(0, end);
-      buffer.erase(0, end + 2);
-      if (event.rfind("data: ", 0) != 0) continue;
-      const std::string payload = event.substr(6);
+    for (const std::string& payload : sse.feed(data, n)) {
       if (payload == "[DONE]") {
         done = true;
         continue;
