@@ -7,6 +7,9 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/tessera-out}"
+# NVLink SHARP multicast stays off on the project's shared GPU hosts (as in bench/gpu_common.sh):
+# Tessera itself sets no NCCL variable.
+export NCCL_NVLS_ENABLE=0
 export CMAKE_LIBRARY_PATH=/tmp/icu/usr/lib/x86_64-linux-gnu
 export LD_LIBRARY_PATH="/tmp/icu/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 b=build-gpu

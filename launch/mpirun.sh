@@ -16,9 +16,10 @@ usage: launch/mpirun.sh -n N [--hostfile FILE] [--per-node K] [--dry-run] [--] R
   --dry-run         print the command and exit
 Everything from RECIPE.yaml on (or after --) goes to `tessera train`.
 Environment: TESSERA_BIN (default <repo>/build/src/cli/tessera), MPIRUN (default mpirun),
-TESSERA_MPIRUN_ARGS (extra mpirun arguments, split on spaces, e.g. "--oversubscribe"),
-NCCL_NVLS_ENABLE (default 0). NCCL_*, OMP_NUM_THREADS and TESSERA_* variables (but the two
-above) that are set are forwarded to every rank (mpirun -x), so they reach other nodes too.
+TESSERA_MPIRUN_ARGS (extra mpirun arguments, split on spaces, e.g. "--oversubscribe").
+NCCL_* (e.g. NCCL_NVLS_ENABLE=0 where a site needs it), OMP_NUM_THREADS and TESSERA_* variables
+(but the two above) that are set are forwarded to every rank (mpirun -x), so they reach other
+nodes too.
 EOF
 }
 
@@ -61,8 +62,10 @@ bin="${TESSERA_BIN:-$root/build/src/cli/tessera}"
 mpirun_bin="${MPIRUN:-mpirun}"
 command -v "$mpirun_bin" >/dev/null 2>&1 || fail "'$mpirun_bin' not found: install Open MPI or set MPIRUN"
 
-# NVLink SHARP (NVLS) multicast stays off unless the caller chose otherwise.
-export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+# Site knob: NVLink SHARP (NVLS) multicast. NCCL enables it by itself on NVSwitch systems and
+# Tessera leaves it alone; a site whose hosts must not use it sets it off here or in the
+# environment (like every NCCL_* variable, it is forwarded to all ranks).
+# export NCCL_NVLS_ENABLE=0
 
 cmd=("$mpirun_bin" -np "$np")
 [ -z "$hostfile" ] || cmd+=(--hostfile "$hostfile")

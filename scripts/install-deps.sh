@@ -18,6 +18,8 @@ packages=(
   clang-format
   gnuplot-nox                      # bench/distill_plot.sh
   nodejs npm                       # npm fetches the corpus; node >= 20 runs llama.cpp (tests/export)
+  slurm-wlm munge                  # a private Slurm cluster for launch/slurm.sbatch (tests/e2e/slurm_test.sh)
+  libpmix-dev                      # srun --mpi=pmix dlopens pmix2/lib/libpmix.so, which only -dev ships
 )
 
 missing=()

@@ -2,12 +2,24 @@
 // ranks, job abort, and the TS_MPI_CHECK failure path. GPU selection is in nccl/local_gpu.cpp.
 #include "parallel/mpi_runtime.h"
 
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <iterator>
 #include <thread>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "core/error.h"
 #include "core/log.h"
@@ -115,6 +127,60 @@ int local_rank() {
   TS_MPI_CHECK(MPI_Comm_rank(node, &rank), "MPI_Comm_rank on the node communicator");
   TS_MPI_CHECK(MPI_Comm_free(&node), "freeing the node communicator");
   return cached = rank;
+}
+
+std::string process_placement() {
+  std::array<char, 256> host{};
+  if (gethostname(host.data(), host.size() - 1) != 0 || host[0] == '\0') host = {'?'};
+  fmt::memory_buffer cpus;
+  int count = 0;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    // Runs of consecutive CPUs as "a-b", joined by commas: "0-3,8".
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (!CPU_ISSET(c, &set)) continue;
+      int end = c;
+      while (end + 1 < CPU_SETSIZE && CPU_ISSET(end + 1, &set)) ++end;
+      fmt::format_to(std::back_inserter(cpus), "{}{}", count > 0 ? "," : "", c);
+      if (end > c) fmt::format_to(std::back_inserter(cpus), "-{}", end);
+      count += end - c + 1;
+      c = end;
+    }
+  } else {
+    fmt::format_to(std::back_inserter(cpus), "?");
+  }
+#ifdef _OPENMP
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  return fmt::format("host {} cpus {} ({}) omp {}", host.data(), fmt::to_string(cpus), count,
+                     threads);
+}
+
+std::string gather_placements(int max_ranks) {
+  const std::string mine = process_placement();
+  if (!mpi_active()) return mine;
+  const int rank = world_rank();
+  const int size = world_size();
+  constexpr int kWidth = 256;  // a fixed slot per rank: one MPI_Gather, no size exchange
+  std::array<char, kWidth> slot{};
+  std::memcpy(slot.data(), mine.data(), std::min<size_t>(mine.size(), kWidth - 1));
+  std::vector<char> all(rank == 0 ? static_cast<size_t>(size) * kWidth : 0);
+  TS_MPI_CHECK(
+      MPI_Gather(slot.data(), kWidth, MPI_CHAR, all.data(), kWidth, MPI_CHAR, 0, MPI_COMM_WORLD),
+      "gathering the ranks' placements (host, CPUs, OpenMP threads)");
+  if (rank != 0) return "";
+  fmt::memory_buffer out;
+  const int shown = std::min(size, max_ranks);
+  for (int r = 0; r < shown; ++r) {
+    fmt::format_to(std::back_inserter(out), "{}rank {} {}", r > 0 ? "; " : "", r,
+                   all.data() + static_cast<size_t>(r) * kWidth);
+  }
+  if (shown < size)
+    fmt::format_to(std::back_inserter(out), "; ({} more ranks not shown)", size - shown);
+  return fmt::to_string(out);
 }
 
 void abort_job(int code) {

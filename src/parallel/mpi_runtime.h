@@ -48,6 +48,18 @@ int world_size();
 // call.
 int local_rank();
 
+// Where this process runs: "host H cpus L (n) omp T": its host name, the CPUs it may run on
+// (sched_getaffinity, as a list like "0-3,8", and their count) and its OpenMP threads
+// (omp_get_max_threads; 1 in a build without OpenMP). What a launcher's binding and
+// OMP_NUM_THREADS gave the process (srun --cpus-per-task, mpirun --bind-to).
+std::string process_placement();
+
+// One line for rank 0's log: "rank 0 <placement>; rank 1 <placement>; ..." for the first
+// `max_ranks` ranks of MPI_COMM_WORLD (then how many are not shown). Collective over
+// MPI_COMM_WORLD when MPI is active (every rank must call it); "" on ranks other than 0. Without
+// MPI, this process's placement.
+std::string gather_placements(int max_ranks = 64);
+
 // Ends the whole job: MPI_Abort on MPI_COMM_WORLD when MPI is active with more than one rank (so
 // no peer waits forever in a collective), else std::exit(code). Flushes stdout/stderr first.
 [[noreturn]] void abort_job(int code);

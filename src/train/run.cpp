@@ -100,6 +100,9 @@ Run::Run(const Recipe& recipe)
   if (device_ == Device::cuda && mpi_active() && world_size() > 1) select_local_gpu();
   finalize_model_vocab(r.model, data_.vocab_size(), r.file, par.tp);
   ctx_ = make_context(r, device_);
+  // Collective: every rank reports where it runs (binding, OpenMP threads); rank 0 logs it.
+  if (const std::string placement = gather_placements(); !placement.empty())
+    log_info("placement: {}", placement);
   const RankCoord me = ctx_->coord();
   shard_ = ModelShard::make(r.model, par.tp, me.tp_rank, par.pp, me.pp_rank,
                             resolve_stage_layers(r), &ctx_->comm(Group::tp))

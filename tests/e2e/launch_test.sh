@@ -44,11 +44,12 @@ mpi() {
 out="$(mpi timeout 120 bash "$root/launch/mpirun.sh" -n 3 r.yaml --set "train.sample_prompt=a b")"
 check "mpirun.sh: 3 ranks" count_is "$out" "args=[train][r.yaml][--set][train.sample_prompt=a b]" 3
 check "mpirun.sh: ranks 0..2" contains "$out" "rank=2 local=2"
-check "mpirun.sh: NVLS off by default" count_is "$out" "nvls=0 " 3
-check "mpirun.sh: prints the command" contains "$out" "+ mpirun -np 3 -x NCCL_NVLS_ENABLE --oversubscribe $tmp/tessera train r.yaml --set train.sample_prompt=a\\ b"
+check "mpirun.sh: NCCL_NVLS_ENABLE left unset" count_is "$out" "nvls=unset " 3
+check "mpirun.sh: prints the command" contains "$out" "+ mpirun -np 3 --oversubscribe $tmp/tessera train r.yaml --set train.sample_prompt=a\\ b"
 
 out="$(mpi NCCL_NVLS_ENABLE=1 TESSERA_DATA_DIR=/d timeout 120 bash "$root/launch/mpirun.sh" --np=2 -- r.yaml)"
 check "mpirun.sh: keeps a given NCCL_NVLS_ENABLE" count_is "$out" "nvls=1 data=/d args=[train][r.yaml]" 2
+check "mpirun.sh: forwards NCCL_NVLS_ENABLE by name" contains "$out" "-x NCCL_NVLS_ENABLE"
 check "mpirun.sh: forwards TESSERA_DATA_DIR by name" contains "$out" "-x TESSERA_DATA_DIR"
 
 hosts="$tmp/hosts"
@@ -72,23 +73,25 @@ check "mpirun.sh: missing hostfile" expect_status 2 "--hostfile '/nonexistent'" 
 check "mpirun.sh: missing binary" expect_status 2 "no tessera binary at '/nonexistent/tessera'" \
   env TESSERA_BIN=/nonexistent/tessera bash "$root/launch/mpirun.sh" -n 2 r.yaml
 
-# slurm.sbatch with a stand-in srun that prints its arguments and NCCL_NVLS_ENABLE.
+# slurm.sbatch with a stand-in srun that prints its arguments, NCCL_NVLS_ENABLE and
+# OMP_NUM_THREADS (tests/e2e/slurm_test.sh submits it to a real Slurm).
 mkdir -p "$tmp/bin"
 cat >"$tmp/bin/srun" <<'EOF'
 #!/usr/bin/env bash
-printf 'srun nvls=%s args=' "${NCCL_NVLS_ENABLE:-unset}"
+printf 'srun nvls=%s omp=%s args=' "${NCCL_NVLS_ENABLE:-unset}" "${OMP_NUM_THREADS:-unset}"
 printf '[%s]' "$@"
 printf '\n'
 EOF
 chmod +x "$tmp/bin/srun"
 slurm() {
-  env -u NCCL_NVLS_ENABLE -u RECIPE PATH="$tmp/bin:$PATH" SLURM_SUBMIT_DIR="$tmp" \
+  env -u NCCL_NVLS_ENABLE -u RECIPE -u SLURM_CPUS_PER_TASK OMP_NUM_THREADS=7 PATH="$tmp/bin:$PATH" SLURM_SUBMIT_DIR="$tmp" \
     TESSERA_BIN="$tmp/tessera" "$@" 2>&1
 }
 out="$(slurm bash "$root/launch/slurm.sbatch" recipes/x.yaml --set train.steps=5)"
-check "slurm.sbatch: srun line" contains "$out" "srun nvls=0 args=[--mpi=pmix][--kill-on-bad-exit=1][$tmp/tessera][train][recipes/x.yaml][--set][train.steps=5]"
-out="$(slurm RECIPE=r.yaml TESSERA_SRUN_MPI=pmi2 NCCL_NVLS_ENABLE=1 bash "$root/launch/slurm.sbatch" --set a.b=c)"
-check "slurm.sbatch: RECIPE, pmi2, given NVLS" contains "$out" "srun nvls=1 args=[--mpi=pmi2][--kill-on-bad-exit=1][$tmp/tessera][train][r.yaml][--set][a.b=c]"
+check "slurm.sbatch: srun line" contains "$out" "srun nvls=unset omp=1 args=[--mpi=pmix][--kill-on-bad-exit=1][--cpus-per-task=1][--cpu-bind=cores][$tmp/tessera][train][recipes/x.yaml][--set][train.steps=5]"
+out="$(slurm RECIPE=r.yaml TESSERA_SRUN_MPI=pmi2 TESSERA_SRUN_CPU_BIND=threads NCCL_NVLS_ENABLE=1 \
+  SLURM_CPUS_PER_TASK=6 bash "$root/launch/slurm.sbatch" --set a.b=c)"
+check "slurm.sbatch: RECIPE, pmi2, given NVLS, cpus per task" contains "$out" "srun nvls=1 omp=6 args=[--mpi=pmi2][--kill-on-bad-exit=1][--cpus-per-task=6][--cpu-bind=threads][$tmp/tessera][train][r.yaml][--set][a.b=c]"
 check "slurm.sbatch: a recipe is required" expect_status 2 "give the recipe" slurm bash "$root/launch/slurm.sbatch"
 check "slurm.sbatch: outside sbatch" expect_status 1 "submit this file with sbatch" \
   env -u SLURM_SUBMIT_DIR -u TESSERA_ROOT bash "$root/launch/slurm.sbatch" r.yaml

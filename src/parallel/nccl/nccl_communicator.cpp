@@ -76,11 +76,9 @@ NcclCommunicator::NcclCommunicator(const MpiCommunicator& bootstrap, cudaStream_
       name_(bootstrap.name()),
       rank_(bootstrap.rank()),
       size_(bootstrap.size()) {
-  // NVLink SHARP (NVLS) multicast stays off unless the user chose otherwise (overwrite = 0): on
-  // the project's shared H200 hosts a program using multicast can take the host's GPUs out of
-  // service, and NCCL would enable it by itself on NVSwitch systems. This is the only variable
-  // Tessera sets; it must precede NCCL's first initialization, which reads the environment.
-  setenv("NCCL_NVLS_ENABLE", "0", 0);
+  // NCCL's environment (NCCL_NVLS_ENABLE and the rest) is the user's and the site's: Tessera sets
+  // none of it. Where NVLink SHARP multicast must stay off, the launch scripts say how
+  // (launch/README.md).
   TS_PAR_CUDA_CHECK(cudaGetDevice(&cuda_device_), "querying the device for group '{}'", name_);
   ncclUniqueId id{};
   if (rank_ == 0) {
