@@ -18,6 +18,7 @@ std::string args(const std::string& out_dir, const std::string& extra) {
          " --set model.num_heads=4 --set model.max_seq_len=16 --set data.seq_len=16"
          " --set data.global_batch=8 --set data.micro_batch=0 --set train.steps=6"
          " --set train.eval_every=0 --set train.eval_batches=1 --set train.sample_tokens=0"
+         " --set optim.warmup_steps=2"
          " --set checkpoint.save_final=false --set train.device=cpu --set parallel.dp=2"
          " --set train.out_dir=" +
          out_dir + extra;

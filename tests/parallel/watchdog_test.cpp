@@ -121,7 +121,7 @@ TEST(FlightRecorder, RecordingIsCheap) {
       std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() /
       kOps;
   std::printf("flight recorder: %.0f ns per operation\n", ns);
-  EXPECT_LT(ns, 5000.0);  // loose: sanitizers and a loaded machine; ~100 ns on a CI core
+  EXPECT_LT(ns, 5000.0);  // loose: sanitizers and a loaded machine; ~300 ns on a CI core
 }
 
 PendingOp pending(const char* op, uint64_t seq, int64_t since_ns) {
