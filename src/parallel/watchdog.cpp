@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "parallel/mpi_runtime.h"
 
 namespace tessera {
@@ -71,6 +72,13 @@ Watchdog::Watchdog(std::vector<Communicator*> comms, const FlightRecorder& recor
       on_hang_(std::move(on_hang)) {
   TS_CHECK(timeout_s_ > 0, "watchdog timeout {} s", timeout_s_);
   if (!on_hang_) on_hang_ = [this](const std::string& line) { end_job_for_hang(comms_, line); };
+  int level = MPI_THREAD_MULTIPLE;
+  if (mpi_active()) MPI_Query_thread(&level);
+  if (level != MPI_THREAD_MULTIPLE)
+    log_warn(
+        "MPI runs at thread level {}, below MPI_THREAD_MULTIPLE ({}): on a hang the watchdog "
+        "ends its own process and leaves ending the job to the launcher",
+        level, MPI_THREAD_MULTIPLE);
   thread_ = std::thread([this] { run(); });
 }
 
