@@ -12,8 +12,8 @@ build="$root/build-asan"
 labels="core|config|kernels|model|train|optim|parallel|infer|http|serve"
 targets=(test_core test_config test_kernels test_model test_embedding_precision test_golden
          test_train_units test_data_parallel test_loss_scaler test_fp8_scaling test_fp8_linear
-         test_topology test_pipeline_schedule test_self_communicator test_infer test_http
-         test_serve)
+         test_topology test_pipeline_schedule test_self_communicator test_watchdog test_infer
+         test_http test_serve)
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 [ -f "$build/CMakeCache.txt" ] && gen=()

@@ -35,7 +35,10 @@ namespace tessera {
     "pipeline stages whose blocks recompute activations in backward (besides train.recompute)")  \
   X(float, bucket_mb, 25.0f, config::kPositive,                                                   \
     "data-parallel gradient bucket size in MB (10^6 bytes of gradient)")                          \
-  X(RankOrder, order, RankOrder::tp_dp_pp, config::kAny, "rank order, innermost axis first")
+  X(RankOrder, order, RankOrder::tp_dp_pp, config::kAny, "rank order, innermost axis first")      \
+  X(float, timeout_s, 600.0f, config::kNonNegative,                                               \
+    "seconds a collective or p2p transfer may stay unfinished before the hang watchdog ends "      \
+    "the job, naming it (0: off)")
 // clang-format on
 
 // The 3D-parallel layout (dp x tp x pp ranks; launch/README.md says how to start such a job).

@@ -15,6 +15,7 @@ struct FaultSpec {
   int rank = -1;
   std::string op;
   int64_t step = -1;
+  std::string group;  // empty: any group
 };
 
 std::optional<FaultSpec> parse_spec() {
@@ -28,8 +29,9 @@ std::optional<FaultSpec> parse_spec() {
     rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
     const size_t eq = item.find('=');
     if (eq == std::string_view::npos)
-      TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': '{}' is not key=value (keys: rank, op, step)", env,
-                    item);
+      TS_USER_ERROR(
+          "TESSERA_FAULT_INJECT='{}': '{}' is not key=value (keys: rank, op, step, group)", env,
+          item);
     const std::string key(item.substr(0, eq)), value(item.substr(eq + 1));
     try {
       if (key == "rank")
@@ -38,9 +40,11 @@ std::optional<FaultSpec> parse_spec() {
         s.step = std::stoll(value);
       else if (key == "op")
         s.op = value;
+      else if (key == "group")
+        s.group = value;
       else
-        TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': unknown key '{}' (keys: rank, op, step)", env,
-                      key);
+        TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': unknown key '{}' (keys: rank, op, step, group)",
+                      env, key);
     } catch (const std::logic_error&) {
       TS_USER_ERROR("TESSERA_FAULT_INJECT='{}': '{}' is not a number for '{}'", env, value, key);
     }
@@ -52,9 +56,10 @@ std::optional<FaultSpec> parse_spec() {
 
 }  // namespace
 
-bool fault_requested(int rank, std::string_view op, int64_t step) {
+bool fault_requested(int rank, std::string_view op, int64_t step, std::string_view group) {
   static const std::optional<FaultSpec> spec = parse_spec();
-  return spec && spec->rank == rank && spec->op == op && spec->step == step;
+  return spec && spec->rank == rank && spec->op == op && spec->step == step &&
+         (spec->group.empty() || spec->group == group);
 }
 
 void fault_point(int rank, std::string_view op, int64_t step) {

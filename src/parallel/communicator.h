@@ -12,10 +12,12 @@
 // Implementations: mpi_communicator.h, self_communicator.h, nccl/nccl_communicator.h.
 #pragma once
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "core/tensor.h"
+#include "parallel/flight_recorder.h"
 
 namespace tessera {
 
@@ -39,6 +41,14 @@ class Communicator {
   virtual int size() const = 0;
   virtual Device device() const = 0;            // where the tensors it moves live
   virtual const std::string& name() const = 0;  // group name for messages: "tp", "dp", "pp", ...
+
+  // For the hang watchdog (watchdog.h), called from its own thread: this communicator's oldest
+  // operation that has not finished (MPI: the one the host is blocked in; NCCL: the oldest whose
+  // completion event has not fired), if any. Groups of one rank never wait.
+  virtual std::optional<PendingOp> oldest_pending() { return std::nullopt; }
+  // The watchdog calls this on every communicator just before it ends the job: release whatever
+  // waits on this one (NCCL: ncclCommAbort stops its kernels). MPI's waits end with MPI_Abort.
+  virtual void abort_for_watchdog() {}
 
   // Tensors are contiguous; dtypes f32, f64, bf16, f16, i32 (sum and max on every one of them).
   // all_reduce: in place, every rank ends with the reduction over the group.

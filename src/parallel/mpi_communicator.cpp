@@ -66,8 +66,16 @@ MPI_Datatype mpi_type(DType t) {
 // `move_*` then names the copy to chunk r that completes it.
 class MpiRequest final : public CommRequest {
  public:
-  MpiRequest(MPI_Request request, const char* op, const std::string& group, const Tensor& t)
-      : request_(request), op_(op), group_(group), dtype_(t.dtype), count_(t.numel()) {}
+  MpiRequest(MPI_Request request, const char* op, MpiCommunicator& comm, const OpTicket& ticket,
+             const Tensor& t, int peer = -1)
+      : request_(request),
+        op_(op),
+        group_(comm.name()),
+        track_(comm.tracker()),
+        ticket_(ticket),
+        dtype_(t.dtype),
+        count_(t.numel()),
+        peer_(peer) {}
   ~MpiRequest() override {
     if (done_ || std::uncaught_exceptions() > 0) return;  // see CommRequest
     try {
@@ -98,8 +106,10 @@ class MpiRequest final : public CommRequest {
     if (done_) return;
     done_ = true;
     MPI_Status status;
-    TS_MPI_CHECK(MPI_Wait(&request_, &status), "{} of {} {} elements on group '{}'", op_, count_,
-                 dtype_name(dtype_), group_);
+    track_.wait_begin(ticket_, op_, count_, peer_);
+    const int rc = MPI_Wait(&request_, &status);
+    track_.wait_end(ticket_);
+    TS_MPI_CHECK(rc, "{} of {} {} elements on group '{}'", op_, count_, dtype_name(dtype_), group_);
     if (recv_count_ >= 0) {
       // MPI accepts a shorter message than the buffer; a pipeline that sent the wrong shape
       // must not go on with stale data in the tail.
@@ -115,8 +125,11 @@ class MpiRequest final : public CommRequest {
   MPI_Request request_;
   const char* op_;
   const std::string& group_;  // the communicator's name; a handle never outlives it
+  OpTracker& track_;
+  OpTicket ticket_;
   DType dtype_;
   int64_t count_;
+  int peer_;
   bool done_ = false;
   MPI_Datatype recv_type_ = MPI_DATATYPE_NULL;
   int recv_count_ = -1;
@@ -148,8 +161,9 @@ void reduce_f16(const uint16_t* in, uint16_t* inout, int64_t n, ReduceOp op) {
   reduce_16bit<f16_bits_to_f32, f32_to_f16_bits, kF16QuietNan>(in, inout, n, op);
 }
 
-MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, bool owned)
-    : comm_(comm), name_(std::move(name)), owned_(owned) {
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, bool owned,
+                                 FlightRecorder* recorder)
+    : comm_(comm), name_(std::move(name)), owned_(owned), track_(recorder, name_, "mpi") {
   TS_CHECK(comm_ != MPI_COMM_NULL, "MpiCommunicator '{}' over MPI_COMM_NULL", name_);
   TS_MPI_CHECK(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank on group '{}'", name_);
   TS_MPI_CHECK(MPI_Comm_size(comm_, &size_), "MPI_Comm_size on group '{}'", name_);
@@ -189,18 +203,22 @@ int MpiCommunicator::mpi_count(const Tensor& t, const char* what) const {
 CommHandle MpiCommunicator::all_reduce_async(Tensor t, ReduceOp op) {
   comm_detail::check_tensor(*this, t, "all_reduce");
   const int count = mpi_count(t, "all_reduce");
+  const OpTicket ticket = track_.begin("all_reduce", count);
+  if (ticket.skipped) return comm_detail::done();
   MPI_Request request;
   TS_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, t.data, count, mpi_type(t.dtype), mpi_op(t.dtype, op),
                               comm_, &request),
                "all_reduce {} of {} {} elements on group '{}'", reduce_op_name(op), count,
                dtype_name(t.dtype), name_);
-  return std::make_unique<MpiRequest>(request, "all_reduce", name_, t);
+  return std::make_unique<MpiRequest>(request, "all_reduce", *this, ticket, t);
 }
 
 CommHandle MpiCommunicator::reduce_scatter_async(Tensor out, Tensor in, ReduceOp op) {
   const bool in_place = comm_detail::check_reduce_scatter(*this, out, in);
   const int count = mpi_count(out, "reduce_scatter");
   mpi_count(in, "reduce_scatter");
+  const OpTicket ticket = track_.begin("reduce_scatter", count);
+  if (ticket.skipped) return comm_detail::done();
   MPI_Request request;
   // MPI_IN_PLACE takes the whole input from the receive buffer and leaves the result in its
   // first chunk; the request then moves it to chunk r (see communicator.h).
@@ -209,7 +227,7 @@ CommHandle MpiCommunicator::reduce_scatter_async(Tensor out, Tensor in, ReduceOp
                                 count, mpi_type(in.dtype), mpi_op(in.dtype, op), comm_, &request),
       "reduce_scatter {} of {} {} elements per rank on group '{}'", reduce_op_name(op), count,
       dtype_name(in.dtype), name_);
-  auto handle = std::make_unique<MpiRequest>(request, "reduce_scatter", name_, out);
+  auto handle = std::make_unique<MpiRequest>(request, "reduce_scatter", *this, ticket, out);
   if (in_place && rank_ != 0) handle->move_after_wait(out.data, in.data, out.nbytes());
   return handle;
 }
@@ -218,6 +236,8 @@ CommHandle MpiCommunicator::all_gather_async(Tensor out, Tensor in) {
   const bool in_place = comm_detail::check_all_gather(*this, out, in);
   const int count = mpi_count(in, "all_gather");
   mpi_count(out, "all_gather");
+  const OpTicket ticket = track_.begin("all_gather", count);
+  if (ticket.skipped) return comm_detail::done();
   const MPI_Datatype type = mpi_type(in.dtype);
   MPI_Request request;
   // In place, MPI reads this rank's contribution from its chunk of the receive buffer (and ignores
@@ -226,7 +246,7 @@ CommHandle MpiCommunicator::all_gather_async(Tensor out, Tensor in) {
                               comm_, &request),
                "all_gather of {} {} elements per rank on group '{}'", count, dtype_name(in.dtype),
                name_);
-  return std::make_unique<MpiRequest>(request, "all_gather", name_, in);
+  return std::make_unique<MpiRequest>(request, "all_gather", *this, ticket, in);
 }
 
 CommHandle MpiCommunicator::all_to_all_v_async(Tensor out, const std::vector<int64_t>& recv_counts,
@@ -236,13 +256,15 @@ CommHandle MpiCommunicator::all_to_all_v_async(Tensor out, const std::vector<int
   TS_CHECK(to_mpi_counts(send_counts, sn, sat) && to_mpi_counts(recv_counts, rn, rat),
            "all_to_all_v on group '{}': {} / {} elements exceed MPI's int counts", name_,
            in.numel(), out.numel());
+  const OpTicket ticket = track_.begin("all_to_all_v", in.numel());
+  if (ticket.skipped) return comm_detail::done();
   const MPI_Datatype type = mpi_type(in.dtype);
   MPI_Request request;
   TS_MPI_CHECK(MPI_Ialltoallv(in.data, sn.data(), sat.data(), type, out.data, rn.data(), rat.data(),
                               type, comm_, &request),
                "all_to_all_v of {} -> {} {} elements on group '{}'", in.numel(), out.numel(),
                dtype_name(in.dtype), name_);
-  auto handle = std::make_unique<MpiRequest>(request, "all_to_all_v", name_, in);
+  auto handle = std::make_unique<MpiRequest>(request, "all_to_all_v", *this, ticket, in);
   handle->keep_until_done(std::move(sn), std::move(sat), std::move(rn), std::move(rat));
   return handle;
 }
@@ -251,23 +273,27 @@ CommHandle MpiCommunicator::send_async(Tensor t, int peer, int tag) {
   comm_detail::check_tensor(*this, t, "send");
   comm_detail::check_peer(*this, peer, tag, "send");
   const int count = mpi_count(t, "send");
+  const OpTicket ticket = track_.begin("send", count, peer);
+  if (ticket.skipped) return comm_detail::done();
   MPI_Request request;
   TS_MPI_CHECK(MPI_Isend(t.data, count, mpi_type(t.dtype), peer, tag, comm_, &request),
                "send of {} {} elements to rank {} (tag {}) on group '{}'", count,
                dtype_name(t.dtype), peer, tag, name_);
-  return std::make_unique<MpiRequest>(request, "send", name_, t);
+  return std::make_unique<MpiRequest>(request, "send", *this, ticket, t, peer);
 }
 
 CommHandle MpiCommunicator::recv_async(Tensor t, int peer, int tag) {
   comm_detail::check_tensor(*this, t, "recv");
   comm_detail::check_peer(*this, peer, tag, "recv");
   const int count = mpi_count(t, "recv");
+  const OpTicket ticket = track_.begin("recv", count, peer);
+  if (ticket.skipped) return comm_detail::done();
   const MPI_Datatype type = mpi_type(t.dtype);
   MPI_Request request;
   TS_MPI_CHECK(MPI_Irecv(t.data, count, type, peer, tag, comm_, &request),
                "receive of {} {} elements from rank {} (tag {}) on group '{}'", count,
                dtype_name(t.dtype), peer, tag, name_);
-  auto handle = std::make_unique<MpiRequest>(request, "recv", name_, t);
+  auto handle = std::make_unique<MpiRequest>(request, "recv", *this, ticket, t, peer);
   handle->expect_received(type, count);
   return handle;
 }
@@ -276,13 +302,22 @@ void MpiCommunicator::broadcast(Tensor t, int root) {
   comm_detail::check_tensor(*this, t, "broadcast");
   comm_detail::check_root(*this, root);
   const int count = mpi_count(t, "broadcast");
-  TS_MPI_CHECK(MPI_Bcast(t.data, count, mpi_type(t.dtype), root, comm_),
-               "broadcast of {} {} elements from rank {} on group '{}'", count, dtype_name(t.dtype),
-               root, name_);
+  const OpTicket ticket = track_.begin("broadcast", count);
+  if (ticket.skipped) return;
+  track_.wait_begin(ticket, "broadcast", count);
+  const int rc = MPI_Bcast(t.data, count, mpi_type(t.dtype), root, comm_);
+  track_.wait_end(ticket);
+  TS_MPI_CHECK(rc, "broadcast of {} {} elements from rank {} on group '{}'", count,
+               dtype_name(t.dtype), root, name_);
 }
 
 void MpiCommunicator::barrier() {
-  TS_MPI_CHECK(MPI_Barrier(comm_), "barrier on group '{}'", name_);
+  const OpTicket ticket = track_.begin("barrier", 0);
+  if (ticket.skipped) return;
+  track_.wait_begin(ticket, "barrier", 0);
+  const int rc = MPI_Barrier(comm_);
+  track_.wait_end(ticket);
+  TS_MPI_CHECK(rc, "barrier on group '{}'", name_);
 }
 
 }  // namespace tessera

@@ -17,7 +17,8 @@ class MpiCommunicator final : public Communicator {
  public:
   // Wraps `comm` (which must use MPI_ERRORS_RETURN, as MpiRuntime sets on MPI_COMM_WORLD and
   // splits inherit). `owned`: this object frees it (a split or dup; never MPI_COMM_WORLD).
-  MpiCommunicator(MPI_Comm comm, std::string name, bool owned);
+  // `recorder` (may be null: no tracking) numbers and records every operation for the watchdog.
+  MpiCommunicator(MPI_Comm comm, std::string name, bool owned, FlightRecorder* recorder = nullptr);
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
   MpiCommunicator& operator=(const MpiCommunicator&) = delete;
@@ -38,6 +39,8 @@ class MpiCommunicator final : public Communicator {
   CommHandle recv_async(Tensor t, int peer, int tag) override;
   void broadcast(Tensor t, int root) override;
   void barrier() override;
+  std::optional<PendingOp> oldest_pending() override { return track_.blocked(); }
+  OpTracker& tracker() { return track_; }  // for the requests this communicator hands out
 
  private:
   MPI_Op mpi_op(DType dtype, ReduceOp op) const;
@@ -48,6 +51,7 @@ class MpiCommunicator final : public Communicator {
   bool owned_;
   int rank_ = 0;
   int size_ = 1;
+  OpTracker track_;
   // User-defined reductions for the 16-bit floats (created per communicator, freed with it).
   MPI_Op bf16_sum_ = MPI_OP_NULL;
   MPI_Op bf16_max_ = MPI_OP_NULL;

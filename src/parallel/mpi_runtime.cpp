@@ -52,7 +52,7 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   TS_MPI_CHECK(MPI_Initialized(&initialized), "querying MPI state");
   if (!initialized) {
     int provided = 0;
-    TS_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "initializing MPI");
+    TS_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided), "initializing MPI");
     owns_init_ = true;
     if (provided < MPI_THREAD_FUNNELED) {
       TS_SYSTEM_ERROR("MPI provides thread level {}, Tessera needs MPI_THREAD_FUNNELED ({})",

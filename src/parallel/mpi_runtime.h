@@ -9,12 +9,16 @@
 
 namespace tessera {
 
-// Initializes MPI (MPI_THREAD_FUNNELED: only the thread that initialized calls MPI) unless it is
-// already initialized, switches MPI_COMM_WORLD to MPI_ERRORS_RETURN so every failure reaches
-// TS_MPI_CHECK, and tags errors and log lines with the world rank when the world has more than
-// one rank. The destructor calls MPI_Finalize when this object initialized MPI, except while an
-// exception unwinds or after abort_job: MPI_Finalize is collective and would hang on a peer that
-// failed, so main() aborts the job instead (see src/cli/main.cpp).
+// Initializes MPI unless it is already initialized, asking for MPI_THREAD_MULTIPLE and needing at
+// least MPI_THREAD_FUNNELED: the training thread makes every communication call, but the hang
+// watchdog (watchdog.h) calls MPI_Abort from its own thread while the training thread is blocked
+// inside MPI, which only MULTIPLE allows (with less, the watchdog ends its process with _Exit and
+// the launcher ends the job). Open MPI 4.1 and MPICH provide MULTIPLE. Then it switches
+// MPI_COMM_WORLD to MPI_ERRORS_RETURN so every failure reaches TS_MPI_CHECK, and tags errors and
+// log lines with the world rank when the world has more than one rank. The destructor calls
+// MPI_Finalize when this object initialized MPI, except while an exception unwinds or after
+// abort_job: MPI_Finalize is collective and would hang on a peer that failed, so main() aborts the
+// job instead (see src/cli/main.cpp).
 class MpiRuntime {
  public:
   MpiRuntime(int* argc, char*** argv);

@@ -84,11 +84,12 @@ std::vector<int> group_ranks(const Topology& topology, Group g, int rank) {
 }
 
 struct ParallelContext::Impl {
-  Impl(Topology t, int r, Device d) : topology(std::move(t)), rank(r), device(d) {}
+  Impl(Topology t, int r, Device d) : topology(std::move(t)), rank(r), device(d), recorder(r) {}
 
   Topology topology;
   int rank;
   Device device;
+  FlightRecorder recorder;  // before the communicators, which record into it
   // MPI (or self) communicators over host memory, indexed by Group.
   std::array<std::unique_ptr<Communicator>, kNumGroups> host;
   // Device communicators (NCCL or self on cuda); null on the CPU, where host ones serve. Declared
@@ -135,7 +136,8 @@ ParallelContext::ParallelContext(ParallelSizes sizes, Device device, const std::
       impl_->host[idx(g)] = std::make_unique<SelfCommunicator>(Device::cpu, group_name(g));
       continue;
     }
-    auto mpi = std::make_unique<MpiCommunicator>(comm, group_name(g), /*owned=*/true);
+    auto mpi =
+        std::make_unique<MpiCommunicator>(comm, group_name(g), /*owned=*/true, &impl_->recorder);
     TS_CHECK(mpi->size() == num && mpi->rank() == key,
              "{} group of rank {}: MPI gave rank {} of {}, topology says {} of {}", group_name(g),
              rank, mpi->rank(), mpi->size(), key, num);
@@ -151,7 +153,8 @@ ParallelContext::ParallelContext(ParallelSizes sizes, Device device, const std::
     for (Group g : kGroups) {
       if (aliases_dp(topo, g)) continue;
       if (mpi_groups[idx(g)]) {
-        impl_->dev[idx(g)] = std::make_unique<NcclCommunicator>(*mpi_groups[idx(g)], compute);
+        impl_->dev[idx(g)] =
+            std::make_unique<NcclCommunicator>(*mpi_groups[idx(g)], compute, &impl_->recorder);
       } else {
         impl_->dev[idx(g)] = std::make_unique<SelfCommunicator>(Device::cuda, group_name(g));
       }
@@ -192,5 +195,15 @@ Communicator& ParallelContext::host_comm(Group g) const {
   if (aliases_dp(impl_->topology, g)) g = Group::dp;
   return *impl_->host[idx(g)];
 }
+
+std::vector<Communicator*> ParallelContext::communicators() const {
+  std::vector<Communicator*> all;
+  for (const auto* set : {&impl_->host, &impl_->dev})
+    for (const auto& c : *set)
+      if (c) all.push_back(c.get());  // null: a device slot on the CPU, or expert_dp aliasing dp
+  return all;
+}
+
+const FlightRecorder& ParallelContext::recorder() const { return impl_->recorder; }
 
 }  // namespace tessera

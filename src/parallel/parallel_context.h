@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "parallel/communicator.h"
+#include "parallel/flight_recorder.h"
 #include "parallel/topology.h"
 
 namespace tessera {
@@ -51,6 +52,10 @@ class ParallelContext {
   Communicator& comm(Group g) const;
   // MPI on host memory whatever the device: scalars, flags, checkpoint gathers.
   Communicator& host_comm(Group g) const;
+  // Every distinct communicator of this rank (host and device), for the watchdog (watchdog.h).
+  std::vector<Communicator*> communicators() const;
+  // Where every communicator of this context records its operations.
+  const FlightRecorder& recorder() const;
 
  private:
   ParallelContext() = default;

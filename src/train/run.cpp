@@ -100,6 +100,9 @@ Run::Run(const Recipe& recipe)
   if (device_ == Device::cuda && mpi_active() && world_size() > 1) select_local_gpu();
   finalize_model_vocab(r.model, data_.vocab_size(), r.file, par.tp);
   ctx_ = make_context(r, device_);
+  // From here on a collective or transfer that hangs ends the job, naming itself.
+  if (par.timeout_s > 0 && ctx_->world_size() > 1)
+    watchdog_ = std::make_unique<Watchdog>(ctx_->communicators(), ctx_->recorder(), par.timeout_s);
   // Collective: every rank reports where it runs (binding, OpenMP threads); rank 0 logs it.
   if (const std::string placement = gather_placements(); !placement.empty())
     log_info("placement: {}", placement);

@@ -19,6 +19,7 @@
 #include "optim/lr_schedule.h"
 #include "optim/qat_linear.h"
 #include "parallel/parallel_context.h"
+#include "parallel/watchdog.h"
 #include "train/checkpointing.h"
 #include "train/memory_plan.h"
 #include "train/pipeline_executor.h"
@@ -93,6 +94,8 @@ class Run {
   DistillLoss* kd_ = nullptr;  // owned by the model's objective
   std::unique_ptr<Teacher> teacher_;
   int64_t start_step_ = 0;
+  // Last, so it stops first: ends the job when a collective hangs (parallel.timeout_s).
+  std::unique_ptr<Watchdog> watchdog_;
 };
 
 }  // namespace tessera

@@ -161,6 +161,21 @@ TEST(RecipeParallel, GlobalBatchErrorsNameEveryFactor) {
                     {"t.yaml:11", "data.global_batch", "'many'"});
 }
 
+// The hang watchdog's timeout: 600 s by default, 0 turns it off, negative is an error.
+TEST(RecipeParallel, TimeoutParsesAndRejectsNegative) {
+  EXPECT_FLOAT_EQ(parse(kBaseRecipe).parallel.timeout_s, 600.0f);
+  const Recipe r = parse(kBaseRecipe, {"parallel.timeout_s=0"});
+  EXPECT_FLOAT_EQ(r.parallel.timeout_s, 0.0f);
+  expect_round_trip(r);
+  EXPECT_FLOAT_EQ(parse(base_plus("parallel:\n  timeout_s: 2.5\n")).parallel.timeout_s, 2.5f);
+  expect_user_error([&] { parse(base_plus("parallel:\n  timeout_s: -1\n")); },
+                    {"t.yaml", "parallel.timeout_s", "non-negative", "'-1'"});
+  expect_user_error([&] { parse(kBaseRecipe, {"parallel.timeout_s=-1"}); },
+                    {"--set parallel.timeout_s=-1", "non-negative", "'-1'"});
+  expect_user_error([&] { parse(base_plus("parallel:\n  timeout_s: soon\n")); },
+                    {"t.yaml", "parallel.timeout_s", "'soon'"});
+}
+
 TEST(RecipeParallel, BadListsNameKeyValueAndLine) {
   expect_user_error([&] { parse(base_plus("parallel:\n  pp: 2\n  stage_layers: 2\n")); },
                     {"t.yaml:17", "parallel.stage_layers", "a list of positive integers", "2"});
