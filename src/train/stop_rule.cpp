@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "core/log.h"
+#include "parallel/mpi_runtime.h"
 #include "train/stop_signals.h"
 
 namespace tessera {
@@ -66,7 +67,7 @@ std::optional<double> parse_job_end_time(const char* text) {
 Deadline job_deadline(const Recipe& r, Deadline::Clock::time_point start) {
   const char* env = std::getenv("SLURM_JOB_END_TIME");
   const std::optional<double> end = parse_job_end_time(env);
-  if (env && *env && !end)
+  if (env && *env && !end && world_rank() == 0)  // every rank reads the same environment
     log_warn("SLURM_JOB_END_TIME='{}' is not Unix seconds; ignoring it", env);
   return Deadline(r.train.time_limit, end, start);
 }

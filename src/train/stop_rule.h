@@ -53,8 +53,8 @@ class Deadline {
 // SLURM_JOB_END_TIME's value as Unix seconds; nullopt when unset, empty or not a positive number.
 std::optional<double> parse_job_end_time(const char* text);
 
-// The job's deadline from the recipe and the environment, counting from `start`. Logs a warning
-// for a SLURM_JOB_END_TIME that is set but unreadable.
+// The job's deadline from the recipe and the environment, counting from `start`. Rank 0 warns
+// about a SLURM_JOB_END_TIME that is set but unreadable.
 Deadline job_deadline(const Recipe& r, Deadline::Clock::time_point start);
 
 enum class StopReason { none, time_limit, signal };

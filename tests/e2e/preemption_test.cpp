@@ -47,7 +47,7 @@ testing::CliResult train_with_fault(const std::string& args, const std::string& 
 // written again). The last resume finishes bitwise like the uninterrupted run.
 TEST(Preemption, SignalsDuringEvaluationSaveAndWarmUp) {
   const std::string root = fresh_dir_for_this_test("preempt");
-  const int steps = 20;
+  const int steps = 12;
   const std::string ref = root + "/reference", dir = root + "/stopped";
   testing::train_reference(ref, preempt_args(ref, steps));
   const std::string args = preempt_args(dir, steps);

@@ -298,7 +298,7 @@ inline int64_t preempt_trial(const std::string& dir, const std::string& args,
 // run's time from its ranks' start-up to its end, each resumed and compared with the reference.
 inline void random_preemptions(const std::string& root, const std::string& layout, int trials,
                                const std::vector<Target>& targets) {
-  const int steps = 30;
+  const int steps = 20;
   const std::string reference = root + "/reference";
   const double window_s = train_reference(reference, preempt_args(reference, steps, layout));
   std::mt19937_64 rng(preempt_seed());
