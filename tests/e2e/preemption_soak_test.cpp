@@ -1,6 +1,6 @@
 // The full preemption trial: 20 stop signals at random moments (TERM to a random rank, USR1 to
 // mpirun, TERM to launch/mpirun.sh) to a dp 2 FP16 run (the loss scaler's state must survive
-// too), each resumed bitwise. Minutes on two cores, so not in the default run:
+// too), each resumed bitwise. About 70 s on two cores, so not in the default run:
 // TESSERA_PREEMPT_SOAK=1 ctest --test-dir build -L soak (it skips otherwise).
 #include <gtest/gtest.h>
 
