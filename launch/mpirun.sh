@@ -86,4 +86,16 @@ printf '+' >&2
 printf ' %q' "${cmd[@]}" >&2
 printf '\n' >&2
 [ "$dry_run" -eq 0 ] || exit 0
-exec "${cmd[@]}"
+# mpirun answers SIGTERM by killing the job (the ranks get TERM, then KILL a second later: too
+# soon for a checkpoint), but forwards SIGUSR1, which tessera takes like TERM: finish the step,
+# save, exit 0. So mpirun runs as a child, and a TERM for this script becomes a USR1 for mpirun
+# (docs/CLUSTER.md). wait returns early when the trap runs; the last wait gives mpirun's status.
+"${cmd[@]}" &
+pid=$!
+trap 'kill -USR1 "$pid" 2>/dev/null' TERM
+while kill -0 "$pid" 2>/dev/null; do
+  wait "$pid" || true
+done
+status=0
+wait "$pid" || status=$?
+exit "$status"

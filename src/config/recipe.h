@@ -173,7 +173,10 @@ struct DataConfig {
   X(int, sample_tokens, 64, config::kNonNegative, "tokens generated per sample at the end; 0: none") \
   X(int, num_samples, 2, config::kNonNegative, "samples printed at the end")                      \
   X(float, sample_temperature, 0.8f, config::kPositive, "sampling temperature")                   \
-  X(std::string, sample_prompt, "", config::kAny, "prompt of the samples")
+  X(std::string, sample_prompt, "", config::kAny, "prompt of the samples")                        \
+  X(int, time_limit, 0, config::kNonNegative,                                                     \
+    "wall-clock seconds of training, 0: none; before they run out the job saves a checkpoint " \
+    "and exits 0, as when preempted (docs/CLUSTER.md)")
 // clang-format on
 
 struct TrainConfig {

@@ -1,6 +1,7 @@
 // Parses TESSERA_FAULT_INJECT once and answers whether a (rank, op, step) point should fail.
 #include "core/fault_inject.h"
 
+#include <csignal>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -65,6 +66,10 @@ bool fault_requested(int rank, std::string_view op, int64_t step, std::string_vi
 void fault_point(int rank, std::string_view op, int64_t step) {
   if (fault_requested(rank, op, step))
     TS_SYSTEM_ERROR("injected fault at {} step {} (TESSERA_FAULT_INJECT)", op, step);
+}
+
+void signal_point(int rank, std::string_view op, int64_t step) {
+  if (fault_requested(rank, op, step)) std::raise(SIGTERM);
 }
 
 }  // namespace tessera

@@ -1,8 +1,8 @@
 // Fault injection for tests of failure handling: TESSERA_FAULT_INJECT="rank=R,op=NAME,step=S"
-// makes global rank R fail with a system error when it reaches the named point at step S; an
-// optional ",group=G" narrows a communicator point to one group (parallel/flight_recorder.h:
-// op=comm_sleep or comm_skip with step = the group's sequence number). Unset (the normal case)
-// it costs one cached environment lookup per call.
+// makes global rank R fail with a system error (or, at a signal point, send itself SIGTERM) when
+// it reaches the named point at step S; an optional ",group=G" narrows a communicator point to
+// one group (parallel/flight_recorder.h: op=comm_sleep or comm_skip with step = the group's
+// sequence number). Unset (the normal case) it costs one cached environment lookup per call.
 #pragma once
 #include <cstdint>
 #include <string_view>
@@ -16,5 +16,9 @@ bool fault_requested(int rank, std::string_view op, int64_t step, std::string_vi
 
 // Throws a system error "[rank R] injected fault at OP step S" when requested.
 void fault_point(int rank, std::string_view op, int64_t step);
+
+// Sends this process SIGTERM when requested: a preemption arriving in a given phase (the
+// trainer's points: term_in_warmup at step 0, term_in_eval, term_in_save).
+void signal_point(int rank, std::string_view op, int64_t step);
 
 }  // namespace tessera

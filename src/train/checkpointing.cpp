@@ -8,6 +8,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "core/fault_inject.h"
 #include "core/log.h"
 #include "io/checkpoint.h"
 
@@ -164,6 +165,7 @@ void save_checkpoint(const Recipe& r, const ParallelContext& ctx, const Transfor
     }
   }
   w.write_shard();
+  signal_point(ctx.rank(), "term_in_save", step);  // tests: preempted halfway through a save
   Communicator& world = ctx.host_comm(Group::world);
   world.barrier();  // every shard is on disk before rank 0 commits
   if (ctx.rank() == 0) {

@@ -153,6 +153,7 @@ Run::Run(const Recipe& recipe)
 
   const std::string resume = io::resolve_resume(r.train.out_dir, r.checkpoint.resume);
   if (!resume.empty()) {
+    resumed_from_ = resume;
     start_step_ =
         load_checkpoint(resume, r, *model_, *opt_, precision_state(), data_.tokenizer_hash());
     if (rank0()) log_info("resumed from {} at step {}", resume, start_step_);

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 
 #include "config/recipe.h"
 #include "core/memory.h"
@@ -54,6 +55,7 @@ class Run {
   const MemoryPlan& plan() const { return plan_; }
   const Arena& arena() const { return arena_; }
   int64_t start_step() const { return start_step_; }  // 0, or the resumed checkpoint's step
+  const std::string& resumed_from() const { return resumed_from_; }  // "" unless resumed
   // Distillation (distill.teacher): the KD term of the objective, and the teacher while the
   // curriculum still needs it (null otherwise); free_teacher() returns its memory for good.
   DistillLoss* kd_loss() { return kd_; }
@@ -94,6 +96,7 @@ class Run {
   DistillLoss* kd_ = nullptr;  // owned by the model's objective
   std::unique_ptr<Teacher> teacher_;
   int64_t start_step_ = 0;
+  std::string resumed_from_;
   // Last, so it stops first: ends the job when a collective hangs (parallel.timeout_s).
   std::unique_ptr<Watchdog> watchdog_;
 };

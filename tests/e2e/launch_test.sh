@@ -52,6 +52,32 @@ check "mpirun.sh: keeps a given NCCL_NVLS_ENABLE" count_is "$out" "nvls=1 data=/
 check "mpirun.sh: forwards NCCL_NVLS_ENABLE by name" contains "$out" "-x NCCL_NVLS_ENABLE"
 check "mpirun.sh: forwards TESSERA_DATA_DIR by name" contains "$out" "-x TESSERA_DATA_DIR"
 
+# A TERM for the launcher reaches the ranks as USR1 (mpirun kills its ranks on its own TERM):
+# a stand-in that records the USR1 and exits 0 must leave the launcher exiting 0 (the stand-in
+# gives up after a minute, so no timeout wrapper, which would take the TERM itself).
+cat >"$tmp/tessera-usr1" <<'EOF'
+#!/usr/bin/env bash
+trap 'echo usr1 >"$(dirname "$0")/ranks/${OMPI_COMM_WORLD_RANK}"; exit 0' USR1
+echo started >"$(dirname "$0")/ranks/${OMPI_COMM_WORLD_RANK}"
+for _ in $(seq 600); do sleep 0.1; done
+exit 3
+EOF
+chmod +x "$tmp/tessera-usr1"
+term_launcher() {
+  rm -f "$tmp/ranks/"*
+  env -u NCCL_NVLS_ENABLE TESSERA_BIN="$tmp/tessera-usr1" TESSERA_MPIRUN_ARGS="--oversubscribe" \
+    bash "$root/launch/mpirun.sh" -n 2 r.yaml >/dev/null 2>&1 &
+  local pid=$! i
+  for i in $(seq 600); do  # until both ranks run (and trap USR1)
+    [ "$(cat "$tmp/ranks/"* 2>/dev/null | grep -c started)" -eq 2 ] && break
+    sleep 0.1
+  done
+  kill -TERM "$pid"
+  wait "$pid" || { echo "  launcher exited $?"; return 1; }
+  [ "$(cat "$tmp/ranks/"* | grep -c usr1)" -eq 2 ] || { echo "  ranks: $(cat "$tmp/ranks/"*)"; return 1; }
+}
+check "mpirun.sh: TERM becomes USR1 for every rank, exit 0" term_launcher
+
 hosts="$tmp/hosts"
 echo "localhost slots=4" >"$hosts"
 out="$(mpi bash "$root/launch/mpirun.sh" -n 8 --hostfile "$hosts" --per-node 4 --dry-run r.yaml)"
