@@ -28,9 +28,9 @@ bin="$build/src/cli/tessera"
 [ -x "$bin" ] || { echo "FAIL: no tessera binary at $bin"; exit 1; }
 [ -f "$root/data/gutenberg/gutenberg.h5" ] ||
   { echo "FAIL: no CI corpus (data/gutenberg/gutenberg.h5): run scripts/prepare-data.sh"; exit 1; }
-tmp="$(mktemp -d "${TMPDIR:-/tmp}/slurm-test.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
-chmod 755 "$tmp"
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/slurm-test.XXXXXX")"
+trap 'rm -rf "$scratch"' EXIT
+chmod 755 "$scratch"
 cd "$root" || exit 1
 num_failed=0
 
@@ -53,7 +53,7 @@ export OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl_vader_single_copy_mechanism=n
 export OMP_WAIT_POLICY=PASSIVE
 
 # The template as edited for this node (see the header).
-job="$tmp/slurm.sbatch"
+job="$scratch/slurm.sbatch"
 grep -vE '^#SBATCH --(ntasks-per-node|gpus-per-node)=' launch/slurm.sbatch >"$job"
 check "template: two #SBATCH lines edited out" \
   test "$(($(wc -l <launch/slurm.sbatch) - $(wc -l <"$job")))" -eq 2
@@ -70,7 +70,7 @@ submit() {
   while [ "$1" != -- ]; do opts+=("$1"); shift; done
   shift
   local id state=""
-  id="$(TESSERA_BIN="$bin" sbatch --parsable --job-name="$name" --output="$tmp/$name.out" \
+  id="$(TESSERA_BIN="$bin" sbatch --parsable --job-name="$name" --output="$scratch/$name.out" \
     "${opts[@]}" "$job" "$@")" || return 1
   local deadline=$((SECONDS + 240))
   while [ "$SECONDS" -lt "$deadline" ]; do
@@ -81,7 +81,7 @@ submit() {
       *) break ;;
     esac
   done
-  cat "$tmp/$name.out" 2>/dev/null
+  cat "$scratch/$name.out" 2>/dev/null
   echo "job $id ($name): ${state:-unknown}"
   [ "$state" = COMPLETED ] || { scancel "$id" 2>/dev/null; return 1; }
 }
@@ -132,7 +132,7 @@ own=1
 if [ "$cpus" -lt 4 ]; then overcommit=(--overcommit); own=0; fi
 start=$SECONDS
 out="$(submit tessera-dp2pp2 --nodes=1 --ntasks=4 --cpus-per-task=1 "${overcommit[@]}" -- \
-  "${train_args[@]}" --set train.out_dir="$tmp/slurm-run" 2>&1)"
+  "${train_args[@]}" --set train.out_dir="$scratch/slurm-run" 2>&1)"
 status=$?
 echo "$out" | tail -n 40
 echo "slurm job: ${status} in $((SECONDS - start)) s"
@@ -146,12 +146,12 @@ check "slurm: 4 ranks, OMP_NUM_THREADS = cpus-per-task (1)" check_placement "$ou
 start=$SECONDS
 ref_out="$(OMP_NUM_THREADS=1 TESSERA_BIN="$bin" \
   TESSERA_MPIRUN_ARGS="--oversubscribe --allow-run-as-root --bind-to none" \
-  timeout 240 bash launch/mpirun.sh -n 4 "${train_args[@]}" --set train.out_dir="$tmp/mpirun-run" 2>&1)"
+  timeout 240 bash launch/mpirun.sh -n 4 "${train_args[@]}" --set train.out_dir="$scratch/mpirun-run" 2>&1)"
 status=$?
 echo "mpirun run: ${status} in $((SECONDS - start)) s"
 check "mpirun: the 4-rank run succeeded" test "$status" -eq 0 || echo "$ref_out" | tail -n 30
-slurm_losses="$(losses "$tmp/slurm-run")"
-mpirun_losses="$(losses "$tmp/mpirun-run")"
+slurm_losses="$(losses "$scratch/slurm-run")"
+mpirun_losses="$(losses "$scratch/mpirun-run")"
 echo "losses (step, slurm, mpirun):"
 paste -d' ' <(echo "$slurm_losses") <(cut -d' ' -f2 <<<"$mpirun_losses")
 check "losses: 6 steps logged" test "$(grep -c . <<<"$slurm_losses")" -eq 6
@@ -162,7 +162,7 @@ if [ "$cpus" -ge 2 ]; then
   cpt=$((cpus >= 4 ? 2 : 1))
   out="$(submit tessera-bind --nodes=1 --ntasks=2 --cpus-per-task="$cpt" -- recipes/ci-tiny.yaml \
     --set parallel.dp=2 --set data.micro_batch=2 --set train.steps=1 --set optim.warmup_steps=1 \
-    --set train.eval_batches=1 --set train.sample_tokens=0 --set train.out_dir="$tmp/bind-run" 2>&1)"
+    --set train.eval_batches=1 --set train.sample_tokens=0 --set train.out_dir="$scratch/bind-run" 2>&1)"
   status=$?
   check "slurm: the 2-task job succeeded" test "$status" -eq 0 || echo "$out" | tail -n 30
   check "slurm: 2 ranks, each bound to its own $cpt CPUs, OMP_NUM_THREADS=$cpt" \

@@ -40,6 +40,15 @@ void expect_line(const std::string& output, const std::string& text) {
   EXPECT_NE(output.find(text), std::string::npos) << "missing '" << text << "' in:\n" << output;
 }
 
+// Without a fault the guarded job runs to the end, its sums right, and the watchdog says nothing.
+TEST(WatchdogMpi, AHealthyJobFinishesUntouched) {
+  const Timed t = run_hang("");
+  EXPECT_EQ(t.r.status, 0) << t.r.output;
+  expect_line(t.r.output, "rank 0: done");
+  expect_line(t.r.output, "rank 1: done");
+  EXPECT_EQ(t.r.output.find("stuck"), std::string::npos) << t.r.output;
+}
+
 TEST(WatchdogMpi, RankSleepingInsideACollectiveEndsTheJob) {
   const Timed t = run_hang("rank=1,op=comm_sleep,group=dp,step=5");
   EXPECT_NE(t.r.status, 0) << t.r.output;
