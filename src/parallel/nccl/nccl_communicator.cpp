@@ -129,10 +129,11 @@ NcclCommunicator::~NcclCommunicator() {
   if (scratch_) warn(cudaFree(scratch_), "cudaFree");
 }
 
-cudaEvent_t NcclCommunicator::take_event() {
-  if (!free_events_.empty()) {
-    const cudaEvent_t e = free_events_.back();
-    free_events_.pop_back();
+// The last event of `pool`, or a new one when it is empty.
+cudaEvent_t NcclCommunicator::pop_event(std::vector<cudaEvent_t>& pool) {
+  if (!pool.empty()) {
+    const cudaEvent_t e = pool.back();
+    pool.pop_back();
     return e;
   }
   cudaEvent_t e = nullptr;
@@ -140,6 +141,8 @@ cudaEvent_t NcclCommunicator::take_event() {
                     "creating an event for group '{}'", name_);
   return e;
 }
+
+cudaEvent_t NcclCommunicator::take_event() { return pop_event(free_events_); }
 
 void NcclCommunicator::give_event(cudaEvent_t event) { free_events_.push_back(event); }
 
@@ -175,15 +178,7 @@ void NcclCommunicator::retire_finished() {
 
 cudaEvent_t NcclCommunicator::take_watch_event() {
   if (watch_free_.empty()) retire_finished();  // one query in steady state: the GPU keeps up
-  if (!watch_free_.empty()) {
-    const cudaEvent_t e = watch_free_.back();
-    watch_free_.pop_back();
-    return e;
-  }
-  cudaEvent_t e = nullptr;
-  TS_PAR_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming),
-                    "creating a watch event for group '{}'", name_);
-  return e;
+  return pop_event(watch_free_);
 }
 
 void NcclCommunicator::record_watch_event(const OpTicket& ticket) {

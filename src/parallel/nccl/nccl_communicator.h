@@ -62,6 +62,7 @@ class NcclCommunicator final : public Communicator {
 
   // Used by handles: an event recorded on this stream, returned to the pool after use.
   cudaEvent_t take_event();
+  cudaEvent_t pop_event(std::vector<cudaEvent_t>& pool);  // its last event, or a new one
   void give_event(cudaEvent_t event);
   cudaStream_t compute_stream() const { return compute_; }
 
